@@ -1,0 +1,1 @@
+"""pallava: a pathology language-vision assistant."""
