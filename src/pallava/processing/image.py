@@ -1,0 +1,234 @@
+"""Image loading with safety limits, and the paper's dynamic high-resolution tiling.
+
+An image becomes a stack of square crops `[global, tile_1, ..., tile_n]`:
+
+* the tiles: the image is resized (aspect kept) onto the best grid of `tile_size` squares and padded
+  black (centred), then cut row-major;
+* the global view: the whole image resized (aspect kept) into one `tile_size` square and padded black
+  the same way. The reference code stretches the global view while padding the tiles; letterboxing both
+  keeps one geometry for every crop (a circle stays a circle in all of them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.image_processing_utils import select_best_resolution
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 16_777_216  # the paper's limit: 4096 x 4096
+
+# The reference grid list, as (columns, rows) in tiles: 4 to 8 tiles.
+PAPER_GRIDS: tuple[tuple[int, int], ...] = (
+    (1, 4), (2, 2), (4, 1), (1, 5), (5, 1), (1, 6), (2, 3), (3, 2),
+    (6, 1), (1, 7), (7, 1), (1, 8), (2, 4), (4, 2), (8, 1),
+)  # fmt: skip
+
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
+
+
+class CorruptImageError(ValueError):
+    """The input could not be decoded as an image."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than allowed (decompression-bomb guard)."""
+
+
+def _describe(src: ImageSource) -> str:
+    if isinstance(src, (str, Path)):
+        return str(src)
+    if isinstance(src, bytes):
+        return f"<{len(src)} bytes>"
+    return f"<{type(src).__name__}>"
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image {name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+        )
+
+
+def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image from a path, bytes, PIL image or HxW[xC] array as RGB.
+
+    The pixel limit is checked on the header, before the pixels are decoded, so an oversized
+    (or decompression-bomb) file costs nothing. Undecodable input raises `CorruptImageError`.
+    """
+    name = _describe(src)
+    if isinstance(src, Image.Image):
+        _check_pixels(*src.size, max_pixels, name)
+        return src if src.mode == "RGB" else src.convert("RGB")
+    if isinstance(src, np.ndarray):
+        if src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (1, 3, 4)):
+            raise CorruptImageError(f"image array {name} has shape {src.shape}; expected HxW, HxWx3 or HxWx4")
+        _check_pixels(src.shape[1], src.shape[0], max_pixels, name)
+        array = src if src.dtype == np.uint8 else np.clip(src, 0, 255).astype(np.uint8)
+        return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array).convert("RGB")
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        stream: io.IOBase = path.open("rb")
+    elif isinstance(src, (bytes, bytearray)):
+        stream = io.BytesIO(src)
+    else:
+        raise TypeError(f"unsupported image source {type(src).__name__}; expected a path, bytes, PIL image or array")
+    with stream:
+        try:
+            with Image.open(stream) as image:  # reads the header only
+                _check_pixels(*image.size, max_pixels, name)
+                image.seek(0)  # first page of multi-page files
+                image = ImageOps.exif_transpose(image)
+                return image.convert("RGB")  # decodes
+        except ImageTooLargeError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise CorruptImageError(f"cannot decode image {name}: {error}") from error
+
+
+def grid_candidates(policy: str, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """Grids (columns, rows) allowed by a tiling policy.
+
+    `paper`: the reference list (4-8 tiles). `default`: every grid with at most `max_tiles` tiles,
+    1x1 included, so a small image is not blown up.
+    """
+    if policy == "paper":
+        return tuple(g for g in PAPER_GRIDS if g[0] * g[1] <= max(max_tiles, 4))
+    if policy == "default":
+        return tuple((c, r) for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1) if c * r <= max_tiles)
+    raise ValueError(f"unknown grid policy {policy!r}; expected 'default' or 'paper'")
+
+
+def select_grid(image_size: tuple[int, int], grids: Sequence[tuple[int, int]], tile_size: int) -> tuple[int, int]:
+    """Best grid for a (width, height) image: most effective resolution, then least waste."""
+    width, height = image_size
+    resolutions = [(rows * tile_size, cols * tile_size) for cols, rows in grids]  # (height, width)
+    best_h, best_w = select_best_resolution((height, width), resolutions)
+    return best_w // tile_size, best_h // tile_size
+
+
+def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize with the aspect ratio kept to fit (width, height), centred on black."""
+    scale = min(width / image.width, height / image.height)
+    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.resize((new_w, new_h), Image.BICUBIC) if (new_w, new_h) != image.size else image
+    if (new_w, new_h) == (width, height):
+        return resized
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(resized, ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas
+
+
+_MEAN = np.array(CLIP_MEAN, dtype=np.float32) * 255.0
+_INV_STD = 1.0 / (np.array(CLIP_STD, dtype=np.float32) * 255.0)
+
+
+def normalize(array: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> CLIP-normalised float32 (..., 3, H, W)."""
+    out = (array.astype(np.float32) - _MEAN) * _INV_STD
+    return np.moveaxis(out, -1, -3)
+
+
+def normalize_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """One square view of an image (letterboxed global view), CLIP-normalised: (3, size, size)."""
+    return torch.from_numpy(np.ascontiguousarray(normalize(np.asarray(letterbox(image, size, size)))))
+
+
+@dataclass
+class TiledImage:
+    """An image cut into crops: `pixel_values` is (1 + cols*rows, 3, S, S), global view first."""
+
+    pixel_values: torch.Tensor
+    grid: tuple[int, int]  # (columns, rows)
+    original_size: tuple[int, int]  # (width, height)
+
+    @property
+    def num_tiles(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class PaLlavaImageProcessor:
+    """Anyres tiling + CLIP normalisation. `grid_policy` is `default` (1..max_tiles tiles) or `paper`."""
+
+    tile_size: int = 224
+    grid_policy: str = "default"
+    max_tiles: int = 8
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    grids: tuple[tuple[int, int], ...] = field(init=False)
+
+    CONFIG_NAME = "preprocessor_config.json"
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 8:
+            raise ValueError(f"tile_size must be at least 8 pixels, got {self.tile_size}")
+        if self.max_tiles < 1:
+            raise ValueError(f"max_tiles must be at least 1, got {self.max_tiles}")
+        self.grids = grid_candidates(self.grid_policy, self.max_tiles)
+        if not self.grids:
+            raise ValueError(f"grid policy {self.grid_policy!r} with max_tiles={self.max_tiles} allows no grid")
+
+    @property
+    def max_grid_tiles(self) -> int:
+        return max(c * r for c, r in self.grids)
+
+    def select_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        return select_grid(image_size, self.grids, self.tile_size)
+
+    def tile(self, src: ImageSource) -> TiledImage:
+        """Load (with limits) and cut one image into [global, tiles...]."""
+        image = load_image(src, self.max_pixels)
+        size = self.tile_size
+        cols, rows = self.select_grid(image.size)
+        canvas = np.asarray(letterbox(image, cols * size, rows * size))  # (rows*S, cols*S, 3)
+        tiles = canvas.reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3)
+        crops = np.concatenate([np.asarray(letterbox(image, size, size))[None], tiles])
+        pixel_values = torch.from_numpy(np.ascontiguousarray(normalize(crops)))
+        return TiledImage(pixel_values=pixel_values, grid=(cols, rows), original_size=image.size)
+
+    def __call__(self, images: Sequence[ImageSource]) -> dict[str, torch.Tensor]:
+        """Batch of images -> `pixel_values` (N, 1+T, 3, S, S) zero-padded, `tile_mask` (N, T) bool, `grids` (N, 2)."""
+        tiled = [self.tile(image) for image in images]
+        return self.stack(tiled)
+
+    @staticmethod
+    def stack(tiled: Sequence[TiledImage]) -> dict[str, torch.Tensor]:
+        if not tiled:
+            raise ValueError("no images to stack")
+        max_tiles = max(t.num_tiles for t in tiled)
+        size = tiled[0].pixel_values.shape[-1]
+        pixel_values = torch.zeros(len(tiled), 1 + max_tiles, 3, size, size)
+        tile_mask = torch.zeros(len(tiled), max_tiles, dtype=torch.bool)
+        for i, t in enumerate(tiled):
+            pixel_values[i, : 1 + t.num_tiles] = t.pixel_values
+            tile_mask[i, : t.num_tiles] = True
+        grids = torch.tensor([t.grid for t in tiled], dtype=torch.long)
+        return {"pixel_values": pixel_values, "tile_mask": tile_mask, "grids": grids}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("grids")
+        return data
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / self.CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> PaLlavaImageProcessor:
+        path = Path(directory) / cls.CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}")
+        data = json.loads(path.read_text())
+        known = {k: data[k] for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels") if k in data}
+        return cls(**known)
