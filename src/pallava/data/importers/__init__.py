@@ -1,0 +1,1 @@
+"""Importers: one module per public format, each returning records and failing with a clear error."""

@@ -1,0 +1,72 @@
+"""Labelled images: CSV manifests (`path,label[,cluster,split]`) and class-per-folder trees."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pallava.data.records import LabelledImage
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
+REQUIRED_COLUMNS = ("path", "label")
+
+
+def read_manifest(path: str | Path, split: str | None = None) -> list[LabelledImage]:
+    """Read a manifest CSV; image paths are resolved against the manifest's folder.
+
+    Rows are numbered as in a spreadsheet (header = row 1). A missing column, empty field or
+    missing image file raises ValueError naming the file, row and field. `split` keeps only that split.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: manifest not found")
+    root = path.parent.resolve()
+    items: list[LabelledImage] = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise ValueError(f"{path}: header must contain columns path,label[,cluster,split]; missing {missing}")
+        if split is not None and "split" not in columns:
+            raise ValueError(f"{path}: split '{split}' requested but the manifest has no 'split' column")
+        reader.fieldnames = columns
+        for row_number, row in enumerate(reader, start=2):
+            if None in row:
+                raise ValueError(f"{path}: row {row_number}: more fields than header columns")
+            for column in REQUIRED_COLUMNS:
+                if not (row.get(column) or "").strip():
+                    raise ValueError(f"{path}: row {row_number}: field '{column}' is empty")
+            row_split = (row.get("split") or "").strip() or None
+            if split is not None and row_split != split:
+                continue
+            image = (root / row["path"].strip()).resolve()
+            if not image.is_file():
+                raise ValueError(f"{path}: row {row_number}: field 'path': image file not found: {image}")
+            items.append(
+                LabelledImage(
+                    path=str(image),
+                    label=row["label"].strip(),
+                    cluster=(row.get("cluster") or "").strip() or None,
+                    split=row_split,
+                )
+            )
+    if not items:
+        raise ValueError(f"{path}: no rows" + (f" with split '{split}'" if split is not None else ""))
+    return items
+
+
+def read_image_folder(root: str | Path) -> list[LabelledImage]:
+    """Read `root/<class>/<image>`: the class is the sub-folder name; files sorted for determinism."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: image folder not found")
+    items = [
+        LabelledImage(path=str(image.resolve()), label=class_dir.name)
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for image in sorted(class_dir.iterdir())
+        if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise ValueError(f"{root}: no images found in class sub-folders (expected root/<class>/<image>)")
+    return items

@@ -1,0 +1,114 @@
+"""Builders: generated captions/VQA from labelled images and LLaVA conversations for both stages."""
+
+import string
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pallava.data.builders import (
+    CAPTION_INSTRUCTIONS,
+    captions_from_labels,
+    stage1_conversations,
+    stage2_conversations,
+    vqa_from_labels,
+)
+from pallava.data.importers.manifest import read_manifest
+from pallava.data.labels import LabelMap
+from pallava.data.records import CaptionPair, LabelledImage, VQAItem
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def dev_items():
+    manifest = SHARED / "lc25000-lung" / "manifest.csv"
+    if not manifest.is_file():
+        pytest.skip("shared data not available")
+    return read_manifest(manifest, split="dev")
+
+
+@pytest.fixture(scope="module")
+def lung():
+    return LabelMap.builtin("lc25000-lung")
+
+
+def test_captions_use_class_names_and_are_marked_generated(dev_items, lung):
+    captions = captions_from_labels(dev_items, lung, seed=3)
+    assert len(captions) == len(dev_items) and len({c.id for c in captions}) == len(captions)
+    for item, caption in zip(dev_items, captions, strict=True):
+        assert caption.image == item.path
+        assert any(name in caption.caption for name in lung[item.label].all_names())
+        assert caption.meta["generated"] is True and caption.meta["label"] == item.label
+        assert len(caption.caption.split()) >= 20  # passes the cleaner's default length filter
+    assert len({c.caption for c in captions}) > 20  # several phrasings and synonyms
+    assert captions == captions_from_labels(dev_items, lung, seed=3)
+    assert captions != captions_from_labels(dev_items, lung, seed=4)
+
+
+def test_vqa_is_balanced_and_answers_are_correct(dev_items, lung):
+    vqa = vqa_from_labels(dev_items, lung, seed=0)
+    assert len(vqa) == 4 * len(dev_items)
+    closed = [v for v in vqa if v.answer_type == "closed"]
+    assert Counter(v.answer for v in closed) == {"yes": len(dev_items), "no": len(dev_items)}
+    by_path = {item.path: item.label for item in dev_items}
+    positions = Counter()
+    for item in vqa:
+        label = by_path[item.image]
+        assert item.meta["generated"] is True
+        if item.answer_type == "open":
+            assert item.answer == lung[label].name
+        elif item.answer_type == "choice":
+            assert sorted(item.options) == sorted(lung.names())
+            assert item.options[string.ascii_uppercase.index(item.answer)] == lung[label].name
+            positions[item.answer] += 1
+        elif item.answer == "yes":
+            assert any(n in item.question for n in lung[label].all_names())
+        else:
+            assert not any(n in item.question for n in lung[label].all_names())
+    assert set(positions) == {"A", "B", "C"}  # correct option moves around
+
+
+def test_vqa_per_record_seeding_ignores_batch_composition(dev_items, lung):
+    whole = {v.id: v for v in vqa_from_labels(dev_items, lung, seed=1)}
+    part = vqa_from_labels(dev_items[5:9], lung, seed=1)
+    assert all(whole[v.id] == v for v in part)
+
+
+def test_unknown_label_and_single_class_errors(lung):
+    with pytest.raises(ValueError, match=r"image x.jpg: field 'label': 'cat'"):
+        vqa_from_labels([LabelledImage("x.jpg", "cat")], lung)
+    single = LabelMap.from_dict({"a": {"name": "alpha"}})
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        vqa_from_labels([LabelledImage("x.jpg", "a")], single)
+
+
+def test_stage1_conversations_vary_instruction_and_image_position():
+    captions = [CaptionPair(f"{i}.jpg", f"caption number {i}", f"id{i}") for i in range(400)]
+    conversations = stage1_conversations(captions, seed=0)
+    assert len(CAPTION_INSTRUCTIONS) >= 20
+    instructions, first = Counter(), 0
+    for caption, conversation in zip(captions, conversations, strict=True):
+        human, gpt = conversation.conversations
+        assert human["from"] == "human" and gpt == {"from": "gpt", "value": caption.caption}
+        assert human["value"].count("<image>") == 1
+        first += human["value"].startswith("<image>\n")
+        instructions[human["value"].replace("<image>", "").strip()] += 1
+        assert conversation.image == caption.image and conversation.id == caption.id
+    assert set(instructions) == set(CAPTION_INSTRUCTIONS)
+    assert 150 < first < 250
+    assert [c.to_dict() for c in stage1_conversations(captions, seed=0)] == [c.to_dict() for c in conversations]
+
+
+def test_stage2_prompts_per_answer_type():
+    items = [
+        VQAItem("c", "a.jpg", "Is this benign?", "Yes", "closed"),
+        VQAItem("o", "a.jpg", "What organ?", "lung", "open"),
+        VQAItem("m", "a.jpg", "Which one?", "B", "choice", ["alpha", "beta", "gamma"]),
+    ]
+    closed, open_, choice = (c.to_dict()["conversations"] for c in stage2_conversations(items))
+    assert closed[0]["value"].startswith("<image>\nIs this benign?") and "yes or no" in closed[0]["value"]
+    assert closed[1]["value"] == "yes"
+    assert open_ == [{"from": "human", "value": "<image>\nWhat organ?"}, {"from": "gpt", "value": "lung"}]
+    assert "Options:\nA. alpha\nB. beta\nC. gamma\n" in choice[0]["value"]
+    assert choice[1]["value"] == "B"
