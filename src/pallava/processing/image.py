@@ -73,7 +73,9 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             raise CorruptImageError(f"image array {name} has shape {src.shape}; expected HxW, HxWx3 or HxWx4")
         _check_pixels(src.shape[1], src.shape[0], max_pixels, name)
         array = src if src.dtype == np.uint8 else np.clip(src, 0, 255).astype(np.uint8)
-        return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array).convert("RGB")
+        return Image.fromarray(
+            array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array
+        ).convert("RGB")
     if isinstance(src, (str, Path)):
         path = Path(src)
         if not path.is_file():
@@ -82,7 +84,9 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     elif isinstance(src, (bytes, bytearray)):
         stream = io.BytesIO(src)
     else:
-        raise TypeError(f"unsupported image source {type(src).__name__}; expected a path, bytes, PIL image or array")
+        raise TypeError(
+            f"unsupported image source {type(src).__name__}; expected a path, bytes, PIL image or array"
+        )
     with stream:
         try:
             with Image.open(stream) as image:  # reads the header only
@@ -92,7 +96,9 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                 return image.convert("RGB")  # decodes
         except ImageTooLargeError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except Image.DecompressionBombError as error:  # Pillow's own guard, when ours is switched off
+            raise ImageTooLargeError(f"image {name}: {error}") from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise CorruptImageError(f"cannot decode image {name}: {error}") from error
 
 
@@ -105,11 +111,15 @@ def grid_candidates(policy: str, max_tiles: int) -> tuple[tuple[int, int], ...]:
     if policy == "paper":
         return tuple(g for g in PAPER_GRIDS if g[0] * g[1] <= max(max_tiles, 4))
     if policy == "default":
-        return tuple((c, r) for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1) if c * r <= max_tiles)
+        return tuple(
+            (c, r) for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1) if c * r <= max_tiles
+        )
     raise ValueError(f"unknown grid policy {policy!r}; expected 'default' or 'paper'")
 
 
-def select_grid(image_size: tuple[int, int], grids: Sequence[tuple[int, int]], tile_size: int) -> tuple[int, int]:
+def select_grid(
+    image_size: tuple[int, int], grids: Sequence[tuple[int, int]], tile_size: int
+) -> tuple[int, int]:
     """Best grid for a (width, height) image: most effective resolution, then least waste."""
     width, height = image_size
     resolutions = [(rows * tile_size, cols * tile_size) for cols, rows in grids]  # (height, width)
@@ -176,7 +186,9 @@ class PaLlavaImageProcessor:
             raise ValueError(f"max_tiles must be at least 1, got {self.max_tiles}")
         self.grids = grid_candidates(self.grid_policy, self.max_tiles)
         if not self.grids:
-            raise ValueError(f"grid policy {self.grid_policy!r} with max_tiles={self.max_tiles} allows no grid")
+            raise ValueError(
+                f"grid policy {self.grid_policy!r} with max_tiles={self.max_tiles} allows no grid"
+            )
 
     @property
     def max_grid_tiles(self) -> int:

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real data folder beside the repository, and the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def lung_tiles(shared_data) -> list[Path]:
+    """A few real LC25000 lung tiles, one class after another."""
+    root = shared_data / "lc25000-lung" / "images"
+    return [sorted((root / label).iterdir())[0] for label in ("lung_aca", "lung_n", "lung_scc")]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random-init tiny (model, processor) pair in eval mode."""
+    from pallava import load_preset
+
+    model, processor = load_preset("tiny", seed=0)
+    return model.eval(), processor

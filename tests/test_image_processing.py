@@ -1,0 +1,132 @@
+"""Anyres tiling, letterboxing, normalisation and the safety limits of image loading."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pallava.processing.image import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PAPER_GRIDS,
+    CorruptImageError,
+    ImageTooLargeError,
+    PaLlavaImageProcessor,
+    load_image,
+    normalize_to_tensor,
+)
+
+
+def quadrants(size: int) -> Image.Image:
+    """A 2x2 image of four flat colours: red, green / blue, white."""
+    array = np.zeros((2 * size, 2 * size, 3), np.uint8)
+    array[:size, :size] = (255, 0, 0)
+    array[:size, size:] = (0, 255, 0)
+    array[size:, :size] = (0, 0, 255)
+    array[size:, size:] = (255, 255, 255)
+    return Image.fromarray(array)
+
+
+def colour_of(crop: torch.Tensor) -> tuple[int, int, int]:
+    """Undo CLIP normalisation at a crop's centre pixel."""
+    pixel = crop[:, crop.shape[1] // 2, crop.shape[2] // 2]
+    rgb = (pixel * torch.tensor(CLIP_STD) + torch.tensor(CLIP_MEAN)) * 255
+    return tuple(int(round(v)) for v in rgb.tolist())
+
+
+def test_default_policy_keeps_small_images_small():
+    processor = PaLlavaImageProcessor(tile_size=224)
+    assert processor.select_grid((224, 224)) == (1, 1)
+    assert processor.select_grid((448, 224)) == (2, 1)
+    assert all(c * r <= processor.max_tiles for c, r in processor.grids)
+
+
+def test_paper_policy_uses_their_fifteen_grids():
+    processor = PaLlavaImageProcessor(tile_size=224, grid_policy="paper")
+    assert processor.grids == PAPER_GRIDS
+    assert processor.select_grid((224, 224)) == (1, 4) or processor.select_grid((224, 224)) in PAPER_GRIDS
+    assert processor.select_grid((1000, 300)) == (4, 2)
+    assert min(c * r for c, r in processor.grids) == 4
+
+
+def test_tiles_are_row_major_and_global_view_first():
+    processor = PaLlavaImageProcessor(tile_size=32)
+    tiled = processor.tile(quadrants(32))
+    assert tiled.grid == (2, 2)
+    assert tiled.pixel_values.shape == (5, 3, 32, 32)
+    colours = [colour_of(crop) for crop in tiled.pixel_values[1:]]
+    assert colours == [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+
+
+def test_global_view_is_letterboxed_not_stretched():
+    processor = PaLlavaImageProcessor(tile_size=64)
+    wide = Image.new("RGB", (256, 64), (255, 255, 255))
+    global_view = processor.tile(wide).pixel_values[0]
+    assert colour_of(global_view) == (255, 255, 255)
+    top_row = global_view[:, 0, global_view.shape[2] // 2]
+    black = (torch.zeros(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(top_row, black)  # padding band above the image
+
+
+def test_normalisation_matches_clip_constants():
+    white = normalize_to_tensor(Image.new("RGB", (8, 8), (255, 255, 255)), 8)
+    expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(white[:, 3, 3], expected)
+
+
+def test_batch_pads_tiles_and_masks_them():
+    processor = PaLlavaImageProcessor(tile_size=32)
+    batch = processor([Image.new("RGB", (32, 32)), quadrants(32)])
+    assert batch["pixel_values"].shape == (2, 5, 3, 32, 32)
+    assert batch["tile_mask"].tolist() == [[True, False, False, False], [True, True, True, True]]
+    assert batch["grids"].tolist() == [[1, 1], [2, 2]]
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge size and whose pixel data is missing: decoding would fail."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(ImageTooLargeError, match="5000x4000 = 20,000,000 pixels, over the limit"):
+        load_image(huge_png_header(5000, 4000))
+    with pytest.raises(ImageTooLargeError):  # far past Pillow's own bomb guard too
+        load_image(huge_png_header(100_000, 100_000), max_pixels=None)
+    with pytest.raises(ImageTooLargeError):
+        load_image(Image.new("RGB", (20, 20)), max_pixels=100)
+
+
+def test_corrupt_and_missing_images_give_clear_errors(tmp_path):
+    with pytest.raises(CorruptImageError, match="cannot decode"):
+        load_image(b"not an image at all")
+    truncated = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(truncated, format="JPEG")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(truncated.getvalue()[:40])
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
+        load_image(broken)
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "absent.png")
+
+
+def test_real_tiles_and_arrays_load_as_rgb(lung_tiles):
+    image = load_image(lung_tiles[0])
+    assert image.mode == "RGB" and image.size == (224, 224)
+    assert load_image(np.asarray(image)).size == (224, 224)
+    assert load_image(lung_tiles[0].read_bytes()).size == (224, 224)

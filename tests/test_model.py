@@ -1,0 +1,206 @@
+"""The assistant on the tiny preset: scale invariance, tiles, padding, save/load, LoRA, labels, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import LlamaForCausalLM
+
+from pallava import PaLlavaConfig, PaLlavaForConditionalGeneration, ScaleInvariantConnectorConfig, load_preset
+from pallava.inference import PaLlava
+from pallava.models.presets import tiny_config
+from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
+
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "tile_mask", "labels")
+
+
+def model_inputs(batch) -> dict:
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+
+
+def tiny_connector(**changes) -> ScaleInvariantConnectorConfig:
+    return ScaleInvariantConnectorConfig(**{**tiny_config().connector_config.to_dict(), **changes})
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (1000, 300), (2000, 2000)])
+def test_language_model_gets_the_same_number_of_image_tokens_at_any_size(tiny, size):
+    model, processor = tiny
+    batch = processor([processor.question("What is shown?")], [[noise_image(*size, seed=1)]])
+    image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    assert image_tokens == model.config.num_image_tokens == 49
+    with torch.no_grad():
+        embeds = model.get_image_embeddings(batch["pixel_values"], batch["tile_mask"])
+    assert embeds.shape == (1, 49, model.config.text_config.hidden_size)
+
+
+def test_tiles_matter_only_with_tile_cross_attention(tiny):
+    _, processor = tiny
+    batch = processor([processor.question("Describe.")], [[noise_image(448, 224, seed=2)]])
+    changed = dict(batch)
+    changed["pixel_values"] = batch["pixel_values"].clone()
+    changed["pixel_values"][0, 2] = torch.randn_like(changed["pixel_values"][0, 2])  # second tile only
+    for cross_attention, should_change in ((True, True), (False, False)):
+        model, _ = load_preset(
+            "tiny", seed=0, connector_config=tiny_connector(tile_cross_attention=cross_attention)
+        )
+        model.eval()
+        with torch.no_grad():
+            before = model(**model_inputs(batch)).logits
+            after = model(**model_inputs(changed)).logits
+        assert (not torch.allclose(before, after, atol=1e-5)) == should_change
+
+
+def test_padding_invariance_of_logits_and_generation(tiny, lung_tiles):
+    model, processor = tiny
+    small = Image.open(lung_tiles[0])
+    large = noise_image(900, 500, seed=3)
+    short_q = processor.question("What is the diagnosis?")
+    long_q = processor.question(
+        "Look at the whole slide region carefully and tell me which tissue it shows, and why."
+    )
+    for side in ("left", "right"):
+        alone = processor([short_q], [[small]], add_generation_prompt=True, padding_side=side)
+        batch = processor(
+            [short_q, long_q], [[small], [large]], add_generation_prompt=True, padding_side=side
+        )
+        assert batch["tile_mask"].shape[1] > alone["tile_mask"].shape[1]  # the neighbour forces tile padding
+        with torch.no_grad():
+            logits_alone = model(**model_inputs(alone)).logits[0]
+            logits_batch = model(**model_inputs(batch)).logits[0]
+        keep = batch["attention_mask"][0].bool()
+        torch.testing.assert_close(logits_batch[keep], logits_alone, atol=1e-4, rtol=1e-4)
+    assistant = PaLlava(model, processor)
+    one_by_one = [assistant.ask(small, "What is the diagnosis?", max_new_tokens=6),
+                  assistant.ask(large, "Which tissue is this, and why?", max_new_tokens=6)]  # fmt: skip
+    batched = assistant.ask_batch(
+        [small, large], ["What is the diagnosis?", "Which tissue is this, and why?"], max_new_tokens=6
+    )
+    assert batched == one_by_one
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path, lung_tiles):
+    model, processor = tiny
+    PaLlava(model, processor).save_pretrained(tmp_path)
+    loaded = PaLlava.from_pretrained(tmp_path)
+    assert isinstance(loaded.model.config, PaLlavaConfig) and loaded.model.has_lora
+    batch = processor([processor.question("What is shown?")], [[lung_tiles[1]]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(**model_inputs(batch)).logits, model(**model_inputs(batch)).logits
+        )
+    assert loaded.processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
+def test_lora_adapter_save_reload_and_merge(tmp_path, lung_tiles):
+    model, processor = load_preset("tiny", seed=0)
+    model.eval()
+    with torch.no_grad():  # LoRA B starts at zero; give it weight so merging is a real test
+        for name, param in model.language_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = processor([processor.question("What is shown?")], [[lung_tiles[2]]])
+    with torch.no_grad():
+        reference = model(**model_inputs(batch)).logits
+    model.language_model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM(model.config.text_config), tmp_path / "adapter")
+    original_lora = {k: v for k, v in model.language_model.state_dict().items() if "lora_" in k}
+    reloaded_lora = {k: v for k, v in reloaded.state_dict().items() if "lora_" in k}
+    assert original_lora.keys() == reloaded_lora.keys() and original_lora
+    for key in original_lora:
+        torch.testing.assert_close(original_lora[key], reloaded_lora[key])
+    model.merge_lora()
+    assert not model.has_lora and model.config.lora is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(**model_inputs(batch)).logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_only_answer_tokens_carry_loss_and_one_bos(tiny):
+    _, processor = tiny
+    conversation = [
+        {"from": "human", "value": "<image>\nWhat is the diagnosis?"},
+        {"from": "gpt", "value": "lung adenocarcinoma"},
+    ]
+    ids, labels = processor.encode_conversation(conversation)
+    assert ids.count(processor.bos_id) == 1 and ids[0] == processor.bos_id
+    supervised = [token for token, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    answer = processor.tokenizer.encode("lung adenocarcinoma", add_special_tokens=False)
+    assert supervised == answer + [processor.eot_id]
+    assert all(
+        label == IGNORE_INDEX
+        for token, label in zip(ids, labels, strict=True)
+        if token == processor.image_token_id
+    )
+
+
+def test_clear_errors(tiny):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="1 <image> placeholder"):
+        processor([processor.question("What?")], [[]])
+    with pytest.raises(ValueError, match="0 <image> placeholder"):
+        processor([processor.question("What?", with_image=False)], [[noise_image(32, 32, 0)]])
+    with pytest.raises(ValueError, match="cannot decode image"):
+        processor([processor.question("What?")], [[b"\x00garbage bytes"]])
+    with pytest.raises(ValueError, match="over the limit"):
+        processor.image_processor.max_pixels = 1000
+        try:
+            processor([processor.question("What?")], [[noise_image(100, 100, 0)]])
+        finally:
+            processor.image_processor.max_pixels = 16_777_216
+    batch = processor([processor.question("What?")], [[noise_image(64, 64, 0)]])
+    two_images = torch.cat([batch["pixel_values"], batch["pixel_values"]])
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model(
+            input_ids=batch["input_ids"],
+            pixel_values=two_images,
+            tile_mask=torch.ones(2, 1, dtype=torch.bool),
+        )
+
+
+def test_save_and_reload_processor(tiny, tmp_path):
+    _, processor = tiny
+    processor.save_pretrained(tmp_path)
+    reloaded = PaLlavaProcessor.from_pretrained(tmp_path)
+    conversation = [{"role": "user", "content": "<image>\nIs this benign?"}]
+    assert reloaded.encode_conversation(conversation, True) == processor.encode_conversation(
+        conversation, True
+    )
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_paper_preset_parameter_counts_on_meta_device():
+    model, processor = load_preset("paper", device="meta")
+    assert processor is None and next(model.parameters()).device.type == "meta"
+    connector = count(model.connector)
+    lora = sum(p.numel() for n, p in model.language_model.named_parameters() if "lora_" in n)
+    no_cross_config = ScaleInvariantConnectorConfig(
+        **{**model.config.connector_config.to_dict(), "tile_cross_attention": False}
+    )
+    no_cross, _ = load_preset("paper", device="meta", connector_config=no_cross_config)
+    print(f"\npaper preset: connector {connector / 1e6:.1f}M with cross-attention, "
+          f"{count(no_cross.connector) / 1e6:.1f}M without; LoRA {lora / 1e6:.1f}M; "
+          f"vision {count(model.vision_tower) / 1e6:.1f}M; total {count(model) / 1e9:.2f}B")  # fmt: skip
+    assert 59e6 < connector < 61e6
+    assert 45e6 < count(no_cross.connector) < 47e6
+    assert 335e6 < lora < 336e6
+    assert 85e6 < count(model.vision_tower) < 88e6
+
+
+def test_auto_classes_resolve(tmp_path):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    model, _ = load_preset("tiny", lora=None)
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), PaLlavaConfig)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), PaLlavaForConditionalGeneration)
