@@ -1,0 +1,7 @@
+"""Corpus cleaning: integrity, pathology judges, caption length and duplicates, with exactly-once outputs."""
+
+from pallava.data.clean.config import CleanConfig
+from pallava.data.clean.judges import LexiconJudge, PlipImageJudge, Verdict, build_judge
+from pallava.data.clean.pipeline import JudgeStopped, clean
+
+__all__ = ["CleanConfig", "JudgeStopped", "LexiconJudge", "PlipImageJudge", "Verdict", "build_judge", "clean"]

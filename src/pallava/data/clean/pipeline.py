@@ -1,0 +1,330 @@
+"""The cleaning pipeline: every input record ends in exactly one of kept.jsonl / rejected.jsonl.
+
+Stages (configurable order between the first and last): integrity (decodes, pixel limit) -> image judge ->
+text judge -> caption length -> duplicates. Outputs are append-only JSONL written in input order and
+flushed line by line (fsync per chunk). On restart the torn tail of a killed write is cut off, the set of
+finished ids and the duplicate index are rebuilt from both files, and work resumes with the next record, so
+a killed and resumed run ends with the same files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pallava.data.clean.config import CleanConfig
+from pallava.data.clean.dedup import DuplicateIndex, image_hash, text_key
+from pallava.data.clean.judges import Verdict, build_judge
+from pallava.data.clean.report import summarise, write_report
+from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, VQAItem
+from pallava.processing.image import load_image
+
+KEPT, REJECTED, STATE, REPORT = "kept.jsonl", "rejected.jsonl", "state.json", "report.md"
+
+
+@dataclass
+class _Entry:
+    """One input record on its way through the stages."""
+
+    line: int
+    id: str
+    data: dict[str, Any] | None
+    raw: str
+    kind: str = ""
+    text: str = ""
+    image: Path | None = None
+    phash: str | None = None
+    size: tuple[int, int] | None = None
+    rejection: tuple[str, Verdict] | None = None
+    stop: Verdict | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class JudgeStopped(ValueError):
+    """A judge failed with `on_judge_error: stop`; outputs hold everything before the failing record."""
+
+
+def record_kind(data: dict[str, Any]) -> str:
+    """caption, vqa or conversation, from the fields a record carries; ValueError naming the field if none fit."""
+    if "caption" in data:
+        CaptionPair.from_dict(data)
+        return "caption"
+    if "question" in data:
+        VQAItem.from_dict(data)
+        return "vqa"
+    if "conversations" in data:
+        Conversation.from_dict(data)
+        return "conversation"
+    raise ValueError("record has none of the fields 'caption', 'question' or 'conversations'")
+
+
+def record_text(data: dict[str, Any], kind: str) -> str:
+    """The text a text judge reads: the caption, the question and answer (+ figure caption), or all turns."""
+    if kind == "caption":
+        return data["caption"]
+    if kind == "vqa":
+        parts = [data["question"], *(data.get("options") or []), data["answer"], (data.get("meta") or {}).get("caption") or ""]
+        return "\n".join(p for p in parts if p)
+    return "\n".join(turn["value"].replace(IMAGE_TOKEN, "").strip() for turn in data["conversations"])
+
+
+def _scan_input(path: Path) -> Iterator[_Entry]:
+    """Stream input lines as entries; unreadable lines become entries that the input stage rejects."""
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            raw = line.rstrip("\n")
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as error:
+                entry = _Entry(line_number, f"line-{line_number}", None, raw)
+                entry.rejection = ("input", Verdict(False, "invalid JSON", error.msg))
+                yield entry
+                continue
+            record_id = data.get("id") if isinstance(data, dict) else None
+            if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
+                entry = _Entry(line_number, f"line-{line_number}", data if isinstance(data, dict) else None, raw)
+                entry.rejection = ("input", Verdict(False, "malformed record", "missing field 'id'"))
+                yield entry
+                continue
+            yield _Entry(line_number, str(record_id), data, raw)
+
+
+def _input_ids(path: Path) -> list[str]:
+    """All ids in input order; a repeated id is an input error (exactly-once needs unique ids)."""
+    seen: dict[str, int] = {}
+    for entry in _scan_input(path):
+        if entry.id in seen:
+            raise ValueError(f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; ids must be unique")
+        seen[entry.id] = entry.line
+    return list(seen)
+
+
+def _recover(path: Path) -> list[dict[str, Any]]:
+    """Read an output file, first cutting off a torn last line left by a kill."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+        data = data[:end]
+    rows = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: line {number} is corrupt; remove the output folder to start over") from None
+    return rows
+
+
+def _check_state(out: Path, input_path: Path, config: CleanConfig) -> None:
+    state = {"input": str(input_path.resolve()), "config": config.decision_fields()}
+    path = out / STATE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != state:
+            raise ValueError(
+                f"{out}: holds a run with a different input or decision settings; use another output folder "
+                f"(previous input: {previous.get('input')})"
+            )
+        return
+    partial = out / (STATE + ".partial")
+    partial.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
+
+
+def _watch_parent(parent: int) -> None:
+    """Pool initializer: exit when the parent dies (e.g. SIGKILL), so no worker outlives a killed run."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _integrity(job: tuple[str, int]) -> tuple[bool, str, str, str | None, tuple[int, int] | None]:
+    """Decode one image: (ok, reason, detail, perceptual hash, size). Runs in a worker process."""
+    path, max_pixels = job
+    try:
+        image = load_image(path, max_pixels)
+        image.load()
+        return True, "", "", image_hash(image), image.size
+    except FileNotFoundError as error:
+        return False, "missing file", str(error), None, None
+    except ValueError as error:  # CorruptImageError, ImageTooLargeError
+        reason = "too large" if "over the limit" in str(error) else "corrupt image"
+        return False, reason, str(error), None, None
+    except Exception as error:  # a decoder bug must reject the record, not crash the run
+        return False, "corrupt image", f"{type(error).__name__}: {error}", None, None
+
+
+class _Cleaner:
+    def __init__(self, input_path: Path, out: Path, config: CleanConfig) -> None:
+        self.input_path, self.out, self.config = input_path, out, config
+        self.image_root = Path(config.image_root) if config.image_root else input_path.parent
+        stages = config.stages[1:-1]
+        self.image_judge = build_judge(config.image_judge, "image", config.max_pixels) if "image" in stages else None
+        self.text_judge = build_judge(config.text_judge, "text", config.max_pixels) if "text" in stages else None
+        self.index = DuplicateIndex(config.duplicate_mode, config.max_hamming)
+        self.pool = None
+        if config.workers > 1:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            self.pool = context.Pool(config.workers, initializer=_watch_parent, initargs=(os.getpid(),))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+        for judge in (self.image_judge, self.text_judge):
+            if hasattr(judge, "close"):
+                judge.close()
+
+    def _prepare(self, entry: _Entry) -> None:
+        try:
+            entry.kind = record_kind(entry.data or {})
+        except ValueError as error:
+            entry.rejection = ("input", Verdict(False, "malformed record", str(error)))
+            return
+        entry.text = record_text(entry.data, entry.kind)
+        image = entry.data.get("image")
+        if not image:
+            entry.rejection = ("integrity", Verdict(False, "no image", "field 'image' is empty"))
+            return
+        path = Path(image)
+        entry.image = path if path.is_absolute() else self.image_root / path
+
+    def _run_stage(self, stage: str, alive: list[_Entry]) -> None:
+        if stage == "image" and self.image_judge is not None:
+            verdicts = self.image_judge.judge_images([e.image for e in alive])
+        elif stage == "text" and self.text_judge is not None:
+            verdicts = self.text_judge.judge_texts([e.text for e in alive])
+        elif stage == "length":
+            verdicts = [
+                Verdict(False, "caption too short", f"{n} words < {self.config.min_words}")
+                if e.kind == "caption" and (n := len(e.text.split())) < self.config.min_words else Verdict(True)
+                for e in alive
+            ]
+        else:
+            return
+        for entry, verdict in zip(alive, verdicts, strict=True):
+            if verdict.error and self.config.on_judge_error == "stop":
+                entry.stop = verdict
+            elif not verdict.ok:
+                entry.rejection = (stage, verdict)
+
+    def process(self, chunk: list[_Entry]) -> None:
+        """Run every stage but `duplicate` on a chunk, setting each entry's rejection (or stop)."""
+        for entry in chunk:
+            if entry.rejection is None:
+                self._prepare(entry)
+        alive = [e for e in chunk if e.rejection is None]
+        jobs = [(str(e.image), self.config.max_pixels) for e in alive]
+        results = self.pool.map(_integrity, jobs) if self.pool is not None and len(jobs) > 1 else map(_integrity, jobs)
+        for entry, (ok, reason, detail, phash, size) in zip(alive, results, strict=True):
+            if ok:
+                entry.phash, entry.size = phash, size
+            else:
+                entry.rejection = ("integrity", Verdict(False, reason, detail))
+        for stage in self.config.stages[1:-1]:
+            self._run_stage(stage, [e for e in chunk if e.rejection is None and e.stop is None])
+
+    def kept_line(self, entry: _Entry) -> dict[str, Any]:
+        data = dict(entry.data)
+        data["image"] = str(entry.image)
+        data["meta"] = {**(data.get("meta") or {}), "clean": {"phash": entry.phash, "text_key": text_key(entry.text),
+                                                             "width": entry.size[0], "height": entry.size[1]}}
+        return data
+
+
+def _write(handle: Any, row: dict[str, Any]) -> None:
+    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    handle.flush()
+
+
+def _sync(*handles: Any) -> None:
+    for handle in handles:
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Clean a JSONL of records into `out_dir` (kept.jsonl, rejected.jsonl, report.md); resumable.
+
+    Returns the summary (counts per stage and reason). Raises `JudgeStopped` when a judge fails under
+    `on_judge_error: stop` (re-run to resume) and ValueError for bad input or a foreign output folder.
+    """
+    config = config or CleanConfig()
+    input_path, out = Path(input_path), Path(out_dir)
+    if not input_path.is_file():
+        raise ValueError(f"{input_path}: input file not found")
+    input_ids = _input_ids(input_path)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_state(out, input_path, config)
+    kept_rows, rejected_rows = _recover(out / KEPT), _recover(out / REJECTED)
+    done = {str(row["id"]) for row in (*kept_rows, *rejected_rows)}
+    unknown = done - set(input_ids)
+    if unknown:
+        raise ValueError(f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder")
+    cleaner = _Cleaner(input_path, out, config)
+    for row in kept_rows:
+        cleaner.index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
+    del kept_rows, rejected_rows
+    started = time.perf_counter()
+    bar = tqdm(total=len(input_ids), initial=len(done), unit="rec", desc="cleaning", disable=not progress, file=sys.stderr)
+    try:
+        with (out / KEPT).open("a", encoding="utf-8") as kept, (out / REJECTED).open("a", encoding="utf-8") as rejected:
+            pending = (entry for entry in _scan_input(input_path) if entry.id not in done)
+            while chunk := list(itertools.islice(pending, config.chunk_size)):
+                cleaner.process(chunk)
+                for entry in chunk:
+                    if entry.stop is not None:
+                        _sync(kept, rejected)
+                        raise JudgeStopped(
+                            f"{input_path}: line {entry.line}: record {entry.id}: judge failed ({entry.stop.detail}); "
+                            f"finished records are saved in {out}; fix the judge and re-run to resume"
+                        )
+                    if entry.rejection is None:
+                        duplicate_of = cleaner.index.find(entry.phash, text_key(entry.text))
+                        if duplicate_of is not None:
+                            entry.rejection = ("duplicate", Verdict(False, "duplicate", f"of {duplicate_of}"))
+                    if entry.rejection is None:
+                        cleaner.index.add(entry.id, entry.phash, text_key(entry.text))
+                        _write(kept, cleaner.kept_line(entry))
+                    else:
+                        stage, verdict = entry.rejection
+                        _write(rejected, {"id": entry.id, "line": entry.line, "stage": stage, "reason": verdict.reason,
+                                          "detail": verdict.detail, "record": entry.data if entry.data is not None else entry.raw})
+                bar.update(len(chunk))
+                _sync(kept, rejected)
+    finally:
+        bar.close()
+        cleaner.close()
+    summary = summarise(out / KEPT, out / REJECTED, input_ids, config.stages)
+    summary["seconds_this_run"] = round(time.perf_counter() - started, 3)
+    summary["resumed_from"] = len(done)
+    write_report(out / REPORT, summary, input_path)
+    if config.shard_size > 0:
+        from pallava.data.io import iter_records
+        from pallava.data.shards import write_shards
+
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        write_shards(iter_records(out / KEPT), out / "shards", records_per_shard=config.shard_size, progress=progress)
+    return summary
