@@ -1,0 +1,166 @@
+"""Run the assistant over evaluation items: batched greedy answers, written as they arrive, resumable.
+
+The runner only needs an object with `ask_batch(images, questions, batch_size=..., **options)` and
+`tile_grid(image)` (the `pallava.inference.PaLlava` interface), so orchestration is testable
+without a model and the same code drives the tiny and the paper preset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pallava.data.labels import LabelMap
+from pallava.data.records import LabelledImage, VQAItem
+from pallava.eval.choice import permute_options
+from pallava.eval.predictions import PredictionWriter
+from pallava.eval.tasks import prompt_of
+
+UNMAPPED = "<unmapped>"
+
+
+class Assistant(Protocol):
+    """What the runner needs from a model (satisfied by `pallava.inference.PaLlava`)."""
+
+    def ask_batch(self, images: Sequence[Any], questions: Sequence[str], batch_size: int = 8, **options: Any) -> list[str]: ...
+
+    def tile_grid(self, image: Any) -> tuple[int, int]: ...
+
+
+def with_option_orders(items: Sequence[VQAItem], n_orders: int, seed: int = 0) -> list[VQAItem]:
+    """Items followed, for each choice item, by re-ordered copies (`<id>~p<k>`, `meta.base_id`),
+    so that the report can measure whether answers follow content or position."""
+    if n_orders < 1:
+        raise ValueError(f"the number of option orders must be at least 1, got {n_orders}")
+    expanded: list[VQAItem] = []
+    for item in items:
+        expanded.append(item)
+        if item.answer_type != "choice" or n_orders == 1:
+            continue
+        orders = permute_options(item.options or [], item.answer.strip().upper(), n_orders, seed)
+        for k, (options, letter) in enumerate(orders[1:], start=1):
+            meta = {**item.meta, "base_id": item.id}
+            expanded.append(replace(item, id=f"{item.id}~p{k}", answer=letter, options=options, meta=meta))
+    return expanded
+
+
+def _check_images(images: Sequence[str]) -> None:
+    missing = sorted({image for image in images if not Path(image).is_file()})
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"{len(missing)} image file(s) not found: {shown}")
+
+
+class _Layouts:
+    """Image size and tile grid per image path, computed once (many questions share an image)."""
+
+    def __init__(self, assistant: Assistant) -> None:
+        self.assistant = assistant
+        self.cache: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, image: str) -> dict[str, Any]:
+        if image not in self.cache:
+            with Image.open(image) as handle:
+                width, height = handle.size
+            cols, rows = self.assistant.tile_grid(image)
+            self.cache[image] = {"image_size": [width, height], "grid": [cols, rows], "tiles": cols * rows}
+        return self.cache[image]
+
+
+def _ordered(writer: PredictionWriter, ids: list[str], path: Path) -> list[dict[str, Any]]:
+    by_id = {str(record["id"]): record for record in writer.records}
+    foreign = set(by_id) - set(ids)
+    if foreign:
+        example = sorted(foreign)[0]
+        raise ValueError(
+            f"{path} holds {len(foreign)} prediction(s) for questions not in this dataset (e.g. {example!r}); "
+            "it belongs to another run: choose a new output folder"
+        )
+    return [by_id[i] for i in ids]
+
+
+def run_vqa(
+    assistant: Assistant,
+    items: Sequence[VQAItem],
+    predictions_path: str | Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Answer every item not yet in `predictions_path`, appending one JSONL record per answer.
+
+    Returns all records (old and new) in item order: id, question, prediction, reference,
+    answer_type, options, image, image_size, grid, tiles (+ base_id for re-ordered copies).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    path = Path(predictions_path)
+    _check_images([item.image for item in items])
+    layouts = _Layouts(assistant)
+    with PredictionWriter(path) as writer:
+        pending = [item for item in items if item.id not in writer.done]
+        bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="eval vqa", unit="q", disable=not progress)
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            answers = assistant.ask_batch([i.image for i in chunk], [prompt_of(i) for i in chunk],
+                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+            for item, answer in zip(chunk, answers, strict=True):
+                record = {"id": item.id, "question": item.question, "prediction": answer, "reference": item.answer,
+                          "answer_type": item.answer_type, "options": item.options, "image": item.image,
+                          **layouts(item.image)}
+                if "base_id" in item.meta:
+                    record["base_id"] = item.meta["base_id"]
+                writer.write(record)
+            bar.update(len(chunk))
+        bar.close()
+        return _ordered(writer, [item.id for item in items], path)
+
+
+def zeroshot_question(label_map: LabelMap) -> str:
+    """The class-choice question: every class name, answer with one of them."""
+    names = "; ".join(label_map.names())
+    return f"Which of the following best describes this image: {names}? Answer with one of these names only."
+
+
+def run_zeroshot(
+    assistant: Assistant,
+    images: Sequence[LabelledImage],
+    label_map: LabelMap,
+    predictions_path: str | Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 24,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Ask the class-choice question about each image and map the answer to a label.
+
+    The answer maps only when it equals a class name, synonym or label after normalisation;
+    anything else is recorded as `<unmapped>` (wrong, and counted). Resumable like `run_vqa`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    unknown = sorted({item.label for item in images} - set(label_map))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in the label map (known: {', '.join(label_map)})")
+    path = Path(predictions_path)
+    _check_images([item.path for item in images])
+    question = zeroshot_question(label_map)
+    with PredictionWriter(path) as writer:
+        pending = [item for item in images if item.path not in writer.done]
+        bar = tqdm(total=len(images), initial=len(images) - len(pending), desc="eval zeroshot", unit="img",
+                   disable=not progress)
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            answers = assistant.ask_batch([i.path for i in chunk], [question] * len(chunk),
+                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+            for item, answer in zip(chunk, answers, strict=True):
+                writer.write({"id": item.path, "question": question, "prediction": answer, "reference": item.label,
+                              "answer_type": "class", "predicted_label": label_map.label_for(answer) or UNMAPPED,
+                              "image": item.path, "cluster": item.cluster})
+            bar.update(len(chunk))
+        bar.close()
+        return _ordered(writer, [item.path for item in images], path)

@@ -1,0 +1,164 @@
+"""Evaluation inputs: every supported format becomes a list of `VQAItem`s (or labelled images).
+
+Parsing is delegated to the data importers and builders, so evaluation reads a file exactly as
+training does; this module only picks the importer and turns LLaVA conversations into questions.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from pallava.data.builders import vqa_from_labels, vqa_prompt
+from pallava.data.importers.manifest import read_manifest
+from pallava.data.importers.pathvqa import answer_type_of, read_pathvqa_parquet
+from pallava.data.importers.pmcvqa import read_pmc_vqa
+from pallava.data.io import iter_records
+from pallava.data.labels import LabelMap
+from pallava.data.records import IMAGE_TOKEN, VQAItem
+
+VQA_FORMATS = ("pathvqa", "pathvqa-text", "pmcvqa", "jsonl", "manifest")
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format from the file: Parquet -> pathvqa, CSV header -> pmcvqa/manifest,
+    PathVQA text JSON -> pathvqa-text, any other JSON/JSONL -> jsonl."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: evaluation data not found")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "pathvqa"
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            header = [column.strip() for column in next(csv.reader(handle), [])]
+        if "Figure_path" in header:
+            return "pmcvqa"
+        if "path" in header and "label" in header:
+            return "manifest"
+        raise ValueError(f"{path}: CSV header {header} is neither PMC-VQA (Figure_path, ...) nor a manifest (path,label)")
+    if suffix == ".json":
+        with path.open(encoding="utf-8") as handle:
+            head = handle.read(4096)
+        if '"sentf"' in head or '"labelf"' in head:
+            return "pathvqa-text"
+    if suffix in (".json", ".jsonl"):
+        return "jsonl"
+    raise ValueError(f"{path}: cannot tell the format from the name; pass --format ({', '.join(VQA_FORMATS)})")
+
+
+def _conversation_item(record: dict[str, Any], where: str, image_root: Path | None) -> VQAItem:
+    """A LLaVA conversation's first question/answer pair as a VQA item (prompt kept verbatim)."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or len(turns) < 2:
+        raise ValueError(f"{where}: field 'conversations' must hold a human turn and a gpt answer")
+    human, gpt = turns[0], turns[1]
+    if not (isinstance(human, dict) and human.get("from") == "human" and isinstance(gpt, dict)
+            and gpt.get("from") == "gpt"):
+        raise ValueError(f"{where}: field 'conversations' must start with a human turn followed by a gpt turn")
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{where}: field 'image' must name the image the question is about")
+    prompt = str(human.get("value", "")).replace(IMAGE_TOKEN, "").strip()
+    answer = str(gpt.get("value", "")).strip()
+    meta = dict(record.get("meta") or {})
+    answer_type = meta.get("answer_type") or record.get("answer_type") or answer_type_of(answer)
+    options = record.get("options") or meta.get("options")
+    meta["prompt"] = prompt
+    image_path = str(image_root / image) if image_root is not None else image
+    return VQAItem(str(record.get("id", where)), image_path, prompt, answer, answer_type, options, meta)
+
+
+def _jsonl_items(path: Path, image_root: Path | None) -> list[VQAItem]:
+    items = []
+    for index, record in enumerate(iter_records(path)):
+        where = f"{path}: record {index}"
+        if "conversations" in record:
+            items.append(_conversation_item(record, where, image_root))
+            continue
+        try:
+            item = VQAItem.from_dict(record)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error} (expected a LLaVA conversation or a VQA item)") from None
+        if image_root is not None:
+            item.image = str(image_root / item.image)
+        items.append(item)
+    return items
+
+
+def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
+    """A label map from a built-in name or a JSON/YAML file; with no spec, the built-in map
+    that covers every label in the data."""
+    if spec:
+        return LabelMap.from_file(spec) if Path(spec).is_file() else LabelMap.builtin(spec)
+    for name in LabelMap.builtin_names():
+        candidate = LabelMap.builtin(name)
+        if labels <= set(candidate):
+            return candidate
+    raise ValueError(
+        f"no built-in label map covers the labels {sorted(labels)}; pass --label-map NAME_OR_FILE "
+        f"(built-in: {', '.join(LabelMap.builtin_names())})"
+    )
+
+
+def load_vqa_items(
+    path: str | Path,
+    fmt: str | None = None,
+    split: str | None = None,
+    image_root: str | Path | None = None,
+    image_dir: str | Path | None = None,
+    label_map: str | None = None,
+    seed: int = 0,
+) -> list[VQAItem]:
+    """Questions with images from any supported format.
+
+    `image_dir` receives images embedded in PathVQA Parquet; `label_map` and `seed` drive the
+    closed/open/choice questions generated from a labelled manifest. PathVQA text JSON has no
+    images and is refused with an explanation.
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt not in VQA_FORMATS:
+        raise ValueError(f"unknown evaluation format {fmt!r}; choose one of {', '.join(VQA_FORMATS)}")
+    if not path.exists():
+        raise ValueError(f"{path}: evaluation data not found")
+    if split is not None and fmt not in ("pmcvqa", "manifest"):
+        raise ValueError(f"format '{fmt}' has no split column; drop --split")
+    root = Path(image_root) if image_root is not None else None
+    if fmt == "pathvqa-text":
+        raise ValueError(
+            f"{path}: PathVQA text JSON holds questions and answers but no images, so the assistant cannot be "
+            "evaluated on it; use the PathVQA Parquet (with images), or score existing predictions with "
+            "`pallava eval score --predictions FILE`"
+        )
+    if fmt == "pathvqa":
+        if image_dir is None:
+            raise ValueError("PathVQA Parquet embeds its images: an image folder to extract them into is required")
+        items = list(read_pathvqa_parquet(path, image_dir))
+    elif fmt == "pmcvqa":
+        items = list(read_pmc_vqa(path, root, split))
+    elif fmt == "manifest":
+        labelled = read_manifest(path, split)
+        items = vqa_from_labels(labelled, resolve_label_map(label_map, {i.label for i in labelled}), seed)
+    else:
+        items = _jsonl_items(path, root)
+    if not items:
+        raise ValueError(f"{path}: no questions found" + (f" in split '{split}'" if split else ""))
+    duplicates = len(items) - len({item.id for item in items})
+    if duplicates:
+        raise ValueError(f"{path}: {duplicates} question id(s) repeat; ids must be unique to resume and score")
+    return items
+
+
+def prompt_of(item: VQAItem) -> str:
+    """The text the assistant is asked: a LLaVA prompt verbatim, else the shared training prompt."""
+    return str(item.meta.get("prompt") or vqa_prompt(item))
+
+
+def describe(items: list[VQAItem]) -> dict[str, int]:
+    """Question counts per answer type (for logs and the report header)."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.answer_type] = counts.get(item.answer_type, 0) + 1
+    return dict(sorted(counts.items()))
