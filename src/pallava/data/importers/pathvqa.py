@@ -20,7 +20,8 @@ from pallava.data.records import VQAItem
 
 CLOSED_ANSWERS = frozenset({"yes", "no"})
 _SAFE_GLOBALS = frozenset(
-    {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool")}
+    {(module, n) for module in ("builtins", "__builtin__")  # protocol <= 2 spells it __builtin__
+     for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool")}
     | {("collections", "OrderedDict")}
 )
 
