@@ -1,23 +1,29 @@
-"""pallava: a pathology language-vision assistant (PLIP encoder, scale-invariant connector, LLM + LoRA)."""
+"""pallava: a pathology language-vision assistant (PLIP encoder, scale-invariant connector, LLM + LoRA).
 
-from transformers import AutoConfig, AutoModelForImageTextToText
+Public names are imported lazily so that `pallava --help` and light sub-commands start fast; importing
+the model classes registers them with transformers' Auto classes.
+"""
 
-from pallava.models.configuration_pa_llava import PaLlavaConfig, ScaleInvariantConnectorConfig
-from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
-from pallava.models.presets import load_preset
-from pallava.processing.image import PaLlavaImageProcessor
-from pallava.processing.processor import PaLlavaProcessor
+from __future__ import annotations
 
-AutoConfig.register(PaLlavaConfig.model_type, PaLlavaConfig, exist_ok=True)
-AutoConfig.register(ScaleInvariantConnectorConfig.model_type, ScaleInvariantConnectorConfig, exist_ok=True)
-AutoModelForImageTextToText.register(PaLlavaConfig, PaLlavaForConditionalGeneration, exist_ok=True)
+import importlib
 
-__all__ = [
-    "PaLlavaConfig",
-    "PaLlavaForConditionalGeneration",
-    "PaLlavaImageProcessor",
-    "PaLlavaProcessor",
-    "ScaleInvariantConnectorConfig",
-    "load_preset",
-]
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "PaLlavaConfig": "pallava.models.configuration_pa_llava",
+    "ScaleInvariantConnectorConfig": "pallava.models.configuration_pa_llava",
+    "PaLlavaForConditionalGeneration": "pallava.models.modeling_pa_llava",
+    "load_preset": "pallava.models.presets",
+    "PaLlavaImageProcessor": "pallava.processing.image",
+    "PaLlavaProcessor": "pallava.processing.processor",
+    "PaLlava": "pallava.inference",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'pallava' has no attribute {name!r}")

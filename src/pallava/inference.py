@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from transformers import TextIteratorStreamer
 
-import pallava  # noqa: F401  (registers the Auto classes)
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.processing.image import ImageSource, load_image
 from pallava.processing.processor import PaLlavaProcessor, Turn

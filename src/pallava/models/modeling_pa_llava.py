@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    CLIPVisionModel,
+    GenerationMixin,
+    PreTrainedModel,
+)
 
 from pallava.models.configuration_pa_llava import PaLlavaConfig
 from pallava.models.connector import ScaleInvariantConnector
@@ -209,3 +215,6 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
             return pixel_values.new_zeros(pixel_values.shape[0], tile_mask.shape[1], 0)
         stacked = torch.stack(attentions).mean(dim=(0, 2, 3))  # (N, T*P)
         return stacked.reshape(pixel_values.shape[0], tile_mask.shape[1], -1)
+
+
+AutoModelForImageTextToText.register(PaLlavaConfig, PaLlavaForConditionalGeneration, exist_ok=True)
