@@ -12,6 +12,10 @@ import yaml
 STAGES = ("integrity", "image", "text", "length", "duplicate")
 JUDGE_STAGES = ("image", "text", "length")  # may be reordered between integrity and duplicate
 DUPLICATE_MODES = ("pair", "image", "caption", "either")
+# Judge options that change how, not what, a judge decides: a resumed run may change them.
+OPERATIONAL_JUDGE_FIELDS = frozenset(
+    {"base_url", "api_key", "api_key_env", "concurrency", "timeout", "retries", "backoff", "cache", "batch_size"}
+)
 
 
 @dataclass
@@ -95,7 +99,5 @@ class CleanConfig:
         for name in ("workers", "chunk_size", "shard_size"):
             data.pop(name)
         for judge in ("image_judge", "text_judge"):
-            data[judge] = {k: v for k, v in data[judge].items() if k not in ("concurrency", "timeout", "retries",
-                                                                               "backoff", "cache", "api_key_env",
-                                                                               "batch_size")}
+            data[judge] = {k: v for k, v in data[judge].items() if k not in OPERATIONAL_JUDGE_FIELDS}
         return data
