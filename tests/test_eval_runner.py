@@ -184,3 +184,33 @@ def test_prediction_writer_repairs_a_missing_final_newline(tmp_path: Path) -> No
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ValueError, match="p.jsonl:2: not valid JSON"):
         read_predictions(path)
+
+
+def test_every_input_format_becomes_vqa_items(shared: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tile = shared / "samples" / "crc" / sorted(p.name for p in (shared / "samples" / "crc").iterdir())[0]
+    table = pa.table({"image": [{"bytes": tile.read_bytes(), "path": "a.jpg"}] * 2,
+                      "question": ["Is this adipose tissue?", "What tissue is this?"], "answer": ["Yes", "fat"]})
+    pq.write_table(table, tmp_path / "pathvqa.parquet")
+    items = load_vqa_items(tmp_path / "pathvqa.parquet", image_dir=tmp_path / "images")
+    assert [(i.answer_type, i.answer) for i in items] == [("closed", "yes"), ("open", "fat")]
+    assert Path(items[0].image).read_bytes() == tile.read_bytes()
+
+    csv_text = ("Figure_path,Question,Choice A,Choice B,Choice C,Choice D,Answer,split\n"
+                f"{tile.name},Which tissue?,A:Fat,B:Bone,C:Skin,D:Lung,B:Bone,test\n")
+    (tmp_path / "pmc.csv").write_text(csv_text)
+    [choice] = load_vqa_items(tmp_path / "pmc.csv", image_root=tile.parent, split="test")
+    assert (choice.answer_type, choice.answer, choice.options) == ("choice", "B", ["Fat", "Bone", "Skin", "Lung"])
+    assert choice.image == str(tile)
+
+    conversation = {"id": "c1", "image": tile.name, "conversations": [
+        {"from": "human", "value": "<image>\nIs this fat?\nAnswer yes or no."}, {"from": "gpt", "value": "Yes"}]}
+    (tmp_path / "conv.jsonl").write_text(json.dumps(conversation) + "\n" + json.dumps(choice.to_dict()) + "\n")
+    first, second = load_vqa_items(tmp_path / "conv.jsonl", image_root=tile.parent)
+    assert (first.answer_type, prompt_of(first)) == ("closed", "Is this fat?\nAnswer yes or no.")
+    assert second.options == choice.options and prompt_of(second).startswith("Which tissue?\nOptions:")
+    (tmp_path / "dup.jsonl").write_text(json.dumps(conversation) + "\n" + json.dumps(conversation) + "\n")
+    with pytest.raises(ValueError, match="1 question id\\(s\\) repeat"):
+        load_vqa_items(tmp_path / "dup.jsonl")

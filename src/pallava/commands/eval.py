@@ -21,7 +21,15 @@ def _score(args: argparse.Namespace) -> int:
     from pallava.eval.scorers import score
 
     records = read_predictions(args.predictions)
-    summary = score(records, args.scorer, ci=not args.no_ci, n_resamples=args.n_resamples, seed=args.seed)
+    if records and all(r["answer_type"] == "class" for r in records):  # written by `pallava eval zeroshot`
+        from pallava.eval.report import zeroshot_report
+
+        labels = sorted({str(r["reference"]) for r in records})
+        summary = zeroshot_report([str(r["reference"]) for r in records],
+                                  [str(r.get("predicted_label")) for r in records], labels,
+                                  n_resamples=args.n_resamples, seed=args.seed)
+    else:
+        summary = score(records, args.scorer, ci=not args.no_ci, n_resamples=args.n_resamples, seed=args.seed)
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
@@ -114,7 +122,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate the assistant: VQA, zero-shot, scoring")
     commands = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
 
-    score = commands.add_parser("score", help="score a predictions JSONL file (JSON to stdout)")
+    score = commands.add_parser("score", help="score a predictions JSONL file (JSON to stdout); zero-shot "
+                                "predictions get the classification report")
     score.add_argument("--predictions", required=True, help="predictions JSONL written by `pallava eval vqa`")
     score.add_argument("--scorer", choices=sorted(SCORERS), default="strict",
                        help="strict (default), paper (PA-LLaVA) or llava-med (legacy, flawed closed set)")

@@ -1,0 +1,100 @@
+"""The evaluation path on the real tiny assistant, and the `pallava eval` command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pallava import load_preset
+from pallava.cli import main
+from pallava.eval.runner import run_vqa
+from pallava.eval.tasks import load_vqa_items
+from pallava.inference import PaLlava
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def shared() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def assistant() -> PaLlava:
+    """The tiny preset with its weights scaled up: a random model at init scale gives the same
+    answer to every input, which would make a batched-vs-single comparison vacuous."""
+    model, processor = load_preset("tiny", seed=0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(4.0)
+    return PaLlava(model, processor)
+
+
+@pytest.fixture(scope="module")
+def model_dir(assistant: PaLlava, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-model")
+    assistant.save_pretrained(directory)
+    return directory
+
+
+def test_batched_evaluation_equals_one_by_one(assistant: PaLlava, shared: Path, tmp_path: Path) -> None:
+    items = load_vqa_items(shared / "lc25000-lung" / "manifest.csv", split="dev")[::9][:4]
+    # a 500x300 image gets a different tile grid, so batches mix padded prompts and padded tiles
+    odd = load_vqa_items(shared / "lc25000-lung" / "manifest.csv", split="dev")[0]
+    odd.id, odd.image = "stardist", str(shared / "samples" / "pathology" / "stardist_histo.jpg")
+    items = [items[0], odd, *items[1:]]
+    batched = run_vqa(assistant, items, tmp_path / "batched.jsonl", batch_size=3, max_new_tokens=5, progress=False)
+    single = run_vqa(assistant, items, tmp_path / "single.jsonl", batch_size=1, max_new_tokens=5, progress=False)
+    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    assert len({r["prediction"] for r in batched}) > 1  # the answers depend on the input
+    assert {r["tiles"] for r in batched} == {1, assistant.tile_grid(odd.image)[0] * assistant.tile_grid(odd.image)[1]}
+    assert max(r["tiles"] for r in batched) > 1
+
+
+def test_eval_commands_end_to_end(model_dir: Path, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    manifest = shared / "lc25000-lung" / "manifest.csv"
+    out = tmp_path / "vqa"
+    args = ["eval", "vqa", "--model", str(model_dir), "--data", str(manifest), "--split", "dev", "--limit", "4",
+            "--out", str(out), "--max-new-tokens", "3", "--n-resamples", "50", "--no-progress", "--option-orders", "2"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    predictions = (out / "predictions.jsonl").read_text().splitlines()
+    assert report["n"] == 4 and len(predictions) == 4 + report.get("choice", {}).get("n", 0)
+    assert all(0.0 <= report[k]["accuracy"] <= 1.0 for k in ("closed", "overall"))
+    assert (out / "report.md").is_file() and (out / "accuracy_by_type.png").is_file()
+    assert main(args) == 0  # resumed: nothing left to answer, same predictions
+    assert (out / "predictions.jsonl").read_text().splitlines() == predictions
+    capsys.readouterr()
+
+    assert main(["eval", "score", "--predictions", str(out / "predictions.jsonl"), "--scorer", "llava-med",
+                 "--n-resamples", "50"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["scorer"] == "llava-med" and scored["legacy"] is True and scored["n"] == 4
+
+    zero = tmp_path / "zeroshot"
+    assert main(["eval", "zeroshot", "--model", str(model_dir), "--data", str(manifest), "--split", "dev",
+                 "--limit", "3", "--out", str(zero), "--max-new-tokens", "3", "--n-resamples", "50",
+                 "--no-progress"]) == 0
+    zreport = json.loads((zero / "report.json").read_text())
+    assert zreport["n"] == 3 and sum(map(sum, zreport["confusion"]["matrix"])) == 3
+    assert (zero / "confusion.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "score", "--predictions", str(zero / "predictions.jsonl"), "--n-resamples", "50"]) == 0
+    rescored = json.loads(capsys.readouterr().out)
+    assert rescored["task"] == "zeroshot" and rescored["accuracy"] == zreport["accuracy"]
+
+
+def test_eval_command_errors_name_the_problem(shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["eval", "vqa", "--model", str(tmp_path), "--data", str(shared / "pathvqa-text" / "pvqa_test.json"),
+                 "--out", str(tmp_path / "out")])
+    assert code == 1 and "no images" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "1", "question": "q", "prediction": "p", "answer_type": "open"}\n')
+    assert main(["eval", "score", "--predictions", str(bad)]) == 1
+    assert "missing field(s) ['reference']" in capsys.readouterr().err
