@@ -1,0 +1,154 @@
+"""`slide map` on the real Aperio sample with a random tiny PLIP: outputs, consistency, resuming."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pallava.cli import main
+from pallava.models.plip.prompts import class_prompts
+from pallava.slides.mapping import TilingOptions, load_classes, map_slide, model_fingerprint
+from pallava.slides.reader import open_slide
+from pallava.slides.tiling import read_tile
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# 224-px tiles at 2 um/px: about 900 level-0 px each, so the sample slide gives a handful of tiles.
+OPTIONS = TilingOptions(mpp=2.0, tile_size=224, min_tissue=0.25, thumbnail_side=512)
+TEMPLATES = ("an H&E image of {name}.",)  # one prompt per class name keeps the text encoder cheap
+
+
+@pytest.fixture(scope="module")
+def svs() -> Path:
+    path = SHARED / "samples" / "wsi" / "cmu_small_region.svs"
+    if not path.is_file():
+        pytest.skip("shared data not available")
+    return path
+
+
+@pytest.fixture(scope="module")
+def plip():
+    from pallava.models.plip import PlipZeroShot, build_plip
+
+    model, tokenizer = build_plip("tiny", text_init="scratch", text_layers=1, seed=0)
+    return PlipZeroShot(model, tokenizer)
+
+
+@pytest.fixture
+def classes(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("# tissue types\nsquamous epithelium\ndermal collagen\n\nbackground\n")
+    return load_classes(path)
+
+
+class CountingPlip:
+    """Wraps PlipZeroShot and counts (or, after `fail_after` calls, refuses) image encodings."""
+
+    def __init__(self, plip, fail_after: int | None = None):
+        self.plip, self.fail_after, self.calls, self.images = plip, fail_after, 0, 0
+
+    def encode_images(self, images, batch_size=64):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.images += len(images)
+        return self.plip.encode_images(images, batch_size)
+
+    def __getattr__(self, name):
+        return getattr(self.plip, name)
+
+
+def test_map_outputs_and_probabilities_match_the_tiles(svs, plip, classes, tmp_path):
+    with open_slide(svs) as slide:
+        result = map_slide(slide, plip, classes, tmp_path / "out", "tiny-random", OPTIONS, 8, TEMPLATES)
+        grid = result.prepared.grid
+        tiles = [read_tile(slide, tile, grid.tile_size) for tile in grid.tiles[:3]]
+    n = len(grid)
+    assert result.class_names == ["squamous epithelium", "dermal collagen", "background"]
+    assert 4 <= n <= 12 and result.probabilities.shape == (n, 3)
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # The stored probabilities are those of the very pixels a user reads back at the tile's box.
+    np.testing.assert_allclose(
+        result.probabilities[:3], plip.predict_proba(tiles, class_prompts(classes, TEMPLATES)), atol=1e-5
+    )
+
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "heatmap_background.png", "heatmap_dermal_collagen.png", "heatmap_squamous_epithelium.png", "tissue.png",
+    ]  # fmt: skip
+    for png in out.glob("*.png"):
+        with Image.open(png) as image:
+            assert image.width > 300 and image.height > 300
+    geojson = json.loads((out / "tiles.geojson").read_text())
+    assert len(geojson["features"]) == n
+    first = geojson["features"][0]["properties"]
+    assert first["classification"]["name"] == result.class_names[int(result.probabilities[0].argmax())]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tiles"] == n and summary["tiling"]["level0_side"] == grid.level0_side == 898
+    assert sum(c["tiles_predicted"] for c in summary["classes"].values()) == n
+
+
+def test_map_resumes_after_interruption_and_reuses_the_cache(svs, plip, classes, tmp_path):
+    out = tmp_path / "out"
+    with open_slide(svs) as slide:
+        interrupted = CountingPlip(plip, fail_after=1)
+        with pytest.raises(KeyboardInterrupt):
+            map_slide(slide, interrupted, classes, out, "tiny-random", OPTIONS, 2, TEMPLATES)
+        assert interrupted.images == 2  # one batch embedded, then the run stopped...
+        assert len(list((out / "embeddings").glob("part-*.npz"))) == 1  # ...and that batch reached disk
+
+        resumed = CountingPlip(plip)
+        first = map_slide(slide, resumed, classes, out, "tiny-random", OPTIONS, 2, TEMPLATES)
+        assert resumed.images == len(first.prepared.grid) - 2
+
+        again = CountingPlip(plip)
+        second = map_slide(slide, again, classes, out, "tiny-random", OPTIONS, 2, TEMPLATES)
+        assert again.images == 0
+        np.testing.assert_allclose(second.probabilities, first.probabilities, atol=1e-6)
+
+        with pytest.raises(ValueError, match=r"different settings \(level0_side, mpp\)"):
+            map_slide(slide, plip, classes, out, "tiny-random", TilingOptions(mpp=1.0), 2, TEMPLATES)
+
+
+def test_blank_tiling_and_class_files_give_clear_errors(svs, plip, tmp_path):
+    with open_slide(svs) as slide:
+        with pytest.raises(ValueError, match="no tile holds 100% tissue"):
+            map_slide(slide, plip, load_classes(None), tmp_path, "m", TilingOptions(mpp=8.0, min_tissue=1.0))
+        for template, problem in (
+            ("H&E of {nam}", "only {name} and {organ}"),
+            ("tissue", "must contain {name}"),
+        ):
+            with pytest.raises(ValueError, match=problem):
+                map_slide(slide, plip, load_classes(None), tmp_path, "m", OPTIONS, templates=(template,))
+    one = tmp_path / "one.txt"
+    one.write_text("tumour\n")
+    with pytest.raises(ValueError, match=r"one\.txt: zero-shot mapping needs at least two class names"):
+        load_classes(one)
+    with pytest.raises(ValueError, match="no such file and not a built-in label map"):
+        load_classes(tmp_path / "missing.yaml")
+    assert load_classes("lc25000-lung").labels() == ["lung_aca", "lung_n", "lung_scc"]
+    assert len(load_classes(None)) == 9  # nct-crc-he tissue classes by default
+
+
+def test_map_command_end_to_end(svs, plip, tmp_path, capsys):
+    plip_dir = tmp_path / "plip"
+    plip.model.save_pretrained(plip_dir)
+    plip.tokenizer.save_pretrained(plip_dir)
+    classes = tmp_path / "classes.yaml"
+    classes.write_text("EPI: {name: squamous epithelium}\nCOL: {name: collagen, synonyms: [dermis]}\n")
+    out = tmp_path / "map"
+    argv = ["slide", "map", "--slide", str(svs), "--model", str(plip_dir), "--out", str(out), "--mpp", "2.0",
+            "--classes", str(classes), "--batch-size", "16", "--template", TEMPLATES[0]]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tissue tiles of 224 px at 2.0 um/px (898 level-0 px each); 2 classes" in printed
+    assert (out / "heatmap_squamous_epithelium.png").is_file() and (out / "heatmap_collagen.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == model_fingerprint(plip_dir)
+    assert list(summary["classes"]) == ["EPI", "COL"]
+
+    assert (
+        main(["slide", "map", "--slide", str(svs), "--model", str(tmp_path / "nope"), "--out", str(out)]) == 1
+    )
+    assert "PLIP model folder" in capsys.readouterr().err
