@@ -22,8 +22,8 @@ def test_token_recall_clips_counts_to_the_prediction() -> None:
 
 
 def test_confusion_matrix_rows_are_truth_and_columns_predictions() -> None:
-    labels = ["aca", "n", "scc", "<unmapped>"]
-    matrix = confusion_matrix(["aca", "aca", "n", "scc", "scc"], ["aca", "scc", "n", "<unmapped>", "scc"], labels)
+    labels = ["aca", "n", "scc", "(unmapped)"]
+    matrix = confusion_matrix(["aca", "aca", "n", "scc", "scc"], ["aca", "scc", "n", "(unmapped)", "scc"], labels)
     expected = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]])
     np.testing.assert_array_equal(matrix, expected)
     assert matrix.sum() == 5

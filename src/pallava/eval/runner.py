@@ -21,7 +21,7 @@ from pallava.eval.choice import permute_options
 from pallava.eval.predictions import PredictionWriter
 from pallava.eval.tasks import prompt_of
 
-UNMAPPED = "<unmapped>"
+UNMAPPED = "(unmapped)"
 
 
 class Assistant(Protocol):
@@ -139,7 +139,7 @@ def run_zeroshot(
     """Ask the class-choice question about each image and map the answer to a label.
 
     The answer maps only when it equals a class name, synonym or label after normalisation;
-    anything else is recorded as `<unmapped>` (wrong, and counted). Resumable like `run_vqa`.
+    anything else is recorded as `(unmapped)` (wrong, and counted). Resumable like `run_vqa`.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
