@@ -180,3 +180,14 @@ def test_cli_clean_with_reordered_stages_and_shards(tmp_path, tiles, capsys):
     assert index["records"] == 7 and [s["records"] for s in index["shards"]] == [4, 3]
     assert cli_main(["data", "clean", "--input", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o2")]) == 1
     assert "none.jsonl: input file not found" in capsys.readouterr().err
+
+
+def test_stain_image_judge_in_pipeline_rejects_photographs(tmp_path, tiles):
+    photos = sorted((SHARED / "samples" / "non-pathology").iterdir())
+    records = [{"id": f"p{i}", "image": str(p), "caption": HUMAN.format(i)} for i, p in enumerate(photos)]
+    records += [{"id": f"t{i}", "image": str(t), "caption": HUMAN.format(10 + i)} for i, t in enumerate(tiles[:3])]
+    corpus = _write_input(tmp_path / "c.jsonl", records)
+    summary = clean(corpus, tmp_path / "out", CleanConfig(workers=1, image_judge={"type": "stain"}), progress=False)
+    assert [r["id"] for r in _rows(tmp_path / "out" / "kept.jsonl")] == ["t0", "t1", "t2"]
+    assert summary["by_stage"]["image"] == len(photos)
+    assert {r["reason"] for r in _rows(tmp_path / "out" / "rejected.jsonl")} == {"not H&E pathology (stain)"}

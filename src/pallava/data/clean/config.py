@@ -26,7 +26,8 @@ class CleanConfig:
       dropped (the paper's order is integrity, image, text, length, duplicate).
     max_pixels: images above this are rejected before decoding (paper: 16,777,216).
     min_words: captions with fewer words are rejected (paper: 20); applies to caption records only.
-    image_judge / text_judge: `{type: none|plip|openai|lexicon, ...}`; see `judges.build_judge`.
+    image_judge: `{type: none|stain|plip|openai, ...}`; text_judge: `{type: none|lexicon|openai, ...}`
+      (options per type: see `judges.build_judge`).
     duplicate_mode: `pair` (image and text both repeat), `image`, `caption` or `either`.
     max_hamming: perceptual-hash distance (of 64 bits) under which two images count as the same.
     on_judge_error: `stop` (abort; re-run resumes) or `reject` (record rejected with the error as reason).

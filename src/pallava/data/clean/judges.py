@@ -55,7 +55,7 @@ ALLOWED_PHRASES: tuple[str, ...] = (
     r"\b(mouse|rabbit|goat|rat|donkey|sheep|horse|chicken|guinea pig)\s+(anti\b|anti-|monoclonal|polyclonal|igg|igm|antibod|serum)",
     r"\banti-?\s?(mouse|rabbit|goat|rat|sheep|chicken|human)\b",
     r"\bhorseradish\b", r"\bchicken[- ]wire\b", r"\brat[- ]bite\b", r"\bcat[- ]scratch\b",
-    r"\bcanine (tooth|teeth)\b", r"\bhuman(ised|ized)? (mouse|mice)\b.*\bantibod",
+    r"\bcanine (tooth|teeth)\b",
 )
 
 
@@ -139,7 +139,7 @@ class PlipImageJudge:
 
 
 def build_judge(spec: dict[str, Any], stage: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Any:
-    """Make the judge a config entry describes (`type`: none, lexicon, plip, openai); None for `none`."""
+    """Make the judge a config entry describes (`type`: none, lexicon, stain, plip, openai); None for `none`."""
     options = {k: v for k, v in spec.items() if k != "type"}
     kind = spec.get("type")
     try:
@@ -147,6 +147,10 @@ def build_judge(spec: dict[str, Any], stage: str, max_pixels: int | None = DEFAU
             return None
         if kind == "lexicon" and stage == "text":
             return LexiconJudge(**options)
+        if kind == "stain" and stage == "image":
+            from pallava.data.clean.stain_judge import StainJudge
+
+            return StainJudge(max_pixels=max_pixels, **options)
         if kind == "plip" and stage == "image":
             if "model_dir" not in options:
                 raise ValueError("needs 'model_dir' (a trained PLIP folder)")
@@ -159,5 +163,5 @@ def build_judge(spec: dict[str, Any], stage: str, max_pixels: int | None = DEFAU
         raise ValueError(f"{stage}_judge ({kind}): bad option: {error}") from None
     except ValueError as error:
         raise ValueError(f"{stage}_judge ({kind}): {error}") from None
-    allowed = "none, plip, openai" if stage == "image" else "none, lexicon, openai"
+    allowed = "none, stain, plip, openai" if stage == "image" else "none, lexicon, openai"
     raise ValueError(f"{stage}_judge: type must be one of {allowed}, got {kind!r}")

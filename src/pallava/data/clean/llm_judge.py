@@ -175,14 +175,14 @@ class OpenAIJudge:
             else:
                 content_hash = hashlib.sha256(str(item).encode()).hexdigest()
             key = self._key(content_hash)
-            answer = self.cache.get(key) if self.cache else None
+            answer = self.cache.get(key) if self.cache is not None else None
             if answer is None:
                 if self.kind == "image":
                     content: object = [{"type": "text", "text": self.prompt}, self._image_part(Path(item))]
                 else:
                     content = self.prompt.replace("{text}", str(item))
                 answer = self._ask(content)
-                if self.cache:
+                if self.cache is not None:
                     self.cache.put(key, answer)
         except (JudgeRequestError, OSError, ValueError) as error:
             return Verdict(False, "judge error", f"{self.model}: {error}", error=True)
