@@ -88,7 +88,12 @@ def test_pyramid_level_choice_and_chunked_reads(tmp_path, monkeypatch):
         # Force the chunked path: the assembled thumbnail matches the one-shot read closely.
         whole, _ = slide.thumbnail(256)
         monkeypatch.setattr("pallava.slides.reader.MAX_READ_PIXELS", 64 * 64)
+        reads = []
+        read_region = slide._slide.read_region
+        monkeypatch.setattr(slide._slide, "read_region", lambda *a: reads.append(a) or read_region(*a))
         chunked, _ = slide.thumbnail(256)
+        # Every OpenSlide read stayed within the limit, at level 2 (the 4x shrink), and together they tile it.
+        assert reads and all(w * h <= 64 * 64 and level == 2 for _, level, (w, h) in reads)
     assert whole.size == chunked.size == (192, 256)
     difference = np.abs(np.asarray(whole, np.int16) - np.asarray(chunked, np.int16))
     assert difference.mean() < 2

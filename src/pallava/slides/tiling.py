@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
@@ -101,16 +102,29 @@ def iter_tile_batches(
     tile_size: int,
     batch_size: int = 64,
     progress: str | None = "tiles",
+    workers: int = 4,
 ) -> Iterator[tuple[list[Tile], list[Image.Image]]]:
-    """Stream (tiles, images) batches; at most `batch_size` tile images are in memory at once."""
+    """Stream (tiles, images) batches in order, reading the next batch in `workers` threads meanwhile.
+
+    At most two batches of tile images are in memory at once. OpenSlide releases the GIL while it
+    decodes, so the reads overlap with each other and with the model working on the current batch.
+    """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     bar = tqdm(total=len(tiles), desc=progress, unit="tile", disable=progress is None)
-    try:
-        for start in range(0, len(tiles), batch_size):
-            batch = list(tiles[start : start + batch_size])
-            images = [read_tile(slide, tile, tile_size) for tile in batch]
-            yield batch, images
-            bar.update(len(batch))
-    finally:
-        bar.close()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+
+        def submit(start: int) -> list[Future[Image.Image]]:
+            return [pool.submit(read_tile, slide, tile, tile_size) for tile in tiles[start : start + batch_size]]
+
+        pending = submit(0)
+        try:
+            for start in range(0, len(tiles), batch_size):
+                images = [future.result() for future in pending]
+                pending = submit(start + batch_size)
+                yield list(tiles[start : start + batch_size]), images
+                bar.update(len(images))
+        finally:
+            for future in pending:
+                future.cancel()
+            bar.close()
