@@ -173,10 +173,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     """An IterableDataset over shards that splits by distributed rank and DataLoader worker."""
 
     def __init__(self, paths: Iterable[str | Path], rank: int = 0, world_size: int = 1, seed: int | None = None,
-                 with_images: bool = False) -> None:
+                 equal: bool = False, with_images: bool = False) -> None:
         super().__init__()
         self.paths = [Path(p) for p in paths]
-        self.rank, self.world_size, self.seed, self.with_images = rank, world_size, seed, with_images
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.equal, self.with_images = equal, with_images
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -187,4 +188,4 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         yield from iter_shards(self.paths, self.rank * workers + worker, self.world_size * workers, self.seed,
-                               self.epoch, with_images=self.with_images)
+                               self.epoch, equal=self.equal, with_images=self.with_images)
