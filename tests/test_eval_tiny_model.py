@@ -68,8 +68,11 @@ def test_eval_commands_end_to_end(model_dir: Path, shared: Path, tmp_path: Path,
     assert report["n"] == 4 and len(predictions) == 4 + report.get("choice", {}).get("n", 0)
     assert all(0.0 <= report[k]["accuracy"] <= 1.0 for k in ("closed", "overall"))
     assert (out / "report.md").is_file() and (out / "accuracy_by_type.png").is_file()
-    assert main(args) == 0  # resumed: nothing left to answer, same predictions
+    # resumed with nothing left to answer: the model is never loaded (its path may be gone)
+    rerun = [*args[:3], str(tmp_path / "gone"), *args[4:], "--scorer", "paper"]
+    assert main(rerun) == 0
     assert (out / "predictions.jsonl").read_text().splitlines() == predictions
+    assert json.loads((out / "report.json").read_text())["scorer"] == "paper"
     capsys.readouterr()
 
     assert main(["eval", "score", "--predictions", str(out / "predictions.jsonl"), "--scorer", "llava-med",

@@ -45,13 +45,29 @@ def _sample(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
     return [items[i] for i in keep]
 
 
-def _load_assistant(args: argparse.Namespace) -> Any:
-    import torch
+class _LazyAssistant:
+    """Loads the model on first use, so re-running a finished evaluation (e.g. to report with
+    another scorer) reads the predictions file without loading any weights."""
 
-    from pallava.inference import PaLlava
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.assistant: Any = None
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    return PaLlava.from_pretrained(args.model, device=device)
+    def _loaded(self) -> Any:
+        if self.assistant is None:
+            import torch
+
+            from pallava.inference import PaLlava
+
+            device = self.args.device or ("cuda" if torch.cuda.is_available() else None)
+            self.assistant = PaLlava.from_pretrained(self.args.model, device=device)
+        return self.assistant
+
+    def ask_batch(self, images: Sequence[Any], questions: Sequence[str], **options: Any) -> list[str]:
+        return self._loaded().ask_batch(images, questions, **options)
+
+    def tile_grid(self, image: Any) -> tuple[int, int]:
+        return self._loaded().tile_grid(image)
 
 
 def _print_paths(paths: dict[str, Path]) -> None:
@@ -66,7 +82,7 @@ def _vqa(args: argparse.Namespace) -> int:
     out = Path(args.out)
     items = load_vqa_items(args.data, args.format, args.split, args.image_root, out / "images", args.label_map, args.seed)
     items = with_option_orders(_sample(items, args.limit, args.seed), args.option_orders, args.seed)
-    records = run_vqa(_load_assistant(args), items, out / "predictions.jsonl", args.batch_size, args.max_new_tokens,
+    records = run_vqa(_LazyAssistant(args), items, out / "predictions.jsonl", args.batch_size, args.max_new_tokens,
                       progress=not args.no_progress)
     report = vqa_report(records, args.scorer, args.n_resamples, args.seed)
     report.update(model=str(args.model), data=str(args.data), split=args.split,
@@ -90,7 +106,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     out = Path(args.out)
     images = _sample(read_manifest(args.data, args.split), args.limit, args.seed)
     label_map = resolve_label_map(args.label_map, {item.label for item in images})
-    records = run_zeroshot(_load_assistant(args), images, label_map, out / "predictions.jsonl", args.batch_size,
+    records = run_zeroshot(_LazyAssistant(args), images, label_map, out / "predictions.jsonl", args.batch_size,
                            args.max_new_tokens, progress=not args.no_progress)
     report = zeroshot_report([r["reference"] for r in records], [r["predicted_label"] for r in records],
                              label_map.labels(), args.n_resamples, args.seed)

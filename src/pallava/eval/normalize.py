@@ -8,7 +8,6 @@ All functions are pure and take/return plain strings.
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 # PA-LLaVA's evaluation scripts delete these characters after lower-casing.
 PAPER_REMOVED_CHARS = ",.'!?\"()*#:;~"
@@ -62,16 +61,6 @@ def normalize_llava_med(text: str) -> str:
     stripped = _PERIOD_NOT_BEFORE_DIGIT.sub("", stripped)
     words = [LLAVA_MED_NUMBER_WORDS.get(word, word) for word in stripped.lower().split()]
     return " ".join(word for word in words if word not in LLAVA_MED_ARTICLES).replace(",", "")
-
-
-def tokens(normalized: str) -> list[str]:
-    """Whitespace tokens of an already normalised answer."""
-    return normalized.split()
-
-
-def token_counts(normalized: str) -> Counter[str]:
-    """Bag of whitespace tokens of an already normalised answer."""
-    return Counter(normalized.split())
 
 
 def first_yes_no(normalized: str) -> str | None:

@@ -154,11 +154,3 @@ def load_vqa_items(
 def prompt_of(item: VQAItem) -> str:
     """The text the assistant is asked: a LLaVA prompt verbatim, else the shared training prompt."""
     return str(item.meta.get("prompt") or vqa_prompt(item))
-
-
-def describe(items: list[VQAItem]) -> dict[str, int]:
-    """Question counts per answer type (for logs and the report header)."""
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item.answer_type] = counts.get(item.answer_type, 0) + 1
-    return dict(sorted(counts.items()))
