@@ -1,9 +1,10 @@
-"""Converting the authors' release: synthetic checkpoints with their exact key names at tiny sizes."""
+"""Converting the authors' release: synthetic checkpoints with their exact key names, at tiny and paper sizes."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,76 +13,110 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from pallava.cli import main
-from pallava.convert import convert_official
+from pallava.convert import convert_official, plan_checkpoint, plan_plip
+from pallava.convert.official import connector_config_from, lora_settings_from
 from pallava.inference import PaLlava
-from pallava.models.presets import tiny_config
+from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
+from pallava.models.presets import paper_config, tiny_config
 from pallava.processing.tokenizer import build_tiny_tokenizer
 
-# Tiny sizes: ViT width 128 / patch 32 / 4 layers / 4 heads; connector 2 layers, FFN 256; Llama width 128.
-WIDTH, VIT_LAYERS, VIT_HEADS, PATCH, POSITIONS = 128, 4, 4, 32, 50
-CONNECTOR_LAYERS, CONNECTOR_FFN, RANK = 2, 256, 8
-LORA_SHAPES = {  # (in, out) of each LoRA-wrapped projection of the tiny Llama (4 heads, 2 kv heads of 32)
-    "self_attn.q_proj": (128, 128), "self_attn.k_proj": (128, 64), "self_attn.v_proj": (128, 64),
-    "self_attn.o_proj": (128, 128), "mlp.gate_proj": (128, 256), "mlp.up_proj": (128, 256),
-    "mlp.down_proj": (256, 128),
-}  # fmt: skip
+
+@dataclass(frozen=True)
+class Sizes:
+    """Shapes of a release: ViT, connector, LLM. `meta` builds shape-only tensors (for paper sizes)."""
+
+    width: int = 128
+    vit_layers: int = 4
+    vit_heads: int = 4
+    patch: int = 32
+    connector_layers: int = 2
+    connector_ffn: int = 256
+    llm_width: int = 128
+    llm_layers: int = 2
+    rank: int = 8
+    lora_shapes: tuple = (  # (in, out) of each LoRA-wrapped projection of the tiny Llama (2 kv heads of 32)
+        ("self_attn.q_proj", 128, 128), ("self_attn.k_proj", 128, 64), ("self_attn.v_proj", 128, 64),
+        ("self_attn.o_proj", 128, 128), ("mlp.gate_proj", 128, 256), ("mlp.up_proj", 128, 256),
+        ("mlp.down_proj", 256, 128),
+    )  # fmt: skip
+    meta: bool = False
+
+    @property
+    def positions(self) -> int:
+        return (224 // self.patch) ** 2 + 1
 
 
-def _random(generator, *shape):
-    return torch.randn(*shape, generator=generator) * 0.05
+TINY = Sizes()
+PAPER = Sizes(  # ViT-B/16 PLIP, 6-layer connector, Llama-3-8B with LoRA r=128
+    width=768, vit_layers=12, vit_heads=12, patch=16, connector_layers=6, connector_ffn=3072, llm_width=4096,
+    llm_layers=32, rank=128, meta=True,
+    lora_shapes=(("self_attn.q_proj", 4096, 4096), ("self_attn.k_proj", 4096, 1024),
+                 ("self_attn.v_proj", 4096, 1024), ("self_attn.o_proj", 4096, 4096),
+                 ("mlp.gate_proj", 4096, 14336), ("mlp.up_proj", 4096, 14336), ("mlp.down_proj", 14336, 4096)),
+)  # fmt: skip
 
 
-def _linear(state, name, fan_in, fan_out, generator):
-    state[f"{name}.weight"] = _random(generator, fan_out, fan_in)
-    state[f"{name}.bias"] = _random(generator, fan_out)
+class Filler:
+    """Random tensors from a seed, or shape-only meta tensors."""
+
+    def __init__(self, seed: int, meta: bool):
+        self.generator, self.meta = torch.Generator().manual_seed(seed), meta
+
+    def __call__(self, *shape: int, offset: float = 0.0) -> torch.Tensor:
+        if self.meta:
+            return torch.empty(*shape, device="meta")
+        return offset + torch.randn(*shape, generator=self.generator) * 0.05
+
+    def linear(self, state: dict, name: str, fan_in: int, fan_out: int) -> None:
+        state[f"{name}.weight"], state[f"{name}.bias"] = self(fan_out, fan_in), self(fan_out)
+
+    def layer_norm(self, state: dict, name: str, width: int) -> None:
+        state[f"{name}.weight"], state[f"{name}.bias"] = self(width, offset=1.0), self(width)
 
 
-def _layer_norm(state, name, width, generator):
-    state[f"{name}.weight"] = 1 + _random(generator, width)
-    state[f"{name}.bias"] = _random(generator, width)
-
-
-def their_plip_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """`plip_80w_196token.bin` at tiny size, with their key names (misspelt layernorms, position_ids)."""
-    g, s, p = torch.Generator().manual_seed(seed), {}, "vision_model."
-    s[p + "embeddings.class_embedding"] = _random(g, WIDTH)
-    s[p + "embeddings.patch_embedding.weight"] = _random(g, WIDTH, 3, PATCH, PATCH)
-    s[p + "embeddings.position_embedding.weight"] = _random(g, POSITIONS, WIDTH)
-    s[p + "embeddings.position_ids"] = torch.arange(POSITIONS)[None]
-    _layer_norm(s, p + "pre_layrnorm", WIDTH, g)
-    for i in range(VIT_LAYERS):
+def their_plip_state(sizes: Sizes = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`plip_80w_196token.bin` with their key names (misspelt layernorms, position_ids)."""
+    fill, s, p, width = Filler(seed, sizes.meta), {}, "vision_model.", sizes.width
+    s[p + "embeddings.class_embedding"] = fill(width)
+    s[p + "embeddings.patch_embedding.weight"] = fill(width, 3, sizes.patch, sizes.patch)
+    s[p + "embeddings.position_embedding.weight"] = fill(sizes.positions, width)
+    s[p + "embeddings.position_ids"] = torch.arange(sizes.positions)[None]
+    fill.layer_norm(s, p + "pre_layrnorm", width)
+    for i in range(sizes.vit_layers):
         layer = f"{p}encoder.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            _linear(s, layer + "self_attn." + name, WIDTH, WIDTH, g)
-        _layer_norm(s, layer + "layer_norm1", WIDTH, g)
-        _linear(s, layer + "mlp.fc1", WIDTH, 4 * WIDTH, g)
-        _linear(s, layer + "mlp.fc2", 4 * WIDTH, WIDTH, g)
-        _layer_norm(s, layer + "layer_norm2", WIDTH, g)
-    _layer_norm(s, p + "post_layrnorm", WIDTH, g)
+            fill.linear(s, layer + "self_attn." + name, width, width)
+        fill.layer_norm(s, layer + "layer_norm1", width)
+        fill.linear(s, layer + "mlp.fc1", width, 4 * width)
+        fill.linear(s, layer + "mlp.fc2", 4 * width, width)
+        fill.layer_norm(s, layer + "layer_norm2", width)
+    fill.layer_norm(s, p + "post_layrnorm", width)
     return s
 
 
-def their_stage_checkpoint(cross_attention: bool, seed: int = 1) -> dict[str, torch.Tensor]:
-    """A stage-2 `.pth` at tiny size: connector under `projector.model.`, LoRA under `llm.`."""
-    g, s = torch.Generator().manual_seed(seed), {}
+def their_stage_checkpoint(
+    cross_attention: bool, sizes: Sizes = TINY, seed: int = 1
+) -> dict[str, torch.Tensor]:
+    """A stage-2 `.pth`: connector under `projector.model.`, LoRA under `llm.`."""
+    fill, s, width = Filler(seed, sizes.meta), {}, sizes.width
     s["projector.model.bert.embeddings.position_ids"] = torch.arange(512)[None]
-    for i in range(CONNECTOR_LAYERS):
+    for i in range(sizes.connector_layers):
         layer = f"projector.model.bert.encoder.layer.{i}."
         for block in ("attention", "crossattention") if cross_attention else ("attention",):
             for name in ("query", "key", "value"):
-                _linear(s, f"{layer}{block}.self.{name}", WIDTH, WIDTH, g)
-            _linear(s, f"{layer}{block}.output.dense", WIDTH, WIDTH, g)
-            _layer_norm(s, f"{layer}{block}.output.LayerNorm", WIDTH, g)
-        _linear(s, layer + "intermediate_query.dense", WIDTH, CONNECTOR_FFN, g)
-        _linear(s, layer + "output_query.dense", CONNECTOR_FFN, WIDTH, g)
-        _layer_norm(s, layer + "output_query.LayerNorm", WIDTH, g)
-    _layer_norm(s, "projector.model.norm", WIDTH, g)
-    _linear(s, "projector.model.mlp.model.0", WIDTH, 128, g)
-    for i in range(2):
-        for module, (fan_in, fan_out) in LORA_SHAPES.items():
+                fill.linear(s, f"{layer}{block}.self.{name}", width, width)
+            fill.linear(s, f"{layer}{block}.output.dense", width, width)
+            fill.layer_norm(s, f"{layer}{block}.output.LayerNorm", width)
+        fill.linear(s, layer + "intermediate_query.dense", width, sizes.connector_ffn)
+        fill.linear(s, layer + "output_query.dense", sizes.connector_ffn, width)
+        fill.layer_norm(s, layer + "output_query.LayerNorm", width)
+    fill.layer_norm(s, "projector.model.norm", width)
+    fill.linear(s, "projector.model.mlp.model.0", width, sizes.llm_width)
+    for i in range(sizes.llm_layers):
+        for module, fan_in, fan_out in sizes.lora_shapes:
             name = f"llm.base_model.model.model.layers.{i}.{module}"
-            s[f"{name}.lora_A.default.weight"] = _random(g, RANK, fan_in)
-            s[f"{name}.lora_B.default.weight"] = _random(g, fan_out, RANK)
+            s[f"{name}.lora_A.default.weight"] = fill(sizes.rank, fan_in)
+            s[f"{name}.lora_B.default.weight"] = fill(fan_out, sizes.rank)
     return s
 
 
@@ -103,9 +138,9 @@ def release(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
     plip = root / "plip"
     plip.mkdir()
-    config = {"model_type": "clip_vision_model", "architectures": ["VisionModel"], "hidden_size": WIDTH,
-              "intermediate_size": 4 * WIDTH, "num_hidden_layers": VIT_LAYERS, "num_attention_heads": VIT_HEADS,
-              "image_size": 224, "patch_size": PATCH, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    config = {"model_type": "clip_vision_model", "architectures": ["VisionModel"], "hidden_size": TINY.width,
+              "intermediate_size": 4 * TINY.width, "num_hidden_layers": TINY.vit_layers,
+              "num_attention_heads": TINY.vit_heads, "image_size": 224, "patch_size": TINY.patch, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
               "projection_dim": 512, "intermediate_transformer_output": [4, 6, 8]}  # fmt: skip
     (plip / "config.json").write_text(json.dumps(config))
     torch.save(their_plip_state(), plip / "plip_80w_196token.bin")
@@ -147,8 +182,8 @@ def test_every_source_tensor_lands_bit_identical_at_its_place(release, converted
     assert ours == {expected_target(key) for key in copied}
     config = assistant.model.config
     assert config.connector_config.tile_cross_attention is cross_attention
-    assert config.lora["r"] == RANK and config.lora["alpha"] == 2 * RANK
-    assert sorted(config.lora["target_modules"]) == sorted(m.split(".")[1] for m in LORA_SHAPES)
+    assert config.lora["r"] == TINY.rank and config.lora["alpha"] == 2 * TINY.rank
+    assert sorted(config.lora["target_modules"]) == sorted(m.split(".")[1] for m, _, _ in TINY.lora_shapes)
     report = json.loads((release / f"out-cross{int(cross_attention)}" / "conversion.json").read_text())
     assert sorted(report["ignored"]) == ["checkpoint:projector.model.bert.embeddings.position_ids",
                                          "plip:vision_model.embeddings.position_ids"]  # fmt: skip
@@ -174,7 +209,7 @@ def reference_vision_features(state: dict[str, torch.Tensor], pixels: torch.Tens
         return F.linear(x, state[name + ".weight"], state[name + ".bias"])
 
     patches = (
-        F.conv2d(pixels, state[p + "embeddings.patch_embedding.weight"], stride=PATCH)
+        F.conv2d(pixels, state[p + "embeddings.patch_embedding.weight"], stride=TINY.patch)
         .flatten(2)
         .transpose(1, 2)
     )
@@ -183,12 +218,12 @@ def reference_vision_features(state: dict[str, torch.Tensor], pixels: torch.Tens
         torch.cat([cls, patches], 1) + state[p + "embeddings.position_embedding.weight"], p + "pre_layrnorm"
     )
     batch, length, width = x.shape
-    for i in range(VIT_LAYERS - 1):  # hidden state -2 = the output of layer L-1
+    for i in range(TINY.vit_layers - 1):  # hidden state -2 = the output of layer L-1
         layer = f"{p}encoder.layers.{i}."
         h = norm(x, layer + "layer_norm1")
-        q, k, v = (linear(h, layer + f"self_attn.{n}").view(batch, length, VIT_HEADS, -1).transpose(1, 2)
+        q, k, v = (linear(h, layer + f"self_attn.{n}").view(batch, length, TINY.vit_heads, -1).transpose(1, 2)
                    for n in ("q_proj", "k_proj", "v_proj"))  # fmt: skip
-        weights = (q @ k.transpose(-1, -2) / (width // VIT_HEADS) ** 0.5).softmax(-1)
+        weights = (q @ k.transpose(-1, -2) / (width // TINY.vit_heads) ** 0.5).softmax(-1)
         x = x + linear(
             (weights @ v).transpose(1, 2).reshape(batch, length, width), layer + "self_attn.out_proj"
         )
@@ -204,14 +239,16 @@ def test_vision_features_equal_a_vit_computed_from_the_source_tensors(converted,
         features = assistant.model.encode_crops(batch["pixel_values"], batch["tile_mask"])  # (1, 1+T, P, D)
         real = torch.cat([torch.ones(1, 1, dtype=torch.bool), batch["tile_mask"]], 1)[0]
         reference = reference_vision_features(their_plip_state(), batch["pixel_values"][0, real])
-    assert features.shape[-2:] == (49, WIDTH) and int(real.sum()) >= 5  # global view + the paper's 4-8 tiles
+    assert (
+        features.shape[-2:] == (49, TINY.width) and int(real.sum()) >= 5
+    )  # global view + the paper's 4-8 tiles
     torch.testing.assert_close(features[0, real], reference, atol=1e-4, rtol=1e-4)
 
 
 def test_unmapped_and_unfilled_tensors_fail_loudly_naming_them(release, tmp_path, capsys):
     state = their_stage_checkpoint(False)
     state["projector.model.bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(
-        CONNECTOR_FFN, WIDTH
+        TINY.connector_ffn, TINY.width
     )
     del state["projector.model.bert.encoder.layer.1.output_query.LayerNorm.bias"]
     broken = tmp_path / "broken.pth"
@@ -231,7 +268,9 @@ def test_unmapped_and_unfilled_tensors_fail_loudly_naming_them(release, tmp_path
 
 def test_shape_mismatch_and_wrong_inputs_are_errors(release, tmp_path):
     state = their_stage_checkpoint(False)
-    state["llm.base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight"] = torch.zeros(255, RANK)
+    state["llm.base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight"] = torch.zeros(
+        255, TINY.rank
+    )
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
     with pytest.raises(ValueError, match=r"up_proj\.lora_B\.default\.weight \(255, 8\) -> .* \(256, 8\)"):
@@ -245,3 +284,31 @@ def test_shape_mismatch_and_wrong_inputs_are_errors(release, tmp_path):
         convert_official(release / "llm", bad, release / "llm", tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match=r"not a multiple of 12 heads \(--connector-heads\)"):
         convert_official(release / "plip", bad, release / "llm", tmp_path / "d", progress=False)
+
+
+def test_paper_sized_release_fills_the_paper_model_exactly():
+    """Their full layout at paper shapes (meta tensors): sizes are read off the tensors, and the mapped
+    tensors cover the paper model's vision tower, connector and LoRA exactly, shape for shape."""
+    plip, stage = their_plip_state(PAPER), their_stage_checkpoint(False, PAPER)
+    connector = connector_config_from(stage, "stage2.pth", num_attention_heads=12)
+    assert (connector.hidden_size, connector.num_hidden_layers, connector.intermediate_size) == (768, 6, 3072)
+    assert (connector.output_size, connector.tile_cross_attention) == (4096, False)
+    plans = plan_plip(plip), plan_checkpoint(stage)
+    lora = lora_settings_from(plans[1], stage, alpha=None)
+    assert (lora["r"], lora["alpha"], len(lora["target_modules"])) == (128, 256, 7)
+    config = paper_config(connector_config=connector, lora=lora)
+    with torch.device("meta"):
+        targets = PaLlavaForConditionalGeneration(config).state_dict()
+    ours = {
+        k: v.shape
+        for k, v in targets.items()
+        if k.startswith(("vision_tower.", "connector.")) or ".lora_" in k
+    }
+    sources = plip | stage
+    mapped = {target: sources[key].shape for plan in plans for key, target in plan.mapping.items()}
+    assert [plan.unmapped for plan in plans] == [[], []]
+    assert mapped == ours
+    counts = [
+        sum(t.startswith(part) for t in mapped) for part in ("vision_tower.", "connector.", "language_model.")
+    ]
+    assert counts == [199, 100, 448]
