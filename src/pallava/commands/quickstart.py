@@ -1,0 +1,40 @@
+"""`pallava quickstart`: the whole pipeline end to end on real labelled tiles (what `make demo` runs)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> int:
+    from pallava.quickstart import DEFAULT_DATA, DEFAULT_SAMPLES, Quickstart, QuickstartSettings
+
+    settings = QuickstartSettings(
+        data=Path(args.data) if args.data else DEFAULT_DATA,
+        out=Path(args.out),
+        samples=Path(args.samples) if args.samples else DEFAULT_SAMPLES,
+        labels=args.labels,
+        smoke=args.smoke,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    Quickstart(settings).run()
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quickstart",
+        help="end to end on real tiles: corpus, PLIP, assistant (2 stages), evaluation, an answer",
+        description="Build a corpus from a labelled manifest, pre-train PLIP, train the assistant in two stages, "
+        "evaluate on the dev split and answer an example question. Completed steps are skipped on re-runs.",
+    )
+    parser.add_argument("--data", help="folder with manifest.csv (path,label,cluster,split) or the CSV itself "
+                        "(default: ../shared/data/lc25000-lung beside the project)")  # fmt: skip
+    parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    parser.add_argument("--samples", help="folder with non-pathology/ images mixed into the corpus for the cleaning demo")
+    parser.add_argument("--labels", default="lc25000-lung", help="built-in label map name or JSON/YAML label file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a few images and steps per stage (tests, first look)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=run)

@@ -1,0 +1,279 @@
+"""The main job in one command: corpus -> PLIP -> assistant (2 stages) -> evaluation -> an answer.
+
+Every step runs the project's own sub-commands (`pallava data ...`, `pallava plip ...`, `pallava train ...`,
+`pallava eval ...`), so the quickstart exercises exactly what users run by hand. A step is skipped when its
+completion marker (`OUT/.quickstart/<step>.json`, written after its outputs) and its outputs exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pallava.cli import main as pallava_main
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = PACKAGE_ROOT.parent / "shared" / "data" / "lc25000-lung"
+DEFAULT_SAMPLES = PACKAGE_ROOT.parent / "shared" / "data" / "samples"
+CONFIGS = PACKAGE_ROOT / "configs"
+
+# Captions that describe animal tissue: the text judge must reject them (paper: non-human pathology removed).
+NON_HUMAN_CAPTIONS = (
+    "Haematoxylin and eosin section of mouse lung from a transgenic model, showing alveolar walls thickened by "
+    "inflammatory cells and a small adenoma at the periphery of the lobe.",
+    "Histology of rat lung after experimental exposure: the bronchioles are lined by hyperplastic epithelium and "
+    "the surrounding alveoli contain foamy macrophages and scattered neutrophils.",
+    "Canine pulmonary carcinoma from a veterinary biopsy, with atypical glandular structures invading the "
+    "interstitium of the dog's lung and a desmoplastic stromal reaction around them.",
+)
+PHOTO_CAPTION = (
+    "A photograph that a careless scraper collected together with pathology figures; it shows {what} and "
+    "contains no stained tissue section, no microscope field and no histology at all."
+)
+
+
+@dataclass
+class QuickstartSettings:
+    """What to run. `smoke` shrinks every step (a handful of images, a few steps) on the same code path."""
+
+    data: Path = DEFAULT_DATA
+    out: Path = Path("runs/quickstart")
+    samples: Path = DEFAULT_SAMPLES
+    labels: str = "lc25000-lung"
+    smoke: bool = False
+    seed: int = 0
+    progress: bool = True
+    plip_args: list[str] = field(default_factory=list)
+    train_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: float
+    metrics: dict
+    skipped: bool
+
+
+class Quickstart:
+    def __init__(self, settings: QuickstartSettings):
+        self.s = settings
+        self.out = settings.out.resolve()
+        self.markers = self.out / ".quickstart"
+        self.results: list[StepResult] = []
+
+    # --- plumbing ----------------------------------------------------------------------------------
+    def run_command(self, *argv: str) -> None:
+        args = [str(a) for a in argv]
+        if not self.s.progress and args[0] in ("data", "train", "eval") and "--no-progress" not in args:
+            args.append("--no-progress")
+        print(f"\n$ pallava {shlex.join(args)}", flush=True)
+        code = pallava_main(args)
+        if code:
+            raise RuntimeError(f"`pallava {shlex.join(args)}` failed with exit code {code}")
+
+    def step(self, name: str, outputs: list[Path], body: Callable[[], dict]) -> dict:
+        marker = self.markers / f"{name}.json"
+        if marker.is_file() and all(p.exists() for p in outputs):
+            recorded = json.loads(marker.read_text())
+            print(f"\n== {name}: already complete, skipped ({marker})")
+            self.results.append(StepResult(name, recorded["seconds"], recorded["metrics"], skipped=True))
+            return recorded["metrics"]
+        print(f"\n== {name}", flush=True)
+        start = time.perf_counter()
+        metrics = body()
+        seconds = time.perf_counter() - start
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise RuntimeError(f"step {name} finished without its outputs: {missing}")
+        self.markers.mkdir(parents=True, exist_ok=True)
+        temporary = marker.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"seconds": seconds, "metrics": metrics}, indent=2))
+        temporary.replace(marker)
+        self.results.append(StepResult(name, seconds, metrics, skipped=False))
+        return metrics
+
+    # --- data --------------------------------------------------------------------------------------
+    def manifest(self) -> Path:
+        """The labelled manifest to use: the real one, or (smoke) a few images per class and split."""
+        source = self.s.data / "manifest.csv" if self.s.data.is_dir() else self.s.data
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"no manifest at {source}: pass --data DIR holding manifest.csv (path,label,cluster,split); "
+                "see README, 'Your own data'"
+            )
+        if not self.s.smoke:
+            return source
+        subset = self.out / "data" / "manifest-smoke.csv"
+        if subset.is_file():
+            return subset
+        with source.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        keep, counts = [], {}
+        for row in rows:
+            key = (row["label"], row.get("split", ""))
+            limit = 4 if row.get("split") == "train" else 2
+            if counts.get(key, 0) < limit:
+                counts[key] = counts.get(key, 0) + 1
+                keep.append({**row, "path": str((source.parent / row["path"]).resolve())})
+        subset.parent.mkdir(parents=True, exist_ok=True)
+        with subset.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(keep[0]))
+            writer.writeheader()
+            writer.writerows(keep)
+        return subset
+
+    def build_corpus(self, manifest: Path) -> dict:
+        corpus = self.out / "corpus"
+        corpus.mkdir(parents=True, exist_ok=True)
+        captions = corpus / "captions.jsonl"
+        self.run_command("data", "build", "--kind", "captions", "--input", manifest, "--split", "train",
+                         "--labels", self.s.labels, "--seed", self.s.seed, "--out", captions)  # fmt: skip
+        records = [json.loads(line) for line in captions.read_text().splitlines() if line.strip()]
+        records += self.contaminants(records, corpus)
+        raw = corpus / "raw.jsonl"
+        raw.write_text("".join(json.dumps(r) + "\n" for r in records))
+        config = corpus / "clean.yaml"
+        config.write_text(
+            "# quickstart cleaning: the paper's stages; H&E stain judge for images, lexicon judge for text\n"
+            "image_judge: {type: stain}\ntext_judge: {type: lexicon}\nmin_words: 20\n"
+        )
+        self.run_command("data", "clean", "--input", raw, "--out", corpus / "clean", "--config", config)
+        kept = sum(1 for line in (corpus / "clean" / "kept.jsonl").read_text().splitlines() if line.strip())
+        rejected = sum(1 for line in (corpus / "clean" / "rejected.jsonl").read_text().splitlines() if line.strip())
+        return {"input": len(records), "kept": kept, "rejected": rejected}
+
+    def contaminants(self, records: list[dict], corpus: Path) -> list[dict]:
+        """Records the cleaning must reject: photographs, non-human captions and a corrupt file."""
+        extra = []
+        photos = self.s.samples / "non-pathology"
+        for path in sorted(photos.glob("*")) if photos.is_dir() else []:
+            what = path.stem.replace("_", " ")
+            extra.append({"id": f"photo-{path.stem}", "image": str(path.resolve()),
+                          "caption": PHOTO_CAPTION.format(what=f"a {what}"), "source": "contaminant"})  # fmt: skip
+        rng = random.Random(self.s.seed)
+        for index, caption in enumerate(NON_HUMAN_CAPTIONS):
+            host = rng.choice(records)
+            extra.append({"id": f"non-human-{index}", "image": host["image"], "caption": caption, "source": "contaminant"})
+        corrupt = corpus / "corrupt.jpg"
+        corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated download")
+        extra.append({"id": "corrupt-file", "image": str(corrupt), "caption": PHOTO_CAPTION.format(what="nothing"),
+                      "source": "contaminant"})  # fmt: skip
+        return extra
+
+    # --- models ------------------------------------------------------------------------------------
+    def train_plip(self) -> dict:
+        plip = self.out / "plip"
+        args = ["plip", "train", "--data", self.out / "corpus" / "clean" / "kept.jsonl", "--preset", "tiny",
+                "--label-map", self.s.labels, "--seed", self.s.seed, "--out", plip]  # fmt: skip
+        if self.s.smoke:
+            args += ["--max-steps", "2", "--batch-size", "4"]
+        self.run_command(*args, *self.s.plip_args)
+        self.run_command("plip", "export-vision", "--model", plip, "--out", self.out / "plip-vision")
+        return {}
+
+    def train_assistant(self, manifest: Path) -> dict:
+        data = self.out / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        self.run_command("data", "build", "--kind", "stage1", "--input", self.out / "corpus" / "clean" / "kept.jsonl",
+                         "--seed", self.s.seed, "--out", data / "stage1.jsonl")  # fmt: skip
+        self.run_command("data", "build", "--kind", "vqa", "--input", manifest, "--split", "train",
+                         "--labels", self.s.labels, "--seed", self.s.seed, "--out", data / "vqa-train.jsonl")  # fmt: skip
+        self.run_command("data", "build", "--kind", "stage2", "--input", data / "vqa-train.jsonl",
+                         "--out", data / "stage2.jsonl")  # fmt: skip
+        smoke = ["train.max_steps=2"] if self.s.smoke else []
+        recipe = CONFIGS / "assistant-tiny.yaml"
+        vision = f"model.vision_path={self.out / 'plip-vision'}"
+        self.run_command("train", "--stage", "align", "--config", recipe, "--data", data / "stage1.jsonl",
+                         "--out", self.out / "assistant-align", vision, *smoke, *self.s.train_overrides)  # fmt: skip
+        self.run_command("train", "--stage", "instruct", "--config", recipe, "--data", data / "stage2.jsonl",
+                         "--init", self.out / "assistant-align", "--out", self.out / "assistant",
+                         *smoke, *self.s.train_overrides)  # fmt: skip
+        return {}
+
+    # --- evaluation --------------------------------------------------------------------------------
+    def evaluate(self, manifest: Path) -> dict:
+        reports = self.out / "reports"
+        self.run_command("plip", "zeroshot", "--model", self.out / "plip", "--data", manifest, "--split", "dev",
+                         "--label-map", self.s.labels, "--out", reports / "plip-zeroshot")  # fmt: skip
+        self.run_command("eval", "vqa", "--model", self.out / "assistant", "--data", manifest, "--format", "manifest",
+                         "--split", "dev", "--label-map", self.s.labels, "--seed", self.s.seed,
+                         "--out", reports / "vqa")  # fmt: skip
+        plip = json.loads((reports / "plip-zeroshot" / "report.json").read_text())
+        vqa = json.loads((reports / "vqa" / "report.json").read_text())
+        return {
+            "plip_zeroshot_accuracy": plip["accuracy"],
+            "plip_zeroshot_macro_f1": plip["macro_f1"],
+            "vqa_closed_accuracy": _dig(vqa, "closed", "accuracy"),
+            "vqa_open_accuracy": _dig(vqa, "open", "accuracy"),
+            "vqa_choice_accuracy": _dig(vqa, "choice", "accuracy"),
+        }
+
+    def example_answer(self, manifest: Path) -> dict:
+        from pallava.data.importers.manifest import read_manifest
+        from pallava.inference import PaLlava
+
+        item = read_manifest(manifest, split="dev")[0]
+        assistant = PaLlava.from_pretrained(self.out / "assistant")
+        question = "What is the diagnosis?"
+        answer = assistant.ask(item.path, question, max_new_tokens=16)
+        print(f"\nimage:    {item.path}  (label {item.label})\nquestion: {question}\nanswer:   {answer}")
+        return {"image": str(item.path), "label": item.label, "question": question, "answer": answer}
+
+    # --- the whole run -----------------------------------------------------------------------------
+    def run(self) -> list[StepResult]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        manifest = self.manifest()
+        clean = self.out / "corpus" / "clean"
+        self.step("1-corpus", [clean / "kept.jsonl", clean / "report.md"], lambda: self.build_corpus(manifest))
+        self.step("2-plip", [self.out / "plip" / "config.json", self.out / "plip-vision" / "config.json"], self.train_plip)
+        self.step("3-assistant", [self.out / "assistant" / "config.json"], lambda: self.train_assistant(manifest))
+        reports = self.out / "reports"
+        self.step("4-evaluation", [reports / "vqa" / "report.json", reports / "plip-zeroshot" / "report.json"],
+                  lambda: self.evaluate(manifest))  # fmt: skip
+        self.step("5-example", [self.out / "assistant"], lambda: self.example_answer(manifest))
+        self.write_summary()
+        return self.results
+
+    def write_summary(self) -> None:
+        lines = ["| step | time (s) | results |", "|---|---|---|"]
+        for r in self.results:
+            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in r.metrics.items() if k not in ("image", "question"))
+            lines.append(f"| {r.name} | {r.seconds:.0f}{' (earlier run)' if r.skipped else ''} | {shown} |")
+        total = sum(r.seconds for r in self.results)
+        lines.append(f"| total | {total:.0f} | |")
+        table = "\n".join(lines)
+        model, plip = self.out / "assistant", self.out / "plip"
+        where = (
+            f"- assistant: `{model}`\n- PLIP: `{plip}`\n- reports: `{self.out / 'reports'}`\n"
+            f"- cleaning report: `{self.out / 'corpus' / 'clean' / 'report.md'}`"
+        )
+        commands = (
+            f"pallava chat  --model {model} IMAGE 'What is the diagnosis?'\n"
+            f"pallava serve --model {model} --port 8000\n"
+            f"pallava ui    --model {model}\n"
+            f"pallava slide map --slide SLIDE.svs --model {plip} --out slide-map/"
+        )
+        (self.out / "reports").mkdir(parents=True, exist_ok=True)
+        (self.out / "reports" / "summary.md").write_text(f"# Quickstart summary\n\n{table}\n\n{where}\n\n```\n{commands}\n```\n")
+        (self.out / "reports" / "summary.json").write_text(
+            json.dumps([r.__dict__ for r in self.results], indent=2, default=str)
+        )
+        print(f"\n{table}\n\n{where}\n\nNext:\n{commands}")
+
+
+def _dig(report: dict, kind: str, metric: str):
+    """A metric from the VQA report: `report[kind][metric]`, or None when the kind was not asked."""
+    section = report.get(kind) or report.get("by_type", {}).get(kind) or {}
+    value = section.get(metric)
+    return value.get("value", value) if isinstance(value, dict) else value
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
