@@ -94,21 +94,23 @@ def plan_plip(keys: Iterable[str]) -> KeyPlan:
     return plan
 
 
+def _fold(head: str, tail: str, indices: set[int]) -> str:
+    if not indices:
+        return head
+    middle = str(min(indices)) if len(indices) == 1 else "{" + ",".join(map(str, sorted(indices))) + "}"
+    return f"{head}.{middle}.{tail}"
+
+
 def summarize_keys(keys: Iterable[str], limit: int = 40) -> str:
     """Key names folded over layer indices (`layers.{0,1,5}.mlp.fc1.weight`), one per line, for error messages."""
-    groups: dict[str, list[str]] = defaultdict(list)
+    groups: dict[tuple[str, str], set[int]] = defaultdict(set)
     for key in keys:
         match = re.search(r"\.(\d+)\.", key)
         if match:
-            groups[f"{key[: match.start()]}.{{}}.{key[match.end() :]}"].append(match.group(1))
+            groups[key[: match.start()], key[match.end() :]].add(int(match.group(1)))
         else:
-            groups[key] = []
-    lines = []
-    for pattern, indices in sorted(groups.items()):
-        numbers = sorted(set(indices), key=int)
-        lines.append(pattern.format("{" + ",".join(numbers) + "}") if len(numbers) > 1 else
-                     pattern.format(numbers[0]) if numbers else pattern)  # fmt: skip
-    shown = lines[:limit]
+            groups[key, ""] = set()
+    lines = [_fold(head, tail, indices) for (head, tail), indices in sorted(groups.items())]
     if len(lines) > limit:
-        shown.append(f"... and {len(lines) - limit} more")
-    return "\n  ".join([""] + shown)
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return "\n  ".join(["", *lines])
