@@ -74,6 +74,16 @@ def test_global_view_is_letterboxed_not_stretched():
     torch.testing.assert_close(top_row, black)  # padding band above the image
 
 
+def test_stretched_global_view_is_available_for_reference_weights():
+    processor = PaLlavaImageProcessor(tile_size=64, global_view="stretch")
+    wide = Image.new("RGB", (256, 64), (255, 255, 255))
+    global_view = processor.tile(wide).pixel_values[0]
+    white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(global_view[:, 0, 32], white)  # no padding band: the image fills the square
+    with pytest.raises(ValueError, match="global_view"):
+        PaLlavaImageProcessor(global_view="squash")
+
+
 def test_normalisation_matches_clip_constants():
     white = normalize_to_tensor(Image.new("RGB", (8, 8), (255, 255, 255)), 8)
     expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)

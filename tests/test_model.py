@@ -58,6 +58,18 @@ def test_tiles_matter_only_with_tile_cross_attention(tiny):
         assert (not torch.allclose(before, after, atol=1e-5)) == should_change
 
 
+def test_query_layer_norm_switch_changes_the_connector_output(tiny):
+    model, _ = tiny
+    config = tiny_connector(query_layer_norm=True)
+    normed = type(model.connector)(config)
+    normed.load_state_dict(model.connector.state_dict())
+    tokens = torch.randn(1, 49, 128) * 3 + 1
+    tiles = torch.randn(1, 1, 49, 128)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    with torch.no_grad():
+        assert not torch.allclose(normed(tokens, tiles, mask), model.connector(tokens, tiles, mask))
+
+
 def test_padding_invariance_of_logits_and_generation(tiny, lung_tiles):
     model, processor = tiny
     small = Image.open(lung_tiles[0])

@@ -21,6 +21,8 @@ class ScaleInvariantConnectorConfig(PretrainedConfig):
         tile_cross_attention: build and use cross-attention to the tile tokens. False reproduces the
             authors' released weights, whose connector has no cross-attention and ignores the tiles.
         output_size: width of the final projection (the language model's hidden size).
+        query_layer_norm: normalise the global tokens (LayerNorm without weights) before the first layer,
+            as the authors' released connector does; the final residual still adds the raw tokens.
     """
 
     model_type = "pa_llava_connector"
@@ -36,6 +38,7 @@ class ScaleInvariantConnectorConfig(PretrainedConfig):
         dropout: float = 0.0,
         tile_cross_attention: bool = True,
         output_size: int = 4096,
+        query_layer_norm: bool = False,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -47,6 +50,7 @@ class ScaleInvariantConnectorConfig(PretrainedConfig):
         self.dropout = dropout
         self.tile_cross_attention = tile_cross_attention
         self.output_size = output_size
+        self.query_layer_norm = query_layer_norm
         super().__init__(**kwargs)
 
 

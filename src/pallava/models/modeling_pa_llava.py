@@ -104,8 +104,10 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
     # --- images ------------------------------------------------------------------------------------
     def encode_crops(self, pixel_values: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
         """Vision features of every crop: (N, 1+T, 3, S, S) -> (N, 1+T, P, D), zeros for padded tiles.
-        Padded tiles never go through the vision tower."""
+        Padded tiles never go through the vision tower (nor any tile when the connector ignores tiles)."""
         num_images, num_crops = pixel_values.shape[:2]
+        if not self.config.connector_config.tile_cross_attention:
+            tile_mask = torch.zeros_like(tile_mask)  # the connector ignores tiles: do not encode them
         crop_mask = torch.cat([tile_mask.new_ones(num_images, 1), tile_mask], dim=1)  # (N, 1+T)
         real = pixel_values[crop_mask].to(self.vision_tower.dtype)  # (K, 3, S, S)
         hidden = self.vision_tower(real, output_hidden_states=True).hidden_states[

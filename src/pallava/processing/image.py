@@ -6,7 +6,8 @@ An image becomes a stack of square crops `[global, tile_1, ..., tile_n]`:
   black (centred), then cut row-major;
 * the global view: the whole image resized (aspect kept) into one `tile_size` square and padded black
   the same way. The reference code stretches the global view while padding the tiles; letterboxing both
-  keeps one geometry for every crop (a circle stays a circle in all of them).
+  keeps one geometry for every crop (a circle stays a circle in all of them). `global_view="stretch"`
+  reproduces the reference behaviour, for weights trained that way.
 """
 
 from __future__ import annotations
@@ -169,12 +170,14 @@ class TiledImage:
 
 @dataclass
 class PaLlavaImageProcessor:
-    """Anyres tiling + CLIP normalisation. `grid_policy` is `default` (1..max_tiles tiles) or `paper`."""
+    """Anyres tiling + CLIP normalisation. `grid_policy` is `default` (1..max_tiles tiles) or `paper`;
+    `global_view` is `letterbox` (aspect kept, black bands) or `stretch` (the reference code's)."""
 
     tile_size: int = 224
     grid_policy: str = "default"
     max_tiles: int = 8
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    global_view: str = "letterbox"
     grids: tuple[tuple[int, int], ...] = field(init=False)
 
     CONFIG_NAME = "preprocessor_config.json"
@@ -184,6 +187,8 @@ class PaLlavaImageProcessor:
             raise ValueError(f"tile_size must be at least 8 pixels, got {self.tile_size}")
         if self.max_tiles < 1:
             raise ValueError(f"max_tiles must be at least 1, got {self.max_tiles}")
+        if self.global_view not in ("letterbox", "stretch"):
+            raise ValueError(f"global_view must be 'letterbox' or 'stretch', got {self.global_view!r}")
         self.grids = grid_candidates(self.grid_policy, self.max_tiles)
         if not self.grids:
             raise ValueError(
@@ -204,7 +209,11 @@ class PaLlavaImageProcessor:
         cols, rows = self.select_grid(image.size)
         canvas = np.asarray(letterbox(image, cols * size, rows * size))  # (rows*S, cols*S, 3)
         tiles = canvas.reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3)
-        crops = np.concatenate([np.asarray(letterbox(image, size, size))[None], tiles])
+        if self.global_view == "stretch":
+            global_view = image.resize((size, size), Image.BICUBIC)
+        else:
+            global_view = letterbox(image, size, size)
+        crops = np.concatenate([np.asarray(global_view)[None], tiles])
         pixel_values = torch.from_numpy(np.ascontiguousarray(normalize(crops)))
         return TiledImage(pixel_values=pixel_values, grid=(cols, rows), original_size=image.size)
 
@@ -242,5 +251,5 @@ class PaLlavaImageProcessor:
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}")
         data = json.loads(path.read_text())
-        known = {k: data[k] for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels") if k in data}
+        known = {k: data[k] for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels", "global_view") if k in data}
         return cls(**known)
