@@ -233,7 +233,7 @@ def reference_vision_features(state: dict[str, torch.Tensor], pixels: torch.Tens
 
 
 def test_vision_features_equal_a_vit_computed_from_the_source_tensors(converted, lung_tiles):
-    assistant = converted[False]
+    assistant = converted[True]  # with cross-attention every tile goes through the tower
     batch = assistant.processor.image_processor([lung_tiles[0]])
     with torch.no_grad():
         features = assistant.model.encode_crops(batch["pixel_values"], batch["tile_mask"])  # (1, 1+T, P, D)
@@ -312,3 +312,9 @@ def test_paper_sized_release_fills_the_paper_model_exactly():
         sum(t.startswith(part) for t in mapped) for part in ("vision_tower.", "connector.", "language_model.")
     ]
     assert counts == [199, 100, 448]
+
+
+def test_converted_folder_reproduces_their_preprocessing_and_connector_input(converted):
+    for assistant in converted.values():
+        assert assistant.model.config.connector_config.query_layer_norm is True
+        assert assistant.processor.image_processor.global_view == "stretch"

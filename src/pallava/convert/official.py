@@ -134,6 +134,7 @@ def connector_config_from(
         tile_cross_attention=any(".crossattention." in key for key in state if CONNECTOR_LAYER.match(key)),
         output_size=shape("projector.model.mlp.model.0.weight")[0],
         dropout=0.0,
+        query_layer_norm=True,  # their BERT embedding LayerNorm, affine parameters removed, still applied
         **BERT_BASE,
     )
 
@@ -279,7 +280,9 @@ def convert_official(
         _copy_exactly(model, tensors)
         bar.update()
         bar.set_postfix_str("saving")
-        PaLlava(model, make_processor(config, tokenizer)).save_pretrained(out)
+        processor = make_processor(config, tokenizer)
+        processor.image_processor.global_view = "stretch"  # their weights saw stretched global views
+        PaLlava(model, processor).save_pretrained(out)
         report = ConversionReport(
             out_dir=str(out), plip_weights=str(plip_file), checkpoint=str(checkpoint), llm=str(llm_dir),
             dtype=str(dtype).removeprefix("torch."), tile_cross_attention=config.connector_config.tile_cross_attention,
