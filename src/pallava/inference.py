@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.processing.image import ImageSource, load_image
 from pallava.processing.processor import PaLlavaProcessor, Turn
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer with its token counts and why generation stopped.
+
+    `finish_reason` is `stop` (end of turn), `length` (`max_new_tokens` reached) or `time` (`max_time` ran out).
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
 
 
 class PaLlava:
@@ -59,7 +74,9 @@ class PaLlava:
         batch = self.processor(conversations, images, add_generation_prompt=True, padding_side="left")
         return {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
 
-    def _generation_options(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    def _generation_options(
+        self, max_new_tokens: int, temperature: float, top_p: float, max_time: float | None = None
+    ) -> dict:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if temperature < 0:
@@ -73,6 +90,8 @@ class PaLlava:
             options.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             options.update(do_sample=False)
+        if max_time is not None:
+            options["max_time"] = max_time
         return options
 
     # --- answers ------------------------------------------------------------------------------------
@@ -86,10 +105,40 @@ class PaLlava:
         top_p: float = 1.0,
     ) -> list[str]:
         """Answer a batch of conversations (each ending with a user turn)."""
+        completions = self.complete(conversations, images, max_new_tokens, temperature, top_p)
+        return [completion.text for completion in completions]
+
+    @torch.inference_mode()
+    def complete(
+        self,
+        conversations: Sequence[Sequence[Turn]],
+        images: Sequence[Sequence[ImageSource]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_time: float | None = None,
+        streamer: BaseStreamer | None = None,
+    ) -> list[Completion]:
+        """Like `generate`, with token counts and finish reasons; stops after `max_time` seconds if given.
+
+        A `streamer` (batch of one only) receives the new tokens as they are generated.
+        """
         inputs = self._inputs(conversations, images)
-        output = self.model.generate(**inputs, **self._generation_options(max_new_tokens, temperature, top_p))
+        options = self._generation_options(max_new_tokens, temperature, top_p, max_time)
+        output = self.model.generate(**inputs, **options, streamer=streamer)
         prompt_length = inputs["input_ids"].shape[1]
-        return [self.processor.decode(row[prompt_length:]) for row in output]
+        stops = set(self.processor.stop_token_ids)
+        completions = []
+        for row, mask in zip(output.tolist(), inputs["attention_mask"], strict=True):
+            new = row[prompt_length:]
+            end = next((i + 1 for i, token in enumerate(new) if token in stops), None)
+            if end is not None:
+                used, reason = end, "stop"
+            else:
+                used, reason = len(new), "length" if len(new) >= max_new_tokens else "time"
+            text = self.processor.decode(new)
+            completions.append(Completion(text, int(mask.sum()), used, reason))
+        return completions
 
     def ask(self, image: ImageSource | None, question: str, **options) -> str:
         return self.ask_batch([image], [question], **options)[0]

@@ -1,0 +1,163 @@
+"""`pallava chat | predict | serve | ui`: the doors to a trained assistant."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_EXAMPLES = Path("../shared/data/samples")  # relative to where the command runs (the repo root)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from pallava.inference import PaLlava
+
+    return PaLlava.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def _options(args: argparse.Namespace) -> dict:
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not 0 <= args.temperature <= 2:
+        raise ValueError(f"--temperature must be in [0, 2], got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    return {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from pallava.processing.image import load_image
+    from pallava.serve.chat import interactive_chat
+
+    options = _options(args)
+    assistant = _load(args)
+    image = load_image(args.image, assistant.processor.image_processor.max_pixels)
+    if args.question:
+        print(assistant.ask(image, " ".join(args.question), **options))
+        return 0
+    return interactive_chat(assistant, image, **options)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pallava.serve.predict import predict_jsonl
+
+    options = _options(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"input file not found: {args.input}")
+    summary = predict_jsonl(_load(args), args.input, args.output, args.batch_size, args.image_root, **options)
+    print(
+        f"{summary.answered} answered, {summary.skipped} already in {args.output}, {summary.total} in total",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pallava.serve.app import ServerSettings, run_server
+
+    settings = ServerSettings(
+        model_name=args.model_name or Path(args.model).resolve().name,
+        api_key=args.api_key or os.environ.get("PALLAVA_API_KEY") or None,
+        allow_local_dir=args.allow_local_dir,
+        max_body_bytes=args.max_body_mb * 2**20,
+        max_image_bytes=args.max_image_mb * 2**20,
+        max_image_pixels=args.max_image_pixels,
+        max_images=args.max_images,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=min(args.max_tokens, args.max_tokens_limit),
+        timeout_s=args.timeout,
+        max_batch_size=args.max_batch_size,
+        batch_window_s=args.batch_window_ms / 1000,
+        max_queue=args.max_queue,
+    )
+    if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
+    run_server(_load(args), settings, args.host, args.port)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from pallava.serve.ui import launch_ui
+
+    examples = args.examples if args.examples is not None else DEFAULT_EXAMPLES
+    if args.examples is not None and not Path(examples).is_dir():
+        raise ValueError(f"--examples {examples} is not a directory")
+    launch_ui(_load(args), args.host, args.port, examples, max_tokens=args.max_tokens)
+    return 0
+
+
+def _model_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    parser.add_argument("--model", required=True, help="model directory (from save_pretrained or training)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help=f"answer length cap (default {max_tokens})"
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), up to 2")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `pallava chat`, `pallava predict`, `pallava serve` and `pallava ui`."""
+    chat = subparsers.add_parser(
+        "chat", help="ask about an image in the terminal (one question, or an interactive session)"
+    )
+    _model_arguments(chat)
+    chat.add_argument("image", help="image file")
+    chat.add_argument("question", nargs="*", help="question; omit it for an interactive session")
+    chat.set_defaults(func=_chat)
+
+    predict = subparsers.add_parser("predict", help="answer a JSONL file of {id, image, question}, resumable")
+    _model_arguments(predict)
+    predict.add_argument("--input", required=True, help="JSONL with id, image (path or null), question")
+    predict.add_argument(
+        "--output", required=True, help="JSONL written with an added 'answer'; resumed if present"
+    )
+    predict.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
+    predict.add_argument(
+        "--image-root", default=None, help="folder image paths are relative to (default: the input's)"
+    )
+    predict.set_defaults(func=_predict)
+
+    serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API (chat completions, streaming)")
+    _model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set PALLAVA_API_KEY)"
+    )
+    serve.add_argument(
+        "--model-name", default=None, help="model id reported to clients (default: folder name)"
+    )
+    serve.add_argument("--allow-local-dir", type=Path, default=None,
+                       help="also accept image paths relative to this folder (never outside it)")  # fmt: skip
+    serve.add_argument("--max-body-mb", type=int, default=32, help="request body limit in MiB (default 32)")
+    serve.add_argument("--max-image-mb", type=int, default=16, help="per-image limit in MiB (default 16)")
+    serve.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per-image pixel limit")
+    serve.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
+    serve.add_argument(
+        "--max-tokens-limit", type=int, default=1024, help="largest max_tokens a client may ask"
+    )
+    serve.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue included")
+    serve.add_argument(
+        "--max-batch-size", type=int, default=8, help="requests generated together (default 8)"
+    )
+    serve.add_argument(
+        "--batch-window-ms", type=float, default=20.0, help="wait for a batch to fill (default 20)"
+    )
+    serve.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 (default 256)")
+    serve.set_defaults(func=_serve)
+
+    ui = subparsers.add_parser("ui", help="web page: upload an image, ask, see the answer and a heat map")
+    _model_arguments(ui, max_tokens=64)
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    ui.add_argument("--examples", default=None,
+                    help=f"folder of example images (default {DEFAULT_EXAMPLES} when present)")  # fmt: skip
+    ui.set_defaults(func=_ui)

@@ -1,0 +1,130 @@
+"""A web page for the assistant (Gradio): upload or pick an image, ask, read the answer, and see where the
+connector looked, as a heat map of its cross-attention over the image's tiles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image
+
+from pallava.inference import PaLlava
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+DEFAULT_QUESTION = "What tissue is shown in this image?"
+
+
+def letterbox_box(size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """Where `pallava.processing.image.letterbox` puts an image of `size` on a (width, height) canvas."""
+    scale = min(width / size[0], height / size[1])
+    new_w, new_h = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+    left, top = (width - new_w) // 2, (height - new_h) // 2
+    return left, top, left + new_w, top + new_h
+
+
+def heatmap_overlay(
+    image: Image.Image,
+    heat: np.ndarray,
+    grid: tuple[int, int],
+    tile_size: int,
+    alpha: float = 0.5,
+    colormap: str = "inferno",
+) -> Image.Image:
+    """Draw a heat map over the letterboxed tile canvas back onto the original image.
+
+    `heat` (rows*side, cols*side) in [0, 1] covers the canvas of `grid` (columns, rows) tiles; the
+    letterbox is undone so each value lands on the part of the image that tile patch saw.
+    """
+    cols, rows = grid
+    canvas_w, canvas_h = cols * tile_size, rows * tile_size
+    image = image.convert("RGB")
+    field = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize(
+        (canvas_w, canvas_h), Image.BILINEAR
+    )
+    field = field.crop(letterbox_box(image.size, canvas_w, canvas_h)).resize(image.size, Image.BILINEAR)
+    values = np.clip(np.asarray(field), 0.0, 1.0)
+    colours = (matplotlib.colormaps[colormap](values)[..., :3] * 255).astype(np.float32)
+    weight = alpha * values[..., None]  # cold regions keep the image, hot ones take the colour
+    blended = np.asarray(image, dtype=np.float32) * (1 - weight) + colours * weight
+    return Image.fromarray(blended.round().astype(np.uint8))
+
+
+def example_images(directory: str | Path | None) -> list[Path]:
+    """Image files under `directory` (recursively, sorted); none when it is missing."""
+    if directory is None or not Path(directory).is_dir():
+        return []
+    return sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def build_ui(assistant: PaLlava, examples: Sequence[Path] = (), max_tokens: int = 64):
+    """The Gradio page: image + question in, answer + heat-map overlay out."""
+    import gradio as gr
+
+    tile_size = assistant.processor.image_processor.tile_size
+
+    def answer(image: Image.Image | None, question: str, max_new_tokens: float, temperature: float):
+        if image is None:
+            raise gr.Error("Upload an image or pick an example first.")
+        if not question or not question.strip():
+            raise gr.Error("Type a question about the image.")
+        try:
+            text = assistant.ask(
+                image, question.strip(), max_new_tokens=int(max_new_tokens), temperature=float(temperature)
+            )
+            heat, grid = assistant.attention_heatmap(image)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        note = f"{grid[0]}×{grid[1]} tiles of {tile_size} px."
+        if not heat.any():
+            note += " This model has no tile cross-attention, so the map is empty."
+        return text, heatmap_overlay(image, heat, grid, tile_size), note
+
+    with gr.Blocks(title="pallava", analytics_enabled=False) as demo:
+        gr.Markdown("# pallava\nAsk the pathology assistant about an image.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, elem_id="question")
+                with gr.Accordion("Generation options", open=False):
+                    tokens = gr.Slider(1, 512, value=max_tokens, step=1, label="Max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+            with gr.Column():
+                answer_box = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                overlay = gr.Image(
+                    type="pil", label="Where the connector looked", interactive=False, elem_id="heatmap"
+                )
+                note = gr.Markdown(elem_id="note")
+        if examples:
+            gr.Examples([[str(p), DEFAULT_QUESTION] for p in examples], inputs=[image, question])
+        inputs = [image, question, tokens, temperature]
+        ask.click(answer, inputs, [answer_box, overlay, note])
+        question.submit(answer, inputs, [answer_box, overlay, note])
+    return demo
+
+
+def launch_ui(
+    assistant: PaLlava,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    examples_dir: str | Path | None = None,
+    max_file_size: str = "32mb",
+    block: bool = True,
+    max_tokens: int = 64,
+):
+    """Serve the page; with `block=False` return the running Blocks (for tests and notebooks)."""
+    examples = example_images(examples_dir)
+    demo = build_ui(assistant, examples, max_tokens)
+    demo.queue(default_concurrency_limit=1)  # one generation at a time on the model
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        max_file_size=max_file_size,
+        allowed_paths=[str(Path(examples_dir).resolve())] if examples else None,
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )
+    return demo
