@@ -1,0 +1,59 @@
+"""`pallava train` (one stage of the two-stage recipe) and `pallava export` (a shareable model folder)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pallava.train.config import load_recipe
+    from pallava.train.trainer import train
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.init:
+        overrides.append(f"model.init={args.init}")
+    recipe = load_recipe(args.config, args.stage, overrides)
+    out = train(recipe, args.out, resume=args.resume == "auto", progress=not args.no_progress)
+    print(f"model saved to {out} (load it with PaLlava.from_pretrained or `pallava eval vqa --model {out}`)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pallava.train.export import export_model
+
+    out = export_model(args.model, args.out, merge_lora=args.merge_lora, eval_reports=args.eval_report or [])
+    print(f"exported to {out} ({'LoRA merged' if args.merge_lora else 'LoRA kept as an adapter'}); model card {Path(out) / 'README.md'}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `pallava train` and `pallava export`."""
+    train = subparsers.add_parser(
+        "train",
+        help="train the assistant: stage align (captions) or instruct (questions), resumable",
+        description="Run one training stage. Values of the recipe can be overridden with section.key=value, "
+        "e.g. optim.lr=2e-4 train.epochs=3. Runs under `accelerate launch` for several processes.",
+    )
+    train.add_argument("--stage", required=True, choices=("align", "instruct"), help="which stage to run")
+    train.add_argument("--config", required=True, help="recipe YAML, e.g. configs/assistant-tiny.yaml")
+    train.add_argument("--out", required=True, help="output folder: the trained model, checkpoints, logs")
+    train.add_argument("--data", help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards or a manifest CSV")
+    train.add_argument("--init", help="start from this model folder (sets model.init; stage instruct: the align output)")
+    train.add_argument("--resume", choices=("auto", "never"), default="auto",
+                       help="auto (default): continue from the newest complete checkpoint in --out; never: start over")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=2e-4")
+    train.set_defaults(func=_train)
+
+    export = subparsers.add_parser(
+        "export", help="export a trained model folder (LoRA merged or as an adapter) with a model card"
+    )
+    export.add_argument("--model", required=True, help="a trained model folder (output of `pallava train`)")
+    export.add_argument("--out", required=True, help="export folder (must not exist or be empty)")
+    export.add_argument("--merge-lora", action="store_true", help="fold LoRA into the language model's weights")
+    export.add_argument("--eval-report", action="append", metavar="REPORT_JSON",
+                        help="evaluation report(s) (report.json of `pallava eval`) to list on the model card")
+    export.set_defaults(func=_export)

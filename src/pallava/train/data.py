@@ -1,0 +1,240 @@
+"""Training samples and batches: conversations from files or labelled manifests, a resumable order.
+
+The order of an epoch is a seeded permutation of the whole dataset, identical on every process. One
+optimizer step consumes a *global batch* of `batch_size x processes x grad_accum` samples; micro-step
+`j` of process `r` takes the `r`-th slice of the `j`-th part. So the same recipe sees the same global
+batches whatever the number of processes, and a run resumed at step `s` of an epoch simply starts at
+global batch `s` — the data position is `(epoch, step in epoch)`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pallava.data.builders import (
+    captions_from_labels,
+    stage1_conversations,
+    stage2_conversations,
+    vqa_from_labels,
+)
+from pallava.data.importers.conversations import read_llava
+from pallava.data.importers.manifest import read_manifest
+from pallava.data.labels import LabelMap
+from pallava.data.records import ANSWER_TYPES, Conversation
+from pallava.data.shards import iter_shards, list_shards
+from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
+from pallava.train.config import DataSection
+from pallava.train.feature_cache import FeatureCache
+
+
+@dataclass
+class Sample:
+    """One training conversation (LLaVA turns) with at most one image, by path or by bytes."""
+
+    id: str
+    conversation: list[dict[str, str]]
+    image: str | None = None
+    image_bytes: bytes | None = None
+    answer_type: str | None = None
+
+    @property
+    def image_source(self) -> str | bytes | None:
+        return self.image_bytes if self.image_bytes is not None else self.image
+
+    def read_image_bytes(self) -> bytes:
+        if self.image_bytes is not None:
+            return self.image_bytes
+        if self.image is None:
+            raise ValueError(f"sample {self.id}: has no image")
+        try:
+            return Path(self.image).read_bytes()
+        except OSError as error:
+            raise ValueError(f"sample {self.id}: field 'image': cannot read {self.image} ({error.strerror})") from None
+
+
+def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
+    """A label map by built-in name or file; with none given, the built-in one covering `labels`."""
+    if spec:
+        return LabelMap.from_file(spec) if Path(spec).is_file() else LabelMap.builtin(spec)
+    for name in LabelMap.builtin_names():
+        if labels <= set(LabelMap.builtin(name)):
+            return LabelMap.builtin(name)
+    raise ValueError(f"no built-in label map covers the labels {sorted(labels)}; set data.label_map to a name or file")
+
+
+def _from_conversation(conversation: Conversation, image_bytes: bytes | None = None) -> Sample:
+    return Sample(
+        id=conversation.id,
+        conversation=conversation.conversations,
+        image=conversation.image,
+        image_bytes=image_bytes,
+        answer_type=conversation.meta.get("answer_type"),
+    )
+
+
+def _manifest_samples(section: DataSection, stage: str) -> list[Sample]:
+    items = read_manifest(section.path, section.split)
+    label_map = resolve_label_map(section.label_map, {item.label for item in items})
+    if stage == "align":
+        conversations = stage1_conversations(captions_from_labels(items, label_map, section.seed), section.seed)
+    else:
+        vqa = vqa_from_labels(items, label_map, section.seed)
+        if section.answer_types:
+            unknown = set(section.answer_types) - set(ANSWER_TYPES)
+            if unknown:
+                raise ValueError(f"data.answer_types: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}")
+            vqa = [item for item in vqa if item.answer_type in section.answer_types]
+        conversations = stage2_conversations(vqa)
+    return [_from_conversation(c) for c in conversations]
+
+
+def _conversation_samples(section: DataSection) -> list[Sample]:
+    path = Path(section.path)
+    if path.is_dir() or path.suffix == ".parquet":
+        root = Path(section.image_root) if section.image_root else (path if path.is_dir() else path.parent)
+        samples = []
+        for record in iter_shards(list_shards(path), with_images=True):
+            image_bytes = record.pop("image_bytes", None)
+            try:
+                conversation = Conversation.from_dict(record)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
+            if conversation.image is not None and image_bytes is None and not Path(conversation.image).is_absolute():
+                conversation.image = str(root / conversation.image)
+            samples.append(_from_conversation(conversation, image_bytes))
+        return samples
+    root = section.image_root if section.image_root else path.parent
+    return [_from_conversation(c) for c in read_llava(path, root)]
+
+
+def load_samples(section: DataSection, stage: str) -> list[Sample]:
+    """The stage's samples: a manifest is turned into captions (align) or VQA (instruct)."""
+    path = Path(section.path)
+    if not path.exists():
+        raise ValueError(f"data.path: {path} not found")
+    fmt = section.format
+    if fmt == "auto":
+        fmt = "manifest" if path.suffix.lower() == ".csv" else "conversations"
+    samples = _manifest_samples(section, stage) if fmt == "manifest" else _conversation_samples(section)
+    if section.limit is not None and section.limit < len(samples):
+        keep = sorted(random.Random(section.seed).sample(range(len(samples)), section.limit))
+        samples = [samples[i] for i in keep]
+    if not samples:
+        raise ValueError(f"data.path: {path} holds no training samples")
+    return samples
+
+
+# --- order ------------------------------------------------------------------------------------------
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch (the same on every process)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def global_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
+    return batch_size * world_size * grad_accum
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch (the last incomplete global batch is dropped)."""
+    size = global_batch_size(batch_size, world_size, grad_accum)
+    if num_samples < size:
+        raise ValueError(
+            f"{num_samples} samples are fewer than one global batch of {size} "
+            f"(batch_size {batch_size} x {world_size} process(es) x grad_accum {grad_accum})"
+        )
+    return num_samples // size
+
+
+def micro_batches(
+    order: Sequence[int], step: int, batch_size: int, world_size: int, grad_accum: int, rank: int
+) -> list[list[int]]:
+    """The `grad_accum` micro-batches (sample indices) of process `rank` for optimizer step `step` of an epoch."""
+    size = global_batch_size(batch_size, world_size, grad_accum)
+    chunk = list(order[step * size : (step + 1) * size])
+    per_micro = batch_size * world_size
+    return [
+        chunk[j * per_micro + rank * batch_size : j * per_micro + (rank + 1) * batch_size] for j in range(grad_accum)
+    ]
+
+
+# --- batches ----------------------------------------------------------------------------------------
+class Collator:
+    """Sample indices -> model inputs; with a feature cache, cached crop features replace the pixels."""
+
+    def __init__(
+        self,
+        processor: PaLlavaProcessor,
+        samples: Sequence[Sample],
+        cache: FeatureCache | None = None,
+        image_keys: Sequence[str | None] | None = None,
+    ) -> None:
+        if cache is not None and image_keys is None:
+            raise ValueError("a feature cache needs the samples' image keys")
+        self.processor, self.samples, self.cache, self.image_keys = processor, samples, cache, image_keys
+
+    def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+        chosen = [self.samples[i] for i in indices]
+        conversations = [s.conversation for s in chosen]
+        try:
+            if self.cache is None:
+                images = [[s.image_source] if s.image_source is not None else [] for s in chosen]
+                batch = dict(self.processor(conversations, images))
+                batch.pop("grids", None)
+            else:
+                encoded = [self.processor.encode_conversation(c) for c in conversations]
+                for sample, (ids, _) in zip(chosen, encoded, strict=True):
+                    if len(ids) > self.processor.max_length:
+                        raise ValueError(f"{len(ids)} tokens, over the limit of {self.processor.max_length}")
+                    if self.processor.count_images(sample.conversation) != (sample.image_source is not None):
+                        raise ValueError("the number of <image> placeholders does not match the image")
+                batch = self.processor.pad(encoded)
+                keys = [self.image_keys[i] for i in indices if self.image_keys[i] is not None]
+                if keys:
+                    batch.update(self.cache.batch(keys))
+        except ValueError as error:
+            raise ValueError(f"batch of samples {[s.id for s in chosen]}: {error}") from None
+        batch["num_label_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch["num_samples"] = len(chosen)
+        return batch
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """The micro-batches of one process from a given optimizer step to the end of an epoch, in order."""
+
+    def __init__(self, plan: Sequence[Sequence[int]], collator: Collator) -> None:
+        self.plan, self.collator = list(plan), collator
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.collator(self.plan[index])
+
+
+def epoch_loader(
+    samples_count: int, collator: Collator, seed: int, epoch: int, first_step: int, last_step: int,
+    batch_size: int, world_size: int, grad_accum: int, rank: int, num_workers: int = 0,
+) -> torch.utils.data.DataLoader:  # fmt: skip
+    """A DataLoader over this process's micro-batches for steps [first_step, last_step) of `epoch`."""
+    order = epoch_order(samples_count, seed, epoch)
+    plan = [
+        micro
+        for step in range(first_step, last_step)
+        for micro in micro_batches(order, step, batch_size, world_size, grad_accum, rank)
+    ]
+    return torch.utils.data.DataLoader(
+        StepBatches(plan, collator), batch_size=None, shuffle=False, num_workers=num_workers,
+        collate_fn=_as_is,
+    )  # fmt: skip
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """Micro-batches are collated in the dataset already (module-level so worker processes can pickle it)."""
+    return batch

@@ -1,0 +1,89 @@
+"""What trains and how: trainable modules, AdamW parameter groups per module, warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
+from pallava.train.config import OptimSection, TrainableSection
+
+GROUPS = ("vision", "connector", "lora", "llm")
+
+
+def module_group(name: str) -> str:
+    """The group of a parameter name: vision, connector, lora (LoRA matrices) or llm (other LLM weights)."""
+    if name.startswith("vision_tower."):
+        return "vision"
+    if name.startswith("connector."):
+        return "connector"
+    return "lora" if "lora_" in name else "llm"
+
+
+def apply_trainable(model: PaLlavaForConditionalGeneration, section: TrainableSection) -> dict[str, int]:
+    """Freeze everything except the chosen modules; returns trainable parameter counts per group."""
+    if section.lora and not model.has_lora:
+        raise ValueError("trainable.lora is true but the model has no LoRA (its config has lora: null)")
+    model.set_trainable(vision=section.vision, connector=section.connector, llm=section.llm, lora=section.lora)
+    if section.llm_modules:
+        matched = set()
+        for name, param in model.language_model.named_parameters():
+            hits = [part for part in section.llm_modules if part in name]
+            if hits:
+                param.requires_grad_(True)
+                matched.update(hits)
+        missing = sorted(set(section.llm_modules) - matched)
+        if missing:
+            raise ValueError(f"trainable.llm_modules: {missing} match no language-model parameter name")
+    counts = dict.fromkeys(GROUPS, 0)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            counts[module_group(name)] += param.numel()
+    if not any(counts.values()):
+        raise ValueError("nothing to train: every trainable.* switch is off")
+    return counts
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def build_optimizer(model: torch.nn.Module, section: OptimSection) -> torch.optim.AdamW:
+    """AdamW with one parameter group per (module group, decay or not); each group has its own lr.
+
+    Weight decay applies to matrices only (not to biases and norms).
+    """
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((module_group(name), param.ndim >= 2), []).append(param)
+    param_groups = []
+    for (group, decay), params in sorted(groups.items()):
+        lr = getattr(section, f"lr_{group}")
+        param_groups.append({
+            "params": params,
+            "lr": section.lr if lr is None else lr,
+            "weight_decay": section.weight_decay if decay else 0.0,
+            "name": f"{group}" + ("" if decay else "-no-decay"),
+        })  # fmt: skip
+    return torch.optim.AdamW(param_groups, betas=tuple(section.betas))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, section: OptimSection
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio` x peak."""
+    warmup = math.ceil(section.warmup_ratio * total_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, min_lr_rate=section.min_lr_ratio
+    )
+
+
+def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Current lr per module group (the decay and no-decay halves share it)."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        rates.setdefault(group["name"].removesuffix("-no-decay"), group["lr"])
+    return rates
