@@ -43,13 +43,15 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pallava.serve.predict import predict_jsonl
+    from pallava.serve.predict import answered_ids, predict_jsonl, read_requests
 
     options = _options(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
+    read_requests(Path(args.input), Path(args.image_root) if args.image_root else None)  # fail before loading
+    answered_ids(Path(args.output))
     summary = predict_jsonl(_load(args), args.input, args.output, args.batch_size, args.image_root, **options)
     print(
         f"{summary.answered} answered, {summary.skipped} already in {args.output}, {summary.total} in total",
@@ -92,15 +94,18 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+def _model_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256, sampling: bool = True) -> None:
     parser.add_argument("--model", required=True, help="model directory (from save_pretrained or training)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
     parser.add_argument(
         "--max-tokens", type=int, default=max_tokens, help=f"answer length cap (default {max_tokens})"
     )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), up to 2")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+    if sampling:  # the server takes these per request instead
+        parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), up to 2")
+        parser.add_argument(
+            "--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0"
+        )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -126,7 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.set_defaults(func=_predict)
 
     serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API (chat completions, streaming)")
-    _model_arguments(serve)
+    _model_arguments(serve, sampling=False)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
@@ -155,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_serve)
 
     ui = subparsers.add_parser("ui", help="web page: upload an image, ask, see the answer and a heat map")
-    _model_arguments(ui, max_tokens=64)
+    _model_arguments(ui, max_tokens=64, sampling=False)
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ui.add_argument("--examples", default=None,

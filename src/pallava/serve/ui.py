@@ -3,6 +3,9 @@ connector looked, as a heat map of its cross-attention over the image's tiles.""
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,8 +14,10 @@ import numpy as np
 from PIL import Image
 
 from pallava.inference import PaLlava
+from pallava.processing.image import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+BROWSER_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what a browser can show as-is
 DEFAULT_QUESTION = "What tissue is shown in this image?"
 
 
@@ -56,6 +61,19 @@ def example_images(directory: str | Path | None) -> list[Path]:
     if directory is None or not Path(directory).is_dir():
         return []
     return sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def browser_ready(paths: Sequence[Path], folder: Path) -> list[Path]:
+    """Examples a browser can display: TIFF/BMP files are converted to PNG copies in `folder`."""
+    ready = []
+    for index, path in enumerate(paths):
+        if path.suffix.lower() in BROWSER_SUFFIXES:
+            ready.append(path)
+            continue
+        copy = folder / f"{index:03d}-{path.stem}.png"
+        load_image(path).save(copy)
+        ready.append(copy)
+    return ready
 
 
 def build_ui(assistant: PaLlava, examples: Sequence[Path] = (), max_tokens: int = 64):
@@ -115,7 +133,9 @@ def launch_ui(
     max_tokens: int = 64,
 ):
     """Serve the page; with `block=False` return the running Blocks (for tests and notebooks)."""
-    examples = example_images(examples_dir)
+    converted = Path(tempfile.mkdtemp(prefix="pallava-ui-"))  # browser-viewable copies of TIFF examples
+    atexit.register(shutil.rmtree, converted, ignore_errors=True)
+    examples = browser_ready(example_images(examples_dir), converted)
     demo = build_ui(assistant, examples, max_tokens)
     demo.queue(default_concurrency_limit=1)  # one generation at a time on the model
     demo.launch(
@@ -123,7 +143,7 @@ def launch_ui(
         server_port=port,
         share=False,
         max_file_size=max_file_size,
-        allowed_paths=[str(Path(examples_dir).resolve())] if examples else None,
+        allowed_paths=[str(Path(examples_dir).resolve()), str(converted)] if examples else None,
         prevent_thread_lock=not block,
         quiet=not block,
     )
