@@ -87,7 +87,10 @@ def read_region_for_assistant(slide: Slide, region: Region, max_side: int = DEFA
 def retrieve_regions(
     grid: TileGrid, vectors: np.ndarray, plip: PlipZeroShot, query: str, top_k: int
 ) -> list[Region]:
-    """The `top_k` tiles whose PLIP embeddings are most similar to the text `query`, best first."""
+    """The `top_k` tiles whose PLIP embeddings are most similar to the text `query`, best first.
+
+    Edge tiles are clipped to the slide, so every region can be read and asked about.
+    """
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
     if not query.strip():
@@ -95,7 +98,7 @@ def retrieve_regions(
     text = plip.encode_texts([query])[0].numpy()
     similarity = vectors @ text  # (N,) cosine: both sides are L2-normalised
     order = np.argsort(-similarity, kind="stable")[:top_k]
-    return [Region(*grid.tiles[i].box, score=round(float(similarity[i]), 6)) for i in order]
+    return [Region(*grid.clipped_box(grid.tiles[i]), score=round(float(similarity[i]), 6)) for i in order]
 
 
 def ask_regions(

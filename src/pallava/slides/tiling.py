@@ -48,9 +48,15 @@ class TileGrid:
     level0_side: int  # tile side in level-0 pixels
     cols: int
     rows: int
+    slide_size: tuple[int, int]  # level-0 (width, height); edge tiles may run past it
 
     def __len__(self) -> int:
         return len(self.tiles)
+
+    def clipped_box(self, tile: Tile) -> tuple[int, int, int, int]:
+        """The part of `tile` that lies on the slide, as a level-0 (x, y, w, h) box."""
+        width, height = self.slide_size
+        return tile.x, tile.y, min(tile.w, width - tile.x), min(tile.h, height - tile.y)
 
 
 def tile_grid(
@@ -88,7 +94,15 @@ def tile_grid(
             tissue = mask.box_fraction(x, y, side, side)
             if tissue >= min_tissue and tissue > 0:
                 tiles.append(Tile(x=x, y=y, w=side, h=side, col=col, row=row, tissue=round(tissue, 4)))
-    return TileGrid(tiles=tiles, tile_size=tile_size, mpp=mpp, level0_side=side, cols=cols, rows=rows)
+    return TileGrid(
+        tiles=tiles,
+        tile_size=tile_size,
+        mpp=mpp,
+        level0_side=side,
+        cols=cols,
+        rows=rows,
+        slide_size=(width, height),
+    )
 
 
 def read_tile(slide: Slide, tile: Tile, tile_size: int) -> Image.Image:
@@ -115,7 +129,9 @@ def iter_tile_batches(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
         def submit(start: int) -> list[Future[Image.Image]]:
-            return [pool.submit(read_tile, slide, tile, tile_size) for tile in tiles[start : start + batch_size]]
+            return [
+                pool.submit(read_tile, slide, tile, tile_size) for tile in tiles[start : start + batch_size]
+            ]
 
         pending = submit(0)
         try:
