@@ -1,0 +1,149 @@
+"""`pallava plip ...`: pre-train PLIP, zero-shot classification, retrieval, vision-tower export and conversion."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pallava.train.plip import PlipTrainConfig, train_plip
+
+    overrides = {
+        "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "text_init": args.text_init, "vision_init": args.vision_init, "seed": args.seed,
+        "max_steps": args.max_steps, "save_every": args.save_every, "eval_every": args.eval_every,
+        "num_workers": args.num_workers, "mixed_precision": args.mixed_precision,
+    }  # fmt: skip
+    if args.config:
+        recipe = PlipTrainConfig.from_yaml(args.config, **overrides)
+    else:
+        recipe = PlipTrainConfig.for_preset(overrides.pop("preset") or "tiny", **overrides)
+    summary = train_plip(
+        args.data, args.out, recipe, split=args.split, label_map=args.label_map,
+        eval_data=args.eval_data, eval_split=args.eval_split, resume=args.resume,
+    )  # fmt: skip
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    from pallava.models.plip import PlipZeroShot
+    from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
+    from pallava.train.plip_data import read_plip_data
+    from pallava.train.plip_eval import write_zeroshot_report, zeroshot_report
+
+    samples, label_map = read_plip_data(args.data, args.split, args.label_map or _saved_label_map(args.model))
+    if label_map is None:
+        raise ValueError(f"{args.data}: zero-shot classification needs a labelled manifest (.csv)")
+    templates = _read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
+    zs = PlipZeroShot.from_pretrained(args.model)
+    report, rows = zeroshot_report(zs, samples, label_map, templates, batch_size=args.batch_size)
+    report.update(model=str(args.model), data=str(args.data), split=args.split)
+    path = write_zeroshot_report(report, rows, Path(args.out))
+    print(f"accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  n={report['n']}  -> {path}")
+    return 0
+
+
+def _saved_label_map(model_dir: str) -> str | None:
+    """The label map saved beside a model trained on a labelled manifest, if any."""
+    path = Path(model_dir) / "label_map.json"
+    return str(path) if path.is_file() else None
+
+
+def _read_templates(path: str) -> tuple[str, ...]:
+    """One template per line, each with a `{name}` slot (and optionally `{organ}`)."""
+    templates = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    bad = [t for t in templates if "{name}" not in t]
+    if not templates or bad:
+        raise ValueError(f"{path}: every template line needs a {{name}} slot (bad: {bad[:3]})")
+    return templates
+
+
+def _retrieve(args: argparse.Namespace) -> int:
+    from pallava.models.plip import PlipZeroShot
+    from pallava.train.plip_data import read_plip_data
+    from pallava.train.plip_eval import retrieval_report
+
+    samples, label_map = read_plip_data(args.data, args.split, args.label_map or _saved_label_map(args.model))
+    report = retrieval_report(PlipZeroShot.from_pretrained(args.model), samples, label_map, batch_size=args.batch_size)
+    report.update(model=str(args.model), data=str(args.data), split=args.split)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(json.dumps({k: report[k] for k in ("n", "image_to_text", "text_to_image")}))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pallava.models.plip import export_vision_tower
+
+    print(f"vision tower written to {export_vision_tower(args.model, args.out)}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pallava.models.plip.convert import convert_plip_checkpoint
+
+    print(f"CLIP vision model written to {convert_plip_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `pallava plip` and its sub-commands."""
+    plip = subparsers.add_parser("plip", help="PLIP image-text encoder: train, zero-shot, retrieval, export")
+    commands = plip.add_subparsers(dest="plip_command", metavar="SUBCOMMAND", required=True)
+
+    train = commands.add_parser("train", help="pre-train PLIP (ITC + ITM) on captions or a labelled manifest")
+    train.add_argument("--data", required=True, help="caption JSONL ({image, caption}) or manifest CSV (path,label,...)")
+    train.add_argument("--split", default="train", help="split to train on (default: train)")
+    train.add_argument("--out", required=True, help="output folder (model, checkpoints/, logs/, curve)")
+    train.add_argument("--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)")
+    train.add_argument("--config", help="recipe YAML, e.g. configs/plip-tiny.yaml (default: the preset's recipe)")
+    train.add_argument("--label-map", help="built-in label map name or JSON/YAML file (default: auto)")
+    train.add_argument("--epochs", type=float)
+    train.add_argument("--batch-size", type=int, help="per-process batch size")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--text-init", help="'minilm', 'scratch' or a local BERT checkpoint folder")
+    train.add_argument("--vision-init", help="local CLIP checkpoint folder or the authors' PLIP state dict")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--save-every", type=int, help="steps between checkpoints (default: each epoch)")
+    train.add_argument("--eval-every", type=int, help="steps between zero-shot evaluations")
+    train.add_argument("--eval-data", help="labelled manifest for zero-shot accuracy during training")
+    train.add_argument("--eval-split", default="dev")
+    train.add_argument("--num-workers", type=int)
+    train.add_argument("--mixed-precision", choices=("no", "bf16"))
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.set_defaults(func=_train)
+
+    zeroshot = commands.add_parser("zeroshot", help="prompt-ensemble zero-shot classification report")
+    zeroshot.add_argument("--model", required=True, help="PLIP model folder")
+    zeroshot.add_argument("--data", required=True, help="labelled manifest CSV")
+    zeroshot.add_argument("--split", default="dev")
+    zeroshot.add_argument("--out", required=True, help="report folder (report.json, confusion_matrix.png)")
+    zeroshot.add_argument("--label-map", help="built-in label map name or file (default: saved with the model, else auto)")
+    zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
+    zeroshot.add_argument("--batch-size", type=int, default=64)
+    zeroshot.set_defaults(func=_zeroshot)
+
+    retrieve = commands.add_parser("retrieve", help="image<->text Recall@1/5/10")
+    retrieve.add_argument("--model", required=True)
+    retrieve.add_argument("--data", required=True, help="caption JSONL or labelled manifest CSV")
+    retrieve.add_argument("--split", default=None)
+    retrieve.add_argument("--out", required=True)
+    retrieve.add_argument("--label-map")
+    retrieve.add_argument("--batch-size", type=int, default=64)
+    retrieve.set_defaults(func=_retrieve)
+
+    export = commands.add_parser("export-vision", help="write the vision tower as a CLIPVisionModel folder")
+    export.add_argument("--model", required=True)
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=_export)
+
+    convert = commands.add_parser("convert", help="convert the authors' PLIP state dict to a CLIPVisionModel folder")
+    convert.add_argument("--checkpoint", required=True, help="plip_80w_196token.bin (config.json beside it) or a CLIP folder")
+    convert.add_argument("--out", required=True)
+    convert.set_defaults(func=_convert)

@@ -1,0 +1,96 @@
+"""Named PLIP presets and the model factory (text/vision initialisation from local checkpoints).
+
+`tiny`: the shared tiny ViT (224 px, patch 32, width 128) + a MiniLM-L6-shaped text tower (384-d, 6 layers),
+trainable on 2 CPU cores in minutes. `paper`: ViT-B/16 + a BERT-base-shaped text tower, 256-d embedding,
+momentum 0.995 with a 57,600-entry queue.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import BlipTextConfig, PreTrainedTokenizerBase
+
+from pallava.models.plip.configuration_plip import PlipConfig
+from pallava.models.plip.convert import load_vision_tower
+from pallava.models.plip.modeling_plip import PlipModel
+from pallava.models.plip.text_init import (
+    MINILM,
+    load_text_tower_weights,
+    load_tokenizer,
+    text_config_from_bert,
+)
+from pallava.models.presets import paper_vision_config, tiny_vision_config
+
+PLIP_PRESETS = ("tiny", "paper")
+SCRATCH = "scratch"
+
+_PRESET_SETTINGS: dict[str, dict[str, object]] = {
+    # MiniLM was trained with mean pooling; its early-layer [CLS] state hardly depends on the text.
+    "tiny": {"embed_dim": 256, "use_momentum": False, "queue_size": 4096, "text_pooling": "mean"},
+    "paper": {"embed_dim": 256, "use_momentum": True, "queue_size": 57600, "momentum": 0.995, "alpha": 0.4},
+}
+DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
+_TEXT_LAYERS: dict[str, int | None] = {"tiny": None, "paper": None}
+
+
+def _bert_base_text_config(encoder_hidden_size: int) -> BlipTextConfig:
+    return BlipTextConfig(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=512, encoder_hidden_size=encoder_hidden_size, is_decoder=True,
+        bos_token_id=None, sep_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+
+
+def plip_config(
+    name: str, text_init: str | Path | None = None, text_layers: int | None = None, **overrides
+) -> PlipConfig:
+    """The config of preset `name`; the text tower takes the shape of `text_init` unless it is 'scratch'.
+
+    `text_layers` keeps only the first layers of the text tower (default: the preset's depth).
+    """
+    if name not in PLIP_PRESETS:
+        raise ValueError(f"unknown PLIP preset {name!r}; choose one of {', '.join(PLIP_PRESETS)}")
+    vision = tiny_vision_config() if name == "tiny" else paper_vision_config()
+    text_init = DEFAULT_TEXT_INIT[name] if text_init is None else text_init
+    text_layers = text_layers if text_layers is not None else _TEXT_LAYERS[name]
+    if str(text_init) != SCRATCH:
+        text = text_config_from_bert(text_init, vision.hidden_size, text_layers)
+    elif name == "tiny":
+        text = text_config_from_bert(MINILM, vision.hidden_size, text_layers)
+    else:
+        text = _bert_base_text_config(vision.hidden_size)
+        text.num_hidden_layers = text_layers or text.num_hidden_layers
+    settings = {**_PRESET_SETTINGS[name], **overrides}
+    return PlipConfig(vision_config=vision, text_config=text, **settings)
+
+
+def build_plip(
+    name: str,
+    text_init: str | Path | None = None,
+    vision_init: str | Path | None = None,
+    text_layers: int | None = None,
+    seed: int | None = 0,
+    **overrides,
+) -> tuple[PlipModel, PreTrainedTokenizerBase]:
+    """A fresh PLIP model and its tokenizer.
+
+    text_init: 'minilm' (bundled MiniLM-L6), 'scratch', or a local BERT checkpoint folder (default per preset).
+    vision_init: a CLIP / CLIP-vision checkpoint folder or the authors' PLIP state-dict file (default: random).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    text_init = DEFAULT_TEXT_INIT.get(name, SCRATCH) if text_init is None else text_init
+    config = plip_config(name, text_init, text_layers, **overrides)
+    vision = load_vision_tower(vision_init) if vision_init is not None else None
+    if vision is not None:
+        config.vision_config = vision.config
+        config.text_config.encoder_hidden_size = vision.config.hidden_size
+    model = PlipModel(config)
+    if vision is not None:
+        model.vision_model.load_state_dict(vision.state_dict())
+    if str(text_init) != SCRATCH:
+        load_text_tower_weights(model.text_model, text_init)
+    tokenizer = load_tokenizer(MINILM if str(text_init) == SCRATCH else text_init, config.max_text_length)
+    return model, tokenizer

@@ -1,0 +1,98 @@
+"""Zero-shot use of a trained PLIP: image/text embeddings, prompt-ensemble classification, retrieval recall.
+
+Slide heat maps and the data-cleaning image judge build on `PlipZeroShot`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pallava.models.plip.modeling_plip import PlipModel
+from pallava.processing.image import ImageSource, load_image, normalize_to_tensor
+
+
+class PlipZeroShot:
+    """A PLIP model and tokenizer in eval mode, with batched encoders and prompt-ensemble classification."""
+
+    def __init__(self, model: PlipModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
+        """Load a PLIP folder written by `save_pretrained` (config, weights and tokenizer)."""
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: not a PLIP model folder (no config.json)")
+        model = PlipModel.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(model, tokenizer, device)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings (N, D) for CLIP-normalised pixels (N, 3, S, S)."""
+        return self.model.get_image_features(pixel_values.to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: Sequence[ImageSource], batch_size: int = 64, progress: bool = False
+    ) -> torch.Tensor:
+        """Normalised image embeddings (N, D); images are PIL images, paths or arrays."""
+        size = self.model.image_size
+        chunks = []
+        for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
+            batch = torch.stack([normalize_to_tensor(load_image(img), size) for img in images[start : start + batch_size]])
+            chunks.append(self.encode_pixels(batch))
+        if not chunks:
+            return torch.empty(0, self.model.config.embed_dim)
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised text embeddings (N, D); texts are truncated to the model's `max_text_length` tokens."""
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(
+                list(texts[start : start + batch_size]), padding=True, truncation=True,
+                max_length=self.model.config.max_text_length, return_tensors="pt",
+            ).to(self.device)  # fmt: skip
+            chunks.append(self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).float().cpu())
+        if not chunks:
+            return torch.empty(0, self.model.config.embed_dim)
+        return torch.cat(chunks)
+
+    def class_embeddings(self, class_texts: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(C, D): per class, the re-normalised mean of its prompts' normalised embeddings (prompt ensemble)."""
+        if not class_texts or any(len(texts) == 0 for texts in class_texts):
+            raise ValueError("class_texts: every class needs at least one prompt")
+        return torch.stack([F.normalize(self.encode_texts(list(texts)).mean(0), dim=0) for texts in class_texts])
+
+    def proba_from_embeddings(self, image_embeds: torch.Tensor, class_embeds: torch.Tensor) -> np.ndarray:
+        """(N, C) class probabilities: softmax of cosine similarities over the model's temperature."""
+        logits = image_embeds @ class_embeds.t() / self.model.temperature().item()
+        return F.softmax(logits, dim=1).numpy()
+
+    def predict_proba(
+        self, images: Sequence[ImageSource], class_texts: Sequence[Sequence[str]], batch_size: int = 64
+    ) -> np.ndarray:
+        """(N, C) zero-shot class probabilities for images, one prompt list per class."""
+        return self.proba_from_embeddings(self.encode_images(images, batch_size), self.class_embeddings(class_texts))
+
+
+def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Share of queries (rows) with a positive among their top-k columns, for each k."""
+    if similarity.shape != positives.shape:
+        raise ValueError(f"recall_at_k: similarity {similarity.shape} and positives {positives.shape} differ")
+    if not positives.any(axis=1).all():
+        raise ValueError("recall_at_k: every query needs at least one positive")
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    hits = np.take_along_axis(positives, order, axis=1)
+    return {f"R@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}

@@ -1,0 +1,305 @@
+"""PLIP pre-training app: accelerate-based loop with checkpoints, resume, TensorBoard and a training curve.
+
+Works alone or under `accelerate launch` (features are gathered across processes for ITC). Output folder:
+a loadable PLIP model (config, weights, tokenizer), `checkpoints/step-N` (full state, atomic, last k kept),
+`logs/` (TensorBoard), `train_log.jsonl`, `training_curve.png` and `training_summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from pallava.models.plip.presets import PLIP_PRESETS, build_plip
+from pallava.models.plip.pretraining import PlipPretrainer
+from pallava.models.plip.zeroshot import PlipZeroShot
+from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
+from pallava.train.plip_eval import plot_training_curve, zeroshot_predictions
+
+
+@dataclass
+class PlipTrainConfig:
+    """A PLIP training recipe (the YAML files under configs/ hold the same fields)."""
+
+    preset: str = "tiny"
+    epochs: float = 1.0
+    batch_size: int = 64  # per process
+    lr: float = 3e-4
+    text_lr: float | None = None  # learning rate of a pre-trained text tower; None = lr
+    weight_decay: float = 0.02
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    text_init: str | None = None  # 'minilm', 'scratch' or a BERT folder; None = the preset's default
+    text_layers: int | None = None  # keep only the first layers of the text tower
+    vision_init: str | None = None  # CLIP folder or the authors' PLIP state dict
+    freeze_text_embeddings: bool = False
+    use_momentum: bool | None = None  # None = the preset's setting
+    queue_size: int | None = None
+    itm_weight: float | None = None
+    itm_max_pairs: int | None = None
+    image_pooling: str | None = None
+    text_pooling: str | None = None
+    mixed_precision: str = "no"  # 'no' or 'bf16'
+    num_workers: int = 0
+    cache_images: bool = True
+    seed: int = 0
+    max_steps: int | None = None
+    save_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # steps between zero-shot evaluations on the eval split; 0 = at the end only
+    log_every: int = 1
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> PlipTrainConfig:
+        """Read a recipe; unknown keys raise ValueError naming them and the file."""
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of recipe fields")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe fields {unknown}; known: {sorted(known)}")
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides) -> PlipTrainConfig:
+        """The shipped recipe of a preset (configs/plip-<preset>.yaml mirrors it), with overrides applied."""
+        if preset not in RECIPES:
+            raise ValueError(f"unknown PLIP preset {preset!r}; choose one of {', '.join(RECIPES)}")
+        return dataclasses.replace(RECIPES[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+    def model_overrides(self) -> dict[str, object]:
+        fields = ("use_momentum", "queue_size", "itm_weight", "itm_max_pairs", "image_pooling", "text_pooling")
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
+
+
+RECIPES: dict[str, PlipTrainConfig] = {
+    "tiny": PlipTrainConfig(preset="tiny"),
+    "paper": PlipTrainConfig(
+        preset="paper", epochs=9, batch_size=36, lr=1e-4, weight_decay=0.02, mixed_precision="bf16",
+        cache_images=False, num_workers=8, save_every=2000, eval_every=2000, log_every=10,
+    ),
+}  # fmt: skip
+
+
+def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained text tower."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in pretrainer.model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim < 2 or "embedding" in name or name == "temp"
+        groups.setdefault((name.startswith("text_model."), no_decay), []).append(param)
+    text_lr = recipe.text_lr if recipe.text_lr is not None else recipe.lr
+    return torch.optim.AdamW(
+        [
+            {"params": params, "lr": text_lr if is_text else recipe.lr, "weight_decay": 0.0 if no_decay else recipe.weight_decay}
+            for (is_text, no_decay), params in groups.items()
+        ]
+    )
+
+
+def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, epoch: int, keep: int) -> None:
+    """Full training state to checkpoints/step-N, written to a temporary folder first, then renamed."""
+    root = out / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch}), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint under out/checkpoints, or None."""
+    done = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+class _ZeroShotProbe:
+    """Zero-shot accuracy on a fixed labelled split during training (images decoded once)."""
+
+    def __init__(self, data: str | Path, split: str, label_map: str | None, image_size: int):
+        samples, self.label_map = read_plip_data(data, split, label_map)
+        if self.label_map is None:
+            raise ValueError(f"{data}: zero-shot evaluation needs a labelled manifest (.csv)")
+        dataset = PlipDataset(samples, image_size, self.label_map, train=False)
+        self.pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+        self.truth = [s.label for s in samples]
+
+    def accuracy(self, zs: PlipZeroShot) -> float:
+        predicted, _ = zeroshot_predictions(zs, zs.encode_pixels(self.pixels), self.label_map)
+        return sum(p == t for p, t in zip(predicted, self.truth, strict=True)) / len(self.truth)
+
+
+def train_plip(
+    data: str | Path,
+    out: str | Path,
+    recipe: PlipTrainConfig,
+    split: str | None = "train",
+    label_map: str | None = None,
+    eval_data: str | Path | None = None,
+    eval_split: str | None = None,
+    resume: bool = False,
+) -> dict[str, object]:
+    """Pre-train PLIP on caption pairs or a labelled manifest; returns the training summary."""
+    if recipe.preset not in PLIP_PRESETS:
+        raise ValueError(f"unknown PLIP preset {recipe.preset!r}; choose one of {', '.join(PLIP_PRESETS)}")
+    if recipe.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {recipe.mixed_precision!r}")
+    out = Path(out)
+    started = time.time()
+    accelerator = Accelerator(
+        mixed_precision=recipe.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(out),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # With ITM off, its head and the cross-attention get no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.itm_weight == 0)],
+    )
+    set_seed(recipe.seed)
+    main = accelerator.is_main_process
+    samples, labels = read_plip_data(data, split, label_map)
+    model, tokenizer = build_plip(
+        recipe.preset, recipe.text_init, recipe.vision_init, recipe.text_layers, recipe.seed, **recipe.model_overrides()
+    )
+    if recipe.freeze_text_embeddings:
+        model.text_model.embeddings.word_embeddings.requires_grad_(False)
+    dataset = PlipDataset(samples, model.image_size, labels, train=True, seed=recipe.seed)
+    if recipe.cache_images:
+        dataset.cache_images(progress=main)
+    if len(dataset) < recipe.batch_size * accelerator.num_processes:
+        raise ValueError(f"{data}: {len(dataset)} samples, fewer than one global batch ({recipe.batch_size} x "
+                         f"{accelerator.num_processes} processes)")  # fmt: skip
+    loader = DataLoader(
+        dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=True, num_workers=recipe.num_workers,
+        collate_fn=PlipCollator(tokenizer, model.config.max_text_length),
+    )  # fmt: skip
+    pretrainer = PlipPretrainer(model)
+    optimizer = _optimizer(pretrainer, recipe)
+    steps_per_epoch = len(loader) // accelerator.num_processes
+    total_steps = max(1, math.ceil(recipe.epochs * steps_per_epoch))
+    if recipe.max_steps is not None:
+        total_steps = min(total_steps, recipe.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(recipe.warmup_ratio * total_steps), total_steps)
+    pretrainer, optimizer, loader, scheduler = accelerator.prepare(pretrainer, optimizer, loader, scheduler)
+    probe = None
+    if eval_data is not None and main:
+        probe = _ZeroShotProbe(eval_data, eval_split, label_map, model.image_size)
+
+    step = 0
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None and main:
+        print(f"no checkpoint under {out / 'checkpoints'}; starting from scratch")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
+    accelerator.init_trackers("logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None})
+    log_path = out / "train_log.jsonl"
+    log_rows: list[dict[str, object]] = []
+    if checkpoint is not None and log_path.is_file():  # keep the log of the steps being resumed from
+        log_rows = [row for row in map(json.loads, log_path.read_text(encoding="utf-8").splitlines()) if row["step"] <= step]
+    if main:
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in log_rows), encoding="utf-8")
+
+    def record(row: dict[str, object]) -> None:
+        log_rows.append(row)
+        if main:
+            with log_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+    save_every = recipe.save_every or steps_per_epoch
+    generator = torch.Generator().manual_seed(recipe.seed + accelerator.process_index)
+    alpha = model.config.alpha
+
+    def evaluate(at_step: int) -> None:
+        if probe is None:
+            return
+        online = accelerator.unwrap_model(pretrainer).model
+        accuracy = probe.accuracy(PlipZeroShot(online, tokenizer, accelerator.device))
+        online.train()
+        record({"step": at_step, "zeroshot_accuracy": accuracy})
+        accelerator.log({"eval/zeroshot_accuracy": accuracy}, step=at_step)
+
+    if step == 0 and main:
+        evaluate(0)
+    progress = tqdm(total=total_steps, initial=step, desc="PLIP training", disable=not main)
+    pretrainer.train()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
+        for batch in batches:
+            # Soft-target weight ramps up over the first epoch (ALBEF), while the momentum model is still poor.
+            ramp = alpha * min(1.0, step / steps_per_epoch) if epoch == 0 else alpha
+            with accelerator.autocast():
+                output = pretrainer(**batch, alpha=ramp, generator=generator)
+            accelerator.backward(output.loss)
+            if recipe.grad_clip:
+                accelerator.clip_grad_norm_(pretrainer.parameters(), recipe.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            values = torch.stack([output.loss, output.loss_itc, output.loss_itm, output.itm_accuracy]).detach().float()
+            loss, loss_itc, loss_itm, itm_acc = accelerator.reduce(values, reduction="mean").tolist()
+            temperature = float(accelerator.unwrap_model(pretrainer).model.temperature())
+            row = {"step": step, "epoch": epoch, "loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm,
+                   "itm_accuracy": itm_acc, "temperature": temperature, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+            if step % recipe.log_every == 0 or step == total_steps:
+                record(row)
+                accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}", itc=f"{loss_itc:.3f}", itm=f"{loss_itm:.3f}")
+            if main and recipe.eval_every and step % recipe.eval_every == 0 and step < total_steps:
+                evaluate(step)
+            if step % save_every == 0 or step == total_steps:
+                _save_checkpoint(accelerator, out, step, epoch, recipe.keep_checkpoints)
+            if step >= total_steps:
+                break
+    progress.close()
+    if main:
+        evaluate(step)
+    accelerator.end_training()
+    summary: dict[str, object] = {}
+    if main:
+        unwrapped = accelerator.unwrap_model(pretrainer).model
+        unwrapped.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        if labels is not None:
+            (out / "label_map.json").write_text(json.dumps(labels.to_dict(), indent=2), encoding="utf-8")
+        plot_training_curve(log_rows, out / "training_curve.png")
+        last = next((r for r in reversed(log_rows) if "loss" in r), {})
+        accuracies = [r for r in log_rows if "zeroshot_accuracy" in r]
+        summary = {
+            "steps": step, "samples": len(dataset), "processes": accelerator.num_processes,
+            "global_batch": recipe.batch_size * accelerator.num_processes,
+            "wall_seconds": round(time.time() - started, 1), "final_loss": last.get("loss"),
+            "zeroshot_accuracy": accuracies[-1]["zeroshot_accuracy"] if accuracies else None,
+        }  # fmt: skip
+        (out / "training_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    return summary

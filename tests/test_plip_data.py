@@ -1,0 +1,126 @@
+"""PLIP data: manifests and caption JSONL become samples with match keys; captions, augmentation, errors."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pallava.data.labels import LabelMap
+from pallava.models.plip.prompts import CAPTION_TEMPLATES, ZEROSHOT_TEMPLATES, caption_for, class_prompts
+from pallava.models.plip.text_init import load_tokenizer
+from pallava.models.plip.zeroshot import recall_at_k
+from pallava.train.plip_data import PlipCollator, PlipDataset, augment, read_plip_data
+from pallava.train.plip_eval import classification_metrics
+
+
+@pytest.fixture(scope="module")
+def lung() -> Path:
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "lc25000-lung"
+    if not folder.is_dir():
+        pytest.skip("shared data not found")
+    return folder
+
+
+def test_manifest_samples_share_text_keys_within_a_class(lung):
+    samples, label_map = read_plip_data(lung / "manifest.csv", "dev")
+    assert label_map.labels() == ["lung_aca", "lung_n", "lung_scc"]  # picked automatically: the built-in map
+    assert len(samples) == 120
+    by_label: dict[str, set[int]] = {}
+    for sample in samples:
+        by_label.setdefault(sample.label, set()).add(sample.text_key)
+    assert all(len(keys) == 1 for keys in by_label.values())
+    assert len({next(iter(k)) for k in by_label.values()}) == 3
+    assert len({s.image_key for s in samples}) == 120
+
+
+def test_caption_jsonl_keys_identical_captions_alike(tmp_path, lung):
+    image = next((lung / "images" / "lung_n").iterdir())
+    lines = [
+        {"image": str(image), "caption": "Benign  lung tissue."},
+        {"image": str(image), "caption": "benign lung tissue."},
+        {"image": str(image), "caption": "Alveoli with thin septa.", "split": "dev"},
+    ]
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    samples, label_map = read_plip_data(path, split="train")
+    assert label_map is None and len(samples) == 2  # the dev record is filtered out
+    assert samples[0].text_key == samples[1].text_key
+    assert samples[0].caption == "Benign  lung tissue."
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [('{"image": "x.png"}\n', "line 1: field 'caption'"), ("not json\n", "line 1: not valid JSON"),
+     ('{"image": "missing.png", "caption": "a"}\n', "line 1: field 'image': file not found")],
+)  # fmt: skip
+def test_bad_caption_records_name_the_line_and_field(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_plip_data(path, None)
+
+
+def test_labels_outside_the_label_map_are_rejected(tmp_path, lung):
+    manifest = tmp_path / "m.csv"
+    image = next((lung / "images" / "lung_n").iterdir())
+    manifest.write_text(f"path,label\n{image},mystery\n")
+    with pytest.raises(ValueError, match="no built-in label map covers"):
+        read_plip_data(manifest, None)
+    with pytest.raises(ValueError, match=r"\['mystery'\] are not in the label map"):
+        read_plip_data(manifest, None, label_map="lc25000-lung")
+
+
+def test_captions_vary_with_epoch_and_name_the_class(lung):
+    samples, label_map = read_plip_data(lung / "manifest.csv", "dev")
+    dataset = PlipDataset(samples[:4], 224, label_map, seed=0)
+    first = [dataset[i]["caption"] for i in range(4)]
+    assert first == [dataset[i]["caption"] for i in range(4)]  # reproducible
+    dataset.set_epoch(1)
+    assert first != [dataset[i]["caption"] for i in range(4)]
+    names = label_map[samples[0].label].all_names()
+    assert any(name in first[0] for name in names)
+    item = dataset[0]
+    assert item["pixel_values"].shape == (3, 224, 224)
+    assert item["match_keys"].tolist() == [samples[0].image_key, samples[0].text_key]
+
+
+def test_collator_pads_and_truncates(lung):
+    samples, label_map = read_plip_data(lung / "manifest.csv", "dev")
+    dataset = PlipDataset(samples[:3], 224, label_map, train=False)
+    batch = PlipCollator(load_tokenizer(), 30)([dataset[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (3, 3, 224, 224)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[1] <= 30
+    assert batch["match_keys"].shape == (3, 2)
+
+
+def test_augment_keeps_shape_range_and_content():
+    rng = random.Random(0)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = augment(image, rng)
+    assert out.shape == image.shape and out.min() >= 0 and out.max() <= 255
+    # A rotation/flip with jitter: the sorted intensities move only a little.
+    assert np.abs(np.sort(out.ravel()) - np.sort(image.astype(np.float32).ravel())).mean() < 20
+
+
+def test_prompts_cover_every_class_name():
+    label_map = LabelMap.builtin("lc25000-lung")
+    prompts = class_prompts(label_map)
+    assert len(prompts) == 3
+    assert all(len(p) == len(ZEROSHOT_TEMPLATES) * len(info.all_names()) for p, info in zip(prompts, label_map.values(), strict=True))
+    assert "an H&E image of lung adenocarcinoma." in prompts[0]
+    rng = random.Random(0)
+    captions = {caption_for(label_map["lung_n"], rng) for _ in range(200)}
+    assert len(captions) > 30
+    assert len(CAPTION_TEMPLATES) >= 10
+
+
+def test_classification_metrics_and_recall():
+    report = classification_metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"], ["a", "b", "c"])
+    assert report["accuracy"] == 0.75 and report["n"] == 4
+    assert report["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert report["per_class"]["a"]["recall"] == 0.5
+    similarity = np.array([[0.9, 0.1, 0.0], [0.2, 0.1, 0.8], [0.0, 0.5, 0.4]])
+    recall = recall_at_k(similarity, np.eye(3, dtype=bool), ks=(1, 2))
+    assert recall == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(2 / 3)}

@@ -1,0 +1,174 @@
+"""PLIP model: text-tower init parity, ITM uses the image, save/load, vision export into the assistant, converter."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import BertModel, CLIPVisionModel
+
+from pallava.models.plip import PlipConfig, PlipZeroShot, build_plip, export_vision_tower, plip_config
+from pallava.models.plip.convert import convert_plip_checkpoint, load_vision_tower
+from pallava.models.plip.pretraining import PlipPretrainer
+from pallava.models.plip.text_init import load_tokenizer, minilm_dir
+from pallava.models.presets import load_preset, tiny_vision_config
+
+
+@pytest.fixture(scope="module")
+def crc_images():
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples" / "crc"
+    if not folder.is_dir():
+        pytest.skip("shared data not found")
+    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*"))[:3]]
+
+
+@pytest.fixture(scope="module")
+def plip():
+    model, tokenizer = build_plip("tiny", text_layers=1, seed=0)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved(plip, tmp_path_factory):
+    model, tokenizer = plip
+    path = tmp_path_factory.mktemp("plip")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+def test_text_tower_from_minilm_reproduces_bert_hidden_states():
+    model, tokenizer = build_plip("tiny", seed=0)
+    bert = BertModel.from_pretrained(str(minilm_dir())).eval()
+    tokens = tokenizer(["an H&E image of lung adenocarcinoma.", "benign lung tissue"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(**tokens).last_hidden_state
+        got = model.eval().text_states(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert model.config.text_config.encoder_hidden_size == model.config.vision_config.hidden_size == 128
+
+
+def test_features_are_normalised_and_shaped(plip):
+    model, tokenizer = plip
+    tokens = tokenizer(["a", "lung squamous cell carcinoma"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        images = model.get_image_features(_pixels())
+        texts = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+        logits = model(_pixels(), tokens["input_ids"], tokens["attention_mask"])
+    assert images.shape == texts.shape == (2, model.config.embed_dim)
+    torch.testing.assert_close(images.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(logits, images @ texts.t() / model.config.temp_init)
+
+
+def test_itm_cross_attends_to_the_image(plip):
+    model, tokenizer = plip
+    tokens = tokenizer(["benign lung tissue"] * 2, return_tensors="pt")
+    with torch.no_grad():
+        image_tokens = model.image_tokens(_pixels(2, seed=1))
+        logits = model.itm_logits(image_tokens, tokens["input_ids"], tokens["attention_mask"])
+    assert logits.shape == (2, 2)
+    assert not torch.allclose(logits[0], logits[1])  # same text, different images
+    with pytest.raises(ValueError, match="pairs must align"):
+        model.itm_logits(image_tokens[:1], tokens["input_ids"], tokens["attention_mask"])
+
+
+def test_save_load_round_trip_gives_identical_features(plip, saved, crc_images):
+    model, tokenizer = plip
+    zs = PlipZeroShot.from_pretrained(saved)
+    assert isinstance(zs.model.config, PlipConfig)
+    assert zs.model.config.text_config.num_hidden_layers == 1
+    texts = ["an H&E image of lung adenocarcinoma.", "normal lung"]
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected_texts = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(zs.encode_texts(texts), expected_texts, rtol=0, atol=0)
+    expected = PlipZeroShot(model, tokenizer).encode_images(crc_images)
+    torch.testing.assert_close(zs.encode_images(crc_images, batch_size=2), expected, rtol=0, atol=0)
+    proba = zs.predict_proba(crc_images, [["adipose tissue", "fat"], ["debris"], ["lymphocytes"]])
+    assert proba.shape == (3, 3)
+    assert proba.sum(axis=1) == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+
+
+def test_exported_vision_tower_loads_into_the_assistant_with_identical_features(plip, saved, tmp_path):
+    model, _ = plip
+    out = export_vision_tower(saved, tmp_path / "vision")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    tower = CLIPVisionModel.from_pretrained(out).eval()
+    pixels = _pixels(2, seed=2)
+    with torch.no_grad():
+        expected = model.vision_model(pixels, output_hidden_states=True)
+        got = tower(pixels, output_hidden_states=True)
+        for mine, theirs in zip(expected.hidden_states, got.hidden_states, strict=True):
+            torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+        assistant, _ = load_preset("tiny", vision_path=out)
+        crops = assistant.eval().encode_crops(pixels[:, None], torch.zeros(2, 0, dtype=torch.bool))
+    layer = assistant.config.vision_feature_layer
+    torch.testing.assert_close(crops[:, 0], expected.hidden_states[layer][:, 1:], rtol=0, atol=0)
+
+
+def test_converter_maps_the_authors_key_layout(tmp_path):
+    source = CLIPVisionModel(tiny_vision_config()).eval()
+    released = {}
+    for key, value in source.state_dict().items():  # the released file's layout
+        released["vision_model." + key.replace("post_layernorm", "post_layrnorm")] = value.clone()
+    released["vision_model.embeddings.position_ids"] = torch.arange(50).unsqueeze(0)
+    folder = tmp_path / "plip"
+    folder.mkdir()
+    torch.save(released, folder / "plip_80w_196token.bin")
+    tiny_vision_config().save_pretrained(folder)
+    out = convert_plip_checkpoint(folder / "plip_80w_196token.bin", tmp_path / "converted")
+    converted = CLIPVisionModel.from_pretrained(out).eval()
+    pixels = _pixels(1, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(pixels).pooler_output, source(pixels).pooler_output, rtol=0, atol=0)
+    del released["vision_model.post_layrnorm.weight"]
+    torch.save(released, folder / "plip_80w_196token.bin")
+    with pytest.raises(ValueError, match="post_layernorm.weight"):
+        load_vision_tower(folder / "plip_80w_196token.bin")
+
+
+def test_vision_init_from_a_clip_folder(tmp_path):
+    source = CLIPVisionModel(tiny_vision_config())
+    source.save_pretrained(tmp_path / "clip")
+    model, _ = build_plip("tiny", text_init="scratch", vision_init=tmp_path / "clip", text_layers=1)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.vision_model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_momentum_pretrainer_clamps_temperature_and_fills_the_queue():
+    model, tokenizer = build_plip("tiny", text_layers=1, use_momentum=True, queue_size=8, itm_max_pairs=2)
+    pretrainer = PlipPretrainer(model)
+    assert not any(p.requires_grad for p in pretrainer.momentum_model.parameters())
+    with torch.no_grad():
+        model.temp.fill_(3.0)
+    tokens = tokenizer(["benign lung tissue", "lung adenocarcinoma", "benign lung"], padding=True, return_tensors="pt")
+    keys = torch.tensor([[1, 10], [2, 20], [3, 10]])
+    output = pretrainer(_pixels(3), tokens["input_ids"], tokens["attention_mask"], keys)
+    output.loss.backward()
+    assert model.temp.item() == pytest.approx(model.config.temp_max)
+    assert torch.isfinite(output.loss) and output.loss_itm > 0
+    assert model.vision_model.embeddings.patch_embedding.weight.grad is not None
+    assert int(pretrainer.queue_ptr) == 3
+    assert pretrainer.key_queue[:3].tolist() == keys.tolist()
+    torch.testing.assert_close(pretrainer.image_queue[:3].norm(dim=1), torch.ones(3))
+
+
+def test_tokenizer_caps_text_at_30_tokens():
+    tokenizer = load_tokenizer()
+    ids = tokenizer(["word " * 100], truncation=True, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == 30
+
+
+def test_config_round_trips_through_json(tmp_path):
+    plip_config("paper").save_pretrained(tmp_path)
+    loaded = PlipConfig.from_pretrained(tmp_path)
+    assert loaded.text_config.is_decoder and loaded.text_config.encoder_hidden_size == 768
+    assert (loaded.vision_config.patch_size, loaded.text_config.num_hidden_layers) == (16, 12)
+    assert (loaded.embed_dim, loaded.temp_init, loaded.max_text_length) == (256, 0.07, 30)
+    assert (loaded.use_momentum, loaded.momentum, loaded.queue_size) == (True, 0.995, 57600)
+    with pytest.raises(ValueError, match="temp_init"):
+        PlipConfig(temp_init=0.9)
