@@ -51,6 +51,19 @@ def lora_config_from(settings: dict) -> LoraConfig:
     )
 
 
+def restride_head_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of the LM head: give a sliced (B, k, H) input standard strides.
+
+    `logits_to_keep` slices the last positions out of (B, L, H) as a view whose batch stride is still L*H.
+    torch's CPU bf16 matmul then copies the whole (vocabulary x H) weight before multiplying: seconds per
+    prompt for a 128k vocabulary. Copying the k kept rows instead costs nothing.
+    """
+    hidden = args[0]
+    if hidden.dim() == 3 and hidden.stride(0) != hidden.shape[1] * hidden.shape[2]:
+        return (hidden.clone(memory_format=torch.contiguous_format), *args[1:])
+    return None
+
+
 class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
     """The assistant. Images arrive as `pixel_values` (N, 1+T, 3, S, S) with `tile_mask` (N, T);
     each `<image>` token run in `input_ids` is replaced by the connector's P embeddings."""
@@ -65,6 +78,7 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         self.vision_tower = vision_tower or CLIPVisionModel(config.vision_config)
         self.connector = ScaleInvariantConnector(config.connector_config)
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model.get_output_embeddings().register_forward_pre_hook(restride_head_input)
         self.post_init()
         # LoRA after post_init: the generic init must not overwrite LoRA's zero-initialised B matrices.
         if config.lora:
