@@ -4,8 +4,6 @@
 OpenAI-style error body `{"error": {"message", "type", "param", "code"}}` and never stops the server.
 """
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import json
@@ -31,14 +29,15 @@ from pallava.inference import Completion, PaLlava
 from pallava.processing.image import DEFAULT_MAX_PIXELS
 from pallava.serve.engine import BatchingEngine, EngineUnavailable, GenerationOptions, GenerationTimeout, Job
 from pallava.serve.images import load_request_image
-from pallava.serve.protocol import APIError, ChatCompletionRequest, check_options, error_body, to_conversation
+from pallava.serve.protocol import APIError, ChatCompletionRequest, error_body, request_model, to_conversation
 
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 # How long past its deadline a request waits for the worker (a prefill step cannot be interrupted).
 RESULT_GRACE_S = 1.0
-_UNION_TAGS = {"text", "image_url"}  # pydantic puts the tag of a tagged union into error locations
+# Pydantic puts the tag of a tagged union (content part type, message role) into error locations.
+_UNION_TAGS = {"text", "image_url", "system", "developer", "user", "assistant"}
 
 
 @dataclass
@@ -178,9 +177,10 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
             )  # fmt: skip
         return conversation, images, prompt_tokens
 
+    RequestModel = request_model(settings.max_tokens_limit)  # a class, built per server for its limit
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
-        check_options(request, settings.max_tokens_limit)
+    async def chat_completions(request: RequestModel):
         max_new_tokens = request.max_completion_tokens or request.max_tokens or settings.default_max_tokens
         options = GenerationOptions(max_new_tokens, request.temperature or 0.0, request.top_p or 1.0)
         conversation, images, _ = await run_in_threadpool(prepare, request, max_new_tokens)
@@ -380,7 +380,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> "BackgroundServer":
         self._thread = threading.Thread(target=self.server.run, name="pallava-server", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + self.start_timeout_s

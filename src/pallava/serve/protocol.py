@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 from pallava.processing.processor import Turn
 from pallava.processing.tokenizer import IMAGE
@@ -63,10 +63,25 @@ class ImagePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class Message(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+class SystemMessage(_Lenient):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
     name: str | None = None
+
+
+class UserMessage(_Lenient):
+    role: Literal["user"]
+    content: str | Annotated[list[ContentPart], Field(min_length=1)]
+    name: str | None = None
+
+
+class AssistantMessage(_Lenient):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
 
 
 class StreamOptions(_Lenient):
@@ -74,7 +89,11 @@ class StreamOptions(_Lenient):
 
 
 class ChatCompletionRequest(_Lenient):
-    """`POST /v1/chat/completions` body. `temperature` defaults to 0 (greedy), as in the paper's evaluation."""
+    """`POST /v1/chat/completions` body. `temperature` defaults to 0 (greedy), as in the paper's evaluation.
+
+    The server subclasses it with its own `max_tokens` bound (`request_model`), so the OpenAPI schema
+    states the limit.
+    """
 
     model: str = ""
     messages: list[Message] = Field(min_length=1)
@@ -82,32 +101,33 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=1, description="one choice per request")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    tools: list[dict] | None = None
+    stop: None = Field(default=None, description="stop sequences are not supported")
+    tools: list[dict] | None = Field(default=None, max_length=0, description="tools are not supported")
+
+    @field_validator("stop", "tools", mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, value: object, info: ValidationInfo) -> None:
+        if value:
+            raise ValueError(f"'{info.field_name}' is not supported by this server")
+        return None
+
+
+def request_model(max_tokens_limit: int) -> type[ChatCompletionRequest]:
+    """The request model with this server's upper bound on `max_tokens` / `max_completion_tokens`."""
+    bound = {"default": None, "ge": 1, "le": max_tokens_limit}
+    return create_model(
+        "ChatCompletionRequest",
+        __base__=ChatCompletionRequest,
+        max_tokens=(int | None, Field(**bound)),
+        max_completion_tokens=(int | None, Field(**bound)),
+    )
 
 
 # --- messages -> conversation -------------------------------------------------------------------------
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def check_options(request: ChatCompletionRequest, max_tokens_limit: int) -> None:
-    """Refuse options the assistant cannot honour, naming the field."""
-    if request.n not in (None, 1):
-        raise APIError(400, f"n={request.n} is not supported: one choice per request", param="n")
-    if request.stop:
-        raise APIError(400, "stop sequences are not supported", param="stop")
-    if request.tools:
-        raise APIError(400, "tools are not supported by this model", param="tools")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = getattr(request, name)
-        if value is not None and value > max_tokens_limit:
-            raise APIError(
-                400, f"{name}={value} is over this server's limit of {max_tokens_limit}", param=name,
-                code="max_tokens_too_large",
-            )  # fmt: skip
 
 
 def to_conversation(
@@ -121,20 +141,12 @@ def to_conversation(
     conversation: list[Turn] = []
     images: list[tuple[str, str]] = []
     for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        parts = (
-            [TextPart(type="text", text=message.content)]
-            if isinstance(message.content, str)
-            else message.content
-        )
-        if parts is None or (message.role == "user" and not parts):
-            raise APIError(400, f"{where}.content is missing", param=f"{where}.content")
+        content = message.content if message.content is not None else ""
+        parts = [TextPart(type="text", text=content)] if isinstance(content, str) else content
         pieces = []
         for number, part in enumerate(parts):
-            param = f"{where}.content[{number}]"
-            if isinstance(part, ImagePart):
-                if message.role != "user":
-                    raise APIError(400, f"{param}: images are only accepted in user messages", param=param)
+            param = f"messages[{index}].content[{number}]"
+            if isinstance(part, ImagePart):  # user messages only, by the schema
                 images.append((f"{param}.image_url.url", part.image_url.url))
                 pieces.append(IMAGE)
                 continue
