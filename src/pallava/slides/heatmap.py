@@ -18,7 +18,6 @@ from pallava.slides.tiling import TileGrid
 from pallava.slides.tissue import TissueMask
 
 OVERLAY_ALPHA = 0.55
-LEGEND_HEIGHT = 44
 
 
 def slug(name: str) -> str:
@@ -34,26 +33,28 @@ def probability_grid(grid: TileGrid, values: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def _legend(width: int, title: str, colormap: str) -> Image.Image:
-    """A strip with the title and a 0..1 colour bar."""
-    strip = Image.new("RGB", (width, LEGEND_HEIGHT), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    font = ImageFont.load_default(size=14)
-    draw.text((6, 4), title, fill=(0, 0, 0), font=font)
-    bar_width = max(40, min(240, width // 3))
-    left = width - bar_width - 30
-    ramp = (colormaps[colormap](np.linspace(0, 1, bar_width))[:, :3] * 255).astype(np.uint8)
-    strip.paste(Image.fromarray(np.repeat(ramp[None], 12, axis=0)), (left, 6))
-    draw.text((left - 14, 4), "0", fill=(0, 0, 0), font=font)
-    draw.text((left + bar_width + 4, 4), "1", fill=(0, 0, 0), font=font)
-    draw.text((6, 24), "probability per tile (uncoloured: no tissue tile)", fill=(90, 90, 90), font=font)
-    return strip
+def _caption(image: Image.Image, title: str, note: str = "", colormap: str | None = None) -> Image.Image:
+    """`image` above a white strip with a title, an optional grey note and an optional 0..1 colour bar.
 
-
-def _with_legend(image: Image.Image, title: str, colormap: str = "viridis") -> Image.Image:
-    framed = Image.new("RGB", (image.width, image.height + LEGEND_HEIGHT), (255, 255, 255))
+    Text scales with the image width so that it stays readable on large thumbnails.
+    """
+    size = max(12, image.width // 64)
+    font = ImageFont.load_default(size=size)
+    height = round(size * (3.0 if note else 1.8))
+    framed = Image.new("RGB", (image.width, image.height + height), (255, 255, 255))
     framed.paste(image, (0, 0))
-    framed.paste(_legend(image.width, title, colormap), (0, image.height))
+    draw = ImageDraw.Draw(framed)
+    top = image.height + size // 3
+    draw.text((size // 2, top), title, fill=(0, 0, 0), font=font)
+    if note:
+        draw.text((size // 2, top + round(size * 1.3)), note, fill=(90, 90, 90), font=font)
+    if colormap:
+        bar_width = max(40, image.width // 4)
+        left = image.width - bar_width - 2 * size
+        ramp = (colormaps[colormap](np.linspace(0, 1, bar_width))[:, :3] * 255).astype(np.uint8)
+        framed.paste(Image.fromarray(np.repeat(ramp[None], size, axis=0)), (left, top))
+        draw.text((left - size, top), "0", fill=(0, 0, 0), font=font)
+        draw.text((left + bar_width + size // 3, top), "1", fill=(0, 0, 0), font=font)
     return framed
 
 
@@ -85,31 +86,29 @@ def render_heatmap(
 ) -> Path:
     """Save the thumbnail with one class's tile probabilities overlaid, and a legend."""
     overlay = heatmap_overlay(thumbnail, thumb_downsample, grid, probabilities)
-    _with_legend(overlay, f"P({class_name})").save(path, compress_level=3)
+    note = "probability per tile; uncoloured: no tissue tile"
+    _caption(overlay, f"P({class_name})", note, colormap="viridis").save(path, compress_level=3)
     return Path(path)
 
 
 def render_tissue(thumbnail: Image.Image, mask: TissueMask, grid: TileGrid, path: str | Path) -> Path:
-    """Save the thumbnail with the tissue mask tinted green and the kept tiles outlined."""
+    """Save the thumbnail with the background (not tissue) tinted blue and the kept tiles outlined in green."""
     image = thumbnail.convert("RGBA")
     tint = np.zeros((*mask.mask.shape, 4), dtype=np.uint8)
-    tint[mask.mask] = (30, 200, 60, 90)
+    tint[~mask.mask] = (40, 90, 220, 70)  # tissue keeps its stain colours
     tint_image = Image.fromarray(tint, mode="RGBA").resize(image.size, Image.Resampling.NEAREST)
     image = Image.alpha_composite(image, tint_image).convert("RGB")
     draw = ImageDraw.Draw(image)
     scale = image.width * mask.downsample / mask.mask.shape[1]  # level-0 px per output px
+    line = max(1, image.width // 500)
     for tile in grid.tiles:
         x0, y0 = tile.x / scale, tile.y / scale
-        draw.rectangle((x0, y0, x0 + tile.w / scale, y0 + tile.h / scale), outline=(0, 0, 0), width=1)
+        draw.rectangle((x0, y0, x0 + tile.w / scale, y0 + tile.h / scale), outline=(0, 130, 0), width=line)
     title = (
-        f"tissue: {mask.fraction:.0%} of the thumbnail, {len(grid)} tiles of {grid.level0_side} level-0 px"
+        f"tissue: {mask.fraction:.0%} of the thumbnail; {len(grid)} tiles of {grid.level0_side} level-0 px"
     )
-    strip = Image.new("RGB", (image.width, 24), (255, 255, 255))
-    ImageDraw.Draw(strip).text((6, 4), title, fill=(0, 0, 0), font=ImageFont.load_default(size=14))
-    framed = Image.new("RGB", (image.width, image.height + 24), (255, 255, 255))
-    framed.paste(image, (0, 0))
-    framed.paste(strip, (0, image.height))
-    framed.save(path, compress_level=3)
+    note = "blue: background (no tissue); green squares: the tiles kept"
+    _caption(image, title, note).save(path, compress_level=3)
     return Path(path)
 
 
