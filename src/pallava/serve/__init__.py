@@ -1,0 +1,7 @@
+"""The doors to a trained assistant.
+
+`app` (OpenAI-compatible HTTP API: `create_app`, `ServerSettings`, `run_server`, `BackgroundServer`),
+`engine` (batched generation behind the API), `protocol` (request models, errors), `images` (safe image
+URLs), `chat` (terminal chat), `predict` (resumable JSONL batch prediction), `ui` (Gradio web page with the
+connector's heat map). Import the submodule you need; this package imports nothing heavy.
+"""

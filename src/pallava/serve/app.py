@@ -45,7 +45,7 @@ class ServerSettings:
     """Behaviour and limits of the API server; each limit is enforced on every request."""
 
     model_name: str = "pallava"
-    api_key: str | None = None  # when set, every /v1 route needs `Authorization: Bearer <key>`
+    api_key: str | None = None  # when set, every route but PUBLIC_PATHS needs `Authorization: Bearer <key>`
     allow_local_dir: Path | None = None  # image paths relative to this folder; None refuses local paths
     max_body_bytes: int = 32 * 2**20
     max_image_bytes: int = 16 * 2**20
@@ -76,6 +76,8 @@ class ServerSettings:
 
 
 class BodyTooLarge(StarletteHTTPException):
+    """A 413 raised while a chunked body is read, answered by the app's HTTP error handler."""
+
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is over the limit of {limit:,} bytes")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 from PIL import Image
@@ -25,7 +26,7 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def ask(self, question: str):
+    def ask(self, question: str) -> Iterator[str]:
         """Yield the answer piece by piece; the turn joins the history once the answer is complete."""
         if IMAGE in question:
             raise ValueError(f"the text {IMAGE!r} is reserved for the image; rephrase the question")

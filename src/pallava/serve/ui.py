@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -15,6 +16,9 @@ from PIL import Image
 
 from pallava.inference import PaLlava
 from pallava.processing.image import load_image
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 BROWSER_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what a browser can show as-is
@@ -76,7 +80,7 @@ def browser_ready(paths: Sequence[Path], folder: Path) -> list[Path]:
     return ready
 
 
-def build_ui(assistant: PaLlava, examples: Sequence[Path] = (), max_tokens: int = 64):
+def build_ui(assistant: PaLlava, examples: Sequence[Path] = (), max_tokens: int = 64) -> gr.Blocks:
     """The Gradio page: image + question in, answer + heat-map overlay out."""
     import gradio as gr
 
@@ -131,7 +135,7 @@ def launch_ui(
     max_file_size: str = "32mb",
     block: bool = True,
     max_tokens: int = 64,
-):
+) -> gr.Blocks:
     """Serve the page; with `block=False` return the running Blocks (for tests and notebooks)."""
     converted = Path(tempfile.mkdtemp(prefix="pallava-ui-"))  # browser-viewable copies of TIFF examples
     atexit.register(shutil.rmtree, converted, ignore_errors=True)
