@@ -187,7 +187,7 @@ class Quickstart:
                          "--labels", self.s.labels, "--seed", self.s.seed, "--out", data / "vqa-train.jsonl")  # fmt: skip
         self.run_command("data", "build", "--kind", "stage2", "--input", data / "vqa-train.jsonl",
                          "--out", data / "stage2.jsonl")  # fmt: skip
-        smoke = ["train.max_steps=2"] if self.s.smoke else []
+        smoke = ["train.max_steps=2", "train.batch_size=4"] if self.s.smoke else []
         recipe = CONFIGS / "assistant-tiny.yaml"
         vision = f"model.vision_path={self.out / 'plip-vision'}"
         self.run_command("train", "--stage", "align", "--config", recipe, "--data", data / "stage1.jsonl",

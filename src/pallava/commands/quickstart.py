@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -18,7 +19,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    Quickstart(settings).run()
+    try:
+        Quickstart(settings).run()
+    except RuntimeError as error:  # a step's command failed; it printed its own error above
+        print(f"pallava quickstart: stopped: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,62 @@
+"""The quickstart's pipeline, shortened (a few images and steps), end to end on the real shared tiles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from pallava.cli import main
+
+
+@pytest.fixture(scope="module")
+def smoke_run(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    code = main(["quickstart", "--smoke", "--no-progress", "--out", str(out),
+                 "--data", str(shared_data / "lc25000-lung"), "--samples", str(shared_data / "samples")])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_cleaning_rejects_the_contaminants_and_keeps_every_record_once(smoke_run):
+    clean = smoke_run / "corpus" / "clean"
+    raw = [json.loads(line)["id"] for line in (smoke_run / "corpus" / "raw.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (clean / "kept.jsonl").read_text().splitlines()]
+    rejected = [json.loads(line) for line in (clean / "rejected.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in kept + rejected) == sorted(raw)
+    rejected_ids = {r["id"] for r in rejected}
+    assert {i for i in raw if i.startswith(("photo-", "non-human-", "corrupt"))} == rejected_ids
+    assert all(r.get("source") != "contaminant" for r in kept)
+
+
+def test_models_load_and_answer(smoke_run, lung_tiles):
+    from pallava.inference import PaLlava
+    from pallava.models.plip import PlipZeroShot
+
+    assistant = PaLlava.from_pretrained(smoke_run / "assistant")
+    assert isinstance(assistant.ask(lung_tiles[0], "What is the diagnosis?", max_new_tokens=4), str)
+    probabilities = PlipZeroShot.from_pretrained(smoke_run / "plip").predict_proba(
+        [Image.open(lung_tiles[1])], [["benign lung tissue"], ["lung adenocarcinoma"]]
+    )
+    assert probabilities.shape == (1, 2) and abs(float(probabilities.sum()) - 1) < 1e-5
+
+
+def test_reports_and_summary_are_written(smoke_run):
+    reports = smoke_run / "reports"
+    vqa = json.loads((reports / "vqa" / "report.json").read_text())
+    assert {"closed", "open"} <= set(vqa) and vqa["closed"]["n"] > 0
+    plip = json.loads((reports / "plip-zeroshot" / "report.json").read_text())
+    assert plip["n"] == 6  # 2 dev images per class in the smoke subset
+    summary = json.loads((reports / "summary.json").read_text())
+    assert [step["name"] for step in summary] == ["1-corpus", "2-plip", "3-assistant", "4-evaluation", "5-example"]
+    assert list(reports.glob("**/*.png")), "reports come with plots"
+
+
+def test_rerun_skips_completed_steps(smoke_run, shared_data, capsys):
+    code = main(["quickstart", "--smoke", "--no-progress", "--out", str(smoke_run),
+                 "--data", str(shared_data / "lc25000-lung"), "--samples", str(shared_data / "samples")])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already complete, skipped") == 5
+    assert "$ pallava" not in printed  # no step ran a command again
