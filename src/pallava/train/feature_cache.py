@@ -171,9 +171,9 @@ class FeatureCache:
             for i, key in enumerate(keys):
                 cols, rows = (int(v) for v in batch["grids"][i])
                 pending[key] = (features[i, : 1 + cols * rows].clone(), (cols, rows))
-            if len(pending) >= self.shard_size:
-                self.write_shard(pending, writer)
-                pending = {}
+            while len(pending) >= self.shard_size:
+                ready = list(pending)[: self.shard_size]
+                self.write_shard({key: pending.pop(key) for key in ready}, writer)
             bar.update(len(keys))
         if pending:
             self.write_shard(pending, writer)

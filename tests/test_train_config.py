@@ -1,0 +1,68 @@
+"""Recipes: shared sections + per-stage sections + overrides, strict keys and types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pallava.train.config import load_recipe, parse_overrides, recipe_differences
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_stage_sections_and_overrides_merge_in_order(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "optim: {lr: 1.0e-4}\ntrain: {epochs: 2, batch_size: 4}\n"
+        "stages:\n  instruct:\n    optim: {lr_lora: 2.0e-4}\n    train: {epochs: 5}\n"
+    )
+    align = load_recipe(path, "align", ["data.path=x.jsonl"])
+    assert (align.optim.lr, align.optim.lr_lora, align.train.epochs) == (1e-4, None, 2)
+    instruct = load_recipe(path, "instruct", ["train.epochs=7", "optim.lr=3e-4", "trainable.llm=true"])
+    assert instruct.stage == "instruct"
+    assert instruct.train.epochs == 7 and instruct.train.batch_size == 4
+    assert instruct.optim.lr == pytest.approx(3e-4)  # YAML reads 3e-4 as text; the field type makes it a float
+    assert instruct.optim.lr_lora == pytest.approx(2e-4)
+    assert instruct.trainable.llm is True
+    assert set(recipe_differences(align.to_dict(), instruct.to_dict())) == {
+        "stage", "data.path", "optim.lr", "optim.lr_lora", "trainable.llm", "train.epochs"
+    }
+
+
+def test_unknown_keys_and_bad_values_name_the_file_and_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim: {learning_rate: 1}\n")
+    with pytest.raises(ValueError, match=r"r\.yaml: optim: unknown key\(s\) \['learning_rate'\]"):
+        load_recipe(path, "align")
+    with pytest.raises(ValueError, match=r"train\.batch_size: expected int"):
+        load_recipe(None, "align", ["train.batch_size=many"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ValueError, match="stage must be one of"):
+        load_recipe(None, "pretrain")
+    with pytest.raises(ValueError, match="no training data"):
+        load_recipe(None, "align").validate()
+    bad = load_recipe(None, "align", ["data.path=x", "feature_cache.enabled=true", "trainable.vision=true"])
+    with pytest.raises(ValueError, match="frozen vision tower"):
+        bad.validate()
+
+
+def test_shipped_recipes_load_for_both_stages():
+    for name in ("assistant-tiny.yaml", "assistant-paper.yaml"):
+        for stage in ("align", "instruct"):
+            recipe = load_recipe(CONFIGS / name, stage, ["data.path=x.jsonl"])
+            recipe.validate()
+    paper = {stage: load_recipe(CONFIGS / "assistant-paper.yaml", stage) for stage in ("align", "instruct")}
+    # The paper's hyper-parameters (PA-LLAVA.md, Training).
+    assert (paper["align"].train.batch_size, paper["align"].train.grad_accum, paper["align"].train.epochs) == (6, 6, 9)
+    assert paper["align"].optim.lr == pytest.approx(1e-4)
+    assert (paper["instruct"].train.batch_size, paper["instruct"].train.grad_accum, paper["instruct"].train.epochs) == (6, 4, 12)
+    assert paper["instruct"].optim.lr_lora == pytest.approx(2e-4)
+    assert paper["instruct"].optim.lr_connector == pytest.approx(1e-4)
+    for recipe in paper.values():
+        assert recipe.optim.warmup_ratio == pytest.approx(0.03) and recipe.optim.max_grad_norm == 1.0
+        assert recipe.optim.weight_decay == 0.0 and recipe.optim.betas == [0.9, 0.999]
+        assert not recipe.trainable.vision and not recipe.trainable.llm
+        assert recipe.trainable.connector and recipe.trainable.lora
+        assert recipe.train.mixed_precision == "bf16"

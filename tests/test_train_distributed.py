@@ -1,0 +1,65 @@
+"""Two processes under `accelerate launch` on CPU give the single process's losses on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pallava.train.config import load_recipe
+from pallava.train.feedback import read_jsonl
+from pallava.train.trainer import train
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _overrides(manifest: Path, cache: Path, batch_size: int) -> list[str]:
+    return [f"data.path={manifest}", "data.limit=12", f"train.batch_size={batch_size}", f"train.max_steps={STEPS}",
+            "train.cpu_threads=1", "optim.lr=3e-3", "optim.warmup_ratio=0", "checkpoint.every=2",
+            "logging.tensorboard=false", "logging.num_samples=0", f"feature_cache.dir={cache}"]  # fmt: skip
+
+
+def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path):
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
+    single = train(load_recipe(CONFIG, "align", _overrides(manifest, tmp_path / "cache-1", 4)), tmp_path / "single",
+                   progress=False)  # fmt: skip
+
+    double = tmp_path / "double"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "pallava.cli", "train", "--stage", "align",
+               "--config", str(CONFIG), "--out", str(double), "--no-progress",
+               *_overrides(manifest, tmp_path / "cache-2", 2)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch 4" in result.stdout
+
+    one, two = read_jsonl(single / "metrics.jsonl"), read_jsonl(double / "metrics.jsonl")
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two, strict=True):
+        assert b["tokens"] == a["tokens"]  # the same samples in every global batch
+        assert b["samples_per_s"] > 0
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), b["step"]
+    # The feature cache was filled by both processes (each encoded its share) and read by both.
+    assert len(list((tmp_path / "cache-2").rglob("features-r1-*.safetensors"))) == 1
+    # The same trained weights, and a checkpoint holding one RNG state per process.
+    ckpt = double / "checkpoints" / "ckpt-0000002"
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    a = load_file(single / "model.safetensors")
+    b = load_file(double / "model.safetensors")
+    for name in (n for n in a if n.startswith("connector.")):
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
