@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class _Entry:
     size: tuple[int, int] | None = None
     rejection: tuple[str, Verdict] | None = None
     stop: Verdict | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class JudgeStopped(ValueError):
@@ -176,8 +175,8 @@ def _integrity(job: tuple[str, int]) -> tuple[bool, str, str, str | None, tuple[
 
 
 class _Cleaner:
-    def __init__(self, input_path: Path, out: Path, config: CleanConfig) -> None:
-        self.input_path, self.out, self.config = input_path, out, config
+    def __init__(self, input_path: Path, config: CleanConfig) -> None:
+        self.config = config
         self.image_root = Path(config.image_root) if config.image_root else input_path.parent
         stages = config.stages[1:-1]
         self.image_judge = build_judge(config.image_judge, "image", config.max_pixels) if "image" in stages else None
@@ -283,7 +282,7 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
     unknown = done - set(input_ids)
     if unknown:
         raise ValueError(f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder")
-    cleaner = _Cleaner(input_path, out, config)
+    cleaner = _Cleaner(input_path, config)
     for row in kept_rows:
         cleaner.index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
     del kept_rows, rejected_rows
