@@ -125,6 +125,7 @@ def test_lexicon_judge_species_and_reagents():
         "Chicken-wire fibrosis in steatohepatitis", "FISH shows HER2 amplification", "Cat-scratch disease lymphadenitis",
         "Horseradish peroxidase detection in human skin", "Rat-bite erosions in gout", "Canine tooth with periapical granuloma",
         "Pigmented lesion of the skin", "Mousy odour is not a histological feature", "Ratio of nuclei to cytoplasm",
+        "Rodent ulcer of the nose (basal cell carcinoma)", "Blocked with bovine serum albumin; human lymph node",
     ]
     assert [v.ok for v in judge.judge_texts(rejected)] == [False] * len(rejected)
     assert [v.ok for v in judge.judge_texts(kept)] == [True] * len(kept)

@@ -39,7 +39,7 @@ NON_HUMAN_TERMS: dict[str, tuple[str, ...]] = {
     "non-human species": (
         "mouse", "mice", "murine", "rat", "rats", "rodent", "rodents", "rabbit", "rabbits", "hamster", "hamsters",
         "guinea pig", "guinea pigs", "pig", "pigs", "porcine", "swine", "piglet", "piglets", "dog", "dogs",
-        "puppy", "cat", "cats", "feline", "kitten", "bovine", "cow", "cows", "cattle", "calf", "sheep", "ovine",
+        "puppy", "cat", "cats", "feline", "kitten", "bovine", "cow", "cows", "cattle", "sheep", "ovine",
         "lamb", "goat", "goats", "caprine", "horse", "horses", "equine", "monkey", "monkeys", "macaque",
         "macaques", "non-human primate", "non-human primates", "zebrafish", "chicken", "chickens", "avian",
         "poultry", "ferret", "ferrets", "drosophila", "xenopus", "c. elegans",
@@ -47,7 +47,7 @@ NON_HUMAN_TERMS: dict[str, tuple[str, ...]] = {
     "veterinary or experimental": (
         "veterinary", "canine patient", "animal model", "animal models", "experimental animals",
         "laboratory animals", "xenograft", "xenografts", "transgenic", "knockout mice", "wild-type mice",
-        "c57bl/6", "balb/c", "sprague-dawley", "wistar", "nude mice", "in vivo study in",
+        "c57bl/6", "balb/c", "sprague-dawley", "wistar", "nude mice",
     ),
 }
 # Phrases that mention an animal without the tissue being animal (antibody reagents, eponyms).
@@ -55,7 +55,7 @@ ALLOWED_PHRASES: tuple[str, ...] = (
     r"\b(mouse|rabbit|goat|rat|donkey|sheep|horse|chicken|guinea pig)\s+(anti\b|anti-|monoclonal|polyclonal|igg|igm|antibod|serum)",
     r"\banti-?\s?(mouse|rabbit|goat|rat|sheep|chicken|human)\b",
     r"\bhorseradish\b", r"\bchicken[- ]wire\b", r"\brat[- ]bite\b", r"\bcat[- ]scratch\b",
-    r"\bcanine (tooth|teeth)\b",
+    r"\bcanine (tooth|teeth)\b", r"\brodent ulcer", r"\b(fetal |foetal )?bovine serum\b",
 )
 
 
