@@ -103,3 +103,5 @@ def test_cli_build_and_shard(tmp_path, capsys):
     assert cli_main(["data", "build", "--kind", "vqa", "--input", str(manifest), "--labels", "nct-crc-he",
                      "--out", str(vqa)]) == 1
     assert "field 'label': 'lung_aca' is not in the label map" in capsys.readouterr().err
+    assert cli_main(["data", "build", "--kind", "stage1", "--input", str(vqa), "--out", str(stage1)]) == 1
+    assert "vqa.jsonl: record 0: caption pair" in capsys.readouterr().err

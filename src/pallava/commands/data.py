@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -56,9 +57,20 @@ def _labelled(path: str, split: str | None) -> list[LabelledImage]:
     return [i for i in items if split is None or i.split == split]
 
 
+def _parsed(path: str, record_type: type) -> Iterator:
+    """Records of one type from any record file; a wrong record names the file and its position."""
+    from pallava.data.io import iter_records
+
+    for index, data in enumerate(iter_records(path)):
+        try:
+            yield record_type.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: record {index}: {error}") from None
+
+
 def _build(args: argparse.Namespace) -> int:
     from pallava.data import builders
-    from pallava.data.io import iter_records, write_jsonl
+    from pallava.data.io import write_jsonl
     from pallava.data.labels import LabelMap
     from pallava.data.records import CaptionPair, VQAItem
 
@@ -68,9 +80,9 @@ def _build(args: argparse.Namespace) -> int:
         make = builders.captions_from_labels if args.kind == "captions" else builders.vqa_from_labels
         records = make(items, labels, seed=args.seed)
     elif args.kind == "stage1":
-        records = (builders.stage1_conversation(CaptionPair.from_dict(r), args.seed) for r in iter_records(args.input))
+        records = (builders.stage1_conversation(c, args.seed) for c in _parsed(args.input, CaptionPair))
     else:
-        records = (builders.stage2_conversation(VQAItem.from_dict(r)) for r in iter_records(args.input))
+        records = (builders.stage2_conversation(item) for item in _parsed(args.input, VQAItem))
     count = write_jsonl(tqdm(records, desc=f"building {args.kind}", unit="rec", disable=args.no_progress), args.out)
     print(f"wrote {count} {args.kind} records to {args.out}")
     return 0
