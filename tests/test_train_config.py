@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,14 @@ def test_shipped_recipes_load_for_both_stages():
         assert not recipe.trainable.vision and not recipe.trainable.llm
         assert recipe.trainable.connector and recipe.trainable.lora
         assert recipe.train.mixed_precision == "bf16"
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cpu = load_config_from_file(str(CONFIGS / "accelerate" / "cpu-2proc.yaml"))
+    assert cpu.num_processes == 2
+    zero2 = load_config_from_file(str(CONFIGS / "accelerate" / "deepspeed-zero2.yaml"))
+    assert zero2.distributed_type == "DEEPSPEED" and zero2.num_processes == 16
+    ds = json.loads((CONFIGS / "accelerate" / "deepspeed-zero2.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] == "auto"

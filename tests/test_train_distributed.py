@@ -17,6 +17,7 @@ from pallava.train.feedback import read_jsonl
 from pallava.train.trainer import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
+ACCELERATE_CONFIG = CONFIG.parent / "accelerate" / "cpu-2proc.yaml"
 STEPS = 3
 
 
@@ -38,8 +39,7 @@ def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path
                    progress=False)  # fmt: skip
 
     double = tmp_path / "double"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
                "--main_process_port", str(_free_port()), "-m", "pallava.cli", "train", "--stage", "align",
                "--config", str(CONFIG), "--out", str(double), "--no-progress",
                *_overrides(manifest, tmp_path / "cache-2", 2)]  # fmt: skip

@@ -235,7 +235,8 @@ class Trainer:
         if state["num_processes"] != accelerator.num_processes:
             raise ValueError(f"{latest}: written by {state['num_processes']} process(es), resumed with "
                              f"{accelerator.num_processes}; resume with the same number of processes")  # fmt: skip
-        accelerator.load_state(str(latest))
+        extra = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+        accelerator.load_state(str(latest), **extra)  # DeepSpeed checkpoints exclude the frozen weights
         self.global_step = state["global_step"]
         accelerator.print(f"resumed from {latest} at step {self.global_step}")
 
