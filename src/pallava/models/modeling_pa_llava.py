@@ -116,6 +116,21 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
             self.config.lora = None
 
     # --- images ------------------------------------------------------------------------------------
+    def vision_hidden_states(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The vision tower's hidden states at `vision_feature_layer` for (K, 3, S, S) crops: (K, 1+P, D).
+
+        Only the layers up to that one run: with the paper's -2 the last layer's work (1/12 of the tower)
+        would be thrown away.
+        """
+        tower, index = self.vision_tower, self.config.vision_feature_layer
+        layers = tower.encoder.layers
+        if not -(len(layers) + 1) <= index <= len(layers):
+            raise ValueError(f"vision_feature_layer {index} is outside the tower's {len(layers) + 1} hidden states")
+        hidden = tower.pre_layrnorm(tower.embeddings(pixels))  # hidden state 0
+        for layer in layers[: index % (len(layers) + 1)]:
+            hidden = layer(hidden, None)
+        return hidden
+
     def encode_crops(self, pixel_values: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
         """Vision features of every crop: (N, 1+T, 3, S, S) -> (N, 1+T, P, D), zeros for padded tiles.
         Padded tiles never go through the vision tower (nor any tile when the connector ignores tiles)."""
@@ -124,10 +139,7 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
             tile_mask = torch.zeros_like(tile_mask)  # the connector ignores tiles: do not encode them
         crop_mask = torch.cat([tile_mask.new_ones(num_images, 1), tile_mask], dim=1)  # (N, 1+T)
         real = pixel_values[crop_mask].to(self.vision_tower.dtype)  # (K, 3, S, S)
-        hidden = self.vision_tower(real, output_hidden_states=True).hidden_states[
-            self.config.vision_feature_layer
-        ]
-        patches = hidden[:, 1:]  # drop CLS: (K, P, D)
+        patches = self.vision_hidden_states(real)[:, 1:]  # drop CLS: (K, P, D)
         features = patches.new_zeros(num_images, num_crops, *patches.shape[1:])
         features[crop_mask] = patches
         return features
