@@ -1,0 +1,101 @@
+"""Run every benchmark and write `benchmarks/results/latest.json` and `docs/benchmarks.md`.
+
+    python benchmarks/run.py            # full: tiny + paper-proportioned (+ paper when a GPU is present)
+    python benchmarks/run.py --quick    # a few minutes: fewer rounds, the headline image, peer (a) only
+
+Model sections run in their own process (peak memory per system, no cross-talk); ratios come from systems
+timed in alternation inside one process. Nothing here asserts a time: the targets are reported, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import preprocess  # noqa: E402
+from benchmarks.common import ROOT, choose_threads, load_average, machine_info, run_worker, write_json  # noqa: E402
+from benchmarks.report import render, summarise  # noqa: E402
+from benchmarks.systems import SYSTEMS  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+
+def plan(quick: bool, gpu: bool) -> dict[str, dict]:
+    """What runs per regime: the latency section always; memory readings and training as the mode allows."""
+    regimes = {
+        "tiny": {"memory": [] if quick else ["pallava", "llava_next_matched", "llava_1_5"], "training": True},
+        "paper-proportioned": {"memory": [] if quick else list(SYSTEMS), "training": not quick},
+    }  # fmt: skip
+    if gpu:
+        regimes["paper"] = {"memory": ["pallava", "llava_next_matched"], "training": False}
+    return regimes
+
+
+def run_section(name: str, module: str, args: list[str], errors: list[str]) -> dict:
+    print(f"== {name}", file=sys.stderr, flush=True)
+    try:
+        return run_worker(module, args)
+    except RuntimeError as error:
+        errors.append(f"{name}: {error}")
+        return {"error": str(error)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="pallava benchmarks against LLaVA-NeXT and LLaVA-1.5, as ratios")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and sections (a few minutes)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: the faster of 1 and all cores)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
+    parser.add_argument("--docs", type=Path, default=DOCS, help=f"Markdown report (default {DOCS.relative_to(ROOT)})")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+    started = time.time()
+    gpu = torch.cuda.is_available()
+    thread_info = choose_threads(args.threads, torch.bfloat16)
+    worker = ["--threads", str(thread_info["threads"])] + (["--quick"] if args.quick else [])
+    results: dict = {
+        "command": "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:])),
+        "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "machine": machine_info(), "threads": thread_info, "regimes": {}, "preprocessing": {},
+    }  # fmt: skip
+    errors: list[str] = []
+    for regime in ["paper-proportioned"] if args.quick else ["tiny", "paper-proportioned"]:
+        print(f"== preprocessing ({regime} tiling)", file=sys.stderr, flush=True)
+        results["preprocessing"][regime] = preprocess.run(regime, quick=args.quick, threads=thread_info["threads"])
+    for regime, sections in plan(args.quick, gpu).items():
+        entry = results["regimes"][regime] = {}
+        entry["latency"] = run_section(f"latency ({regime})", "latency", ["--regime", regime, *worker], errors)
+        entry["memory"] = {
+            key: run_section(f"memory ({regime}, {key})", "memory",
+                             ["--regime", regime, "--system", key, "--threads", str(thread_info["threads"])], errors)
+            for key in sections["memory"]
+        }  # fmt: skip
+        if sections["training"]:
+            entry["training"] = run_section(f"training ({regime})", "training", ["--regime", regime, *worker], errors)
+    if not gpu:
+        results["regimes"]["paper"] = {"not_run": "no GPU on this machine: the paper shapes (Llama-3-8B, bf16) "
+                                                  "need one; run `make bench` where torch.cuda is available"}  # fmt: skip
+    results["duration_s"] = round(time.time() - started, 1)
+    results["load_average_end"] = load_average()
+    results["errors"] = errors
+    results.update(summarise(results))
+    write_json(args.out, results)
+    args.docs.parent.mkdir(parents=True, exist_ok=True)
+    args.docs.write_text(render(results))
+    print(f"wrote {args.out} and {args.docs} in {results['duration_s']:.0f} s", file=sys.stderr)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

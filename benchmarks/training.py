@@ -1,0 +1,190 @@
+"""Training throughput (samples/s) of one optimiser step: PLIP pre-training, and the assistant's step with
+pixel inputs vs with the frozen-vision feature cache.
+
+The PLIP step is `PlipPretrainer` (ITC + ITM; at paper shapes with momentum encoders and queues) with
+AdamW and gradient clipping; its vision tower trains, so no feature cache applies. The assistant step
+is the two-stage trainer's: batches from `pallava.train.data.Collator` (which decodes and tiles the
+images, or reads their cached crop features), token-mean cross-entropy over the answers, backward,
+clipping, AdamW on the connector + LoRA (the paper's recipe). Pixel and cached steps alternate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import tempfile
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from benchmarks.common import choose_threads, median, timed, write_json
+from benchmarks.images import SHARED_DATA
+from benchmarks.systems import REGIMES, Regime, _build, random_init_
+from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
+from pallava.models.presets import make_processor
+from pallava.processing.image import load_image, normalize_to_tensor
+from pallava.processing.processor import IGNORE_INDEX
+from pallava.processing.tokenizer import IMAGE, build_tiny_tokenizer
+from pallava.train.data import Collator, Sample
+from pallava.train.feature_cache import FeatureCache, image_key, namespace_for
+
+CAPTIONS = {"lung_aca": "Lung adenocarcinoma.", "lung_n": "Benign lung tissue.", "lung_scc": "Lung squamous cell carcinoma."}
+LORA = {
+    "tiny": {"r": 16, "alpha": 32, "dropout": 0.0},
+    "paper-proportioned": {"r": 128, "alpha": 256, "dropout": 0.05},
+    "paper": {"r": 128, "alpha": 256, "dropout": 0.05},
+}
+PLIP_PRESET = {"tiny": "tiny", "paper-proportioned": "paper", "paper": "paper"}
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask", "crop_features")
+
+
+def training_samples(count: int) -> list[Sample]:
+    """`count` captioned LC25000 training tiles (encoded bytes), or noise PNGs without the shared data."""
+    manifest = SHARED_DATA / "lc25000-lung" / "manifest.csv"
+    if manifest.is_file():
+        with manifest.open(newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if row["split"] == "train"][:: 50][:count]
+        items = [((manifest.parent / row["path"]).read_bytes(), CAPTIONS[row["label"]]) for row in rows]
+    else:
+        rng = np.random.default_rng(0)
+        items = []
+        for i in range(count):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(buffer, "PNG")
+            items.append((buffer.getvalue(), list(CAPTIONS.values())[i % 3]))
+    if len(items) < count:
+        raise ValueError(f"{manifest}: need {count} training images, found {len(items)}")
+    return [
+        Sample(id=f"bench-{i}", image_bytes=data,
+               conversation=[{"from": "human", "value": f"{IMAGE}\nDescribe the image."}, {"from": "gpt", "value": text}])
+        for i, (data, text) in enumerate(items)
+    ]  # fmt: skip
+
+
+def plip_step(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
+    """samples/s of PLIP pre-training steps on real tiles (decoded once, as the recipe's image cache does)."""
+    from pallava.models.plip import build_plip
+    from pallava.models.plip.pretraining import PlipPretrainer
+
+    preset = PLIP_PRESET[regime.name]
+    model, tokenizer = build_plip(preset)
+    trainer = PlipPretrainer(model.to(regime.device)).train()
+    params = [p for p in trainer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    samples = training_samples(batch * (steps + 1))
+    size = model.config.vision_config.image_size
+    pixels = torch.stack([normalize_to_tensor(load_image(s.image_bytes), size) for s in samples]).to(regime.device)
+    captions = [s.conversation[1]["value"] for s in samples]
+    tokens = tokenizer(captions, padding=True, truncation=True, max_length=model.config.max_text_length,
+                       return_tensors="pt").to(regime.device)  # fmt: skip
+    bf16 = regime.dtype == torch.bfloat16
+    autocast = torch.autocast(regime.device, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def step(index: int) -> None:
+        part = slice(index * batch, (index + 1) * batch)
+        keys = torch.arange(part.start, part.stop, device=regime.device)
+        with autocast:
+            out = trainer(pixels[part], tokens["input_ids"][part], tokens["attention_mask"][part],
+                          torch.stack([keys, keys + 1_000_000], dim=1))  # fmt: skip
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(0)  # warm-up
+    times = [timed(lambda i=i: step(i), regime.device) for i in tqdm(range(1, steps + 1), desc=f"PLIP {preset}",
+                                                                     disable=not progress)]  # fmt: skip
+    return {"preset": preset, "batch": batch, "steps": steps, "mixed_precision": "bf16" if bf16 else "no",
+            "step_s": round(median(times), 4), "samples_per_s": round(batch / median(times), 3)}  # fmt: skip
+
+
+def assistant_model(regime: Regime) -> tuple[PaLlavaForConditionalGeneration, object]:
+    tokenizer = build_tiny_tokenizer()
+    config = regime.config(tokenizer.convert_tokens_to_ids(IMAGE))
+    config.lora = {**LORA[regime.name], "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]}  # fmt: skip
+    model = _build(lambda: PaLlavaForConditionalGeneration(config), regime.dtype)
+    model.base_language_model.tie_weights()
+    random_init_(model, seed=0)
+    model.set_trainable()  # connector + LoRA
+    return model.to(regime.device).train(), make_processor(config, tokenizer)
+
+
+def assistant_steps(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
+    """samples/s of the assistant's step from pixels and from cached crop features, alternating."""
+    model, processor = assistant_model(regime)
+    samples = training_samples(batch * (steps + 1))
+    keys = [image_key(s.image_bytes) for s in samples]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    dtype_name = str(regime.dtype).replace("torch.", "")
+    with tempfile.TemporaryDirectory(prefix="pallava-bench-cache-") as root:
+        namespace = namespace_for(model.vision_tower, model.config.vision_feature_layer, processor.image_processor,
+                                  dtype_name)  # fmt: skip
+        cache = FeatureCache(root, namespace)
+        model.eval()
+        sources = {key: sample.image_bytes for key, sample in zip(keys, samples, strict=True)}
+        cache.build(model.encode_crops, processor.image_processor, sources, dtype=regime.dtype, progress=False,
+                    device=regime.device)  # fmt: skip
+        model.train()
+        collators = {"pixels": Collator(processor, samples), "cached": Collator(processor, samples, cache, keys)}
+
+        def step(variant: str, index: int) -> None:
+            data = collators[variant](range(index * batch, (index + 1) * batch))
+            inputs = {k: data[k].to(regime.device) for k in MODEL_INPUTS if k in data}
+            logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+            targets = data["labels"][:, 1:].to(regime.device)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for variant in collators:  # warm-up
+            step(variant, 0)
+        times: dict[str, list[float]] = {variant: [] for variant in collators}
+        for index in tqdm(range(1, steps + 1), desc=f"assistant {regime.name}", disable=not progress):
+            for variant in collators if index % 2 else reversed(collators):
+                times[variant].append(timed(lambda v=variant, i=index: step(v, i), regime.device))
+    rates = {variant: batch / median(t) for variant, t in times.items()}
+    crops = processor.image_processor.tile(samples[0].image_bytes).pixel_values.shape[0]
+    return {
+        "batch": batch, "steps": steps, "lora": LORA[regime.name], "crops_per_image": int(crops),
+        "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
+        "step_s": {variant: round(median(t), 4) for variant, t in times.items()},
+        "samples_per_s": {variant: round(rate, 3) for variant, rate in rates.items()},
+        "cache_speedup": round(rates["cached"] / rates["pixels"], 3),
+    }  # fmt: skip
+
+
+def run(regime_name: str, quick: bool = False, threads: int | None = None, progress: bool = True) -> dict:
+    regime = REGIMES[regime_name]
+    thread_info = choose_threads(threads, regime.dtype)
+    big = regime.name != "tiny"
+    steps = 2 if quick or big else 4
+    plip_batch, assistant_batch = (8, 2) if big else (8, 4) if quick else (16, 8)
+    return {
+        "regime": regime.name, "dtype": str(regime.dtype).replace("torch.", ""), "threads": thread_info,
+        "plip": plip_step(regime, batch=plip_batch, steps=steps, progress=progress),
+        "assistant": assistant_steps(regime, batch=assistant_batch, steps=steps, progress=progress),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regime", choices=sorted(REGIMES), required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--json-out", required=True)
+    args = parser.parse_args(argv)
+    write_json(args.json_out, run(args.regime, quick=args.quick, threads=args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

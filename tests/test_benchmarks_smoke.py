@@ -1,0 +1,161 @@
+"""Every benchmark section runs at tiny shapes with minimal repetitions and reports consistent numbers.
+
+Benchmarks are not tests: nothing here asserts a time, only shapes of results, token counts, shared
+modules and that ratios are the ratios of the reported medians.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks/` lives beside `src/`, not inside the package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import latency, memory, preprocess, training  # noqa: E402
+from benchmarks.images import SIZES, image_cases  # noqa: E402
+from benchmarks.report import render, summarise  # noqa: E402
+from benchmarks.systems import REGIMES, build_systems, random_init_  # noqa: E402
+
+TINY = REGIMES["tiny"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as the sections choose on a busy machine; the suite's own setting is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cases(shared_data):
+    return image_cases(shared_data)
+
+
+@pytest.fixture(scope="module")
+def systems():
+    return build_systems(TINY)
+
+
+def test_images_are_real_crops_of_the_stated_sizes(cases):
+    assert set(SIZES) <= set(cases)
+    for size in SIZES:
+        assert cases[size].sizes == [size] and cases[size].source != "synthetic"
+    assert len(cases["real mix"].images) == 11
+
+
+def test_peer_a_shares_our_tower_and_llm_and_only_ours_keeps_tokens_fixed(systems, cases):
+    ours, peer, single = systems["pallava"], systems["llava_next_matched"], systems["llava_1_5"]
+    assert peer.model.model.vision_tower is ours.model.vision_tower
+    assert peer.model.model.language_model is ours.model.base_language_model.model
+    assert peer.model.lm_head is ours.model.get_output_embeddings()
+    tokens = {key: [] for key in systems}
+    for size in SIZES:
+        for key, system in systems.items():
+            inputs = system.prepare(cases[size].images[0])
+            tokens[key].append(int((inputs["input_ids"] == system.image_token_id).sum()))
+    assert tokens["pallava"] == [ours.model.config.num_image_tokens] * 3 == tokens["llava_1_5"]
+    assert all(n > tokens["pallava"][0] for n in tokens["llava_next_matched"])  # anyres grows with the grid
+    assert single.model.model.vision_tower is ours.model.vision_tower
+
+
+def test_random_init_sets_norms_and_biases_and_skips_shared_parameters(systems):
+    norm = systems["pallava"].model.vision_tower.pre_layrnorm
+    assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 64))
+    kept = layers[2].weight.detach().clone()
+    random_init_(layers, seed=3, std=0.02, skip=[layers[2].weight])
+    assert torch.all(layers[0].bias == 0) and torch.all(layers[1].weight == 1)
+    assert 0.01 < float(layers[0].weight.std()) < 0.03
+    assert torch.equal(layers[2].weight, kept)
+
+
+def test_lm_head_sees_standard_strides_when_logits_are_sliced(systems):
+    model = systems["pallava"].model
+    strides = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: strides.append(args[0].stride()))
+    ids = torch.randint(10, 200, (2, 12))
+    with torch.inference_mode():
+        last = model(input_ids=ids, logits_to_keep=1).logits
+        full = model(input_ids=ids).logits[:, -1:]
+    handle.remove()
+    width = model.config.text_config.hidden_size
+    assert strides[0] == (width, width, 1)
+    torch.testing.assert_close(last, full)
+
+
+def test_vision_features_skip_unused_layers_with_the_same_values(systems):
+    model = systems["pallava"].model
+    pixels = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        full = model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        assert torch.equal(model.vision_hidden_states(pixels), full)
+
+
+def test_latency_section_reports_ratios_of_its_medians(shared_data):
+    result = latency.run("tiny", threads=1, rounds=1, new_tokens=2, sizes=("224x224", "1024x768"),
+                         peak_sizes=(128, 256), progress=False)  # fmt: skip
+    assert set(result["ttft_s"]) == {"pallava", "llava_next_matched", "llava_1_5"}
+    for size in ("224x224", "1024x768"):
+        assert result["image_tokens"]["pallava"][size] == 49
+        expected = result["ttft_s"]["llava_next_matched"][size] / result["ttft_s"]["pallava"][size]
+        assert result["ttft_speedup"]["llava_next_matched"][size] == pytest.approx(expected, rel=1e-2)
+        assert result["forward_gflop"]["pallava"][size] > 0
+    assert result["crops"]["pallava"]["1024x768"] > result["crops"]["pallava"]["224x224"]
+    gen = result["generation_tokens_per_s"]["pallava"]
+    assert result["batch8_over_batch1"]["pallava"] == pytest.approx(gen["8"] / gen["1"], rel=1e-2)
+    for clock in ("wall", "cpu"):
+        util = result["utilisation"][clock]
+        assert util["fraction_of_peak"] == pytest.approx(util["achieved_gflops"] / util["matmul_peak_gflops"], rel=2e-2)
+    assert result["ttft_cpu_s"]["pallava"]["224x224"] > 0
+    assert set(result["ttft_breakdown_s"]) == {"preprocess", "vision", "connector", "prefill"}
+
+
+def test_preprocess_section_covers_every_case(shared_data):
+    result = preprocess.run("tiny", quick=True, threads=1, rounds=1, progress=False)
+    assert set(result["images_per_s"]) == {"real mix", *SIZES}
+    for case, rates in result["images_per_s"].items():
+        assert set(rates) == set(preprocess.PROCESSORS) and all(v > 0 for v in rates.values())
+        ratio = rates["pallava"] / rates["llava_next_matched"]
+        assert result["speedup_vs_llava_next_matched"][case] == pytest.approx(ratio, rel=1e-2)
+
+
+def test_memory_section_reads_rss_around_the_build():
+    result = memory.run("tiny", "llava_next_matched", threads=1)
+    assert 0 < result["rss_before_build_mb"] <= result["peak_rss_mb"]
+    assert result["rss_after_build_mb"] <= result["peak_rss_mb"]
+
+
+def test_training_steps_run_from_pixels_and_from_cached_features(shared_data):
+    plip = training.plip_step(TINY, batch=2, steps=1, progress=False)
+    assistant = training.assistant_steps(TINY, batch=2, steps=1, progress=False)
+    assert plip["samples_per_s"] > 0 and plip["preset"] == "tiny"
+    assert set(assistant["samples_per_s"]) == {"pixels", "cached"}
+    assert assistant["crops_per_image"] == 2  # a 224 px tile: global view + one tile
+    ratio = assistant["samples_per_s"]["cached"] / assistant["samples_per_s"]["pixels"]
+    assert assistant["cache_speedup"] == pytest.approx(ratio, rel=1e-2)
+
+
+def test_report_holds_the_promised_keys_and_renders(shared_data):
+    lat = latency.run("tiny", threads=1, rounds=1, new_tokens=2, sizes=("1024x768",), peers=("llava_next_matched",),
+                      peak_sizes=(128,), progress=False)  # fmt: skip
+    results = {
+        "command": "python benchmarks/run.py --quick", "quick": True, "started": "now", "duration_s": 1.0,
+        "machine": {"cpu": "test", "logical_cores": 2, "torch": torch.__version__, "transformers": "x", "cuda": None},
+        "threads": {"threads": 1, "chosen_by": "--threads"}, "load_average_end": None, "errors": [],
+        "regimes": {"tiny": {"latency": lat, "memory": {}}, "paper": {"not_run": "no GPU"}},
+        "preprocessing": {"tiny": {"cases": {}, "images_per_s": {}, "speedup_vs_llava_next_matched": {"224x224": 2.5}}},
+    }  # fmt: skip
+    results.update(summarise(results))
+    assert results["ttft_speedup_vs_llava_next"]["tiny"] == lat["ttft_speedup"]["llava_next_matched"]
+    assert results["batch8_over_batch1_generation"]["tiny"] == lat["batch8_over_batch1"]["pallava"]
+    assert results["matmul_utilisation"]["tiny"] == lat["utilisation"]["cpu"]["fraction_of_peak"]
+    assert [t["met"] for t in results["targets"]] == [None] * 4  # no paper-proportioned run here
+    page = render(results)
+    assert "## Targets" in page and "## Regime `tiny`" in page and "Not run: no GPU" in page
