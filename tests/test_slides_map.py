@@ -152,3 +152,14 @@ def test_map_command_end_to_end(svs, plip, tmp_path, capsys):
         main(["slide", "map", "--slide", str(svs), "--model", str(tmp_path / "nope"), "--out", str(out)]) == 1
     )
     assert "PLIP model folder" in capsys.readouterr().err
+
+
+def test_map_command_reports_an_interruption(svs, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pallava.slides.mapping.map_slide", interrupted)
+    monkeypatch.setattr("pallava.commands.slide._load_plip", lambda model_dir, device: (None, "m"))
+    argv = ["slide", "map", "--slide", str(svs), "--model", "plip", "--out", str(tmp_path / "map")]
+    assert main(argv) == 130
+    assert "run the same command to resume" in capsys.readouterr().err

@@ -46,9 +46,15 @@ def _map(args: argparse.Namespace) -> int:
     with open_slide(args.slide) as slide:
         plip, model_id = _load_plip(args.model, args.device)
         templates = args.template or ZEROSHOT_TEMPLATES
-        result = map_slide(
-            slide, plip, label_map, args.out, model_id, _options(args), args.batch_size, templates
-        )
+        try:
+            result = map_slide(
+                slide, plip, label_map, args.out, model_id, _options(args), args.batch_size, templates
+            )
+        except KeyboardInterrupt:
+            cache = Path(args.out) / "embeddings"
+            print(f"interrupted; the tiles embedded so far are cached in {cache}: run the same command to resume",
+                  file=sys.stderr)  # fmt: skip
+            return 130
     grid = result.prepared.grid
     print(
         f"{len(grid)} tissue tiles of {grid.tile_size} px at {grid.mpp} um/px "

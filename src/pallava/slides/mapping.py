@@ -108,10 +108,9 @@ def embed_grid(
     The cache is flushed even when interrupted, so a re-run resumes where this one stopped.
     """
     missing = cache.missing(grid.tiles)
+    progress = "embedding tiles" if missing else None  # all cached: no empty progress bar
     try:
-        for tiles, images in iter_tile_batches(
-            slide, missing, grid.tile_size, batch_size, progress="embedding tiles"
-        ):
+        for tiles, images in iter_tile_batches(slide, missing, grid.tile_size, batch_size, progress=progress):
             cache.add(tiles, plip.encode_images(images, batch_size=batch_size).numpy())
     finally:
         cache.flush()
