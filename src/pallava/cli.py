@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"pallava {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\npallava {args.command}: interrupted (resumable commands continue where they stopped)", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 
