@@ -125,18 +125,18 @@ def random_init_(module: nn.Module, seed: int, std: float = 0.02, skip: Iterable
                 elif is_norm:
                     param.fill_(1.0)
                 else:
-                    flat, chunk = param.view(-1), pool.to(param.dtype)
+                    flat, chunk = param.view(-1), pool.to(param.device, param.dtype)
                     for start in range(0, flat.numel(), chunk.numel()):
                         stop = min(start + chunk.numel(), flat.numel())
                         flat[start:stop].copy_(chunk[: stop - start])
 
 
-def _build(factory: Callable[[], PreTrainedModel], dtype: torch.dtype) -> PreTrainedModel:
-    """Construct without the (slow) default initialisation, in `dtype`."""
+def _build(factory: Callable[[], PreTrainedModel], dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
+    """Construct without the (slow) default initialisation, in `dtype`, directly on `device`."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with no_init_weights():
+        with no_init_weights(), torch.device(device):
             model = factory()
     finally:
         torch.set_default_dtype(previous)
@@ -163,10 +163,10 @@ def build_pallava(regime: Regime, seed: int = 0) -> System:
     config = regime.config(image_id)
     if config.text_config.vocab_size < len(tokenizer):
         raise ValueError(f"regime {regime.name}: LLM vocabulary {config.text_config.vocab_size} < tokenizer {len(tokenizer)}")
-    model = _build(lambda: PaLlavaForConditionalGeneration(config), regime.dtype)
+    model = _build(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
     model.base_language_model.tie_weights()
     random_init_(model, seed)
-    model = model.to(regime.device).eval()
+    model.eval()
     processor = make_processor(config, tokenizer)
     keep = ("input_ids", "attention_mask", "pixel_values", "tile_mask")
 
@@ -210,7 +210,7 @@ def build_peer(key: str, regime: Regime, share: System | None = None, seed: int 
     ours = regime.config(tokenizer.convert_tokens_to_ids(IMAGE))
     config = _peer_config(key, ours)
     model_class = LlavaForConditionalGeneration if key == "llava_1_5" else LlavaNextForConditionalGeneration
-    model = _build(lambda: model_class(config), regime.dtype)
+    model = _build(lambda: model_class(config), regime.dtype, regime.device)
     shared: list[nn.Parameter] = []
     if share is not None:
         base = share.model.base_language_model
@@ -221,7 +221,7 @@ def build_peer(key: str, regime: Regime, share: System | None = None, seed: int 
     else:
         model.tie_weights()
     random_init_(model, seed, skip=shared)
-    model = model.to(regime.device).eval()
+    model.eval()
     processor = peer_processor(key, config, tokenizer)
     keep = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 

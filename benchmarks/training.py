@@ -108,11 +108,11 @@ def assistant_model(regime: Regime) -> tuple[PaLlavaForConditionalGeneration, ob
     config = regime.config(tokenizer.convert_tokens_to_ids(IMAGE))
     config.lora = {**LORA[regime.name], "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"]}  # fmt: skip
-    model = _build(lambda: PaLlavaForConditionalGeneration(config), regime.dtype)
+    model = _build(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
     model.base_language_model.tie_weights()
     random_init_(model, seed=0)
     model.set_trainable()  # connector + LoRA
-    return model.to(regime.device).train(), make_processor(config, tokenizer)
+    return model.train(), make_processor(config, tokenizer)
 
 
 def assistant_steps(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
