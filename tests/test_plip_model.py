@@ -42,7 +42,7 @@ def _pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def test_text_tower_from_minilm_reproduces_bert_hidden_states():
-    model, tokenizer = build_plip("tiny", seed=0)
+    model, tokenizer = build_plip("tiny", text_layers=6, text_pooling="cls", seed=0)  # all of MiniLM-L6
     bert = BertModel.from_pretrained(str(minilm_dir())).eval()
     tokens = tokenizer(["an H&E image of lung adenocarcinoma.", "benign lung tissue"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -87,7 +87,8 @@ def test_save_load_round_trip_gives_identical_features(plip, saved, crc_images):
         expected_texts = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
     torch.testing.assert_close(zs.encode_texts(texts), expected_texts, rtol=0, atol=0)
     expected = PlipZeroShot(model, tokenizer).encode_images(crc_images)
-    torch.testing.assert_close(zs.encode_images(crc_images, batch_size=2), expected, rtol=0, atol=0)
+    torch.testing.assert_close(zs.encode_images(crc_images), expected, rtol=0, atol=0)
+    torch.testing.assert_close(zs.encode_images(crc_images, batch_size=2), expected)  # batching changes nothing
     proba = zs.predict_proba(crc_images, [["adipose tissue", "fat"], ["debris"], ["lymphocytes"]])
     assert proba.shape == (3, 3)
     assert proba.sum(axis=1) == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)

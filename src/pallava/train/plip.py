@@ -33,21 +33,22 @@ from pallava.train.plip_eval import plot_training_curve, zeroshot_predictions
 
 @dataclass
 class PlipTrainConfig:
-    """A PLIP training recipe (the YAML files under configs/ hold the same fields)."""
+    """A PLIP training recipe; the defaults are the tiny recipe (configs/plip-*.yaml hold the same fields)."""
 
     preset: str = "tiny"
-    epochs: float = 1.0
-    batch_size: int = 64  # per process
-    lr: float = 3e-4
-    text_lr: float | None = None  # learning rate of a pre-trained text tower; None = lr
+    epochs: float = 2.0
+    batch_size: int = 32  # per process
+    lr: float = 5e-4
+    text_lr: float | None = 1e-4  # learning rate of a pre-trained text tower; None = lr
     weight_decay: float = 0.02
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
     text_init: str | None = None  # 'minilm', 'scratch' or a BERT folder; None = the preset's default
     text_layers: int | None = None  # keep only the first layers of the text tower
     vision_init: str | None = None  # CLIP folder or the authors' PLIP state dict
-    freeze_text_embeddings: bool = False
+    freeze_text_embeddings: bool = True  # the word-embedding table is most of the text tower's parameters
     use_momentum: bool | None = None  # None = the preset's setting
+    momentum: float | None = None
     queue_size: int | None = None
     itm_weight: float | None = None
     itm_max_pairs: int | None = None
@@ -56,6 +57,7 @@ class PlipTrainConfig:
     mixed_precision: str = "no"  # 'no' or 'bf16'
     num_workers: int = 0
     cache_images: bool = True
+    crop_scale: float = 0.6  # random zoom augmentation: square crops of this fraction of the side or more
     seed: int = 0
     max_steps: int | None = None
     save_every: int = 0  # steps between checkpoints; 0 = once per epoch
@@ -83,15 +85,16 @@ class PlipTrainConfig:
         return dataclasses.replace(RECIPES[preset], **{k: v for k, v in overrides.items() if v is not None})
 
     def model_overrides(self) -> dict[str, object]:
-        fields = ("use_momentum", "queue_size", "itm_weight", "itm_max_pairs", "image_pooling", "text_pooling")
+        fields = ("use_momentum", "momentum", "queue_size", "itm_weight", "itm_max_pairs", "image_pooling", "text_pooling")
         return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
 
 
 RECIPES: dict[str, PlipTrainConfig] = {
-    "tiny": PlipTrainConfig(preset="tiny"),
+    "tiny": PlipTrainConfig(),
     "paper": PlipTrainConfig(
-        preset="paper", epochs=9, batch_size=36, lr=1e-4, weight_decay=0.02, mixed_precision="bf16",
-        cache_images=False, num_workers=8, save_every=2000, eval_every=2000, log_every=10,
+        preset="paper", epochs=20, batch_size=64, lr=1e-4, text_lr=None, freeze_text_embeddings=False,
+        crop_scale=0.5, mixed_precision="bf16", cache_images=False, num_workers=8, save_every=2000,
+        eval_every=2000, log_every=10,
     ),
 }  # fmt: skip
 
@@ -185,7 +188,7 @@ def train_plip(
     )
     if recipe.freeze_text_embeddings:
         model.text_model.embeddings.word_embeddings.requires_grad_(False)
-    dataset = PlipDataset(samples, model.image_size, labels, train=True, seed=recipe.seed)
+    dataset = PlipDataset(samples, model.image_size, labels, train=True, seed=recipe.seed, crop_scale=recipe.crop_scale)
     if recipe.cache_images:
         dataset.cache_images(progress=main)
     if len(dataset) < recipe.batch_size * accelerator.num_processes:
@@ -202,7 +205,9 @@ def train_plip(
     if recipe.max_steps is not None:
         total_steps = min(total_steps, recipe.max_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(recipe.warmup_ratio * total_steps), total_steps)
-    pretrainer, optimizer, loader, scheduler = accelerator.prepare(pretrainer, optimizer, loader, scheduler)
+    pretrainer, optimizer, loader = accelerator.prepare(pretrainer, optimizer, loader)
+    # Not prepared: accelerate would step it once per process; the schedule is already in per-process steps.
+    accelerator.register_for_checkpointing(scheduler)
     probe = None
     if eval_data is not None and main:
         probe = _ZeroShotProbe(eval_data, eval_split, label_map, model.image_size)

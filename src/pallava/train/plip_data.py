@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -109,8 +110,17 @@ def read_plip_data(
     return samples, labels
 
 
-def augment(array: np.ndarray, rng: random.Random) -> np.ndarray:
-    """Random 90-degree rotation, flip and small brightness/contrast/saturation jitter of a square HxWx3 image."""
+def augment(array: np.ndarray, rng: random.Random, crop_scale: float = 1.0) -> np.ndarray:
+    """Random 90-degree rotation, flip and small brightness/contrast/saturation jitter of a square HxWx3 image.
+
+    With `crop_scale` < 1, first a random square crop (side `crop_scale`..1 of the image) resized back: zoom.
+    """
+    if crop_scale < 1.0:
+        size = array.shape[0]
+        side = round(size * rng.uniform(crop_scale, 1.0))
+        top, left = rng.randrange(size - side + 1), rng.randrange(size - side + 1)
+        crop = Image.fromarray(np.ascontiguousarray(array[top : top + side, left : left + side]))
+        array = np.asarray(crop.resize((size, size), Image.BILINEAR))
     array = np.rot90(array, k=rng.randrange(4))
     if rng.random() < 0.5:
         array = array[:, ::-1]
@@ -132,11 +142,12 @@ class PlipDataset(Dataset):
         label_map: LabelMap | None = None,
         train: bool = True,
         seed: int = 0,
+        crop_scale: float = 1.0,
     ):
         if any(s.caption is None for s in samples) and label_map is None:
             raise ValueError("PlipDataset: labelled samples need a label map to caption them")
         self.samples, self.image_size, self.label_map = samples, image_size, label_map
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.train, self.seed, self.epoch, self.crop_scale = train, seed, 0, crop_scale
         self._cache: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -163,7 +174,7 @@ class PlipDataset(Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         pixels = self._pixels(index)
         if self.train:
-            pixels = augment(pixels, rng)
+            pixels = augment(pixels, rng, self.crop_scale)
         caption = sample.caption
         if caption is None:
             caption = caption_for(self.label_map[sample.label], rng)

@@ -127,7 +127,7 @@ def plot_training_curve(rows: Sequence[dict[str, object]], path: Path) -> None:
     """Losses against step, and zero-shot accuracy when the log has it."""
     steps = [r["step"] for r in rows if "loss" in r]
     evals = [(r["step"], r["zeroshot_accuracy"]) for r in rows if "zeroshot_accuracy" in r]
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
     for key in ("loss", "loss_itc", "loss_itm"):
         ax.plot(steps, [r[key] for r in rows if "loss" in r], label=key, linewidth=1)
@@ -138,8 +138,7 @@ def plot_training_curve(rows: Sequence[dict[str, object]], path: Path) -> None:
         acc_ax.plot(*zip(*evals, strict=True), "o-", color="black", label="zero-shot accuracy")
         acc_ax.set_ylabel("zero-shot accuracy")
         acc_ax.set_ylim(0, 1)
-        acc_ax.legend(loc="center right")
-    ax.legend(loc="upper right")
+    fig.legend(loc="lower center", ncol=4, frameon=False)
     ax.set_title("PLIP pre-training")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
