@@ -152,7 +152,7 @@ class Trainer:
     def _feature_cache(self, accelerator, model, processor, samples) -> tuple[FeatureCache, list[str | None]]:
         """Encode every image not yet cached (each process a share), then share the index."""
         section = self.recipe.feature_cache
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         keys = self._image_keys(samples)
         namespace = namespace_for(model.vision_tower, model.config.vision_feature_layer, processor.image_processor,
                                   section.dtype)  # fmt: skip
@@ -170,6 +170,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         cache.refresh()
         self.timings["feature_cache_s"] = time.perf_counter() - started
+        self.timings["feature_cache_cpu_s"] = time.process_time() - cpu_started
         self.timings["feature_cache_new_images"] = len(todo)
         self.timings["feature_cache_images"] = len(sources)
         accelerator.print(f"feature cache {cache.directory}: {len(sources) - len(todo)} of {len(sources)} images "
@@ -333,7 +334,7 @@ class Trainer:
         fixed = self._fixed_samples(samples, recipe.logging.num_samples)
         bar = tqdm(total=total_steps, initial=self.global_step, desc=f"train {recipe.stage}", unit="step",
                    disable=not self._show_progress, dynamic_ncols=True)  # fmt: skip
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         first_step = self.global_step
         while self.global_step < total_steps:
             epoch, in_epoch = divmod(self.global_step, per_epoch)
@@ -368,6 +369,7 @@ class Trainer:
                     callback(self, record)
         bar.close()
         self.timings["train_s"] = time.perf_counter() - started
+        self.timings["train_cpu_s"] = time.process_time() - cpu_started  # meaningful on a shared, loaded machine
         self.timings["steps_run"] = self.global_step - first_step
         return self._finish(accelerator, model, processor, fixed, log, len(samples), total_steps)
 
