@@ -14,7 +14,6 @@ import argparse
 import csv
 import io
 import tempfile
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -48,7 +47,8 @@ def training_samples(count: int) -> list[Sample]:
     manifest = SHARED_DATA / "lc25000-lung" / "manifest.csv"
     if manifest.is_file():
         with manifest.open(newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if row["split"] == "train"][:: 50][:count]
+            rows = [row for row in csv.DictReader(handle) if row["split"] == "train"]
+        rows = rows[:: max(1, len(rows) // count)][:count]  # spread over the classes
         items = [((manifest.parent / row["path"]).read_bytes(), CAPTIONS[row["label"]]) for row in rows]
     else:
         rng = np.random.default_rng(0)
@@ -73,24 +73,24 @@ def plip_step(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
 
     preset = PLIP_PRESET[regime.name]
     model, tokenizer = build_plip(preset)
-    trainer = PlipPretrainer(model.to(regime.device)).train()
+    # Weights (and the momentum queues) in the regime's dtype: under bf16 autocast the pretrainer's fp32 queues
+    # reject the bf16 momentum features.
+    trainer = PlipPretrainer(model).to(regime.device, regime.dtype).train()
     params = [p for p in trainer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     samples = training_samples(batch * (steps + 1))
     size = model.config.vision_config.image_size
-    pixels = torch.stack([normalize_to_tensor(load_image(s.image_bytes), size) for s in samples]).to(regime.device)
+    pixels = torch.stack([normalize_to_tensor(load_image(s.image_bytes), size) for s in samples])
+    pixels = pixels.to(regime.device, regime.dtype)
     captions = [s.conversation[1]["value"] for s in samples]
     tokens = tokenizer(captions, padding=True, truncation=True, max_length=model.config.max_text_length,
                        return_tensors="pt").to(regime.device)  # fmt: skip
-    bf16 = regime.dtype == torch.bfloat16
-    autocast = torch.autocast(regime.device, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def step(index: int) -> None:
         part = slice(index * batch, (index + 1) * batch)
         keys = torch.arange(part.start, part.stop, device=regime.device)
-        with autocast:
-            out = trainer(pixels[part], tokens["input_ids"][part], tokens["attention_mask"][part],
-                          torch.stack([keys, keys + 1_000_000], dim=1))  # fmt: skip
+        out = trainer(pixels[part], tokens["input_ids"][part], tokens["attention_mask"][part],
+                      torch.stack([keys, keys + 1_000_000], dim=1))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -99,7 +99,7 @@ def plip_step(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
     step(0)  # warm-up
     times = [timed(lambda i=i: step(i), regime.device) for i in tqdm(range(1, steps + 1), desc=f"PLIP {preset}",
                                                                      disable=not progress)]  # fmt: skip
-    return {"preset": preset, "batch": batch, "steps": steps, "mixed_precision": "bf16" if bf16 else "no",
+    return {"preset": preset, "batch": batch, "steps": steps, "dtype": str(regime.dtype).replace("torch.", ""),
             "step_s": round(median(times), 4), "samples_per_s": round(batch / median(times), 3)}  # fmt: skip
 
 

@@ -240,11 +240,15 @@ class PaLlavaImageProcessor:
             raise ValueError("no images to stack")
         max_tiles = max(t.num_tiles for t in tiled)
         size = tiled[0].pixel_values.shape[-1]
-        pixel_values = torch.empty(len(tiled), 1 + max_tiles, 3, size, size)
         tile_mask = torch.zeros(len(tiled), max_tiles, dtype=torch.bool)
+        if len(tiled) == 1:  # one image (a chat turn): a view, no copy
+            pixel_values = tiled[0].pixel_values.unsqueeze(0)
+        else:
+            pixel_values = torch.empty(len(tiled), 1 + max_tiles, 3, size, size)
+            for i, t in enumerate(tiled):
+                pixel_values[i, : 1 + t.num_tiles] = t.pixel_values
+                pixel_values[i, 1 + t.num_tiles :] = 0  # zero only the padding, not the whole batch first
         for i, t in enumerate(tiled):
-            pixel_values[i, : 1 + t.num_tiles] = t.pixel_values
-            pixel_values[i, 1 + t.num_tiles :] = 0  # zero only the padding, not the whole batch first
             tile_mask[i, : t.num_tiles] = True
         grids = torch.tensor([t.grid for t in tiled], dtype=torch.long)
         return {"pixel_values": pixel_values, "tile_mask": tile_mask, "grids": grids}
