@@ -94,12 +94,11 @@ def _latency_section(name: str, latency: dict, memory: dict) -> list[str]:
                   [[SYSTEM_LABELS[k], gen[k]["1"], gen[k]["8"], _x(latency["batch8_over_batch1"][k])] for k in systems]),
             ""]  # fmt: skip
     util, parts = latency["utilisation"], latency["ttft_breakdown_s"]
-    clocks = [f"per {clock} second {util[clock]['achieved_gflops']} GFLOP/s against a matmul peak of "
+    clocks = [f"per {label} second {util[clock]['achieved_gflops']} GFLOP/s against a matmul peak of "
               f"{util[clock]['matmul_peak_gflops']} GFLOP/s = **{100 * util[clock]['fraction_of_peak']:.0f}%**"
-              for clock in ("cpu", "wall")]  # fmt: skip
+              for clock, label in (("cpu", "CPU"), ("wall", "wall-clock"))]  # fmt: skip
     out += [f"Our TTFT at {util['image']}, by stage (s): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
-            + f". Forward pass ({util['forward_gflop']} GFLOP): " + "; ".join(clocks).replace("per wall", "per wall-clock")
-            + ".", ""]  # fmt: skip
+            + f". Forward pass ({util['forward_gflop']} GFLOP): " + "; ".join(clocks) + ".", ""]
     if "lm_head_strides" in latency:
         head = latency["lm_head_strides"]
         out += [f"LM head on the last prompt position: {head['sliced_s']:.3f} s on the view `logits_to_keep` makes "
