@@ -86,7 +86,7 @@ def test_instruct_starts_from_align_and_exports_with_a_model_card(align_run, sha
     assert main(["export", "--model", str(out), "--out", str(exported), "--merge-lora", "--eval-report", str(report)]) == 0
     card = (exported / "README.md").read_text()
     for text in ("Base models", "Stage `align`", "Stage `instruct`", "split `train`", "closed: accuracy 0.9125",
-                 "LoRA: merged", "learning rates", "random initialisation"):  # fmt: skip
+                 "LoRA: merged", "learning rates", "precision fp32", "random initialisation"):  # fmt: skip
         assert text in card, text
     answer = PaLlava.from_pretrained(exported).ask(
         shared_data / "lc25000-lung" / "images" / "lung_n" / "lungn100.jpeg", "What is the diagnosis?", max_new_tokens=3

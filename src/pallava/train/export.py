@@ -66,7 +66,7 @@ def _stage_lines(entry: dict[str, Any]) -> list[str]:
         f"- {entry['steps']} optimizer steps, batch {run['batch_size']} x {entry['processes']} process(es) x "
         f"accumulation {run['grad_accum']}, AdamW betas {tuple(optim['betas'])}, weight decay "
         f"{optim['weight_decay']}, warm-up {optim['warmup_ratio']:.0%} then cosine, gradient clip "
-        f"{optim['max_grad_norm']}, precision {run['mixed_precision']}",
+        f"{optim['max_grad_norm']}, precision {entry.get('precision', run['mixed_precision'])}",
         f"- Final training loss (mean of the last steps): {entry['final_loss']:.4f}",
     ]
 

@@ -10,6 +10,7 @@ a run resumes from the newest complete one and continues the uninterrupted run's
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from pallava.train.data import (
     steps_per_epoch,
 )
 from pallava.train.feature_cache import DTYPES, FeatureCache, default_cache_dir, image_key, namespace_for
-from pallava.train.feedback import RunLog, plot_loss_curves
+from pallava.train.feedback import METRICS_FILE, RunLog, plot_loss_curves, read_jsonl
 from pallava.train.optim import apply_trainable, build_optimizer, build_scheduler, group_learning_rates
 
 RECIPE_FILE = "recipe.yaml"
@@ -294,10 +295,10 @@ class Trainer:
 
     @staticmethod
     def _fixed_samples(samples: Sequence[Sample], count: int) -> list[Sample]:
-        """`count` samples spread evenly over the dataset, preferring ones with images."""
+        """`count` samples drawn once with a fixed seed (preferring ones with images), in dataset order."""
         pool = [s for s in samples if s.image_source is not None] or list(samples)
-        count = min(count, len(pool))
-        return [pool[(i * len(pool)) // count] for i in range(count)] if count else []
+        picks = sorted(random.Random(0).sample(range(len(pool)), min(count, len(pool))))
+        return [pool[i] for i in picks]
 
     # --- run ----------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -382,26 +383,27 @@ class Trainer:
             log.close()
             unwrapped = accelerator.unwrap_model(model)
             PaLlava(unwrapped, processor).save_pretrained(self.out_dir)
-            self._write_history(num_samples, total_steps, accelerator.num_processes)
+            precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+            self._write_history(num_samples, total_steps, accelerator.num_processes, precision)
             plot_loss_curves([(self.recipe.stage, self.out_dir)], self.out_dir / "loss_curve.png")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return self.out_dir
 
-    def _write_history(self, num_samples: int, total_steps: int, num_processes: int) -> None:
+    def _write_history(self, num_samples: int, total_steps: int, num_processes: int, precision: str) -> None:
         history = []
         if self.recipe.model.init:
             previous = Path(self.recipe.model.init) / HISTORY_FILE
             if previous.is_file():
                 history = json.loads(previous.read_text())
-        metrics = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()]
-        tail = metrics[-min(len(metrics), 20) :]
+        tail = read_jsonl(self.out_dir / METRICS_FILE)[-20:]
         entry = {
             "stage": self.recipe.stage,
             "recipe": self.recipe.to_dict(),
             "samples": num_samples,
             "steps": total_steps,
             "processes": num_processes,
+            "precision": precision,
             "final_loss": sum(r["loss"] for r in tail) / len(tail),
             "timings_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in self.timings.items()},
         }
