@@ -93,3 +93,14 @@ def test_instruct_starts_from_align_and_exports_with_a_model_card(align_run, sha
     )
     assert isinstance(answer, str)
     assert main(["export", "--model", str(out), "--out", str(exported)]) == 1  # refuses a non-empty folder
+
+
+def test_gradient_checkpointing_gives_the_same_losses(shared_data, tmp_path):
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
+    losses = {}
+    for flag in ("false", "true"):
+        _train("align", manifest, tmp_path / flag, tmp_path / "cache", "data.limit=8", "train.max_steps=2",
+               "optim.warmup_ratio=0", "logging.num_samples=0", "logging.tensorboard=false", "checkpoint.every=0",
+               f"train.gradient_checkpointing={flag}")  # fmt: skip
+        losses[flag] = [r["loss"] for r in read_jsonl(tmp_path / flag / "metrics.jsonl")]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
