@@ -76,7 +76,8 @@ def test_training_improves_zero_shot_accuracy(trained):
 
 
 def test_outputs_checkpoints_and_resume(trained, small_manifest, recipe):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "training_curve.png", "label_map.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "training_curve.png", "label_map.json",
+                 "vision_tower/config.json", "vision_tower/model.safetensors"):  # fmt: skip
         assert (trained / name).is_file(), name
     assert any((trained / "logs").rglob("events.out.tfevents*"))
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]

@@ -1,8 +1,9 @@
 """PLIP pre-training app: accelerate-based loop with checkpoints, resume, TensorBoard and a training curve.
 
 Works alone or under `accelerate launch` (features are gathered across processes for ITC). Output folder:
-a loadable PLIP model (config, weights, tokenizer), `checkpoints/step-N` (full state, atomic, last k kept),
-`logs/` (TensorBoard), `train_log.jsonl`, `training_curve.png` and `training_summary.json`.
+a loadable PLIP model (config, weights, tokenizer), `vision_tower/` (a CLIPVisionModel folder for the
+assistant), `checkpoints/step-N` (full state, atomic, last k kept), `logs/` (TensorBoard), `train_log.jsonl`,
+`training_curve.png` and `training_summary.json`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from pallava.data.labels import LabelMap
+from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.zeroshot import PlipZeroShot
@@ -139,6 +142,34 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+class _TrainLog:
+    """train_log.jsonl: one JSON row per logged step or probe, appended as training goes."""
+
+    def __init__(self, path: Path, write: bool, resume_step: int | None):
+        self.path, self.write = path, write
+        self.rows: list[dict[str, object]] = []
+        if resume_step is not None and path.is_file():  # keep the rows of the steps being resumed from
+            rows = map(json.loads, path.read_text(encoding="utf-8").splitlines())
+            self.rows = [row for row in rows if row["step"] <= resume_step]
+        if write:
+            path.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
+
+    def record(self, row: dict[str, object]) -> None:
+        self.rows.append(row)
+        if self.write:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def _write_model(model: PlipModel, tokenizer: PreTrainedTokenizerBase, labels: LabelMap | None, out: Path) -> None:
+    """The loadable PLIP folder, plus `vision_tower/`: the vision tower alone, for the assistant."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    model.vision_model.save_pretrained(out / "vision_tower")
+    if labels is not None:
+        (out / "label_map.json").write_text(json.dumps(labels.to_dict(), indent=2), encoding="utf-8")
+
+
 class _ZeroShotProbe:
     """Zero-shot accuracy on a fixed labelled split during training (images decoded once)."""
 
@@ -223,18 +254,7 @@ def train_plip(
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
     accelerator.init_trackers("logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None})
-    log_path = out / "train_log.jsonl"
-    log_rows: list[dict[str, object]] = []
-    if checkpoint is not None and log_path.is_file():  # keep the log of the steps being resumed from
-        log_rows = [row for row in map(json.loads, log_path.read_text(encoding="utf-8").splitlines()) if row["step"] <= step]
-    if main:
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in log_rows), encoding="utf-8")
-
-    def record(row: dict[str, object]) -> None:
-        log_rows.append(row)
-        if main:
-            with log_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+    log = _TrainLog(out / "train_log.jsonl", write=main, resume_step=step if checkpoint is not None else None)
     save_every = recipe.save_every or steps_per_epoch
     generator = torch.Generator().manual_seed(recipe.seed + accelerator.process_index)
     alpha = model.config.alpha
@@ -245,7 +265,7 @@ def train_plip(
         online = accelerator.unwrap_model(pretrainer).model
         accuracy = probe.accuracy(PlipZeroShot(online, tokenizer, accelerator.device))
         online.train()
-        record({"step": at_step, "zeroshot_accuracy": accuracy})
+        log.record({"step": at_step, "zeroshot_accuracy": accuracy})
         accelerator.log({"eval/zeroshot_accuracy": accuracy}, step=at_step)
 
     if step == 0 and main:
@@ -259,9 +279,8 @@ def train_plip(
         batches = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
         for batch in batches:
             # Soft-target weight ramps up over the first epoch (ALBEF), while the momentum model is still poor.
-            ramp = alpha * min(1.0, step / steps_per_epoch) if epoch == 0 else alpha
             with accelerator.autocast():
-                output = pretrainer(**batch, alpha=ramp, generator=generator)
+                output = pretrainer(**batch, alpha=alpha * min(1.0, step / steps_per_epoch), generator=generator)
             accelerator.backward(output.loss)
             if recipe.grad_clip:
                 accelerator.clip_grad_norm_(pretrainer.parameters(), recipe.grad_clip)
@@ -271,11 +290,11 @@ def train_plip(
             step += 1
             values = torch.stack([output.loss, output.loss_itc, output.loss_itm, output.itm_accuracy]).detach().float()
             loss, loss_itc, loss_itm, itm_acc = accelerator.reduce(values, reduction="mean").tolist()
-            temperature = float(accelerator.unwrap_model(pretrainer).model.temperature())
+            temperature = accelerator.unwrap_model(pretrainer).model.temperature().item()
             row = {"step": step, "epoch": epoch, "loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm,
                    "itm_accuracy": itm_acc, "temperature": temperature, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
             if step % recipe.log_every == 0 or step == total_steps:
-                record(row)
+                log.record(row)
                 accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", itc=f"{loss_itc:.3f}", itm=f"{loss_itm:.3f}")
@@ -291,19 +310,15 @@ def train_plip(
     accelerator.end_training()
     summary: dict[str, object] = {}
     if main:
-        unwrapped = accelerator.unwrap_model(pretrainer).model
-        unwrapped.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        if labels is not None:
-            (out / "label_map.json").write_text(json.dumps(labels.to_dict(), indent=2), encoding="utf-8")
-        plot_training_curve(log_rows, out / "training_curve.png")
-        last = next((r for r in reversed(log_rows) if "loss" in r), {})
-        accuracies = [r for r in log_rows if "zeroshot_accuracy" in r]
+        _write_model(accelerator.unwrap_model(pretrainer).model, tokenizer, labels, out)
+        plot_training_curve(log.rows, out / "training_curve.png")
+        last = next((r for r in reversed(log.rows) if "loss" in r), {})
+        accuracies = [r["zeroshot_accuracy"] for r in log.rows if "zeroshot_accuracy" in r]
         summary = {
             "steps": step, "samples": len(dataset), "processes": accelerator.num_processes,
             "global_batch": recipe.batch_size * accelerator.num_processes,
             "wall_seconds": round(time.time() - started, 1), "final_loss": last.get("loss"),
-            "zeroshot_accuracy": accuracies[-1]["zeroshot_accuracy"] if accuracies else None,
+            "zeroshot_accuracy": accuracies[-1] if accuracies else None,
         }  # fmt: skip
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
