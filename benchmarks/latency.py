@@ -156,7 +156,7 @@ def run(
     """Measure one regime; returns a JSON-ready dict (medians in seconds, rates per second)."""
     regime: Regime = REGIMES[regime_name]
     big = regime.name != "tiny"
-    rounds = rounds or ((2 if big else 3) if quick else (3 if big else 5))
+    rounds = rounds or ((2 if big else 3) if quick else 5)
     new_tokens = new_tokens or (4 if quick else 16)
     sizes = sizes or ((HEADLINE,) if quick and big else SIZES)
     peers = peers if peers is not None else (("llava_next_matched",) if quick and big else regime.peers)

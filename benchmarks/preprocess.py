@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from benchmarks.common import choose_threads, interleaved, median, write_json
 from benchmarks.images import image_cases
-from benchmarks.systems import REGIMES, _peer_config
+from benchmarks.systems import REGIMES, peer_config, peer_processor
 from pallava.models.presets import make_processor
 from pallava.processing.tokenizer import IMAGE, build_tiny_tokenizer
 
@@ -24,19 +24,12 @@ PROCESSORS = ("pallava", "llava_next_matched", "llava_next_native")
 
 def processors(regime_name: str) -> dict[str, Callable[[Image.Image], object]]:
     """One-image preprocessing functions: ours and LLaVA-NeXT's at matched and native tile sizes."""
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
     tokenizer = build_tiny_tokenizer()
     config = REGIMES[regime_name].config(tokenizer.convert_tokens_to_ids(IMAGE))
     ours = make_processor(config, tokenizer).image_processor
     functions: dict[str, Callable[[Image.Image], object]] = {"pallava": lambda image: ours([image])}
     for key in PROCESSORS[1:]:
-        peer = _peer_config(key, config)
-        tile = peer.vision_config.image_size
-        theirs = LlavaNextImageProcessorPil(
-            size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
-            image_grid_pinpoints=peer.image_grid_pinpoints,
-        )  # fmt: skip
+        theirs = peer_processor(key, peer_config(key, config), tokenizer).image_processor
         functions[key] = lambda image, p=theirs: p(images=[image], return_tensors="pt")
     return functions
 

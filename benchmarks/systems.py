@@ -131,7 +131,7 @@ def random_init_(module: nn.Module, seed: int, std: float = 0.02, skip: Iterable
                         flat[start:stop].copy_(chunk[: stop - start])
 
 
-def _build(factory: Callable[[], PreTrainedModel], dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
+def build_fast(factory: Callable[[], PreTrainedModel], dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
     """Construct without the (slow) default initialisation, in `dtype`, directly on `device`."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -163,7 +163,7 @@ def build_pallava(regime: Regime, seed: int = 0) -> System:
     config = regime.config(image_id)
     if config.text_config.vocab_size < len(tokenizer):
         raise ValueError(f"regime {regime.name}: LLM vocabulary {config.text_config.vocab_size} < tokenizer {len(tokenizer)}")
-    model = _build(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
+    model = build_fast(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
     model.base_language_model.tie_weights()
     random_init_(model, seed)
     model.eval()
@@ -177,7 +177,8 @@ def build_pallava(regime: Regime, seed: int = 0) -> System:
     return System("pallava", model, prepare, image_id)
 
 
-def _peer_config(key: str, ours: PaLlavaConfig) -> LlavaNextConfig | LlavaConfig:
+def peer_config(key: str, ours: PaLlavaConfig) -> LlavaNextConfig | LlavaConfig:
+    """The peer's config around our shapes: our tower (or the native one for peer b), our LLM, its own grid."""
     vision = native_vision_config() if key == "llava_next_native" else ours.vision_config
     tokens = (vision.image_size // vision.patch_size) ** 2
     common = dict(vision_config=vision, text_config=ours.text_config, image_token_index=ours.image_token_id,
@@ -208,9 +209,9 @@ def build_peer(key: str, regime: Regime, share: System | None = None, seed: int 
         raise ValueError(f"unknown peer {key!r}; expected one of {', '.join(SYSTEMS[1:])}")
     tokenizer = build_tiny_tokenizer()
     ours = regime.config(tokenizer.convert_tokens_to_ids(IMAGE))
-    config = _peer_config(key, ours)
+    config = peer_config(key, ours)
     model_class = LlavaForConditionalGeneration if key == "llava_1_5" else LlavaNextForConditionalGeneration
-    model = _build(lambda: model_class(config), regime.dtype, regime.device)
+    model = build_fast(lambda: model_class(config), regime.dtype, regime.device)
     shared: list[nn.Parameter] = []
     if share is not None:
         base = share.model.base_language_model

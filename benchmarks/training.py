@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from benchmarks.common import choose_threads, median, timed, write_json
 from benchmarks.images import SHARED_DATA
-from benchmarks.systems import REGIMES, Regime, _build, random_init_
+from benchmarks.systems import REGIMES, Regime, build_fast, random_init_
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import make_processor
 from pallava.processing.image import load_image, normalize_to_tensor
@@ -108,7 +108,7 @@ def assistant_model(regime: Regime) -> tuple[PaLlavaForConditionalGeneration, ob
     config = regime.config(tokenizer.convert_tokens_to_ids(IMAGE))
     config.lora = {**LORA[regime.name], "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"]}  # fmt: skip
-    model = _build(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
+    model = build_fast(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
     model.base_language_model.tie_weights()
     random_init_(model, seed=0)
     model.set_trainable()  # connector + LoRA
