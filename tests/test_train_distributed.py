@@ -44,7 +44,7 @@ def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path
                "--config", str(CONFIG), "--out", str(double), "--no-progress",
                *_overrides(manifest, tmp_path / "cache-2", 2)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 4" in result.stdout
 

@@ -160,6 +160,7 @@ class Trainer:
         cache = FeatureCache(section.dir or default_cache_dir(), namespace, section.shard_size)
         sources = {key: sample.image_source for key, sample in zip(keys, samples, strict=True) if key is not None}
         todo = cache.missing(list(sources))
+        accelerator.wait_for_everyone()  # every process splits the same to-do list before anyone writes
         mine = {key: sources[key] for key in todo[accelerator.process_index :: accelerator.num_processes]}
         model.eval()
         encoded = cache.build(

@@ -1,0 +1,85 @@
+"""Training data: every input form becomes the same samples; global batches do not depend on the layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pallava.data.shards import write_shards
+from pallava.train.config import DataSection
+from pallava.train.data import Collator, epoch_order, load_samples, micro_batches, steps_per_epoch
+from pallava.train.feature_cache import FeatureCache, image_key, namespace_for
+
+
+def test_global_batches_are_the_same_for_any_process_count_and_accumulation():
+    order = epoch_order(40, seed=3, epoch=1)
+    assert sorted(order) == list(range(40)) and order != epoch_order(40, seed=3, epoch=2)
+    assert order == epoch_order(40, seed=3, epoch=1)
+    for step in range(steps_per_epoch(40, 4, 2, 2)):
+        one = micro_batches(order, step, batch_size=8, world_size=1, grad_accum=2, rank=0)
+        two = [micro_batches(order, step, batch_size=4, world_size=2, grad_accum=2, rank=r) for r in (0, 1)]
+        plain = micro_batches(order, step, batch_size=16, world_size=1, grad_accum=1, rank=0)
+        flat = sorted(i for rank in two for micro in rank for i in micro)
+        assert flat == sorted(i for micro in one for i in micro) == sorted(plain[0])
+    with pytest.raises(ValueError, match="fewer than one global batch of 16"):
+        steps_per_epoch(10, 4, 2, 2)
+
+
+def test_manifest_stages_and_answer_type_filter(shared_data):
+    manifest = str(shared_data / "lc25000-lung" / "manifest.csv")
+    captions = load_samples(DataSection(path=manifest, split="dev"), "align")
+    assert len(captions) == 120 and all(s.conversation[1]["from"] == "gpt" for s in captions)
+    questions = load_samples(DataSection(path=manifest, split="dev", answer_types=["open"]), "instruct")
+    assert len(questions) == 120 and {s.answer_type for s in questions} == {"open"}
+    subset = load_samples(DataSection(path=manifest, split="dev", limit=7, seed=1), "instruct")
+    assert len(subset) == 7
+    with pytest.raises(ValueError, match="unknown \\['essay'\\]"):
+        load_samples(DataSection(path=manifest, split="dev", answer_types=["essay"]), "instruct")
+
+
+def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_path, lung_tiles):
+    model, processor = tiny
+    records = []
+    for index, tile in enumerate(lung_tiles):
+        (tmp_path / tile.name).write_bytes(tile.read_bytes())
+        records.append({"id": f"r{index}", "image": tile.name, "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"answer {index}"}]})
+    records.append({"id": "text", "image": None, "conversations": [
+        {"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."}]})
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_shards(records, tmp_path / "shards", embed_images=True, image_root=tmp_path, progress=False)
+
+    from_jsonl = load_samples(DataSection(path=str(jsonl)), "instruct")
+    from_shards = load_samples(DataSection(path=str(tmp_path / "shards")), "instruct")
+    assert [s.id for s in from_shards] == [s.id for s in from_jsonl] == ["r0", "r1", "r2", "text"]
+    assert from_jsonl[0].image == str(tmp_path / lung_tiles[0].name)  # relative paths: the file's folder
+    assert from_shards[0].image_bytes == lung_tiles[0].read_bytes()
+
+    indices = [0, 3, 2]  # a text-only conversation between two with images
+    pixels = Collator(processor, from_shards)(indices)
+    assert pixels["pixel_values"].shape[0] == 2 and pixels["num_samples"] == 3
+    keys = [image_key(s.read_image_bytes()) if s.image_source is not None else None for s in from_jsonl]
+    assert keys[:3] == [image_key(s.image_bytes) for s in from_shards[:3]]
+    cache = FeatureCache(tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto"))
+    cache.build(model.encode_crops, processor.image_processor,
+                {k: s.image_source for k, s in zip(keys, from_jsonl, strict=True) if k}, progress=False)  # fmt: skip
+    cached = Collator(processor, from_jsonl, cache, keys)(indices)
+    for name in ("input_ids", "attention_mask", "labels", "tile_mask"):
+        assert torch.equal(cached[name], pixels[name]), name
+    assert cached["num_label_tokens"] == pixels["num_label_tokens"] > 0
+    with torch.no_grad():
+        direct = model.encode_crops(pixels["pixel_values"], pixels["tile_mask"])
+    torch.testing.assert_close(cached["crop_features"], direct, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_records_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x1", "image": "a.png", "conversations": [
+        {"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "y"}]}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl: line 1"):
+        load_samples(DataSection(path=str(bad)), "align")
+    with pytest.raises(ValueError, match="not found"):
+        load_samples(DataSection(path=str(tmp_path / "missing.jsonl")), "align")
