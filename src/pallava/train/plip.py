@@ -125,6 +125,7 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, epoch: int,
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # before any process writes its part of the state
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
@@ -205,6 +206,7 @@ def train_plip(
     started = time.time()
     accelerator = Accelerator(
         mixed_precision=recipe.mixed_precision,
+        cpu=not torch.cuda.is_available(),  # several processes without GPUs: gloo on the CPU
         log_with="tensorboard",
         project_dir=str(out),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -256,7 +258,7 @@ def train_plip(
     accelerator.init_trackers("logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None})
     log = _TrainLog(out / "train_log.jsonl", write=main, resume_step=step if checkpoint is not None else None)
     save_every = recipe.save_every or steps_per_epoch
-    generator = torch.Generator().manual_seed(recipe.seed + accelerator.process_index)
+    generator = torch.Generator()  # ITM negatives; re-seeded every step so that a resumed run draws the same
     alpha = model.config.alpha
 
     def evaluate(at_step: int) -> None:
@@ -279,6 +281,7 @@ def train_plip(
         batches = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
         for batch in batches:
             # Soft-target weight ramps up over the first epoch (ALBEF), while the momentum model is still poor.
+            generator.manual_seed((recipe.seed * 1_000_003 + step) * accelerator.num_processes + accelerator.process_index)
             with accelerator.autocast():
                 output = pretrainer(**batch, alpha=alpha * min(1.0, step / steps_per_epoch), generator=generator)
             accelerator.backward(output.loss)
@@ -307,7 +310,6 @@ def train_plip(
     progress.close()
     if main:
         evaluate(step)
-    accelerator.end_training()
     summary: dict[str, object] = {}
     if main:
         _write_model(accelerator.unwrap_model(pretrainer).model, tokenizer, labels, out)
@@ -322,4 +324,5 @@ def train_plip(
         }  # fmt: skip
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return summary

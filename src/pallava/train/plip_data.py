@@ -97,7 +97,7 @@ def read_plip_data(
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"PLIP data not found: {path}")
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if path.suffix.lower() == ".jsonl":
         return read_caption_jsonl(path, split), None
     if path.suffix.lower() != ".csv":
         raise ValueError(f"{path}: expected a caption .jsonl or a manifest .csv")

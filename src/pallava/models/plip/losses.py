@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 
 def _distributed() -> bool:
@@ -25,7 +25,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not _distributed():
         return tensor
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    return all_gather_single_autograd(tensor.contiguous(), 0, dist.group.WORLD)
 
 
 @torch.no_grad()
