@@ -69,11 +69,14 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(shared_data, tmp_
     assert history[0]["timings_s"]["steps_run"] == 8 - 4
 
 
-def test_resume_refuses_a_changed_recipe(shared_data, tmp_path):
+def test_resume_refuses_a_changed_recipe_and_never_starts_over(shared_data, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints" / "ckpt-0000002").mkdir(parents=True)
     (out / "checkpoints" / "ckpt-0000002" / checkpoints.COMPLETE_MARKER).write_text("complete\n")
-    recipe = load_recipe(CONFIG, "align", [f"data.path={shared_data / 'lc25000-lung' / 'manifest.csv'}"])
+    recipe = load_recipe(CONFIG, "align", [f"data.path={shared_data / 'lc25000-lung' / 'manifest.csv'}",
+                                           "data.limit=2", "train.batch_size=2", "train.max_steps=1",
+                                           "checkpoint.every=0", "logging.num_samples=0",
+                                           f"feature_cache.dir={tmp_path / 'cache'}"])  # fmt: skip
     changed = recipe.to_dict()
     changed["optim"]["lr"] = 0.5
     import yaml
@@ -81,3 +84,7 @@ def test_resume_refuses_a_changed_recipe(shared_data, tmp_path):
     (out / "recipe.yaml").write_text(yaml.safe_dump(changed))
     with pytest.raises(ValueError, match=r"cannot resume, the recipe changed in \['optim.lr'\]"):
         train(recipe, out, progress=False)
+    # Starting over instead removes the old checkpoints, so they cannot be resumed by mistake later.
+    train(recipe, out, resume=False, progress=False)
+    assert checkpoints.latest_complete(out / "checkpoints") is None
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]

@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--data", help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards or a manifest CSV")
     train.add_argument("--init", help="start from this model folder (sets model.init; stage instruct: the align output)")
     train.add_argument("--resume", choices=("auto", "never"), default="auto",
-                       help="auto (default): continue from the newest complete checkpoint in --out; never: start over")
+                       help="auto (default): continue from the newest complete checkpoint in --out; never: start over "
+                       "(deleting the old checkpoints)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=2e-4")
     train.set_defaults(func=_train)

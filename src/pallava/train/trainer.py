@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -132,6 +133,8 @@ class Trainer:
         if accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             recipe_path.write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
+            if not self.resume:  # starting over: an older run's checkpoints must never be resumed later
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             checkpoints.clean_partial(self.ckpt_dir)
         accelerator.wait_for_everyone()
 
