@@ -44,6 +44,8 @@ def test_unknown_keys_and_bad_values_name_the_file_and_key(tmp_path):
         load_recipe(None, "pretrain")
     with pytest.raises(ValueError, match="no training data"):
         load_recipe(None, "align").validate()
+    with pytest.raises(ValueError, match="stage instruct starts from a trained model"):
+        load_recipe(None, "instruct", ["data.path=x"]).validate()
     bad = load_recipe(None, "align", ["data.path=x", "feature_cache.enabled=true", "trainable.vision=true"])
     with pytest.raises(ValueError, match="frozen vision tower"):
         bad.validate()
@@ -52,7 +54,7 @@ def test_unknown_keys_and_bad_values_name_the_file_and_key(tmp_path):
 def test_shipped_recipes_load_for_both_stages():
     for name in ("assistant-tiny.yaml", "assistant-paper.yaml"):
         for stage in ("align", "instruct"):
-            recipe = load_recipe(CONFIGS / name, stage, ["data.path=x.jsonl"])
+            recipe = load_recipe(CONFIGS / name, stage, ["data.path=x.jsonl", "model.init=runs/align"])
             recipe.validate()
     paper = {stage: load_recipe(CONFIGS / "assistant-paper.yaml", stage) for stage in ("align", "instruct")}
     # The paper's hyper-parameters (PA-LLAVA.md, Training).

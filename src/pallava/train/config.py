@@ -137,6 +137,8 @@ class Recipe:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.data.path is None:
             raise ValueError("no training data: set data.path in the recipe or pass --data PATH")
+        if self.stage == "instruct" and not self.model.init:
+            raise ValueError("stage instruct starts from a trained model: set model.init (or --init) to the align output")
         if self.data.format not in ("auto", "conversations", "manifest"):
             raise ValueError(f"data.format must be auto, conversations or manifest, got {self.data.format!r}")
         if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):

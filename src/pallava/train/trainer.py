@@ -65,8 +65,6 @@ def build_model(recipe: Recipe) -> tuple[PaLlavaForConditionalGeneration, PaLlav
                              "stage instruct starts from the output directory of stage align")  # fmt: skip
         model = PaLlavaForConditionalGeneration.from_pretrained(init)
         return model, PaLlavaProcessor.from_pretrained(init)
-    if recipe.stage == "instruct":
-        raise ValueError("stage instruct starts from a trained model: set model.init (or --init) to the align output")
     return load_preset(
         section.preset, vision_path=section.vision_path, llm_path=section.llm_path, seed=section.seed,
         **section.overrides,
