@@ -1,6 +1,13 @@
-"""Summary ratios, target checks and the Markdown page (`docs/benchmarks.md`) from one run's results."""
+"""Summary ratios, target checks and the Markdown page (`docs/benchmarks.md`) from one run's results.
+
+`python -m benchmarks.report` re-renders the page from `benchmarks/results/latest.json` without measuring.
+"""
 
 from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
 
 from benchmarks.systems import SYSTEM_LABELS
 
@@ -198,7 +205,8 @@ def render(results: dict) -> str:
             "- All models are random-init (speed does not depend on the weights), built without the default "
             "initialisation and filled from a seeded pool.",
             "- Peer (a) is transformers' `LlavaNextForConditionalGeneration` holding *our* vision tower, LLM and LM head "
-            "(shared modules), its anyres grid scaled from 336 px to our tile size: only the connector differs. Peer (b) "
+            "(shared modules), its anyres grid scaled from 336 px to our tile size: only the tiling and the connector "
+            "differ. Peer (b) "
             "has its native CLIP ViT-L/14 at 336 px and the default grid. LLaVA-1.5 is one centre crop through our tower.",
             "- Everyone gets the same question in the Llama-3 chat format, tokenised by the same tokenizer.",
             "- TTFT = processor call + `generate(max_new_tokens=1)`. Generation tokens/s is decode only: the prompt's KV "
@@ -212,3 +220,21 @@ def render(results: dict) -> str:
     if results.get("errors"):
         out += ["## Errors in this run", ""] + [f"- {e}" for e in results["errors"]] + [""]
     return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import ROOT
+
+    parser = argparse.ArgumentParser(description="render docs/benchmarks.md from a results JSON")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        raise SystemExit(f"no results at {args.results}: run `python benchmarks/run.py` first")
+    args.docs.write_text(render(json.loads(args.results.read_text())))
+    print(f"wrote {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
