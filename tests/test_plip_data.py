@@ -41,12 +41,15 @@ def test_caption_jsonl_keys_identical_captions_alike(tmp_path, lung):
         {"image": str(image), "caption": "Benign  lung tissue."},
         {"image": str(image), "caption": "benign lung tissue."},
         {"image": str(image), "caption": "Alveoli with thin septa.", "split": "dev"},
+        {"image": str(image), "caption": "Normal lung parenchyma.", "meta": {"label": "lung_n", "split": "train"}},
+        {"image": str(image), "caption": "Benign pulmonary tissue.", "meta": {"label": "lung_n"}},
     ]
     path = tmp_path / "captions.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     samples, label_map = read_plip_data(path, split="train")
-    assert label_map is None and len(samples) == 2  # the dev record is filtered out
+    assert label_map is None and len(samples) == 4  # the dev record is filtered out
     assert samples[0].text_key == samples[1].text_key
+    assert samples[2].text_key == samples[3].text_key != samples[0].text_key  # generated from one label
     assert samples[0].caption == "Benign  lung tissue."
 
 

@@ -63,7 +63,10 @@ def label_map_for(labels: set[str], spec: str | None, source: str) -> LabelMap:
 
 
 def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
-    """`{image, caption[, split]}` per line; image paths are relative to the file's folder."""
+    """`{image, caption[, split, meta]}` per line (CaptionPair records); image paths are relative to the file.
+
+    The split comes from `split` or `meta.split`; records without one are always kept.
+    """
     samples = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -83,8 +86,10 @@ def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
             if not image.is_file():
                 raise ValueError(f"{path}: line {number}: field 'image': file not found: {image}")
             caption = record["caption"].strip()
-            samples.append(PlipSample(str(image), caption, None, stable_key(f"image:{image}"),
-                                      stable_key(f"text:{normalise_caption(caption)}")))  # fmt: skip
+            # Captions generated from a class label (meta.label) describe the class: they match by class.
+            label = (record.get("meta") or {}).get("label")
+            text = f"label:{label}" if isinstance(label, str) and label else f"text:{normalise_caption(caption)}"
+            samples.append(PlipSample(str(image), caption, None, stable_key(f"image:{image}"), stable_key(text)))
     if not samples:
         raise ValueError(f"{path}: no caption records" + (f" for split '{split}'" if split else ""))
     return samples
