@@ -140,3 +140,27 @@ def test_real_tiles_and_arrays_load_as_rgb(lung_tiles):
     assert image.mode == "RGB" and image.size == (224, 224)
     assert load_image(np.asarray(image)).size == (224, 224)
     assert load_image(lung_tiles[0].read_bytes()).size == (224, 224)
+
+
+def _pil_letterbox(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """Independent reference: PIL's bicubic resize, aspect kept, centred on black."""
+    scale = min(width / image.width, height / image.height)
+    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((width - new_w) // 2, (height - new_h) // 2))
+    return np.asarray(canvas).astype(np.int16)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (1024, 768), (150, 400)])
+def test_resizing_matches_pil_bicubic_within_two_grey_levels(lung_tiles, size):
+    # the tiles are resized in torch (uint8 antialiased bicubic) for speed; they must stay PIL's bicubic
+    image = Image.open(lung_tiles[0]).convert("RGB").resize(size, Image.LANCZOS)
+    processor = PaLlavaImageProcessor(grid_policy="paper")
+    cols, rows = processor.select_grid(image.size)
+    crops = processor([image])["pixel_values"][0]
+    grey_levels = (crops * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)) * 255
+    ours = grey_levels.round().to(torch.int16).permute(0, 2, 3, 1).numpy()  # (1 + tiles, S, S, 3)
+    canvas = _pil_letterbox(image, cols * 224, rows * 224)
+    reference_tiles = canvas.reshape(rows, 224, cols, 224, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 224, 224, 3)
+    assert np.abs(ours[0] - _pil_letterbox(image, 224, 224)).max() <= 2
+    assert np.abs(ours[1:] - reference_tiles).max() <= 2

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from pallava.inference import PaLlava
-from pallava.processing.image import letterbox
-from pallava.serve.ui import example_images, heatmap_overlay, launch_ui, letterbox_box
+from pallava.processing.image import letterbox, letterbox_box
+from pallava.serve.ui import example_images, heatmap_overlay, launch_ui
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import select_best_resolution
 
@@ -128,30 +130,72 @@ def select_grid(
     return best_w // tile_size, best_h // tile_size
 
 
-def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize with the aspect ratio kept to fit (width, height), centred on black."""
-    scale = min(width / image.width, height / image.height)
-    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    resized = image.resize((new_w, new_h), Image.BICUBIC) if (new_w, new_h) != image.size else image
-    if (new_w, new_h) == (width, height):
+def as_uint8_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """An RGB image as a (H, W, 3) uint8 tensor over `np.asarray(image)`'s buffer, without another copy.
+
+    PIL hands numpy a read-only buffer; the tensor must only be read (every function here makes new
+    tensors), which saves a full-image copy (2-5 ms on a 2048x1536 image).
+    """
+    array = np.asarray(image, dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def resize_uint8(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Antialiased bicubic resize of a (H, W, 3) uint8 image to (height, width, 3); `pixels` itself if same size.
+
+    torch's uint8 channels-last kernel uses PIL's filter (a = -0.5, support widened on downscaling): its
+    output is within 1-2 grey levels of `Image.resize(..., BICUBIC)` and 4-7x faster, which makes it most
+    of the gain in preprocessing large images.
+    """
+    if tuple(pixels.shape[:2]) == (height, width):
+        return pixels
+    batch = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) with channels-last strides: no copy
+    resized = F.interpolate(batch, size=(height, width), mode="bicubic", antialias=True)
+    return resized[0].permute(1, 2, 0)
+
+
+def letterbox_box(image_size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """Where `letterbox` puts an image of (width, height) `image_size`: (left, top, right, bottom)."""
+    scale = min(width / image_size[0], height / image_size[1])
+    new_w, new_h = max(1, round(image_size[0] * scale)), max(1, round(image_size[1] * scale))
+    left, top = (width - new_w) // 2, (height - new_h) // 2
+    return left, top, left + new_w, top + new_h
+
+
+def letterbox_pixels(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Resize a (H, W, 3) uint8 image with the aspect ratio kept to fit (width, height), centred on black.
+
+    Returns `pixels` itself when it already has that size.
+    """
+    left, top, right, bottom = letterbox_box((pixels.shape[1], pixels.shape[0]), width, height)
+    resized = resize_uint8(pixels, right - left, bottom - top)
+    if (right - left, bottom - top) == (width, height):
         return resized
-    canvas = Image.new("RGB", (width, height))
-    canvas.paste(resized, ((width - new_w) // 2, (height - new_h) // 2))
+    canvas = torch.zeros(height, width, 3, dtype=torch.uint8)
+    canvas[top:bottom, left:right] = resized
     return canvas
+
+
+def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`letterbox_pixels` for a PIL image, returning a PIL image."""
+    return Image.fromarray(letterbox_pixels(as_uint8_tensor(image), width, height).numpy())
 
 
 _MEAN = torch.from_numpy(np.array(CLIP_MEAN, dtype=np.float32) * 255.0).view(3, 1, 1)
 _INV_STD = torch.from_numpy(1.0 / (np.array(CLIP_STD, dtype=np.float32) * 255.0)).view(3, 1, 1)
 
 
-def normalize_into(pixels: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+def normalize_into(pixels: np.ndarray | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """CLIP-normalise uint8 (..., H, W, 3) into the float32 tensor `out` (..., 3, H, W) and return it.
 
     One strided uint8->float copy and two in-place passes: no float temporaries (numpy's version made five
     passes, most of the preprocessing time of small images).
     """
-    source = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())  # PIL arrays are read-only
-    out.copy_(source.movedim(-1, -3))
+    if isinstance(pixels, np.ndarray):
+        pixels = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())  # PIL arrays are read-only
+    out.copy_(pixels.movedim(-1, -3))
     return out.sub_(_MEAN).mul_(_INV_STD)
 
 
@@ -163,7 +207,7 @@ def normalize(array: np.ndarray) -> np.ndarray:
 
 def normalize_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """One square view of an image (letterboxed global view), CLIP-normalised: (3, size, size)."""
-    return normalize_into(np.asarray(letterbox(image, size, size)), torch.empty(3, size, size))
+    return normalize_into(letterbox_pixels(as_uint8_tensor(image), size, size), torch.empty(3, size, size))
 
 
 @dataclass
@@ -216,16 +260,17 @@ class PaLlavaImageProcessor:
     def tile(self, src: ImageSource) -> TiledImage:
         """Load (with limits) and cut one image into [global, tiles...]."""
         image = load_image(src, self.max_pixels)
+        pixels = as_uint8_tensor(image)  # (H, W, 3); both views are resized from it, in torch
         size = self.tile_size
         cols, rows = self.select_grid(image.size)
         if self.global_view == "stretch":
-            global_view = image.resize((size, size), Image.BICUBIC)
+            global_view = resize_uint8(pixels, size, size)
         else:
-            global_view = letterbox(image, size, size)
+            global_view = letterbox_pixels(pixels, size, size)
         pixel_values = torch.empty(1 + cols * rows, 3, size, size)
-        normalize_into(np.asarray(global_view), pixel_values[0])
-        canvas = np.asarray(letterbox(image, cols * size, rows * size))  # (rows*S, cols*S, 3)
-        tiles = canvas.reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4)  # (rows, cols, S, S, 3) view
+        normalize_into(global_view, pixel_values[0])
+        canvas = letterbox_pixels(pixels, cols * size, rows * size)  # (rows*S, cols*S, 3)
+        tiles = canvas.reshape(rows, size, cols, size, 3).permute(0, 2, 1, 3, 4)  # (rows, cols, S, S, 3) view
         normalize_into(tiles, pixel_values[1:].view(rows, cols, 3, size, size))  # written in place, row-major
         return TiledImage(pixel_values=pixel_values, grid=(cols, rows), original_size=image.size)
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pallava.inference import PaLlava
-from pallava.processing.image import load_image
+from pallava.processing.image import letterbox_box, load_image
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -23,14 +23,6 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 BROWSER_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what a browser can show as-is
 DEFAULT_QUESTION = "What tissue is shown in this image?"
-
-
-def letterbox_box(size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
-    """Where `pallava.processing.image.letterbox` puts an image of `size` on a (width, height) canvas."""
-    scale = min(width / size[0], height / size[1])
-    new_w, new_h = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-    left, top = (width - new_w) // 2, (height - new_h) // 2
-    return left, top, left + new_w, top + new_h
 
 
 def heatmap_overlay(
