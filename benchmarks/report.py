@@ -31,6 +31,16 @@ def _utilisation(latency: dict) -> dict:
     return latency["utilisation"]["cpu" if latency["device"] == "cpu" else "wall"]
 
 
+def _flop_bounds(latency: dict, size: str = HEADLINE_SIZE) -> tuple[float | None, float | None]:
+    """What the FLOPs allow at `size` against peer (a): (the TTFT ratio at equal FLOP/s, the ratio if our vision
+    tower, connector and preprocessing cost nothing, i.e. peer FLOPs over our LLM prefill's alone)."""
+    flops, prefill = latency["forward_gflop"], latency.get("ttft_breakdown_gflop", {}).get("prefill")
+    if size not in flops["pallava"] or "llava_next_matched" not in flops:
+        return None, None
+    peer = flops["llava_next_matched"][size]
+    return round(peer / flops["pallava"][size], 3), (round(peer / prefill, 3) if prefill else None)
+
+
 def summarise(results: dict) -> dict:
     """The headline ratios per regime (the keys `latest.json` promises) and the targets, met or not."""
     regimes = [name for name in results.get("regimes", {}) if _latency(results, name)]
@@ -44,6 +54,8 @@ def summarise(results: dict) -> dict:
         "matmul_utilisation": {r: _utilisation(_latency(results, r))["fraction_of_peak"] for r in regimes},
         "matmul_utilisation_wall_clock": {r: _latency(results, r)["utilisation"]["wall"]["fraction_of_peak"]
                                           for r in regimes},
+        "ttft_flop_ratio_vs_llava_next": {r: _flop_bounds(_latency(results, r))[0] for r in regimes},
+        "ttft_ceiling_vs_llava_next": {r: _flop_bounds(_latency(results, r))[1] for r in regimes},
     }  # fmt: skip
     measured = {
         "ttft": (summary["ttft_speedup_vs_llava_next"].get(HEADLINE_REGIME) or {}).get(HEADLINE_SIZE),
@@ -69,11 +81,22 @@ def _x(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
-def _latency_section(name: str, latency: dict, memory: dict) -> list[str]:
+def _latency_section(name: str, entry: dict) -> list[str]:
+    latency, memory = entry["latency"], entry.get("memory", {})
     systems = list(latency["systems"])
     sizes = list(latency["ttft_s"]["pallava"])
     single = [SYSTEM_LABELS[k] for k, n in latency["runs"].items() if n < latency["rounds"]]
-    out = [f"## Regime `{name}`", "",
+    out = [f"## Regime `{name}`", ""]
+    if "machine" in entry:  # measured elsewhere (a GPU machine) and merged in
+        machine = entry["machine"]
+        out += [f"Measured on another machine: {machine['cuda']} with {machine['logical_cores']} CPU cores "
+                f"({machine['cpu']}), torch {machine['torch']}, transformers {machine['transformers']}, started "
+                f"{entry['started']}; command `{entry['command']}`.", ""]  # fmt: skip
+        out += [f"Note: {note}" for note in entry.get("notes", [])] + ([""] if entry.get("notes") else [])
+    if "synthetic" in latency.get("images", {}).values():
+        out += ["Images: seeded noise of the same sizes (the shared data folder was not on that machine). The "
+                "images are decoded before timing, so their content does not change any time here.", ""]  # fmt: skip
+    out += [
            f"{latency['description']}; {latency['dtype']} on {latency['device']}, {latency['threads']['threads']} "
            f"thread(s); medians of {latency['rounds']} alternating rounds"
            + (f" ({', '.join(single)}: one timed round, it is slow on a CPU)" if single else "")
@@ -82,18 +105,20 @@ def _latency_section(name: str, latency: dict, memory: dict) -> list[str]:
            "Time to first token (preprocessing + vision + connector/projector + prefill) in wall-clock and in CPU "
            "seconds, the ratio of each peer's time to ours, the image tokens handed to the LLM, the crops through "
            "the vision tower and the FLOPs of that forward pass:", ""]  # fmt: skip
+    cpu = latency["device"] == "cpu"  # on a GPU, CPU seconds count spinning threads, not the work: wall-clock only
     rows = []
     for key in systems:
         for size in sizes:
             mine = key == "pallava"
-            rows.append([SYSTEM_LABELS[key], size, f"{latency['ttft_s'][key][size]:.3f}",
-                         f"{latency['ttft_cpu_s'][key][size]:.3f}",
-                         "" if mine else _x(latency["ttft_speedup"][key][size]),
-                         "" if mine else _x(latency["ttft_speedup_cpu"][key][size]),
-                         latency["image_tokens"][key][size], latency["crops"][key][size],
-                         latency["forward_gflop"][key][size]])  # fmt: skip
-    out += [table(["system", "image", "TTFT s", "TTFT CPU s", "ours faster (wall)", "ours faster (CPU)",
-                   "image tokens", "crops", "GFLOP"], rows), ""]  # fmt: skip
+            rows.append([SYSTEM_LABELS[key], size, f"{latency['ttft_s'][key][size]:.3f}"]
+                        + ([f"{latency['ttft_cpu_s'][key][size]:.3f}"] if cpu else [])
+                        + ["" if mine else _x(latency["ttft_speedup"][key][size])]
+                        + (["" if mine else _x(latency["ttft_speedup_cpu"][key][size])] if cpu else [])
+                        + [latency["image_tokens"][key][size], latency["crops"][key][size],
+                           latency["forward_gflop"][key][size]])  # fmt: skip
+    headers = (["system", "image", "TTFT s"] + (["TTFT CPU s"] if cpu else []) + ["ours faster (wall)"]
+               + (["ours faster (CPU)"] if cpu else []) + ["image tokens", "crops", "GFLOP"])  # fmt: skip
+    out += [table(headers, rows), ""]
     gen = latency["generation_tokens_per_s"]
     out += [f"Generation (decode only, {latency['new_tokens']} new tokens, prompt of the {latency['generation_image']} "
             "image), tokens/s:", "",
@@ -103,8 +128,10 @@ def _latency_section(name: str, latency: dict, memory: dict) -> list[str]:
     util, parts = latency["utilisation"], latency["ttft_breakdown_s"]
     clocks = [f"per {label} second {util[clock]['achieved_gflops']} GFLOP/s against a matmul peak of "
               f"{util[clock]['matmul_peak_gflops']} GFLOP/s = **{100 * util[clock]['fraction_of_peak']:.0f}%**"
-              for clock, label in (("cpu", "CPU"), ("wall", "wall-clock"))]  # fmt: skip
-    out += [f"Our TTFT at {util['image']}, by stage (s): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+              for clock, label in ((("cpu", "CPU"),) if cpu else ()) + (("wall", "wall-clock"),)]  # fmt: skip
+    gflop = latency.get("ttft_breakdown_gflop", {})
+    out += [f"Our TTFT at {util['image']}, by stage (s): "
+            + ", ".join(f"{k} {v:.3f}" + (f" ({gflop[k]:.0f} GFLOP)" if gflop.get(k) else "") for k, v in parts.items())
             + f". Forward pass ({util['forward_gflop']} GFLOP): " + "; ".join(clocks) + ".", ""]
     if "lm_head_strides" in latency:
         head = latency["lm_head_strides"]
@@ -113,9 +140,11 @@ def _latency_section(name: str, latency: dict, memory: dict) -> list[str]:
                 "as the model now does. The peers share our LM head here, so they get the fix too.", ""]  # fmt: skip
     readings = {k: v for k, v in memory.items() if "peak_rss_mb" in v}
     if readings:
+        gpu = all("peak_device_memory_mb" in v for v in readings.values())
         out += ["Peak memory, each system alone in a fresh process (1024x768 image, then 8-way decoding), MiB:", "",
-                table(["system", "RSS after build", "peak RSS"],
-                      [[SYSTEM_LABELS[k], v["rss_after_build_mb"], v["peak_rss_mb"]] for k, v in readings.items()]),
+                table(["system", "RSS after build", "peak RSS"] + (["peak GPU memory"] if gpu else []),
+                      [[SYSTEM_LABELS[k], v["rss_after_build_mb"], v["peak_rss_mb"]]
+                       + ([v["peak_device_memory_mb"]] if gpu else []) for k, v in readings.items()]),
                 ""]  # fmt: skip
     return out
 
@@ -125,21 +154,30 @@ def _analysis(results: dict) -> list[str]:
     if not latency or HEADLINE_SIZE not in latency["ttft_s"]["pallava"]:
         return []
     ours, peer, size = "pallava", "llava_next_matched", HEADLINE_SIZE
-    flop_ratio = latency["forward_gflop"][peer][size] / latency["forward_gflop"][ours][size]
+    flop_ratio, ceiling = _flop_bounds(latency)
     parts = latency["ttft_breakdown_s"]
     vision_share = parts["vision"] / sum(parts.values())
+    gflop = latency.get("ttft_breakdown_gflop", {})
     out = [
         "## Reading the headline", "",
         f"At {size} LLaVA-NeXT (a) hands the LLM {latency['image_tokens'][peer][size]} image tokens (from "
         f"{latency['crops'][peer][size]} crops), ours {latency['image_tokens'][ours][size]} (from "
-        f"{latency['crops'][ours][size]} crops: the paper's grid list cuts more tiles than LLaVA-NeXT's grid). Its "
-        f"forward pass costs {flop_ratio:.2f}x our FLOPs; the measured TTFT ratio is "
-        f"{_x(latency['ttft_speedup'][peer][size])} in wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} "
-        "in CPU time. Prefill is compute-bound, so the TTFT ratio follows the FLOP ratio, and the 5x target is out of "
-        "reach at these shapes: the connector removes LLM tokens, but our vision tower runs on more crops and takes "
-        f"{100 * vision_share:.0f}% of our first-token time next to a 1B LLM. The ratio grows with the LLM's size (the "
-        "paper's is 8B) and with the peer's tokens per crop (576 for LLaVA-NeXT's native tower).", "",
+        f"{latency['crops'][ours][size]} crops: the paper's grid list always cuts 4 to 8 tiles). Its forward pass "
+        f"costs {flop_ratio:.2f}x our FLOPs; the measured TTFT ratio is {_x(latency['ttft_speedup'][peer][size])} in "
+        f"wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} in CPU time. The two systems share the "
+        "very same vision tower and LLM modules, so they run at the same FLOP/s, and prefill is compute-bound: the "
+        "TTFT ratio follows the FLOP ratio. Our vision tower takes "
+        f"{100 * vision_share:.0f}% of our first-token time next to a 1B LLM.", "",
     ]  # fmt: skip
+    if ceiling:
+        out += [f"**Why the 5x target cannot be met at these shapes.** Our LLM prefill alone (196 image tokens + the "
+                f"question) costs {gflop['prefill']:.0f} GFLOP; the peer's whole first token costs "
+                f"{latency['forward_gflop'][peer][size]:.0f} GFLOP. Even with a free vision tower, connector and "
+                f"preprocessing, our first token could come at most {ceiling:.2f}x sooner; with the paper's tower and "
+                f"grid, {flop_ratio:.2f}x. LLaVA-NeXT removes the padding rows of a 4:3 image's tile features, so the "
+                "peer gives the LLM well under 5 x 196 tokens, and the LLM still reads our 196 plus the text. The "
+                "ratio grows with the peer's tokens per crop: against LLaVA-NeXT's native tower (576 per crop) it "
+                "is far above 5x.", ""]  # fmt: skip
     if "llava_next_native" in latency["ttft_speedup"]:
         native = "llava_next_native"
         out[-2] += (f" Against that native peer (b) at {size}: {latency['image_tokens'][native][size]} image tokens, "
@@ -162,8 +200,9 @@ def render(results: dict) -> str:
                                    ["GPU", machine["cuda"] or "none"],
                                    ["load average (1 min) at start / end",
                                     f"{machine.get('load_average_1m')} / {results.get('load_average_end')}"]]), "",
-           "The machine was shared with other jobs while this ran (see the load average): absolute times are slow "
-           "and noisy. Systems were timed in alternation in one process, so the *ratios* are what count.", ""]  # fmt: skip
+           ("The machine was shared with other jobs while this ran (see the load average): absolute times are slow "
+            "and noisy. " if max(machine.get("load_average_1m") or 0, results.get("load_average_end") or 0) > 1.5
+            else "") + "Systems were timed in alternation in one process, so the *ratios* are what count.", ""]  # fmt: skip
     if results["threads"].get("probe_s"):
         probe = ", ".join(f"{n} thread(s) {s} s" for n, s in results["threads"]["probe_s"].items())
         out += [f"Thread probe (a small transformer-like workload, bf16): {probe}; the faster was used throughout.", ""]
@@ -177,7 +216,7 @@ def render(results: dict) -> str:
         if "not_run" in entry:
             out += [f"## Regime `{name}`", "", f"Not run: {entry['not_run']}.", ""]
         elif _latency(results, name):
-            out += _latency_section(name, entry["latency"], entry.get("memory", {}))
+            out += _latency_section(name, entry)
     out += ["## Preprocessing throughput", "",
             "images/s, one image per call, decoded images in memory; ours vs transformers' "
             "`LlavaNextImageProcessorPil` (the torchvision one needs torchvision) at our tile size (a) and at 336 px (b):",
@@ -192,7 +231,9 @@ def render(results: dict) -> str:
                 ""]  # fmt: skip
     training = {name: entry["training"] for name, entry in results["regimes"].items() if "plip" in entry.get("training", {})}
     if training:
-        rows = [[name, t["dtype"], f"{t['plip']['samples_per_s']} (batch {t['plip']['batch']}, {t['plip']['preset']})",
+        rows = [[name + (f" ({results['regimes'][name]['machine']['cuda']})" if "machine" in results["regimes"][name]
+                         else ""),
+                 t["dtype"], f"{t['plip']['samples_per_s']} (batch {t['plip']['batch']}, {t['plip']['preset']})",
                  f"{t['assistant']['samples_per_s']['pixels']} (batch {t['assistant']['batch']})",
                  t["assistant"]["samples_per_s"]["cached"], _x(t["assistant"]["cache_speedup"])]
                 for name, t in training.items()]  # fmt: skip
@@ -216,7 +257,10 @@ def render(results: dict) -> str:
             "shared CPU both are also timed in CPU seconds (`time.process_time`), which count only the time this "
             "process ran; the utilisation target is judged on those.",
             "- Peak memory: each system alone in a fresh process (`ru_maxrss`).",
-            "- The `paper` regime (Llama-3-8B, bf16) runs only where a GPU is present.", ""]  # fmt: skip
+            "- FLOPs of attention are counted with our own formula (grouped-query attention included): torch's "
+            "counter has none for its CPU attention kernel, and older versions reject fewer key/value heads.",
+            "- The `paper` regime (Llama-3-8B, bf16) runs only where a GPU is present: `python benchmarks/run.py "
+            "--regimes paper --out benchmarks/results/paper-gpu.json` there; a CPU run merges that file in.", ""]  # fmt: skip
     if results.get("errors"):
         out += ["## Errors in this run", ""] + [f"- {e}" for e in results["errors"]] + [""]
     return "\n".join(out)

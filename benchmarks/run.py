@@ -2,6 +2,10 @@
 
     python benchmarks/run.py            # full: tiny + paper-proportioned (+ paper when a GPU is present)
     python benchmarks/run.py --quick    # a few minutes: fewer rounds, the headline image, peer (a) only
+    python benchmarks/run.py --regimes paper --out benchmarks/results/paper-gpu.json   # on a GPU machine
+
+A CPU run includes the stored GPU result (`benchmarks/results/paper-gpu.json`, with its own machine facts)
+as its `paper` regime, so one report shows all three regimes.
 
 Model sections run in their own process (peak memory per system, no cross-talk); ratios come from systems
 timed in alternation inside one process. Nothing here asserts a time: the targets are reported, met or not.
@@ -10,6 +14,7 @@ timed in alternation inside one process. Nothing here asserts a time: the target
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -26,18 +31,37 @@ from benchmarks.report import render, summarise  # noqa: E402
 from benchmarks.systems import SYSTEMS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
+GPU_RESULTS = ROOT / "benchmarks" / "results" / "paper-gpu.json"
+REGIME_NAMES = ("tiny", "paper-proportioned", "paper")
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
-def plan(quick: bool, gpu: bool) -> dict[str, dict]:
+def plan(quick: bool, gpu: bool, only: list[str] | None = None) -> dict[str, dict]:
     """What runs per regime: the latency section always; memory readings and training as the mode allows."""
     regimes = {
         "tiny": {"memory": [] if quick else ["pallava", "llava_next_matched", "llava_1_5"], "training": True},
         "paper-proportioned": {"memory": [] if quick else list(SYSTEMS), "training": not quick},
     }  # fmt: skip
     if gpu:
-        regimes["paper"] = {"memory": ["pallava", "llava_next_matched"], "training": False}
+        regimes["paper"] = {"memory": [] if quick else ["pallava", "llava_next_matched"], "training": not quick}
+    if only is not None:
+        missing = [name for name in only if name not in regimes]
+        if missing:
+            raise SystemExit(f"regime {', '.join(missing)} cannot run here: the paper regime needs a GPU")
+        regimes = {name: regimes[name] for name in only}
     return regimes
+
+
+def stored_gpu_result(path: Path = GPU_RESULTS) -> dict | None:
+    """The `paper` regime from a GPU run's results file, with that run's machine and command."""
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    regime = stored.get("regimes", {}).get("paper")
+    if not regime or "not_run" in regime:
+        return None
+    return {**regime, "machine": stored["machine"], "command": stored["command"], "started": stored["started"],
+            "notes": stored.get("notes", [])}  # fmt: skip
 
 
 def run_section(name: str, module: str, args: list[str], errors: list[str]) -> dict:
@@ -53,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="pallava benchmarks against LLaVA-NeXT and LLaVA-1.5, as ratios")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and sections (a few minutes)")
     parser.add_argument("--threads", type=int, help="torch threads (default: the faster of 1 and all cores)")
+    parser.add_argument("--regimes", nargs="+", choices=REGIME_NAMES, help="only these regimes (default: all that can run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
     parser.add_argument("--docs", type=Path, default=DOCS, help=f"Markdown report (default {DOCS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
@@ -60,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--threads must be at least 1, got {args.threads}")
     started = time.time()
     gpu = torch.cuda.is_available()
+    regimes = plan(args.quick, gpu, args.regimes)
     thread_info = choose_threads(args.threads, torch.bfloat16)
     worker = ["--threads", str(thread_info["threads"])] + (["--quick"] if args.quick else [])
     results: dict = {
@@ -68,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(), "threads": thread_info, "regimes": {}, "preprocessing": {},
     }  # fmt: skip
     errors: list[str] = []
-    for regime in ["paper-proportioned"] if args.quick else ["tiny", "paper-proportioned"]:
+    cpu_tilings = [r for r in (["paper-proportioned"] if args.quick else ["tiny", "paper-proportioned"]) if r in regimes]
+    for regime in cpu_tilings:  # the paper regime tiles exactly as paper-proportioned does
         print(f"== preprocessing ({regime} tiling)", file=sys.stderr, flush=True)
         results["preprocessing"][regime] = preprocess.run(regime, quick=args.quick, threads=thread_info["threads"])
-    for regime, sections in plan(args.quick, gpu).items():
+    for regime, sections in regimes.items():
         entry = results["regimes"][regime] = {}
         entry["latency"] = run_section(f"latency ({regime})", "latency", ["--regime", regime, *worker], errors)
         entry["memory"] = {
@@ -81,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         if sections["training"]:
             entry["training"] = run_section(f"training ({regime})", "training", ["--regime", regime, *worker], errors)
-    if not gpu:
-        results["regimes"]["paper"] = {"not_run": "no GPU on this machine: the paper shapes (Llama-3-8B, bf16) "
-                                                  "need one; run `make bench` where torch.cuda is available"}  # fmt: skip
+    if "paper" not in regimes and args.regimes is None:
+        results["regimes"]["paper"] = stored_gpu_result() or {
+            "not_run": "no GPU on this machine: the paper shapes (Llama-3-8B, bf16) need one; run "
+                       "`python benchmarks/run.py --regimes paper --out benchmarks/results/paper-gpu.json` on a GPU"}  # fmt: skip
     results["duration_s"] = round(time.time() - started, 1)
     results["load_average_end"] = load_average()
     results["errors"] = errors

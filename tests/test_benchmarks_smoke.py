@@ -114,7 +114,21 @@ def test_latency_section_reports_ratios_of_its_medians(shared_data):
         util = result["utilisation"][clock]
         assert util["fraction_of_peak"] == pytest.approx(util["achieved_gflops"] / util["matmul_peak_gflops"], rel=2e-2)
     assert result["ttft_cpu_s"]["pallava"]["224x224"] > 0
-    assert set(result["ttft_breakdown_s"]) == {"preprocess", "vision", "connector", "prefill"}
+    assert set(result["ttft_breakdown_s"]) == set(result["ttft_breakdown_gflop"]) == {"preprocess", "vision",
+                                                                                     "connector", "prefill"}  # fmt: skip
+    parts = result["ttft_breakdown_gflop"]
+    assert parts["preprocess"] == 0 and parts["vision"] > 0 and parts["prefill"] > 0
+    # the stages together are the forward pass (the first token's LM head and sampling aside)
+    assert sum(parts.values()) == pytest.approx(result["forward_gflop"]["pallava"]["1024x768"], rel=0.1)
+
+
+def test_attention_flops_count_grouped_query_attention():
+    q, k, v = torch.randn(1, 8, 10, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    expected = 2 * 8 * 10 * 12 * (16 + 16)  # scores and weighted values, every query head
+    gqa = latency.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    full = latency.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)))  # fmt: skip
+    assert gqa == full == expected
 
 
 def test_preprocess_section_covers_every_case(shared_data):
@@ -157,5 +171,33 @@ def test_report_holds_the_promised_keys_and_renders(shared_data):
     assert results["batch8_over_batch1_generation"]["tiny"] == lat["batch8_over_batch1"]["pallava"]
     assert results["matmul_utilisation"]["tiny"] == lat["utilisation"]["cpu"]["fraction_of_peak"]
     assert [t["met"] for t in results["targets"]] == [None] * 4  # no paper-proportioned run here
+    flops = lat["forward_gflop"]
+    assert results["ttft_flop_ratio_vs_llava_next"]["tiny"] == pytest.approx(
+        flops["llava_next_matched"]["1024x768"] / flops["pallava"]["1024x768"], rel=1e-2)  # fmt: skip
+    assert results["ttft_ceiling_vs_llava_next"]["tiny"] == pytest.approx(
+        flops["llava_next_matched"]["1024x768"] / lat["ttft_breakdown_gflop"]["prefill"], rel=1e-2)  # fmt: skip
     page = render(results)
     assert "## Targets" in page and "## Regime `tiny`" in page and "Not run: no GPU" in page
+
+
+def test_a_stored_gpu_run_is_merged_with_its_own_machine(tmp_path, shared_data):
+    from benchmarks.run import stored_gpu_result
+
+    assert stored_gpu_result(tmp_path / "missing.json") is None
+    lat = latency.run("tiny", threads=1, rounds=1, new_tokens=2, sizes=("224x224",), peers=("llava_1_5",),
+                      peak_sizes=(128,), progress=False)  # fmt: skip
+    gpu_machine = {"cpu": "gpu host", "logical_cores": 16, "torch": "2.x", "transformers": "5.x", "cuda": "Some GPU"}
+    stored = {"command": "python benchmarks/run.py --regimes paper", "started": "earlier", "machine": gpu_machine,
+              "regimes": {"paper": {"latency": lat, "memory": {}}}, "notes": ["a note"]}  # fmt: skip
+    (tmp_path / "gpu.json").write_text(__import__("json").dumps(stored))
+    merged = stored_gpu_result(tmp_path / "gpu.json")
+    assert merged["machine"] == gpu_machine and merged["latency"] == lat and merged["notes"] == ["a note"]
+    results = {
+        "command": "python benchmarks/run.py", "quick": False, "started": "now", "duration_s": 1.0,
+        "machine": {"cpu": "test", "logical_cores": 2, "torch": torch.__version__, "transformers": "x", "cuda": None},
+        "threads": {"threads": 1, "chosen_by": "--threads"}, "load_average_end": None, "errors": [],
+        "regimes": {"paper": merged}, "preprocessing": {},
+    }  # fmt: skip
+    results.update(summarise(results))
+    page = render(results)
+    assert "## Regime `paper`" in page and "Measured on another machine: Some GPU" in page and "Note: a note" in page

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_gather_single_autograd
+
+try:
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+except ImportError:  # older torch builds (a cluster's own): the same collective under its former name
+    from torch.distributed._functional_collectives import (
+        all_gather_tensor_autograd as all_gather_single_autograd,
+    )
 
 
 def _distributed() -> bool:
