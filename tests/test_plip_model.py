@@ -173,3 +173,17 @@ def test_config_round_trips_through_json(tmp_path):
     assert (loaded.use_momentum, loaded.momentum, loaded.queue_size) == (True, 0.995, 57600)
     with pytest.raises(ValueError, match="temp_init"):
         PlipConfig(temp_init=0.9)
+
+
+def test_momentum_pretrainer_trains_under_bf16_autocast_with_fp32_queues():
+    # accelerate's bf16 mixed precision runs the step under autocast: bf16 momentum features, fp32 queues
+    model, tokenizer = build_plip("tiny", text_layers=1, use_momentum=True, queue_size=8, itm_max_pairs=2)
+    pretrainer = PlipPretrainer(model)
+    tokens = tokenizer(["benign lung tissue", "lung adenocarcinoma"], padding=True, return_tensors="pt")
+    keys = torch.tensor([[1, 10], [2, 20]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = pretrainer(_pixels(2), tokens["input_ids"], tokens["attention_mask"], keys)
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    assert pretrainer.image_queue.dtype == torch.float32 and int(pretrainer.queue_ptr) == 2
+    torch.testing.assert_close(pretrainer.image_queue[:2].norm(dim=1), torch.ones(2), atol=1e-2, rtol=0)

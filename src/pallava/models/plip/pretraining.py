@@ -62,8 +62,9 @@ class PlipPretrainer(nn.Module):
     def _enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, keys: torch.Tensor) -> None:
         size, n = self.image_queue.shape[0], image_feats.shape[0]
         index = (int(self.queue_ptr) + torch.arange(n, device=image_feats.device)) % size
-        self.image_queue[index] = image_feats
-        self.text_queue[index] = text_feats
+        # Under bf16 autocast the momentum features come out in bf16; the queues keep their own (fp32) precision.
+        self.image_queue[index] = image_feats.to(self.image_queue.dtype)
+        self.text_queue[index] = text_feats.to(self.text_queue.dtype)
         self.key_queue[index] = keys
         self.queue_ptr.fill_((int(self.queue_ptr) + n) % size)
 
