@@ -73,8 +73,8 @@ def plip_step(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
 
     preset = PLIP_PRESET[regime.name]
     model, tokenizer = build_plip(preset)
-    # Weights (and the momentum queues) in the regime's dtype: under bf16 autocast the pretrainer's fp32 queues
-    # reject the bf16 momentum features.
+    # Weights and momentum queues in the regime's dtype throughout, like the assistant step here (the recipe's
+    # fp32 weights under bf16 autocast do the same matrix work in bf16).
     trainer = PlipPretrainer(model).to(regime.device, regime.dtype).train()
     params = [p for p in trainer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

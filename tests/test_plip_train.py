@@ -2,7 +2,6 @@
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -81,17 +80,21 @@ def test_outputs_checkpoints_and_resume(trained, small_manifest, recipe):
                  "vision_tower/config.json", "vision_tower/model.safetensors"):  # fmt: skip
         assert (trained / name).is_file(), name
     assert any((trained / "logs").rglob("events.out.tfevents*"))
-    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["ckpt-0000004", "ckpt-0000008"]
+    assert (trained / "checkpoints" / "ckpt-0000008" / "COMPLETE").is_file()
     summary = json.loads((trained / "training_summary.json").read_text())
     assert summary["steps"] == 8 and summary["global_batch"] == 12
-    # Lose the last checkpoint (as if the run had died after step 4): resuming replays steps 5-8 exactly.
+    # The last checkpoint half-written (as if the run had died while saving step 8): it is never loaded, and
+    # resuming from step 4 replays steps 5-8 exactly.
     uninterrupted = [row for row in _log(trained) if "loss" in row]
-    shutil.rmtree(trained / "checkpoints" / "step-0000008")
+    last = trained / "checkpoints" / "ckpt-0000008"
+    (last / "COMPLETE").unlink()
+    last.rename(last.with_name("ckpt-0000008.tmp"))
     code = main(["plip", "train", "--data", str(small_manifest), "--out", str(trained), "--config", str(recipe),
                  "--max-steps", "8", "--resume"])  # fmt: skip
     assert code == 0
     assert [row for row in _log(trained) if "loss" in row] == uninterrupted
-    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["ckpt-0000004", "ckpt-0000008"]
 
 
 def test_zeroshot_and_retrieval_reports(trained, small_manifest, tmp_path):

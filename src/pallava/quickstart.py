@@ -270,7 +270,7 @@ class Quickstart:
 
 def _dig(report: dict, kind: str, metric: str):
     """A metric from the VQA report: `report[kind][metric]`, or None when the kind was not asked."""
-    section = report.get(kind) or report.get("by_type", {}).get(kind) or {}
+    section = report.get(kind) or {}
     value = section.get(metric)
     return value.get("value", value) if isinstance(value, dict) else value
 

@@ -7,14 +7,20 @@ folder that is ignored and removed by `clean_partial` on the next start.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 PREFIX = "ckpt-"
 TMP_SUFFIX = ".tmp"
 COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"  # the trainers' own progress (step, epoch, ...) beside accelerate's state
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -116,3 +122,24 @@ def prune(directory: str | Path, keep_last: int) -> list[Path]:
         (path / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def save_training_state(
+    accelerator: Accelerator, directory: str | Path, step: int, state: dict, keep_last: int, **save_options,
+) -> Path:  # fmt: skip
+    """Every process writes its part of accelerate's state into a temporary folder; the main process adds
+    `state` (JSON, in `STATE_FILE`), seals the folder and prunes old ones. Collective: call on every process."""
+    directory = Path(directory)
+    tmp = directory / (checkpoint_name(step) + TMP_SUFFIX)
+    if accelerator.is_main_process:
+        begin(directory, step)
+    accelerator.wait_for_everyone()  # the folder exists before anyone writes into it
+    accelerator.save_state(str(tmp), **save_options)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    accelerator.wait_for_everyone()  # every process has written its shards
+    if accelerator.is_main_process:
+        commit(tmp)
+        prune(directory, keep_last)
+    accelerator.wait_for_everyone()
+    return directory / checkpoint_name(step)

@@ -2,7 +2,7 @@
 
 Works alone or under `accelerate launch` (features are gathered across processes for ITC). Output folder:
 a loadable PLIP model (config, weights, tokenizer), `vision_tower/` (a CLIPVisionModel folder for the
-assistant), `checkpoints/step-N` (full state, atomic, last k kept), `logs/` (TensorBoard), `train_log.jsonl`,
+assistant), `checkpoints/ckpt-N` (full state, sealed by a marker, last k kept), `logs/` (TensorBoard), `train_log.jsonl`,
 `training_curve.png` and `training_summary.json`.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.zeroshot import PlipZeroShot
+from pallava.train import checkpoints
 from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
 from pallava.train.plip_eval import plot_training_curve, zeroshot_predictions
 
@@ -117,30 +117,6 @@ def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.opt
             for (is_text, no_decay), params in groups.items()
         ]
     )
-
-
-def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, epoch: int, keep: int) -> None:
-    """Full training state to checkpoints/step-N, written to a temporary folder first, then renamed."""
-    root = out / "checkpoints"
-    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)  # before any process writes its part of the state
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch}), encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The newest complete checkpoint under out/checkpoints, or None."""
-    done = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
 
 
 class _TrainLog:
@@ -246,12 +222,18 @@ def train_plip(
         probe = _ZeroShotProbe(eval_data, eval_split, label_map, model.image_size)
 
     step = 0
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint_dir = out / "checkpoints"
+    checkpoint = checkpoints.latest_complete(checkpoint_dir) if resume else None
     if resume and checkpoint is None and main:
-        print(f"no checkpoint under {out / 'checkpoints'}; starting from scratch")
+        print(f"no checkpoint under {checkpoint_dir}; starting from scratch")
+    if main:
+        if not resume:  # starting over: an older run's checkpoints must never be resumed later
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        checkpoints.clean_partial(checkpoint_dir)
+    accelerator.wait_for_everyone()
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+        step = json.loads((checkpoint / checkpoints.STATE_FILE).read_text(encoding="utf-8"))["step"]
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
@@ -304,7 +286,8 @@ def train_plip(
             if main and recipe.eval_every and step % recipe.eval_every == 0 and step < total_steps:
                 evaluate(step)
             if step % save_every == 0 or step == total_steps:
-                _save_checkpoint(accelerator, out, step, epoch, recipe.keep_checkpoints)
+                checkpoints.save_training_state(accelerator, checkpoint_dir, step, {"step": step, "epoch": epoch},
+                                                recipe.keep_checkpoints)  # fmt: skip
             if step >= total_steps:
                 break
     progress.close()

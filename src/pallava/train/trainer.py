@@ -46,7 +46,6 @@ from pallava.train.optim import apply_trainable, build_optimizer, build_schedule
 RECIPE_FILE = "recipe.yaml"
 HISTORY_FILE = "training_history.json"
 SUMMARY_FILE = "run_summary.json"
-STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask", "crop_features")
 
@@ -214,28 +213,18 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------
     def _save_checkpoint(self, accelerator: Accelerator, steps_per_epoch_: int) -> None:
-        tmp = self.ckpt_dir / (checkpoints.checkpoint_name(self.global_step) + checkpoints.TMP_SUFFIX)
-        if accelerator.is_main_process:
-            checkpoints.begin(self.ckpt_dir, self.global_step)
-        accelerator.wait_for_everyone()
         extra = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-        accelerator.save_state(str(tmp), **extra)
-        if accelerator.is_main_process:
-            state = {"global_step": self.global_step, "epoch": self.global_step // steps_per_epoch_,
-                     "step_in_epoch": self.global_step % steps_per_epoch_, "data_seed": self.recipe.train.seed,
-                     "num_processes": accelerator.num_processes}  # fmt: skip
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpoints.commit(tmp)
-            checkpoints.prune(self.ckpt_dir, self.recipe.checkpoint.keep_last)
-        accelerator.wait_for_everyone()
+        state = {"global_step": self.global_step, "epoch": self.global_step // steps_per_epoch_,
+                 "step_in_epoch": self.global_step % steps_per_epoch_, "data_seed": self.recipe.train.seed,
+                 "num_processes": accelerator.num_processes}  # fmt: skip
+        checkpoints.save_training_state(accelerator, self.ckpt_dir, self.global_step, state,
+                                        self.recipe.checkpoint.keep_last, **extra)  # fmt: skip
 
     def _restore(self, accelerator: Accelerator) -> None:
         latest = checkpoints.latest_complete(self.ckpt_dir) if self.resume else None
         if latest is None:
             return
-        state = json.loads((latest / STATE_FILE).read_text())
+        state = json.loads((latest / checkpoints.STATE_FILE).read_text())
         if state["num_processes"] != accelerator.num_processes:
             raise ValueError(f"{latest}: written by {state['num_processes']} process(es), resumed with "
                              f"{accelerator.num_processes}; resume with the same number of processes")  # fmt: skip
