@@ -103,7 +103,8 @@ def _latency_section(name: str, entry: dict) -> list[str]:
            + f". Load average {latency['load_average_start']} at the start, {latency['load_average_end']} at the end.",
            "",
            "Time to first token (preprocessing + vision + connector/projector + prefill) in wall-clock and in CPU "
-           "seconds, the ratio of each peer's time to ours, the image tokens handed to the LLM, the crops through "
+           "seconds, the ratio of each peer's time to ours (the median of per-round ratios: both calls of a round run "
+           "back to back), the image tokens handed to the LLM, the crops through "
            "the vision tower and the FLOPs of that forward pass:", ""]  # fmt: skip
     cpu = latency["device"] == "cpu"  # on a GPU, CPU seconds count spinning threads, not the work: wall-clock only
     rows = []
