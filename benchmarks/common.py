@@ -193,3 +193,19 @@ def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def section_main(argv: list[str] | None, description: str, run: Callable[..., dict]) -> int:
+    """Command line of a benchmark section: `--regime R [--quick] [--threads N] --json-out FILE`."""
+    import argparse
+
+    from benchmarks.systems import REGIMES
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--regime", choices=sorted(REGIMES), required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--json-out", required=True)
+    args = parser.parse_args(argv)
+    write_json(args.json_out, run(args.regime, quick=args.quick, threads=args.threads))
+    return 0

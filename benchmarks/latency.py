@@ -14,7 +14,6 @@ and are timed in alternation, so their ratios hold even while the machine's load
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
 
@@ -32,8 +31,8 @@ from benchmarks.common import (
     matmul_peak,
     median,
     peak_rss_mb,
+    section_main,
     timed,
-    write_json,
 )
 from benchmarks.images import SIZES, image_cases
 from benchmarks.systems import REGIMES, Regime, System, build_systems
@@ -255,14 +254,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--regime", choices=sorted(REGIMES), required=True)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--json-out", required=True)
-    args = parser.parse_args(argv)
-    write_json(args.json_out, run(args.regime, quick=args.quick, threads=args.threads))
-    return 0
+    return section_main(argv, __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ size with its grid scaled to it (peer a) and at its native 336 px (peer b). Roun
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 
 from PIL import Image
 from tqdm import tqdm
 
-from benchmarks.common import choose_threads, interleaved, median, write_json
+from benchmarks.common import choose_threads, interleaved, median, section_main
 from benchmarks.images import image_cases
 from benchmarks.systems import REGIMES, peer_config, peer_processor
 from pallava.models.presets import make_processor
@@ -74,14 +73,7 @@ def run(regime_name: str, quick: bool = False, threads: int | None = None, round
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--regime", choices=sorted(REGIMES), required=True)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--json-out", required=True)
-    args = parser.parse_args(argv)
-    write_json(args.json_out, run(args.regime, quick=args.quick, threads=args.threads))
-    return 0
+    return section_main(argv, __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

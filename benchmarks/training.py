@@ -10,7 +10,6 @@ clipping, AdamW on the connector + LoRA (the paper's recipe). Pixel and cached s
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import tempfile
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from benchmarks.common import choose_threads, median, timed, write_json
+from benchmarks.common import choose_threads, median, section_main, timed
 from benchmarks.images import SHARED_DATA
 from benchmarks.systems import REGIMES, Regime, build_fast, random_init_
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
@@ -179,14 +178,7 @@ def run(regime_name: str, quick: bool = False, threads: int | None = None, progr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--regime", choices=sorted(REGIMES), required=True)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--json-out", required=True)
-    args = parser.parse_args(argv)
-    write_json(args.json_out, run(args.regime, quick=args.quick, threads=args.threads))
-    return 0
+    return section_main(argv, __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

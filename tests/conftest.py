@@ -20,6 +20,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def lung(shared_data) -> Path:
+    """The LC25000 lung folder: tiles by class and `manifest.csv` with the train/dev split."""
+    return shared_data / "lc25000-lung"
+
+
+@pytest.fixture(scope="session")
+def svs(shared_data) -> Path:
+    """The real whole-slide image (a region of CMU-1, Aperio SVS)."""
+    return shared_data / "samples" / "wsi" / "cmu_small_region.svs"
+
+
+@pytest.fixture(scope="session")
 def lung_tiles(shared_data) -> list[Path]:
     """A few real LC25000 lung tiles, one class after another."""
     root = shared_data / "lc25000-lung" / "images"

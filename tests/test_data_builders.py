@@ -2,7 +2,6 @@
 
 import string
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -17,37 +16,32 @@ from pallava.data.importers.manifest import read_manifest
 from pallava.data.labels import LabelMap
 from pallava.data.records import CaptionPair, LabelledImage, VQAItem
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+@pytest.fixture(scope="module")
+def dev_items(lung):
+    return read_manifest(lung / "manifest.csv", split="dev")
 
 
 @pytest.fixture(scope="module")
-def dev_items():
-    manifest = SHARED / "lc25000-lung" / "manifest.csv"
-    if not manifest.is_file():
-        pytest.skip("shared data not available")
-    return read_manifest(manifest, split="dev")
-
-
-@pytest.fixture(scope="module")
-def lung():
+def labels():
     return LabelMap.builtin("lc25000-lung")
 
 
-def test_captions_use_class_names_and_are_marked_generated(dev_items, lung):
-    captions = captions_from_labels(dev_items, lung, seed=3)
+def test_captions_use_class_names_and_are_marked_generated(dev_items, labels):
+    captions = captions_from_labels(dev_items, labels, seed=3)
     assert len(captions) == len(dev_items) and len({c.id for c in captions}) == len(captions)
     for item, caption in zip(dev_items, captions, strict=True):
         assert caption.image == item.path
-        assert any(name in caption.caption for name in lung[item.label].all_names())
+        assert any(name in caption.caption for name in labels[item.label].all_names())
         assert caption.meta["generated"] is True and caption.meta["label"] == item.label
         assert len(caption.caption.split()) >= 20  # passes the cleaner's default length filter
     assert len({c.caption for c in captions}) > 20  # several phrasings and synonyms
-    assert captions == captions_from_labels(dev_items, lung, seed=3)
-    assert captions != captions_from_labels(dev_items, lung, seed=4)
+    assert captions == captions_from_labels(dev_items, labels, seed=3)
+    assert captions != captions_from_labels(dev_items, labels, seed=4)
 
 
-def test_vqa_is_balanced_and_answers_are_correct(dev_items, lung):
-    vqa = vqa_from_labels(dev_items, lung, seed=0)
+def test_vqa_is_balanced_and_answers_are_correct(dev_items, labels):
+    vqa = vqa_from_labels(dev_items, labels, seed=0)
     assert len(vqa) == 4 * len(dev_items)
     closed = [v for v in vqa if v.answer_type == "closed"]
     assert Counter(v.answer for v in closed) == {"yes": len(dev_items), "no": len(dev_items)}
@@ -57,27 +51,27 @@ def test_vqa_is_balanced_and_answers_are_correct(dev_items, lung):
         label = by_path[item.image]
         assert item.meta["generated"] is True
         if item.answer_type == "open":
-            assert item.answer == lung[label].name
+            assert item.answer == labels[label].name
         elif item.answer_type == "choice":
-            assert sorted(item.options) == sorted(lung.names())
-            assert item.options[string.ascii_uppercase.index(item.answer)] == lung[label].name
+            assert sorted(item.options) == sorted(labels.names())
+            assert item.options[string.ascii_uppercase.index(item.answer)] == labels[label].name
             positions[item.answer] += 1
         elif item.answer == "yes":
-            assert any(n in item.question for n in lung[label].all_names())
+            assert any(n in item.question for n in labels[label].all_names())
         else:
-            assert not any(n in item.question for n in lung[label].all_names())
+            assert not any(n in item.question for n in labels[label].all_names())
     assert set(positions) == {"A", "B", "C"}  # correct option moves around
 
 
-def test_vqa_per_record_seeding_ignores_batch_composition(dev_items, lung):
-    whole = {v.id: v for v in vqa_from_labels(dev_items, lung, seed=1)}
-    part = vqa_from_labels(dev_items[5:9], lung, seed=1)
+def test_vqa_per_record_seeding_ignores_batch_composition(dev_items, labels):
+    whole = {v.id: v for v in vqa_from_labels(dev_items, labels, seed=1)}
+    part = vqa_from_labels(dev_items[5:9], labels, seed=1)
     assert all(whole[v.id] == v for v in part)
 
 
-def test_unknown_label_and_single_class_errors(lung):
+def test_unknown_label_and_single_class_errors(labels):
     with pytest.raises(ValueError, match=r"image x.jpg: field 'label': 'cat'"):
-        vqa_from_labels([LabelledImage("x.jpg", "cat")], lung)
+        vqa_from_labels([LabelledImage("x.jpg", "cat")], labels)
     single = LabelMap.from_dict({"a": {"name": "alpha"}})
     with pytest.raises(ValueError, match="at least 2 classes"):
         vqa_from_labels([LabelledImage("x.jpg", "a")], single)

@@ -6,15 +6,10 @@ import pytest
 
 from pallava.data.importers.manifest import read_image_folder, read_manifest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
-def lung_manifest():
-    path = SHARED / "lc25000-lung" / "manifest.csv"
-    if not path.is_file():
-        pytest.skip("shared data not available")
-    return path
+def lung_manifest(lung):
+    return lung / "manifest.csv"
 
 
 def test_read_real_manifest_resolves_paths_and_splits(lung_manifest):

@@ -20,15 +20,6 @@ from pallava.eval.report import vqa_report, write_report, zeroshot_report
 from pallava.eval.runner import UNMAPPED, run_vqa, run_zeroshot, with_option_orders, zeroshot_question
 from pallava.eval.tasks import detect_format, load_vqa_items, prompt_of
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def shared() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
-
 
 class ScriptedAssistant:
     """Answers from a function of (image, question) and records every batch it is given."""
@@ -47,22 +38,22 @@ class ScriptedAssistant:
 
 
 @pytest.fixture(scope="module")
-def items(shared: Path) -> list[VQAItem]:
-    return load_vqa_items(shared / "lc25000-lung" / "manifest.csv", split="dev")[:10]
+def items(shared_data: Path) -> list[VQAItem]:
+    return load_vqa_items(shared_data / "lc25000-lung" / "manifest.csv", split="dev")[:10]
 
 
-def test_manifest_questions_come_from_the_data_builders(items: list[VQAItem], shared: Path) -> None:
-    assert detect_format(shared / "lc25000-lung" / "manifest.csv") == "manifest"
-    assert detect_format(shared / "pathvqa-text" / "pvqa_test.json") == "pathvqa-text"
+def test_manifest_questions_come_from_the_data_builders(items: list[VQAItem], shared_data: Path) -> None:
+    assert detect_format(shared_data / "lc25000-lung" / "manifest.csv") == "manifest"
+    assert detect_format(shared_data / "pathvqa-text" / "pvqa_test.json") == "pathvqa-text"
     kinds = [item.answer_type for item in items]
     assert kinds[:4] == ["closed", "closed", "open", "choice"]
     assert prompt_of(items[0]).endswith("Answer yes or no.")
     assert "Options:\nA. " in prompt_of(items[3])
 
 
-def test_vqa_refuses_text_only_pathvqa_with_a_clear_error(shared: Path) -> None:
+def test_vqa_refuses_text_only_pathvqa_with_a_clear_error(shared_data: Path) -> None:
     with pytest.raises(ValueError, match="no images.*pallava eval score"):
-        load_vqa_items(shared / "pathvqa-text" / "pvqa_test.json")
+        load_vqa_items(shared_data / "pathvqa-text" / "pvqa_test.json")
 
 
 def test_run_vqa_batches_in_order_and_writes_every_field(items: list[VQAItem], tmp_path: Path) -> None:
@@ -124,8 +115,8 @@ def test_option_orders_follow_content_or_position(items: list[VQAItem], tmp_path
     assert vqa_report(positional, n_resamples=50)["choice_orders"]["consistency"] == 0.0
 
 
-def test_vqa_report_files_and_required_fields(items: list[VQAItem], tmp_path: Path, shared: Path) -> None:
-    odd = VQAItem("big", str(shared / "samples" / "pathology" / "stardist_histo.jpg"), "Is it?", "no", "closed")
+def test_vqa_report_files_and_required_fields(items: list[VQAItem], tmp_path: Path, shared_data: Path) -> None:
+    odd = VQAItem("big", str(shared_data / "samples" / "pathology" / "stardist_histo.jpg"), "Is it?", "no", "closed")
     answers = {"closed": "Yes.", "open": "lung adenocarcinoma", "choice": "B"}
     by_prompt = {prompt_of(i): answers[i.answer_type] for i in items}
     assistant = ScriptedAssistant(lambda image, question: by_prompt.get(question, "no"))
@@ -148,10 +139,10 @@ def test_vqa_report_files_and_required_fields(items: list[VQAItem], tmp_path: Pa
     assert "| strict | closed |" in markdown and "(legacy)" in markdown and "accuracy_by_tiles.png" in markdown
 
 
-def test_zeroshot_maps_answers_exactly_and_counts_unmapped(shared: Path, tmp_path: Path) -> None:
+def test_zeroshot_maps_answers_exactly_and_counts_unmapped(shared_data: Path, tmp_path: Path) -> None:
     label_map = LabelMap.builtin("lc25000-lung")
-    rows = [line.split(",") for line in (shared / "lc25000-lung" / "manifest.csv").read_text().splitlines()[1:]]
-    images = [LabelledImage(str(shared / "lc25000-lung" / r[0]), r[1], r[2], r[3]) for r in rows if r[3] == "dev"][::8]
+    rows = [line.split(",") for line in (shared_data / "lc25000-lung" / "manifest.csv").read_text().splitlines()[1:]]
+    images = [LabelledImage(str(shared_data / "lc25000-lung" / r[0]), r[1], r[2], r[3]) for r in rows if r[3] == "dev"][::8]
     spoken = {"lung_aca": "Pulmonary adenocarcinoma.", "lung_n": "Benign lung tissue", "lung_scc": "I cannot tell"}
     assistant = ScriptedAssistant(lambda image, question: spoken[next(i.label for i in images if i.path == image)])
     records = run_zeroshot(assistant, images, label_map, tmp_path / "z.jsonl", batch_size=4, progress=False)
@@ -186,11 +177,11 @@ def test_prediction_writer_repairs_a_missing_final_newline(tmp_path: Path) -> No
         read_predictions(path)
 
 
-def test_every_input_format_becomes_vqa_items(shared: Path, tmp_path: Path) -> None:
+def test_every_input_format_becomes_vqa_items(shared_data: Path, tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tile = shared / "samples" / "crc" / sorted(p.name for p in (shared / "samples" / "crc").iterdir())[0]
+    tile = shared_data / "samples" / "crc" / sorted(p.name for p in (shared_data / "samples" / "crc").iterdir())[0]
     table = pa.table({"image": [{"bytes": tile.read_bytes(), "path": "a.jpg"}] * 2,
                       "question": ["Is this adipose tissue?", "What tissue is this?"], "answer": ["Yes", "fat"]})
     pq.write_table(table, tmp_path / "pathvqa.parquet")

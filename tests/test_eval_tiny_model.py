@@ -14,15 +14,6 @@ from pallava.eval.runner import run_vqa
 from pallava.eval.tasks import load_vqa_items
 from pallava.inference import PaLlava
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def shared() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
-
 
 @pytest.fixture(scope="module")
 def assistant() -> PaLlava:
@@ -43,11 +34,11 @@ def model_dir(assistant: PaLlava, tmp_path_factory: pytest.TempPathFactory) -> P
     return directory
 
 
-def test_batched_evaluation_equals_one_by_one(assistant: PaLlava, shared: Path, tmp_path: Path) -> None:
-    items = load_vqa_items(shared / "lc25000-lung" / "manifest.csv", split="dev")[::9][:4]
+def test_batched_evaluation_equals_one_by_one(assistant: PaLlava, shared_data: Path, tmp_path: Path) -> None:
+    items = load_vqa_items(shared_data / "lc25000-lung" / "manifest.csv", split="dev")[::9][:4]
     # a 500x300 image gets a different tile grid, so batches mix padded prompts and padded tiles
-    odd = load_vqa_items(shared / "lc25000-lung" / "manifest.csv", split="dev")[0]
-    odd.id, odd.image = "stardist", str(shared / "samples" / "pathology" / "stardist_histo.jpg")
+    odd = load_vqa_items(shared_data / "lc25000-lung" / "manifest.csv", split="dev")[0]
+    odd.id, odd.image = "stardist", str(shared_data / "samples" / "pathology" / "stardist_histo.jpg")
     items = [items[0], odd, *items[1:]]
     batched = run_vqa(assistant, items, tmp_path / "batched.jsonl", batch_size=3, max_new_tokens=5, progress=False)
     single = run_vqa(assistant, items, tmp_path / "single.jsonl", batch_size=1, max_new_tokens=5, progress=False)
@@ -57,8 +48,8 @@ def test_batched_evaluation_equals_one_by_one(assistant: PaLlava, shared: Path, 
     assert max(r["tiles"] for r in batched) > 1
 
 
-def test_eval_commands_end_to_end(model_dir: Path, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    manifest = shared / "lc25000-lung" / "manifest.csv"
+def test_eval_commands_end_to_end(model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
     out = tmp_path / "vqa"
     args = ["eval", "vqa", "--model", str(model_dir), "--data", str(manifest), "--split", "dev", "--limit", "4",
             "--out", str(out), "--max-new-tokens", "3", "--n-resamples", "50", "--no-progress", "--option-orders", "2"]
@@ -93,8 +84,8 @@ def test_eval_commands_end_to_end(model_dir: Path, shared: Path, tmp_path: Path,
     assert rescored["task"] == "zeroshot" and rescored["accuracy"] == zreport["accuracy"]
 
 
-def test_eval_command_errors_name_the_problem(shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["eval", "vqa", "--model", str(tmp_path), "--data", str(shared / "pathvqa-text" / "pvqa_test.json"),
+def test_eval_command_errors_name_the_problem(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["eval", "vqa", "--model", str(tmp_path), "--data", str(shared_data / "pathvqa-text" / "pvqa_test.json"),
                  "--out", str(tmp_path / "out")])
     assert code == 1 and "no images" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

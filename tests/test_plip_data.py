@@ -2,7 +2,6 @@
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +12,6 @@ from pallava.models.plip.text_init import load_tokenizer
 from pallava.models.plip.zeroshot import recall_at_k
 from pallava.train.plip_data import PlipCollator, PlipDataset, augment, read_plip_data
 from pallava.train.plip_eval import classification_metrics
-
-
-@pytest.fixture(scope="module")
-def lung() -> Path:
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "lc25000-lung"
-    if not folder.is_dir():
-        pytest.skip("shared data not found")
-    return folder
 
 
 def test_manifest_samples_share_text_keys_within_a_class(lung):

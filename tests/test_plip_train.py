@@ -16,14 +16,6 @@ PER_CLASS_TRAIN, PER_CLASS_DEV = 16, 10
 
 
 @pytest.fixture(scope="module")
-def lung() -> Path:
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "lc25000-lung"
-    if not folder.is_dir():
-        pytest.skip("shared data not found")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def small_manifest(lung, tmp_path_factory) -> Path:
     """A class-balanced subset of the real manifest: a few train images and dev images per class."""
     rows = list(csv.DictReader((lung / "manifest.csv").open()))

@@ -14,16 +14,7 @@ from pallava.slides.cache import EmbeddingCache
 from pallava.slides.mapping import TilingOptions, embed_grid, prepare_slide
 from pallava.slides.reader import open_slide
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 QUESTION = "What tissue is shown?"
-
-
-@pytest.fixture(scope="module")
-def svs() -> Path:
-    path = SHARED / "samples" / "wsi" / "cmu_small_region.svs"
-    if not path.is_file():
-        pytest.skip("shared data not available")
-    return path
 
 
 @pytest.fixture(scope="module")

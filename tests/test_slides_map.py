@@ -1,7 +1,6 @@
 """`slide map` on the real Aperio sample with a random tiny PLIP: outputs, consistency, resuming."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,18 +12,9 @@ from pallava.slides.mapping import TilingOptions, load_classes, map_slide, model
 from pallava.slides.reader import open_slide
 from pallava.slides.tiling import read_tile
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # 224-px tiles at 2 um/px: about 900 level-0 px each, so the sample slide gives a handful of tiles.
 OPTIONS = TilingOptions(mpp=2.0, tile_size=224, min_tissue=0.25, thumbnail_side=512)
 TEMPLATES = ("an H&E image of {name}.",)  # one prompt per class name keeps the text encoder cheap
-
-
-@pytest.fixture(scope="module")
-def svs() -> Path:
-    path = SHARED / "samples" / "wsi" / "cmu_small_region.svs"
-    if not path.is_file():
-        pytest.skip("shared data not available")
-    return path
 
 
 @pytest.fixture(scope="module")

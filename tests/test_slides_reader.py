@@ -13,14 +13,6 @@ from pallava.slides.reader import SlideReadError, open_slide
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(scope="module")
-def svs() -> Path:
-    path = SHARED / "samples" / "wsi" / "cmu_small_region.svs"
-    if not path.is_file():
-        pytest.skip("shared data not available")
-    return path
-
-
 def write_pyramid(path: Path, mpp: float | None = 0.25) -> np.ndarray:
     """A 3-level tiled TIFF (768 x 1024 at `mpp`, or without a physical size): glass with a magenta block."""
     image = np.full((1024, 768, 3), 240, np.uint8)

@@ -1,7 +1,6 @@
 """Tissue detection, the tile grid, streaming, the embedding cache and GeoJSON on the real Aperio sample."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import openslide
@@ -13,16 +12,6 @@ from pallava.slides.reader import open_slide
 from pallava.slides.tiling import Tile, iter_tile_batches, tile_grid
 from pallava.slides.tissue import detect_tissue, otsu_threshold
 from test_slides_reader import write_pyramid
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def svs() -> Path:
-    path = SHARED / "samples" / "wsi" / "cmu_small_region.svs"
-    if not path.is_file():
-        pytest.skip("shared data not available")
-    return path
 
 
 @pytest.fixture(scope="module")
