@@ -47,7 +47,8 @@ def test_caption_jsonl_keys_identical_captions_alike(tmp_path, lung):
 @pytest.mark.parametrize(
     ("content", "message"),
     [('{"image": "x.png"}\n', "line 1: field 'caption'"), ("not json\n", "line 1: not valid JSON"),
-     ('{"image": "missing.png", "caption": "a"}\n', "line 1: field 'image': file not found")],
+     ('{"image": "missing.png", "caption": "a"}\n', "line 1: field 'image': file not found"),
+     ("[1]\n", "line 1: expected a JSON object")],
 )  # fmt: skip
 def test_bad_caption_records_name_the_line_and_field(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"

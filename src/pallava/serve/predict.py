@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pallava.data.io import iter_jsonl
 from pallava.inference import PaLlava
 
 
@@ -28,16 +29,8 @@ def read_requests(path: Path, image_root: Path | None = None) -> list[dict]:
     """Read and check every input record up front, so a bad record fails the run before any work."""
     root = image_root if image_root is not None else path.parent
     records, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in iter_jsonl(path):
         where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if not isinstance(record.get("id"), (str, int)) or isinstance(record.get("id"), bool):
             raise ValueError(f"{where}: field 'id' must be a string or an integer")
         where += f" (id {record['id']!r})"

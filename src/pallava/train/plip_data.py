@@ -8,7 +8,6 @@ losses treat them as positives and never as negatives.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pallava.data.importers.manifest import read_manifest
+from pallava.data.io import iter_jsonl
 from pallava.data.labels import LabelMap
 from pallava.models.plip.prompts import caption_for
 from pallava.processing.image import letterbox, load_image, normalize
@@ -68,28 +68,21 @@ def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
     The split comes from `split` or `meta.split`; records without one are always kept.
     """
     samples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: not valid JSON: {error}") from None
-            for field in ("image", "caption"):
-                if not isinstance(record.get(field), str) or not record[field].strip():
-                    raise ValueError(f"{path}: line {number}: field '{field}' must be a non-empty string")
-            record_split = record.get("split") or (record.get("meta") or {}).get("split")
-            if split is not None and record_split is not None and record_split != split:
-                continue
-            image = (path.parent / record["image"]).resolve()
-            if not image.is_file():
-                raise ValueError(f"{path}: line {number}: field 'image': file not found: {image}")
-            caption = record["caption"].strip()
-            # Captions generated from a class label (meta.label) describe the class: they match by class.
-            label = (record.get("meta") or {}).get("label")
-            text = f"label:{label}" if isinstance(label, str) and label else f"text:{normalise_caption(caption)}"
-            samples.append(PlipSample(str(image), caption, None, stable_key(f"image:{image}"), stable_key(text)))
+    for number, record in iter_jsonl(path):
+        for field in ("image", "caption"):
+            if not isinstance(record.get(field), str) or not record[field].strip():
+                raise ValueError(f"{path}: line {number}: field '{field}' must be a non-empty string")
+        record_split = record.get("split") or (record.get("meta") or {}).get("split")
+        if split is not None and record_split is not None and record_split != split:
+            continue
+        image = (path.parent / record["image"]).resolve()
+        if not image.is_file():
+            raise ValueError(f"{path}: line {number}: field 'image': file not found: {image}")
+        caption = record["caption"].strip()
+        # Captions generated from a class label (meta.label) describe the class: they match by class.
+        label = (record.get("meta") or {}).get("label")
+        text = f"label:{label}" if isinstance(label, str) and label else f"text:{normalise_caption(caption)}"
+        samples.append(PlipSample(str(image), caption, None, stable_key(f"image:{image}"), stable_key(text)))
     if not samples:
         raise ValueError(f"{path}: no caption records" + (f" for split '{split}'" if split else ""))
     return samples
