@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from pallava.data.records import LabelledImage
 
-BUILD_KINDS = ("captions", "vqa", "stage1", "stage2")
+BUILD_KINDS = ("captions", "vqa", "stage1", "stage2", "virtual-slides")
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -74,8 +74,13 @@ def _build(args: argparse.Namespace) -> int:
     from pallava.data.labels import LabelMap
     from pallava.data.records import CaptionPair, VQAItem
 
+    if args.kind == "virtual-slides":
+        return _build_slides(args)
+    if not args.input:
+        raise ValueError(f"--kind {args.kind} needs --input")
     if args.kind in ("captions", "vqa"):
-        labels = LabelMap.from_file(args.labels) if Path(args.labels).is_file() else LabelMap.builtin(args.labels)
+        spec = args.labels or "lc25000-lung"
+        labels = LabelMap.from_file(spec) if Path(spec).is_file() else LabelMap.builtin(spec)
         items = _labelled(args.input, args.split)
         make = builders.captions_from_labels if args.kind == "captions" else builders.vqa_from_labels
         records = make(items, labels, seed=args.seed)
@@ -85,6 +90,23 @@ def _build(args: argparse.Namespace) -> int:
         records = (builders.stage2_conversation(item) for item in _parsed(args.input, VQAItem))
     count = write_jsonl(tqdm(records, desc=f"building {args.kind}", unit="rec", disable=args.no_progress), args.out)
     print(f"wrote {count} {args.kind} records to {args.out}")
+    return 0
+
+
+def _build_slides(args: argparse.Namespace) -> int:
+    from pallava.slides.virtual import build_virtual_slides
+    from pallava.train.data import resolve_label_map
+
+    if not args.data or args.n is None:
+        raise ValueError("--kind virtual-slides needs --data MANIFEST (repeatable) and --n N")
+    items = [item for path in args.data for item in _labelled(path, args.split)]
+    label_map = resolve_label_map(args.labels, {item.label for item in items})
+    slides = build_virtual_slides(items, label_map, args.n, args.out, seed=args.seed, tile=args.tile, mpp=args.mpp,
+                                  min_tiles=args.min_tiles, max_tiles=args.max_tiles, progress=not args.no_progress)
+    tumour = sum(s["tumour_present"] for s in slides)
+    tiles = [s["tissue_tiles"] for s in slides]
+    print(f"wrote {len(slides)} virtual slides ({tumour} with tumour; {min(tiles)}-{max(tiles)} tissue tiles) "
+          f"to {args.out}")
     return 0
 
 
@@ -131,12 +153,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cln.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cln.set_defaults(func=_clean)
 
-    bld = commands.add_parser("build", help="build captions/VQA from labelled images, or stage-1/2 conversations")
+    bld = commands.add_parser("build", help="build captions/VQA from labelled images, stage-1/2 conversations, "
+                                "or virtual slides with ground truth")
     bld.add_argument("--kind", required=True, choices=BUILD_KINDS,
                      help="captions|vqa: from labelled images; stage1: from captions; stage2: from VQA items")
-    bld.add_argument("--input", required=True, help="manifest CSV, image folder, or JSONL/shards of records")
-    bld.add_argument("--out", required=True, help="output JSONL")
-    bld.add_argument("--labels", default="lc25000-lung", help="built-in label map name or a JSON/YAML label file")
+    bld.add_argument("--input", help="manifest CSV, image folder, or JSONL/shards of records")
+    bld.add_argument("--out", required=True, help="output JSONL (virtual-slides: output folder)")
+    bld.add_argument("--labels", help="built-in label map name or a JSON/YAML label file (default lc25000-lung; "
+                     "virtual-slides: the built-in map covering the labels)")
+    slides = bld.add_argument_group("virtual-slides")
+    slides.add_argument("--data", action="append", help="labelled manifest CSV (repeatable; organs come from the label map)")
+    slides.add_argument("--n", type=int, help="number of slides")
+    slides.add_argument("--tile", type=int, default=224, help="tile side in pixels (default 224)")
+    slides.add_argument("--mpp", type=float, default=0.5, help="microns per pixel written into the slide (default 0.5)")
+    slides.add_argument("--min-tiles", type=int, default=50, help="fewest tissue tiles per slide (default 50)")
+    slides.add_argument("--max-tiles", type=int, default=1000, help="most tissue tiles per slide (default 1000)")
     bld.add_argument("--split", help="keep one split of the labelled images")
     bld.add_argument("--seed", type=int, default=0, help="seed for phrasings, option order and image position")
     bld.add_argument("--no-progress", action="store_true", help="hide the progress bar")
