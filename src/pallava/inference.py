@@ -40,6 +40,8 @@ class PaLlava:
     ):
         self.model = model.eval()
         self.processor = processor
+        self.directory: Path | None = None  # the folder it was loaded from, if any
+        self._slide_model = None
         if device is not None:
             self.model.to(device)
 
@@ -51,7 +53,9 @@ class PaLlava:
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory} is not a pallava model directory (no config.json)")
         model = PaLlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
-        return cls(model, PaLlavaProcessor.from_pretrained(directory), device)
+        assistant = cls(model, PaLlavaProcessor.from_pretrained(directory), device)
+        assistant.directory = directory  # where `ask_slide` finds the slide stage's position embedding
+        return assistant
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.model.save_pretrained(directory)
@@ -142,6 +146,25 @@ class PaLlava:
 
     def ask(self, image: ImageSource | None, question: str, **options) -> str:
         return self.ask_batch([image], [question], **options)[0]
+
+    def ask_slide(self, slide: str | Path, question: str | Sequence[str], out: str | Path | None = None, **options):
+        """Answer about a whole slide (a model trained by `pallava train --stage slide`).
+
+        Returns a `WholeSlideAnswer` (answers, attention share per tissue tile, the tiles); with `out`, also
+        writes the heat map (attention.png, attention.geojson) and answers.json there. `options`:
+        max_new_tokens, and mpp / tile_size / min_tissue / base_mpp to override the trained tiling.
+        """
+        from pallava.slides.model import SlideAssistant
+        from pallava.slides.reader import open_slide
+        from pallava.slides.whole import ask_whole_slide, tiling_of
+
+        if self._slide_model is None:
+            self._slide_model = SlideAssistant.from_assistant(self, self.directory)
+        max_new_tokens = options.pop("max_new_tokens", 64)
+        questions = [question] if isinstance(question, str) else list(question)
+        with open_slide(slide) as opened:
+            return ask_whole_slide(self._slide_model, opened, questions, out, options=tiling_of(self._slide_model, options),
+                                   max_new_tokens=max_new_tokens)  # fmt: skip
 
     def ask_batch(
         self, images: Sequence[ImageSource | None], questions: Sequence[str], batch_size: int = 8, **options

@@ -119,6 +119,22 @@ def _zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slides(args: argparse.Namespace) -> int:
+    from pallava.slides.evaluate import evaluate_slides
+    from pallava.slides.report import METHODS, NAMES
+
+    report = evaluate_slides(args.model, args.slides, args.out, args.plip, args.cache_dir, args.limit, args.n_resamples,
+                             args.seed, top_k=args.top_k, progress=not args.no_progress)  # fmt: skip
+    for method, metrics in report["methods"].items():
+        shown = ", ".join(f"{NAMES[k]} {v['value']:.3f}" for k, v in metrics.items() if v["value"] is not None)
+        print(f"{METHODS[method]}: {shown}")
+    largest = max(report["scaling"], key=lambda row: row["tissue_tiles"])
+    print(f"largest slide: {largest['tissue_tiles']} tiles in {largest['seconds']:.1f} s, "
+          f"peak {largest['peak_rss_mib']:.0f} MiB")
+    print(f"report: {Path(args.out) / 'report.md'} and {Path(args.out) / 'report.json'}")
+    return 0
+
+
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (saved by training or `pallava convert`)")
     parser.add_argument("--split", help="only this split (manifests and PMC-VQA CSV)")
@@ -134,7 +150,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `pallava eval {score,vqa,zeroshot}`."""
+    """Add `pallava eval {score,vqa,zeroshot,slides}`."""
     parser = subparsers.add_parser("eval", help="evaluate the assistant: VQA, zero-shot, scoring")
     commands = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
 
@@ -164,3 +180,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (greedy decoding)")
     _run_options(zeroshot)
     zeroshot.set_defaults(func=_zeroshot)
+
+    slides = commands.add_parser("slides", help="whole-slide questions on virtual slides: the slide model, "
+                                 "attention-MIL and retrieve-then-ask, with localisation and scaling")
+    slides.add_argument("--model", required=True, help="slide model folder (pallava train --stage slide)")
+    slides.add_argument("--slides", required=True, help="folder of virtual slides (pallava data build --kind virtual-slides)")
+    slides.add_argument("--out", required=True, help="report folder: report.json/.md, predictions.jsonl, scaling.png")
+    slides.add_argument("--plip", help="PLIP folder for the baselines (default: the one the slide stage used)")
+    slides.add_argument("--cache-dir", help="slide feature cache root (default: beside the vision-feature cache)")
+    slides.add_argument("--limit", type=int, help="only the this many slides with the fewest tiles")
+    slides.add_argument("--top-k", type=int, default=3, help="tiles retrieve-then-ask asks about (default 3)")
+    slides.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    slides.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    slides.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    slides.set_defaults(func=_slides)

@@ -75,6 +75,8 @@ def _ask(args: argparse.Namespace) -> int:
     if args.query is not None and not args.plip:
         raise ValueError("--query needs --plip PLIP_DIR: the regions are retrieved with PLIP's text encoder")
     out = Path(args.out)
+    if args.region is None and args.query is None:
+        return _ask_whole(args, out)
     with open_slide(args.slide) as slide:
         if args.region is not None:
             regions = [parse_region(args.region)]
@@ -97,13 +99,37 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_whole(args: argparse.Namespace, out: Path) -> int:
+    from pallava.slides.model import SlideAssistant
+    from pallava.slides.reader import open_slide
+    from pallava.slides.whole import ask_whole_slide, tiling_of
+
+    slide_model = SlideAssistant.from_pretrained(args.model, device=args.device)
+    if not slide_model.settings:
+        print(f"warning: {args.model} was not trained with `pallava train --stage slide`; its tile positions are "
+              "not learned", file=sys.stderr)  # fmt: skip
+    # The model's trained tiling wins over the flags' defaults; flags given with other values override it.
+    given = {"mpp": args.mpp, "tile_size": args.tile, "min_tissue": args.min_tissue, "base_mpp": args.base_mpp}
+    overrides = {k: v for k, v in given.items() if v != TILING_DEFAULTS.get(k)}
+    with open_slide(args.slide) as slide:
+        result = ask_whole_slide(slide_model, slide, [args.question], out, options=tiling_of(slide_model, overrides),
+                                 max_new_tokens=args.max_new_tokens)  # fmt: skip
+    print(f"slide ({len(result.features)} tissue tiles): {result.answers[0]}")
+    for name, path in result.files.items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+TILING_DEFAULTS = {"mpp": 0.5, "tile_size": 224, "min_tissue": 0.25, "base_mpp": None}
+
+
 def _tiling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--mpp", type=float, default=0.5, help="microns per pixel of the tiles (default 0.5, ~20x)"
+        "--mpp", type=float, default=TILING_DEFAULTS["mpp"], help="microns per pixel of the tiles (default 0.5, ~20x)"
     )
-    parser.add_argument("--tile", type=int, default=224, help="tile side in pixels at --mpp (default 224)")
+    parser.add_argument("--tile", type=int, default=TILING_DEFAULTS["tile_size"], help="tile side in pixels at --mpp (default 224)")
     parser.add_argument(
-        "--min-tissue", type=float, default=0.25, help="keep tiles with at least this tissue share"
+        "--min-tissue", type=float, default=TILING_DEFAULTS["min_tissue"], help="keep tiles with at least this tissue share"
     )
     parser.add_argument(
         "--base-mpp", type=float, help="the scan's microns per pixel, for slides that do not record it"
@@ -146,12 +172,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mapping.set_defaults(func=_map)
 
     ask = commands.add_parser(
-        "ask", help="ask the assistant about a region, or about the regions PLIP finds for a text"
+        "ask", help="ask about the whole slide (a slide-stage model; writes the attention heat map), a region, "
+        "or the regions PLIP finds for a text",
     )
     ask.add_argument("--slide", required=True, help="slide file")
     ask.add_argument("--model", required=True, help="assistant model folder")
-    where = ask.add_mutually_exclusive_group(required=True)
-    where.add_argument("--region", help="x,y,w,h in level-0 pixels")
+    where = ask.add_mutually_exclusive_group()
+    where.add_argument("--region", help="x,y,w,h in level-0 pixels (neither --region nor --query: the whole slide)")
     where.add_argument("--query", help="text describing the regions to find (needs --plip)")
     ask.add_argument("--top-k", type=int, default=3, help="regions to retrieve for --query (default 3)")
     ask.add_argument("--plip", help="PLIP model folder for --query")

@@ -16,6 +16,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.init:
         overrides.append(f"model.init={args.init}")
     recipe = load_recipe(args.config, args.stage, overrides)
+    if recipe.stage == "slide":
+        from pallava.train.slide import train_slide
+
+        out = train_slide(recipe, args.out, progress=not args.no_progress)
+        print(f"slide model saved to {out} (`pallava slide ask --slide SLIDE --model {out} QUESTION`, "
+              f"`pallava eval slides --model {out} --slides DIR --out REPORT`)")
+        return 0
     out = train(recipe, args.out, resume=args.resume == "auto", progress=not args.no_progress)
     print(f"model saved to {out} (load it with PaLlava.from_pretrained or `pallava eval vqa --model {out}`)")
     return 0
@@ -37,10 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run one training stage. Values of the recipe can be overridden with section.key=value, "
         "e.g. optim.lr=2e-4 train.epochs=3. Runs under `accelerate launch` for several processes.",
     )
-    train.add_argument("--stage", required=True, choices=("align", "instruct"), help="which stage to run")
+    train.add_argument("--stage", required=True, choices=("align", "instruct", "slide"),
+                       help="which stage to run (slide: whole-slide questions on virtual slides, from an assistant)")
     train.add_argument("--config", required=True, help="recipe YAML, e.g. configs/assistant-tiny.yaml")
     train.add_argument("--out", required=True, help="output folder: the trained model, checkpoints, logs")
-    train.add_argument("--data", help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards or a manifest CSV")
+    train.add_argument("--data", help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards or a manifest CSV; "
+                       "stage slide: a folder of virtual slides")
     train.add_argument("--init", help="start from this model folder (sets model.init; stage instruct: the align output)")
     train.add_argument("--resume", choices=("auto", "never"), default="auto",
                        help="auto (default): continue from the newest complete checkpoint in --out; never: start over "

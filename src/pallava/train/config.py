@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("align", "instruct")
+STAGES = ("align", "instruct", "slide")
 
 
 @dataclass
@@ -116,6 +116,21 @@ class LoggingSection:
 
 
 @dataclass
+class SlideSection:
+    """Stage `slide`: the slide-level assistant trained on virtual slides (`data.path` = their folder)."""
+
+    mpp: float = 0.5  # tiling of the slides (as `pallava slide map`)
+    tile_size: int = 224
+    min_tissue: float = 0.25
+    chunk_tiles: int = 256  # tiles per cross-attention chunk (bounds memory)
+    num_frequencies: int = 8  # octaves of the 2D tile-position sinusoids
+    questions: list[str] = field(default_factory=lambda: ["presence", "diagnosis", "organ", "location", "choice"])
+    attention_loss: float = 0.0  # weight of -log(attention mass on tumour tiles) on tumour slides (0: off)
+    plip: str | None = None  # PLIP folder: also embed tiles with PLIP and train the attention-MIL baseline
+    mil_epochs: int = 40
+
+
+@dataclass
 class Recipe:
     """A resolved recipe for one stage."""
 
@@ -128,6 +143,7 @@ class Recipe:
     feature_cache: FeatureCacheSection = field(default_factory=FeatureCacheSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    slide: SlideSection = field(default_factory=SlideSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +153,8 @@ class Recipe:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.data.path is None:
             raise ValueError("no training data: set data.path in the recipe or pass --data PATH")
+        if self.stage == "slide" and not self.model.init:
+            raise ValueError("stage slide starts from a trained assistant: set model.init (or --init) to its folder")
         if self.stage == "instruct" and not self.model.init:
             raise ValueError("stage instruct starts from a trained model: set model.init (or --init) to the align output")
         if self.data.format not in ("auto", "conversations", "manifest"):
