@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
         max_queue=args.max_queue,
+        max_slide_bytes=args.max_slide_mb * 2**20,
     )
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
@@ -156,6 +157,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--batch-window-ms", type=float, default=20.0, help="wait for a batch to fill (default 20)"
     )
+    serve.add_argument("--max-slide-mb", type=int, default=4096,
+                       help="whole-slide routes: largest slide file, local or uploaded, in MiB (default 4096; uploads "
+                       "are also held to --max-body-mb)")
     serve.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 (default 256)")
     serve.set_defaults(func=_serve)
 

@@ -57,6 +57,7 @@ class ServerSettings:
     max_batch_size: int = 8
     batch_window_s: float = 0.02
     max_queue: int = 256
+    max_slide_bytes: int = 4 * 2**30  # whole-slide routes: a slide file (local or uploaded) above this is refused
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images", "max_tokens_limit",
@@ -146,6 +147,10 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
     _add_error_handlers(app)
 
     model_card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "pallava"}
+
+    from pallava.serve.slides import add_slide_routes
+
+    add_slide_routes(app, assistant, settings)
 
     @app.get("/health")
     async def health() -> dict:

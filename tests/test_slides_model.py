@@ -1,0 +1,85 @@
+"""The slide model: chunked cross-attention equals the connector's, a fixed token count, masking, positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pallava.inference import PaLlava
+from pallava.slides.model import SlideAssistant, slide_connector
+
+
+@pytest.fixture(scope="module")
+def slide_model(tiny):
+    return SlideAssistant(PaLlava(*tiny), chunk_tiles=3)
+
+
+def features(num_tiles: int, seed: int = 0, width: int = 128, tokens: int = 49):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, tokens, width, generator=generator),
+            torch.randn(1, num_tiles, tokens, width, generator=generator),
+            torch.rand(1, num_tiles, 2, generator=generator))  # fmt: skip
+
+
+def test_chunked_attention_equals_the_connectors_full_attention_with_padded_tiles(tiny):
+    model, _ = tiny
+    queries, tiles, _ = features(7)
+    queries, tiles = queries.repeat(2, 1, 1), tiles.repeat(2, 1, 1, 1)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 4:] = False
+    with torch.no_grad():
+        expected, attentions = model.connector(queries, tiles, keep, return_cross_attentions=True)
+        got, masses = slide_connector(model.connector, queries, tiles, keep, chunk=2, need_mass=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    per_tile = torch.stack(attentions).mean(dim=(0, 2, 3)).reshape(2, 7, -1).sum(-1)
+    torch.testing.assert_close(torch.stack(masses).mean(0), per_tile, atol=1e-6, rtol=1e-5)
+
+
+def test_image_token_count_does_not_change_from_50_to_1000_tiles(slide_model, tiny):
+    _, processor = tiny
+    shapes = []
+    for count in (50, 1000):
+        queries, tiles, positions = features(count)
+        with torch.no_grad():
+            embeds, mass = slide_model.image_embeddings(queries, tiles, positions, need_mass=True)
+        shapes.append(tuple(embeds.shape))
+        assert mass.shape == (1, count) and torch.isclose(mass.sum(), torch.tensor(1.0), atol=1e-4)
+    assert shapes[0] == shapes[1] == (1, processor.num_image_tokens, 128)
+
+
+def test_masked_tiles_change_nothing_and_get_no_attention(slide_model):
+    queries, tiles, positions = features(6)
+    keep = torch.tensor([[True, True, True, False, True, False]])
+    noisy = tiles.clone()
+    noisy[0, ~keep[0]] = 100.0 * torch.randn_like(noisy[0, ~keep[0]])
+    with torch.no_grad():
+        clean, mass = slide_model.image_embeddings(queries, tiles, positions, keep, need_mass=True)
+        garbage, _ = slide_model.image_embeddings(queries, noisy, positions, keep)
+        only_kept, _ = slide_model.image_embeddings(queries, tiles[:, keep[0]], positions[:, keep[0]])
+    torch.testing.assert_close(garbage, clean)
+    torch.testing.assert_close(only_kept, clean, atol=1e-5, rtol=1e-5)
+    assert torch.all(mass[0, ~keep[0]] == 0)
+
+
+def test_positions_start_neutral_and_matter_once_learned(tiny):
+    slide_model = SlideAssistant(PaLlava(*tiny), chunk_tiles=4)
+    queries, tiles, positions = features(5)
+    with torch.no_grad():
+        before, _ = slide_model.image_embeddings(queries, tiles, positions)
+        moved, _ = slide_model.image_embeddings(queries, tiles, positions.flip(1))
+        assert torch.equal(before, moved)  # zero-initialised: a trained assistant is unchanged at first
+        torch.nn.init.normal_(slide_model.position.proj.weight, std=0.5)
+        before, _ = slide_model.image_embeddings(queries, tiles, positions)
+        moved, _ = slide_model.image_embeddings(queries, tiles, positions.flip(1))
+    assert not torch.allclose(before, moved)
+
+
+def test_saved_slide_model_loads_with_its_position_embedding(tmp_path, tiny):
+    slide_model = SlideAssistant(PaLlava(*tiny), chunk_tiles=5, num_frequencies=4)
+    torch.nn.init.normal_(slide_model.position.proj.weight)
+    slide_model.save_pretrained(tmp_path, {"tiling": {"mpp": 1.0}})
+    loaded = SlideAssistant.from_pretrained(tmp_path)
+    assert loaded.chunk_tiles == 5 and loaded.tiling == {"mpp": 1.0}
+    torch.testing.assert_close(loaded.position.proj.weight, slide_model.position.proj.weight)
+    assistant = PaLlava.from_pretrained(tmp_path)
+    assert assistant.directory == tmp_path
