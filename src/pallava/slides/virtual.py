@@ -266,7 +266,7 @@ def write_pyramid(path: Path, sources: np.ndarray, tile: int, mpp: float, min_si
         for index, down in enumerate(levels):
             resolution = 1e4 / (mpp * down)  # pixels per centimetre
             options = dict(tile=(tile, tile) if down == 1 else (256, 256), photometric="rgb", compression="zlib",
-                           compressionargs={"level": 4}, resolution=(resolution, resolution),
+                           compressionargs={"level": 1}, resolution=(resolution, resolution),
                            resolutionunit="CENTIMETER", subfiletype=1 if index else 0, metadata=None)  # fmt: skip
             if down == 1:
                 writer.write(level0(), shape=(rows * tile, cols * tile, 3), dtype=np.uint8, **options)
