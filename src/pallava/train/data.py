@@ -59,13 +59,8 @@ class Sample:
 
 
 def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
-    """A label map by built-in name or file; with none given, the built-in one covering `labels`."""
-    if spec:
-        return LabelMap.from_file(spec) if Path(spec).is_file() else LabelMap.builtin(spec)
-    for name in LabelMap.builtin_names():
-        if labels <= set(LabelMap.builtin(name)):
-            return LabelMap.builtin(name)
-    raise ValueError(f"no built-in label map covers the labels {sorted(labels)}; set data.label_map to a name or file")
+    """The label map for these labels (see `LabelMap.resolve`)."""
+    return LabelMap.resolve(spec, labels, source="data.label_map")
 
 
 def _from_conversation(conversation: Conversation, image_bytes: bytes | None = None) -> Sample:

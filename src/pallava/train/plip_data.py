@@ -49,17 +49,7 @@ def normalise_caption(caption: str) -> str:
 
 def label_map_for(labels: set[str], spec: str | None, source: str) -> LabelMap:
     """`spec` is a built-in map name or a JSON/YAML file; None picks the built-in map covering `labels`."""
-    if spec is None:
-        for name in LabelMap.builtin_names():
-            candidate = LabelMap.builtin(name)
-            if labels <= set(candidate):
-                return candidate
-        raise ValueError(f"{source}: no built-in label map covers labels {sorted(labels)}; pass --label-map FILE")
-    label_map = LabelMap.builtin(spec) if spec in LabelMap.builtin_names() else LabelMap.from_file(spec)
-    missing = sorted(labels - set(label_map))
-    if missing:
-        raise ValueError(f"{source}: labels {missing} are not in the label map {spec} ({', '.join(label_map)})")
-    return label_map
+    return LabelMap.resolve(spec, labels, source=source)
 
 
 def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
