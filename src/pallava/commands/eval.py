@@ -61,6 +61,7 @@ class _LazyAssistant:
 
             device = self.args.device or ("cuda" if torch.cuda.is_available() else None)
             self.assistant = PaLlava.from_pretrained(self.args.model, device=device)
+            self.assistant.stain_normalize = getattr(self.args, "stain_normalize", None)
         return self.assistant
 
     def ask_batch(self, images: Sequence[Any], questions: Sequence[str], **options: Any) -> list[str]:
@@ -130,6 +131,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling, generated questions and bootstrap")
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--stain-normalize", choices=("macenko",),
+                        help="map each image onto reference H&E stain vectors first (default: off)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

@@ -16,7 +16,9 @@ def _load(args: argparse.Namespace):
 
     from pallava.inference import PaLlava
 
-    return PaLlava.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    assistant = PaLlava.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    assistant.stain_normalize = getattr(args, "stain_normalize", None)
+    return assistant
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -98,6 +100,8 @@ def _model_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256, sam
     parser.add_argument("--model", required=True, help="model directory (from save_pretrained or training)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
+    parser.add_argument("--stain-normalize", choices=("macenko",),
+                        help="map each image onto reference H&E stain vectors first (default: off)")
     parser.add_argument(
         "--max-tokens", type=int, default=max_tokens, help=f"answer length cap (default {max_tokens})"
     )
