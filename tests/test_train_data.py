@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def test_manifest_stages_and_answer_type_filter(shared_data):
     captions = load_samples(DataSection(path=manifest, split="dev"), "align")
     assert len(captions) == 120 and all(s.conversation[1]["from"] == "gpt" for s in captions)
     questions = load_samples(DataSection(path=manifest, split="dev", answer_types=["open"]), "instruct")
-    assert len(questions) == 120 and {s.answer_type for s in questions} == {"open"}
+    # one diagnosis and one benign-or-malignant open question per image
+    assert len(questions) == 240 and {s.answer_type for s in questions} == {"open"}
     subset = load_samples(DataSection(path=manifest, split="dev", limit=7, seed=1), "instruct")
     assert len(subset) == 7
     with pytest.raises(ValueError, match="unknown \\['essay'\\]"):
@@ -83,3 +85,62 @@ def test_bad_records_are_named(tmp_path):
         load_samples(DataSection(path=str(bad)), "align")
     with pytest.raises(ValueError, match="not found"):
         load_samples(DataSection(path=str(tmp_path / "missing.jsonl")), "align")
+
+
+def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
+    """Three datasets as one training set: every sample names its dataset, the small ones are repeated."""
+    manifests = [str(shared_data / name / "manifest.csv") for name in ("lc25000-lung", "lc25000-colon", "oscc")]
+    section = DataSection(path=manifests, split="train", answer_types=["open"])
+    samples = load_samples(section, "instruct")
+    counts = Counter(s.dataset for s in samples)
+    # 3 open questions per image (diagnosis, organ, malignancy); sqrt balancing: lung (3,000 images) is kept
+    # once, colon (1,285) and oscc (295) are repeated so that shares follow sqrt(size): 3 * sqrt(3000 * n).
+    assert counts["lc25000-lung"] == 3 * 3000
+    assert counts["lc25000-colon"] == pytest.approx(3 * (3000 * 1285) ** 0.5, abs=3)
+    assert counts["oscc"] == pytest.approx(3 * (3000 * 295) ** 0.5, abs=3)
+    answers = {s.conversation[1]["value"] for s in samples if s.dataset == "oscc"}
+    assert answers == {"normal oral mucosa", "oral squamous cell carcinoma", "oral cavity", "benign", "malignant"}
+    # over an epoch (one shuffled pass over the balanced list) the shares are as planned
+    order = epoch_order(len(samples), seed=0, epoch=0)[: len(samples) // 2]
+    half = Counter(samples[i].dataset for i in order)
+    assert half["oscc"] / len(order) == pytest.approx(counts["oscc"] / len(samples), abs=0.02)
+    unbalanced = load_samples(DataSection(path=manifests, split="train", answer_types=["open"], balance="none"),
+                              "instruct")
+    assert Counter(s.dataset for s in unbalanced)["oscc"] == 3 * 295
+
+
+def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path, lung_tiles):
+    """Each question sees one version of its image; enlarged views go through the tiling path."""
+    from pallava.train.config import AugmentSection
+    from pallava.train.data import Sample, assign_views, augmented_view
+
+    model, processor = tiny
+    samples = [Sample(f"q{i}", [{"from": "human", "value": "<image>\nWhat is shown?"},
+                                {"from": "gpt", "value": "tissue"}], image=str(lung_tiles[i % 2]))
+               for i in range(60)]  # fmt: skip
+    assign_views(samples, views=2, seed=0)
+    assert Counter(s.view for s in samples).keys() == {0, 1, 2}
+    assert min(Counter(s.view for s in samples).values()) >= 10
+    again = [Sample(s.id, s.conversation, image=s.image) for s in samples]
+    assign_views(again, views=2, seed=0)
+    assert [s.view for s in again] == [s.view for s in samples]  # a function of the sample's id
+
+    section = AugmentSection(views=2, large=1.0, image={"zoom": 0.0})
+    view = augmented_view(lung_tiles[0], 1, section, seed=0)
+    assert view.size[0] >= 448 and view.size == view.size[::-1]  # enlarged 2-3x
+    assert augmented_view(lung_tiles[0], 1, section, seed=0).tobytes() == view.tobytes()  # reproducible
+    assert augmented_view(lung_tiles[0], 2, section, seed=0).tobytes() != view.tobytes()
+    grid = processor.image_processor([view])["grids"][0]
+    assert int(grid[0]) * int(grid[1]) > 1  # a larger image is cut into several tiles
+
+    viewed = next(i for i, s in enumerate(samples) if s.view)
+    original = next(i for i, s in enumerate(samples) if not s.view and s.image == samples[viewed].image)
+    batch = Collator(processor, samples, augment=(section, 0))([original, viewed])
+    assert batch["tile_mask"][0].sum() == 1 and batch["tile_mask"][1].sum() > 1
+
+    # the feature cache encodes a view from a function, once
+    cache = FeatureCache(tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto"))
+    encoded = cache.build(model.encode_crops, processor.image_processor,
+                          {"v1": lambda: augmented_view(lung_tiles[0], 1, section, 0)}, progress=False)  # fmt: skip
+    assert encoded == 1 and cache.get("v1")[1] == tuple(int(v) for v in grid)
+    assert cache.build(model.encode_crops, processor.image_processor, {"v1": lambda: 1 / 0}, progress=False) == 0
