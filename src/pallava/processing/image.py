@@ -210,13 +210,29 @@ def normalize_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return normalize_into(letterbox_pixels(as_uint8_tensor(image), size, size), torch.empty(3, size, size))
 
 
+def tiles_with_pixels(image_size: tuple[int, int], grid: tuple[int, int], tile_size: int) -> torch.Tensor:
+    """(cols*rows,) bool, row-major: True for each tile of the letterboxed canvas that holds image pixels.
+
+    A grid can be larger than the image needs (the paper's list has no 1x1, so a 224 px image lands on
+    1x4 with an empty tile above and below); tiles of pure padding must not be attention keys.
+    """
+    cols, rows = grid
+    left, top, right, bottom = letterbox_box(image_size, cols * tile_size, rows * tile_size)
+    starts_x, starts_y = torch.arange(cols) * tile_size, torch.arange(rows) * tile_size
+    in_x = (starts_x < right) & (starts_x + tile_size > left)  # (cols,)
+    in_y = (starts_y < bottom) & (starts_y + tile_size > top)  # (rows,)
+    return (in_y[:, None] & in_x[None, :]).reshape(-1)
+
+
 @dataclass
 class TiledImage:
-    """An image cut into crops: `pixel_values` is (1 + cols*rows, 3, S, S), global view first."""
+    """An image cut into crops: `pixel_values` is (1 + cols*rows, 3, S, S), global view first;
+    `tile_mask` (cols*rows,) is False for tiles of pure padding."""
 
     pixel_values: torch.Tensor
     grid: tuple[int, int]  # (columns, rows)
     original_size: tuple[int, int]  # (width, height)
+    tile_mask: torch.Tensor
 
     @property
     def num_tiles(self) -> int:
@@ -272,10 +288,12 @@ class PaLlavaImageProcessor:
         canvas = letterbox_pixels(pixels, cols * size, rows * size)  # (rows*S, cols*S, 3)
         tiles = canvas.reshape(rows, size, cols, size, 3).permute(0, 2, 1, 3, 4)  # (rows, cols, S, S, 3) view
         normalize_into(tiles, pixel_values[1:].view(rows, cols, 3, size, size))  # written in place, row-major
-        return TiledImage(pixel_values=pixel_values, grid=(cols, rows), original_size=image.size)
+        keep = tiles_with_pixels(image.size, (cols, rows), size)
+        return TiledImage(pixel_values=pixel_values, grid=(cols, rows), original_size=image.size, tile_mask=keep)
 
     def __call__(self, images: Sequence[ImageSource]) -> dict[str, torch.Tensor]:
-        """Batch of images -> `pixel_values` (N, 1+T, 3, S, S) zero-padded, `tile_mask` (N, T) bool, `grids` (N, 2)."""
+        """Batch of images -> `pixel_values` (N, 1+T, 3, S, S) zero-padded, `tile_mask` (N, T) bool (True for
+        tiles that hold image pixels), `grids` (N, 2)."""
         tiled = [self.tile(image) for image in images]
         return self.stack(tiled)
 
@@ -294,7 +312,7 @@ class PaLlavaImageProcessor:
                 pixel_values[i, : 1 + t.num_tiles] = t.pixel_values
                 pixel_values[i, 1 + t.num_tiles :] = 0  # zero only the padding, not the whole batch first
         for i, t in enumerate(tiled):
-            tile_mask[i, : t.num_tiles] = True
+            tile_mask[i, : t.num_tiles] = t.tile_mask
         grids = torch.tensor([t.grid for t in tiled], dtype=torch.long)
         return {"pixel_values": pixel_values, "tile_mask": tile_mask, "grids": grids}
 
