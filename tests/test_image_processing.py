@@ -165,6 +165,34 @@ def test_real_tiles_and_arrays_load_as_rgb(lung_tiles):
     assert load_image(lung_tiles[0].read_bytes()).size == (224, 224)
 
 
+def test_float_images_in_zero_one_load_like_their_uint8_form(lung_tiles):
+    pixels = np.asarray(load_image(lung_tiles[0]))
+    unit = pixels.astype(np.float32) / 255.0
+    assert np.array_equal(np.asarray(load_image(unit)), pixels)
+    assert np.array_equal(np.asarray(load_image(unit.astype(np.float64))), pixels)
+    assert np.array_equal(np.asarray(load_image(torch.from_numpy(unit))), pixels)  # (H, W, 3) tensor
+    assert np.array_equal(np.asarray(load_image(torch.from_numpy(unit).permute(2, 0, 1))), pixels)  # (3, H, W)
+    grey = np.full((8, 8), 0.5, np.float32)
+    assert np.asarray(load_image(grey))[0, 0].tolist() == [128, 128, 128]
+    assert PaLlavaImageProcessor()([unit])["pixel_values"].shape == PaLlavaImageProcessor()([pixels])["pixel_values"].shape
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.full((8, 8, 3), 200.0, np.float32), r"values from 200 to 200; expected floats in \[0, 1\]"),
+        (np.full((8, 8, 3), -0.5, np.float32), r"values from -0.5 to -0.5"),
+        (np.full((8, 8, 3), np.nan, np.float32), "NaN or infinite"),
+        (np.array([[[0.1, np.inf, 0.2]]], np.float32), "NaN or infinite"),
+    ],
+)
+def test_float_images_outside_zero_one_or_not_finite_are_refused(array, message):
+    with pytest.raises(ValueError, match=message):
+        load_image(array)
+    with pytest.raises(ValueError, match=message):
+        load_image(torch.from_numpy(array))
+
+
 def _pil_letterbox(image: Image.Image, width: int, height: int) -> np.ndarray:
     """Independent reference: PIL's bicubic resize, aspect kept, centred on black."""
     scale = min(width / image.width, height / image.height)
