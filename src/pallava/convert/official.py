@@ -27,7 +27,11 @@ from pallava.convert.keys import (
     summarize_keys,
 )
 from pallava.inference import PaLlava
-from pallava.models.configuration_pa_llava import PaLlavaConfig, ScaleInvariantConnectorConfig
+from pallava.models.configuration_pa_llava import (
+    PAPER_CONNECTOR_DROPOUT,
+    PaLlavaConfig,
+    ScaleInvariantConnectorConfig,
+)
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import make_processor
 from pallava.processing.tokenizer import IMAGE
@@ -133,7 +137,7 @@ def connector_config_from(
         intermediate_size=shape(layer0 + "intermediate_query.dense.weight")[0],
         tile_cross_attention=any(".crossattention." in key for key in state if CONNECTOR_LAYER.match(key)),
         output_size=shape("projector.model.mlp.model.0.weight")[0],
-        dropout=0.0,
+        dropout=PAPER_CONNECTOR_DROPOUT,  # their BERT-base config's; inactive at inference
         query_layer_norm=True,  # their BERT embedding LayerNorm, affine parameters removed, still applied
         **BERT_BASE,
     )
