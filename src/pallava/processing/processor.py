@@ -135,6 +135,28 @@ class PaLlavaProcessor:
             labels += [IGNORE_INDEX] * len(header)
         return ids, labels
 
+    def truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Cut an encoded conversation to `max_length` tokens as the authors do: the end of the text goes,
+        the labels go with their tokens, and every image token stays (an image is never cut in part).
+
+        The text keeps its first `max_length - image tokens` tokens, wherever the images sit.
+        """
+        if len(ids) <= self.max_length:
+            return ids, labels
+        image_tokens = ids.count(self.image_token_id)
+        budget = self.max_length - image_tokens
+        if budget < 1:
+            raise ValueError(f"{image_tokens} image tokens leave no room for text within max_length {self.max_length}")
+        kept_ids, kept_labels = [], []
+        for token, label in zip(ids, labels, strict=True):
+            if token != self.image_token_id:
+                if budget == 0:
+                    continue
+                budget -= 1
+            kept_ids.append(token)
+            kept_labels.append(label)
+        return kept_ids, kept_labels
+
     @staticmethod
     def count_images(conversation: Sequence[Turn]) -> int:
         return sum(text.count(IMAGE) for role, text in normalize_turns(conversation) if role == "user")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 STAGES = ("align", "instruct")
+OVERLONG_POLICIES = ("truncate", "drop")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class DataSection:
     answer_types: list[str] | None = None  # keep only these VQA answer types (manifest, stage instruct)
     limit: int | None = None  # a seeded random subset of this many samples
     seed: int = 0  # seed of generated captions/questions and of the subset
+    overlong: str = "truncate"  # samples over the processor's max_length: truncate (as the authors) | drop
 
 
 @dataclass
@@ -139,6 +141,8 @@ class Recipe:
             raise ValueError("no training data: set data.path in the recipe or pass --data PATH")
         if self.stage == "instruct" and not self.model.init:
             raise ValueError("stage instruct starts from a trained model: set model.init (or --init) to the align output")
+        if self.data.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"data.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.data.overlong!r}")
         if self.data.format not in ("auto", "conversations", "manifest"):
             raise ValueError(f"data.format must be auto, conversations or manifest, got {self.data.format!r}")
         if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -280,6 +284,12 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
     return recipe
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved recipe dict with every key added since it was written set to its default, so that a new
+    setting left at its default does not stop an older run from resuming."""
+    return _deep_merge(Recipe().to_dict(), saved)
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
