@@ -121,6 +121,14 @@ def test_paper_decides_closed_by_the_reference_not_the_record_type() -> None:
     assert [s.answer_type for s in scores] == ["closed", "open"]
 
 
+def test_paper_choice_rule_lower_cases_both_sides() -> None:
+    # The authors lower-case the text before the first ":" and the reference letter before comparing.
+    options = ["Liver", "Lung", "Skin", "Bone"]
+    records = [rec(p, r, "choice", options=options, id=str(i))
+               for i, (p, r) in enumerate([("b:lung", "B"), ("B:Lung", "b"), ("b", "B"), ("a:liver", "B")])]  # fmt: skip
+    assert [s.correct for s in item_scores(records, "paper")] == [True, True, True, False]
+
+
 # --- open-set traps ------------------------------------------------------------------------
 
 def test_open_exact_match_and_recall() -> None:

@@ -63,8 +63,9 @@ def _choice_hit(record: Mapping[str, Any], index: int, paper_rule: bool) -> bool
     where = f"prediction record {record.get('id', index)}: field 'reference'"
     wanted = reference_letter(_field(record, "reference", index), options, where)
     prediction = _field(record, "prediction", index)
-    picked = paper_option_letter(prediction) if paper_rule else extract_option_letter(prediction, options)
-    return picked == wanted
+    if paper_rule:  # the authors lower-case both sides
+        return paper_option_letter(prediction).lower() == wanted.lower()
+    return extract_option_letter(prediction, options) == wanted
 
 
 def paper_item(record: Mapping[str, Any], index: int = 0) -> ItemScore:
