@@ -29,7 +29,13 @@ def _score(args: argparse.Namespace) -> int:
                                   [str(r.get("predicted_label")) for r in records], labels,
                                   n_resamples=args.n_resamples, seed=args.seed)
     else:
-        summary = score(records, args.scorer, ci=not args.no_ci, n_resamples=args.n_resamples, seed=args.seed)
+        tokenize = None
+        if args.model:
+            from pallava.eval.runner import model_tokenize
+
+            tokenize = model_tokenize(args.model)
+        summary = score(records, args.scorer, ci=not args.no_ci, n_resamples=args.n_resamples, seed=args.seed,
+                        tokenize=tokenize)  # fmt: skip
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
@@ -76,7 +82,7 @@ def _print_paths(paths: dict[str, Path]) -> None:
 
 def _vqa(args: argparse.Namespace) -> int:
     from pallava.eval.report import vqa_report, write_report
-    from pallava.eval.runner import run_vqa, with_option_orders
+    from pallava.eval.runner import model_tokenize, run_vqa, with_option_orders
     from pallava.eval.tasks import load_vqa_items
 
     out = Path(args.out)
@@ -84,14 +90,14 @@ def _vqa(args: argparse.Namespace) -> int:
     items = with_option_orders(_sample(items, args.limit, args.seed), args.option_orders, args.seed)
     records = run_vqa(_LazyAssistant(args), items, out / "predictions.jsonl", args.batch_size, args.max_new_tokens,
                       progress=not args.no_progress)
-    report = vqa_report(records, args.scorer, args.n_resamples, args.seed)
+    report = vqa_report(records, args.scorer, args.n_resamples, args.seed, tokenize=model_tokenize(args.model))
     report.update(model=str(args.model), data=str(args.data), split=args.split,
                   generation={"decoding": "greedy", "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
     paths = write_report(report, out, title=f"VQA evaluation: {Path(args.data).name}")
     for kind in ("closed", "open", "choice"):
         if kind in report:
             block = report[kind]
-            extra = f", recall {block['recall']:.4f}" if "recall" in block else ""
+            extra = f", recall {block['recall']:.4f} ({block['recall_unit']})" if "recall" in block else ""
             print(f"{kind}: n={block['n']} accuracy {block['accuracy']:.4f}{extra} ({args.scorer})")
     _print_paths(paths)
     return 0
@@ -143,6 +149,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--predictions", required=True, help="predictions JSONL written by `pallava eval vqa`")
     score.add_argument("--scorer", choices=sorted(SCORERS), default="strict",
                        help="strict (default), paper (PA-LLaVA) or llava-med (legacy, flawed closed set)")
+    score.add_argument("--model", help="model folder whose tokenizer the paper scorer counts open recall in "
+                       "(the authors' recall); without it that recall counts whitespace words")
     score.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     score.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     score.add_argument("--no-ci", action="store_true", help="skip the bootstrap intervals")

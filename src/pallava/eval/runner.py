@@ -7,7 +7,7 @@ without a model and the same code drives the tiny and the paper preset.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +22,18 @@ from pallava.eval.predictions import PredictionWriter
 from pallava.eval.tasks import prompt_of
 
 UNMAPPED = "(unmapped)"
+
+
+def model_tokenize(model_dir: str | Path) -> Callable[[str], list[int]]:
+    """The model folder's tokenizer as text -> token ids (no special tokens): what the `paper` scorer
+    counts its open recall in, as the authors do. Only the tokenizer is read, no weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{model_dir}: no tokenizer to count the paper's open recall with ({error})") from None
+    return lambda text: tokenizer.encode(text, add_special_tokens=False)
 
 
 class Assistant(Protocol):
