@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 from pallava.cli import main
 from pallava.convert import convert_official, plan_checkpoint, plan_plip
 from pallava.convert.official import connector_config_from, lora_settings_from
+from pallava.eval.tasks import model_prompt_style
 from pallava.inference import PaLlava
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import paper_config, tiny_config
@@ -313,7 +314,10 @@ def test_paper_sized_release_fills_the_paper_model_exactly():
     assert counts == [199, 100, 448]
 
 
-def test_converted_folder_reproduces_their_preprocessing_and_connector_input(converted):
+def test_converted_folder_reproduces_their_preprocessing_and_connector_input(converted, release):
     for assistant in converted.values():
         assert assistant.model.config.connector_config.query_layer_norm is True
+        assert assistant.model.config.connector_config.dropout == 0.1  # their BERT-base config's, train mode only
         assert assistant.processor.image_processor.global_view == "stretch"
+        assert assistant.processor.prompt_style == "paper"  # their evaluation asked raw questions
+    assert model_prompt_style(release / "out-cross0") == "paper"  # what `pallava eval vqa` reads by default

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pallava.data.records import PROMPT_STYLES
 from pallava.eval.scorers import SCORERS
 from pallava.eval.tasks import VQA_FORMATS
 
@@ -83,15 +84,20 @@ def _print_paths(paths: dict[str, Path]) -> None:
 def _vqa(args: argparse.Namespace) -> int:
     from pallava.eval.report import vqa_report, write_report
     from pallava.eval.runner import model_tokenize, run_vqa, with_option_orders
-    from pallava.eval.tasks import load_vqa_items
+    from pallava.eval.tasks import load_vqa_items, model_prompt_style
 
     out = Path(args.out)
     items = load_vqa_items(args.data, args.format, args.split, args.image_root, out / "images", args.label_map, args.seed)
     items = with_option_orders(_sample(items, args.limit, args.seed), args.option_orders, args.seed)
+    # --prompt-style, else the model folder's (`paper` for a converted release), else the predictions file's
+    style = args.prompt_style or model_prompt_style(args.model)
     records = run_vqa(_LazyAssistant(args), items, out / "predictions.jsonl", args.batch_size, args.max_new_tokens,
-                      progress=not args.no_progress)
-    report = vqa_report(records, args.scorer, args.n_resamples, args.seed, tokenize=model_tokenize(args.model))
+                      progress=not args.no_progress, prompt_style=style)  # fmt: skip
+    # the folder's tokenizer counts the paper scorer's open recall (a finished run may no longer have it)
+    tokenize = model_tokenize(args.model) if Path(args.model).is_dir() else None
+    report = vqa_report(records, args.scorer, args.n_resamples, args.seed, tokenize=tokenize)
     report.update(model=str(args.model), data=str(args.data), split=args.split,
+                  prompt_style=records[0].get("prompt_style", "pallava") if records else style,
                   generation={"decoding": "greedy", "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
     paths = write_report(report, out, title=f"VQA evaluation: {Path(args.data).name}")
     for kind in ("closed", "open", "choice"):
@@ -162,6 +168,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vqa.add_argument("--image-root", help="folder that relative image paths are resolved against")
     vqa.add_argument("--scorer", choices=sorted(SCORERS), default="strict", help="headline scorer (all are reported)")
     vqa.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (greedy decoding)")
+    vqa.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                     help="pallava (our prompts: 'Answer yes or no.', an options block) or paper (the authors': the "
+                          "raw question, PMC-VQA choices as 'A:text'); default: the model folder's (paper for a "
+                          "converted release), else pallava")  # fmt: skip
     vqa.add_argument("--option-orders", type=int, default=1,
                      help="also ask each multiple-choice question with this many option orders in all (consistency)")
     _run_options(vqa)

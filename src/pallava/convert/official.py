@@ -286,6 +286,7 @@ def convert_official(
         bar.set_postfix_str("saving")
         processor = make_processor(config, tokenizer)
         processor.image_processor.global_view = "stretch"  # their weights saw stretched global views
+        processor.prompt_style = "paper"  # and raw questions: `pallava eval` asks them that way by default
         PaLlava(model, processor).save_pretrained(out)
         report = ConversionReport(
             out_dir=str(out), plip_weights=str(plip_file), checkpoint=str(checkpoint), llm=str(llm_dir),

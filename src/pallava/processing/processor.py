@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
+from pallava.data.records import PROMPT_STYLES
 from pallava.processing.image import ImageSource, PaLlavaImageProcessor
 from pallava.processing.tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER
 
@@ -63,12 +64,16 @@ class PaLlavaProcessor:
         num_image_tokens: int,
         system_prompt: str | None = None,
         max_length: int = 2048,
+        prompt_style: str = "pallava",
     ):
+        if prompt_style not in PROMPT_STYLES:  # how `pallava eval` words questions for this model
+            raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
         self.system_prompt = system_prompt
         self.max_length = max_length
+        self.prompt_style = prompt_style
         ids = tokenizer.convert_tokens_to_ids([BOS, START_HEADER, END_HEADER, EOT, IMAGE])
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError(
@@ -87,6 +92,7 @@ class PaLlavaProcessor:
             "num_image_tokens": self.num_image_tokens,
             "system_prompt": self.system_prompt,
             "max_length": self.max_length,
+            "prompt_style": self.prompt_style,
         }
         (directory / self.CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
 
