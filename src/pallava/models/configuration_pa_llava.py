@@ -21,8 +21,8 @@ class ScaleInvariantConnectorConfig(PretrainedConfig):
         dropout: dropout probability in train mode, on the attention weights and after each attention and
             feed-forward output (and after the query LayerNorm when `query_layer_norm` is on), as in BERT.
             The authors build their connector from the BERT-base config and train it in train mode, so
-            the paper preset (and a converted release) uses 0.1; the default 0 keeps the tiny preset
-            deterministic. Evaluation (eval mode) never drops anything.
+            the paper preset (and a converted release) uses 0.1; the default 0 is the tiny preset's
+            (docs/model.md says why). Evaluation (eval mode) never drops anything.
         tile_cross_attention: build and use cross-attention to the tile tokens. False reproduces the
             authors' released weights, whose connector has no cross-attention and ignores the tiles.
         output_size: width of the final projection (the language model's hidden size).
