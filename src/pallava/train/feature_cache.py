@@ -106,23 +106,29 @@ class FeatureCache:
             self._handles[path] = safe_open(path, "pt")
         return self._handles[path]
 
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """(features (1+T, P, D), tile mask (T,), grid (columns, rows)) of one image."""
+    def get(self, key: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(features (1+T, P, D), grid (columns, rows)) of one image; zeros for tiles of pure padding."""
         if key not in self._index:
             raise KeyError(f"image {key[:12]}... has no cached features in {self.directory}")
         handle = self._handle(self._index[key])
         grid = handle.get_tensor(f"{key}.grid")
-        return handle.get_tensor(f"{key}.features"), handle.get_tensor(f"{key}.tile_mask"), (int(grid[0]), int(grid[1]))
+        return handle.get_tensor(f"{key}.features"), (int(grid[0]), int(grid[1]))
+
+    def tile_mask(self, key: str) -> torch.Tensor:
+        """(T,) bool of one image: False for the grid's tiles of pure padding."""
+        if key not in self._index:
+            raise KeyError(f"image {key[:12]}... has no cached features in {self.directory}")
+        return self._handle(self._index[key]).get_tensor(f"{key}.tile_mask")
 
     def batch(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Model inputs for N images: `crop_features` (N, 1+T, P, D) zero-padded and `tile_mask` (N, T)."""
-        entries = [self.get(key) for key in keys]
-        max_tiles = max(mask.shape[0] for _, mask, _ in entries)
-        first = entries[0][0]
-        crop_features = first.new_zeros(len(entries), 1 + max_tiles, *first.shape[1:])
-        tile_mask = torch.zeros(len(entries), max_tiles, dtype=torch.bool)
-        for i, (features, mask, _) in enumerate(entries):
-            crop_features[i, : features.shape[0]] = features
+        features = [self.get(key)[0] for key in keys]
+        masks = [self.tile_mask(key) for key in keys]
+        max_tiles = max(mask.shape[0] for mask in masks)
+        crop_features = features[0].new_zeros(len(keys), 1 + max_tiles, *features[0].shape[1:])
+        tile_mask = torch.zeros(len(keys), max_tiles, dtype=torch.bool)
+        for i, (crops, mask) in enumerate(zip(features, masks, strict=True)):
+            crop_features[i, : crops.shape[0]] = crops
             tile_mask[i, : mask.shape[0]] = mask
         return {"crop_features": crop_features, "tile_mask": tile_mask}
 
