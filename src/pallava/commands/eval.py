@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pallava.data.records import PROMPT_STYLES
 from pallava.eval.scorers import SCORERS
 from pallava.eval.tasks import VQA_FORMATS
 
@@ -29,7 +30,13 @@ def _score(args: argparse.Namespace) -> int:
                                   [str(r.get("predicted_label")) for r in records], labels,
                                   n_resamples=args.n_resamples, seed=args.seed)
     else:
-        summary = score(records, args.scorer, ci=not args.no_ci, n_resamples=args.n_resamples, seed=args.seed)
+        tokenize = None
+        if args.model:
+            from pallava.eval.runner import model_tokenize
+
+            tokenize = model_tokenize(args.model)
+        summary = score(records, args.scorer, ci=not args.no_ci, n_resamples=args.n_resamples, seed=args.seed,
+                        tokenize=tokenize)  # fmt: skip
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
@@ -77,22 +84,27 @@ def _print_paths(paths: dict[str, Path]) -> None:
 
 def _vqa(args: argparse.Namespace) -> int:
     from pallava.eval.report import vqa_report, write_report
-    from pallava.eval.runner import run_vqa, with_option_orders
-    from pallava.eval.tasks import load_vqa_items
+    from pallava.eval.runner import model_tokenize, run_vqa, with_option_orders
+    from pallava.eval.tasks import load_vqa_items, model_prompt_style
 
     out = Path(args.out)
     items = load_vqa_items(args.data, args.format, args.split, args.image_root, out / "images", args.label_map, args.seed)
     items = with_option_orders(_sample(items, args.limit, args.seed), args.option_orders, args.seed)
+    # --prompt-style, else the model folder's (`paper` for a converted release), else the predictions file's
+    style = args.prompt_style or model_prompt_style(args.model)
     records = run_vqa(_LazyAssistant(args), items, out / "predictions.jsonl", args.batch_size, args.max_new_tokens,
-                      progress=not args.no_progress)
-    report = vqa_report(records, args.scorer, args.n_resamples, args.seed)
+                      progress=not args.no_progress, prompt_style=style)  # fmt: skip
+    # the folder's tokenizer counts the paper scorer's open recall (a finished run may no longer have it)
+    tokenize = model_tokenize(args.model) if Path(args.model).is_dir() else None
+    report = vqa_report(records, args.scorer, args.n_resamples, args.seed, tokenize=tokenize)
     report.update(model=str(args.model), data=str(args.data), split=args.split,
+                  prompt_style=records[0].get("prompt_style", "pallava") if records else style,
                   generation={"decoding": "greedy", "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
     paths = write_report(report, out, title=f"VQA evaluation: {Path(args.data).name}")
     for kind in ("closed", "open", "choice"):
         if kind in report:
             block = report[kind]
-            extra = f", recall {block['recall']:.4f}" if "recall" in block else ""
+            extra = f", recall {block['recall']:.4f} ({block['recall_unit']})" if "recall" in block else ""
             print(f"{kind}: n={block['n']} accuracy {block['accuracy']:.4f}{extra} ({args.scorer})")
     _print_paths(paths)
     return 0
@@ -146,6 +158,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--predictions", required=True, help="predictions JSONL written by `pallava eval vqa`")
     score.add_argument("--scorer", choices=sorted(SCORERS), default="strict",
                        help="strict (default), paper (PA-LLaVA) or llava-med (legacy, flawed closed set)")
+    score.add_argument("--model", help="model folder whose tokenizer the paper scorer counts open recall in "
+                       "(the authors' recall); without it that recall counts whitespace words")
     score.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     score.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     score.add_argument("--no-ci", action="store_true", help="skip the bootstrap intervals")
@@ -157,6 +171,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vqa.add_argument("--image-root", help="folder that relative image paths are resolved against")
     vqa.add_argument("--scorer", choices=sorted(SCORERS), default="strict", help="headline scorer (all are reported)")
     vqa.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (greedy decoding)")
+    vqa.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                     help="pallava (our prompts: 'Answer yes or no.', an options block) or paper (the authors': the "
+                          "raw question, PMC-VQA choices as 'A:text'); default: the model folder's (paper for a "
+                          "converted release), else pallava")  # fmt: skip
     vqa.add_argument("--option-orders", type=int, default=1,
                      help="also ask each multiple-choice question with this many option orders in all (consistency)")
     _run_options(vqa)

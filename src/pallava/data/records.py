@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 AnswerType = Literal["closed", "open", "choice"]
 ANSWER_TYPES: tuple[str, ...] = ("closed", "open", "choice")
+# How evaluation words a question: `pallava` (our training prompts: "Answer yes or no.", an options block) or
+# `paper` (the authors' evaluation: the raw question). A model folder saves its style with its processor.
+PROMPT_STYLES: tuple[str, ...] = ("pallava", "paper")
 ROLES: tuple[str, ...] = ("human", "gpt")
 IMAGE_TOKEN = "<image>"
 

@@ -21,6 +21,7 @@ import yaml
 from pallava.processing.augment import Augmentation
 
 STAGES = ("align", "instruct")
+OVERLONG_POLICIES = ("truncate", "drop")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DataSection:
     seed: int = 0  # seed of generated captions/questions and of the subset
     balance: str | None = None  # several datasets: sqrt (default) | equal | proportional | none (data.datasets)
     weights: dict | None = None  # dataset name -> sampling weight, replacing the balance mode's weight
+    overlong: str = "truncate"  # samples over the processor's max_length: truncate (as the authors) | drop
 
 
 @dataclass
@@ -158,6 +160,8 @@ class Recipe:
             raise ValueError("no training data: set data.path in the recipe or pass --data PATH")
         if self.stage == "instruct" and not self.model.init:
             raise ValueError("stage instruct starts from a trained model: set model.init (or --init) to the align output")
+        if self.data.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"data.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.data.overlong!r}")
         if self.augment.views < 0 or not 0 <= self.augment.large <= 1:
             raise ValueError("augment.views must be at least 0 and augment.large in [0, 1], "
                              f"got {self.augment.views} and {self.augment.large}")
@@ -305,6 +309,12 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
     return recipe
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved recipe dict with every key added since it was written set to its default, so that a new
+    setting left at its default does not stop an older run from resuming."""
+    return _deep_merge(Recipe().to_dict(), saved)
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
