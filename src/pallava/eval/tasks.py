@@ -7,8 +7,10 @@ training does; this module only picks the importer and turns LLaVA conversations
 from __future__ import annotations
 
 import csv
+import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pallava.data.builders import vqa_from_labels, vqa_prompt
 from pallava.data.importers.manifest import read_manifest
@@ -19,6 +21,7 @@ from pallava.data.labels import LabelMap
 from pallava.data.records import IMAGE_TOKEN, VQAItem
 
 VQA_FORMATS = ("pathvqa", "pathvqa-text", "pmcvqa", "jsonl", "manifest")
+T = TypeVar("T")
 
 
 def detect_format(path: str | Path) -> str:
@@ -144,3 +147,13 @@ def load_vqa_items(
 def prompt_of(item: VQAItem) -> str:
     """The text the assistant is asked: a LLaVA prompt verbatim, else the shared training prompt."""
     return str(item.meta.get("prompt") or vqa_prompt(item))
+
+
+def sample_items(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
+    """A seeded random subset of `limit` items, kept in input order (all items when no limit)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
