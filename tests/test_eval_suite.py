@@ -174,6 +174,16 @@ def test_suite_writes_one_summary_row_per_dataset_and_skips_finished_benchmarks(
         again = run_suite(model_dir, suite_file, out, plip_dir=plip_dir, progress=False)
     assert again["benchmarks"][1]["closed"] == large["closed"] and (out / ".suite" / "large.json").is_file()
 
+    # another headline scorer re-scores the saved answers: the assistant is not loaded again
+    suite_file.write_text(suite_file.read_text().replace("n_resamples: 50", "n_resamples: 50, scorer: paper"))
+    with monkeypatch.context() as patch:
+        patch.setattr(PaLlava, "from_pretrained", lambda *a, **k: pytest.fail("the assistant was loaded"))
+        rescored = run_suite(model_dir, suite_file, out, plip_dir=plip_dir, progress=False)
+    assert rescored["scorer"] == "paper"
+    assert json.loads((out / "large" / "vqa" / "report.json").read_text())["scorer"] == "paper"
+    assert {p: p.read_bytes() for p in out.rglob("predictions.jsonl") if "plip" not in str(p)} == {
+        p: b for p, b in before.items() if "plip" not in str(p)}
+
     # the same folder with another sample size is refused rather than mixed
     (out / ".suite" / "lung.json").unlink()
     assert main([*args, "--limit", "2"]) == 1
