@@ -10,7 +10,8 @@ from pallava.data.labels import LabelMap
 from pallava.models.plip.prompts import CAPTION_TEMPLATES, ZEROSHOT_TEMPLATES, caption_for, class_prompts
 from pallava.models.plip.text_init import load_tokenizer
 from pallava.models.plip.zeroshot import recall_at_k
-from pallava.train.plip_data import PlipCollator, PlipDataset, augment, read_plip_data
+from pallava.processing.augment import Augmentation, augment
+from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
 from pallava.train.plip_eval import classification_metrics
 
 
@@ -93,7 +94,7 @@ def test_collator_pads_and_truncates(lung):
 def test_augment_keeps_shape_range_and_content():
     rng = random.Random(0)
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    out = augment(image, rng)
+    out = augment(image, rng, Augmentation(zoom=0.0, stain=0.0))
     assert out.shape == image.shape and out.min() >= 0 and out.max() <= 255
     # A rotation/flip with jitter: the sorted intensities move only a little.
     assert np.abs(np.sort(out.ravel()) - np.sort(image.astype(np.float32).ravel())).mean() < 20
