@@ -39,10 +39,15 @@ def test_caption_jsonl_keys_identical_captions_alike(tmp_path, lung):
     path = tmp_path / "captions.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     samples, label_map = read_plip_data(path, split="train")
-    assert label_map is None and len(samples) == 4  # the dev record is filtered out
+    assert len(samples) == 4  # the dev record is filtered out
+    # captions generated from labels (meta.label) bring the label map covering them, saved with the model
+    assert label_map.labels() == ["lung_aca", "lung_n", "lung_scc"]
     assert samples[0].text_key == samples[1].text_key
     assert samples[2].text_key == samples[3].text_key != samples[0].text_key  # generated from one label
     assert samples[0].caption == "Benign  lung tissue."
+    unlabelled = tmp_path / "real.jsonl"
+    unlabelled.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    assert read_plip_data(unlabelled, split=None)[1] is None  # a real corpus has no classes
 
 
 @pytest.mark.parametrize(

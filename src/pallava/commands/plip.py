@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
         recipe = PlipTrainConfig.for_preset(overrides.pop("preset") or "tiny", **overrides)
     summary = train_plip(
         args.data, args.out, recipe, split=args.split, label_map=args.label_map,
-        eval_data=args.eval_data, eval_split=args.eval_split, resume=args.resume,
+        eval_data=args.eval_data, eval_split=args.eval_split, resume=args.resume, show_progress=not args.no_progress,
     )  # fmt: skip
     if summary:
         print(json.dumps(summary, indent=2))
@@ -121,6 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--num-workers", type=int)
     train.add_argument("--mixed-precision", choices=("no", "bf16"))
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.set_defaults(func=_train)
 
     zeroshot = commands.add_parser("zeroshot", help="prompt-ensemble zero-shot classification report")

@@ -42,11 +42,11 @@ class Augmentation:
     """Which augmentations run and how strong they are; `Augmentation.off()` disables all."""
 
     flips: bool = True  # random 90-degree rotation and horizontal flip
-    stain: float = 0.05  # HED jitter strength s (0 = off); Tellez et al. use 0.05 (light) to 0.2 (strong)
+    stain: float = 0.1  # HED jitter strength s in optical density (0 = off)
     colour: float = 0.1  # brightness / contrast / saturation jitter, each a factor in U(1 - c, 1 + c)
     zoom: float = 0.5  # probability of a random scale (magnification) change
     max_zoom: float = 2.0  # the scale is log-uniform in [1 / max_zoom, max_zoom]
-    resolution: float = 0.0  # probability of a 2-4x down- and up-sampling (resolution jitter)
+    resolution: float = 0.1  # probability of a 2-4x down- and up-sampling (resolution jitter)
 
     def __post_init__(self) -> None:
         for name in ("stain", "colour", "zoom", "resolution"):

@@ -79,7 +79,8 @@ def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
         label = (record.get("meta") or {}).get("label")
         text = f"label:{label}" if isinstance(label, str) and label else f"text:{normalise_caption(caption)}"
         dataset = (record.get("meta") or {}).get("dataset")
-        samples.append(PlipSample(str(image), caption, None, stable_key(f"image:{image}"), stable_key(text),
+        samples.append(PlipSample(str(image), caption, label if isinstance(label, str) and label else None,
+                                  stable_key(f"image:{image}"), stable_key(text),
                                   dataset if isinstance(dataset, str) else None))
     if not samples:
         raise ValueError(f"{path}: no caption records" + (f" for split '{split}'" if split else ""))
@@ -110,7 +111,7 @@ def read_plip_data(
         else:
             raise ValueError(f"{file}: expected a caption .jsonl or a manifest .csv")
     if not labelled:
-        return samples, None
+        return samples, _caption_label_map(samples, label_map)
     labels = dataset_label_map(datasets, labelled, label_map)
     samples += [
         PlipSample(item.path, None, item.label, stable_key(f"image:{item.path}"), stable_key(f"label:{item.label}"),
@@ -118,6 +119,20 @@ def read_plip_data(
         for item in labelled
     ]
     return samples, labels
+
+
+def _caption_label_map(samples: list[PlipSample], spec: str | None) -> LabelMap | None:
+    """The label map of captions generated from class labels (`meta.label`), saved with the model so that
+    zero-shot and slide maps know its classes; None for captions of a real corpus."""
+    labels = {s.label for s in samples if s.label is not None}
+    if not labels:
+        return None
+    try:
+        return LabelMap.resolve(spec, labels)
+    except ValueError:
+        if spec:
+            raise
+        return None
 
 
 class PlipDataset(Dataset):
