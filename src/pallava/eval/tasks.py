@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import string
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pallava.data.builders import vqa_from_labels, vqa_prompt
 from pallava.data.importers.manifest import read_manifest
@@ -24,6 +26,7 @@ from pallava.eval.choice import option_text
 PROCESSOR_SETTINGS = "processor_config.json"  # PaLlavaProcessor.CONFIG_NAME, read without importing transformers
 
 VQA_FORMATS = ("pathvqa", "pathvqa-text", "pmcvqa", "jsonl", "manifest")
+T = TypeVar("T")
 
 
 def detect_format(path: str | Path) -> str:
@@ -180,3 +183,13 @@ def model_prompt_style(model_dir: str | Path) -> str | None:
     if style not in PROMPT_STYLES:
         raise ValueError(f"{path}: field 'prompt_style' must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
     return style
+
+
+def sample_items(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
+    """A seeded random subset of `limit` items, kept in input order (all items when no limit)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
