@@ -68,26 +68,42 @@ def _parsed(path: str, record_type: type) -> Iterator:
             raise ValueError(f"{path}: record {index}: {error}") from None
 
 
+def _labelled_sources(inputs: list[str], split: str | None, labels: str | None):
+    """Labelled images of one or several sources (provenance kept) and the label map that covers them."""
+    from pallava.data.datasets import merged_label_map, parse_data_args, read_labelled
+    from pallava.data.labels import LabelMap
+
+    manifests = [p for p in inputs if Path(p).suffix.lower() in (".csv", ".yaml", ".yml")
+                 or (Path(p) / "manifest.csv").is_file()]  # fmt: skip
+    if len(inputs) > 1 or manifests:
+        if len(manifests) != len(inputs):
+            raise ValueError("several --input values must all be manifests (CSV, folder with manifest.csv or YAML list)")
+        datasets = parse_data_args(inputs)
+        items = read_labelled(datasets, split)
+        return items, merged_label_map(datasets, items, labels)
+    items = _labelled(inputs[0], split)
+    return items, LabelMap.resolve(labels, {item.label for item in items}, source="--labels")
+
+
 def _build(args: argparse.Namespace) -> int:
+    from itertools import chain
+
     from pallava.data import builders
     from pallava.data.io import write_jsonl
-    from pallava.data.labels import LabelMap
     from pallava.data.records import CaptionPair, VQAItem
 
     if args.kind == "virtual-slides":
         return _build_slides(args)
-    if not args.input:
-        raise ValueError(f"--kind {args.kind} needs --input")
     if args.kind in ("captions", "vqa"):
-        spec = args.labels or "lc25000-lung"
-        labels = LabelMap.from_file(spec) if Path(spec).is_file() else LabelMap.builtin(spec)
-        items = _labelled(args.input, args.split)
+        items, labels = _labelled_sources(args.input, args.split, args.labels)
         make = builders.captions_from_labels if args.kind == "captions" else builders.vqa_from_labels
         records = make(items, labels, seed=args.seed)
     elif args.kind == "stage1":
-        records = (builders.stage1_conversation(c, args.seed) for c in _parsed(args.input, CaptionPair))
+        captions = chain.from_iterable(_parsed(path, CaptionPair) for path in args.input)
+        records = (builders.stage1_conversation(c, args.seed) for c in captions)
     else:
-        records = (builders.stage2_conversation(item) for item in _parsed(args.input, VQAItem))
+        questions = chain.from_iterable(_parsed(path, VQAItem) for path in args.input)
+        records = (builders.stage2_conversation(item) for item in questions)
     count = write_jsonl(tqdm(records, desc=f"building {args.kind}", unit="rec", disable=args.no_progress), args.out)
     print(f"wrote {count} {args.kind} records to {args.out}")
     return 0
@@ -95,12 +111,10 @@ def _build(args: argparse.Namespace) -> int:
 
 def _build_slides(args: argparse.Namespace) -> int:
     from pallava.slides.virtual import build_virtual_slides
-    from pallava.train.data import resolve_label_map
 
-    if not args.data or args.n is None:
-        raise ValueError("--kind virtual-slides needs --data MANIFEST (repeatable) and --n N")
-    items = [item for path in args.data for item in _labelled(path, args.split)]
-    label_map = resolve_label_map(args.labels, {item.label for item in items})
+    if args.n is None:
+        raise ValueError("--kind virtual-slides needs --n N (the number of slides)")
+    items, label_map = _labelled_sources(args.input, args.split, args.labels)
     slides = build_virtual_slides(items, label_map, args.n, args.out, seed=args.seed, tile=args.tile, mpp=args.mpp,
                                   min_tiles=args.min_tiles, max_tiles=args.max_tiles, progress=not args.no_progress)
     tumour = sum(s["tumour_present"] for s in slides)
@@ -154,23 +168,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cln.set_defaults(func=_clean)
 
     bld = commands.add_parser("build", help="build captions/VQA from labelled images, stage-1/2 conversations, "
-                                "or virtual slides with ground truth")
+                              "or virtual slides with ground truth")
     bld.add_argument("--kind", required=True, choices=BUILD_KINDS,
                      help="captions|vqa: from labelled images; stage1: from captions; stage2: from VQA items")
-    bld.add_argument("--input", help="manifest CSV, image folder, or JSONL/shards of records")
+    bld.add_argument("--input", "--data", dest="input", action="append", required=True,
+                     help="manifest CSV (or a folder holding manifest.csv), image folder, JSONL/shards of records, or a "
+                     "YAML dataset list; repeat for several datasets (each record keeps its dataset's name)")
     bld.add_argument("--out", required=True, help="output JSONL (virtual-slides: output folder)")
-    bld.add_argument("--labels", help="built-in label map name or a JSON/YAML label file (default lc25000-lung; "
-                     "virtual-slides: the built-in map covering the labels)")
-    slides = bld.add_argument_group("virtual-slides")
-    slides.add_argument("--data", action="append", help="labelled manifest CSV (repeatable; organs come from the label map)")
+    bld.add_argument("--labels", help="built-in label map name or a JSON/YAML label file (default: the built-in "
+                     "map(s) covering the labels)")
+    bld.add_argument("--split", help="keep one split of the labelled images")
+    bld.add_argument("--seed", type=int, default=0, help="seed for phrasings, option order and image position")
+    bld.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    slides = bld.add_argument_group("virtual-slides (labelled manifests in; organs come from the label map)")
     slides.add_argument("--n", type=int, help="number of slides")
     slides.add_argument("--tile", type=int, default=224, help="tile side in pixels (default 224)")
     slides.add_argument("--mpp", type=float, default=0.5, help="microns per pixel written into the slide (default 0.5)")
     slides.add_argument("--min-tiles", type=int, default=50, help="fewest tissue tiles per slide (default 50)")
     slides.add_argument("--max-tiles", type=int, default=1000, help="most tissue tiles per slide (default 1000)")
-    bld.add_argument("--split", help="keep one split of the labelled images")
-    bld.add_argument("--seed", type=int, default=0, help="seed for phrasings, option order and image position")
-    bld.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     bld.set_defaults(func=_build)
 
     shd = commands.add_parser("shard", help="write records as Parquet shards for streaming training")

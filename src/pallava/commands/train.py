@@ -7,14 +7,14 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pallava.train.config import load_recipe
+    from pallava.train.config import load_recipe, parse_overrides
     from pallava.train.trainer import train
 
-    overrides = list(args.overrides)
+    overrides = parse_overrides(list(args.overrides))
     if args.data:
-        overrides.append(f"data.path={args.data}")
+        overrides.setdefault("data", {})["path"] = args.data[0] if len(args.data) == 1 else args.data
     if args.init:
-        overrides.append(f"model.init={args.init}")
+        overrides.setdefault("model", {})["init"] = args.init
     recipe = load_recipe(args.config, args.stage, overrides)
     if recipe.stage == "slide":
         from pallava.train.slide import train_slide
@@ -48,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="which stage to run (slide: whole-slide questions on virtual slides, from an assistant)")
     train.add_argument("--config", required=True, help="recipe YAML, e.g. configs/assistant-tiny.yaml")
     train.add_argument("--out", required=True, help="output folder: the trained model, checkpoints, logs")
-    train.add_argument("--data", help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards or a manifest CSV; "
-                       "stage slide: a folder of virtual slides")
+    train.add_argument("--data", action="append",
+                       help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards, a manifest CSV or a YAML "
+                       "dataset list; repeat for several datasets (balanced by data.balance); stage slide: a folder of virtual slides")
     train.add_argument("--init", help="start from this model folder (sets model.init; stage instruct: the align output)")
     train.add_argument("--resume", choices=("auto", "never"), default="auto",
                        help="auto (default): continue from the newest complete checkpoint in --out; never: start over "

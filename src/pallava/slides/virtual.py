@@ -7,8 +7,9 @@ at `mpp` microns per pixel with one empty cell of glass around the tissue, so `s
 tile the slide exactly along the pasted tiles. Written as a pyramidal tiled TIFF (levels at downsamples
 1, 4, 16, ...) that OpenSlide reads as a generic tiled TIFF, plus `<name>.truth.json`.
 
-Which classes are benign is read from the label map: a class whose label ends in `_n` or whose name or
-synonyms say benign/normal/non-neoplastic. Every other class of an organ is a carcinoma class.
+Which classes are benign is read from the label map: `malignant: false`, or, where a map does not say, a
+class whose label ends in `_n` or whose name or synonyms say benign/normal/non-neoplastic. Every other class
+of an organ is a carcinoma class.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ PYRAMID_STEP = 4
 
 
 def is_benign(info: ClassInfo) -> bool:
-    """Benign classes: label ending in `_n`, or a name/synonym saying benign, normal or non-neoplastic."""
+    """The label map's `malignant: false`; without that field, a label ending in `_n` or a name/synonym saying
+    benign, normal or non-neoplastic."""
+    if info.malignant is not None:
+        return not info.malignant
     texts = [info.name.lower(), *(s.lower() for s in info.synonyms)]
     return info.label.endswith("_n") or any(word in text for text in texts for word in BENIGN_WORDS)
 

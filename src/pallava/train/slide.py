@@ -106,6 +106,8 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
     started = time.perf_counter()
 
     # Features of every slide, once (cached across runs and shared with evaluation).
+    if not isinstance(recipe.data.path, str):
+        raise ValueError(f"stage slide: data.path must be one folder of virtual slides, got {recipe.data.path!r}")
     slides = list_slides(recipe.data.path)
     options = tiling(recipe)
     plip, plip_id = load_plip(section.plip, device)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pallava.models.plip.modeling_plip import PlipModel
+from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image, normalize_to_tensor
 
 
@@ -25,6 +26,7 @@ class PlipZeroShot:
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.stain_normalize: str | None = None  # e.g. "macenko": images mapped onto reference H&E stains
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
@@ -49,7 +51,8 @@ class PlipZeroShot:
         size = self.model.image_size
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-            batch = torch.stack([normalize_to_tensor(load_image(img), size) for img in images[start : start + batch_size]])
+            loaded = [stain_normalize(load_image(img), self.stain_normalize) for img in images[start : start + batch_size]]
+            batch = torch.stack([normalize_to_tensor(img, size) for img in loaded])
             chunks.append(self.encode_pixels(batch))
         if not chunks:
             return torch.empty(0, self.model.config.embed_dim)
