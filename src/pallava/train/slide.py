@@ -27,7 +27,7 @@ from pallava.inference import PaLlava
 from pallava.slides.features import SlideFeatureCache, encoder_namespace, slide_features, tile_truth
 from pallava.slides.mapping import TilingOptions, model_fingerprint
 from pallava.slides.mil import save_mil, slide_label, train_mil
-from pallava.slides.model import SlideAssistant
+from pallava.slides.model import SLIDE_CONFIG, SlideAssistant
 from pallava.slides.questions import KINDS, training_question
 from pallava.slides.reader import open_slide
 from pallava.slides.virtual import list_slides, load_truth
@@ -102,7 +102,13 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assistant = PaLlava.from_pretrained(recipe.model.init, device=device)
     model = assistant.model
-    slide_model = SlideAssistant(assistant, section.chunk_tiles, section.num_frequencies)
+    if (Path(recipe.model.init) / SLIDE_CONFIG).is_file():  # continue a slide model (its position embedding too)
+        slide_model = SlideAssistant.from_assistant(assistant, recipe.model.init)
+        slide_model.chunk_tiles = section.chunk_tiles
+    else:
+        slide_model = SlideAssistant(assistant, section.chunk_tiles, section.num_frequencies)
+    # The tile-level assistant this line of models started from (retrieve-then-ask asks it).
+    origin = slide_model.settings.get("init") or str(Path(recipe.model.init).resolve())
     started = time.perf_counter()
 
     # Features of every slide, once (cached across runs and shared with evaluation).
@@ -165,7 +171,7 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
     train_seconds = time.perf_counter() - train_started
     model.eval()
 
-    extra = {"init": str(Path(recipe.model.init).resolve()), "tiling": {"mpp": options.mpp, "tile_size": options.tile_size,
+    extra = {"init": origin, "tiling": {"mpp": options.mpp, "tile_size": options.tile_size,
              "min_tissue": options.min_tissue}, "plip": str(Path(section.plip).resolve()) if section.plip else None}  # fmt: skip
     slide_model.save_pretrained(out, extra)
     mil_seconds = 0.0
