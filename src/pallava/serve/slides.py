@@ -15,14 +15,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from pallava.inference import PaLlava
 from pallava.serve.images import _local_path
 from pallava.serve.protocol import APIError
-from pallava.slides.reader import SlideReadError
 
 
 class SlideQuestion(BaseModel):
@@ -39,7 +38,7 @@ def add_slide_routes(app: FastAPI, assistant: PaLlava, settings) -> None:
         limit = min(max_tokens or settings.default_max_tokens, settings.max_tokens_limit)
         try:
             result = assistant.ask_slide(path, question, max_new_tokens=limit)
-        except SlideReadError as error:
+        except ValueError as error:  # not a slide, unreadable, no tissue (SlideReadError is a ValueError)
             raise APIError(400, f"slide: {error}".replace(str(path), Path(path).name), param="slide",
                            code="invalid_slide") from None  # fmt: skip
         from pallava.slides.whole import attention_geojson
@@ -51,13 +50,17 @@ def add_slide_routes(app: FastAPI, assistant: PaLlava, settings) -> None:
 
     @app.post("/v1/slides/ask")
     async def ask_slide(request: SlideQuestion) -> dict:
+        if not request.question.strip():
+            raise APIError(400, "question: must not be empty", param="question", code="invalid_value")
         path = _local_path(request.slide, "slide", max_slide, settings.allow_local_dir)
         return await run_in_threadpool(answer, path, request.question, request.max_tokens)
 
     @app.post("/v1/slides/ask/upload")
-    async def ask_uploaded_slide(request: Request, question: str, max_tokens: int | None = None) -> dict:
+    async def ask_uploaded_slide(
+        request: Request, question: str = Query(min_length=1), max_tokens: int | None = Query(default=None, ge=1)
+    ) -> dict:
         if not question.strip():
-            raise APIError(400, "question: must not be empty", param="question")
+            raise APIError(400, "question: must not be empty", param="question", code="invalid_value")
         with tempfile.TemporaryDirectory(prefix="pallava-slide-") as folder:
             path = Path(folder) / "upload.slide"
             size = 0
@@ -69,5 +72,6 @@ def add_slide_routes(app: FastAPI, assistant: PaLlava, settings) -> None:
                                        param="slide", code="slide_too_large")  # fmt: skip
                     handle.write(chunk)
             if size == 0:
-                raise APIError(400, "slide: empty upload; send the slide file as the request body", param="slide")
+                raise APIError(400, "slide: empty upload; send the slide file as the request body", param="slide",
+                               code="invalid_slide")  # fmt: skip
             return await run_in_threadpool(answer, path, question, max_tokens)
