@@ -36,7 +36,8 @@ def _clean(args: argparse.Namespace) -> int:
         data["image_judge"] = {**(data["image_judge"] if data["image_judge"].get("type") == "plip" else {}),
                                "type": "plip", "model_dir": args.plip_model}
     config = CleanConfig.from_dict(data, source=args.config or "command line")
-    summary = clean(args.input, args.out, config, progress=not args.no_progress)
+    summary = clean(args.input, args.out, config, progress=not args.no_progress, engine=args.engine,
+                    ray_address=args.ray_address)
     print(f"kept {summary['kept']} of {summary['input']} records "
           f"({summary['resumed_from']} were already done); report: {Path(args.out) / 'report.md'}")
     return 0
@@ -128,6 +129,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cln.add_argument("--image-root", help="folder relative image paths are resolved against (default: input's folder)")
     cln.add_argument("--plip-model", help="trained PLIP folder: enables the PLIP zero-shot image judge")
     cln.add_argument("--shard-size", type=int, help="also write kept records as Parquet shards of this size")
+    cln.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="run decoding and judges here (local) or as Ray Data operators (ray; pallava[ray])")
+    cln.add_argument("--ray-address", help="Ray cluster to join (auto: the one `ray start` runs here); "
+                     "default: start a local Ray instance")
     cln.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cln.set_defaults(func=_clean)
 

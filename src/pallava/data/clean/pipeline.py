@@ -17,14 +17,14 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from pallava.data.clean.config import CleanConfig
+from pallava.data.clean.config import STAGES, CleanConfig
 from pallava.data.clean.dedup import DuplicateIndex, image_hash, text_key
 from pallava.data.clean.judges import Verdict, build_judge
 from pallava.data.clean.report import summarise, write_report
@@ -79,27 +79,29 @@ def record_text(data: dict[str, Any], kind: str) -> str:
     return "\n".join(turn["value"].replace(IMAGE_TOKEN, "").strip() for turn in data["conversations"])
 
 
+def _parse_line(line_number: int, line: bytes) -> _Entry:
+    """One input line as an entry; a line that is not a record becomes an input-stage rejection."""
+    raw = line.decode("utf-8")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as error:
+        entry = _Entry(line_number, f"line-{line_number}", None, raw)
+        entry.rejection = ("input", Verdict(False, "invalid JSON", error.msg))
+        return entry
+    record_id = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
+        entry = _Entry(line_number, f"line-{line_number}", data if isinstance(data, dict) else None, raw)
+        entry.rejection = ("input", Verdict(False, "malformed record", "missing field 'id'"))
+        return entry
+    return _Entry(line_number, str(record_id), data, raw)
+
+
 def _scan_input(path: Path) -> Iterator[_Entry]:
     """Stream input lines as entries; unreadable lines become entries that the input stage rejects."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
-            raw = line.rstrip("\n")
-            if not raw.strip():
-                continue
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as error:
-                entry = _Entry(line_number, f"line-{line_number}", None, raw)
-                entry.rejection = ("input", Verdict(False, "invalid JSON", error.msg))
-                yield entry
-                continue
-            record_id = data.get("id") if isinstance(data, dict) else None
-            if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
-                entry = _Entry(line_number, f"line-{line_number}", data if isinstance(data, dict) else None, raw)
-                entry.rejection = ("input", Verdict(False, "malformed record", "missing field 'id'"))
-                yield entry
-                continue
-            yield _Entry(line_number, str(record_id), data, raw)
+            if line.strip():
+                yield _parse_line(line_number, line.rstrip(b"\r\n"))
 
 
 def _input_ids(path: Path) -> list[str]:
@@ -231,6 +233,17 @@ class _Cleaner:
 
     def process(self, chunk: list[_Entry]) -> None:
         """Run every stage but `duplicate` on a chunk, setting each entry's rejection (or stop)."""
+        self.decode(chunk)
+        self.judge(chunk)
+
+    def chunks(self, pending: Iterator[_Entry]) -> Iterator[list[_Entry]]:
+        """The local engine: `pending` in chunks of `chunk_size`, each processed in this process (and its pool)."""
+        while chunk := list(itertools.islice(pending, self.config.chunk_size)):
+            self.process(chunk)
+            yield chunk
+
+    def decode(self, chunk: list[_Entry]) -> None:
+        """The `input` and `integrity` stages: record type, image path, decoding, perceptual hash."""
         for entry in chunk:
             if entry.rejection is None:
                 self._prepare(entry)
@@ -242,6 +255,9 @@ class _Cleaner:
                 entry.phash, entry.size = phash, size
             else:
                 entry.rejection = ("integrity", Verdict(False, reason, detail))
+
+    def judge(self, chunk: list[_Entry]) -> None:
+        """The middle stages (image, text, length), in the configured order, on the entries still alive."""
         for stage in self.config.stages[1:-1]:
             self._run_stage(stage, [e for e in chunk if e.rejection is None and e.stop is None])
 
@@ -264,13 +280,20 @@ def _sync(*handles: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | None = None, progress: bool = True,
+          engine: str = "local", ray_address: str | None = None,
+          judges: dict[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
     """Clean a JSONL of records into `out_dir` (kept.jsonl, rejected.jsonl, report.md); resumable.
 
     Returns the summary (counts per stage and reason). Raises `JudgeStopped` when a judge fails under
     `on_judge_error: stop` (re-run to resume) and ValueError for bad input or a foreign output folder.
+    `engine="ray"` runs the decoding and judging on a Ray cluster (`ray_engine.py`); this process still
+    finds duplicates and writes every output line, so the files are the same as the local engine's.
+    `judges` maps `image`/`text` to a function building a custom judge, used instead of the config's.
     """
     config = config or CleanConfig()
+    if engine not in ("local", "ray"):
+        raise ValueError(f"--engine must be 'local' or 'ray', got {engine!r}")
     input_path, out = Path(input_path), Path(out_dir)
     if not input_path.is_file():
         raise ValueError(f"{input_path}: input file not found")
@@ -282,7 +305,8 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
     unknown = done - set(input_ids)
     if unknown:
         raise ValueError(f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder")
-    cleaner = _Cleaner(input_path, config)
+    # With Ray the judges live in the cluster; here only the duplicate index and the writing are needed.
+    cleaner = _Cleaner(input_path, config if engine == "local" else replace(config, stages=[STAGES[0], STAGES[-1]], workers=1))
     for row in kept_rows:
         cleaner.index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
     del kept_rows, rejected_rows
@@ -291,8 +315,15 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
     try:
         with (out / KEPT).open("a", encoding="utf-8") as kept, (out / REJECTED).open("a", encoding="utf-8") as rejected:
             pending = (entry for entry in _scan_input(input_path) if entry.id not in done)
-            while chunk := list(itertools.islice(pending, config.chunk_size)):
-                cleaner.process(chunk)
+            if engine == "ray":
+                from pallava.data.clean.ray_engine import ray_chunks
+
+                chunks = ray_chunks(input_path, pending, done, config, ray_address, progress, judges)
+            else:
+                for stage, build in (judges or {}).items():
+                    setattr(cleaner, f"{stage}_judge", build())
+                chunks = cleaner.chunks(pending)
+            for chunk in chunks:
                 for entry in chunk:
                     if entry.stop is not None:
                         _sync(kept, rejected)

@@ -1,0 +1,141 @@
+"""The Ray engine of `pallava data clean`: decoding and judging as Ray Data operators over the input.
+
+The input JSONL is cut into byte ranges of `chunk_size` records (the driver reads it once, without parsing).
+Then, as one streaming Ray Data pipeline:
+
+  ranges --map: read + parse + decode images (tasks)--> --map: image judge (actor pool)-->
+         --map: text judge (actor pool)--> --map: caption length (tasks)--> driver
+
+in the configured stage order. Each judge is a pool of actors that build the judge once (PLIP weights, an
+HTTP client and its answer cache). The driver receives the chunks in input order and runs the pipeline's
+own duplicate stage and writer on them, so the outputs, and every exactly-once and resume guarantee, are
+the local engine's. A worker that dies is restarted and its chunk recomputed (Ray Data retries tasks and
+actor calls); nothing reaches the outputs twice because only the driver writes them. Input, images and
+the output folder must be on storage every node sees.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pallava.data.clean.config import STAGES, CleanConfig
+from pallava.data.clean.pipeline import _Cleaner, _Entry, _parse_line
+from pallava.scale import cluster_resources, connect
+
+# CPUs each judge actor reserves: PLIP and the stain judge compute, the others wait on I/O or are trivial.
+JUDGE_CPUS = {"plip": 1.0, "stain": 1.0, "openai": 0.25, "lexicon": 0.25}
+
+
+def input_ranges(path: Path, first_line: int, chunk_size: int) -> list[dict[str, int]]:
+    """Byte ranges of `chunk_size` non-empty lines each, from line `first_line` on."""
+    ranges, count, start, first, offset = [], 0, 0, 0, 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if number >= first_line and line.strip():
+                if count == 0:
+                    start, first = offset, number
+                count += 1
+            offset += len(line)
+            if count == chunk_size:
+                ranges.append({"start": start, "end": offset, "first_line": first})
+                count = 0
+    if count:
+        ranges.append({"start": start, "end": offset, "first_line": first})
+    return ranges
+
+
+def _stage_config(config: CleanConfig, *middle: str) -> CleanConfig:
+    """The config with only the given middle stages: a worker builds just the judge it runs."""
+    return replace(config, stages=[STAGES[0], *middle, STAGES[-1]], workers=1)
+
+
+class _Decode:
+    """Ray Data task: read one byte range of the input, parse its records and decode their images."""
+
+    def __init__(self, input_path: str, config: CleanConfig) -> None:
+        self.input_path, self.config = input_path, _stage_config(config)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        with open(self.input_path, "rb") as handle:
+            handle.seek(row["start"])
+            lines = handle.read(row["end"] - row["start"]).split(b"\n")
+        chunk = [_parse_line(row["first_line"] + i, line.rstrip(b"\r")) for i, line in enumerate(lines) if line.strip()]
+        _Cleaner(Path(self.input_path), self.config).decode(chunk)
+        return {"entries": pickle.dumps(chunk)}
+
+
+class _Judge:
+    """Ray Data actor: one middle stage (`image`, `text` or `length`) with its judge built once per actor."""
+
+    def __init__(self, input_path: str, config: CleanConfig, stage: str, factory: Callable[[], Any] | None = None) -> None:
+        self.cleaner = _Cleaner(Path(input_path), _stage_config(config, stage))
+        if factory is not None:
+            setattr(self.cleaner, f"{stage}_judge", factory())
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        chunk: list[_Entry] = pickle.loads(row["entries"])
+        self.cleaner.judge(chunk)
+        return {"entries": pickle.dumps(chunk)}
+
+    def close(self) -> None:
+        self.cleaner.close()
+
+
+def ray_chunks(
+    input_path: Path,
+    pending: Iterator[_Entry],
+    done: set[str],
+    config: CleanConfig,
+    address: str | None = None,
+    progress: bool = True,
+    judges: dict[str, Callable[[], Any]] | None = None,
+) -> Iterator[list[_Entry]]:
+    """The pending records, decoded and judged on Ray, as chunks in input order (what `clean` writes).
+
+    `judges` maps a stage (`image`, `text`) to a function that builds its judge in the worker, instead of
+    the config's `type` (a custom judge; the config's decision settings still guard resuming).
+    """
+    first = next(pending, None)
+    if first is None:
+        return
+    connect(address)
+    import ray.data  # binds `ray` too
+
+    cpus = cluster_resources(ray)["CPU"]
+    # A dataset takes the context's settings when it is created, so set them first and restore them after.
+    context = ray.data.DataContext.get_current()
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+    context.execution_options.preserve_order = True  # chunks reach the writer in input order
+    context.enable_progress_bars = progress
+    try:
+        for row in _pipeline(ray, input_path, first.line, config, cpus, judges).iter_rows():
+            chunk = [entry for entry in pickle.loads(row["entries"]) if entry.id not in done]
+            if chunk:
+                yield chunk
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def _pipeline(ray: Any, input_path: Path, first_line: int, config: CleanConfig, cpus: float,
+              judges: dict[str, Callable[[], Any]] | None) -> Any:
+    """The Ray Data plan: decode tasks, then one operator per middle stage in the configured order."""
+    dataset = ray.data.from_items(input_ranges(input_path, first_line, config.chunk_size))
+    dataset = dataset.map(_Decode(str(input_path), config), num_cpus=1)
+    for stage in config.stages[1:-1]:
+        spec = config.image_judge if stage == "image" else config.text_judge if stage == "text" else None
+        if (judges or {}).get(stage) is None and spec is not None and spec.get("type") == "none":
+            continue
+        if spec is None:  # length: no model, plain tasks
+            dataset = dataset.map(_Judge(str(input_path), config, stage), num_cpus=0.25)
+            continue
+        per_actor = JUDGE_CPUS.get(spec.get("type"), 1.0)
+        # Half the cluster's CPUs for each judge at most: decoding needs the rest.
+        most = max(1, int(cpus / 2 / per_actor))
+        dataset = dataset.map(_Judge, fn_constructor_args=(str(input_path), config, stage, (judges or {}).get(stage)),
+                              num_cpus=per_actor, concurrency=(1, most))
+    return dataset
+
