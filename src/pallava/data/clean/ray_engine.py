@@ -17,7 +17,7 @@ the output folder must be on storage every node sees.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from pallava.data.clean.pipeline import _Cleaner, _Entry, _parse_line
 from pallava.scale import cluster_resources, connect
 
 # CPUs each judge actor reserves: PLIP and the stain judge compute, the others wait on I/O or are trivial.
-JUDGE_CPUS = {"plip": 1.0, "stain": 1.0, "openai": 0.25, "lexicon": 0.25}
+JUDGE_CPUS = {"plip": 1.0, "stain": 1.0, "openai": 0.25, "lexicon": 0.5}
 
 
 def input_ranges(path: Path, first_line: int, chunk_size: int) -> list[dict[str, int]]:
@@ -48,41 +48,57 @@ def input_ranges(path: Path, first_line: int, chunk_size: int) -> list[dict[str,
     return ranges
 
 
-def _stage_config(config: CleanConfig, *middle: str) -> CleanConfig:
-    """The config with only the given middle stages: a worker builds just the judge it runs."""
+def _stage_config(config: CleanConfig, middle: Sequence[str] = ()) -> CleanConfig:
+    """The config with only the given middle stages: a worker builds just the judges it runs."""
     return replace(config, stages=[STAGES[0], *middle, STAGES[-1]], workers=1)
 
 
 class _Decode:
-    """Ray Data task: read one byte range of the input, parse its records and decode their images."""
+    """Ray Data task: read one byte range of the input, parse its records, decode their images, then run
+    the model-free stages that follow in the configured order (`length`)."""
 
-    def __init__(self, input_path: str, config: CleanConfig) -> None:
-        self.input_path, self.config = input_path, _stage_config(config)
+    def __init__(self, input_path: str, config: CleanConfig, stages: Sequence[str] = ()) -> None:
+        self.input_path, self.config = input_path, _stage_config(config, stages)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         with open(self.input_path, "rb") as handle:
             handle.seek(row["start"])
             lines = handle.read(row["end"] - row["start"]).split(b"\n")
         chunk = [_parse_line(row["first_line"] + i, line.rstrip(b"\r")) for i, line in enumerate(lines) if line.strip()]
-        _Cleaner(Path(self.input_path), self.config).decode(chunk)
+        cleaner = _Cleaner(Path(self.input_path), self.config)
+        cleaner.decode(chunk)
+        cleaner.judge(chunk)
         return {"entries": pickle.dumps(chunk)}
 
 
 class _Judge:
-    """Ray Data actor: one middle stage (`image`, `text` or `length`) with its judge built once per actor."""
+    """Ray Data actor: a judge stage (`image` or `text`), its judge built once per actor, and the model-free
+    stages that follow it."""
 
-    def __init__(self, input_path: str, config: CleanConfig, stage: str, factory: Callable[[], Any] | None = None) -> None:
-        self.cleaner = _Cleaner(Path(input_path), _stage_config(config, stage))
+    def __init__(self, input_path: str, config: CleanConfig, stages: Sequence[str],
+                 factory: Callable[[], Any] | None = None) -> None:
+        self.cleaner = _Cleaner(Path(input_path), _stage_config(config, stages))
         if factory is not None:
-            setattr(self.cleaner, f"{stage}_judge", factory())
+            setattr(self.cleaner, f"{stages[0]}_judge", factory())
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         chunk: list[_Entry] = pickle.loads(row["entries"])
         self.cleaner.judge(chunk)
         return {"entries": pickle.dumps(chunk)}
 
-    def close(self) -> None:
-        self.cleaner.close()
+
+def operator_stages(config: CleanConfig, judges: dict[str, Callable[[], Any]] | None = None) -> list[list[str]]:
+    """The middle stages grouped into operators: decoding first, then one per judge with a model; a stage
+    without a model (`length`, or a judge of type `none`) joins the operator before it (a new process per
+    trivial stage would cost more than the stage)."""
+    groups: list[list[str]] = [[]]
+    for stage in config.stages[1:-1]:
+        spec = {"image": config.image_judge, "text": config.text_judge}.get(stage, {"type": "none"})
+        if (judges or {}).get(stage) is not None or spec["type"] != "none":
+            groups.append([stage])
+        else:
+            groups[-1].append(stage)
+    return groups
 
 
 def ray_chunks(
@@ -122,20 +138,14 @@ def ray_chunks(
 
 def _pipeline(ray: Any, input_path: Path, first_line: int, config: CleanConfig, cpus: float,
               judges: dict[str, Callable[[], Any]] | None) -> Any:
-    """The Ray Data plan: decode tasks, then one operator per middle stage in the configured order."""
+    """The Ray Data plan: decode tasks, then one actor pool per judge, in the configured stage order."""
+    decode, *judged = operator_stages(config, judges)
     dataset = ray.data.from_items(input_ranges(input_path, first_line, config.chunk_size))
-    dataset = dataset.map(_Decode(str(input_path), config), num_cpus=1)
-    for stage in config.stages[1:-1]:
-        spec = config.image_judge if stage == "image" else config.text_judge if stage == "text" else None
-        if (judges or {}).get(stage) is None and spec is not None and spec.get("type") == "none":
-            continue
-        if spec is None:  # length: no model, plain tasks
-            dataset = dataset.map(_Judge(str(input_path), config, stage), num_cpus=0.25)
-            continue
-        per_actor = JUDGE_CPUS.get(spec.get("type"), 1.0)
-        # Half the cluster's CPUs for each judge at most: decoding needs the rest.
-        most = max(1, int(cpus / 2 / per_actor))
-        dataset = dataset.map(_Judge, fn_constructor_args=(str(input_path), config, stage, (judges or {}).get(stage)),
+    dataset = dataset.map(_Decode(str(input_path), config, decode), num_cpus=1)
+    for stages in judged:
+        spec = config.image_judge if stages[0] == "image" else config.text_judge
+        per_actor = JUDGE_CPUS.get(spec["type"], 1.0)
+        most = max(1, int(cpus / 2 / per_actor))  # half the cluster's CPUs for one judge at most: decoding needs the rest
+        dataset = dataset.map(_Judge, fn_constructor_args=(str(input_path), config, stages, (judges or {}).get(stages[0])),
                               num_cpus=per_actor, concurrency=(1, most))
     return dataset
-
