@@ -129,6 +129,9 @@ def test_cohort_command_end_to_end_and_engine_errors(svs, plip_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert "first: mapped" in printed and "truncated: failed" in printed and "2 of 3 slides mapped" in printed
     assert (out / "slides" / "second" / "tiles.geojson").is_file() and (out / "cohort.csv").is_file()
+    assert main(argv) == 1  # the re-run lists the finished slides and retries the failed one
+    printed = capsys.readouterr().out
+    assert "first: done earlier (" in printed and "second: done earlier (" in printed and "truncated: failed" in printed
 
     assert main(["slide", "map", "--slide", str(svs), "--model", str(plip_dir), "--out", str(out), "--engine", "ray"]) == 1
     assert "--engine, --ray-address and --workers apply to --cohort" in capsys.readouterr().err

@@ -189,6 +189,8 @@ def map_cohort(
             todo.append(slide)
         else:
             rows[slide.id] = summary_row(slide, summary, "done earlier")
+            if progress is not None:
+                progress(rows[slide.id])
     if todo and engine == "ray":
         from pallava.slides.cohort_ray import map_on_ray
 
