@@ -45,3 +45,15 @@ def tiny():
 
     model, processor = load_preset("tiny", seed=0)
     return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_plip_dir(tmp_path_factory) -> Path:
+    """A random-init tiny PLIP (1 text layer) saved as a model folder, for commands that load one by path."""
+    from pallava.models.plip import build_plip
+
+    model, tokenizer = build_plip("tiny", text_init="scratch", text_layers=1, seed=0)
+    folder = tmp_path_factory.mktemp("tiny-plip")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

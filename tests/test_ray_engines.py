@@ -49,17 +49,6 @@ def tiles(lung):
 
 
 @pytest.fixture(scope="module")
-def plip_dir(tmp_path_factory):
-    from pallava.models.plip import build_plip
-
-    model, tokenizer = build_plip("tiny", text_init="scratch", text_layers=1, seed=0)
-    folder = tmp_path_factory.mktemp("plip")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def settings():
     return CohortSettings(OPTIONS, load_classes("lc25000-lung"), TEMPLATES, batch_size=2)
 
@@ -212,21 +201,21 @@ def _assert_same_maps(ray_out: Path, local_out: Path, slide_ids) -> None:
     assert (ray_out / "cohort.csv").read_text().replace("done earlier", "mapped") == (local_out / "cohort.csv").read_text()
 
 
-def test_cohort_on_ray_equals_local_and_survives_a_killed_worker(ray_address, svs, plip_dir, tmp_path, settings):
+def test_cohort_on_ray_equals_local_and_survives_a_killed_worker(ray_address, svs, tiny_plip_dir, tmp_path, settings):
     cohort = make_cohort(tmp_path, svs)
-    local = map_cohort(cohort, plip_dir, tmp_path / "local", settings)
+    local = map_cohort(cohort, tiny_plip_dir, tmp_path / "local", settings)
     marker = tmp_path / "kill"
     marker.touch()
-    rows = map_cohort(cohort, plip_dir, tmp_path / "ray", settings, engine="ray", load_model=KillOnceLoader(marker))
+    rows = map_cohort(cohort, tiny_plip_dir, tmp_path / "ray", settings, engine="ray", load_model=KillOnceLoader(marker))
     assert not marker.exists()  # a worker died mid-slide, and its slide was retried
     assert [(r["id"], r["status"]) for r in rows] == [("first", "mapped"), ("second", "mapped"), ("truncated", "failed")]
     assert rows == local
     _assert_same_maps(tmp_path / "ray", tmp_path / "local", ("first", "second"))
 
 
-def test_cohort_on_ray_resumes_after_the_driver_is_killed(ray_address, svs, plip_dir, tmp_path, settings):
+def test_cohort_on_ray_resumes_after_the_driver_is_killed(ray_address, svs, tiny_plip_dir, tmp_path, settings):
     cohort = make_cohort(tmp_path, svs)
-    local = map_cohort(cohort, plip_dir, tmp_path / "local", settings)
+    local = map_cohort(cohort, tiny_plip_dir, tmp_path / "local", settings)
     batches = -(-local[0]["tiles"] // settings.batch_size)
     out, flag = tmp_path / "ray", tmp_path / "blocked"
     # One worker: the first slide is finished, then the driver is killed while the second is being embedded.
@@ -253,12 +242,12 @@ def test_cohort_on_ray_resumes_after_the_driver_is_killed(ray_address, svs, plip
 
         settings = CohortSettings(TilingOptions{tuple(vars(OPTIONS).values())!r}, load_classes("lc25000-lung"),
                                   {TEMPLATES!r}, batch_size={settings.batch_size})
-        map_cohort({str(cohort)!r}, {str(plip_dir)!r}, {str(out)!r}, settings, engine="ray",
+        map_cohort({str(cohort)!r}, {str(tiny_plip_dir)!r}, {str(out)!r}, settings, engine="ray",
                    ray_address={ray_address!r}, workers=1, load_model=load)
         """, flag.exists, tmp_path)
     assert (out / "slides" / "first" / "summary.json").is_file()
     assert not (out / "slides" / "second" / "summary.json").exists()
-    rows = map_cohort(cohort, plip_dir, out, settings, engine="ray")
+    rows = map_cohort(cohort, tiny_plip_dir, out, settings, engine="ray")
     assert [r["status"] for r in rows] == ["done earlier", "mapped", "failed"]
     _assert_same_maps(out, tmp_path / "local", ("first", "second"))
 

@@ -14,17 +14,6 @@ OPTIONS = TilingOptions(mpp=2.0, tile_size=224, min_tissue=0.25, thumbnail_side=
 TEMPLATES = ("an H&E image of {name}.",)
 
 
-@pytest.fixture(scope="module")
-def plip_dir(tmp_path_factory):
-    from pallava.models.plip import build_plip
-
-    model, tokenizer = build_plip("tiny", text_init="scratch", text_layers=1, seed=0)
-    folder = tmp_path_factory.mktemp("plip")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def make_cohort(folder, svs):
     """Two readings of the real slide (one with an explicit scan mpp) and a truncated, unreadable one."""
     (folder / "truncated.svs").write_bytes(svs.read_bytes()[:100_000])
@@ -53,12 +42,12 @@ class CountingLoader:
         return plip
 
 
-def test_cohort_maps_each_slide_reports_failures_and_skips_finished_slides(svs, plip_dir, tmp_path):
+def test_cohort_maps_each_slide_reports_failures_and_skips_finished_slides(svs, tiny_plip_dir, tmp_path):
     cohort = make_cohort(tmp_path, svs)
     settings = CohortSettings(OPTIONS, load_classes("lc25000-lung"), TEMPLATES, batch_size=4)
     out = tmp_path / "out"
     loader = CountingLoader()
-    rows = map_cohort(cohort, plip_dir, out, settings, load_model=loader)
+    rows = map_cohort(cohort, tiny_plip_dir, out, settings, load_model=loader)
 
     assert [(r["id"], r["status"]) for r in rows] == [("first", "mapped"), ("second", "mapped"), ("truncated", "failed")]
     assert "truncated.svs: a TIFF that is truncated" in rows[2]["error"]
@@ -87,7 +76,7 @@ def test_cohort_maps_each_slide_reports_failures_and_skips_finished_slides(svs, 
 
     # A re-run maps only what is unfinished: the failed slide (still failing), nothing is embedded again.
     again = CountingLoader()
-    rerun = map_cohort(cohort, plip_dir, out, settings, load_model=again)
+    rerun = map_cohort(cohort, tiny_plip_dir, out, settings, load_model=again)
     assert [r["status"] for r in rerun] == ["done earlier", "done earlier", "failed"] and again.images == 0
     assert [{k: v for k, v in r.items() if k != "status"} for r in rerun] == [
         {k: v for k, v in r.items() if k != "status"} for r in rows]
@@ -95,7 +84,7 @@ def test_cohort_maps_each_slide_reports_failures_and_skips_finished_slides(svs, 
     # Other classes: the maps are redrawn from the cached embeddings, still without embedding a tile.
     other = CohortSettings(OPTIONS, load_classes("nct-crc-he"), TEMPLATES, batch_size=4)
     again = CountingLoader()
-    assert [r["status"] for r in map_cohort(cohort, plip_dir, out, other, load_model=again)][:2] == ["mapped"] * 2
+    assert [r["status"] for r in map_cohort(cohort, tiny_plip_dir, out, other, load_model=again)][:2] == ["mapped"] * 2
     assert again.images == 0
 
 
@@ -120,10 +109,10 @@ def test_cohort_file_errors_name_the_row_and_field(tmp_path):
     assert (second.id, second.path, second.mpp) == ("b", "/abs/b.tiff", None)
 
 
-def test_cohort_command_end_to_end_and_engine_errors(svs, plip_dir, tmp_path, capsys, monkeypatch):
+def test_cohort_command_end_to_end_and_engine_errors(svs, tiny_plip_dir, tmp_path, capsys, monkeypatch):
     cohort = make_cohort(tmp_path, svs)
     out = tmp_path / "map"
-    argv = ["slide", "map", "--cohort", str(cohort), "--model", str(plip_dir), "--out", str(out), "--mpp", "2.0",
+    argv = ["slide", "map", "--cohort", str(cohort), "--model", str(tiny_plip_dir), "--out", str(out), "--mpp", "2.0",
             "--classes", "lc25000-lung", "--template", TEMPLATES[0], "--batch-size", "8"]
     assert main(argv) == 1  # one slide failed; the others are mapped
     printed = capsys.readouterr().out
@@ -133,7 +122,7 @@ def test_cohort_command_end_to_end_and_engine_errors(svs, plip_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert "first: done earlier (" in printed and "second: done earlier (" in printed and "truncated: failed" in printed
 
-    assert main(["slide", "map", "--slide", str(svs), "--model", str(plip_dir), "--out", str(out), "--engine", "ray"]) == 1
+    assert main(["slide", "map", "--slide", str(svs), "--model", str(tiny_plip_dir), "--out", str(out), "--engine", "ray"]) == 1
     assert "--engine, --ray-address and --workers apply to --cohort" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
     assert main([*argv, "--engine", "ray"]) == 1
