@@ -92,7 +92,7 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
     if model_type not in (None, "clip", "clip_vision_model"):
         raise ValueError(f"{plip_dir / 'config.json'}: model_type {model_type!r} is not a CLIP vision config")
     try:
-        config = CLIPVisionConfig.from_pretrained(plip_dir)
+        config = CLIPVisionConfig.from_pretrained(plip_dir, trust_remote_code=False)
     except Exception as error:  # transformers raises several types for bad configs
         raise ValueError(f"{plip_dir / 'config.json'}: not a CLIP vision config ({error})") from error
     if (plip_dir / PLIP_WEIGHTS).is_file():
@@ -251,11 +251,11 @@ def convert_official(
         bar.update()
 
         plip_plan, ckpt_plan = plan_plip(plip_state), plan_checkpoint(ckpt_state)
-        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
         config = PaLlavaConfig(
             vision_config=vision_config,
             connector_config=connector_config_from(ckpt_state, str(checkpoint), connector_heads),
-            text_config=AutoConfig.from_pretrained(llm_dir),
+            text_config=AutoConfig.from_pretrained(llm_dir, trust_remote_code=False),
             image_token_id=_image_token_id(tokenizer),
             grid_policy="paper",
             lora=lora_settings_from(ckpt_plan, ckpt_state, lora_alpha),
@@ -270,7 +270,7 @@ def convert_official(
         mapped, tensors, unmapped, unfilled = _check_plan(sources, targets, allow_missing)
 
         bar.set_postfix_str("loading the LLM")
-        language_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+        language_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, trust_remote_code=False)
         config.text_config = language_model.config
         model = PaLlavaForConditionalGeneration(
             config, vision_tower=CLIPVisionModel(vision_config), language_model=language_model

@@ -51,6 +51,32 @@ def normalize_turns(conversation: Sequence[Turn]) -> list[tuple[str, str]]:
     return turns
 
 
+# Allowed `processor_config.json` values (inclusive): 196 image tokens in the paper, 8k-128k token contexts.
+SETTING_RANGES = {"num_image_tokens": (1, 4096), "max_length": (1, 1 << 20)}
+
+
+def _read_settings(path: Path) -> dict:
+    """The settings of `processor_config.json`, checked: a model folder may come from anyone."""
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - {*SETTING_RANGES, "system_prompt"})
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; expected {sorted({*SETTING_RANGES, 'system_prompt'})}")
+    if "num_image_tokens" not in settings:
+        raise ValueError(f"{path}: missing field 'num_image_tokens'")
+    for name, (low, high) in SETTING_RANGES.items():
+        value = settings.get(name, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{path}: {name} must be an integer from {low:,} to {high:,}, got {value!r}")
+    if not isinstance(settings.get("system_prompt"), (str, type(None))):
+        raise ValueError(f"{path}: system_prompt must be a string or null, got {settings['system_prompt']!r}")
+    return settings
+
+
 class PaLlavaProcessor:
     """Tokenizer + image processor for the assistant."""
 
@@ -96,8 +122,8 @@ class PaLlavaProcessor:
         path = directory / cls.CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}: not a pallava model directory")
-        settings = json.loads(path.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        settings = _read_settings(path)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
         return cls(tokenizer, PaLlavaImageProcessor.from_pretrained(directory), **settings)
 
     # --- text ---------------------------------------------------------------------------------------
