@@ -201,7 +201,8 @@ def test_undecodable_records_are_rejected_with_their_line_and_the_run_goes_on(tm
     good = [line(f"g{i}", i).encode() for i in range(3)]
     surrogate = line("lone", 3, "bad SURROGATE ").replace("SURROGATE", "\\ud800").encode()  # valid JSON, lone \ud800
     surrogate_id = line("x-SURROGATE", 4).replace("SURROGATE", "\\udfff").encode()
-    latin1 = json.dumps({"id": "caf\xe9", "image": str(tiles[5]), "caption": HUMAN.format(5)}, ensure_ascii=False).encode("latin-1")
+    latin1 = json.dumps({"id": "caf\xe9", "image": str(tiles[5]), "caption": HUMAN.format(5)}, ensure_ascii=False)
+    latin1 = latin1.encode("latin-1")  # \xe9 as one byte: not UTF-8
     corpus = tmp_path / "c.jsonl"
     corpus.write_bytes(b"\n".join([good[0], surrogate, latin1, good[1], surrogate_id, good[2]]) + b"\n")
     config = CleanConfig(workers=1, chunk_size=2)

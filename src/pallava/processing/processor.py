@@ -63,9 +63,10 @@ def _read_settings(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(settings).__name__}")
-    unknown = sorted(set(settings) - {*SETTING_RANGES, "system_prompt"})
+    fields = sorted({*SETTING_RANGES, "system_prompt"})
+    unknown = sorted(set(settings) - set(fields))
     if unknown:
-        raise ValueError(f"{path}: unknown field(s) {unknown}; expected {sorted({*SETTING_RANGES, 'system_prompt'})}")
+        raise ValueError(f"{path}: unknown field(s) {unknown}; expected {fields}")
     if "num_image_tokens" not in settings:
         raise ValueError(f"{path}: missing field 'num_image_tokens'")
     for name, (low, high) in SETTING_RANGES.items():

@@ -108,7 +108,9 @@ def _record_id(data: Any) -> str | None:
     return str(record_id)
 
 
-def _rejected_entry(line_number: int, record_id: str | None, data: Any, raw: str, reason: str, detail: str) -> _Entry:
+def _rejected_entry(
+    line_number: int, record_id: str | None, data: Any, raw: str, reason: str, detail: str
+) -> _Entry:
     entry = _Entry(line_number, record_id or f"line-{line_number}", data if isinstance(data, dict) else None, raw)
     entry.rejection = ("input", Verdict(False, reason, detail))
     return entry
@@ -120,7 +122,8 @@ def _parse_line(line_number: int, line: bytes) -> _Entry:
         raw = line.decode("utf-8")
     except UnicodeDecodeError as error:
         detail = f"byte 0x{line[error.start]:02x} at column {error.start + 1} is not UTF-8"
-        return _rejected_entry(line_number, None, None, line.decode("utf-8", "backslashreplace"), "invalid UTF-8", detail)
+        raw = line.decode("utf-8", "backslashreplace")  # shows the bad bytes as \xe9
+        return _rejected_entry(line_number, None, None, raw, "invalid UTF-8", detail)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as error:

@@ -47,7 +47,8 @@ class PlipZeroShot:
         try:
             model, info = PlipModel.from_pretrained(str(path), trust_remote_code=False, output_loading_info=True)
         except (OSError, RuntimeError) as error:  # no weights file, a corrupt one, or other shapes
-            raise ValueError(f"{path}: cannot load the PLIP weights ({str(error).strip().splitlines()[0]})") from None
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path}: cannot load the PLIP weights ({reason})") from None
         missing = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
         if missing:
             raise ValueError(
