@@ -107,3 +107,40 @@ def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
     unbalanced = load_samples(DataSection(path=manifests, split="train", answer_types=["open"], balance="none"),
                               "instruct")
     assert Counter(s.dataset for s in unbalanced)["oscc"] == 3 * 295
+
+
+def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path, lung_tiles):
+    """Each question sees one version of its image; enlarged views go through the tiling path."""
+    from pallava.train.config import AugmentSection
+    from pallava.train.data import Sample, assign_views, augmented_view
+
+    model, processor = tiny
+    samples = [Sample(f"q{i}", [{"from": "human", "value": "<image>\nWhat is shown?"},
+                                {"from": "gpt", "value": "tissue"}], image=str(lung_tiles[i % 2]))
+               for i in range(60)]  # fmt: skip
+    assign_views(samples, views=2, seed=0)
+    assert Counter(s.view for s in samples).keys() == {0, 1, 2}
+    assert min(Counter(s.view for s in samples).values()) >= 10
+    again = [Sample(s.id, s.conversation, image=s.image) for s in samples]
+    assign_views(again, views=2, seed=0)
+    assert [s.view for s in again] == [s.view for s in samples]  # a function of the sample's id
+
+    section = AugmentSection(views=2, large=1.0, image={"zoom": 0.0})
+    view = augmented_view(lung_tiles[0], 1, section, seed=0)
+    assert view.size[0] >= 448 and view.size == view.size[::-1]  # enlarged 2-3x
+    assert augmented_view(lung_tiles[0], 1, section, seed=0).tobytes() == view.tobytes()  # reproducible
+    assert augmented_view(lung_tiles[0], 2, section, seed=0).tobytes() != view.tobytes()
+    grid = processor.image_processor([view])["grids"][0]
+    assert int(grid[0]) * int(grid[1]) > 1  # a larger image is cut into several tiles
+
+    viewed = next(i for i, s in enumerate(samples) if s.view)
+    original = next(i for i, s in enumerate(samples) if not s.view and s.image == samples[viewed].image)
+    batch = Collator(processor, samples, augment=(section, 0))([original, viewed])
+    assert batch["tile_mask"][0].sum() == 1 and batch["tile_mask"][1].sum() > 1
+
+    # the feature cache encodes a view from a function, once
+    cache = FeatureCache(tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto"))
+    encoded = cache.build(model.encode_crops, processor.image_processor,
+                          {"v1": lambda: augmented_view(lung_tiles[0], 1, section, 0)}, progress=False)  # fmt: skip
+    assert encoded == 1 and cache.get("v1")[1] == tuple(int(v) for v in grid)
+    assert cache.build(model.encode_crops, processor.image_processor, {"v1": lambda: 1 / 0}, progress=False) == 0
