@@ -197,7 +197,7 @@ def test_unreadable_processor_file_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"preprocessor_config\.json: not valid JSON"):
         PaLlavaImageProcessor.from_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text("[8]")
-    with pytest.raises(ValueError, match=r"preprocessor_config\.json: expected a JSON object, got list"):
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: expected a JSON object at the top level, got list"):
         PaLlavaImageProcessor.from_pretrained(tmp_path)
     edge = PaLlavaImageProcessor(tile_size=1024, max_tiles=64, max_pixels=None, grid_policy="paper")
     edge.save_pretrained(tmp_path)

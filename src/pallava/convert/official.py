@@ -28,6 +28,7 @@ from pallava.convert.keys import (
     strip_wrappers,
     summarize_keys,
 )
+from pallava.data.io import read_json_object
 from pallava.inference import PaLlava
 from pallava.models.configuration_pa_llava import PaLlavaConfig, ScaleInvariantConnectorConfig
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
@@ -94,12 +95,7 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
     if not plip_dir.is_dir() or not (plip_dir / "config.json").is_file():
         raise ValueError(f"{plip_dir}: expected the PLIP folder holding config.json and {PLIP_WEIGHTS}")
     config_file = plip_dir / "config.json"
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_file}: not valid JSON ({first_line(error)})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(config_file)
     if data.get("model_type") not in (None, "clip", "clip_vision_model"):
         raise ValueError(f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP vision config")
     try:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import select_best_resolution
 
+from pallava.data.io import read_json_object
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 16_777_216  # the paper's limit: 4096 x 4096
@@ -325,12 +327,7 @@ class PaLlavaImageProcessor:
         path = Path(directory) / cls.CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path)
         known = {k: data[k] for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels", "global_view") if k in data}
         try:
             return cls(**known)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
+from pallava.data.io import read_json_object
 from pallava.processing.image import ImageSource, PaLlavaImageProcessor
 from pallava.processing.tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER
 
@@ -57,12 +58,7 @@ SETTING_RANGES = {"num_image_tokens": (1, 4096), "max_length": (1, 1 << 20)}
 
 def _read_settings(path: Path) -> dict:
     """The settings of `processor_config.json`, checked: a model folder may come from anyone."""
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(settings).__name__}")
+    settings = read_json_object(path)
     fields = sorted({*SETTING_RANGES, "system_prompt"})
     unknown = sorted(set(settings) - set(fields))
     if unknown:

@@ -7,12 +7,12 @@ misspelt `post_layrnorm`; the mapping onto `transformers.CLIPVisionModel` strips
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from pallava.data.io import read_json_object
 from pallava.models.presets import paper_vision_config
 
 _PREFIXES = ("module.", "model.", "visual_encoder.", "vision_tower.")
@@ -43,12 +43,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _vision_config(config_file: Path) -> CLIPVisionConfig | None:
     if not config_file.is_file():
         return None
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_file}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(config_file)
     if data.get("model_type") == "clip":
         data = data.get("vision_config") or {}
     elif data.get("model_type") not in (None, "clip_vision_model"):

@@ -5,7 +5,6 @@ Slide heat maps and the data-cleaning image judge build on `PlipZeroShot`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pallava.data.io import read_json_object
 from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.processing.image import ImageSource, load_image, normalize_to_tensor
@@ -35,10 +35,7 @@ class PlipZeroShot:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ValueError(f"{path}: not a PLIP model folder (no config.json)")
-        try:
-            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-            raise ValueError(f"{config_file}: not a JSON object ({error})") from None
+        model_type = read_json_object(config_file).get("model_type")
         if model_type != PlipConfig.model_type:  # any other model would load with random PLIP weights
             raise ValueError(
                 f"{path} is not a PLIP model folder: its config.json has model_type {model_type!r}, "
