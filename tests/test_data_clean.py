@@ -204,14 +204,15 @@ def test_undecodable_records_are_rejected_with_their_line_and_the_run_goes_on(tm
     latin1 = json.dumps({"id": "caf\xe9", "image": str(tiles[5]), "caption": HUMAN.format(5)}, ensure_ascii=False)
     latin1 = latin1.encode("latin-1")  # \xe9 as one byte: not UTF-8
     corpus = tmp_path / "c.jsonl"
-    corpus.write_bytes(b"\n".join([good[0], surrogate, latin1, good[1], surrogate_id, good[2]]) + b"\n")
+    deep = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError, not a JSONDecodeError
+    corpus.write_bytes(b"\n".join([good[0], surrogate, latin1, good[1], surrogate_id, deep, good[2]]) + b"\n")
     config = CleanConfig(workers=1, chunk_size=2)
     clean(corpus, tmp_path / "full", config, progress=False)
     kept, rejected = _rows(tmp_path / "full" / "kept.jsonl"), _rows(tmp_path / "full" / "rejected.jsonl")
     assert [r["id"] for r in kept] == ["g0", "g1", "g2"]
     assert [(r["id"], r["line"], r["stage"], r["reason"]) for r in rejected] == [
         ("lone", 2, "input", "invalid text"), ("line-3", 3, "input", "invalid UTF-8"),
-        ("line-5", 5, "input", "invalid text"),
+        ("line-5", 5, "input", "invalid text"), ("line-6", 6, "input", "invalid JSON"),
     ]
     assert "field 'caption'" in rejected[0]["detail"] and "\\ud800" in rejected[0]["record"]
     assert "byte 0xe9" in rejected[1]["detail"] and "caf\\xe9" in rejected[1]["record"]

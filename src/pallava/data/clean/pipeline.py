@@ -126,10 +126,13 @@ def _parse_line(line_number: int, line: bytes) -> _Entry:
         return _rejected_entry(line_number, None, None, raw, "invalid UTF-8", detail)
     try:
         data = json.loads(raw)
+        field_name = _lone_surrogate_field(data) if _SURROGATE_ESCAPE.search(raw) else None
     except json.JSONDecodeError as error:
         return _rejected_entry(line_number, None, None, raw, "invalid JSON", error.msg)
+    except RecursionError:
+        return _rejected_entry(line_number, None, None, raw, "invalid JSON", "nested too deeply")
     record_id = _record_id(data)
-    if _SURROGATE_ESCAPE.search(raw) and (field_name := _lone_surrogate_field(data)) is not None:
+    if field_name is not None:
         # the parsed record cannot be written as UTF-8: keep the raw line, and the id only if it is clean
         clean_id = record_id if record_id and not _LONE_SURROGATE.search(record_id) else None
         detail = f"field '{field_name}' holds a lone UTF-16 surrogate"
