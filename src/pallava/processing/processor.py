@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
+from pallava.data.io import read_json_object
 from pallava.data.records import PROMPT_STYLES
 from pallava.processing.image import ImageSource, PaLlavaImageProcessor
 from pallava.processing.tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER
@@ -50,6 +51,31 @@ def normalize_turns(conversation: Sequence[Turn]) -> list[tuple[str, str]]:
             raise ValueError(f"turn {index}: content must be a string, got {type(text).__name__}")
         turns.append((ROLE_ALIASES[role], text))
     return turns
+
+
+# Allowed `processor_config.json` values (inclusive): 196 image tokens in the paper, 8k-128k token contexts.
+SETTING_RANGES = {"num_image_tokens": (1, 4096), "max_length": (1, 1 << 20)}
+
+
+def _read_settings(path: Path) -> dict:
+    """The settings of `processor_config.json`, checked: a model folder may come from anyone."""
+    settings = read_json_object(path)
+    fields = sorted({*SETTING_RANGES, "system_prompt", "prompt_style"})
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; expected {fields}")
+    if "num_image_tokens" not in settings:
+        raise ValueError(f"{path}: missing field 'num_image_tokens'")
+    for name, (low, high) in SETTING_RANGES.items():
+        value = settings.get(name, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{path}: {name} must be an integer from {low:,} to {high:,}, got {value!r}")
+    if not isinstance(settings.get("system_prompt"), (str, type(None))):
+        raise ValueError(f"{path}: system_prompt must be a string or null, got {settings['system_prompt']!r}")
+    if settings.get("prompt_style", "pallava") not in PROMPT_STYLES:
+        raise ValueError(f"{path}: prompt_style must be one of {', '.join(PROMPT_STYLES)}, "
+                         f"got {settings['prompt_style']!r}")
+    return settings
 
 
 class PaLlavaProcessor:
@@ -102,8 +128,8 @@ class PaLlavaProcessor:
         path = directory / cls.CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}: not a pallava model directory")
-        settings = json.loads(path.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        settings = _read_settings(path)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
         return cls(tokenizer, PaLlavaImageProcessor.from_pretrained(directory), **settings)
 
     # --- text ---------------------------------------------------------------------------------------

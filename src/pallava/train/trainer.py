@@ -68,7 +68,7 @@ def build_model(recipe: Recipe) -> tuple[PaLlavaForConditionalGeneration, PaLlav
         if not (init / "config.json").is_file():
             raise ValueError(f"model.init: {init} is not a model directory (no config.json); "
                              "stage instruct starts from the output directory of stage align")  # fmt: skip
-        model = PaLlavaForConditionalGeneration.from_pretrained(init)
+        model = PaLlavaForConditionalGeneration.from_pretrained(init, trust_remote_code=False)
         return model, PaLlavaProcessor.from_pretrained(init)
     return load_preset(
         section.preset, vision_path=section.vision_path, llm_path=section.llm_path, seed=section.seed,
