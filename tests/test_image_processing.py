@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -98,6 +99,29 @@ def test_batch_pads_tiles_and_masks_them():
     assert batch["grids"].tolist() == [[1, 1], [2, 2]]
 
 
+@pytest.mark.parametrize("size", [(224, 224), (1, 1), (150, 160)])
+def test_paper_grid_tiles_that_hold_no_pixels_are_masked(size):
+    # The paper's grid list has no 1x1: a small image lands on 1x4 with empty tiles above and below.
+    processor = PaLlavaImageProcessor(tile_size=224, grid_policy="paper")
+    image = Image.new("RGB", size, (255, 255, 255))
+    tiled = processor.tile(image)
+    assert tiled.grid == (1, 4)
+    assert tiled.tile_mask.tolist() == [False, True, True, False]
+    black = (torch.zeros(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    for tile, keep in zip(tiled.pixel_values[1:], tiled.tile_mask, strict=True):
+        assert keep == (not torch.allclose(tile, black[:, None, None].expand_as(tile)))
+    batch = processor([image, quadrants(448)])
+    assert batch["tile_mask"].tolist() == [[False, True, True, False], [True, True, True, True]]
+
+
+@pytest.mark.parametrize("size", [(224, 224), (1, 1), (100, 300), (3000, 200), (1000, 1000), (250, 2000)])
+def test_default_grid_tiles_all_hold_pixels(size):
+    # Ties go to the least wasted area, so the default policy never picks a grid with an empty tile.
+    processor = PaLlavaImageProcessor(tile_size=224)
+    tiled = processor.tile(Image.new("RGB", size, (255, 255, 255)))
+    assert tiled.tile_mask.all() and len(tiled.tile_mask) == tiled.num_tiles
+
+
 def huge_png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge size and whose pixel data is missing: decoding would fail."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
@@ -142,6 +166,34 @@ def test_real_tiles_and_arrays_load_as_rgb(lung_tiles):
     assert load_image(lung_tiles[0].read_bytes()).size == (224, 224)
 
 
+def test_float_images_in_zero_one_load_like_their_uint8_form(lung_tiles):
+    pixels = np.asarray(load_image(lung_tiles[0]))
+    unit = pixels.astype(np.float32) / 255.0
+    assert np.array_equal(np.asarray(load_image(unit)), pixels)
+    assert np.array_equal(np.asarray(load_image(unit.astype(np.float64))), pixels)
+    assert np.array_equal(np.asarray(load_image(torch.from_numpy(unit))), pixels)  # (H, W, 3) tensor
+    assert np.array_equal(np.asarray(load_image(torch.from_numpy(unit).permute(2, 0, 1))), pixels)  # (3, H, W)
+    grey = np.full((8, 8), 0.5, np.float32)
+    assert np.asarray(load_image(grey))[0, 0].tolist() == [128, 128, 128]
+    assert PaLlavaImageProcessor()([unit])["pixel_values"].shape == PaLlavaImageProcessor()([pixels])["pixel_values"].shape
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.full((8, 8, 3), 200.0, np.float32), r"values from 200 to 200; expected floats in \[0, 1\]"),
+        (np.full((8, 8, 3), -0.5, np.float32), r"values from -0.5 to -0.5"),
+        (np.full((8, 8, 3), np.nan, np.float32), "NaN or infinite"),
+        (np.array([[[0.1, np.inf, 0.2]]], np.float32), "NaN or infinite"),
+    ],
+)
+def test_float_images_outside_zero_one_or_not_finite_are_refused(array, message):
+    with pytest.raises(ValueError, match=message):
+        load_image(array)
+    with pytest.raises(ValueError, match=message):
+        load_image(torch.from_numpy(array))
+
+
 def _pil_letterbox(image: Image.Image, width: int, height: int) -> np.ndarray:
     """Independent reference: PIL's bicubic resize, aspect kept, centred on black."""
     scale = min(width / image.width, height / image.height)
@@ -164,3 +216,40 @@ def test_resizing_matches_pil_bicubic_within_two_grey_levels(lung_tiles, size):
     reference_tiles = canvas.reshape(rows, 224, cols, 224, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 224, 224, 3)
     assert np.abs(ours[0] - _pil_letterbox(image, 224, 224)).max() <= 2
     assert np.abs(ours[1:] - reference_tiles).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_tiles": 100_000}, r"max_tiles must be an integer from 1 to 64, got 100000"),
+        ({"max_tiles": 0}, r"max_tiles must be an integer from 1 to 64, got 0"),
+        ({"max_tiles": True}, r"max_tiles must be an integer from 1 to 64, got True"),
+        ({"max_tiles": 8.5}, r"max_tiles must be an integer from 1 to 64, got 8\.5"),
+        ({"tile_size": 1_000_000}, r"tile_size must be an integer from 8 to 1,024, got 1000000"),
+        ({"tile_size": "224"}, r"tile_size must be an integer from 8 to 1,024, got '224'"),
+        ({"max_pixels": -1}, r"max_pixels must be null \(no limit\) or an integer from 1 to 268,435,456, got -1"),
+        ({"max_pixels": 10**13}, r"max_pixels must be null .* got 10000000000000"),
+        ({"grid_policy": "huge"}, r"grid_policy must be one of 'default', 'paper', got 'huge'"),
+        ({"global_view": ["stretch"]}, r"global_view must be one of 'letterbox', 'stretch', got \['stretch'\]"),
+    ],
+)
+def test_absurd_processor_settings_are_refused_on_load(tmp_path, settings, message):
+    PaLlavaImageProcessor().save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    with pytest.raises(ValueError, match=rf"preprocessor_config\.json: {message}"):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        PaLlavaImageProcessor(**{**PaLlavaImageProcessor().to_dict(), **settings})
+
+
+def test_unreadable_processor_file_names_the_file(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: not valid JSON"):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text("[8]")
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: expected a JSON object at the top level, got list"):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    edge = PaLlavaImageProcessor(tile_size=1024, max_tiles=64, max_pixels=None, grid_policy="paper")
+    edge.save_pretrained(tmp_path)
+    assert PaLlavaImageProcessor.from_pretrained(tmp_path) == edge

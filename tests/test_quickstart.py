@@ -9,13 +9,18 @@ from PIL import Image
 
 from pallava.cli import main
 
+DATASETS = {"lc25000-lung": 3, "lc25000-colon": 2, "oscc": 2}  # name -> classes
+
+
+def _command(shared_data, out):
+    data = [arg for name in DATASETS for arg in ("--data", str(shared_data / name))]
+    return ["quickstart", "--smoke", "--no-progress", "--out", str(out), *data, "--samples", str(shared_data / "samples")]
+
 
 @pytest.fixture(scope="module")
 def smoke_run(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    code = main(["quickstart", "--smoke", "--no-progress", "--out", str(out),
-                 "--data", str(shared_data / "lc25000-lung"), "--samples", str(shared_data / "samples")])  # fmt: skip
-    assert code == 0
+    assert main(_command(shared_data, out)) == 0
     return out
 
 
@@ -44,19 +49,27 @@ def test_models_load_and_answer(smoke_run, lung_tiles):
 
 def test_reports_and_summary_are_written(smoke_run):
     reports = smoke_run / "reports"
-    vqa = json.loads((reports / "vqa" / "report.json").read_text())
-    assert {"closed", "open"} <= set(vqa) and vqa["closed"]["n"] > 0
-    plip = json.loads((reports / "plip-zeroshot" / "report.json").read_text())
-    assert plip["n"] == 6  # 2 dev images per class in the smoke subset
+    suite = json.loads((reports / "suite" / "summary.json").read_text())
+    assert [row["name"] for row in suite["benchmarks"]] == list(DATASETS)  # one row per dataset
+    for row in suite["benchmarks"]:
+        classes = DATASETS[row["name"]]
+        assert row["n"] == 2 * classes  # 2 dev images per class in the smoke subset
+        vqa = json.loads((reports / "suite" / row["name"] / "vqa" / "report.json").read_text())
+        assert {"closed", "open", "choice"} <= set(vqa) and vqa["closed"]["n"] > 0
+        organ = [r for r in map(json.loads, (reports / "suite" / row["name"] / "vqa" / "predictions.jsonl")
+                                .read_text().splitlines()) if "organ" in r["question"].lower()]  # fmt: skip
+        assert organ, "questions span organs"
+        plip = json.loads((reports / "suite" / row["name"] / "plip-zeroshot" / "report.json").read_text())
+        assert len(plip["per_class"]) == classes  # zero-shot over the dataset's own classes
+    table = (reports / "summary.md").read_text()
+    assert all(f"| {name} |" in table for name in DATASETS)
     summary = json.loads((reports / "summary.json").read_text())
     assert [step["name"] for step in summary] == ["1-corpus", "2-plip", "3-assistant", "4-evaluation", "5-example"]
     assert list(reports.glob("**/*.png")), "reports come with plots"
 
 
 def test_rerun_skips_completed_steps(smoke_run, shared_data, capsys):
-    code = main(["quickstart", "--smoke", "--no-progress", "--out", str(smoke_run),
-                 "--data", str(shared_data / "lc25000-lung"), "--samples", str(shared_data / "samples")])  # fmt: skip
-    assert code == 0
+    assert main(_command(shared_data, smoke_run)) == 0
     printed = capsys.readouterr().out
     assert printed.count("already complete, skipped") == 5
     assert "$ pallava" not in printed  # no step ran a command again

@@ -19,7 +19,9 @@ from pathlib import Path
 from pallava.cli import main as pallava_main
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = PACKAGE_ROOT.parent / "shared" / "data" / "lc25000-lung"
+SHARED_DATA = PACKAGE_ROOT.parent / "shared" / "data"
+# Three organs: lung and colon (LC25000) and oral mucosa (OSCC, 100x), each with its own train/dev split.
+DEFAULT_DATA = (SHARED_DATA / "lc25000-lung", SHARED_DATA / "lc25000-colon", SHARED_DATA / "oscc")
 DEFAULT_SAMPLES = PACKAGE_ROOT.parent / "shared" / "data" / "samples"
 CONFIGS = PACKAGE_ROOT / "configs"
 
@@ -42,10 +44,10 @@ PHOTO_CAPTION = (
 class QuickstartSettings:
     """What to run. `smoke` shrinks every step (a handful of images, a few steps) on the same code path."""
 
-    data: Path = DEFAULT_DATA
+    data: list[Path] = field(default_factory=lambda: list(DEFAULT_DATA))
     out: Path = Path("runs/quickstart")
     samples: Path = DEFAULT_SAMPLES
-    labels: str = "lc25000-lung"
+    labels: str | None = None  # default: each dataset's built-in map, merged
     smoke: bool = False
     seed: int = 0
     progress: bool = True
@@ -71,7 +73,8 @@ class Quickstart:
     # --- plumbing ----------------------------------------------------------------------------------
     def run_command(self, *argv: str) -> None:
         args = [str(a) for a in argv]
-        if not self.s.progress and args[0] in ("data", "train", "eval") and "--no-progress" not in args:
+        if not self.s.progress and (args[0] in ("data", "train", "eval") or args[:2] == ["plip", "train"]) \
+                and "--no-progress" not in args:
             args.append("--no-progress")
         print(f"\n$ pallava {shlex.join(args)}", flush=True)
         code = pallava_main(args)
@@ -99,18 +102,25 @@ class Quickstart:
         self.results.append(StepResult(name, seconds, metrics, skipped=False))
         return metrics
 
-    # --- data --------------------------------------------------------------------------------------
-    def manifest(self) -> Path:
-        """The labelled manifest to use: the real one, or (smoke) a few images per class and split."""
-        source = self.s.data / "manifest.csv" if self.s.data.is_dir() else self.s.data
-        if not source.is_file():
-            raise FileNotFoundError(
-                f"no manifest at {source}: pass --data DIR holding manifest.csv (path,label,cluster,split); "
-                "see README, 'Your own data'"
-            )
+    # --- data ---------------------------------------------------------------------------------------
+    def manifests(self) -> dict[str, Path]:
+        """Each dataset's labelled manifest by name: the real ones, or (smoke) a few images per class and split."""
+        from pallava.data.datasets import parse_data_args
+
+        datasets = parse_data_args([str(path) for path in self.s.data]).datasets
+        for spec in datasets:
+            if not spec.path.endswith(".csv"):
+                raise FileNotFoundError(
+                    f"no manifest at {spec.path}: pass --data DIR holding manifest.csv (path,label,cluster,split); "
+                    "see README, 'Your own data'"
+                )
         if not self.s.smoke:
-            return source
-        subset = self.out / "data" / "manifest-smoke.csv"
+            return {spec.name: Path(spec.path) for spec in datasets}
+        return {spec.name: self.smoke_subset(spec.name, Path(spec.path)) for spec in datasets}
+
+    def smoke_subset(self, name: str, source: Path) -> Path:
+        """4 train and 2 dev images per class of one manifest (absolute paths), in OUT/data/<name>/."""
+        subset = self.out / "data" / name / "manifest.csv"
         if subset.is_file():
             return subset
         with source.open(newline="") as handle:
@@ -129,12 +139,17 @@ class Quickstart:
             writer.writerows(keep)
         return subset
 
-    def build_corpus(self, manifest: Path) -> dict:
+    def data_args(self, manifests: dict[str, Path]) -> list[str]:
+        """`--input M` per dataset (each manifest's folder names its dataset) and the label map, if one is set."""
+        args = [str(arg) for manifest in manifests.values() for arg in ("--input", manifest)]
+        return args + (["--labels", self.s.labels] if self.s.labels else [])
+
+    def build_corpus(self, manifests: dict[str, Path]) -> dict:
         corpus = self.out / "corpus"
         corpus.mkdir(parents=True, exist_ok=True)
         captions = corpus / "captions.jsonl"
-        self.run_command("data", "build", "--kind", "captions", "--input", manifest, "--split", "train",
-                         "--labels", self.s.labels, "--seed", self.s.seed, "--out", captions)  # fmt: skip
+        self.run_command("data", "build", "--kind", "captions", *self.data_args(manifests), "--split", "train",
+                         "--seed", self.s.seed, "--out", captions)  # fmt: skip
         records = [json.loads(line) for line in captions.read_text().splitlines() if line.strip()]
         records += self.contaminants(records, corpus)
         raw = corpus / "raw.jsonl"
@@ -170,21 +185,21 @@ class Quickstart:
     # --- models ------------------------------------------------------------------------------------
     def train_plip(self) -> dict:
         plip = self.out / "plip"
-        args = ["plip", "train", "--data", self.out / "corpus" / "clean" / "kept.jsonl", "--preset", "tiny",
-                "--label-map", self.s.labels, "--seed", self.s.seed, "--out", plip]  # fmt: skip
+        args = ["plip", "train", "--data", self.out / "corpus" / "clean" / "kept.jsonl", "--config",
+                CONFIGS / "plip-tiny.yaml", "--seed", self.s.seed, "--out", plip]  # fmt: skip
         if self.s.smoke:
             args += ["--max-steps", "2", "--batch-size", "4"]
         self.run_command(*args, *self.s.plip_args)
         self.run_command("plip", "export-vision", "--model", plip, "--out", self.out / "plip-vision")
         return {}
 
-    def train_assistant(self, manifest: Path) -> dict:
+    def train_assistant(self, manifests: dict[str, Path]) -> dict:
         data = self.out / "data"
         data.mkdir(parents=True, exist_ok=True)
         self.run_command("data", "build", "--kind", "stage1", "--input", self.out / "corpus" / "clean" / "kept.jsonl",
                          "--seed", self.s.seed, "--out", data / "stage1.jsonl")  # fmt: skip
-        self.run_command("data", "build", "--kind", "vqa", "--input", manifest, "--split", "train",
-                         "--labels", self.s.labels, "--seed", self.s.seed, "--out", data / "vqa-train.jsonl")  # fmt: skip
+        self.run_command("data", "build", "--kind", "vqa", *self.data_args(manifests), "--split", "train",
+                         "--seed", self.s.seed, "--out", data / "vqa-train.jsonl")  # fmt: skip
         self.run_command("data", "build", "--kind", "stage2", "--input", data / "vqa-train.jsonl",
                          "--out", data / "stage2.jsonl")  # fmt: skip
         smoke = ["train.max_steps=2", "train.batch_size=4"] if self.s.smoke else []
@@ -197,61 +212,91 @@ class Quickstart:
                          *smoke, *self.s.train_overrides)  # fmt: skip
         return {}
 
-    # --- evaluation --------------------------------------------------------------------------------
-    def evaluate(self, manifest: Path) -> dict:
+    # --- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, manifests: dict[str, Path]) -> dict:
+        """`pallava eval suite` over each dataset's dev split: PLIP zero-shot and the assistant's class answers over
+        that dataset's own classes (the paper's protocol), and questions that span all trained organs."""
+        from pallava.data.importers.manifest import read_manifest
+        from pallava.data.labels import LabelMap
+        from pallava.eval.suite import run_suite
+        from pallava.eval.suite_config import suite_from_dict
+
         reports = self.out / "reports"
-        self.run_command("plip", "zeroshot", "--model", self.out / "plip", "--data", manifest, "--split", "dev",
-                         "--label-map", self.s.labels, "--out", reports / "plip-zeroshot")  # fmt: skip
-        self.run_command("eval", "vqa", "--model", self.out / "assistant", "--data", manifest, "--format", "manifest",
-                         "--split", "dev", "--label-map", self.s.labels, "--seed", self.s.seed,
-                         "--out", reports / "vqa")  # fmt: skip
-        plip = json.loads((reports / "plip-zeroshot" / "report.json").read_text())
-        vqa = json.loads((reports / "vqa" / "report.json").read_text())
+        trained = self.out / "plip" / "label_map.json"  # every class the models were trained on
+        classes = LabelMap.from_file(trained)
+        benchmarks = []
+        for name, manifest in manifests.items():
+            own = reports / "label-maps" / f"{name}.json"
+            own.parent.mkdir(parents=True, exist_ok=True)
+            subset = classes.subset({item.label for item in read_manifest(manifest, "dev")})
+            own.write_text(json.dumps(subset.to_dict(), indent=2))
+            benchmarks.append({"name": name, "manifest": str(manifest), "split": "dev", "label_map": str(own),
+                               "question_label_map": str(trained)})
+        suite = suite_from_dict({"settings": {"seed": self.s.seed}, "benchmarks": benchmarks}, self.out,
+                                source="quickstart suite")
+        print(f"\n$ pallava eval suite --model {self.out / 'assistant'} --plip {self.out / 'plip'} "
+              f"--out {reports / 'suite'}  (suite of the {len(benchmarks)} dev splits)", flush=True)
+        summary = run_suite(self.out / "assistant", suite, reports / "suite", plip_dir=self.out / "plip",
+                            progress=self.s.progress)
         return {
-            "plip_zeroshot_accuracy": plip["accuracy"],
-            "plip_zeroshot_macro_f1": plip["macro_f1"],
-            "vqa_closed_accuracy": _dig(vqa, "closed", "accuracy"),
-            "vqa_open_accuracy": _dig(vqa, "open", "accuracy"),
-            "vqa_choice_accuracy": _dig(vqa, "choice", "accuracy"),
+            row["name"]: {
+                "n": row["n"],
+                "plip_zeroshot_accuracy": (row.get("plip_zeroshot") or {}).get("accuracy"),
+                "vqa_closed_accuracy": (row.get("closed") or {}).get("accuracy"),
+                "vqa_open_accuracy": (row.get("open") or {}).get("accuracy"),
+                "vqa_choice_accuracy": (row.get("choice") or {}).get("accuracy"),
+                "class_macro_f1": (row.get("classification") or {}).get("macro_f1"),
+            }
+            for row in summary["benchmarks"]
         }
 
-    def example_answer(self, manifest: Path) -> dict:
+    def example_answer(self, manifests: dict[str, Path]) -> dict:
         from pallava.data.importers.manifest import read_manifest
         from pallava.inference import PaLlava
 
-        item = read_manifest(manifest, split="dev")[0]
         assistant = PaLlava.from_pretrained(self.out / "assistant")
         question = "What is the diagnosis?"
-        answer = assistant.ask(item.path, question, max_new_tokens=16)
-        print(f"\nimage:    {item.path}  (label {item.label})\nquestion: {question}\nanswer:   {answer}")
-        return {"image": str(item.path), "label": item.label, "question": question, "answer": answer}
+        answers = {}
+        for name, manifest in manifests.items():
+            item = read_manifest(manifest, split="dev")[0]
+            answer = assistant.ask(item.path, question, max_new_tokens=16)
+            print(f"\nimage:    {item.path}  (label {item.label})\nquestion: {question}\nanswer:   {answer}")
+            answers[name] = {"image": str(item.path), "label": item.label, "answer": answer}
+        return {"question": question, "answers": answers}
 
     # --- the whole run -----------------------------------------------------------------------------
     def run(self) -> list[StepResult]:
         self.out.mkdir(parents=True, exist_ok=True)
-        manifest = self.manifest()
+        manifests = self.manifests()
         clean = self.out / "corpus" / "clean"
-        self.step("1-corpus", [clean / "kept.jsonl", clean / "report.md"], lambda: self.build_corpus(manifest))
+        self.step("1-corpus", [clean / "kept.jsonl", clean / "report.md"], lambda: self.build_corpus(manifests))
         self.step("2-plip", [self.out / "plip" / "config.json", self.out / "plip-vision" / "config.json"], self.train_plip)
-        self.step("3-assistant", [self.out / "assistant" / "config.json"], lambda: self.train_assistant(manifest))
+        self.step("3-assistant", [self.out / "assistant" / "config.json"], lambda: self.train_assistant(manifests))
         reports = self.out / "reports"
-        self.step("4-evaluation", [reports / "vqa" / "report.json", reports / "plip-zeroshot" / "report.json"],
-                  lambda: self.evaluate(manifest))  # fmt: skip
-        self.step("5-example", [self.out / "assistant"], lambda: self.example_answer(manifest))
+        self.step("4-evaluation", [reports / "suite" / "summary.md"], lambda: self.evaluate(manifests))
+        self.step("5-example", [self.out / "assistant"], lambda: self.example_answer(manifests))
         self.write_summary()
         return self.results
 
     def write_summary(self) -> None:
         lines = ["| step | time (s) | results |", "|---|---|---|"]
         for r in self.results:
-            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in r.metrics.items() if k not in ("image", "question"))
+            shown = "per dataset below" if r.name == "4-evaluation" else _shown(r.metrics)
             lines.append(f"| {r.name} | {r.seconds:.0f}{' (earlier run)' if r.skipped else ''} | {shown} |")
         total = sum(r.seconds for r in self.results)
         lines.append(f"| total | {total:.0f} | |")
+        evaluation = next((r.metrics for r in self.results if r.name == "4-evaluation"), {})
+        columns = ("n", "plip_zeroshot_accuracy", "vqa_closed_accuracy", "vqa_open_accuracy", "vqa_choice_accuracy",
+                   "class_macro_f1")
+        lines += ["", "| dataset (dev split) | images | PLIP zero-shot | closed | open | multiple choice | "
+                  "class macro F1 |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, row in evaluation.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
         table = "\n".join(lines)
         model, plip = self.out / "assistant", self.out / "plip"
         where = (
-            f"- assistant: `{model}`\n- PLIP: `{plip}`\n- reports: `{self.out / 'reports'}`\n"
+            f"- assistant: `{model}`\n- PLIP: `{plip}`\n- reports: `{self.out / 'reports' / 'suite' / 'summary.md'}` "
+            "(95% intervals, one folder per dataset)\n"
             f"- cleaning report: `{self.out / 'corpus' / 'clean' / 'report.md'}`"
         )
         commands = (
@@ -268,11 +313,8 @@ class Quickstart:
         print(f"\n{table}\n\n{where}\n\nNext:\n{commands}")
 
 
-def _dig(report: dict, kind: str, metric: str):
-    """A metric from the VQA report: `report[kind][metric]`, or None when the kind was not asked."""
-    section = report.get(kind) or {}
-    value = section.get(metric)
-    return value.get("value", value) if isinstance(value, dict) else value
+def _shown(metrics: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if not isinstance(v, dict) and k != "question")
 
 
 def _fmt(value) -> str:

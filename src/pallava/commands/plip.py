@@ -14,7 +14,7 @@ def _train(args: argparse.Namespace) -> int:
         "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "text_init": args.text_init, "vision_init": args.vision_init, "seed": args.seed,
         "max_steps": args.max_steps, "save_every": args.save_every, "eval_every": args.eval_every,
-        "num_workers": args.num_workers, "mixed_precision": args.mixed_precision,
+        "num_workers": args.num_workers, "mixed_precision": args.mixed_precision, "balance": args.balance,
     }  # fmt: skip
     if args.config:
         recipe = PlipTrainConfig.from_yaml(args.config, **overrides)
@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
         recipe = PlipTrainConfig.for_preset(overrides.pop("preset") or "tiny", **overrides)
     summary = train_plip(
         args.data, args.out, recipe, split=args.split, label_map=args.label_map,
-        eval_data=args.eval_data, eval_split=args.eval_split, resume=args.resume,
+        eval_data=args.eval_data, eval_split=args.eval_split, resume=args.resume, show_progress=not args.no_progress,
     )  # fmt: skip
     if summary:
         print(json.dumps(summary, indent=2))
@@ -40,6 +40,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: zero-shot classification needs a labelled manifest (.csv)")
     templates = _read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
     zs = PlipZeroShot.from_pretrained(args.model)
+    zs.stain_normalize = args.stain_normalize
     report, rows = zeroshot_report(zs, samples, label_map, templates, batch_size=args.batch_size)
     report.update(model=str(args.model), data=str(args.data), split=args.split)
     path = write_zeroshot_report(report, rows, Path(args.out))
@@ -97,7 +98,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = plip.add_subparsers(dest="plip_command", metavar="SUBCOMMAND", required=True)
 
     train = commands.add_parser("train", help="pre-train PLIP (ITC + ITM) on captions or a labelled manifest")
-    train.add_argument("--data", required=True, help="caption JSONL ({image, caption}) or manifest CSV (path,label,...)")
+    train.add_argument("--data", required=True, action="append",
+                       help="caption JSONL ({image, caption}), manifest CSV (path,label,...) or a YAML dataset list; "
+                       "repeat for several datasets (balanced, see docs/data.md)")
     train.add_argument("--split", default="train", help="split to train on (default: train)")
     train.add_argument("--out", required=True, help="output folder (model, checkpoints/, logs/, curve)")
     train.add_argument("--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)")
@@ -112,11 +115,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-steps", type=int)
     train.add_argument("--save-every", type=int, help="steps between checkpoints (default: each epoch)")
     train.add_argument("--eval-every", type=int, help="steps between zero-shot evaluations")
+    train.add_argument("--balance", choices=("sqrt", "equal", "proportional", "none"),
+                       help="how several datasets are balanced (default: sqrt; see docs/data.md)")
     train.add_argument("--eval-data", help="labelled manifest for zero-shot accuracy during training")
     train.add_argument("--eval-split", default="dev")
     train.add_argument("--num-workers", type=int)
     train.add_argument("--mixed-precision", choices=("no", "bf16"))
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.set_defaults(func=_train)
 
     zeroshot = commands.add_parser("zeroshot", help="prompt-ensemble zero-shot classification report")
@@ -127,6 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--label-map", help="built-in label map name or file (default: saved with the model, else auto)")
     zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
     zeroshot.add_argument("--batch-size", type=int, default=64)
+    zeroshot.add_argument("--stain-normalize", choices=("macenko",),
+                          help="map each image onto reference H&E stain vectors first (default: off)")
     zeroshot.set_defaults(func=_zeroshot)
 
     retrieve = commands.add_parser("retrieve", help="image<->text Recall@1/5/10")

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from pallava.convert.checkpoint import read_state_dict
+from pallava.convert.checkpoint import check_weights, first_line, read_state_dict
 from pallava.convert.keys import (
     CONNECTOR_LAYER,
     KeyPlan,
@@ -26,8 +28,13 @@ from pallava.convert.keys import (
     strip_wrappers,
     summarize_keys,
 )
+from pallava.data.io import read_json_object
 from pallava.inference import PaLlava
-from pallava.models.configuration_pa_llava import PaLlavaConfig, ScaleInvariantConnectorConfig
+from pallava.models.configuration_pa_llava import (
+    PAPER_CONNECTOR_DROPOUT,
+    PaLlavaConfig,
+    ScaleInvariantConnectorConfig,
+)
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import make_processor
 from pallava.processing.tokenizer import IMAGE
@@ -40,6 +47,9 @@ BERT_BASE = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
 CONNECTOR_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "output_size",
                     "tile_cross_attention", "hidden_act", "layer_norm_eps")  # fmt: skip
 LORA_DROPOUT = 0.05  # their training value; inactive at inference
+# The depth is not stored in the weights: a checkpoint missing its last layers would look like a shallower one.
+RELEASE_CONNECTOR_LAYERS = 6
+T = TypeVar("T")
 
 
 @dataclass
@@ -88,13 +98,14 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
     """The vision config and the weights file of a released PLIP folder (`config.json` + one weights file)."""
     if not plip_dir.is_dir() or not (plip_dir / "config.json").is_file():
         raise ValueError(f"{plip_dir}: expected the PLIP folder holding config.json and {PLIP_WEIGHTS}")
-    model_type = json.loads((plip_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type not in (None, "clip", "clip_vision_model"):
-        raise ValueError(f"{plip_dir / 'config.json'}: model_type {model_type!r} is not a CLIP vision config")
+    config_file = plip_dir / "config.json"
+    data = read_json_object(config_file)
+    if data.get("model_type") not in (None, "clip", "clip_vision_model"):
+        raise ValueError(f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP vision config")
     try:
-        config = CLIPVisionConfig.from_pretrained(plip_dir)
+        config = CLIPVisionConfig.from_pretrained(plip_dir, trust_remote_code=False)
     except Exception as error:  # transformers raises several types for bad configs
-        raise ValueError(f"{plip_dir / 'config.json'}: not a CLIP vision config ({error})") from error
+        raise ValueError(f"{config_file}: not a CLIP vision config ({first_line(error)})") from None
     if (plip_dir / PLIP_WEIGHTS).is_file():
         return config, plip_dir / PLIP_WEIGHTS
     weights = sorted(p.name for p in plip_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
@@ -104,12 +115,25 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
     return config, plip_dir / weights[0]
 
 
+def connector_layers_in(state: dict[str, torch.Tensor]) -> list[int]:
+    """The connector layer indices a checkpoint holds tensors for."""
+    return sorted({int(m.group(1)) for key in state if (m := CONNECTOR_LAYER.match(key))})
+
+
 def connector_config_from(
-    state: dict[str, torch.Tensor], source: str, num_attention_heads: int
+    state: dict[str, torch.Tensor],
+    source: str,
+    num_attention_heads: int,
+    num_hidden_layers: int = RELEASE_CONNECTOR_LAYERS,
 ) -> ScaleInvariantConnectorConfig:
-    """Size our connector from their tensors; cross-attention exactly when their checkpoint has it."""
-    layers = sorted({int(m.group(1)) for key in state if (m := CONNECTOR_LAYER.match(key))})
-    if not layers:
+    """Size our connector from their tensors (depth given, as it is not stored); cross-attention exactly when
+    their checkpoint has it."""
+    if num_attention_heads < 1 or num_hidden_layers < 1:
+        raise ValueError(
+            "--connector-heads and --connector-layers must be at least 1, "
+            f"got {num_attention_heads} and {num_hidden_layers}"
+        )
+    if not connector_layers_in(state):
         raise ValueError(
             f"{source}: no connector tensors (projector.model.bert.encoder.layer.*): "
             "is this a PA-LLaVA stage-1/stage-2 checkpoint?"
@@ -128,12 +152,12 @@ def connector_config_from(
         )
     return ScaleInvariantConnectorConfig(
         hidden_size=width,
-        num_hidden_layers=layers[-1] + 1,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         intermediate_size=shape(layer0 + "intermediate_query.dense.weight")[0],
         tile_cross_attention=any(".crossattention." in key for key in state if CONNECTOR_LAYER.match(key)),
         output_size=shape("projector.model.mlp.model.0.weight")[0],
-        dropout=0.0,
+        dropout=PAPER_CONNECTOR_DROPOUT,  # their BERT-base config's; inactive at inference
         query_layer_norm=True,  # their BERT embedding LayerNorm, affine parameters removed, still applied
         **BERT_BASE,
     )
@@ -164,14 +188,16 @@ def _check_plan(
     sources: dict[str, tuple[dict[str, torch.Tensor], KeyPlan, str]],
     targets: dict[str, torch.Size],
     allow_missing: bool,
+    notes: Sequence[str] = (),
 ) -> tuple[dict[str, str], dict[str, torch.Tensor], list[str], list[str]]:
-    """Validate every mapping against the model's names and shapes.
+    """Validate every mapping against the model's names, shapes and value types; `notes` explain a failure.
 
     Returns (source name -> target, target -> tensor, unmapped source names, unfilled targets); source
     names are `label:key`."""
     mapped, tensors, unmapped, by_target, mismatched = {}, {}, [], {}, []
     messages = []
     for label, (state, plan, path) in sources.items():
+        check_weights({key: state[key] for key in plan.mapping}, path)  # always: no NaN, no integer weights
         bad = list(plan.unmapped)
         for key, target in plan.mapping.items():
             if target not in targets:
@@ -204,7 +230,7 @@ def _check_plan(
         )
     if messages and not allow_missing:
         raise ValueError(
-            "\n".join(messages) + "\nPass --allow-missing (allow_missing=True) to convert anyway."
+            "\n".join([*messages, *notes]) + "\nPass --allow-missing (allow_missing=True) to convert anyway."
         )
     return mapped, tensors, unmapped, unfilled
 
@@ -219,6 +245,13 @@ def _copy_exactly(model: PaLlavaForConditionalGeneration, tensors: dict[str, tor
                 raise RuntimeError(f"the copy into {target} is not exact")
 
 
+def _from_llm_folder(llm_dir: Path, what: str, load: Callable[[], T]) -> T:
+    try:
+        return load()
+    except Exception as error:  # transformers raises OSError, ValueError, JSON and safetensors errors, ...
+        raise ValueError(f"{llm_dir}: cannot load the base LLM's {what} ({first_line(error)})") from None
+
+
 def convert_official(
     plip_dir: str | Path,
     checkpoint: str | Path,
@@ -227,6 +260,7 @@ def convert_official(
     *,
     allow_missing: bool = False,
     connector_heads: int = 12,
+    connector_layers: int = RELEASE_CONNECTOR_LAYERS,
     lora_alpha: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
@@ -234,7 +268,9 @@ def convert_official(
     """Convert the released PLIP + stage checkpoint onto the base LLM in `llm_dir`; write a model folder.
 
     Strict by default: an unmapped source tensor or an unfilled vision/connector/LoRA parameter is a
-    ValueError listing the names. Runs in `dtype` (the release was trained in bfloat16).
+    ValueError listing the names; so is a connector layer missing from (or extra in) the checkpoint, which
+    is built `connector_layers` deep. NaN, infinite or integer weights and unreadable files are always
+    errors. Runs in `dtype` (the release was trained in bfloat16).
     """
     plip_dir, checkpoint, llm_dir, out = Path(plip_dir), Path(checkpoint), Path(llm_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -251,11 +287,16 @@ def convert_official(
         bar.update()
 
         plip_plan, ckpt_plan = plan_plip(plip_state), plan_checkpoint(ckpt_state)
-        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        tokenizer = _from_llm_folder(
+            llm_dir, "tokenizer", lambda: AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
+        )
+        text_config = _from_llm_folder(
+            llm_dir, "config", lambda: AutoConfig.from_pretrained(llm_dir, trust_remote_code=False)
+        )
         config = PaLlavaConfig(
             vision_config=vision_config,
-            connector_config=connector_config_from(ckpt_state, str(checkpoint), connector_heads),
-            text_config=AutoConfig.from_pretrained(llm_dir),
+            connector_config=connector_config_from(ckpt_state, str(checkpoint), connector_heads, connector_layers),
+            text_config=text_config,
             image_token_id=_image_token_id(tokenizer),
             grid_policy="paper",
             lora=lora_settings_from(ckpt_plan, ckpt_state, lora_alpha),
@@ -267,10 +308,19 @@ def convert_official(
             "plip": (plip_state, plip_plan, str(plip_file)),
             "checkpoint": (ckpt_state, ckpt_plan, str(checkpoint)),
         }
-        mapped, tensors, unmapped, unfilled = _check_plan(sources, targets, allow_missing)
+        found = connector_layers_in(ckpt_state)
+        notes = [] if found == list(range(connector_layers)) else [
+            f"{checkpoint} holds connector layers {found}; the model is built with {connector_layers} "
+            f"(--connector-layers; the release has {RELEASE_CONNECTOR_LAYERS})"
+        ]  # fmt: skip
+        mapped, tensors, unmapped, unfilled = _check_plan(sources, targets, allow_missing, notes)
 
         bar.set_postfix_str("loading the LLM")
-        language_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+        language_model = _from_llm_folder(
+            llm_dir,
+            "weights",
+            lambda: AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, trust_remote_code=False),
+        )
         config.text_config = language_model.config
         model = PaLlavaForConditionalGeneration(
             config, vision_tower=CLIPVisionModel(vision_config), language_model=language_model
@@ -282,6 +332,7 @@ def convert_official(
         bar.set_postfix_str("saving")
         processor = make_processor(config, tokenizer)
         processor.image_processor.global_view = "stretch"  # their weights saw stretched global views
+        processor.prompt_style = "paper"  # and raw questions: `pallava eval` asks them that way by default
         PaLlava(model, processor).save_pretrained(out)
         report = ConversionReport(
             out_dir=str(out), plip_weights=str(plip_file), checkpoint=str(checkpoint), llm=str(llm_dir),

@@ -41,6 +41,20 @@ def read_json_list(path: str | Path) -> list[Any]:
     return value
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """Read a JSON file whose top level must be an object (a config or settings file)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8: {error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}: {error.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(value).__name__}")
+    return value
+
+
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """Stream record dicts from JSONL, a JSON list, a Parquet shard or a folder of shards."""
     from pallava.data.shards import iter_shards, list_shards

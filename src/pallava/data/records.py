@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 AnswerType = Literal["closed", "open", "choice"]
 ANSWER_TYPES: tuple[str, ...] = ("closed", "open", "choice")
+# How evaluation words a question: `pallava` (our training prompts: "Answer yes or no.", an options block) or
+# `paper` (the authors' evaluation: the raw question). A model folder saves its style with its processor.
+PROMPT_STYLES: tuple[str, ...] = ("pallava", "paper")
 ROLES: tuple[str, ...] = ("human", "gpt")
 IMAGE_TOKEN = "<image>"
 
@@ -150,6 +153,7 @@ class LabelledImage:
     label: str
     cluster: str | None = None
     split: str | None = None
+    dataset: str | None = None  # provenance: the name of the dataset it was read from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,4 +166,5 @@ class LabelledImage:
             label=_require(data, "label", str, what),
             cluster=data.get("cluster") or None,
             split=data.get("split") or None,
+            dataset=data.get("dataset") or None,
         )

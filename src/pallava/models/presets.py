@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
 from pallava.models.configuration_pa_llava import (
+    PAPER_CONNECTOR_DROPOUT,
     PAPER_LORA_TARGETS,
     PaLlavaConfig,
     ScaleInvariantConnectorConfig,
@@ -90,6 +91,7 @@ def paper_config(**overrides) -> PaLlavaConfig:
             num_attention_heads=12,
             intermediate_size=3072,
             output_size=4096,
+            dropout=PAPER_CONNECTOR_DROPOUT,
         ),
         text_config=llama3_8b_config(),
         image_token_id=128256,  # one past Llama-3's vocabulary: replaced by image embeddings, never looked up
@@ -145,14 +147,16 @@ def load_preset(
             raise ValueError(
                 "the paper preset needs llm_path (a local Llama-3-8B-Instruct directory) unless device='meta'"
             )
-        tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype or torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(llm_path, trust_remote_code=False)
+        language_model = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype or torch.bfloat16, trust_remote_code=False
+        )
         config.text_config = language_model.config
         config.text_model_path = str(llm_path)
     else:
         tokenizer = build_tiny_tokenizer()
     if vision_path is not None:
-        vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
+        vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype, trust_remote_code=False)
         config.vision_config = vision.config
         config.vision_model_path = str(vision_path)
     with torch.device(device) if device is not None else nullcontext():

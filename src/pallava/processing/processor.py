@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
+from pallava.data.io import read_json_object
+from pallava.data.records import PROMPT_STYLES
 from pallava.processing.image import ImageSource, PaLlavaImageProcessor
 from pallava.processing.tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER
 
@@ -51,6 +53,31 @@ def normalize_turns(conversation: Sequence[Turn]) -> list[tuple[str, str]]:
     return turns
 
 
+# Allowed `processor_config.json` values (inclusive): 196 image tokens in the paper, 8k-128k token contexts.
+SETTING_RANGES = {"num_image_tokens": (1, 4096), "max_length": (1, 1 << 20)}
+
+
+def _read_settings(path: Path) -> dict:
+    """The settings of `processor_config.json`, checked: a model folder may come from anyone."""
+    settings = read_json_object(path)
+    fields = sorted({*SETTING_RANGES, "system_prompt", "prompt_style"})
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; expected {fields}")
+    if "num_image_tokens" not in settings:
+        raise ValueError(f"{path}: missing field 'num_image_tokens'")
+    for name, (low, high) in SETTING_RANGES.items():
+        value = settings.get(name, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{path}: {name} must be an integer from {low:,} to {high:,}, got {value!r}")
+    if not isinstance(settings.get("system_prompt"), (str, type(None))):
+        raise ValueError(f"{path}: system_prompt must be a string or null, got {settings['system_prompt']!r}")
+    if settings.get("prompt_style", "pallava") not in PROMPT_STYLES:
+        raise ValueError(f"{path}: prompt_style must be one of {', '.join(PROMPT_STYLES)}, "
+                         f"got {settings['prompt_style']!r}")
+    return settings
+
+
 class PaLlavaProcessor:
     """Tokenizer + image processor for the assistant."""
 
@@ -63,12 +90,16 @@ class PaLlavaProcessor:
         num_image_tokens: int,
         system_prompt: str | None = None,
         max_length: int = 2048,
+        prompt_style: str = "pallava",
     ):
+        if prompt_style not in PROMPT_STYLES:  # how `pallava eval` words questions for this model
+            raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
         self.system_prompt = system_prompt
         self.max_length = max_length
+        self.prompt_style = prompt_style
         ids = tokenizer.convert_tokens_to_ids([BOS, START_HEADER, END_HEADER, EOT, IMAGE])
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError(
@@ -87,6 +118,7 @@ class PaLlavaProcessor:
             "num_image_tokens": self.num_image_tokens,
             "system_prompt": self.system_prompt,
             "max_length": self.max_length,
+            "prompt_style": self.prompt_style,
         }
         (directory / self.CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -96,8 +128,8 @@ class PaLlavaProcessor:
         path = directory / cls.CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}: not a pallava model directory")
-        settings = json.loads(path.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        settings = _read_settings(path)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
         return cls(tokenizer, PaLlavaImageProcessor.from_pretrained(directory), **settings)
 
     # --- text ---------------------------------------------------------------------------------------
@@ -134,6 +166,28 @@ class PaLlavaProcessor:
             ids += header
             labels += [IGNORE_INDEX] * len(header)
         return ids, labels
+
+    def truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Cut an encoded conversation to `max_length` tokens as the authors do: the end of the text goes,
+        the labels go with their tokens, and every image token stays (an image is never cut in part).
+
+        The text keeps its first `max_length - image tokens` tokens, wherever the images sit.
+        """
+        if len(ids) <= self.max_length:
+            return ids, labels
+        image_tokens = ids.count(self.image_token_id)
+        budget = self.max_length - image_tokens
+        if budget < 1:
+            raise ValueError(f"{image_tokens} image tokens leave no room for text within max_length {self.max_length}")
+        kept_ids, kept_labels = [], []
+        for token, label in zip(ids, labels, strict=True):
+            if token != self.image_token_id:
+                if budget == 0:
+                    continue
+                budget -= 1
+            kept_ids.append(token)
+            kept_labels.append(label)
+        return kept_ids, kept_labels
 
     @staticmethod
     def count_images(conversation: Sequence[Turn]) -> int:

@@ -18,7 +18,10 @@ from typing import Any
 
 import yaml
 
+from pallava.processing.augment import Augmentation
+
 STAGES = ("align", "instruct")
+OVERLONG_POLICIES = ("truncate", "drop")
 
 
 @dataclass
@@ -37,7 +40,7 @@ class ModelSection:
 class DataSection:
     """Training data: LLaVA conversations (JSON/JSONL/Parquet shards) or a labelled manifest CSV."""
 
-    path: str | None = None
+    path: str | list[str] | None = None  # several paths (or a YAML dataset list): one mixed training set
     format: str = "auto"  # auto | conversations | manifest
     split: str | None = None  # manifest split to use
     label_map: str | None = None  # built-in name or file (manifests); default: the built-in covering the labels
@@ -45,6 +48,9 @@ class DataSection:
     answer_types: list[str] | None = None  # keep only these VQA answer types (manifest, stage instruct)
     limit: int | None = None  # a seeded random subset of this many samples
     seed: int = 0  # seed of generated captions/questions and of the subset
+    balance: str | None = None  # several datasets: sqrt (default) | equal | proportional | none (data.datasets)
+    weights: dict | None = None  # dataset name -> sampling weight, replacing the balance mode's weight
+    overlong: str = "truncate"  # samples over the processor's max_length: truncate (as the authors) | drop
 
 
 @dataclass
@@ -116,6 +122,20 @@ class LoggingSection:
 
 
 @dataclass
+class AugmentSection:
+    """Augmented views of the training images (stain, magnification, orientation: `processing.augment`).
+
+    Each image gets `views` augmented versions besides the original; each training sample (one question about
+    an image) sees one of them, chosen by its id, so the questions about an image spread over its views. With the
+    feature cache, every view is encoded once like any image.
+    """
+
+    views: int = 0  # augmented views per image besides the original (0: off)
+    large: float = 0.0  # share of augmented views enlarged 2-3x: a larger image, tiled like one (scale)
+    image: dict | None = None  # processing.augment.Augmentation fields (stain, zoom, ...); None: its defaults
+
+
+@dataclass
 class Recipe:
     """A resolved recipe for one stage."""
 
@@ -126,6 +146,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     train: RunSection = field(default_factory=RunSection)
     feature_cache: FeatureCacheSection = field(default_factory=FeatureCacheSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -139,6 +160,14 @@ class Recipe:
             raise ValueError("no training data: set data.path in the recipe or pass --data PATH")
         if self.stage == "instruct" and not self.model.init:
             raise ValueError("stage instruct starts from a trained model: set model.init (or --init) to the align output")
+        if self.data.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"data.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.data.overlong!r}")
+        if self.augment.views < 0 or not 0 <= self.augment.large <= 1:
+            raise ValueError("augment.views must be at least 0 and augment.large in [0, 1], "
+                             f"got {self.augment.views} and {self.augment.large}")
+        Augmentation.from_dict(self.augment.image, source="augment.image")
+        if self.data.balance not in (None, "sqrt", "equal", "proportional", "none"):
+            raise ValueError(f"data.balance must be sqrt, equal, proportional or none, got {self.data.balance!r}")
         if self.data.format not in ("auto", "conversations", "manifest"):
             raise ValueError(f"data.format must be auto, conversations or manifest, got {self.data.format!r}")
         if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -280,6 +309,12 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
     return recipe
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved recipe dict with every key added since it was written set to its default, so that a new
+    setting left at its default does not stop an older run from resuming."""
+    return _deep_merge(Recipe().to_dict(), saved)
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

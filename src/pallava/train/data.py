@@ -9,13 +9,17 @@ global batch `s` — the data position is `(epoch, step in epoch)`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from pallava.data.builders import (
     captions_from_labels,
@@ -23,13 +27,16 @@ from pallava.data.builders import (
     stage2_conversations,
     vqa_from_labels,
 )
+from pallava.data.datasets import DatasetList, balance, parse_data_args, read_labelled
+from pallava.data.datasets import merged_label_map as dataset_label_map
 from pallava.data.importers.conversations import read_llava
-from pallava.data.importers.manifest import read_manifest
 from pallava.data.labels import LabelMap
 from pallava.data.records import ANSWER_TYPES, Conversation
 from pallava.data.shards import iter_shards, list_shards
+from pallava.processing.augment import Augmentation, augment
+from pallava.processing.image import ImageSource, load_image
 from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
-from pallava.train.config import DataSection
+from pallava.train.config import AugmentSection, DataSection
 from pallava.train.feature_cache import FeatureCache
 
 
@@ -42,6 +49,8 @@ class Sample:
     image: str | None = None
     image_bytes: bytes | None = None
     answer_type: str | None = None
+    dataset: str | None = None  # provenance: the dataset it came from
+    view: int = 0  # which view of its image it sees: 0 the original, k > 0 augmented view k
 
     @property
     def image_source(self) -> str | bytes | None:
@@ -59,13 +68,8 @@ class Sample:
 
 
 def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
-    """A label map by built-in name or file; with none given, the built-in one covering `labels`."""
-    if spec:
-        return LabelMap.from_file(spec) if Path(spec).is_file() else LabelMap.builtin(spec)
-    for name in LabelMap.builtin_names():
-        if labels <= set(LabelMap.builtin(name)):
-            return LabelMap.builtin(name)
-    raise ValueError(f"no built-in label map covers the labels {sorted(labels)}; set data.label_map to a name or file")
+    """The label map for these labels (see `LabelMap.resolve`)."""
+    return LabelMap.resolve(spec, labels, source="data.label_map")
 
 
 def _from_conversation(conversation: Conversation, image_bytes: bytes | None = None) -> Sample:
@@ -75,12 +79,13 @@ def _from_conversation(conversation: Conversation, image_bytes: bytes | None = N
         image=conversation.image,
         image_bytes=image_bytes,
         answer_type=conversation.meta.get("answer_type"),
+        dataset=conversation.meta.get("dataset"),
     )
 
 
-def _manifest_samples(section: DataSection, stage: str) -> list[Sample]:
-    items = read_manifest(section.path, section.split)
-    label_map = resolve_label_map(section.label_map, {item.label for item in items})
+def _manifest_samples(section: DataSection, stage: str, datasets: DatasetList) -> list[Sample]:
+    items = read_labelled(datasets, section.split)
+    label_map = dataset_label_map(datasets, items, section.label_map)
     if stage == "align":
         conversations = stage1_conversations(captions_from_labels(items, label_map, section.seed), section.seed)
     else:
@@ -94,8 +99,7 @@ def _manifest_samples(section: DataSection, stage: str) -> list[Sample]:
     return [_from_conversation(c) for c in conversations]
 
 
-def _conversation_samples(section: DataSection) -> list[Sample]:
-    path = Path(section.path)
+def _conversation_samples(section: DataSection, path: Path) -> list[Sample]:
     if path.is_dir() or path.suffix == ".parquet":
         root = Path(section.image_root) if section.image_root else (path if path.is_dir() else path.parent)
         samples = []
@@ -114,20 +118,65 @@ def _conversation_samples(section: DataSection) -> list[Sample]:
 
 
 def load_samples(section: DataSection, stage: str) -> list[Sample]:
-    """The stage's samples: a manifest is turned into captions (align) or VQA (instruct)."""
-    path = Path(section.path)
-    if not path.exists():
-        raise ValueError(f"data.path: {path} not found")
+    """The stage's samples: manifests are turned into captions (align) or VQA (instruct).
+
+    With several datasets (a list of paths or a YAML dataset list) every sample keeps its dataset's name
+    and the smaller datasets are repeated as `data.balance` / `data.weights` say.
+    """
+    paths = section.path if isinstance(section.path, list) else [section.path]
+    for path in paths:
+        if not Path(path).exists():
+            raise ValueError(f"data.path: {path} not found")
+    datasets = parse_data_args(paths, section.balance)
     fmt = section.format
     if fmt == "auto":
-        fmt = "manifest" if path.suffix.lower() == ".csv" else "conversations"
-    samples = _manifest_samples(section, stage) if fmt == "manifest" else _conversation_samples(section)
+        kinds = {Path(spec.path).suffix.lower() == ".csv" for spec in datasets.datasets}
+        if len(kinds) > 1:
+            raise ValueError("data.path: mixes manifests and conversation files; train on one kind at a time")
+        fmt = "manifest" if kinds == {True} else "conversations"
+    if fmt == "manifest":
+        samples = _manifest_samples(section, stage, datasets)
+    else:
+        samples = []
+        for spec in datasets.datasets:
+            loaded = _conversation_samples(section, Path(spec.path))
+            for sample in loaded:
+                sample.dataset = sample.dataset or spec.name
+            samples += loaded
     if section.limit is not None and section.limit < len(samples):
         keep = sorted(random.Random(section.seed).sample(range(len(samples)), section.limit))
         samples = [samples[i] for i in keep]
     if not samples:
-        raise ValueError(f"data.path: {path} holds no training samples")
-    return samples
+        raise ValueError(f"data.path: {', '.join(map(str, paths))} holds no training samples")
+    weights = {**datasets.weights, **(section.weights or {})}
+    return [samples[i] for i in balance([s.dataset for s in samples], datasets.balance, weights, section.seed)]
+
+
+# --- augmented views ------------------------------------------------------------------------------
+def assign_views(samples: Sequence[Sample], views: int, seed: int) -> None:
+    """Give each sample with an image one of its image's `views + 1` versions, by a hash of its id."""
+    for sample in samples:
+        if sample.image_source is not None and views > 0:
+            digest = hashlib.blake2b(f"{seed}:{sample.id}".encode(), digest_size=4).digest()
+            sample.view = int.from_bytes(digest, "big") % (views + 1)
+
+
+def augmented_view(source: ImageSource, view: int, section: AugmentSection, seed: int) -> Image.Image:
+    """Augmented view `view` (>= 1) of an image: a function of (image, view, seed, settings) only."""
+    image = load_image(source)
+    rng = random.Random(f"{seed}:{view}:{hashlib.sha256(image.tobytes()).hexdigest()[:16]}")
+    pixels = augment(np.asarray(image), rng, Augmentation.from_dict(section.image, source="augment.image"))
+    out = Image.fromarray(pixels.round().astype(np.uint8))
+    if section.large and rng.random() < section.large:  # a larger image: tiled, so the tiles are higher power
+        factor = rng.uniform(2.0, 3.0)
+        out = out.resize((round(out.width * factor), round(out.height * factor)), Image.BICUBIC)
+    return out
+
+
+def view_tag(section: AugmentSection, seed: int) -> str:
+    """Part of a view's cache key: every setting that changes the pixels of a view."""
+    settings = json.dumps({"seed": seed, "large": section.large, "image": section.image}, sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:12]
 
 
 # --- order ------------------------------------------------------------------------------------------
@@ -174,35 +223,67 @@ class Collator:
         samples: Sequence[Sample],
         cache: FeatureCache | None = None,
         image_keys: Sequence[str | None] | None = None,
+        augment: tuple[AugmentSection, int] | None = None,
     ) -> None:
         if cache is not None and image_keys is None:
             raise ValueError("a feature cache needs the samples' image keys")
         self.processor, self.samples, self.cache, self.image_keys = processor, samples, cache, image_keys
+        self.augment = augment  # (settings, seed) of the augmented views, when samples use them
+
+    def _image(self, sample: Sample) -> ImageSource:
+        if sample.view and self.augment is not None:
+            return augmented_view(sample.image_source, sample.view, *self.augment)
+        return sample.image_source
 
     def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Model inputs of the samples at `indices`, plus `num_label_tokens`, `num_samples` and `truncated`
+        (the ids of samples cut to the processor's `max_length`, as the authors do)."""
         chosen = [self.samples[i] for i in indices]
-        conversations = [s.conversation for s in chosen]
+        encoded, truncated = [], []
         try:
-            if self.cache is None:
-                images = [[s.image_source] if s.image_source is not None else [] for s in chosen]
-                batch = dict(self.processor(conversations, images))
-                batch.pop("grids", None)
-            else:
-                encoded = [self.processor.encode_conversation(c) for c in conversations]
-                for sample, (ids, _) in zip(chosen, encoded, strict=True):
-                    if len(ids) > self.processor.max_length:
-                        raise ValueError(f"{len(ids)} tokens, over the limit of {self.processor.max_length}")
-                    if self.processor.count_images(sample.conversation) != (sample.image_source is not None):
-                        raise ValueError("the number of <image> placeholders does not match the image")
-                batch = self.processor.pad(encoded)
+            for sample in chosen:
+                ids, labels = self._encode(sample)
+                if len(ids) > self.processor.max_length:
+                    ids, labels = self.processor.truncate(ids, labels)
+                    truncated.append(sample.id)
+                encoded.append((ids, labels))
+            batch = self.processor.pad(encoded)
+            if self.cache is not None:
                 keys = [self.image_keys[i] for i in indices if self.image_keys[i] is not None]
                 if keys:
                     batch.update(self.cache.batch(keys))
+            else:
+                images = [self._image(s) for s in chosen if s.image_source is not None]
+                if images:
+                    pixels = self.processor.image_processor(images)
+                    batch.update(pixel_values=pixels["pixel_values"], tile_mask=pixels["tile_mask"])
         except ValueError as error:
             raise ValueError(f"batch of samples {[s.id for s in chosen]}: {error}") from None
         batch["num_label_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         batch["num_samples"] = len(chosen)
+        batch["truncated"] = truncated
         return batch
+
+    def _encode(self, sample: Sample) -> tuple[list[int], list[int]]:
+        placeholders, images = self.processor.count_images(sample.conversation), int(sample.image_source is not None)
+        if placeholders != images:
+            raise ValueError(f"sample {sample.id}: {placeholders} <image> placeholder(s) in the text but {images} image(s)")
+        return self.processor.encode_conversation(sample.conversation)
+
+
+def drop_overlong(samples: Sequence[Sample], processor: PaLlavaProcessor) -> tuple[list[Sample], list[str]]:
+    """(samples that fit the processor's `max_length`, ids of those that do not), in order.
+
+    Encodes every conversation once, so `data.overlong: drop` costs one tokenisation pass at the start of a run
+    instead of an error in the middle of it.
+    """
+    kept, dropped = [], []
+    for sample in samples:
+        if len(processor.encode_conversation(sample.conversation)[0]) > processor.max_length:
+            dropped.append(sample.id)
+        else:
+            kept.append(sample)
+    return kept, dropped
 
 
 class StepBatches(torch.utils.data.Dataset):

@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from pallava.data.datasets import balance, counts_by_dataset
 from pallava.data.labels import LabelMap
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.zeroshot import PlipZeroShot
+from pallava.processing.augment import Augmentation
 from pallava.train import checkpoints
 from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
 from pallava.train.plip_eval import plot_training_curve, zeroshot_predictions
@@ -60,7 +62,8 @@ class PlipTrainConfig:
     mixed_precision: str = "no"  # 'no' or 'bf16'
     num_workers: int = 0
     cache_images: bool = True
-    crop_scale: float = 0.6  # random zoom augmentation: square crops of this fraction of the side or more
+    augment: dict | None = None  # processing.augment.Augmentation fields (stain, zoom, ...); None = defaults
+    balance: str | None = None  # several datasets: sqrt (default) | equal | proportional | none
     seed: int = 0
     max_steps: int | None = None
     save_every: int = 0  # steps between checkpoints; 0 = once per epoch
@@ -96,7 +99,7 @@ RECIPES: dict[str, PlipTrainConfig] = {
     "tiny": PlipTrainConfig(),
     "paper": PlipTrainConfig(
         preset="paper", epochs=20, batch_size=64, lr=1e-4, text_lr=None, freeze_text_embeddings=False,
-        crop_scale=0.5, mixed_precision="bf16", cache_images=False, num_workers=8, save_every=2000,
+        mixed_precision="bf16", cache_images=False, num_workers=8, save_every=2000,
         eval_every=2000, log_every=10,
     ),
 }  # fmt: skip
@@ -172,6 +175,7 @@ def train_plip(
     eval_data: str | Path | None = None,
     eval_split: str | None = None,
     resume: bool = False,
+    show_progress: bool = True,
 ) -> dict[str, object]:
     """Pre-train PLIP on caption pairs or a labelled manifest; returns the training summary."""
     if recipe.preset not in PLIP_PRESETS:
@@ -197,9 +201,14 @@ def train_plip(
     )
     if recipe.freeze_text_embeddings:
         model.text_model.embeddings.word_embeddings.requires_grad_(False)
-    dataset = PlipDataset(samples, model.image_size, labels, train=True, seed=recipe.seed, crop_scale=recipe.crop_scale)
+    samples = [samples[i] for i in balance([s.dataset for s in samples], recipe.balance or "sqrt", seed=recipe.seed)]
+    by_dataset = counts_by_dataset([s.dataset for s in samples])
+    if len(by_dataset) > 1:
+        accelerator.print(f"PLIP samples per dataset (after balancing): {by_dataset}")
+    augmentation = Augmentation.from_dict(recipe.augment, source="PLIP recipe 'augment'")
+    dataset = PlipDataset(samples, model.image_size, labels, train=True, seed=recipe.seed, augmentation=augmentation)
     if recipe.cache_images:
-        dataset.cache_images(progress=main)
+        dataset.cache_images(progress=main and show_progress)
     if len(dataset) < recipe.batch_size * accelerator.num_processes:
         raise ValueError(f"{data}: {len(dataset)} samples, fewer than one global batch ({recipe.batch_size} x "
                          f"{accelerator.num_processes} processes)")  # fmt: skip
@@ -254,7 +263,7 @@ def train_plip(
 
     if step == 0 and main:
         evaluate(0)
-    progress = tqdm(total=total_steps, initial=step, desc="PLIP training", disable=not main)
+    progress = tqdm(total=total_steps, initial=step, desc="PLIP training", disable=not main or not show_progress)
     pretrainer.train()
     while step < total_steps:
         epoch = step // steps_per_epoch

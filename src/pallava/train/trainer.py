@@ -9,6 +9,7 @@ a run resumes from the newest complete one and continues the uninterrupted run's
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -25,19 +26,24 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pallava.data.datasets import counts_by_dataset
 from pallava.inference import PaLlava
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import load_preset
 from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
 from pallava.train import checkpoints
-from pallava.train.config import Recipe, recipe_differences
+from pallava.train.config import Recipe, recipe_differences, with_defaults
 from pallava.train.data import (
     Collator,
     Sample,
+    assign_views,
+    augmented_view,
+    drop_overlong,
     epoch_loader,
     global_batch_size,
     load_samples,
     steps_per_epoch,
+    view_tag,
 )
 from pallava.train.feature_cache import DTYPES, FeatureCache, default_cache_dir, image_key, namespace_for
 from pallava.train.feedback import METRICS_FILE, RunLog, plot_loss_curves, read_jsonl
@@ -62,7 +68,7 @@ def build_model(recipe: Recipe) -> tuple[PaLlavaForConditionalGeneration, PaLlav
         if not (init / "config.json").is_file():
             raise ValueError(f"model.init: {init} is not a model directory (no config.json); "
                              "stage instruct starts from the output directory of stage align")  # fmt: skip
-        model = PaLlavaForConditionalGeneration.from_pretrained(init)
+        model = PaLlavaForConditionalGeneration.from_pretrained(init, trust_remote_code=False)
         return model, PaLlavaProcessor.from_pretrained(init)
     return load_preset(
         section.preset, vision_path=section.vision_path, llm_path=section.llm_path, seed=section.seed,
@@ -96,6 +102,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.global_step = 0
         self.timings: dict[str, float] = {}
+        self.overlong: dict[str, Any] = {"policy": recipe.data.overlong}
 
     # --- setup --------------------------------------------------------------------------------------
     def _accelerator(self) -> Accelerator:
@@ -122,7 +129,7 @@ class Trainer:
         has_checkpoint = checkpoints.latest_complete(self.ckpt_dir) is not None
         if self.resume and has_checkpoint and recipe_path.is_file():
             saved = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
-            changed = recipe_differences(saved, current)
+            changed = recipe_differences(with_defaults(saved), current)
             if changed:
                 raise ValueError(f"{self.out_dir}: cannot resume, the recipe changed in {changed}; "
                                  "use the same recipe or another --out")  # fmt: skip
@@ -136,19 +143,30 @@ class Trainer:
         accelerator.wait_for_everyone()
 
     def _image_keys(self, samples: Sequence[Sample]) -> list[str | None]:
-        """Content keys of the samples' images (each file read once)."""
+        """Content keys of the samples' images (each file read once); an augmented view's key adds the view
+        and a hash of the augmentation settings."""
         memo: dict[str, str] = {}
         keys: list[str | None] = []
+        tag = view_tag(self.recipe.augment, self.recipe.data.seed)
         for sample in tqdm(samples, desc="hashing images", unit="sample", disable=not self._show_progress):
             if sample.image_source is None:
                 keys.append(None)
-            elif sample.image_bytes is None:
+                continue
+            if sample.image_bytes is None:
                 if sample.image not in memo:
                     memo[sample.image] = image_key(sample.read_image_bytes())
-                keys.append(memo[sample.image])
+                key = memo[sample.image]
             else:
-                keys.append(image_key(sample.image_bytes))
+                key = image_key(sample.image_bytes)
+            keys.append(f"{key}-aug{tag}-v{sample.view}" if sample.view else key)
         return keys
+
+    def _source(self, sample: Sample):
+        """The image (or, for an augmented view, a function making it when the cache encodes it)."""
+        if not sample.view:
+            return sample.image_source
+        return functools.partial(augmented_view, sample.image_source, sample.view, self.recipe.augment,
+                                 self.recipe.data.seed)
 
     def _feature_cache(self, accelerator, model, processor, samples) -> tuple[FeatureCache, list[str | None]]:
         """Encode every image not yet cached (each process a share), then share the index."""
@@ -158,7 +176,7 @@ class Trainer:
         namespace = namespace_for(model.vision_tower, model.config.vision_feature_layer, processor.image_processor,
                                   section.dtype)  # fmt: skip
         cache = FeatureCache(section.dir or default_cache_dir(), namespace, section.shard_size)
-        sources = {key: sample.image_source for key, sample in zip(keys, samples, strict=True) if key is not None}
+        sources = {key: self._source(sample) for key, sample in zip(keys, samples, strict=True) if key is not None}
         todo = cache.missing(list(sources))
         accelerator.wait_for_everyone()  # every process splits the same to-do list before anyone writes
         mine = {key: sources[key] for key in todo[accelerator.process_index :: accelerator.num_processes]}
@@ -265,9 +283,36 @@ class Trainer:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = float(accelerator.reduce(loss_sum, "sum") / total_tokens)
-        samples = accelerator.reduce(torch.tensor(float(sum(b["num_samples"] for b in micro)), device=device), "sum")
+        counts = torch.tensor([float(sum(b["num_samples"] for b in micro)),
+                               float(sum(len(b.get("truncated", ())) for b in micro))], device=device)  # fmt: skip
+        samples, truncated = accelerator.reduce(counts, "sum").tolist()
         return {"loss": loss, "lr": rates, "grad_norm": grad_norm, "samples": int(samples),
-                "tokens": int(total_tokens)}  # fmt: skip
+                "tokens": int(total_tokens), "truncated": int(truncated)}  # fmt: skip
+
+    # --- over-long samples --------------------------------------------------------------------------
+    def _fitting_samples(self, accelerator, samples: list[Sample], processor: PaLlavaProcessor) -> list[Sample]:
+        """With `data.overlong: drop`, the samples over `max_length` are left out before the first step
+        (counted and named in the log and the run summary); with `truncate` the collator cuts them."""
+        if self.recipe.data.overlong != "drop":
+            return samples
+        kept, dropped = drop_overlong(samples, processor)
+        self.overlong.update(dropped=len(dropped), dropped_ids=dropped[:20])
+        if dropped:
+            accelerator.print(f"warning: data.overlong=drop: left out {len(dropped)} of {len(samples)} samples over "
+                              f"{processor.max_length} tokens: {', '.join(dropped[:5])}"
+                              + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""))  # fmt: skip
+        if not kept:
+            raise ValueError(f"data.path: every sample is over {processor.max_length} tokens (data.overlong=drop)")
+        return kept
+
+    def _warn_truncated(self, accelerator, micro: list[dict[str, Any]]) -> None:
+        """Say it once; every step's count is in metrics.jsonl (`truncated`) and the total in the summary."""
+        if not self.overlong.get("warned"):
+            ids = [i for batch in micro for i in batch.get("truncated", ())]
+            accelerator.print(f"warning: step {self.global_step}: over-long sample(s) cut to the processor's "
+                              f"max_length (data.overlong=truncate){': ' + ', '.join(ids[:5]) if ids else ''}; "
+                              "counted per step as 'truncated' in metrics.jsonl")  # fmt: skip
+            self.overlong["warned"] = True
 
     def _sample_answers(self, accelerator, model, processor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         """Greedy answers to the first question of a few fixed samples (main process only)."""
@@ -285,11 +330,13 @@ class Trainer:
         return answers
 
     @staticmethod
-    def _fixed_samples(samples: Sequence[Sample], count: int) -> list[Sample]:
-        """`count` samples drawn once with a fixed seed (preferring ones with images), in dataset order."""
+    def _fixed_samples(samples: Sequence[Sample], count: int, processor: PaLlavaProcessor) -> list[Sample]:
+        """`count` samples drawn once with a fixed seed (preferring ones with images), in dataset order;
+        a draw whose question alone is over `max_length` is skipped (asking it would fail)."""
         pool = [s for s in samples if s.image_source is not None] or list(samples)
         picks = sorted(random.Random(0).sample(range(len(pool)), min(count, len(pool))))
-        return [pool[i] for i in picks]
+        fits = [pool[i] for i in picks]
+        return [s for s in fits if len(processor.encode_conversation(s.conversation[:1], True)[0]) <= processor.max_length]
 
     # --- run ----------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -302,17 +349,21 @@ class Trainer:
         if run.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(accelerator.device)
-        samples = load_samples(recipe.data, recipe.stage)
+        samples = self._fitting_samples(accelerator, load_samples(recipe.data, recipe.stage), processor)
+        assign_views(samples, recipe.augment.views, recipe.data.seed)
         per_epoch = steps_per_epoch(len(samples), run.batch_size, accelerator.num_processes, run.grad_accum)
         total_steps = run.max_steps or run.epochs * per_epoch
         accelerator.print(f"{recipe.stage}: {len(samples)} samples, {per_epoch} steps/epoch, {total_steps} steps, "
                           f"global batch {global_batch_size(run.batch_size, accelerator.num_processes, run.grad_accum)}, "
                           f"trainable {counts}")  # fmt: skip
+        by_dataset = counts_by_dataset([sample.dataset for sample in samples])
+        if len(by_dataset) > 1:
+            accelerator.print(f"samples per dataset (after balancing): {by_dataset}")
 
         cache, keys = None, None
         if recipe.feature_cache.enabled:
             cache, keys = self._feature_cache(accelerator, model, processor, samples)
-        collator = Collator(processor, samples, cache, keys)
+        collator = Collator(processor, samples, cache, keys, augment=(recipe.augment, recipe.data.seed))
 
         model.train()
         optimizer = build_optimizer(model, recipe.optim)
@@ -323,7 +374,7 @@ class Trainer:
         self._restore(accelerator)
 
         log = RunLog(self.out_dir, self.global_step, recipe.logging.tensorboard) if self._is_main else None
-        fixed = self._fixed_samples(samples, recipe.logging.num_samples)
+        fixed = self._fixed_samples(samples, recipe.logging.num_samples, processor)
         bar = tqdm(total=total_steps, initial=self.global_step, desc=f"train {recipe.stage}", unit="step",
                    disable=not self._show_progress, dynamic_ncols=True)  # fmt: skip
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -344,6 +395,9 @@ class Trainer:
                 record = {"step": self.global_step, "epoch": epoch, "loss": result["loss"], "lr": result["lr"],
                           "grad_norm": result["grad_norm"], "samples_per_s": result["samples"] / max(elapsed, 1e-9),
                           "tokens": result["tokens"]}  # fmt: skip
+                if result["truncated"]:
+                    record["truncated"] = result["truncated"]
+                    self._warn_truncated(accelerator, micro)
                 logging_step = self.global_step % recipe.logging.every == 0 or self.global_step == total_steps
                 if log is not None:
                     log.step(record, scalars=logging_step)
@@ -387,7 +441,11 @@ class Trainer:
             previous = Path(self.recipe.model.init) / HISTORY_FILE
             if previous.is_file():
                 history = json.loads(previous.read_text())
-        tail = read_jsonl(self.out_dir / METRICS_FILE)[-20:]
+        metrics = read_jsonl(self.out_dir / METRICS_FILE)
+        tail = metrics[-20:]
+        overlong = {k: v for k, v in self.overlong.items() if k != "warned"}
+        if overlong["policy"] == "truncate":  # summed over the whole run, resumed parts included
+            overlong["truncated"] = sum(r.get("truncated", 0) for r in metrics)
         entry = {
             "stage": self.recipe.stage,
             "recipe": self.recipe.to_dict(),
@@ -397,6 +455,7 @@ class Trainer:
             "precision": precision,
             "final_loss": sum(r["loss"] for r in tail) / len(tail),
             "timings_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in self.timings.items()},
+            "overlong": overlong,
         }
         history.append(entry)
         (self.out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")

@@ -3,8 +3,10 @@
 Stages (configurable order between the first and last): integrity (decodes, pixel limit) -> image judge ->
 text judge -> caption length -> duplicates. Outputs are append-only JSONL written in input order and
 flushed line by line (fsync per chunk). On restart the torn tail of a killed write is cut off, the set of
-finished ids and the duplicate index are rebuilt from both files, and work resumes with the next record, so
-a killed and resumed run ends with the same files as an uninterrupted one.
+finished ids and the duplicate index are rebuilt by streaming both files (nothing else is held), and work
+resumes with the next record, so a killed and resumed run ends with the same files as an uninterrupted one.
+A line that is not UTF-8, not JSON, or holds text UTF-8 cannot write (a lone surrogate) is rejected at the
+input stage with its line number; it never stops the run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import threading
@@ -79,26 +82,69 @@ def record_text(data: dict[str, Any], kind: str) -> str:
     return "\n".join(turn["value"].replace(IMAGE_TOKEN, "").strip() for turn in data["conversations"])
 
 
-def _parse_line(line_number: int, line: bytes) -> _Entry:
-    """One input line as an entry; a line that is not a record becomes an input-stage rejection."""
-    raw = line.decode("utf-8")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
-        entry = _Entry(line_number, f"line-{line_number}", None, raw)
-        entry.rejection = ("input", Verdict(False, "invalid JSON", error.msg))
-        return entry
+# A JSON escape of a UTF-16 surrogate; only lines holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is lone
+
+
+def _lone_surrogate_field(value: Any, name: str = "") -> str | None:
+    """The field (dotted path) of the first key or string holding a lone surrogate, which UTF-8 cannot write."""
+    if isinstance(value, str):
+        return (name or "<record>") if _LONE_SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        field_name = f"{name}.{key}" if name else str(key)
+        if isinstance(key, str) and _LONE_SURROGATE.search(key):
+            return field_name
+        if (found := _lone_surrogate_field(item, field_name)) is not None:
+            return found
+    return None
+
+
+def _record_id(data: Any) -> str | None:
     record_id = data.get("id") if isinstance(data, dict) else None
     if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
-        entry = _Entry(line_number, f"line-{line_number}", data if isinstance(data, dict) else None, raw)
-        entry.rejection = ("input", Verdict(False, "malformed record", "missing field 'id'"))
-        return entry
-    return _Entry(line_number, str(record_id), data, raw)
+        return None
+    return str(record_id)
+
+
+def _rejected_entry(
+    line_number: int, record_id: str | None, data: Any, raw: str, reason: str, detail: str
+) -> _Entry:
+    entry = _Entry(line_number, record_id or f"line-{line_number}", data if isinstance(data, dict) else None, raw)
+    entry.rejection = ("input", Verdict(False, reason, detail))
+    return entry
+
+
+def _parse_line(line_number: int, line: bytes) -> _Entry:
+    """One input line as an entry; lines that cannot be read or written back become input-stage rejections."""
+    try:
+        raw = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        detail = f"byte 0x{line[error.start]:02x} at column {error.start + 1} is not UTF-8"
+        raw = line.decode("utf-8", "backslashreplace")  # shows the bad bytes as \xe9
+        return _rejected_entry(line_number, None, None, raw, "invalid UTF-8", detail)
+    try:
+        data = json.loads(raw)
+        field_name = _lone_surrogate_field(data) if _SURROGATE_ESCAPE.search(raw) else None
+    except json.JSONDecodeError as error:
+        return _rejected_entry(line_number, None, None, raw, "invalid JSON", error.msg)
+    except RecursionError:
+        return _rejected_entry(line_number, None, None, raw, "invalid JSON", "nested too deeply")
+    record_id = _record_id(data)
+    if field_name is not None:
+        # the parsed record cannot be written as UTF-8: keep the raw line, and the id only if it is clean
+        clean_id = record_id if record_id and not _LONE_SURROGATE.search(record_id) else None
+        detail = f"field '{field_name}' holds a lone UTF-16 surrogate"
+        return _rejected_entry(line_number, clean_id, None, raw, "invalid text", detail)
+    if record_id is None:
+        return _rejected_entry(line_number, None, data, raw, "malformed record", "missing field 'id'")
+    return _Entry(line_number, record_id, data, raw)
 
 
 def _scan_input(path: Path) -> Iterator[_Entry]:
     """Stream input lines as entries; unreadable lines become entries that the input stage rejects."""
-    with path.open("rb") as handle:
+    with path.open("rb") as handle:  # bytes: one undecodable line must not stop the others
         for line_number, line in enumerate(handle, start=1):
             if line.strip():
                 yield _parse_line(line_number, line.rstrip(b"\r\n"))
@@ -114,23 +160,37 @@ def _input_ids(path: Path) -> list[str]:
     return list(seen)
 
 
-def _recover(path: Path) -> list[dict[str, Any]]:
-    """Read an output file, first cutting off a torn last line left by a kill."""
+def _cut_torn_tail(path: Path, block: int = 1 << 16) -> None:
+    """Cut off a torn last line left by a kill, reading only the end of the file."""
+    with path.open("r+b") as handle:
+        size = end = handle.seek(0, os.SEEK_END)
+        cut = 0
+        while end > 0:
+            start = max(0, end - block)
+            handle.seek(start)
+            newline = handle.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                cut = start + newline + 1
+                break
+            end = start
+        if cut != size:
+            handle.truncate(cut)
+
+
+def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Stream the rows of an output file (after cutting a torn tail), one at a time."""
     if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(end)
-        data = data[:end]
-    rows = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: line {number} is corrupt; remove the output folder to start over") from None
-    return rows
+        return
+    _cut_torn_tail(path)
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            if not isinstance(row, dict) or "id" not in row:
+                raise ValueError(f"{path}: line {number} is corrupt; remove the output folder to start over")
+            yield row
 
 
 def _check_state(out: Path, input_path: Path, config: CleanConfig) -> None:
@@ -300,16 +360,19 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
     input_ids = _input_ids(input_path)
     out.mkdir(parents=True, exist_ok=True)
     _check_state(out, input_path, config)
-    kept_rows, rejected_rows = _recover(out / KEPT), _recover(out / REJECTED)
-    done = {str(row["id"]) for row in (*kept_rows, *rejected_rows)}
+    # Earlier outputs are streamed: only their ids and the duplicate index stay in memory.
+    done: set[str] = set()
+    index = DuplicateIndex(config.duplicate_mode, config.max_hamming)
+    for row in _read_rows(out / KEPT):
+        done.add(str(row["id"]))
+        index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
+    done.update(str(row["id"]) for row in _read_rows(out / REJECTED))
     unknown = done - set(input_ids)
     if unknown:
         raise ValueError(f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder")
     # With Ray the judges live in the cluster; here only the duplicate index and the writing are needed.
     cleaner = _Cleaner(input_path, config if engine == "local" else replace(config, stages=[STAGES[0], STAGES[-1]], workers=1))
-    for row in kept_rows:
-        cleaner.index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
-    del kept_rows, rejected_rows
+    cleaner.index = index
     started = time.perf_counter()
     bar = tqdm(total=len(input_ids), initial=len(done), unit="rec", desc="cleaning", disable=not progress, file=sys.stderr)
     try:

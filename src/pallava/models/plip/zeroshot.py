@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pallava.data.io import read_json_object
+from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
+from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image, normalize_to_tensor
 
 
@@ -25,15 +28,33 @@ class PlipZeroShot:
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.stain_normalize: str | None = None  # e.g. "macenko": images mapped onto reference H&E stains
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
         """Load a PLIP folder written by `save_pretrained` (config, weights and tokenizer)."""
         path = Path(model_dir)
-        if not (path / "config.json").is_file():
+        config_file = path / "config.json"
+        if not config_file.is_file():
             raise ValueError(f"{path}: not a PLIP model folder (no config.json)")
-        model = PlipModel.from_pretrained(str(path))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model_type = read_json_object(config_file).get("model_type")
+        if model_type != PlipConfig.model_type:  # any other model would load with random PLIP weights
+            raise ValueError(
+                f"{path} is not a PLIP model folder: its config.json has model_type {model_type!r}, "
+                f"expected {PlipConfig.model_type!r} (a folder written by `pallava plip train`)"
+            )
+        try:
+            model, info = PlipModel.from_pretrained(str(path), trust_remote_code=False, output_loading_info=True)
+        except (OSError, RuntimeError) as error:  # no weights file, a corrupt one, or other shapes
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path}: cannot load the PLIP weights ({reason})") from None
+        missing = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
+        if missing:
+            raise ValueError(
+                f"{path}: its weights do not fill the PLIP model: missing {', '.join(missing[:3])}"
+                f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         return cls(model, tokenizer, device)
 
     @torch.no_grad()
@@ -49,7 +70,8 @@ class PlipZeroShot:
         size = self.model.image_size
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-            batch = torch.stack([normalize_to_tensor(load_image(img), size) for img in images[start : start + batch_size]])
+            loaded = [stain_normalize(load_image(img), self.stain_normalize) for img in images[start : start + batch_size]]
+            batch = torch.stack([normalize_to_tensor(img, size) for img in loaded])
             chunks.append(self.encode_pixels(batch))
         if not chunks:
             return torch.empty(0, self.model.config.embed_dim)
