@@ -245,3 +245,11 @@ def test_resume_streams_earlier_outputs_instead_of_loading_them(tmp_path):
         tracemalloc.stop()
     assert summary["resumed_from"] == 300 and summary["by_stage"]["integrity"] == 300
     assert peak < 3_000_000  # a few lines at a time, not the 12 MB file (let alone its parsed rows)
+
+
+def test_ray_engine_without_ray_is_a_clear_error(tmp_path, tiles, monkeypatch, capsys):
+    corpus = _write_input(tmp_path / "c.jsonl", [{"id": "a", "image": str(tiles[0]), "caption": HUMAN.format(0)}])
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
+    assert cli_main(["data", "clean", "--input", str(corpus), "--out", str(tmp_path / "out"), "--engine", "ray"]) == 1
+    assert "needs Ray, which is not installed: pip install 'pallava[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -174,6 +174,12 @@ def map_cohort(
     from pallava.slides.mapping import check_templates
 
     check_templates(settings.templates)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"--engine must be 'local' or 'ray', got {engine!r}")
+    if engine == "ray":
+        from pallava.scale import import_ray
+
+        import_ray()  # before any work: a clear error when Ray is not installed
     slides = read_cohort(cohort) if isinstance(cohort, (str, Path)) else list(cohort)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,11 +202,9 @@ def map_cohort(
 
         results: Iterable[dict[str, Any]] = map_on_ray(todo, str(model_dir), str(out), settings, ray_address,
                                                         workers, load_model)
-    elif todo and engine == "local":
+    elif todo:
         mapper = SlideMapper(str(model_dir), settings, str(out), load_model)
         results = (mapper.map(slide) for slide in todo)
-    elif engine not in ("local", "ray"):
-        raise ValueError(f"--engine must be 'local' or 'ray', got {engine!r}")
     else:
         results = ()
     for row in results:

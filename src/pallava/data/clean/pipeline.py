@@ -354,6 +354,10 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
     config = config or CleanConfig()
     if engine not in ("local", "ray"):
         raise ValueError(f"--engine must be 'local' or 'ray', got {engine!r}")
+    if engine == "ray":
+        from pallava.scale import import_ray
+
+        import_ray()  # before any work: a clear error when Ray is not installed
     input_path, out = Path(input_path), Path(out_dir)
     if not input_path.is_file():
         raise ValueError(f"{input_path}: input file not found")
