@@ -14,7 +14,7 @@ JUDGE_STAGES = ("image", "text", "length")  # may be reordered between integrity
 DUPLICATE_MODES = ("pair", "image", "caption", "either")
 # Judge options that change how, not what, a judge decides: a resumed run may change them.
 OPERATIONAL_JUDGE_FIELDS = frozenset(
-    {"base_url", "api_key", "api_key_env", "concurrency", "timeout", "retries", "backoff", "cache", "batch_size"}
+    {"base_url", "api_key", "api_key_env", "concurrency", "timeout", "retries", "backoff", "cache", "batch_size", "device"}
 )
 
 

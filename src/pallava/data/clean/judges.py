@@ -96,7 +96,8 @@ DEFAULT_NON_PATHOLOGY_PROMPTS: tuple[str, ...] = (
 class PlipImageJudge:
     """Zero-shot PLIP: keeps an image when p(pathology prompts) >= threshold against the non-pathology prompts.
 
-    `model_dir` is a trained PLIP folder, or an object with `predict_proba(images, class_texts)`.
+    `model_dir` is a trained PLIP folder, or an object with `predict_proba(images, class_texts)`; `device`
+    is where the model runs (`cuda` for a GPU).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class PlipImageJudge:
         threshold: float = 0.5,
         batch_size: int = 32,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        device: str = "cpu",
     ) -> None:
         if hasattr(model_dir, "predict_proba"):
             self.model = model_dir
@@ -115,7 +117,7 @@ class PlipImageJudge:
 
             if not Path(model_dir).is_dir():
                 raise ValueError(f"PLIP image judge: model folder not found: {model_dir}")
-            self.model = PlipZeroShot.from_pretrained(model_dir)
+            self.model = PlipZeroShot.from_pretrained(model_dir, device=device)
         if not pathology_prompts or not non_pathology_prompts:
             raise ValueError("PLIP image judge: both prompt lists must be non-empty")
         if not 0.0 < threshold < 1.0:

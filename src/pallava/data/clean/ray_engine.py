@@ -121,14 +121,14 @@ def ray_chunks(
     connect(address)
     import ray.data  # binds `ray` too
 
-    cpus = cluster_resources(ray)["CPU"]
+    resources = cluster_resources(ray)
     # A dataset takes the context's settings when it is created, so set them first and restore them after.
     context = ray.data.DataContext.get_current()
     saved = (context.execution_options.preserve_order, context.enable_progress_bars)
     context.execution_options.preserve_order = True  # chunks reach the writer in input order
     context.enable_progress_bars = progress
     try:
-        for row in _pipeline(ray, input_path, first.line, config, cpus, judges).iter_rows():
+        for row in _pipeline(ray, input_path, first.line, config, resources, judges).iter_rows():
             chunk = [entry for entry in pickle.loads(row["entries"]) if entry.id not in done]
             if chunk:
                 yield chunk
@@ -136,16 +136,31 @@ def ray_chunks(
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 
 
-def _pipeline(ray: Any, input_path: Path, first_line: int, config: CleanConfig, cpus: float,
+def judge_resources(spec: dict[str, Any], resources: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """How one judge's actor pool is placed: (Ray Data `map` arguments, the judge spec its actors build).
+
+    A PLIP judge takes one GPU per actor when the cluster has GPUs (up to one actor per GPU; unless its
+    spec says `device: cpu`); otherwise
+    each actor reserves `JUDGE_CPUS[type]` CPUs, and a pool uses at most half the cluster's CPUs, so that
+    decoding keeps the rest.
+    """
+    if spec["type"] == "plip" and resources["GPU"] >= 1 and str(spec.get("device", "cuda")).startswith("cuda"):
+        placement = {"num_cpus": 1, "num_gpus": 1, "concurrency": (1, int(resources["GPU"]))}
+        return placement, {**spec, "device": spec.get("device", "cuda")}
+    per_actor = JUDGE_CPUS.get(spec["type"], 1.0)
+    return {"num_cpus": per_actor, "concurrency": (1, max(1, int(resources["CPU"] / 2 / per_actor)))}, spec
+
+
+def _pipeline(ray: Any, input_path: Path, first_line: int, config: CleanConfig, resources: dict[str, float],
               judges: dict[str, Callable[[], Any]] | None) -> Any:
     """The Ray Data plan: decode tasks, then one actor pool per judge, in the configured stage order."""
     decode, *judged = operator_stages(config, judges)
     dataset = ray.data.from_items(input_ranges(input_path, first_line, config.chunk_size))
     dataset = dataset.map(_Decode(str(input_path), config, decode), num_cpus=1)
     for stages in judged:
-        spec = config.image_judge if stages[0] == "image" else config.text_judge
-        per_actor = JUDGE_CPUS.get(spec["type"], 1.0)
-        most = max(1, int(cpus / 2 / per_actor))  # half the cluster's CPUs for one judge at most: decoding needs the rest
-        dataset = dataset.map(_Judge, fn_constructor_args=(str(input_path), config, stages, (judges or {}).get(stages[0])),
-                              num_cpus=per_actor, concurrency=(1, most))
+        field = "image_judge" if stages[0] == "image" else "text_judge"
+        placement, spec = judge_resources(getattr(config, field), resources)
+        stage_config = replace(config, **{field: spec})
+        dataset = dataset.map(_Judge, fn_constructor_args=(str(input_path), stage_config, stages,
+                                                           (judges or {}).get(stages[0])), **placement)
     return dataset
