@@ -118,3 +118,10 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 @pytest.mark.parametrize("preset", sorted(RECIPES))
 def test_shipped_recipe_files_match_the_presets(preset):
     assert PlipTrainConfig.from_yaml(REPO / "configs" / f"plip-{preset}.yaml") == RECIPES[preset]
+
+
+def test_nested_recipe_settings_reach_tensorboard_flattened():
+    from pallava.train.plip import _hparams
+
+    flat = _hparams({"lr": 1e-3, "augment": {"stain": 0.1, "flips": True}, "text_init": None, "pair": (1, 2)})
+    assert flat == {"lr": 1e-3, "augment.stain": 0.1, "augment.flips": True, "pair": "(1, 2)"}

@@ -141,6 +141,17 @@ class _TrainLog:
                 handle.write(json.dumps(row) + "\n")
 
 
+def _hparams(config: dict, prefix: str = "") -> dict[str, object]:
+    """The recipe as TensorBoard hyper-parameters: nested settings flattened (`augment.stain`), None left out."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_hparams(value, f"{prefix}{key}."))
+        elif value is not None:
+            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
 def _write_model(model: PlipModel, tokenizer: PreTrainedTokenizerBase, labels: LabelMap | None, out: Path) -> None:
     """The loadable PLIP folder, plus `vision_tower/`: the vision tower alone, for the assistant."""
     model.save_pretrained(out)
@@ -246,7 +257,7 @@ def train_plip(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
-    accelerator.init_trackers("logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None})
+    accelerator.init_trackers("logs", config=_hparams(dataclasses.asdict(recipe)))
     log = _TrainLog(out / "train_log.jsonl", write=main, resume_step=step if checkpoint is not None else None)
     save_every = recipe.save_every or steps_per_epoch
     generator = torch.Generator()  # ITM negatives; re-seeded every step so that a resumed run draws the same
