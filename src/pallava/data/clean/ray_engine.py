@@ -1,17 +1,18 @@
 """The Ray engine of `pallava data clean`: decoding and judging as Ray Data operators over the input.
 
 The input JSONL is cut into byte ranges of `chunk_size` records (the driver reads it once, without parsing).
-Then, as one streaming Ray Data pipeline:
+Then, as one streaming Ray Data pipeline, in the configured stage order:
 
   ranges --map: read + parse + decode images (tasks)--> --map: image judge (actor pool)-->
-         --map: text judge (actor pool)--> --map: caption length (tasks)--> driver
+         --map: text judge (actor pool)--> driver
 
-in the configured stage order. Each judge is a pool of actors that build the judge once (PLIP weights, an
-HTTP client and its answer cache). The driver receives the chunks in input order and runs the pipeline's
-own duplicate stage and writer on them, so the outputs, and every exactly-once and resume guarantee, are
-the local engine's. A worker that dies is restarted and its chunk recomputed (Ray Data retries tasks and
-actor calls); nothing reaches the outputs twice because only the driver writes them. Input, images and
-the output folder must be on storage every node sees.
+A stage without a model (`length`, a judge of type `none`) runs inside the operator before it. Each judge
+is a pool of actors that build the judge once (PLIP weights, an HTTP client and its answer cache). The
+driver receives the chunks in input order and runs the pipeline's own duplicate stage and writer on them,
+so the outputs, and every exactly-once and resume guarantee, are the local engine's. A worker that dies is
+restarted and its chunk recomputed (Ray Data retries tasks and actor calls); nothing reaches the outputs
+twice because only the driver writes them. Input, images and the output folder must be on storage every
+node sees.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def ray_chunks(
     context.enable_progress_bars = progress
     try:
         for row in _pipeline(ray, input_path, first.line, config, resources, judges).iter_rows():
+            # entries travel pickled between our own workers and this driver; `done` guards a non-prefix resume
             chunk = [entry for entry in pickle.loads(row["entries"]) if entry.id not in done]
             if chunk:
                 yield chunk
