@@ -35,6 +35,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from pallava.models.configuration_pa_llava import PaLlavaConfig, ScaleInvariantConnectorConfig
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import llama3_8b_config, make_processor, paper_config, tiny_config
+from pallava.processing.processor import MODEL_INPUT_NAMES
 from pallava.processing.tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER, build_tiny_tokenizer
 
 QUESTION = "Describe the image."
@@ -168,11 +169,10 @@ def build_pallava(regime: Regime, seed: int = 0) -> System:
     random_init_(model, seed)
     model.eval()
     processor = make_processor(config, tokenizer)
-    keep = ("input_ids", "attention_mask", "pixel_values", "tile_mask")
 
     def prepare(image: Image.Image) -> dict[str, torch.Tensor]:
-        batch = processor([processor.question(QUESTION)], [[image]], add_generation_prompt=True)
-        return {k: v.to(regime.device) for k, v in batch.items() if k in keep}
+        batch = processor(text=[processor.question(QUESTION)], images=[[image]], add_generation_prompt=True)
+        return {k: v.to(regime.device) for k, v in batch.items() if k in MODEL_INPUT_NAMES}
 
     return System("pallava", model, prepare, image_id)
 

@@ -12,9 +12,9 @@ from transformers import LlamaForCausalLM
 from pallava import PaLlavaConfig, PaLlavaForConditionalGeneration, ScaleInvariantConnectorConfig, load_preset
 from pallava.inference import PaLlava
 from pallava.models.presets import tiny_config
-from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
+from pallava.processing.processor import IGNORE_INDEX, MODEL_INPUT_NAMES, PaLlavaProcessor
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "tile_mask", "labels")
+MODEL_KEYS = (*MODEL_INPUT_NAMES, "labels")
 
 
 def model_inputs(batch) -> dict:
@@ -33,7 +33,7 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 @pytest.mark.parametrize("size", [(224, 224), (1000, 300), (2000, 2000)])
 def test_language_model_gets_the_same_number_of_image_tokens_at_any_size(tiny, size):
     model, processor = tiny
-    batch = processor([processor.question("What is shown?")], [[noise_image(*size, seed=1)]])
+    batch = processor(text=[processor.question("What is shown?")], images=[[noise_image(*size, seed=1)]])
     image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     assert image_tokens == model.config.num_image_tokens == 49
     with torch.no_grad():
@@ -43,7 +43,7 @@ def test_language_model_gets_the_same_number_of_image_tokens_at_any_size(tiny, s
 
 def test_tiles_matter_only_with_tile_cross_attention(tiny):
     _, processor = tiny
-    batch = processor([processor.question("Describe.")], [[noise_image(448, 224, seed=2)]])
+    batch = processor(text=[processor.question("Describe.")], images=[[noise_image(448, 224, seed=2)]])
     changed = dict(batch)
     changed["pixel_values"] = batch["pixel_values"].clone()
     changed["pixel_values"][0, 2] = torch.randn_like(changed["pixel_values"][0, 2])  # second tile only
@@ -79,9 +79,9 @@ def test_padding_invariance_of_logits_and_generation(tiny, lung_tiles):
         "Look at the whole slide region carefully and tell me which tissue it shows, and why."
     )
     for side in ("left", "right"):
-        alone = processor([short_q], [[small]], add_generation_prompt=True, padding_side=side)
+        alone = processor(text=[short_q], images=[[small]], add_generation_prompt=True, padding_side=side)
         batch = processor(
-            [short_q, long_q], [[small], [large]], add_generation_prompt=True, padding_side=side
+            text=[short_q, long_q], images=[[small], [large]], add_generation_prompt=True, padding_side=side
         )
         assert batch["tile_mask"].shape[1] > alone["tile_mask"].shape[1]  # the neighbour forces tile padding
         with torch.no_grad():
@@ -103,7 +103,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path, lung_tiles)
     PaLlava(model, processor).save_pretrained(tmp_path)
     loaded = PaLlava.from_pretrained(tmp_path)
     assert isinstance(loaded.model.config, PaLlavaConfig) and loaded.model.has_lora
-    batch = processor([processor.question("What is shown?")], [[lung_tiles[1]]])
+    batch = processor(text=[processor.question("What is shown?")], images=[[lung_tiles[1]]])
     with torch.no_grad():
         torch.testing.assert_close(
             loaded.model(**model_inputs(batch)).logits, model(**model_inputs(batch)).logits
@@ -118,7 +118,7 @@ def test_lora_adapter_save_reload_and_merge(tmp_path, lung_tiles):
         for name, param in model.language_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    batch = processor([processor.question("What is shown?")], [[lung_tiles[2]]])
+    batch = processor(text=[processor.question("What is shown?")], images=[[lung_tiles[2]]])
     with torch.no_grad():
         reference = model(**model_inputs(batch)).logits
     model.language_model.save_pretrained(tmp_path / "adapter")
@@ -156,18 +156,18 @@ def test_only_answer_tokens_carry_loss_and_one_bos(tiny):
 def test_clear_errors(tiny):
     model, processor = tiny
     with pytest.raises(ValueError, match="1 <image> placeholder"):
-        processor([processor.question("What?")], [[]])
+        processor(text=[processor.question("What?")], images=[[]])
     with pytest.raises(ValueError, match="0 <image> placeholder"):
-        processor([processor.question("What?", with_image=False)], [[noise_image(32, 32, 0)]])
+        processor(text=[processor.question("What?", with_image=False)], images=[[noise_image(32, 32, 0)]])
     with pytest.raises(ValueError, match="cannot decode image"):
-        processor([processor.question("What?")], [[b"\x00garbage bytes"]])
+        processor(text=[processor.question("What?")], images=[[b"\x00garbage bytes"]])
     with pytest.raises(ValueError, match="over the limit"):
         processor.image_processor.max_pixels = 1000
         try:
-            processor([processor.question("What?")], [[noise_image(100, 100, 0)]])
+            processor(text=[processor.question("What?")], images=[[noise_image(100, 100, 0)]])
         finally:
             processor.image_processor.max_pixels = 16_777_216
-    batch = processor([processor.question("What?")], [[noise_image(64, 64, 0)]])
+    batch = processor(text=[processor.question("What?")], images=[[noise_image(64, 64, 0)]])
     two_images = torch.cat([batch["pixel_values"], batch["pixel_values"]])
     with pytest.raises(ValueError, match="Image features and image tokens do not match"):
         model(

@@ -9,9 +9,8 @@ import torch
 
 from pallava import PaLlavaForConditionalGeneration, load_preset
 from pallava.inference import PaLlava
+from pallava.processing.processor import MODEL_INPUT_NAMES
 from pallava.train.export import ADAPTER_DIR, export_model
-
-INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask")
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +28,9 @@ def saved_model(tmp_path_factory):
 
 def _logits(model, processor, images) -> torch.Tensor:
     conversation = [{"from": "human", "value": "<image>\nWhat is the diagnosis?"}, {"from": "gpt", "value": "tissue"}]
-    batch = processor([conversation] * len(images), [[image] for image in images])
+    batch = processor(text=[conversation] * len(images), images=[[image] for image in images])
     with torch.no_grad():
-        return model(**{k: batch[k] for k in INPUTS}).logits
+        return model(**{k: batch[k] for k in MODEL_INPUT_NAMES}).logits
 
 
 def test_unmerged_export_reloads_with_identical_logits(saved_model, tmp_path, lung_tiles):

@@ -32,7 +32,7 @@ def test_cached_features_reproduce_the_pixel_path(tiny, tmp_path, lung_tiles, sh
     torch.testing.assert_close(cached["crop_features"], direct, rtol=1e-5, atol=1e-5)
 
     conversation = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "tissue"}]
-    batch = processor([conversation] * 4, [[s] for s in sources])
+    batch = processor(text=[conversation] * 4, images=[[s] for s in sources])
     with torch.no_grad():
         from_pixels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             pixel_values=batch["pixel_values"], tile_mask=batch["tile_mask"]).logits

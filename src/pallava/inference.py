@@ -14,9 +14,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.processing.image import ImageSource, load_image
-from pallava.processing.processor import PaLlavaProcessor, Turn
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask")
+from pallava.processing.processor import MODEL_INPUT_NAMES, PaLlavaProcessor, Turn
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,8 @@ class PaLlava:
     def _inputs(
         self, conversations: Sequence[Sequence[Turn]], images: Sequence[Sequence[ImageSource]]
     ) -> dict:
-        batch = self.processor(conversations, images, add_generation_prompt=True, padding_side="left")
-        return {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
+        batch = self.processor(text=conversations, images=images, add_generation_prompt=True, padding_side="left")
+        return {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUT_NAMES}
 
     def _generation_options(
         self, max_new_tokens: int, temperature: float, top_p: float, max_time: float | None = None

@@ -142,6 +142,3 @@ class PaLlavaConfig(PretrainedConfig):
         """Image embeddings the language model receives per image, whatever its size."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
 
-
-AutoConfig.register(PaLlavaConfig.model_type, PaLlavaConfig, exist_ok=True)
-AutoConfig.register(ScaleInvariantConnectorConfig.model_type, ScaleInvariantConnectorConfig, exist_ok=True)

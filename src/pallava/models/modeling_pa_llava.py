@@ -7,7 +7,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
-    AutoModelForImageTextToText,
     CLIPVisionModel,
     GenerationMixin,
     PreTrainedModel,
@@ -244,5 +243,3 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         stacked = torch.stack(attentions).mean(dim=(0, 2, 3))  # (N, T*P)
         return stacked.reshape(pixel_values.shape[0], tile_mask.shape[1], -1)
 
-
-AutoModelForImageTextToText.register(PaLlavaConfig, PaLlavaForConditionalGeneration, exist_ok=True)

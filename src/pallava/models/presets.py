@@ -159,4 +159,8 @@ def load_preset(
         model = PaLlavaForConditionalGeneration(config, vision_tower=vision, language_model=language_model)
     if dtype is not None:
         model = model.to(dtype)
-    return model, make_processor(config, tokenizer)
+    processor = make_processor(config, tokenizer)
+    # `model.generate(**inputs)` and the pipeline stop at the end of the turn, as `PaLlava` does.
+    model.generation_config.eos_token_id = processor.stop_token_ids
+    model.generation_config.pad_token_id = processor.pad_id
+    return model, processor

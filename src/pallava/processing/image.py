@@ -236,6 +236,7 @@ class PaLlavaImageProcessor:
     grids: tuple[tuple[int, int], ...] = field(init=False)
 
     CONFIG_NAME = "preprocessor_config.json"
+    _auto_class = None  # read by transformers' ProcessorMixin.save_pretrained (no custom code to copy)
 
     def __post_init__(self) -> None:
         if self.tile_size < 8:

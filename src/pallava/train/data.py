@@ -185,8 +185,7 @@ class Collator:
         try:
             if self.cache is None:
                 images = [[s.image_source] if s.image_source is not None else [] for s in chosen]
-                batch = dict(self.processor(conversations, images))
-                batch.pop("grids", None)
+                batch = dict(self.processor(text=conversations, images=images))
             else:
                 encoded = [self.processor.encode_conversation(c) for c in conversations]
                 for sample, (ids, _) in zip(chosen, encoded, strict=True):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pallava.inference import PaLlava
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import load_preset
-from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
+from pallava.processing.processor import CROP_FEATURES, IGNORE_INDEX, MODEL_INPUT_NAMES, PaLlavaProcessor
 from pallava.train import checkpoints
 from pallava.train.config import Recipe, recipe_differences
 from pallava.train.data import (
@@ -47,7 +47,7 @@ RECIPE_FILE = "recipe.yaml"
 HISTORY_FILE = "training_history.json"
 SUMMARY_FILE = "run_summary.json"
 TRAINABLE_FILE = "trainable.safetensors"
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask", "crop_features")
+MODEL_INPUTS = (*MODEL_INPUT_NAMES, CROP_FEATURES)  # cached crop features stand in for pixel_values
 
 StepCallback = Callable[["Trainer", dict[str, Any]], None]
 
