@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: demo test lint bench install browser clean
+.PHONY: demo test test-fast lint bench install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q $(ARGS)
+
+# The edit-test loop: everything but the end-to-end tests marked `slow` (under 2 minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -21,6 +21,8 @@ from benchmarks.images import SIZES, image_cases  # noqa: E402
 from benchmarks.report import render, summarise  # noqa: E402
 from benchmarks.systems import REGIMES, build_systems, random_init_  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 TINY = REGIMES["tiny"]
 
 

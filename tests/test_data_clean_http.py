@@ -195,6 +195,7 @@ def _run_clean(corpus, out, config):
     clean(corpus, out, config, progress=False)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_identical_files(endpoint, images, tmp_path):
     server, url = endpoint
     corpus, records = _corpus(tmp_path / "c.jsonl", images, n_copies=4)

@@ -48,6 +48,7 @@ def test_batched_evaluation_equals_one_by_one(assistant: PaLlava, shared_data: P
     assert max(r["tiles"] for r in batched) > 1
 
 
+@pytest.mark.slow
 def test_eval_commands_end_to_end(model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     manifest = shared_data / "lc25000-lung" / "manifest.csv"
     out = tmp_path / "vqa"

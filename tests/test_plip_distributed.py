@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 from pallava.models.plip import build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 BATCH = 8
 WORLD = 2
 MODES = (False, True)  # without / with momentum encoders and queues

@@ -11,6 +11,8 @@ from transformers import CLIPVisionModel
 from pallava.cli import main
 from pallava.train.plip import RECIPES, PlipTrainConfig
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS_TRAIN, PER_CLASS_DEV = 16, 10
 

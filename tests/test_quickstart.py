@@ -9,6 +9,8 @@ from PIL import Image
 
 from pallava.cli import main
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 
 @pytest.fixture(scope="module")
 def smoke_run(shared_data, tmp_path_factory):

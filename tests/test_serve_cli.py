@@ -36,6 +36,7 @@ def test_chat_one_shot_prints_the_answer(model_dir, assistant, lung_tiles, capsy
     )
 
 
+@pytest.mark.slow
 def test_interactive_chat_streams_keeps_history_and_resets(model_dir, assistant, lung_tiles):
     script = "What is shown?\nAnd the nuclei?\n\n/help\n/reset\nWhat is shown?\n/quit\nnever asked\n"
     result = subprocess.run(
@@ -63,6 +64,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_predict_is_batched_resumable_and_survives_a_torn_line(
     model_dir, assistant, lung_tiles, shared_data, tmp_path
 ):

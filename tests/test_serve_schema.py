@@ -24,6 +24,7 @@ def live_server(tiny):
         yield running
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_generated_requests_never_cause_a_server_error(live_server, mode):
     schema = schemathesis.openapi.from_url(f"{live_server.url}/openapi.json")

@@ -61,6 +61,7 @@ def free_port() -> int:
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_web_page_answers_and_draws_a_heat_map_in_a_real_browser(tiny, shared_data):
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (make browser installs it); the web page test needs it")

@@ -87,6 +87,7 @@ def test_query_retrieves_the_most_similar_tissue_tiles(svs, tmp_path):
         retrieve_regions(grid, vectors, plip, "x", top_k=0)
 
 
+@pytest.mark.slow
 def test_ask_command_with_a_region(svs, assistant, tmp_path, capsys):
     model_dir = tmp_path / "assistant"
     assistant.save_pretrained(model_dir)

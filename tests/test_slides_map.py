@@ -79,6 +79,7 @@ def test_map_outputs_and_probabilities_match_the_tiles(svs, plip, classes, tmp_p
     assert sum(c["tiles_predicted"] for c in summary["classes"].values()) == n
 
 
+@pytest.mark.slow
 def test_map_resumes_after_interruption_and_reuses_the_cache(svs, plip, classes, tmp_path):
     out = tmp_path / "out"
     with open_slide(svs) as slide:
@@ -121,6 +122,7 @@ def test_blank_tiling_and_class_files_give_clear_errors(svs, plip, tmp_path):
     assert len(load_classes(None)) == 9  # nct-crc-he tissue classes by default
 
 
+@pytest.mark.slow
 def test_map_command_end_to_end(svs, plip, tmp_path, capsys):
     plip_dir = tmp_path / "plip"
     plip.model.save_pretrained(plip_dir)

@@ -13,6 +13,8 @@ from pallava.cli import main
 from pallava.inference import PaLlava
 from pallava.train.feedback import read_jsonl
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
 SMALL = ["data.limit=24", "train.batch_size=4", "train.cpu_threads=1", "logging.num_samples=2",
          "logging.max_new_tokens=4", "logging.tensorboard=true"]  # fmt: skip

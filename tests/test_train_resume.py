@@ -17,6 +17,8 @@ from pallava.train.config import load_recipe
 from pallava.train.feedback import read_jsonl
 from pallava.train.trainer import train
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
 KILL_AT = 5
 

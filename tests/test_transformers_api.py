@@ -107,6 +107,7 @@ def test_image_text_to_text_pipeline_answers_like_pallava(saved):
     assert result[0]["generated_text"].strip() == answer
 
 
+@pytest.mark.slow
 def test_import_pallava_alone_registers_the_auto_classes(saved):
     directory, _, _ = saved
     code = (
