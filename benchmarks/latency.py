@@ -46,7 +46,8 @@ def _generate_options(new_tokens: int) -> dict:
 
 
 def first_token(system: System, image) -> object:
-    """Preprocess one image and produce the first answer token; returns the generate output (with its cache)."""
+    """Preprocess one image and produce the first answer token; returns the generate output (with its
+    cache)."""
     inputs = system.prepare(image)
     return system.model.generate(**inputs, **_generate_options(1), return_dict_in_generate=True)
 
@@ -69,7 +70,8 @@ def timed_first_token(system: System, image, device: str) -> tuple[float, float,
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """Forward attention FLOPs, grouped-query attention included (older torch's formula rejects fewer KV heads)."""
+    """Forward attention FLOPs, grouped-query attention included (older torch's formula rejects fewer KV
+    heads)."""
     batch, heads, queries, dim = query_shape
     keys, value_dim = key_shape[-2], value_shape[-1]
     return 2 * batch * heads * queries * keys * (dim + value_dim)  # scores, then the weighted sum of values
@@ -88,7 +90,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def breakdown(system: System, image, rounds: int, device: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Where our TTFT goes: preprocessing, vision tower, connector, LLM prefill (median seconds, and GFLOP)."""
+    """Where our TTFT goes: preprocessing, vision tower, connector, LLM prefill (median seconds, and
+    GFLOP)."""
     model = system.model
     inputs = system.prepare(image)
     features = model.encode_crops(inputs["pixel_values"], inputs["tile_mask"])
@@ -178,7 +181,8 @@ def run(
     """Measure one regime; returns a JSON-ready dict (medians in seconds, rates per second)."""
     regime: Regime = REGIMES[regime_name]
     big, gpu = regime.name != "tiny", regime.device == "cuda"
-    # A GPU call takes milliseconds: more rounds for the same confidence, and the native peer is not slow there.
+    # A GPU call takes milliseconds: more rounds for the same confidence, and the native peer is not slow
+    # there.
     rounds = rounds or ((5 if gpu else 2 if big else 3) if quick else 20 if gpu else 7 if big else 5)
     new_tokens = new_tokens or (4 if quick else 16)
     sizes = sizes or ((HEADLINE,) if quick and big else SIZES)

@@ -27,12 +27,14 @@ def _latency(results: dict, regime: str) -> dict:
 
 
 def _utilisation(latency: dict) -> dict:
-    """The utilisation that counts: per CPU second on a CPU (the scheduler's share cancels out), else wall-clock."""
+    """The utilisation that counts: per CPU second on a CPU (the scheduler's share cancels out), else
+    wall-clock."""
     return latency["utilisation"]["cpu" if latency["device"] == "cpu" else "wall"]
 
 
 def _flop_bounds(latency: dict, size: str = HEADLINE_SIZE) -> tuple[float | None, float | None]:
-    """What the FLOPs allow at `size` against peer (a): (the TTFT ratio at equal FLOP/s, the ratio if our vision
+    """What the FLOPs allow at `size` against peer (a): (the TTFT ratio at equal FLOP/s, the ratio if our
+    vision
     tower, connector and preprocessing cost nothing, i.e. peer FLOPs over our LLM prefill's alone)."""
     flops, prefill = latency["forward_gflop"], latency.get("ttft_breakdown_gflop", {}).get("prefill")
     if size not in flops["pallava"] or "llava_next_matched" not in flops:
@@ -97,13 +99,17 @@ def _latency_section(name: str, entry: dict) -> list[str]:
         out += ["Images: seeded noise of the same sizes (the shared data folder was not on that machine). The "
                 "images are decoded before timing, so their content does not change any time here.", ""]  # fmt: skip
     out += [
-           f"{latency['description']}; {latency['dtype']} on {latency['device']}, {latency['threads']['threads']} "
+           f"{latency['description']}; {latency['dtype']} on {latency['device']}, "
+           f"{latency['threads']['threads']} "
            f"thread(s); medians of {latency['rounds']} alternating rounds"
            + (f" ({', '.join(single)}: one timed round, it is slow on a CPU)" if single else "")
-           + f". Load average {latency['load_average_start']} at the start, {latency['load_average_end']} at the end.",
+           + f". Load average {latency['load_average_start']} at the start, "
+           f"{latency['load_average_end']} at the end.",
            "",
-           "Time to first token (preprocessing + vision + connector/projector + prefill) in wall-clock and in CPU "
-           "seconds, the ratio of each peer's time to ours (the median of per-round ratios: both calls of a round run "
+           "Time to first token (preprocessing + vision + connector/projector + prefill) in wall-clock and "
+           "in CPU "
+           "seconds, the ratio of each peer's time to ours (the median of per-round ratios: both calls of a "
+           "round run "
            "back to back), the image tokens handed to the LLM, the crops through "
            "the vision tower and the FLOPs of that forward pass:", ""]  # fmt: skip
     cpu = latency["device"] == "cpu"  # on a GPU, CPU seconds count spinning threads, not the work: wall-clock only
@@ -121,7 +127,8 @@ def _latency_section(name: str, entry: dict) -> list[str]:
                + (["ours faster (CPU)"] if cpu else []) + ["image tokens", "crops", "GFLOP"])  # fmt: skip
     out += [table(headers, rows), ""]
     gen = latency["generation_tokens_per_s"]
-    out += [f"Generation (decode only, {latency['new_tokens']} new tokens, prompt of the {latency['generation_image']} "
+    out += [f"Generation (decode only, {latency['new_tokens']} new tokens, prompt of the "
+            f"{latency['generation_image']} "
             "image), tokens/s:", "",
             table(["system", "batch 1", "batch 8", "batch 8 / batch 1"],
                   [[SYSTEM_LABELS[k], gen[k]["1"], gen[k]["8"], _x(latency["batch8_over_batch1"][k])] for k in systems]),
@@ -136,8 +143,10 @@ def _latency_section(name: str, entry: dict) -> list[str]:
             + f". Forward pass ({util['forward_gflop']} GFLOP): " + "; ".join(clocks) + ".", ""]
     if "lm_head_strides" in latency:
         head = latency["lm_head_strides"]
-        out += [f"LM head on the last prompt position: {head['sliced_s']:.3f} s on the view `logits_to_keep` makes "
-                f"(torch copies the whole vocabulary weight in bf16 on a CPU) vs {head['restrided_s']:.3f} s restrided, "
+        out += [f"LM head on the last prompt position: {head['sliced_s']:.3f} s on the view "
+                "`logits_to_keep` makes "
+                f"(torch copies the whole vocabulary weight in bf16 on a CPU) vs {head['restrided_s']:.3f} "
+                "s restrided, "
                 "as the model now does. The peers share our LM head here, so they get the fix too.", ""]  # fmt: skip
     readings = {k: v for k, v in memory.items() if "peak_rss_mb" in v}
     if readings:
@@ -163,22 +172,32 @@ def _analysis(results: dict) -> list[str]:
         "## Reading the headline", "",
         f"At {size} LLaVA-NeXT (a) hands the LLM {latency['image_tokens'][peer][size]} image tokens (from "
         f"{latency['crops'][peer][size]} crops), ours {latency['image_tokens'][ours][size]} (from "
-        f"{latency['crops'][ours][size]} crops: the paper's grid list always cuts 4 to 8 tiles). Its forward pass "
-        f"costs {flop_ratio:.2f}x our FLOPs; the measured TTFT ratio is {_x(latency['ttft_speedup'][peer][size])} in "
-        f"wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} in CPU time. The two systems share the "
-        "very same vision tower and LLM modules and prefill is compute-bound, so the TTFT ratio follows the FLOP "
-        "ratio; it stays under it because the peer's long prefill (over 800 rows per matrix product) runs at a "
+        f"{latency['crops'][ours][size]} crops: the paper's grid list always cuts 4 to 8 tiles). Its "
+        "forward pass "
+        f"costs {flop_ratio:.2f}x our FLOPs; the measured TTFT ratio is "
+        f"{_x(latency['ttft_speedup'][peer][size])} in "
+        f"wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} in CPU time. The two systems "
+        "share the "
+        "very same vision tower and LLM modules and prefill is compute-bound, so the TTFT ratio follows the "
+        "FLOP "
+        "ratio; it stays under it because the peer's long prefill (over 800 rows per matrix product) runs "
+        "at a "
         "higher FLOP/s than our products of about 200 rows. Our vision tower takes "
         f"{100 * vision_share:.0f}% of our first-token time next to a 1B LLM.", "",
     ]  # fmt: skip
     if ceiling:
-        out += [f"**Why the 5x target cannot be met at these shapes.** Our LLM prefill alone (196 image tokens + the "
+        out += ["**Why the 5x target cannot be met at these shapes.** Our LLM prefill alone "
+                "(196 image tokens + the "
                 f"question) costs {gflop['prefill']:.0f} GFLOP; the peer's whole first token costs "
                 f"{latency['forward_gflop'][peer][size]:.0f} GFLOP. Even with a free vision tower, connector and "
-                f"preprocessing, our first token could come at most {ceiling:.2f}x sooner; with the paper's tower and "
-                f"grid, {flop_ratio:.2f}x. LLaVA-NeXT removes the padding rows of a 4:3 image's tile features, so the "
-                "peer gives the LLM well under 5 x 196 tokens, and the LLM still reads our 196 plus the text. The "
-                "ratio grows with the peer's tokens per crop: against LLaVA-NeXT's native tower (576 per crop) it "
+                f"preprocessing, our first token could come at most {ceiling:.2f}x sooner; with the paper's "
+                "tower and "
+                f"grid, {flop_ratio:.2f}x. LLaVA-NeXT removes the padding rows of a 4:3 image's tile "
+                "features, so the "
+                "peer gives the LLM well under 5 x 196 tokens, and the LLM still reads our 196 plus the "
+                "text. The "
+                "ratio grows with the peer's tokens per crop: against LLaVA-NeXT's native tower (576 per "
+                "crop) it "
                 "is far above 5x.", ""]  # fmt: skip
     if "llava_next_native" in latency["ttft_speedup"]:
         native = "llava_next_native"
@@ -192,8 +211,9 @@ def render(results: dict) -> str:
     machine = results["machine"]
     quick = " (quick mode: fewer rounds, the headline image, peer (a) only)" if results["quick"] else ""
     out = ["# Benchmarks: pallava against LLaVA-NeXT and LLaVA-1.5", "",
-           "Generated by `benchmarks/run.py` from `benchmarks/results/latest.json`; every number below comes from "
-           "that one run. Benchmarks are not tests: nothing asserts a time, the targets are reported met or not.", "",
+           "Generated by `benchmarks/run.py` from `benchmarks/results/latest.json`; every number below "
+           "comes from "
+           "that one run. Benchmarks are not tests: nothing asserts a time, the targets are reported met or " "not.", "",
            f"Command: `{results['command']}` (or `make bench`, `make bench ARGS=--quick`){quick}. Started "
            f"{results['started']}, took {results['duration_s']:.0f} s.", "",
            table(["machine", ""], [["CPU", machine["cpu"]], ["logical cores", machine["logical_cores"]],
@@ -202,14 +222,15 @@ def render(results: dict) -> str:
                                    ["GPU", machine["cuda"] or "none"],
                                    ["load average (1 min) at start / end",
                                     f"{machine.get('load_average_1m')} / {results.get('load_average_end')}"]]), "",
-           ("The machine was shared with other jobs while this ran (see the load average): absolute times are slow "
+           ("The machine was shared with other jobs while this ran (see the load average): absolute times "
+            "are slow "
             "and noisy. " if max(machine.get("load_average_1m") or 0, results.get("load_average_end") or 0)
             > results["threads"]["threads"] + 0.5 else "")
            + "Systems were timed in alternation in one process, so the *ratios* are what count: on a virtual "
            "machine the same call can take twice as long a few minutes later.", ""]  # fmt: skip
     if results["threads"].get("probe_s"):
         probe = ", ".join(f"{n} thread(s) {s} s" for n, s in results["threads"]["probe_s"].items())
-        out += [f"Thread probe (a small transformer-like workload, bf16): {probe}; the faster was used throughout.", ""]
+        out += [f"Thread probe (a small transformer-like workload, bf16): {probe}; the faster was used " "throughout.", ""]
     out += ["## Targets (paper-proportioned shapes, one run)", "",
             table(["target", "goal", "measured", "met"],
                   [[t["target"], f">= {t['goal']}", "n/a" if t["measured"] is None else round(t["measured"], 3),
@@ -223,7 +244,8 @@ def render(results: dict) -> str:
             out += _latency_section(name, entry)
     out += ["## Preprocessing throughput", "",
             "images/s, one image per call, decoded images in memory; ours vs transformers' "
-            "`LlavaNextImageProcessorPil` (the torchvision one needs torchvision) at our tile size (a) and at 336 px (b):",
+            "`LlavaNextImageProcessorPil` (the torchvision one needs torchvision) at our tile size (a) and "
+            "at 336 px (b):",
             ""]  # fmt: skip
     for regime, prep in results["preprocessing"].items():
         rows = [[case, info["images"], ", ".join(info["sizes"]), prep["images_per_s"][case]["pallava"],
@@ -242,22 +264,30 @@ def render(results: dict) -> str:
                  t["assistant"]["samples_per_s"]["cached"], _x(t["assistant"]["cache_speedup"])]
                 for name, t in training.items()]  # fmt: skip
         out += ["## Training throughput", "",
-                "samples/s of one optimiser step (medians); the assistant step alternates pixel inputs and cached "
-                "frozen-vision features (`pallava.train.feature_cache`), batches built by the trainer's collator:", "",
+                "samples/s of one optimiser step (medians); the assistant step alternates pixel inputs and "
+                "cached "
+                "frozen-vision features (`pallava.train.feature_cache`), batches built by the trainer's " "collator:", "",
                 table(["regime", "dtype", "PLIP step", "assistant, pixels", "assistant, cached features",
                        "cache speed-up"], rows), ""]  # fmt: skip
     out += ["## Method", "",
             "- All models are random-init (speed does not depend on the weights), built without the default "
             "initialisation and filled from a seeded pool.",
-            "- Peer (a) is transformers' `LlavaNextForConditionalGeneration` holding *our* vision tower, LLM and LM head "
-            "(shared modules), its anyres grid scaled from 336 px to our tile size: only the tiling and the connector "
+            "- Peer (a) is transformers' `LlavaNextForConditionalGeneration` holding *our* vision tower, "
+            "LLM and LM head "
+            "(shared modules), its anyres grid scaled from 336 px to our tile size: only the tiling and the "
+            "connector "
             "differ. Peer (b) "
-            "has its native CLIP ViT-L/14 at 336 px and the default grid. LLaVA-1.5 is one centre crop through our tower.",
+            "has its native CLIP ViT-L/14 at 336 px and the default grid. LLaVA-1.5 is one centre crop "
+            "through our tower.",
             "- Everyone gets the same question in the Llama-3 chat format, tokenised by the same tokenizer.",
-            "- TTFT = processor call + `generate(max_new_tokens=1)`. Generation tokens/s is decode only: the prompt's KV "
-            "cache from the TTFT call, repeated 8 times for batch 8, then `min_new_tokens` fixed-length decoding.",
-            "- FLOPs from `torch.utils.flop_counter` on an untimed warm-up; the matmul peak is the best square product "
-            "in the regime's dtype (up to 4096, or 2048 in fp32), measured alternately with our forward pass. On a "
+            "- TTFT = processor call + `generate(max_new_tokens=1)`. Generation tokens/s is decode only: "
+            "the prompt's KV "
+            "cache from the TTFT call, repeated 8 times for batch 8, then `min_new_tokens` fixed-length "
+            "decoding.",
+            "- FLOPs from `torch.utils.flop_counter` on an untimed warm-up; the matmul peak is the best "
+            "square product "
+            "in the regime's dtype (up to 4096, or 2048 in fp32), measured alternately with our forward "
+            "pass. On a "
             "shared CPU both are also timed in CPU seconds (`time.process_time`), which count only the time this "
             "process ran; the utilisation target is judged on those.",
             "- Peak memory: each system alone in a fresh process (`ru_maxrss`).",

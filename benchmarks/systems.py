@@ -51,7 +51,8 @@ SYSTEM_LABELS = {
 
 
 def llama_1b_config() -> LlamaConfig:
-    """Llama-3.2-1B's shape (1.24B parameters): width 2048, 16 layers, GQA 32/8 heads, 128k vocabulary, tied."""
+    """Llama-3.2-1B's shape (1.24B parameters): width 2048, 16 layers, GQA 32/8 heads, 128k vocabulary,
+    tied."""
     return LlamaConfig(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -163,7 +164,7 @@ def build_pallava(regime: Regime, seed: int = 0) -> System:
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     config = regime.config(image_id)
     if config.text_config.vocab_size < len(tokenizer):
-        raise ValueError(f"regime {regime.name}: LLM vocabulary {config.text_config.vocab_size} < tokenizer {len(tokenizer)}")
+        raise ValueError(f"regime {regime.name}: LLM vocabulary {config.text_config.vocab_size} < tokenizer " f"{len(tokenizer)}")
     model = build_fast(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
     model.base_language_model.tie_weights()
     random_init_(model, seed)
@@ -178,7 +179,8 @@ def build_pallava(regime: Regime, seed: int = 0) -> System:
 
 
 def peer_config(key: str, ours: PaLlavaConfig) -> LlavaNextConfig | LlavaConfig:
-    """The peer's config around our shapes: our tower (or the native one for peer b), our LLM, its own grid."""
+    """The peer's config around our shapes: our tower (or the native one for peer b), our LLM, its own
+    grid."""
     vision = native_vision_config() if key == "llava_next_native" else ours.vision_config
     tokens = (vision.image_size // vision.patch_size) ** 2
     common = dict(vision_config=vision, text_config=ours.text_config, image_token_index=ours.image_token_id,

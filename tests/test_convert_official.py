@@ -1,4 +1,5 @@
-"""Converting the authors' release: synthetic checkpoints with their exact key names, at tiny and paper sizes."""
+"""Converting the authors' release: synthetic checkpoints with their exact key names, at tiny and paper
+sizes."""
 
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ def test_base_llm_weights_are_the_given_llm(release, converted):
 
 
 def reference_vision_features(state: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
-    """A ViT forward written from their tensors: second-to-last layer, CLS dropped. (N, 3, S, S) -> (N, P, D)."""
+    """A ViT forward written from their tensors: second-to-last layer, CLS dropped. (N, 3, S, S) -> (N, P,
+    D)."""
     p = "vision_model."
 
     def norm(x, name, eps=1e-5):

@@ -140,7 +140,8 @@ PMC_HEADER = ["Figure_path", "Caption", "Question", "Choice A", "Choice B", "Cho
          read_llava, r"line 1: conversations\[0\].from must be 'human'"),
         (lambda p: _text(p, '{"id": "x", "image": "a.jpg", "conversations": [{"from": "human", "value": "hi"}]}\n'),
          read_llava, r"line 1: field 'conversations' must hold exactly one <image>"),
-        (lambda p: _text(p, '{"id": "x", "conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]}\n'),
+        (lambda p: _text(p, '{"id": "x", "conversations": [{"from": "human", "value": "q"}, '
+                            '{"from": "human", "value": "q"}]}\n'),
          read_llava, r"conversations\[1\].from repeats"),
         (lambda p: _text(p, '{"id": "x", "image": "a.jpg"}\n'), read_llava, r"line 1: .*missing field 'conversations'"),
         (lambda p: _parquet(p, [({"bytes": None, "path": None}, "q", "a")]), lambda p: read_pathvqa_parquet(p, p.parent),

@@ -55,7 +55,10 @@ def tiny_plip(tmp_path_factory):
 def test_plip_judge_rejects_photographs_and_keeps_unseen_tiles(tiny_plip, tmp_path):
     photos = sorted((SHARED / "samples" / "non-pathology").iterdir())
     unseen = [t for label in CLASSES for t in sorted((SHARED / "lc25000-lung" / "images" / label).glob("*.jpeg"))[100:103]]
-    caption = "a section of human tissue stained with haematoxylin and eosin, photographed under the microscope at high power for this case"
+    caption = (
+        "a section of human tissue stained with haematoxylin and eosin, photographed under the microscope "
+        "at high power for this case"
+    )
     records = [{"id": path.stem, "image": str(path), "caption": f"{caption} ({path.stem})"} for path in [*photos, *unseen]]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))

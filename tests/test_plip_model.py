@@ -1,4 +1,5 @@
-"""PLIP model: text-tower init parity, ITM uses the image, save/load, vision export into the assistant, converter."""
+"""PLIP model: text-tower init parity, ITM uses the image, save/load, vision export into the assistant,
+converter."""
 
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""Every refusal the server makes: a 4xx (or 504) with an OpenAI-style error body, and the server keeps serving."""
+"""Every refusal the server makes: a 4xx (or 504) with an OpenAI-style error body, and the server keeps
+serving."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but holds almost no pixel data: only a header check survives it."""
+    """A PNG whose header claims width x height but holds almost no pixel data: only a header check survives
+    it."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -67,7 +69,8 @@ def assistant(tiny) -> PaLlava:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, lung_tiles) -> tuple[Path, Path]:
-    """An allowed folder (a real tile, a sub-folder, symbolic links in and out) and a private file outside it."""
+    """An allowed folder (a real tile, a sub-folder, symbolic links in and out) and a private file outside
+    it."""
     allowed, outside = tmp_path_factory.mktemp("allowed"), tmp_path_factory.mktemp("outside")
     tile = Image.open(lung_tiles[0])
     tile.save(allowed / "tile.png")

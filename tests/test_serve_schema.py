@@ -48,7 +48,8 @@ def test_generated_requests_never_cause_a_server_error(live_server, mode):
         except Unsatisfiable:  # no request can break the schema of these GETs (any string is a valid id)
             assert mode == GenerationMode.NEGATIVE and operation.method.upper() == "GET"
     print(
-        f"schemathesis {mode}: {sum(statuses.values())} requests, status counts {dict(sorted(statuses.items()))}"
+        f"schemathesis {mode}: {sum(statuses.values())} requests, status counts "
+        f"{dict(sorted(statuses.items()))}"
     )
     assert statuses and all(status < 500 for _, status in statuses)
     assert any(op == "POST /v1/chat/completions" for op, _ in statuses)

@@ -1,4 +1,5 @@
-"""Two processes under `accelerate launch` on CPU give the single process's losses on the same global batch."""
+"""Two processes under `accelerate launch` on CPU give the single process's losses on the same global
+batch."""
 
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(shared_data, tmp_
             if record["step"] == {KILL_AT}:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        train(load_recipe({str(CONFIG)!r}, "align", {overrides!r}), {str(killed)!r}, progress=False, callbacks=[kill])
+        train(load_recipe({str(CONFIG)!r}, "align", {overrides!r}), {str(killed)!r}, progress=False,
+        callbacks=[kill])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip

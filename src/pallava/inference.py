@@ -21,7 +21,8 @@ from pallava.processing.processor import MODEL_INPUT_NAMES, PaLlavaProcessor, Tu
 class Completion:
     """One generated answer with its token counts and why generation stopped.
 
-    `finish_reason` is `stop` (end of turn), `length` (`max_new_tokens` reached) or `time` (`max_time` ran out).
+    `finish_reason` is `stop` (end of turn), `length` (`max_new_tokens` reached) or `time` (`max_time` ran
+    out).
     """
 
     text: str

@@ -25,9 +25,11 @@ CONFIGS = PACKAGE_ROOT / "configs"
 
 # Captions that describe animal tissue: the text judge must reject them (paper: non-human pathology removed).
 NON_HUMAN_CAPTIONS = (
-    "Haematoxylin and eosin section of mouse lung from a transgenic model, showing alveolar walls thickened by "
+    "Haematoxylin and eosin section of mouse lung from a transgenic model, showing alveolar walls thickened "
+    "by "
     "inflammatory cells and a small adenoma at the periphery of the lobe.",
-    "Histology of rat lung after experimental exposure: the bronchioles are lined by hyperplastic epithelium and "
+    "Histology of rat lung after experimental exposure: the bronchioles are lined by hyperplastic "
+    "epithelium and "
     "the surrounding alveoli contain foamy macrophages and scattered neutrophils.",
     "Canine pulmonary carcinoma from a veterinary biopsy, with atypical glandular structures invading the "
     "interstitium of the dog's lung and a desmoplastic stromal reaction around them.",

@@ -1,4 +1,5 @@
-"""`pallava plip ...`: pre-train PLIP, zero-shot classification, retrieval, vision-tower export and conversion."""
+"""`pallava plip ...`: pre-train PLIP, zero-shot classification, retrieval, vision-tower export and
+conversion."""
 
 from __future__ import annotations
 

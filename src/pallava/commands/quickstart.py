@@ -31,8 +31,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "quickstart",
         help="end to end on real tiles: corpus, PLIP, assistant (2 stages), evaluation, an answer",
-        description="Build a corpus from a labelled manifest, pre-train PLIP, train the assistant in two stages, "
-        "evaluate on the dev split and answer an example question. Completed steps are skipped on re-runs.",
+        description="Build a corpus from a labelled manifest, pre-train PLIP, train the assistant in two "
+        "stages, evaluate on the dev split and answer an example question. Completed steps are skipped on "
+        "re-runs.",
     )
     parser.add_argument("--data", help="folder with manifest.csv (path,label,cluster,split) or the CSV itself "
                         "(default: ../shared/data/lc25000-lung beside the project)")  # fmt: skip

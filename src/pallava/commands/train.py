@@ -25,7 +25,7 @@ def _export(args: argparse.Namespace) -> int:
     from pallava.train.export import export_model
 
     out = export_model(args.model, args.out, merge_lora=args.merge_lora, eval_reports=args.eval_report or [])
-    print(f"exported to {out} ({'LoRA merged' if args.merge_lora else 'LoRA kept as an adapter'}); model card {Path(out) / 'README.md'}")
+    print(f"exported to {out} ({'LoRA merged' if args.merge_lora else 'LoRA kept as an adapter'}); model card " f"{Path(out) / 'README.md'}")
     return 0
 
 

@@ -20,7 +20,8 @@ STATE_KEYS = ("module", "state_dict", "model")  # where wrappers (DeepSpeed, mme
 
 
 class OpaqueObject:
-    """Stands in for a class or function a checkpoint names; holds what the pickle passed, executes nothing."""
+    """Stands in for a class or function a checkpoint names; holds what the pickle passed, executes
+    nothing."""
 
     def __new__(cls, *args, **kwargs):
         instance = object.__new__(cls)
@@ -73,7 +74,8 @@ def deepspeed_states_file(folder: Path) -> Path:
             )
     else:
         raise ValueError(
-            f"{folder}: not a DeepSpeed checkpoint folder (no {DEEPSPEED_STATES} and no 'latest' file naming a tag)"
+            f"{folder}: not a DeepSpeed checkpoint folder (no {DEEPSPEED_STATES} and no 'latest' file "
+            "naming a tag)"
         )
     if (tag_folder / "mp_rank_01_model_states.pt").exists():
         raise ValueError(
@@ -107,6 +109,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if state is None:
         found = sorted(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
         raise ValueError(
-            f"{source}: expected a state dict of tensors (bare or under one of {', '.join(STATE_KEYS)}), found {found}"
+            f"{source}: expected a state dict of tensors (bare or under one of {', '.join(STATE_KEYS)}), "
+            f"found {found}"
         )
     return state

@@ -102,7 +102,8 @@ def _fold(head: str, tail: str, indices: set[int]) -> str:
 
 
 def summarize_keys(keys: Iterable[str], limit: int = 40) -> str:
-    """Key names folded over layer indices (`layers.{0,1,5}.mlp.fc1.weight`), one per line, for error messages."""
+    """Key names folded over layer indices (`layers.{0,1,5}.mlp.fc1.weight`), one per line, for error
+    messages."""
     groups: dict[tuple[str, str], set[int]] = defaultdict(set)
     for key in keys:
         match = re.search(r"\.(\d+)\.", key)

@@ -1,4 +1,5 @@
-"""The authors' released PA-LLaVA (PLIP folder + stage-1/stage-2 checkpoint + base LLM) -> a pallava model folder.
+"""The authors' released PA-LLaVA (PLIP folder + stage-1/stage-2 checkpoint + base LLM) -> a pallava model
+folder.
 
 Their tensors are checked against our model before the base LLM is loaded: every source tensor must have
 a place of the same shape, and every vision, connector and LoRA parameter must be filled, unless
@@ -44,7 +45,8 @@ LORA_DROPOUT = 0.05  # their training value; inactive at inference
 
 @dataclass
 class ConversionReport:
-    """What a conversion did; written to `<out>/conversion.json`. Source keys are `plip:` / `checkpoint:` prefixed."""
+    """What a conversion did; written to `<out>/conversion.json`. Source keys are `plip:` / `checkpoint:`
+    prefixed."""
 
     out_dir: str
     plip_weights: str
@@ -72,7 +74,8 @@ class ConversionReport:
         )
         lines = [
             f"wrote {self.out_dir}: {len(self.mapped)} tensors copied ({counts})",
-            f"tile_cross_attention={self.tile_cross_attention}; connector {self.connector['num_hidden_layers']} layers, "
+            f"tile_cross_attention={self.tile_cross_attention}; connector "
+            f"{self.connector['num_hidden_layers']} layers, "
             f"width {self.connector['hidden_size']}; LoRA {lora}; dtype {self.dtype}",
         ]
         if self.ignored:
@@ -140,7 +143,8 @@ def connector_config_from(
 
 
 def lora_settings_from(plan: KeyPlan, state: dict[str, torch.Tensor], alpha: float | None) -> dict | None:
-    """LoRA rank and target modules read off the lora_A matrices; alpha defaults to 2 x rank (theirs: 128/256)."""
+    """LoRA rank and target modules read off the lora_A matrices; alpha defaults to 2 x rank (theirs:
+    128/256)."""
     a_keys = [key for key in plan.mapping if ".lora_A." in key]
     if not a_keys:
         return None
@@ -210,7 +214,8 @@ def _check_plan(
 
 
 def _copy_exactly(model: PaLlavaForConditionalGeneration, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the model's parameters by name and check each copy bit for bit (after the dtype cast)."""
+    """Copy tensors into the model's parameters by name and check each copy bit for bit (after the dtype
+    cast)."""
     params = model.state_dict()  # detached views sharing the parameters' storage
     with torch.no_grad():
         for target, tensor in tensors.items():

@@ -133,7 +133,7 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
     if len(label_map) < 2:
         raise ValueError("vqa_from_labels needs a label map with at least 2 classes (for 'no' questions)")
     if len(label_map) > len(string.ascii_uppercase):
-        raise ValueError(f"vqa_from_labels: {len(label_map)} classes exceed the {len(string.ascii_uppercase)} option letters")
+        raise ValueError(f"vqa_from_labels: {len(label_map)} classes exceed the {len(string.ascii_uppercase)} option " "letters")
     _check_labels(items, label_map)
     labels = label_map.labels()
     vqa = []

@@ -148,7 +148,7 @@ def _vqa_markdown(report: Mapping[str, Any], images: Mapping[str, str]) -> list[
                 continue
             n = f"{block['n_scored']} of {block['n']} (legacy)" if "n_dropped" in block else str(block["n"])
             recall = f"{_pct(block['recall'])}{_ci(block.get('recall_ci'))}" if "recall" in block else ""
-            lines.append(f"| {name} | {kind} | {n} | {_pct(block['accuracy'])}{_ci(block.get('accuracy_ci'))} | {recall} |")
+            lines.append(f"| {name} | {kind} | {n} | {_pct(block['accuracy'])}{_ci(block.get('accuracy_ci'))} " f"| {recall} |")
     if "llava-med" in everything:
         lines += ["", f"`llava-med` closed numbers: {everything['llava-med'].get('closed', {}).get('flaw', 'n/a')}"]
     if report.get("choice_orders"):
@@ -168,13 +168,14 @@ def _vqa_markdown(report: Mapping[str, Any], images: Mapping[str, str]) -> list[
 
 def _zeroshot_markdown(report: Mapping[str, Any], images: Mapping[str, str]) -> list[str]:
     lines = [
-        f"Accuracy {_pct(report['accuracy'])}%{_ci(report['accuracy_ci'])}; micro F1 {_pct(report['micro']['f1'])}%; "
+        f"Accuracy {_pct(report['accuracy'])}%{_ci(report['accuracy_ci'])}; micro F1 "
+        f"{_pct(report['micro']['f1'])}%; "
         f"macro F1 {_pct(report['macro']['f1'])}%{_ci(report['macro']['f1_ci'])}; "
         f"unmapped answers {report['n_unmapped']} of {report['n']} (counted wrong).",
         "", "| class | support | precision % | recall % | F1 % |", "|---|---|---|---|---|",
     ]
     for label, row in report["per_class"].items():
-        lines.append(f"| {label} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} | {_pct(row['f1'])} |")
+        lines.append(f"| {label} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} " f"| {_pct(row['f1'])} |")
     confusion = report["confusion"]
     lines += ["", "## Confusion matrix (rows: truth, columns: answer)", "",
               "| | " + " | ".join(confusion["columns"]) + " |", "|---" * (len(confusion["columns"]) + 1) + "|"]

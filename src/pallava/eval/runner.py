@@ -78,7 +78,8 @@ def _ordered(writer: PredictionWriter, ids: list[str], path: Path) -> list[dict[
     if foreign:
         example = sorted(foreign)[0]
         raise ValueError(
-            f"{path} holds {len(foreign)} prediction(s) for questions not in this dataset (e.g. {example!r}); "
+            f"{path} holds {len(foreign)} prediction(s) for questions not in this dataset (e.g. "
+            f"{example!r}); "
             "it belongs to another run: choose a new output folder"
         )
     return [by_id[i] for i in ids]

@@ -128,7 +128,8 @@ def load_vqa_items(
     root = Path(image_root) if image_root is not None else None
     if fmt == "pathvqa-text":
         raise ValueError(
-            f"{path}: PathVQA text JSON holds questions and answers but no images, so the assistant cannot be "
+            f"{path}: PathVQA text JSON holds questions and answers but no images, so the assistant cannot "
+            "be "
             "evaluated on it; use the PathVQA Parquet (with images), or score existing predictions with "
             "`pallava eval score --predictions FILE`"
         )

@@ -143,7 +143,8 @@ def as_uint8_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
 
 
 def resize_uint8(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Antialiased bicubic resize of a (H, W, 3) uint8 image to (height, width, 3); `pixels` itself if same size.
+    """Antialiased bicubic resize of a (H, W, 3) uint8 image to (height, width, 3); `pixels` itself if same
+    size.
 
     torch's uint8 channels-last kernel uses PIL's filter (a = -0.5, support widened on downscaling): its
     output is within 1-2 grey levels of `Image.resize(..., BICUBIC)` and 4-7x faster, which makes it most
@@ -276,7 +277,8 @@ class PaLlavaImageProcessor:
         return TiledImage(pixel_values=pixel_values, grid=(cols, rows), original_size=image.size)
 
     def __call__(self, images: Sequence[ImageSource]) -> dict[str, torch.Tensor]:
-        """Batch of images -> `pixel_values` (N, 1+T, 3, S, S) zero-padded, `tile_mask` (N, T) bool, `grids` (N, 2)."""
+        """Batch of images -> `pixel_values` (N, 1+T, 3, S, S) zero-padded, `tile_mask` (N, T) bool, `grids`
+        (N, 2)."""
         tiled = [self.tile(image) for image in images]
         return self.stack(tiled)
 

@@ -89,7 +89,8 @@ def _content_text(content: object, index: int) -> str:
 
 
 def normalize_turns(conversation: Sequence[Turn]) -> list[tuple[str, str]]:
-    """Accept OpenAI-style, transformers-style (typed parts) and LLaVA-style turns; return (role, text) pairs."""
+    """Accept OpenAI-style, transformers-style (typed parts) and LLaVA-style turns; return (role, text)
+    pairs."""
     turns = []
     for index, turn in enumerate(conversation):
         role = turn.get("role", turn.get("from"))
@@ -129,7 +130,8 @@ class PaLlavaProcessor(ProcessorMixin):
         ids = tokenizer.convert_tokens_to_ids([BOS, START_HEADER, END_HEADER, EOT, IMAGE])
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError(
-                f"tokenizer lacks one of the special tokens {BOS}, {START_HEADER}, {END_HEADER}, {EOT}, {IMAGE}"
+                f"tokenizer lacks one of the special tokens {BOS}, {START_HEADER}, {END_HEADER}, {EOT}, "
+                f"{IMAGE}"
             )
         self.bos_id, self.start_header_id, self.end_header_id, self.eot_id, self.image_token_id = ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
@@ -288,7 +290,8 @@ class PaLlavaProcessor(ProcessorMixin):
                 labels = [IGNORE_INDEX] * len(ids)
             if expected != len(sample_images):
                 raise ValueError(
-                    f"sample {index}: {expected} {IMAGE} placeholder(s) in the text but {len(sample_images)} image(s) given"
+                    f"sample {index}: {expected} {IMAGE} placeholder(s) in the text but "
+                    f"{len(sample_images)} image(s) given"
                 )
             if len(ids) > self.max_length:
                 raise ValueError(f"sample {index}: {len(ids)} tokens, over the limit of {self.max_length}")
@@ -304,7 +307,8 @@ class PaLlavaProcessor(ProcessorMixin):
 
     @staticmethod
     def _images_per_sample(samples: Sequence, images, conversations: bool) -> list[list[ImageSource]]:
-        """Images grouped by sample: given per sample, or (prompts only) as one flat list split by placeholders."""
+        """Images grouped by sample: given per sample, or (prompts only) as one flat list split by
+        placeholders."""
         if images is None:
             return [[] for _ in samples]
         nested = isinstance(images, (list, tuple)) and all(isinstance(item, (list, tuple)) for item in images)

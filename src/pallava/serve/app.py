@@ -67,7 +67,8 @@ class ServerSettings:
             raise ValueError("timeout_s must be > 0 and batch_window_s >= 0")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) is over max_tokens_limit ({self.max_tokens_limit})"
+                f"default_max_tokens ({self.default_max_tokens}) is over max_tokens_limit "
+                f"({self.max_tokens_limit})"
             )
         if self.allow_local_dir is not None:
             self.allow_local_dir = Path(self.allow_local_dir)
@@ -365,7 +366,8 @@ def run_server(
 
 
 class BackgroundServer:
-    """Serve an ASGI app with uvicorn in a background thread: `with BackgroundServer(app) as server: server.url`.
+    """Serve an ASGI app with uvicorn in a background thread: `with BackgroundServer(app) as server:
+    server.url`.
 
     `port=0` picks a free port. Used by the tests, the load benchmark and notebooks.
     """

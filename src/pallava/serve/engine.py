@@ -48,7 +48,8 @@ class GenerationOptions:
 
 @dataclass(eq=False)
 class Job:
-    """One request. `on_done` receives a `Completion` or an exception; `on_text` (streaming) each new piece."""
+    """One request. `on_done` receives a `Completion` or an exception; `on_text` (streaming) each new
+    piece."""
 
     conversation: list[Turn]
     images: list[Image.Image]

@@ -128,7 +128,8 @@ def save_training_state(
     accelerator: Accelerator, directory: str | Path, step: int, state: dict, keep_last: int, **save_options,
 ) -> Path:  # fmt: skip
     """Every process writes its part of accelerate's state into a temporary folder; the main process adds
-    `state` (JSON, in `STATE_FILE`), seals the folder and prunes old ones. Collective: call on every process."""
+    `state` (JSON, in `STATE_FILE`), seals the folder and prunes old ones. Collective: call on every
+    process."""
     directory = Path(directory)
     tmp = directory / (checkpoint_name(step) + TMP_SUFFIX)
     if accelerator.is_main_process:

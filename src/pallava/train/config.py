@@ -151,7 +151,7 @@ class Recipe:
         if self.feature_cache.enabled and self.trainable.vision:
             raise ValueError("feature_cache.enabled needs a frozen vision tower (trainable.vision: false)")
         if self.feature_cache.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"feature_cache.dtype must be auto, float32, float16 or bfloat16, got {self.feature_cache.dtype!r}")
+            raise ValueError("feature_cache.dtype must be auto, float32, float16 or bfloat16, got " f"{self.feature_cache.dtype!r}")
         if not 0 <= self.optim.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
         if len(self.optim.betas) != 2:

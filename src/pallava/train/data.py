@@ -155,7 +155,8 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_acc
 def micro_batches(
     order: Sequence[int], step: int, batch_size: int, world_size: int, grad_accum: int, rank: int
 ) -> list[list[int]]:
-    """The `grad_accum` micro-batches (sample indices) of process `rank` for optimizer step `step` of an epoch."""
+    """The `grad_accum` micro-batches (sample indices) of process `rank` for optimizer step `step` of an
+    epoch."""
     size = global_batch_size(batch_size, world_size, grad_accum)
     chunk = list(order[step * size : (step + 1) * size])
     per_micro = batch_size * world_size

@@ -41,10 +41,13 @@ def _base_models(config, history: list[dict[str, Any]]) -> list[str]:
     vision_source = config.vision_model_path or f"random initialisation (preset `{preset}`)"
     text_source = config.text_model_path or f"random initialisation (preset `{preset}`)"
     return [
-        f"- Vision tower: CLIP ViT, {vision.image_size} px, patch {vision.patch_size}, width {vision.hidden_size}, "
+        f"- Vision tower: CLIP ViT, {vision.image_size} px, patch {vision.patch_size}, width "
+        f"{vision.hidden_size}, "
         f"{vision.num_hidden_layers} layers; weights from {vision_source}.",
-        f"- Connector: scale-invariant, {connector.num_hidden_layers} layers, width {connector.hidden_size}, tile "
-        f"cross-attention {'on' if connector.tile_cross_attention else 'off'}, {config.num_image_tokens} image tokens.",
+        f"- Connector: scale-invariant, {connector.num_hidden_layers} layers, width "
+        f"{connector.hidden_size}, tile "
+        f"cross-attention {'on' if connector.tile_cross_attention else 'off'}, {config.num_image_tokens} "
+        "image tokens.",
         f"- Language model: {text.model_type}, width {text.hidden_size}, {text.num_hidden_layers} layers, "
         f"vocabulary {text.vocab_size}; weights from {text_source}.",
     ]
@@ -100,7 +103,8 @@ def model_card(assistant: PaLlava, history: list[dict[str, Any]], reports: Seque
     if merged:
         lines.append("- LoRA: merged into the language model's weights (no peft needed to run).")
     elif lora:
-        lines.append(f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, on {', '.join(lora.get('target_modules', []))}; "
+        lines.append(f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, "
+                     f"on {', '.join(lora.get('target_modules', []))}; "
                      f"kept as modules, and also saved as a peft adapter in `{ADAPTER_DIR}/`.")  # fmt: skip
     lines += ["", "## Training data and recipe"]
     if not history:

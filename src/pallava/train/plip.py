@@ -2,7 +2,8 @@
 
 Works alone or under `accelerate launch` (features are gathered across processes for ITC). Output folder:
 a loadable PLIP model (config, weights, tokenizer), `vision_tower/` (a CLIPVisionModel folder for the
-assistant), `checkpoints/ckpt-N` (full state, sealed by a marker, last k kept), `logs/` (TensorBoard), `train_log.jsonl`,
+assistant), `checkpoints/ckpt-N` (full state, sealed by a marker, last k kept), `logs/` (TensorBoard),
+`train_log.jsonl`,
 `training_curve.png` and `training_summary.json`.
 """
 
@@ -103,7 +104,8 @@ RECIPES: dict[str, PlipTrainConfig] = {
 
 
 def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained text tower."""
+    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained text
+    tower."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in pretrainer.model.named_parameters():
         if not param.requires_grad:
@@ -262,7 +264,8 @@ def train_plip(
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
         for batch in batches:
-            # Soft-target weight ramps up over the first epoch (ALBEF), while the momentum model is still poor.
+            # Soft-target weight ramps up over the first epoch (ALBEF), while the momentum model is still
+            # poor.
             generator.manual_seed((recipe.seed * 1_000_003 + step) * accelerator.num_processes + accelerator.process_index)
             with accelerator.autocast():
                 output = pretrainer(**batch, alpha=alpha * min(1.0, step / steps_per_epoch), generator=generator)

@@ -109,7 +109,8 @@ def read_plip_data(
 
 
 def augment(array: np.ndarray, rng: random.Random, crop_scale: float = 1.0) -> np.ndarray:
-    """Random 90-degree rotation, flip and small brightness/contrast/saturation jitter of a square HxWx3 image.
+    """Random 90-degree rotation, flip and small brightness/contrast/saturation jitter of a square HxWx3
+    image.
 
     With `crop_scale` < 1, first a random square crop (side `crop_scale`..1 of the image) resized back: zoom.
     """
@@ -131,7 +132,8 @@ def augment(array: np.ndarray, rng: random.Random, crop_scale: float = 1.0) -> n
 
 
 class PlipDataset(Dataset):
-    """Images (letterboxed to the model size, cached in memory on request) with their captions and match keys."""
+    """Images (letterboxed to the model size, cached in memory on request) with their captions and match
+    keys."""
 
     def __init__(
         self,

@@ -200,7 +200,7 @@ class Trainer:
             expected = {name for name, param in model.named_parameters() if param.requires_grad}
             if set(state) != expected:
                 raise ValueError(f"{input_dir}: checkpoint weights do not match the trainable parameters "
-                                 f"(missing {sorted(expected - set(state))[:5]}, extra {sorted(set(state) - expected)[:5]})")  # fmt: skip
+                                 f"(missing {sorted(expected - set(state))[:5]}, extra " f"{sorted(set(state) - expected)[:5]})")  # fmt: skip
             model.load_state_dict(state, strict=False)
             models.clear()
 

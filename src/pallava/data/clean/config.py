@@ -56,7 +56,7 @@ class CleanConfig:
         middle = stages[1:-1]
         bad = [s for s in middle if s not in JUDGE_STAGES]
         if bad or len(set(middle)) != len(middle):
-            raise ValueError(f"config field 'stages': middle stages must be distinct names from {JUDGE_STAGES}, got {middle}")
+            raise ValueError(f"config field 'stages': middle stages must be distinct names from {JUDGE_STAGES}, got " f"{middle}")
         if self.duplicate_mode not in DUPLICATE_MODES:
             raise ValueError(f"config field 'duplicate_mode' must be one of {DUPLICATE_MODES}, got {self.duplicate_mode!r}")
         if self.on_judge_error not in ("stop", "reject"):

@@ -52,7 +52,8 @@ NON_HUMAN_TERMS: dict[str, tuple[str, ...]] = {
 }
 # Phrases that mention an animal without the tissue being animal (antibody reagents, eponyms).
 ALLOWED_PHRASES: tuple[str, ...] = (
-    r"\b(mouse|rabbit|goat|rat|donkey|sheep|horse|chicken|guinea pig)\s+(anti\b|anti-|monoclonal|polyclonal|igg|igm|antibod|serum)",
+    r"\b(mouse|rabbit|goat|rat|donkey|sheep|horse|chicken|guinea "
+    r"pig)\s+(anti\b|anti-|monoclonal|polyclonal|igg|igm|antibod|serum)",
     r"\banti-?\s?(mouse|rabbit|goat|rat|sheep|chicken|human)\b",
     r"\bhorseradish\b", r"\bchicken[- ]wire\b", r"\brat[- ]bite\b", r"\bcat[- ]scratch\b",
     r"\bcanine (tooth|teeth)\b", r"\brodent ulcer", r"\b(fetal |foetal )?bovine serum\b",
@@ -94,7 +95,8 @@ DEFAULT_NON_PATHOLOGY_PROMPTS: tuple[str, ...] = (
 
 
 class PlipImageJudge:
-    """Zero-shot PLIP: keeps an image when p(pathology prompts) >= threshold against the non-pathology prompts.
+    """Zero-shot PLIP: keeps an image when p(pathology prompts) >= threshold against the non-pathology
+    prompts.
 
     `model_dir` is a trained PLIP folder, or an object with `predict_proba(images, class_texts)`.
     """
@@ -139,7 +141,8 @@ class PlipImageJudge:
 
 
 def build_judge(spec: dict[str, Any], stage: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Any:
-    """Make the judge a config entry describes (`type`: none, lexicon, stain, plip, openai); None for `none`."""
+    """Make the judge a config entry describes (`type`: none, lexicon, stain, plip, openai); None for
+    `none`."""
     options = {k: v for k, v in spec.items() if k != "type"}
     kind = spec.get("type")
     try:

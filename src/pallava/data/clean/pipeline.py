@@ -56,7 +56,8 @@ class JudgeStopped(ValueError):
 
 
 def record_kind(data: dict[str, Any]) -> str:
-    """caption, vqa or conversation, from the fields a record carries; ValueError naming the field if none fit."""
+    """caption, vqa or conversation, from the fields a record carries; ValueError naming the field if none
+    fit."""
     if "caption" in data:
         CaptionPair.from_dict(data)
         return "caption"
@@ -107,7 +108,7 @@ def _input_ids(path: Path) -> list[str]:
     seen: dict[str, int] = {}
     for entry in _scan_input(path):
         if entry.id in seen:
-            raise ValueError(f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; ids must be unique")
+            raise ValueError(f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; " "ids must be unique")
         seen[entry.id] = entry.line
     return list(seen)
 
@@ -297,7 +298,8 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
                     if entry.stop is not None:
                         _sync(kept, rejected)
                         raise JudgeStopped(
-                            f"{input_path}: line {entry.line}: record {entry.id}: judge failed ({entry.stop.detail}); "
+                            f"{input_path}: line {entry.line}: record {entry.id}: judge failed "
+                            f"({entry.stop.detail}); "
                             f"finished records are saved in {out}; fix the judge and re-run to resume"
                         )
                     if entry.rejection is None:

@@ -66,7 +66,8 @@ def write_report(path: Path, summary: dict[str, Any], input_path: Path) -> None:
     lines = [
         "# Cleaning report",
         "",
-        f"Input: `{input_path.name}`, {summary['input']} records. Kept {summary['kept']}, rejected {summary['rejected']}.",
+        f"Input: `{input_path.name}`, {summary['input']} records. Kept {summary['kept']}, rejected "
+        f"{summary['rejected']}.",
         "",
         "| stage | rejected | remaining |",
         "|---|---:|---:|",

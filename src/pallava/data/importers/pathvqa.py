@@ -98,7 +98,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_pickle_safely(path: str | Path) -> Any:
-    """Load a pickle through `RestrictedUnpickler`; a refused or broken pickle raises ValueError naming the file."""
+    """Load a pickle through `RestrictedUnpickler`; a refused or broken pickle raises ValueError naming the
+    file."""
     path = Path(path)
     try:
         return RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
@@ -156,7 +157,7 @@ def read_pathvqa_json(path: str | Path, image_root: str | Path | None = None) ->
         if not isinstance(labels, list):
             raise ValueError(f"{where}: field 'labelf.pvqa' must be a list of {{answer: score}} objects")
         if len(questions) != len(labels):
-            raise ValueError(f"{where}: fields 'sentf.pvqa' ({len(questions)}) and 'labelf.pvqa' ({len(labels)}) differ in length")
+            raise ValueError(f"{where}: fields 'sentf.pvqa' ({len(questions)}) and 'labelf.pvqa' ({len(labels)}) " "differ in length")
         image_path = str(Path(image_root) / f"{image}.jpg") if image_root is not None else f"{image}.jpg"
         for i, (question, label) in enumerate(zip(questions, labels, strict=True)):
             item_where = f"{where} ({image}), question {i}"

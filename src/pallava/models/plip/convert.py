@@ -21,7 +21,8 @@ _DROPPED = ("text_model.", "text_projection", "visual_projection", "logit_scale"
 
 
 def clip_vision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map CLIP / PLIP vision keys onto `CLIPVisionModel` keys; text-side and projection tensors are dropped."""
+    """Map CLIP / PLIP vision keys onto `CLIPVisionModel` keys; text-side and projection tensors are
+    dropped."""
     mapped = {}
     for key, value in state.items():
         name = key
@@ -88,7 +89,8 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
 
 
 def convert_plip_checkpoint(src: str | Path, out_dir: str | Path) -> Path:
-    """Write the released PLIP encoder (or any CLIP vision checkpoint) as a standalone CLIPVisionModel folder."""
+    """Write the released PLIP encoder (or any CLIP vision checkpoint) as a standalone CLIPVisionModel
+    folder."""
     out = Path(out_dir)
     load_vision_tower(src).save_pretrained(out)
     return out

@@ -1,4 +1,5 @@
-"""PLIP losses: image-text contrastive (ITC) with distributed gathering, hard-negative sampling for matching (ITM).
+"""PLIP losses: image-text contrastive (ITC) with distributed gathering, hard-negative sampling for matching
+(ITM).
 
 Pairs are identified by `match_keys` (N, 2): an image key and a text key. Two samples match when either key
 is equal, so the same image with another caption, or another image with the identical caption (or, for

@@ -1,7 +1,8 @@
 """Named PLIP presets and the model factory (text/vision initialisation from local checkpoints).
 
 `tiny`: the shared tiny ViT (224 px, patch 32, width 128) + the first 2 layers of MiniLM-L6 (384-d) as text
-tower, mean-pooled, ITM on 8 positives per step: trainable on 2 CPU cores in minutes. `paper`: ViT-B/16 + a BERT-base-shaped text tower, 256-d embedding,
+tower, mean-pooled, ITM on 8 positives per step: trainable on 2 CPU cores in minutes. `paper`: ViT-B/16 + a
+BERT-base-shaped text tower, 256-d embedding,
 momentum 0.995 with a 57,600-entry queue.
 """
 
@@ -76,8 +77,10 @@ def build_plip(
 ) -> tuple[PlipModel, PreTrainedTokenizerBase]:
     """A fresh PLIP model and its tokenizer.
 
-    text_init: 'minilm' (bundled MiniLM-L6), 'scratch', or a local BERT checkpoint folder (default per preset).
-    vision_init: a CLIP / CLIP-vision checkpoint folder or the authors' PLIP state-dict file (default: random).
+    text_init: 'minilm' (bundled MiniLM-L6), 'scratch', or a local BERT checkpoint folder (default per
+    preset).
+    vision_init: a CLIP / CLIP-vision checkpoint folder or the authors' PLIP state-dict file (default:
+    random).
     """
     if seed is not None:
         torch.manual_seed(seed)

@@ -62,7 +62,8 @@ class PlipPretrainer(nn.Module):
     def _enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, keys: torch.Tensor) -> None:
         size, n = self.image_queue.shape[0], image_feats.shape[0]
         index = (int(self.queue_ptr) + torch.arange(n, device=image_feats.device)) % size
-        # Under bf16 autocast the momentum features come out in bf16; the queues keep their own (fp32) precision.
+        # Under bf16 autocast the momentum features come out in bf16; the queues keep their own (fp32)
+        # precision.
         self.image_queue[index] = image_feats.to(self.image_queue.dtype)
         self.text_queue[index] = text_feats.to(self.text_queue.dtype)
         self.key_queue[index] = keys
@@ -110,7 +111,8 @@ class PlipPretrainer(nn.Module):
         match_keys: torch.Tensor,
         generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM over [positives, (hard-negative image, text), (image, hard-negative text)] within the local batch.
+        """ITM over [positives, (hard-negative image, text), (image, hard-negative text)] within the local
+        batch.
 
         Negatives come from the whole local batch; `itm_max_pairs` caps how many positives are scored.
         """

@@ -36,7 +36,8 @@ def resolve_text_init(source: str | Path) -> Path:
 def text_config_from_bert(
     bert_dir: str | Path, encoder_hidden_size: int, num_layers: int | None = None
 ) -> BlipTextConfig:
-    """A text-tower config shaped like the BERT checkpoint in `bert_dir`, with cross-attention to the vision width.
+    """A text-tower config shaped like the BERT checkpoint in `bert_dir`, with cross-attention to the vision
+    width.
 
     `num_layers` keeps only the checkpoint's first layers (a cheaper tower); None keeps them all.
     """

@@ -70,7 +70,8 @@ class PlipZeroShot:
         return torch.cat(chunks)
 
     def class_embeddings(self, class_texts: Sequence[Sequence[str]]) -> torch.Tensor:
-        """(C, D): per class, the re-normalised mean of its prompts' normalised embeddings (prompt ensemble)."""
+        """(C, D): per class, the re-normalised mean of its prompts' normalised embeddings (prompt
+        ensemble)."""
         if not class_texts or any(len(texts) == 0 for texts in class_texts):
             raise ValueError("class_texts: every class needs at least one prompt")
         return torch.stack([F.normalize(self.encode_texts(list(texts)).mean(0), dim=0) for texts in class_texts])
