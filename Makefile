@@ -23,8 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pallava quickstart $(ARGS)
 
-test: $(STAMP) browser
-	$(VENV)/bin/ruff check src tests benchmarks
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q $(ARGS)
 
 # The edit-test loop: everything but the end-to-end tests marked `slow` (under 2 minutes).
@@ -33,6 +32,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
