@@ -185,7 +185,9 @@ def run_worker(module: str, args: list[str], timeout: float | None = None) -> di
     try:
         code = subprocess.run(command, cwd=ROOT, timeout=timeout).returncode  # its progress and errors show
         if code != 0 or not out.is_file():
-            raise RuntimeError(f"benchmark worker `{' '.join(command[1:])}` failed with exit code {code} (see above)")
+            raise RuntimeError(
+                f"benchmark worker `{' '.join(command[1:])}` failed with exit code {code} (see above)"
+            )
         return json.loads(out.read_text())
     finally:
         out.unlink(missing_ok=True)

@@ -36,10 +36,14 @@ class Sizes:
     llm_layers: int = 2
     rank: int = 8
     lora_shapes: tuple = (  # (in, out) of each LoRA-wrapped projection of the tiny Llama (2 kv heads of 32)
-        ("self_attn.q_proj", 128, 128), ("self_attn.k_proj", 128, 64), ("self_attn.v_proj", 128, 64),
-        ("self_attn.o_proj", 128, 128), ("mlp.gate_proj", 128, 256), ("mlp.up_proj", 128, 256),
+        ("self_attn.q_proj", 128, 128),
+        ("self_attn.k_proj", 128, 64),
+        ("self_attn.v_proj", 128, 64),
+        ("self_attn.o_proj", 128, 128),
+        ("mlp.gate_proj", 128, 256),
+        ("mlp.up_proj", 128, 256),
         ("mlp.down_proj", 256, 128),
-    )  # fmt: skip
+    )
     meta: bool = False
 
     @property
@@ -49,12 +53,26 @@ class Sizes:
 
 TINY = Sizes()
 PAPER = Sizes(  # ViT-B/16 PLIP, 6-layer connector, Llama-3-8B with LoRA r=128
-    width=768, vit_layers=12, vit_heads=12, patch=16, connector_layers=6, connector_ffn=3072, llm_width=4096,
-    llm_layers=32, rank=128, meta=True,
-    lora_shapes=(("self_attn.q_proj", 4096, 4096), ("self_attn.k_proj", 4096, 1024),
-                 ("self_attn.v_proj", 4096, 1024), ("self_attn.o_proj", 4096, 4096),
-                 ("mlp.gate_proj", 4096, 14336), ("mlp.up_proj", 4096, 14336), ("mlp.down_proj", 14336, 4096)),
-)  # fmt: skip
+    width=768,
+    vit_layers=12,
+    vit_heads=12,
+    patch=16,
+    connector_layers=6,
+    connector_ffn=3072,
+    llm_width=4096,
+    llm_layers=32,
+    rank=128,
+    meta=True,
+    lora_shapes=(
+        ("self_attn.q_proj", 4096, 4096),
+        ("self_attn.k_proj", 4096, 1024),
+        ("self_attn.v_proj", 4096, 1024),
+        ("self_attn.o_proj", 4096, 4096),
+        ("mlp.gate_proj", 4096, 14336),
+        ("mlp.up_proj", 4096, 14336),
+        ("mlp.down_proj", 14336, 4096),
+    ),
+)
 
 
 class Filler:
@@ -139,10 +157,20 @@ def release(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
     plip = root / "plip"
     plip.mkdir()
-    config = {"model_type": "clip_vision_model", "architectures": ["VisionModel"], "hidden_size": TINY.width,
-              "intermediate_size": 4 * TINY.width, "num_hidden_layers": TINY.vit_layers,
-              "num_attention_heads": TINY.vit_heads, "image_size": 224, "patch_size": TINY.patch, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-              "projection_dim": 512, "intermediate_transformer_output": [4, 6, 8]}  # fmt: skip
+    config = {
+        "model_type": "clip_vision_model",
+        "architectures": ["VisionModel"],
+        "hidden_size": TINY.width,
+        "intermediate_size": 4 * TINY.width,
+        "num_hidden_layers": TINY.vit_layers,
+        "num_attention_heads": TINY.vit_heads,
+        "image_size": 224,
+        "patch_size": TINY.patch,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 512,
+        "intermediate_transformer_output": [4, 6, 8],
+    }
     (plip / "config.json").write_text(json.dumps(config))
     torch.save(their_plip_state(), plip / "plip_80w_196token.bin")
     for cross in (False, True):
@@ -154,9 +182,26 @@ def release(tmp_path_factory):
 
 
 def convert_cli(release, checkpoint, out, *extra) -> int:
-    return main(["convert", "official", "--plip", str(release / "plip"), "--checkpoint", str(checkpoint),
-                 "--llm", str(release / "llm"), "--out", str(out), "--connector-heads", "4", "--dtype", "float32",
-                 "--no-progress", *extra])  # fmt: skip
+    return main(
+        [
+            "convert",
+            "official",
+            "--plip",
+            str(release / "plip"),
+            "--checkpoint",
+            str(checkpoint),
+            "--llm",
+            str(release / "llm"),
+            "--out",
+            str(out),
+            "--connector-heads",
+            "4",
+            "--dtype",
+            "float32",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +231,10 @@ def test_every_source_tensor_lands_bit_identical_at_its_place(release, converted
     assert config.lora["r"] == TINY.rank and config.lora["alpha"] == 2 * TINY.rank
     assert sorted(config.lora["target_modules"]) == sorted(m.split(".")[1] for m, _, _ in TINY.lora_shapes)
     report = json.loads((release / f"out-cross{int(cross_attention)}" / "conversion.json").read_text())
-    assert sorted(report["ignored"]) == ["checkpoint:projector.model.bert.embeddings.position_ids",
-                                         "plip:vision_model.embeddings.position_ids"]  # fmt: skip
+    assert sorted(report["ignored"]) == [
+        "checkpoint:projector.model.bert.embeddings.position_ids",
+        "plip:vision_model.embeddings.position_ids",
+    ]
     assert report["unmapped"] == report["unfilled"] == []
 
 
@@ -223,8 +270,10 @@ def reference_vision_features(state: dict[str, torch.Tensor], pixels: torch.Tens
     for i in range(TINY.vit_layers - 1):  # hidden state -2 = the output of layer L-1
         layer = f"{p}encoder.layers.{i}."
         h = norm(x, layer + "layer_norm1")
-        q, k, v = (linear(h, layer + f"self_attn.{n}").view(batch, length, TINY.vit_heads, -1).transpose(1, 2)
-                   for n in ("q_proj", "k_proj", "v_proj"))  # fmt: skip
+        q, k, v = (
+            linear(h, layer + f"self_attn.{n}").view(batch, length, TINY.vit_heads, -1).transpose(1, 2)
+            for n in ("q_proj", "k_proj", "v_proj")
+        )
         weights = (q @ k.transpose(-1, -2) / (width // TINY.vit_heads) ** 0.5).softmax(-1)
         x = x + linear(
             (weights @ v).transpose(1, 2).reshape(batch, length, width), layer + "self_attn.out_proj"
@@ -261,8 +310,16 @@ def test_unmapped_and_unfilled_tensors_fail_loudly_naming_them(release, tmp_path
     assert "connector.layers.1.output.LayerNorm.bias" in error and "--allow-missing" in error
     assert not (tmp_path / "strict").exists()
 
-    report = convert_official(release / "plip", broken, release / "llm", tmp_path / "lenient", allow_missing=True,
-                              connector_heads=4, dtype=torch.float32, progress=False)  # fmt: skip
+    report = convert_official(
+        release / "plip",
+        broken,
+        release / "llm",
+        tmp_path / "lenient",
+        allow_missing=True,
+        connector_heads=4,
+        dtype=torch.float32,
+        progress=False,
+    )
     assert report.unmapped == ["checkpoint:projector.model.bert.encoder.layer.0.intermediate.dense.weight"]
     assert report.unfilled == ["connector.layers.1.output.LayerNorm.bias"]
     assert "NOT filled" in report.summary() and (tmp_path / "lenient" / "config.json").is_file()
@@ -280,8 +337,14 @@ def test_shape_mismatch_and_wrong_inputs_are_errors(release, tmp_path):
             release / "plip", bad, release / "llm", tmp_path / "a", connector_heads=4, progress=False
         )
     with pytest.raises(ValueError, match="no connector tensors"):
-        convert_official(release / "plip", release / "plip" / "plip_80w_196token.bin", release / "llm",
-                         tmp_path / "b", connector_heads=4, progress=False)  # fmt: skip
+        convert_official(
+            release / "plip",
+            release / "plip" / "plip_80w_196token.bin",
+            release / "llm",
+            tmp_path / "b",
+            connector_heads=4,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="model_type 'llama' is not a CLIP vision config"):
         convert_official(release / "llm", bad, release / "llm", tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match=r"not a multiple of 12 heads \(--connector-heads\)"):

@@ -91,7 +91,9 @@ def test_stage1_conversations_vary_instruction_and_image_position():
         assert conversation.image == caption.image and conversation.id == caption.id
     assert set(instructions) == set(CAPTION_INSTRUCTIONS)
     assert 150 < first < 250
-    assert [c.to_dict() for c in stage1_conversations(captions, seed=0)] == [c.to_dict() for c in conversations]
+    assert [c.to_dict() for c in stage1_conversations(captions, seed=0)] == [
+        c.to_dict() for c in conversations
+    ]
 
 
 def test_stage2_prompts_per_answer_type():

@@ -24,8 +24,13 @@ def test_he_tiles_are_kept(shared_data):
 
 
 def test_scores_separate_with_a_margin(shared_data):
-    lowest_tile = min(he_fraction(load_image(p)) for p in sorted((shared_data / "lc25000-lung" / "images").glob("*/*.jpeg"))[::100])
-    highest_photo = max(he_fraction(load_image(p)) for p in (shared_data / "samples" / "non-pathology").iterdir())
+    lowest_tile = min(
+        he_fraction(load_image(p))
+        for p in sorted((shared_data / "lc25000-lung" / "images").glob("*/*.jpeg"))[::100]
+    )
+    highest_photo = max(
+        he_fraction(load_image(p)) for p in (shared_data / "samples" / "non-pathology").iterdir()
+    )
     assert lowest_tile - highest_photo > 0.2
 
 

@@ -23,8 +23,14 @@ SCORER_NAMES = ("strict", "paper", "llava-med")
 
 
 def rec(prediction: str, reference: str, answer_type: str = "closed", **extra: object) -> dict:
-    return {"id": extra.pop("id", "q"), "question": "?", "prediction": prediction, "reference": reference,
-            "answer_type": answer_type, **extra}
+    return {
+        "id": extra.pop("id", "q"),
+        "question": "?",
+        "prediction": prediction,
+        "reference": reference,
+        "answer_type": answer_type,
+        **extra,
+    }
 
 
 def correct(scorer: str, prediction: str, reference: str, answer_type: str = "closed") -> bool | None:
@@ -42,12 +48,20 @@ def pathvqa_records() -> list[dict]:
         for index, (question, label) in enumerate(pairs):
             answer = next(iter(label))
             closed = answer.strip().lower() in ("yes", "no")
-            records.append(rec(answer, answer, "closed" if closed else "open",
-                               id=f"{image['img_id']}_{index}", question=question))
+            records.append(
+                rec(
+                    answer,
+                    answer,
+                    "closed" if closed else "open",
+                    id=f"{image['img_id']}_{index}",
+                    question=question,
+                )
+            )
     return records
 
 
 # --- normalisation -------------------------------------------------------------------------
+
 
 def test_paper_normalisation_follows_the_published_rules() -> None:
     assert normalize_paper("X-Ray of the (Chest)!") == "xray of the chest"
@@ -84,6 +98,7 @@ def test_first_yes_no_reads_whole_words_only() -> None:
 
 # --- closed-set traps ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("prediction", "reference", "strict", "paper", "llava_med"),
     [
@@ -105,7 +120,9 @@ def test_first_yes_no_reads_whole_words_only() -> None:
         ("maybe", "no", False, False, False),
     ],
 )
-def test_closed_set_traps(prediction: str, reference: str, strict: bool, paper: bool, llava_med: bool | None) -> None:
+def test_closed_set_traps(
+    prediction: str, reference: str, strict: bool, paper: bool, llava_med: bool | None
+) -> None:
     assert correct("strict", prediction, reference) is strict
     assert correct("paper", prediction, reference) is paper
     assert correct("llava-med", prediction, reference) is llava_med
@@ -122,6 +139,7 @@ def test_paper_decides_closed_by_the_reference_not_the_record_type() -> None:
 
 
 # --- open-set traps ------------------------------------------------------------------------
+
 
 def test_open_exact_match_and_recall() -> None:
     records = [
@@ -153,8 +171,13 @@ def test_llava_med_recall_counts_repeated_prediction_words() -> None:
 # --- summaries and denominators ------------------------------------------------------------
 
 TRAPS = [
-    rec("normal", "no", id="1"), rec("not", "no", id="2"), rec("yes", "no", id="3"), rec("No.", "no", id="4"),
-    rec("", "yes", id="5"), rec("liver", "liver", "open", id="6"), rec("", "lung", "open", id="7"),
+    rec("normal", "no", id="1"),
+    rec("not", "no", id="2"),
+    rec("yes", "no", id="3"),
+    rec("No.", "no", id="4"),
+    rec("", "yes", id="5"),
+    rec("liver", "liver", "open", id="6"),
+    rec("", "lung", "open", id="7"),
     rec("B", "A", "choice", options=["A:liver", "B:lung", "C:skin", "D:bone"], id="8"),
 ]
 
@@ -199,6 +222,7 @@ def test_bad_records_name_the_record_and_field() -> None:
 
 
 # --- real PathVQA answers ------------------------------------------------------------------
+
 
 def test_pathvqa_references_score_perfectly_against_themselves(pathvqa_records: list[dict]) -> None:
     closed = sum(r["answer_type"] == "closed" for r in pathvqa_records)

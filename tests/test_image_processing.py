@@ -162,6 +162,8 @@ def test_resizing_matches_pil_bicubic_within_two_grey_levels(lung_tiles, size):
     grey_levels = (crops * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)) * 255
     ours = grey_levels.round().to(torch.int16).permute(0, 2, 3, 1).numpy()  # (1 + tiles, S, S, 3)
     canvas = _pil_letterbox(image, cols * 224, rows * 224)
-    reference_tiles = canvas.reshape(rows, 224, cols, 224, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 224, 224, 3)
+    reference_tiles = (
+        canvas.reshape(rows, 224, cols, 224, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 224, 224, 3)
+    )
     assert np.abs(ours[0] - _pil_letterbox(image, 224, 224)).max() <= 2
     assert np.abs(ours[1:] - reference_tiles).max() <= 2

@@ -90,8 +90,10 @@ def test_padding_invariance_of_logits_and_generation(tiny, lung_tiles):
         keep = batch["attention_mask"][0].bool()
         torch.testing.assert_close(logits_batch[keep], logits_alone, atol=1e-4, rtol=1e-4)
     assistant = PaLlava(model, processor)
-    one_by_one = [assistant.ask(small, "What is the diagnosis?", max_new_tokens=6),
-                  assistant.ask(large, "Which tissue is this, and why?", max_new_tokens=6)]  # fmt: skip
+    one_by_one = [
+        assistant.ask(small, "What is the diagnosis?", max_new_tokens=6),
+        assistant.ask(large, "Which tissue is this, and why?", max_new_tokens=6),
+    ]
     batched = assistant.ask_batch(
         [small, large], ["What is the diagnosis?", "Which tissue is this, and why?"], max_new_tokens=6
     )
@@ -200,9 +202,11 @@ def test_paper_preset_parameter_counts_on_meta_device():
         **{**model.config.connector_config.to_dict(), "tile_cross_attention": False}
     )
     no_cross, _ = load_preset("paper", device="meta", connector_config=no_cross_config)
-    print(f"\npaper preset: connector {connector / 1e6:.1f}M with cross-attention, "
-          f"{count(no_cross.connector) / 1e6:.1f}M without; LoRA {lora / 1e6:.1f}M; "
-          f"vision {count(model.vision_tower) / 1e6:.1f}M; total {count(model) / 1e9:.2f}B")  # fmt: skip
+    print(
+        f"\npaper preset: connector {connector / 1e6:.1f}M with cross-attention, "
+        f"{count(no_cross.connector) / 1e6:.1f}M without; LoRA {lora / 1e6:.1f}M; "
+        f"vision {count(model.vision_tower) / 1e6:.1f}M; total {count(model) / 1e9:.2f}B"
+    )
     assert 59e6 < connector < 61e6
     assert 45e6 < count(no_cross.connector) < 47e6
     assert 335e6 < lora < 336e6

@@ -17,10 +17,18 @@ WORLD = 2
 MODES = (False, True)  # without / with momentum encoders and queues
 
 
-def _pretrainer(use_momentum: bool) -> tuple[PlipPretrainer, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pretrainer(
+    use_momentum: bool,
+) -> tuple[PlipPretrainer, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same model and global batch in every process (seeded); ITM off: its negatives are per process."""
     model, tokenizer = build_plip(
-        "tiny", text_init="scratch", text_layers=1, seed=0, itm_weight=0.0, use_momentum=use_momentum, queue_size=16
+        "tiny",
+        text_init="scratch",
+        text_layers=1,
+        seed=0,
+        itm_weight=0.0,
+        use_momentum=use_momentum,
+        queue_size=16,
     )
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randn(BATCH, 3, 224, 224, generator=gen)

@@ -45,7 +45,9 @@ def _pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
 def test_text_tower_from_minilm_reproduces_bert_hidden_states():
     model, tokenizer = build_plip("tiny", text_layers=6, text_pooling="cls", seed=0)  # all of MiniLM-L6
     bert = BertModel.from_pretrained(str(minilm_dir())).eval()
-    tokens = tokenizer(["an H&E image of lung adenocarcinoma.", "benign lung tissue"], padding=True, return_tensors="pt")
+    tokens = tokenizer(
+        ["an H&E image of lung adenocarcinoma.", "benign lung tissue"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         expected = bert(**tokens).last_hidden_state
         got = model.eval().text_states(tokens["input_ids"], tokens["attention_mask"])
@@ -89,7 +91,9 @@ def test_save_load_round_trip_gives_identical_features(plip, saved, crc_images):
     torch.testing.assert_close(zs.encode_texts(texts), expected_texts, rtol=0, atol=0)
     expected = PlipZeroShot(model, tokenizer).encode_images(crc_images)
     torch.testing.assert_close(zs.encode_images(crc_images), expected, rtol=0, atol=0)
-    torch.testing.assert_close(zs.encode_images(crc_images, batch_size=2), expected)  # batching changes nothing
+    torch.testing.assert_close(
+        zs.encode_images(crc_images, batch_size=2), expected
+    )  # batching changes nothing
     proba = zs.predict_proba(crc_images, [["adipose tissue", "fat"], ["debris"], ["lymphocytes"]])
     assert proba.shape == (3, 3)
     assert proba.sum(axis=1) == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
@@ -126,7 +130,9 @@ def test_converter_maps_the_authors_key_layout(tmp_path):
     converted = CLIPVisionModel.from_pretrained(out).eval()
     pixels = _pixels(1, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(converted(pixels).pooler_output, source(pixels).pooler_output, rtol=0, atol=0)
+        torch.testing.assert_close(
+            converted(pixels).pooler_output, source(pixels).pooler_output, rtol=0, atol=0
+        )
     del released["vision_model.post_layrnorm.weight"]
     torch.save(released, folder / "plip_80w_196token.bin")
     with pytest.raises(ValueError, match="post_layernorm.weight"):
@@ -147,7 +153,9 @@ def test_momentum_pretrainer_clamps_temperature_and_fills_the_queue():
     assert not any(p.requires_grad for p in pretrainer.momentum_model.parameters())
     with torch.no_grad():
         model.temp.fill_(3.0)
-    tokens = tokenizer(["benign lung tissue", "lung adenocarcinoma", "benign lung"], padding=True, return_tensors="pt")
+    tokens = tokenizer(
+        ["benign lung tissue", "lung adenocarcinoma", "benign lung"], padding=True, return_tensors="pt"
+    )
     keys = torch.tensor([[1, 10], [2, 20], [3, 10]])
     output = pretrainer(_pixels(3), tokens["input_ids"], tokens["attention_mask"], keys)
     output.loss.backward()

@@ -40,10 +40,23 @@ def small_manifest(lung, tmp_path_factory) -> Path:
 def recipe(tmp_path_factory) -> Path:
     """The tiny recipe with a smaller text tower and batch, for a few steps."""
     recipe = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "preset": "tiny", "batch_size": 12, "epochs": 3, "max_steps": 10, "lr": 1e-3, "text_lr": 1e-4,
-        "text_layers": 1, "itm_max_pairs": 4, "freeze_text_embeddings": True, "save_every": 4, "keep_checkpoints": 2,
-    }))  # fmt: skip
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "batch_size": 12,
+                "epochs": 3,
+                "max_steps": 10,
+                "lr": 1e-3,
+                "text_lr": 1e-4,
+                "text_layers": 1,
+                "itm_max_pairs": 4,
+                "freeze_text_embeddings": True,
+                "save_every": 4,
+                "keep_checkpoints": 2,
+            }
+        )
+    )
     return recipe
 
 
@@ -51,8 +64,24 @@ def recipe(tmp_path_factory) -> Path:
 def trained(small_manifest, recipe, tmp_path_factory) -> Path:
     """8 training steps, zero-shot probed on the dev images before and after."""
     out = tmp_path_factory.mktemp("plip")
-    code = main(["plip", "train", "--data", str(small_manifest), "--out", str(out), "--config", str(recipe),
-                 "--eval-data", str(small_manifest), "--eval-split", "dev", "--max-steps", "8"])  # fmt: skip
+    code = main(
+        [
+            "plip",
+            "train",
+            "--data",
+            str(small_manifest),
+            "--out",
+            str(out),
+            "--config",
+            str(recipe),
+            "--eval-data",
+            str(small_manifest),
+            "--eval-split",
+            "dev",
+            "--max-steps",
+            "8",
+        ]
+    )
     assert code == 0
     return out
 
@@ -70,8 +99,15 @@ def test_training_improves_zero_shot_accuracy(trained):
 
 
 def test_outputs_checkpoints_and_resume(trained, small_manifest, recipe):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "training_curve.png", "label_map.json",
-                 "vision_tower/config.json", "vision_tower/model.safetensors"):  # fmt: skip
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_curve.png",
+        "label_map.json",
+        "vision_tower/config.json",
+        "vision_tower/model.safetensors",
+    ):
         assert (trained / name).is_file(), name
     assert any((trained / "logs").rglob("events.out.tfevents*"))
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["ckpt-0000004", "ckpt-0000008"]
@@ -84,23 +120,65 @@ def test_outputs_checkpoints_and_resume(trained, small_manifest, recipe):
     last = trained / "checkpoints" / "ckpt-0000008"
     (last / "COMPLETE").unlink()
     last.rename(last.with_name("ckpt-0000008.tmp"))
-    code = main(["plip", "train", "--data", str(small_manifest), "--out", str(trained), "--config", str(recipe),
-                 "--max-steps", "8", "--resume"])  # fmt: skip
+    code = main(
+        [
+            "plip",
+            "train",
+            "--data",
+            str(small_manifest),
+            "--out",
+            str(trained),
+            "--config",
+            str(recipe),
+            "--max-steps",
+            "8",
+            "--resume",
+        ]
+    )
     assert code == 0
     assert [row for row in _log(trained) if "loss" in row] == uninterrupted
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["ckpt-0000004", "ckpt-0000008"]
 
 
 def test_zeroshot_and_retrieval_reports(trained, small_manifest, tmp_path):
-    assert main(["plip", "zeroshot", "--model", str(trained), "--data", str(small_manifest), "--out", str(tmp_path / "zs")]) == 0
+    assert (
+        main(
+            [
+                "plip",
+                "zeroshot",
+                "--model",
+                str(trained),
+                "--data",
+                str(small_manifest),
+                "--out",
+                str(tmp_path / "zs"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "zs" / "report.json").read_text())
     assert report["n"] == 3 * PER_CLASS_DEV
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= report.keys()
     assert sum(map(sum, report["confusion_matrix"])) == report["n"]
     assert set(report["per_class"]) == {"lung_aca", "lung_n", "lung_scc"}
     assert (tmp_path / "zs" / "confusion_matrix.png").stat().st_size > 0
-    assert main(["plip", "retrieve", "--model", str(trained), "--data", str(small_manifest), "--split", "dev",
-                 "--out", str(tmp_path / "ret")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "plip",
+                "retrieve",
+                "--model",
+                str(trained),
+                "--data",
+                str(small_manifest),
+                "--split",
+                "dev",
+                "--out",
+                str(tmp_path / "ret"),
+            ]
+        )
+        == 0
+    )
     retrieval = json.loads((tmp_path / "ret" / "report.json").read_text())
     for direction in ("image_to_text", "text_to_image"):
         recalls = [retrieval[direction][f"R@{k}"] for k in (1, 5, 10)]

@@ -15,8 +15,19 @@ pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make te
 @pytest.fixture(scope="module")
 def smoke_run(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    code = main(["quickstart", "--smoke", "--no-progress", "--out", str(out),
-                 "--data", str(shared_data / "lc25000-lung"), "--samples", str(shared_data / "samples")])  # fmt: skip
+    code = main(
+        [
+            "quickstart",
+            "--smoke",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--data",
+            str(shared_data / "lc25000-lung"),
+            "--samples",
+            str(shared_data / "samples"),
+        ]
+    )
     assert code == 0
     return out
 
@@ -51,13 +62,30 @@ def test_reports_and_summary_are_written(smoke_run):
     plip = json.loads((reports / "plip-zeroshot" / "report.json").read_text())
     assert plip["n"] == 6  # 2 dev images per class in the smoke subset
     summary = json.loads((reports / "summary.json").read_text())
-    assert [step["name"] for step in summary] == ["1-corpus", "2-plip", "3-assistant", "4-evaluation", "5-example"]
+    assert [step["name"] for step in summary] == [
+        "1-corpus",
+        "2-plip",
+        "3-assistant",
+        "4-evaluation",
+        "5-example",
+    ]
     assert list(reports.glob("**/*.png")), "reports come with plots"
 
 
 def test_rerun_skips_completed_steps(smoke_run, shared_data, capsys):
-    code = main(["quickstart", "--smoke", "--no-progress", "--out", str(smoke_run),
-                 "--data", str(shared_data / "lc25000-lung"), "--samples", str(shared_data / "samples")])  # fmt: skip
+    code = main(
+        [
+            "quickstart",
+            "--smoke",
+            "--no-progress",
+            "--out",
+            str(smoke_run),
+            "--data",
+            str(shared_data / "lc25000-lung"),
+            "--samples",
+            str(shared_data / "samples"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.count("already complete, skipped") == 5

@@ -85,9 +85,16 @@ def folders(tmp_path_factory, lung_tiles) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def server(assistant, folders):
     settings = ServerSettings(
-        api_key=KEY, allow_local_dir=folders[0], max_body_bytes=1_000_000, max_image_bytes=100_000,
-        max_image_pixels=1_000_000, max_images=2, max_tokens_limit=16, default_max_tokens=4, batch_window_s=0,
-    )  # fmt: skip
+        api_key=KEY,
+        allow_local_dir=folders[0],
+        max_body_bytes=1_000_000,
+        max_image_bytes=100_000,
+        max_image_pixels=1_000_000,
+        max_images=2,
+        max_tokens_limit=16,
+        default_max_tokens=4,
+        batch_window_s=0,
+    )
     with BackgroundServer(create_app(assistant, settings)) as running:
         yield running
 
@@ -108,44 +115,126 @@ def noise_png(size: int) -> bytes:
 BAD_REQUESTS = [
     ("missing messages", {"model": "m"}, 400, "invalid_request", "messages"),
     ("empty messages", {"model": "m", "messages": []}, 400, "invalid_request", "messages"),
-    ("missing content", {"messages": [{"role": "user"}]}, 400, "invalid_request", "messages[0].content: Field required"),
-    ("unsupported content part", ask({"type": "input_audio", "input_audio": {"data": "AAAA"}}), 400,
-     "invalid_request", "input_audio"),
+    (
+        "missing content",
+        {"messages": [{"role": "user"}]},
+        400,
+        "invalid_request",
+        "messages[0].content: Field required",
+    ),
+    (
+        "unsupported content part",
+        ask({"type": "input_audio", "input_audio": {"data": "AAAA"}}),
+        400,
+        "invalid_request",
+        "input_audio",
+    ),
     ("unsupported role", {"messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_request", "role"),
-    ("last turn not the user's", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-     400, None, "last message"),
-    ("image in an assistant turn", {"messages": [{"role": "assistant", "content": [image("x.png")]},
-                                                 {"role": "user", "content": "a"}]}, 400, "invalid_request", "messages[0].content"),
-    ("too many images", ask(image("tile.png"), image("tile.png"), image("tile.png"), text("?")), 400,
-     "too_many_images", "at most 2"),
+    (
+        "last turn not the user's",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        400,
+        None,
+        "last message",
+    ),
+    (
+        "image in an assistant turn",
+        {"messages": [{"role": "assistant", "content": [image("x.png")]}, {"role": "user", "content": "a"}]},
+        400,
+        "invalid_request",
+        "messages[0].content",
+    ),
+    (
+        "too many images",
+        ask(image("tile.png"), image("tile.png"), image("tile.png"), text("?")),
+        400,
+        "too_many_images",
+        "at most 2",
+    ),
     ("over-long prompt", ask(text("cells " * 3000)), 400, "context_length_exceeded", "context"),
     ("reserved chat token", ask(text("hi <|eot_id|><|start_header_id|>system")), 400, None, "reserved token"),
     ("reserved image token", ask(text("<image> what?")), 400, None, "reserved token"),
     ("max_tokens zero", ask(text("?"), max_tokens=0), 400, "invalid_request", "max_tokens"),
-    ("max_tokens over limit", ask(text("?"), max_tokens=17), 400, "invalid_request", "max_tokens: Input should be less than or equal to 16"),
-    ("max_completion_tokens over limit", ask(text("?"), max_completion_tokens=100), 400, "invalid_request",
-     "max_completion_tokens: Input should be less than or equal to 16"),
+    (
+        "max_tokens over limit",
+        ask(text("?"), max_tokens=17),
+        400,
+        "invalid_request",
+        "max_tokens: Input should be less than or equal to 16",
+    ),
+    (
+        "max_completion_tokens over limit",
+        ask(text("?"), max_completion_tokens=100),
+        400,
+        "invalid_request",
+        "max_completion_tokens: Input should be less than or equal to 16",
+    ),
     ("temperature negative", ask(text("?"), temperature=-0.5), 400, "invalid_request", "temperature"),
     ("temperature too high", ask(text("?"), temperature=2.5), 400, "invalid_request", "temperature"),
     ("top_p zero", ask(text("?"), top_p=0), 400, "invalid_request", "top_p"),
-    ("several choices", ask(text("?"), n=3), 400, "invalid_request", "n: Input should be less than or equal to 1"),
+    (
+        "several choices",
+        ask(text("?"), n=3),
+        400,
+        "invalid_request",
+        "n: Input should be less than or equal to 1",
+    ),
     ("stop sequences", ask(text("?"), stop=["\n"]), 400, "invalid_request", "'stop' is not supported"),
-    ("tools", ask(text("?"), tools=[{"type": "function", "function": {"name": "f"}}]), 400, "invalid_request", "'tools' is not supported"),
+    (
+        "tools",
+        ask(text("?"), tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
+        "invalid_request",
+        "'tools' is not supported",
+    ),
     ("http URL", ask(image("http://example.com/slide.png")), 400, "remote_url_refused", "not fetch"),
     ("https URL", ask(image("https://example.com/slide.png")), 400, "remote_url_refused", "not fetch"),
     ("other scheme", ask(image("ftp://example.com/slide.png")), 400, "remote_url_refused", "not fetch"),
-    ("non-image media type", ask(image("data:text/plain;base64,aGVsbG8=")), 400, "unsupported_media_type",
-     "text/plain"),
+    (
+        "non-image media type",
+        ask(image("data:text/plain;base64,aGVsbG8=")),
+        400,
+        "unsupported_media_type",
+        "text/plain",
+    ),
     ("data URL not base64", ask(image("data:image/png,rawbytes")), 400, "invalid_image_url", "base64"),
-    ("invalid base64", ask(image("data:image/png;base64,@@@not-base64@@@")), 400, "invalid_image_url", "base64"),
-    ("corrupt image", ask(image(data_url(b"this is not a png at all" * 4))), 400, "invalid_image", "decodable"),
+    (
+        "invalid base64",
+        ask(image("data:image/png;base64,@@@not-base64@@@")),
+        400,
+        "invalid_image_url",
+        "base64",
+    ),
+    (
+        "corrupt image",
+        ask(image(data_url(b"this is not a png at all" * 4))),
+        400,
+        "invalid_image",
+        "decodable",
+    ),
     ("image over the byte limit", ask(image(data_url(noise_png(300)))), 400, "image_too_large", "100,000"),
-    ("image over the pixel limit", ask(image(data_url(png_bytes(Image.new("L", (1200, 1000)))))), 400,
-     "image_too_large", "1,200,000"),
-    ("decompression bomb header", ask(image(data_url(png_header_only(100_000, 100_000)))), 400, "image_too_large",
-     "pixels"),
+    (
+        "image over the pixel limit",
+        ask(image(data_url(png_bytes(Image.new("L", (1200, 1000)))))),
+        400,
+        "image_too_large",
+        "1,200,000",
+    ),
+    (
+        "decompression bomb header",
+        ask(image(data_url(png_header_only(100_000, 100_000)))),
+        400,
+        "image_too_large",
+        "pixels",
+    ),
     ("absolute path", ask(image("/etc/hostname")), 400, "local_path_refused", "absolute"),
-    ("file URL to an absolute path", ask(image("file:///etc/hostname")), 400, "local_path_refused", "absolute"),
+    (
+        "file URL to an absolute path",
+        ask(image("file:///etc/hostname")),
+        400,
+        "local_path_refused",
+        "absolute",
+    ),
     ("windows absolute path", ask(image("C:\\Windows\\win.ini")), 400, "local_path_refused", "absolute"),
     ("parent directory", ask(image("../outside/private.png")), 400, "local_path_refused", ".."),
     ("parent directory inside", ask(image("sub/../tile.png")), 400, "local_path_refused", ".."),
@@ -153,7 +242,7 @@ BAD_REQUESTS = [
     ("symbolic link in", ask(image("link_in.png")), 400, "local_path_refused", "symbolic"),
     ("missing file", ask(image("nope.png")), 400, "image_not_found", "nope.png"),
     ("a folder", ask(image("sub")), 400, "image_not_found", "not a file"),
-]  # fmt: skip
+]
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None, contains: str) -> None:
@@ -166,16 +255,21 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None,
     assert error["type"] == ("invalid_request_error" if status < 500 else error["type"])
 
 
-@pytest.mark.parametrize(("body", "status", "code", "contains"), [c[1:] for c in BAD_REQUESTS],
-                         ids=[c[0] for c in BAD_REQUESTS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "status", "code", "contains"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
+)
 def test_bad_requests_get_a_named_4xx_and_the_server_keeps_serving(http, body, status, code, contains):
     assert_openai_error(http.post("/v1/chat/completions", json=body, headers=AUTH), status, code, contains)
     assert http.get("/health").status_code == 200
 
 
 def test_api_key_is_required_and_checked(http):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
-                    {"Authorization": f"Bearer {KEY}x"}):  # fmt: skip
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": f"Bearer {KEY}x"},
+    ):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
             response = http.request(method, path, headers=headers, json=ask(text("?")))
             assert response.status_code == 401
@@ -187,16 +281,40 @@ def test_api_key_is_required_and_checked(http):
 
 def test_protocol_errors_are_openai_shaped(http):
     cases = [
-        (http.post("/v1/chat/completions", content=b'{"messages": [', headers={**AUTH, "content-type": "application/json"}),
-         400, "invalid_request", "not valid JSON"),
-        (http.post("/v1/chat/completions", content=b"x" * 1_500_000, headers={**AUTH, "content-type": "application/json"}),
-         413, "request_too_large", "1,000,000 bytes"),
-        (http.post("/v1/chat/completions", content=iter([b"x" * 600_000] * 3), headers={**AUTH, "content-type": "application/json"}),
-         413, "request_too_large", "1,000,000 bytes"),  # chunked: no Content-Length to check up front
+        (
+            http.post(
+                "/v1/chat/completions",
+                content=b'{"messages": [',
+                headers={**AUTH, "content-type": "application/json"},
+            ),
+            400,
+            "invalid_request",
+            "not valid JSON",
+        ),
+        (
+            http.post(
+                "/v1/chat/completions",
+                content=b"x" * 1_500_000,
+                headers={**AUTH, "content-type": "application/json"},
+            ),
+            413,
+            "request_too_large",
+            "1,000,000 bytes",
+        ),
+        (
+            http.post(
+                "/v1/chat/completions",
+                content=iter([b"x" * 600_000] * 3),
+                headers={**AUTH, "content-type": "application/json"},
+            ),
+            413,
+            "request_too_large",
+            "1,000,000 bytes",
+        ),  # chunked: no Content-Length to check up front
         (http.get("/v1/chat/completions", headers=AUTH), 405, "method_not_allowed", "Not Allowed"),
         (http.get("/v1/nothing-here", headers=AUTH), 404, "not_found", "Not Found"),
         (http.get("/v1/models/other", headers=AUTH), 404, "model_not_found", "'other'"),
-    ]  # fmt: skip
+    ]
     for response, status, code, contains in cases:
         assert_openai_error(response, status, code, contains)
     assert http.get("/health").status_code == 200
@@ -205,10 +323,14 @@ def test_protocol_errors_are_openai_shaped(http):
 def test_allowed_images_still_work_after_all_refusals(http, folders):
     urls = ("tile.png", "sub/tile.png", "file:tile.png", to_data_url(folders[1] / "private.png"))
     with ThreadPoolExecutor(len(urls)) as pool:  # concurrent: answered as one batch
-        responses = list(pool.map(
-            lambda url: http.post("/v1/chat/completions", json=ask(image(url), text("What is it?")), headers=AUTH),
-            urls,
-        ))  # fmt: skip
+        responses = list(
+            pool.map(
+                lambda url: http.post(
+                    "/v1/chat/completions", json=ask(image(url), text("What is it?")), headers=AUTH
+                ),
+                urls,
+            )
+        )
     for response in responses:
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] >= 1

@@ -33,8 +33,13 @@ def test_generated_requests_never_cause_a_server_error(live_server, mode):
     statuses: Counter[tuple[str, int]] = Counter()
     for operation in operations:
 
-        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)  # fmt: skip
+        @settings(
+            max_examples=20,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
         @given(case=operation.as_strategy(mode))
         def call(case):
             for headers in ({"Authorization": f"Bearer {KEY}"}, {}):  # with and without the key

@@ -65,8 +65,11 @@ def test_map_outputs_and_probabilities_match_the_tiles(svs, plip, classes, tmp_p
 
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.png")) == [
-        "heatmap_background.png", "heatmap_dermal_collagen.png", "heatmap_squamous_epithelium.png", "tissue.png",
-    ]  # fmt: skip
+        "heatmap_background.png",
+        "heatmap_dermal_collagen.png",
+        "heatmap_squamous_epithelium.png",
+        "tissue.png",
+    ]
     for png in out.glob("*.png"):
         with Image.open(png) as image:
             assert image.width > 300 and image.height > 300
@@ -130,8 +133,24 @@ def test_map_command_end_to_end(svs, plip, tmp_path, capsys):
     classes = tmp_path / "classes.yaml"
     classes.write_text("EPI: {name: squamous epithelium}\nCOL: {name: collagen, synonyms: [dermis]}\n")
     out = tmp_path / "map"
-    argv = ["slide", "map", "--slide", str(svs), "--model", str(plip_dir), "--out", str(out), "--mpp", "2.0",
-            "--classes", str(classes), "--batch-size", "16", "--template", TEMPLATES[0]]  # fmt: skip
+    argv = [
+        "slide",
+        "map",
+        "--slide",
+        str(svs),
+        "--model",
+        str(plip_dir),
+        "--out",
+        str(out),
+        "--mpp",
+        "2.0",
+        "--classes",
+        str(classes),
+        "--batch-size",
+        "16",
+        "--template",
+        TEMPLATES[0],
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tissue tiles of 224 px at 2.0 um/px (898 level-0 px each); 2 classes" in printed

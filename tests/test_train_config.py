@@ -23,11 +23,18 @@ def test_stage_sections_and_overrides_merge_in_order(tmp_path):
     instruct = load_recipe(path, "instruct", ["train.epochs=7", "optim.lr=3e-4", "trainable.llm=true"])
     assert instruct.stage == "instruct"
     assert instruct.train.epochs == 7 and instruct.train.batch_size == 4
-    assert instruct.optim.lr == pytest.approx(3e-4)  # YAML reads 3e-4 as text; the field type makes it a float
+    assert instruct.optim.lr == pytest.approx(
+        3e-4
+    )  # YAML reads 3e-4 as text; the field type makes it a float
     assert instruct.optim.lr_lora == pytest.approx(2e-4)
     assert instruct.trainable.llm is True
     assert set(recipe_differences(align.to_dict(), instruct.to_dict())) == {
-        "stage", "data.path", "optim.lr", "optim.lr_lora", "trainable.llm", "train.epochs"
+        "stage",
+        "data.path",
+        "optim.lr",
+        "optim.lr_lora",
+        "trainable.llm",
+        "train.epochs",
     }
 
 
@@ -58,9 +65,17 @@ def test_shipped_recipes_load_for_both_stages():
             recipe.validate()
     paper = {stage: load_recipe(CONFIGS / "assistant-paper.yaml", stage) for stage in ("align", "instruct")}
     # The paper's hyper-parameters (PA-LLAVA.md, Training).
-    assert (paper["align"].train.batch_size, paper["align"].train.grad_accum, paper["align"].train.epochs) == (6, 6, 9)
+    assert (
+        paper["align"].train.batch_size,
+        paper["align"].train.grad_accum,
+        paper["align"].train.epochs,
+    ) == (6, 6, 9)
     assert paper["align"].optim.lr == pytest.approx(1e-4)
-    assert (paper["instruct"].train.batch_size, paper["instruct"].train.grad_accum, paper["instruct"].train.epochs) == (6, 4, 12)
+    assert (
+        paper["instruct"].train.batch_size,
+        paper["instruct"].train.grad_accum,
+        paper["instruct"].train.epochs,
+    ) == (6, 4, 12)
     assert paper["instruct"].optim.lr_lora == pytest.approx(2e-4)
     assert paper["instruct"].optim.lr_connector == pytest.approx(1e-4)
     for recipe in paper.values():

@@ -44,10 +44,23 @@ def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_p
     records = []
     for index, tile in enumerate(lung_tiles):
         (tmp_path / tile.name).write_bytes(tile.read_bytes())
-        records.append({"id": f"r{index}", "image": tile.name, "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"answer {index}"}]})
-    records.append({"id": "text", "image": None, "conversations": [
-        {"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."}]})
+        records.append(
+            {
+                "id": f"r{index}",
+                "image": tile.name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is shown?"},
+                    {"from": "gpt", "value": f"answer {index}"},
+                ],
+            }
+        )
+    records.append(
+        {
+            "id": "text",
+            "image": None,
+            "conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."}],
+        }
+    )
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     write_shards(records, tmp_path / "shards", embed_images=True, image_root=tmp_path, progress=False)
@@ -63,9 +76,15 @@ def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_p
     assert pixels["pixel_values"].shape[0] == 2 and pixels["num_samples"] == 3
     keys = [image_key(s.read_image_bytes()) if s.image_source is not None else None for s in from_jsonl]
     assert keys[:3] == [image_key(s.image_bytes) for s in from_shards[:3]]
-    cache = FeatureCache(tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto"))
-    cache.build(model.encode_crops, processor.image_processor,
-                {k: s.image_source for k, s in zip(keys, from_jsonl, strict=True) if k}, progress=False)  # fmt: skip
+    cache = FeatureCache(
+        tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto")
+    )
+    cache.build(
+        model.encode_crops,
+        processor.image_processor,
+        {k: s.image_source for k, s in zip(keys, from_jsonl, strict=True) if k},
+        progress=False,
+    )
     cached = Collator(processor, from_jsonl, cache, keys)(indices)
     for name in ("input_ids", "attention_mask", "labels", "tile_mask"):
         assert torch.equal(cached[name], pixels[name]), name
@@ -77,8 +96,19 @@ def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_p
 
 def test_bad_records_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "x1", "image": "a.png", "conversations": [
-        {"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "y"}]}) + "\n")
+    bad.write_text(
+        json.dumps(
+            {
+                "id": "x1",
+                "image": "a.png",
+                "conversations": [
+                    {"from": "human", "value": "no placeholder"},
+                    {"from": "gpt", "value": "y"},
+                ],
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(ValueError, match="bad.jsonl: line 1"):
         load_samples(DataSection(path=str(bad)), "align")
     with pytest.raises(ValueError, match="not found"):

@@ -16,13 +16,32 @@ from pallava.train.feedback import read_jsonl
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
-SMALL = ["data.limit=24", "train.batch_size=4", "train.cpu_threads=1", "logging.num_samples=2",
-         "logging.max_new_tokens=4", "logging.tensorboard=true"]  # fmt: skip
+SMALL = [
+    "data.limit=24",
+    "train.batch_size=4",
+    "train.cpu_threads=1",
+    "logging.num_samples=2",
+    "logging.max_new_tokens=4",
+    "logging.tensorboard=true",
+]
 
 
 def _train(stage: str, manifest: Path, out: Path, cache: Path, *extra: str) -> None:
-    args = ["train", "--stage", stage, "--config", str(CONFIG), "--data", str(manifest), "--out", str(out),
-            "--no-progress", *SMALL, f"feature_cache.dir={cache}", *extra]  # fmt: skip
+    args = [
+        "train",
+        "--stage",
+        stage,
+        "--config",
+        str(CONFIG),
+        "--data",
+        str(manifest),
+        "--out",
+        str(out),
+        "--no-progress",
+        *SMALL,
+        f"feature_cache.dir={cache}",
+        *extra,
+    ]
     assert main(args) == 0
 
 
@@ -30,9 +49,19 @@ def _train(stage: str, manifest: Path, out: Path, cache: Path, *extra: str) -> N
 def align_run(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("train-loop")
     out = root / "align"
-    _train("align", shared_data / "lc25000-lung" / "manifest.csv", out, root / "cache", "train.max_steps=12",
-           "trainable.llm=false", "optim.lr=5e-3", "optim.lr_lora=1e-2", "optim.warmup_ratio=0.1",
-           "checkpoint.every=6", "logging.sample_every=6")  # fmt: skip
+    _train(
+        "align",
+        shared_data / "lc25000-lung" / "manifest.csv",
+        out,
+        root / "cache",
+        "train.max_steps=12",
+        "trainable.llm=false",
+        "optim.lr=5e-3",
+        "optim.lr_lora=1e-2",
+        "optim.warmup_ratio=0.1",
+        "checkpoint.every=6",
+        "logging.sample_every=6",
+    )
     return out
 
 
@@ -72,9 +101,18 @@ def test_only_connector_and_lora_weights_change_when_the_rest_is_frozen(align_ru
 
 def test_instruct_starts_from_align_and_exports_with_a_model_card(align_run, shared_data, tmp_path):
     out = tmp_path / "instruct"
-    _train("instruct", shared_data / "lc25000-lung" / "manifest.csv", out, align_run.parent / "cache",
-           f"model.init={align_run}", "train.max_steps=3", "trainable.llm_modules=[lm_head]",
-           "optim.lr_lora=2e-4", "optim.lr_connector=1e-4", "data.answer_types=[closed,open]")  # fmt: skip
+    _train(
+        "instruct",
+        shared_data / "lc25000-lung" / "manifest.csv",
+        out,
+        align_run.parent / "cache",
+        f"model.init={align_run}",
+        "train.max_steps=3",
+        "trainable.llm_modules=[lm_head]",
+        "optim.lr_lora=2e-4",
+        "optim.lr_connector=1e-4",
+        "data.answer_types=[closed,open]",
+    )
     history = json.loads((out / "training_history.json").read_text())
     assert [h["stage"] for h in history] == ["align", "instruct"]
     first = read_jsonl(out / "metrics.jsonl")[1]["lr"]
@@ -82,16 +120,51 @@ def test_instruct_starts_from_align_and_exports_with_a_model_card(align_run, sha
     assert first["lora"] == pytest.approx(2 * first["connector"])
 
     report = tmp_path / "report.json"
-    report.write_text(json.dumps({"task": "vqa", "scorer": "strict", "data": "dev.csv", "split": "dev",
-                                  "closed": {"n": 240, "accuracy": 0.9125}, "open": {"n": 120, "accuracy": 0.85}}))
+    report.write_text(
+        json.dumps(
+            {
+                "task": "vqa",
+                "scorer": "strict",
+                "data": "dev.csv",
+                "split": "dev",
+                "closed": {"n": 240, "accuracy": 0.9125},
+                "open": {"n": 120, "accuracy": 0.85},
+            }
+        )
+    )
     exported = tmp_path / "export"
-    assert main(["export", "--model", str(out), "--out", str(exported), "--merge-lora", "--eval-report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(out),
+                "--out",
+                str(exported),
+                "--merge-lora",
+                "--eval-report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     card = (exported / "README.md").read_text()
-    for text in ("Base models", "Stage `align`", "Stage `instruct`", "split `train`", "closed: accuracy 0.9125",
-                 "LoRA: merged", "learning rates", "precision fp32", "random initialisation"):  # fmt: skip
+    for text in (
+        "Base models",
+        "Stage `align`",
+        "Stage `instruct`",
+        "split `train`",
+        "closed: accuracy 0.9125",
+        "LoRA: merged",
+        "learning rates",
+        "precision fp32",
+        "random initialisation",
+    ):
         assert text in card, text
     answer = PaLlava.from_pretrained(exported).ask(
-        shared_data / "lc25000-lung" / "images" / "lung_n" / "lungn100.jpeg", "What is the diagnosis?", max_new_tokens=3
+        shared_data / "lc25000-lung" / "images" / "lung_n" / "lungn100.jpeg",
+        "What is the diagnosis?",
+        max_new_tokens=3,
     )
     assert isinstance(answer, str)
     assert main(["export", "--model", str(out), "--out", str(exported)]) == 1  # refuses a non-empty folder
@@ -101,8 +174,18 @@ def test_gradient_checkpointing_gives_the_same_losses(shared_data, tmp_path):
     manifest = shared_data / "lc25000-lung" / "manifest.csv"
     losses = {}
     for flag in ("false", "true"):
-        _train("align", manifest, tmp_path / flag, tmp_path / "cache", "data.limit=8", "train.max_steps=2",
-               "optim.warmup_ratio=0", "logging.num_samples=0", "logging.tensorboard=false", "checkpoint.every=0",
-               f"train.gradient_checkpointing={flag}")  # fmt: skip
+        _train(
+            "align",
+            manifest,
+            tmp_path / flag,
+            tmp_path / "cache",
+            "data.limit=8",
+            "train.max_steps=2",
+            "optim.warmup_ratio=0",
+            "logging.num_samples=0",
+            "logging.tensorboard=false",
+            "checkpoint.every=0",
+            f"train.gradient_checkpointing={flag}",
+        )
         losses[flag] = [r["loss"] for r in read_jsonl(tmp_path / flag / "metrics.jsonl")]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)

@@ -127,6 +127,8 @@ def test_folder_saved_before_the_chat_template_still_loads(saved, tmp_path):
     for path in directory.iterdir():
         if path.name != "chat_template.jinja":
             (tmp_path / path.name).write_bytes(path.read_bytes())
-    (tmp_path / "processor_config.json").write_text('{"num_image_tokens": 49, "system_prompt": null, "max_length": 2048}')
+    (tmp_path / "processor_config.json").write_text(
+        '{"num_image_tokens": 49, "system_prompt": null, "max_length": 2048}'
+    )
     processor = PaLlavaProcessor.from_pretrained(tmp_path)
     assert processor.chat_template == CHAT_TEMPLATE and processor.num_image_tokens == 49

@@ -70,7 +70,9 @@ class PaLlava:
     def _inputs(
         self, conversations: Sequence[Sequence[Turn]], images: Sequence[Sequence[ImageSource]]
     ) -> dict:
-        batch = self.processor(text=conversations, images=images, add_generation_prompt=True, padding_side="left")
+        batch = self.processor(
+            text=conversations, images=images, add_generation_prompt=True, padding_side="left"
+        )
         return {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUT_NAMES}
 
     def _generation_options(
@@ -157,9 +159,13 @@ class PaLlava:
         return answers
 
     def stream(
-        self, conversation: Sequence[Turn], images: Sequence[ImageSource], max_new_tokens: int = 64,
-        temperature: float = 0.0, top_p: float = 1.0,
-    ) -> Iterator[str]:  # fmt: skip
+        self,
+        conversation: Sequence[Turn],
+        images: Sequence[ImageSource],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
         inputs = self._inputs([conversation], [list(images)])
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)

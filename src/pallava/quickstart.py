@@ -135,8 +135,22 @@ class Quickstart:
         corpus = self.out / "corpus"
         corpus.mkdir(parents=True, exist_ok=True)
         captions = corpus / "captions.jsonl"
-        self.run_command("data", "build", "--kind", "captions", "--input", manifest, "--split", "train",
-                         "--labels", self.s.labels, "--seed", self.s.seed, "--out", captions)  # fmt: skip
+        self.run_command(
+            "data",
+            "build",
+            "--kind",
+            "captions",
+            "--input",
+            manifest,
+            "--split",
+            "train",
+            "--labels",
+            self.s.labels,
+            "--seed",
+            self.s.seed,
+            "--out",
+            captions,
+        )
         records = [json.loads(line) for line in captions.read_text().splitlines() if line.strip()]
         records += self.contaminants(records, corpus)
         raw = corpus / "raw.jsonl"
@@ -148,7 +162,9 @@ class Quickstart:
         )
         self.run_command("data", "clean", "--input", raw, "--out", corpus / "clean", "--config", config)
         kept = sum(1 for line in (corpus / "clean" / "kept.jsonl").read_text().splitlines() if line.strip())
-        rejected = sum(1 for line in (corpus / "clean" / "rejected.jsonl").read_text().splitlines() if line.strip())
+        rejected = sum(
+            1 for line in (corpus / "clean" / "rejected.jsonl").read_text().splitlines() if line.strip()
+        )
         return {"input": len(records), "kept": kept, "rejected": rejected}
 
     def contaminants(self, records: list[dict], corpus: Path) -> list[dict]:
@@ -157,23 +173,54 @@ class Quickstart:
         photos = self.s.samples / "non-pathology"
         for path in sorted(photos.glob("*")) if photos.is_dir() else []:
             what = path.stem.replace("_", " ")
-            extra.append({"id": f"photo-{path.stem}", "image": str(path.resolve()),
-                          "caption": PHOTO_CAPTION.format(what=f"a {what}"), "source": "contaminant"})  # fmt: skip
+            extra.append(
+                {
+                    "id": f"photo-{path.stem}",
+                    "image": str(path.resolve()),
+                    "caption": PHOTO_CAPTION.format(what=f"a {what}"),
+                    "source": "contaminant",
+                }
+            )
         rng = random.Random(self.s.seed)
         for index, caption in enumerate(NON_HUMAN_CAPTIONS):
             host = rng.choice(records)
-            extra.append({"id": f"non-human-{index}", "image": host["image"], "caption": caption, "source": "contaminant"})
+            extra.append(
+                {
+                    "id": f"non-human-{index}",
+                    "image": host["image"],
+                    "caption": caption,
+                    "source": "contaminant",
+                }
+            )
         corrupt = corpus / "corrupt.jpg"
         corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated download")
-        extra.append({"id": "corrupt-file", "image": str(corrupt), "caption": PHOTO_CAPTION.format(what="nothing"),
-                      "source": "contaminant"})  # fmt: skip
+        extra.append(
+            {
+                "id": "corrupt-file",
+                "image": str(corrupt),
+                "caption": PHOTO_CAPTION.format(what="nothing"),
+                "source": "contaminant",
+            }
+        )
         return extra
 
     # --- models ------------------------------------------------------------------------------------
     def train_plip(self) -> dict:
         plip = self.out / "plip"
-        args = ["plip", "train", "--data", self.out / "corpus" / "clean" / "kept.jsonl", "--preset", "tiny",
-                "--label-map", self.s.labels, "--seed", self.s.seed, "--out", plip]  # fmt: skip
+        args = [
+            "plip",
+            "train",
+            "--data",
+            self.out / "corpus" / "clean" / "kept.jsonl",
+            "--preset",
+            "tiny",
+            "--label-map",
+            self.s.labels,
+            "--seed",
+            self.s.seed,
+            "--out",
+            plip,
+        ]
         if self.s.smoke:
             args += ["--max-steps", "2", "--batch-size", "4"]
         self.run_command(*args, *self.s.plip_args)
@@ -183,30 +230,113 @@ class Quickstart:
     def train_assistant(self, manifest: Path) -> dict:
         data = self.out / "data"
         data.mkdir(parents=True, exist_ok=True)
-        self.run_command("data", "build", "--kind", "stage1", "--input", self.out / "corpus" / "clean" / "kept.jsonl",
-                         "--seed", self.s.seed, "--out", data / "stage1.jsonl")  # fmt: skip
-        self.run_command("data", "build", "--kind", "vqa", "--input", manifest, "--split", "train",
-                         "--labels", self.s.labels, "--seed", self.s.seed, "--out", data / "vqa-train.jsonl")  # fmt: skip
-        self.run_command("data", "build", "--kind", "stage2", "--input", data / "vqa-train.jsonl",
-                         "--out", data / "stage2.jsonl")  # fmt: skip
+        self.run_command(
+            "data",
+            "build",
+            "--kind",
+            "stage1",
+            "--input",
+            self.out / "corpus" / "clean" / "kept.jsonl",
+            "--seed",
+            self.s.seed,
+            "--out",
+            data / "stage1.jsonl",
+        )
+        self.run_command(
+            "data",
+            "build",
+            "--kind",
+            "vqa",
+            "--input",
+            manifest,
+            "--split",
+            "train",
+            "--labels",
+            self.s.labels,
+            "--seed",
+            self.s.seed,
+            "--out",
+            data / "vqa-train.jsonl",
+        )
+        self.run_command(
+            "data",
+            "build",
+            "--kind",
+            "stage2",
+            "--input",
+            data / "vqa-train.jsonl",
+            "--out",
+            data / "stage2.jsonl",
+        )
         smoke = ["train.max_steps=2", "train.batch_size=4"] if self.s.smoke else []
         recipe = CONFIGS / "assistant-tiny.yaml"
         vision = f"model.vision_path={self.out / 'plip-vision'}"
-        self.run_command("train", "--stage", "align", "--config", recipe, "--data", data / "stage1.jsonl",
-                         "--out", self.out / "assistant-align", vision, *smoke, *self.s.train_overrides)  # fmt: skip
-        self.run_command("train", "--stage", "instruct", "--config", recipe, "--data", data / "stage2.jsonl",
-                         "--init", self.out / "assistant-align", "--out", self.out / "assistant",
-                         *smoke, *self.s.train_overrides)  # fmt: skip
+        self.run_command(
+            "train",
+            "--stage",
+            "align",
+            "--config",
+            recipe,
+            "--data",
+            data / "stage1.jsonl",
+            "--out",
+            self.out / "assistant-align",
+            vision,
+            *smoke,
+            *self.s.train_overrides,
+        )
+        self.run_command(
+            "train",
+            "--stage",
+            "instruct",
+            "--config",
+            recipe,
+            "--data",
+            data / "stage2.jsonl",
+            "--init",
+            self.out / "assistant-align",
+            "--out",
+            self.out / "assistant",
+            *smoke,
+            *self.s.train_overrides,
+        )
         return {}
 
     # --- evaluation --------------------------------------------------------------------------------
     def evaluate(self, manifest: Path) -> dict:
         reports = self.out / "reports"
-        self.run_command("plip", "zeroshot", "--model", self.out / "plip", "--data", manifest, "--split", "dev",
-                         "--label-map", self.s.labels, "--out", reports / "plip-zeroshot")  # fmt: skip
-        self.run_command("eval", "vqa", "--model", self.out / "assistant", "--data", manifest, "--format", "manifest",
-                         "--split", "dev", "--label-map", self.s.labels, "--seed", self.s.seed,
-                         "--out", reports / "vqa")  # fmt: skip
+        self.run_command(
+            "plip",
+            "zeroshot",
+            "--model",
+            self.out / "plip",
+            "--data",
+            manifest,
+            "--split",
+            "dev",
+            "--label-map",
+            self.s.labels,
+            "--out",
+            reports / "plip-zeroshot",
+        )
+        self.run_command(
+            "eval",
+            "vqa",
+            "--model",
+            self.out / "assistant",
+            "--data",
+            manifest,
+            "--format",
+            "manifest",
+            "--split",
+            "dev",
+            "--label-map",
+            self.s.labels,
+            "--seed",
+            self.s.seed,
+            "--out",
+            reports / "vqa",
+        )
         plip = json.loads((reports / "plip-zeroshot" / "report.json").read_text())
         vqa = json.loads((reports / "vqa" / "report.json").read_text())
         return {
@@ -233,12 +363,23 @@ class Quickstart:
         self.out.mkdir(parents=True, exist_ok=True)
         manifest = self.manifest()
         clean = self.out / "corpus" / "clean"
-        self.step("1-corpus", [clean / "kept.jsonl", clean / "report.md"], lambda: self.build_corpus(manifest))
-        self.step("2-plip", [self.out / "plip" / "config.json", self.out / "plip-vision" / "config.json"], self.train_plip)
-        self.step("3-assistant", [self.out / "assistant" / "config.json"], lambda: self.train_assistant(manifest))
+        self.step(
+            "1-corpus", [clean / "kept.jsonl", clean / "report.md"], lambda: self.build_corpus(manifest)
+        )
+        self.step(
+            "2-plip",
+            [self.out / "plip" / "config.json", self.out / "plip-vision" / "config.json"],
+            self.train_plip,
+        )
+        self.step(
+            "3-assistant", [self.out / "assistant" / "config.json"], lambda: self.train_assistant(manifest)
+        )
         reports = self.out / "reports"
-        self.step("4-evaluation", [reports / "vqa" / "report.json", reports / "plip-zeroshot" / "report.json"],
-                  lambda: self.evaluate(manifest))  # fmt: skip
+        self.step(
+            "4-evaluation",
+            [reports / "vqa" / "report.json", reports / "plip-zeroshot" / "report.json"],
+            lambda: self.evaluate(manifest),
+        )
         self.step("5-example", [self.out / "assistant"], lambda: self.example_answer(manifest))
         self.write_summary()
         return self.results
@@ -246,7 +387,9 @@ class Quickstart:
     def write_summary(self) -> None:
         lines = ["| step | time (s) | results |", "|---|---|---|"]
         for r in self.results:
-            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in r.metrics.items() if k not in ("image", "question"))
+            shown = ", ".join(
+                f"{k} {_fmt(v)}" for k, v in r.metrics.items() if k not in ("image", "question")
+            )
             lines.append(f"| {r.name} | {r.seconds:.0f}{' (earlier run)' if r.skipped else ''} | {shown} |")
         total = sum(r.seconds for r in self.results)
         lines.append(f"| total | {total:.0f} | |")
@@ -263,7 +406,9 @@ class Quickstart:
             f"pallava slide map --slide SLIDE.svs --model {plip} --out slide-map/"
         )
         (self.out / "reports").mkdir(parents=True, exist_ok=True)
-        (self.out / "reports" / "summary.md").write_text(f"# Quickstart summary\n\n{table}\n\n{where}\n\n```\n{commands}\n```\n")
+        (self.out / "reports" / "summary.md").write_text(
+            f"# Quickstart summary\n\n{table}\n\n{where}\n\n```\n{commands}\n```\n"
+        )
         (self.out / "reports" / "summary.json").write_text(
             json.dumps([r.__dict__ for r in self.results], indent=2, default=str)
         )

@@ -12,19 +12,33 @@ def _train(args: argparse.Namespace) -> int:
     from pallava.train.plip import PlipTrainConfig, train_plip
 
     overrides = {
-        "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "text_init": args.text_init, "vision_init": args.vision_init, "seed": args.seed,
-        "max_steps": args.max_steps, "save_every": args.save_every, "eval_every": args.eval_every,
-        "num_workers": args.num_workers, "mixed_precision": args.mixed_precision,
-    }  # fmt: skip
+        "preset": args.preset,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "text_init": args.text_init,
+        "vision_init": args.vision_init,
+        "seed": args.seed,
+        "max_steps": args.max_steps,
+        "save_every": args.save_every,
+        "eval_every": args.eval_every,
+        "num_workers": args.num_workers,
+        "mixed_precision": args.mixed_precision,
+    }
     if args.config:
         recipe = PlipTrainConfig.from_yaml(args.config, **overrides)
     else:
         recipe = PlipTrainConfig.for_preset(overrides.pop("preset") or "tiny", **overrides)
     summary = train_plip(
-        args.data, args.out, recipe, split=args.split, label_map=args.label_map,
-        eval_data=args.eval_data, eval_split=args.eval_split, resume=args.resume,
-    )  # fmt: skip
+        args.data,
+        args.out,
+        recipe,
+        split=args.split,
+        label_map=args.label_map,
+        eval_data=args.eval_data,
+        eval_split=args.eval_split,
+        resume=args.resume,
+    )
     if summary:
         print(json.dumps(summary, indent=2))
     return 0
@@ -56,7 +70,9 @@ def _saved_label_map(model_dir: str) -> str | None:
 
 def _read_templates(path: str) -> tuple[str, ...]:
     """One template per line, each with a `{name}` slot (and optionally `{organ}`)."""
-    templates = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    templates = tuple(
+        line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
+    )
     bad = [t for t in templates if "{name}" not in t]
     if not templates or bad:
         raise ValueError(f"{path}: every template line needs a {{name}} slot (bad: {bad[:3]})")
@@ -69,7 +85,9 @@ def _retrieve(args: argparse.Namespace) -> int:
     from pallava.train.plip_eval import retrieval_report
 
     samples, label_map = read_plip_data(args.data, args.split, args.label_map or _saved_label_map(args.model))
-    report = retrieval_report(PlipZeroShot.from_pretrained(args.model), samples, label_map, batch_size=args.batch_size)
+    report = retrieval_report(
+        PlipZeroShot.from_pretrained(args.model), samples, label_map, batch_size=args.batch_size
+    )
     report.update(model=str(args.model), data=str(args.data), split=args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,11 +116,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = plip.add_subparsers(dest="plip_command", metavar="SUBCOMMAND", required=True)
 
     train = commands.add_parser("train", help="pre-train PLIP (ITC + ITM) on captions or a labelled manifest")
-    train.add_argument("--data", required=True, help="caption JSONL ({image, caption}) or manifest CSV (path,label,...)")
+    train.add_argument(
+        "--data", required=True, help="caption JSONL ({image, caption}) or manifest CSV (path,label,...)"
+    )
     train.add_argument("--split", default="train", help="split to train on (default: train)")
     train.add_argument("--out", required=True, help="output folder (model, checkpoints/, logs/, curve)")
-    train.add_argument("--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)")
-    train.add_argument("--config", help="recipe YAML, e.g. configs/plip-tiny.yaml (default: the preset's recipe)")
+    train.add_argument(
+        "--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)"
+    )
+    train.add_argument(
+        "--config", help="recipe YAML, e.g. configs/plip-tiny.yaml (default: the preset's recipe)"
+    )
     train.add_argument("--label-map", help="built-in label map name or JSON/YAML file (default: auto)")
     train.add_argument("--epochs", type=float)
     train.add_argument("--batch-size", type=int, help="per-process batch size")
@@ -125,7 +149,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--data", required=True, help="labelled manifest CSV")
     zeroshot.add_argument("--split", default="dev")
     zeroshot.add_argument("--out", required=True, help="report folder (report.json, confusion_matrix.png)")
-    zeroshot.add_argument("--label-map", help="built-in label map name or file (default: saved with the model, else auto)")
+    zeroshot.add_argument(
+        "--label-map", help="built-in label map name or file (default: saved with the model, else auto)"
+    )
     zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
     zeroshot.add_argument("--batch-size", type=int, default=64)
     zeroshot.set_defaults(func=_zeroshot)
@@ -144,7 +170,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
 
-    convert = commands.add_parser("convert", help="convert the authors' PLIP state dict to a CLIPVisionModel folder")
-    convert.add_argument("--checkpoint", required=True, help="plip_80w_196token.bin (config.json beside it) or a CLIP folder")
+    convert = commands.add_parser(
+        "convert", help="convert the authors' PLIP state dict to a CLIPVisionModel folder"
+    )
+    convert.add_argument(
+        "--checkpoint", required=True, help="plip_80w_196token.bin (config.json beside it) or a CLIP folder"
+    )
     convert.add_argument("--out", required=True)
     convert.set_defaults(func=_convert)

@@ -35,12 +35,21 @@ def register(subparsers) -> None:
         "stages, evaluate on the dev split and answer an example question. Completed steps are skipped on "
         "re-runs.",
     )
-    parser.add_argument("--data", help="folder with manifest.csv (path,label,cluster,split) or the CSV itself "
-                        "(default: ../shared/data/lc25000-lung beside the project)")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        help="folder with manifest.csv (path,label,cluster,split) or the CSV itself "
+        "(default: ../shared/data/lc25000-lung beside the project)",
+    )
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    parser.add_argument("--samples", help="folder with non-pathology/ images mixed into the corpus for the cleaning demo")
-    parser.add_argument("--labels", default="lc25000-lung", help="built-in label map name or JSON/YAML label file")
+    parser.add_argument(
+        "--samples", help="folder with non-pathology/ images mixed into the corpus for the cleaning demo"
+    )
+    parser.add_argument(
+        "--labels", default="lc25000-lung", help="built-in label map name or JSON/YAML label file"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="a few images and steps per stage (tests, first look)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few images and steps per stage (tests, first look)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)

@@ -140,8 +140,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--model-name", default=None, help="model id reported to clients (default: folder name)"
     )
-    serve.add_argument("--allow-local-dir", type=Path, default=None,
-                       help="also accept image paths relative to this folder (never outside it)")  # fmt: skip
+    serve.add_argument(
+        "--allow-local-dir",
+        type=Path,
+        default=None,
+        help="also accept image paths relative to this folder (never outside it)",
+    )
     serve.add_argument("--max-body-mb", type=int, default=32, help="request body limit in MiB (default 32)")
     serve.add_argument("--max-image-mb", type=int, default=16, help="per-image limit in MiB (default 16)")
     serve.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per-image pixel limit")
@@ -163,6 +167,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _model_arguments(ui, max_tokens=64, sampling=False)
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    ui.add_argument("--examples", default=None,
-                    help=f"folder of example images (default {DEFAULT_EXAMPLES} when present)")  # fmt: skip
+    ui.add_argument(
+        "--examples", default=None, help=f"folder of example images (default {DEFAULT_EXAMPLES} when present)"
+    )
     ui.set_defaults(func=_ui)

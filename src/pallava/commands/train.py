@@ -25,7 +25,10 @@ def _export(args: argparse.Namespace) -> int:
     from pallava.train.export import export_model
 
     out = export_model(args.model, args.out, merge_lora=args.merge_lora, eval_reports=args.eval_report or [])
-    print(f"exported to {out} ({'LoRA merged' if args.merge_lora else 'LoRA kept as an adapter'}); model card " f"{Path(out) / 'README.md'}")
+    print(
+        f"exported to {out} ({'LoRA merged' if args.merge_lora else 'LoRA kept as an adapter'}); model card "
+        f"{Path(out) / 'README.md'}"
+    )
     return 0
 
 
@@ -40,13 +43,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--stage", required=True, choices=("align", "instruct"), help="which stage to run")
     train.add_argument("--config", required=True, help="recipe YAML, e.g. configs/assistant-tiny.yaml")
     train.add_argument("--out", required=True, help="output folder: the trained model, checkpoints, logs")
-    train.add_argument("--data", help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards or a manifest CSV")
-    train.add_argument("--init", help="start from this model folder (sets model.init; stage instruct: the align output)")
-    train.add_argument("--resume", choices=("auto", "never"), default="auto",
-                       help="auto (default): continue from the newest complete checkpoint in --out; never: start over "
-                       "(deleting the old checkpoints)")
+    train.add_argument(
+        "--data", help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards or a manifest CSV"
+    )
+    train.add_argument(
+        "--init", help="start from this model folder (sets model.init; stage instruct: the align output)"
+    )
+    train.add_argument(
+        "--resume",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto (default): continue from the newest complete checkpoint in --out; never: start over "
+        "(deleting the old checkpoints)",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=2e-4")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=2e-4"
+    )
     train.set_defaults(func=_train)
 
     export = subparsers.add_parser(
@@ -54,7 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--model", required=True, help="a trained model folder (output of `pallava train`)")
     export.add_argument("--out", required=True, help="export folder (must not exist or be empty)")
-    export.add_argument("--merge-lora", action="store_true", help="fold LoRA into the language model's weights")
-    export.add_argument("--eval-report", action="append", metavar="REPORT_JSON",
-                        help="evaluation report(s) (report.json of `pallava eval`) to list on the model card")
+    export.add_argument(
+        "--merge-lora", action="store_true", help="fold LoRA into the language model's weights"
+    )
+    export.add_argument(
+        "--eval-report",
+        action="append",
+        metavar="REPORT_JSON",
+        help="evaluation report(s) (report.json of `pallava eval`) to list on the model card",
+    )
     export.set_defaults(func=_export)

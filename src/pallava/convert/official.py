@@ -38,8 +38,16 @@ WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".safetensors")
 REPORT_FILE = "conversion.json"
 # Their connector is a bert-base-uncased encoder cut to a few layers: 12 heads, exact GELU, eps 1e-12.
 BERT_BASE = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
-CONNECTOR_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "output_size",
-                    "tile_cross_attention", "hidden_act", "layer_norm_eps")  # fmt: skip
+CONNECTOR_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "output_size",
+    "tile_cross_attention",
+    "hidden_act",
+    "layer_norm_eps",
+)
 LORA_DROPOUT = 0.05  # their training value; inactive at inference
 
 
@@ -102,8 +110,10 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
         return config, plip_dir / PLIP_WEIGHTS
     weights = sorted(p.name for p in plip_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if len(weights) != 1:
-        raise ValueError(f"{plip_dir}: expected one weights file ({PLIP_WEIGHTS} or one *.bin/.pth/.safetensors), "
-                         f"found {weights or 'none'}")  # fmt: skip
+        raise ValueError(
+            f"{plip_dir}: expected one weights file ({PLIP_WEIGHTS} or one *.bin/.pth/.safetensors), "
+            f"found {weights or 'none'}"
+        )
     return config, plip_dir / weights[0]
 
 
@@ -154,8 +164,12 @@ def lora_settings_from(plan: KeyPlan, state: dict[str, torch.Tensor], alpha: flo
             f"LoRA ranks differ between modules ({ranks}); one rank for all modules is supported"
         )
     modules = sorted({re.search(r"\.([^.]+)\.lora_A\.", key).group(1) for key in a_keys})
-    return {"r": ranks[0], "alpha": alpha if alpha is not None else 2 * ranks[0], "dropout": LORA_DROPOUT,
-            "target_modules": modules}  # fmt: skip
+    return {
+        "r": ranks[0],
+        "alpha": alpha if alpha is not None else 2 * ranks[0],
+        "dropout": LORA_DROPOUT,
+        "target_modules": modules,
+    }
 
 
 def _image_token_id(tokenizer) -> int:
@@ -289,13 +303,19 @@ def convert_official(
         processor.image_processor.global_view = "stretch"  # their weights saw stretched global views
         PaLlava(model, processor).save_pretrained(out)
         report = ConversionReport(
-            out_dir=str(out), plip_weights=str(plip_file), checkpoint=str(checkpoint), llm=str(llm_dir),
-            dtype=str(dtype).removeprefix("torch."), tile_cross_attention=config.connector_config.tile_cross_attention,
+            out_dir=str(out),
+            plip_weights=str(plip_file),
+            checkpoint=str(checkpoint),
+            llm=str(llm_dir),
+            dtype=str(dtype).removeprefix("torch."),
+            tile_cross_attention=config.connector_config.tile_cross_attention,
             connector={name: getattr(config.connector_config, name) for name in CONNECTOR_FIELDS},
-            lora=config.lora, mapped=mapped,
+            lora=config.lora,
+            mapped=mapped,
             ignored=[f"plip:{k}" for k in plip_plan.ignored] + [f"checkpoint:{k}" for k in ckpt_plan.ignored],
-            unmapped=unmapped, unfilled=unfilled,
-        )  # fmt: skip
+            unmapped=unmapped,
+            unfilled=unfilled,
+        )
         (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
         bar.update()
     return report

@@ -100,11 +100,18 @@ def _check_labels(items: list[LabelledImage], label_map: LabelMap) -> None:
 
 
 def _generated_meta(item: LabelledImage, generator: str) -> dict[str, object]:
-    return {"generated": True, "generator": generator, "label": item.label, "cluster": item.cluster,
-            "split": item.split}
+    return {
+        "generated": True,
+        "generator": generator,
+        "label": item.label,
+        "cluster": item.cluster,
+        "split": item.split,
+    }
 
 
-def captions_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0) -> list[CaptionPair]:
+def captions_from_labels(
+    items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0
+) -> list[CaptionPair]:
     """One generated caption per image: a random template filled with the class name or a synonym."""
     items = list(items)
     _check_labels(items, label_map)
@@ -117,8 +124,13 @@ def captions_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, se
             organ=info.organ or "human", name=rng.choice(info.all_names())
         )
         pairs.append(
-            CaptionPair(image=item.path, caption=caption, id=f"{key}-caption", source="generated",
-                        meta=_generated_meta(item, "captions_from_labels"))
+            CaptionPair(
+                image=item.path,
+                caption=caption,
+                id=f"{key}-caption",
+                source="generated",
+                meta=_generated_meta(item, "captions_from_labels"),
+            )
         )
     return pairs
 
@@ -133,7 +145,10 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
     if len(label_map) < 2:
         raise ValueError("vqa_from_labels needs a label map with at least 2 classes (for 'no' questions)")
     if len(label_map) > len(string.ascii_uppercase):
-        raise ValueError(f"vqa_from_labels: {len(label_map)} classes exceed the {len(string.ascii_uppercase)} option " "letters")
+        raise ValueError(
+            f"vqa_from_labels: {len(label_map)} classes exceed the {len(string.ascii_uppercase)} option "
+            "letters"
+        )
     _check_labels(items, label_map)
     labels = label_map.labels()
     vqa = []
@@ -145,15 +160,35 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
         meta = _generated_meta(item, "vqa_from_labels")
         for suffix, info, answer in (("yes", true_info, "yes"), ("no", false_info, "no")):
             question = rng.choice(_CLOSED_TEMPLATES).format(name=rng.choice(info.all_names()))
-            vqa.append(VQAItem(f"{key}-closed-{suffix}", item.path, question, answer, "closed", None, dict(meta)))
-        vqa.append(VQAItem(f"{key}-open", item.path, rng.choice(_OPEN_TEMPLATES), true_info.name, "open", None,
-                           dict(meta)))
+            vqa.append(
+                VQAItem(f"{key}-closed-{suffix}", item.path, question, answer, "closed", None, dict(meta))
+            )
+        vqa.append(
+            VQAItem(
+                f"{key}-open",
+                item.path,
+                rng.choice(_OPEN_TEMPLATES),
+                true_info.name,
+                "open",
+                None,
+                dict(meta),
+            )
+        )
         order = labels[:]
         rng.shuffle(order)
         options = [label_map[label].name for label in order]
         letter = string.ascii_uppercase[order.index(item.label)]
-        vqa.append(VQAItem(f"{key}-choice", item.path, rng.choice(_CHOICE_TEMPLATES), letter, "choice", options,
-                           dict(meta)))
+        vqa.append(
+            VQAItem(
+                f"{key}-choice",
+                item.path,
+                rng.choice(_CHOICE_TEMPLATES),
+                letter,
+                "choice",
+                options,
+                dict(meta),
+            )
+        )
     return vqa
 
 
@@ -181,7 +216,9 @@ def vqa_prompt(item: VQAItem) -> str:
     if item.answer_type == "closed":
         return f"{question}\n{CLOSED_INSTRUCTION}"
     if item.answer_type == "choice":
-        options = "\n".join(f"{string.ascii_uppercase[i]}. {option}" for i, option in enumerate(item.options or []))
+        options = "\n".join(
+            f"{string.ascii_uppercase[i]}. {option}" for i, option in enumerate(item.options or [])
+        )
         return f"{question}\nOptions:\n{options}\n{CHOICE_INSTRUCTION}"
     return question
 

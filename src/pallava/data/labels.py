@@ -66,9 +66,17 @@ _BUILTIN: dict[str, dict[str, dict[str, object]]] = {
         "ADI": {"name": "adipose tissue", "synonyms": ["fat", "adipocytes"], "organ": "colon"},
         "BACK": {"name": "background", "synonyms": ["slide background", "no tissue"], "organ": "colon"},
         "DEB": {"name": "debris", "synonyms": ["necrotic debris", "necrosis"], "organ": "colon"},
-        "LYM": {"name": "lymphocytes", "synonyms": ["lymphocytic infiltrate", "immune cells"], "organ": "colon"},
+        "LYM": {
+            "name": "lymphocytes",
+            "synonyms": ["lymphocytic infiltrate", "immune cells"],
+            "organ": "colon",
+        },
         "MUC": {"name": "mucus", "synonyms": ["mucin", "extracellular mucin"], "organ": "colon"},
-        "MUS": {"name": "smooth muscle", "synonyms": ["muscularis", "smooth muscle tissue"], "organ": "colon"},
+        "MUS": {
+            "name": "smooth muscle",
+            "synonyms": ["muscularis", "smooth muscle tissue"],
+            "organ": "colon",
+        },
         "NORM": {
             "name": "normal colon mucosa",
             "synonyms": ["benign colonic mucosa", "normal colonic mucosa"],
@@ -163,7 +171,9 @@ class LabelMap(Mapping[str, ClassInfo]):
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise ValueError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}") from None
+            raise ValueError(
+                f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod

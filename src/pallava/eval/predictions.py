@@ -46,7 +46,9 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     for number, record in enumerate(records, start=1):
         missing = [name for name in PREDICTION_FIELDS if name not in record]
         if missing:
-            raise ValueError(f"{path}: record {number} (id {record.get('id', '?')}): missing field(s) {missing}")
+            raise ValueError(
+                f"{path}: record {number} (id {record.get('id', '?')}): missing field(s) {missing}"
+            )
     return records
 
 

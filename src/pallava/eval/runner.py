@@ -27,7 +27,9 @@ UNMAPPED = "(unmapped)"
 class Assistant(Protocol):
     """What the runner needs from a model (satisfied by `pallava.inference.PaLlava`)."""
 
-    def ask_batch(self, images: Sequence[Any], questions: Sequence[str], batch_size: int = 8, **options: Any) -> list[str]: ...
+    def ask_batch(
+        self, images: Sequence[Any], questions: Sequence[str], batch_size: int = 8, **options: Any
+    ) -> list[str]: ...
 
     def tile_grid(self, image: Any) -> tuple[int, int]: ...
 
@@ -105,15 +107,32 @@ def run_vqa(
     layouts = _Layouts(assistant)
     with PredictionWriter(path) as writer:
         pending = [item for item in items if item.id not in writer.done]
-        bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="eval vqa", unit="q", disable=not progress)
+        bar = tqdm(
+            total=len(items),
+            initial=len(items) - len(pending),
+            desc="eval vqa",
+            unit="q",
+            disable=not progress,
+        )
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            answers = assistant.ask_batch([i.image for i in chunk], [prompt_of(i) for i in chunk],
-                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+            chunk = pending[start : start + batch_size]
+            answers = assistant.ask_batch(
+                [i.image for i in chunk],
+                [prompt_of(i) for i in chunk],
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+            )
             for item, answer in zip(chunk, answers, strict=True):
-                record = {"id": item.id, "question": item.question, "prediction": answer, "reference": item.answer,
-                          "answer_type": item.answer_type, "options": item.options, "image": item.image,
-                          **layouts(item.image)}
+                record = {
+                    "id": item.id,
+                    "question": item.question,
+                    "prediction": answer,
+                    "reference": item.answer,
+                    "answer_type": item.answer_type,
+                    "options": item.options,
+                    "image": item.image,
+                    **layouts(item.image),
+                }
                 if "base_id" in item.meta:
                     record["base_id"] = item.meta["base_id"]
                 writer.write(record)
@@ -152,16 +171,34 @@ def run_zeroshot(
     question = zeroshot_question(label_map)
     with PredictionWriter(path) as writer:
         pending = [item for item in images if item.path not in writer.done]
-        bar = tqdm(total=len(images), initial=len(images) - len(pending), desc="eval zeroshot", unit="img",
-                   disable=not progress)
+        bar = tqdm(
+            total=len(images),
+            initial=len(images) - len(pending),
+            desc="eval zeroshot",
+            unit="img",
+            disable=not progress,
+        )
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            answers = assistant.ask_batch([i.path for i in chunk], [question] * len(chunk),
-                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+            chunk = pending[start : start + batch_size]
+            answers = assistant.ask_batch(
+                [i.path for i in chunk],
+                [question] * len(chunk),
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+            )
             for item, answer in zip(chunk, answers, strict=True):
-                writer.write({"id": item.path, "question": question, "prediction": answer, "reference": item.label,
-                              "answer_type": "class", "predicted_label": label_map.label_for(answer) or UNMAPPED,
-                              "image": item.path, "cluster": item.cluster})
+                writer.write(
+                    {
+                        "id": item.path,
+                        "question": question,
+                        "prediction": answer,
+                        "reference": item.label,
+                        "answer_type": "class",
+                        "predicted_label": label_map.label_for(answer) or UNMAPPED,
+                        "image": item.path,
+                        "cluster": item.cluster,
+                    }
+                )
             bar.update(len(chunk))
         bar.close()
         return _ordered(writer, [item.path for item in images], path)

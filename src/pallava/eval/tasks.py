@@ -37,7 +37,9 @@ def detect_format(path: str | Path) -> str:
             return "pmcvqa"
         if "path" in header and "label" in header:
             return "manifest"
-        raise ValueError(f"{path}: CSV header {header} is neither PMC-VQA (Figure_path, ...) nor a manifest (path,label)")
+        raise ValueError(
+            f"{path}: CSV header {header} is neither PMC-VQA (Figure_path, ...) nor a manifest (path,label)"
+        )
     if suffix == ".json":
         with path.open(encoding="utf-8") as handle:
             head = handle.read(4096)
@@ -45,7 +47,9 @@ def detect_format(path: str | Path) -> str:
             return "pathvqa-text"
     if suffix in (".json", ".jsonl"):
         return "jsonl"
-    raise ValueError(f"{path}: cannot tell the format from the name; pass --format ({', '.join(VQA_FORMATS)})")
+    raise ValueError(
+        f"{path}: cannot tell the format from the name; pass --format ({', '.join(VQA_FORMATS)})"
+    )
 
 
 def _conversation_item(record: dict[str, Any], where: str, image_root: Path | None) -> VQAItem:
@@ -54,9 +58,15 @@ def _conversation_item(record: dict[str, Any], where: str, image_root: Path | No
     if not isinstance(turns, list) or len(turns) < 2:
         raise ValueError(f"{where}: field 'conversations' must hold a human turn and a gpt answer")
     human, gpt = turns[0], turns[1]
-    if not (isinstance(human, dict) and human.get("from") == "human" and isinstance(gpt, dict)
-            and gpt.get("from") == "gpt"):
-        raise ValueError(f"{where}: field 'conversations' must start with a human turn followed by a gpt turn")
+    if not (
+        isinstance(human, dict)
+        and human.get("from") == "human"
+        and isinstance(gpt, dict)
+        and gpt.get("from") == "gpt"
+    ):
+        raise ValueError(
+            f"{where}: field 'conversations' must start with a human turn followed by a gpt turn"
+        )
     image = record.get("image")
     if not isinstance(image, str) or not image:
         raise ValueError(f"{where}: field 'image' must name the image the question is about")
@@ -135,7 +145,9 @@ def load_vqa_items(
         )
     if fmt == "pathvqa":
         if image_dir is None:
-            raise ValueError("PathVQA Parquet embeds its images: an image folder to extract them into is required")
+            raise ValueError(
+                "PathVQA Parquet embeds its images: an image folder to extract them into is required"
+            )
         items = list(read_pathvqa_parquet(path, image_dir))
     elif fmt == "pmcvqa":
         items = list(read_pmc_vqa(path, root, split))
@@ -148,7 +160,9 @@ def load_vqa_items(
         raise ValueError(f"{path}: no questions found" + (f" in split '{split}'" if split else ""))
     duplicates = len(items) - len({item.id for item in items})
     if duplicates:
-        raise ValueError(f"{path}: {duplicates} question id(s) repeat; ids must be unique to resume and score")
+        raise ValueError(
+            f"{path}: {duplicates} question id(s) repeat; ids must be unique to resume and score"
+        )
     return items
 
 

@@ -142,4 +142,3 @@ class PaLlavaConfig(PretrainedConfig):
     def num_image_tokens(self) -> int:
         """Image embeddings the language model receives per image, whatever its size."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
-

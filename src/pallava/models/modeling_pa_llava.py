@@ -124,7 +124,9 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         tower, index = self.vision_tower, self.config.vision_feature_layer
         layers = tower.encoder.layers
         if not -(len(layers) + 1) <= index <= len(layers):
-            raise ValueError(f"vision_feature_layer {index} is outside the tower's {len(layers) + 1} hidden states")
+            raise ValueError(
+                f"vision_feature_layer {index} is outside the tower's {len(layers) + 1} hidden states"
+            )
         hidden = tower.pre_layrnorm(tower.embeddings(pixels))  # hidden state 0
         for layer in layers[: index % (len(layers) + 1)]:
             hidden = layer(hidden, None)
@@ -242,4 +244,3 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
             return pixel_values.new_zeros(pixel_values.shape[0], tile_mask.shape[1], 0)
         stacked = torch.stack(attentions).mean(dim=(0, 2, 3))  # (N, T*P)
         return stacked.reshape(pixel_values.shape[0], tile_mask.shape[1], -1)
-

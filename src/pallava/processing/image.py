@@ -31,9 +31,22 @@ DEFAULT_MAX_PIXELS = 16_777_216  # the paper's limit: 4096 x 4096
 
 # The reference grid list, as (columns, rows) in tiles: 4 to 8 tiles.
 PAPER_GRIDS: tuple[tuple[int, int], ...] = (
-    (1, 4), (2, 2), (4, 1), (1, 5), (5, 1), (1, 6), (2, 3), (3, 2),
-    (6, 1), (1, 7), (7, 1), (1, 8), (2, 4), (4, 2), (8, 1),
-)  # fmt: skip
+    (1, 4),
+    (2, 2),
+    (4, 1),
+    (1, 5),
+    (5, 1),
+    (1, 6),
+    (2, 3),
+    (3, 2),
+    (6, 1),
+    (1, 7),
+    (7, 1),
+    (1, 8),
+    (2, 4),
+    (4, 2),
+    (8, 1),
+)
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
@@ -195,7 +208,9 @@ def normalize_into(pixels: np.ndarray | torch.Tensor, out: torch.Tensor) -> torc
     passes, most of the preprocessing time of small images).
     """
     if isinstance(pixels, np.ndarray):
-        pixels = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())  # PIL arrays are read-only
+        pixels = torch.from_numpy(
+            pixels if pixels.flags.writeable else pixels.copy()
+        )  # PIL arrays are read-only
     out.copy_(pixels.movedim(-1, -3))
     return out.sub_(_MEAN).mul_(_INV_STD)
 
@@ -316,5 +331,9 @@ class PaLlavaImageProcessor:
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}")
         data = json.loads(path.read_text())
-        known = {k: data[k] for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels", "global_view") if k in data}
+        known = {
+            k: data[k]
+            for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels", "global_view")
+            if k in data
+        }
         return cls(**known)

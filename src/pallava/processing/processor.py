@@ -85,7 +85,9 @@ def _content_text(content: object, index: int) -> str:
             else:
                 raise ValueError(f"turn {index}: content part {part!r} is neither an image nor a text part")
         return "".join(pieces)
-    raise ValueError(f"turn {index}: content must be a string or a list of parts, got {type(content).__name__}")
+    raise ValueError(
+        f"turn {index}: content must be a string or a list of parts, got {type(content).__name__}"
+    )
 
 
 def normalize_turns(conversation: Sequence[Turn]) -> list[tuple[str, str]]:
@@ -122,7 +124,9 @@ class PaLlavaProcessor(ProcessorMixin):
         max_length: int = 2048,
         chat_template: str | None = None,
     ):
-        super().__init__(tokenizer=tokenizer, image_processor=image_processor, chat_template=chat_template or CHAT_TEMPLATE)
+        super().__init__(
+            tokenizer=tokenizer, image_processor=image_processor, chat_template=chat_template or CHAT_TEMPLATE
+        )
         self.image_token = IMAGE
         self.num_image_tokens = num_image_tokens
         self.system_prompt = system_prompt
@@ -135,8 +139,12 @@ class PaLlavaProcessor(ProcessorMixin):
             )
         self.bos_id, self.start_header_id, self.end_header_id, self.eot_id, self.image_token_id = ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
-        self._special_ids = {BOS: self.bos_id, START_HEADER: self.start_header_id,
-                             END_HEADER: self.end_header_id, EOT: self.eot_id}  # fmt: skip
+        self._special_ids = {
+            BOS: self.bos_id,
+            START_HEADER: self.start_header_id,
+            END_HEADER: self.end_header_id,
+            EOT: self.eot_id,
+        }
         self._special_split = re.compile("(" + "|".join(map(re.escape, [*self._special_ids, IMAGE])) + ")")
 
     # --- transformers plumbing ----------------------------------------------------------------------
@@ -148,7 +156,9 @@ class PaLlavaProcessor(ProcessorMixin):
         # The image processor is our own (tiling + tile mask), not a transformers image processor.
         if argument_name == "image_processor":
             if not isinstance(argument, PaLlavaImageProcessor):
-                raise TypeError(f"image_processor must be a PaLlavaImageProcessor, got {type(argument).__name__}")
+                raise TypeError(
+                    f"image_processor must be a PaLlavaImageProcessor, got {type(argument).__name__}"
+                )
             return PaLlavaImageProcessor
         return super().check_argument_for_proper_class(argument_name, argument)
 
@@ -193,8 +203,12 @@ class PaLlavaProcessor(ProcessorMixin):
         return ids
 
     def _header(self, role: str) -> list[int]:
-        return [self.start_header_id, *self.tokenizer.encode(role, add_special_tokens=False), self.end_header_id,
-                *self.tokenizer.encode("\n\n", add_special_tokens=False)]  # fmt: skip
+        return [
+            self.start_header_id,
+            *self.tokenizer.encode(role, add_special_tokens=False),
+            self.end_header_id,
+            *self.tokenizer.encode("\n\n", add_special_tokens=False),
+        ]
 
     def encode_conversation(
         self, conversation: Sequence[Turn], add_generation_prompt: bool = False
@@ -267,7 +281,9 @@ class PaLlavaProcessor(ProcessorMixin):
         if videos is not None or audio is not None:
             raise ValueError("the assistant takes images and text only, not videos or audio")
         if padding not in (True, "longest"):
-            raise ValueError(f"padding must be True or 'longest' (batches pad to the longest sample), got {padding!r}")
+            raise ValueError(
+                f"padding must be True or 'longest' (batches pad to the longest sample), got {padding!r}"
+            )
         if text is None:
             raise ValueError("text is required: conversations or prompts with one <image> per image")
         if return_tensors not in ("pt", None):
@@ -322,7 +338,9 @@ class PaLlavaProcessor(ProcessorMixin):
             flat = list(images) if isinstance(images, (list, tuple)) else [images]
         counts = [sample.count(IMAGE) for sample in samples]
         if sum(counts) != len(flat):
-            raise ValueError(f"{sum(counts)} {IMAGE} placeholder(s) in the text but {len(flat)} image(s) given")
+            raise ValueError(
+                f"{sum(counts)} {IMAGE} placeholder(s) in the text but {len(flat)} image(s) given"
+            )
         starts = [sum(counts[:i]) for i in range(len(counts))]
         return [flat[start : start + count] for start, count in zip(starts, counts, strict=True)]
 

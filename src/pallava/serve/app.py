@@ -59,8 +59,16 @@ class ServerSettings:
     max_queue: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images", "max_tokens_limit",
-                     "default_max_tokens", "max_batch_size", "max_queue"):  # fmt: skip
+        for name in (
+            "max_body_bytes",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_images",
+            "max_tokens_limit",
+            "default_max_tokens",
+            "max_batch_size",
+            "max_queue",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"server setting {name} must be at least 1, got {getattr(self, name)}")
         if self.timeout_s <= 0 or self.batch_window_s < 0:
@@ -126,9 +134,11 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         engine.close()
 
     app = FastAPI(
-        title="pallava", version=__version__, lifespan=lifespan,
+        title="pallava",
+        version=__version__,
+        lifespan=lifespan,
         description="OpenAI-compatible Chat Completions for the pathology assistant.",
-    )  # fmt: skip
+    )
     app.state.engine, app.state.settings = engine, settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
@@ -139,8 +149,11 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 token.strip().encode(), settings.api_key.encode()
             ):
-                body = error_body("missing or invalid API key; send 'Authorization: Bearer <key>'",
-                                  "authentication_error", code="invalid_api_key")  # fmt: skip
+                body = error_body(
+                    "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
                 return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
@@ -159,8 +172,12 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict:
         if model_id != settings.model_name:
-            raise APIError(404, f"model {model_id!r} not found; this server serves {settings.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"model {model_id!r} not found; this server serves {settings.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return model_card
 
     def prepare(request: ChatCompletionRequest, max_new_tokens: int) -> tuple[list, list, int]:
@@ -169,15 +186,18 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         images = [
             load_request_image(
                 url, param, settings.max_image_bytes, settings.max_image_pixels, settings.allow_local_dir
-            )  # fmt: skip
+            )
             for param, url in refs
         ]
         prompt_tokens = len(processor.encode_conversation(conversation, add_generation_prompt=True)[0])
         if prompt_tokens + max_new_tokens > context:
             raise APIError(
-                400, f"the prompt is {prompt_tokens} tokens and max_tokens is {max_new_tokens}: together over "
-                f"the model's context of {context} tokens", param="messages", code="context_length_exceeded",
-            )  # fmt: skip
+                400,
+                f"the prompt is {prompt_tokens} tokens and max_tokens is {max_new_tokens}: together over "
+                f"the model's context of {context} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         return conversation, images, prompt_tokens
 
     RequestModel = request_model(settings.max_tokens_limit)  # a class, built per server for its limit
@@ -197,21 +217,26 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
             "object": "chat.completion",
             "created": int(time.time()),
             "model": settings.model_name,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": completion.text},
-                "finish_reason": completion.finish_reason,
-                "logprobs": None,
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason,
+                    "logprobs": None,
+                }
+            ],
             "usage": _usage(completion),
-        }  # fmt: skip
+        }
 
     return app
 
 
 def _usage(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
 
 
 def _as_api_error(error: BaseException) -> APIError:
@@ -272,9 +297,15 @@ def _stream(engine: BatchingEngine, work: tuple, model: str, include_usage: bool
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def event(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
-        chunk = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [] if delta is None else
-                 [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}  # fmt: skip
+        chunk = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": []
+            if delta is None
+            else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
         if usage is not None:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
@@ -356,9 +387,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def run_server(
-    assistant: PaLlava, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
+    assistant: PaLlava,
+    settings: ServerSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
     log_level: str = "info",
-) -> None:  # fmt: skip
+) -> None:
     """Serve the API with uvicorn until interrupted."""
     import uvicorn
 

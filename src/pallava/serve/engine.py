@@ -138,8 +138,12 @@ class BatchingEngine:
     def stats(self) -> dict[str, int]:
         with self._cond:
             queued = len(self._pending)
-        return {"queued": queued, "completed": self.completed, "batches": self.batches,
-                "largest_batch": self.largest_batch}  # fmt: skip
+        return {
+            "queued": queued,
+            "completed": self.completed,
+            "batches": self.batches,
+            "largest_batch": self.largest_batch,
+        }
 
     # --- worker -------------------------------------------------------------------------------------
     def _loop(self) -> None:

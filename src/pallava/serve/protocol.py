@@ -157,9 +157,11 @@ def to_conversation(
         conversation.append({"role": ROLES[message.role], "content": "\n".join(pieces)})
     if len(images) > max_images:
         raise APIError(
-            400, f"{len(images)} images in the request; at most {max_images} are allowed",
-            param="messages", code="too_many_images",
-        )  # fmt: skip
+            400,
+            f"{len(images)} images in the request; at most {max_images} are allowed",
+            param="messages",
+            code="too_many_images",
+        )
     if conversation[-1]["role"] != "user":
         raise APIError(
             400, "the last message must come from the user", param=f"messages[{len(messages) - 1}].role"

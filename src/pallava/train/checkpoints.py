@@ -125,8 +125,13 @@ def prune(directory: str | Path, keep_last: int) -> list[Path]:
 
 
 def save_training_state(
-    accelerator: Accelerator, directory: str | Path, step: int, state: dict, keep_last: int, **save_options,
-) -> Path:  # fmt: skip
+    accelerator: Accelerator,
+    directory: str | Path,
+    step: int,
+    state: dict,
+    keep_last: int,
+    **save_options,
+) -> Path:
     """Every process writes its part of accelerate's state into a temporary folder; the main process adds
     `state` (JSON, in `STATE_FILE`), seals the folder and prunes old ones. Collective: call on every
     process."""

@@ -40,7 +40,9 @@ class DataSection:
     path: str | None = None
     format: str = "auto"  # auto | conversations | manifest
     split: str | None = None  # manifest split to use
-    label_map: str | None = None  # built-in name or file (manifests); default: the built-in covering the labels
+    label_map: str | None = (
+        None  # built-in name or file (manifests); default: the built-in covering the labels
+    )
     image_root: str | None = None  # relative image paths resolve here (default: the data file's folder)
     answer_types: list[str] | None = None  # keep only these VQA answer types (manifest, stage instruct)
     limit: int | None = None  # a seeded random subset of this many samples
@@ -82,7 +84,9 @@ class RunSection:
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     batch_size: int = 8  # per process
     grad_accum: int = 1
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | no | bf16 | fp16
+    mixed_precision: str = (
+        "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | no | bf16 | fp16
+    )
     gradient_checkpointing: bool = False
     seed: int = 0  # data order
     num_workers: int = 0
@@ -138,11 +142,15 @@ class Recipe:
         if self.data.path is None:
             raise ValueError("no training data: set data.path in the recipe or pass --data PATH")
         if self.stage == "instruct" and not self.model.init:
-            raise ValueError("stage instruct starts from a trained model: set model.init (or --init) to the align output")
+            raise ValueError(
+                "stage instruct starts from a trained model: set model.init (or --init) to the align output"
+            )
         if self.data.format not in ("auto", "conversations", "manifest"):
             raise ValueError(f"data.format must be auto, conversations or manifest, got {self.data.format!r}")
         if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.train.mixed_precision!r}")
+            raise ValueError(
+                f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.train.mixed_precision!r}"
+            )
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
@@ -151,7 +159,10 @@ class Recipe:
         if self.feature_cache.enabled and self.trainable.vision:
             raise ValueError("feature_cache.enabled needs a frozen vision tower (trainable.vision: false)")
         if self.feature_cache.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError("feature_cache.dtype must be auto, float32, float16 or bfloat16, got " f"{self.feature_cache.dtype!r}")
+            raise ValueError(
+                "feature_cache.dtype must be auto, float32, float16 or bfloat16, got "
+                f"{self.feature_cache.dtype!r}"
+            )
         if not 0 <= self.optim.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
         if len(self.optim.betas) != 2:
@@ -203,7 +214,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         try:
-            number = kind(value) if not isinstance(value, str) else kind(float(value) if kind is float else value)
+            number = (
+                kind(value) if not isinstance(value, str) else kind(float(value) if kind is float else value)
+            )
         except (TypeError, ValueError):
             raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
         if kind is int and isinstance(value, float) and value != number:

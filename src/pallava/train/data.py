@@ -55,7 +55,9 @@ class Sample:
         try:
             return Path(self.image).read_bytes()
         except OSError as error:
-            raise ValueError(f"sample {self.id}: field 'image': cannot read {self.image} ({error.strerror})") from None
+            raise ValueError(
+                f"sample {self.id}: field 'image': cannot read {self.image} ({error.strerror})"
+            ) from None
 
 
 def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
@@ -65,7 +67,9 @@ def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
     for name in LabelMap.builtin_names():
         if labels <= set(LabelMap.builtin(name)):
             return LabelMap.builtin(name)
-    raise ValueError(f"no built-in label map covers the labels {sorted(labels)}; set data.label_map to a name or file")
+    raise ValueError(
+        f"no built-in label map covers the labels {sorted(labels)}; set data.label_map to a name or file"
+    )
 
 
 def _from_conversation(conversation: Conversation, image_bytes: bytes | None = None) -> Sample:
@@ -82,13 +86,17 @@ def _manifest_samples(section: DataSection, stage: str) -> list[Sample]:
     items = read_manifest(section.path, section.split)
     label_map = resolve_label_map(section.label_map, {item.label for item in items})
     if stage == "align":
-        conversations = stage1_conversations(captions_from_labels(items, label_map, section.seed), section.seed)
+        conversations = stage1_conversations(
+            captions_from_labels(items, label_map, section.seed), section.seed
+        )
     else:
         vqa = vqa_from_labels(items, label_map, section.seed)
         if section.answer_types:
             unknown = set(section.answer_types) - set(ANSWER_TYPES)
             if unknown:
-                raise ValueError(f"data.answer_types: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}")
+                raise ValueError(
+                    f"data.answer_types: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}"
+                )
             vqa = [item for item in vqa if item.answer_type in section.answer_types]
         conversations = stage2_conversations(vqa)
     return [_from_conversation(c) for c in conversations]
@@ -105,7 +113,11 @@ def _conversation_samples(section: DataSection) -> list[Sample]:
                 conversation = Conversation.from_dict(record)
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from None
-            if conversation.image is not None and image_bytes is None and not Path(conversation.image).is_absolute():
+            if (
+                conversation.image is not None
+                and image_bytes is None
+                and not Path(conversation.image).is_absolute()
+            ):
                 conversation.image = str(root / conversation.image)
             samples.append(_from_conversation(conversation, image_bytes))
         return samples
@@ -161,7 +173,8 @@ def micro_batches(
     chunk = list(order[step * size : (step + 1) * size])
     per_micro = batch_size * world_size
     return [
-        chunk[j * per_micro + rank * batch_size : j * per_micro + (rank + 1) * batch_size] for j in range(grad_accum)
+        chunk[j * per_micro + rank * batch_size : j * per_micro + (rank + 1) * batch_size]
+        for j in range(grad_accum)
     ]
 
 
@@ -219,9 +232,18 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def epoch_loader(
-    samples_count: int, collator: Collator, seed: int, epoch: int, first_step: int, last_step: int,
-    batch_size: int, world_size: int, grad_accum: int, rank: int, num_workers: int = 0,
-) -> torch.utils.data.DataLoader:  # fmt: skip
+    samples_count: int,
+    collator: Collator,
+    seed: int,
+    epoch: int,
+    first_step: int,
+    last_step: int,
+    batch_size: int,
+    world_size: int,
+    grad_accum: int,
+    rank: int,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
     """A DataLoader over this process's micro-batches for steps [first_step, last_step) of `epoch`."""
     order = epoch_order(samples_count, seed, epoch)
     plan = [
@@ -230,9 +252,12 @@ def epoch_loader(
         for micro in micro_batches(order, step, batch_size, world_size, grad_accum, rank)
     ]
     return torch.utils.data.DataLoader(
-        StepBatches(plan, collator), batch_size=None, shuffle=False, num_workers=num_workers,
+        StepBatches(plan, collator),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
         collate_fn=_as_is,
-    )  # fmt: skip
+    )
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:

@@ -50,8 +50,14 @@ def namespace_for(
 ) -> str:
     """Hash of everything that determines an image's features: weights, layer, tiling, normalisation."""
     digest = hashlib.sha256()
-    settings = {"format": FORMAT_VERSION, "feature_layer": feature_layer, "dtype": dtype,
-                "tiling": image_processor.to_dict(), "mean": CLIP_MEAN, "std": CLIP_STD}  # fmt: skip
+    settings = {
+        "format": FORMAT_VERSION,
+        "feature_layer": feature_layer,
+        "dtype": dtype,
+        "tiling": image_processor.to_dict(),
+        "mean": CLIP_MEAN,
+        "std": CLIP_STD,
+    }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(vision_tower.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
@@ -158,7 +164,9 @@ class FeatureCache:
         """
         todo = self.missing(list(images))
         pending: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
-        bar = tqdm(total=len(todo), desc="caching vision features", unit="img", disable=not progress or not todo)
+        bar = tqdm(
+            total=len(todo), desc="caching vision features", unit="img", disable=not progress or not todo
+        )
         for start in range(0, len(todo), batch_size):
             keys = todo[start : start + batch_size]
             try:

@@ -89,8 +89,10 @@ def plot_loss_curves(runs: Sequence[tuple[str, str | Path]], out_path: str | Pat
         steps = [offset + r["step"] for r in records]
         losses = [r["loss"] for r in records]
         window = max(1, min(smooth, len(losses)))
-        averaged = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                    for i in range(len(losses))]  # fmt: skip
+        averaged = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         line = ax.plot(steps, losses, alpha=0.25, linewidth=0.8)[0]
         ax.plot(steps, averaged, color=line.get_color(), linewidth=1.6, label=f"{label} (mean of {window})")
         offset = steps[-1]

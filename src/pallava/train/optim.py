@@ -26,7 +26,9 @@ def apply_trainable(model: PaLlavaForConditionalGeneration, section: TrainableSe
     """Freeze everything except the chosen modules; returns trainable parameter counts per group."""
     if section.lora and not model.has_lora:
         raise ValueError("trainable.lora is true but the model has no LoRA (its config has lora: null)")
-    model.set_trainable(vision=section.vision, connector=section.connector, llm=section.llm, lora=section.lora)
+    model.set_trainable(
+        vision=section.vision, connector=section.connector, llm=section.llm, lora=section.lora
+    )
     if section.llm_modules:
         matched = set()
         for name, param in model.language_model.named_parameters():
@@ -62,12 +64,14 @@ def build_optimizer(model: torch.nn.Module, section: OptimSection) -> torch.opti
     param_groups = []
     for (group, decay), params in sorted(groups.items()):
         lr = getattr(section, f"lr_{group}")
-        param_groups.append({
-            "params": params,
-            "lr": section.lr if lr is None else lr,
-            "weight_decay": section.weight_decay if decay else 0.0,
-            "name": f"{group}" + ("" if decay else "-no-decay"),
-        })  # fmt: skip
+        param_groups.append(
+            {
+                "params": params,
+                "lr": section.lr if lr is None else lr,
+                "weight_decay": section.weight_decay if decay else 0.0,
+                "name": f"{group}" + ("" if decay else "-no-decay"),
+            }
+        )
     return torch.optim.AdamW(param_groups, betas=tuple(section.betas))
 
 

@@ -89,18 +89,36 @@ class PlipTrainConfig:
         return dataclasses.replace(RECIPES[preset], **{k: v for k, v in overrides.items() if v is not None})
 
     def model_overrides(self) -> dict[str, object]:
-        fields = ("use_momentum", "momentum", "queue_size", "itm_weight", "itm_max_pairs", "image_pooling", "text_pooling")
+        fields = (
+            "use_momentum",
+            "momentum",
+            "queue_size",
+            "itm_weight",
+            "itm_max_pairs",
+            "image_pooling",
+            "text_pooling",
+        )
         return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
 
 
 RECIPES: dict[str, PlipTrainConfig] = {
     "tiny": PlipTrainConfig(),
     "paper": PlipTrainConfig(
-        preset="paper", epochs=20, batch_size=64, lr=1e-4, text_lr=None, freeze_text_embeddings=False,
-        crop_scale=0.5, mixed_precision="bf16", cache_images=False, num_workers=8, save_every=2000,
-        eval_every=2000, log_every=10,
+        preset="paper",
+        epochs=20,
+        batch_size=64,
+        lr=1e-4,
+        text_lr=None,
+        freeze_text_embeddings=False,
+        crop_scale=0.5,
+        mixed_precision="bf16",
+        cache_images=False,
+        num_workers=8,
+        save_every=2000,
+        eval_every=2000,
+        log_every=10,
     ),
-}  # fmt: skip
+}
 
 
 def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:
@@ -115,7 +133,11 @@ def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.opt
     text_lr = recipe.text_lr if recipe.text_lr is not None else recipe.lr
     return torch.optim.AdamW(
         [
-            {"params": params, "lr": text_lr if is_text else recipe.lr, "weight_decay": 0.0 if no_decay else recipe.weight_decay}
+            {
+                "params": params,
+                "lr": text_lr if is_text else recipe.lr,
+                "weight_decay": 0.0 if no_decay else recipe.weight_decay,
+            }
             for (is_text, no_decay), params in groups.items()
         ]
     )
@@ -140,7 +162,9 @@ class _TrainLog:
                 handle.write(json.dumps(row) + "\n")
 
 
-def _write_model(model: PlipModel, tokenizer: PreTrainedTokenizerBase, labels: LabelMap | None, out: Path) -> None:
+def _write_model(
+    model: PlipModel, tokenizer: PreTrainedTokenizerBase, labels: LabelMap | None, out: Path
+) -> None:
     """The loadable PLIP folder, plus `vision_tower/`: the vision tower alone, for the assistant."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -195,27 +219,42 @@ def train_plip(
     main = accelerator.is_main_process
     samples, labels = read_plip_data(data, split, label_map)
     model, tokenizer = build_plip(
-        recipe.preset, recipe.text_init, recipe.vision_init, recipe.text_layers, recipe.seed, **recipe.model_overrides()
+        recipe.preset,
+        recipe.text_init,
+        recipe.vision_init,
+        recipe.text_layers,
+        recipe.seed,
+        **recipe.model_overrides(),
     )
     if recipe.freeze_text_embeddings:
         model.text_model.embeddings.word_embeddings.requires_grad_(False)
-    dataset = PlipDataset(samples, model.image_size, labels, train=True, seed=recipe.seed, crop_scale=recipe.crop_scale)
+    dataset = PlipDataset(
+        samples, model.image_size, labels, train=True, seed=recipe.seed, crop_scale=recipe.crop_scale
+    )
     if recipe.cache_images:
         dataset.cache_images(progress=main)
     if len(dataset) < recipe.batch_size * accelerator.num_processes:
-        raise ValueError(f"{data}: {len(dataset)} samples, fewer than one global batch ({recipe.batch_size} x "
-                         f"{accelerator.num_processes} processes)")  # fmt: skip
+        raise ValueError(
+            f"{data}: {len(dataset)} samples, fewer than one global batch ({recipe.batch_size} x "
+            f"{accelerator.num_processes} processes)"
+        )
     loader = DataLoader(
-        dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=True, num_workers=recipe.num_workers,
+        dataset,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=recipe.num_workers,
         collate_fn=PlipCollator(tokenizer, model.config.max_text_length),
-    )  # fmt: skip
+    )
     pretrainer = PlipPretrainer(model)
     optimizer = _optimizer(pretrainer, recipe)
     steps_per_epoch = len(loader) // accelerator.num_processes
     total_steps = max(1, math.ceil(recipe.epochs * steps_per_epoch))
     if recipe.max_steps is not None:
         total_steps = min(total_steps, recipe.max_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(recipe.warmup_ratio * total_steps), total_steps)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, round(recipe.warmup_ratio * total_steps), total_steps
+    )
     pretrainer, optimizer, loader = accelerator.prepare(pretrainer, optimizer, loader)
     # Not prepared: accelerate would step it once per process; the schedule is already in per-process steps.
     accelerator.register_for_checkpointing(scheduler)
@@ -239,7 +278,9 @@ def train_plip(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
-    accelerator.init_trackers("logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None})
+    accelerator.init_trackers(
+        "logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None}
+    )
     log = _TrainLog(out / "train_log.jsonl", write=main, resume_step=step if checkpoint is not None else None)
     save_every = recipe.save_every or steps_per_epoch
     generator = torch.Generator()  # ITM negatives; re-seeded every step so that a resumed run draws the same
@@ -262,13 +303,21 @@ def train_plip(
         epoch = step // steps_per_epoch
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
+        batches = (
+            accelerator.skip_first_batches(loader, step % steps_per_epoch)
+            if step % steps_per_epoch
+            else loader
+        )
         for batch in batches:
             # Soft-target weight ramps up over the first epoch (ALBEF), while the momentum model is still
             # poor.
-            generator.manual_seed((recipe.seed * 1_000_003 + step) * accelerator.num_processes + accelerator.process_index)
+            generator.manual_seed(
+                (recipe.seed * 1_000_003 + step) * accelerator.num_processes + accelerator.process_index
+            )
             with accelerator.autocast():
-                output = pretrainer(**batch, alpha=alpha * min(1.0, step / steps_per_epoch), generator=generator)
+                output = pretrainer(
+                    **batch, alpha=alpha * min(1.0, step / steps_per_epoch), generator=generator
+                )
             accelerator.backward(output.loss)
             if recipe.grad_clip:
                 accelerator.clip_grad_norm_(pretrainer.parameters(), recipe.grad_clip)
@@ -276,21 +325,36 @@ def train_plip(
             scheduler.step()
             optimizer.zero_grad()
             step += 1
-            values = torch.stack([output.loss, output.loss_itc, output.loss_itm, output.itm_accuracy]).detach().float()
+            values = (
+                torch.stack([output.loss, output.loss_itc, output.loss_itm, output.itm_accuracy])
+                .detach()
+                .float()
+            )
             loss, loss_itc, loss_itm, itm_acc = accelerator.reduce(values, reduction="mean").tolist()
             temperature = accelerator.unwrap_model(pretrainer).model.temperature().item()
-            row = {"step": step, "epoch": epoch, "loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm,
-                   "itm_accuracy": itm_acc, "temperature": temperature, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "loss_itc": loss_itc,
+                "loss_itm": loss_itm,
+                "itm_accuracy": itm_acc,
+                "temperature": temperature,
+                "lr": scheduler.get_last_lr()[0],
+            }
             if step % recipe.log_every == 0 or step == total_steps:
                 log.record(row)
-                accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step)
+                accelerator.log(
+                    {f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step
+                )
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", itc=f"{loss_itc:.3f}", itm=f"{loss_itm:.3f}")
             if main and recipe.eval_every and step % recipe.eval_every == 0 and step < total_steps:
                 evaluate(step)
             if step % save_every == 0 or step == total_steps:
-                checkpoints.save_training_state(accelerator, checkpoint_dir, step, {"step": step, "epoch": epoch},
-                                                recipe.keep_checkpoints)  # fmt: skip
+                checkpoints.save_training_state(
+                    accelerator, checkpoint_dir, step, {"step": step, "epoch": epoch}, recipe.keep_checkpoints
+                )
             if step >= total_steps:
                 break
     progress.close()
@@ -303,11 +367,14 @@ def train_plip(
         last = next((r for r in reversed(log.rows) if "loss" in r), {})
         accuracies = [r["zeroshot_accuracy"] for r in log.rows if "zeroshot_accuracy" in r]
         summary = {
-            "steps": step, "samples": len(dataset), "processes": accelerator.num_processes,
+            "steps": step,
+            "samples": len(dataset),
+            "processes": accelerator.num_processes,
             "global_batch": recipe.batch_size * accelerator.num_processes,
-            "wall_seconds": round(time.time() - started, 1), "final_loss": last.get("loss"),
+            "wall_seconds": round(time.time() - started, 1),
+            "final_loss": last.get("loss"),
             "zeroshot_accuracy": accuracies[-1] if accuracies else None,
-        }  # fmt: skip
+        }
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     accelerator.end_training()

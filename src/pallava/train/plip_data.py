@@ -54,11 +54,15 @@ def label_map_for(labels: set[str], spec: str | None, source: str) -> LabelMap:
             candidate = LabelMap.builtin(name)
             if labels <= set(candidate):
                 return candidate
-        raise ValueError(f"{source}: no built-in label map covers labels {sorted(labels)}; pass --label-map FILE")
+        raise ValueError(
+            f"{source}: no built-in label map covers labels {sorted(labels)}; pass --label-map FILE"
+        )
     label_map = LabelMap.builtin(spec) if spec in LabelMap.builtin_names() else LabelMap.from_file(spec)
     missing = sorted(labels - set(label_map))
     if missing:
-        raise ValueError(f"{source}: labels {missing} are not in the label map {spec} ({', '.join(label_map)})")
+        raise ValueError(
+            f"{source}: labels {missing} are not in the label map {spec} ({', '.join(label_map)})"
+        )
     return label_map
 
 
@@ -102,7 +106,9 @@ def read_plip_data(
     items = read_manifest(path, split)
     labels = label_map_for({item.label for item in items}, label_map, str(path))
     samples = [
-        PlipSample(item.path, None, item.label, stable_key(f"image:{item.path}"), stable_key(f"label:{item.label}"))
+        PlipSample(
+            item.path, None, item.label, stable_key(f"image:{item.path}"), stable_key(f"label:{item.label}")
+        )
         for item in items
     ]
     return samples, labels
@@ -193,9 +199,12 @@ class PlipCollator:
 
     def __call__(self, batch: list[dict[str, object]]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
-            [item["caption"] for item in batch], padding=True, truncation=True,
-            max_length=self.max_length, return_tensors="pt",
-        )  # fmt: skip
+            [item["caption"] for item in batch],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {
             "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
             "input_ids": tokens["input_ids"],

@@ -57,17 +57,24 @@ def build_model(recipe: Recipe) -> tuple[PaLlavaForConditionalGeneration, PaLlav
     section = recipe.model
     if section.init:
         if section.vision_path or section.llm_path or section.overrides:
-            raise ValueError("model.init loads a saved model; model.vision_path/llm_path/overrides apply to presets only")
+            raise ValueError(
+                "model.init loads a saved model; model.vision_path/llm_path/overrides apply to presets only"
+            )
         init = Path(section.init)
         if not (init / "config.json").is_file():
-            raise ValueError(f"model.init: {init} is not a model directory (no config.json); "
-                             "stage instruct starts from the output directory of stage align")  # fmt: skip
+            raise ValueError(
+                f"model.init: {init} is not a model directory (no config.json); "
+                "stage instruct starts from the output directory of stage align"
+            )
         model = PaLlavaForConditionalGeneration.from_pretrained(init)
         return model, PaLlavaProcessor.from_pretrained(init)
     return load_preset(
-        section.preset, vision_path=section.vision_path, llm_path=section.llm_path, seed=section.seed,
+        section.preset,
+        vision_path=section.vision_path,
+        llm_path=section.llm_path,
+        seed=section.seed,
         **section.overrides,
-    )  # fmt: skip
+    )
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -124,8 +131,10 @@ class Trainer:
             saved = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
             changed = recipe_differences(saved, current)
             if changed:
-                raise ValueError(f"{self.out_dir}: cannot resume, the recipe changed in {changed}; "
-                                 "use the same recipe or another --out")  # fmt: skip
+                raise ValueError(
+                    f"{self.out_dir}: cannot resume, the recipe changed in {changed}; "
+                    "use the same recipe or another --out"
+                )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,19 +164,28 @@ class Trainer:
         section = self.recipe.feature_cache
         started, cpu_started = time.perf_counter(), time.process_time()
         keys = self._image_keys(samples)
-        namespace = namespace_for(model.vision_tower, model.config.vision_feature_layer, processor.image_processor,
-                                  section.dtype)  # fmt: skip
+        namespace = namespace_for(
+            model.vision_tower, model.config.vision_feature_layer, processor.image_processor, section.dtype
+        )
         cache = FeatureCache(section.dir or default_cache_dir(), namespace, section.shard_size)
-        sources = {key: sample.image_source for key, sample in zip(keys, samples, strict=True) if key is not None}
+        sources = {
+            key: sample.image_source for key, sample in zip(keys, samples, strict=True) if key is not None
+        }
         todo = cache.missing(list(sources))
         accelerator.wait_for_everyone()  # every process splits the same to-do list before anyone writes
         mine = {key: sources[key] for key in todo[accelerator.process_index :: accelerator.num_processes]}
         model.eval()
         encoded = cache.build(
-            model.encode_crops, processor.image_processor, mine, DTYPES.get(section.dtype), section.batch_size,
-            writer=f"r{accelerator.process_index}", progress=self._show_progress, autocast=accelerator.autocast,
+            model.encode_crops,
+            processor.image_processor,
+            mine,
+            DTYPES.get(section.dtype),
+            section.batch_size,
+            writer=f"r{accelerator.process_index}",
+            progress=self._show_progress,
+            autocast=accelerator.autocast,
             device=accelerator.device,
-        )  # fmt: skip
+        )
         model.train()
         accelerator.wait_for_everyone()
         cache.refresh()
@@ -175,8 +193,10 @@ class Trainer:
         self.timings["feature_cache_cpu_s"] = time.process_time() - cpu_started
         self.timings["feature_cache_new_images"] = len(todo)
         self.timings["feature_cache_images"] = len(sources)
-        accelerator.print(f"feature cache {cache.directory}: {len(sources) - len(todo)} of {len(sources)} images "
-                          f"cached, {len(todo)} encoded ({encoded} here)")  # fmt: skip
+        accelerator.print(
+            f"feature cache {cache.directory}: {len(sources) - len(todo)} of {len(sources)} images "
+            f"cached, {len(todo)} encoded ({encoded} here)"
+        )
         return cache, keys
 
     def _register_state_hooks(self, accelerator: Accelerator) -> None:
@@ -187,8 +207,11 @@ class Trainer:
                 return
             if accelerator.is_main_process:
                 model = accelerator.unwrap_model(models[0])
-                state = {name: param.detach().cpu().contiguous() for name, param in model.named_parameters()
-                         if param.requires_grad}  # fmt: skip
+                state = {
+                    name: param.detach().cpu().contiguous()
+                    for name, param in model.named_parameters()
+                    if param.requires_grad
+                }
                 save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
             weights.clear()
 
@@ -199,8 +222,11 @@ class Trainer:
             state = load_file(str(Path(input_dir) / TRAINABLE_FILE))
             expected = {name for name, param in model.named_parameters() if param.requires_grad}
             if set(state) != expected:
-                raise ValueError(f"{input_dir}: checkpoint weights do not match the trainable parameters "
-                                 f"(missing {sorted(expected - set(state))[:5]}, extra " f"{sorted(set(state) - expected)[:5]})")  # fmt: skip
+                raise ValueError(
+                    f"{input_dir}: checkpoint weights do not match the trainable parameters "
+                    f"(missing {sorted(expected - set(state))[:5]}, extra "
+                    f"{sorted(set(state) - expected)[:5]})"
+                )
             model.load_state_dict(state, strict=False)
             models.clear()
 
@@ -213,12 +239,21 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------
     def _save_checkpoint(self, accelerator: Accelerator, steps_per_epoch_: int) -> None:
-        extra = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-        state = {"global_step": self.global_step, "epoch": self.global_step // steps_per_epoch_,
-                 "step_in_epoch": self.global_step % steps_per_epoch_, "data_seed": self.recipe.train.seed,
-                 "num_processes": accelerator.num_processes}  # fmt: skip
-        checkpoints.save_training_state(accelerator, self.ckpt_dir, self.global_step, state,
-                                        self.recipe.checkpoint.keep_last, **extra)  # fmt: skip
+        extra = (
+            {"exclude_frozen_parameters": True}
+            if accelerator.distributed_type == DistributedType.DEEPSPEED
+            else {}
+        )
+        state = {
+            "global_step": self.global_step,
+            "epoch": self.global_step // steps_per_epoch_,
+            "step_in_epoch": self.global_step % steps_per_epoch_,
+            "data_seed": self.recipe.train.seed,
+            "num_processes": accelerator.num_processes,
+        }
+        checkpoints.save_training_state(
+            accelerator, self.ckpt_dir, self.global_step, state, self.recipe.checkpoint.keep_last, **extra
+        )
 
     def _restore(self, accelerator: Accelerator) -> None:
         latest = checkpoints.latest_complete(self.ckpt_dir) if self.resume else None
@@ -226,9 +261,13 @@ class Trainer:
             return
         state = json.loads((latest / checkpoints.STATE_FILE).read_text())
         if state["num_processes"] != accelerator.num_processes:
-            raise ValueError(f"{latest}: written by {state['num_processes']} process(es), resumed with "
-                             f"{accelerator.num_processes}; resume with the same number of processes")  # fmt: skip
-        extra = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+            raise ValueError(
+                f"{latest}: written by {state['num_processes']} process(es), resumed with "
+                f"{accelerator.num_processes}; resume with the same number of processes"
+            )
+        extra = (
+            {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+        )
         accelerator.load_state(str(latest), **extra)  # DeepSpeed checkpoints exclude the frozen weights
         self.global_step = state["global_step"]
         accelerator.print(f"resumed from {latest} at step {self.global_step}")
@@ -239,10 +278,16 @@ class Trainer:
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         targets = batch["labels"][:, 1:].to(device)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
 
-    def _optimizer_step(self, accelerator, model, optimizer, scheduler, micro: list[dict[str, Any]]) -> dict[str, Any]:
+    def _optimizer_step(
+        self, accelerator, model, optimizer, scheduler, micro: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         """Forward/backward over the accumulation micro-batches, then clip and step."""
         device = accelerator.device
         local_tokens = torch.tensor(float(sum(b["num_label_tokens"] for b in micro)), device=device)
@@ -265,11 +310,20 @@ class Trainer:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = float(accelerator.reduce(loss_sum, "sum") / total_tokens)
-        samples = accelerator.reduce(torch.tensor(float(sum(b["num_samples"] for b in micro)), device=device), "sum")
-        return {"loss": loss, "lr": rates, "grad_norm": grad_norm, "samples": int(samples),
-                "tokens": int(total_tokens)}  # fmt: skip
+        samples = accelerator.reduce(
+            torch.tensor(float(sum(b["num_samples"] for b in micro)), device=device), "sum"
+        )
+        return {
+            "loss": loss,
+            "lr": rates,
+            "grad_norm": grad_norm,
+            "samples": int(samples),
+            "tokens": int(total_tokens),
+        }
 
-    def _sample_answers(self, accelerator, model, processor, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    def _sample_answers(
+        self, accelerator, model, processor, samples: Sequence[Sample]
+    ) -> list[dict[str, Any]]:
         """Greedy answers to the first question of a few fixed samples (main process only)."""
         assistant = PaLlava(accelerator.unwrap_model(model), processor)
         answers = []
@@ -277,10 +331,17 @@ class Trainer:
             for sample in samples:
                 question = sample.conversation[0]["value"]
                 images = [[sample.image_source]] if sample.image_source is not None else [[]]
-                answer = assistant.generate([sample.conversation[:1]], images,
-                                            max_new_tokens=self.recipe.logging.max_new_tokens)[0]  # fmt: skip
-                answers.append({"id": sample.id, "question": question,
-                                "reference": sample.conversation[1]["value"], "answer": answer})  # fmt: skip
+                answer = assistant.generate(
+                    [sample.conversation[:1]], images, max_new_tokens=self.recipe.logging.max_new_tokens
+                )[0]
+                answers.append(
+                    {
+                        "id": sample.id,
+                        "question": question,
+                        "reference": sample.conversation[1]["value"],
+                        "answer": answer,
+                    }
+                )
         model.train()
         return answers
 
@@ -305,9 +366,11 @@ class Trainer:
         samples = load_samples(recipe.data, recipe.stage)
         per_epoch = steps_per_epoch(len(samples), run.batch_size, accelerator.num_processes, run.grad_accum)
         total_steps = run.max_steps or run.epochs * per_epoch
-        accelerator.print(f"{recipe.stage}: {len(samples)} samples, {per_epoch} steps/epoch, {total_steps} steps, "
-                          f"global batch {global_batch_size(run.batch_size, accelerator.num_processes, run.grad_accum)}, "
-                          f"trainable {counts}")  # fmt: skip
+        accelerator.print(
+            f"{recipe.stage}: {len(samples)} samples, {per_epoch} steps/epoch, {total_steps} steps, "
+            f"global batch {global_batch_size(run.batch_size, accelerator.num_processes, run.grad_accum)}, "
+            f"trainable {counts}"
+        )
 
         cache, keys = None, None
         if recipe.feature_cache.enabled:
@@ -324,16 +387,32 @@ class Trainer:
 
         log = RunLog(self.out_dir, self.global_step, recipe.logging.tensorboard) if self._is_main else None
         fixed = self._fixed_samples(samples, recipe.logging.num_samples)
-        bar = tqdm(total=total_steps, initial=self.global_step, desc=f"train {recipe.stage}", unit="step",
-                   disable=not self._show_progress, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=total_steps,
+            initial=self.global_step,
+            desc=f"train {recipe.stage}",
+            unit="step",
+            disable=not self._show_progress,
+            dynamic_ncols=True,
+        )
         started, cpu_started = time.perf_counter(), time.process_time()
         first_step = self.global_step
         while self.global_step < total_steps:
             epoch, in_epoch = divmod(self.global_step, per_epoch)
             last = min(per_epoch, in_epoch + total_steps - self.global_step)
-            loader = epoch_loader(len(samples), collator, run.seed, epoch, in_epoch, last, run.batch_size,
-                                  accelerator.num_processes, run.grad_accum, accelerator.process_index,
-                                  run.num_workers)  # fmt: skip
+            loader = epoch_loader(
+                len(samples),
+                collator,
+                run.seed,
+                epoch,
+                in_epoch,
+                last,
+                run.batch_size,
+                accelerator.num_processes,
+                run.grad_accum,
+                accelerator.process_index,
+                run.num_workers,
+            )
             micro_iter = iter(loader)
             for _ in range(in_epoch, last):
                 step_started = time.perf_counter()
@@ -341,27 +420,46 @@ class Trainer:
                 result = self._optimizer_step(accelerator, model, optimizer, scheduler, micro)
                 self.global_step += 1
                 elapsed = time.perf_counter() - step_started
-                record = {"step": self.global_step, "epoch": epoch, "loss": result["loss"], "lr": result["lr"],
-                          "grad_norm": result["grad_norm"], "samples_per_s": result["samples"] / max(elapsed, 1e-9),
-                          "tokens": result["tokens"]}  # fmt: skip
+                record = {
+                    "step": self.global_step,
+                    "epoch": epoch,
+                    "loss": result["loss"],
+                    "lr": result["lr"],
+                    "grad_norm": result["grad_norm"],
+                    "samples_per_s": result["samples"] / max(elapsed, 1e-9),
+                    "tokens": result["tokens"],
+                }
                 logging_step = self.global_step % recipe.logging.every == 0 or self.global_step == total_steps
                 if log is not None:
                     log.step(record, scalars=logging_step)
                 if logging_step:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{max(record['lr'].values()):.2e}",
-                                    samples_s=f"{record['samples_per_s']:.1f}")  # fmt: skip
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        lr=f"{max(record['lr'].values()):.2e}",
+                        samples_s=f"{record['samples_per_s']:.1f}",
+                    )
                 bar.update(1)
                 every = recipe.logging.sample_every
-                if log is not None and every and self.global_step % every == 0 and self.global_step < total_steps:
+                if (
+                    log is not None
+                    and every
+                    and self.global_step % every == 0
+                    and self.global_step < total_steps
+                ):
                     log.samples(self.global_step, self._sample_answers(accelerator, model, processor, fixed))
-                if recipe.checkpoint.every and self.global_step % recipe.checkpoint.every == 0 \
-                        and self.global_step < total_steps:
+                if (
+                    recipe.checkpoint.every
+                    and self.global_step % recipe.checkpoint.every == 0
+                    and self.global_step < total_steps
+                ):
                     self._save_checkpoint(accelerator, per_epoch)
                 for callback in self.callbacks:
                     callback(self, record)
         bar.close()
         self.timings["train_s"] = time.perf_counter() - started
-        self.timings["train_cpu_s"] = time.process_time() - cpu_started  # meaningful on a shared, loaded machine
+        self.timings["train_cpu_s"] = (
+            time.process_time() - cpu_started
+        )  # meaningful on a shared, loaded machine
         self.timings["steps_run"] = self.global_step - first_step
         return self._finish(accelerator, model, processor, fixed, log, len(samples), total_steps)
 
@@ -400,14 +498,22 @@ class Trainer:
         }
         history.append(entry)
         (self.out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
-        summary = {**entry, "world_batch": global_batch_size(self.recipe.train.batch_size, num_processes,
-                                                             self.recipe.train.grad_accum)}  # fmt: skip
+        summary = {
+            **entry,
+            "world_batch": global_batch_size(
+                self.recipe.train.batch_size, num_processes, self.recipe.train.grad_accum
+            ),
+        }
         summary.pop("recipe")
         (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def train(recipe: Recipe, out_dir: str | Path, resume: bool = True, progress: bool = True,
-          callbacks: Sequence[StepCallback] = ()) -> Path:  # fmt: skip
+def train(
+    recipe: Recipe,
+    out_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    callbacks: Sequence[StepCallback] = (),
+) -> Path:
     """Run one stage; returns the output directory, which `PaLlava.from_pretrained` loads."""
     return Trainer(recipe, out_dir, resume, progress, callbacks).run()
-

@@ -37,17 +37,79 @@ class TextJudge(Protocol):
 # Non-human species and experimental terms (whole words, case-insensitive).
 NON_HUMAN_TERMS: dict[str, tuple[str, ...]] = {
     "non-human species": (
-        "mouse", "mice", "murine", "rat", "rats", "rodent", "rodents", "rabbit", "rabbits", "hamster", "hamsters",
-        "guinea pig", "guinea pigs", "pig", "pigs", "porcine", "swine", "piglet", "piglets", "dog", "dogs",
-        "puppy", "cat", "cats", "feline", "kitten", "bovine", "cow", "cows", "cattle", "sheep", "ovine",
-        "lamb", "goat", "goats", "caprine", "horse", "horses", "equine", "monkey", "monkeys", "macaque",
-        "macaques", "non-human primate", "non-human primates", "zebrafish", "chicken", "chickens", "avian",
-        "poultry", "ferret", "ferrets", "drosophila", "xenopus", "c. elegans",
+        "mouse",
+        "mice",
+        "murine",
+        "rat",
+        "rats",
+        "rodent",
+        "rodents",
+        "rabbit",
+        "rabbits",
+        "hamster",
+        "hamsters",
+        "guinea pig",
+        "guinea pigs",
+        "pig",
+        "pigs",
+        "porcine",
+        "swine",
+        "piglet",
+        "piglets",
+        "dog",
+        "dogs",
+        "puppy",
+        "cat",
+        "cats",
+        "feline",
+        "kitten",
+        "bovine",
+        "cow",
+        "cows",
+        "cattle",
+        "sheep",
+        "ovine",
+        "lamb",
+        "goat",
+        "goats",
+        "caprine",
+        "horse",
+        "horses",
+        "equine",
+        "monkey",
+        "monkeys",
+        "macaque",
+        "macaques",
+        "non-human primate",
+        "non-human primates",
+        "zebrafish",
+        "chicken",
+        "chickens",
+        "avian",
+        "poultry",
+        "ferret",
+        "ferrets",
+        "drosophila",
+        "xenopus",
+        "c. elegans",
     ),
     "veterinary or experimental": (
-        "veterinary", "canine patient", "animal model", "animal models", "experimental animals",
-        "laboratory animals", "xenograft", "xenografts", "transgenic", "knockout mice", "wild-type mice",
-        "c57bl/6", "balb/c", "sprague-dawley", "wistar", "nude mice",
+        "veterinary",
+        "canine patient",
+        "animal model",
+        "animal models",
+        "experimental animals",
+        "laboratory animals",
+        "xenograft",
+        "xenografts",
+        "transgenic",
+        "knockout mice",
+        "wild-type mice",
+        "c57bl/6",
+        "balb/c",
+        "sprague-dawley",
+        "wistar",
+        "nude mice",
     ),
 }
 # Phrases that mention an animal without the tissue being animal (antibody reagents, eponyms).
@@ -55,8 +117,13 @@ ALLOWED_PHRASES: tuple[str, ...] = (
     r"\b(mouse|rabbit|goat|rat|donkey|sheep|horse|chicken|guinea "
     r"pig)\s+(anti\b|anti-|monoclonal|polyclonal|igg|igm|antibod|serum)",
     r"\banti-?\s?(mouse|rabbit|goat|rat|sheep|chicken|human)\b",
-    r"\bhorseradish\b", r"\bchicken[- ]wire\b", r"\brat[- ]bite\b", r"\bcat[- ]scratch\b",
-    r"\bcanine (tooth|teeth)\b", r"\brodent ulcer", r"\b(fetal |foetal )?bovine serum\b",
+    r"\bhorseradish\b",
+    r"\bchicken[- ]wire\b",
+    r"\brat[- ]bite\b",
+    r"\bcat[- ]scratch\b",
+    r"\bcanine (tooth|teeth)\b",
+    r"\brodent ulcer",
+    r"\b(fetal |foetal )?bovine serum\b",
 )
 
 
@@ -85,12 +152,20 @@ class LexiconJudge:
 
 
 DEFAULT_PATHOLOGY_PROMPTS: tuple[str, ...] = (
-    "a histopathology image", "an H&E stained tissue section", "a microscopy image of human tissue",
-    "an immunohistochemistry image of tissue", "a cytology smear under the microscope",
+    "a histopathology image",
+    "an H&E stained tissue section",
+    "a microscopy image of human tissue",
+    "an immunohistochemistry image of tissue",
+    "a cytology smear under the microscope",
 )
 DEFAULT_NON_PATHOLOGY_PROMPTS: tuple[str, ...] = (
-    "a photograph", "a photo of a person", "a photo of an animal", "a photo of an object",
-    "a fundus photograph of the retina", "a radiology image", "a chart or a diagram",
+    "a photograph",
+    "a photo of a person",
+    "a photo of an animal",
+    "a photo of an object",
+    "a fundus photograph of the retina",
+    "a radiology image",
+    "a chart or a diagram",
 )
 
 
@@ -128,13 +203,14 @@ class PlipImageJudge:
     def pathology_probability(self, paths: Sequence[Path]) -> list[float]:
         probabilities: list[float] = []
         for start in range(0, len(paths), self.batch_size):
-            images = [load_image(p, self.max_pixels) for p in paths[start:start + self.batch_size]]
+            images = [load_image(p, self.max_pixels) for p in paths[start : start + self.batch_size]]
             probabilities.extend(float(p) for p in self.model.predict_proba(images, self.class_texts)[:, 0])
         return probabilities
 
     def judge_images(self, paths: Sequence[Path]) -> list[Verdict]:
         return [
-            Verdict(True, detail=f"p={p:.3f}") if p >= self.threshold
+            Verdict(True, detail=f"p={p:.3f}")
+            if p >= self.threshold
             else Verdict(False, "not pathology (PLIP)", f"p(pathology)={p:.3f} < {self.threshold}")
             for p in self.pathology_probability(paths)
         ]

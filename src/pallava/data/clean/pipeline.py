@@ -75,7 +75,12 @@ def record_text(data: dict[str, Any], kind: str) -> str:
     if kind == "caption":
         return data["caption"]
     if kind == "vqa":
-        parts = [data["question"], *(data.get("options") or []), data["answer"], (data.get("meta") or {}).get("caption") or ""]
+        parts = [
+            data["question"],
+            *(data.get("options") or []),
+            data["answer"],
+            (data.get("meta") or {}).get("caption") or "",
+        ]
         return "\n".join(p for p in parts if p)
     return "\n".join(turn["value"].replace(IMAGE_TOKEN, "").strip() for turn in data["conversations"])
 
@@ -96,7 +101,9 @@ def _scan_input(path: Path) -> Iterator[_Entry]:
                 continue
             record_id = data.get("id") if isinstance(data, dict) else None
             if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
-                entry = _Entry(line_number, f"line-{line_number}", data if isinstance(data, dict) else None, raw)
+                entry = _Entry(
+                    line_number, f"line-{line_number}", data if isinstance(data, dict) else None, raw
+                )
                 entry.rejection = ("input", Verdict(False, "malformed record", "missing field 'id'"))
                 yield entry
                 continue
@@ -108,7 +115,10 @@ def _input_ids(path: Path) -> list[str]:
     seen: dict[str, int] = {}
     for entry in _scan_input(path):
         if entry.id in seen:
-            raise ValueError(f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; " "ids must be unique")
+            raise ValueError(
+                f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; "
+                "ids must be unique"
+            )
         seen[entry.id] = entry.line
     return list(seen)
 
@@ -128,7 +138,9 @@ def _recover(path: Path) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            raise ValueError(f"{path}: line {number} is corrupt; remove the output folder to start over") from None
+            raise ValueError(
+                f"{path}: line {number} is corrupt; remove the output folder to start over"
+            ) from None
     return rows
 
 
@@ -180,8 +192,12 @@ class _Cleaner:
         self.config = config
         self.image_root = Path(config.image_root) if config.image_root else input_path.parent
         stages = config.stages[1:-1]
-        self.image_judge = build_judge(config.image_judge, "image", config.max_pixels) if "image" in stages else None
-        self.text_judge = build_judge(config.text_judge, "text", config.max_pixels) if "text" in stages else None
+        self.image_judge = (
+            build_judge(config.image_judge, "image", config.max_pixels) if "image" in stages else None
+        )
+        self.text_judge = (
+            build_judge(config.text_judge, "text", config.max_pixels) if "text" in stages else None
+        )
         self.index = DuplicateIndex(config.duplicate_mode, config.max_hamming)
         self.pool = None
         if config.workers > 1:
@@ -219,7 +235,8 @@ class _Cleaner:
         elif stage == "length":
             verdicts = [
                 Verdict(False, "caption too short", f"{n} words < {self.config.min_words}")
-                if e.kind == "caption" and (n := len(e.text.split())) < self.config.min_words else Verdict(True)
+                if e.kind == "caption" and (n := len(e.text.split())) < self.config.min_words
+                else Verdict(True)
                 for e in alive
             ]
         else:
@@ -237,7 +254,11 @@ class _Cleaner:
                 self._prepare(entry)
         alive = [e for e in chunk if e.rejection is None]
         jobs = [(str(e.image), self.config.max_pixels) for e in alive]
-        results = self.pool.map(_integrity, jobs) if self.pool is not None and len(jobs) > 1 else map(_integrity, jobs)
+        results = (
+            self.pool.map(_integrity, jobs)
+            if self.pool is not None and len(jobs) > 1
+            else map(_integrity, jobs)
+        )
         for entry, (ok, reason, detail, phash, size) in zip(alive, results, strict=True):
             if ok:
                 entry.phash, entry.size = phash, size
@@ -249,8 +270,15 @@ class _Cleaner:
     def kept_line(self, entry: _Entry) -> dict[str, Any]:
         data = dict(entry.data)
         data["image"] = str(entry.image)
-        data["meta"] = {**(data.get("meta") or {}), "clean": {"phash": entry.phash, "text_key": text_key(entry.text),
-                                                             "width": entry.size[0], "height": entry.size[1]}}
+        data["meta"] = {
+            **(data.get("meta") or {}),
+            "clean": {
+                "phash": entry.phash,
+                "text_key": text_key(entry.text),
+                "width": entry.size[0],
+                "height": entry.size[1],
+            },
+        }
         return data
 
 
@@ -265,7 +293,9 @@ def _sync(*handles: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def clean(
+    input_path: str | Path, out_dir: str | Path, config: CleanConfig | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Clean a JSONL of records into `out_dir` (kept.jsonl, rejected.jsonl, report.md); resumable.
 
     Returns the summary (counts per stage and reason). Raises `JudgeStopped` when a judge fails under
@@ -282,15 +312,27 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
     done = {str(row["id"]) for row in (*kept_rows, *rejected_rows)}
     unknown = done - set(input_ids)
     if unknown:
-        raise ValueError(f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder")
+        raise ValueError(
+            f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder"
+        )
     cleaner = _Cleaner(input_path, config)
     for row in kept_rows:
         cleaner.index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
     del kept_rows, rejected_rows
     started = time.perf_counter()
-    bar = tqdm(total=len(input_ids), initial=len(done), unit="rec", desc="cleaning", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(input_ids),
+        initial=len(done),
+        unit="rec",
+        desc="cleaning",
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
-        with (out / KEPT).open("a", encoding="utf-8") as kept, (out / REJECTED).open("a", encoding="utf-8") as rejected:
+        with (
+            (out / KEPT).open("a", encoding="utf-8") as kept,
+            (out / REJECTED).open("a", encoding="utf-8") as rejected,
+        ):
             pending = (entry for entry in _scan_input(input_path) if entry.id not in done)
             while chunk := list(itertools.islice(pending, config.chunk_size)):
                 cleaner.process(chunk)
@@ -311,8 +353,17 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
                         _write(kept, cleaner.kept_line(entry))
                     else:
                         stage, verdict = entry.rejection
-                        _write(rejected, {"id": entry.id, "line": entry.line, "stage": stage, "reason": verdict.reason,
-                                          "detail": verdict.detail, "record": entry.data if entry.data is not None else entry.raw})
+                        _write(
+                            rejected,
+                            {
+                                "id": entry.id,
+                                "line": entry.line,
+                                "stage": stage,
+                                "reason": verdict.reason,
+                                "detail": verdict.detail,
+                                "record": entry.data if entry.data is not None else entry.raw,
+                            },
+                        )
                 bar.update(len(chunk))
                 _sync(kept, rejected)
     finally:
@@ -327,5 +378,7 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
         from pallava.data.shards import write_shards
 
         shutil.rmtree(out / "shards", ignore_errors=True)
-        write_shards(iter_records(out / KEPT), out / "shards", records_per_shard=config.shard_size, progress=progress)
+        write_shards(
+            iter_records(out / KEPT), out / "shards", records_per_shard=config.shard_size, progress=progress
+        )
     return summary

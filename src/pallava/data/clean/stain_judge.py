@@ -55,6 +55,10 @@ class StainJudge:
                 verdicts.append(Verdict(True, detail=f"H&E fraction {fraction:.2f}"))
             else:
                 verdicts.append(
-                    Verdict(False, "not H&E pathology (stain)", f"H&E fraction {fraction:.2f} < {self.min_he_fraction}")
+                    Verdict(
+                        False,
+                        "not H&E pathology (stain)",
+                        f"H&E fraction {fraction:.2f} < {self.min_he_fraction}",
+                    )
                 )
         return verdicts

@@ -12,4 +12,12 @@ from pallava.models.plip.zeroshot import PlipZeroShot
 AutoConfig.register(PlipConfig.model_type, PlipConfig, exist_ok=True)
 AutoModel.register(PlipConfig, PlipModel, exist_ok=True)
 
-__all__ = ["PLIP_PRESETS", "PlipConfig", "PlipModel", "PlipZeroShot", "build_plip", "export_vision_tower", "plip_config"]
+__all__ = [
+    "PLIP_PRESETS",
+    "PlipConfig",
+    "PlipModel",
+    "PlipZeroShot",
+    "build_plip",
+    "export_vision_tower",
+    "plip_config",
+]

@@ -68,4 +68,6 @@ class PlipConfig(PreTrainedConfig):
                 f"temp_max={self.temp_max}]"
             )
         if self.use_momentum and self.queue_size < 1:
-            raise ValueError(f"PlipConfig: queue_size must be >= 1 when use_momentum is on, got {self.queue_size}")
+            raise ValueError(
+                f"PlipConfig: queue_size must be >= 1 when use_momentum is on, got {self.queue_size}"
+            )

@@ -53,7 +53,9 @@ def _vision_config(config_file: Path) -> CLIPVisionConfig | None:
     if data.get("model_type") == "clip":
         data = data.get("vision_config") or {}
     elif data.get("model_type") not in (None, "clip_vision_model"):
-        raise ValueError(f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP (vision) config")
+        raise ValueError(
+            f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP (vision) config"
+        )
     return CLIPVisionConfig(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
 
 
@@ -68,7 +70,9 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
         config = _vision_config(path / "config.json")
         if config is None:
             raise ValueError(f"{path}: no config.json in the vision checkpoint folder")
-        files = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        files = [
+            path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()
+        ]
         if not files:
             raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
         weights = files[0]

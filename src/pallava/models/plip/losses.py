@@ -60,7 +60,9 @@ def positive_targets(query_keys: torch.Tensor, key_keys: torch.Tensor) -> torch.
     mask = positive_mask(query_keys, key_keys).float()
     counts = mask.sum(dim=1, keepdim=True)
     if bool((counts == 0).any()):
-        raise ValueError("positive_targets: a query has no positive key; the keys must include the query's own pair")
+        raise ValueError(
+            "positive_targets: a query has no positive key; the keys must include the query's own pair"
+        )
     return mask / counts
 
 

@@ -29,7 +29,13 @@ SCRATCH = "scratch"
 
 _PRESET_SETTINGS: dict[str, dict[str, object]] = {
     # MiniLM was trained with mean pooling; its early-layer [CLS] state hardly depends on the text.
-    "tiny": {"embed_dim": 256, "use_momentum": False, "queue_size": 4096, "text_pooling": "mean", "itm_max_pairs": 8},
+    "tiny": {
+        "embed_dim": 256,
+        "use_momentum": False,
+        "queue_size": 4096,
+        "text_pooling": "mean",
+        "itm_max_pairs": 8,
+    },
     "paper": {"embed_dim": 256, "use_momentum": True, "queue_size": 57600, "momentum": 0.995, "alpha": 0.4},
 }
 DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
@@ -38,10 +44,18 @@ _TEXT_LAYERS: dict[str, int | None] = {"tiny": 2, "paper": None}
 
 def _bert_base_text_config(encoder_hidden_size: int) -> BlipTextConfig:
     return BlipTextConfig(
-        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        max_position_embeddings=512, encoder_hidden_size=encoder_hidden_size, is_decoder=True,
-        bos_token_id=None, sep_token_id=None, eos_token_id=None,
-    )  # fmt: skip
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        encoder_hidden_size=encoder_hidden_size,
+        is_decoder=True,
+        bos_token_id=None,
+        sep_token_id=None,
+        eos_token_id=None,
+    )
 
 
 def plip_config(

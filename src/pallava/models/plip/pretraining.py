@@ -152,11 +152,15 @@ class PlipPretrainer(nn.Module):
         image_feat = self.model.image_embeds(image_tokens)
         text_feat = self.model.text_embeds(self.model.text_states(input_ids, attention_mask), attention_mask)
         alpha = config.alpha if alpha is None else alpha
-        loss_itc = self._itc(pixel_values, input_ids, attention_mask, image_feat, text_feat, match_keys, alpha)
+        loss_itc = self._itc(
+            pixel_values, input_ids, attention_mask, image_feat, text_feat, match_keys, alpha
+        )
         if config.itm_weight > 0:
             loss_itm, itm_accuracy = self._itm(
                 image_tokens, input_ids, attention_mask, image_feat, text_feat, match_keys, generator
             )
         else:
             loss_itm = itm_accuracy = torch.zeros((), device=pixel_values.device)
-        return PlipPretrainingOutput(loss_itc + config.itm_weight * loss_itm, loss_itc, loss_itm, itm_accuracy)
+        return PlipPretrainingOutput(
+            loss_itc + config.itm_weight * loss_itm, loss_itc, loss_itm, itm_accuracy
+        )

@@ -21,7 +21,9 @@ from pallava.processing.image import ImageSource, load_image, normalize_to_tenso
 class PlipZeroShot:
     """A PLIP model and tokenizer in eval mode, with batched encoders and prompt-ensemble classification."""
 
-    def __init__(self, model: PlipModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"):
+    def __init__(
+        self, model: PlipModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"
+    ):
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -49,7 +51,9 @@ class PlipZeroShot:
         size = self.model.image_size
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-            batch = torch.stack([normalize_to_tensor(load_image(img), size) for img in images[start : start + batch_size]])
+            batch = torch.stack(
+                [normalize_to_tensor(load_image(img), size) for img in images[start : start + batch_size]]
+            )
             chunks.append(self.encode_pixels(batch))
         if not chunks:
             return torch.empty(0, self.model.config.embed_dim)
@@ -61,10 +65,15 @@ class PlipZeroShot:
         chunks = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(
-                list(texts[start : start + batch_size]), padding=True, truncation=True,
-                max_length=self.model.config.max_text_length, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
-            chunks.append(self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).float().cpu())
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.model.config.max_text_length,
+                return_tensors="pt",
+            ).to(self.device)
+            chunks.append(
+                self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).float().cpu()
+            )
         if not chunks:
             return torch.empty(0, self.model.config.embed_dim)
         return torch.cat(chunks)
@@ -74,7 +83,9 @@ class PlipZeroShot:
         ensemble)."""
         if not class_texts or any(len(texts) == 0 for texts in class_texts):
             raise ValueError("class_texts: every class needs at least one prompt")
-        return torch.stack([F.normalize(self.encode_texts(list(texts)).mean(0), dim=0) for texts in class_texts])
+        return torch.stack(
+            [F.normalize(self.encode_texts(list(texts)).mean(0), dim=0) for texts in class_texts]
+        )
 
     def proba_from_embeddings(self, image_embeds: torch.Tensor, class_embeds: torch.Tensor) -> np.ndarray:
         """(N, C) class probabilities: softmax of cosine similarities over the model's temperature."""
@@ -85,10 +96,14 @@ class PlipZeroShot:
         self, images: Sequence[ImageSource], class_texts: Sequence[Sequence[str]], batch_size: int = 64
     ) -> np.ndarray:
         """(N, C) zero-shot class probabilities for images, one prompt list per class."""
-        return self.proba_from_embeddings(self.encode_images(images, batch_size), self.class_embeddings(class_texts))
+        return self.proba_from_embeddings(
+            self.encode_images(images, batch_size), self.class_embeddings(class_texts)
+        )
 
 
-def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(
+    similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Share of queries (rows) with a positive among their top-k columns, for each k."""
     if similarity.shape != positives.shape:
         raise ValueError(f"recall_at_k: similarity {similarity.shape} and positives {positives.shape} differ")
