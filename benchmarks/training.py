@@ -26,7 +26,7 @@ from benchmarks.systems import REGIMES, Regime, build_fast, random_init_
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import make_processor
 from pallava.processing.image import load_image, normalize_to_tensor
-from pallava.processing.processor import IGNORE_INDEX
+from pallava.processing.processor import CROP_FEATURES, IGNORE_INDEX, MODEL_INPUT_NAMES
 from pallava.processing.tokenizer import IMAGE, build_tiny_tokenizer
 from pallava.train.data import Collator, Sample
 from pallava.train.feature_cache import FeatureCache, image_key, namespace_for
@@ -42,7 +42,7 @@ LORA = {
     "paper": {"r": 128, "alpha": 256, "dropout": 0.05},
 }
 PLIP_PRESET = {"tiny": "tiny", "paper-proportioned": "paper", "paper": "paper"}
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask", "crop_features")
+MODEL_INPUTS = (*MODEL_INPUT_NAMES, CROP_FEATURES)
 
 
 def training_samples(count: int) -> list[Sample]:

@@ -41,7 +41,7 @@ def test_captions_use_class_names_and_are_marked_generated(dev_items, labels):
 
 
 def test_vqa_is_balanced_and_answers_are_correct(dev_items, labels):
-    vqa = vqa_from_labels(dev_items, labels, seed=0)
+    vqa = [v for v in vqa_from_labels(dev_items, labels, seed=0) if v.meta["question"] == "diagnosis"]
     assert len(vqa) == 4 * len(dev_items)
     closed = [v for v in vqa if v.answer_type == "closed"]
     assert Counter(v.answer for v in closed) == {"yes": len(dev_items), "no": len(dev_items)}
@@ -108,3 +108,57 @@ def test_stage2_prompts_per_answer_type():
     assert open_ == [{"from": "human", "value": "<image>\nWhat organ?"}, {"from": "gpt", "value": "lung"}]
     assert "Options:\nA. alpha\nB. beta\nC. gamma\n" in choice[0]["value"]
     assert choice[1]["value"] == "B"
+
+
+@pytest.fixture(scope="module")
+def three_organs(shared_data):
+    from pallava.data.datasets import parse_data_args, read_labelled
+
+    datasets = parse_data_args([shared_data / name for name in ("lc25000-lung", "lc25000-colon", "oscc")])
+    return read_labelled(datasets, "dev")
+
+
+def test_questions_span_organs_and_malignancy(three_organs):
+    label_map = LabelMap.builtin("lung-colon-oral")
+    vqa = vqa_from_labels(three_organs, label_map, seed=0)
+    by_path = {item.path: label_map[item.label] for item in three_organs}
+    kinds = Counter((v.meta["question"], v.answer_type) for v in vqa)
+    n = len(three_organs)
+    assert kinds == {
+        ("diagnosis", "closed"): 2 * n,
+        ("diagnosis", "open"): n,
+        ("diagnosis", "choice"): n,
+        ("organ", "open"): n,
+        ("organ", "closed"): n,
+        ("malignancy", "closed"): n,
+        ("malignancy", "open"): n,
+    }
+    closed = Counter(v.answer for v in vqa if v.answer_type == "closed" and v.meta["question"] != "diagnosis")
+    assert abs(closed["yes"] - closed["no"]) < 0.15 * n  # organ and malignancy yes/no roughly balanced
+    other_organ_options = 0
+    for v in vqa:
+        info = by_path[v.image]
+        assert v.meta["dataset"] in ("lc25000-lung", "lc25000-colon", "oscc")
+        if v.meta["question"] == "organ" and v.answer_type == "open":
+            assert v.answer == info.organ
+        elif v.meta["question"] == "organ":
+            assert (v.answer == "yes") == (info.organ in v.question)
+        elif v.meta["question"] == "malignancy" and v.answer_type == "open":
+            assert v.answer == ("malignant" if info.malignant else "benign")
+        elif v.answer_type == "choice":
+            assert len(v.options) == 4 and v.options[string.ascii_uppercase.index(v.answer)] == info.name
+            organs = {label_map[label_map.label_for(o)].organ for o in v.options}
+            other_organ_options += len(organs) > 1
+    assert other_organ_options == n  # 7 classes: every choice question mixes organs
+
+
+def test_captions_vary_wording_and_name_the_organ(three_organs):
+    label_map = LabelMap.builtin("lung-colon-oral")
+    captions = captions_from_labels(three_organs, label_map, seed=0)
+    for item, caption in zip(three_organs, captions, strict=True):
+        info = label_map[item.label]
+        assert info.organ in caption.caption and any(n in caption.caption for n in info.all_names())
+        assert caption.meta["dataset"] == item.dataset
+    openings = Counter(" ".join(c.caption.split()[:3]) for c in captions)
+    assert len(openings) >= 8  # not one template
+    assert sum("malignan" in c.caption or "benign" in c.caption for c in captions) > len(captions) // 4

@@ -10,7 +10,8 @@ from pallava.data.labels import LabelMap
 from pallava.models.plip.prompts import CAPTION_TEMPLATES, ZEROSHOT_TEMPLATES, caption_for, class_prompts
 from pallava.models.plip.text_init import load_tokenizer
 from pallava.models.plip.zeroshot import recall_at_k
-from pallava.train.plip_data import PlipCollator, PlipDataset, augment, read_plip_data
+from pallava.processing.augment import Augmentation, augment
+from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
 from pallava.train.plip_eval import classification_metrics
 
 
@@ -42,10 +43,15 @@ def test_caption_jsonl_keys_identical_captions_alike(tmp_path, lung):
     path = tmp_path / "captions.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     samples, label_map = read_plip_data(path, split="train")
-    assert label_map is None and len(samples) == 4  # the dev record is filtered out
+    assert len(samples) == 4  # the dev record is filtered out
+    # captions generated from labels (meta.label) bring the label map covering them, saved with the model
+    assert label_map.labels() == ["lung_aca", "lung_n", "lung_scc"]
     assert samples[0].text_key == samples[1].text_key
     assert samples[2].text_key == samples[3].text_key != samples[0].text_key  # generated from one label
     assert samples[0].caption == "Benign  lung tissue."
+    unlabelled = tmp_path / "real.jsonl"
+    unlabelled.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    assert read_plip_data(unlabelled, split=None)[1] is None  # a real corpus has no classes
 
 
 @pytest.mark.parametrize(
@@ -100,7 +106,7 @@ def test_collator_pads_and_truncates(lung):
 def test_augment_keeps_shape_range_and_content():
     rng = random.Random(0)
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    out = augment(image, rng)
+    out = augment(image, rng, Augmentation(zoom=0.0, stain=0.0))
     assert out.shape == image.shape and out.min() >= 0 and out.max() <= 255
     # A rotation/flip with jitter: the sorted intensities move only a little.
     assert np.abs(np.sort(out.ravel()) - np.sort(image.astype(np.float32).ravel())).mean() < 20

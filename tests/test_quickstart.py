@@ -11,24 +11,27 @@ from pallava.cli import main
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
 
+DATASETS = {"lc25000-lung": 3, "lc25000-colon": 2, "oscc": 2}  # name -> classes
+
+
+def _command(shared_data, out):
+    data = [arg for name in DATASETS for arg in ("--data", str(shared_data / name))]
+    return [
+        "quickstart",
+        "--smoke",
+        "--no-progress",
+        "--out",
+        str(out),
+        *data,
+        "--samples",
+        str(shared_data / "samples"),
+    ]
+
 
 @pytest.fixture(scope="module")
 def smoke_run(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    code = main(
-        [
-            "quickstart",
-            "--smoke",
-            "--no-progress",
-            "--out",
-            str(out),
-            "--data",
-            str(shared_data / "lc25000-lung"),
-            "--samples",
-            str(shared_data / "samples"),
-        ]
-    )
-    assert code == 0
+    assert main(_command(shared_data, out)) == 0
     return out
 
 
@@ -57,10 +60,14 @@ def test_models_load_and_answer(smoke_run, lung_tiles):
 
 def test_reports_and_summary_are_written(smoke_run):
     reports = smoke_run / "reports"
-    vqa = json.loads((reports / "vqa" / "report.json").read_text())
-    assert {"closed", "open"} <= set(vqa) and vqa["closed"]["n"] > 0
-    plip = json.loads((reports / "plip-zeroshot" / "report.json").read_text())
-    assert plip["n"] == 6  # 2 dev images per class in the smoke subset
+    for name, classes in DATASETS.items():
+        vqa = json.loads((reports / name / "vqa" / "report.json").read_text())
+        assert {"closed", "open"} <= set(vqa) and vqa["closed"]["n"] > 0
+        plip = json.loads((reports / name / "plip-zeroshot" / "report.json").read_text())
+        assert plip["n"] == 2 * classes  # 2 dev images per class in the smoke subset
+        assert len(plip["per_class"]) == classes  # zero-shot over the dataset's own classes
+    table = (reports / "summary.md").read_text()
+    assert all(f"| {name} |" in table for name in DATASETS)
     summary = json.loads((reports / "summary.json").read_text())
     assert [step["name"] for step in summary] == [
         "1-corpus",
@@ -73,20 +80,7 @@ def test_reports_and_summary_are_written(smoke_run):
 
 
 def test_rerun_skips_completed_steps(smoke_run, shared_data, capsys):
-    code = main(
-        [
-            "quickstart",
-            "--smoke",
-            "--no-progress",
-            "--out",
-            str(smoke_run),
-            "--data",
-            str(shared_data / "lc25000-lung"),
-            "--samples",
-            str(shared_data / "samples"),
-        ]
-    )
-    assert code == 0
+    assert main(_command(shared_data, smoke_run)) == 0
     printed = capsys.readouterr().out
     assert printed.count("already complete, skipped") == 5
     assert "$ pallava" not in printed  # no step ran a command again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def test_manifest_stages_and_answer_type_filter(shared_data):
     captions = load_samples(DataSection(path=manifest, split="dev"), "align")
     assert len(captions) == 120 and all(s.conversation[1]["from"] == "gpt" for s in captions)
     questions = load_samples(DataSection(path=manifest, split="dev", answer_types=["open"]), "instruct")
-    assert len(questions) == 120 and {s.answer_type for s in questions} == {"open"}
+    # one diagnosis and one benign-or-malignant open question per image
+    assert len(questions) == 240 and {s.answer_type for s in questions} == {"open"}
     subset = load_samples(DataSection(path=manifest, split="dev", limit=7, seed=1), "instruct")
     assert len(subset) == 7
     with pytest.raises(ValueError, match="unknown \\['essay'\\]"):
@@ -113,3 +115,34 @@ def test_bad_records_are_named(tmp_path):
         load_samples(DataSection(path=str(bad)), "align")
     with pytest.raises(ValueError, match="not found"):
         load_samples(DataSection(path=str(tmp_path / "missing.jsonl")), "align")
+
+
+def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
+    """Three datasets as one training set: every sample names its dataset, the small ones are repeated."""
+    manifests = [
+        str(shared_data / name / "manifest.csv") for name in ("lc25000-lung", "lc25000-colon", "oscc")
+    ]
+    section = DataSection(path=manifests, split="train", answer_types=["open"])
+    samples = load_samples(section, "instruct")
+    counts = Counter(s.dataset for s in samples)
+    # 3 open questions per image (diagnosis, organ, malignancy); sqrt balancing: lung (3,000 images) is kept
+    # once, colon (1,285) and oscc (295) are repeated so that shares follow sqrt(size): 3 * sqrt(3000 * n).
+    assert counts["lc25000-lung"] == 3 * 3000
+    assert counts["lc25000-colon"] == pytest.approx(3 * (3000 * 1285) ** 0.5, abs=3)
+    assert counts["oscc"] == pytest.approx(3 * (3000 * 295) ** 0.5, abs=3)
+    answers = {s.conversation[1]["value"] for s in samples if s.dataset == "oscc"}
+    assert answers == {
+        "normal oral mucosa",
+        "oral squamous cell carcinoma",
+        "oral cavity",
+        "benign",
+        "malignant",
+    }
+    # over an epoch (one shuffled pass over the balanced list) the shares are as planned
+    order = epoch_order(len(samples), seed=0, epoch=0)[: len(samples) // 2]
+    half = Counter(samples[i].dataset for i in order)
+    assert half["oscc"] / len(order) == pytest.approx(counts["oscc"] / len(samples), abs=0.02)
+    unbalanced = load_samples(
+        DataSection(path=manifests, split="train", answer_types=["open"], balance="none"), "instruct"
+    )
+    assert Counter(s.dataset for s in unbalanced)["oscc"] == 3 * 295

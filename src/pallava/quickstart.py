@@ -19,7 +19,9 @@ from pathlib import Path
 from pallava.cli import main as pallava_main
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = PACKAGE_ROOT.parent / "shared" / "data" / "lc25000-lung"
+SHARED_DATA = PACKAGE_ROOT.parent / "shared" / "data"
+# Three organs: lung and colon (LC25000) and oral mucosa (OSCC, 100x), each with its own train/dev split.
+DEFAULT_DATA = (SHARED_DATA / "lc25000-lung", SHARED_DATA / "lc25000-colon", SHARED_DATA / "oscc")
 DEFAULT_SAMPLES = PACKAGE_ROOT.parent / "shared" / "data" / "samples"
 CONFIGS = PACKAGE_ROOT / "configs"
 
@@ -44,10 +46,10 @@ PHOTO_CAPTION = (
 class QuickstartSettings:
     """What to run. `smoke` shrinks every step (a handful of images, a few steps) on the same code path."""
 
-    data: Path = DEFAULT_DATA
+    data: list[Path] = field(default_factory=lambda: list(DEFAULT_DATA))
     out: Path = Path("runs/quickstart")
     samples: Path = DEFAULT_SAMPLES
-    labels: str = "lc25000-lung"
+    labels: str | None = None  # default: each dataset's built-in map, merged
     smoke: bool = False
     seed: int = 0
     progress: bool = True
@@ -101,18 +103,27 @@ class Quickstart:
         self.results.append(StepResult(name, seconds, metrics, skipped=False))
         return metrics
 
-    # --- data --------------------------------------------------------------------------------------
-    def manifest(self) -> Path:
-        """The labelled manifest to use: the real one, or (smoke) a few images per class and split."""
-        source = self.s.data / "manifest.csv" if self.s.data.is_dir() else self.s.data
-        if not source.is_file():
-            raise FileNotFoundError(
-                f"no manifest at {source}: pass --data DIR holding manifest.csv (path,label,cluster,split); "
-                "see README, 'Your own data'"
-            )
+    # --- data ---------------------------------------------------------------------------------------
+    def manifests(self) -> dict[str, Path]:
+        """Each dataset's labelled manifest by name: the real ones, or (smoke) a few images per class and
+        split."""
+        from pallava.data.datasets import parse_data_args
+
+        datasets = parse_data_args([str(path) for path in self.s.data]).datasets
+        for spec in datasets:
+            if not spec.path.endswith(".csv"):
+                raise FileNotFoundError(
+                    f"no manifest at {spec.path}: pass --data DIR holding manifest.csv "
+                    "(path,label,cluster,split); "
+                    "see README, 'Your own data'"
+                )
         if not self.s.smoke:
-            return source
-        subset = self.out / "data" / "manifest-smoke.csv"
+            return {spec.name: Path(spec.path) for spec in datasets}
+        return {spec.name: self.smoke_subset(spec.name, Path(spec.path)) for spec in datasets}
+
+    def smoke_subset(self, name: str, source: Path) -> Path:
+        """4 train and 2 dev images per class of one manifest (absolute paths), in OUT/data/<name>/."""
+        subset = self.out / "data" / name / "manifest.csv"
         if subset.is_file():
             return subset
         with source.open(newline="") as handle:
@@ -131,7 +142,13 @@ class Quickstart:
             writer.writerows(keep)
         return subset
 
-    def build_corpus(self, manifest: Path) -> dict:
+    def data_args(self, manifests: dict[str, Path]) -> list[str]:
+        """`--input M` per dataset (each manifest's folder names its dataset) and the label map, if one is
+        set."""
+        args = [str(arg) for manifest in manifests.values() for arg in ("--input", manifest)]
+        return args + (["--labels", self.s.labels] if self.s.labels else [])
+
+    def build_corpus(self, manifests: dict[str, Path]) -> dict:
         corpus = self.out / "corpus"
         corpus.mkdir(parents=True, exist_ok=True)
         captions = corpus / "captions.jsonl"
@@ -140,12 +157,9 @@ class Quickstart:
             "build",
             "--kind",
             "captions",
-            "--input",
-            manifest,
+            *self.data_args(manifests),
             "--split",
             "train",
-            "--labels",
-            self.s.labels,
             "--seed",
             self.s.seed,
             "--out",
@@ -212,10 +226,8 @@ class Quickstart:
             "train",
             "--data",
             self.out / "corpus" / "clean" / "kept.jsonl",
-            "--preset",
-            "tiny",
-            "--label-map",
-            self.s.labels,
+            "--config",
+            CONFIGS / "plip-tiny.yaml",
             "--seed",
             self.s.seed,
             "--out",
@@ -227,7 +239,7 @@ class Quickstart:
         self.run_command("plip", "export-vision", "--model", plip, "--out", self.out / "plip-vision")
         return {}
 
-    def train_assistant(self, manifest: Path) -> dict:
+    def train_assistant(self, manifests: dict[str, Path]) -> dict:
         data = self.out / "data"
         data.mkdir(parents=True, exist_ok=True)
         self.run_command(
@@ -247,12 +259,9 @@ class Quickstart:
             "build",
             "--kind",
             "vqa",
-            "--input",
-            manifest,
+            *self.data_args(manifests),
             "--split",
             "train",
-            "--labels",
-            self.s.labels,
             "--seed",
             self.s.seed,
             "--out",
@@ -302,69 +311,88 @@ class Quickstart:
         )
         return {}
 
-    # --- evaluation --------------------------------------------------------------------------------
-    def evaluate(self, manifest: Path) -> dict:
-        reports = self.out / "reports"
-        self.run_command(
-            "plip",
-            "zeroshot",
-            "--model",
-            self.out / "plip",
-            "--data",
-            manifest,
-            "--split",
-            "dev",
-            "--label-map",
-            self.s.labels,
-            "--out",
-            reports / "plip-zeroshot",
-        )
-        self.run_command(
-            "eval",
-            "vqa",
-            "--model",
-            self.out / "assistant",
-            "--data",
-            manifest,
-            "--format",
-            "manifest",
-            "--split",
-            "dev",
-            "--label-map",
-            self.s.labels,
-            "--seed",
-            self.s.seed,
-            "--out",
-            reports / "vqa",
-        )
-        plip = json.loads((reports / "plip-zeroshot" / "report.json").read_text())
-        vqa = json.loads((reports / "vqa" / "report.json").read_text())
-        return {
-            "plip_zeroshot_accuracy": plip["accuracy"],
-            "plip_zeroshot_macro_f1": plip["macro_f1"],
-            "vqa_closed_accuracy": _dig(vqa, "closed", "accuracy"),
-            "vqa_open_accuracy": _dig(vqa, "open", "accuracy"),
-            "vqa_choice_accuracy": _dig(vqa, "choice", "accuracy"),
-        }
+    # --- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, manifests: dict[str, Path]) -> dict:
+        """Per dataset: PLIP zero-shot over that dataset's own classes (the paper's protocol) and the
+        assistant's
+        questions, which span all organs (wrong options and "no" classes come from every dataset)."""
+        import json as _json
 
-    def example_answer(self, manifest: Path) -> dict:
+        from pallava.data.importers.manifest import read_manifest
+        from pallava.data.labels import LabelMap
+
+        reports = self.out / "reports"
+        assistant_labels = LabelMap.from_file(self.out / "plip" / "label_map.json")
+        metrics = {}
+        for name, manifest in manifests.items():
+            out = reports / name
+            out.mkdir(parents=True, exist_ok=True)
+            own = assistant_labels.subset({item.label for item in read_manifest(manifest, "dev")})
+            (out / "label_map.json").write_text(_json.dumps(own.to_dict(), indent=2))
+            self.run_command(
+                "plip",
+                "zeroshot",
+                "--model",
+                self.out / "plip",
+                "--data",
+                manifest,
+                "--split",
+                "dev",
+                "--label-map",
+                out / "label_map.json",
+                "--out",
+                out / "plip-zeroshot",
+            )
+            self.run_command(
+                "eval",
+                "vqa",
+                "--model",
+                self.out / "assistant",
+                "--data",
+                manifest,
+                "--format",
+                "manifest",
+                "--split",
+                "dev",
+                "--label-map",
+                self.out / "plip" / "label_map.json",
+                "--seed",
+                self.s.seed,
+                "--out",
+                out / "vqa",
+            )
+            plip = json.loads((out / "plip-zeroshot" / "report.json").read_text())
+            vqa = json.loads((out / "vqa" / "report.json").read_text())
+            metrics[name] = {
+                "n": plip["n"],
+                "plip_zeroshot_accuracy": plip["accuracy"],
+                "vqa_closed_accuracy": _dig(vqa, "closed", "accuracy"),
+                "vqa_open_accuracy": _dig(vqa, "open", "accuracy"),
+                "vqa_choice_accuracy": _dig(vqa, "choice", "accuracy"),
+            }
+        return metrics
+
+    def example_answer(self, manifests: dict[str, Path]) -> dict:
         from pallava.data.importers.manifest import read_manifest
         from pallava.inference import PaLlava
 
-        item = read_manifest(manifest, split="dev")[0]
         assistant = PaLlava.from_pretrained(self.out / "assistant")
         question = "What is the diagnosis?"
-        answer = assistant.ask(item.path, question, max_new_tokens=16)
-        print(f"\nimage:    {item.path}  (label {item.label})\nquestion: {question}\nanswer:   {answer}")
-        return {"image": str(item.path), "label": item.label, "question": question, "answer": answer}
+        answers = {}
+        for name, manifest in manifests.items():
+            item = read_manifest(manifest, split="dev")[0]
+            answer = assistant.ask(item.path, question, max_new_tokens=16)
+            print(f"\nimage:    {item.path}  (label {item.label})\nquestion: {question}\nanswer:   {answer}")
+            answers[name] = {"image": str(item.path), "label": item.label, "answer": answer}
+        return {"question": question, "answers": answers}
 
     # --- the whole run -----------------------------------------------------------------------------
     def run(self) -> list[StepResult]:
         self.out.mkdir(parents=True, exist_ok=True)
-        manifest = self.manifest()
+        manifests = self.manifests()
         clean = self.out / "corpus" / "clean"
         self.step(
-            "1-corpus", [clean / "kept.jsonl", clean / "report.md"], lambda: self.build_corpus(manifest)
+            "1-corpus", [clean / "kept.jsonl", clean / "report.md"], lambda: self.build_corpus(manifests)
         )
         self.step(
             "2-plip",
@@ -372,27 +400,40 @@ class Quickstart:
             self.train_plip,
         )
         self.step(
-            "3-assistant", [self.out / "assistant" / "config.json"], lambda: self.train_assistant(manifest)
+            "3-assistant", [self.out / "assistant" / "config.json"], lambda: self.train_assistant(manifests)
         )
         reports = self.out / "reports"
         self.step(
             "4-evaluation",
-            [reports / "vqa" / "report.json", reports / "plip-zeroshot" / "report.json"],
-            lambda: self.evaluate(manifest),
+            [reports / name / "vqa" / "report.json" for name in manifests],
+            lambda: self.evaluate(manifests),
         )
-        self.step("5-example", [self.out / "assistant"], lambda: self.example_answer(manifest))
+        self.step("5-example", [self.out / "assistant"], lambda: self.example_answer(manifests))
         self.write_summary()
         return self.results
 
     def write_summary(self) -> None:
         lines = ["| step | time (s) | results |", "|---|---|---|"]
         for r in self.results:
-            shown = ", ".join(
-                f"{k} {_fmt(v)}" for k, v in r.metrics.items() if k not in ("image", "question")
-            )
+            shown = "per dataset below" if r.name == "4-evaluation" else _shown(r.metrics)
             lines.append(f"| {r.name} | {r.seconds:.0f}{' (earlier run)' if r.skipped else ''} | {shown} |")
         total = sum(r.seconds for r in self.results)
         lines.append(f"| total | {total:.0f} | |")
+        evaluation = next((r.metrics for r in self.results if r.name == "4-evaluation"), {})
+        columns = (
+            "n",
+            "plip_zeroshot_accuracy",
+            "vqa_closed_accuracy",
+            "vqa_open_accuracy",
+            "vqa_choice_accuracy",
+        )
+        lines += [
+            "",
+            "| dataset (dev split) | images | PLIP zero-shot | closed | open | multiple choice |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in evaluation.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
         table = "\n".join(lines)
         model, plip = self.out / "assistant", self.out / "plip"
         where = (
@@ -413,6 +454,12 @@ class Quickstart:
             json.dumps([r.__dict__ for r in self.results], indent=2, default=str)
         )
         print(f"\n{table}\n\n{where}\n\nNext:\n{commands}")
+
+
+def _shown(metrics: dict) -> str:
+    return ", ".join(
+        f"{k} {_fmt(v)}" for k, v in metrics.items() if not isinstance(v, dict) and k != "question"
+    )
 
 
 def _dig(report: dict, kind: str, metric: str):

@@ -81,23 +81,45 @@ def _parsed(path: str, record_type: type) -> Iterator:
             raise ValueError(f"{path}: record {index}: {error}") from None
 
 
+def _labelled_sources(inputs: list[str], split: str | None, labels: str | None):
+    """Labelled images of one or several sources (provenance kept) and the label map that covers them."""
+    from pallava.data.datasets import merged_label_map, parse_data_args, read_labelled
+    from pallava.data.labels import LabelMap
+
+    manifests = [
+        p
+        for p in inputs
+        if Path(p).suffix.lower() in (".csv", ".yaml", ".yml") or (Path(p) / "manifest.csv").is_file()
+    ]
+    if len(inputs) > 1 or manifests:
+        if len(manifests) != len(inputs):
+            raise ValueError(
+                "several --input values must all be manifests (CSV, folder with manifest.csv or YAML list)"
+            )
+        datasets = parse_data_args(inputs)
+        items = read_labelled(datasets, split)
+        return items, merged_label_map(datasets, items, labels)
+    items = _labelled(inputs[0], split)
+    return items, LabelMap.resolve(labels, {item.label for item in items}, source="--labels")
+
+
 def _build(args: argparse.Namespace) -> int:
+    from itertools import chain
+
     from pallava.data import builders
     from pallava.data.io import write_jsonl
-    from pallava.data.labels import LabelMap
     from pallava.data.records import CaptionPair, VQAItem
 
     if args.kind in ("captions", "vqa"):
-        labels = (
-            LabelMap.from_file(args.labels) if Path(args.labels).is_file() else LabelMap.builtin(args.labels)
-        )
-        items = _labelled(args.input, args.split)
+        items, labels = _labelled_sources(args.input, args.split, args.labels)
         make = builders.captions_from_labels if args.kind == "captions" else builders.vqa_from_labels
         records = make(items, labels, seed=args.seed)
     elif args.kind == "stage1":
-        records = (builders.stage1_conversation(c, args.seed) for c in _parsed(args.input, CaptionPair))
+        captions = chain.from_iterable(_parsed(path, CaptionPair) for path in args.input)
+        records = (builders.stage1_conversation(c, args.seed) for c in captions)
     else:
-        records = (builders.stage2_conversation(item) for item in _parsed(args.input, VQAItem))
+        questions = chain.from_iterable(_parsed(path, VQAItem) for path in args.input)
+        records = (builders.stage2_conversation(item) for item in questions)
     count = write_jsonl(
         tqdm(records, desc=f"building {args.kind}", unit="rec", disable=args.no_progress), args.out
     )
@@ -173,10 +195,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=BUILD_KINDS,
         help="captions|vqa: from labelled images; stage1: from captions; stage2: from VQA items",
     )
-    bld.add_argument("--input", required=True, help="manifest CSV, image folder, or JSONL/shards of records")
+    bld.add_argument(
+        "--input",
+        "--data",
+        dest="input",
+        action="append",
+        required=True,
+        help="manifest CSV (or a folder holding manifest.csv), image folder, JSONL/shards of records, or a "
+        "YAML dataset list; repeat for several datasets (each record keeps its dataset's name)",
+    )
     bld.add_argument("--out", required=True, help="output JSONL")
     bld.add_argument(
-        "--labels", default="lc25000-lung", help="built-in label map name or a JSON/YAML label file"
+        "--labels",
+        help="built-in label map name or a JSON/YAML label file (default: the built-in "
+        "map(s) covering the labels)",
     )
     bld.add_argument("--split", help="keep one split of the labelled images")
     bld.add_argument(

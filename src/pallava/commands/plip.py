@@ -24,6 +24,7 @@ def _train(args: argparse.Namespace) -> int:
         "eval_every": args.eval_every,
         "num_workers": args.num_workers,
         "mixed_precision": args.mixed_precision,
+        "balance": args.balance,
     }
     if args.config:
         recipe = PlipTrainConfig.from_yaml(args.config, **overrides)
@@ -117,7 +118,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = commands.add_parser("train", help="pre-train PLIP (ITC + ITM) on captions or a labelled manifest")
     train.add_argument(
-        "--data", required=True, help="caption JSONL ({image, caption}) or manifest CSV (path,label,...)"
+        "--data",
+        required=True,
+        action="append",
+        help="caption JSONL ({image, caption}), manifest CSV (path,label,...) or a YAML dataset list; "
+        "repeat for several datasets (balanced, see docs/data.md)",
     )
     train.add_argument("--split", default="train", help="split to train on (default: train)")
     train.add_argument("--out", required=True, help="output folder (model, checkpoints/, logs/, curve)")
@@ -137,6 +142,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-steps", type=int)
     train.add_argument("--save-every", type=int, help="steps between checkpoints (default: each epoch)")
     train.add_argument("--eval-every", type=int, help="steps between zero-shot evaluations")
+    train.add_argument(
+        "--balance",
+        choices=("sqrt", "equal", "proportional", "none"),
+        help="how several datasets are balanced (default: sqrt; see docs/data.md)",
+    )
     train.add_argument("--eval-data", help="labelled manifest for zero-shot accuracy during training")
     train.add_argument("--eval-split", default="dev")
     train.add_argument("--num-workers", type=int)

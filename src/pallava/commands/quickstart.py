@@ -11,7 +11,7 @@ def run(args: argparse.Namespace) -> int:
     from pallava.quickstart import DEFAULT_DATA, DEFAULT_SAMPLES, Quickstart, QuickstartSettings
 
     settings = QuickstartSettings(
-        data=Path(args.data) if args.data else DEFAULT_DATA,
+        data=[Path(path) for path in args.data] if args.data else list(DEFAULT_DATA),
         out=Path(args.out),
         samples=Path(args.samples) if args.samples else DEFAULT_SAMPLES,
         labels=args.labels,
@@ -31,21 +31,24 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "quickstart",
         help="end to end on real tiles: corpus, PLIP, assistant (2 stages), evaluation, an answer",
-        description="Build a corpus from a labelled manifest, pre-train PLIP, train the assistant in two "
-        "stages, evaluate on the dev split and answer an example question. Completed steps are skipped on "
-        "re-runs.",
+        description="Build a corpus from labelled manifests, pre-train PLIP, train the assistant in two "
+        "stages, "
+        "evaluate on each dataset's dev split and answer an example question. Completed steps are skipped "
+        "on re-runs.",
     )
     parser.add_argument(
         "--data",
-        help="folder with manifest.csv (path,label,cluster,split) or the CSV itself "
-        "(default: ../shared/data/lc25000-lung beside the project)",
+        action="append",
+        help="folder with manifest.csv (path,label,cluster,split), the CSV itself or a YAML dataset "
+        "list; repeat for several datasets (default: ../shared/data/{lc25000-lung,lc25000-colon,oscc})",
     )
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     parser.add_argument(
         "--samples", help="folder with non-pathology/ images mixed into the corpus for the cleaning demo"
     )
     parser.add_argument(
-        "--labels", default="lc25000-lung", help="built-in label map name or JSON/YAML label file"
+        "--labels",
+        help="built-in label map name or JSON/YAML label file (default: each dataset's built-in map, merged)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

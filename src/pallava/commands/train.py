@@ -7,14 +7,14 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pallava.train.config import load_recipe
+    from pallava.train.config import load_recipe, parse_overrides
     from pallava.train.trainer import train
 
-    overrides = list(args.overrides)
+    overrides = parse_overrides(list(args.overrides))
     if args.data:
-        overrides.append(f"data.path={args.data}")
+        overrides.setdefault("data", {})["path"] = args.data[0] if len(args.data) == 1 else args.data
     if args.init:
-        overrides.append(f"model.init={args.init}")
+        overrides.setdefault("model", {})["init"] = args.init
     recipe = load_recipe(args.config, args.stage, overrides)
     out = train(recipe, args.out, resume=args.resume == "auto", progress=not args.no_progress)
     print(f"model saved to {out} (load it with PaLlava.from_pretrained or `pallava eval vqa --model {out}`)")
@@ -44,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", required=True, help="recipe YAML, e.g. configs/assistant-tiny.yaml")
     train.add_argument("--out", required=True, help="output folder: the trained model, checkpoints, logs")
     train.add_argument(
-        "--data", help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards or a manifest CSV"
+        "--data",
+        action="append",
+        help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards, a manifest CSV or a YAML "
+        "dataset list; repeat for several datasets (balanced by data.balance)",
     )
     train.add_argument(
         "--init", help="start from this model folder (sets model.init; stage instruct: the align output)"

@@ -55,7 +55,38 @@ _CAPTION_TEMPLATES: tuple[str, ...] = (
     "nuclei and tissue organisation, are consistent with {name}.",
     "Light microscopy of human {organ} tissue in which {name} is seen; the stain highlights the "
     "nuclei in purple and the cytoplasm and stroma in shades of pink.",
+    "A {organ} biopsy with {name}: this H&E field shows the growth pattern, the nuclear detail and the "
+    "relation of the cells to the surrounding stroma that pathologists use to make this diagnosis.",
+    "Diagnosis: {name}. Site: {organ}. The haematoxylin and eosin section shows a representative area "
+    "of the lesion with its typical cytology and tissue architecture.",
+    "Histopathology of the {organ} with {name}. Nuclei are stained blue-purple by haematoxylin and the "
+    "cytoplasm and extracellular matrix pink by eosin in this field of view.",
+    "Resection specimen from the {organ}, H&E stain, showing {name}; the field was chosen because it "
+    "displays the defining morphological features of this entity.",
 )
+
+# Added to some captions when the class says whether it is malignant.
+_MALIGNANT_SENTENCES = (
+    "The lesion is malignant.",
+    "These findings indicate a malignant tumour.",
+    "This is a carcinoma, a malignant neoplasm.",
+)
+_BENIGN_SENTENCES = (
+    "There is no evidence of malignancy.",
+    "The tissue is benign.",
+    "No carcinoma is seen in this field.",
+)
+
+
+def caption_for_class(info, rng: random.Random) -> str:
+    """A caption naming the organ and the diagnosis (canonical name or a synonym) in varied wording,
+    sometimes with a sentence saying whether it is malignant."""
+    name = rng.choice(info.all_names())
+    caption = rng.choice(_CAPTION_TEMPLATES).format(organ=info.organ or "human", name=name)
+    if info.malignant is not None and rng.random() < 0.5:
+        caption += " " + rng.choice(_MALIGNANT_SENTENCES if info.malignant else _BENIGN_SENTENCES)
+    return caption
+
 
 _CLOSED_TEMPLATES: tuple[str, ...] = (
     "Is this {name}?",
@@ -106,6 +137,7 @@ def _generated_meta(item: LabelledImage, generator: str) -> dict[str, object]:
         "label": item.label,
         "cluster": item.cluster,
         "split": item.split,
+        "dataset": item.dataset,
     }
 
 
@@ -119,10 +151,7 @@ def captions_from_labels(
     for item in items:
         key = _image_key(item)
         rng = _rng(seed, key)
-        info = label_map[item.label]
-        caption = rng.choice(_CAPTION_TEMPLATES).format(
-            organ=info.organ or "human", name=rng.choice(info.all_names())
-        )
+        caption = caption_for_class(label_map[item.label], rng)
         pairs.append(
             CaptionPair(
                 image=item.path,
@@ -135,11 +164,67 @@ def captions_from_labels(
     return pairs
 
 
-def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0) -> list[VQAItem]:
-    """Per image: a yes question (true class), a no question (another class), an open and a choice item.
+MAX_CHOICE_OPTIONS = 4
 
-    Yes/no answers are therefore exactly balanced. Open answers are the canonical name; choice items
-    list every class in a seeded random order and the answer is the correct option's letter.
+_ORGAN_OPEN_TEMPLATES: tuple[str, ...] = (
+    "Which organ is this tissue from?",
+    "From which organ was this specimen taken?",
+    "What organ does this histology image show?",
+)
+_ORGAN_CLOSED_TEMPLATES: tuple[str, ...] = (
+    "Is this tissue from the {organ}?",
+    "Was this specimen taken from the {organ}?",
+    "Does this image show {organ} tissue?",
+)
+_MALIGNANT_CLOSED_TEMPLATES: tuple[str, ...] = (
+    "Is this tissue malignant?",
+    "Is there carcinoma in this image?",
+    "Does this image show a malignant tumour?",
+)
+_BENIGN_CLOSED_TEMPLATES: tuple[str, ...] = (
+    "Is this tissue benign?",
+    "Is this tissue free of malignancy?",
+)
+_MALIGNANCY_OPEN_TEMPLATES: tuple[str, ...] = (
+    "Is this tissue benign or malignant?",
+    "Is the lesion in this image benign or malignant?",
+)
+
+
+def _negative_class(info, label_map: LabelMap, rng: random.Random) -> str:
+    """A wrong class for a "no" question; with several organs, half the time one of the same organ (hard)."""
+    others = [label for label in label_map.labels() if label != info.label]
+    if len(label_map.organs()) > 1:
+        same_organ = [label for label in others if label_map[label].organ == info.organ]
+        if same_organ and rng.random() < 0.5:
+            return rng.choice(same_organ)
+    return rng.choice(others)
+
+
+def _choice_labels(info, label_map: LabelMap, rng: random.Random) -> list[str]:
+    """The labels offered in a choice question: all classes, or (more than MAX_CHOICE_OPTIONS) the true one,
+    another of the same organ when there is one, and others drawn across organs; in random order."""
+    labels = label_map.labels()
+    if len(labels) <= MAX_CHOICE_OPTIONS:
+        order = labels[:]
+    else:
+        others = [label for label in labels if label != info.label]
+        same_organ = [label for label in others if label_map[label].organ == info.organ]
+        order = [info.label] + ([rng.choice(same_organ)] if same_organ else [])
+        rest = [label for label in others if label not in order]
+        order += rng.sample(rest, MAX_CHOICE_OPTIONS - len(order))
+    rng.shuffle(order)
+    return order
+
+
+def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0) -> list[VQAItem]:
+    """Questions about each image, answered from its label.
+
+    Diagnosis (every image): a yes question (true class), a no question (another class), an open question
+    answered with the canonical name, and a choice question whose answer is the correct option's letter.
+    Organ (when the map spans several organs): an open question and a yes/no question. Malignancy (when
+    the class says whether it is malignant): a yes/no and a "benign or malignant?" open question.
+    Yes/no answers are balanced; `meta.question` says which of diagnosis / organ / malignancy is asked.
     """
     items = list(items)
     if len(label_map) < 2:
@@ -150,14 +235,14 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
             "letters"
         )
     _check_labels(items, label_map)
-    labels = label_map.labels()
+    organs = label_map.organs()
     vqa = []
     for item in items:
         key = _image_key(item)
         rng = _rng(seed, key)
         true_info = label_map[item.label]
-        false_info = label_map[rng.choice([label for label in labels if label != item.label])]
-        meta = _generated_meta(item, "vqa_from_labels")
+        false_info = label_map[_negative_class(true_info, label_map, rng)]
+        meta = {**_generated_meta(item, "vqa_from_labels"), "question": "diagnosis"}
         for suffix, info, answer in (("yes", true_info, "yes"), ("no", false_info, "no")):
             question = rng.choice(_CLOSED_TEMPLATES).format(name=rng.choice(info.all_names()))
             vqa.append(
@@ -174,8 +259,7 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
                 dict(meta),
             )
         )
-        order = labels[:]
-        rng.shuffle(order)
+        order = _choice_labels(true_info, label_map, rng)
         options = [label_map[label].name for label in order]
         letter = string.ascii_uppercase[order.index(item.label)]
         vqa.append(
@@ -189,7 +273,69 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
                 dict(meta),
             )
         )
+        vqa += _organ_and_malignancy(item, key, true_info, organs, _rng(seed, f"{key}:more"), meta)
     return vqa
+
+
+def _organ_and_malignancy(
+    item: LabelledImage, key: str, info, organs: list[str], rng: random.Random, meta: dict
+) -> list[VQAItem]:
+    """The organ and malignancy questions of one image (a separate random stream keeps the diagnosis
+    questions identical to single-organ builds)."""
+    extra = []
+    if len(organs) > 1 and info.organ:
+        organ_meta = {**meta, "question": "organ"}
+        extra.append(
+            VQAItem(
+                f"{key}-organ-open",
+                item.path,
+                rng.choice(_ORGAN_OPEN_TEMPLATES),
+                info.organ,
+                "open",
+                None,
+                organ_meta,
+            )
+        )
+        asked = info.organ if rng.random() < 0.5 else rng.choice([o for o in organs if o != info.organ])
+        extra.append(
+            VQAItem(
+                f"{key}-organ-closed",
+                item.path,
+                rng.choice(_ORGAN_CLOSED_TEMPLATES).format(organ=asked),
+                "yes" if asked == info.organ else "no",
+                "closed",
+                None,
+                dict(organ_meta),
+            )
+        )
+    if info.malignant is not None:
+        malignancy_meta = {**meta, "question": "malignancy"}
+        ask_malignant = rng.random() < 0.5
+        templates = _MALIGNANT_CLOSED_TEMPLATES if ask_malignant else _BENIGN_CLOSED_TEMPLATES
+        answer = "yes" if info.malignant == ask_malignant else "no"
+        extra.append(
+            VQAItem(
+                f"{key}-malignancy-closed",
+                item.path,
+                rng.choice(templates),
+                answer,
+                "closed",
+                None,
+                malignancy_meta,
+            )
+        )
+        extra.append(
+            VQAItem(
+                f"{key}-malignancy-open",
+                item.path,
+                rng.choice(_MALIGNANCY_OPEN_TEMPLATES),
+                "malignant" if info.malignant else "benign",
+                "open",
+                None,
+                dict(malignancy_meta),
+            )
+        )
+    return extra
 
 
 def stage1_conversation(caption: CaptionPair, seed: int = 0) -> Conversation:

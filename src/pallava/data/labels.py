@@ -23,6 +23,7 @@ class ClassInfo:
     name: str
     synonyms: tuple[str, ...] = ()
     organ: str = ""
+    malignant: bool | None = None  # None: not a benign/malignant diagnosis (e.g. stroma, debris)
 
     def all_names(self) -> tuple[str, ...]:
         """The canonical name followed by the synonyms, without repeats."""
@@ -40,6 +41,7 @@ _BUILTIN: dict[str, dict[str, dict[str, object]]] = {
                 "invasive adenocarcinoma of the lung",
             ],
             "organ": "lung",
+            "malignant": True,
         },
         "lung_n": {
             "name": "benign lung tissue",
@@ -50,6 +52,7 @@ _BUILTIN: dict[str, dict[str, dict[str, object]]] = {
                 "non-neoplastic lung tissue",
             ],
             "organ": "lung",
+            "malignant": False,
         },
         "lung_scc": {
             "name": "lung squamous cell carcinoma",
@@ -60,10 +63,64 @@ _BUILTIN: dict[str, dict[str, dict[str, object]]] = {
                 "lung squamous carcinoma",
             ],
             "organ": "lung",
+            "malignant": True,
+        },
+    },
+    "lc25000-colon": {
+        "colon_aca": {
+            "name": "colon adenocarcinoma",
+            "synonyms": [
+                "adenocarcinoma of the colon",
+                "colonic adenocarcinoma",
+                "colorectal adenocarcinoma",
+                "invasive adenocarcinoma of the colon",
+            ],
+            "organ": "colon",
+            "malignant": True,
+        },
+        "colon_n": {
+            "name": "benign colonic tissue",
+            "synonyms": [
+                "benign colonic mucosa",
+                "normal colonic mucosa",
+                "normal colon tissue",
+                "non-neoplastic colonic mucosa",
+            ],
+            "organ": "colon",
+            "malignant": False,
+        },
+    },
+    "oscc": {
+        "oral_n": {
+            "name": "normal oral mucosa",
+            "synonyms": [
+                "normal oral epithelium",
+                "benign oral mucosa",
+                "normal squamous mucosa of the oral cavity",
+                "non-neoplastic oral mucosa",
+            ],
+            "organ": "oral cavity",
+            "malignant": False,
+        },
+        "oral_scc": {
+            "name": "oral squamous cell carcinoma",
+            "synonyms": [
+                "squamous cell carcinoma of the oral cavity",
+                "oral cavity squamous cell carcinoma",
+                "invasive squamous cell carcinoma of the oral mucosa",
+                "OSCC",
+            ],
+            "organ": "oral cavity",
+            "malignant": True,
         },
     },
     "nct-crc-he": {
-        "ADI": {"name": "adipose tissue", "synonyms": ["fat", "adipocytes"], "organ": "colon"},
+        "ADI": {
+            "name": "adipose tissue",
+            "synonyms": ["fat", "adipocytes"],
+            "organ": "colon",
+            "malignant": False,
+        },
         "BACK": {"name": "background", "synonyms": ["slide background", "no tissue"], "organ": "colon"},
         "DEB": {"name": "debris", "synonyms": ["necrotic debris", "necrosis"], "organ": "colon"},
         "LYM": {
@@ -81,6 +138,7 @@ _BUILTIN: dict[str, dict[str, dict[str, object]]] = {
             "name": "normal colon mucosa",
             "synonyms": ["benign colonic mucosa", "normal colonic mucosa"],
             "organ": "colon",
+            "malignant": False,
         },
         "STR": {
             "name": "cancer-associated stroma",
@@ -91,8 +149,15 @@ _BUILTIN: dict[str, dict[str, dict[str, object]]] = {
             "name": "colorectal adenocarcinoma epithelium",
             "synonyms": ["colorectal adenocarcinoma", "colon cancer epithelium"],
             "organ": "colon",
+            "malignant": True,
         },
     },
+}
+
+
+# Built-in maps made of several others (labels must not clash): one vocabulary for multi-organ training.
+_COMBINED: dict[str, tuple[str, ...]] = {
+    "lung-colon-oral": ("lc25000-lung", "lc25000-colon", "oscc"),
 }
 
 
@@ -160,7 +225,12 @@ class LabelMap(Mapping[str, ClassInfo]):
             organ = entry.get("organ") or ""
             if not isinstance(organ, str):
                 raise ValueError(f"{source}: label '{label}': field 'organ' must be a string")
-            classes.append(ClassInfo(str(label), name.strip(), tuple(synonyms), organ))
+            malignant = entry.get("malignant")
+            if malignant is not None and not isinstance(malignant, bool):
+                raise ValueError(
+                    f"{source}: label '{label}': field 'malignant' must be true, false or absent"
+                )
+            classes.append(ClassInfo(str(label), name.strip(), tuple(synonyms), organ, malignant))
         return cls(classes)
 
     @classmethod
@@ -178,17 +248,68 @@ class LabelMap(Mapping[str, ClassInfo]):
 
     @classmethod
     def builtin(cls, name: str) -> LabelMap:
-        """A shipped map: 'lc25000-lung' (3 lung classes) or 'nct-crc-he' (9 colorectal tissue classes)."""
+        """A shipped map: 'lc25000-lung' (3 lung classes), 'lc25000-colon' (2), 'oscc' (2 oral classes),
+        'nct-crc-he' (9 colorectal tissue classes) or 'lung-colon-oral' (the first three together)."""
+        if name in _COMBINED:
+            return cls.merge([cls.builtin(part) for part in _COMBINED[name]])
         if name not in _BUILTIN:
-            raise ValueError(f"unknown built-in label map '{name}'; available: {', '.join(_BUILTIN)}")
+            raise ValueError(
+                f"unknown built-in label map '{name}'; available: {', '.join(cls.builtin_names())}"
+            )
         return cls.from_dict(_BUILTIN[name], source=f"built-in label map '{name}'")
 
     @staticmethod
     def builtin_names() -> list[str]:
-        return list(_BUILTIN)
+        """Single-dataset maps first, then the combined ones."""
+        return [*_BUILTIN, *_COMBINED]
+
+    @classmethod
+    def merge(cls, maps: list[LabelMap]) -> LabelMap:
+        """One map holding the classes of several (in order); a label defined differently twice is an
+        error."""
+        classes: dict[str, ClassInfo] = {}
+        for label_map in maps:
+            for info in label_map.values():
+                if info.label in classes and classes[info.label] != info:
+                    raise ValueError(f"label maps disagree on label '{info.label}': cannot merge them")
+                classes.setdefault(info.label, info)
+        return cls(list(classes.values()))
+
+    @classmethod
+    def resolve(cls, spec: str | None, labels: set[str], source: str = "data") -> LabelMap:
+        """The label map for data holding `labels`: `spec` is a built-in name or a JSON/YAML file; with no
+        spec, the first built-in map covering every label. Labels missing from the map are an error."""
+        if spec:
+            label_map = cls.from_file(spec) if Path(spec).is_file() else cls.builtin(spec)
+        else:
+            label_map = next(
+                (cls.builtin(name) for name in cls.builtin_names() if labels <= set(cls.builtin(name))), None
+            )
+            if label_map is None:
+                raise ValueError(
+                    f"{source}: no built-in label map covers the labels {sorted(labels)}; "
+                    "pass a label map (name or JSON/YAML file)"
+                )
+        missing = sorted(labels - set(label_map))
+        if missing:
+            raise ValueError(
+                f"{source}: labels {missing} are not in the label map '{spec}' "
+                f"(known: {', '.join(label_map)})"
+            )
+        return label_map
+
+    def subset(self, labels: set[str]) -> LabelMap:
+        """The classes whose label is in `labels`, in this map's order."""
+        return LabelMap([info for info in self.values() if info.label in labels])
+
+    def organs(self) -> list[str]:
+        """The organs named by the classes, in first-seen order (empty ones left out)."""
+        return list(dict.fromkeys(info.organ for info in self.values() if info.organ))
 
     def to_dict(self) -> dict[str, dict[str, object]]:
-        return {
-            info.label: {"name": info.name, "synonyms": list(info.synonyms), "organ": info.organ}
-            for info in self._classes.values()
-        }
+        out: dict[str, dict[str, object]] = {}
+        for info in self._classes.values():
+            out[info.label] = {"name": info.name, "synonyms": list(info.synonyms), "organ": info.organ}
+            if info.malignant is not None:
+                out[info.label]["malignant"] = info.malignant
+        return out

@@ -154,6 +154,7 @@ class LabelledImage:
     label: str
     cluster: str | None = None
     split: str | None = None
+    dataset: str | None = None  # provenance: the name of the dataset it was read from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,4 +167,5 @@ class LabelledImage:
             label=_require(data, "label", str, what),
             cluster=data.get("cluster") or None,
             split=data.get("split") or None,
+            dataset=data.get("dataset") or None,
         )

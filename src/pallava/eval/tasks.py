@@ -98,18 +98,8 @@ def _jsonl_items(path: Path, image_root: Path | None) -> list[VQAItem]:
 
 
 def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
-    """A label map from a built-in name or a JSON/YAML file; with no spec, the built-in map
-    that covers every label in the data."""
-    if spec:
-        return LabelMap.from_file(spec) if Path(spec).is_file() else LabelMap.builtin(spec)
-    for name in LabelMap.builtin_names():
-        candidate = LabelMap.builtin(name)
-        if labels <= set(candidate):
-            return candidate
-    raise ValueError(
-        f"no built-in label map covers the labels {sorted(labels)}; pass --label-map NAME_OR_FILE "
-        f"(built-in: {', '.join(LabelMap.builtin_names())})"
-    )
+    """The label map for these labels (see `LabelMap.resolve`)."""
+    return LabelMap.resolve(spec, labels, source="--label-map")
 
 
 def load_vqa_items(

@@ -37,7 +37,7 @@ class ModelSection:
 class DataSection:
     """Training data: LLaVA conversations (JSON/JSONL/Parquet shards) or a labelled manifest CSV."""
 
-    path: str | None = None
+    path: str | list[str] | None = None  # several paths (or a YAML dataset list): one mixed training set
     format: str = "auto"  # auto | conversations | manifest
     split: str | None = None  # manifest split to use
     label_map: str | None = (
@@ -47,6 +47,10 @@ class DataSection:
     answer_types: list[str] | None = None  # keep only these VQA answer types (manifest, stage instruct)
     limit: int | None = None  # a seeded random subset of this many samples
     seed: int = 0  # seed of generated captions/questions and of the subset
+    balance: str | None = (
+        None  # several datasets: sqrt (default) | equal | proportional | none (data.datasets)
+    )
+    weights: dict | None = None  # dataset name -> sampling weight, replacing the balance mode's weight
 
 
 @dataclass
@@ -144,6 +148,10 @@ class Recipe:
         if self.stage == "instruct" and not self.model.init:
             raise ValueError(
                 "stage instruct starts from a trained model: set model.init (or --init) to the align output"
+            )
+        if self.data.balance not in (None, "sqrt", "equal", "proportional", "none"):
+            raise ValueError(
+                f"data.balance must be sqrt, equal, proportional or none, got {self.data.balance!r}"
             )
         if self.data.format not in ("auto", "conversations", "manifest"):
             raise ValueError(f"data.format must be auto, conversations or manifest, got {self.data.format!r}")

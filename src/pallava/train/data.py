@@ -23,8 +23,9 @@ from pallava.data.builders import (
     stage2_conversations,
     vqa_from_labels,
 )
+from pallava.data.datasets import DatasetList, balance, parse_data_args, read_labelled
+from pallava.data.datasets import merged_label_map as dataset_label_map
 from pallava.data.importers.conversations import read_llava
-from pallava.data.importers.manifest import read_manifest
 from pallava.data.labels import LabelMap
 from pallava.data.records import ANSWER_TYPES, Conversation
 from pallava.data.shards import iter_shards, list_shards
@@ -42,6 +43,7 @@ class Sample:
     image: str | None = None
     image_bytes: bytes | None = None
     answer_type: str | None = None
+    dataset: str | None = None  # provenance: the dataset it came from
 
     @property
     def image_source(self) -> str | bytes | None:
@@ -61,15 +63,8 @@ class Sample:
 
 
 def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
-    """A label map by built-in name or file; with none given, the built-in one covering `labels`."""
-    if spec:
-        return LabelMap.from_file(spec) if Path(spec).is_file() else LabelMap.builtin(spec)
-    for name in LabelMap.builtin_names():
-        if labels <= set(LabelMap.builtin(name)):
-            return LabelMap.builtin(name)
-    raise ValueError(
-        f"no built-in label map covers the labels {sorted(labels)}; set data.label_map to a name or file"
-    )
+    """The label map for these labels (see `LabelMap.resolve`)."""
+    return LabelMap.resolve(spec, labels, source="data.label_map")
 
 
 def _from_conversation(conversation: Conversation, image_bytes: bytes | None = None) -> Sample:
@@ -79,12 +74,13 @@ def _from_conversation(conversation: Conversation, image_bytes: bytes | None = N
         image=conversation.image,
         image_bytes=image_bytes,
         answer_type=conversation.meta.get("answer_type"),
+        dataset=conversation.meta.get("dataset"),
     )
 
 
-def _manifest_samples(section: DataSection, stage: str) -> list[Sample]:
-    items = read_manifest(section.path, section.split)
-    label_map = resolve_label_map(section.label_map, {item.label for item in items})
+def _manifest_samples(section: DataSection, stage: str, datasets: DatasetList) -> list[Sample]:
+    items = read_labelled(datasets, section.split)
+    label_map = dataset_label_map(datasets, items, section.label_map)
     if stage == "align":
         conversations = stage1_conversations(
             captions_from_labels(items, label_map, section.seed), section.seed
@@ -102,8 +98,7 @@ def _manifest_samples(section: DataSection, stage: str) -> list[Sample]:
     return [_from_conversation(c) for c in conversations]
 
 
-def _conversation_samples(section: DataSection) -> list[Sample]:
-    path = Path(section.path)
+def _conversation_samples(section: DataSection, path: Path) -> list[Sample]:
     if path.is_dir() or path.suffix == ".parquet":
         root = Path(section.image_root) if section.image_root else (path if path.is_dir() else path.parent)
         samples = []
@@ -126,20 +121,40 @@ def _conversation_samples(section: DataSection) -> list[Sample]:
 
 
 def load_samples(section: DataSection, stage: str) -> list[Sample]:
-    """The stage's samples: a manifest is turned into captions (align) or VQA (instruct)."""
-    path = Path(section.path)
-    if not path.exists():
-        raise ValueError(f"data.path: {path} not found")
+    """The stage's samples: manifests are turned into captions (align) or VQA (instruct).
+
+    With several datasets (a list of paths or a YAML dataset list) every sample keeps its dataset's name
+    and the smaller datasets are repeated as `data.balance` / `data.weights` say.
+    """
+    paths = section.path if isinstance(section.path, list) else [section.path]
+    for path in paths:
+        if not Path(path).exists():
+            raise ValueError(f"data.path: {path} not found")
+    datasets = parse_data_args(paths, section.balance)
     fmt = section.format
     if fmt == "auto":
-        fmt = "manifest" if path.suffix.lower() == ".csv" else "conversations"
-    samples = _manifest_samples(section, stage) if fmt == "manifest" else _conversation_samples(section)
+        kinds = {Path(spec.path).suffix.lower() == ".csv" for spec in datasets.datasets}
+        if len(kinds) > 1:
+            raise ValueError("data.path: mixes manifests and conversation files; train on one kind at a time")
+        fmt = "manifest" if kinds == {True} else "conversations"
+    if fmt == "manifest":
+        samples = _manifest_samples(section, stage, datasets)
+    else:
+        samples = []
+        for spec in datasets.datasets:
+            loaded = _conversation_samples(section, Path(spec.path))
+            for sample in loaded:
+                sample.dataset = sample.dataset or spec.name
+            samples += loaded
     if section.limit is not None and section.limit < len(samples):
         keep = sorted(random.Random(section.seed).sample(range(len(samples)), section.limit))
         samples = [samples[i] for i in keep]
     if not samples:
-        raise ValueError(f"data.path: {path} holds no training samples")
-    return samples
+        raise ValueError(f"data.path: {', '.join(map(str, paths))} holds no training samples")
+    weights = {**datasets.weights, **(section.weights or {})}
+    return [
+        samples[i] for i in balance([s.dataset for s in samples], datasets.balance, weights, section.seed)
+    ]
 
 
 # --- order ------------------------------------------------------------------------------------------

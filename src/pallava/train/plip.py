@@ -25,11 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from pallava.data.datasets import balance, counts_by_dataset
 from pallava.data.labels import LabelMap
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.zeroshot import PlipZeroShot
+from pallava.processing.augment import Augmentation
 from pallava.train import checkpoints
 from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
 from pallava.train.plip_eval import plot_training_curve, zeroshot_predictions
@@ -61,7 +63,8 @@ class PlipTrainConfig:
     mixed_precision: str = "no"  # 'no' or 'bf16'
     num_workers: int = 0
     cache_images: bool = True
-    crop_scale: float = 0.6  # random zoom augmentation: square crops of this fraction of the side or more
+    augment: dict | None = None  # processing.augment.Augmentation fields (stain, zoom, ...); None = defaults
+    balance: str | None = None  # several datasets: sqrt (default) | equal | proportional | none
     seed: int = 0
     max_steps: int | None = None
     save_every: int = 0  # steps between checkpoints; 0 = once per epoch
@@ -110,7 +113,6 @@ RECIPES: dict[str, PlipTrainConfig] = {
         lr=1e-4,
         text_lr=None,
         freeze_text_embeddings=False,
-        crop_scale=0.5,
         mixed_precision="bf16",
         cache_images=False,
         num_workers=8,
@@ -122,8 +124,8 @@ RECIPES: dict[str, PlipTrainConfig] = {
 
 
 def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained text
-    tower."""
+    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained
+    text tower."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in pretrainer.model.named_parameters():
         if not param.requires_grad:
@@ -228,8 +230,15 @@ def train_plip(
     )
     if recipe.freeze_text_embeddings:
         model.text_model.embeddings.word_embeddings.requires_grad_(False)
+    samples = [
+        samples[i] for i in balance([s.dataset for s in samples], recipe.balance or "sqrt", seed=recipe.seed)
+    ]
+    by_dataset = counts_by_dataset([s.dataset for s in samples])
+    if len(by_dataset) > 1:
+        accelerator.print(f"PLIP samples per dataset (after balancing): {by_dataset}")
+    augmentation = Augmentation.from_dict(recipe.augment, source="PLIP recipe 'augment'")
     dataset = PlipDataset(
-        samples, model.image_size, labels, train=True, seed=recipe.seed, crop_scale=recipe.crop_scale
+        samples, model.image_size, labels, train=True, seed=recipe.seed, augmentation=augmentation
     )
     if recipe.cache_images:
         dataset.cache_images(progress=main)

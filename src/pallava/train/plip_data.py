@@ -1,12 +1,14 @@
 """PLIP training data: caption JSONL or labelled manifests, an in-memory image cache, light augmentation.
 
-Labelled images get a fresh caption from `prompts.CAPTION_TEMPLATES` each epoch. Every sample carries match
+Labelled images get a fresh caption from `prompts.CAPTION_TEMPLATES` each epoch, and every image a fresh
+augmented view (`processing.augment`: stain, magnification, orientation). Every sample carries match
 keys (image key, text key): images of one class share the text key, as do identical captions, so the
 losses treat them as positives and never as negatives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
@@ -14,15 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from pallava.data.datasets import merged_label_map as dataset_label_map
+from pallava.data.datasets import parse_data_args
 from pallava.data.importers.manifest import read_manifest
 from pallava.data.io import iter_jsonl
 from pallava.data.labels import LabelMap
+from pallava.data.records import LabelledImage
 from pallava.models.plip.prompts import caption_for
+from pallava.processing.augment import Augmentation, augment
 from pallava.processing.image import letterbox, load_image, normalize
 
 
@@ -35,6 +40,7 @@ class PlipSample:
     label: str | None
     image_key: int
     text_key: int
+    dataset: str | None = None  # provenance: the dataset it came from
 
 
 def stable_key(text: str) -> int:
@@ -49,21 +55,7 @@ def normalise_caption(caption: str) -> str:
 
 def label_map_for(labels: set[str], spec: str | None, source: str) -> LabelMap:
     """`spec` is a built-in map name or a JSON/YAML file; None picks the built-in map covering `labels`."""
-    if spec is None:
-        for name in LabelMap.builtin_names():
-            candidate = LabelMap.builtin(name)
-            if labels <= set(candidate):
-                return candidate
-        raise ValueError(
-            f"{source}: no built-in label map covers labels {sorted(labels)}; pass --label-map FILE"
-        )
-    label_map = LabelMap.builtin(spec) if spec in LabelMap.builtin_names() else LabelMap.from_file(spec)
-    missing = sorted(labels - set(label_map))
-    if missing:
-        raise ValueError(
-            f"{source}: labels {missing} are not in the label map {spec} ({', '.join(label_map)})"
-        )
-    return label_map
+    return LabelMap.resolve(spec, labels, source=source)
 
 
 def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
@@ -86,55 +78,76 @@ def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
         # Captions generated from a class label (meta.label) describe the class: they match by class.
         label = (record.get("meta") or {}).get("label")
         text = f"label:{label}" if isinstance(label, str) and label else f"text:{normalise_caption(caption)}"
-        samples.append(PlipSample(str(image), caption, None, stable_key(f"image:{image}"), stable_key(text)))
+        dataset = (record.get("meta") or {}).get("dataset")
+        samples.append(
+            PlipSample(
+                str(image),
+                caption,
+                label if isinstance(label, str) and label else None,
+                stable_key(f"image:{image}"),
+                stable_key(text),
+                dataset if isinstance(dataset, str) else None,
+            )
+        )
     if not samples:
         raise ValueError(f"{path}: no caption records" + (f" for split '{split}'" if split else ""))
     return samples
 
 
 def read_plip_data(
-    path: str | Path, split: str | None, label_map: str | None = None
+    path: str | Path | list[str | Path], split: str | None, label_map: str | None = None
 ) -> tuple[list[PlipSample], LabelMap | None]:
-    """Samples from a caption JSONL or a labelled manifest CSV (with its label map)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"PLIP data not found: {path}")
-    if path.suffix.lower() == ".jsonl":
-        return read_caption_jsonl(path, split), None
-    if path.suffix.lower() != ".csv":
-        raise ValueError(f"{path}: expected a caption .jsonl or a manifest .csv")
-    items = read_manifest(path, split)
-    labels = label_map_for({item.label for item in items}, label_map, str(path))
-    samples = [
+    """Samples from caption JSONL files and/or labelled manifest CSVs (one path, several, or a YAML dataset
+    list), each tagged with its dataset; with manifests, the label map covering their labels."""
+    paths = path if isinstance(path, list | tuple) else [path]
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"PLIP data not found: {', '.join(missing)}")
+    datasets = parse_data_args([str(p) for p in paths])
+    samples: list[PlipSample] = []
+    labelled: list[LabelledImage] = []
+    for spec in datasets.datasets:
+        file = Path(spec.path)
+        if file.suffix.lower() == ".jsonl":
+            samples += [
+                s if s.dataset else dataclasses.replace(s, dataset=spec.name)
+                for s in read_caption_jsonl(file, split)
+            ]
+        elif file.suffix.lower() == ".csv":
+            for item in read_manifest(file, split):
+                item.dataset = spec.name
+                labelled.append(item)
+        else:
+            raise ValueError(f"{file}: expected a caption .jsonl or a manifest .csv")
+    if not labelled:
+        return samples, _caption_label_map(samples, label_map)
+    labels = dataset_label_map(datasets, labelled, label_map)
+    samples += [
         PlipSample(
-            item.path, None, item.label, stable_key(f"image:{item.path}"), stable_key(f"label:{item.label}")
+            item.path,
+            None,
+            item.label,
+            stable_key(f"image:{item.path}"),
+            stable_key(f"label:{item.label}"),
+            item.dataset,
         )
-        for item in items
+        for item in labelled
     ]
     return samples, labels
 
 
-def augment(array: np.ndarray, rng: random.Random, crop_scale: float = 1.0) -> np.ndarray:
-    """Random 90-degree rotation, flip and small brightness/contrast/saturation jitter of a square HxWx3
-    image.
-
-    With `crop_scale` < 1, first a random square crop (side `crop_scale`..1 of the image) resized back: zoom.
-    """
-    if crop_scale < 1.0:
-        size = array.shape[0]
-        side = round(size * rng.uniform(crop_scale, 1.0))
-        top, left = rng.randrange(size - side + 1), rng.randrange(size - side + 1)
-        crop = Image.fromarray(np.ascontiguousarray(array[top : top + side, left : left + side]))
-        array = np.asarray(crop.resize((size, size), Image.BILINEAR))
-    array = np.rot90(array, k=rng.randrange(4))
-    if rng.random() < 0.5:
-        array = array[:, ::-1]
-    x = array.astype(np.float32) * rng.uniform(0.9, 1.1)
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(0.9, 1.1) + mean
-    gray = x.mean(axis=2, keepdims=True)
-    x = (x - gray) * rng.uniform(0.9, 1.1) + gray
-    return np.clip(x, 0, 255)
+def _caption_label_map(samples: list[PlipSample], spec: str | None) -> LabelMap | None:
+    """The label map of captions generated from class labels (`meta.label`), saved with the model so that
+    zero-shot and slide maps know its classes; None for captions of a real corpus."""
+    labels = {s.label for s in samples if s.label is not None}
+    if not labels:
+        return None
+    try:
+        return LabelMap.resolve(spec, labels)
+    except ValueError:
+        if spec:
+            raise
+        return None
 
 
 class PlipDataset(Dataset):
@@ -148,12 +161,13 @@ class PlipDataset(Dataset):
         label_map: LabelMap | None = None,
         train: bool = True,
         seed: int = 0,
-        crop_scale: float = 1.0,
+        augmentation: Augmentation | None = None,
     ):
         if any(s.caption is None for s in samples) and label_map is None:
             raise ValueError("PlipDataset: labelled samples need a label map to caption them")
         self.samples, self.image_size, self.label_map = samples, image_size, label_map
-        self.train, self.seed, self.epoch, self.crop_scale = train, seed, 0, crop_scale
+        self.train, self.seed, self.epoch = train, seed, 0
+        self.augmentation = augmentation or Augmentation()
         self._cache: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -180,7 +194,7 @@ class PlipDataset(Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         pixels = self._pixels(index)
         if self.train:
-            pixels = augment(pixels, rng, self.crop_scale)
+            pixels = augment(pixels, rng, self.augmentation)
         caption = sample.caption
         if caption is None:
             caption = caption_for(self.label_map[sample.label], rng)

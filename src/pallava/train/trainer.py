@@ -25,6 +25,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pallava.data.datasets import counts_by_dataset
 from pallava.inference import PaLlava
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import load_preset
@@ -371,6 +372,9 @@ class Trainer:
             f"global batch {global_batch_size(run.batch_size, accelerator.num_processes, run.grad_accum)}, "
             f"trainable {counts}"
         )
+        by_dataset = counts_by_dataset([sample.dataset for sample in samples])
+        if len(by_dataset) > 1:
+            accelerator.print(f"samples per dataset (after balancing): {by_dataset}")
 
         cache, keys = None, None
         if recipe.feature_cache.enabled:

@@ -1,0 +1,166 @@
+"""Training-time augmentation for H&E tiles, and optional stain normalisation at inference.
+
+What a model must survive on another lab's slides, and the augmentation that teaches it:
+
+- **stain and scanner colour**: HED jitter (Tellez et al., 2018): the image is unmixed into haematoxylin,
+  eosin and DAB optical densities with the Ruifrok-Johnston matrix, each channel is scaled by
+  U(1 - s, 1 + s) and shifted by U(-s, s), and mixed back; plus a mild brightness/contrast/saturation jitter;
+- **magnification**: a random scale, log-uniform in [1 / max_zoom, max_zoom]: above 1 a random crop of 1/scale
+  of the side resized up (a higher-power view), below 1 the tile continued by mirroring and shrunk (a lower-
+  power view); and resolution jitter: down-sampled by 2-4x and back up (a blurrier, lower-resolution scan);
+- **orientation**: flips and 90-degree rotations (tissue has no up or down).
+
+Everything is a function of the `random.Random` passed in, so training stays reproducible and resumable.
+
+Stain normalisation (`stain_normalize(image, "macenko")`) maps an image onto the reference H&E stain vectors
+of Macenko et al. (2009) with torchstain: numpy only (no OpenCV), the published reference, no target image
+needed. torchstain's own augmentor draws from numpy's global random state and always re-maps to the
+reference stain, so the jitter above (a few lines of linear algebra) is done here with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+# Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical-density space, as
+# used by scikit-image's rgb2hed; the third row completes the basis.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+_RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+STAIN_NORMALIZERS = ("macenko",)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Which augmentations run and how strong they are; `Augmentation.off()` disables all."""
+
+    flips: bool = True  # random 90-degree rotation and horizontal flip
+    stain: float = 0.1  # HED jitter strength s in optical density (0 = off)
+    colour: float = 0.1  # brightness / contrast / saturation jitter, each a factor in U(1 - c, 1 + c)
+    zoom: float = 0.5  # probability of a random scale (magnification) change
+    max_zoom: float = 2.0  # the scale is log-uniform in [1 / max_zoom, max_zoom]
+    resolution: float = 0.1  # probability of a 2-4x down- and up-sampling (resolution jitter)
+
+    def __post_init__(self) -> None:
+        for name in ("stain", "colour", "zoom", "resolution"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"augmentation '{name}' must be in [0, 1], got {value}")
+        if not 1 <= self.max_zoom <= 8:
+            raise ValueError(f"augmentation 'max_zoom' must be in [1, 8], got {self.max_zoom}")
+
+    @classmethod
+    def off(cls) -> Augmentation:
+        return cls(flips=False, stain=0.0, colour=0.0, zoom=0.0, max_zoom=1.0, resolution=0.0)
+
+    @classmethod
+    def from_dict(cls, data: dict | None, source: str = "augmentation") -> Augmentation:
+        """From a recipe mapping; unknown keys are an error naming them."""
+        data = dict(data or {})
+        known = set(asdict(cls()))
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hed_jitter(pixels: np.ndarray, rng: random.Random, strength: float) -> np.ndarray:
+    """Scale and shift each stain's optical density (H, E, DAB) of a uint8 (H, W, 3) image; float32 out."""
+    rgb = np.maximum(pixels.astype(np.float64) / 255.0, 1e-6)
+    density = -np.log(rgb) @ _HED_FROM_RGB  # (H, W, 3) stain optical densities
+    alpha = np.array([rng.uniform(1 - strength, 1 + strength) for _ in range(3)])
+    beta = np.array([rng.uniform(-strength, strength) for _ in range(3)])
+    density = density * alpha + beta
+    rgb = np.exp(-(density @ _RGB_FROM_HED))
+    return np.clip(rgb * 255.0, 0, 255).astype(np.float32)
+
+
+def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    image = Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8)))
+    return np.asarray(image.resize((width, height), Image.BICUBIC))
+
+
+def rescale(pixels: np.ndarray, rng: random.Random, scale: float) -> np.ndarray:
+    """The tile seen at `scale` x its magnification, same size: > 1 a random crop resized up, < 1 the tile
+    continued by mirroring around it and shrunk."""
+    height, width = pixels.shape[:2]
+    if scale >= 1:
+        crop_h, crop_w = max(1, round(height / scale)), max(1, round(width / scale))
+        top, left = rng.randrange(height - crop_h + 1), rng.randrange(width - crop_w + 1)
+        return _resize(pixels[top : top + crop_h, left : left + crop_w], width, height)
+    big_h, big_w = round(height / scale), round(width / scale)
+    pad_h, pad_w = big_h - height, big_w - width
+    top, left = rng.randrange(pad_h + 1), rng.randrange(pad_w + 1)
+    mirrored = np.pad(pixels, ((top, pad_h - top), (left, pad_w - left), (0, 0)), mode="symmetric")
+    return _resize(mirrored, width, height)
+
+
+def degrade_resolution(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """Down-sample by `factor` and back up: the detail a lower-resolution scanner would lose."""
+    height, width = pixels.shape[:2]
+    small = _resize(pixels, max(1, round(width / factor)), max(1, round(height / factor)))
+    return _resize(small, width, height)
+
+
+def augment(pixels: np.ndarray, rng: random.Random, config: Augmentation) -> np.ndarray:
+    """One random view of a uint8 (H, W, 3) tile; returns float32 (H, W, 3) in [0, 255], same size."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"augment expects a uint8 (H, W, 3) image, got {pixels.dtype} {pixels.shape}")
+    array = pixels
+    if config.zoom and rng.random() < config.zoom:
+        scale = math.exp(rng.uniform(-math.log(config.max_zoom), math.log(config.max_zoom)))
+        array = rescale(array, rng, scale)
+    if config.resolution and rng.random() < config.resolution:
+        array = degrade_resolution(array, rng.uniform(2.0, 4.0))
+    if config.flips:
+        array = np.rot90(array, k=rng.randrange(4))
+        if rng.random() < 0.5:
+            array = array[:, ::-1]
+    x = hed_jitter(array, rng, config.stain) if config.stain else array.astype(np.float32)
+    if config.colour:
+        c = config.colour
+        x = x * rng.uniform(1 - c, 1 + c)
+        mean = x.mean()
+        x = (x - mean) * rng.uniform(1 - c, 1 + c) + mean
+        gray = x.mean(axis=2, keepdims=True)
+        x = (x - gray) * rng.uniform(1 - c, 1 + c) + gray
+    return np.clip(x, 0, 255).astype(np.float32)
+
+
+def stain_normalize(image: Image.Image, method: str | None) -> Image.Image:
+    """Map an RGB image onto reference H&E stain vectors (`macenko`); None returns it unchanged.
+
+    An image with too little stained tissue to estimate stain vectors (e.g. blank glass) is returned
+    unchanged with a warning, never dropped.
+    """
+    if method is None:
+        return image
+    if method not in STAIN_NORMALIZERS:
+        raise ValueError(
+            f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_NORMALIZERS)}"
+        )
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+
+    pixels = np.asarray(image.convert("RGB"))
+    try:
+        with np.errstate(all="ignore"):
+            normalized, _, _ = NumpyMacenkoNormalizer().normalize(pixels, stains=False)
+    except (np.linalg.LinAlgError, ValueError, IndexError) as error:
+        warnings.warn(
+            f"stain normalisation skipped: too little stained tissue to estimate stains ({error})",
+            stacklevel=2,
+        )
+        return image
+    if not np.isfinite(normalized).all():
+        return image
+    return Image.fromarray(normalized)

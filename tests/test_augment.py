@@ -1,0 +1,105 @@
+"""Augmentation keeps shapes and dtypes and changes pixels within stated bounds; stain normalisation."""
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pallava.processing.augment import (
+    Augmentation,
+    augment,
+    degrade_resolution,
+    hed_jitter,
+    rescale,
+    stain_normalize,
+)
+
+
+@pytest.fixture(scope="module")
+def tile(lung_tiles):
+    return np.asarray(Image.open(lung_tiles[0]).convert("RGB"))
+
+
+def _mean_abs(a, b):
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+def test_every_augmentation_keeps_shape_dtype_and_range(tile):
+    rng = random.Random(0)
+    for config in (
+        Augmentation(),
+        Augmentation(stain=0.3, zoom=1.0, max_zoom=4, resolution=1.0),
+        Augmentation.off(),
+    ):
+        for _ in range(5):
+            out = augment(tile, rng, config)
+            assert out.shape == tile.shape and out.dtype == np.float32
+            assert 0 <= out.min() and out.max() <= 255
+
+
+def test_off_is_the_identity_and_views_are_reproducible(tile):
+    assert np.array_equal(augment(tile, random.Random(0), Augmentation.off()), tile.astype(np.float32))
+    a = augment(tile, random.Random("s:1:7"), Augmentation())
+    assert np.array_equal(a, augment(tile, random.Random("s:1:7"), Augmentation()))
+    assert not np.array_equal(a, augment(tile, random.Random("s:2:7"), Augmentation()))
+
+
+def test_hed_jitter_changes_colour_within_its_strength(tile):
+    assert _mean_abs(hed_jitter(tile, random.Random(0), 0.0), tile) < 0.01  # exact round trip
+    light = [_mean_abs(hed_jitter(tile, random.Random(s), 0.05), tile) for s in range(8)]
+    strong = [_mean_abs(hed_jitter(tile, random.Random(s), 0.3), tile) for s in range(8)]
+    assert 0.5 < np.mean(light) < 12 and np.mean(strong) > 2 * np.mean(light)
+    # colour only: the layout of dark (nuclei) and light pixels stays
+    out = hed_jitter(tile, random.Random(1), 0.3).mean(axis=2)
+    assert np.corrcoef(out.ravel(), tile.mean(axis=2).ravel())[0, 1] > 0.9
+
+
+def test_rescale_zooms_in_and_out(tile):
+    zoom_in = rescale(tile, random.Random(0), 2.0)
+    zoom_out = rescale(tile, random.Random(0), 0.5)
+    assert zoom_in.shape == zoom_out.shape == tile.shape and zoom_in.dtype == np.uint8
+
+    # zoomed in, neighbouring pixels are more alike (bigger structures); zoomed out, less alike
+    def roughness(a):
+        return np.abs(np.diff(a.astype(np.float32), axis=1)).mean()
+
+    assert roughness(zoom_in) < roughness(tile) < roughness(zoom_out)
+    # zooming out by 2 keeps the whole tile, shrunk, somewhere in the view
+    assert rescale(tile, random.Random(0), 1.0).shape == tile.shape
+
+
+def test_resolution_jitter_removes_detail_but_keeps_colour(tile):
+    blurred = degrade_resolution(tile, 4.0)
+    assert blurred.shape == tile.shape
+    assert abs(blurred.mean() - tile.mean()) < 3
+    assert (
+        np.abs(np.diff(blurred.astype(float), axis=1)).mean()
+        < 0.6 * np.abs(np.diff(tile.astype(float), axis=1)).mean()
+    )
+
+
+def test_bad_settings_and_inputs_are_refused(tile):
+    with pytest.raises(ValueError, match="'stain' must be in"):
+        Augmentation(stain=2.0)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['hue'\]"):
+        Augmentation.from_dict({"hue": 0.1})
+    with pytest.raises(ValueError, match="uint8 \\(H, W, 3\\)"):
+        augment(tile.astype(np.float32), random.Random(0), Augmentation())
+
+
+def test_macenko_normalisation_maps_two_stainings_closer(tile):
+    reference = np.asarray(stain_normalize(Image.fromarray(tile), "macenko"))
+    assert reference.shape == tile.shape and reference.dtype == np.uint8
+    before, after = [], []
+    for seed in (1, 2):  # the same tissue restained strongly (another lab's haematoxylin and eosin)
+        restained = hed_jitter(tile, random.Random(seed), 0.3).astype(np.uint8)
+        before.append(_mean_abs(tile, restained))
+        after.append(_mean_abs(reference, np.asarray(stain_normalize(Image.fromarray(restained), "macenko"))))
+    assert np.mean(after) < 0.8 * np.mean(before)
+    assert stain_normalize(Image.fromarray(tile), None) is not None
+    with pytest.warns(UserWarning, match="too little stained tissue"):
+        blank = stain_normalize(Image.new("RGB", (32, 32), "white"), "macenko")
+    assert blank.size == (32, 32)
+    with pytest.raises(ValueError, match="unknown stain normalisation"):
+        stain_normalize(Image.fromarray(tile), "reinhard-ish")
