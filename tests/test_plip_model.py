@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import BertModel, CLIPVisionModel
 
+from pallava.convert.plip import convert_plip_checkpoint, load_vision_tower
 from pallava.models.plip import PlipConfig, PlipZeroShot, build_plip, export_vision_tower, plip_config
-from pallava.models.plip.convert import convert_plip_checkpoint, load_vision_tower
 from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.text_init import load_tokenizer, minilm_dir
 from pallava.models.presets import load_preset, tiny_vision_config

@@ -47,6 +47,8 @@ def _clean(args: argparse.Namespace) -> int:
             "model_dir": args.plip_model,
         }
     config = CleanConfig.from_dict(data, source=args.config or "command line")
+    if config.image_judge.get("type") == "plip":
+        import pallava.models.plip  # noqa: F401  (registers the loader of PLIP folders)
     summary = clean(args.input, args.out, config, progress=not args.no_progress)
     print(
         f"kept {summary['kept']} of {summary['input']} records "

@@ -119,13 +119,13 @@ def _vqa(args: argparse.Namespace) -> int:
 
 def _zeroshot(args: argparse.Namespace) -> int:
     from pallava.data.importers.manifest import read_manifest
+    from pallava.data.labels import LabelMap
     from pallava.eval.report import write_report, zeroshot_report
     from pallava.eval.runner import run_zeroshot
-    from pallava.eval.tasks import resolve_label_map
 
     out = Path(args.out)
     images = _sample(read_manifest(args.data, args.split), args.limit, args.seed)
-    label_map = resolve_label_map(args.label_map, {item.label for item in images})
+    label_map = LabelMap.resolve(args.label_map, {item.label for item in images}, source="--label-map")
     records = run_zeroshot(
         _LazyAssistant(args),
         images,

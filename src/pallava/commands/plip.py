@@ -105,7 +105,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pallava.models.plip.convert import convert_plip_checkpoint
+    from pallava.convert.plip import convert_plip_checkpoint
 
     print(f"CLIP vision model written to {convert_plip_checkpoint(args.checkpoint, args.out)}")
     return 0

@@ -43,7 +43,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pallava.serve.predict import answered_ids, predict_jsonl, read_requests
+    from pallava.predict import answered_ids, predict_jsonl, read_requests
 
     options = _options(args)
     if args.batch_size < 1:

@@ -3,7 +3,7 @@
 Their stage-1/stage-2 checkpoints hold the connector under `projector.model.` (a BERT encoder whose
 query branch is `intermediate_query` / `output_query`, then `norm` and a one-layer `mlp`) and the LoRA
 matrices under `llm.`; their PLIP file holds a CLIP vision tower (mapped by
-`pallava.models.plip.convert.clip_vision_state_dict`). Index buffers (`position_ids`) carry no weights
+`pallava.convert.plip.clip_vision_state_dict`). Index buffers (`position_ids`) carry no weights
 and are ignored. Everything else is unmapped and reported, never dropped silently.
 """
 
@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pallava.models.plip.convert import clip_vision_state_dict
+from pallava.convert.plip import clip_vision_state_dict
 
 CONNECTOR_LAYER = re.compile(r"^projector\.model\.bert\.encoder\.layer\.(\d+)\.(.+)$")
 # Their per-layer sub-modules -> ours. The query branch is the connector; a text branch

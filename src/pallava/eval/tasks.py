@@ -97,11 +97,6 @@ def _jsonl_items(path: Path, image_root: Path | None) -> list[VQAItem]:
     return items
 
 
-def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
-    """The label map for these labels (see `LabelMap.resolve`)."""
-    return LabelMap.resolve(spec, labels, source="--label-map")
-
-
 def load_vqa_items(
     path: str | Path,
     fmt: str | None = None,
@@ -143,7 +138,9 @@ def load_vqa_items(
         items = list(read_pmc_vqa(path, root, split))
     elif fmt == "manifest":
         labelled = read_manifest(path, split)
-        items = vqa_from_labels(labelled, resolve_label_map(label_map, {i.label for i in labelled}), seed)
+        items = vqa_from_labels(
+            labelled, LabelMap.resolve(label_map, {i.label for i in labelled}, source="--label-map"), seed
+        )
     else:
         items = _jsonl_items(path, root)
     if not items:

@@ -192,6 +192,23 @@ def letterbox_pixels(pixels: torch.Tensor, width: int, height: int) -> torch.Ten
     return canvas
 
 
+def heat_on_image(
+    heat: np.ndarray, grid: tuple[int, int], tile_size: int, image_size: tuple[int, int]
+) -> np.ndarray:
+    """A heat map over the letterboxed tile canvas, laid back onto the original (width, height) image.
+
+    `heat` (rows*side, cols*side) covers the canvas of `grid` (columns, rows) tiles; the letterbox is
+    undone so each value lands on the part of the image that tile patch saw. Returns (height, width) floats.
+    """
+    cols, rows = grid
+    canvas_w, canvas_h = cols * tile_size, rows * tile_size
+    field = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize(
+        (canvas_w, canvas_h), Image.BILINEAR
+    )
+    field = field.crop(letterbox_box(image_size, canvas_w, canvas_h)).resize(image_size, Image.BILINEAR)
+    return np.asarray(field)
+
+
 def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
     """`letterbox_pixels` for a PIL image, returning a PIL image."""
     return Image.fromarray(letterbox_pixels(as_uint8_tensor(image), width, height).numpy())

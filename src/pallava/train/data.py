@@ -26,7 +26,6 @@ from pallava.data.builders import (
 from pallava.data.datasets import DatasetList, balance, parse_data_args, read_labelled
 from pallava.data.datasets import merged_label_map as dataset_label_map
 from pallava.data.importers.conversations import read_llava
-from pallava.data.labels import LabelMap
 from pallava.data.records import ANSWER_TYPES, Conversation
 from pallava.data.shards import iter_shards, list_shards
 from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
@@ -60,11 +59,6 @@ class Sample:
             raise ValueError(
                 f"sample {self.id}: field 'image': cannot read {self.image} ({error.strerror})"
             ) from None
-
-
-def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
-    """The label map for these labels (see `LabelMap.resolve`)."""
-    return LabelMap.resolve(spec, labels, source="data.label_map")
 
 
 def _from_conversation(conversation: Conversation, image_bytes: bytes | None = None) -> Sample:

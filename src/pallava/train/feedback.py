@@ -6,7 +6,6 @@ always describe one consistent run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pallava.data.io import AppendOnlyJsonl, read_appended  # noqa: E402
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def truncate_after(path: Path, step: int) -> None:
-    """Keep only records with `step` <= `step` (everything logged after the resumed checkpoint goes)."""
-    if path.is_file():
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+read_jsonl = read_appended  # the run logs are append-only JSONL files
 
 
 class RunLog:
@@ -39,8 +29,12 @@ class RunLog:
 
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool) -> None:
         self.metrics_path, self.samples_path = out_dir / METRICS_FILE, out_dir / SAMPLES_FILE
-        truncate_after(self.metrics_path, resume_step)
-        truncate_after(self.samples_path, resume_step)
+
+        def keep(record: dict[str, Any]) -> bool:  # what was logged after the resumed checkpoint goes
+            return record.get("step", 0) <= resume_step
+
+        self._metrics = AppendOnlyJsonl(self.metrics_path, keep)
+        self._samples = AppendOnlyJsonl(self.samples_path, keep)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -48,8 +42,7 @@ class RunLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def step(self, record: dict[str, Any], scalars: bool) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self._metrics.append(record)
         if self.writer is not None and scalars:
             step = record["step"]
             self.writer.add_scalar("train/loss", record["loss"], step)
@@ -60,9 +53,8 @@ class RunLog:
                 self.writer.add_scalar(f"lr/{group}", lr, step)
 
     def samples(self, step: int, answers: Sequence[dict[str, Any]]) -> None:
-        with self.samples_path.open("a", encoding="utf-8") as handle:
-            for answer in answers:
-                handle.write(json.dumps({"step": step, **answer}) + "\n")
+        for answer in answers:
+            self._samples.append({"step": step, **answer})
         if self.writer is not None:
             table = "| question | reference | answer |\n|---|---|---|\n" + "".join(
                 f"| {a['question']!r} | {a['reference']!r} | {a['answer']!r} |\n" for a in answers
@@ -70,6 +62,8 @@ class RunLog:
             self.writer.add_text("samples", table, step)
 
     def close(self) -> None:
+        self._metrics.close()
+        self._samples.close()
         if self.writer is not None:
             self.writer.close()
 

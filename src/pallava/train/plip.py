@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -25,7 +26,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from pallava.convert.plip import load_vision_tower
 from pallava.data.datasets import balance, counts_by_dataset
+from pallava.data.io import AppendOnlyJsonl, read_appended
 from pallava.data.labels import LabelMap
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
@@ -149,19 +152,22 @@ class _TrainLog:
     """train_log.jsonl: one JSON row per logged step or probe, appended as training goes."""
 
     def __init__(self, path: Path, write: bool, resume_step: int | None):
-        self.path, self.write = path, write
-        self.rows: list[dict[str, object]] = []
-        if resume_step is not None and path.is_file():  # keep the rows of the steps being resumed from
-            rows = map(json.loads, path.read_text(encoding="utf-8").splitlines())
-            self.rows = [row for row in rows if row["step"] <= resume_step]
-        if write:
-            path.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
+        def keep(row: dict[str, Any]) -> bool:  # the rows of the steps being resumed from
+            return resume_step is not None and row["step"] <= resume_step
 
-    def record(self, row: dict[str, object]) -> None:
+        self.file = AppendOnlyJsonl(path, keep) if write else None
+        self.rows: list[dict[str, Any]] = (
+            list(self.file.records) if self.file else [row for row in read_appended(path) if keep(row)]
+        )
+
+    def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        if self.write:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+        if self.file is not None:
+            self.file.append(row)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _write_model(
@@ -223,7 +229,7 @@ def train_plip(
     model, tokenizer = build_plip(
         recipe.preset,
         recipe.text_init,
-        recipe.vision_init,
+        load_vision_tower(recipe.vision_init) if recipe.vision_init else None,
         recipe.text_layers,
         recipe.seed,
         **recipe.model_overrides(),
@@ -369,6 +375,7 @@ def train_plip(
     progress.close()
     if main:
         evaluate(step)
+    log.close()
     summary: dict[str, object] = {}
     if main:
         _write_model(accelerator.unwrap_model(pretrainer).model, tokenizer, labels, out)

@@ -53,11 +53,6 @@ def normalise_caption(caption: str) -> str:
     return " ".join(caption.lower().split())
 
 
-def label_map_for(labels: set[str], spec: str | None, source: str) -> LabelMap:
-    """`spec` is a built-in map name or a JSON/YAML file; None picks the built-in map covering `labels`."""
-    return LabelMap.resolve(spec, labels, source=source)
-
-
 def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
     """`{image, caption[, split, meta]}` per line (CaptionPair records); image paths are relative to the file.
 

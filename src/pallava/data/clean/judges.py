@@ -3,35 +3,43 @@
 An image judge answers "is this a pathology image?", a text judge "is this human pathology?". Each takes
 a batch and returns one `Verdict` per item, in order. A verdict with `error=True` means the judge could not
 decide (endpoint down, model failed); the pipeline then stops or rejects, as configured.
+
+The data layer imports no model: the PLIP image judge receives a `ZeroShotScorer`, and a `plip` judge in a
+config loads its folder through the loader the model's own package registers (`pallava.models.plip`
+registers `PlipZeroShot.from_pretrained`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+from PIL import Image
+
+from pallava.data.clean.verdict import ImageJudge, TextJudge, Verdict
 from pallava.processing.image import DEFAULT_MAX_PIXELS, load_image
 
-
-@dataclass(frozen=True)
-class Verdict:
-    """One judgement: `ok` keeps the record; `reason` is a short category, `detail` the specifics."""
-
-    ok: bool
-    reason: str = ""
-    detail: str = ""
-    error: bool = False
+__all__ = ["ImageJudge", "LexiconJudge", "PlipImageJudge", "TextJudge", "Verdict", "build_judge"]
 
 
-class ImageJudge(Protocol):
-    def judge_images(self, paths: Sequence[Path]) -> list[Verdict]: ...
+class ZeroShotScorer(Protocol):
+    """Zero-shot class probabilities: (N, C) for N images and one prompt list per class."""
+
+    def predict_proba(
+        self, images: Sequence[Image.Image], class_texts: Sequence[Sequence[str]]
+    ) -> np.ndarray: ...
 
 
-class TextJudge(Protocol):
-    def judge_texts(self, texts: Sequence[str]) -> list[Verdict]: ...
+# Model folder -> scorer, by judge type; filled by the packages that own the models.
+SCORER_LOADERS: dict[str, Callable[[Path], ZeroShotScorer]] = {}
+
+
+def register_scorer_loader(kind: str, loader: Callable[[Path], ZeroShotScorer]) -> None:
+    """Let config entries of judge type `kind` load their `model_dir` with `loader`."""
+    SCORER_LOADERS[kind] = loader
 
 
 # Non-human species and experimental terms (whole words, case-insensitive).
@@ -173,12 +181,12 @@ class PlipImageJudge:
     """Zero-shot PLIP: keeps an image when p(pathology prompts) >= threshold against the non-pathology
     prompts.
 
-    `model_dir` is a trained PLIP folder, or an object with `predict_proba(images, class_texts)`.
+    `model_dir` is a `ZeroShotScorer`, or a trained PLIP folder opened with the registered `plip` loader.
     """
 
     def __init__(
         self,
-        model_dir: str | Path | Any,
+        model_dir: str | Path | ZeroShotScorer,
         pathology_prompts: Sequence[str] = DEFAULT_PATHOLOGY_PROMPTS,
         non_pathology_prompts: Sequence[str] = DEFAULT_NON_PATHOLOGY_PROMPTS,
         threshold: float = 0.5,
@@ -188,11 +196,14 @@ class PlipImageJudge:
         if hasattr(model_dir, "predict_proba"):
             self.model = model_dir
         else:
-            from pallava.models.plip import PlipZeroShot
-
             if not Path(model_dir).is_dir():
                 raise ValueError(f"PLIP image judge: model folder not found: {model_dir}")
-            self.model = PlipZeroShot.from_pretrained(model_dir)
+            if "plip" not in SCORER_LOADERS:
+                raise ValueError(
+                    "PLIP image judge: no loader for PLIP folders is registered; import pallava.models.plip "
+                    "first (`pallava data clean` does)"
+                )
+            self.model = SCORER_LOADERS["plip"](Path(model_dir))
         if not pathology_prompts or not non_pathology_prompts:
             raise ValueError("PLIP image judge: both prompt lists must be non-empty")
         if not 0.0 < threshold < 1.0:

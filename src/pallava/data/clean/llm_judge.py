@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from pallava.data.clean.judges import Verdict
+from pallava.data.clean.verdict import Verdict
 from pallava.processing.image import DEFAULT_MAX_PIXELS, load_image
 
 DEFAULT_IMAGE_PROMPT = (

@@ -2,7 +2,8 @@
 
 Stages (configurable order between the first and last): integrity (decodes, pixel limit) -> image judge ->
 text judge -> caption length -> duplicates. Outputs are append-only JSONL written in input order and
-flushed line by line (fsync per chunk). On restart the torn tail of a killed write is cut off, the set of
+flushed line by line (fsync per chunk), as `AppendOnlyJsonl` files: on restart a line cut by the kill is
+dropped (or kept when whole), the set of
 finished ids and the duplicate index are rebuilt from both files, and work resumes with the next record, so
 a killed and resumed run ends with the same files as an uninterrupted one.
 """
@@ -26,8 +27,10 @@ from tqdm import tqdm
 
 from pallava.data.clean.config import CleanConfig
 from pallava.data.clean.dedup import DuplicateIndex, image_hash, text_key
-from pallava.data.clean.judges import Verdict, build_judge
+from pallava.data.clean.judges import build_judge
 from pallava.data.clean.report import summarise, write_report
+from pallava.data.clean.verdict import Verdict
+from pallava.data.io import AppendOnlyJsonl
 from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, VQAItem
 from pallava.processing.image import load_image
 
@@ -121,27 +124,6 @@ def _input_ids(path: Path) -> list[str]:
             )
         seen[entry.id] = entry.line
     return list(seen)
-
-
-def _recover(path: Path) -> list[dict[str, Any]]:
-    """Read an output file, first cutting off a torn last line left by a kill."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(end)
-        data = data[:end]
-    rows = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(
-                f"{path}: line {number} is corrupt; remove the output folder to start over"
-            ) from None
-    return rows
 
 
 def _check_state(out: Path, input_path: Path, config: CleanConfig) -> None:
@@ -282,17 +264,6 @@ class _Cleaner:
         return data
 
 
-def _write(handle: Any, row: dict[str, Any]) -> None:
-    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    handle.flush()
-
-
-def _sync(*handles: Any) -> None:
-    for handle in handles:
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def clean(
     input_path: str | Path, out_dir: str | Path, config: CleanConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -308,7 +279,8 @@ def clean(
     input_ids = _input_ids(input_path)
     out.mkdir(parents=True, exist_ok=True)
     _check_state(out, input_path, config)
-    kept_rows, rejected_rows = _recover(out / KEPT), _recover(out / REJECTED)
+    kept, rejected = AppendOnlyJsonl(out / KEPT), AppendOnlyJsonl(out / REJECTED)
+    kept_rows, rejected_rows = kept.records, rejected.records
     done = {str(row["id"]) for row in (*kept_rows, *rejected_rows)}
     unknown = done - set(input_ids)
     if unknown:
@@ -329,16 +301,14 @@ def clean(
         file=sys.stderr,
     )
     try:
-        with (
-            (out / KEPT).open("a", encoding="utf-8") as kept,
-            (out / REJECTED).open("a", encoding="utf-8") as rejected,
-        ):
+        with kept, rejected:
             pending = (entry for entry in _scan_input(input_path) if entry.id not in done)
             while chunk := list(itertools.islice(pending, config.chunk_size)):
                 cleaner.process(chunk)
                 for entry in chunk:
                     if entry.stop is not None:
-                        _sync(kept, rejected)
+                        kept.sync()
+                        rejected.sync()
                         raise JudgeStopped(
                             f"{input_path}: line {entry.line}: record {entry.id}: judge failed "
                             f"({entry.stop.detail}); "
@@ -350,11 +320,10 @@ def clean(
                             entry.rejection = ("duplicate", Verdict(False, "duplicate", f"of {duplicate_of}"))
                     if entry.rejection is None:
                         cleaner.index.add(entry.id, entry.phash, text_key(entry.text))
-                        _write(kept, cleaner.kept_line(entry))
+                        kept.append(cleaner.kept_line(entry))
                     else:
                         stage, verdict = entry.rejection
-                        _write(
-                            rejected,
+                        rejected.append(
                             {
                                 "id": entry.id,
                                 "line": entry.line,
@@ -365,7 +334,8 @@ def clean(
                             },
                         )
                 bar.update(len(chunk))
-                _sync(kept, rejected)
+                kept.sync()
+                rejected.sync()
     finally:
         bar.close()
         cleaner.close()

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import BlipTextConfig, PreTrainedTokenizerBase
+from transformers import BlipTextConfig, CLIPVisionModel, PreTrainedTokenizerBase
 
 from pallava.models.plip.configuration_plip import PlipConfig
-from pallava.models.plip.convert import load_vision_tower
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.text_init import (
     MINILM,
@@ -81,10 +80,23 @@ def plip_config(
     return PlipConfig(vision_config=vision, text_config=text, **settings)
 
 
+def _vision_tower(vision_init: str | Path | CLIPVisionModel | None) -> CLIPVisionModel | None:
+    if vision_init is None or isinstance(vision_init, CLIPVisionModel):
+        return vision_init
+    folder = Path(vision_init)
+    config = folder / "config.json"
+    if not folder.is_dir() or not config.is_file() or '"clip_vision_model"' not in config.read_text():
+        raise ValueError(
+            f"vision_init {folder}: not a saved CLIPVisionModel folder; convert other checkpoints with "
+            "pallava.convert.plip.load_vision_tower (or `pallava plip convert`)"
+        )
+    return CLIPVisionModel.from_pretrained(folder)
+
+
 def build_plip(
     name: str,
     text_init: str | Path | None = None,
-    vision_init: str | Path | None = None,
+    vision_init: str | Path | CLIPVisionModel | None = None,
     text_layers: int | None = None,
     seed: int | None = 0,
     **overrides,
@@ -93,14 +105,14 @@ def build_plip(
 
     text_init: 'minilm' (bundled MiniLM-L6), 'scratch', or a local BERT checkpoint folder (default per
     preset).
-    vision_init: a CLIP / CLIP-vision checkpoint folder or the authors' PLIP state-dict file (default:
-    random).
+    vision_init: a `CLIPVisionModel` or its saved folder (default: random). Other formats (the authors'
+    PLIP state dict, full CLIP checkpoints) go through `pallava.convert.plip.load_vision_tower` first.
     """
     if seed is not None:
         torch.manual_seed(seed)
     text_init = DEFAULT_TEXT_INIT.get(name, SCRATCH) if text_init is None else text_init
     config = plip_config(name, text_init, text_layers, **overrides)
-    vision = load_vision_tower(vision_init) if vision_init is not None else None
+    vision = _vision_tower(vision_init)
     if vision is not None:
         config.vision_config = vision.config
         config.text_config.encoder_hidden_size = vision.config.hidden_size

@@ -1,4 +1,5 @@
-"""Vision towers from outside: the authors' released PLIP state dict and local CLIP checkpoints.
+"""PLIP's converter: vision towers from outside (the authors' released PLIP state dict, local CLIP
+checkpoints) into a standard `CLIPVisionModel`, which `build_plip(vision_init=...)` and the assistant take.
 
 The released `plip_80w_196token.bin` is a CLIP vision state dict with keys `vision_model.*` and the
 misspelt `post_layrnorm`; the mapping onto `transformers.CLIPVisionModel` strips the prefix, restores
