@@ -75,7 +75,11 @@ class Quickstart:
     # --- plumbing ----------------------------------------------------------------------------------
     def run_command(self, *argv: str) -> None:
         args = [str(a) for a in argv]
-        if not self.s.progress and args[0] in ("data", "train", "eval") and "--no-progress" not in args:
+        if (
+            not self.s.progress
+            and (args[0] in ("data", "train", "eval") or args[:2] == ["plip", "train"])
+            and "--no-progress" not in args
+        ):
             args.append("--no-progress")
         print(f"\n$ pallava {shlex.join(args)}", flush=True)
         code = pallava_main(args)

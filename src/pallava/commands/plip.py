@@ -39,6 +39,7 @@ def _train(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         eval_split=args.eval_split,
         resume=args.resume,
+        show_progress=not args.no_progress,
     )
     if summary:
         print(json.dumps(summary, indent=2))
@@ -152,6 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--num-workers", type=int)
     train.add_argument("--mixed-precision", choices=("no", "bf16"))
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.set_defaults(func=_train)
 
     zeroshot = commands.add_parser("zeroshot", help="prompt-ensemble zero-shot classification report")

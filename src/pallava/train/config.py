@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from pallava.processing.augment import Augmentation
+
 STAGES = ("align", "instruct")
 
 
@@ -124,6 +126,21 @@ class LoggingSection:
 
 
 @dataclass
+class AugmentSection:
+    """Augmented views of the training images (stain, magnification, orientation: `processing.augment`).
+
+    Each image gets `views` augmented versions besides the original; each training sample (one question about
+    an image) sees one of them, chosen by its id, so the questions about an image spread over its views.
+    With the
+    feature cache, every view is encoded once like any image.
+    """
+
+    views: int = 0  # augmented views per image besides the original (0: off)
+    large: float = 0.0  # share of augmented views enlarged 2-3x: a larger image, tiled like one (scale)
+    image: dict | None = None  # processing.augment.Augmentation fields (stain, zoom, ...); None: its defaults
+
+
+@dataclass
 class Recipe:
     """A resolved recipe for one stage."""
 
@@ -134,6 +151,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     train: RunSection = field(default_factory=RunSection)
     feature_cache: FeatureCacheSection = field(default_factory=FeatureCacheSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -149,6 +167,12 @@ class Recipe:
             raise ValueError(
                 "stage instruct starts from a trained model: set model.init (or --init) to the align output"
             )
+        if self.augment.views < 0 or not 0 <= self.augment.large <= 1:
+            raise ValueError(
+                "augment.views must be at least 0 and augment.large in [0, 1], "
+                f"got {self.augment.views} and {self.augment.large}"
+            )
+        Augmentation.from_dict(self.augment.image, source="augment.image")
         if self.data.balance not in (None, "sqrt", "equal", "proportional", "none"):
             raise ValueError(
                 f"data.balance must be sqrt, equal, proportional or none, got {self.data.balance!r}"

@@ -9,13 +9,17 @@ global batch `s` — the data position is `(epoch, step in epoch)`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from pallava.data.builders import (
     captions_from_labels,
@@ -28,8 +32,10 @@ from pallava.data.datasets import merged_label_map as dataset_label_map
 from pallava.data.importers.conversations import read_llava
 from pallava.data.records import ANSWER_TYPES, Conversation
 from pallava.data.shards import iter_shards, list_shards
+from pallava.processing.augment import Augmentation, augment
+from pallava.processing.image import ImageSource, load_image
 from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
-from pallava.train.config import DataSection
+from pallava.train.config import AugmentSection, DataSection
 from pallava.train.feature_cache import FeatureCache
 
 
@@ -43,6 +49,7 @@ class Sample:
     image_bytes: bytes | None = None
     answer_type: str | None = None
     dataset: str | None = None  # provenance: the dataset it came from
+    view: int = 0  # which view of its image it sees: 0 the original, k > 0 augmented view k
 
     @property
     def image_source(self) -> str | bytes | None:
@@ -151,6 +158,33 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
     ]
 
 
+# --- augmented views ------------------------------------------------------------------------------
+def assign_views(samples: Sequence[Sample], views: int, seed: int) -> None:
+    """Give each sample with an image one of its image's `views + 1` versions, by a hash of its id."""
+    for sample in samples:
+        if sample.image_source is not None and views > 0:
+            digest = hashlib.blake2b(f"{seed}:{sample.id}".encode(), digest_size=4).digest()
+            sample.view = int.from_bytes(digest, "big") % (views + 1)
+
+
+def augmented_view(source: ImageSource, view: int, section: AugmentSection, seed: int) -> Image.Image:
+    """Augmented view `view` (>= 1) of an image: a function of (image, view, seed, settings) only."""
+    image = load_image(source)
+    rng = random.Random(f"{seed}:{view}:{hashlib.sha256(image.tobytes()).hexdigest()[:16]}")
+    pixels = augment(np.asarray(image), rng, Augmentation.from_dict(section.image, source="augment.image"))
+    out = Image.fromarray(pixels.round().astype(np.uint8))
+    if section.large and rng.random() < section.large:  # a larger image: tiled, so the tiles are higher power
+        factor = rng.uniform(2.0, 3.0)
+        out = out.resize((round(out.width * factor), round(out.height * factor)), Image.BICUBIC)
+    return out
+
+
+def view_tag(section: AugmentSection, seed: int) -> str:
+    """Part of a view's cache key: every setting that changes the pixels of a view."""
+    settings = json.dumps({"seed": seed, "large": section.large, "image": section.image}, sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:12]
+
+
 # --- order ------------------------------------------------------------------------------------------
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     """The sample order of one epoch (the same on every process)."""
@@ -197,17 +231,24 @@ class Collator:
         samples: Sequence[Sample],
         cache: FeatureCache | None = None,
         image_keys: Sequence[str | None] | None = None,
+        augment: tuple[AugmentSection, int] | None = None,
     ) -> None:
         if cache is not None and image_keys is None:
             raise ValueError("a feature cache needs the samples' image keys")
         self.processor, self.samples, self.cache, self.image_keys = processor, samples, cache, image_keys
+        self.augment = augment  # (settings, seed) of the augmented views, when samples use them
+
+    def _image(self, sample: Sample) -> ImageSource:
+        if sample.view and self.augment is not None:
+            return augmented_view(sample.image_source, sample.view, *self.augment)
+        return sample.image_source
 
     def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
         chosen = [self.samples[i] for i in indices]
         conversations = [s.conversation for s in chosen]
         try:
             if self.cache is None:
-                images = [[s.image_source] if s.image_source is not None else [] for s in chosen]
+                images = [[self._image(s)] if s.image_source is not None else [] for s in chosen]
                 batch = dict(self.processor(text=conversations, images=images))
             else:
                 encoded = [self.processor.encode_conversation(c) for c in conversations]

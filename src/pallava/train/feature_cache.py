@@ -170,7 +170,7 @@ class FeatureCache:
         for start in range(0, len(todo), batch_size):
             keys = todo[start : start + batch_size]
             try:
-                batch = image_processor([images[key] for key in keys])
+                batch = image_processor([_materialise(images[key]) for key in keys])
             except ValueError as error:
                 raise ValueError(f"feature cache: {error}") from None
             with autocast():
@@ -187,3 +187,8 @@ class FeatureCache:
             self.write_shard(pending, writer)
         bar.close()
         return len(todo)
+
+
+def _materialise(source: ImageSource | Callable[[], ImageSource]) -> ImageSource:
+    """An image, or a function that makes it (augmented views are made only when they are encoded)."""
+    return source() if callable(source) else source

@@ -206,6 +206,7 @@ def train_plip(
     eval_data: str | Path | None = None,
     eval_split: str | None = None,
     resume: bool = False,
+    show_progress: bool = True,
 ) -> dict[str, object]:
     """Pre-train PLIP on caption pairs or a labelled manifest; returns the training summary."""
     if recipe.preset not in PLIP_PRESETS:
@@ -247,7 +248,7 @@ def train_plip(
         samples, model.image_size, labels, train=True, seed=recipe.seed, augmentation=augmentation
     )
     if recipe.cache_images:
-        dataset.cache_images(progress=main)
+        dataset.cache_images(progress=main and show_progress)
     if len(dataset) < recipe.batch_size * accelerator.num_processes:
         raise ValueError(
             f"{data}: {len(dataset)} samples, fewer than one global batch ({recipe.batch_size} x "
@@ -312,7 +313,9 @@ def train_plip(
 
     if step == 0 and main:
         evaluate(0)
-    progress = tqdm(total=total_steps, initial=step, desc="PLIP training", disable=not main)
+    progress = tqdm(
+        total=total_steps, initial=step, desc="PLIP training", disable=not main or not show_progress
+    )
     pretrainer.train()
     while step < total_steps:
         epoch = step // steps_per_epoch

@@ -9,6 +9,7 @@ a run resumes from the newest complete one and continues the uninterrupted run's
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -35,10 +36,13 @@ from pallava.train.config import Recipe, recipe_differences
 from pallava.train.data import (
     Collator,
     Sample,
+    assign_views,
+    augmented_view,
     epoch_loader,
     global_batch_size,
     load_samples,
     steps_per_epoch,
+    view_tag,
 )
 from pallava.train.feature_cache import DTYPES, FeatureCache, default_cache_dir, image_key, namespace_for
 from pallava.train.feedback import METRICS_FILE, RunLog, plot_loss_curves, read_jsonl
@@ -146,19 +150,31 @@ class Trainer:
         accelerator.wait_for_everyone()
 
     def _image_keys(self, samples: Sequence[Sample]) -> list[str | None]:
-        """Content keys of the samples' images (each file read once)."""
+        """Content keys of the samples' images (each file read once); an augmented view's key adds the view
+        and a hash of the augmentation settings."""
         memo: dict[str, str] = {}
         keys: list[str | None] = []
+        tag = view_tag(self.recipe.augment, self.recipe.data.seed)
         for sample in tqdm(samples, desc="hashing images", unit="sample", disable=not self._show_progress):
             if sample.image_source is None:
                 keys.append(None)
-            elif sample.image_bytes is None:
+                continue
+            if sample.image_bytes is None:
                 if sample.image not in memo:
                     memo[sample.image] = image_key(sample.read_image_bytes())
-                keys.append(memo[sample.image])
+                key = memo[sample.image]
             else:
-                keys.append(image_key(sample.image_bytes))
+                key = image_key(sample.image_bytes)
+            keys.append(f"{key}-aug{tag}-v{sample.view}" if sample.view else key)
         return keys
+
+    def _source(self, sample: Sample):
+        """The image (or, for an augmented view, a function making it when the cache encodes it)."""
+        if not sample.view:
+            return sample.image_source
+        return functools.partial(
+            augmented_view, sample.image_source, sample.view, self.recipe.augment, self.recipe.data.seed
+        )
 
     def _feature_cache(self, accelerator, model, processor, samples) -> tuple[FeatureCache, list[str | None]]:
         """Encode every image not yet cached (each process a share), then share the index."""
@@ -170,7 +186,7 @@ class Trainer:
         )
         cache = FeatureCache(section.dir or default_cache_dir(), namespace, section.shard_size)
         sources = {
-            key: sample.image_source for key, sample in zip(keys, samples, strict=True) if key is not None
+            key: self._source(sample) for key, sample in zip(keys, samples, strict=True) if key is not None
         }
         todo = cache.missing(list(sources))
         accelerator.wait_for_everyone()  # every process splits the same to-do list before anyone writes
@@ -365,6 +381,7 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(accelerator.device)
         samples = load_samples(recipe.data, recipe.stage)
+        assign_views(samples, recipe.augment.views, recipe.data.seed)
         per_epoch = steps_per_epoch(len(samples), run.batch_size, accelerator.num_processes, run.grad_accum)
         total_steps = run.max_steps or run.epochs * per_epoch
         accelerator.print(
@@ -379,7 +396,7 @@ class Trainer:
         cache, keys = None, None
         if recipe.feature_cache.enabled:
             cache, keys = self._feature_cache(accelerator, model, processor, samples)
-        collator = Collator(processor, samples, cache, keys)
+        collator = Collator(processor, samples, cache, keys, augment=(recipe.augment, recipe.data.seed))
 
         model.train()
         optimizer = build_optimizer(model, recipe.optim)
