@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pallava.train.config import load_recipe, parse_overrides, recipe_differences
+from pallava.train.plip_config import PlipTrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -95,3 +96,21 @@ def test_shipped_accelerate_configs_parse():
     assert zero2.distributed_type == "DEEPSPEED" and zero2.num_processes == 16
     ds = json.loads((CONFIGS / "accelerate" / "deepspeed-zero2.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] == "auto"
+
+
+def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):
+    """A PLIP recipe sets what differs from configs/plip-<preset>.yaml; errors read like the assistant's."""
+    partial = tmp_path / "plip.yaml"
+    partial.write_text("preset: tiny\nlr: 2.0e-3\nsave_every: 4\n")
+    recipe = PlipTrainConfig.from_yaml(partial, batch_size=8)
+    shipped = PlipTrainConfig.for_preset("tiny")
+    assert (recipe.lr, recipe.save_every, recipe.batch_size) == (2e-3, 4, 8)
+    assert recipe.epochs == shipped.epochs and recipe.text_lr == shipped.text_lr
+    partial.write_text("preset: tiny\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match=r"plip\.yaml: unknown key\(s\) \['learning_rate'\]"):
+        PlipTrainConfig.from_yaml(partial)
+    partial.write_text("preset: tiny\nbatch_size: many\n")
+    with pytest.raises(ValueError, match=r"plip\.yaml: batch_size: expected int, got 'many'"):
+        PlipTrainConfig.from_yaml(partial)
+    with pytest.raises(ValueError, match=r"no shipped recipe 'plip-huge'"):
+        PlipTrainConfig.for_preset("huge")

@@ -7,9 +7,12 @@ import argparse
 import json
 from pathlib import Path
 
+from pallava.commands.train import add_resume_argument
+
 
 def _train(args: argparse.Namespace) -> int:
-    from pallava.train.plip import PlipTrainConfig, train_plip
+    from pallava.train.plip import train_plip
+    from pallava.train.plip_config import PlipTrainConfig
 
     overrides = {
         "preset": args.preset,
@@ -38,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
         label_map=args.label_map,
         eval_data=args.eval_data,
         eval_split=args.eval_split,
-        resume=args.resume,
+        resume=args.resume == "auto",
         show_progress=not args.no_progress,
     )
     if summary:
@@ -131,7 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)"
     )
     train.add_argument(
-        "--config", help="recipe YAML, e.g. configs/plip-tiny.yaml (default: the preset's recipe)"
+        "--config",
+        help="recipe YAML, read over its preset's configs/plip-<preset>.yaml (default: that file itself)",
     )
     train.add_argument("--label-map", help="built-in label map name or JSON/YAML file (default: auto)")
     train.add_argument("--epochs", type=float)
@@ -152,7 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-split", default="dev")
     train.add_argument("--num-workers", type=int)
     train.add_argument("--mixed-precision", choices=("no", "bf16"))
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_resume_argument(train)
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.set_defaults(func=_train)
 

@@ -6,6 +6,19 @@ import argparse
 from pathlib import Path
 
 
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    """`--resume auto|never`, the same for every training command (a bare `--resume` means auto)."""
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto (default): a re-run continues from the newest complete checkpoint in --out and never "
+        "deletes one; never: start over, removing the old checkpoints",
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from pallava.train.config import load_recipe, parse_overrides
     from pallava.train.trainer import train
@@ -52,13 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--init", help="start from this model folder (sets model.init; stage instruct: the align output)"
     )
-    train.add_argument(
-        "--resume",
-        choices=("auto", "never"),
-        default="auto",
-        help="auto (default): continue from the newest complete checkpoint in --out; never: start over "
-        "(deleting the old checkpoints)",
-    )
+    add_resume_argument(train)
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=2e-4"

@@ -268,7 +268,8 @@ def _build(cls: type, data: dict, where: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+        prefix = f"{where}: " if where else ""  # top level: the caller names the file
+        raise ValueError(f"{prefix}unknown key(s) {unknown}; expected some of {sorted(fields)}")
     values = {}
     for name, value in data.items():
         kind = hints[name]
@@ -297,22 +298,56 @@ def parse_overrides(pairs: list[str]) -> dict:
     return result
 
 
+# The shipped recipes (`configs/` of a source checkout); the code holds their schema, never their values.
+CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+def shipped_recipe(name: str) -> Path:
+    """`configs/<name>.yaml`, or a ValueError saying where it was looked for."""
+    path = CONFIGS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no shipped recipe {name!r}: {path} not found (recipes live in configs/)")
+    return path
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def build_config(cls: type, data: dict, source: str) -> Any:
+    """A typed config dataclass from a mapping: unknown keys, missing keys and ill-typed values raise
+    ValueError naming `source` and the key (the one loader of the assistant's and PLIP's recipes)."""
+    try:
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise ValueError(f"missing key(s) {missing}")
+        return _build(cls, data, "")
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
 def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict | None = None) -> Recipe:
     """Read a recipe file for `stage` (shared sections, then `stages.<stage>`, then overrides)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     source = str(path) if path is not None else "recipe"
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path) if path is not None else {}
     stages = data.pop("stages", None) or {}
     if not isinstance(stages, dict) or set(stages) - set(STAGES):
         raise ValueError(f"{source}: 'stages' may only hold {', '.join(STAGES)}")
@@ -320,11 +355,7 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     data = _deep_merge(data, extra)
     data.pop("stage", None)
-    try:
-        recipe = _build(Recipe, {**data, "stage": stage}, "")
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
-    return recipe
+    return build_config(Recipe, {**data, "stage": stage}, source)
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

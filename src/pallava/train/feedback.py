@@ -24,17 +24,40 @@ SAMPLES_FILE = "samples.jsonl"
 read_jsonl = read_appended  # the run logs are append-only JSONL files
 
 
+class StepLog:
+    """The run log of every training app: an append-only JSONL of rows with a `step`.
+
+    Reopened for a run resumed at `resume_step`, it keeps the rows up to that step and drops the rest (they
+    are logged again); `resume_step=None` starts an empty log. Only the process given `write=True` writes;
+    the others just read `rows`.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, write: bool = True) -> None:
+        def keep(row: dict[str, Any]) -> bool:
+            return resume_step is not None and row.get("step", 0) <= resume_step
+
+        self._file = AppendOnlyJsonl(path, keep) if write else None
+        self.rows: list[dict[str, Any]] = (
+            list(self._file.records) if self._file else [row for row in read_appended(path) if keep(row)]
+        )
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self._file is not None:
+            self._file.append(row)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 class RunLog:
     """metrics.jsonl, samples.jsonl and an optional TensorBoard writer for one run directory."""
 
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool) -> None:
         self.metrics_path, self.samples_path = out_dir / METRICS_FILE, out_dir / SAMPLES_FILE
-
-        def keep(record: dict[str, Any]) -> bool:  # what was logged after the resumed checkpoint goes
-            return record.get("step", 0) <= resume_step
-
-        self._metrics = AppendOnlyJsonl(self.metrics_path, keep)
-        self._samples = AppendOnlyJsonl(self.samples_path, keep)
+        self._metrics = StepLog(self.metrics_path, resume_step)
+        self._samples = StepLog(self.samples_path, resume_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -42,7 +65,7 @@ class RunLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def step(self, record: dict[str, Any], scalars: bool) -> None:
-        self._metrics.append(record)
+        self._metrics.record(record)
         if self.writer is not None and scalars:
             step = record["step"]
             self.writer.add_scalar("train/loss", record["loss"], step)
@@ -54,7 +77,7 @@ class RunLog:
 
     def samples(self, step: int, answers: Sequence[dict[str, Any]]) -> None:
         for answer in answers:
-            self._samples.append({"step": step, **answer})
+            self._samples.record({"step": step, **answer})
         if self.writer is not None:
             table = "| question | reference | answer |\n|---|---|---|\n" + "".join(
                 f"| {a['question']!r} | {a['reference']!r} | {a['answer']!r} |\n" for a in answers

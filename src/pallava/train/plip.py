@@ -12,14 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -28,7 +24,6 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 
 from pallava.convert.plip import load_vision_tower
 from pallava.data.datasets import balance, counts_by_dataset
-from pallava.data.io import AppendOnlyJsonl, read_appended
 from pallava.data.labels import LabelMap
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
@@ -36,138 +31,24 @@ from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.zeroshot import PlipZeroShot
 from pallava.processing.augment import Augmentation
 from pallava.train import checkpoints
+from pallava.train.feedback import StepLog
+from pallava.train.optim import adamw
+from pallava.train.plip_config import PlipTrainConfig
 from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
 from pallava.train.plip_eval import plot_training_curve, zeroshot_predictions
-
-
-@dataclass
-class PlipTrainConfig:
-    """A PLIP training recipe; the defaults are the tiny recipe (configs/plip-*.yaml hold the same fields)."""
-
-    preset: str = "tiny"
-    epochs: float = 2.0
-    batch_size: int = 32  # per process
-    lr: float = 5e-4
-    text_lr: float | None = 1e-4  # learning rate of a pre-trained text tower; None = lr
-    weight_decay: float = 0.02
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    text_init: str | None = None  # 'minilm', 'scratch' or a BERT folder; None = the preset's default
-    text_layers: int | None = None  # keep only the first layers of the text tower
-    vision_init: str | None = None  # CLIP folder or the authors' PLIP state dict
-    freeze_text_embeddings: bool = True  # the word-embedding table is most of the text tower's parameters
-    use_momentum: bool | None = None  # None = the preset's setting
-    momentum: float | None = None
-    queue_size: int | None = None
-    itm_weight: float | None = None
-    itm_max_pairs: int | None = None
-    image_pooling: str | None = None
-    text_pooling: str | None = None
-    mixed_precision: str = "no"  # 'no' or 'bf16'
-    num_workers: int = 0
-    cache_images: bool = True
-    augment: dict | None = None  # processing.augment.Augmentation fields (stain, zoom, ...); None = defaults
-    balance: str | None = None  # several datasets: sqrt (default) | equal | proportional | none
-    seed: int = 0
-    max_steps: int | None = None
-    save_every: int = 0  # steps between checkpoints; 0 = once per epoch
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # steps between zero-shot evaluations on the eval split; 0 = at the end only
-    log_every: int = 1
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> PlipTrainConfig:
-        """Read a recipe; unknown keys raise ValueError naming them and the file."""
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of recipe fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown recipe fields {unknown}; known: {sorted(known)}")
-        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
-
-    @classmethod
-    def for_preset(cls, preset: str, **overrides) -> PlipTrainConfig:
-        """The shipped recipe of a preset (configs/plip-<preset>.yaml mirrors it), with overrides applied."""
-        if preset not in RECIPES:
-            raise ValueError(f"unknown PLIP preset {preset!r}; choose one of {', '.join(RECIPES)}")
-        return dataclasses.replace(RECIPES[preset], **{k: v for k, v in overrides.items() if v is not None})
-
-    def model_overrides(self) -> dict[str, object]:
-        fields = (
-            "use_momentum",
-            "momentum",
-            "queue_size",
-            "itm_weight",
-            "itm_max_pairs",
-            "image_pooling",
-            "text_pooling",
-        )
-        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
-
-
-RECIPES: dict[str, PlipTrainConfig] = {
-    "tiny": PlipTrainConfig(),
-    "paper": PlipTrainConfig(
-        preset="paper",
-        epochs=20,
-        batch_size=64,
-        lr=1e-4,
-        text_lr=None,
-        freeze_text_embeddings=False,
-        mixed_precision="bf16",
-        cache_images=False,
-        num_workers=8,
-        save_every=2000,
-        eval_every=2000,
-        log_every=10,
-    ),
-}
 
 
 def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained
     text tower."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in pretrainer.model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = param.ndim < 2 or "embedding" in name or name == "temp"
-        groups.setdefault((name.startswith("text_model."), no_decay), []).append(param)
     text_lr = recipe.text_lr if recipe.text_lr is not None else recipe.lr
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "lr": text_lr if is_text else recipe.lr,
-                "weight_decay": 0.0 if no_decay else recipe.weight_decay,
-            }
-            for (is_text, no_decay), params in groups.items()
-        ]
+    return adamw(
+        pretrainer.model,
+        group_of=lambda name: "text" if name.startswith("text_model.") else "model",
+        lr_of=lambda group: text_lr if group == "text" else recipe.lr,
+        weight_decay=recipe.weight_decay,
+        decays=lambda name, param: not (param.ndim < 2 or "embedding" in name or name == "temp"),
     )
-
-
-class _TrainLog:
-    """train_log.jsonl: one JSON row per logged step or probe, appended as training goes."""
-
-    def __init__(self, path: Path, write: bool, resume_step: int | None):
-        def keep(row: dict[str, Any]) -> bool:  # the rows of the steps being resumed from
-            return resume_step is not None and row["step"] <= resume_step
-
-        self.file = AppendOnlyJsonl(path, keep) if write else None
-        self.rows: list[dict[str, Any]] = (
-            list(self.file.records) if self.file else [row for row in read_appended(path) if keep(row)]
-        )
-
-    def record(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if self.file is not None:
-            self.file.append(row)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
 
 
 def _write_model(
@@ -205,14 +86,17 @@ def train_plip(
     label_map: str | None = None,
     eval_data: str | Path | None = None,
     eval_split: str | None = None,
-    resume: bool = False,
+    resume: bool = True,
     show_progress: bool = True,
 ) -> dict[str, object]:
-    """Pre-train PLIP on caption pairs or a labelled manifest; returns the training summary."""
+    """Pre-train PLIP on caption pairs or a labelled manifest; returns the training summary.
+
+    `resume` (default): continue from the newest complete checkpoint in `out` (see
+    `checkpoints.prepare_run`); False starts over, removing the old checkpoints.
+    """
     if recipe.preset not in PLIP_PRESETS:
         raise ValueError(f"unknown PLIP preset {recipe.preset!r}; choose one of {', '.join(PLIP_PRESETS)}")
-    if recipe.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {recipe.mixed_precision!r}")
+    recipe.validate("PLIP recipe")
     out = Path(out)
     started = time.time()
     accelerator = Accelerator(
@@ -279,25 +163,16 @@ def train_plip(
         probe = _ZeroShotProbe(eval_data, eval_split, label_map, model.image_size)
 
     step = 0
-    checkpoint_dir = out / "checkpoints"
-    checkpoint = checkpoints.latest_complete(checkpoint_dir) if resume else None
-    if resume and checkpoint is None and main:
-        print(f"no checkpoint under {checkpoint_dir}; starting from scratch")
-    if main:
-        if not resume:  # starting over: an older run's checkpoints must never be resumed later
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        checkpoints.clean_partial(checkpoint_dir)
-    accelerator.wait_for_everyone()
+    checkpoint_dir = out / checkpoints.CHECKPOINT_DIR
+    checkpoint = checkpoints.prepare_run(accelerator, out, resume, dataclasses.asdict(recipe))
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         step = json.loads((checkpoint / checkpoints.STATE_FILE).read_text(encoding="utf-8"))["step"]
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
     accelerator.init_trackers(
         "logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None}
     )
-    log = _TrainLog(out / "train_log.jsonl", write=main, resume_step=step if checkpoint is not None else None)
+    log = StepLog(out / "train_log.jsonl", step if checkpoint is not None else None, write=main)
     save_every = recipe.save_every or steps_per_epoch
     generator = torch.Generator()  # ITM negatives; re-seeded every step so that a resumed run draws the same
     alpha = model.config.alpha

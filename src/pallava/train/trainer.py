@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
@@ -32,7 +30,7 @@ from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import load_preset
 from pallava.processing.processor import CROP_FEATURES, IGNORE_INDEX, MODEL_INPUT_NAMES, PaLlavaProcessor
 from pallava.train import checkpoints
-from pallava.train.config import Recipe, recipe_differences
+from pallava.train.config import Recipe
 from pallava.train.data import (
     Collator,
     Sample,
@@ -48,7 +46,7 @@ from pallava.train.feature_cache import DTYPES, FeatureCache, default_cache_dir,
 from pallava.train.feedback import METRICS_FILE, RunLog, plot_loss_curves, read_jsonl
 from pallava.train.optim import apply_trainable, build_optimizer, build_scheduler, group_learning_rates
 
-RECIPE_FILE = "recipe.yaml"
+RECIPE_FILE = checkpoints.RECIPE_FILE
 HISTORY_FILE = "training_history.json"
 SUMMARY_FILE = "run_summary.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -105,7 +103,7 @@ class Trainer:
         recipe.validate()
         self.recipe, self.out_dir, self.resume = recipe, Path(out_dir), resume
         self.progress, self.callbacks = progress, list(callbacks)
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.ckpt_dir = self.out_dir / checkpoints.CHECKPOINT_DIR
         self.global_step = 0
         self.timings: dict[str, float] = {}
 
@@ -129,25 +127,7 @@ class Trainer:
     def _check_out_dir(self, accelerator: Accelerator) -> None:
         if (self.out_dir / "config.json").is_file():
             raise ValueError(f"{self.out_dir} already holds a trained model; choose another --out")
-        recipe_path = self.out_dir / RECIPE_FILE
-        current = self.recipe.to_dict()
-        has_checkpoint = checkpoints.latest_complete(self.ckpt_dir) is not None
-        if self.resume and has_checkpoint and recipe_path.is_file():
-            saved = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
-            changed = recipe_differences(saved, current)
-            if changed:
-                raise ValueError(
-                    f"{self.out_dir}: cannot resume, the recipe changed in {changed}; "
-                    "use the same recipe or another --out"
-                )
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            recipe_path.write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
-            if not self.resume:  # starting over: an older run's checkpoints must never be resumed later
-                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-            checkpoints.clean_partial(self.ckpt_dir)
-        accelerator.wait_for_everyone()
+        checkpoints.prepare_run(accelerator, self.out_dir, self.resume, self.recipe.to_dict())
 
     def _image_keys(self, samples: Sequence[Sample]) -> list[str | None]:
         """Content keys of the samples' images (each file read once); an augmented view's key adds the view
