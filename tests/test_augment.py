@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pallava.processing.augment import (
@@ -103,3 +104,18 @@ def test_macenko_normalisation_maps_two_stainings_closer(tile):
     assert blank.size == (32, 32)
     with pytest.raises(ValueError, match="unknown stain normalisation"):
         stain_normalize(Image.fromarray(tile), "reinhard-ish")
+
+
+def test_stain_normalisation_at_inference_is_off_by_default_and_changes_inputs(tiny, lung_tiles):
+    from pallava.inference import PaLlava
+
+    model, processor = tiny
+    assistant = PaLlava(model, processor)
+    assert assistant.stain_normalize is None
+    conversation = [processor.question("What is shown?", True)]
+    plain = assistant._inputs(conversation, [[lung_tiles[0]]])
+    assistant.stain_normalize = "macenko"
+    normalised = assistant._inputs(conversation, [[lung_tiles[0]]])
+    assert normalised["pixel_values"].shape == plain["pixel_values"].shape
+    assert not torch.equal(normalised["pixel_values"], plain["pixel_values"])
+    assert isinstance(assistant.ask(lung_tiles[0], "What is shown?", max_new_tokens=2), str)

@@ -173,14 +173,13 @@ def test_cli_build_and_shard(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "wrote 120 captions" in out and "wrote 480 vqa" in out and "in 3 shards" in out
+    # per image 4 diagnosis questions and 2 on malignancy (one organ: no organ questions)
+    assert "wrote 120 captions" in out and "wrote 720 vqa" in out and "in 3 shards" in out
     conversations = [Conversation.from_dict(r) for r in iter_records(stage1)]
     assert len(conversations) == 120 and all("<image>" in c.conversations[0]["value"] for c in conversations)
     stage2 = [Conversation.from_dict(r) for r in iter_records(tmp_path / "s2.jsonl")]
-    assert Counter(c.conversations[1]["value"] for c in stage2 if c.meta["answer_type"] == "closed") == {
-        "yes": 120,
-        "no": 120,
-    }
+    diagnosis = [c for c in stage2 if c.meta["answer_type"] == "closed" and c.meta["question"] == "diagnosis"]
+    assert Counter(c.conversations[1]["value"] for c in diagnosis) == {"yes": 120, "no": 120}
     assert (
         cli_main(
             [
@@ -198,6 +197,9 @@ def test_cli_build_and_shard(tmp_path, capsys):
         )
         == 1
     )
-    assert "field 'label': 'lung_aca' is not in the label map" in capsys.readouterr().err
+    assert (
+        "labels ['lung_aca', 'lung_n', 'lung_scc'] are not in the label map 'nct-crc-he'"
+        in capsys.readouterr().err
+    )
     assert cli_main(["data", "build", "--kind", "stage1", "--input", str(vqa), "--out", str(stage1)]) == 1
     assert "vqa.jsonl: record 0: caption pair" in capsys.readouterr().err

@@ -51,6 +51,37 @@ def test_manifest_questions_come_from_the_data_builders(items: list[VQAItem], sh
     assert "Options:\nA. " in prompt_of(items[3])
 
 
+def test_paper_prompt_style_asks_the_raw_question_and_pmc_vqa_choices(
+    items: list[VQAItem], tmp_path: Path
+) -> None:
+    closed, open_, choice = items[0], items[2], items[3]
+    assert prompt_of(closed, "paper") == closed.question.strip()  # no "Answer yes or no."
+    assert prompt_of(open_, "paper") == open_.question.strip()
+    lines = prompt_of(choice, "paper").split("\n")
+    assert (
+        lines[0] == choice.question.strip()
+        and "Options:" not in lines
+        and len(lines) == 1 + len(choice.options)
+    )
+    assert lines[1:] == [f"{letter}:{option}" for letter, option in zip("ABCD", choice.options, strict=False)]
+    verbatim = VQAItem("v", "x.png", "Is it?", "yes", "closed", meta={"prompt": "<prompt as written>"})
+    assert prompt_of(verbatim, "paper") == prompt_of(verbatim) == "<prompt as written>"
+    with pytest.raises(ValueError, match="unknown prompt style 'llava'"):
+        prompt_of(closed, "llava")
+
+    assistant = ScriptedAssistant()
+    records = run_vqa(
+        assistant, items[:4], tmp_path / "p.jsonl", batch_size=4, progress=False, prompt_style="paper"
+    )
+    assert assistant.calls == [[prompt_of(item, "paper") for item in items[:4]]]
+    assert {r["prompt_style"] for r in records} == {"paper"}
+    assert (
+        run_vqa(assistant, items[:5], tmp_path / "p.jsonl", progress=False)[4]["prompt_style"] == "paper"
+    )  # resumed
+    with pytest.raises(ValueError, match="holds answers to paper-style prompts"):
+        run_vqa(assistant, items, tmp_path / "p.jsonl", progress=False, prompt_style="pallava")
+
+
 def test_vqa_refuses_text_only_pathvqa_with_a_clear_error(shared_data: Path) -> None:
     with pytest.raises(ValueError, match="no images.*pallava eval score"):
         load_vqa_items(shared_data / "pathvqa-text" / "pvqa_test.json")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from pallava.cli import main
 from pallava.eval.normalize import first_yes_no, normalize_llava_med, normalize_paper, normalize_strict
+from pallava.eval.runner import model_tokenize
 from pallava.eval.scorers import (
     LLAVA_MED_FLAW,
     item_scores,
@@ -17,6 +20,7 @@ from pallava.eval.scorers import (
     score_paper,
     score_strict,
 )
+from pallava.processing.tokenizer import build_tiny_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCORER_NAMES = ("strict", "paper", "llava-med")
@@ -138,6 +142,16 @@ def test_paper_decides_closed_by_the_reference_not_the_record_type() -> None:
     assert [s.answer_type for s in scores] == ["closed", "open"]
 
 
+def test_paper_choice_rule_lower_cases_both_sides() -> None:
+    # The authors lower-case the text before the first ":" and the reference letter before comparing.
+    options = ["Liver", "Lung", "Skin", "Bone"]
+    records = [
+        rec(p, r, "choice", options=options, id=str(i))
+        for i, (p, r) in enumerate([("b:lung", "B"), ("B:Lung", "b"), ("b", "B"), ("a:liver", "B")])
+    ]
+    assert [s.correct for s in item_scores(records, "paper")] == [True, True, True, False]
+
+
 # --- open-set traps ------------------------------------------------------------------------
 
 
@@ -159,6 +173,53 @@ def test_open_exact_match_and_recall() -> None:
     assert [s.correct for s in legacy] == [True, True, True, False, True, True]  # both sides become "x ray"
     assert [s.recall for s in legacy] == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
     assert item_scores([rec("xray", "x-ray", "open")], "llava-med")[0].correct is False
+
+
+def test_paper_open_recall_counts_the_model_tokenizers_tokens(tmp_path: Path, capsys) -> None:
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path)  # a model folder's tokenizer files
+    records = [
+        rec("the liver", "liver", "open", id="a"),
+        rec("Squamous cell carcinoma!", "squamous cell carcinoma", "open", id="b"),
+        rec("cell carcinoma", "squamous cell carcinoma", "open", id="c"),
+    ]
+
+    def authors(prediction: str, reference: str) -> float:  # their recall: BPE ids of the normalised answers
+        predicted = Counter(tokenizer.encode(normalize_paper(prediction), add_special_tokens=False))
+        expected = Counter(tokenizer.encode(normalize_paper(reference), add_special_tokens=False))
+        return sum(min(predicted[t], n) for t, n in expected.items()) / sum(expected.values())
+
+    wanted = [authors(r["prediction"], r["reference"]) for r in records]
+    tokenize = model_tokenize(tmp_path)
+    assert [s.recall for s in item_scores(records, "paper", tokenize)] == pytest.approx(wanted)
+    assert (
+        wanted[0] == 0.0 and item_scores(records, "paper")[0].recall == 1.0
+    )  # "liver" vs " liver": other ids
+    tokens = score(records, "paper", ci=False, tokenize=tokenize)["open"]
+    assert tokens["recall_unit"] == "llm tokens" and tokens["recall"] == pytest.approx(sum(wanted) / 3)
+    assert "recall_note" not in tokens
+    words = score(records, "paper", ci=False)["open"]
+    assert words["recall_unit"] == "words" and "tokenizer" in words["recall_note"]
+    assert score(records, "strict", ci=False, tokenize=tokenize)["open"]["recall_unit"] == "words"
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                "--predictions",
+                str(predictions),
+                "--scorer",
+                "paper",
+                "--model",
+                str(tmp_path),
+                "--no-ci",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["open"]["recall"] == pytest.approx(sum(wanted) / 3)
 
 
 def test_llava_med_recall_counts_repeated_prediction_words() -> None:

@@ -149,6 +149,43 @@ def test_eval_commands_end_to_end(
     assert rescored["task"] == "zeroshot" and rescored["accuracy"] == zreport["accuracy"]
 
 
+def test_eval_asks_in_the_model_folders_prompt_style(
+    assistant: PaLlava, shared_data: Path, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "converted-like"
+    assistant.processor.prompt_style = "paper"  # as `pallava convert official` saves a release
+    try:
+        assistant.save_pretrained(model_dir)
+    finally:
+        assistant.processor.prompt_style = "pallava"
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
+    base = [
+        "eval",
+        "vqa",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(manifest),
+        "--split",
+        "dev",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--n-resamples",
+        "20",
+        "--no-progress",
+    ]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0
+    assert main([*base, "--out", str(tmp_path / "ours"), "--prompt-style", "pallava"]) == 0
+    for out, style in (("default", "paper"), ("ours", "pallava")):
+        records = [
+            json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()
+        ]
+        assert {r["prompt_style"] for r in records} == {style}
+        assert json.loads((tmp_path / out / "report.json").read_text())["prompt_style"] == style
+
+
 def test_eval_command_errors_name_the_problem(
     shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -99,6 +99,29 @@ def test_batch_pads_tiles_and_masks_them():
     assert batch["grids"].tolist() == [[1, 1], [2, 2]]
 
 
+@pytest.mark.parametrize("size", [(224, 224), (1, 1), (150, 160)])
+def test_paper_grid_tiles_that_hold_no_pixels_are_masked(size):
+    # The paper's grid list has no 1x1: a small image lands on 1x4 with empty tiles above and below.
+    processor = PaLlavaImageProcessor(tile_size=224, grid_policy="paper")
+    image = Image.new("RGB", size, (255, 255, 255))
+    tiled = processor.tile(image)
+    assert tiled.grid == (1, 4)
+    assert tiled.tile_mask.tolist() == [False, True, True, False]
+    black = (torch.zeros(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    for tile, keep in zip(tiled.pixel_values[1:], tiled.tile_mask, strict=True):
+        assert keep == (not torch.allclose(tile, black[:, None, None].expand_as(tile)))
+    batch = processor([image, quadrants(448)])
+    assert batch["tile_mask"].tolist() == [[False, True, True, False], [True, True, True, True]]
+
+
+@pytest.mark.parametrize("size", [(224, 224), (1, 1), (100, 300), (3000, 200), (1000, 1000), (250, 2000)])
+def test_default_grid_tiles_all_hold_pixels(size):
+    # Ties go to the least wasted area, so the default policy never picks a grid with an empty tile.
+    processor = PaLlavaImageProcessor(tile_size=224)
+    tiled = processor.tile(Image.new("RGB", size, (255, 255, 255)))
+    assert tiled.tile_mask.all() and len(tiled.tile_mask) == tiled.num_tiles
+
+
 def huge_png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge size and whose pixel data is missing: decoding would fail."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
@@ -141,6 +164,39 @@ def test_real_tiles_and_arrays_load_as_rgb(lung_tiles):
     assert image.mode == "RGB" and image.size == (224, 224)
     assert load_image(np.asarray(image)).size == (224, 224)
     assert load_image(lung_tiles[0].read_bytes()).size == (224, 224)
+
+
+def test_float_images_in_zero_one_load_like_their_uint8_form(lung_tiles):
+    pixels = np.asarray(load_image(lung_tiles[0]))
+    unit = pixels.astype(np.float32) / 255.0
+    assert np.array_equal(np.asarray(load_image(unit)), pixels)
+    assert np.array_equal(np.asarray(load_image(unit.astype(np.float64))), pixels)
+    assert np.array_equal(np.asarray(load_image(torch.from_numpy(unit))), pixels)  # (H, W, 3) tensor
+    assert np.array_equal(
+        np.asarray(load_image(torch.from_numpy(unit).permute(2, 0, 1))), pixels
+    )  # (3, H, W)
+    grey = np.full((8, 8), 0.5, np.float32)
+    assert np.asarray(load_image(grey))[0, 0].tolist() == [128, 128, 128]
+    assert (
+        PaLlavaImageProcessor()([unit])["pixel_values"].shape
+        == PaLlavaImageProcessor()([pixels])["pixel_values"].shape
+    )
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.full((8, 8, 3), 200.0, np.float32), r"values from 200 to 200; expected floats in \[0, 1\]"),
+        (np.full((8, 8, 3), -0.5, np.float32), r"values from -0.5 to -0.5"),
+        (np.full((8, 8, 3), np.nan, np.float32), "NaN or infinite"),
+        (np.array([[[0.1, np.inf, 0.2]]], np.float32), "NaN or infinite"),
+    ],
+)
+def test_float_images_outside_zero_one_or_not_finite_are_refused(array, message):
+    with pytest.raises(ValueError, match=message):
+        load_image(array)
+    with pytest.raises(ValueError, match=message):
+        load_image(torch.from_numpy(array))
 
 
 def _pil_letterbox(image: Image.Image, width: int, height: int) -> np.ndarray:

@@ -11,7 +11,9 @@ from transformers import LlamaForCausalLM
 
 from pallava import PaLlavaConfig, PaLlavaForConditionalGeneration, ScaleInvariantConnectorConfig, load_preset
 from pallava.inference import PaLlava
-from pallava.models.presets import tiny_config
+from pallava.models.connector import ScaleInvariantConnector
+from pallava.models.presets import paper_config, tiny_config
+from pallava.processing.image import PaLlavaImageProcessor
 from pallava.processing.processor import IGNORE_INDEX, MODEL_INPUT_NAMES, PaLlavaProcessor
 
 MODEL_KEYS = (*MODEL_INPUT_NAMES, "labels")
@@ -56,6 +58,47 @@ def test_tiles_matter_only_with_tile_cross_attention(tiny):
             before = model(**model_inputs(batch)).logits
             after = model(**model_inputs(changed)).logits
         assert (not torch.allclose(before, after, atol=1e-5)) == should_change
+
+
+def test_empty_padding_tiles_are_not_keys_of_the_cross_attention(tiny):
+    # A 224 x 224 image under the paper's grids: tiles 0 and 3 of the 1x4 grid are pure padding.
+    model, _ = tiny
+    paper = PaLlava(
+        model, PaLlavaProcessor(tiny[1].tokenizer, PaLlavaImageProcessor(grid_policy="paper"), 49)
+    )
+    batch = paper.processor.image_processor([noise_image(224, 224, seed=4)])
+    assert batch["tile_mask"].tolist() == [[False, True, True, False]]
+    changed = batch["pixel_values"].clone()
+    changed[0, 1] = torch.randn_like(changed[0, 1])  # the first tile (empty padding)
+    with torch.no_grad():
+        before = model.get_image_embeddings(batch["pixel_values"], batch["tile_mask"])
+        after = model.get_image_embeddings(changed, batch["tile_mask"])
+        attention = model.cross_attention_map(batch["pixel_values"], batch["tile_mask"])  # (1, 4, 49)
+    torch.testing.assert_close(before, after)
+    assert attention[0, 0].sum() == 0 and attention[0, 3].sum() == 0 and attention[0, 1:3].sum() > 0
+
+
+def test_paper_connector_has_bert_base_dropout_in_train_mode_only():
+    # The authors build the connector from the BERT-base config: hidden and attention dropout 0.1.
+    assert paper_config().connector_config.dropout == 0.1
+    assert tiny_config().connector_config.dropout == 0.0  # the tiny preset keeps the quickstart deterministic
+    torch.manual_seed(0)
+    connector = ScaleInvariantConnector(tiny_connector(dropout=0.1))
+    tokens, tiles, mask = (
+        torch.randn(1, 49, 128),
+        torch.randn(1, 2, 49, 128),
+        torch.ones(1, 2, dtype=torch.bool),
+    )
+    connector.train()
+    assert not torch.allclose(connector(tokens, tiles, mask), connector(tokens, tiles, mask))
+    connector.eval()
+    torch.testing.assert_close(connector(tokens, tiles, mask), connector(tokens, tiles, mask))
+    # with query_layer_norm (the released layout) the normalised queries are dropped out too, as their
+    # BERT embedding module does after its LayerNorm: visible even with no layer at all
+    bare = ScaleInvariantConnector(
+        tiny_connector(dropout=0.1, num_hidden_layers=0, query_layer_norm=True)
+    ).train()
+    assert not torch.allclose(bare(tokens, tiles, mask), bare(tokens, tiles, mask))
 
 
 def test_query_layer_norm_switch_changes_the_connector_output(tiny):

@@ -202,6 +202,16 @@ def test_serve_and_ui_commands_pass_their_settings(model_dir, tmp_path, monkeypa
                 "5",
                 "--max-tokens",
                 "40",
+                "--header-timeout",
+                "3",
+                "--body-timeout",
+                "4",
+                "--keep-alive",
+                "2",
+                "--max-queued-pixels",
+                "1000",
+                "--decode-workers",
+                "1",
             ]
         )
         == 0
@@ -215,6 +225,8 @@ def test_serve_and_ui_commands_pass_their_settings(model_dir, tmp_path, monkeypa
     )
     assert (settings.max_images, settings.batch_window_s, settings.default_max_tokens) == (2, 0.005, 40)
     assert settings.model_name == model_dir.name
+    assert (settings.header_timeout_s, settings.body_timeout_s, settings.keep_alive_s) == (3, 4, 2)
+    assert (settings.max_queued_pixels, settings.decode_workers) == (1000, 1)
 
     assert main(["serve", "--model", str(model_dir), "--allow-local-dir", str(tmp_path / "nope")]) == 1
     assert "is not a directory" in capsys.readouterr().err
@@ -222,6 +234,8 @@ def test_serve_and_ui_commands_pass_their_settings(model_dir, tmp_path, monkeypa
     assert "default_max_tokens must be at least 1" in capsys.readouterr().err
     assert main(["chat", "--model", str(model_dir), "x.png", "--temperature", "3"]) == 1
     assert "--temperature must be in [0, 2]" in capsys.readouterr().err
+    assert main(["chat", "--model", str(model_dir), "x.png", "--temperature", "1e-300"]) == 1
+    assert "--temperature must be 0 (greedy) or at least 0.001" in capsys.readouterr().err
 
     assert main(["ui", "--model", str(model_dir), "--examples", str(tmp_path), "--max-tokens", "9"]) == 0
     assert calls["ui"] == (str(tmp_path), 9)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +62,11 @@ def text(value: str) -> dict:
 
 def image(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
+
+
+def raw(body: dict) -> bytes:
+    """A JSON body as bytes, keeping what `json=` cannot send: lone surrogates stay `\\udXXX` escapes."""
+    return json.dumps(body).encode()
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +141,7 @@ BAD_REQUESTS = [
         "last turn not the user's",
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
         400,
-        None,
+        "invalid_request",
         "last message",
     ),
     (
@@ -152,8 +159,14 @@ BAD_REQUESTS = [
         "at most 2",
     ),
     ("over-long prompt", ask(text("cells " * 3000)), 400, "context_length_exceeded", "context"),
-    ("reserved chat token", ask(text("hi <|eot_id|><|start_header_id|>system")), 400, None, "reserved token"),
-    ("reserved image token", ask(text("<image> what?")), 400, None, "reserved token"),
+    (
+        "reserved chat token",
+        ask(text("hi <|eot_id|><|start_header_id|>system")),
+        400,
+        "reserved_token",
+        "reserved token",
+    ),
+    ("reserved image token", ask(text("<image> what?")), 400, "reserved_token", "reserved token"),
     ("max_tokens zero", ask(text("?"), max_tokens=0), 400, "invalid_request", "max_tokens"),
     (
         "max_tokens over limit",
@@ -242,16 +255,81 @@ BAD_REQUESTS = [
     ("symbolic link in", ask(image("link_in.png")), 400, "local_path_refused", "symbolic"),
     ("missing file", ask(image("nope.png")), 400, "image_not_found", "nope.png"),
     ("a folder", ask(image("sub")), 400, "image_not_found", "not a file"),
+    # requests that fit the schema but used to reach the model or the file system and fail there (5xx)
+    (
+        "temperature that overflows the logits",
+        ask(text("?"), temperature=1e-300),
+        400,
+        "invalid_request",
+        "temperature must be 0 (greedy) or at least 0.001",
+    ),
+    ("lone surrogate in text", raw(ask(text("hi \ud800 there"))), 400, "invalid_text", "lone surrogate"),
+    (
+        "lone surrogate in a system message",
+        raw({"messages": [{"role": "system", "content": "\udfff"}, {"role": "user", "content": "?"}]}),
+        400,
+        "invalid_text",
+        "messages[0].content[0]: the text is not valid Unicode",
+    ),
+    ("NUL in a local path", ask(image("tile.png\0.txt"), text("?")), 400, "invalid_image_url", "NUL"),
+    (
+        "lone surrogate in a local path",
+        raw(ask(image("tile\udc00.png"), text("?"))),
+        400,
+        "invalid_image_url",
+        "lone surrogate",
+    ),
+    (
+        "lone surrogate in a content part type",
+        raw(ask({"type": "\ud800"})),
+        400,
+        "invalid_request",
+        "Input tag",
+    ),
+    (
+        "invalid UTF-8 in the body",
+        b'{"messages": [{"role": "user", "content": "\xff"}]}',
+        400,
+        "invalid_request",
+        "",
+    ),
+    (
+        "max_tokens true",
+        ask(text("?"), max_tokens=True),
+        400,
+        "invalid_request",
+        "max_tokens: Value error, expected an integer, got true",
+    ),
+    ("max_tokens as a string", ask(text("?"), max_tokens="4"), 400, "invalid_request", 'got "4"'),
+    ("max_tokens with a fraction", ask(text("?"), max_tokens=2.5), 400, "invalid_request", "max_tokens"),
+    (
+        "n true",
+        ask(text("?"), n=True),
+        400,
+        "invalid_request",
+        "n: Value error, expected an integer, got true",
+    ),
+    ("temperature true", ask(text("?"), temperature=True), 400, "invalid_request", "temperature"),
+    ("stream as a string", ask(text("?"), stream="yes"), 400, "invalid_request", "stream"),
+    (
+        "corrupt image, no heap address",
+        ask(image(data_url(b"\x89PNG not really" * 8))),
+        400,
+        "invalid_image",
+        "cannot identify image file",
+    ),
 ]
 
 
-def assert_openai_error(response: httpx.Response, status: int, code: str | None, contains: str) -> None:
+def assert_openai_error(response: httpx.Response, status: int, code: str, contains: str) -> None:
+    """An OpenAI-style error body with this status and code; its message names `contains` and no heap
+    address."""
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert contains in error["message"], error["message"]
-    if code is not None:
-        assert error["code"] == code
+    assert error["code"] == code, error
+    assert not re.search(r" at 0x[0-9a-fA-F]+", error["message"]), error["message"]
     assert error["type"] == ("invalid_request_error" if status < 500 else error["type"])
 
 
@@ -259,8 +337,29 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None,
     ("body", "status", "code", "contains"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
 )
 def test_bad_requests_get_a_named_4xx_and_the_server_keeps_serving(http, body, status, code, contains):
-    assert_openai_error(http.post("/v1/chat/completions", json=body, headers=AUTH), status, code, contains)
+    if isinstance(body, bytes):
+        sent = http.post(
+            "/v1/chat/completions", content=body, headers={**AUTH, "content-type": "application/json"}
+        )
+    else:
+        sent = http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert_openai_error(sent, status, code, contains)
     assert http.get("/health").status_code == 200
+
+
+def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenised(http, assistant, monkeypatch):
+    tokenised = []
+    monkeypatch.setattr(assistant.processor, "encode_conversation", lambda *a, **k: tokenised.append(a))
+    longest = max(map(len, assistant.processor.tokenizer.get_vocab()))  # no token spans more characters
+    context = assistant.model.config.text_config.max_position_embeddings
+    body = ask(text("cells " * (context * longest // 6 + 1)))
+    assert_openai_error(
+        http.post("/v1/chat/completions", json=body, headers=AUTH),
+        400,
+        "context_length_exceeded",
+        "characters",
+    )
+    assert tokenised == []
 
 
 def test_api_key_is_required_and_checked(http):
@@ -321,7 +420,9 @@ def test_protocol_errors_are_openai_shaped(http):
 
 
 def test_allowed_images_still_work_after_all_refusals(http, folders):
-    urls = ("tile.png", "sub/tile.png", "file:tile.png", to_data_url(folders[1] / "private.png"))
+    data = to_data_url(folders[1] / "private.png")
+    shouted = "DATA:IMAGE/PNG;BASE64," + data.split(",", 1)[1]  # URL schemes are case-insensitive
+    urls = ("tile.png", "sub/tile.png", "file:tile.png", "FILE:tile.png", data, shouted)
     with ThreadPoolExecutor(len(urls)) as pool:  # concurrent: answered as one batch
         responses = list(
             pool.map(

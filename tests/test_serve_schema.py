@@ -1,7 +1,10 @@
-"""Schemathesis against the server's own OpenAPI schema: generated requests never get a 5xx."""
+"""Schemathesis against the server's own OpenAPI schema: generated requests never get a 5xx, and every
+refusal is a complete OpenAI error body."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 
 import pytest
@@ -15,6 +18,14 @@ from pallava.inference import PaLlava
 from pallava.serve.app import BackgroundServer, ServerSettings, create_app
 
 KEY = "schema-key"
+
+
+def error_bodies_are_complete(ctx, response, case) -> None:
+    """Every refusal names a code and leaks no heap address (`<object at 0x...>`)."""
+    if response.status_code >= 400:
+        error = json.loads(response.content)["error"]
+        assert isinstance(error["code"], str) and error["code"], f"error without a code: {error}"
+        assert not re.search(r" at 0x[0-9a-fA-F]+", error["message"]), f"heap address in {error}"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +55,9 @@ def test_generated_requests_never_cause_a_server_error(live_server, mode):
         def call(case):
             for headers in ({"Authorization": f"Bearer {KEY}"}, {}):  # with and without the key
                 response = case.call_and_validate(
-                    base_url=live_server.url, headers=headers, checks=[not_a_server_error]
+                    base_url=live_server.url,
+                    headers=headers,
+                    checks=[not_a_server_error, error_bodies_are_complete],
                 )
                 statuses[case.operation.label, response.status_code] += 1
 

@@ -13,6 +13,7 @@ from PIL import Image
 from pallava.inference import PaLlava
 from pallava.processing.image import letterbox, letterbox_box
 from pallava.serve.ui import example_images, heatmap_overlay, launch_ui
+from test_serve_safety import png_header_only
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -59,6 +60,25 @@ def test_example_images_are_found_recursively(shared_data, tmp_path):
     found = example_images(shared_data / "samples" / "crc")
     assert len(found) == 9 and found == sorted(found)
     assert example_images(tmp_path / "missing") == [] and example_images(None) == []
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Gradio reads the header too
+def test_the_page_checks_the_image_size_on_the_header_before_decoding(tiny, tmp_path):
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from pallava.serve.ui import build_ui
+
+    bomb = tmp_path / "huge.png"
+    bomb.write_bytes(png_header_only(12_000, 12_000))  # claims 12000x12000 pixels, holds almost none
+    assistant = PaLlava(*tiny)
+    upload = next(b for b in build_ui(assistant).blocks.values() if getattr(b, "elem_id", None) == "image")
+    received = upload.preprocess(ImageData(path=str(bomb), orig_name="huge.png"))
+    assert received == str(bomb)  # Gradio hands over the file, undecoded
+    from pallava.serve.ui import answer_question
+
+    with pytest.raises(gr.Error, match=r"12000x12000 = 144,000,000 pixels, over the limit"):
+        answer_question(assistant, received, "What is it?", 4, 0.0)
 
 
 def free_port() -> int:

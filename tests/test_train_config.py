@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pallava.train.config import load_recipe, parse_overrides, recipe_differences
+from pallava.train.config import load_recipe, parse_overrides, recipe_differences, with_defaults
 from pallava.train.plip_config import PlipTrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -96,6 +96,15 @@ def test_shipped_accelerate_configs_parse():
     assert zero2.distributed_type == "DEEPSPEED" and zero2.num_processes == 16
     ds = json.loads((CONFIGS / "accelerate" / "deepspeed-zero2.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] == "auto"
+
+
+def test_a_recipe_saved_before_a_setting_existed_still_resumes():
+    current = load_recipe(None, "align", ["data.path=x.jsonl"]).to_dict()
+    saved = json.loads(json.dumps(current))
+    del saved["data"]["overlong"]  # written by an older version
+    assert recipe_differences(with_defaults(saved), current) == []
+    dropping = load_recipe(None, "align", ["data.path=x.jsonl", "data.overlong=drop"]).to_dict()
+    assert recipe_differences(with_defaults(saved), dropping) == ["data.overlong"]
 
 
 def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):

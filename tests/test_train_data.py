@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from pallava.data.shards import write_shards
-from pallava.train.config import DataSection
-from pallava.train.data import Collator, epoch_order, load_samples, micro_batches, steps_per_epoch
+from pallava.train.config import DataSection, Recipe
+from pallava.train.data import (
+    Collator,
+    Sample,
+    drop_overlong,
+    epoch_order,
+    load_samples,
+    micro_batches,
+    steps_per_epoch,
+)
 from pallava.train.feature_cache import FeatureCache, image_key, namespace_for
 
 
@@ -117,6 +125,65 @@ def test_bad_records_are_named(tmp_path):
         load_samples(DataSection(path=str(tmp_path / "missing.jsonl")), "align")
 
 
+def _conversation(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def test_an_overlong_sample_is_truncated_like_the_authors_not_an_error(tiny, tmp_path, lung_tiles):
+    model, processor = tiny
+    image_id = processor.image_token_id
+    samples = [
+        Sample("short", _conversation("<image>\nWhat is shown?", "tissue"), image=str(lung_tiles[0])),
+        Sample(
+            "long", _conversation("<image>\nDescribe.", " ".join(["tissue"] * 3000)), image=str(lung_tiles[1])
+        ),
+    ]
+    full_ids, full_labels = processor.encode_conversation(samples[1].conversation)
+    assert len(full_ids) > processor.max_length
+    keys = [image_key(s.read_image_bytes()) for s in samples]
+    cache = FeatureCache(tmp_path, namespace_for(model.vision_tower, -2, processor.image_processor, "auto"))
+    cache.build(
+        model.encode_crops,
+        processor.image_processor,
+        {k: s.image for k, s in zip(keys, samples, strict=True)},
+        progress=False,
+    )
+    for batch in (Collator(processor, samples)([0, 1]), Collator(processor, samples, cache, keys)([0, 1])):
+        assert batch["truncated"] == ["long"] and batch["num_samples"] == 2
+        assert batch["input_ids"].shape[1] == processor.max_length
+        # The image leads the text: the authors' cut, ids[:max_length], with the answer's labels cut alike.
+        assert batch["input_ids"][1].tolist() == full_ids[: processor.max_length]
+        assert batch["labels"][1].tolist() == full_labels[: processor.max_length]
+        assert batch["input_ids"][1].tolist().count(image_id) == model.config.num_image_tokens
+        short_ids, _ = processor.encode_conversation(samples[0].conversation)
+        assert batch["input_ids"][0, : len(short_ids)].tolist() == short_ids  # the short sample is untouched
+
+
+def test_truncation_keeps_an_image_that_follows_a_long_text_whole(tiny):
+    _, processor = tiny
+    conversation = _conversation(" ".join(["stroma"] * 3000) + "\n<image>", "tissue")
+    ids, labels = processor.encode_conversation(conversation)
+    cut_ids, cut_labels = processor.truncate(ids, labels)
+    assert len(cut_ids) == len(cut_labels) == processor.max_length
+    assert cut_ids.count(processor.image_token_id) == ids.count(processor.image_token_id) == 49
+    text = [t for t in ids if t != processor.image_token_id]
+    assert [t for t in cut_ids if t != processor.image_token_id] == text[: processor.max_length - 49]
+    assert processor.truncate(ids[:10], labels[:10]) == (ids[:10], labels[:10])
+
+
+def test_drop_policy_names_the_overlong_samples(tiny):
+    _, processor = tiny
+    samples = [
+        Sample("a", _conversation("Hello?", "Hello.")),
+        Sample("b", _conversation("Hi?", "x " * 3000)),
+        Sample("c", _conversation("Why?", "Because.")),
+    ]
+    kept, dropped = drop_overlong(samples, processor)
+    assert [s.id for s in kept] == ["a", "c"] and dropped == ["b"]
+    with pytest.raises(ValueError, match="data.overlong must be one of truncate, drop"):
+        Recipe(data=DataSection(path="x.jsonl", overlong="skip")).validate()
+
+
 def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
     """Three datasets as one training set: every sample names its dataset, the small ones are repeated."""
     manifests = [
@@ -146,3 +213,53 @@ def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
         DataSection(path=manifests, split="train", answer_types=["open"], balance="none"), "instruct"
     )
     assert Counter(s.dataset for s in unbalanced)["oscc"] == 3 * 295
+
+
+def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path, lung_tiles):
+    """Each question sees one version of its image; enlarged views go through the tiling path."""
+    from pallava.train.config import AugmentSection
+    from pallava.train.data import Sample, assign_views, augmented_view
+
+    model, processor = tiny
+    samples = [
+        Sample(
+            f"q{i}",
+            [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "tissue"}],
+            image=str(lung_tiles[i % 2]),
+        )
+        for i in range(60)
+    ]
+    assign_views(samples, views=2, seed=0)
+    assert Counter(s.view for s in samples).keys() == {0, 1, 2}
+    assert min(Counter(s.view for s in samples).values()) >= 10
+    again = [Sample(s.id, s.conversation, image=s.image) for s in samples]
+    assign_views(again, views=2, seed=0)
+    assert [s.view for s in again] == [s.view for s in samples]  # a function of the sample's id
+
+    section = AugmentSection(views=2, large=1.0, image={"zoom": 0.0})
+    view = augmented_view(lung_tiles[0], 1, section, seed=0)
+    assert view.size[0] >= 448 and view.size == view.size[::-1]  # enlarged 2-3x
+    assert augmented_view(lung_tiles[0], 1, section, seed=0).tobytes() == view.tobytes()  # reproducible
+    assert augmented_view(lung_tiles[0], 2, section, seed=0).tobytes() != view.tobytes()
+    grid = processor.image_processor([view])["grids"][0]
+    assert int(grid[0]) * int(grid[1]) > 1  # a larger image is cut into several tiles
+
+    viewed = next(i for i, s in enumerate(samples) if s.view)
+    original = next(i for i, s in enumerate(samples) if not s.view and s.image == samples[viewed].image)
+    batch = Collator(processor, samples, augment=(section, 0))([original, viewed])
+    assert batch["tile_mask"][0].sum() == 1 and batch["tile_mask"][1].sum() > 1
+
+    # the feature cache encodes a view from a function, once
+    cache = FeatureCache(
+        tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto")
+    )
+    encoded = cache.build(
+        model.encode_crops,
+        processor.image_processor,
+        {"v1": lambda: augmented_view(lung_tiles[0], 1, section, 0)},
+        progress=False,
+    )
+    assert encoded == 1 and cache.get("v1")[1] == tuple(int(v) for v in grid)
+    assert (
+        cache.build(model.encode_crops, processor.image_processor, {"v1": lambda: 1 / 0}, progress=False) == 0
+    )

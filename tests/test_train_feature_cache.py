@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
+from pallava.processing.image import PaLlavaImageProcessor
 from pallava.train.feature_cache import FeatureCache, image_key, namespace_for
 
 
@@ -70,6 +74,7 @@ def test_cache_persists_and_is_reused_and_partial_shards_are_ignored(tiny, tmp_p
     assert again.build(encode, processor.image_processor, sources, progress=False) == 0
     assert calls == []
     features, grid = again.get(next(iter(sources)))
+    assert again.tile_mask(next(iter(sources))).tolist() == [True]
     assert grid == (1, 1) and features.shape == (
         2,
         model.config.num_image_tokens,
@@ -96,3 +101,63 @@ def test_keys_change_with_content_weights_and_tiling(tiny, lung_tiles):
     finally:
         with torch.no_grad():
             weight.sub_(1.0)
+
+
+def test_a_run_without_tile_cross_attention_caches_the_real_tiles(tiny, tmp_path, shared_data):
+    # The cache namespace depends on the vision tower, not the connector: a cache written by a run whose
+    # connector ignores tiles is read by a later run whose connector attends to them.
+    model, processor = tiny
+    source = str(shared_data / "samples" / "pathology" / "stardist_histo.jpg")  # several tiles
+    key = image_key(Path(source).read_bytes())
+    pixels = processor.image_processor([source])
+    with torch.no_grad():
+        real = model.encode_crops(pixels["pixel_values"], pixels["tile_mask"])
+    connector = model.config.connector_config
+    connector.tile_cross_attention = False
+    try:
+        cache = FeatureCache(tmp_path, _namespace(model, processor))
+        cache.build(model.encode_crops, processor.image_processor, {key: source}, progress=False)
+    finally:
+        connector.tile_cross_attention = True
+    cached = FeatureCache(tmp_path, _namespace(model, processor)).batch([key])
+    assert cached["tile_mask"].all() and cached["tile_mask"].shape[1] > 1
+    assert cached["crop_features"][:, 1:].abs().amax(dim=(-1, -2)).min() > 0  # no all-zero tile
+    torch.testing.assert_close(cached["crop_features"], real, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cache_refuses_zero_features_for_a_real_crop(tiny, tmp_path, lung_tiles):
+    model, processor = tiny
+    source = str(lung_tiles[0])
+
+    def zero_tiles(pixel_values, tile_mask):
+        features = model.encode_crops(pixel_values, tile_mask)
+        features[:, 1:] = 0
+        return features
+
+    cache = FeatureCache(tmp_path, _namespace(model, processor))
+    with pytest.raises(ValueError, match="all-zero features for real crop"):
+        cache.build(
+            zero_tiles,
+            processor.image_processor,
+            {image_key(lung_tiles[0].read_bytes()): source},
+            progress=False,
+        )
+    assert len(cache) == 0
+
+
+def test_empty_padding_tiles_stay_masked_through_the_cache(tiny, tmp_path):
+    # The paper's grid list puts a 224 x 224 image on 1x4 tiles, two of them pure padding.
+    model, processor = tiny
+    paper_tiling = PaLlavaImageProcessor(tile_size=224, grid_policy="paper")
+    image = tmp_path / "small.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(image)
+    key = image_key(image.read_bytes())
+    cache = FeatureCache(tmp_path / "cache", namespace_for(model.vision_tower, -2, paper_tiling, "auto"))
+    cache.build(model.encode_crops, paper_tiling, {key: str(image)}, progress=False)
+    pixels = paper_tiling([str(image)])
+    assert pixels["tile_mask"].tolist() == [[False, True, True, False]]
+    cached = FeatureCache(tmp_path / "cache", cache.directory.name).batch([key])
+    assert torch.equal(cached["tile_mask"], pixels["tile_mask"])
+    with torch.no_grad():
+        direct = model.encode_crops(pixels["pixel_values"], pixels["tile_mask"])
+    torch.testing.assert_close(cached["crop_features"], direct, rtol=1e-5, atol=1e-5)

@@ -189,3 +189,55 @@ def test_gradient_checkpointing_gives_the_same_losses(shared_data, tmp_path):
         )
         losses[flag] = [r["loss"] for r in read_jsonl(tmp_path / flag / "metrics.jsonl")]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["truncate", "drop"])
+def test_an_overlong_sample_never_stops_a_run(shared_data, tmp_path, capsys, policy):
+    # One sample far over max_length (2,048 tokens) among short ones, drawn in every epoch; the question of
+    # another is over the limit by itself (it is also a candidate fixed sample, asked at the end of the run).
+    tiles = sorted((shared_data / "lc25000-lung" / "images" / "lung_n").iterdir())[:8]
+    records = [
+        {
+            "id": f"s{i}",
+            "image": str(tile),
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": "benign lung tissue"},
+            ],
+        }
+        for i, tile in enumerate(tiles)
+    ]
+    records[3]["conversations"][1]["value"] = " ".join(["tissue"] * 3000)
+    records[5]["conversations"][0]["value"] = "<image>\n" + " ".join(["describe"] * 3000)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / policy
+    _train(
+        "align",
+        data,
+        out,
+        tmp_path / "cache",
+        "data.limit=null",
+        "train.epochs=3",
+        "logging.num_samples=8",
+        "checkpoint.every=0",
+        "logging.tensorboard=false",
+        f"data.overlong={policy}",
+    )
+    summary = json.loads((out / "run_summary.json").read_text())
+    metrics = read_jsonl(out / "metrics.jsonl")
+    log = capsys.readouterr().out
+    left_out = {5} if policy == "truncate" else {3, 5}  # a question over the limit cannot be asked
+    assert [h["id"] for h in read_jsonl(out / "samples.jsonl")] == [
+        f"s{i}" for i in range(8) if i not in left_out
+    ]
+    if policy == "truncate":
+        assert summary["samples"] == 8 and len(metrics) == 6  # 3 epochs x 2 steps of batch 4
+        assert summary["overlong"] == {"policy": "truncate", "truncated": 6}  # 2 samples in each of 3 epochs
+        assert sum(r.get("truncated", 0) for r in metrics) == 6
+        assert log.count("over-long sample(s) cut to the processor's max_length") == 1
+    else:
+        assert summary["samples"] == 6 and len(metrics) == 3  # 6 samples: one step of 4 per epoch
+        assert summary["overlong"] == {"policy": "drop", "dropped": 2, "dropped_ids": ["s3", "s5"]}
+        assert "left out 2 of 8 samples over 2048 tokens: s3, s5" in log
+        assert not any("truncated" in r for r in metrics)

@@ -13,6 +13,7 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
+from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image
 from pallava.processing.processor import MODEL_INPUT_NAMES, PaLlavaProcessor, Turn
 
@@ -35,10 +36,15 @@ class PaLlava:
     """A model + processor pair with question answering helpers (greedy unless `temperature` > 0)."""
 
     def __init__(
-        self, model: PaLlavaForConditionalGeneration, processor: PaLlavaProcessor, device: str | None = None
+        self,
+        model: PaLlavaForConditionalGeneration,
+        processor: PaLlavaProcessor,
+        device: str | None = None,
+        stain_normalize: str | None = None,
     ):
         self.model = model.eval()
         self.processor = processor
+        self.stain_normalize = stain_normalize  # e.g. "macenko": images are mapped onto reference H&E stains
         if device is not None:
             self.model.to(device)
 
@@ -70,6 +76,11 @@ class PaLlava:
     def _inputs(
         self, conversations: Sequence[Sequence[Turn]], images: Sequence[Sequence[ImageSource]]
     ) -> dict:
+        if self.stain_normalize:
+            limit = self.processor.image_processor.max_pixels
+            images = [
+                [stain_normalize(load_image(i, limit), self.stain_normalize) for i in row] for row in images
+            ]
         batch = self.processor(
             text=conversations, images=images, add_generation_prompt=True, padding_side="left"
         )

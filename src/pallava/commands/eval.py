@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING
 
+from pallava.data.records import PROMPT_STYLES
 from pallava.eval.scorers import SCORERS
-from pallava.eval.tasks import VQA_FORMATS
+from pallava.eval.tasks import VQA_FORMATS, sample_items
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from pallava.eval.suite import LazyAssistant
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -33,45 +33,28 @@ def _score(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     else:
-        summary = score(records, args.scorer, ci=not args.no_ci, n_resamples=args.n_resamples, seed=args.seed)
+        tokenize = None
+        if args.model:
+            from pallava.eval.runner import model_tokenize
+
+            tokenize = model_tokenize(args.model)
+        summary = score(
+            records,
+            args.scorer,
+            ci=not args.no_ci,
+            n_resamples=args.n_resamples,
+            seed=args.seed,
+            tokenize=tokenize,
+        )
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
 
-def _sample(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
-    """A seeded random subset of `limit` items, kept in input order (all items when no limit)."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    if limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
-    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in keep]
+def _assistant(args: argparse.Namespace) -> LazyAssistant:
+    from pallava.eval.suite import LazyAssistant
 
-
-class _LazyAssistant:
-    """Loads the model on first use, so re-running a finished evaluation (e.g. to report with
-    another scorer) reads the predictions file without loading any weights."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.assistant: Any = None
-
-    def _loaded(self) -> Any:
-        if self.assistant is None:
-            import torch
-
-            from pallava.inference import PaLlava
-
-            device = self.args.device or ("cuda" if torch.cuda.is_available() else None)
-            self.assistant = PaLlava.from_pretrained(self.args.model, device=device)
-        return self.assistant
-
-    def ask_batch(self, images: Sequence[Any], questions: Sequence[str], **options: Any) -> list[str]:
-        return self._loaded().ask_batch(images, questions, **options)
-
-    def tile_grid(self, image: Any) -> tuple[int, int]:
-        return self._loaded().tile_grid(image)
+    return LazyAssistant(args.model, args.device, getattr(args, "stain_normalize", None))
 
 
 def _print_paths(paths: dict[str, Path]) -> None:
@@ -80,27 +63,33 @@ def _print_paths(paths: dict[str, Path]) -> None:
 
 def _vqa(args: argparse.Namespace) -> int:
     from pallava.eval.report import vqa_report, write_report
-    from pallava.eval.runner import run_vqa, with_option_orders
-    from pallava.eval.tasks import load_vqa_items
+    from pallava.eval.runner import model_tokenize, run_vqa, with_option_orders
+    from pallava.eval.tasks import load_vqa_items, model_prompt_style
 
     out = Path(args.out)
     items = load_vqa_items(
         args.data, args.format, args.split, args.image_root, out / "images", args.label_map, args.seed
     )
-    items = with_option_orders(_sample(items, args.limit, args.seed), args.option_orders, args.seed)
+    items = with_option_orders(sample_items(items, args.limit, args.seed), args.option_orders, args.seed)
+    # --prompt-style, else the model folder's (`paper` for a converted release), else the predictions file's
+    style = args.prompt_style or model_prompt_style(args.model)
     records = run_vqa(
-        _LazyAssistant(args),
+        _assistant(args),
         items,
         out / "predictions.jsonl",
         args.batch_size,
         args.max_new_tokens,
         progress=not args.no_progress,
+        prompt_style=style,
     )
-    report = vqa_report(records, args.scorer, args.n_resamples, args.seed)
+    # the folder's tokenizer counts the paper scorer's open recall (a finished run may no longer have it)
+    tokenize = model_tokenize(args.model) if Path(args.model).is_dir() else None
+    report = vqa_report(records, args.scorer, args.n_resamples, args.seed, tokenize=tokenize)
     report.update(
         model=str(args.model),
         data=str(args.data),
         split=args.split,
+        prompt_style=records[0].get("prompt_style", "pallava") if records else style,
         generation={
             "decoding": "greedy",
             "max_new_tokens": args.max_new_tokens,
@@ -111,7 +100,7 @@ def _vqa(args: argparse.Namespace) -> int:
     for kind in ("closed", "open", "choice"):
         if kind in report:
             block = report[kind]
-            extra = f", recall {block['recall']:.4f}" if "recall" in block else ""
+            extra = f", recall {block['recall']:.4f} ({block['recall_unit']})" if "recall" in block else ""
             print(f"{kind}: n={block['n']} accuracy {block['accuracy']:.4f}{extra} ({args.scorer})")
     _print_paths(paths)
     return 0
@@ -124,10 +113,10 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from pallava.eval.runner import run_zeroshot
 
     out = Path(args.out)
-    images = _sample(read_manifest(args.data, args.split), args.limit, args.seed)
+    images = sample_items(read_manifest(args.data, args.split), args.limit, args.seed)
     label_map = LabelMap.resolve(args.label_map, {item.label for item in images}, source="--label-map")
     records = run_zeroshot(
-        _LazyAssistant(args),
+        _assistant(args),
         images,
         label_map,
         out / "predictions.jsonl",
@@ -162,6 +151,36 @@ def _zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suite(args: argparse.Namespace) -> int:
+    from pallava.eval.suite import run_suite
+
+    summary = run_suite(
+        args.model,
+        args.suite,
+        args.out,
+        plip_dir=args.plip,
+        progress=not args.no_progress,
+        limit=args.limit,
+        device=args.device,
+        stain_normalize=args.stain_normalize,
+    )
+    for row in summary["benchmarks"]:
+        cells = [
+            f"{key} {row[key][field]:.4f}"
+            for key, field in (
+                ("plip_zeroshot", "accuracy"),
+                ("closed", "accuracy"),
+                ("open", "accuracy"),
+                ("choice", "accuracy"),
+                ("classification", "macro_f1"),
+            )
+            if row.get(key)
+        ]
+        print(f"{row['name']}: n={row['n']} " + ", ".join(cells))
+    print(f"summary: {Path(args.out) / 'summary.md'} and {Path(args.out) / 'summary.json'}")
+    return 0
+
+
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True, help="model directory (saved by training or `pallava convert`)"
@@ -184,11 +203,16 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         "--n-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"
     )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--stain-normalize",
+        choices=("macenko",),
+        help="map each image onto reference H&E stain vectors first (default: off)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `pallava eval {score,vqa,zeroshot}`."""
+    """Add `pallava eval {score,vqa,zeroshot,suite}`."""
     parser = subparsers.add_parser("eval", help="evaluate the assistant: VQA, zero-shot, scoring")
     commands = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
 
@@ -203,6 +227,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=sorted(SCORERS),
         default="strict",
         help="strict (default), paper (PA-LLaVA) or llava-med (legacy, flawed closed set)",
+    )
+    score.add_argument(
+        "--model",
+        help="model folder whose tokenizer the paper scorer counts open recall in "
+        "(the authors' recall); without it that recall counts whitespace words",
     )
     score.add_argument(
         "--n-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"
@@ -222,6 +251,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     vqa.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (greedy decoding)")
     vqa.add_argument(
+        "--prompt-style",
+        choices=PROMPT_STYLES,
+        help="pallava (our prompts: 'Answer yes or no.', an options block) or paper (the authors': the "
+        "raw question, PMC-VQA choices as 'A:text'); default: the model folder's (paper for a "
+        "converted release), else pallava",
+    )
+    vqa.add_argument(
         "--option-orders",
         type=int,
         default=1,
@@ -239,3 +275,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _run_options(zeroshot)
     zeroshot.set_defaults(func=_zeroshot)
+
+    suite = commands.add_parser(
+        "suite",
+        help="run a list of benchmarks from a YAML file: per-dataset reports and "
+        "one summary table (summary.md/.json/.png)",
+    )
+    suite.add_argument("--model", required=True, help="assistant model directory")
+    suite.add_argument(
+        "--suite",
+        required=True,
+        help="suite YAML (see configs/suite-dev.yaml); relative paths in it resolve against its folder",
+    )
+    suite.add_argument(
+        "--out", required=True, help="output folder: OUT/<benchmark>/..., OUT/summary.{md,json,png}"
+    )
+    suite.add_argument(
+        "--plip", help="PLIP model folder: adds PLIP zero-shot classification to labelled benchmarks"
+    )
+    suite.add_argument(
+        "--limit",
+        type=int,
+        help="per benchmark, a seeded sample of this many images (manifests) or "
+        "questions (VQA files); overrides the suite's limits",
+    )
+    suite.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    suite.add_argument(
+        "--stain-normalize",
+        choices=("macenko",),
+        help="map each image onto reference H&E stain vectors first (default: off)",
+    )
+    suite.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    suite.set_defaults(func=_suite)

@@ -60,6 +60,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: zero-shot classification needs a labelled manifest (.csv)")
     templates = _read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
     zs = PlipZeroShot.from_pretrained(args.model)
+    zs.stain_normalize = args.stain_normalize
     report, rows = zeroshot_report(zs, samples, label_map, templates, batch_size=args.batch_size)
     report.update(model=str(args.model), data=str(args.data), split=args.split)
     path = write_zeroshot_report(report, rows, Path(args.out))
@@ -170,6 +171,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
     zeroshot.add_argument("--batch-size", type=int, default=64)
+    zeroshot.add_argument(
+        "--stain-normalize",
+        choices=("macenko",),
+        help="map each image onto reference H&E stain vectors first (default: off)",
+    )
     zeroshot.set_defaults(func=_zeroshot)
 
     retrieve = commands.add_parser("retrieve", help="image<->text Recall@1/5/10")

@@ -16,14 +16,22 @@ def _load(args: argparse.Namespace):
 
     from pallava.inference import PaLlava
 
-    return PaLlava.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    assistant = PaLlava.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    assistant.stain_normalize = getattr(args, "stain_normalize", None)
+    return assistant
 
 
 def _options(args: argparse.Namespace) -> dict:
+    from pallava.serve.protocol import MIN_TEMPERATURE
+
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if not 0 <= args.temperature <= 2:
         raise ValueError(f"--temperature must be in [0, 2], got {args.temperature}")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {args.temperature}"
+        )
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     return {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
@@ -77,6 +85,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
         max_queue=args.max_queue,
+        max_queued_pixels=args.max_queued_pixels,
+        decode_workers=args.decode_workers,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keep_alive_s=args.keep_alive,
     )
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
@@ -98,6 +111,11 @@ def _model_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256, sam
     parser.add_argument("--model", required=True, help="model directory (from save_pretrained or training)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
+    parser.add_argument(
+        "--stain-normalize",
+        choices=("macenko",),
+        help="map each image onto reference H&E stain vectors first (default: off)",
+    )
     parser.add_argument(
         "--max-tokens", type=int, default=max_tokens, help=f"answer length cap (default {max_tokens})"
     )
@@ -153,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-tokens-limit", type=int, default=1024, help="largest max_tokens a client may ask"
     )
-    serve.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue included")
+    serve.add_argument("--timeout", type=float, default=120.0, help="seconds per request, checks to answer")
     serve.add_argument(
         "--max-batch-size", type=int, default=8, help="requests generated together (default 8)"
     )
@@ -161,6 +179,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-window-ms", type=float, default=20.0, help="wait for a batch to fill (default 20)"
     )
     serve.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 (default 256)")
+    serve.add_argument(
+        "--max-queued-pixels",
+        type=int,
+        default=2**25,
+        help="image pixels (as model-ready crops) queued requests may hold before 503",
+    )
+    serve.add_argument(
+        "--decode-workers", type=int, default=2, help="requests decoding images at once (default 2)"
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for a request's headers to arrive before the connection is closed",
+    )
+    serve.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds for a request's body to arrive (then 408)"
+    )
+    serve.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection is kept")
     serve.set_defaults(func=_serve)
 
     ui = subparsers.add_parser("ui", help="web page: upload an image, ask, see the answer and a heat map")

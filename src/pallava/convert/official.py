@@ -28,7 +28,11 @@ from pallava.convert.keys import (
     summarize_keys,
 )
 from pallava.inference import PaLlava
-from pallava.models.configuration_pa_llava import PaLlavaConfig, ScaleInvariantConnectorConfig
+from pallava.models.configuration_pa_llava import (
+    PAPER_CONNECTOR_DROPOUT,
+    PaLlavaConfig,
+    ScaleInvariantConnectorConfig,
+)
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import make_processor
 from pallava.processing.tokenizer import IMAGE
@@ -146,7 +150,7 @@ def connector_config_from(
         intermediate_size=shape(layer0 + "intermediate_query.dense.weight")[0],
         tile_cross_attention=any(".crossattention." in key for key in state if CONNECTOR_LAYER.match(key)),
         output_size=shape("projector.model.mlp.model.0.weight")[0],
-        dropout=0.0,
+        dropout=PAPER_CONNECTOR_DROPOUT,  # their BERT-base config's; inactive at inference
         query_layer_norm=True,  # their BERT embedding LayerNorm, affine parameters removed, still applied
         **BERT_BASE,
     )
@@ -301,6 +305,7 @@ def convert_official(
         bar.set_postfix_str("saving")
         processor = make_processor(config, tokenizer)
         processor.image_processor.global_view = "stretch"  # their weights saw stretched global views
+        processor.prompt_style = "paper"  # and raw questions: `pallava eval` asks them that way by default
         PaLlava(model, processor).save_pretrained(out)
         report = ConversionReport(
             out_dir=str(out),

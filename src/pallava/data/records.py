@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from pallava.processing.prompts import PROMPT_STYLES  # noqa: F401  (re-exported: records name the styles)
+
 AnswerType = Literal["closed", "open", "choice"]
 ANSWER_TYPES: tuple[str, ...] = ("closed", "open", "choice")
 ROLES: tuple[str, ...] = ("human", "gpt")

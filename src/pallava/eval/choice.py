@@ -94,7 +94,8 @@ def extract_option_letter(prediction: str, options: Sequence[str] | None = None)
 
 
 def paper_option_letter(prediction: str) -> str:
-    """PA-LLaVA's rule: the text before the first ":" (stripped) is taken as the letter."""
+    """PA-LLaVA's rule: the text before the first ":" (stripped) is taken as the letter; the scorer then
+    compares it with the reference letter, both lower-cased."""
     return prediction.split(":", 1)[0].strip()
 
 

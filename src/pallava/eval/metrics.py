@@ -23,7 +23,8 @@ def token_recall(prediction_tokens: Sequence[str], reference_tokens: Sequence[st
     """Share of reference tokens found in the prediction, each counted at most as often as
     it occurs in the prediction: sum_t min(pred[t], ref[t]) / len(reference).
 
-    The PA-LLaVA open-set recall. An empty reference gives 0.0 (nothing to recall).
+    Over any tokens: PA-LLaVA's open-set recall counts the language model's token ids (BPE pieces),
+    the `strict` scorer whitespace words. An empty reference gives 0.0 (nothing to recall).
     """
     if not reference_tokens:
         return 0.0

@@ -92,3 +92,38 @@ def accuracy_by_group(rows: Sequence[Mapping[str, Any]], path: str | Path, xlabe
     axes.set_ylim(0, 1.1)
     axes.set_ylabel("accuracy")
     return _save(figure, path)
+
+
+def grouped_bars(
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[tuple[float | None, Sequence[float] | None]]],
+    path: str | Path,
+    ylabel: str = "accuracy",
+) -> Path:
+    """One cluster of bars per group (e.g. dataset), one bar per series (value, 95% interval) with
+    whiskers; a missing value (None) leaves a gap and is written as "n/a" over the axis."""
+    figure = Figure(figsize=(max(4.5, 1.0 + 0.55 * len(series) * len(groups)), 3.8))
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(series))
+    for offset, (name, cells) in enumerate(series.items()):
+        positions = np.arange(len(groups)) + (offset - (len(series) - 1) / 2) * width
+        values = [value if value is not None else 0.0 for value, _ in cells]
+        intervals = [ci if value is not None else None for value, ci in cells]
+        bars = axes.bar(positions, values, width, yerr=_error_bars(values, intervals), capsize=3, label=name)
+        for x, (value, _) in zip(positions, cells, strict=True):
+            if value is None:
+                axes.text(
+                    x,
+                    0.02,
+                    "n/a",
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize="x-small",
+                    color=bars.patches[0].get_facecolor(),
+                )
+    axes.set_xticks(range(len(groups)), labels=list(groups))
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel(ylabel)
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(figure, path)

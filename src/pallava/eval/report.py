@@ -18,7 +18,7 @@ from pallava.eval import plots
 from pallava.eval.metrics import accuracy, bootstrap_ci, confusion_matrix, precision_recall_f1
 from pallava.eval.normalize import first_yes_no, normalize_strict
 from pallava.eval.runner import UNMAPPED
-from pallava.eval.scorers import SCORERS, ItemScore, is_permuted_copy, item_scores, score
+from pallava.eval.scorers import SCORERS, ItemScore, Tokenize, is_permuted_copy, item_scores, score
 
 SIZE_BINS = ((256, "<=256 px"), (512, "257-512 px"), (1024, "513-1024 px"), (2048, "1025-2048 px"))
 
@@ -76,16 +76,23 @@ def _closed_confusion(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
 
 
 def vqa_report(
-    records: Sequence[Mapping[str, Any]], scorer: str = "strict", n_resamples: int = 1000, seed: int = 0
+    records: Sequence[Mapping[str, Any]],
+    scorer: str = "strict",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    tokenize: Tokenize | None = None,
 ) -> dict[str, Any]:
     """The VQA report: headline scorer at the top level, the others under `scorers`, accuracy by
-    tile count and by image size, and a yes/no confusion matrix for closed questions."""
-    report = {"task": "vqa", **score(records, scorer, n_resamples=n_resamples, seed=seed)}
+    tile count and by image size, and a yes/no confusion matrix for closed questions. `tokenize` (the
+    model's tokenizer) gives the `paper` scorer the authors' open recall over language-model tokens."""
+    report = {"task": "vqa", **score(records, scorer, n_resamples=n_resamples, seed=seed, tokenize=tokenize)}
     report["scorers"] = {
-        name: score(records, name, n_resamples=n_resamples, seed=seed) for name in SCORERS if name != scorer
+        name: score(records, name, n_resamples=n_resamples, seed=seed, tokenize=tokenize)
+        for name in SCORERS
+        if name != scorer
     }
     primary = [r for r in records if not is_permuted_copy(r)]
-    scores = item_scores(primary, scorer)
+    scores = item_scores(primary, scorer, tokenize)
     report["by_tiles"] = grouped_accuracy(scores, [r.get("tiles") for r in primary], n_resamples, seed)
     report["by_image_size"] = grouped_accuracy(
         scores, [_size_bin(r.get("image_size")) for r in primary], n_resamples, seed
@@ -163,7 +170,11 @@ def _vqa_markdown(report: Mapping[str, Any], images: Mapping[str, str]) -> list[
             if not block:
                 continue
             n = f"{block['n_scored']} of {block['n']} (legacy)" if "n_dropped" in block else str(block["n"])
-            recall = f"{_pct(block['recall'])}{_ci(block.get('recall_ci'))}" if "recall" in block else ""
+            recall = (
+                f"{_pct(block['recall'])}{_ci(block.get('recall_ci'))} ({block.get('recall_unit', '?')})"
+                if "recall" in block
+                else ""
+            )
             lines.append(
                 f"| {name} | {kind} | {n} | {_pct(block['accuracy'])}{_ci(block.get('accuracy_ci'))} "
                 f"| {recall} |"

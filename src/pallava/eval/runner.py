@@ -7,7 +7,7 @@ without a model and the same code drives the tiny and the paper preset.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +22,20 @@ from pallava.eval.predictions import PredictionWriter
 from pallava.eval.tasks import prompt_of
 
 UNMAPPED = "(unmapped)"
+
+
+def model_tokenize(model_dir: str | Path) -> Callable[[str], list[int]]:
+    """The model folder's tokenizer as text -> token ids (no special tokens): what the `paper` scorer
+    counts its open recall in, as the authors do. Only the tokenizer is read, no weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{model_dir}: no tokenizer to count the paper's open recall with ({error})"
+        ) from None
+    return lambda text: tokenizer.encode(text, add_special_tokens=False)
 
 
 class Assistant(Protocol):
@@ -87,6 +101,19 @@ def _ordered(writer: PredictionWriter, ids: list[str], path: Path) -> list[dict[
     return [by_id[i] for i in ids]
 
 
+def _answered_style(writer: PredictionWriter, style: str | None, path: Path) -> str:
+    """The prompt style of this run: `style`, else the one the file was answered with (else `pallava`);
+    one file never mixes two styles."""
+    used = {str(record.get("prompt_style", "pallava")) for record in writer.records}
+    chosen = style or (used.pop() if len(used) == 1 else "pallava")
+    if used - {chosen}:
+        raise ValueError(
+            f"{path} holds answers to {'/'.join(sorted(used))}-style prompts; rerun with "
+            f"--prompt-style {'/'.join(sorted(used))} or choose a new output folder"
+        )
+    return chosen
+
+
 def run_vqa(
     assistant: Assistant,
     items: Sequence[VQAItem],
@@ -94,11 +121,14 @@ def run_vqa(
     batch_size: int = 8,
     max_new_tokens: int = 32,
     progress: bool = True,
+    prompt_style: str | None = None,
 ) -> list[dict[str, Any]]:
     """Answer every item not yet in `predictions_path`, appending one JSONL record per answer.
 
-    Returns all records (old and new) in item order: id, question, prediction, reference,
-    answer_type, options, image, image_size, grid, tiles (+ base_id for re-ordered copies).
+    `prompt_style` words the questions (`pallava` or `paper`, see `prompt_of`; default: the style the
+    file was answered with, else `pallava`). Returns all records (old and new) in item order: id, question,
+    prediction, reference, answer_type, options, image, image_size, grid, tiles, prompt_style (+ base_id
+    for re-ordered copies).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -106,6 +136,7 @@ def run_vqa(
     _check_images([item.image for item in items])
     layouts = _Layouts(assistant)
     with PredictionWriter(path) as writer:
+        style = _answered_style(writer, prompt_style, path)
         pending = [item for item in items if item.id not in writer.done]
         bar = tqdm(
             total=len(items),
@@ -118,7 +149,7 @@ def run_vqa(
             chunk = pending[start : start + batch_size]
             answers = assistant.ask_batch(
                 [i.image for i in chunk],
-                [prompt_of(i) for i in chunk],
+                [prompt_of(i, style) for i in chunk],
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
             )
@@ -132,6 +163,7 @@ def run_vqa(
                     "options": item.options,
                     "image": item.image,
                     **layouts(item.image),
+                    "prompt_style": style,
                 }
                 if "base_id" in item.meta:
                     record["base_id"] = item.meta["base_id"]

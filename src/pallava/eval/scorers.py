@@ -5,12 +5,18 @@ options?}`. Each scorer first turns records into per-item `ItemScore`s (pure, on
 scorer) and then summarises them: per-type accuracy (and open recall), `n` per type, and
 95% bootstrap intervals. Every item counts in its denominator, except under the labelled
 `llava-med` closed-set rule, which reproduces that scorer's flaw on purpose.
+
+Open recall is counted in a named unit (`recall_unit` in the summary): whitespace words for
+`strict`, word types for `llava-med`, and for `paper` the language model's tokens, as the
+authors count them, when a `tokenize` function (the model's tokenizer) is given; without one the
+`paper` scorer falls back to words and says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from pallava.eval.choice import (
@@ -23,6 +29,13 @@ from pallava.eval.metrics import accuracy, bootstrap_ci, token_recall
 from pallava.eval.normalize import first_yes_no, normalize_llava_med, normalize_paper, normalize_strict
 
 ANSWER_TYPES = ("closed", "open", "choice")
+Tokenize = Callable[[str], Sequence[int]]  # text -> the language model's token ids (no special tokens)
+RECALL_UNITS = {"strict": "words", "paper": "words", "llava-med": "word types (LLaVA-Med)"}
+LLM_TOKENS = "llm tokens"
+PAPER_WORDS_NOTE = (
+    "counted over whitespace words: the paper counts the language model's tokens; give the model's "
+    "tokenizer (`pallava eval score --model DIR`) for the paper's recall"
+)
 LLAVA_MED_FLAW = (
     "legacy LLaVA-Med closed-set rule, reproduced for comparison only: a prediction containing "
     "'yes' or 'no' anywhere (even inside 'normal', 'not', 'nodule') is a hit when it contains the "
@@ -63,13 +76,15 @@ def _choice_hit(record: Mapping[str, Any], index: int, paper_rule: bool) -> bool
     where = f"prediction record {record.get('id', index)}: field 'reference'"
     wanted = reference_letter(_field(record, "reference", index), options, where)
     prediction = _field(record, "prediction", index)
-    picked = paper_option_letter(prediction) if paper_rule else extract_option_letter(prediction, options)
-    return picked == wanted
+    if paper_rule:  # the authors lower-case both sides
+        return paper_option_letter(prediction).lower() == wanted.lower()
+    return extract_option_letter(prediction, options) == wanted
 
 
-def paper_item(record: Mapping[str, Any], index: int = 0) -> ItemScore:
-    """PA-LLaVA: normalise both sides, exact match; closed means the reference is yes/no;
-    open also gets token recall; choice compares the text before the first ':' with the letter."""
+def paper_item(record: Mapping[str, Any], index: int = 0, tokenize: Tokenize | None = None) -> ItemScore:
+    """PA-LLaVA: normalise both sides, exact match; closed means the reference is yes/no; open also
+    gets recall over the language model's tokens of the normalised texts (`tokenize`; whitespace words
+    without it); choice compares the text before the first ':' with the letter."""
     record_id = str(record.get("id", index))
     if _answer_type(record, index) == "choice":
         return ItemScore(record_id, "choice", _choice_hit(record, index, paper_rule=True))
@@ -77,13 +92,16 @@ def paper_item(record: Mapping[str, Any], index: int = 0) -> ItemScore:
     reference = normalize_paper(_field(record, "reference", index))
     if reference in ("yes", "no"):
         return ItemScore(record_id, "closed", prediction == reference)
-    recall = token_recall(prediction.split(), reference.split())
+    if tokenize is not None:  # the authors' recall: BPE ids of the normalised answers
+        recall = token_recall(tokenize(prediction), tokenize(reference))
+    else:
+        recall = token_recall(prediction.split(), reference.split())
     return ItemScore(record_id, "open", prediction == reference, recall)
 
 
 def strict_item(record: Mapping[str, Any], index: int = 0) -> ItemScore:
     """Ours: closed = the first whole yes/no word of the answer equals the reference; open =
-    exact match after normalisation (plus token recall); choice = robust letter extraction."""
+    exact match after normalisation (plus recall over whitespace words); choice = robust letter extraction."""
     record_id = str(record.get("id", index))
     answer_type = _answer_type(record, index)
     if answer_type == "choice":
@@ -137,12 +155,19 @@ SCORERS: dict[str, Callable[[Mapping[str, Any], int], ItemScore]] = {
 }
 
 
-def item_scores(records: Iterable[Mapping[str, Any]], scorer: str = "strict") -> list[ItemScore]:
-    """Per-item outcomes of one scorer, in record order."""
+def item_scores(
+    records: Iterable[Mapping[str, Any]], scorer: str = "strict", tokenize: Tokenize | None = None
+) -> list[ItemScore]:
+    """Per-item outcomes of one scorer, in record order (`tokenize` is used by `paper` only)."""
     if scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)}")
-    score = SCORERS[scorer]
+    score = partial(paper_item, tokenize=tokenize) if scorer == "paper" else SCORERS[scorer]
     return [score(record, index) for index, record in enumerate(records)]
+
+
+def recall_unit(scorer: str, tokenize: Tokenize | None = None) -> str:
+    """What a scorer's open recall counts."""
+    return LLM_TOKENS if scorer == "paper" and tokenize is not None else RECALL_UNITS[scorer]
 
 
 def _interval(values: Sequence[float], ci: bool, n_resamples: int, seed: int) -> list[float] | None:
@@ -153,9 +178,14 @@ def _interval(values: Sequence[float], ci: bool, n_resamples: int, seed: int) ->
 
 
 def summarize(
-    scores: Sequence[ItemScore], scorer: str, ci: bool = True, n_resamples: int = 1000, seed: int = 0
+    scores: Sequence[ItemScore],
+    scorer: str,
+    ci: bool = True,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    unit: str | None = None,
 ) -> dict[str, Any]:
-    """Per-type and overall accuracy, open recall, `n` and 95% bootstrap intervals."""
+    """Per-type and overall accuracy, open recall (in `unit`), `n` and 95% bootstrap intervals."""
     summary: dict[str, Any] = {"scorer": scorer, "n": len(scores)}
     if scorer == "llava-med":
         summary["legacy"] = True
@@ -171,6 +201,9 @@ def summarize(
             recalls = [s.recall or 0.0 for s in typed]
             block["recall"] = accuracy(recalls)
             block["recall_ci"] = _interval(recalls, ci, n_resamples, seed)
+            block["recall_unit"] = unit or RECALL_UNITS[scorer]
+            if scorer == "paper" and block["recall_unit"] != LLM_TOKENS:
+                block["recall_note"] = PAPER_WORDS_NOTE
         if len(hits) != len(typed):
             block.update(
                 n_scored=len(hits),
@@ -194,14 +227,20 @@ def score(
     ci: bool = True,
     n_resamples: int = 1000,
     seed: int = 0,
+    tokenize: Tokenize | None = None,
 ) -> dict[str, Any]:
-    """Score prediction records with the named scorer.
+    """Score prediction records with the named scorer (`tokenize`: the model's tokenizer, for the
+    `paper` scorer's open recall over language-model tokens).
 
     Permuted copies of choice questions (records whose `base_id` differs from their `id`)
     are left out of the per-type numbers and summarised under `choice_orders` instead.
     """
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)}")
     primary = [r for r in records if not is_permuted_copy(r)]
-    summary = summarize(item_scores(primary, scorer), scorer, ci, n_resamples, seed)
+    summary = summarize(
+        item_scores(primary, scorer, tokenize), scorer, ci, n_resamples, seed, recall_unit(scorer, tokenize)
+    )
     if len(primary) != len(records):
         summary["choice_orders"] = option_consistency(records)
     return summary

@@ -7,8 +7,12 @@ training does; this module only picks the importer and turns LLaVA conversations
 from __future__ import annotations
 
 import csv
+import json
+import random
+import string
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pallava.data.builders import vqa_from_labels, vqa_prompt
 from pallava.data.importers.manifest import read_manifest
@@ -16,9 +20,15 @@ from pallava.data.importers.pathvqa import answer_type_of, read_pathvqa_parquet
 from pallava.data.importers.pmcvqa import read_pmc_vqa
 from pallava.data.io import iter_records
 from pallava.data.labels import LabelMap
-from pallava.data.records import IMAGE_TOKEN, VQAItem
+from pallava.data.records import IMAGE_TOKEN, PROMPT_STYLES, VQAItem
+from pallava.eval.choice import option_text
+
+PROCESSOR_SETTINGS = (
+    "processor_config.json"  # PaLlavaProcessor.CONFIG_NAME, read without importing transformers
+)
 
 VQA_FORMATS = ("pathvqa", "pathvqa-text", "pmcvqa", "jsonl", "manifest")
+T = TypeVar("T")
 
 
 def detect_format(path: str | Path) -> str:
@@ -153,6 +163,51 @@ def load_vqa_items(
     return items
 
 
-def prompt_of(item: VQAItem) -> str:
-    """The text the assistant is asked: a LLaVA prompt verbatim, else the shared training prompt."""
-    return str(item.meta.get("prompt") or vqa_prompt(item))
+def paper_prompt(item: VQAItem) -> str:
+    """The authors' evaluation prompt: the raw question, no instruction added. A multiple-choice question
+    carries its choices in PMC-VQA's own `A:text` form, one per line: the form the released model answers
+    in ("B:text") and the `paper` scorer reads (the letter before the first ":")."""
+    question = item.question.strip()
+    if item.answer_type != "choice":
+        return question
+    choices = [
+        f"{string.ascii_uppercase[i]}:{option_text(option)}" for i, option in enumerate(item.options or [])
+    ]
+    return "\n".join([question, *choices])
+
+
+def prompt_of(item: VQAItem, style: str = "pallava") -> str:
+    """The text the assistant is asked: a LLaVA prompt verbatim, else the shared training prompt
+    (`pallava`: "Answer yes or no.", an options block) or the authors' (`paper`)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}")
+    if item.meta.get("prompt"):
+        return str(item.meta["prompt"])
+    return paper_prompt(item) if style == "paper" else vqa_prompt(item)
+
+
+def model_prompt_style(model_dir: str | Path) -> str | None:
+    """The prompt style saved in a model folder (`paper` for a converted release, `pallava` for folders
+    without one); None when the folder has no processor settings."""
+    path = Path(model_dir) / PROCESSOR_SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        style = json.loads(path.read_text(encoding="utf-8")).get("prompt_style", "pallava")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{path}: not a JSON object of processor settings") from None
+    if style not in PROMPT_STYLES:
+        raise ValueError(
+            f"{path}: field 'prompt_style' must be one of {', '.join(PROMPT_STYLES)}, got {style!r}"
+        )
+    return style
+
+
+def sample_items(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
+    """A seeded random subset of `limit` items, kept in input order (all items when no limit)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]

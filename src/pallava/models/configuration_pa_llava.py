@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig
 
 PAPER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PAPER_CONNECTOR_DROPOUT = 0.1  # BERT-base's hidden and attention dropout: the authors' connector config
 
 
 class ScaleInvariantConnectorConfig(PretrainedConfig):
@@ -17,7 +18,11 @@ class ScaleInvariantConnectorConfig(PretrainedConfig):
         intermediate_size: feed-forward width (3072 in the paper).
         hidden_act: feed-forward activation.
         layer_norm_eps: epsilon of the post-LayerNorms.
-        dropout: dropout inside the layers (0 in the paper's fine-tuning).
+        dropout: dropout probability in train mode, on the attention weights and after each attention and
+            feed-forward output (and after the query LayerNorm when `query_layer_norm` is on), as in BERT.
+            The authors build their connector from the BERT-base config and train it in train mode, so
+            the paper preset (and a converted release) uses 0.1; the default 0 is the tiny preset's
+            (docs/model.md says why). Evaluation (eval mode) never drops anything.
         tile_cross_attention: build and use cross-attention to the tile tokens. False reproduces the
             authors' released weights, whose connector has no cross-attention and ignores the tiles.
         output_size: width of the final projection (the language model's hidden size).

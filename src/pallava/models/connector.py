@@ -139,8 +139,9 @@ class ScaleInvariantConnector(nn.Module):
                 raise ValueError("every image needs at least one unmasked tile for cross-attention")
             keep = keep[:, None, None, :]  # (B, 1, 1, T*P), broadcast over heads and queries
         hidden, attentions = global_tokens, []
-        if self.config.query_layer_norm:
+        if self.config.query_layer_norm:  # their BERT embedding module: LayerNorm (no affine), then dropout
             hidden = F.layer_norm(global_tokens, global_tokens.shape[-1:], eps=self.config.layer_norm_eps)
+            hidden = F.dropout(hidden, self.config.dropout, self.training)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 hidden, weights = torch.utils.checkpoint.checkpoint(

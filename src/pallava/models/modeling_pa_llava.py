@@ -133,11 +133,13 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         return hidden
 
     def encode_crops(self, pixel_values: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
-        """Vision features of every crop: (N, 1+T, 3, S, S) -> (N, 1+T, P, D), zeros for padded tiles.
-        Padded tiles never go through the vision tower (nor any tile when the connector ignores tiles)."""
+        """Vision features of every crop: (N, 1+T, 3, S, S) -> (N, 1+T, P, D), zeros where `tile_mask` is
+        False.
+
+        Masked tiles never go through the vision tower. The result depends on the vision tower only, never
+        on the connector, so features cached by one run serve any connector built on the same tower.
+        """
         num_images, num_crops = pixel_values.shape[:2]
-        if not self.config.connector_config.tile_cross_attention:
-            tile_mask = torch.zeros_like(tile_mask)  # the connector ignores tiles: do not encode them
         crop_mask = torch.cat([tile_mask.new_ones(num_images, 1), tile_mask], dim=1)  # (N, 1+T)
         real = pixel_values[crop_mask].to(self.vision_tower.dtype)  # (K, 3, S, S)
         patches = self.vision_hidden_states(real)[:, 1:]  # drop CLS: (K, P, D)
@@ -156,7 +158,10 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         if tile_mask is None:
             raise ValueError("tile_mask is required with images (True for each real tile)")
         if crop_features is None:
-            crop_features = self.encode_crops(pixel_values, tile_mask)
+            encoded = tile_mask
+            if not self.config.connector_config.tile_cross_attention:
+                encoded = torch.zeros_like(tile_mask)  # the connector ignores tiles: do not encode them
+            crop_features = self.encode_crops(pixel_values, encoded)
         crop_features = crop_features.to(self.connector.projection.weight.dtype)
         return self.connector(
             crop_features[:, 0],

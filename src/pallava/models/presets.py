@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
 from pallava.models.configuration_pa_llava import (
+    PAPER_CONNECTOR_DROPOUT,
     PAPER_LORA_TARGETS,
     PaLlavaConfig,
     ScaleInvariantConnectorConfig,
@@ -108,6 +109,7 @@ def paper_config(**overrides) -> PaLlavaConfig:
             num_attention_heads=12,
             intermediate_size=3072,
             output_size=4096,
+            dropout=PAPER_CONNECTOR_DROPOUT,
         ),
         text_config=llama3_8b_config(),
         image_token_id=128256,  # one past Llama-3's vocabulary: replaced by image embeddings, never looked up

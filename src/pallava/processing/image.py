@@ -48,7 +48,7 @@ PAPER_GRIDS: tuple[tuple[int, int], ...] = (
     (8, 1),
 )
 
-ImageSource = str | Path | bytes | Image.Image | np.ndarray
+ImageSource = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
 class CorruptImageError(ValueError):
@@ -64,7 +64,40 @@ def _describe(src: ImageSource) -> str:
         return str(src)
     if isinstance(src, bytes):
         return f"<{len(src)} bytes>"
+    if isinstance(src, (np.ndarray, torch.Tensor)):
+        return f"<{type(src).__name__} {tuple(src.shape)} {src.dtype}>"
     return f"<{type(src).__name__}>"
+
+
+def _tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
+    """A torch image as a numpy (H, W[, C]) array; (C, H, W) tensors (torch's layout) are moved
+    channels-last."""
+    tensor = tensor.detach().cpu()
+    if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[2] not in (1, 3, 4):
+        tensor = tensor.permute(1, 2, 0)
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()  # numpy has no bfloat16
+    return tensor.numpy()
+
+
+def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    """uint8 pixels as they are; floats must be finite and in [0, 1] (scaled by 255, rounded); other
+    integers are clipped to 0-255. A float image in 0-255 would otherwise turn almost black or white."""
+    if array.dtype == np.uint8:
+        return array
+    if array.size == 0:
+        raise CorruptImageError(f"image array {name} is empty")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise CorruptImageError(f"image array {name} holds NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 1:
+            raise CorruptImageError(
+                f"image array {name} has values from {low:g} to {high:g}; expected floats in [0, 1] "
+                "(or uint8 in 0-255)"
+            )
+        return np.rint(array.astype(np.float32) * 255.0).astype(np.uint8)
+    return np.clip(array, 0, 255).astype(np.uint8)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
@@ -75,12 +108,15 @@ def _check_pixels(width: int, height: int, max_pixels: int | None, name: str) ->
 
 
 def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image from a path, bytes, PIL image or HxW[xC] array as RGB.
+    """Open an image from a path, bytes, PIL image, HxW[xC] array or tensor (also CxHxW) as RGB.
 
     The pixel limit is checked on the header, before the pixels are decoded, so an oversized
     (or decompression-bomb) file costs nothing. Undecodable input raises `CorruptImageError`.
+    Arrays and tensors are uint8 in 0-255 or floats in [0, 1]; other float ranges are refused.
     """
     name = _describe(src)
+    if isinstance(src, torch.Tensor):
+        src = _tensor_to_array(src)
     if isinstance(src, Image.Image):
         _check_pixels(*src.size, max_pixels, name)
         return src if src.mode == "RGB" else src.convert("RGB")
@@ -88,7 +124,7 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         if src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (1, 3, 4)):
             raise CorruptImageError(f"image array {name} has shape {src.shape}; expected HxW, HxWx3 or HxWx4")
         _check_pixels(src.shape[1], src.shape[0], max_pixels, name)
-        array = src if src.dtype == np.uint8 else np.clip(src, 0, 255).astype(np.uint8)
+        array = _to_uint8(src, name)
         return Image.fromarray(
             array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array
         ).convert("RGB")
@@ -101,7 +137,8 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         stream = io.BytesIO(src)
     else:
         raise TypeError(
-            f"unsupported image source {type(src).__name__}; expected a path, bytes, PIL image or array"
+            f"unsupported image source {type(src).__name__}; expected a path, bytes, PIL image, array or "
+            "tensor"
         )
     with stream:
         try:
@@ -243,13 +280,29 @@ def normalize_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return normalize_into(letterbox_pixels(as_uint8_tensor(image), size, size), torch.empty(3, size, size))
 
 
+def tiles_with_pixels(image_size: tuple[int, int], grid: tuple[int, int], tile_size: int) -> torch.Tensor:
+    """(cols*rows,) bool, row-major: True for each tile of the letterboxed canvas that holds image pixels.
+
+    A grid can be larger than the image needs (the paper's list has no 1x1, so a 224 px image lands on
+    1x4 with an empty tile above and below); tiles of pure padding must not be attention keys.
+    """
+    cols, rows = grid
+    left, top, right, bottom = letterbox_box(image_size, cols * tile_size, rows * tile_size)
+    starts_x, starts_y = torch.arange(cols) * tile_size, torch.arange(rows) * tile_size
+    in_x = (starts_x < right) & (starts_x + tile_size > left)  # (cols,)
+    in_y = (starts_y < bottom) & (starts_y + tile_size > top)  # (rows,)
+    return (in_y[:, None] & in_x[None, :]).reshape(-1)
+
+
 @dataclass
 class TiledImage:
-    """An image cut into crops: `pixel_values` is (1 + cols*rows, 3, S, S), global view first."""
+    """An image cut into crops: `pixel_values` is (1 + cols*rows, 3, S, S), global view first;
+    `tile_mask` (cols*rows,) is False for tiles of pure padding."""
 
     pixel_values: torch.Tensor
     grid: tuple[int, int]  # (columns, rows)
     original_size: tuple[int, int]  # (width, height)
+    tile_mask: torch.Tensor
 
     @property
     def num_tiles(self) -> int:
@@ -306,11 +359,14 @@ class PaLlavaImageProcessor:
         canvas = letterbox_pixels(pixels, cols * size, rows * size)  # (rows*S, cols*S, 3)
         tiles = canvas.reshape(rows, size, cols, size, 3).permute(0, 2, 1, 3, 4)  # (rows, cols, S, S, 3) view
         normalize_into(tiles, pixel_values[1:].view(rows, cols, 3, size, size))  # written in place, row-major
-        return TiledImage(pixel_values=pixel_values, grid=(cols, rows), original_size=image.size)
+        keep = tiles_with_pixels(image.size, (cols, rows), size)
+        return TiledImage(
+            pixel_values=pixel_values, grid=(cols, rows), original_size=image.size, tile_mask=keep
+        )
 
     def __call__(self, images: Sequence[ImageSource]) -> dict[str, torch.Tensor]:
-        """Batch of images -> `pixel_values` (N, 1+T, 3, S, S) zero-padded, `tile_mask` (N, T) bool, `grids`
-        (N, 2)."""
+        """Batch of images -> `pixel_values` (N, 1+T, 3, S, S) zero-padded, `tile_mask` (N, T) bool (True for
+        tiles that hold image pixels), `grids` (N, 2)."""
         tiled = [self.tile(image) for image in images]
         return self.stack(tiled)
 
@@ -329,7 +385,7 @@ class PaLlavaImageProcessor:
                 pixel_values[i, : 1 + t.num_tiles] = t.pixel_values
                 pixel_values[i, 1 + t.num_tiles :] = 0  # zero only the padding, not the whole batch first
         for i, t in enumerate(tiled):
-            tile_mask[i, : t.num_tiles] = True
+            tile_mask[i, : t.num_tiles] = t.tile_mask
         grids = torch.tensor([t.grid for t in tiled], dtype=torch.long)
         return {"pixel_values": pixel_values, "tile_mask": tile_mask, "grids": grids}
 

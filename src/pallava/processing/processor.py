@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, P
 from transformers.utils import PROCESSOR_NAME
 
 from pallava.processing.image import ImageSource, PaLlavaImageProcessor
+from pallava.processing.prompts import PROMPT_STYLES
 from pallava.processing.tokenizer import BOS, END_HEADER, EOS, EOT, IMAGE, START_HEADER
 
 IGNORE_INDEX = -100
@@ -123,7 +124,10 @@ class PaLlavaProcessor(ProcessorMixin):
         system_prompt: str | None = None,
         max_length: int = 2048,
         chat_template: str | None = None,
+        prompt_style: str = "pallava",
     ):
+        if prompt_style not in PROMPT_STYLES:  # how `pallava eval` words questions for this model
+            raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
         super().__init__(
             tokenizer=tokenizer, image_processor=image_processor, chat_template=chat_template or CHAT_TEMPLATE
         )
@@ -131,6 +135,7 @@ class PaLlavaProcessor(ProcessorMixin):
         self.num_image_tokens = num_image_tokens
         self.system_prompt = system_prompt
         self.max_length = max_length
+        self.prompt_style = prompt_style
         ids = tokenizer.convert_tokens_to_ids([BOS, START_HEADER, END_HEADER, EOT, IMAGE])
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError(
@@ -229,6 +234,30 @@ class PaLlavaProcessor(ProcessorMixin):
             ids += header
             labels += [IGNORE_INDEX] * len(header)
         return ids, labels
+
+    def truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Cut an encoded conversation to `max_length` tokens as the authors do: the end of the text goes,
+        the labels go with their tokens, and every image token stays (an image is never cut in part).
+
+        The text keeps its first `max_length - image tokens` tokens, wherever the images sit.
+        """
+        if len(ids) <= self.max_length:
+            return ids, labels
+        image_tokens = ids.count(self.image_token_id)
+        budget = self.max_length - image_tokens
+        if budget < 1:
+            raise ValueError(
+                f"{image_tokens} image tokens leave no room for text within max_length {self.max_length}"
+            )
+        kept_ids, kept_labels = [], []
+        for token, label in zip(ids, labels, strict=True):
+            if token != self.image_token_id:
+                if budget == 0:
+                    continue
+                budget -= 1
+            kept_ids.append(token)
+            kept_labels.append(label)
+        return kept_ids, kept_labels
 
     @staticmethod
     def count_images(conversation: Sequence[Turn]) -> int:

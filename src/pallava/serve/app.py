@@ -5,13 +5,11 @@ OpenAI-style error body `{"error": {"message", "type", "param", "code"}}` and ne
 """
 
 import asyncio
-import hmac
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +18,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pallava import __version__
 from pallava.inference import Completion, PaLlava
-from pallava.processing.image import DEFAULT_MAX_PIXELS
-from pallava.serve.engine import BatchingEngine, EngineUnavailable, GenerationOptions, GenerationTimeout, Job
+from pallava.processing.image import DEFAULT_MAX_PIXELS, ImageTooLargeError, TiledImage
+from pallava.serve.engine import (
+    BatchingEngine,
+    EngineUnavailable,
+    GenerationOptions,
+    GenerationTimeout,
+    Job,
+    JobCancelled,
+    time_limit_error,
+)
 from pallava.serve.images import load_request_image
 from pallava.serve.protocol import APIError, ChatCompletionRequest, error_body, request_model, to_conversation
+from pallava.serve.server import BackgroundServer, ClientWatch, RequestGuard, uvicorn_config
+
+__all__ = ["BackgroundServer", "ServerSettings", "create_app", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,14 @@ PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-red
 RESULT_GRACE_S = 1.0
 # Pydantic puts the tag of a tagged union (content part type, message role) into error locations.
 _UNION_TAGS = {"text", "image_url", "system", "developer", "user", "assistant"}
+HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
 
 
 @dataclass
@@ -53,10 +68,15 @@ class ServerSettings:
     max_images: int = 4
     max_tokens_limit: int = 1024  # upper bound a client may ask for
     default_max_tokens: int = 256
-    timeout_s: float = 120.0  # queue wait + generation, per request
+    timeout_s: float = 120.0  # per request once read: checks, decoding, tokenising, queueing, generation
     max_batch_size: int = 8
     batch_window_s: float = 0.02
     max_queue: int = 256
+    max_queued_pixels: int = 2**25  # image pixels (as model-ready crops) held by queued and running requests
+    decode_workers: int = 2  # requests decoding their images at once (a decoded image is held only meanwhile)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this of its first byte
+    body_timeout_s: float = 60.0  # and its whole body within this of its headers
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
 
     def __post_init__(self) -> None:
         for name in (
@@ -68,11 +88,16 @@ class ServerSettings:
             "default_max_tokens",
             "max_batch_size",
             "max_queue",
+            "max_queued_pixels",
+            "decode_workers",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"server setting {name} must be at least 1, got {getattr(self, name)}")
-        if self.timeout_s <= 0 or self.batch_window_s < 0:
-            raise ValueError("timeout_s must be > 0 and batch_window_s >= 0")
+        for name in ("timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"server setting {name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.batch_window_s < 0:
+            raise ValueError(f"server setting batch_window_s must be >= 0, got {self.batch_window_s}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) is over max_tokens_limit "
@@ -84,47 +109,27 @@ class ServerSettings:
                 raise ValueError(f"--allow-local-dir {self.allow_local_dir} is not a directory")
 
 
-class BodyTooLarge(StarletteHTTPException):
-    """A 413 raised while a chunked body is read, answered by the app's HTTP error handler."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body is over the limit of {limit:,} bytes")
-
-
-class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`: at once from its Content-Length, or while a chunked body is read."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            error = BodyTooLarge(self.max_bytes)
-            body = error_body(error.detail, "invalid_request_error", code="request_too_large")
-            return await JSONResponse(body, status_code=413)(scope, receive, send)
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise BodyTooLarge(self.max_bytes)  # inside the route: answered by the HTTP error handler
-            return message
-
-        await self.app(scope, limited_receive, send)
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> FastAPI:
     """The API app; its lifespan starts and stops the batching worker."""
     settings = settings or ServerSettings()
-    engine = BatchingEngine(assistant, settings.max_batch_size, settings.batch_window_s, settings.max_queue)
+    engine = BatchingEngine(
+        assistant,
+        settings.max_batch_size,
+        settings.batch_window_s,
+        settings.max_queue,
+        settings.max_queued_pixels,
+    )
     processor = assistant.processor
     context = min(processor.max_length, assistant.model.config.text_config.max_position_embeddings)
     reserved = [t.content for t in processor.tokenizer.added_tokens_decoder.values() if t.special]
+    # No token spans more characters than the longest vocabulary entry (bytes, for byte-level BPE), so a
+    # text longer than this cannot fit the context: it is refused before it is tokenised.
+    max_prompt_chars = context * max(map(len, processor.tokenizer.get_vocab()))
+    decoding = asyncio.Semaphore(settings.decode_workers)
     created = int(time.time())
 
     @asynccontextmanager
@@ -140,23 +145,13 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         description="OpenAI-compatible Chat Completions for the pathology assistant.",
     )
     app.state.engine, app.state.settings = engine, settings
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next):
-        if settings.api_key and request.url.path not in PUBLIC_PATHS:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), settings.api_key.encode()
-            ):
-                body = error_body(
-                    "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                    "authentication_error",
-                    code="invalid_api_key",
-                )
-                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
+    app.add_middleware(
+        RequestGuard,
+        api_key=settings.api_key,
+        public_paths=PUBLIC_PATHS,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     _add_error_handlers(app)
 
     model_card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "pallava"}
@@ -180,15 +175,29 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
             )
         return model_card
 
-    def prepare(request: ChatCompletionRequest, max_new_tokens: int) -> tuple[list, list, int]:
-        """Off the event loop: the conversation, its decoded images and its prompt length, all checked."""
-        conversation, refs = to_conversation(request.messages, reserved, settings.max_images)
-        images = [
-            load_request_image(
+    def prepare(
+        request: ChatCompletionRequest, max_new_tokens: int, check: Callable[[], None]
+    ) -> tuple[list, list[TiledImage]]:
+        """Off the event loop: the conversation and its images cut into model-ready crops, all checked.
+
+        Each decoded image is dropped once tiled, so a queued request holds crops, not full images.
+        `check()` between steps stops the work once the request's time is up or its client left.
+        """
+        conversation, refs = to_conversation(
+            request.messages, reserved, settings.max_images, max_prompt_chars
+        )
+        images = []
+        for param, url in refs:
+            check()
+            image = load_request_image(
                 url, param, settings.max_image_bytes, settings.max_image_pixels, settings.allow_local_dir
             )
-            for param, url in refs
-        ]
+            try:
+                images.append(processor.image_processor.tile(image))
+            except ValueError as error:
+                code = "image_too_large" if isinstance(error, ImageTooLargeError) else "invalid_image"
+                raise APIError(400, f"{param}: {error}", param=param, code=code) from error
+        check()
         prompt_tokens = len(processor.encode_conversation(conversation, add_generation_prompt=True)[0])
         if prompt_tokens + max_new_tokens > context:
             raise APIError(
@@ -198,20 +207,56 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
                 param="messages",
                 code="context_length_exceeded",
             )
-        return conversation, images, prompt_tokens
+        return conversation, images
+
+    async def admit(
+        request: ChatCompletionRequest, max_new_tokens: int, started: float, watch: ClientWatch
+    ) -> tuple[list, list[TiledImage]]:
+        """`prepare` with at most `decode_workers` requests at it at once, within the request's time."""
+        deadline = started + settings.timeout_s
+
+        def check() -> None:
+            if watch.gone.is_set():
+                raise ClientGone()
+            if time.monotonic() >= deadline:
+                raise time_limit_error(settings.timeout_s)
+
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await decoding.acquire()
+        except TimeoutError:
+            raise _as_api_error(time_limit_error(settings.timeout_s)) from None
+        try:
+            return await run_in_threadpool(prepare, request, max_new_tokens, check)
+        except (ClientGone, GenerationTimeout) as error:
+            raise _as_api_error(error) from error
+        finally:
+            decoding.release()
 
     RequestModel = request_model(settings.max_tokens_limit)  # a class, built per server for its limit
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: RequestModel):
-        max_new_tokens = request.max_completion_tokens or request.max_tokens or settings.default_max_tokens
-        options = GenerationOptions(max_new_tokens, request.temperature or 0.0, request.top_p or 1.0)
-        conversation, images, _ = await run_in_threadpool(prepare, request, max_new_tokens)
-        work = (conversation, images, options, settings.timeout_s)
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return _stream(engine, work, settings.model_name, include_usage)
-        completion = await _complete(engine, work)
+    async def chat_completions(body: RequestModel, request: Request):
+        max_new_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+        options = GenerationOptions(max_new_tokens, body.temperature or 0.0, body.top_p or 1.0)
+        started = time.monotonic()  # the time limit covers everything from here
+        watch = ClientWatch(request.receive)
+        try:
+            conversation, images = await admit(body, max_new_tokens, started, watch)
+            work = {
+                "conversation": conversation,
+                "images": images,
+                "options": options,
+                "timeout_s": settings.timeout_s,
+                "started": started,
+            }
+            if body.stream:
+                watch.stop()  # the streaming response listens for the disconnect itself
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return _stream(engine, work, settings.model_name, include_usage)
+            completion = await _complete(engine, work, watch)
+        finally:
+            watch.stop()
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -246,10 +291,12 @@ def _as_api_error(error: BaseException) -> APIError:
         return APIError(504, str(error), code="timeout", type="timeout_error")
     if isinstance(error, EngineUnavailable):
         return APIError(503, str(error), code="overloaded", type="server_error")
+    if isinstance(error, (ClientGone, JobCancelled)):  # nobody reads this answer; it names the case in logs
+        return APIError(499, "the client closed the request", code="client_closed_request")
     if isinstance(error, ValueError):
-        return APIError(400, str(error))
+        return APIError(400, str(error), code="invalid_request")
     log.error("generation failed: %r", error)
-    return APIError(500, "internal error during generation", type="server_error")
+    return APIError(500, "internal error during generation", code="internal_error", type="server_error")
 
 
 def _submit(engine: BatchingEngine, job: Job) -> None:
@@ -259,20 +306,25 @@ def _submit(engine: BatchingEngine, job: Job) -> None:
         raise _as_api_error(error) from error
 
 
-async def _complete(engine: BatchingEngine, work: tuple) -> Completion:
-    """Queue one request (conversation, images, options, timeout) and wait for its batch."""
+async def _complete(engine: BatchingEngine, work: dict, watch: ClientWatch) -> Completion:
+    """Queue one request (`Job` fields) and wait for its batch, or for its client to leave (then its work is
+    dropped)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
-    job = Job(*work, on_done=lambda result: loop.call_soon_threadsafe(_resolve, future, result))
+    job = Job(**work, on_done=lambda result: loop.call_soon_threadsafe(_resolve, future, result))
     _submit(engine, job)
+    gone = loop.create_task(watch.gone.wait())
     try:
-        return await asyncio.wait_for(future, job.deadline - time.monotonic() + RESULT_GRACE_S)
-    except TimeoutError:
-        raise _as_api_error(job.timed_out()) from None
+        timeout = job.deadline - time.monotonic() + RESULT_GRACE_S
+        done, _ = await asyncio.wait({future, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            return future.result()
+        raise ClientGone() if gone in done else job.timed_out()
     except Exception as error:
         raise _as_api_error(error) from error
     finally:
-        job.cancel()  # no-op once done; stops work for a client that left
+        gone.cancel()
+        engine.cancel(job)  # no-op once answered; otherwise stops work for a client that left
 
 
 def _resolve(future: asyncio.Future, result: Completion | BaseException) -> None:
@@ -284,12 +336,12 @@ def _resolve(future: asyncio.Future, result: Completion | BaseException) -> None
         future.set_result(result)
 
 
-def _stream(engine: BatchingEngine, work: tuple, model: str, include_usage: bool) -> StreamingResponse:
+def _stream(engine: BatchingEngine, work: dict, model: str, include_usage: bool) -> StreamingResponse:
     """Server-sent events in the OpenAI chunk format; an error after the first byte is sent as an event."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     job = Job(
-        *work,
+        **work,
         on_done=lambda result: loop.call_soon_threadsafe(queue.put_nowait, result),
         on_text=lambda text: loop.call_soon_threadsafe(queue.put_nowait, text),
     )
@@ -332,7 +384,7 @@ def _stream(engine: BatchingEngine, work: tuple, model: str, include_usage: bool
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            job.cancel()
+            engine.cancel(job)  # no-op once answered; stops generation for a client that left
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
@@ -375,15 +427,16 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        body = error_body(str(error.detail), kind, code=codes.get(error.status_code))
+        code = HTTP_CODES.get(error.status_code, f"http_{error.status_code}")
+        body = error_body(str(error.detail), kind, None, code)
         return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=error)
-        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+        body = error_body("internal server error", "server_error", None, "internal_error")
+        return JSONResponse(body, status_code=500)
 
 
 def run_server(
@@ -393,43 +446,7 @@ def run_server(
     port: int = 8000,
     log_level: str = "info",
 ) -> None:
-    """Serve the API with uvicorn until interrupted."""
+    """Serve the API with uvicorn until interrupted, with the settings' slow-client limits."""
     import uvicorn
 
-    uvicorn.run(create_app(assistant, settings), host=host, port=port, log_level=log_level)
-
-
-class BackgroundServer:
-    """Serve an ASGI app with uvicorn in a background thread: `with BackgroundServer(app) as server:
-    server.url`.
-
-    `port=0` picks a free port. Used by the tests, the load benchmark and notebooks.
-    """
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0):
-        import uvicorn
-
-        self.host, self.start_timeout_s = host, start_timeout_s
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-        self.port = port
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self) -> "BackgroundServer":
-        self._thread = threading.Thread(target=self.server.run, name="pallava-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server on {self.host}:{self.port} did not start")
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(30)
+    uvicorn.Server(uvicorn_config(create_app(assistant, settings), host, port, log_level)).run()

@@ -5,21 +5,30 @@ with the same generation options, and answers them together with one batched `ge
 keeps every answer identical to answering it alone). Streaming requests run one at a time through the
 same worker, so the model is never used by two threads at once. Each request carries a deadline that
 bounds its wait in the queue and its generation time.
+
+Memory is bounded: a job's images arrive already tiled (at most `1 + max_tiles` crops each, never the
+decoded image), their pixels count against `max_queued_pixels` until the job is answered, and a job whose
+client left is dropped from the queue, or stops its batch's generation once every client of the batch
+has left.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
+import ctypes
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from PIL import Image
 from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from pallava.inference import Completion, PaLlava
+from pallava.processing.image import TiledImage
 from pallava.processing.processor import Turn
 
 log = logging.getLogger(__name__)
@@ -48,64 +57,129 @@ class GenerationOptions:
 
 @dataclass(eq=False)
 class Job:
-    """One request. `on_done` receives a `Completion` or an exception; `on_text` (streaming) each new
-    piece."""
+    """One request. `on_done` receives a `Completion` or an exception; `on_text` (streaming) each new piece.
+
+    The time limit counts from `started` (when the request arrived), so it covers the checks, image
+    decoding and tokenising before the job was queued.
+    """
 
     conversation: list[Turn]
-    images: list[Image.Image]
+    images: list[TiledImage]
     options: GenerationOptions
     timeout_s: float
     on_done: Callable[[Completion | BaseException], None]
     on_text: Callable[[str], None] | None = None
+    started: float = field(default_factory=time.monotonic)  # when the request was read
     cancelled: bool = False
-    deadline: float = field(init=False)
+    settled: bool = False
 
-    def __post_init__(self) -> None:
-        self.deadline = time.monotonic() + self.timeout_s
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout_s
 
     @property
     def streaming(self) -> bool:
         return self.on_text is not None
 
-    def cancel(self) -> None:
-        self.cancelled = True
+    @property
+    def pixels(self) -> int:
+        """Pixels its images hold while it waits (crops x channels' worth, counted once per pixel)."""
+        return sum(image.pixel_values[:, 0].numel() for image in self.images)
 
     def timed_out(self) -> GenerationTimeout:
-        return GenerationTimeout(f"generation did not finish within the time limit of {self.timeout_s:g} s")
+        return time_limit_error(self.timeout_s)
 
 
-class _JobStreamer(TextStreamer):
-    """Hands decoded text to a streaming job as words complete; aborts generation if the client left."""
+def time_limit_error(timeout_s: float) -> GenerationTimeout:
+    return GenerationTimeout(f"the request did not finish within the time limit of {timeout_s:g} s")
 
-    def __init__(self, tokenizer, job: Job):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.job = job
+
+class _PretiledImages:
+    """The worker's image processor: images were tiled at admission, so a batch only stacks them."""
+
+    def __init__(self, image_processor):
+        self._inner = image_processor
+
+    def __call__(self, images: Sequence[TiledImage]) -> dict:
+        return self._inner.stack(images)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def pretiled(assistant: PaLlava) -> PaLlava:
+    """The same model and processor, taking images already cut by `processor.image_processor.tile`."""
+    processor = copy.copy(assistant.processor)
+    processor.image_processor = _PretiledImages(assistant.processor.image_processor)
+    return PaLlava(assistant.model, processor)
+
+
+class _BatchWatch(BaseStreamer):
+    """Sees every generation step: aborts once all the batch's clients left, and streams a streaming job's
+    text.
+
+    The streamed pieces join to exactly the plain answer (which is stripped): leading whitespace is dropped
+    and trailing whitespace is held back until more text follows it.
+    """
+
+    def __init__(self, jobs: list[Job], tokenizer):
+        self.jobs = jobs
+        self.text = _TextPieces(jobs[0].on_text, tokenizer) if jobs[0].streaming else None
 
     def put(self, value) -> None:
-        if self.job.cancelled:
+        if all(job.cancelled for job in self.jobs):
             raise JobCancelled("the client disconnected")
-        super().put(value)
+        if self.text is not None:
+            self.text.put(value)
+
+    def end(self) -> None:
+        if self.text is not None:
+            self.text.end()
+
+
+class _TextPieces(TextStreamer):
+    def __init__(self, emit: Callable[[str], None], tokenizer):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.emit, self.begun, self.held = emit, False, ""
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text and self.job.on_text is not None:
-            self.job.on_text(text)
+        text = self.held + text
+        if not self.begun:
+            text = text.lstrip()
+        body = text.rstrip()
+        self.held = "" if stream_end else text[len(body) :]
+        if body:
+            self.begun = True
+            self.emit(body)
 
 
 class BatchingEngine:
-    """A worker thread that answers queued `Job`s in batches of up to `max_batch_size`."""
+    """A worker thread that answers queued `Job`s in batches of up to `max_batch_size`.
+
+    A job is refused (`EngineUnavailable`) when `max_queue` jobs wait, or when its image pixels would take the
+    pixels held by waiting and running jobs over `max_queued_pixels` (a job alone is always taken).
+    """
 
     def __init__(
-        self, assistant: PaLlava, max_batch_size: int = 8, window_s: float = 0.02, max_queue: int = 256
+        self,
+        assistant: PaLlava,
+        max_batch_size: int = 8,
+        window_s: float = 0.02,
+        max_queue: int = 256,
+        max_queued_pixels: int | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1 or window_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and window_s >= 0")
-        self.assistant = assistant
+        self.assistant = pretiled(assistant)
         self.max_batch_size, self.window_s, self.max_queue = max_batch_size, window_s, max_queue
+        self.max_queued_pixels = max_queued_pixels
         self._pending: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._held_pixels = 0
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.batches = self.completed = self.largest_batch = 0
+        self.batches = self.completed = self.cancelled = self.largest_batch = 0
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -121,7 +195,7 @@ class BatchingEngine:
             left, self._pending = list(self._pending), collections.deque()
             self._cond.notify_all()
         for job in left:
-            _settle(job, EngineUnavailable("the server is shutting down"))
+            self._settle(job, EngineUnavailable("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -131,30 +205,59 @@ class BatchingEngine:
                 raise EngineUnavailable("the generation engine is not running")
             if len(self._pending) >= self.max_queue:
                 raise EngineUnavailable(f"the server is busy ({self.max_queue} requests queued); retry later")
+            budget = self.max_queued_pixels
+            if budget is not None and self._held_pixels and self._held_pixels + job.pixels > budget:
+                raise EngineUnavailable(
+                    f"the server is busy (queued images hold {self._held_pixels:,} of {budget:,} pixels); "
+                    "retry later"
+                )
+            self._held_pixels += job.pixels
             self._pending.append(job)
             self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client left: drop the job if it waits; a running batch stops once all its clients left."""
+        with self._cond:
+            if job.settled or job.cancelled:
+                return
+            job.cancelled = True
+            if job in self._pending:
+                self._pending.remove(job)
+                self._held_pixels -= job.pixels
+                job.settled = True
+                self.cancelled += 1
 
     @property
     def stats(self) -> dict[str, int]:
         with self._cond:
-            queued = len(self._pending)
-        return {
-            "queued": queued,
-            "completed": self.completed,
-            "batches": self.batches,
-            "largest_batch": self.largest_batch,
-        }
+            return {
+                "queued": len(self._pending),
+                "running": len(self._running),
+                "completed": self.completed,
+                "cancelled": self.cancelled,
+                "batches": self.batches,
+                "largest_batch": self.largest_batch,
+                "image_pixels_held": self._held_pixels,
+            }
 
     # --- worker -------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cond:
+                burst_over = not self._pending
+            if burst_over:
+                release_memory()  # hand what the last burst freed back to the system
+            with self._cond:
                 while not self._pending and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
-                batch = self._take_batch()
-            self._run(batch)
+                batch = self._running = self._take_batch()
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._running = []
 
     def _take_batch(self) -> list[Job]:
         """Under the lock: the oldest job plus compatible ones that arrive within the window."""
@@ -168,6 +271,8 @@ class BatchingEngine:
             if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed:
                 break
             self._cond.wait(remaining)
+            if first not in self._pending:  # cancelled while the window was open
+                return []
         batch = batch[: self.max_batch_size]
         taken = set(map(id, batch))
         self._pending = collections.deque(j for j in self._pending if id(j) not in taken)
@@ -177,16 +282,13 @@ class BatchingEngine:
         now = time.monotonic()
         live = []
         for job in batch:
-            if job.cancelled:
-                continue
             if now >= job.deadline:
-                _settle(job, job.timed_out())
+                self._settle(job, job.timed_out())
             else:
                 live.append(job)
         if not live:
             return
         options = live[0].options
-        streamer = _JobStreamer(self.assistant.processor.tokenizer, live[0]) if live[0].streaming else None
         try:
             completions = self.assistant.complete(
                 [job.conversation for job in live],
@@ -195,23 +297,46 @@ class BatchingEngine:
                 temperature=options.temperature,
                 top_p=options.top_p,
                 max_time=min(job.deadline for job in live) - now,
-                streamer=streamer,
+                streamer=_BatchWatch(live, self.assistant.processor.tokenizer),
             )
         except Exception as error:  # reported to each client; the worker keeps serving
             if not isinstance(error, (JobCancelled, ValueError)):
                 log.exception("generation failed")
             for job in live:
-                _settle(job, error)
+                self._settle(job, error)
             return
         self.batches += 1
-        self.completed += len(live)
         self.largest_batch = max(self.largest_batch, len(live))
         for job, completion in zip(live, completions, strict=True):
-            _settle(job, job.timed_out() if completion.finish_reason == "time" else completion)
+            self._settle(job, job.timed_out() if completion.finish_reason == "time" else completion)
+
+    def _settle(self, job: Job, result: Completion | BaseException) -> None:
+        with self._cond:
+            if job.settled:
+                return
+            job.settled = True
+            self._held_pixels -= job.pixels
+            if job.cancelled:
+                self.cancelled += 1
+            elif isinstance(result, Completion):
+                self.completed += 1
+        try:
+            job.on_done(result)
+        except Exception:  # a closed event loop must not take the worker down
+            log.exception("could not deliver a result")
 
 
-def _settle(job: Job, result: Completion | BaseException) -> None:
+@functools.cache
+def _libc():
     try:
-        job.on_done(result)
-    except Exception:  # a closed event loop must not take the worker down
-        log.exception("could not deliver a result")
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the operating system. glibc keeps what a burst of large images freed
+    (in every thread's arena) unless asked with `malloc_trim`; elsewhere this does nothing."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

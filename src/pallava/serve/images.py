@@ -5,6 +5,8 @@
 * Remote URLs (`http:`, `https:`, any `scheme://`) are refused: the server never fetches on a client's behalf.
 * Local paths are refused unless the server names a folder (`--allow-local-dir`); then only relative paths
   inside it are read: no absolute paths, no `..`, no symbolic links.
+* URL schemes are matched case-insensitively (`DATA:` is a data URL, not a file name); a URL holding NUL or
+  a lone surrogate is refused before it reaches the file system.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from PIL import Image
 
 from pallava.processing.image import CorruptImageError, ImageTooLargeError, load_image
-from pallava.serve.protocol import APIError
+from pallava.serve.protocol import APIError, unicode_problem
 
 IMAGE_TYPES = frozenset(
     {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "image/tiff"}
 )
-_DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
+_DATA_URL = re.compile(
+    r"data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL | re.IGNORECASE
+)
 _REMOTE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -36,10 +40,14 @@ def load_request_image(
     local_dir: Path | None = None,
 ) -> Image.Image:
     """Decode one `image_url` under the server's limits; any refusal is an `APIError` naming `param`."""
-    if url.startswith("data:"):
+    problem = "it holds a NUL character" if "\0" in url else unicode_problem(url)
+    if problem:
+        raise APIError(400, f"{param}: invalid image URL: {problem}", param=param, code="invalid_image_url")
+    scheme = url[:5].lower()
+    if scheme == "data:":
         data = _decode_data_url(url, param, max_bytes)
         source: bytes | Path = data
-    elif _REMOTE.match(url) and not url.startswith("file:"):
+    elif _REMOTE.match(url) and scheme != "file:":
         raise APIError(
             400,
             f"{param}: remote image URLs are refused (the server does not fetch URLs); "
@@ -100,7 +108,7 @@ def _local_path(url: str, param: str, max_bytes: int, local_dir: Path | None) ->
             param=param,
             code="local_path_refused",
         )
-    text = url.removeprefix("file:")
+    text = url[5:] if url[:5].lower() == "file:" else url
     refuse = None
     if not text:
         refuse = "empty path"
@@ -118,7 +126,7 @@ def _local_path(url: str, param: str, max_bytes: int, local_dir: Path | None) ->
     candidate = Path(os.path.normpath(root / text))
     try:
         resolved = candidate.resolve(strict=True)
-    except (FileNotFoundError, NotADirectoryError, RuntimeError, OSError):
+    except (RuntimeError, OSError, ValueError):  # missing, a loop, or a name the file system refuses
         raise APIError(
             400, f"{param}: no such image in the allowed folder: {text}", param=param, code="image_not_found"
         ) from None

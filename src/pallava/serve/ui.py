@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pallava.inference import PaLlava
-from pallava.processing.image import heat_on_image, load_image
+from pallava.processing.image import ImageSource, heat_on_image, load_image
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -63,34 +63,52 @@ def browser_ready(paths: Sequence[Path], folder: Path) -> list[Path]:
     return ready
 
 
+def answer_question(
+    assistant: PaLlava, image: ImageSource | None, question: str, max_new_tokens: int, temperature: float
+) -> tuple[str, Image.Image, str]:
+    """The page's answer: (text, heat-map overlay, tile note). `image` is the uploaded file's path, so its
+    header is checked against the pixel limit before it is decoded; any refusal is a `gr.Error` for the
+    page."""
+    import gradio as gr
+
+    if image is None:
+        raise gr.Error("Upload an image or pick an example first.")
+    if not question or not question.strip():
+        raise gr.Error("Type a question about the image.")
+    try:
+        picture = load_image(image, assistant.processor.image_processor.max_pixels)
+        text = assistant.ask(
+            picture, question.strip(), max_new_tokens=max_new_tokens, temperature=temperature
+        )
+        heat, grid = assistant.attention_heatmap(picture)
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+    tile_size = assistant.processor.image_processor.tile_size
+    note = f"{grid[0]}×{grid[1]} tiles of {tile_size} px."
+    if not heat.any():
+        note += " This model has no tile cross-attention, so the map is empty."
+    return text, heatmap_overlay(picture, heat, grid, tile_size), note
+
+
 def build_ui(assistant: PaLlava, examples: Sequence[Path] = (), max_tokens: int = 64) -> gr.Blocks:
     """The Gradio page: image + question in, answer + heat-map overlay out."""
     import gradio as gr
 
-    tile_size = assistant.processor.image_processor.tile_size
-
-    def answer(image: Image.Image | None, question: str, max_new_tokens: float, temperature: float):
-        if image is None:
-            raise gr.Error("Upload an image or pick an example first.")
-        if not question or not question.strip():
-            raise gr.Error("Type a question about the image.")
-        try:
-            text = assistant.ask(
-                image, question.strip(), max_new_tokens=int(max_new_tokens), temperature=float(temperature)
-            )
-            heat, grid = assistant.attention_heatmap(image)
-        except ValueError as error:
-            raise gr.Error(str(error)) from error
-        note = f"{grid[0]}×{grid[1]} tiles of {tile_size} px."
-        if not heat.any():
-            note += " This model has no tile cross-attention, so the map is empty."
-        return text, heatmap_overlay(image, heat, grid, tile_size), note
+    def answer(image: str | None, question: str, max_new_tokens: float, temperature: float):
+        return answer_question(assistant, image, question, int(max_new_tokens), float(temperature))
 
     with gr.Blocks(title="pallava", analytics_enabled=False) as demo:
         gr.Markdown("# pallava\nAsk the pathology assistant about an image.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                # A file path, not a decoded image: Gradio would decode it before the size check otherwise.
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    label="Image",
+                    sources=["upload", "clipboard"],
+                    elem_id="image",
+                )
                 question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, elem_id="question")
                 with gr.Accordion("Generation options", open=False):
                     tokens = gr.Slider(1, 512, value=max_tokens, step=1, label="Max new tokens")

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,19 +161,25 @@ def save_training_state(
 
 
 def prepare_run(
-    accelerator: Accelerator, out_dir: str | Path, resume: bool, recipe: dict[str, Any]
+    accelerator: Accelerator,
+    out_dir: str | Path,
+    resume: bool,
+    recipe: dict[str, Any],
+    complete_saved: Callable[[dict[str, Any]], dict[str, Any]] = lambda saved: saved,
 ) -> Path | None:
     """Get a run's output folder ready; returns the checkpoint to continue from (None: from the start).
 
     With `resume` (the default, `--resume auto`) a re-run continues from the newest complete checkpoint
-    and refuses a changed recipe; nothing is deleted. Only an explicit start-over (`--resume never`)
+    and refuses a changed recipe (the saved one completed by `complete_saved`, e.g. with settings added since
+    it was written); nothing is deleted. Only an explicit start-over (`--resume never`)
     removes the old checkpoints, so that they cannot be resumed by mistake later. Collective.
     """
     out_dir = Path(out_dir)
     directory, recipe_path = out_dir / CHECKPOINT_DIR, out_dir / RECIPE_FILE
     latest = latest_complete(directory) if resume else None
     if latest is not None and recipe_path.is_file():
-        changed = recipe_differences(yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}, recipe)
+        saved = complete_saved(yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {})
+        changed = recipe_differences(saved, recipe)
         if changed:
             raise ValueError(
                 f"{out_dir}: cannot resume, the recipe changed in {changed}; "

@@ -21,6 +21,7 @@ import yaml
 from pallava.processing.augment import Augmentation
 
 STAGES = ("align", "instruct")
+OVERLONG_POLICIES = ("truncate", "drop")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class DataSection:
         None  # several datasets: sqrt (default) | equal | proportional | none (data.datasets)
     )
     weights: dict | None = None  # dataset name -> sampling weight, replacing the balance mode's weight
+    overlong: str = "truncate"  # samples over the processor's max_length: truncate (as the authors) | drop
 
 
 @dataclass
@@ -166,6 +168,10 @@ class Recipe:
         if self.stage == "instruct" and not self.model.init:
             raise ValueError(
                 "stage instruct starts from a trained model: set model.init (or --init) to the align output"
+            )
+        if self.data.overlong not in OVERLONG_POLICIES:
+            raise ValueError(
+                f"data.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.data.overlong!r}"
             )
         if self.augment.views < 0 or not 0 <= self.augment.large <= 1:
             raise ValueError(
@@ -356,6 +362,12 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict
     data = _deep_merge(data, extra)
     data.pop("stage", None)
     return build_config(Recipe, {**data, "stage": stage}, source)
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved recipe dict with every key added since it was written set to its default, so that a new
+    setting left at its default does not stop an older run from resuming."""
+    return _deep_merge(Recipe().to_dict(), saved)
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -244,28 +244,60 @@ class Collator:
         return sample.image_source
 
     def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Model inputs of the samples at `indices`, plus `num_label_tokens`, `num_samples` and `truncated`
+        (the ids of samples cut to the processor's `max_length`, as the authors do)."""
         chosen = [self.samples[i] for i in indices]
-        conversations = [s.conversation for s in chosen]
+        encoded, truncated = [], []
         try:
-            if self.cache is None:
-                images = [[self._image(s)] if s.image_source is not None else [] for s in chosen]
-                batch = dict(self.processor(text=conversations, images=images))
-            else:
-                encoded = [self.processor.encode_conversation(c) for c in conversations]
-                for sample, (ids, _) in zip(chosen, encoded, strict=True):
-                    if len(ids) > self.processor.max_length:
-                        raise ValueError(f"{len(ids)} tokens, over the limit of {self.processor.max_length}")
-                    if self.processor.count_images(sample.conversation) != (sample.image_source is not None):
-                        raise ValueError("the number of <image> placeholders does not match the image")
-                batch = self.processor.pad(encoded)
+            for sample in chosen:
+                ids, labels = self._encode(sample)
+                if len(ids) > self.processor.max_length:
+                    ids, labels = self.processor.truncate(ids, labels)
+                    truncated.append(sample.id)
+                encoded.append((ids, labels))
+            batch = self.processor.pad(encoded)
+            if self.cache is not None:
                 keys = [self.image_keys[i] for i in indices if self.image_keys[i] is not None]
                 if keys:
                     batch.update(self.cache.batch(keys))
+            else:
+                images = [self._image(s) for s in chosen if s.image_source is not None]
+                if images:
+                    pixels = self.processor.image_processor(images)
+                    batch.update(pixel_values=pixels["pixel_values"], tile_mask=pixels["tile_mask"])
         except ValueError as error:
             raise ValueError(f"batch of samples {[s.id for s in chosen]}: {error}") from None
         batch["num_label_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         batch["num_samples"] = len(chosen)
+        batch["truncated"] = truncated
         return batch
+
+    def _encode(self, sample: Sample) -> tuple[list[int], list[int]]:
+        placeholders, images = (
+            self.processor.count_images(sample.conversation),
+            int(sample.image_source is not None),
+        )
+        if placeholders != images:
+            raise ValueError(
+                f"sample {sample.id}: {placeholders} <image> placeholder(s) in the text but {images} image(s)"
+            )
+        return self.processor.encode_conversation(sample.conversation)
+
+
+def drop_overlong(samples: Sequence[Sample], processor: PaLlavaProcessor) -> tuple[list[Sample], list[str]]:
+    """(samples that fit the processor's `max_length`, ids of those that do not), in order.
+
+    Encodes every conversation once, so `data.overlong: drop` costs one tokenisation pass at the start of a
+    run
+    instead of an error in the middle of it.
+    """
+    kept, dropped = [], []
+    for sample in samples:
+        if len(processor.encode_conversation(sample.conversation)[0]) > processor.max_length:
+            dropped.append(sample.id)
+        else:
+            kept.append(sample)
+    return kept, dropped
 
 
 class StepBatches(torch.utils.data.Dataset):

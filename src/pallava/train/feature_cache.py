@@ -4,12 +4,15 @@ While the vision tower is frozen its output for an image never changes, so train
 from disk instead of decoding, tiling and encoding the image on every epoch (and on the next stage, as
 long as the tower is the same). Entries are keyed by the sha256 of the image bytes; the folder they
 live in (the *namespace*) is a hash of the vision weights, the feature layer and the tiling settings,
-so a different tower or tiling can never read stale features.
+so a different tower or tiling can never read stale features. Every tile that holds image pixels is
+encoded and stored whatever the connector does with tiles, so one cache serves connectors with and
+without tile cross-attention; a crop marked real whose features are all zero is refused.
 
 Layout: `<root>/<namespace>/features-<writer>-<n>.safetensors`, each holding `<key>.features`
-(1+T, P, D) for the real crops only and `<key>.grid` (columns, rows). Shards are written under a
-temporary name and renamed; the index is the set of tensor names in the shards, read from their
-headers, so several processes can add shards at once without a shared index file.
+(1+T, P, D) for the global view and the grid's T tiles (zeros for tiles of pure padding),
+`<key>.tile_mask` (T,) and `<key>.grid` (columns, rows). Shards are written under a temporary name
+and renamed; the index is the set of tensor names in the shards, read from their headers, so several
+processes can add shards at once without a shared index file.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 from pallava.processing.image import CLIP_MEAN, CLIP_STD, ImageSource, PaLlavaImageProcessor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tile masks stored; tiles always encoded (1 could hold zero tiles)
 SHARD_GLOB = "features-*.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -110,31 +113,41 @@ class FeatureCache:
         return self._handles[path]
 
     def get(self, key: str) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(features (1+T, P, D) of the real crops, grid (columns, rows)) of one image."""
+        """(features (1+T, P, D), grid (columns, rows)) of one image; zeros for tiles of pure padding."""
         if key not in self._index:
             raise KeyError(f"image {key[:12]}... has no cached features in {self.directory}")
         handle = self._handle(self._index[key])
         grid = handle.get_tensor(f"{key}.grid")
         return handle.get_tensor(f"{key}.features"), (int(grid[0]), int(grid[1]))
 
+    def tile_mask(self, key: str) -> torch.Tensor:
+        """(T,) bool of one image: False for the grid's tiles of pure padding."""
+        if key not in self._index:
+            raise KeyError(f"image {key[:12]}... has no cached features in {self.directory}")
+        return self._handle(self._index[key]).get_tensor(f"{key}.tile_mask")
+
     def batch(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Model inputs for N images: `crop_features` (N, 1+T, P, D) zero-padded and `tile_mask` (N, T)."""
-        entries = [self.get(key) for key in keys]
-        max_tiles = max(features.shape[0] - 1 for features, _ in entries)
-        first = entries[0][0]
-        crop_features = first.new_zeros(len(entries), 1 + max_tiles, *first.shape[1:])
-        tile_mask = torch.zeros(len(entries), max_tiles, dtype=torch.bool)
-        for i, (features, _) in enumerate(entries):
-            crop_features[i, : features.shape[0]] = features
-            tile_mask[i, : features.shape[0] - 1] = True
+        features = [self.get(key)[0] for key in keys]
+        masks = [self.tile_mask(key) for key in keys]
+        max_tiles = max(mask.shape[0] for mask in masks)
+        crop_features = features[0].new_zeros(len(keys), 1 + max_tiles, *features[0].shape[1:])
+        tile_mask = torch.zeros(len(keys), max_tiles, dtype=torch.bool)
+        for i, (crops, mask) in enumerate(zip(features, masks, strict=True)):
+            crop_features[i, : crops.shape[0]] = crops
+            tile_mask[i, : mask.shape[0]] = mask
         return {"crop_features": crop_features, "tile_mask": tile_mask}
 
     # --- writing ------------------------------------------------------------------------------------
-    def write_shard(self, entries: dict[str, tuple[torch.Tensor, tuple[int, int]]], writer: str) -> Path:
-        """Write one shard atomically (temporary name, then rename) and add it to the index."""
+    def write_shard(
+        self, entries: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]], writer: str
+    ) -> Path:
+        """Write one shard of key -> (features, tile mask, grid) atomically (temporary name, then rename)
+        and add it to the index."""
         tensors = {}
-        for key, (features, grid) in entries.items():
+        for key, (features, mask, grid) in entries.items():
             tensors[f"{key}.features"] = features.contiguous()
+            tensors[f"{key}.tile_mask"] = mask.to(torch.bool).contiguous()
             tensors[f"{key}.grid"] = torch.tensor(grid, dtype=torch.int64)
         path = self.directory / f"features-{writer}-{uuid.uuid4().hex[:8]}.safetensors"
         partial = path.with_name(path.name + ".partial")
@@ -159,11 +172,11 @@ class FeatureCache:
     ) -> int:
         """Compute and store the features of `images` (key -> source) that are not cached yet.
 
-        `encode` maps (pixel_values, tile_mask) to (N, 1+T, P, D), e.g. `model.encode_crops`.
-        Returns how many images were encoded.
+        `encode` maps (pixel_values, tile_mask) to (N, 1+T, P, D) with real features for every crop the
+        mask marks, e.g. `model.encode_crops`. Returns how many images were encoded.
         """
         todo = self.missing(list(images))
-        pending: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
+        pending: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
         bar = tqdm(
             total=len(todo), desc="caching vision features", unit="img", disable=not progress or not todo
         )
@@ -178,7 +191,18 @@ class FeatureCache:
             features = features.detach().to("cpu", dtype or features.dtype)
             for i, key in enumerate(keys):
                 cols, rows = (int(v) for v in batch["grids"][i])
-                pending[key] = (features[i, : 1 + cols * rows].clone(), (cols, rows))
+                mask = batch["tile_mask"][i, : cols * rows].clone()
+                real = torch.cat(
+                    [mask.new_ones(1), mask]
+                )  # (1+T,): the global view and the tiles with pixels
+                zero = features[i, : 1 + cols * rows].abs().amax(dim=(-1, -2)) == 0
+                if bool((zero & real).any()):
+                    raise ValueError(
+                        f"feature cache: the encoder returned all-zero features for real crop(s) "
+                        f"{(zero & real).nonzero().flatten().tolist()} of image {key[:12]}...; "
+                        "cached features must not depend on the connector"
+                    )
+                pending[key] = (features[i, : 1 + cols * rows].clone(), mask, (cols, rows))
             while len(pending) >= self.shard_size:
                 ready = list(pending)[: self.shard_size]
                 self.write_shard({key: pending.pop(key) for key in ready}, writer)

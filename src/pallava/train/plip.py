@@ -28,14 +28,14 @@ from pallava.data.labels import LabelMap
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
-from pallava.models.plip.zeroshot import PlipZeroShot
+from pallava.models.plip.zeroshot import PlipZeroShot, zeroshot_predictions
 from pallava.processing.augment import Augmentation
 from pallava.train import checkpoints
 from pallava.train.feedback import StepLog
 from pallava.train.optim import adamw
 from pallava.train.plip_config import PlipTrainConfig
 from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
-from pallava.train.plip_eval import plot_training_curve, zeroshot_predictions
+from pallava.train.plip_eval import plot_training_curve
 
 
 def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:

@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from pallava.data.labels import LabelMap
 from pallava.eval.metrics import accuracy, confusion_matrix, precision_recall_f1
 from pallava.models.plip.losses import positive_mask
-from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, caption_for, class_prompts
-from pallava.models.plip.zeroshot import PlipZeroShot, recall_at_k
+from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, caption_for
+from pallava.models.plip.zeroshot import PlipZeroShot, recall_at_k, zeroshot_predictions
 from pallava.train.plip_data import PlipSample
 
 
@@ -33,20 +33,6 @@ def classification_metrics(
         "labels": list(labels),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels).tolist(),
     }
-
-
-def zeroshot_predictions(
-    zs: PlipZeroShot,
-    image_embeds: torch.Tensor,
-    label_map: LabelMap,
-    templates: Sequence[str] = ZEROSHOT_TEMPLATES,
-) -> tuple[list[str], np.ndarray]:
-    """Predicted labels and (N, C) probabilities from precomputed image embeddings (prompt ensemble)."""
-    proba = zs.proba_from_embeddings(
-        image_embeds, zs.class_embeddings(class_prompts(label_map, tuple(templates)))
-    )
-    labels = label_map.labels()
-    return [labels[i] for i in proba.argmax(axis=1)], proba
 
 
 def zeroshot_report(

@@ -30,12 +30,13 @@ from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import load_preset
 from pallava.processing.processor import CROP_FEATURES, IGNORE_INDEX, MODEL_INPUT_NAMES, PaLlavaProcessor
 from pallava.train import checkpoints
-from pallava.train.config import Recipe
+from pallava.train.config import Recipe, with_defaults
 from pallava.train.data import (
     Collator,
     Sample,
     assign_views,
     augmented_view,
+    drop_overlong,
     epoch_loader,
     global_batch_size,
     load_samples,
@@ -106,6 +107,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / checkpoints.CHECKPOINT_DIR
         self.global_step = 0
         self.timings: dict[str, float] = {}
+        self.overlong: dict[str, Any] = {"policy": recipe.data.overlong}
 
     # --- setup --------------------------------------------------------------------------------------
     def _accelerator(self) -> Accelerator:
@@ -127,7 +129,7 @@ class Trainer:
     def _check_out_dir(self, accelerator: Accelerator) -> None:
         if (self.out_dir / "config.json").is_file():
             raise ValueError(f"{self.out_dir} already holds a trained model; choose another --out")
-        checkpoints.prepare_run(accelerator, self.out_dir, self.resume, self.recipe.to_dict())
+        checkpoints.prepare_run(accelerator, self.out_dir, self.resume, self.recipe.to_dict(), with_defaults)
 
     def _image_keys(self, samples: Sequence[Sample]) -> list[str | None]:
         """Content keys of the samples' images (each file read once); an augmented view's key adds the view
@@ -307,16 +309,55 @@ class Trainer:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = float(accelerator.reduce(loss_sum, "sum") / total_tokens)
-        samples = accelerator.reduce(
-            torch.tensor(float(sum(b["num_samples"] for b in micro)), device=device), "sum"
+        counts = torch.tensor(
+            [
+                float(sum(b["num_samples"] for b in micro)),
+                float(sum(len(b.get("truncated", ())) for b in micro)),
+            ],
+            device=device,
         )
+        samples, truncated = accelerator.reduce(counts, "sum").tolist()
         return {
             "loss": loss,
             "lr": rates,
             "grad_norm": grad_norm,
             "samples": int(samples),
             "tokens": int(total_tokens),
+            "truncated": int(truncated),
         }
+
+    # --- over-long samples --------------------------------------------------------------------------
+    def _fitting_samples(
+        self, accelerator, samples: list[Sample], processor: PaLlavaProcessor
+    ) -> list[Sample]:
+        """With `data.overlong: drop`, the samples over `max_length` are left out before the first step
+        (counted and named in the log and the run summary); with `truncate` the collator cuts them."""
+        if self.recipe.data.overlong != "drop":
+            return samples
+        kept, dropped = drop_overlong(samples, processor)
+        self.overlong.update(dropped=len(dropped), dropped_ids=dropped[:20])
+        if dropped:
+            accelerator.print(
+                f"warning: data.overlong=drop: left out {len(dropped)} of {len(samples)} samples over "
+                f"{processor.max_length} tokens: {', '.join(dropped[:5])}"
+                + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+            )
+        if not kept:
+            raise ValueError(
+                f"data.path: every sample is over {processor.max_length} tokens (data.overlong=drop)"
+            )
+        return kept
+
+    def _warn_truncated(self, accelerator, micro: list[dict[str, Any]]) -> None:
+        """Say it once; every step's count is in metrics.jsonl (`truncated`) and the total in the summary."""
+        if not self.overlong.get("warned"):
+            ids = [i for batch in micro for i in batch.get("truncated", ())]
+            accelerator.print(
+                f"warning: step {self.global_step}: over-long sample(s) cut to the processor's "
+                f"max_length (data.overlong=truncate){': ' + ', '.join(ids[:5]) if ids else ''}; "
+                "counted per step as 'truncated' in metrics.jsonl"
+            )
+            self.overlong["warned"] = True
 
     def _sample_answers(
         self, accelerator, model, processor, samples: Sequence[Sample]
@@ -343,11 +384,17 @@ class Trainer:
         return answers
 
     @staticmethod
-    def _fixed_samples(samples: Sequence[Sample], count: int) -> list[Sample]:
-        """`count` samples drawn once with a fixed seed (preferring ones with images), in dataset order."""
+    def _fixed_samples(samples: Sequence[Sample], count: int, processor: PaLlavaProcessor) -> list[Sample]:
+        """`count` samples drawn once with a fixed seed (preferring ones with images), in dataset order;
+        a draw whose question alone is over `max_length` is skipped (asking it would fail)."""
         pool = [s for s in samples if s.image_source is not None] or list(samples)
         picks = sorted(random.Random(0).sample(range(len(pool)), min(count, len(pool))))
-        return [pool[i] for i in picks]
+        fits = [pool[i] for i in picks]
+        return [
+            s
+            for s in fits
+            if len(processor.encode_conversation(s.conversation[:1], True)[0]) <= processor.max_length
+        ]
 
     # --- run ----------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -360,7 +407,7 @@ class Trainer:
         if run.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(accelerator.device)
-        samples = load_samples(recipe.data, recipe.stage)
+        samples = self._fitting_samples(accelerator, load_samples(recipe.data, recipe.stage), processor)
         assign_views(samples, recipe.augment.views, recipe.data.seed)
         per_epoch = steps_per_epoch(len(samples), run.batch_size, accelerator.num_processes, run.grad_accum)
         total_steps = run.max_steps or run.epochs * per_epoch
@@ -387,7 +434,7 @@ class Trainer:
         self._restore(accelerator)
 
         log = RunLog(self.out_dir, self.global_step, recipe.logging.tensorboard) if self._is_main else None
-        fixed = self._fixed_samples(samples, recipe.logging.num_samples)
+        fixed = self._fixed_samples(samples, recipe.logging.num_samples, processor)
         bar = tqdm(
             total=total_steps,
             initial=self.global_step,
@@ -430,6 +477,9 @@ class Trainer:
                     "samples_per_s": result["samples"] / max(elapsed, 1e-9),
                     "tokens": result["tokens"],
                 }
+                if result["truncated"]:
+                    record["truncated"] = result["truncated"]
+                    self._warn_truncated(accelerator, micro)
                 logging_step = self.global_step % recipe.logging.every == 0 or self.global_step == total_steps
                 if log is not None:
                     log.step(record, scalars=logging_step)
@@ -486,7 +536,11 @@ class Trainer:
             previous = Path(self.recipe.model.init) / HISTORY_FILE
             if previous.is_file():
                 history = json.loads(previous.read_text())
-        tail = read_jsonl(self.out_dir / METRICS_FILE)[-20:]
+        metrics = read_jsonl(self.out_dir / METRICS_FILE)
+        tail = metrics[-20:]
+        overlong = {k: v for k, v in self.overlong.items() if k != "warned"}
+        if overlong["policy"] == "truncate":  # summed over the whole run, resumed parts included
+            overlong["truncated"] = sum(r.get("truncated", 0) for r in metrics)
         entry = {
             "stage": self.recipe.stage,
             "recipe": self.recipe.to_dict(),
@@ -496,6 +550,7 @@ class Trainer:
             "precision": precision,
             "final_loss": sum(r["loss"] for r in tail) / len(tail),
             "timings_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in self.timings.items()},
+            "overlong": overlong,
         }
         history.append(entry)
         (self.out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pallava.data.labels import LabelMap
 from pallava.models.plip.modeling_plip import PlipModel
+from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, class_prompts
+from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image, normalize_to_tensor
 
 
@@ -27,6 +30,7 @@ class PlipZeroShot:
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.stain_normalize: str | None = None  # e.g. "macenko": images mapped onto reference H&E stains
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
@@ -51,9 +55,11 @@ class PlipZeroShot:
         size = self.model.image_size
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-            batch = torch.stack(
-                [normalize_to_tensor(load_image(img), size) for img in images[start : start + batch_size]]
-            )
+            loaded = [
+                stain_normalize(load_image(img), self.stain_normalize)
+                for img in images[start : start + batch_size]
+            ]
+            batch = torch.stack([normalize_to_tensor(img, size) for img in loaded])
             chunks.append(self.encode_pixels(batch))
         if not chunks:
             return torch.empty(0, self.model.config.embed_dim)
@@ -112,3 +118,17 @@ def recall_at_k(
     order = np.argsort(-similarity, axis=1, kind="stable")
     hits = np.take_along_axis(positives, order, axis=1)
     return {f"R@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def zeroshot_predictions(
+    zs: PlipZeroShot,
+    image_embeds: torch.Tensor,
+    label_map: LabelMap,
+    templates: Sequence[str] = ZEROSHOT_TEMPLATES,
+) -> tuple[list[str], np.ndarray]:
+    """Predicted labels and (N, C) probabilities from precomputed image embeddings (prompt ensemble)."""
+    proba = zs.proba_from_embeddings(
+        image_embeds, zs.class_embeddings(class_prompts(label_map, tuple(templates)))
+    )
+    labels = label_map.labels()
+    return [labels[i] for i in proba.argmax(axis=1)], proba

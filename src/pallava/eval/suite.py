@@ -1,0 +1,362 @@
+"""Evaluation as a suite: many benchmarks, each model loaded once, per-dataset reports and one summary.
+
+For each benchmark of a suite file (`pallava.eval.suite_config`) this runs the same functions as the
+single commands, into `OUT/<name>/`:
+
+- `plip-zeroshot/`: PLIP prompt-ensemble zero-shot classification (as `pallava plip zeroshot`),
+- `vqa/`: the assistant's closed / open / multiple-choice answers (as `pallava eval vqa`),
+- `zeroshot/`: the assistant's zero-shot classification, its answer (a class name) mapped to a label
+  (as `pallava eval zeroshot`),
+
+then writes `OUT/summary.{md,json,png}`. A benchmark is skipped on a re-run when its marker
+(`OUT/.suite/<name>.json`, written after its reports) matches the run's settings; an unfinished one
+resumes from its predictions files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pallava.data.builders import vqa_from_labels
+from pallava.data.importers.manifest import read_manifest
+from pallava.data.labels import LabelMap
+from pallava.data.records import LabelledImage
+from pallava.eval.report import vqa_report, write_report, zeroshot_report
+from pallava.eval.runner import model_tokenize, run_vqa, run_zeroshot
+from pallava.eval.suite_config import Benchmark, Suite, SuiteSettings, load_suite
+from pallava.eval.suite_report import class_summary, vqa_summary, write_summary
+from pallava.eval.tasks import load_vqa_items, model_prompt_style, sample_items
+
+MARKERS = ".suite"
+
+
+def _device(device: str | None) -> str | None:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else None)
+
+
+class LazyAssistant:
+    """`PaLlava.from_pretrained(model_dir)` on first use, so a run with nothing left to answer (a
+    finished benchmark, a report re-written with another scorer) loads no weights."""
+
+    def __init__(
+        self, model_dir: str | Path, device: str | None = None, stain_normalize: str | None = None
+    ) -> None:
+        self.model_dir = model_dir
+        self.device = device
+        self.stain_normalize = stain_normalize  # e.g. "macenko": images mapped onto reference H&E stains
+        self.assistant: Any = None
+
+    def _loaded(self) -> Any:
+        if self.assistant is None:
+            from pallava.inference import PaLlava
+
+            self.assistant = PaLlava.from_pretrained(self.model_dir, device=_device(self.device))
+            self.assistant.stain_normalize = self.stain_normalize
+        return self.assistant
+
+    def ask_batch(self, images: Sequence[Any], questions: Sequence[str], **options: Any) -> list[str]:
+        return self._loaded().ask_batch(images, questions, **options)
+
+    def tile_grid(self, image: Any) -> tuple[int, int]:
+        return self._loaded().tile_grid(image)
+
+
+@dataclass
+class _Models:
+    """The models of one suite run, each loaded at most once for every benchmark."""
+
+    assistant: LazyAssistant
+    plip_dir: Path | None
+    device: str | None
+    prompt_style: str | None = None  # the model folder's (a converted release: `paper`)
+    _plip: Any = None
+
+    def plip(self) -> Any:
+        if self._plip is None:
+            from pallava.models.plip import PlipZeroShot
+
+            self._plip = PlipZeroShot.from_pretrained(self.plip_dir, device=_device(self.device) or "cpu")
+            self._plip.stain_normalize = self.assistant.stain_normalize
+        return self._plip
+
+
+def _plip_zeroshot(
+    models: _Models,
+    images: list[LabelledImage],
+    label_map: LabelMap,
+    out: Path,
+    settings: SuiteSettings,
+    progress: bool,
+) -> dict[str, Any]:
+    """PLIP prompt-ensemble classification with the `eval zeroshot` report (95% intervals included)."""
+    from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
+    from pallava.models.plip.zeroshot import zeroshot_predictions
+
+    plip = models.plip()
+    embeds = plip.encode_images([i.path for i in images], settings.plip_batch_size, progress=progress)
+    predicted, proba = zeroshot_predictions(plip, embeds, label_map, ZEROSHOT_TEMPLATES)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+        for item, label, row in zip(images, predicted, proba, strict=True):
+            handle.write(
+                json.dumps(
+                    {
+                        "image": item.path,
+                        "label": item.label,
+                        "predicted": label,
+                        "proba": [round(float(x), 6) for x in row],
+                    }
+                )
+                + "\n"
+            )
+    report = zeroshot_report(
+        [i.label for i in images], predicted, label_map.labels(), settings.n_resamples, settings.seed
+    )
+    report.update(
+        model=str(models.plip_dir), class_names=label_map.names(), templates=list(ZEROSHOT_TEMPLATES)
+    )
+    return report
+
+
+def _assistant_vqa(
+    models: _Models, items: Sequence[Any], out: Path, settings: SuiteSettings, progress: bool
+) -> dict[str, Any]:
+    records = run_vqa(
+        models.assistant,
+        items,
+        out / "predictions.jsonl",
+        settings.batch_size,
+        settings.max_new_tokens,
+        progress=progress,
+        prompt_style=models.prompt_style,
+    )
+    tokenize = model_tokenize(models.assistant.model_dir) if settings.scorer == "paper" else None
+    report = vqa_report(records, settings.scorer, settings.n_resamples, settings.seed, tokenize=tokenize)
+    report["generation"] = {
+        "decoding": "greedy",
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+    }
+    return report
+
+
+def _assistant_classification(
+    models: _Models,
+    images: list[LabelledImage],
+    label_map: LabelMap,
+    out: Path,
+    settings: SuiteSettings,
+    progress: bool,
+) -> dict[str, Any]:
+    records = run_zeroshot(
+        models.assistant,
+        images,
+        label_map,
+        out / "predictions.jsonl",
+        settings.batch_size,
+        settings.class_max_new_tokens,
+        progress=progress,
+    )
+    report = zeroshot_report(
+        [r["reference"] for r in records],
+        [r["predicted_label"] for r in records],
+        label_map.labels(),
+        settings.n_resamples,
+        settings.seed,
+    )
+    report.update(
+        question=records[0]["question"],
+        generation={
+            "decoding": "greedy",
+            "max_new_tokens": settings.class_max_new_tokens,
+            "batch_size": settings.batch_size,
+        },
+    )
+    return report
+
+
+# Each part of a benchmark (also its key in the summary row): (folder, report title).
+_PARTS = {
+    "plip_zeroshot": ("plip-zeroshot", "PLIP zero-shot classification"),
+    "vqa": ("vqa", "VQA evaluation"),
+    "classification": ("zeroshot", "Zero-shot classification (assistant)"),
+}
+
+
+def _run_benchmark(
+    benchmark: Benchmark,
+    settings: SuiteSettings,
+    limit: int | None,
+    models: _Models,
+    folder: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run one benchmark's parts; returns its summary row."""
+    reports: dict[str, dict[str, Any]] = {}
+    source = f"benchmark '{benchmark.name}' ({benchmark.data})"
+    if benchmark.kind == "vqa":
+        items = load_vqa_items(
+            benchmark.data,
+            benchmark.format,
+            benchmark.split,
+            benchmark.image_root,
+            folder / "vqa" / "images",
+            benchmark.label_map,
+            settings.seed,
+        )
+        items = sample_items(items, limit, settings.seed)
+        n = len(items)
+        reports["vqa"] = _assistant_vqa(models, items, folder / "vqa", settings, progress)
+    else:
+        every = read_manifest(benchmark.data, benchmark.split)
+        # The label map covers the whole manifest, not just the sample, so --limit never changes the classes.
+        label_map = LabelMap.resolve(
+            benchmark.label_map, {i.label for i in every}, source=f"{source}: label_map"
+        )
+        images = sample_items(every, limit, settings.seed)
+        n = len(images)
+        if models.plip_dir is not None:
+            reports["plip_zeroshot"] = _plip_zeroshot(
+                models, images, label_map, folder / "plip-zeroshot", settings, progress
+            )
+        if benchmark.kind == "manifest":
+            items = vqa_from_labels(images, label_map, settings.seed)
+            reports["vqa"] = _assistant_vqa(models, items, folder / "vqa", settings, progress)
+        reports["classification"] = _assistant_classification(
+            models, images, label_map, folder / "zeroshot", settings, progress
+        )
+    row: dict[str, Any] = {
+        "name": benchmark.name,
+        "kind": benchmark.kind,
+        "data": str(benchmark.data),
+        "split": benchmark.split,
+        "n": n,
+        "reports": {},
+    }
+    for part, report in reports.items():
+        directory, title = _PARTS[part]
+        report.update(data=str(benchmark.data), split=benchmark.split, benchmark=benchmark.name)
+        report.setdefault("model", str(models.assistant.model_dir))
+        write_report(report, folder / directory, title=f"{title}: {benchmark.name}")
+        row["reports"][part] = f"{benchmark.name}/{directory}/report.md"
+        row.update(vqa_summary(report) if part == "vqa" else {part: class_summary(report)})
+    return row
+
+
+def _definition(
+    benchmark: Benchmark,
+    settings: SuiteSettings,
+    limit: int | None,
+    model_dir: Path,
+    plip_dir: Path | None,
+    stain_normalize: str | None = None,
+) -> dict[str, Any]:
+    """Everything the predictions of a benchmark depend on (a changed value means other predictions)."""
+    definition = {
+        "benchmark": benchmark.definition(),
+        "limit": limit,
+        "seed": settings.seed,
+        "max_new_tokens": settings.max_new_tokens,
+        "class_max_new_tokens": settings.class_max_new_tokens,
+        "model": str(model_dir),
+        "plip": str(plip_dir) if plip_dir else None,
+    }
+    if stain_normalize:
+        definition["stain_normalize"] = stain_normalize
+    return definition
+
+
+def _check_same_run(folder: Path, definition: dict[str, Any]) -> None:
+    """Refuse to resume into a folder started with other data, limit or models: its predictions would mix."""
+    started = folder / "benchmark.json"
+    if not started.is_file():
+        return
+    before = json.loads(started.read_text(encoding="utf-8"))
+    changed = sorted(key for key in set(before) | set(definition) if before.get(key) != definition.get(key))
+    if changed:
+        raise ValueError(
+            f"{folder} holds results of another run of benchmark '{folder.name}' (changed: "
+            f"{', '.join(changed)}); choose another output folder or delete {folder}"
+        )
+
+
+def _finished_row(marker: Path, record: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """The summary row of a benchmark finished with the same definition and report settings, else None."""
+    if not marker.is_file():
+        return None
+    done = json.loads(marker.read_text(encoding="utf-8"))
+    same = all(done.get(key) == value for key, value in record.items())
+    reports_exist = all((out / path).is_file() for path in done["row"]["reports"].values())
+    return done["row"] if same and reports_exist else None
+
+
+def run_suite(
+    model_dir: str | Path,
+    suite: str | Path | Suite,
+    out_dir: str | Path,
+    plip_dir: str | Path | None = None,
+    progress: bool = True,
+    limit: int | None = None,
+    device: str | None = None,
+    stain_normalize: str | None = None,
+) -> dict[str, Any]:
+    """Run every benchmark of `suite` (a suite file or a `Suite`) and write `out_dir/summary.{md,json,png}`.
+
+    `limit` overrides every benchmark's `limit` (images for manifests, questions for VQA files). The
+    assistant (and PLIP, when `plip_dir` is given) is loaded once, on first need. Returns the summary.
+    """
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    out = Path(out_dir)
+    model = Path(model_dir).resolve()
+    plip = Path(plip_dir).resolve() if plip_dir is not None else None
+    for path, what in ((model, "--model"), (plip, "--plip")):
+        if path is not None and not (path / "config.json").is_file():
+            raise ValueError(f"{what} {path}: not a model folder (no config.json)")
+    settings = suite.settings
+    models = _Models(LazyAssistant(model, device, stain_normalize), plip, device, model_prompt_style(model))
+    rows = []
+    for benchmark in suite.benchmarks:
+        effective = limit or benchmark.limit or settings.limit
+        definition = _definition(benchmark, settings, effective, model, plip, stain_normalize)
+        record = {
+            "definition": definition,
+            "report": {"scorer": settings.scorer, "n_resamples": settings.n_resamples},
+        }
+        marker = out / MARKERS / f"{benchmark.name}.json"
+        row = _finished_row(marker, record, out)
+        if row is not None:
+            print(f"== {benchmark.name}: already complete, skipped ({marker})", flush=True)
+            rows.append(row)
+            continue
+        folder = out / benchmark.name
+        _check_same_run(folder, definition)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "benchmark.json").write_text(json.dumps(definition, indent=2) + "\n", encoding="utf-8")
+        print(f"== {benchmark.name} ({benchmark.kind}: {benchmark.data})", flush=True)
+        start = time.perf_counter()
+        row = _run_benchmark(benchmark, settings, effective, models, folder, progress)
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        temporary = marker.with_suffix(".tmp")
+        temporary.write_text(json.dumps({**record, "row": row}, indent=2) + "\n", encoding="utf-8")
+        temporary.replace(marker)  # written after the reports: a marker always means a finished benchmark
+        rows.append(row)
+    summary = {
+        "suite": suite.source,
+        "model": str(model),
+        "plip": str(plip) if plip else None,
+        "scorer": settings.scorer,
+        "settings": {**asdict(settings), "limit": limit or settings.limit},
+        "benchmarks": rows,
+    }
+    write_summary(summary, out)
+    return summary
