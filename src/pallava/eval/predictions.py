@@ -30,29 +30,18 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-class PredictionWriter:
+class PredictionWriter(AppendOnlyJsonl):
     """Appends prediction records to a JSONL file, keeping what a previous run wrote.
 
-    `done` holds the ids already present, so a runner can skip them.
+    `records` grows with every write; `done` holds the ids written so far, so a runner can skip them.
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._file = AppendOnlyJsonl(self.path)
-        self.records: list[dict[str, Any]] = list(self._file.records)
+        super().__init__(path)
         self.done = {str(record.get("id")) for record in self.records}
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record and flush it, so a crash loses at most this line."""
-        self._file.append(record)
+        self.append(record)
         self.records.append(dict(record))
         self.done.add(str(record["id"]))
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> PredictionWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
