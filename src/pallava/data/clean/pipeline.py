@@ -30,7 +30,7 @@ from pallava.data.clean.dedup import DuplicateIndex, image_hash, text_key
 from pallava.data.clean.judges import build_judge
 from pallava.data.clean.report import summarise, write_report
 from pallava.data.clean.verdict import Verdict
-from pallava.data.io import AppendOnlyJsonl
+from pallava.data.io import AppendOnlyJsonl, read_appended
 from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, VQAItem
 from pallava.processing.image import load_image
 
@@ -279,8 +279,7 @@ def clean(
     input_ids = _input_ids(input_path)
     out.mkdir(parents=True, exist_ok=True)
     _check_state(out, input_path, config)
-    kept, rejected = AppendOnlyJsonl(out / KEPT), AppendOnlyJsonl(out / REJECTED)
-    kept_rows, rejected_rows = kept.records, rejected.records
+    kept_rows, rejected_rows = read_appended(out / KEPT), read_appended(out / REJECTED)
     done = {str(row["id"]) for row in (*kept_rows, *rejected_rows)}
     unknown = done - set(input_ids)
     if unknown:
@@ -301,7 +300,7 @@ def clean(
         file=sys.stderr,
     )
     try:
-        with kept, rejected:
+        with AppendOnlyJsonl(out / KEPT) as kept, AppendOnlyJsonl(out / REJECTED) as rejected:
             pending = (entry for entry in _scan_input(input_path) if entry.id not in done)
             while chunk := list(itertools.islice(pending, config.chunk_size)):
                 cleaner.process(chunk)
