@@ -197,6 +197,8 @@ def convert_cli(release, checkpoint, out, *extra) -> int:
             str(out),
             "--connector-heads",
             "4",
+            "--connector-layers",
+            "2",
             "--dtype",
             "float32",
             "--no-progress",
@@ -317,6 +319,7 @@ def test_unmapped_and_unfilled_tensors_fail_loudly_naming_them(release, tmp_path
         tmp_path / "lenient",
         allow_missing=True,
         connector_heads=4,
+        connector_layers=2,
         dtype=torch.float32,
         progress=False,
     )
@@ -334,7 +337,13 @@ def test_shape_mismatch_and_wrong_inputs_are_errors(release, tmp_path):
     torch.save(state, bad)
     with pytest.raises(ValueError, match=r"up_proj\.lora_B\.default\.weight \(255, 8\) -> .* \(256, 8\)"):
         convert_official(
-            release / "plip", bad, release / "llm", tmp_path / "a", connector_heads=4, progress=False
+            release / "plip",
+            bad,
+            release / "llm",
+            tmp_path / "a",
+            connector_heads=4,
+            connector_layers=2,
+            progress=False,
         )
     with pytest.raises(ValueError, match="no connector tensors"):
         convert_official(
@@ -388,3 +397,149 @@ def test_converted_folder_reproduces_their_preprocessing_and_connector_input(con
         assert assistant.processor.image_processor.global_view == "stretch"
         assert assistant.processor.prompt_style == "paper"  # their evaluation asked raw questions
     assert model_prompt_style(release / "out-cross0") == "paper"  # what `pallava eval vqa` reads by default
+
+
+def last_error_line(capsys) -> str:
+    """The CLI's error line, after any progress output; a traceback would have failed the call instead."""
+    return capsys.readouterr().err.rstrip().splitlines()[-1]
+
+
+def test_a_missing_or_extra_connector_layer_fails_the_strict_check(release, tmp_path, capsys):
+    state = their_stage_checkpoint(False)
+    last_layer = "projector.model.bert.encoder.layer.1."
+    torch.save({k: v for k, v in state.items() if not k.startswith(last_layer)}, tmp_path / "one-layer.pth")
+    assert convert_cli(release, tmp_path / "one-layer.pth", tmp_path / "a") == 1
+    error = capsys.readouterr().err
+    assert "connector.layers.1.attention.self.query.weight" in error and "--connector-layers" in error
+    assert "holds connector layers [0]" in error and not (tmp_path / "a").exists()
+    # the same file read as the release's 6 layers, and a 2-layer model given a 3-layer checkpoint
+    assert (
+        main(
+            [
+                "convert",
+                "official",
+                "--plip",
+                str(release / "plip"),
+                "--checkpoint",
+                str(tmp_path / "one-layer.pth"),
+                "--llm",
+                str(release / "llm"),
+                "--out",
+                str(tmp_path / "b"),
+                "--connector-heads",
+                "4",
+            ]
+        )
+        == 1
+    )
+    assert "connector.layers.{1,2,3,4,5}.attention.self.query.weight" in capsys.readouterr().err
+    extra = their_stage_checkpoint(False) | {
+        k.replace("layer.1.", "layer.2."): v for k, v in state.items() if k.startswith(last_layer)
+    }
+    torch.save(extra, tmp_path / "three-layers.pth")
+    assert convert_cli(release, tmp_path / "three-layers.pth", tmp_path / "c") == 1
+    assert "projector.model.bert.encoder.layer.2.attention.self.query.weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (
+            torch.full((TINY.width,), float("nan")),
+            "1 tensor(s) hold NaN or infinite values: projector.model.norm.weight",
+        ),
+        (
+            torch.full((TINY.width,), float("inf")),
+            "1 tensor(s) hold NaN or infinite values: projector.model.norm.weight",
+        ),
+        (
+            torch.ones(TINY.width, dtype=torch.int64),
+            "not floating point: projector.model.norm.weight (torch.int64)",
+        ),
+    ],
+)
+def test_non_finite_and_integer_weights_are_refused(release, tmp_path, capsys, tensor, message):
+    state = their_stage_checkpoint(False) | {"projector.model.norm.weight": tensor}
+    torch.save(state, tmp_path / "bad.pth")
+    assert convert_cli(release, tmp_path / "bad.pth", tmp_path / "out") == 1
+    line = last_error_line(capsys)
+    assert line.startswith(f"pallava convert: error: {tmp_path / 'bad.pth'}: ") and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_inputs_give_one_line_errors(release, tmp_path, capsys):
+    import gzip
+    import shutil
+
+    checkpoint = release / "stage2-cross0.pth"
+    (tmp_path / "stage2.pth.gz").write_bytes(gzip.compress(checkpoint.read_bytes()))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "truncated.pth").write_bytes(checkpoint.read_bytes()[:5000])
+    for source, message in [
+        (tmp_path / "stage2.pth.gz", "gzip-compressed; decompress"),
+        (tmp_path / "empty.pth", "empty file (0 bytes)"),
+        (tmp_path / "truncated.pth", "not a readable PyTorch checkpoint (truncated or corrupt"),
+    ]:
+        assert convert_cli(release, source, tmp_path / "out") == 1
+        line = last_error_line(capsys)
+        assert line.startswith(f"pallava convert: error: {source}: ") and message in line, line
+
+    copy = tmp_path / "copy"
+    shutil.copytree(release, copy, ignore=shutil.ignore_patterns("out-*"))
+    broken = {
+        copy / "plip" / "plip_80w_196token.bin": b"\x1f\x8b" + b"\0" * 64,
+        copy / "plip" / "config.json": b"{not json",
+        copy / "llm" / "config.json": b"[]",
+        copy / "llm" / "model.safetensors": (release / "llm" / "model.safetensors").read_bytes()[:4000],
+    }
+    expected = [
+        "gzip-compressed",
+        "config.json: not valid JSON",
+        "cannot load the base LLM's",
+        "cannot load the base LLM's weights",
+    ]
+    for (path, content), message in zip(broken.items(), expected, strict=True):
+        original = path.read_bytes()
+        path.write_bytes(content)
+        assert convert_cli(copy, checkpoint, tmp_path / "out") == 1, path
+        line = last_error_line(capsys)
+        assert line.startswith("pallava convert: error: ") and message in line, line
+        path.write_bytes(original)
+    assert not (tmp_path / "out").exists()
+
+
+def test_llm_folders_never_run_code_they_ship(release, tmp_path, plant_folder_code, capsys):
+    import shutil
+
+    llm = tmp_path / "llm"
+    shutil.copytree(release / "llm", llm)
+    marker = plant_folder_code(llm)
+    config = json.loads((llm / "config.json").read_text())
+    config |= {
+        "model_type": "folder_code",
+        "auto_map": {"AutoConfig": "folder_code.Cfg", "AutoModelForCausalLM": "folder_code.Model"},
+    }
+    (llm / "config.json").write_text(json.dumps(config))
+    assert (
+        main(
+            [
+                "convert",
+                "official",
+                "--plip",
+                str(release / "plip"),
+                "--checkpoint",
+                str(release / "stage2-cross0.pth"),
+                "--llm",
+                str(llm),
+                "--out",
+                str(tmp_path / "out"),
+                "--connector-heads",
+                "4",
+                "--connector-layers",
+                "2",
+            ]
+        )
+        == 1
+    )
+    assert not marker.exists() and plant_folder_code.asked == []
+    assert "custom code" in last_error_line(capsys)

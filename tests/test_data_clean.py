@@ -257,3 +257,66 @@ def test_stain_image_judge_in_pipeline_rejects_photographs(tmp_path, tiles):
     assert [r["id"] for r in _rows(tmp_path / "out" / "kept.jsonl")] == ["t0", "t1", "t2"]
     assert summary["by_stage"]["image"] == len(photos)
     assert {r["reason"] for r in _rows(tmp_path / "out" / "rejected.jsonl")} == {"not H&E pathology (stain)"}
+
+
+def test_undecodable_records_are_rejected_with_their_line_and_the_run_goes_on(tmp_path, tiles):
+    def line(record_id, i, caption_prefix=""):
+        return json.dumps(
+            {"id": record_id, "image": str(tiles[i]), "caption": caption_prefix + HUMAN.format(i)}
+        )
+
+    good = [line(f"g{i}", i).encode() for i in range(3)]
+    surrogate = (
+        line("lone", 3, "bad SURROGATE ").replace("SURROGATE", "\\ud800").encode()
+    )  # valid JSON, lone \ud800
+    surrogate_id = line("x-SURROGATE", 4).replace("SURROGATE", "\\udfff").encode()
+    latin1 = json.dumps(
+        {"id": "caf\xe9", "image": str(tiles[5]), "caption": HUMAN.format(5)}, ensure_ascii=False
+    )
+    latin1 = latin1.encode("latin-1")  # \xe9 as one byte: not UTF-8
+    corpus = tmp_path / "c.jsonl"
+    deep = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError, not a JSONDecodeError
+    corpus.write_bytes(b"\n".join([good[0], surrogate, latin1, good[1], surrogate_id, deep, good[2]]) + b"\n")
+    config = CleanConfig(workers=1, chunk_size=2)
+    clean(corpus, tmp_path / "full", config, progress=False)
+    kept, rejected = _rows(tmp_path / "full" / "kept.jsonl"), _rows(tmp_path / "full" / "rejected.jsonl")
+    assert [r["id"] for r in kept] == ["g0", "g1", "g2"]
+    assert [(r["id"], r["line"], r["stage"], r["reason"]) for r in rejected] == [
+        ("lone", 2, "input", "invalid text"),
+        ("line-3", 3, "input", "invalid UTF-8"),
+        ("line-5", 5, "input", "invalid text"),
+        ("line-6", 6, "input", "invalid JSON"),
+    ]
+    assert "field 'caption'" in rejected[0]["detail"] and "\\ud800" in rejected[0]["record"]
+    assert "byte 0xe9" in rejected[1]["detail"] and "caf\\xe9" in rejected[1]["record"]
+    assert "field 'id'" in rejected[2]["detail"]
+    # killed after the first record: the resumed run passes the bad lines again and ends byte-identical
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tmp_path / "full" / "state.json", partial)
+    (partial / "kept.jsonl").write_text(
+        (tmp_path / "full" / "kept.jsonl").read_text().splitlines(keepends=True)[0]
+    )
+    assert clean(corpus, partial, config, progress=False)["resumed_from"] == 1
+    for name in ("kept.jsonl", "rejected.jsonl", "report.md"):
+        assert (partial / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+def test_resume_streams_earlier_outputs_instead_of_loading_them(tmp_path):
+    import tracemalloc
+
+    # 300 records of 40 KB each whose images are missing: about 12 MB of rejected.jsonl
+    filler = " ".join(["haematoxylin"] * 3000)
+    records = [{"id": f"r{i}", "image": f"missing/{i}.png", "caption": f"{filler} {i}"} for i in range(300)]
+    corpus = _write_input(tmp_path / "c.jsonl", records)
+    config = CleanConfig(workers=1)
+    clean(corpus, tmp_path / "out", config, progress=False)
+    assert (tmp_path / "out" / "rejected.jsonl").stat().st_size > 11_000_000
+    tracemalloc.start()
+    try:
+        summary = clean(corpus, tmp_path / "out", config, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary["resumed_from"] == 300 and summary["by_stage"]["integrity"] == 300
+    assert peak < 3_000_000  # a few lines at a time, not the 12 MB file (let alone its parsed rows)

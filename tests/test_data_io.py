@@ -39,8 +39,8 @@ def test_a_whole_last_line_without_its_newline_is_kept(tmp_path):
 def test_a_bad_complete_line_is_an_error_naming_file_and_line(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text(lines(A) + "not json\n" + lines(B))
-    with pytest.raises(JsonlLineError, match=r"out\.jsonl:2: not valid JSON"):
-        AppendOnlyJsonl(path)
+    with AppendOnlyJsonl(path) as log, pytest.raises(JsonlLineError, match=r"out\.jsonl:2: not valid JSON"):
+        log.records  # noqa: B018  (opening repairs only the tail; reading meets the bad line)
     path.write_text(lines(A) + "[1, 2]\n")
     with pytest.raises(ValueError, match=r"out\.jsonl:2: expected a JSON object, got list"):
         read_appended(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -223,3 +224,48 @@ def test_resizing_matches_pil_bicubic_within_two_grey_levels(lung_tiles, size):
     )
     assert np.abs(ours[0] - _pil_letterbox(image, 224, 224)).max() <= 2
     assert np.abs(ours[1:] - reference_tiles).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_tiles": 100_000}, r"max_tiles must be an integer from 1 to 64, got 100000"),
+        ({"max_tiles": 0}, r"max_tiles must be an integer from 1 to 64, got 0"),
+        ({"max_tiles": True}, r"max_tiles must be an integer from 1 to 64, got True"),
+        ({"max_tiles": 8.5}, r"max_tiles must be an integer from 1 to 64, got 8\.5"),
+        ({"tile_size": 1_000_000}, r"tile_size must be an integer from 8 to 1,024, got 1000000"),
+        ({"tile_size": "224"}, r"tile_size must be an integer from 8 to 1,024, got '224'"),
+        (
+            {"max_pixels": -1},
+            r"max_pixels must be null \(no limit\) or an integer from 1 to 268,435,456, got -1",
+        ),
+        ({"max_pixels": 10**13}, r"max_pixels must be null .* got 10000000000000"),
+        ({"grid_policy": "huge"}, r"grid_policy must be one of 'default', 'paper', got 'huge'"),
+        (
+            {"global_view": ["stretch"]},
+            r"global_view must be one of 'letterbox', 'stretch', got \['stretch'\]",
+        ),
+    ],
+)
+def test_absurd_processor_settings_are_refused_on_load(tmp_path, settings, message):
+    PaLlavaImageProcessor().save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    with pytest.raises(ValueError, match=rf"preprocessor_config\.json: {message}"):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        PaLlavaImageProcessor(**{**PaLlavaImageProcessor().to_dict(), **settings})
+
+
+def test_unreadable_processor_file_names_the_file(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: not valid JSON"):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text("[8]")
+    with pytest.raises(
+        ValueError, match=r"preprocessor_config\.json: expected a JSON object at the top level, got list"
+    ):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    edge = PaLlavaImageProcessor(tile_size=1024, max_tiles=64, max_pixels=None, grid_policy="paper")
+    edge.save_pretrained(tmp_path)
+    assert PaLlavaImageProcessor.from_pretrained(tmp_path) == edge

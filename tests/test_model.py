@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,36 @@ def test_auto_classes_resolve(tmp_path):
     model.save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), PaLlavaConfig)
     assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), PaLlavaForConditionalGeneration)
+
+
+def test_model_folders_never_run_code_they_ship(tiny, tmp_path, plant_folder_code):
+    model, processor = tiny
+    folder = tmp_path / "assistant"
+    PaLlava(model, processor).save_pretrained(folder)
+    marker = plant_folder_code(folder)
+    refused = ""
+    try:
+        PaLlava.from_pretrained(folder)
+    except ValueError as error:
+        refused = str(error)
+    assert not marker.exists() and plant_folder_code.asked == []
+    assert "custom code" in refused
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_image_tokens": 10**9}, r"num_image_tokens must be an integer from 1 to 4,096, got 1000000000"),
+        ({"num_image_tokens": "196"}, r"num_image_tokens must be an integer from 1 to 4,096, got '196'"),
+        ({"max_length": 0}, r"max_length must be an integer from 1 to 1,048,576, got 0"),
+        ({"system_prompt": 3}, r"system_prompt must be a string or null, got 3"),
+        ({"temperature": 0.5}, r"unknown field\(s\) \['temperature'\]; expected .*num_image_tokens"),
+    ],
+)
+def test_absurd_processor_config_is_refused_on_load(tiny, tmp_path, settings, message):
+    _, processor = tiny
+    processor.save_pretrained(tmp_path)
+    path = tmp_path / "processor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    with pytest.raises(ValueError, match=rf"processor_config\.json: {message}"):
+        PaLlavaProcessor.from_pretrained(tmp_path)

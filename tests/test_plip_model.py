@@ -139,6 +139,42 @@ def test_converter_maps_the_authors_key_layout(tmp_path):
         load_vision_tower(folder / "plip_80w_196token.bin")
 
 
+def test_plip_convert_refuses_unreadable_and_invalid_weights_in_one_line(tmp_path, capsys):
+    import gzip
+
+    from pallava.cli import main
+
+    released = {
+        "vision_model." + k: v.clone() for k, v in CLIPVisionModel(tiny_vision_config()).state_dict().items()
+    }
+    folder = tmp_path / "plip"
+    folder.mkdir()
+    tiny_vision_config().save_pretrained(folder)
+    weights = folder / "plip_80w_196token.bin"
+    nan = released | {
+        "vision_model.post_layernorm.bias": torch.full_like(
+            released["vision_model.post_layernorm.bias"], float("nan")
+        )
+    }
+    integer = released | {
+        "vision_model.pre_layrnorm.weight": torch.ones_like(
+            released["vision_model.pre_layrnorm.weight"], dtype=torch.int32
+        )
+    }
+    cases = {
+        "hold NaN or infinite values: post_layernorm.bias": lambda: torch.save(nan, weights),
+        "not floating point: pre_layrnorm.weight (torch.int32)": lambda: torch.save(integer, weights),
+        "gzip-compressed; decompress": lambda: weights.write_bytes(gzip.compress(weights.read_bytes())),
+        "config.json: not valid JSON": lambda: (folder / "config.json").write_text("{"),
+    }
+    for message, damage in cases.items():
+        damage()
+        assert main(["plip", "convert", "--checkpoint", str(weights), "--out", str(tmp_path / "out")]) == 1
+        line = capsys.readouterr().err.rstrip().splitlines()[-1]
+        assert line.startswith("pallava plip: error: ") and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_vision_init_from_a_clip_folder(tmp_path):
     source = CLIPVisionModel(tiny_vision_config())
     source.save_pretrained(tmp_path / "clip")

@@ -60,11 +60,23 @@ def test_models_load_and_answer(smoke_run, lung_tiles):
 
 def test_reports_and_summary_are_written(smoke_run):
     reports = smoke_run / "reports"
-    for name, classes in DATASETS.items():
-        vqa = json.loads((reports / name / "vqa" / "report.json").read_text())
-        assert {"closed", "open"} <= set(vqa) and vqa["closed"]["n"] > 0
-        plip = json.loads((reports / name / "plip-zeroshot" / "report.json").read_text())
-        assert plip["n"] == 2 * classes  # 2 dev images per class in the smoke subset
+    suite = json.loads((reports / "suite" / "summary.json").read_text())
+    assert [row["name"] for row in suite["benchmarks"]] == list(DATASETS)  # one row per dataset
+    for row in suite["benchmarks"]:
+        classes = DATASETS[row["name"]]
+        assert row["n"] == 2 * classes  # 2 dev images per class in the smoke subset
+        vqa = json.loads((reports / "suite" / row["name"] / "vqa" / "report.json").read_text())
+        assert {"closed", "open", "choice"} <= set(vqa) and vqa["closed"]["n"] > 0
+        organ = [
+            r
+            for r in map(
+                json.loads,
+                (reports / "suite" / row["name"] / "vqa" / "predictions.jsonl").read_text().splitlines(),
+            )
+            if "organ" in r["question"].lower()
+        ]
+        assert organ, "questions span organs"
+        plip = json.loads((reports / "suite" / row["name"] / "plip-zeroshot" / "report.json").read_text())
         assert len(plip["per_class"]) == classes  # zero-shot over the dataset's own classes
     table = (reports / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in DATASETS)

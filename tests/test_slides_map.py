@@ -174,3 +174,59 @@ def test_map_command_reports_an_interruption(svs, tmp_path, capsys, monkeypatch)
     argv = ["slide", "map", "--slide", str(svs), "--model", "plip", "--out", str(tmp_path / "map")]
     assert main(argv) == 130
     assert "run the same command to resume" in capsys.readouterr().err
+
+
+def _saved(plip, folder):
+    plip.model.save_pretrained(folder)
+    plip.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_map_command_refuses_a_folder_that_is_not_a_trained_plip(svs, plip, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    from pallava.models.presets import tiny_config
+    from pallava.processing.tokenizer import build_tiny_tokenizer
+
+    llm = tmp_path / "llm"  # a language model folder: PLIP would get random weights from it
+    LlamaForCausalLM(tiny_config().text_config).save_pretrained(llm)
+    build_tiny_tokenizer().save_pretrained(llm)
+    no_text = _saved(plip, tmp_path / "no-text-tower")  # a PLIP whose text tower is missing from the weights
+    weights = load_file(no_text / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("text_")}, no_text / "model.safetensors")
+    no_weights = _saved(plip, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    expected = {
+        llm: "is not a PLIP model folder: its config.json has model_type 'llama', expected 'pallava_plip'",
+        no_text: "weights do not fill the PLIP model: missing text_",
+        no_weights: "cannot load the PLIP weights",
+    }
+    for folder, message in expected.items():
+        out = tmp_path / f"map-{folder.name}"
+        argv = [
+            "slide",
+            "map",
+            "--slide",
+            str(svs),
+            "--model",
+            str(folder),
+            "--out",
+            str(out),
+            "--mpp",
+            "2.0",
+        ]
+        assert main(argv) == 1, folder
+        last_line = capsys.readouterr().err.rstrip().splitlines()[-1]  # after any progress bars
+        assert last_line.startswith("pallava slide: error: ") and message in last_line, last_line
+        assert not (out / "summary.json").exists()
+
+
+def test_plip_folders_never_run_code_they_ship(plip, tmp_path, plant_folder_code):
+    from pallava.models.plip import PlipZeroShot
+
+    folder = _saved(plip, tmp_path / "plip")
+    marker = plant_folder_code(folder)
+    with pytest.raises(ValueError, match="custom code"):
+        PlipZeroShot.from_pretrained(folder)
+    assert not marker.exists() and plant_folder_code.asked == []

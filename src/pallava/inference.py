@@ -55,7 +55,9 @@ class PaLlava:
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory} is not a pallava model directory (no config.json)")
-        model = PaLlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+        model = PaLlavaForConditionalGeneration.from_pretrained(
+            directory, dtype=dtype, trust_remote_code=False
+        )
         return cls(model, PaLlavaProcessor.from_pretrained(directory), device)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -317,64 +317,58 @@ class Quickstart:
 
     # --- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, manifests: dict[str, Path]) -> dict:
-        """Per dataset: PLIP zero-shot over that dataset's own classes (the paper's protocol) and the
-        assistant's
-        questions, which span all organs (wrong options and "no" classes come from every dataset)."""
-        import json as _json
-
+        """`pallava eval suite` over each dataset's dev split: PLIP zero-shot and the assistant's class
+        answers over
+        that dataset's own classes (the paper's protocol), and questions that span all trained organs."""
         from pallava.data.importers.manifest import read_manifest
         from pallava.data.labels import LabelMap
+        from pallava.eval.suite import run_suite
+        from pallava.eval.suite_config import suite_from_dict
 
         reports = self.out / "reports"
-        assistant_labels = LabelMap.from_file(self.out / "plip" / "label_map.json")
-        metrics = {}
+        trained = self.out / "plip" / "label_map.json"  # every class the models were trained on
+        classes = LabelMap.from_file(trained)
+        benchmarks = []
         for name, manifest in manifests.items():
-            out = reports / name
-            out.mkdir(parents=True, exist_ok=True)
-            own = assistant_labels.subset({item.label for item in read_manifest(manifest, "dev")})
-            (out / "label_map.json").write_text(_json.dumps(own.to_dict(), indent=2))
-            self.run_command(
-                "plip",
-                "zeroshot",
-                "--model",
-                self.out / "plip",
-                "--data",
-                manifest,
-                "--split",
-                "dev",
-                "--label-map",
-                out / "label_map.json",
-                "--out",
-                out / "plip-zeroshot",
+            own = reports / "label-maps" / f"{name}.json"
+            own.parent.mkdir(parents=True, exist_ok=True)
+            subset = classes.subset({item.label for item in read_manifest(manifest, "dev")})
+            own.write_text(json.dumps(subset.to_dict(), indent=2))
+            benchmarks.append(
+                {
+                    "name": name,
+                    "manifest": str(manifest),
+                    "split": "dev",
+                    "label_map": str(own),
+                    "question_label_map": str(trained),
+                }
             )
-            self.run_command(
-                "eval",
-                "vqa",
-                "--model",
-                self.out / "assistant",
-                "--data",
-                manifest,
-                "--format",
-                "manifest",
-                "--split",
-                "dev",
-                "--label-map",
-                self.out / "plip" / "label_map.json",
-                "--seed",
-                self.s.seed,
-                "--out",
-                out / "vqa",
-            )
-            plip = json.loads((out / "plip-zeroshot" / "report.json").read_text())
-            vqa = json.loads((out / "vqa" / "report.json").read_text())
-            metrics[name] = {
-                "n": plip["n"],
-                "plip_zeroshot_accuracy": plip["accuracy"],
-                "vqa_closed_accuracy": _dig(vqa, "closed", "accuracy"),
-                "vqa_open_accuracy": _dig(vqa, "open", "accuracy"),
-                "vqa_choice_accuracy": _dig(vqa, "choice", "accuracy"),
+        suite = suite_from_dict(
+            {"settings": {"seed": self.s.seed}, "benchmarks": benchmarks}, self.out, source="quickstart suite"
+        )
+        print(
+            f"\n$ pallava eval suite --model {self.out / 'assistant'} --plip {self.out / 'plip'} "
+            f"--out {reports / 'suite'}  (suite of the {len(benchmarks)} dev splits)",
+            flush=True,
+        )
+        summary = run_suite(
+            self.out / "assistant",
+            suite,
+            reports / "suite",
+            plip_dir=self.out / "plip",
+            progress=self.s.progress,
+        )
+        return {
+            row["name"]: {
+                "n": row["n"],
+                "plip_zeroshot_accuracy": (row.get("plip_zeroshot") or {}).get("accuracy"),
+                "vqa_closed_accuracy": (row.get("closed") or {}).get("accuracy"),
+                "vqa_open_accuracy": (row.get("open") or {}).get("accuracy"),
+                "vqa_choice_accuracy": (row.get("choice") or {}).get("accuracy"),
+                "class_macro_f1": (row.get("classification") or {}).get("macro_f1"),
             }
-        return metrics
+            for row in summary["benchmarks"]
+        }
 
     def example_answer(self, manifests: dict[str, Path]) -> dict:
         from pallava.data.importers.manifest import read_manifest
@@ -407,11 +401,7 @@ class Quickstart:
             "3-assistant", [self.out / "assistant" / "config.json"], lambda: self.train_assistant(manifests)
         )
         reports = self.out / "reports"
-        self.step(
-            "4-evaluation",
-            [reports / name / "vqa" / "report.json" for name in manifests],
-            lambda: self.evaluate(manifests),
-        )
+        self.step("4-evaluation", [reports / "suite" / "summary.md"], lambda: self.evaluate(manifests))
         self.step("5-example", [self.out / "assistant"], lambda: self.example_answer(manifests))
         self.write_summary()
         return self.results
@@ -430,18 +420,22 @@ class Quickstart:
             "vqa_closed_accuracy",
             "vqa_open_accuracy",
             "vqa_choice_accuracy",
+            "class_macro_f1",
         )
         lines += [
             "",
-            "| dataset (dev split) | images | PLIP zero-shot | closed | open | multiple choice |",
-            "|---|---|---|---|---|---|",
+            "| dataset (dev split) | images | PLIP zero-shot | closed | open | multiple choice | "
+            "class macro F1 |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, row in evaluation.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
         table = "\n".join(lines)
         model, plip = self.out / "assistant", self.out / "plip"
         where = (
-            f"- assistant: `{model}`\n- PLIP: `{plip}`\n- reports: `{self.out / 'reports'}`\n"
+            f"- assistant: `{model}`\n- PLIP: `{plip}`\n- reports: "
+            f"`{self.out / 'reports' / 'suite' / 'summary.md'}` "
+            "(95% intervals, one folder per dataset)\n"
             f"- cleaning report: `{self.out / 'corpus' / 'clean' / 'report.md'}`"
         )
         commands = (
@@ -464,13 +458,6 @@ def _shown(metrics: dict) -> str:
     return ", ".join(
         f"{k} {_fmt(v)}" for k, v in metrics.items() if not isinstance(v, dict) and k != "question"
     )
-
-
-def _dig(report: dict, kind: str, metric: str):
-    """A metric from the VQA report: `report[kind][metric]`, or None when the kind was not asked."""
-    section = report.get(kind) or {}
-    value = section.get(metric)
-    return value.get("value", value) if isinstance(value, dict) else value
 
 
 def _fmt(value) -> str:

@@ -19,6 +19,7 @@ def _official(args: argparse.Namespace) -> int:
         args.out,
         allow_missing=args.allow_missing,
         connector_heads=args.connector_heads,
+        connector_layers=args.connector_layers,
         lora_alpha=args.lora_alpha,
         dtype=getattr(torch, args.dtype),
         progress=not args.no_progress,
@@ -57,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=12,
         help="attention heads of the connector (not stored in the weights; 12 in the release)",
+    )
+    official.add_argument(
+        "--connector-layers",
+        type=int,
+        default=6,
+        help="connector depth (not stored in the weights; 6 in the release): a checkpoint "
+        "missing a layer, or holding more, then fails the strict check",
     )
     official.add_argument(
         "--lora-alpha",

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         config_path = Path(args.model) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{args.model} has no config.json")
-        config = pallava.PaLlavaConfig.from_pretrained(args.model)
+        config = pallava.PaLlavaConfig.from_pretrained(args.model, trust_remote_code=False)
         summary = {
             "image_tokens": config.num_image_tokens,
             "tile_size": config.tile_size,

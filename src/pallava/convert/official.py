@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from pallava.convert.checkpoint import read_state_dict
+from pallava.convert.checkpoint import check_weights, first_line, read_state_dict
 from pallava.convert.keys import (
     CONNECTOR_LAYER,
     KeyPlan,
@@ -27,6 +29,7 @@ from pallava.convert.keys import (
     strip_wrappers,
     summarize_keys,
 )
+from pallava.data.io import read_json_object
 from pallava.inference import PaLlava
 from pallava.models.configuration_pa_llava import (
     PAPER_CONNECTOR_DROPOUT,
@@ -53,6 +56,10 @@ CONNECTOR_FIELDS = (
     "layer_norm_eps",
 )
 LORA_DROPOUT = 0.05  # their training value; inactive at inference
+# The depth is not stored in the weights: a checkpoint missing its last layers would look like a shallower
+# one.
+RELEASE_CONNECTOR_LAYERS = 6
+T = TypeVar("T")
 
 
 @dataclass
@@ -103,13 +110,14 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
     """The vision config and the weights file of a released PLIP folder (`config.json` + one weights file)."""
     if not plip_dir.is_dir() or not (plip_dir / "config.json").is_file():
         raise ValueError(f"{plip_dir}: expected the PLIP folder holding config.json and {PLIP_WEIGHTS}")
-    model_type = json.loads((plip_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type not in (None, "clip", "clip_vision_model"):
-        raise ValueError(f"{plip_dir / 'config.json'}: model_type {model_type!r} is not a CLIP vision config")
+    config_file = plip_dir / "config.json"
+    data = read_json_object(config_file)
+    if data.get("model_type") not in (None, "clip", "clip_vision_model"):
+        raise ValueError(f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP vision config")
     try:
-        config = CLIPVisionConfig.from_pretrained(plip_dir)
+        config = CLIPVisionConfig.from_pretrained(plip_dir, trust_remote_code=False)
     except Exception as error:  # transformers raises several types for bad configs
-        raise ValueError(f"{plip_dir / 'config.json'}: not a CLIP vision config ({error})") from error
+        raise ValueError(f"{config_file}: not a CLIP vision config ({first_line(error)})") from None
     if (plip_dir / PLIP_WEIGHTS).is_file():
         return config, plip_dir / PLIP_WEIGHTS
     weights = sorted(p.name for p in plip_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
@@ -121,12 +129,25 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
     return config, plip_dir / weights[0]
 
 
+def connector_layers_in(state: dict[str, torch.Tensor]) -> list[int]:
+    """The connector layer indices a checkpoint holds tensors for."""
+    return sorted({int(m.group(1)) for key in state if (m := CONNECTOR_LAYER.match(key))})
+
+
 def connector_config_from(
-    state: dict[str, torch.Tensor], source: str, num_attention_heads: int
+    state: dict[str, torch.Tensor],
+    source: str,
+    num_attention_heads: int,
+    num_hidden_layers: int = RELEASE_CONNECTOR_LAYERS,
 ) -> ScaleInvariantConnectorConfig:
-    """Size our connector from their tensors; cross-attention exactly when their checkpoint has it."""
-    layers = sorted({int(m.group(1)) for key in state if (m := CONNECTOR_LAYER.match(key))})
-    if not layers:
+    """Size our connector from their tensors (depth given, as it is not stored); cross-attention exactly when
+    their checkpoint has it."""
+    if num_attention_heads < 1 or num_hidden_layers < 1:
+        raise ValueError(
+            "--connector-heads and --connector-layers must be at least 1, "
+            f"got {num_attention_heads} and {num_hidden_layers}"
+        )
+    if not connector_layers_in(state):
         raise ValueError(
             f"{source}: no connector tensors (projector.model.bert.encoder.layer.*): "
             "is this a PA-LLaVA stage-1/stage-2 checkpoint?"
@@ -145,7 +166,7 @@ def connector_config_from(
         )
     return ScaleInvariantConnectorConfig(
         hidden_size=width,
-        num_hidden_layers=layers[-1] + 1,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         intermediate_size=shape(layer0 + "intermediate_query.dense.weight")[0],
         tile_cross_attention=any(".crossattention." in key for key in state if CONNECTOR_LAYER.match(key)),
@@ -186,14 +207,16 @@ def _check_plan(
     sources: dict[str, tuple[dict[str, torch.Tensor], KeyPlan, str]],
     targets: dict[str, torch.Size],
     allow_missing: bool,
+    notes: Sequence[str] = (),
 ) -> tuple[dict[str, str], dict[str, torch.Tensor], list[str], list[str]]:
-    """Validate every mapping against the model's names and shapes.
+    """Validate every mapping against the model's names, shapes and value types; `notes` explain a failure.
 
     Returns (source name -> target, target -> tensor, unmapped source names, unfilled targets); source
     names are `label:key`."""
     mapped, tensors, unmapped, by_target, mismatched = {}, {}, [], {}, []
     messages = []
     for label, (state, plan, path) in sources.items():
+        check_weights({key: state[key] for key in plan.mapping}, path)  # always: no NaN, no integer weights
         bad = list(plan.unmapped)
         for key, target in plan.mapping.items():
             if target not in targets:
@@ -226,7 +249,7 @@ def _check_plan(
         )
     if messages and not allow_missing:
         raise ValueError(
-            "\n".join(messages) + "\nPass --allow-missing (allow_missing=True) to convert anyway."
+            "\n".join([*messages, *notes]) + "\nPass --allow-missing (allow_missing=True) to convert anyway."
         )
     return mapped, tensors, unmapped, unfilled
 
@@ -242,6 +265,13 @@ def _copy_exactly(model: PaLlavaForConditionalGeneration, tensors: dict[str, tor
                 raise RuntimeError(f"the copy into {target} is not exact")
 
 
+def _from_llm_folder(llm_dir: Path, what: str, load: Callable[[], T]) -> T:
+    try:
+        return load()
+    except Exception as error:  # transformers raises OSError, ValueError, JSON and safetensors errors, ...
+        raise ValueError(f"{llm_dir}: cannot load the base LLM's {what} ({first_line(error)})") from None
+
+
 def convert_official(
     plip_dir: str | Path,
     checkpoint: str | Path,
@@ -250,6 +280,7 @@ def convert_official(
     *,
     allow_missing: bool = False,
     connector_heads: int = 12,
+    connector_layers: int = RELEASE_CONNECTOR_LAYERS,
     lora_alpha: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
@@ -257,7 +288,9 @@ def convert_official(
     """Convert the released PLIP + stage checkpoint onto the base LLM in `llm_dir`; write a model folder.
 
     Strict by default: an unmapped source tensor or an unfilled vision/connector/LoRA parameter is a
-    ValueError listing the names. Runs in `dtype` (the release was trained in bfloat16).
+    ValueError listing the names; so is a connector layer missing from (or extra in) the checkpoint, which
+    is built `connector_layers` deep. NaN, infinite or integer weights and unreadable files are always
+    errors. Runs in `dtype` (the release was trained in bfloat16).
     """
     plip_dir, checkpoint, llm_dir, out = Path(plip_dir), Path(checkpoint), Path(llm_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -274,11 +307,18 @@ def convert_official(
         bar.update()
 
         plip_plan, ckpt_plan = plan_plip(plip_state), plan_checkpoint(ckpt_state)
-        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        tokenizer = _from_llm_folder(
+            llm_dir, "tokenizer", lambda: AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
+        )
+        text_config = _from_llm_folder(
+            llm_dir, "config", lambda: AutoConfig.from_pretrained(llm_dir, trust_remote_code=False)
+        )
         config = PaLlavaConfig(
             vision_config=vision_config,
-            connector_config=connector_config_from(ckpt_state, str(checkpoint), connector_heads),
-            text_config=AutoConfig.from_pretrained(llm_dir),
+            connector_config=connector_config_from(
+                ckpt_state, str(checkpoint), connector_heads, connector_layers
+            ),
+            text_config=text_config,
             image_token_id=_image_token_id(tokenizer),
             grid_policy="paper",
             lora=lora_settings_from(ckpt_plan, ckpt_state, lora_alpha),
@@ -290,10 +330,23 @@ def convert_official(
             "plip": (plip_state, plip_plan, str(plip_file)),
             "checkpoint": (ckpt_state, ckpt_plan, str(checkpoint)),
         }
-        mapped, tensors, unmapped, unfilled = _check_plan(sources, targets, allow_missing)
+        found = connector_layers_in(ckpt_state)
+        notes = (
+            []
+            if found == list(range(connector_layers))
+            else [
+                f"{checkpoint} holds connector layers {found}; the model is built with {connector_layers} "
+                f"(--connector-layers; the release has {RELEASE_CONNECTOR_LAYERS})"
+            ]
+        )
+        mapped, tensors, unmapped, unfilled = _check_plan(sources, targets, allow_missing, notes)
 
         bar.set_postfix_str("loading the LLM")
-        language_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+        language_model = _from_llm_folder(
+            llm_dir,
+            "weights",
+            lambda: AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, trust_remote_code=False),
+        )
         config.text_config = language_model.config
         model = PaLlavaForConditionalGeneration(
             config, vision_tower=CLIPVisionModel(vision_config), language_model=language_model

@@ -8,13 +8,12 @@ misspelt `post_layrnorm`; the mapping onto `transformers.CLIPVisionModel` strips
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from pallava.data.io import read_json_object
 from pallava.models.presets import paper_vision_config
 
 _PREFIXES = ("module.", "model.", "visual_encoder.", "vision_tower.")
@@ -37,27 +36,26 @@ def clip_vision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
-    return state
+    """The safe reader of `pallava convert` (weights_only, one-line errors for unreadable files)."""
+    from pallava.convert.checkpoint import read_state_dict  # here: pallava.convert imports this module
+
+    return read_state_dict(path)
 
 
 def _vision_config(config_file: Path) -> CLIPVisionConfig | None:
     if not config_file.is_file():
         return None
-    data = json.loads(config_file.read_text(encoding="utf-8"))
+    data = read_json_object(config_file)
     if data.get("model_type") == "clip":
         data = data.get("vision_config") or {}
     elif data.get("model_type") not in (None, "clip_vision_model"):
         raise ValueError(
             f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP (vision) config"
         )
-    return CLIPVisionConfig(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
+    try:
+        return CLIPVisionConfig(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_file}: not a CLIP vision config ({error})") from None
 
 
 def load_vision_tower(path: str | Path) -> CLIPVisionModel:
@@ -82,9 +80,16 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
         weights = path
     else:
         raise ValueError(f"vision checkpoint not found: {path}")
+    from pallava.convert.checkpoint import check_weights
+
     state = clip_vision_state_dict(_read_weights(weights))
+    check_weights(state, str(weights))
     model = CLIPVisionModel(config)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes differ from the config
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"{weights}: does not fit a CLIP vision model of this config ({reason})") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{weights}: does not fit a CLIP vision model of this config "

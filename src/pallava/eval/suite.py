@@ -227,7 +227,14 @@ def _run_benchmark(
                 models, images, label_map, folder / "plip-zeroshot", settings, progress
             )
         if benchmark.kind == "manifest":
-            items = vqa_from_labels(images, label_map, settings.seed)
+            asked = label_map
+            if benchmark.question_label_map:
+                asked = LabelMap.resolve(
+                    benchmark.question_label_map,
+                    {i.label for i in every},
+                    source=f"{source}: question_label_map",
+                )
+            items = vqa_from_labels(images, asked, settings.seed)
             reports["vqa"] = _assistant_vqa(models, items, folder / "vqa", settings, progress)
         reports["classification"] = _assistant_classification(
             models, images, label_map, folder / "zeroshot", settings, progress

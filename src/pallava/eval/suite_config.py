@@ -40,7 +40,7 @@ KINDS = ("manifest", "vqa", "zeroshot")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Fields each kind accepts besides `name` and its data key.
 _KIND_FIELDS = {
-    "manifest": ("split", "label_map", "limit"),
+    "manifest": ("split", "label_map", "question_label_map", "limit"),
     "zeroshot": ("split", "label_map", "limit"),
     "vqa": ("split", "label_map", "limit", "format", "image_root"),
 }
@@ -61,6 +61,9 @@ class Benchmark:
     data: Path
     split: str | None = None
     label_map: str | None = None
+    # manifests: the classes and organs generated questions draw from (default: label_map). A model trained
+    # on several organs is asked "Is this colon adenocarcinoma?" about lung tissue too.
+    question_label_map: str | None = None
     limit: int | None = None
     format: str | None = None
     image_root: Path | None = None
@@ -177,8 +180,9 @@ def _benchmark(data: Any, base: Path, where: str) -> Benchmark:
     values: dict[str, Any] = {"name": name, "kind": kind, "data": _path(data[kind], base, f"{where}.{kind}")}
     if data.get("split") is not None:
         values["split"] = _text(data["split"], f"{where}.split")
-    if data.get("label_map") is not None:
-        values["label_map"] = _label_map(data["label_map"], base, f"{where}.label_map")
+    for key in ("label_map", "question_label_map"):
+        if data.get(key) is not None:
+            values[key] = _label_map(data[key], base, f"{where}.{key}")
     values["limit"] = _positive_int(data.get("limit"), f"{where}.limit", optional=True)
     if data.get("format") is not None:
         if data["format"] not in VQA_FORMATS:

@@ -76,7 +76,9 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vision_tower = vision_tower or CLIPVisionModel(config.vision_config)
         self.connector = ScaleInvariantConnector(config.connector_config)
-        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(
+            config.text_config, trust_remote_code=False
+        )
         self.language_model.get_output_embeddings().register_forward_pre_hook(restride_head_input)
         self.post_init()
         # LoRA after post_init: the generic init must not overwrite LoRA's zero-initialised B matrices.

@@ -165,14 +165,16 @@ def load_preset(
             raise ValueError(
                 "the paper preset needs llm_path (a local Llama-3-8B-Instruct directory) unless device='meta'"
             )
-        tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype or torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(llm_path, trust_remote_code=False)
+        language_model = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype or torch.bfloat16, trust_remote_code=False
+        )
         config.text_config = language_model.config
         config.text_model_path = str(llm_path)
     else:
         tokenizer = build_tiny_tokenizer()
     if vision_path is not None:
-        vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
+        vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype, trust_remote_code=False)
         config.vision_config = vision.config
         config.vision_model_path = str(vision_path)
     with torch.device(device) if device is not None else nullcontext():

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import select_best_resolution
 
+from pallava.files import read_json_object
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 16_777_216  # the paper's limit: 4096 x 4096
@@ -49,6 +51,13 @@ PAPER_GRIDS: tuple[tuple[int, int], ...] = (
 )
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
+
+# Allowed image-processor settings (inclusive). The paper uses 224 px tiles and at most 8 of them.
+TILE_SIZE_RANGE = (8, 1024)
+MAX_TILES_RANGE = (1, 64)
+MAX_PIXELS_RANGE = (1, 1 << 28)  # 16384 x 16384; Pillow refuses 179M-pixel images on its own anyway
+GRID_POLICIES = ("default", "paper")
+GLOBAL_VIEWS = ("letterbox", "stretch")
 
 
 class CorruptImageError(ValueError):
@@ -153,6 +162,11 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             raise ImageTooLargeError(f"image {name}: {error}") from error
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise CorruptImageError(f"cannot decode image {name}: {error}") from error
+
+
+def _check_int(name: str, value: object, low: int, high: int, prefix: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be {prefix}an integer from {low:,} to {high:,}, got {value!r}")
 
 
 def grid_candidates(policy: str, max_tiles: int) -> tuple[tuple[int, int], ...]:
@@ -325,17 +339,18 @@ class PaLlavaImageProcessor:
     _auto_class = None  # read by transformers' ProcessorMixin.save_pretrained (no custom code to copy)
 
     def __post_init__(self) -> None:
-        if self.tile_size < 8:
-            raise ValueError(f"tile_size must be at least 8 pixels, got {self.tile_size}")
-        if self.max_tiles < 1:
-            raise ValueError(f"max_tiles must be at least 1, got {self.max_tiles}")
-        if self.global_view not in ("letterbox", "stretch"):
-            raise ValueError(f"global_view must be 'letterbox' or 'stretch', got {self.global_view!r}")
+        # Settings come from model folders too: refuse what would hang (a grid search over 100,000 tiles),
+        # blow up memory or silently switch the pixel guard off, naming the field and what is allowed.
+        _check_int("tile_size", self.tile_size, *TILE_SIZE_RANGE)
+        _check_int("max_tiles", self.max_tiles, *MAX_TILES_RANGE)
+        if self.max_pixels is not None:
+            _check_int("max_pixels", self.max_pixels, *MAX_PIXELS_RANGE, prefix="null (no limit) or ")
+        for name, allowed in (("grid_policy", GRID_POLICIES), ("global_view", GLOBAL_VIEWS)):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}"
+                )
         self.grids = grid_candidates(self.grid_policy, self.max_tiles)
-        if not self.grids:
-            raise ValueError(
-                f"grid policy {self.grid_policy!r} with max_tiles={self.max_tiles} allows no grid"
-            )
 
     @property
     def max_grid_tiles(self) -> int:
@@ -403,10 +418,13 @@ class PaLlavaImageProcessor:
         path = Path(directory) / cls.CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}")
-        data = json.loads(path.read_text())
+        data = read_json_object(path)
         known = {
             k: data[k]
             for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels", "global_view")
             if k in data
         }
-        return cls(**known)
+        try:
+            return cls(**known)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.utils import PROCESSOR_NAME
 
+from pallava.files import read_json_object
 from pallava.processing.image import ImageSource, PaLlavaImageProcessor
 from pallava.processing.prompts import PROMPT_STYLES
 from pallava.processing.tokenizer import BOS, END_HEADER, EOS, EOT, IMAGE, START_HEADER
@@ -111,6 +112,38 @@ def is_conversation(sample: object) -> bool:
     return isinstance(sample, (list, tuple)) and all(isinstance(turn, dict) for turn in sample)
 
 
+# Allowed `processor_config.json` values (inclusive): 196 image tokens in the paper, 8k-128k token contexts.
+SETTING_RANGES = {"num_image_tokens": (1, 4096), "max_length": (1, 1 << 20)}
+
+
+def _read_settings(path: Path) -> dict:
+    """The settings of `processor_config.json`, checked: a model folder may come from anyone."""
+    settings = read_json_object(path)
+    if settings.get("processor_class", "PaLlavaProcessor") != "PaLlavaProcessor":
+        raise ValueError(
+            f"{path}: processor_class must be PaLlavaProcessor, got {settings['processor_class']!r}"
+        )
+    settings.pop("processor_class", None)  # written by transformers' ProcessorMixin
+    fields = sorted({*SETTING_RANGES, "system_prompt", "prompt_style"})
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; expected {fields}")
+    if "num_image_tokens" not in settings:
+        raise ValueError(f"{path}: missing field 'num_image_tokens'")
+    for name, (low, high) in SETTING_RANGES.items():
+        value = settings.get(name, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{path}: {name} must be an integer from {low:,} to {high:,}, got {value!r}")
+    if not isinstance(settings.get("system_prompt"), (str, type(None))):
+        raise ValueError(f"{path}: system_prompt must be a string or null, got {settings['system_prompt']!r}")
+    if settings.get("prompt_style", "pallava") not in PROMPT_STYLES:
+        raise ValueError(
+            f"{path}: prompt_style must be one of {', '.join(PROMPT_STYLES)}, "
+            f"got {settings['prompt_style']!r}"
+        )
+    return settings
+
+
 class PaLlavaProcessor(ProcessorMixin):
     """Tokenizer + image processor for the assistant."""
 
@@ -190,11 +223,13 @@ class PaLlavaProcessor(ProcessorMixin):
         directory = Path(directory)
         if not (directory / cls.CONFIG_NAME).is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}: not a pallava model directory")
+        _read_settings(directory / cls.CONFIG_NAME)  # checked before anything else is read
         return super().from_pretrained(str(directory), **kwargs)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, directory, processor_dict=None, **kwargs) -> list:
-        return [AutoTokenizer.from_pretrained(directory), PaLlavaImageProcessor.from_pretrained(directory)]
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        return [tokenizer, PaLlavaImageProcessor.from_pretrained(directory)]
 
     # --- text ---------------------------------------------------------------------------------------
     def _text_ids(self, text: str) -> list[int]:

@@ -70,7 +70,7 @@ def build_model(recipe: Recipe) -> tuple[PaLlavaForConditionalGeneration, PaLlav
                 f"model.init: {init} is not a model directory (no config.json); "
                 "stage instruct starts from the output directory of stage align"
             )
-        model = PaLlavaForConditionalGeneration.from_pretrained(init)
+        model = PaLlavaForConditionalGeneration.from_pretrained(init, trust_remote_code=False)
         return model, PaLlavaProcessor.from_pretrained(init)
     return load_preset(
         section.preset,

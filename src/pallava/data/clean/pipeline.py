@@ -3,9 +3,10 @@
 Stages (configurable order between the first and last): integrity (decodes, pixel limit) -> image judge ->
 text judge -> caption length -> duplicates. Outputs are append-only JSONL written in input order and
 flushed line by line (fsync per chunk), as `AppendOnlyJsonl` files: on restart a line cut by the kill is
-dropped (or kept when whole), the set of
-finished ids and the duplicate index are rebuilt from both files, and work resumes with the next record, so
-a killed and resumed run ends with the same files as an uninterrupted one.
+dropped (or kept when whole), the set of finished ids and the duplicate index are rebuilt by streaming both
+files (nothing else is held), and work resumes with the next record, so a killed and resumed run ends with
+the same files as an uninterrupted one. A line that is not UTF-8, not JSON, or holds text UTF-8 cannot write
+(a lone surrogate) is rejected at the input stage with its line number; it never stops the run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import threading
@@ -30,7 +32,7 @@ from pallava.data.clean.dedup import DuplicateIndex, image_hash, text_key
 from pallava.data.clean.judges import build_judge
 from pallava.data.clean.report import summarise, write_report
 from pallava.data.clean.verdict import Verdict
-from pallava.data.io import AppendOnlyJsonl, read_appended
+from pallava.data.io import AppendOnlyJsonl, JsonlLineError, iter_appended
 from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, VQAItem
 from pallava.processing.image import load_image
 
@@ -88,29 +90,75 @@ def record_text(data: dict[str, Any], kind: str) -> str:
     return "\n".join(turn["value"].replace(IMAGE_TOKEN, "").strip() for turn in data["conversations"])
 
 
+# A JSON escape of a UTF-16 surrogate; only lines holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is lone
+
+
+def _lone_surrogate_field(value: Any, name: str = "") -> str | None:
+    """The field (dotted path) of the first key or string holding a lone surrogate, which UTF-8 cannot
+    write."""
+    if isinstance(value, str):
+        return (name or "<record>") if _LONE_SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        field_name = f"{name}.{key}" if name else str(key)
+        if isinstance(key, str) and _LONE_SURROGATE.search(key):
+            return field_name
+        if (found := _lone_surrogate_field(item, field_name)) is not None:
+            return found
+    return None
+
+
+def _record_id(data: Any) -> str | None:
+    record_id = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
+        return None
+    return str(record_id)
+
+
+def _rejected_entry(
+    line_number: int, record_id: str | None, data: Any, raw: str, reason: str, detail: str
+) -> _Entry:
+    entry = _Entry(
+        line_number, record_id or f"line-{line_number}", data if isinstance(data, dict) else None, raw
+    )
+    entry.rejection = ("input", Verdict(False, reason, detail))
+    return entry
+
+
+def _parse_line(line_number: int, line: bytes) -> _Entry:
+    """One input line as an entry; lines that cannot be read or written back become input-stage rejections."""
+    try:
+        raw = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        detail = f"byte 0x{line[error.start]:02x} at column {error.start + 1} is not UTF-8"
+        raw = line.decode("utf-8", "backslashreplace")  # shows the bad bytes as \xe9
+        return _rejected_entry(line_number, None, None, raw, "invalid UTF-8", detail)
+    try:
+        data = json.loads(raw)
+        field_name = _lone_surrogate_field(data) if _SURROGATE_ESCAPE.search(raw) else None
+    except json.JSONDecodeError as error:
+        return _rejected_entry(line_number, None, None, raw, "invalid JSON", error.msg)
+    except RecursionError:
+        return _rejected_entry(line_number, None, None, raw, "invalid JSON", "nested too deeply")
+    record_id = _record_id(data)
+    if field_name is not None:
+        # the parsed record cannot be written as UTF-8: keep the raw line, and the id only if it is clean
+        clean_id = record_id if record_id and not _LONE_SURROGATE.search(record_id) else None
+        detail = f"field '{field_name}' holds a lone UTF-16 surrogate"
+        return _rejected_entry(line_number, clean_id, None, raw, "invalid text", detail)
+    if record_id is None:
+        return _rejected_entry(line_number, None, data, raw, "malformed record", "missing field 'id'")
+    return _Entry(line_number, record_id, data, raw)
+
+
 def _scan_input(path: Path) -> Iterator[_Entry]:
     """Stream input lines as entries; unreadable lines become entries that the input stage rejects."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:  # bytes: one undecodable line must not stop the others
         for line_number, line in enumerate(handle, start=1):
-            raw = line.rstrip("\n")
-            if not raw.strip():
-                continue
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as error:
-                entry = _Entry(line_number, f"line-{line_number}", None, raw)
-                entry.rejection = ("input", Verdict(False, "invalid JSON", error.msg))
-                yield entry
-                continue
-            record_id = data.get("id") if isinstance(data, dict) else None
-            if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
-                entry = _Entry(
-                    line_number, f"line-{line_number}", data if isinstance(data, dict) else None, raw
-                )
-                entry.rejection = ("input", Verdict(False, "malformed record", "missing field 'id'"))
-                yield entry
-                continue
-            yield _Entry(line_number, str(record_id), data, raw)
+            if line.strip():
+                yield _parse_line(line_number, line.rstrip(b"\r\n"))
 
 
 def _input_ids(path: Path) -> list[str]:
@@ -124,6 +172,19 @@ def _input_ids(path: Path) -> list[str]:
             )
         seen[entry.id] = entry.line
     return list(seen)
+
+
+def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Stream the rows of an output file, one at a time (a line cut by a kill: `AppendOnlyJsonl`'s rule)."""
+    try:
+        for row in iter_appended(path):
+            if "id" not in row:
+                raise ValueError(f"{path}: a row without 'id'; remove the output folder to start over")
+            yield row
+    except JsonlLineError as error:
+        raise ValueError(
+            f"{error.path}: line {error.line} is corrupt; remove the output folder to start over"
+        ) from None
 
 
 def _check_state(out: Path, input_path: Path, config: CleanConfig) -> None:
@@ -279,17 +340,20 @@ def clean(
     input_ids = _input_ids(input_path)
     out.mkdir(parents=True, exist_ok=True)
     _check_state(out, input_path, config)
-    kept_rows, rejected_rows = read_appended(out / KEPT), read_appended(out / REJECTED)
-    done = {str(row["id"]) for row in (*kept_rows, *rejected_rows)}
+    # Earlier outputs are streamed: only their ids and the duplicate index stay in memory.
+    done: set[str] = set()
+    index = DuplicateIndex(config.duplicate_mode, config.max_hamming)
+    for row in _read_rows(out / KEPT):
+        done.add(str(row["id"]))
+        index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
+    done.update(str(row["id"]) for row in _read_rows(out / REJECTED))
     unknown = done - set(input_ids)
     if unknown:
         raise ValueError(
             f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder"
         )
     cleaner = _Cleaner(input_path, config)
-    for row in kept_rows:
-        cleaner.index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
-    del kept_rows, rejected_rows
+    cleaner.index = index
     started = time.perf_counter()
     bar = tqdm(
         total=len(input_ids),

@@ -13,6 +13,6 @@ def export_vision_tower(plip_dir: str | Path, out_dir: str | Path) -> Path:
     plip_dir, out = Path(plip_dir), Path(out_dir)
     if not (plip_dir / "config.json").is_file():
         raise ValueError(f"{plip_dir}: not a PLIP model folder (no config.json)")
-    model = PlipModel.from_pretrained(str(plip_dir))
+    model = PlipModel.from_pretrained(str(plip_dir), trust_remote_code=False)
     model.vision_model.save_pretrained(out)
     return out

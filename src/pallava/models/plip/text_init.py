@@ -128,6 +128,6 @@ def load_text_tower_weights(text_model: torch.nn.Module, source: str | Path) -> 
 def load_tokenizer(source: str | Path = MINILM, max_length: int = 30) -> PreTrainedTokenizerBase:
     """The WordPiece tokenizer of a local BERT checkpoint (default MiniLM), capped at `max_length` tokens."""
     path = resolve_text_init(source) if str(source) == MINILM else Path(source)
-    tokenizer = BertTokenizerFast.from_pretrained(str(path))
+    tokenizer = BertTokenizerFast.from_pretrained(str(path), trust_remote_code=False)
     tokenizer.model_max_length = max_length
     return tokenizer

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pallava.data.labels import LabelMap
+from pallava.files import read_json_object
+from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, class_prompts
 from pallava.processing.augment import stain_normalize
@@ -36,10 +38,29 @@ class PlipZeroShot:
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
         """Load a PLIP folder written by `save_pretrained` (config, weights and tokenizer)."""
         path = Path(model_dir)
-        if not (path / "config.json").is_file():
+        config_file = path / "config.json"
+        if not config_file.is_file():
             raise ValueError(f"{path}: not a PLIP model folder (no config.json)")
-        model = PlipModel.from_pretrained(str(path))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model_type = read_json_object(config_file).get("model_type")
+        if model_type != PlipConfig.model_type:  # any other model would load with random PLIP weights
+            raise ValueError(
+                f"{path} is not a PLIP model folder: its config.json has model_type {model_type!r}, "
+                f"expected {PlipConfig.model_type!r} (a folder written by `pallava plip train`)"
+            )
+        try:
+            model, info = PlipModel.from_pretrained(
+                str(path), trust_remote_code=False, output_loading_info=True
+            )
+        except (OSError, RuntimeError) as error:  # no weights file, a corrupt one, or other shapes
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path}: cannot load the PLIP weights ({reason})") from None
+        missing = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
+        if missing:
+            raise ValueError(
+                f"{path}: its weights do not fill the PLIP model: missing {', '.join(missing[:3])}"
+                f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         return cls(model, tokenizer, device)
 
     @torch.no_grad()
