@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,3 +290,40 @@ def test_a_stored_gpu_run_is_merged_with_its_own_machine(tmp_path, shared_data):
         and "Measured on another machine: Some GPU" in page
         and "Note: a note" in page
     )
+
+
+def test_robustness_shifts_change_images_the_stated_way(shared_data):
+    from benchmarks import robustness
+
+    from pallava.data.importers.manifest import read_manifest
+
+    items = read_manifest(shared_data / "oscc" / "manifest.csv", "dev")[:10]
+    original, labels = robustness.shifted_sets(items, "original")
+    for shift in ("stain-a", "stain-b", "zoom-in-2x", "low-res"):
+        images, truth = robustness.shifted_sets(items, shift)
+        assert truth == labels and [i.size for i in images] == [i.size for i in original]
+        change = np.mean(
+            [
+                np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()
+                for a, b in zip(images, original, strict=True)
+            ]
+        )
+        assert change > 3, shift
+    # a restain keeps where the dark (nuclei) and light pixels are
+    a = np.asarray(original[0], float).mean(2)
+    b = np.asarray(robustness.restain(np.asarray(original[0]), "stain-a"), float).mean(2)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+    mosaics, truth = robustness.shifted_sets(items, "zoom-out-2x")
+    per_class = {label: labels.count(label) for label in set(labels)}
+    assert len(mosaics) == sum(max(0, n - 3) for n in per_class.values()) and set(truth) <= set(labels)
+    results = {
+        "command": "x",
+        "epochs": 1,
+        "seed": 0,
+        "machine": "m",
+        "load_average": 1.0,
+        "seconds": 1.0,
+        "variants": {"none": {d: {s: 0.5 for s in robustness.SHIFTS} for d in robustness.DATASETS}},
+    }
+    table = robustness.render(results)
+    assert "| none | 0.500 (0.50 / 0.50 / 0.50)" in table and "mean of the shifts" in table

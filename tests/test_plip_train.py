@@ -257,3 +257,10 @@ def test_a_plain_rerun_after_sigkill_resumes(small_manifest, recipe, tmp_path):
     assert "resumed from" in rerun.stdout and "at step 4" in rerun.stdout
     assert [row for row in _log(killed) if "loss" in row] == [row for row in _log(reference) if "loss" in row]
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["ckpt-0000004", "ckpt-0000008"]
+
+
+def test_nested_recipe_settings_reach_tensorboard_flattened():
+    from pallava.train.plip import _hparams
+
+    flat = _hparams({"lr": 1e-3, "augment": {"stain": 0.1, "flips": True}, "text_init": None, "pair": (1, 2)})
+    assert flat == {"lr": 1e-3, "augment.stain": 0.1, "augment.flips": True, "pair": "(1, 2)"}

@@ -51,6 +51,18 @@ def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.opt
     )
 
 
+def _hparams(config: dict, prefix: str = "") -> dict[str, object]:
+    """The recipe as TensorBoard hyper-parameters: nested settings flattened (`augment.stain`), None left
+    out."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_hparams(value, f"{prefix}{key}."))
+        elif value is not None:
+            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
 def _write_model(
     model: PlipModel, tokenizer: PreTrainedTokenizerBase, labels: LabelMap | None, out: Path
 ) -> None:
@@ -169,9 +181,7 @@ def train_plip(
         accelerator.load_state(str(checkpoint))
         step = json.loads((checkpoint / checkpoints.STATE_FILE).read_text(encoding="utf-8"))["step"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
-    accelerator.init_trackers(
-        "logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None}
-    )
+    accelerator.init_trackers("logs", config=_hparams(dataclasses.asdict(recipe)))
     log = StepLog(out / "train_log.jsonl", step if checkpoint is not None else None, write=main)
     save_every = recipe.save_every or steps_per_epoch
     generator = torch.Generator()  # ITM negatives; re-seeded every step so that a resumed run draws the same
