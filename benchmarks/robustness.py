@@ -1,7 +1,8 @@
 """Augmentation ablation: PLIP trained with each augmentation on or off, tested on dev images shifted the way
 another lab's slides differ (stain, magnification, scanner resolution).
 
-    python benchmarks/robustness.py                       # every variant, 1 epoch each, the three shared datasets
+    python benchmarks/robustness.py                       # every variant, 1 epoch each, the three shared
+    datasets
     python benchmarks/robustness.py --variants none all   # a subset
     python benchmarks/robustness.py --report-only         # re-render docs from the stored results
 
@@ -48,7 +49,8 @@ VARIANTS = {  # name -> Augmentation fields
 }
 SHIFTS = ("original", "stain-a", "stain-b", "zoom-in-2x", "zoom-out-2x", "low-res")
 
-# Another lab's stain vectors (rows: haematoxylin, eosin, residual) in optical density, and concentration scales.
+# Another lab's stain vectors (rows: haematoxylin, eosin, residual) in optical density, and concentration
+# scales.
 _RUIFROK = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _LABS = {
     "stain-a": (np.array([[0.55, 0.75, 0.37], [0.02, 0.85, 0.52], [0.27, 0.57, 0.78]]), (1.3, 0.8, 1.0)),
@@ -63,7 +65,9 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
 def restain(pixels: np.ndarray, lab: str) -> np.ndarray:
     """The image as another lab's stains would colour the same tissue (fixed transform)."""
     vectors, scales = _LABS[lab]
-    density = -np.log(np.maximum(pixels.astype(np.float64) / 255.0, 1e-6)) @ np.linalg.inv(_unit_rows(_RUIFROK))
+    density = -np.log(np.maximum(pixels.astype(np.float64) / 255.0, 1e-6)) @ np.linalg.inv(
+        _unit_rows(_RUIFROK)
+    )
     rgb = np.exp(-((density * np.array(scales)) @ _unit_rows(vectors)))
     return np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
 
@@ -78,7 +82,9 @@ def zoom_out(group: list[np.ndarray]) -> np.ndarray:
     """Four tiles of one class side by side, shrunk to one tile's size."""
     height, width = group[0].shape[:2]
     top, bottom = np.concatenate(group[:2], axis=1), np.concatenate(group[2:4], axis=1)
-    return np.asarray(Image.fromarray(np.concatenate([top, bottom], axis=0)).resize((width, height), Image.BICUBIC))
+    return np.asarray(
+        Image.fromarray(np.concatenate([top, bottom], axis=0)).resize((width, height), Image.BICUBIC)
+    )
 
 
 def low_resolution(pixels: np.ndarray) -> np.ndarray:
@@ -99,12 +105,19 @@ def shifted_sets(items: list, shift: str) -> tuple[list[Image.Image], list[str]]
         images, truth = [], []
         for label in sorted(set(labels)):
             members = [p for p, lab in zip(pixels, labels, strict=True) if lab == label]
-            for start in range(0, len(members) - 3):  # every run of four consecutive tiles: one image per tile
+            for start in range(
+                0, len(members) - 3
+            ):  # every run of four consecutive tiles: one image per tile
                 images.append(zoom_out(members[start : start + 4]))
                 truth.append(label)
         return [Image.fromarray(p) for p in images], truth
-    transform = {"original": lambda p: p, "stain-a": lambda p: restain(p, "stain-a"),
-                 "stain-b": lambda p: restain(p, "stain-b"), "zoom-in-2x": zoom_in, "low-res": low_resolution}[shift]
+    transform = {
+        "original": lambda p: p,
+        "stain-a": lambda p: restain(p, "stain-a"),
+        "stain-b": lambda p: restain(p, "stain-b"),
+        "zoom-in-2x": zoom_in,
+        "low-res": low_resolution,
+    }[shift]
     return [Image.fromarray(transform(p)) for p in pixels], labels
 
 
@@ -117,8 +130,13 @@ def train_variant(name: str, out: Path, epochs: float, seed: int) -> Path:
     shared = ROOT.parent / "shared" / "data"
     recipe = PlipTrainConfig.from_yaml(ROOT / "configs" / "plip-tiny.yaml", epochs=epochs, seed=seed)
     recipe.augment = VARIANTS[name]
-    train_plip([str(shared / d / "manifest.csv") for d in DATASETS], model, recipe, split="train",
-               show_progress=False)
+    train_plip(
+        [str(shared / d / "manifest.csv") for d in DATASETS],
+        model,
+        recipe,
+        split="train",
+        show_progress=False,
+    )
     return model
 
 
@@ -142,16 +160,22 @@ def evaluate(model: Path) -> dict[str, dict[str, float]]:
 
 
 def render(results: dict) -> str:
-    lines = ["# Robustness: which augmentation buys what", "",
-             "PLIP (tiny preset) trained on the train splits of lung, colon and oral mucosa with one augmentation "
-             "set per row, scored by zero-shot accuracy over each dataset's own classes on its dev split, as it is "
-             "and under shifts built from the shared data (`benchmarks/robustness.py` says how each is made). "
-             "Cells: mean accuracy over the three datasets (lung / colon / oral).", "",
-             f"Command: `{results['command']}`; {results['epochs']} epoch(s) per variant, seed {results['seed']}; "
-             f"{results['machine']}; load average {results['load_average']} at the start; "
-             f"{results['seconds']:.0f} s in all.", "",
-             "| augmentation | " + " | ".join(SHIFTS) + " | mean of the shifts |",
-             "|---|" + "---|" * (len(SHIFTS) + 1)]
+    lines = [
+        "# Robustness: which augmentation buys what",
+        "",
+        "PLIP (tiny preset) trained on the train splits of lung, colon and oral mucosa with one augmentation "
+        "set per row, scored by zero-shot accuracy over each dataset's own classes on its dev split, as it "
+        "is "
+        "and under shifts built from the shared data (`benchmarks/robustness.py` says how each is made). "
+        "Cells: mean accuracy over the three datasets (lung / colon / oral).",
+        "",
+        f"Command: `{results['command']}`; {results['epochs']} epoch(s) per variant, seed {results['seed']}; "
+        f"{results['machine']}; load average {results['load_average']} at the start; "
+        f"{results['seconds']:.0f} s in all.",
+        "",
+        "| augmentation | " + " | ".join(SHIFTS) + " | mean of the shifts |",
+        "|---|" + "---|" * (len(SHIFTS) + 1),
+    ]
     for name, scores in results["variants"].items():
         cells = []
         for shift in SHIFTS:
@@ -176,9 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         DOCS.write_text(render(json.loads(RESULTS.read_text())))
         return 0
     started, load = time.time(), load_average()
-    results = {"command": "python benchmarks/robustness.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "epochs": args.epochs, "seed": args.seed, "machine": machine_info().get("cpu", "this machine"),
-               "load_average": load, "variants": {}}
+    results = {
+        "command": "python benchmarks/robustness.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "machine": machine_info().get("cpu", "this machine"),
+        "load_average": load,
+        "variants": {},
+    }
     for name in args.variants:
         model = train_variant(name, args.out, args.epochs, args.seed)
         results["variants"][name] = evaluate(model)

@@ -1,4 +1,5 @@
-"""`pallava slide`: inspect a whole-slide image, map it with PLIP zero-shot, ask the assistant about regions."""
+"""`pallava slide`: inspect a whole-slide image, map it with PLIP zero-shot, ask the assistant about
+regions."""
 
 from __future__ import annotations
 
@@ -52,8 +53,11 @@ def _map(args: argparse.Namespace) -> int:
             )
         except KeyboardInterrupt:
             cache = Path(args.out) / "embeddings"
-            print(f"interrupted; the tiles embedded so far are cached in {cache}: run the same command to resume",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"interrupted; the tiles embedded so far are cached in {cache}: run the same command to "
+                "resume",
+                file=sys.stderr,
+            )
             return 130
     grid = result.prepared.grid
     print(
