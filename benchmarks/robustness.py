@@ -128,8 +128,9 @@ def train_variant(name: str, out: Path, epochs: float, seed: int) -> Path:
     if (model / "config.json").is_file():
         return model
     shared = ROOT.parent / "shared" / "data"
-    recipe = PlipTrainConfig.from_yaml(ROOT / "configs" / "plip-tiny.yaml", epochs=epochs, seed=seed)
-    recipe.augment = VARIANTS[name]
+    recipe = PlipTrainConfig.from_yaml(
+        ROOT / "configs" / "plip-tiny.yaml", epochs=epochs, seed=seed, augment=VARIANTS[name]
+    )
     train_plip(
         [str(shared / d / "manifest.csv") for d in DATASETS],
         model,
