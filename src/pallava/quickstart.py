@@ -25,6 +25,11 @@ DEFAULT_DATA = (SHARED_DATA / "lc25000-lung", SHARED_DATA / "lc25000-colon", SHA
 DEFAULT_SAMPLES = PACKAGE_ROOT.parent / "shared" / "data" / "samples"
 CONFIGS = PACKAGE_ROOT / "configs"
 
+# Stage 2 trains on a seeded sample of the generated questions (about 8 per image, 36,640 for the three train
+# splits): one pass over a sample this size costs what the CPU budget of the demo allows, and the balancing of
+# datasets then repeats the small ones in it.
+STAGE2_QUESTIONS = 16_000
+
 # Captions that describe animal tissue: the text judge must reject them (paper: non-human pathology removed).
 NON_HUMAN_CAPTIONS = (
     "Haematoxylin and eosin section of mouse lung from a transgenic model, showing alveolar walls thickened "
@@ -311,6 +316,7 @@ class Quickstart:
             "--out",
             self.out / "assistant",
             *smoke,
+            *([] if self.s.smoke else [f"data.limit={STAGE2_QUESTIONS}"]),
             *self.s.train_overrides,
         )
         return {}
