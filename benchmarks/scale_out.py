@@ -1,6 +1,6 @@
 """Local engine against Ray engine on the same inputs: corpus cleaning and a cohort of slides.
 
-    python benchmarks/scale_out.py [--records 3120] [--slides 4] [--cpus 2] [--out benchmarks/results/scale-out.json]
+    python benchmarks/scale_out.py [--records 3120] [--slides 4] [--cpus 2] [--out FILE]
 
 Cleaning: LC25000 lung tiles with generated captions, stain image judge, lexicon text judge, image duplicates
 (the configuration docs/data.md measures). Cohort: copies of the shared slide, each mapped at the default
@@ -33,7 +33,9 @@ def clean_input(folder: Path, records: int) -> tuple[Path, object]:
     from pallava.data.io import write_jsonl
     from pallava.data.labels import LabelMap
 
-    captions = captions_from_labels(read_manifest(DATA / "lc25000-lung" / "manifest.csv"), LabelMap.builtin("lc25000-lung"))
+    captions = captions_from_labels(
+        read_manifest(DATA / "lc25000-lung" / "manifest.csv"), LabelMap.builtin("lc25000-lung")
+    )
     # Past the 3,120 tiles the corpus cycles through them again under new ids (repeats are duplicates).
     rows = ({**captions[i % len(captions)].to_dict(), "id": f"r{i}"} for i in range(records))
     path = folder / "captions.jsonl"
@@ -67,10 +69,20 @@ def measure(args: argparse.Namespace) -> dict:
         cohort, plip = cohort_input(folder, max(args.slides, 1))
         settings = CohortSettings(label_map=load_classes("lc25000-lung"))
         jobs = {  # a count of 0 skips that workload
-            "clean": (args.records, "records",
-                      lambda engine, tag: clean(corpus, folder / f"clean-{tag}", config, progress=False, engine=engine)),
-            "cohort": (args.slides, "slides",
-                       lambda engine, tag: map_cohort(cohort, plip, folder / f"cohort-{tag}", settings, engine=engine)),
+            "clean": (
+                args.records,
+                "records",
+                lambda engine, tag: clean(
+                    corpus, folder / f"clean-{tag}", config, progress=False, engine=engine
+                ),
+            ),
+            "cohort": (
+                args.slides,
+                "slides",
+                lambda engine, tag: map_cohort(
+                    cohort, plip, folder / f"cohort-{tag}", settings, engine=engine
+                ),
+            ),
         }
         started = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
@@ -89,7 +101,9 @@ def measure(args: argparse.Namespace) -> dict:
                     results[f"{name}_{label}_{unit}_per_s"] = round(count / seconds, 3)
                     print(f"{name} {label}: {count} {unit} in {seconds:.1f} s", flush=True)
                 for label in ("ray", "ray_warm"):
-                    results[f"{name}_{label}_over_local"] = round(results[f"{name}_{label}_s"] / results[f"{name}_local_s"], 3)
+                    results[f"{name}_{label}_over_local"] = round(
+                        results[f"{name}_{label}_s"] / results[f"{name}_local_s"], 3
+                    )
         finally:
             ray.shutdown()
     results["load_after"] = load_average()
@@ -98,7 +112,9 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=3120, help="caption records to clean (default 3120; 0: skip)")
+    parser.add_argument(
+        "--records", type=int, default=3120, help="caption records to clean (default 3120; 0: skip)"
+    )
     parser.add_argument("--slides", type=int, default=4, help="slides in the cohort (default 4; 0: skip)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance (default 2)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale-out.json"))

@@ -91,7 +91,9 @@ def test_stage1_conversations_vary_instruction_and_image_position():
         assert conversation.image == caption.image and conversation.id == caption.id
     assert set(instructions) == set(CAPTION_INSTRUCTIONS)
     assert 150 < first < 250
-    assert [c.to_dict() for c in stage1_conversations(captions, seed=0)] == [c.to_dict() for c in conversations]
+    assert [c.to_dict() for c in stage1_conversations(captions, seed=0)] == [
+        c.to_dict() for c in conversations
+    ]
 
 
 def test_stage2_prompts_per_answer_type():
@@ -122,9 +124,15 @@ def test_questions_span_organs_and_malignancy(three_organs):
     by_path = {item.path: label_map[item.label] for item in three_organs}
     kinds = Counter((v.meta["question"], v.answer_type) for v in vqa)
     n = len(three_organs)
-    assert kinds == {("diagnosis", "closed"): 2 * n, ("diagnosis", "open"): n, ("diagnosis", "choice"): n,
-                     ("organ", "open"): n, ("organ", "closed"): n, ("malignancy", "closed"): n,
-                     ("malignancy", "open"): n}
+    assert kinds == {
+        ("diagnosis", "closed"): 2 * n,
+        ("diagnosis", "open"): n,
+        ("diagnosis", "choice"): n,
+        ("organ", "open"): n,
+        ("organ", "closed"): n,
+        ("malignancy", "closed"): n,
+        ("malignancy", "open"): n,
+    }
     closed = Counter(v.answer for v in vqa if v.answer_type == "closed" and v.meta["question"] != "diagnosis")
     assert abs(closed["yes"] - closed["no"]) < 0.15 * n  # organ and malignancy yes/no roughly balanced
     other_organ_options = 0

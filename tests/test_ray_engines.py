@@ -1,4 +1,5 @@
-"""The Ray engines on a local 2-CPU Ray instance: the local engine's answers, and no loss or repeat under faults.
+"""The Ray engines on a local 2-CPU Ray instance: the local engine's answers, nothing lost or repeated
+under faults.
 
 One Ray session serves the whole module. Faults are real: a worker SIGKILLs its own process (Ray restarts
 it and retries its work), and a driver process is SIGKILLed and the command re-run (it resumes).
@@ -34,7 +35,8 @@ WAIT = 600  # seconds a fault test waits for its driver to reach the kill point 
 @pytest.fixture(scope="module")
 def ray_address():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    # The fault-injecting judges and loaders below travel to the workers by value (tests/ is not importable there).
+    # The fault-injecting judges and loaders below travel to the workers by value (tests/ is not
+    # importable there).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         yield ray.get_runtime_context().gcs_address
@@ -63,7 +65,7 @@ def _claim(marker: Path) -> bool:
 
 
 class KillOnceLexicon(LexiconJudge):
-    """The lexicon judge, except that the worker holding it kills itself on `trigger` while `marker` exists."""
+    """The lexicon judge, but the worker holding it kills itself on `trigger` while `marker` exists."""
 
     def __init__(self, marker: Path, trigger: str) -> None:
         super().__init__()
@@ -99,7 +101,9 @@ class KillOnceLoader:
 
 
 def _lines(folder: Path) -> int:
-    return sum(len((folder / name).read_bytes().splitlines()) for name in OUTPUTS[:2] if (folder / name).exists())
+    return sum(
+        len((folder / name).read_bytes().splitlines()) for name in OUTPUTS[:2] if (folder / name).exists()
+    )
 
 
 def _kill_driver_when(script: str, ready, tmp_path: Path) -> None:
@@ -125,8 +129,14 @@ def test_clean_on_ray_equals_local_and_survives_a_killed_worker(ray_address, til
     marker = tmp_path / "faults" / "kill"
     marker.parent.mkdir()
     marker.touch()
-    summary = clean(corpus, tmp_path / "ray", CLEAN_CONFIG, progress=False, engine="ray",
-                    judges={"text": lambda: KillOnceLexicon(marker, "case 7")})
+    summary = clean(
+        corpus,
+        tmp_path / "ray",
+        CLEAN_CONFIG,
+        progress=False,
+        engine="ray",
+        judges={"text": lambda: KillOnceLexicon(marker, "case 7")},
+    )
     assert not marker.exists() and len(list(marker.parent.glob("built-*"))) >= 2  # killed, then rebuilt
     assert summary["input"] == 16 and summary["kept"] == 7
     for name in OUTPUTS:  # every record exactly once, with the local engine's verdicts, bytes and order
@@ -139,24 +149,27 @@ def test_clean_on_ray_resumes_after_the_driver_is_killed(ray_address, tiles, tmp
     out = tmp_path / "ray"
     # The driver SIGKILLs itself halfway through writing its eighth output line.
     script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, signal
         from pallava.data.clean import CleanConfig, clean, pipeline
 
-        written, write = [], pipeline._write
+        written, append = [], pipeline.AppendOnlyJsonl.append
 
-        def write_then_die(handle, row):
+        def append_then_die(self, record):
             if len(written) == 7:
-                handle.write(pipeline.json.dumps(row)[:40])
-                handle.flush()
+                self._handle.write(pipeline.json.dumps(dict(record))[:40])
+                self._handle.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-            written.append(row)
-            write(handle, row)
+            written.append(record)
+            append(self, record)
 
-        pipeline._write = write_then_die
-        clean({str(corpus)!r}, {str(out)!r}, CleanConfig(workers=1, chunk_size=3), progress=False, engine="ray",
+        pipeline.AppendOnlyJsonl.append = append_then_die
+        config = CleanConfig(workers=1, chunk_size=3)
+        clean({str(corpus)!r}, {str(out)!r}, config, progress=False, engine="ray",
               ray_address={ray_address!r})
-        """))
+        """)
+    )
     driver = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=WAIT)
     assert driver.returncode == -signal.SIGKILL, driver.stderr[-3000:]
     assert _lines(out) == 8  # seven whole lines and a torn one
@@ -167,7 +180,7 @@ def test_clean_on_ray_resumes_after_the_driver_is_killed(ray_address, tiles, tmp
 
 
 def _assert_same_maps(ray_out: Path, local_out: Path, slide_ids) -> None:
-    """Per-slide outputs equal: summaries and GeoJSON (numbers within float tolerance), embeddings once each."""
+    """Per-slide outputs equal: summaries, GeoJSON (numbers within float tolerance), embeddings once each."""
 
     def close(a, b):
         if isinstance(a, dict):
@@ -198,28 +211,41 @@ def _assert_same_maps(ray_out: Path, local_out: Path, slide_ids) -> None:
             embeddings.append((boxes[order], vectors[order]))
         np.testing.assert_array_equal(embeddings[0][0], embeddings[1][0])
         np.testing.assert_allclose(embeddings[0][1], embeddings[1][1], atol=1e-5)
-    assert (ray_out / "cohort.csv").read_text().replace("done earlier", "mapped") == (local_out / "cohort.csv").read_text()
+    assert (ray_out / "cohort.csv").read_text().replace("done earlier", "mapped") == (
+        local_out / "cohort.csv"
+    ).read_text()
 
 
-def test_cohort_on_ray_equals_local_and_survives_a_killed_worker(ray_address, svs, tiny_plip_dir, tmp_path, settings):
+def test_cohort_on_ray_equals_local_and_survives_a_killed_worker(
+    ray_address, svs, tiny_plip_dir, tmp_path, settings
+):
     cohort = make_cohort(tmp_path, svs)
     local = map_cohort(cohort, tiny_plip_dir, tmp_path / "local", settings)
     marker = tmp_path / "kill"
     marker.touch()
-    rows = map_cohort(cohort, tiny_plip_dir, tmp_path / "ray", settings, engine="ray", load_model=KillOnceLoader(marker))
+    rows = map_cohort(
+        cohort, tiny_plip_dir, tmp_path / "ray", settings, engine="ray", load_model=KillOnceLoader(marker)
+    )
     assert not marker.exists()  # a worker died mid-slide, and its slide was retried
-    assert [(r["id"], r["status"]) for r in rows] == [("first", "mapped"), ("second", "mapped"), ("truncated", "failed")]
+    assert [(r["id"], r["status"]) for r in rows] == [
+        ("first", "mapped"),
+        ("second", "mapped"),
+        ("truncated", "failed"),
+    ]
     assert rows == local
     _assert_same_maps(tmp_path / "ray", tmp_path / "local", ("first", "second"))
 
 
-def test_cohort_on_ray_resumes_after_the_driver_is_killed(ray_address, svs, tiny_plip_dir, tmp_path, settings):
+def test_cohort_on_ray_resumes_after_the_driver_is_killed(
+    ray_address, svs, tiny_plip_dir, tmp_path, settings
+):
     cohort = make_cohort(tmp_path, svs)
     local = map_cohort(cohort, tiny_plip_dir, tmp_path / "local", settings)
     batches = -(-local[0]["tiles"] // settings.batch_size)
     out, flag = tmp_path / "ray", tmp_path / "blocked"
     # One worker: the first slide is finished, then the driver is killed while the second is being embedded.
-    _kill_driver_when(f"""
+    _kill_driver_when(
+        f"""
         import time
         from pathlib import Path
         from pallava.models.plip import PlipZeroShot
@@ -240,14 +266,17 @@ def test_cohort_on_ray_resumes_after_the_driver_is_killed(ray_address, svs, tiny
             plip.encode_images = hang_on_second_slide
             return plip
 
-        settings = CohortSettings(TilingOptions{tuple(vars(OPTIONS).values())!r}, load_classes("lc25000-lung"),
+        options = TilingOptions{tuple(vars(OPTIONS).values())!r}
+        settings = CohortSettings(options, load_classes("lc25000-lung"),
                                   {TEMPLATES!r}, batch_size={settings.batch_size})
         map_cohort({str(cohort)!r}, {str(tiny_plip_dir)!r}, {str(out)!r}, settings, engine="ray",
                    ray_address={ray_address!r}, workers=1, load_model=load)
-        """, flag.exists, tmp_path)
+        """,
+        flag.exists,
+        tmp_path,
+    )
     assert (out / "slides" / "first" / "summary.json").is_file()
     assert not (out / "slides" / "second" / "summary.json").exists()
     rows = map_cohort(cohort, tiny_plip_dir, out, settings, engine="ray")
     assert [r["status"] for r in rows] == ["done earlier", "mapped", "failed"]
     _assert_same_maps(out, tmp_path / "local", ("first", "second"))
-

@@ -37,8 +37,12 @@ def test_byte_ranges_read_back_exactly_the_local_scanners_records(tmp_path):
     [
         (CleanConfig(), [["image"], ["text", "length"]]),
         (CleanConfig(image_judge={"type": "stain"}), [[], ["image"], ["text", "length"]]),
-        (CleanConfig(stages=["integrity", "length", "text", "image", "duplicate"], image_judge={"type": "stain"}),
-         [["length"], ["text"], ["image"]]),
+        (
+            CleanConfig(
+                stages=["integrity", "length", "text", "image", "duplicate"], image_judge={"type": "stain"}
+            ),
+            [["length"], ["text"], ["image"]],
+        ),
         (CleanConfig(text_judge={"type": "none"}), [["image", "text", "length"]]),
     ],
 )
@@ -49,15 +53,37 @@ def test_model_free_stages_join_the_operator_before_them(config, groups):
 def test_judges_and_slide_workers_are_placed_by_the_clusters_resources():
     plip = {"type": "plip", "model_dir": "p"}
     assert judge_resources(plip, TWO_GPUS) == (
-        {"num_cpus": 1, "num_gpus": 1, "concurrency": (1, 2)}, {**plip, "device": "cuda"})
+        {"num_cpus": 1, "num_gpus": 1, "concurrency": (1, 2)},
+        {**plip, "device": "cuda"},
+    )
     assert judge_resources({**plip, "device": "cpu"}, TWO_GPUS)[0] == {"num_cpus": 1.0, "concurrency": (1, 8)}
     assert judge_resources(plip, CPU_ONLY) == ({"num_cpus": 1.0, "concurrency": (1, 4)}, plip)
     assert judge_resources({"type": "openai"}, CPU_ONLY)[0] == {"num_cpus": 0.25, "concurrency": (1, 16)}
     assert judge_resources({"type": "lexicon"}, {"CPU": 1.0, "GPU": 0.0})[0]["concurrency"] == (1, 1)
     # a config's device is operational: it may change between a run and its resume
-    assert CleanConfig(image_judge={**plip, "device": "cuda"}).decision_fields() == CleanConfig(image_judge=plip).decision_fields()
+    assert (
+        CleanConfig(image_judge={**plip, "device": "cuda"}).decision_fields()
+        == CleanConfig(image_judge=plip).decision_fields()
+    )
 
     assert pool_size(TWO_GPUS, slides=10) == (2, {"num_cpus": 1, "num_gpus": 1})
     assert pool_size(CPU_ONLY, slides=10) == (8, {"num_cpus": 1, "num_gpus": 0})
     assert pool_size(CPU_ONLY, slides=3) == (3, {"num_cpus": 1, "num_gpus": 0})
     assert pool_size(CPU_ONLY, slides=10, workers=2)[0] == 2
+
+
+def test_a_judge_worker_gets_the_drivers_model_loaders(tiny_plip_dir, lung_tiles, monkeypatch, tmp_path):
+    from pallava.data.clean import judges
+    from pallava.data.clean.ray_engine import _Judge
+    from pallava.models.plip import PlipZeroShot
+
+    config = CleanConfig(image_judge={"type": "plip", "model_dir": str(tiny_plip_dir)})
+    monkeypatch.setattr(judges, "SCORER_LOADERS", {})  # a fresh worker: pallava.models.plip never imported
+    monkeypatch.setattr("pallava.data.clean.ray_engine.SCORER_LOADERS", judges.SCORER_LOADERS)
+    with pytest.raises(ValueError, match="no loader for PLIP folders is registered"):
+        _Judge(str(tmp_path / "in.jsonl"), config, ["image"])
+    worker = _Judge(
+        str(tmp_path / "in.jsonl"), config, ["image"], loaders={"plip": PlipZeroShot.from_pretrained}
+    )
+    (verdict,) = worker.cleaner.image_judge.judge_images(lung_tiles[:1])
+    assert verdict.detail.startswith("p") and not verdict.error

@@ -1,4 +1,4 @@
-"""`slide map --cohort` with the local engine: per-slide maps, the cohort summary, skipping, failures, errors."""
+"""`slide map --cohort` with the local engine: per-slide maps, cohort summary, skipping, failures, errors."""
 
 import csv
 import json
@@ -49,7 +49,11 @@ def test_cohort_maps_each_slide_reports_failures_and_skips_finished_slides(svs, 
     loader = CountingLoader()
     rows = map_cohort(cohort, tiny_plip_dir, out, settings, load_model=loader)
 
-    assert [(r["id"], r["status"]) for r in rows] == [("first", "mapped"), ("second", "mapped"), ("truncated", "failed")]
+    assert [(r["id"], r["status"]) for r in rows] == [
+        ("first", "mapped"),
+        ("second", "mapped"),
+        ("truncated", "failed"),
+    ]
     assert "truncated.svs: a TIFF that is truncated" in rows[2]["error"]
     for slide_id in ("first", "second"):  # exactly the files `slide map` writes
         folder = out / "slides" / slide_id
@@ -66,7 +70,9 @@ def test_cohort_maps_each_slide_reports_failures_and_skips_finished_slides(svs, 
     first = table[0]
     assert int(first["tiles"]) == tiles and float(first["tissue_fraction"]) == summary["tissue_fraction"]
     # tissue area = tissue share x slide area: 2220 x 2967 px at 0.499 um/px
-    assert float(first["tissue_area_mm2"]) == pytest.approx(summary["tissue_fraction"] * 2220 * 2967 * 0.499**2 / 1e6, rel=1e-3)
+    assert float(first["tissue_area_mm2"]) == pytest.approx(
+        summary["tissue_fraction"] * 2220 * 2967 * 0.499**2 / 1e6, rel=1e-3
+    )
     fractions = [float(first[f"fraction:{label}"]) for label in ("lung_aca", "lung_n", "lung_scc")]
     assert sum(fractions) == pytest.approx(1.0, abs=1e-3)
     assert fractions[0] == pytest.approx(summary["classes"]["lung_aca"]["tiles_predicted"] / tiles, abs=1e-4)
@@ -79,12 +85,15 @@ def test_cohort_maps_each_slide_reports_failures_and_skips_finished_slides(svs, 
     rerun = map_cohort(cohort, tiny_plip_dir, out, settings, load_model=again)
     assert [r["status"] for r in rerun] == ["done earlier", "done earlier", "failed"] and again.images == 0
     assert [{k: v for k, v in r.items() if k != "status"} for r in rerun] == [
-        {k: v for k, v in r.items() if k != "status"} for r in rows]
+        {k: v for k, v in r.items() if k != "status"} for r in rows
+    ]
 
     # Other classes: the maps are redrawn from the cached embeddings, still without embedding a tile.
     other = CohortSettings(OPTIONS, load_classes("nct-crc-he"), TEMPLATES, batch_size=4)
     again = CountingLoader()
-    assert [r["status"] for r in map_cohort(cohort, tiny_plip_dir, out, other, load_model=again)][:2] == ["mapped"] * 2
+    assert [r["status"] for r in map_cohort(cohort, tiny_plip_dir, out, other, load_model=again)][:2] == [
+        "mapped"
+    ] * 2
     assert again.images == 0
 
 
@@ -94,7 +103,7 @@ def test_cohort_file_errors_name_the_row_and_field(tmp_path):
         "path,id\na.svs,x\nb.svs,x\n": "row 3: id 'x' already used on row 2",
         "path,id\na.svs,../up\n": "row 2: field 'id' '../up' must be letters",
         "path,mpp\na.svs,fast\n": "row 2: field 'mpp' must be a positive number, got 'fast'",
-        "path\n\"\"\n": "row 2: field 'path' is empty",
+        'path\n""\n': "row 2: field 'path' is empty",
         "path\n": "lists no slides",
     }
     for number, (text, message) in enumerate(cases.items()):
@@ -112,17 +121,53 @@ def test_cohort_file_errors_name_the_row_and_field(tmp_path):
 def test_cohort_command_end_to_end_and_engine_errors(svs, tiny_plip_dir, tmp_path, capsys, monkeypatch):
     cohort = make_cohort(tmp_path, svs)
     out = tmp_path / "map"
-    argv = ["slide", "map", "--cohort", str(cohort), "--model", str(tiny_plip_dir), "--out", str(out), "--mpp", "2.0",
-            "--classes", "lc25000-lung", "--template", TEMPLATES[0], "--batch-size", "8"]
+    argv = [
+        "slide",
+        "map",
+        "--cohort",
+        str(cohort),
+        "--model",
+        str(tiny_plip_dir),
+        "--out",
+        str(out),
+        "--mpp",
+        "2.0",
+        "--classes",
+        "lc25000-lung",
+        "--template",
+        TEMPLATES[0],
+        "--batch-size",
+        "8",
+    ]
     assert main(argv) == 1  # one slide failed; the others are mapped
     printed = capsys.readouterr().out
     assert "first: mapped" in printed and "truncated: failed" in printed and "2 of 3 slides mapped" in printed
     assert (out / "slides" / "second" / "tiles.geojson").is_file() and (out / "cohort.csv").is_file()
     assert main(argv) == 1  # the re-run lists the finished slides and retries the failed one
     printed = capsys.readouterr().out
-    assert "first: done earlier (" in printed and "second: done earlier (" in printed and "truncated: failed" in printed
+    assert (
+        "first: done earlier (" in printed
+        and "second: done earlier (" in printed
+        and "truncated: failed" in printed
+    )
 
-    assert main(["slide", "map", "--slide", str(svs), "--model", str(tiny_plip_dir), "--out", str(out), "--engine", "ray"]) == 1
+    assert (
+        main(
+            [
+                "slide",
+                "map",
+                "--slide",
+                str(svs),
+                "--model",
+                str(tiny_plip_dir),
+                "--out",
+                str(out),
+                "--engine",
+                "ray",
+            ]
+        )
+        == 1
+    )
     assert "--engine, --ray-address and --workers apply to --cohort" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
     assert main([*argv, "--engine", "ray"]) == 1

@@ -28,10 +28,14 @@ def connect(address: str | None = None) -> ModuleType:
     if not ray.is_initialized():
         # The dashboard costs a process and a port; a batch job has no use for it.
         try:
-            ray.init(address=address, include_dashboard=False if address is None else None, log_to_driver=False)
+            ray.init(
+                address=address, include_dashboard=False if address is None else None, log_to_driver=False
+            )
         except ConnectionError as error:
-            raise ValueError(f"--ray-address {address}: cannot join a Ray cluster there ({error}); "
-                             "start one with `ray start --head`") from None
+            raise ValueError(
+                f"--ray-address {address}: cannot join a Ray cluster there ({error}); "
+                "start one with `ray start --head`"
+            ) from None
     return ray
 
 

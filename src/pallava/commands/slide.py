@@ -1,4 +1,5 @@
-"""`pallava slide`: inspect a whole-slide image, map it with PLIP zero-shot, ask the assistant about regions."""
+"""`pallava slide`: inspect a whole-slide image, map it with PLIP zero-shot, ask the assistant about
+regions."""
 
 from __future__ import annotations
 
@@ -42,18 +43,34 @@ def _map_cohort(args: argparse.Namespace) -> int:
     from pallava.slides.cohort import REPORT, SUMMARY_CSV, CohortSettings, map_cohort
     from pallava.slides.mapping import load_classes
 
-    settings = CohortSettings(_options(args), load_classes(args.classes), tuple(args.template or ZEROSHOT_TEMPLATES),
-                              args.batch_size, args.device)
+    settings = CohortSettings(
+        _options(args),
+        load_classes(args.classes),
+        tuple(args.template or ZEROSHOT_TEMPLATES),
+        args.batch_size,
+        args.device,
+    )
 
     def show(row: dict) -> None:
         detail = f"{row['tiles']} tiles" if row["status"] != "failed" else row["error"]
         print(f"{row['id']}: {row['status']} ({detail})", flush=True)
 
-    rows = map_cohort(args.cohort, args.model, args.out, settings, args.engine, args.ray_address,
-                      args.workers, progress=show)
+    rows = map_cohort(
+        args.cohort,
+        args.model,
+        args.out,
+        settings,
+        args.engine,
+        args.ray_address,
+        args.workers,
+        progress=show,
+    )
     failed = sum(row["status"] == "failed" for row in rows)
     out = Path(args.out)
-    print(f"{len(rows) - failed} of {len(rows)} slides mapped; summary: {out / SUMMARY_CSV}, report: {out / REPORT}")
+    print(
+        f"{len(rows) - failed} of {len(rows)} slides mapped; "
+        f"summary: {out / SUMMARY_CSV}, report: {out / REPORT}"
+    )
     return 1 if failed else 0
 
 
@@ -65,7 +82,9 @@ def _map(args: argparse.Namespace) -> int:
     if args.cohort:
         return _map_cohort(args)
     if args.engine != "local" or args.ray_address or args.workers:
-        raise ValueError("--engine, --ray-address and --workers apply to --cohort; a single slide maps locally")
+        raise ValueError(
+            "--engine, --ray-address and --workers apply to --cohort; a single slide maps locally"
+        )
     label_map = load_classes(args.classes)
     with open_slide(args.slide) as slide:
         plip, model_id = _load_plip(args.model, args.device)
@@ -76,8 +95,11 @@ def _map(args: argparse.Namespace) -> int:
             )
         except KeyboardInterrupt:
             cache = Path(args.out) / "embeddings"
-            print(f"interrupted; the tiles embedded so far are cached in {cache}: run the same command to resume",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"interrupted; the tiles embedded so far are cached in {cache}: run the same command to "
+                "resume",
+                file=sys.stderr,
+            )
             return 130
     grid = result.prepared.grid
     print(
@@ -154,13 +176,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     which = mapping.add_mutually_exclusive_group(required=True)
     which.add_argument("--slide", help="slide file")
-    which.add_argument("--cohort", help="CSV of slides (columns path, optional id and mpp): one map per slide")
+    which.add_argument(
+        "--cohort", help="CSV of slides (columns path, optional id and mpp): one map per slide"
+    )
     mapping.add_argument("--model", required=True, help="PLIP model folder (pallava plip train / convert)")
     mapping.add_argument("--out", required=True, help="output folder (re-using it resumes the embeddings)")
-    mapping.add_argument("--engine", choices=("local", "ray"), default="local",
-                         help="cohorts: map in this process (local) or on a Ray cluster (ray; pallava[ray])")
-    mapping.add_argument("--ray-address", help="Ray cluster to join (auto: the one `ray start` runs here); "
-                         "default: start a local Ray instance")
+    mapping.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="cohorts: map in this process (local) or on a Ray cluster (ray; pallava[ray])",
+    )
+    mapping.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (auto: the one `ray start` runs here); default: start a local Ray instance",
+    )
     mapping.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
     mapping.add_argument(
         "--classes",

@@ -22,9 +22,14 @@ from safetensors.torch import load_file
 DEEPSPEED_STATES = "mp_rank_00_model_states.pt"
 STATE_KEYS = ("module", "state_dict", "model")  # where wrappers (DeepSpeed, mmengine, plain) keep the weights
 # Leading bytes of archives people download weights in: a checkpoint must be unpacked before conversion.
-PACKED = ((b"\x1f\x8b", "gzip-compressed"), (b"BZh", "bzip2-compressed"), (b"\xfd7zXZ\x00", "xz-compressed"),
-          (b"\x28\xb5\x2f\xfd", "zstd-compressed"), (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
-          (b"Rar!", "a RAR archive"))  # fmt: skip
+PACKED = (
+    (b"\x1f\x8b", "gzip-compressed"),
+    (b"BZh", "bzip2-compressed"),
+    (b"\xfd7zXZ\x00", "xz-compressed"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"Rar!", "a RAR archive"),
+)
 
 
 def first_line(error: BaseException | str) -> str:
@@ -56,7 +61,8 @@ def _unpickling_failure(path: Path, error: Exception) -> ValueError:
 
 
 class OpaqueObject:
-    """Stands in for a class or function a checkpoint names; holds what the pickle passed, executes nothing."""
+    """Stands in for a class or function a checkpoint names; holds what the pickle passed, executes
+    nothing."""
 
     def __new__(cls, *args, **kwargs):
         instance = object.__new__(cls)
@@ -93,7 +99,9 @@ def safe_torch_load(path: Path) -> object:
         raise _unpickling_failure(path, error) from None
     except (RuntimeError, EOFError, OSError) as error:  # a zip cut short or damaged, a pickle cut short
         reason = first_line(error)
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {reason})") from None
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {reason})"
+        ) from None
 
 
 def deepspeed_states_file(folder: Path) -> Path:
@@ -111,7 +119,8 @@ def deepspeed_states_file(folder: Path) -> Path:
             )
     else:
         raise ValueError(
-            f"{folder}: not a DeepSpeed checkpoint folder (no {DEEPSPEED_STATES} and no 'latest' file naming a tag)"
+            f"{folder}: not a DeepSpeed checkpoint folder (no {DEEPSPEED_STATES} and no 'latest' file "
+            "naming a tag)"
         )
     if (tag_folder / "mp_rank_01_model_states.pt").exists():
         raise ValueError(
@@ -139,7 +148,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(source)
         except (SafetensorError, OSError) as error:
             reason = first_line(error)
-            raise ValueError(f"{source}: not a readable safetensors file (truncated or corrupt: {reason})") from None
+            raise ValueError(
+                f"{source}: not a readable safetensors file (truncated or corrupt: {reason})"
+            ) from None
     loaded = safe_torch_load(source)
     state = _tensor_dict(loaded)
     if state is None and isinstance(loaded, dict):
@@ -150,22 +161,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if state is None:
         found = sorted(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
         raise ValueError(
-            f"{source}: expected a state dict of tensors (bare or under one of {', '.join(STATE_KEYS)}), found {found}"
+            f"{source}: expected a state dict of tensors (bare or under one of {', '.join(STATE_KEYS)}), "
+            f"found {found}"
         )
     return state
 
 
 def check_weights(tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse tensors that cannot be weights: integer or boolean dtypes, NaN or infinite values (names them)."""
+    """Refuse tensors that cannot be weights: integer or boolean dtypes, NaN or infinite values (names
+    them)."""
 
     def some(names: list[str]) -> str:
         return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
-    not_float = [f"{key} ({tensor.dtype})" for key, tensor in tensors.items() if not tensor.is_floating_point()]
+    not_float = [
+        f"{key} ({tensor.dtype})" for key, tensor in tensors.items() if not tensor.is_floating_point()
+    ]
     if not_float:
         raise ValueError(
-            f"{source}: {len(not_float)} tensor(s) where weights belong are not floating point: {some(not_float)}"
+            f"{source}: {len(not_float)} tensor(s) where weights belong are not floating point: "
+            f"{some(not_float)}"
         )
     non_finite = [key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
     if non_finite:
-        raise ValueError(f"{source}: {len(non_finite)} tensor(s) hold NaN or infinite values: {some(non_finite)}")
+        raise ValueError(
+            f"{source}: {len(non_finite)} tensor(s) hold NaN or infinite values: {some(non_finite)}"
+        )

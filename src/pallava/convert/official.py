@@ -1,4 +1,5 @@
-"""The authors' released PA-LLaVA (PLIP folder + stage-1/stage-2 checkpoint + base LLM) -> a pallava model folder.
+"""The authors' released PA-LLaVA (PLIP folder + stage-1/stage-2 checkpoint + base LLM) -> a pallava model
+folder.
 
 Their tensors are checked against our model before the base LLM is loaded: every source tensor must have
 a place of the same shape, and every vision, connector and LoRA parameter must be filled, unless
@@ -44,17 +45,27 @@ WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".safetensors")
 REPORT_FILE = "conversion.json"
 # Their connector is a bert-base-uncased encoder cut to a few layers: 12 heads, exact GELU, eps 1e-12.
 BERT_BASE = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
-CONNECTOR_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "output_size",
-                    "tile_cross_attention", "hidden_act", "layer_norm_eps")  # fmt: skip
+CONNECTOR_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "output_size",
+    "tile_cross_attention",
+    "hidden_act",
+    "layer_norm_eps",
+)
 LORA_DROPOUT = 0.05  # their training value; inactive at inference
-# The depth is not stored in the weights: a checkpoint missing its last layers would look like a shallower one.
+# The depth is not stored in the weights: a checkpoint missing its last layers would look like a shallower
+# one.
 RELEASE_CONNECTOR_LAYERS = 6
 T = TypeVar("T")
 
 
 @dataclass
 class ConversionReport:
-    """What a conversion did; written to `<out>/conversion.json`. Source keys are `plip:` / `checkpoint:` prefixed."""
+    """What a conversion did; written to `<out>/conversion.json`. Source keys are `plip:` / `checkpoint:`
+    prefixed."""
 
     out_dir: str
     plip_weights: str
@@ -82,7 +93,8 @@ class ConversionReport:
         )
         lines = [
             f"wrote {self.out_dir}: {len(self.mapped)} tensors copied ({counts})",
-            f"tile_cross_attention={self.tile_cross_attention}; connector {self.connector['num_hidden_layers']} layers, "
+            f"tile_cross_attention={self.tile_cross_attention}; connector "
+            f"{self.connector['num_hidden_layers']} layers, "
             f"width {self.connector['hidden_size']}; LoRA {lora}; dtype {self.dtype}",
         ]
         if self.ignored:
@@ -110,8 +122,10 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
         return config, plip_dir / PLIP_WEIGHTS
     weights = sorted(p.name for p in plip_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if len(weights) != 1:
-        raise ValueError(f"{plip_dir}: expected one weights file ({PLIP_WEIGHTS} or one *.bin/.pth/.safetensors), "
-                         f"found {weights or 'none'}")  # fmt: skip
+        raise ValueError(
+            f"{plip_dir}: expected one weights file ({PLIP_WEIGHTS} or one *.bin/.pth/.safetensors), "
+            f"found {weights or 'none'}"
+        )
     return config, plip_dir / weights[0]
 
 
@@ -164,7 +178,8 @@ def connector_config_from(
 
 
 def lora_settings_from(plan: KeyPlan, state: dict[str, torch.Tensor], alpha: float | None) -> dict | None:
-    """LoRA rank and target modules read off the lora_A matrices; alpha defaults to 2 x rank (theirs: 128/256)."""
+    """LoRA rank and target modules read off the lora_A matrices; alpha defaults to 2 x rank (theirs:
+    128/256)."""
     a_keys = [key for key in plan.mapping if ".lora_A." in key]
     if not a_keys:
         return None
@@ -174,8 +189,12 @@ def lora_settings_from(plan: KeyPlan, state: dict[str, torch.Tensor], alpha: flo
             f"LoRA ranks differ between modules ({ranks}); one rank for all modules is supported"
         )
     modules = sorted({re.search(r"\.([^.]+)\.lora_A\.", key).group(1) for key in a_keys})
-    return {"r": ranks[0], "alpha": alpha if alpha is not None else 2 * ranks[0], "dropout": LORA_DROPOUT,
-            "target_modules": modules}  # fmt: skip
+    return {
+        "r": ranks[0],
+        "alpha": alpha if alpha is not None else 2 * ranks[0],
+        "dropout": LORA_DROPOUT,
+        "target_modules": modules,
+    }
 
 
 def _image_token_id(tokenizer) -> int:
@@ -236,7 +255,8 @@ def _check_plan(
 
 
 def _copy_exactly(model: PaLlavaForConditionalGeneration, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the model's parameters by name and check each copy bit for bit (after the dtype cast)."""
+    """Copy tensors into the model's parameters by name and check each copy bit for bit (after the dtype
+    cast)."""
     params = model.state_dict()  # detached views sharing the parameters' storage
     with torch.no_grad():
         for target, tensor in tensors.items():
@@ -295,7 +315,9 @@ def convert_official(
         )
         config = PaLlavaConfig(
             vision_config=vision_config,
-            connector_config=connector_config_from(ckpt_state, str(checkpoint), connector_heads, connector_layers),
+            connector_config=connector_config_from(
+                ckpt_state, str(checkpoint), connector_heads, connector_layers
+            ),
             text_config=text_config,
             image_token_id=_image_token_id(tokenizer),
             grid_policy="paper",
@@ -309,10 +331,14 @@ def convert_official(
             "checkpoint": (ckpt_state, ckpt_plan, str(checkpoint)),
         }
         found = connector_layers_in(ckpt_state)
-        notes = [] if found == list(range(connector_layers)) else [
-            f"{checkpoint} holds connector layers {found}; the model is built with {connector_layers} "
-            f"(--connector-layers; the release has {RELEASE_CONNECTOR_LAYERS})"
-        ]  # fmt: skip
+        notes = (
+            []
+            if found == list(range(connector_layers))
+            else [
+                f"{checkpoint} holds connector layers {found}; the model is built with {connector_layers} "
+                f"(--connector-layers; the release has {RELEASE_CONNECTOR_LAYERS})"
+            ]
+        )
         mapped, tensors, unmapped, unfilled = _check_plan(sources, targets, allow_missing, notes)
 
         bar.set_postfix_str("loading the LLM")
@@ -335,13 +361,19 @@ def convert_official(
         processor.prompt_style = "paper"  # and raw questions: `pallava eval` asks them that way by default
         PaLlava(model, processor).save_pretrained(out)
         report = ConversionReport(
-            out_dir=str(out), plip_weights=str(plip_file), checkpoint=str(checkpoint), llm=str(llm_dir),
-            dtype=str(dtype).removeprefix("torch."), tile_cross_attention=config.connector_config.tile_cross_attention,
+            out_dir=str(out),
+            plip_weights=str(plip_file),
+            checkpoint=str(checkpoint),
+            llm=str(llm_dir),
+            dtype=str(dtype).removeprefix("torch."),
+            tile_cross_attention=config.connector_config.tile_cross_attention,
             connector={name: getattr(config.connector_config, name) for name in CONNECTOR_FIELDS},
-            lora=config.lora, mapped=mapped,
+            lora=config.lora,
+            mapped=mapped,
             ignored=[f"plip:{k}" for k in plip_plan.ignored] + [f"checkpoint:{k}" for k in ckpt_plan.ignored],
-            unmapped=unmapped, unfilled=unfilled,
-        )  # fmt: skip
+            unmapped=unmapped,
+            unfilled=unfilled,
+        )
         (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
         bar.update()
     return report

@@ -131,11 +131,19 @@ def _check_labels(items: list[LabelledImage], label_map: LabelMap) -> None:
 
 
 def _generated_meta(item: LabelledImage, generator: str) -> dict[str, object]:
-    return {"generated": True, "generator": generator, "label": item.label, "cluster": item.cluster,
-            "split": item.split, "dataset": item.dataset}
+    return {
+        "generated": True,
+        "generator": generator,
+        "label": item.label,
+        "cluster": item.cluster,
+        "split": item.split,
+        "dataset": item.dataset,
+    }
 
 
-def captions_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0) -> list[CaptionPair]:
+def captions_from_labels(
+    items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0
+) -> list[CaptionPair]:
     """One generated caption per image: a random template filled with the class name or a synonym."""
     items = list(items)
     _check_labels(items, label_map)
@@ -145,8 +153,13 @@ def captions_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, se
         rng = _rng(seed, key)
         caption = caption_for_class(label_map[item.label], rng)
         pairs.append(
-            CaptionPair(image=item.path, caption=caption, id=f"{key}-caption", source="generated",
-                        meta=_generated_meta(item, "captions_from_labels"))
+            CaptionPair(
+                image=item.path,
+                caption=caption,
+                id=f"{key}-caption",
+                source="generated",
+                meta=_generated_meta(item, "captions_from_labels"),
+            )
         )
     return pairs
 
@@ -217,7 +230,10 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
     if len(label_map) < 2:
         raise ValueError("vqa_from_labels needs a label map with at least 2 classes (for 'no' questions)")
     if len(label_map) > len(string.ascii_uppercase):
-        raise ValueError(f"vqa_from_labels: {len(label_map)} classes exceed the {len(string.ascii_uppercase)} option letters")
+        raise ValueError(
+            f"vqa_from_labels: {len(label_map)} classes exceed the {len(string.ascii_uppercase)} option "
+            "letters"
+        )
     _check_labels(items, label_map)
     organs = label_map.organs()
     vqa = []
@@ -229,39 +245,96 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
         meta = {**_generated_meta(item, "vqa_from_labels"), "question": "diagnosis"}
         for suffix, info, answer in (("yes", true_info, "yes"), ("no", false_info, "no")):
             question = rng.choice(_CLOSED_TEMPLATES).format(name=rng.choice(info.all_names()))
-            vqa.append(VQAItem(f"{key}-closed-{suffix}", item.path, question, answer, "closed", None, dict(meta)))
-        vqa.append(VQAItem(f"{key}-open", item.path, rng.choice(_OPEN_TEMPLATES), true_info.name, "open", None,
-                           dict(meta)))
+            vqa.append(
+                VQAItem(f"{key}-closed-{suffix}", item.path, question, answer, "closed", None, dict(meta))
+            )
+        vqa.append(
+            VQAItem(
+                f"{key}-open",
+                item.path,
+                rng.choice(_OPEN_TEMPLATES),
+                true_info.name,
+                "open",
+                None,
+                dict(meta),
+            )
+        )
         order = _choice_labels(true_info, label_map, rng)
         options = [label_map[label].name for label in order]
         letter = string.ascii_uppercase[order.index(item.label)]
-        vqa.append(VQAItem(f"{key}-choice", item.path, rng.choice(_CHOICE_TEMPLATES), letter, "choice", options,
-                           dict(meta)))
+        vqa.append(
+            VQAItem(
+                f"{key}-choice",
+                item.path,
+                rng.choice(_CHOICE_TEMPLATES),
+                letter,
+                "choice",
+                options,
+                dict(meta),
+            )
+        )
         vqa += _organ_and_malignancy(item, key, true_info, organs, _rng(seed, f"{key}:more"), meta)
     return vqa
 
 
-def _organ_and_malignancy(item: LabelledImage, key: str, info, organs: list[str], rng: random.Random,
-                          meta: dict) -> list[VQAItem]:
+def _organ_and_malignancy(
+    item: LabelledImage, key: str, info, organs: list[str], rng: random.Random, meta: dict
+) -> list[VQAItem]:
     """The organ and malignancy questions of one image (a separate random stream keeps the diagnosis
     questions identical to single-organ builds)."""
     extra = []
     if len(organs) > 1 and info.organ:
         organ_meta = {**meta, "question": "organ"}
-        extra.append(VQAItem(f"{key}-organ-open", item.path, rng.choice(_ORGAN_OPEN_TEMPLATES), info.organ, "open",
-                             None, organ_meta))
+        extra.append(
+            VQAItem(
+                f"{key}-organ-open",
+                item.path,
+                rng.choice(_ORGAN_OPEN_TEMPLATES),
+                info.organ,
+                "open",
+                None,
+                organ_meta,
+            )
+        )
         asked = info.organ if rng.random() < 0.5 else rng.choice([o for o in organs if o != info.organ])
-        extra.append(VQAItem(f"{key}-organ-closed", item.path, rng.choice(_ORGAN_CLOSED_TEMPLATES).format(organ=asked),
-                             "yes" if asked == info.organ else "no", "closed", None, dict(organ_meta)))
+        extra.append(
+            VQAItem(
+                f"{key}-organ-closed",
+                item.path,
+                rng.choice(_ORGAN_CLOSED_TEMPLATES).format(organ=asked),
+                "yes" if asked == info.organ else "no",
+                "closed",
+                None,
+                dict(organ_meta),
+            )
+        )
     if info.malignant is not None:
         malignancy_meta = {**meta, "question": "malignancy"}
         ask_malignant = rng.random() < 0.5
         templates = _MALIGNANT_CLOSED_TEMPLATES if ask_malignant else _BENIGN_CLOSED_TEMPLATES
         answer = "yes" if info.malignant == ask_malignant else "no"
-        extra.append(VQAItem(f"{key}-malignancy-closed", item.path, rng.choice(templates), answer, "closed", None,
-                             malignancy_meta))
-        extra.append(VQAItem(f"{key}-malignancy-open", item.path, rng.choice(_MALIGNANCY_OPEN_TEMPLATES),
-                             "malignant" if info.malignant else "benign", "open", None, dict(malignancy_meta)))
+        extra.append(
+            VQAItem(
+                f"{key}-malignancy-closed",
+                item.path,
+                rng.choice(templates),
+                answer,
+                "closed",
+                None,
+                malignancy_meta,
+            )
+        )
+        extra.append(
+            VQAItem(
+                f"{key}-malignancy-open",
+                item.path,
+                rng.choice(_MALIGNANCY_OPEN_TEMPLATES),
+                "malignant" if info.malignant else "benign",
+                "open",
+                None,
+                dict(malignancy_meta),
+            )
+        )
     return extra
 
 
@@ -289,7 +362,9 @@ def vqa_prompt(item: VQAItem) -> str:
     if item.answer_type == "closed":
         return f"{question}\n{CLOSED_INSTRUCTION}"
     if item.answer_type == "choice":
-        options = "\n".join(f"{string.ascii_uppercase[i]}. {option}" for i, option in enumerate(item.options or []))
+        options = "\n".join(
+            f"{string.ascii_uppercase[i]}. {option}" for i, option in enumerate(item.options or [])
+        )
         return f"{question}\nOptions:\n{options}\n{CHOICE_INSTRUCTION}"
     return question
 

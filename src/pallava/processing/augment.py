@@ -146,7 +146,9 @@ def stain_normalize(image: Image.Image, method: str | None) -> Image.Image:
     if method is None:
         return image
     if method not in STAIN_NORMALIZERS:
-        raise ValueError(f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_NORMALIZERS)}")
+        raise ValueError(
+            f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_NORMALIZERS)}"
+        )
     from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
     pixels = np.asarray(image.convert("RGB"))
@@ -154,8 +156,10 @@ def stain_normalize(image: Image.Image, method: str | None) -> Image.Image:
         with np.errstate(all="ignore"):
             normalized, _, _ = NumpyMacenkoNormalizer().normalize(pixels, stains=False)
     except (np.linalg.LinAlgError, ValueError, IndexError) as error:
-        warnings.warn(f"stain normalisation skipped: too little stained tissue to estimate stains ({error})",
-                      stacklevel=2)
+        warnings.warn(
+            f"stain normalisation skipped: too little stained tissue to estimate stains ({error})",
+            stacklevel=2,
+        )
         return image
     if not np.isfinite(normalized).all():
         return image

@@ -59,7 +59,9 @@ def read_cohort(path: str | Path) -> list[CohortSlide]:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "path" not in columns:
-            raise ValueError(f"{path}: expected a header with a 'path' column (and optional 'id', 'mpp'), got {columns}")
+            raise ValueError(
+                f"{path}: expected a header with a 'path' column (and optional 'id', 'mpp'), got {columns}"
+            )
         slides, seen = [], {}
         for row_number, raw in enumerate(reader, start=2):
             row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
@@ -69,10 +71,14 @@ def read_cohort(path: str | Path) -> list[CohortSlide]:
             slide_path = slide_path if slide_path.is_absolute() else path.parent / slide_path
             slide_id = row.get("id") or slide_path.stem
             if not _ID.match(slide_id):
-                raise ValueError(f"{path}: row {row_number}: field 'id' {slide_id!r} must be letters, digits, '.', '_' "
-                                 "or '-' (it names the slide's output folder)")
+                raise ValueError(
+                    f"{path}: row {row_number}: field 'id' {slide_id!r} must be letters, digits, '.', '_' "
+                    "or '-' (it names the slide's output folder)"
+                )
             if slide_id in seen:
-                raise ValueError(f"{path}: row {row_number}: id {slide_id!r} already used on row {seen[slide_id]}")
+                raise ValueError(
+                    f"{path}: row {row_number}: id {slide_id!r} already used on row {seen[slide_id]}"
+                )
             seen[slide_id] = row_number
             mpp = None
             if row.get("mpp"):
@@ -81,7 +87,9 @@ def read_cohort(path: str | Path) -> list[CohortSlide]:
                 except ValueError:
                     mpp = -1.0
                 if not mpp > 0:
-                    raise ValueError(f"{path}: row {row_number}: field 'mpp' must be a positive number, got {row['mpp']!r}")
+                    raise ValueError(
+                        f"{path}: row {row_number}: field 'mpp' must be a positive number, got {row['mpp']!r}"
+                    )
             slides.append(CohortSlide(slide_id, str(slide_path), mpp))
     if not slides:
         raise ValueError(f"{path}: the cohort lists no slides")
@@ -94,7 +102,7 @@ def slide_options(slide: CohortSlide, options: TilingOptions) -> TilingOptions:
 
 
 def finished_summary(folder: Path, model_id: str, options: TilingOptions, label_map: LabelMap) -> dict | None:
-    """The slide's summary.json when it was written by a map with this model, tiling and classes; else None."""
+    """The slide's summary.json if a map with this model, tiling and classes wrote it; else None."""
     try:
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
@@ -114,9 +122,19 @@ def summary_row(slide: CohortSlide, summary: dict, status: str) -> dict[str, Any
     if mpp_x and mpp_y:
         area = round(summary["tissue_fraction"] * info["width"] * info["height"] * mpp_x * mpp_y / 1e6, 3)
     tiles = summary["tiles"]
-    fractions = {f"fraction:{label}": round(c["tiles_predicted"] / tiles, 4) for label, c in summary["classes"].items()}
-    return {"id": slide.id, "path": slide.path, "status": status, "tissue_fraction": summary["tissue_fraction"],
-            "tissue_area_mm2": area, "tiles": tiles, **fractions, "error": ""}
+    fractions = {
+        f"fraction:{label}": round(c["tiles_predicted"] / tiles, 4) for label, c in summary["classes"].items()
+    }
+    return {
+        "id": slide.id,
+        "path": slide.path,
+        "status": status,
+        "tissue_fraction": summary["tissue_fraction"],
+        "tissue_area_mm2": area,
+        "tiles": tiles,
+        **fractions,
+        "error": "",
+    }
 
 
 def failure_row(slide: CohortSlide, error: BaseException) -> dict[str, Any]:
@@ -125,10 +143,15 @@ def failure_row(slide: CohortSlide, error: BaseException) -> dict[str, Any]:
 
 
 class SlideMapper:
-    """Maps slides one at a time with a model loaded once; never raises for a bad slide (returns its reason)."""
+    """Maps slides one at a time with a model loaded once; a bad slide returns its reason, never raises."""
 
-    def __init__(self, model_dir: str, settings: CohortSettings, out_dir: str,
-                 load_model: Callable[[str, str], Any] | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        settings: CohortSettings,
+        out_dir: str,
+        load_model: Callable[[str, str], Any] | None = None,
+    ) -> None:
         from pallava.models.plip.zeroshot import PlipZeroShot
 
         if not Path(model_dir).is_dir():
@@ -143,8 +166,16 @@ class SlideMapper:
         options = slide_options(slide, self.settings.options)
         try:
             with open_slide(slide.path) as opened:
-                map_slide(opened, self.plip, self.settings.label_map, slide_folder(self.out_dir, slide),
-                          self.model_id, options, self.settings.batch_size, self.settings.templates)
+                map_slide(
+                    opened,
+                    self.plip,
+                    self.settings.label_map,
+                    slide_folder(self.out_dir, slide),
+                    self.model_id,
+                    options,
+                    self.settings.batch_size,
+                    self.settings.templates,
+                )
         except Exception as error:  # a corrupt or blank slide is reported; the cohort goes on
             return failure_row(slide, error)
         summary = json.loads((slide_folder(self.out_dir, slide) / "summary.json").read_text())
@@ -189,8 +220,9 @@ def map_cohort(
     rows: dict[str, dict[str, Any]] = {}
     todo = []
     for slide in slides:
-        summary = finished_summary(slide_folder(out, slide), model_id, slide_options(slide, settings.options),
-                                   settings.label_map)
+        summary = finished_summary(
+            slide_folder(out, slide), model_id, slide_options(slide, settings.options), settings.label_map
+        )
         if summary is None:
             todo.append(slide)
         else:
@@ -200,8 +232,9 @@ def map_cohort(
     if todo and engine == "ray":
         from pallava.slides.cohort_ray import map_on_ray
 
-        results: Iterable[dict[str, Any]] = map_on_ray(todo, str(model_dir), str(out), settings, ray_address,
-                                                        workers, load_model)
+        results: Iterable[dict[str, Any]] = map_on_ray(
+            todo, str(model_dir), str(out), settings, ray_address, workers, load_model
+        )
     elif todo:
         mapper = SlideMapper(str(model_dir), settings, str(out), load_model)
         results = (mapper.map(slide) for slide in todo)
@@ -218,8 +251,16 @@ def map_cohort(
 
 def write_cohort_summary(out: Path, rows: list[dict[str, Any]], label_map: LabelMap) -> None:
     """cohort.csv (one row per slide) and cohort.md (counts, per-slide table, failures with reasons)."""
-    columns = ["id", "path", "status", "tissue_fraction", "tissue_area_mm2", "tiles",
-               *(f"fraction:{label}" for label in label_map.labels()), "error"]
+    columns = [
+        "id",
+        "path",
+        "status",
+        "tissue_fraction",
+        "tissue_area_mm2",
+        "tiles",
+        *(f"fraction:{label}" for label in label_map.labels()),
+        "error",
+    ]
     temporary = out / (SUMMARY_CSV + ".partial")
     with temporary.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
@@ -230,11 +271,18 @@ def write_cohort_summary(out: Path, rows: list[dict[str, Any]], label_map: Label
     ok = [r for r in rows if r["status"] != "failed"]
     failed = [r for r in rows if r["status"] == "failed"]
     names = dict(zip(label_map.labels(), label_map.names(), strict=True))
-    lines = ["# Cohort map", "", f"{len(rows)} slides: {len(ok)} mapped, {len(failed)} failed. "
-             f"Per-slide outputs are in `slides/<id>/`.", ""]
+    lines = [
+        "# Cohort map",
+        "",
+        f"{len(rows)} slides: {len(ok)} mapped, {len(failed)} failed. "
+        f"Per-slide outputs are in `slides/<id>/`.",
+        "",
+    ]
     if ok:
-        lines += ["| slide | tissue mm² | tiles | " + " | ".join(names.values()) + " |",
-                  "|---|---:|---:|" + "---:|" * len(names)]
+        lines += [
+            "| slide | tissue mm² | tiles | " + " | ".join(names.values()) + " |",
+            "|---|---:|---:|" + "---:|" * len(names),
+        ]
         for r in ok:
             area = "" if r["tissue_area_mm2"] is None else f"{r['tissue_area_mm2']:.2f}"
             shares = " | ".join(f"{r[f'fraction:{label}']:.1%}" for label in names)

@@ -20,12 +20,17 @@ CPUS_PER_WORKER = 1  # PLIP inference uses one core well; tile reading runs in t
 RETRIES = 3
 
 
-def pool_size(resources: dict[str, float], slides: int, workers: int | None = None) -> tuple[int, dict[str, float]]:
+def pool_size(
+    resources: dict[str, float], slides: int, workers: int | None = None
+) -> tuple[int, dict[str, float]]:
     """How many actors and what each reserves: GPUs when present, else CPUs."""
     if resources["GPU"] >= 1:
         count, per_actor = int(resources["GPU"]), {"num_cpus": CPUS_PER_WORKER, "num_gpus": 1}
     else:
-        count, per_actor = max(1, int(resources["CPU"] // CPUS_PER_WORKER)), {"num_cpus": CPUS_PER_WORKER, "num_gpus": 0}
+        count, per_actor = (
+            max(1, int(resources["CPU"] // CPUS_PER_WORKER)),
+            {"num_cpus": CPUS_PER_WORKER, "num_gpus": 0},
+        )
     return max(1, min(workers or count, slides)), per_actor
 
 

@@ -2,11 +2,11 @@
 
 Stages (configurable order between the first and last): integrity (decodes, pixel limit) -> image judge ->
 text judge -> caption length -> duplicates. Outputs are append-only JSONL written in input order and
-flushed line by line (fsync per chunk). On restart the torn tail of a killed write is cut off, the set of
-finished ids and the duplicate index are rebuilt by streaming both files (nothing else is held), and work
-resumes with the next record, so a killed and resumed run ends with the same files as an uninterrupted one.
-A line that is not UTF-8, not JSON, or holds text UTF-8 cannot write (a lone surrogate) is rejected at the
-input stage with its line number; it never stops the run.
+flushed line by line (fsync per chunk), as `AppendOnlyJsonl` files: on restart a line cut by the kill is
+dropped (or kept when whole), the set of finished ids and the duplicate index are rebuilt by streaming both
+files (nothing else is held), and work resumes with the next record, so a killed and resumed run ends with
+the same files as an uninterrupted one. A line that is not UTF-8, not JSON, or holds text UTF-8 cannot write
+(a lone surrogate) is rejected at the input stage with its line number; it never stops the run.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from tqdm import tqdm
 
 from pallava.data.clean.config import STAGES, CleanConfig
 from pallava.data.clean.dedup import DuplicateIndex, image_hash, text_key
-from pallava.data.clean.judges import Verdict, build_judge
+from pallava.data.clean.judges import build_judge
 from pallava.data.clean.report import summarise, write_report
+from pallava.data.clean.verdict import Verdict
+from pallava.data.io import AppendOnlyJsonl, JsonlLineError, iter_appended
 from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, VQAItem
 from pallava.processing.image import load_image
 
@@ -59,7 +61,8 @@ class JudgeStopped(ValueError):
 
 
 def record_kind(data: dict[str, Any]) -> str:
-    """caption, vqa or conversation, from the fields a record carries; ValueError naming the field if none fit."""
+    """caption, vqa or conversation, from the fields a record carries; ValueError naming the field if none
+    fit."""
     if "caption" in data:
         CaptionPair.from_dict(data)
         return "caption"
@@ -77,7 +80,12 @@ def record_text(data: dict[str, Any], kind: str) -> str:
     if kind == "caption":
         return data["caption"]
     if kind == "vqa":
-        parts = [data["question"], *(data.get("options") or []), data["answer"], (data.get("meta") or {}).get("caption") or ""]
+        parts = [
+            data["question"],
+            *(data.get("options") or []),
+            data["answer"],
+            (data.get("meta") or {}).get("caption") or "",
+        ]
         return "\n".join(p for p in parts if p)
     return "\n".join(turn["value"].replace(IMAGE_TOKEN, "").strip() for turn in data["conversations"])
 
@@ -88,7 +96,8 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs,
 
 
 def _lone_surrogate_field(value: Any, name: str = "") -> str | None:
-    """The field (dotted path) of the first key or string holding a lone surrogate, which UTF-8 cannot write."""
+    """The field (dotted path) of the first key or string holding a lone surrogate, which UTF-8 cannot
+    write."""
     if isinstance(value, str):
         return (name or "<record>") if _LONE_SURROGATE.search(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
@@ -111,7 +120,9 @@ def _record_id(data: Any) -> str | None:
 def _rejected_entry(
     line_number: int, record_id: str | None, data: Any, raw: str, reason: str, detail: str
 ) -> _Entry:
-    entry = _Entry(line_number, record_id or f"line-{line_number}", data if isinstance(data, dict) else None, raw)
+    entry = _Entry(
+        line_number, record_id or f"line-{line_number}", data if isinstance(data, dict) else None, raw
+    )
     entry.rejection = ("input", Verdict(False, reason, detail))
     return entry
 
@@ -155,42 +166,25 @@ def _input_ids(path: Path) -> list[str]:
     seen: dict[str, int] = {}
     for entry in _scan_input(path):
         if entry.id in seen:
-            raise ValueError(f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; ids must be unique")
+            raise ValueError(
+                f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; "
+                "ids must be unique"
+            )
         seen[entry.id] = entry.line
     return list(seen)
 
 
-def _cut_torn_tail(path: Path, block: int = 1 << 16) -> None:
-    """Cut off a torn last line left by a kill, reading only the end of the file."""
-    with path.open("r+b") as handle:
-        size = end = handle.seek(0, os.SEEK_END)
-        cut = 0
-        while end > 0:
-            start = max(0, end - block)
-            handle.seek(start)
-            newline = handle.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                cut = start + newline + 1
-                break
-            end = start
-        if cut != size:
-            handle.truncate(cut)
-
-
 def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """Stream the rows of an output file (after cutting a torn tail), one at a time."""
-    if not path.exists():
-        return
-    _cut_torn_tail(path)
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                row = None
-            if not isinstance(row, dict) or "id" not in row:
-                raise ValueError(f"{path}: line {number} is corrupt; remove the output folder to start over")
+    """Stream the rows of an output file, one at a time (a line cut by a kill: `AppendOnlyJsonl`'s rule)."""
+    try:
+        for row in iter_appended(path):
+            if "id" not in row:
+                raise ValueError(f"{path}: a row without 'id'; remove the output folder to start over")
             yield row
+    except JsonlLineError as error:
+        raise ValueError(
+            f"{error.path}: line {error.line} is corrupt; remove the output folder to start over"
+        ) from None
 
 
 def _check_state(out: Path, input_path: Path, config: CleanConfig) -> None:
@@ -241,8 +235,12 @@ class _Cleaner:
         self.config = config
         self.image_root = Path(config.image_root) if config.image_root else input_path.parent
         stages = config.stages[1:-1]
-        self.image_judge = build_judge(config.image_judge, "image", config.max_pixels) if "image" in stages else None
-        self.text_judge = build_judge(config.text_judge, "text", config.max_pixels) if "text" in stages else None
+        self.image_judge = (
+            build_judge(config.image_judge, "image", config.max_pixels) if "image" in stages else None
+        )
+        self.text_judge = (
+            build_judge(config.text_judge, "text", config.max_pixels) if "text" in stages else None
+        )
         self.index = DuplicateIndex(config.duplicate_mode, config.max_hamming)
         self.pool = None
         if config.workers > 1:
@@ -280,7 +278,8 @@ class _Cleaner:
         elif stage == "length":
             verdicts = [
                 Verdict(False, "caption too short", f"{n} words < {self.config.min_words}")
-                if e.kind == "caption" and (n := len(e.text.split())) < self.config.min_words else Verdict(True)
+                if e.kind == "caption" and (n := len(e.text.split())) < self.config.min_words
+                else Verdict(True)
                 for e in alive
             ]
         else:
@@ -297,7 +296,7 @@ class _Cleaner:
         self.judge(chunk)
 
     def chunks(self, pending: Iterator[_Entry]) -> Iterator[list[_Entry]]:
-        """The local engine: `pending` in chunks of `chunk_size`, each processed in this process (and its pool)."""
+        """The local engine: `pending` in chunks of `chunk_size`, processed here (and in the pool)."""
         while chunk := list(itertools.islice(pending, self.config.chunk_size)):
             self.process(chunk)
             yield chunk
@@ -309,7 +308,11 @@ class _Cleaner:
                 self._prepare(entry)
         alive = [e for e in chunk if e.rejection is None]
         jobs = [(str(e.image), self.config.max_pixels) for e in alive]
-        results = self.pool.map(_integrity, jobs) if self.pool is not None and len(jobs) > 1 else map(_integrity, jobs)
+        results = (
+            self.pool.map(_integrity, jobs)
+            if self.pool is not None and len(jobs) > 1
+            else map(_integrity, jobs)
+        )
         for entry, (ok, reason, detail, phash, size) in zip(alive, results, strict=True):
             if ok:
                 entry.phash, entry.size = phash, size
@@ -324,25 +327,27 @@ class _Cleaner:
     def kept_line(self, entry: _Entry) -> dict[str, Any]:
         data = dict(entry.data)
         data["image"] = str(entry.image)
-        data["meta"] = {**(data.get("meta") or {}), "clean": {"phash": entry.phash, "text_key": text_key(entry.text),
-                                                             "width": entry.size[0], "height": entry.size[1]}}
+        data["meta"] = {
+            **(data.get("meta") or {}),
+            "clean": {
+                "phash": entry.phash,
+                "text_key": text_key(entry.text),
+                "width": entry.size[0],
+                "height": entry.size[1],
+            },
+        }
         return data
 
 
-def _write(handle: Any, row: dict[str, Any]) -> None:
-    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    handle.flush()
-
-
-def _sync(*handles: Any) -> None:
-    for handle in handles:
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | None = None, progress: bool = True,
-          engine: str = "local", ray_address: str | None = None,
-          judges: dict[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
+def clean(
+    input_path: str | Path,
+    out_dir: str | Path,
+    config: CleanConfig | None = None,
+    progress: bool = True,
+    engine: str = "local",
+    ray_address: str | None = None,
+    judges: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, Any]:
     """Clean a JSONL of records into `out_dir` (kept.jsonl, rejected.jsonl, report.md); resumable.
 
     Returns the summary (counts per stage and reason). Raises `JudgeStopped` when a judge fails under
@@ -373,14 +378,24 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
     done.update(str(row["id"]) for row in _read_rows(out / REJECTED))
     unknown = done - set(input_ids)
     if unknown:
-        raise ValueError(f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder")
+        raise ValueError(
+            f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder"
+        )
     # With Ray the judges live in the cluster; here only the duplicate index and the writing are needed.
-    cleaner = _Cleaner(input_path, config if engine == "local" else replace(config, stages=[STAGES[0], STAGES[-1]], workers=1))
+    driver_config = replace(config, stages=[STAGES[0], STAGES[-1]], workers=1)
+    cleaner = _Cleaner(input_path, config if engine == "local" else driver_config)
     cleaner.index = index
     started = time.perf_counter()
-    bar = tqdm(total=len(input_ids), initial=len(done), unit="rec", desc="cleaning", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(input_ids),
+        initial=len(done),
+        unit="rec",
+        desc="cleaning",
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
-        with (out / KEPT).open("a", encoding="utf-8") as kept, (out / REJECTED).open("a", encoding="utf-8") as rejected:
+        with AppendOnlyJsonl(out / KEPT) as kept, AppendOnlyJsonl(out / REJECTED) as rejected:
             pending = (entry for entry in _scan_input(input_path) if entry.id not in done)
             if engine == "ray":
                 from pallava.data.clean.ray_engine import ray_chunks
@@ -393,9 +408,11 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
             for chunk in chunks:
                 for entry in chunk:
                     if entry.stop is not None:
-                        _sync(kept, rejected)
+                        kept.sync()
+                        rejected.sync()
                         raise JudgeStopped(
-                            f"{input_path}: line {entry.line}: record {entry.id}: judge failed ({entry.stop.detail}); "
+                            f"{input_path}: line {entry.line}: record {entry.id}: judge failed "
+                            f"({entry.stop.detail}); "
                             f"finished records are saved in {out}; fix the judge and re-run to resume"
                         )
                     if entry.rejection is None:
@@ -404,13 +421,22 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
                             entry.rejection = ("duplicate", Verdict(False, "duplicate", f"of {duplicate_of}"))
                     if entry.rejection is None:
                         cleaner.index.add(entry.id, entry.phash, text_key(entry.text))
-                        _write(kept, cleaner.kept_line(entry))
+                        kept.append(cleaner.kept_line(entry))
                     else:
                         stage, verdict = entry.rejection
-                        _write(rejected, {"id": entry.id, "line": entry.line, "stage": stage, "reason": verdict.reason,
-                                          "detail": verdict.detail, "record": entry.data if entry.data is not None else entry.raw})
+                        rejected.append(
+                            {
+                                "id": entry.id,
+                                "line": entry.line,
+                                "stage": stage,
+                                "reason": verdict.reason,
+                                "detail": verdict.detail,
+                                "record": entry.data if entry.data is not None else entry.raw,
+                            },
+                        )
                 bar.update(len(chunk))
-                _sync(kept, rejected)
+                kept.sync()
+                rejected.sync()
     finally:
         bar.close()
         cleaner.close()
@@ -423,5 +449,7 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
         from pallava.data.shards import write_shards
 
         shutil.rmtree(out / "shards", ignore_errors=True)
-        write_shards(iter_records(out / KEPT), out / "shards", records_per_shard=config.shard_size, progress=progress)
+        write_shards(
+            iter_records(out / KEPT), out / "shards", records_per_shard=config.shard_size, progress=progress
+        )
     return summary

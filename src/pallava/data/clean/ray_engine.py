@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pallava.data.clean.config import STAGES, CleanConfig
+from pallava.data.clean.judges import SCORER_LOADERS
 from pallava.data.clean.pipeline import _Cleaner, _Entry, _parse_line
 from pallava.scale import cluster_resources, connect
 
@@ -65,7 +66,11 @@ class _Decode:
         with open(self.input_path, "rb") as handle:
             handle.seek(row["start"])
             lines = handle.read(row["end"] - row["start"]).split(b"\n")
-        chunk = [_parse_line(row["first_line"] + i, line.rstrip(b"\r")) for i, line in enumerate(lines) if line.strip()]
+        chunk = [
+            _parse_line(row["first_line"] + i, line.rstrip(b"\r"))
+            for i, line in enumerate(lines)
+            if line.strip()
+        ]
         cleaner = _Cleaner(Path(self.input_path), self.config)
         cleaner.decode(chunk)
         cleaner.judge(chunk)
@@ -76,8 +81,17 @@ class _Judge:
     """Ray Data actor: a judge stage (`image` or `text`), its judge built once per actor, and the model-free
     stages that follow it."""
 
-    def __init__(self, input_path: str, config: CleanConfig, stages: Sequence[str],
-                 factory: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        input_path: str,
+        config: CleanConfig,
+        stages: Sequence[str],
+        factory: Callable[[], Any] | None = None,
+        loaders: dict[str, Callable[[Path, str], Any]] | None = None,
+    ) -> None:
+        # The driver's model loaders (e.g. PLIP's, registered by pallava.models.plip): a worker process has
+        # not imported the package that registers them.
+        SCORER_LOADERS.update(loaders or {})
         self.cleaner = _Cleaner(Path(input_path), _stage_config(config, stages))
         if factory is not None:
             setattr(self.cleaner, f"{stages[0]}_judge", factory())
@@ -88,7 +102,9 @@ class _Judge:
         return {"entries": pickle.dumps(chunk)}
 
 
-def operator_stages(config: CleanConfig, judges: dict[str, Callable[[], Any]] | None = None) -> list[list[str]]:
+def operator_stages(
+    config: CleanConfig, judges: dict[str, Callable[[], Any]] | None = None
+) -> list[list[str]]:
     """The middle stages grouped into operators: decoding first, then one per judge with a model; a stage
     without a model (`length`, or a judge of type `none`) joins the operator before it (a new process per
     trivial stage would cost more than the stage)."""
@@ -130,7 +146,8 @@ def ray_chunks(
     context.enable_progress_bars = progress
     try:
         for row in _pipeline(ray, input_path, first.line, config, resources, judges).iter_rows():
-            # entries travel pickled between our own workers and this driver; `done` guards a non-prefix resume
+            # entries travel pickled between our own workers and this driver;
+            # `done` guards a resume whose finished records are not a prefix of the input
             chunk = [entry for entry in pickle.loads(row["entries"]) if entry.id not in done]
             if chunk:
                 yield chunk
@@ -138,7 +155,9 @@ def ray_chunks(
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 
 
-def judge_resources(spec: dict[str, Any], resources: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+def judge_resources(
+    spec: dict[str, Any], resources: dict[str, float]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """How one judge's actor pool is placed: (Ray Data `map` arguments, the judge spec its actors build).
 
     A PLIP judge takes one GPU per actor when the cluster has GPUs (up to one actor per GPU; unless its
@@ -146,15 +165,25 @@ def judge_resources(spec: dict[str, Any], resources: dict[str, float]) -> tuple[
     each actor reserves `JUDGE_CPUS[type]` CPUs, and a pool uses at most half the cluster's CPUs, so that
     decoding keeps the rest.
     """
-    if spec["type"] == "plip" and resources["GPU"] >= 1 and str(spec.get("device", "cuda")).startswith("cuda"):
+    if (
+        spec["type"] == "plip"
+        and resources["GPU"] >= 1
+        and str(spec.get("device", "cuda")).startswith("cuda")
+    ):
         placement = {"num_cpus": 1, "num_gpus": 1, "concurrency": (1, int(resources["GPU"]))}
         return placement, {**spec, "device": spec.get("device", "cuda")}
     per_actor = JUDGE_CPUS.get(spec["type"], 1.0)
     return {"num_cpus": per_actor, "concurrency": (1, max(1, int(resources["CPU"] / 2 / per_actor)))}, spec
 
 
-def _pipeline(ray: Any, input_path: Path, first_line: int, config: CleanConfig, resources: dict[str, float],
-              judges: dict[str, Callable[[], Any]] | None) -> Any:
+def _pipeline(
+    ray: Any,
+    input_path: Path,
+    first_line: int,
+    config: CleanConfig,
+    resources: dict[str, float],
+    judges: dict[str, Callable[[], Any]] | None,
+) -> Any:
     """The Ray Data plan: decode tasks, then one actor pool per judge, in the configured stage order."""
     decode, *judged = operator_stages(config, judges)
     dataset = ray.data.from_items(input_ranges(input_path, first_line, config.chunk_size))
@@ -163,6 +192,15 @@ def _pipeline(ray: Any, input_path: Path, first_line: int, config: CleanConfig, 
         field = "image_judge" if stages[0] == "image" else "text_judge"
         placement, spec = judge_resources(getattr(config, field), resources)
         stage_config = replace(config, **{field: spec})
-        dataset = dataset.map(_Judge, fn_constructor_args=(str(input_path), stage_config, stages,
-                                                           (judges or {}).get(stages[0])), **placement)
+        dataset = dataset.map(
+            _Judge,
+            fn_constructor_args=(
+                str(input_path),
+                stage_config,
+                stages,
+                (judges or {}).get(stages[0]),
+                dict(SCORER_LOADERS),
+            ),
+            **placement,
+        )
     return dataset

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pallava.data.clean.judges import Verdict
+from pallava.data.clean.verdict import Verdict
 from pallava.processing.image import DEFAULT_MAX_PIXELS, load_image
 
 HE_HUE_DEGREES = (225.0, 345.0)
@@ -81,6 +81,10 @@ class StainJudge:
                 verdicts.append(Verdict(True, detail=f"H&E fraction {fraction:.2f}"))
             else:
                 verdicts.append(
-                    Verdict(False, "not H&E pathology (stain)", f"H&E fraction {fraction:.2f} < {self.min_he_fraction}")
+                    Verdict(
+                        False,
+                        "not H&E pathology (stain)",
+                        f"H&E fraction {fraction:.2f} < {self.min_he_fraction}",
+                    )
                 )
         return verdicts

@@ -1,4 +1,5 @@
-"""Vision towers from outside: the authors' released PLIP state dict and local CLIP checkpoints.
+"""PLIP's converter: vision towers from outside (the authors' released PLIP state dict, local CLIP
+checkpoints) into a standard `CLIPVisionModel`, which `build_plip(vision_init=...)` and the assistant take.
 
 The released `plip_80w_196token.bin` is a CLIP vision state dict with keys `vision_model.*` and the
 misspelt `post_layrnorm`; the mapping onto `transformers.CLIPVisionModel` strips the prefix, restores
@@ -20,7 +21,8 @@ _DROPPED = ("text_model.", "text_projection", "visual_projection", "logit_scale"
 
 
 def clip_vision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map CLIP / PLIP vision keys onto `CLIPVisionModel` keys; text-side and projection tensors are dropped."""
+    """Map CLIP / PLIP vision keys onto `CLIPVisionModel` keys; text-side and projection tensors are
+    dropped."""
     mapped = {}
     for key, value in state.items():
         name = key
@@ -47,7 +49,9 @@ def _vision_config(config_file: Path) -> CLIPVisionConfig | None:
     if data.get("model_type") == "clip":
         data = data.get("vision_config") or {}
     elif data.get("model_type") not in (None, "clip_vision_model"):
-        raise ValueError(f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP (vision) config")
+        raise ValueError(
+            f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP (vision) config"
+        )
     try:
         return CLIPVisionConfig(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
     except (TypeError, ValueError) as error:
@@ -65,7 +69,9 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
         config = _vision_config(path / "config.json")
         if config is None:
             raise ValueError(f"{path}: no config.json in the vision checkpoint folder")
-        files = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        files = [
+            path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()
+        ]
         if not files:
             raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
         weights = files[0]
@@ -93,7 +99,8 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
 
 
 def convert_plip_checkpoint(src: str | Path, out_dir: str | Path) -> Path:
-    """Write the released PLIP encoder (or any CLIP vision checkpoint) as a standalone CLIPVisionModel folder."""
+    """Write the released PLIP encoder (or any CLIP vision checkpoint) as a standalone CLIPVisionModel
+    folder."""
     out = Path(out_dir)
     load_vision_tower(src).save_pretrained(out)
     return out
