@@ -58,7 +58,7 @@ def cohort_input(folder: Path, slides: int) -> tuple[Path, Path]:
 def measure(args: argparse.Namespace) -> dict:
     import ray
 
-    from pallava.data.clean import clean
+    from pallava.data.clean import clean, clean_on_ray
     from pallava.slides.cohort import CohortSettings, map_cohort
     from pallava.slides.mapping import load_classes
 
@@ -72,8 +72,8 @@ def measure(args: argparse.Namespace) -> dict:
             "clean": (
                 args.records,
                 "records",
-                lambda engine, tag: clean(
-                    corpus, folder / f"clean-{tag}", config, progress=False, engine=engine
+                lambda engine, tag: (clean if engine == "local" else clean_on_ray)(
+                    corpus, folder / f"clean-{tag}", config, progress=False
                 ),
             ),
             "cohort": (

@@ -19,7 +19,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from pallava.data.clean import CleanConfig, clean  # noqa: E402
+from pallava.data.clean import CleanConfig, clean, clean_on_ray  # noqa: E402
 from pallava.data.clean.judges import LexiconJudge  # noqa: E402
 from pallava.slides.cohort import CohortSettings, map_cohort  # noqa: E402
 from pallava.slides.mapping import load_classes  # noqa: E402
@@ -129,12 +129,11 @@ def test_clean_on_ray_equals_local_and_survives_a_killed_worker(ray_address, til
     marker = tmp_path / "faults" / "kill"
     marker.parent.mkdir()
     marker.touch()
-    summary = clean(
+    summary = clean_on_ray(
         corpus,
         tmp_path / "ray",
         CLEAN_CONFIG,
         progress=False,
-        engine="ray",
         judges={"text": lambda: KillOnceLexicon(marker, "case 7")},
     )
     assert not marker.exists() and len(list(marker.parent.glob("built-*"))) >= 2  # killed, then rebuilt
@@ -152,7 +151,7 @@ def test_clean_on_ray_resumes_after_the_driver_is_killed(ray_address, tiles, tmp
     script.write_text(
         textwrap.dedent(f"""
         import os, signal
-        from pallava.data.clean import CleanConfig, clean, pipeline
+        from pallava.data.clean import CleanConfig, clean_on_ray, pipeline
 
         written, append = [], pipeline.AppendOnlyJsonl.append
 
@@ -166,14 +165,13 @@ def test_clean_on_ray_resumes_after_the_driver_is_killed(ray_address, tiles, tmp
 
         pipeline.AppendOnlyJsonl.append = append_then_die
         config = CleanConfig(workers=1, chunk_size=3)
-        clean({str(corpus)!r}, {str(out)!r}, config, progress=False, engine="ray",
-              ray_address={ray_address!r})
+        clean_on_ray({str(corpus)!r}, {str(out)!r}, config, progress=False, address={ray_address!r})
         """)
     )
     driver = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=WAIT)
     assert driver.returncode == -signal.SIGKILL, driver.stderr[-3000:]
     assert _lines(out) == 8  # seven whole lines and a torn one
-    summary = clean(corpus, out, CLEAN_CONFIG, progress=False, engine="ray")
+    summary = clean_on_ray(corpus, out, CLEAN_CONFIG, progress=False)
     assert summary["resumed_from"] == 7
     for name in OUTPUTS:
         assert (out / name).read_bytes() == (tmp_path / "local" / name).read_bytes()

@@ -7,7 +7,7 @@ import pytest
 from pallava.data.clean import CleanConfig
 from pallava.data.clean.pipeline import _scan_input
 from pallava.data.clean.ray_engine import _Decode, input_ranges, judge_resources, operator_stages
-from pallava.slides.cohort_ray import pool_size
+from pallava.slides.cohort import pool_size
 
 CPU_ONLY, TWO_GPUS = {"CPU": 8.0, "GPU": 0.0}, {"CPU": 16.0, "GPU": 2.0}
 

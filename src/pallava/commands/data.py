@@ -30,7 +30,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    from pallava.data.clean import CleanConfig, clean
+    from pallava.data.clean import CleanConfig, clean, clean_on_ray
 
     config = CleanConfig.from_file(args.config) if args.config else CleanConfig()
     overrides = {
@@ -49,14 +49,10 @@ def _clean(args: argparse.Namespace) -> int:
     config = CleanConfig.from_dict(data, source=args.config or "command line")
     if config.image_judge.get("type") == "plip":
         import pallava.models.plip  # noqa: F401  (registers the loader of PLIP folders)
-    summary = clean(
-        args.input,
-        args.out,
-        config,
-        progress=not args.no_progress,
-        engine=args.engine,
-        ray_address=args.ray_address,
-    )
+    if args.engine == "ray":
+        summary = clean_on_ray(args.input, args.out, config, not args.no_progress, args.ray_address)
+    else:
+        summary = clean(args.input, args.out, config, progress=not args.no_progress)
     print(
         f"kept {summary['kept']} of {summary['input']} records "
         f"({summary['resumed_from']} were already done); report: {Path(args.out) / 'report.md'}"

@@ -8,7 +8,7 @@ finished and skipped on a re-run; an unfinished one resumes from its embedding c
 be mapped (corrupt file, no tissue) is recorded with its reason and the others go on.
 
 Engines: `local` maps the slides one after another in this process with one model; `ray` spreads them
-over a pool of Ray actors that each load the model once (see `cohort_ray.py`).
+over a pool of Ray actors that each load the model once (`map_on_ray`, below).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pallava.data.labels import LabelMap
 from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
+from pallava.scale import cluster_resources, connect
 from pallava.slides.mapping import TilingOptions, map_slide, model_fingerprint
 
 SUMMARY_CSV, REPORT = "cohort.csv", "cohort.md"
@@ -230,8 +231,6 @@ def map_cohort(
             if progress is not None:
                 progress(rows[slide.id])
     if todo and engine == "ray":
-        from pallava.slides.cohort_ray import map_on_ray
-
         results: Iterable[dict[str, Any]] = map_on_ray(
             todo, str(model_dir), str(out), settings, ray_address, workers, load_model
         )
@@ -292,3 +291,63 @@ def write_cohort_summary(out: Path, rows: list[dict[str, Any]], label_map: Label
         lines += ["## Failures", ""]
         lines += [f"- `{r['id']}` ({r['path']}): {r['error']}" for r in failed]
     (out / REPORT).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+
+
+# The Ray engine: a pool of actors, each holding the PLIP model once. One actor per GPU when the cluster
+# has GPUs (each reserves one and runs PLIP there), else one per `CPUS_PER_WORKER` CPUs; never more actors
+# than slides. A worker that dies mid-slide (node lost, process killed) is restarted and the slide retried
+# up to `RETRIES` times, resuming from the embeddings the failed attempt flushed. A slide whose worker
+# keeps dying is reported as failed and the cohort goes on.
+CPUS_PER_WORKER = 1  # PLIP inference uses one core well; tile reading runs in the actor's threads
+RETRIES = 3
+
+
+def pool_size(
+    resources: dict[str, float], slides: int, workers: int | None = None
+) -> tuple[int, dict[str, float]]:
+    """How many actors and what each reserves: GPUs when present, else CPUs."""
+    if resources["GPU"] >= 1:
+        count, per_actor = int(resources["GPU"]), {"num_cpus": CPUS_PER_WORKER, "num_gpus": 1}
+    else:
+        count, per_actor = (
+            max(1, int(resources["CPU"] // CPUS_PER_WORKER)),
+            {"num_cpus": CPUS_PER_WORKER, "num_gpus": 0},
+        )
+    return max(1, min(workers or count, slides)), per_actor
+
+
+def map_on_ray(
+    slides: Sequence[CohortSlide],
+    model_dir: str,
+    out_dir: str,
+    settings: CohortSettings,
+    address: str | None = None,
+    workers: int | None = None,
+    load_model: Callable[[str, str], Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Map `slides` on the Ray cluster at `address`; yields one cohort row per slide as it finishes."""
+    ray = connect(address)
+    count, per_actor = pool_size(cluster_resources(ray), len(slides), workers)
+    if per_actor["num_gpus"] and settings.device == "cpu":
+        settings = replace(settings, device="cuda")
+    actor_class = ray.remote(max_restarts=-1, max_task_retries=RETRIES, **per_actor)(SlideMapper)
+    actors = [actor_class.remote(model_dir, settings, out_dir, load_model) for _ in range(count)]
+    queue = list(reversed(slides))
+    running: dict[Any, tuple[Any, CohortSlide]] = {}
+    try:
+        while queue or running:
+            idle = [a for a in actors if all(a is not busy for busy, _ in running.values())]
+            for actor in idle[: len(queue)]:
+                slide = queue.pop()
+                running[actor.map.remote(slide)] = (actor, slide)
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            _, slide = running.pop(done)
+            try:
+                yield ray.get(done)
+            except ray.exceptions.RayActorError as error:  # its worker died RETRIES + 1 times
+                yield failure_row(slide, RuntimeError(f"worker died mapping this slide: {error}"))
+            except ray.exceptions.RayTaskError as error:  # the model failed to load, or a bug
+                yield failure_row(slide, error.as_instanceof_cause())
+    finally:
+        for actor in actors:
+            ray.kill(actor)

@@ -56,6 +56,14 @@ class _Entry:
     stop: Verdict | None = None
 
 
+# Another place to decode and judge: (input, pending entries, finished ids, config, progress, custom judges)
+# -> the pending entries processed, in chunks, in input order.
+Engine = Callable[
+    [Path, Iterator[_Entry], set[str], CleanConfig, bool, "dict[str, Callable[[], Any]] | None"],
+    Iterator[list[_Entry]],
+]
+
+
 class JudgeStopped(ValueError):
     """A judge failed with `on_judge_error: stop`; outputs hold everything before the failing record."""
 
@@ -344,25 +352,18 @@ def clean(
     out_dir: str | Path,
     config: CleanConfig | None = None,
     progress: bool = True,
-    engine: str = "local",
-    ray_address: str | None = None,
     judges: dict[str, Callable[[], Any]] | None = None,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Clean a JSONL of records into `out_dir` (kept.jsonl, rejected.jsonl, report.md); resumable.
 
     Returns the summary (counts per stage and reason). Raises `JudgeStopped` when a judge fails under
     `on_judge_error: stop` (re-run to resume) and ValueError for bad input or a foreign output folder.
-    `engine="ray"` runs the decoding and judging on a Ray cluster (`ray_engine.py`); this process still
-    finds duplicates and writes every output line, so the files are the same as the local engine's.
     `judges` maps `image`/`text` to a function building a custom judge, used instead of the config's.
+    `engine` decodes and judges elsewhere (`ray_engine.clean_on_ray` passes Ray's); this process still
+    finds duplicates and writes every output line, so the files are the same as the local engine's.
     """
     config = config or CleanConfig()
-    if engine not in ("local", "ray"):
-        raise ValueError(f"--engine must be 'local' or 'ray', got {engine!r}")
-    if engine == "ray":
-        from pallava.scale import import_ray
-
-        import_ray()  # before any work: a clear error when Ray is not installed
     input_path, out = Path(input_path), Path(out_dir)
     if not input_path.is_file():
         raise ValueError(f"{input_path}: input file not found")
@@ -381,9 +382,9 @@ def clean(
         raise ValueError(
             f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder"
         )
-    # With Ray the judges live in the cluster; here only the duplicate index and the writing are needed.
+    # With another engine the judges live there; here only the duplicate index and the writing are needed.
     driver_config = replace(config, stages=[STAGES[0], STAGES[-1]], workers=1)
-    cleaner = _Cleaner(input_path, config if engine == "local" else driver_config)
+    cleaner = _Cleaner(input_path, config if engine is None else driver_config)
     cleaner.index = index
     started = time.perf_counter()
     bar = tqdm(
@@ -397,10 +398,8 @@ def clean(
     try:
         with AppendOnlyJsonl(out / KEPT) as kept, AppendOnlyJsonl(out / REJECTED) as rejected:
             pending = (entry for entry in _scan_input(input_path) if entry.id not in done)
-            if engine == "ray":
-                from pallava.data.clean.ray_engine import ray_chunks
-
-                chunks = ray_chunks(input_path, pending, done, config, ray_address, progress, judges)
+            if engine is not None:
+                chunks = engine(input_path, pending, done, config, progress, judges)
             else:
                 for stage, build in (judges or {}).items():
                     setattr(cleaner, f"{stage}_judge", build())

@@ -20,13 +20,14 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pallava.data.clean.config import STAGES, CleanConfig
 from pallava.data.clean.judges import SCORER_LOADERS
-from pallava.data.clean.pipeline import _Cleaner, _Entry, _parse_line
-from pallava.scale import cluster_resources, connect
+from pallava.data.clean.pipeline import _Cleaner, _Entry, _parse_line, clean
+from pallava.scale import cluster_resources, connect, import_ray
 
 # CPUs each judge actor reserves: PLIP and the stain judge compute, the others wait on I/O or are trivial.
 JUDGE_CPUS = {"plip": 1.0, "stain": 1.0, "openai": 0.25, "lexicon": 0.5}
@@ -118,14 +119,27 @@ def operator_stages(
     return groups
 
 
+def clean_on_ray(
+    input_path: str | Path,
+    out_dir: str | Path,
+    config: CleanConfig | None = None,
+    progress: bool = True,
+    address: str | None = None,
+    judges: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, Any]:
+    """`clean` with the decoding and judging on the Ray cluster at `address` (default: a local instance)."""
+    import_ray()  # before any work: a clear error when Ray is not installed
+    return clean(input_path, out_dir, config, progress, judges, engine=partial(ray_chunks, address=address))
+
+
 def ray_chunks(
     input_path: Path,
     pending: Iterator[_Entry],
     done: set[str],
     config: CleanConfig,
-    address: str | None = None,
     progress: bool = True,
     judges: dict[str, Callable[[], Any]] | None = None,
+    address: str | None = None,
 ) -> Iterator[list[_Entry]]:
     """The pending records, decoded and judged on Ray, as chunks in input order (what `clean` writes).
 
