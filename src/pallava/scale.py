@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from types import ModuleType
 from typing import Any
 
@@ -43,3 +44,17 @@ def cluster_resources(ray: ModuleType) -> dict[str, Any]:
     """CPU and GPU counts of the whole cluster (what worker pools are sized against)."""
     resources = ray.cluster_resources()
     return {"CPU": float(resources.get("CPU", 0.0)), "GPU": float(resources.get("GPU", 0.0))}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, local: str) -> None:
+    """`--engine local|ray` and `--ray-address`; `local` says what the local engine does."""
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help=f"{local} (local), or on a Ray cluster (ray; needs pallava[ray])",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (auto: the one `ray start` runs here); default: start a local Ray instance",
+    )

@@ -153,6 +153,7 @@ def _shard(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `pallava data {import,clean,build,shard}`."""
     from pallava.data.importers import FORMATS
+    from pallava.scale import add_engine_arguments
 
     parser = subparsers.add_parser("data", help="corpus building: import, clean, build training sets, shard")
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -188,16 +189,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     cln.add_argument("--plip-model", help="trained PLIP folder: enables the PLIP zero-shot image judge")
     cln.add_argument("--shard-size", type=int, help="also write kept records as Parquet shards of this size")
-    cln.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="run decoding and judges here (local) or as Ray Data operators (ray; pallava[ray])",
-    )
-    cln.add_argument(
-        "--ray-address",
-        help="Ray cluster to join (auto: the one `ray start` runs here); default: start a local Ray instance",
-    )
+    add_engine_arguments(cln, "decode and judge in this process")
     cln.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cln.set_defaults(func=_clean)
 

@@ -159,6 +159,8 @@ def _tiling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `pallava slide {info,map,ask}`."""
+    from pallava.scale import add_engine_arguments
+
     parser = subparsers.add_parser(
         "slide", help="whole-slide images: info, tissue map, questions about regions"
     )
@@ -181,16 +183,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     mapping.add_argument("--model", required=True, help="PLIP model folder (pallava plip train / convert)")
     mapping.add_argument("--out", required=True, help="output folder (re-using it resumes the embeddings)")
-    mapping.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="cohorts: map in this process (local) or on a Ray cluster (ray; pallava[ray])",
-    )
-    mapping.add_argument(
-        "--ray-address",
-        help="Ray cluster to join (auto: the one `ray start` runs here); default: start a local Ray instance",
-    )
+    add_engine_arguments(mapping, "cohorts: map the slides one after another in this process")
     mapping.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
     mapping.add_argument(
         "--classes",
