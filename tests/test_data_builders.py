@@ -162,3 +162,19 @@ def test_captions_vary_wording_and_name_the_organ(three_organs):
     openings = Counter(" ".join(c.caption.split()[:3]) for c in captions)
     assert len(openings) >= 8  # not one template
     assert sum("malignan" in c.caption or "benign" in c.caption for c in captions) > len(captions) // 4
+
+
+def test_every_caption_names_the_diagnosis_within_plips_30_tokens(three_organs):
+    from pallava.models.plip.text_init import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    label_map = LabelMap.builtin("lung-colon-oral")
+    for caption in captions_from_labels(three_organs, label_map, seed=0):
+        ids = tokenizer(caption.caption, truncation=True, max_length=30)["input_ids"]
+
+        def letters(text):
+            return "".join(c for c in text.lower() if c.isalnum())
+
+        kept = letters(tokenizer.decode(ids, skip_special_tokens=True))
+        names = label_map[caption.meta["label"]].all_names()
+        assert any(letters(name) in kept for name in names), caption.caption

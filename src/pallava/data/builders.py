@@ -15,6 +15,9 @@ from pathlib import Path
 from pallava.data.labels import LabelMap
 from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, LabelledImage, VQAItem
 
+# Every caption template names the organ and the diagnosis within its first dozen words: PLIP reads only the
+# first 30 tokens of a caption.
+
 # Stage-1 instructions (our own phrasings; the caption is the answer).
 CAPTION_INSTRUCTIONS: tuple[str, ...] = (
     "Describe the image.",
@@ -51,8 +54,8 @@ _CAPTION_TEMPLATES: tuple[str, ...] = (
     "tissue pattern and nuclear features visible here support this interpretation.",
     "A histology tile from a human {organ} sample demonstrating {name}. The image captures a "
     "representative region of the tissue at high power under the microscope.",
-    "H&E stained section of {organ}: the features seen in this field, including the cell shapes, "
-    "nuclei and tissue organisation, are consistent with {name}.",
+    "H&E stained section of {organ} with {name}: the features seen in this field, including the cell "
+    "shapes, nuclei and tissue organisation, are consistent with this diagnosis.",
     "Light microscopy of human {organ} tissue in which {name} is seen; the stain highlights the "
     "nuclei in purple and the cytoplasm and stroma in shades of pink.",
     "A {organ} biopsy with {name}: this H&E field shows the growth pattern, the nuclear detail and the "
