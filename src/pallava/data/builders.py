@@ -46,12 +46,12 @@ CLOSED_INSTRUCTION = "Answer yes or no."
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices."
 
 _CAPTION_TEMPLATES: tuple[str, ...] = (
-    "Haematoxylin and eosin stained histopathology image of {organ} tissue showing {name}, "
+    "Histopathology image showing {name} in {organ} tissue, stained with haematoxylin and eosin and "
     "viewed at high magnification with the characteristic cellular architecture of this diagnosis.",
     "This microscopic section of human {organ} shows {name}; the morphology of the cells and the "
     "arrangement of the tissue in this field are typical of that diagnosis.",
-    "Photomicrograph of a {organ} specimen stained with H&E. The field shows {name}, and the "
-    "tissue pattern and nuclear features visible here support this interpretation.",
+    "Photomicrograph of {name} in a {organ} specimen stained with H&E; the tissue pattern and "
+    "nuclear features visible in this field support this interpretation.",
     "A histology tile from a human {organ} sample demonstrating {name}. The image captures a "
     "representative region of the tissue at high power under the microscope.",
     "H&E stained section of {organ} with {name}: the features seen in this field, including the cell "
