@@ -28,7 +28,7 @@ CONFIGS = PACKAGE_ROOT / "configs"
 # Stage 2 trains on a seeded sample of the generated questions (about 8 per image, 36,640 for the three train
 # splits): one pass over a sample this size costs what the CPU budget of the demo allows, and the balancing of
 # datasets then repeats the small ones in it.
-STAGE2_QUESTIONS = 16_000
+STAGE2_QUESTIONS = 10_000
 
 # Captions that describe animal tissue: the text judge must reject them (paper: non-human pathology removed).
 NON_HUMAN_CAPTIONS = (
