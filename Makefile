@@ -9,13 +9,13 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: demo test lint bench install browser clean
+.PHONY: demo test test-fast lint bench install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,12 +23,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pallava quickstart $(ARGS)
 
-test: $(STAMP) browser
-	$(VENV)/bin/ruff check src tests benchmarks
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q $(ARGS)
+
+# The edit-test loop: everything but the end-to-end tests marked `slow` (under 2 minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-logo
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)

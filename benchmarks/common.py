@@ -1,4 +1,5 @@
-"""Shared measuring tools: medians of interleaved repeats, thread choice, matmul peak, memory, machine facts."""
+"""Shared measuring tools: medians of interleaved repeats, thread choice, matmul peak, memory, machine
+facts."""
 
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def choose_threads(requested: int | None, dtype: torch.dtype, rounds: int = 3) -
 
 
 def matmul_flops_per_s(n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[float, float]:
-    """Achieved (per wall-clock second, per CPU second) FLOP/s of one (n x n) @ (n x n) product, after a warm-up."""
+    """Achieved (per wall-clock second, per CPU second) FLOP/s of one (n x n) @ (n x n) product, after a
+    warm-up."""
     generator = torch.Generator().manual_seed(n)
     a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
@@ -183,7 +185,9 @@ def run_worker(module: str, args: list[str], timeout: float | None = None) -> di
     try:
         code = subprocess.run(command, cwd=ROOT, timeout=timeout).returncode  # its progress and errors show
         if code != 0 or not out.is_file():
-            raise RuntimeError(f"benchmark worker `{' '.join(command[1:])}` failed with exit code {code} (see above)")
+            raise RuntimeError(
+                f"benchmark worker `{' '.join(command[1:])}` failed with exit code {code} (see above)"
+            )
         return json.loads(out.read_text())
     finally:
         out.unlink(missing_ok=True)

@@ -63,8 +63,13 @@ def _lc25000_dev(root: Path, count: int) -> list[Image.Image]:
 def image_cases(data_dir: Path = SHARED_DATA, tiles: int = 8) -> dict[str, ImageCase]:
     """The four cases, real where `data_dir` holds the shared data, synthetic otherwise."""
     if not data_dir.is_dir():
-        cases = {"real mix": ImageCase("real mix", [_noise(224, 224, i) for i in range(9)]
-                                       + [_noise(500, 300, 9), _noise(512, 512, 10)], "synthetic")}  # fmt: skip
+        cases = {
+            "real mix": ImageCase(
+                "real mix",
+                [_noise(224, 224, i) for i in range(9)] + [_noise(500, 300, 9), _noise(512, 512, 10)],
+                "synthetic",
+            )
+        }
         cases["224x224"] = ImageCase("224x224", [_noise(224, 224, 20 + i) for i in range(tiles)], "synthetic")
         for name in SIZES[1:]:
             width, height = map(int, name.split("x"))
@@ -72,10 +77,15 @@ def image_cases(data_dir: Path = SHARED_DATA, tiles: int = 8) -> dict[str, Image
         return cases
     samples = data_dir / "samples"
     mix = [load_image(p) for p in sorted((samples / "crc").iterdir())]
-    mix += [load_image(samples / "pathology" / "stardist_histo.jpg"), load_image(samples / "pathology" / "skimage_ihc.png")]
+    mix += [
+        load_image(samples / "pathology" / "stardist_histo.jpg"),
+        load_image(samples / "pathology" / "skimage_ihc.png"),
+    ]
     cases = {
         "real mix": ImageCase("real mix", mix, "NCT-CRC-HE tiles, stardist H&E, scikit-image IHC"),
-        "224x224": ImageCase("224x224", _lc25000_dev(data_dir / "lc25000-lung", tiles), "LC25000 lung dev tiles"),
+        "224x224": ImageCase(
+            "224x224", _lc25000_dev(data_dir / "lc25000-lung", tiles), "LC25000 lung dev tiles"
+        ),
     }
     for name in SIZES[1:]:
         width, height = map(int, name.split("x"))

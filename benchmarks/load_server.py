@@ -60,10 +60,19 @@ def run_load(
             for number in range(requests):
                 if time.monotonic() > stop_at:
                     return
-                body = {"model": "pallava", "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": data_url}},
-                    {"type": "text", "text": QUESTIONS[(index + number) % len(QUESTIONS)]},
-                ]}]}  # fmt: skip
+                body = {
+                    "model": "pallava",
+                    "max_tokens": max_tokens,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": data_url}},
+                                {"type": "text", "text": QUESTIONS[(index + number) % len(QUESTIONS)]},
+                            ],
+                        }
+                    ],
+                }
                 start = time.perf_counter()
                 try:
                     response = http.post("/v1/chat/completions", json=body)
@@ -128,8 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients and --requests must be at least 1")
     with ExitStack() as stack:
         url = args.url or stack.enter_context(_local_server(args)).url
-        report = run_load(url, args.clients, args.requests, args.max_tokens, args.api_key, args.image,
-                          args.max_seconds, args.timeout)  # fmt: skip
+        report = run_load(
+            url,
+            args.clients,
+            args.requests,
+            args.max_tokens,
+            args.api_key,
+            args.image,
+            args.max_seconds,
+            args.timeout,
+        )
     report["server"] = (
         args.url or f"local ({args.model or 'tiny preset, random weights'}, device {args.device or 'cpu'})"
     )
@@ -153,10 +170,14 @@ def _local_server(args: argparse.Namespace):
             PaLlava(model, processor).save_pretrained(folder)
             assistant = PaLlava.from_pretrained(folder, device=args.device)
     settings = ServerSettings(
-        model_name="pallava", api_key=args.api_key, max_batch_size=args.max_batch_size,
-        batch_window_s=args.batch_window_ms / 1000, max_tokens_limit=max(1024, args.max_tokens),
-        timeout_s=args.timeout, max_queue=max(256, args.clients),
-    )  # fmt: skip
+        model_name="pallava",
+        api_key=args.api_key,
+        max_batch_size=args.max_batch_size,
+        batch_window_s=args.batch_window_ms / 1000,
+        max_tokens_limit=max(1024, args.max_tokens),
+        timeout_s=args.timeout,
+        max_queue=max(256, args.clients),
+    )
     return BackgroundServer(create_app(assistant, settings))
 
 

@@ -34,7 +34,10 @@ def processors(regime_name: str) -> dict[str, Callable[[Image.Image], object]]:
 
 
 def throughput(
-    functions: dict[str, Callable[[Image.Image], object]], images: Sequence[Image.Image], rounds: int, repeat: int
+    functions: dict[str, Callable[[Image.Image], object]],
+    images: Sequence[Image.Image],
+    rounds: int,
+    repeat: int,
 ) -> dict[str, float]:
     """Median images/s of each function over `rounds` alternating rounds of `repeat` passes over `images`."""
 
@@ -52,8 +55,13 @@ def throughput(
     return {key: len(images) * repeat / median(t) for key, t in times.items()}
 
 
-def run(regime_name: str, quick: bool = False, threads: int | None = None, rounds: int | None = None,
-        progress: bool = True) -> dict:  # fmt: skip
+def run(
+    regime_name: str,
+    quick: bool = False,
+    threads: int | None = None,
+    rounds: int | None = None,
+    progress: bool = True,
+) -> dict:
     """images/s per case and processor, and our speed-up over LLaVA-NeXT's processor (matched and native)."""
     rounds = rounds or (3 if quick else 5)
     thread_info = choose_threads(threads, REGIMES[regime_name].dtype)
@@ -64,12 +72,20 @@ def run(regime_name: str, quick: bool = False, threads: int | None = None, round
         repeat = max(1, 8 // len(case.images)) if not quick else 1
         rates[name] = throughput(functions, case.images, rounds, repeat)
     return {
-        "regime": regime_name, "threads": thread_info, "rounds": rounds,
-        "cases": {name: {"images": len(c.images), "sizes": c.sizes, "source": c.source} for name, c in cases.items()},
+        "regime": regime_name,
+        "threads": thread_info,
+        "rounds": rounds,
+        "cases": {
+            name: {"images": len(c.images), "sizes": c.sizes, "source": c.source} for name, c in cases.items()
+        },
         "images_per_s": {case: {k: round(v, 2) for k, v in r.items()} for case, r in rates.items()},
-        "speedup_vs_llava_next_matched": {case: round(r["pallava"] / r["llava_next_matched"], 3) for case, r in rates.items()},
-        "speedup_vs_llava_next_native": {case: round(r["pallava"] / r["llava_next_native"], 3) for case, r in rates.items()},
-    }  # fmt: skip
+        "speedup_vs_llava_next_matched": {
+            case: round(r["pallava"] / r["llava_next_matched"], 3) for case, r in rates.items()
+        },
+        "speedup_vs_llava_next_native": {
+            case: round(r["pallava"] / r["llava_next_native"], 3) for case, r in rates.items()
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,12 +27,14 @@ def _latency(results: dict, regime: str) -> dict:
 
 
 def _utilisation(latency: dict) -> dict:
-    """The utilisation that counts: per CPU second on a CPU (the scheduler's share cancels out), else wall-clock."""
+    """The utilisation that counts: per CPU second on a CPU (the scheduler's share cancels out), else
+    wall-clock."""
     return latency["utilisation"]["cpu" if latency["device"] == "cpu" else "wall"]
 
 
 def _flop_bounds(latency: dict, size: str = HEADLINE_SIZE) -> tuple[float | None, float | None]:
-    """What the FLOPs allow at `size` against peer (a): (the TTFT ratio at equal FLOP/s, the ratio if our vision
+    """What the FLOPs allow at `size` against peer (a): (the TTFT ratio at equal FLOP/s, the ratio if our
+    vision
     tower, connector and preprocessing cost nothing, i.e. peer FLOPs over our LLM prefill's alone)."""
     flops, prefill = latency["forward_gflop"], latency.get("ttft_breakdown_gflop", {}).get("prefill")
     if size not in flops["pallava"] or "llava_next_matched" not in flops:
@@ -45,29 +47,42 @@ def summarise(results: dict) -> dict:
     """The headline ratios per regime (the keys `latest.json` promises) and the targets, met or not."""
     regimes = [name for name in results.get("regimes", {}) if _latency(results, name)]
     summary = {
-        "ttft_speedup_vs_llava_next": {r: _latency(results, r)["ttft_speedup"].get("llava_next_matched") for r in regimes},
-        "ttft_speedup_vs_llava_next_native": {r: _latency(results, r)["ttft_speedup"].get("llava_next_native")
-                                              for r in regimes},
-        "preprocess_speedup_vs_llava_next": {r: p["speedup_vs_llava_next_matched"]
-                                             for r, p in results.get("preprocessing", {}).items()},
-        "batch8_over_batch1_generation": {r: _latency(results, r)["batch8_over_batch1"]["pallava"] for r in regimes},
+        "ttft_speedup_vs_llava_next": {
+            r: _latency(results, r)["ttft_speedup"].get("llava_next_matched") for r in regimes
+        },
+        "ttft_speedup_vs_llava_next_native": {
+            r: _latency(results, r)["ttft_speedup"].get("llava_next_native") for r in regimes
+        },
+        "preprocess_speedup_vs_llava_next": {
+            r: p["speedup_vs_llava_next_matched"] for r, p in results.get("preprocessing", {}).items()
+        },
+        "batch8_over_batch1_generation": {
+            r: _latency(results, r)["batch8_over_batch1"]["pallava"] for r in regimes
+        },
         "matmul_utilisation": {r: _utilisation(_latency(results, r))["fraction_of_peak"] for r in regimes},
-        "matmul_utilisation_wall_clock": {r: _latency(results, r)["utilisation"]["wall"]["fraction_of_peak"]
-                                          for r in regimes},
+        "matmul_utilisation_wall_clock": {
+            r: _latency(results, r)["utilisation"]["wall"]["fraction_of_peak"] for r in regimes
+        },
         "ttft_flop_ratio_vs_llava_next": {r: _flop_bounds(_latency(results, r))[0] for r in regimes},
         "ttft_ceiling_vs_llava_next": {r: _flop_bounds(_latency(results, r))[1] for r in regimes},
-    }  # fmt: skip
+    }
     measured = {
         "ttft": (summary["ttft_speedup_vs_llava_next"].get(HEADLINE_REGIME) or {}).get(HEADLINE_SIZE),
-        "preprocess": min(summary["preprocess_speedup_vs_llava_next"].get(HEADLINE_REGIME, {}).values(), default=None),
+        "preprocess": min(
+            summary["preprocess_speedup_vs_llava_next"].get(HEADLINE_REGIME, {}).values(), default=None
+        ),
         "batch8": summary["batch8_over_batch1_generation"].get(HEADLINE_REGIME),
         "utilisation": summary["matmul_utilisation"].get(HEADLINE_REGIME),
     }
     summary["targets"] = [
-        {"target": text, "goal": goal, "measured": measured[key],
-         "met": None if measured[key] is None else measured[key] >= goal}
+        {
+            "target": text,
+            "goal": goal,
+            "measured": measured[key],
+            "met": None if measured[key] is None else measured[key] >= goal,
+        }
         for key, text, goal in TARGETS
-    ]  # fmt: skip
+    ]
     return summary
 
 
@@ -89,64 +104,119 @@ def _latency_section(name: str, entry: dict) -> list[str]:
     out = [f"## Regime `{name}`", ""]
     if "machine" in entry:  # measured elsewhere (a GPU machine) and merged in
         machine = entry["machine"]
-        out += [f"Measured on another machine: {machine['cuda']} with {machine['logical_cores']} CPU cores "
-                f"({machine['cpu']}), torch {machine['torch']}, transformers {machine['transformers']}, started "
-                f"{entry['started']}; command `{entry['command']}`.", ""]  # fmt: skip
+        out += [
+            f"Measured on another machine: {machine['cuda']} with {machine['logical_cores']} CPU cores "
+            f"({machine['cpu']}), torch {machine['torch']}, transformers {machine['transformers']}, started "
+            f"{entry['started']}; command `{entry['command']}`.",
+            "",
+        ]
         out += [f"Note: {note}" for note in entry.get("notes", [])] + ([""] if entry.get("notes") else [])
     if "synthetic" in latency.get("images", {}).values():
-        out += ["Images: seeded noise of the same sizes (the shared data folder was not on that machine). The "
-                "images are decoded before timing, so their content does not change any time here.", ""]  # fmt: skip
+        out += [
+            "Images: seeded noise of the same sizes (the shared data folder was not on that machine). The "
+            "images are decoded before timing, so their content does not change any time here.",
+            "",
+        ]
     out += [
-           f"{latency['description']}; {latency['dtype']} on {latency['device']}, {latency['threads']['threads']} "
-           f"thread(s); medians of {latency['rounds']} alternating rounds"
-           + (f" ({', '.join(single)}: one timed round, it is slow on a CPU)" if single else "")
-           + f". Load average {latency['load_average_start']} at the start, {latency['load_average_end']} at the end.",
-           "",
-           "Time to first token (preprocessing + vision + connector/projector + prefill) in wall-clock and in CPU "
-           "seconds, the ratio of each peer's time to ours (the median of per-round ratios: both calls of a round run "
-           "back to back), the image tokens handed to the LLM, the crops through "
-           "the vision tower and the FLOPs of that forward pass:", ""]  # fmt: skip
-    cpu = latency["device"] == "cpu"  # on a GPU, CPU seconds count spinning threads, not the work: wall-clock only
+        f"{latency['description']}; {latency['dtype']} on {latency['device']}, "
+        f"{latency['threads']['threads']} "
+        f"thread(s); medians of {latency['rounds']} alternating rounds"
+        + (f" ({', '.join(single)}: one timed round, it is slow on a CPU)" if single else "")
+        + f". Load average {latency['load_average_start']} at the start, "
+        f"{latency['load_average_end']} at the end.",
+        "",
+        "Time to first token (preprocessing + vision + connector/projector + prefill) in wall-clock and "
+        "in CPU "
+        "seconds, the ratio of each peer's time to ours (the median of per-round ratios: both calls of a "
+        "round run "
+        "back to back), the image tokens handed to the LLM, the crops through "
+        "the vision tower and the FLOPs of that forward pass:",
+        "",
+    ]
+    cpu = (
+        latency["device"] == "cpu"
+    )  # on a GPU, CPU seconds count spinning threads, not the work: wall-clock only
     rows = []
     for key in systems:
         for size in sizes:
             mine = key == "pallava"
-            rows.append([SYSTEM_LABELS[key], size, f"{latency['ttft_s'][key][size]:.3f}"]
-                        + ([f"{latency['ttft_cpu_s'][key][size]:.3f}"] if cpu else [])
-                        + ["" if mine else _x(latency["ttft_speedup"][key][size])]
-                        + (["" if mine else _x(latency["ttft_speedup_cpu"][key][size])] if cpu else [])
-                        + [latency["image_tokens"][key][size], latency["crops"][key][size],
-                           latency["forward_gflop"][key][size]])  # fmt: skip
-    headers = (["system", "image", "TTFT s"] + (["TTFT CPU s"] if cpu else []) + ["ours faster (wall)"]
-               + (["ours faster (CPU)"] if cpu else []) + ["image tokens", "crops", "GFLOP"])  # fmt: skip
+            rows.append(
+                [SYSTEM_LABELS[key], size, f"{latency['ttft_s'][key][size]:.3f}"]
+                + ([f"{latency['ttft_cpu_s'][key][size]:.3f}"] if cpu else [])
+                + ["" if mine else _x(latency["ttft_speedup"][key][size])]
+                + (["" if mine else _x(latency["ttft_speedup_cpu"][key][size])] if cpu else [])
+                + [
+                    latency["image_tokens"][key][size],
+                    latency["crops"][key][size],
+                    latency["forward_gflop"][key][size],
+                ]
+            )
+    headers = (
+        ["system", "image", "TTFT s"]
+        + (["TTFT CPU s"] if cpu else [])
+        + ["ours faster (wall)"]
+        + (["ours faster (CPU)"] if cpu else [])
+        + ["image tokens", "crops", "GFLOP"]
+    )
     out += [table(headers, rows), ""]
     gen = latency["generation_tokens_per_s"]
-    out += [f"Generation (decode only, {latency['new_tokens']} new tokens, prompt of the {latency['generation_image']} "
-            "image), tokens/s:", "",
-            table(["system", "batch 1", "batch 8", "batch 8 / batch 1"],
-                  [[SYSTEM_LABELS[k], gen[k]["1"], gen[k]["8"], _x(latency["batch8_over_batch1"][k])] for k in systems]),
-            ""]  # fmt: skip
+    out += [
+        f"Generation (decode only, {latency['new_tokens']} new tokens, prompt of the "
+        f"{latency['generation_image']} "
+        "image), tokens/s:",
+        "",
+        table(
+            ["system", "batch 1", "batch 8", "batch 8 / batch 1"],
+            [
+                [SYSTEM_LABELS[k], gen[k]["1"], gen[k]["8"], _x(latency["batch8_over_batch1"][k])]
+                for k in systems
+            ],
+        ),
+        "",
+    ]
     util, parts = latency["utilisation"], latency["ttft_breakdown_s"]
-    clocks = [f"per {label} second {util[clock]['achieved_gflops']} GFLOP/s against a matmul peak of "
-              f"{util[clock]['matmul_peak_gflops']} GFLOP/s = **{100 * util[clock]['fraction_of_peak']:.0f}%**"
-              for clock, label in ((("cpu", "CPU"),) if cpu else ()) + (("wall", "wall-clock"),)]  # fmt: skip
+    clocks = [
+        f"per {label} second {util[clock]['achieved_gflops']} GFLOP/s against a matmul peak of "
+        f"{util[clock]['matmul_peak_gflops']} GFLOP/s = **{100 * util[clock]['fraction_of_peak']:.0f}%**"
+        for clock, label in ((("cpu", "CPU"),) if cpu else ()) + (("wall", "wall-clock"),)
+    ]
     gflop = latency.get("ttft_breakdown_gflop", {})
-    out += [f"Our TTFT at {util['image']}, by stage (s): "
-            + ", ".join(f"{k} {v:.3f}" + (f" ({gflop[k]:.0f} GFLOP)" if gflop.get(k) else "") for k, v in parts.items())
-            + f". Forward pass ({util['forward_gflop']} GFLOP): " + "; ".join(clocks) + ".", ""]
+    out += [
+        f"Our TTFT at {util['image']}, by stage (s): "
+        + ", ".join(
+            f"{k} {v:.3f}" + (f" ({gflop[k]:.0f} GFLOP)" if gflop.get(k) else "") for k, v in parts.items()
+        )
+        + f". Forward pass ({util['forward_gflop']} GFLOP): "
+        + "; ".join(clocks)
+        + ".",
+        "",
+    ]
     if "lm_head_strides" in latency:
         head = latency["lm_head_strides"]
-        out += [f"LM head on the last prompt position: {head['sliced_s']:.3f} s on the view `logits_to_keep` makes "
-                f"(torch copies the whole vocabulary weight in bf16 on a CPU) vs {head['restrided_s']:.3f} s restrided, "
-                "as the model now does. The peers share our LM head here, so they get the fix too.", ""]  # fmt: skip
+        out += [
+            f"LM head on the last prompt position: {head['sliced_s']:.3f} s on the view "
+            "`logits_to_keep` makes "
+            f"(torch copies the whole vocabulary weight in bf16 on a CPU) vs {head['restrided_s']:.3f} "
+            "s restrided, "
+            "as the model now does. The peers share our LM head here, so they get the fix too.",
+            "",
+        ]
     readings = {k: v for k, v in memory.items() if "peak_rss_mb" in v}
     if readings:
         gpu = all("peak_device_memory_mb" in v for v in readings.values())
-        out += ["Peak memory, each system alone in a fresh process (1024x768 image, then 8-way decoding), MiB:", "",
-                table(["system", "RSS after build", "peak RSS"] + (["peak GPU memory"] if gpu else []),
-                      [[SYSTEM_LABELS[k], v["rss_after_build_mb"], v["peak_rss_mb"]]
-                       + ([v["peak_device_memory_mb"]] if gpu else []) for k, v in readings.items()]),
-                ""]  # fmt: skip
+        out += [
+            "Peak memory, each system alone in a fresh process (1024x768 image, then 8-way decoding), MiB:",
+            "",
+            table(
+                ["system", "RSS after build", "peak RSS"] + (["peak GPU memory"] if gpu else []),
+                [
+                    [SYSTEM_LABELS[k], v["rss_after_build_mb"], v["peak_rss_mb"]]
+                    + ([v["peak_device_memory_mb"]] if gpu else [])
+                    for k, v in readings.items()
+                ],
+            ),
+            "",
+        ]
     return out
 
 
@@ -160,111 +230,227 @@ def _analysis(results: dict) -> list[str]:
     vision_share = parts["vision"] / sum(parts.values())
     gflop = latency.get("ttft_breakdown_gflop", {})
     out = [
-        "## Reading the headline", "",
+        "## Reading the headline",
+        "",
         f"At {size} LLaVA-NeXT (a) hands the LLM {latency['image_tokens'][peer][size]} image tokens (from "
         f"{latency['crops'][peer][size]} crops), ours {latency['image_tokens'][ours][size]} (from "
-        f"{latency['crops'][ours][size]} crops: the paper's grid list always cuts 4 to 8 tiles). Its forward pass "
-        f"costs {flop_ratio:.2f}x our FLOPs; the measured TTFT ratio is {_x(latency['ttft_speedup'][peer][size])} in "
-        f"wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} in CPU time. The two systems share the "
-        "very same vision tower and LLM modules and prefill is compute-bound, so the TTFT ratio follows the FLOP "
-        "ratio; it stays under it because the peer's long prefill (over 800 rows per matrix product) runs at a "
+        f"{latency['crops'][ours][size]} crops: the paper's grid list always cuts 4 to 8 tiles). Its "
+        "forward pass "
+        f"costs {flop_ratio:.2f}x our FLOPs; the measured TTFT ratio is "
+        f"{_x(latency['ttft_speedup'][peer][size])} in "
+        f"wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} in CPU time. The two systems "
+        "share the "
+        "very same vision tower and LLM modules and prefill is compute-bound, so the TTFT ratio follows the "
+        "FLOP "
+        "ratio; it stays under it because the peer's long prefill (over 800 rows per matrix product) runs "
+        "at a "
         "higher FLOP/s than our products of about 200 rows. Our vision tower takes "
-        f"{100 * vision_share:.0f}% of our first-token time next to a 1B LLM.", "",
-    ]  # fmt: skip
+        f"{100 * vision_share:.0f}% of our first-token time next to a 1B LLM.",
+        "",
+    ]
     if ceiling:
-        out += [f"**Why the 5x target cannot be met at these shapes.** Our LLM prefill alone (196 image tokens + the "
-                f"question) costs {gflop['prefill']:.0f} GFLOP; the peer's whole first token costs "
-                f"{latency['forward_gflop'][peer][size]:.0f} GFLOP. Even with a free vision tower, connector and "
-                f"preprocessing, our first token could come at most {ceiling:.2f}x sooner; with the paper's tower and "
-                f"grid, {flop_ratio:.2f}x. LLaVA-NeXT removes the padding rows of a 4:3 image's tile features, so the "
-                "peer gives the LLM well under 5 x 196 tokens, and the LLM still reads our 196 plus the text. The "
-                "ratio grows with the peer's tokens per crop: against LLaVA-NeXT's native tower (576 per crop) it "
-                "is far above 5x.", ""]  # fmt: skip
+        out += [
+            "**Why the 5x target cannot be met at these shapes.** Our LLM prefill alone "
+            "(196 image tokens + the "
+            f"question) costs {gflop['prefill']:.0f} GFLOP; the peer's whole first token costs "
+            f"{latency['forward_gflop'][peer][size]:.0f} GFLOP. Even with a free vision tower, connector and "
+            f"preprocessing, our first token could come at most {ceiling:.2f}x sooner; with the paper's "
+            "tower and "
+            f"grid, {flop_ratio:.2f}x. LLaVA-NeXT removes the padding rows of a 4:3 image's tile "
+            "features, so the "
+            "peer gives the LLM well under 5 x 196 tokens, and the LLM still reads our 196 plus the "
+            "text. The "
+            "ratio grows with the peer's tokens per crop: against LLaVA-NeXT's native tower (576 per "
+            "crop) it "
+            "is far above 5x.",
+            "",
+        ]
     if "llava_next_native" in latency["ttft_speedup"]:
         native = "llava_next_native"
-        out[-2] += (f" Against that native peer (b) at {size}: {latency['image_tokens'][native][size]} image tokens, "
-                    f"{latency['forward_gflop'][native][size]:.0f} GFLOP, and our first token comes "
-                    f"{_x(latency['ttft_speedup'][native][size])} sooner.")  # fmt: skip
+        out[-2] += (
+            f" Against that native peer (b) at {size}: {latency['image_tokens'][native][size]} image tokens, "
+            f"{latency['forward_gflop'][native][size]:.0f} GFLOP, and our first token comes "
+            f"{_x(latency['ttft_speedup'][native][size])} sooner."
+        )
     return out
 
 
 def render(results: dict) -> str:
     machine = results["machine"]
     quick = " (quick mode: fewer rounds, the headline image, peer (a) only)" if results["quick"] else ""
-    out = ["# Benchmarks: pallava against LLaVA-NeXT and LLaVA-1.5", "",
-           "Generated by `benchmarks/run.py` from `benchmarks/results/latest.json`; every number below comes from "
-           "that one run. Benchmarks are not tests: nothing asserts a time, the targets are reported met or not.", "",
-           f"Command: `{results['command']}` (or `make bench`, `make bench ARGS=--quick`){quick}. Started "
-           f"{results['started']}, took {results['duration_s']:.0f} s.", "",
-           table(["machine", ""], [["CPU", machine["cpu"]], ["logical cores", machine["logical_cores"]],
-                                   ["torch threads", f"{results['threads']['threads']} ({results['threads']['chosen_by']})"],
-                                   ["torch", machine["torch"]], ["transformers", machine["transformers"]],
-                                   ["GPU", machine["cuda"] or "none"],
-                                   ["load average (1 min) at start / end",
-                                    f"{machine.get('load_average_1m')} / {results.get('load_average_end')}"]]), "",
-           ("The machine was shared with other jobs while this ran (see the load average): absolute times are slow "
-            "and noisy. " if max(machine.get("load_average_1m") or 0, results.get("load_average_end") or 0)
-            > results["threads"]["threads"] + 0.5 else "")
-           + "Systems were timed in alternation in one process, so the *ratios* are what count: on a virtual "
-           "machine the same call can take twice as long a few minutes later.", ""]  # fmt: skip
+    out = [
+        "# Benchmarks: pallava against LLaVA-NeXT and LLaVA-1.5",
+        "",
+        "Generated by `benchmarks/run.py` from `benchmarks/results/latest.json`; every number below "
+        "comes from "
+        "that one run. Benchmarks are not tests: nothing asserts a time, the targets are reported met or "
+        "not.",
+        "",
+        f"Command: `{results['command']}` (or `make bench`, `make bench ARGS=--quick`){quick}. Started "
+        f"{results['started']}, took {results['duration_s']:.0f} s.",
+        "",
+        table(
+            ["machine", ""],
+            [
+                ["CPU", machine["cpu"]],
+                ["logical cores", machine["logical_cores"]],
+                ["torch threads", f"{results['threads']['threads']} ({results['threads']['chosen_by']})"],
+                ["torch", machine["torch"]],
+                ["transformers", machine["transformers"]],
+                ["GPU", machine["cuda"] or "none"],
+                [
+                    "load average (1 min) at start / end",
+                    f"{machine.get('load_average_1m')} / {results.get('load_average_end')}",
+                ],
+            ],
+        ),
+        "",
+        (
+            "The machine was shared with other jobs while this ran (see the load average): absolute times "
+            "are slow "
+            "and noisy. "
+            if max(machine.get("load_average_1m") or 0, results.get("load_average_end") or 0)
+            > results["threads"]["threads"] + 0.5
+            else ""
+        )
+        + "Systems were timed in alternation in one process, so the *ratios* are what count: on a virtual "
+        "machine the same call can take twice as long a few minutes later.",
+        "",
+    ]
     if results["threads"].get("probe_s"):
         probe = ", ".join(f"{n} thread(s) {s} s" for n, s in results["threads"]["probe_s"].items())
-        out += [f"Thread probe (a small transformer-like workload, bf16): {probe}; the faster was used throughout.", ""]
-    out += ["## Targets (paper-proportioned shapes, one run)", "",
-            table(["target", "goal", "measured", "met"],
-                  [[t["target"], f">= {t['goal']}", "n/a" if t["measured"] is None else round(t["measured"], 3),
-                    {True: "yes", False: "**no**", None: "not measured"}[t["met"]]] for t in results["targets"]]),
-            ""]  # fmt: skip
+        out += [
+            f"Thread probe (a small transformer-like workload, bf16): {probe}; the faster was used "
+            "throughout.",
+            "",
+        ]
+    out += [
+        "## Targets (paper-proportioned shapes, one run)",
+        "",
+        table(
+            ["target", "goal", "measured", "met"],
+            [
+                [
+                    t["target"],
+                    f">= {t['goal']}",
+                    "n/a" if t["measured"] is None else round(t["measured"], 3),
+                    {True: "yes", False: "**no**", None: "not measured"}[t["met"]],
+                ]
+                for t in results["targets"]
+            ],
+        ),
+        "",
+    ]
     out += _analysis(results)
     for name, entry in results["regimes"].items():
         if "not_run" in entry:
             out += [f"## Regime `{name}`", "", f"Not run: {entry['not_run']}.", ""]
         elif _latency(results, name):
             out += _latency_section(name, entry)
-    out += ["## Preprocessing throughput", "",
-            "images/s, one image per call, decoded images in memory; ours vs transformers' "
-            "`LlavaNextImageProcessorPil` (the torchvision one needs torchvision) at our tile size (a) and at 336 px (b):",
-            ""]  # fmt: skip
+    out += [
+        "## Preprocessing throughput",
+        "",
+        "images/s, one image per call, decoded images in memory; ours vs transformers' "
+        "`LlavaNextImageProcessorPil` (the torchvision one needs torchvision) at our tile size (a) and "
+        "at 336 px (b):",
+        "",
+    ]
     for regime, prep in results["preprocessing"].items():
-        rows = [[case, info["images"], ", ".join(info["sizes"]), prep["images_per_s"][case]["pallava"],
-                 prep["images_per_s"][case]["llava_next_matched"], prep["images_per_s"][case]["llava_next_native"],
-                 _x(prep["speedup_vs_llava_next_matched"][case]), _x(prep["speedup_vs_llava_next_native"][case])]
-                for case, info in prep["cases"].items()]  # fmt: skip
-        out += [f"Tiling of the `{regime}` regime:", "",
-                table(["images", "count", "sizes", "ours", "LLaVA-NeXT (a)", "LLaVA-NeXT (b)", "vs (a)", "vs (b)"], rows),
-                ""]  # fmt: skip
-    training = {name: entry["training"] for name, entry in results["regimes"].items() if "plip" in entry.get("training", {})}
+        rows = [
+            [
+                case,
+                info["images"],
+                ", ".join(info["sizes"]),
+                prep["images_per_s"][case]["pallava"],
+                prep["images_per_s"][case]["llava_next_matched"],
+                prep["images_per_s"][case]["llava_next_native"],
+                _x(prep["speedup_vs_llava_next_matched"][case]),
+                _x(prep["speedup_vs_llava_next_native"][case]),
+            ]
+            for case, info in prep["cases"].items()
+        ]
+        out += [
+            f"Tiling of the `{regime}` regime:",
+            "",
+            table(
+                ["images", "count", "sizes", "ours", "LLaVA-NeXT (a)", "LLaVA-NeXT (b)", "vs (a)", "vs (b)"],
+                rows,
+            ),
+            "",
+        ]
+    training = {
+        name: entry["training"]
+        for name, entry in results["regimes"].items()
+        if "plip" in entry.get("training", {})
+    }
     if training:
-        rows = [[name + (f" ({results['regimes'][name]['machine']['cuda']})" if "machine" in results["regimes"][name]
-                         else ""),
-                 t["dtype"], f"{t['plip']['samples_per_s']} (batch {t['plip']['batch']}, {t['plip']['preset']})",
-                 f"{t['assistant']['samples_per_s']['pixels']} (batch {t['assistant']['batch']})",
-                 t["assistant"]["samples_per_s"]["cached"], _x(t["assistant"]["cache_speedup"])]
-                for name, t in training.items()]  # fmt: skip
-        out += ["## Training throughput", "",
-                "samples/s of one optimiser step (medians); the assistant step alternates pixel inputs and cached "
-                "frozen-vision features (`pallava.train.feature_cache`), batches built by the trainer's collator:", "",
-                table(["regime", "dtype", "PLIP step", "assistant, pixels", "assistant, cached features",
-                       "cache speed-up"], rows), ""]  # fmt: skip
-    out += ["## Method", "",
-            "- All models are random-init (speed does not depend on the weights), built without the default "
-            "initialisation and filled from a seeded pool.",
-            "- Peer (a) is transformers' `LlavaNextForConditionalGeneration` holding *our* vision tower, LLM and LM head "
-            "(shared modules), its anyres grid scaled from 336 px to our tile size: only the tiling and the connector "
-            "differ. Peer (b) "
-            "has its native CLIP ViT-L/14 at 336 px and the default grid. LLaVA-1.5 is one centre crop through our tower.",
-            "- Everyone gets the same question in the Llama-3 chat format, tokenised by the same tokenizer.",
-            "- TTFT = processor call + `generate(max_new_tokens=1)`. Generation tokens/s is decode only: the prompt's KV "
-            "cache from the TTFT call, repeated 8 times for batch 8, then `min_new_tokens` fixed-length decoding.",
-            "- FLOPs from `torch.utils.flop_counter` on an untimed warm-up; the matmul peak is the best square product "
-            "in the regime's dtype (up to 4096, or 2048 in fp32), measured alternately with our forward pass. On a "
-            "shared CPU both are also timed in CPU seconds (`time.process_time`), which count only the time this "
-            "process ran; the utilisation target is judged on those.",
-            "- Peak memory: each system alone in a fresh process (`ru_maxrss`).",
-            "- FLOPs of attention are counted with our own formula (grouped-query attention included): torch's "
-            "counter has none for its CPU attention kernel, and older versions reject fewer key/value heads.",
-            "- The `paper` regime (Llama-3-8B, bf16) runs only where a GPU is present: `python benchmarks/run.py "
-            "--regimes paper --out benchmarks/results/paper-gpu.json` there; a CPU run merges that file in.", ""]  # fmt: skip
+        rows = [
+            [
+                name
+                + (
+                    f" ({results['regimes'][name]['machine']['cuda']})"
+                    if "machine" in results["regimes"][name]
+                    else ""
+                ),
+                t["dtype"],
+                f"{t['plip']['samples_per_s']} (batch {t['plip']['batch']}, {t['plip']['preset']})",
+                f"{t['assistant']['samples_per_s']['pixels']} (batch {t['assistant']['batch']})",
+                t["assistant"]["samples_per_s"]["cached"],
+                _x(t["assistant"]["cache_speedup"]),
+            ]
+            for name, t in training.items()
+        ]
+        out += [
+            "## Training throughput",
+            "",
+            "samples/s of one optimiser step (medians); the assistant step alternates pixel inputs and "
+            "cached "
+            "frozen-vision features (`pallava.train.feature_cache`), batches built by the trainer's "
+            "collator:",
+            "",
+            table(
+                [
+                    "regime",
+                    "dtype",
+                    "PLIP step",
+                    "assistant, pixels",
+                    "assistant, cached features",
+                    "cache speed-up",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    out += [
+        "## Method",
+        "",
+        "- All models are random-init (speed does not depend on the weights), built without the default "
+        "initialisation and filled from a seeded pool.",
+        "- Peer (a) is transformers' `LlavaNextForConditionalGeneration` holding *our* vision tower, "
+        "LLM and LM head "
+        "(shared modules), its anyres grid scaled from 336 px to our tile size: only the tiling and the "
+        "connector "
+        "differ. Peer (b) "
+        "has its native CLIP ViT-L/14 at 336 px and the default grid. LLaVA-1.5 is one centre crop "
+        "through our tower.",
+        "- Everyone gets the same question in the Llama-3 chat format, tokenised by the same tokenizer.",
+        "- TTFT = processor call + `generate(max_new_tokens=1)`. Generation tokens/s is decode only: "
+        "the prompt's KV "
+        "cache from the TTFT call, repeated 8 times for batch 8, then `min_new_tokens` fixed-length "
+        "decoding.",
+        "- FLOPs from `torch.utils.flop_counter` on an untimed warm-up; the matmul peak is the best "
+        "square product "
+        "in the regime's dtype (up to 4096, or 2048 in fp32), measured alternately with our forward "
+        "pass. On a "
+        "shared CPU both are also timed in CPU seconds (`time.process_time`), which count only the time this "
+        "process ran; the utilisation target is judged on those.",
+        "- Peak memory: each system alone in a fresh process (`ru_maxrss`).",
+        "- FLOPs of attention are counted with our own formula (grouped-query attention included): torch's "
+        "counter has none for its CPU attention kernel, and older versions reject fewer key/value heads.",
+        "- The `paper` regime (Llama-3-8B, bf16) runs only where a GPU is present: `python benchmarks/run.py "
+        "--regimes paper --out benchmarks/results/paper-gpu.json` there; a CPU run merges that file in.",
+        "",
+    ]
     if results.get("errors"):
         out += ["## Errors in this run", ""] + [f"- {e}" for e in results["errors"]] + [""]
     return "\n".join(out)

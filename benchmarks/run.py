@@ -41,9 +41,12 @@ def plan(quick: bool, gpu: bool, only: list[str] | None = None) -> dict[str, dic
     regimes = {
         "tiny": {"memory": [] if quick else ["pallava", "llava_next_matched", "llava_1_5"], "training": True},
         "paper-proportioned": {"memory": [] if quick else list(SYSTEMS), "training": not quick},
-    }  # fmt: skip
+    }
     if gpu:
-        regimes["paper"] = {"memory": [] if quick else ["pallava", "llava_next_matched"], "training": not quick}
+        regimes["paper"] = {
+            "memory": [] if quick else ["pallava", "llava_next_matched"],
+            "training": not quick,
+        }
     if only is not None:
         missing = [name for name in only if name not in regimes]
         if missing:
@@ -60,8 +63,13 @@ def stored_gpu_result(path: Path = GPU_RESULTS) -> dict | None:
     regime = stored.get("regimes", {}).get("paper")
     if not regime or "not_run" in regime:
         return None
-    return {**regime, "machine": stored["machine"], "command": stored["command"], "started": stored["started"],
-            "notes": stored.get("notes", [])}  # fmt: skip
+    return {
+        **regime,
+        "machine": stored["machine"],
+        "command": stored["command"],
+        "started": stored["started"],
+        "notes": stored.get("notes", []),
+    }
 
 
 def run_section(name: str, module: str, args: list[str], errors: list[str]) -> dict:
@@ -74,12 +82,20 @@ def run_section(name: str, module: str, args: list[str], errors: list[str]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="pallava benchmarks against LLaVA-NeXT and LLaVA-1.5, as ratios")
+    parser = argparse.ArgumentParser(
+        description="pallava benchmarks against LLaVA-NeXT and LLaVA-1.5, as ratios"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and sections (a few minutes)")
     parser.add_argument("--threads", type=int, help="torch threads (default: the faster of 1 and all cores)")
-    parser.add_argument("--regimes", nargs="+", choices=REGIME_NAMES, help="only these regimes (default: all that can run)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
-    parser.add_argument("--docs", type=Path, default=DOCS, help=f"Markdown report (default {DOCS.relative_to(ROOT)})")
+    parser.add_argument(
+        "--regimes", nargs="+", choices=REGIME_NAMES, help="only these regimes (default: all that can run)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})"
+    )
+    parser.add_argument(
+        "--docs", type=Path, default=DOCS, help=f"Markdown report (default {DOCS.relative_to(ROOT)})"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be at least 1, got {args.threads}")
@@ -90,28 +106,45 @@ def main(argv: list[str] | None = None) -> int:
     worker = ["--threads", str(thread_info["threads"])] + (["--quick"] if args.quick else [])
     results: dict = {
         "command": "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:])),
-        "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "machine": machine_info(), "threads": thread_info, "regimes": {}, "preprocessing": {},
-    }  # fmt: skip
+        "quick": args.quick,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "machine": machine_info(),
+        "threads": thread_info,
+        "regimes": {},
+        "preprocessing": {},
+    }
     errors: list[str] = []
-    cpu_tilings = [r for r in (["paper-proportioned"] if args.quick else ["tiny", "paper-proportioned"]) if r in regimes]
+    cpu_tilings = [
+        r for r in (["paper-proportioned"] if args.quick else ["tiny", "paper-proportioned"]) if r in regimes
+    ]
     for regime in cpu_tilings:  # the paper regime tiles exactly as paper-proportioned does
         print(f"== preprocessing ({regime} tiling)", file=sys.stderr, flush=True)
-        results["preprocessing"][regime] = preprocess.run(regime, quick=args.quick, threads=thread_info["threads"])
+        results["preprocessing"][regime] = preprocess.run(
+            regime, quick=args.quick, threads=thread_info["threads"]
+        )
     for regime, sections in regimes.items():
         entry = results["regimes"][regime] = {}
-        entry["latency"] = run_section(f"latency ({regime})", "latency", ["--regime", regime, *worker], errors)
+        entry["latency"] = run_section(
+            f"latency ({regime})", "latency", ["--regime", regime, *worker], errors
+        )
         entry["memory"] = {
-            key: run_section(f"memory ({regime}, {key})", "memory",
-                             ["--regime", regime, "--system", key, "--threads", str(thread_info["threads"])], errors)
+            key: run_section(
+                f"memory ({regime}, {key})",
+                "memory",
+                ["--regime", regime, "--system", key, "--threads", str(thread_info["threads"])],
+                errors,
+            )
             for key in sections["memory"]
-        }  # fmt: skip
+        }
         if sections["training"]:
-            entry["training"] = run_section(f"training ({regime})", "training", ["--regime", regime, *worker], errors)
+            entry["training"] = run_section(
+                f"training ({regime})", "training", ["--regime", regime, *worker], errors
+            )
     if "paper" not in regimes and args.regimes is None:
         results["regimes"]["paper"] = stored_gpu_result() or {
             "not_run": "no GPU on this machine: the paper shapes (Llama-3-8B, bf16) need one; run "
-                       "`python benchmarks/run.py --regimes paper --out benchmarks/results/paper-gpu.json` on a GPU"}  # fmt: skip
+            "`python benchmarks/run.py --regimes paper --out benchmarks/results/paper-gpu.json` on a GPU"
+        }
     results["duration_s"] = round(time.time() - started, 1)
     results["load_average_end"] = load_average()
     results["errors"] = errors

@@ -35,11 +35,20 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from pallava.models.configuration_pa_llava import PaLlavaConfig, ScaleInvariantConnectorConfig
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import llama3_8b_config, make_processor, paper_config, tiny_config
+from pallava.processing.processor import MODEL_INPUT_NAMES
 from pallava.processing.tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER, build_tiny_tokenizer
 
 QUESTION = "Describe the image."
-PEER_PROMPT = f"{BOS}{START_HEADER}user{END_HEADER}\n\n{IMAGE}\n{QUESTION}{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # (height, width), 336 px tiles
+PEER_PROMPT = (
+    f"{BOS}{START_HEADER}user{END_HEADER}\n\n{IMAGE}\n{QUESTION}{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
+)
+LLAVA_NEXT_PINPOINTS = [
+    [336, 672],
+    [672, 336],
+    [672, 672],
+    [1008, 336],
+    [336, 1008],
+]  # (height, width), 336 px tiles
 SYSTEMS = ("pallava", "llava_next_matched", "llava_next_native", "llava_1_5")
 SYSTEM_LABELS = {
     "pallava": "pallava (ours)",
@@ -50,20 +59,33 @@ SYSTEM_LABELS = {
 
 
 def llama_1b_config() -> LlamaConfig:
-    """Llama-3.2-1B's shape (1.24B parameters): width 2048, 16 layers, GQA 32/8 heads, 128k vocabulary, tied."""
+    """Llama-3.2-1B's shape (1.24B parameters): width 2048, 16 layers, GQA 32/8 heads, 128k vocabulary,
+    tied."""
     return LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
 
 
 def native_vision_config() -> CLIPVisionConfig:
     """LLaVA-NeXT's own tower: CLIP ViT-L/14 at 336 px (576 patch tokens + CLS)."""
     return CLIPVisionConfig(
-        image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-        num_attention_heads=16, hidden_act="quick_gelu",
-    )  # fmt: skip
+        image_size=336,
+        patch_size=14,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        hidden_act="quick_gelu",
+    )
 
 
 @dataclass(frozen=True)
@@ -79,9 +101,12 @@ class Regime:
 
 
 def _paper_proportioned(image_token_id: int) -> PaLlavaConfig:
-    connector = ScaleInvariantConnectorConfig(output_size=2048)  # the paper's 6 layers, projected to the 1B width
-    return paper_config(text_config=llama_1b_config(), connector_config=connector, image_token_id=image_token_id,
-                        lora=None)  # fmt: skip
+    connector = ScaleInvariantConnectorConfig(
+        output_size=2048
+    )  # the paper's 6 layers, projected to the 1B width
+    return paper_config(
+        text_config=llama_1b_config(), connector_config=connector, image_token_id=image_token_id, lora=None
+    )
 
 
 def _paper(image_token_id: int) -> PaLlavaConfig:
@@ -90,19 +115,30 @@ def _paper(image_token_id: int) -> PaLlavaConfig:
 
 REGIMES = {
     "tiny": Regime(
-        "tiny", "the test preset: ViT 224/32 width 128, 2-layer connector, 2-layer Llama width 128",
-        lambda image_id: tiny_config(lora=None, image_token_id=image_id), torch.float32, "cpu",
+        "tiny",
+        "the test preset: ViT 224/32 width 128, 2-layer connector, 2-layer Llama width 128",
+        lambda image_id: tiny_config(lora=None, image_token_id=image_id),
+        torch.float32,
+        "cpu",
         ("llava_next_matched", "llava_1_5"),
     ),
     "paper-proportioned": Regime(
-        "paper-proportioned", "PLIP ViT-B/16 at 224 px, the paper's 6-layer connector, Llama-3.2-1B-shaped LLM",
-        _paper_proportioned, torch.bfloat16, "cpu", ("llava_next_matched", "llava_next_native", "llava_1_5"),
+        "paper-proportioned",
+        "PLIP ViT-B/16 at 224 px, the paper's 6-layer connector, Llama-3.2-1B-shaped LLM",
+        _paper_proportioned,
+        torch.bfloat16,
+        "cpu",
+        ("llava_next_matched", "llava_next_native", "llava_1_5"),
     ),
     "paper": Regime(
-        "paper", "PLIP ViT-B/16 at 224 px, the paper's 6-layer connector, Llama-3-8B-shaped LLM (GPU)",
-        _paper, torch.bfloat16, "cuda", ("llava_next_matched", "llava_next_native", "llava_1_5"),
+        "paper",
+        "PLIP ViT-B/16 at 224 px, the paper's 6-layer connector, Llama-3-8B-shaped LLM (GPU)",
+        _paper,
+        torch.bfloat16,
+        "cuda",
+        ("llava_next_matched", "llava_next_native", "llava_1_5"),
     ),
-}  # fmt: skip
+}
 
 
 def random_init_(module: nn.Module, seed: int, std: float = 0.02, skip: Iterable[nn.Parameter] = ()) -> None:
@@ -131,7 +167,9 @@ def random_init_(module: nn.Module, seed: int, std: float = 0.02, skip: Iterable
                         flat[start:stop].copy_(chunk[: stop - start])
 
 
-def build_fast(factory: Callable[[], PreTrainedModel], dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
+def build_fast(
+    factory: Callable[[], PreTrainedModel], dtype: torch.dtype, device: str = "cpu"
+) -> PreTrainedModel:
     """Construct without the (slow) default initialisation, in `dtype`, directly on `device`."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -162,27 +200,36 @@ def build_pallava(regime: Regime, seed: int = 0) -> System:
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     config = regime.config(image_id)
     if config.text_config.vocab_size < len(tokenizer):
-        raise ValueError(f"regime {regime.name}: LLM vocabulary {config.text_config.vocab_size} < tokenizer {len(tokenizer)}")
+        raise ValueError(
+            f"regime {regime.name}: LLM vocabulary {config.text_config.vocab_size} < tokenizer "
+            f"{len(tokenizer)}"
+        )
     model = build_fast(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
     model.base_language_model.tie_weights()
     random_init_(model, seed)
     model.eval()
     processor = make_processor(config, tokenizer)
-    keep = ("input_ids", "attention_mask", "pixel_values", "tile_mask")
 
     def prepare(image: Image.Image) -> dict[str, torch.Tensor]:
-        batch = processor([processor.question(QUESTION)], [[image]], add_generation_prompt=True)
-        return {k: v.to(regime.device) for k, v in batch.items() if k in keep}
+        batch = processor(text=[processor.question(QUESTION)], images=[[image]], add_generation_prompt=True)
+        return {k: v.to(regime.device) for k, v in batch.items() if k in MODEL_INPUT_NAMES}
 
     return System("pallava", model, prepare, image_id)
 
 
 def peer_config(key: str, ours: PaLlavaConfig) -> LlavaNextConfig | LlavaConfig:
-    """The peer's config around our shapes: our tower (or the native one for peer b), our LLM, its own grid."""
+    """The peer's config around our shapes: our tower (or the native one for peer b), our LLM, its own
+    grid."""
     vision = native_vision_config() if key == "llava_next_native" else ours.vision_config
     tokens = (vision.image_size // vision.patch_size) ** 2
-    common = dict(vision_config=vision, text_config=ours.text_config, image_token_index=ours.image_token_id,
-                  vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=tokens)  # fmt: skip
+    common = dict(
+        vision_config=vision,
+        text_config=ours.text_config,
+        image_token_index=ours.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=tokens,
+    )
     if key == "llava_1_5":
         return LlavaConfig(**common)
     tile = vision.image_size
@@ -195,8 +242,12 @@ def peer_processor(key: str, config: LlavaNextConfig | LlavaConfig, tokenizer=No
     tokenizer = tokenizer or build_tiny_tokenizer()
     tile, patch = config.vision_config.image_size, config.vision_config.patch_size
     sizes = dict(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile})
-    options = dict(tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1)  # fmt: skip
+    options = dict(
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     if key == "llava_1_5":
         return LlavaProcessor(image_processor=CLIPImageProcessorPil(**sizes), **options)
     image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=config.image_grid_pinpoints, **sizes)

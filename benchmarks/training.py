@@ -26,19 +26,23 @@ from benchmarks.systems import REGIMES, Regime, build_fast, random_init_
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import make_processor
 from pallava.processing.image import load_image, normalize_to_tensor
-from pallava.processing.processor import IGNORE_INDEX
+from pallava.processing.processor import CROP_FEATURES, IGNORE_INDEX, MODEL_INPUT_NAMES
 from pallava.processing.tokenizer import IMAGE, build_tiny_tokenizer
 from pallava.train.data import Collator, Sample
 from pallava.train.feature_cache import FeatureCache, image_key, namespace_for
 
-CAPTIONS = {"lung_aca": "Lung adenocarcinoma.", "lung_n": "Benign lung tissue.", "lung_scc": "Lung squamous cell carcinoma."}
+CAPTIONS = {
+    "lung_aca": "Lung adenocarcinoma.",
+    "lung_n": "Benign lung tissue.",
+    "lung_scc": "Lung squamous cell carcinoma.",
+}
 LORA = {
     "tiny": {"r": 16, "alpha": 32, "dropout": 0.0},
     "paper-proportioned": {"r": 128, "alpha": 256, "dropout": 0.05},
     "paper": {"r": 128, "alpha": 256, "dropout": 0.05},
 }
 PLIP_PRESET = {"tiny": "tiny", "paper-proportioned": "paper", "paper": "paper"}
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask", "crop_features")
+MODEL_INPUTS = (*MODEL_INPUT_NAMES, CROP_FEATURES)
 
 
 def training_samples(count: int) -> list[Sample]:
@@ -59,10 +63,16 @@ def training_samples(count: int) -> list[Sample]:
     if len(items) < count:
         raise ValueError(f"{manifest}: need {count} training images, found {len(items)}")
     return [
-        Sample(id=f"bench-{i}", image_bytes=data,
-               conversation=[{"from": "human", "value": f"{IMAGE}\nDescribe the image."}, {"from": "gpt", "value": text}])
+        Sample(
+            id=f"bench-{i}",
+            image_bytes=data,
+            conversation=[
+                {"from": "human", "value": f"{IMAGE}\nDescribe the image."},
+                {"from": "gpt", "value": text},
+            ],
+        )
         for i, (data, text) in enumerate(items)
-    ]  # fmt: skip
+    ]
 
 
 def plip_step(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
@@ -82,31 +92,46 @@ def plip_step(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
     pixels = torch.stack([normalize_to_tensor(load_image(s.image_bytes), size) for s in samples])
     pixels = pixels.to(regime.device, regime.dtype)
     captions = [s.conversation[1]["value"] for s in samples]
-    tokens = tokenizer(captions, padding=True, truncation=True, max_length=model.config.max_text_length,
-                       return_tensors="pt").to(regime.device)  # fmt: skip
+    tokens = tokenizer(
+        captions, padding=True, truncation=True, max_length=model.config.max_text_length, return_tensors="pt"
+    ).to(regime.device)
 
     def step(index: int) -> None:
         part = slice(index * batch, (index + 1) * batch)
         keys = torch.arange(part.start, part.stop, device=regime.device)
-        out = trainer(pixels[part], tokens["input_ids"][part], tokens["attention_mask"][part],
-                      torch.stack([keys, keys + 1_000_000], dim=1))
+        out = trainer(
+            pixels[part],
+            tokens["input_ids"][part],
+            tokens["attention_mask"][part],
+            torch.stack([keys, keys + 1_000_000], dim=1),
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     step(0)  # warm-up
-    times = [timed(lambda i=i: step(i), regime.device) for i in tqdm(range(1, steps + 1), desc=f"PLIP {preset}",
-                                                                     disable=not progress)]  # fmt: skip
-    return {"preset": preset, "batch": batch, "steps": steps, "dtype": str(regime.dtype).replace("torch.", ""),
-            "step_s": round(median(times), 4), "samples_per_s": round(batch / median(times), 3)}  # fmt: skip
+    times = [
+        timed(lambda i=i: step(i), regime.device)
+        for i in tqdm(range(1, steps + 1), desc=f"PLIP {preset}", disable=not progress)
+    ]
+    return {
+        "preset": preset,
+        "batch": batch,
+        "steps": steps,
+        "dtype": str(regime.dtype).replace("torch.", ""),
+        "step_s": round(median(times), 4),
+        "samples_per_s": round(batch / median(times), 3),
+    }
 
 
 def assistant_model(regime: Regime) -> tuple[PaLlavaForConditionalGeneration, object]:
     tokenizer = build_tiny_tokenizer()
     config = regime.config(tokenizer.convert_tokens_to_ids(IMAGE))
-    config.lora = {**LORA[regime.name], "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"]}  # fmt: skip
+    config.lora = {
+        **LORA[regime.name],
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
     model = build_fast(lambda: PaLlavaForConditionalGeneration(config), regime.dtype, regime.device)
     model.base_language_model.tie_weights()
     random_init_(model, seed=0)
@@ -123,22 +148,34 @@ def assistant_steps(regime: Regime, batch: int, steps: int, progress: bool) -> d
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     dtype_name = str(regime.dtype).replace("torch.", "")
     with tempfile.TemporaryDirectory(prefix="pallava-bench-cache-") as root:
-        namespace = namespace_for(model.vision_tower, model.config.vision_feature_layer, processor.image_processor,
-                                  dtype_name)  # fmt: skip
+        namespace = namespace_for(
+            model.vision_tower, model.config.vision_feature_layer, processor.image_processor, dtype_name
+        )
         cache = FeatureCache(root, namespace)
         model.eval()
         sources = {key: sample.image_bytes for key, sample in zip(keys, samples, strict=True)}
-        cache.build(model.encode_crops, processor.image_processor, sources, dtype=regime.dtype, progress=False,
-                    device=regime.device)  # fmt: skip
+        cache.build(
+            model.encode_crops,
+            processor.image_processor,
+            sources,
+            dtype=regime.dtype,
+            progress=False,
+            device=regime.device,
+        )
         model.train()
-        collators = {"pixels": Collator(processor, samples), "cached": Collator(processor, samples, cache, keys)}
+        collators = {
+            "pixels": Collator(processor, samples),
+            "cached": Collator(processor, samples, cache, keys),
+        }
 
         def step(variant: str, index: int) -> None:
             data = collators[variant](range(index * batch, (index + 1) * batch))
             inputs = {k: data[k].to(regime.device) for k in MODEL_INPUTS if k in data}
             logits = model(**inputs, use_cache=False).logits[:, :-1].float()
             targets = data["labels"][:, 1:].to(regime.device)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -153,12 +190,15 @@ def assistant_steps(regime: Regime, batch: int, steps: int, progress: bool) -> d
     rates = {variant: batch / median(t) for variant, t in times.items()}
     crops = processor.image_processor.tile(samples[0].image_bytes).pixel_values.shape[0]
     return {
-        "batch": batch, "steps": steps, "lora": LORA[regime.name], "crops_per_image": int(crops),
+        "batch": batch,
+        "steps": steps,
+        "lora": LORA[regime.name],
+        "crops_per_image": int(crops),
         "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
         "step_s": {variant: round(median(t), 4) for variant, t in times.items()},
         "samples_per_s": {variant: round(rate, 3) for variant, rate in rates.items()},
         "cache_speedup": round(rates["cached"] / rates["pixels"], 3),
-    }  # fmt: skip
+    }
 
 
 def run(regime_name: str, quick: bool = False, threads: int | None = None, progress: bool = True) -> dict:
@@ -171,10 +211,12 @@ def run(regime_name: str, quick: bool = False, threads: int | None = None, progr
         steps = 2 if quick or big else 4
         plip_batch, assistant_batch = (8, 2) if big else (8, 4) if quick else (16, 8)
     return {
-        "regime": regime.name, "dtype": str(regime.dtype).replace("torch.", ""), "threads": thread_info,
+        "regime": regime.name,
+        "dtype": str(regime.dtype).replace("torch.", ""),
+        "threads": thread_info,
         "plip": plip_step(regime, batch=plip_batch, steps=steps, progress=progress),
         "assistant": assistant_steps(regime, batch=assistant_batch, steps=steps, progress=progress),
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,3 +45,50 @@ def tiny():
 
     model, processor = load_preset("tiny", seed=0)
     return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_plip_dir(tmp_path_factory) -> Path:
+    """A random-init tiny PLIP (1 text layer) saved as a model folder, for commands that load one by path."""
+    from pallava.models.plip import build_plip
+
+    model, tokenizer = build_plip("tiny", text_init="scratch", text_layers=1, seed=0)
+    folder = tmp_path_factory.mktemp("tiny-plip")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def plant_folder_code(tmp_path, monkeypatch):
+    """Make a model folder ask transformers to run a module it ships (`auto_map`), and answer "y" to the
+    question transformers puts on a terminal. Returns `plant(folder) -> marker`; the marker exists only if
+    the folder's code ran. `asked` (an attribute of `plant`) lists the questions transformers asked."""
+    import json
+    import sys
+
+    asked: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    # where transformers would copy the folder's module before importing it: kept inside the test's tmp_path
+    monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    monkeypatch.setattr("sys.path", list(sys.path))
+
+    def plant(folder: Path) -> Path:
+        marker = folder / "FOLDER_CODE_RAN"
+        (folder / "folder_code.py").write_text(
+            f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+            "from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast\n"
+            "class Tok(PreTrainedTokenizerFast): pass\n"
+            "class Cfg(PreTrainedConfig): model_type = 'folder_code'\n"
+            "class Model(PreTrainedModel): config_class = Cfg\n"
+        )
+        tokenizer_config = folder / "tokenizer_config.json"
+        if tokenizer_config.is_file():  # no known tokenizer class: only the folder's code would do
+            data = json.loads(tokenizer_config.read_text())
+            data.pop("tokenizer_class", None)
+            data["auto_map"] = {"AutoTokenizer": ["folder_code.Tok", "folder_code.Tok"]}
+            tokenizer_config.write_text(json.dumps(data))
+        return marker
+
+    plant.asked = asked
+    return plant

@@ -28,7 +28,11 @@ def _mean_abs(a, b):
 
 def test_every_augmentation_keeps_shape_dtype_and_range(tile):
     rng = random.Random(0)
-    for config in (Augmentation(), Augmentation(stain=0.3, zoom=1.0, max_zoom=4, resolution=1.0), Augmentation.off()):
+    for config in (
+        Augmentation(),
+        Augmentation(stain=0.3, zoom=1.0, max_zoom=4, resolution=1.0),
+        Augmentation.off(),
+    ):
         for _ in range(5):
             out = augment(tile, rng, config)
             assert out.shape == tile.shape and out.dtype == np.float32
@@ -56,9 +60,11 @@ def test_rescale_zooms_in_and_out(tile):
     zoom_in = rescale(tile, random.Random(0), 2.0)
     zoom_out = rescale(tile, random.Random(0), 0.5)
     assert zoom_in.shape == zoom_out.shape == tile.shape and zoom_in.dtype == np.uint8
+
     # zoomed in, neighbouring pixels are more alike (bigger structures); zoomed out, less alike
     def roughness(a):
         return np.abs(np.diff(a.astype(np.float32), axis=1)).mean()
+
     assert roughness(zoom_in) < roughness(tile) < roughness(zoom_out)
     # zooming out by 2 keeps the whole tile, shrunk, somewhere in the view
     assert rescale(tile, random.Random(0), 1.0).shape == tile.shape
@@ -68,7 +74,10 @@ def test_resolution_jitter_removes_detail_but_keeps_colour(tile):
     blurred = degrade_resolution(tile, 4.0)
     assert blurred.shape == tile.shape
     assert abs(blurred.mean() - tile.mean()) < 3
-    assert np.abs(np.diff(blurred.astype(float), axis=1)).mean() < 0.6 * np.abs(np.diff(tile.astype(float), axis=1)).mean()
+    assert (
+        np.abs(np.diff(blurred.astype(float), axis=1)).mean()
+        < 0.6 * np.abs(np.diff(tile.astype(float), axis=1)).mean()
+    )
 
 
 def test_bad_settings_and_inputs_are_refused(tile):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -108,3 +110,66 @@ def test_key_summaries_fold_layer_indices():
         "connector.layers.{0,1,5}.output.dense.weight",
         "connector.norm.bias",
     ]
+
+
+def unreadable_files() -> dict[str, bytes]:
+    """Files as a user may get them wrong: empty, cut short, damaged, compressed, or not a checkpoint at
+    all."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+    import tarfile
+
+    from safetensors.torch import save
+
+    saved = io.BytesIO()
+    torch.save(weights(), saved)
+    pth, safetensors = saved.getvalue(), save(weights())
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as archive:
+        info = tarfile.TarInfo("stage2.pth")
+        info.size = len(pth)
+        archive.addfile(info, io.BytesIO(pth))
+    return {
+        "empty.pth": b"",
+        "empty.safetensors": b"",
+        "truncated.pth": pth[: len(pth) // 2],
+        "damaged.pth": pth[:100] + b"\0" * (len(pth) - 200) + pth[-100:],
+        "text.pth": b"not a checkpoint\n" * 20,
+        "truncated.safetensors": safetensors[: len(safetensors) // 2],
+        "gzip.pth": gzip.compress(pth),
+        "gzip.safetensors": gzip.compress(safetensors),
+        "bzip2.pth": bz2.compress(pth),
+        "xz.pth": lzma.compress(pth),
+        "tar.pth": tar.getvalue(),
+        "stage2.tar.gz": gzip.compress(tar.getvalue()),
+    }
+
+
+UNREADABLE = {
+    "empty.pth": r"empty file \(0 bytes\)",
+    "empty.safetensors": r"empty file \(0 bytes\)",
+    "truncated.pth": "not a readable PyTorch checkpoint",
+    "damaged.pth": "not a readable PyTorch checkpoint",
+    "text.pth": "not a readable PyTorch checkpoint",
+    "truncated.safetensors": "not a readable safetensors file",
+    "gzip.pth": "gzip-compressed; decompress",
+    "gzip.safetensors": "gzip-compressed; decompress",
+    "bzip2.pth": "bzip2-compressed; decompress",
+    "xz.pth": "xz-compressed; decompress",
+    "tar.pth": r"a tar archive; unpack it first \(tar -xf\)",
+    "stage2.tar.gz": "gzip-compressed; decompress",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_unreadable_files_give_one_line_errors_naming_them(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(unreadable_files()[name])
+    with pytest.raises(ValueError) as error:
+        read_state_dict(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and re.search(UNREADABLE[name], message), (
+        message
+    )

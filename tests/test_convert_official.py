@@ -1,4 +1,5 @@
-"""Converting the authors' release: synthetic checkpoints with their exact key names, at tiny and paper sizes."""
+"""Converting the authors' release: synthetic checkpoints with their exact key names, at tiny and paper
+sizes."""
 
 from __future__ import annotations
 
@@ -36,10 +37,14 @@ class Sizes:
     llm_layers: int = 2
     rank: int = 8
     lora_shapes: tuple = (  # (in, out) of each LoRA-wrapped projection of the tiny Llama (2 kv heads of 32)
-        ("self_attn.q_proj", 128, 128), ("self_attn.k_proj", 128, 64), ("self_attn.v_proj", 128, 64),
-        ("self_attn.o_proj", 128, 128), ("mlp.gate_proj", 128, 256), ("mlp.up_proj", 128, 256),
+        ("self_attn.q_proj", 128, 128),
+        ("self_attn.k_proj", 128, 64),
+        ("self_attn.v_proj", 128, 64),
+        ("self_attn.o_proj", 128, 128),
+        ("mlp.gate_proj", 128, 256),
+        ("mlp.up_proj", 128, 256),
         ("mlp.down_proj", 256, 128),
-    )  # fmt: skip
+    )
     meta: bool = False
 
     @property
@@ -49,12 +54,26 @@ class Sizes:
 
 TINY = Sizes()
 PAPER = Sizes(  # ViT-B/16 PLIP, 6-layer connector, Llama-3-8B with LoRA r=128
-    width=768, vit_layers=12, vit_heads=12, patch=16, connector_layers=6, connector_ffn=3072, llm_width=4096,
-    llm_layers=32, rank=128, meta=True,
-    lora_shapes=(("self_attn.q_proj", 4096, 4096), ("self_attn.k_proj", 4096, 1024),
-                 ("self_attn.v_proj", 4096, 1024), ("self_attn.o_proj", 4096, 4096),
-                 ("mlp.gate_proj", 4096, 14336), ("mlp.up_proj", 4096, 14336), ("mlp.down_proj", 14336, 4096)),
-)  # fmt: skip
+    width=768,
+    vit_layers=12,
+    vit_heads=12,
+    patch=16,
+    connector_layers=6,
+    connector_ffn=3072,
+    llm_width=4096,
+    llm_layers=32,
+    rank=128,
+    meta=True,
+    lora_shapes=(
+        ("self_attn.q_proj", 4096, 4096),
+        ("self_attn.k_proj", 4096, 1024),
+        ("self_attn.v_proj", 4096, 1024),
+        ("self_attn.o_proj", 4096, 4096),
+        ("mlp.gate_proj", 4096, 14336),
+        ("mlp.up_proj", 4096, 14336),
+        ("mlp.down_proj", 14336, 4096),
+    ),
+)
 
 
 class Filler:
@@ -139,10 +158,20 @@ def release(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
     plip = root / "plip"
     plip.mkdir()
-    config = {"model_type": "clip_vision_model", "architectures": ["VisionModel"], "hidden_size": TINY.width,
-              "intermediate_size": 4 * TINY.width, "num_hidden_layers": TINY.vit_layers,
-              "num_attention_heads": TINY.vit_heads, "image_size": 224, "patch_size": TINY.patch, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-              "projection_dim": 512, "intermediate_transformer_output": [4, 6, 8]}  # fmt: skip
+    config = {
+        "model_type": "clip_vision_model",
+        "architectures": ["VisionModel"],
+        "hidden_size": TINY.width,
+        "intermediate_size": 4 * TINY.width,
+        "num_hidden_layers": TINY.vit_layers,
+        "num_attention_heads": TINY.vit_heads,
+        "image_size": 224,
+        "patch_size": TINY.patch,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 512,
+        "intermediate_transformer_output": [4, 6, 8],
+    }
     (plip / "config.json").write_text(json.dumps(config))
     torch.save(their_plip_state(), plip / "plip_80w_196token.bin")
     for cross in (False, True):
@@ -154,9 +183,28 @@ def release(tmp_path_factory):
 
 
 def convert_cli(release, checkpoint, out, *extra) -> int:
-    return main(["convert", "official", "--plip", str(release / "plip"), "--checkpoint", str(checkpoint),
-                 "--llm", str(release / "llm"), "--out", str(out), "--connector-heads", "4", "--dtype", "float32",
-                 "--no-progress", *extra])  # fmt: skip
+    return main(
+        [
+            "convert",
+            "official",
+            "--plip",
+            str(release / "plip"),
+            "--checkpoint",
+            str(checkpoint),
+            "--llm",
+            str(release / "llm"),
+            "--out",
+            str(out),
+            "--connector-heads",
+            "4",
+            "--connector-layers",
+            "2",
+            "--dtype",
+            "float32",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +234,10 @@ def test_every_source_tensor_lands_bit_identical_at_its_place(release, converted
     assert config.lora["r"] == TINY.rank and config.lora["alpha"] == 2 * TINY.rank
     assert sorted(config.lora["target_modules"]) == sorted(m.split(".")[1] for m, _, _ in TINY.lora_shapes)
     report = json.loads((release / f"out-cross{int(cross_attention)}" / "conversion.json").read_text())
-    assert sorted(report["ignored"]) == ["checkpoint:projector.model.bert.embeddings.position_ids",
-                                         "plip:vision_model.embeddings.position_ids"]  # fmt: skip
+    assert sorted(report["ignored"]) == [
+        "checkpoint:projector.model.bert.embeddings.position_ids",
+        "plip:vision_model.embeddings.position_ids",
+    ]
     assert report["unmapped"] == report["unfilled"] == []
 
 
@@ -200,7 +250,8 @@ def test_base_llm_weights_are_the_given_llm(release, converted):
 
 
 def reference_vision_features(state: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
-    """A ViT forward written from their tensors: second-to-last layer, CLS dropped. (N, 3, S, S) -> (N, P, D)."""
+    """A ViT forward written from their tensors: second-to-last layer, CLS dropped. (N, 3, S, S) -> (N, P,
+    D)."""
     p = "vision_model."
 
     def norm(x, name, eps=1e-5):
@@ -222,8 +273,10 @@ def reference_vision_features(state: dict[str, torch.Tensor], pixels: torch.Tens
     for i in range(TINY.vit_layers - 1):  # hidden state -2 = the output of layer L-1
         layer = f"{p}encoder.layers.{i}."
         h = norm(x, layer + "layer_norm1")
-        q, k, v = (linear(h, layer + f"self_attn.{n}").view(batch, length, TINY.vit_heads, -1).transpose(1, 2)
-                   for n in ("q_proj", "k_proj", "v_proj"))  # fmt: skip
+        q, k, v = (
+            linear(h, layer + f"self_attn.{n}").view(batch, length, TINY.vit_heads, -1).transpose(1, 2)
+            for n in ("q_proj", "k_proj", "v_proj")
+        )
         weights = (q @ k.transpose(-1, -2) / (width // TINY.vit_heads) ** 0.5).softmax(-1)
         x = x + linear(
             (weights @ v).transpose(1, 2).reshape(batch, length, width), layer + "self_attn.out_proj"
@@ -259,8 +312,17 @@ def test_unmapped_and_unfilled_tensors_fail_loudly_naming_them(release, tmp_path
     assert "connector.layers.1.output.LayerNorm.bias" in error and "--allow-missing" in error
     assert not (tmp_path / "strict").exists()
 
-    report = convert_official(release / "plip", broken, release / "llm", tmp_path / "lenient", allow_missing=True,
-                              connector_heads=4, dtype=torch.float32, progress=False)  # fmt: skip
+    report = convert_official(
+        release / "plip",
+        broken,
+        release / "llm",
+        tmp_path / "lenient",
+        allow_missing=True,
+        connector_heads=4,
+        connector_layers=2,
+        dtype=torch.float32,
+        progress=False,
+    )
     assert report.unmapped == ["checkpoint:projector.model.bert.encoder.layer.0.intermediate.dense.weight"]
     assert report.unfilled == ["connector.layers.1.output.LayerNorm.bias"]
     assert "NOT filled" in report.summary() and (tmp_path / "lenient" / "config.json").is_file()
@@ -275,11 +337,23 @@ def test_shape_mismatch_and_wrong_inputs_are_errors(release, tmp_path):
     torch.save(state, bad)
     with pytest.raises(ValueError, match=r"up_proj\.lora_B\.default\.weight \(255, 8\) -> .* \(256, 8\)"):
         convert_official(
-            release / "plip", bad, release / "llm", tmp_path / "a", connector_heads=4, progress=False
+            release / "plip",
+            bad,
+            release / "llm",
+            tmp_path / "a",
+            connector_heads=4,
+            connector_layers=2,
+            progress=False,
         )
     with pytest.raises(ValueError, match="no connector tensors"):
-        convert_official(release / "plip", release / "plip" / "plip_80w_196token.bin", release / "llm",
-                         tmp_path / "b", connector_heads=4, progress=False)  # fmt: skip
+        convert_official(
+            release / "plip",
+            release / "plip" / "plip_80w_196token.bin",
+            release / "llm",
+            tmp_path / "b",
+            connector_heads=4,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="model_type 'llama' is not a CLIP vision config"):
         convert_official(release / "llm", bad, release / "llm", tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match=r"not a multiple of 12 heads \(--connector-heads\)"):
@@ -317,7 +391,155 @@ def test_paper_sized_release_fills_the_paper_model_exactly():
 def test_converted_folder_reproduces_their_preprocessing_and_connector_input(converted, release):
     for assistant in converted.values():
         assert assistant.model.config.connector_config.query_layer_norm is True
-        assert assistant.model.config.connector_config.dropout == 0.1  # their BERT-base config's, train mode only
+        assert (
+            assistant.model.config.connector_config.dropout == 0.1
+        )  # their BERT-base config's, train mode only
         assert assistant.processor.image_processor.global_view == "stretch"
         assert assistant.processor.prompt_style == "paper"  # their evaluation asked raw questions
     assert model_prompt_style(release / "out-cross0") == "paper"  # what `pallava eval vqa` reads by default
+
+
+def last_error_line(capsys) -> str:
+    """The CLI's error line, after any progress output; a traceback would have failed the call instead."""
+    return capsys.readouterr().err.rstrip().splitlines()[-1]
+
+
+def test_a_missing_or_extra_connector_layer_fails_the_strict_check(release, tmp_path, capsys):
+    state = their_stage_checkpoint(False)
+    last_layer = "projector.model.bert.encoder.layer.1."
+    torch.save({k: v for k, v in state.items() if not k.startswith(last_layer)}, tmp_path / "one-layer.pth")
+    assert convert_cli(release, tmp_path / "one-layer.pth", tmp_path / "a") == 1
+    error = capsys.readouterr().err
+    assert "connector.layers.1.attention.self.query.weight" in error and "--connector-layers" in error
+    assert "holds connector layers [0]" in error and not (tmp_path / "a").exists()
+    # the same file read as the release's 6 layers, and a 2-layer model given a 3-layer checkpoint
+    assert (
+        main(
+            [
+                "convert",
+                "official",
+                "--plip",
+                str(release / "plip"),
+                "--checkpoint",
+                str(tmp_path / "one-layer.pth"),
+                "--llm",
+                str(release / "llm"),
+                "--out",
+                str(tmp_path / "b"),
+                "--connector-heads",
+                "4",
+            ]
+        )
+        == 1
+    )
+    assert "connector.layers.{1,2,3,4,5}.attention.self.query.weight" in capsys.readouterr().err
+    extra = their_stage_checkpoint(False) | {
+        k.replace("layer.1.", "layer.2."): v for k, v in state.items() if k.startswith(last_layer)
+    }
+    torch.save(extra, tmp_path / "three-layers.pth")
+    assert convert_cli(release, tmp_path / "three-layers.pth", tmp_path / "c") == 1
+    assert "projector.model.bert.encoder.layer.2.attention.self.query.weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (
+            torch.full((TINY.width,), float("nan")),
+            "1 tensor(s) hold NaN or infinite values: projector.model.norm.weight",
+        ),
+        (
+            torch.full((TINY.width,), float("inf")),
+            "1 tensor(s) hold NaN or infinite values: projector.model.norm.weight",
+        ),
+        (
+            torch.ones(TINY.width, dtype=torch.int64),
+            "not floating point: projector.model.norm.weight (torch.int64)",
+        ),
+    ],
+)
+def test_non_finite_and_integer_weights_are_refused(release, tmp_path, capsys, tensor, message):
+    state = their_stage_checkpoint(False) | {"projector.model.norm.weight": tensor}
+    torch.save(state, tmp_path / "bad.pth")
+    assert convert_cli(release, tmp_path / "bad.pth", tmp_path / "out") == 1
+    line = last_error_line(capsys)
+    assert line.startswith(f"pallava convert: error: {tmp_path / 'bad.pth'}: ") and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_inputs_give_one_line_errors(release, tmp_path, capsys):
+    import gzip
+    import shutil
+
+    checkpoint = release / "stage2-cross0.pth"
+    (tmp_path / "stage2.pth.gz").write_bytes(gzip.compress(checkpoint.read_bytes()))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "truncated.pth").write_bytes(checkpoint.read_bytes()[:5000])
+    for source, message in [
+        (tmp_path / "stage2.pth.gz", "gzip-compressed; decompress"),
+        (tmp_path / "empty.pth", "empty file (0 bytes)"),
+        (tmp_path / "truncated.pth", "not a readable PyTorch checkpoint (truncated or corrupt"),
+    ]:
+        assert convert_cli(release, source, tmp_path / "out") == 1
+        line = last_error_line(capsys)
+        assert line.startswith(f"pallava convert: error: {source}: ") and message in line, line
+
+    copy = tmp_path / "copy"
+    shutil.copytree(release, copy, ignore=shutil.ignore_patterns("out-*"))
+    broken = {
+        copy / "plip" / "plip_80w_196token.bin": b"\x1f\x8b" + b"\0" * 64,
+        copy / "plip" / "config.json": b"{not json",
+        copy / "llm" / "config.json": b"[]",
+        copy / "llm" / "model.safetensors": (release / "llm" / "model.safetensors").read_bytes()[:4000],
+    }
+    expected = [
+        "gzip-compressed",
+        "config.json: not valid JSON",
+        "cannot load the base LLM's",
+        "cannot load the base LLM's weights",
+    ]
+    for (path, content), message in zip(broken.items(), expected, strict=True):
+        original = path.read_bytes()
+        path.write_bytes(content)
+        assert convert_cli(copy, checkpoint, tmp_path / "out") == 1, path
+        line = last_error_line(capsys)
+        assert line.startswith("pallava convert: error: ") and message in line, line
+        path.write_bytes(original)
+    assert not (tmp_path / "out").exists()
+
+
+def test_llm_folders_never_run_code_they_ship(release, tmp_path, plant_folder_code, capsys):
+    import shutil
+
+    llm = tmp_path / "llm"
+    shutil.copytree(release / "llm", llm)
+    marker = plant_folder_code(llm)
+    config = json.loads((llm / "config.json").read_text())
+    config |= {
+        "model_type": "folder_code",
+        "auto_map": {"AutoConfig": "folder_code.Cfg", "AutoModelForCausalLM": "folder_code.Model"},
+    }
+    (llm / "config.json").write_text(json.dumps(config))
+    assert (
+        main(
+            [
+                "convert",
+                "official",
+                "--plip",
+                str(release / "plip"),
+                "--checkpoint",
+                str(release / "stage2-cross0.pth"),
+                "--llm",
+                str(llm),
+                "--out",
+                str(tmp_path / "out"),
+                "--connector-heads",
+                "4",
+                "--connector-layers",
+                "2",
+            ]
+        )
+        == 1
+    )
+    assert not marker.exists() and plant_folder_code.asked == []
+    assert "custom code" in last_error_line(capsys)

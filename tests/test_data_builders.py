@@ -91,7 +91,9 @@ def test_stage1_conversations_vary_instruction_and_image_position():
         assert conversation.image == caption.image and conversation.id == caption.id
     assert set(instructions) == set(CAPTION_INSTRUCTIONS)
     assert 150 < first < 250
-    assert [c.to_dict() for c in stage1_conversations(captions, seed=0)] == [c.to_dict() for c in conversations]
+    assert [c.to_dict() for c in stage1_conversations(captions, seed=0)] == [
+        c.to_dict() for c in conversations
+    ]
 
 
 def test_stage2_prompts_per_answer_type():
@@ -122,9 +124,15 @@ def test_questions_span_organs_and_malignancy(three_organs):
     by_path = {item.path: label_map[item.label] for item in three_organs}
     kinds = Counter((v.meta["question"], v.answer_type) for v in vqa)
     n = len(three_organs)
-    assert kinds == {("diagnosis", "closed"): 2 * n, ("diagnosis", "open"): n, ("diagnosis", "choice"): n,
-                     ("organ", "open"): n, ("organ", "closed"): n, ("malignancy", "closed"): n,
-                     ("malignancy", "open"): n}
+    assert kinds == {
+        ("diagnosis", "closed"): 2 * n,
+        ("diagnosis", "open"): n,
+        ("diagnosis", "choice"): n,
+        ("organ", "open"): n,
+        ("organ", "closed"): n,
+        ("malignancy", "closed"): n,
+        ("malignancy", "open"): n,
+    }
     closed = Counter(v.answer for v in vqa if v.answer_type == "closed" and v.meta["question"] != "diagnosis")
     assert abs(closed["yes"] - closed["no"]) < 0.15 * n  # organ and malignancy yes/no roughly balanced
     other_organ_options = 0
@@ -154,3 +162,19 @@ def test_captions_vary_wording_and_name_the_organ(three_organs):
     openings = Counter(" ".join(c.caption.split()[:3]) for c in captions)
     assert len(openings) >= 8  # not one template
     assert sum("malignan" in c.caption or "benign" in c.caption for c in captions) > len(captions) // 4
+
+
+def test_every_caption_names_the_diagnosis_within_plips_30_tokens(three_organs):
+    from pallava.models.plip.text_init import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    label_map = LabelMap.builtin("lung-colon-oral")
+    for caption in captions_from_labels(three_organs, label_map, seed=0):
+        ids = tokenizer(caption.caption, truncation=True, max_length=30)["input_ids"]
+
+        def letters(text):
+            return "".join(c for c in text.lower() if c.isalnum())
+
+        kept = letters(tokenizer.decode(ids, skip_special_tokens=True))
+        names = label_map[caption.meta["label"]].all_names()
+        assert any(letters(name) in kept for name in names), caption.caption

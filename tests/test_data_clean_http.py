@@ -44,7 +44,9 @@ def _answer_image(url: str) -> str:
     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
     red, green, blue = ImageStat.Stat(image).mean
     # a stand-in for a VLM: H&E is pink/purple (blue and red above green)
-    return "Yes, this is an H&E section." if blue - green > 20 and red - green > 5 else "**No** - a photograph."
+    return (
+        "Yes, this is an H&E section." if blue - green > 20 and red - green > 5 else "**No** - a photograph."
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -106,14 +108,28 @@ def images():
     if not (SHARED / "samples").is_dir():
         pytest.skip("shared data not available")
     he = sorted((SHARED / "lc25000-lung" / "images" / "lung_scc").glob("*.jpeg"))[:4]
-    return he + [SHARED / "samples" / "pathology" / "stardist_histo.jpg"], sorted((SHARED / "samples" / "non-pathology").iterdir())
+    return he + [SHARED / "samples" / "pathology" / "stardist_histo.jpg"], sorted(
+        (SHARED / "samples" / "non-pathology").iterdir()
+    )
 
 
 @pytest.mark.parametrize(
     ("answer", "expected"),
-    [("Yes", True), ("no.", False), ("**Yes**, it is.", True), ("Answer: no", False), ("The answer is yes.", True),
-     ("<think>yes? no?</think> No", False), ("是", True), ("不是", False), ("否", False), ('"yes"', True),
-     ("Maybe", None), ("", None), ("It shows no tumour; yes it is pathology", None)],
+    [
+        ("Yes", True),
+        ("no.", False),
+        ("**Yes**, it is.", True),
+        ("Answer: no", False),
+        ("The answer is yes.", True),
+        ("<think>yes? no?</think> No", False),
+        ("是", True),
+        ("不是", False),
+        ("否", False),
+        ('"yes"', True),
+        ("Maybe", None),
+        ("", None),
+        ("It shows no tumour; yes it is pathology", None),
+    ],
 )
 def test_parse_yes_no(answer, expected):
     assert parse_yes_no(answer) is expected
@@ -121,16 +137,27 @@ def test_parse_yes_no(answer, expected):
 
 def test_text_judge_parses_styles_and_caches(endpoint, tmp_path):
     server, url = endpoint
-    judge = OpenAIJudge(f"{url}/v1", "qwen2-7b", kind="text", cache=tmp_path / "cache.sqlite", concurrency=4,
-                        prompt=PROMPT)
-    texts = ["human colon adenocarcinoma", "mouse liver", "UNCLEAR caption", "THINK about this", "CHINESE caption"]
+    judge = OpenAIJudge(
+        f"{url}/v1", "qwen2-7b", kind="text", cache=tmp_path / "cache.sqlite", concurrency=4, prompt=PROMPT
+    )
+    texts = [
+        "human colon adenocarcinoma",
+        "mouse liver",
+        "UNCLEAR caption",
+        "THINK about this",
+        "CHINESE caption",
+    ]
     verdicts = judge.judge_texts(texts)
     assert [v.ok for v in verdicts] == [True, False, False, True, True]
-    assert verdicts[1].reason == "not human pathology (judge)" and verdicts[2].reason == "unclear judge answer"
+    assert (
+        verdicts[1].reason == "not human pathology (judge)" and verdicts[2].reason == "unclear judge answer"
+    )
     assert not any(v.error for v in verdicts) and judge.requests == 5
     again = OpenAIJudge(f"{url}/v1", "qwen2-7b", kind="text", cache=tmp_path / "cache.sqlite", prompt=PROMPT)
     assert again.judge_texts(texts) == verdicts and again.requests == 0  # served from the content-hash cache
-    other_model = OpenAIJudge(f"{url}/v1", "glm-4v-9b", kind="text", cache=tmp_path / "cache.sqlite", prompt=PROMPT)
+    other_model = OpenAIJudge(
+        f"{url}/v1", "glm-4v-9b", kind="text", cache=tmp_path / "cache.sqlite", prompt=PROMPT
+    )
     other_model.judge_texts(texts[:1])
     assert other_model.requests == 1  # the cache key includes the model
 
@@ -157,8 +184,10 @@ def _corpus(path, images, n_copies=1):
     records = []
     for copy in range(n_copies):
         for i, image in enumerate([*he, *other]):
-            caption = (f"copy {copy} image {i}: a section of human tissue, stained with haematoxylin and eosin, "
-                       "photographed under the microscope at high power on a routine day")
+            caption = (
+                f"copy {copy} image {i}: a section of human tissue, stained with haematoxylin and eosin, "
+                "photographed under the microscope at high power on a routine day"
+            )
             records.append({"id": f"r{copy}-{i}", "image": str(image), "caption": caption})
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path, records
@@ -167,8 +196,15 @@ def _corpus(path, images, n_copies=1):
 def test_image_judge_rejects_non_pathology_over_http(endpoint, images, tmp_path):
     server, url = endpoint
     corpus, records = _corpus(tmp_path / "c.jsonl", images)
-    config = CleanConfig(workers=1, image_judge={"type": "openai", "base_url": f"{url}/v1", "model": "glm-4v-9b",
-                                                 "cache": str(tmp_path / "cache.sqlite")})
+    config = CleanConfig(
+        workers=1,
+        image_judge={
+            "type": "openai",
+            "base_url": f"{url}/v1",
+            "model": "glm-4v-9b",
+            "cache": str(tmp_path / "cache.sqlite"),
+        },
+    )
     summary = clean(corpus, tmp_path / "out", config, progress=False)
     rejected = [json.loads(x) for x in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert {Path(r["record"]["image"]).name for r in rejected} == {p.name for p in images[1]}
@@ -179,9 +215,20 @@ def test_image_judge_rejects_non_pathology_over_http(endpoint, images, tmp_path)
 def test_judge_errors_lose_nothing(endpoint, images, tmp_path):
     server, url = endpoint
     corpus, records = _corpus(tmp_path / "c.jsonl", images)
-    judge = {"type": "openai", "base_url": f"{url}/down/v1", "model": "qwen2-7b", "retries": 0, "prompt": PROMPT}
+    judge = {
+        "type": "openai",
+        "base_url": f"{url}/down/v1",
+        "model": "qwen2-7b",
+        "retries": 0,
+        "prompt": PROMPT,
+    }
     # policy reject: failures are recorded with their reason
-    summary = clean(corpus, tmp_path / "rej", CleanConfig(workers=1, text_judge=judge, on_judge_error="reject"), progress=False)
+    summary = clean(
+        corpus,
+        tmp_path / "rej",
+        CleanConfig(workers=1, text_judge=judge, on_judge_error="reject"),
+        progress=False,
+    )
     assert summary["by_stage"]["text"] == len(records) and summary["by_reason"][0]["reason"] == "judge error"
     # policy stop: the run stops at the first failure; a re-run against a working endpoint finishes the job
     with pytest.raises(JudgeStopped, match="line 1: record r0-0: judge failed"):
@@ -195,18 +242,29 @@ def _run_clean(corpus, out, config):
     clean(corpus, out, config, progress=False)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_identical_files(endpoint, images, tmp_path):
     server, url = endpoint
     corpus, records = _corpus(tmp_path / "c.jsonl", images, n_copies=4)
-    judge = {"type": "openai", "base_url": f"{url}/delay/v1", "model": "qwen2-7b", "concurrency": 1, "prompt": PROMPT,
-             "cache": str(tmp_path / "cache.sqlite")}
+    judge = {
+        "type": "openai",
+        "base_url": f"{url}/delay/v1",
+        "model": "qwen2-7b",
+        "concurrency": 1,
+        "prompt": PROMPT,
+        "cache": str(tmp_path / "cache.sqlite"),
+    }
     config = CleanConfig(workers=2, chunk_size=2, text_judge=judge, duplicate_mode="image", max_hamming=2)
     killed = tmp_path / "killed"
     process = multiprocessing.get_context("fork").Process(target=_run_clean, args=(corpus, killed, config))
     process.start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        done = sum(len((killed / n).read_bytes().splitlines()) for n in ("kept.jsonl", "rejected.jsonl") if (killed / n).exists())
+        done = sum(
+            len((killed / n).read_bytes().splitlines())
+            for n in ("kept.jsonl", "rejected.jsonl")
+            if (killed / n).exists()
+        )
         if done >= 8:
             break
         time.sleep(0.01)
@@ -217,7 +275,11 @@ def test_sigkill_mid_run_then_resume_gives_identical_files(endpoint, images, tmp
     assert 8 <= written < len(records)  # killed mid-run
     summary = clean(corpus, killed, config, progress=False)
     assert summary["resumed_from"] == written
-    ids = [json.loads(x)["id"] for n in ("kept.jsonl", "rejected.jsonl") for x in (killed / n).read_text().splitlines()]
+    ids = [
+        json.loads(x)["id"]
+        for n in ("kept.jsonl", "rejected.jsonl")
+        for x in (killed / n).read_text().splitlines()
+    ]
     assert sorted(ids) == sorted(r["id"] for r in records)  # every input exactly once
     clean(corpus, tmp_path / "reference", config, progress=False)
     for name in ("kept.jsonl", "rejected.jsonl", "report.md"):

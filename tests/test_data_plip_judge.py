@@ -15,11 +15,17 @@ from pallava.data.clean import CleanConfig, clean
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHOTO_CAPTIONS = {
-    "astronaut": "a photograph of a person", "chelsea": "a photograph of a cat",
-    "coffee": "a photograph of a cup of coffee", "retina": "a fundus photograph of the retina",
+    "astronaut": "a photograph of a person",
+    "chelsea": "a photograph of a cat",
+    "coffee": "a photograph of a cup of coffee",
+    "retina": "a fundus photograph of the retina",
     "rocket": "a photograph of a rocket",
 }
-CLASSES = {"lung_aca": "lung adenocarcinoma", "lung_n": "benign lung tissue", "lung_scc": "lung squamous cell carcinoma"}
+CLASSES = {
+    "lung_aca": "lung adenocarcinoma",
+    "lung_n": "benign lung tissue",
+    "lung_scc": "lung squamous cell carcinoma",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +50,17 @@ def tiny_plip(tmp_path_factory):
     random.Random(0).shuffle(rows)
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = train_plip.PlipTrainConfig.for_preset(
-        "tiny", batch_size=16, max_steps=12, epochs=100, lr=1e-3, warmup_ratio=0.0, seed=0,
-        text_init="scratch", text_layers=1, itm_weight=0.0,
-    )  # fmt: skip
+        "tiny",
+        batch_size=16,
+        max_steps=12,
+        epochs=100,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        seed=0,
+        text_init="scratch",
+        text_layers=1,
+        itm_weight=0.0,
+    )
     train_plip.train_plip(root / "captions.jsonl", root / "model", recipe, split=None)
     return root / "model"
 
@@ -54,16 +68,28 @@ def tiny_plip(tmp_path_factory):
 @pytest.mark.slow
 def test_plip_judge_rejects_photographs_and_keeps_unseen_tiles(tiny_plip, tmp_path):
     photos = sorted((SHARED / "samples" / "non-pathology").iterdir())
-    unseen = [t for label in CLASSES for t in sorted((SHARED / "lc25000-lung" / "images" / label).glob("*.jpeg"))[100:103]]
-    caption = "a section of human tissue stained with haematoxylin and eosin, photographed under the microscope at high power for this case"
-    records = [{"id": path.stem, "image": str(path), "caption": f"{caption} ({path.stem})"} for path in [*photos, *unseen]]
+    unseen = [
+        t
+        for label in CLASSES
+        for t in sorted((SHARED / "lc25000-lung" / "images" / label).glob("*.jpeg"))[100:103]
+    ]
+    caption = (
+        "a section of human tissue stained with haematoxylin and eosin, photographed under the microscope "
+        "at high power for this case"
+    )
+    records = [
+        {"id": path.stem, "image": str(path), "caption": f"{caption} ({path.stem})"}
+        for path in [*photos, *unseen]
+    ]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
     judge = {
-        "type": "plip", "model_dir": str(tiny_plip), "threshold": 0.5,
+        "type": "plip",
+        "model_dir": str(tiny_plip),
+        "threshold": 0.5,
         "pathology_prompts": [f"an H&E histopathology image of {name}" for name in CLASSES.values()],
         "non_pathology_prompts": list(PHOTO_CAPTIONS.values()),
-    }  # fmt: skip
+    }
     summary = clean(corpus, tmp_path / "out", CleanConfig(workers=1, image_judge=judge), progress=False)
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rejected) == sorted(p.stem for p in photos)

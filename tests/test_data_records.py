@@ -11,7 +11,9 @@ from pallava.data.records import CaptionPair, Conversation, LabelledImage, VQAIt
 def test_records_round_trip_through_json():
     records = [
         CaptionPair("a.jpg", "an h&e image", "c1", "quilt", {"k": 1}),
-        Conversation("v1", "a.jpg", [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}], {"s": 2}),
+        Conversation(
+            "v1", "a.jpg", [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}], {"s": 2}
+        ),
         Conversation("v2", None, [{"from": "human", "value": "hi"}]),
         VQAItem("q1", "a.jpg", "Which?", "B", "choice", ["x", "y"], {}),
         LabelledImage("a.jpg", "lung_n", "c-1", "train"),
@@ -26,10 +28,22 @@ def test_records_round_trip_through_json():
     [
         (CaptionPair, {"image": "a", "id": "x"}, "caption pair x: missing field 'caption'"),
         (CaptionPair, {"image": 3, "caption": "c", "id": "x"}, "field 'image' must be str"),
-        (Conversation, {"id": "x", "image": "a", "conversations": [{"from": "bot", "value": "v"}]}, "conversations[0].from"),
+        (
+            Conversation,
+            {"id": "x", "image": "a", "conversations": [{"from": "bot", "value": "v"}]},
+            "conversations[0].from",
+        ),
         (Conversation, {"id": "x", "image": "a", "conversations": []}, "'conversations' is empty"),
-        (VQAItem, {"id": "x", "image": "a", "question": "q", "answer": "a", "answer_type": "maybe"}, "answer_type"),
-        (VQAItem, {"id": "x", "image": "a", "question": "q", "answer": "A", "answer_type": "choice"}, "options"),
+        (
+            VQAItem,
+            {"id": "x", "image": "a", "question": "q", "answer": "a", "answer_type": "maybe"},
+            "answer_type",
+        ),
+        (
+            VQAItem,
+            {"id": "x", "image": "a", "question": "q", "answer": "A", "answer_type": "choice"},
+            "options",
+        ),
         (LabelledImage, {"path": "a"}, "missing field 'label'"),
     ],
 )

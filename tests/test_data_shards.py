@@ -22,7 +22,9 @@ def _records(n):
 
 @pytest.fixture()
 def shards(tmp_path):
-    return write_shards(_records(103), tmp_path / "shards", records_per_shard=40, row_group_size=7, progress=False)
+    return write_shards(
+        _records(103), tmp_path / "shards", records_per_shard=40, row_group_size=7, progress=False
+    )
 
 
 def test_write_shards_layout_and_round_trip(shards, tmp_path):
@@ -70,7 +72,9 @@ def test_embedded_images_round_trip(tmp_path):
     if not tiles:
         pytest.skip("shared data not available")
     records = [{"id": t.stem, "image": t.name, "caption": "benign lung"} for t in tiles]
-    paths = write_shards(records, tmp_path / "s", embed_images=True, image_root=tiles[0].parent, progress=False)
+    paths = write_shards(
+        records, tmp_path / "s", embed_images=True, image_root=tiles[0].parent, progress=False
+    )
     rows = list(iter_shards(paths, with_images=True))
     assert [r["image_bytes"] for r in rows] == [t.read_bytes() for t in tiles]
     with pytest.raises(ValueError, match="record x: field 'image': file not found"):
@@ -83,17 +87,91 @@ def test_cli_build_and_shard(tmp_path, capsys):
     if not manifest.is_file():
         pytest.skip("shared data not available")
     captions, vqa = tmp_path / "captions.jsonl", tmp_path / "vqa.jsonl"
-    assert cli_main(["data", "build", "--kind", "captions", "--input", str(manifest), "--split", "dev",
-                     "--out", str(captions), "--no-progress"]) == 0
-    assert cli_main(["data", "build", "--kind", "vqa", "--input", str(manifest), "--split", "dev",
-                     "--out", str(vqa), "--no-progress"]) == 0
-    assert cli_main(["data", "shard", "--input", str(captions), "--out", str(tmp_path / "cap-shards"),
-                     "--shard-size", "50", "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "data",
+                "build",
+                "--kind",
+                "captions",
+                "--input",
+                str(manifest),
+                "--split",
+                "dev",
+                "--out",
+                str(captions),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "data",
+                "build",
+                "--kind",
+                "vqa",
+                "--input",
+                str(manifest),
+                "--split",
+                "dev",
+                "--out",
+                str(vqa),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "data",
+                "shard",
+                "--input",
+                str(captions),
+                "--out",
+                str(tmp_path / "cap-shards"),
+                "--shard-size",
+                "50",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     stage1 = tmp_path / "stage1.jsonl"
-    assert cli_main(["data", "build", "--kind", "stage1", "--input", str(tmp_path / "cap-shards"),
-                     "--out", str(stage1), "--no-progress"]) == 0
-    assert cli_main(["data", "build", "--kind", "stage2", "--input", str(vqa), "--out", str(tmp_path / "s2.jsonl"),
-                     "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "data",
+                "build",
+                "--kind",
+                "stage1",
+                "--input",
+                str(tmp_path / "cap-shards"),
+                "--out",
+                str(stage1),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "data",
+                "build",
+                "--kind",
+                "stage2",
+                "--input",
+                str(vqa),
+                "--out",
+                str(tmp_path / "s2.jsonl"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # per image 4 diagnosis questions and 2 on malignancy (one organ: no organ questions)
     assert "wrote 120 captions" in out and "wrote 720 vqa" in out and "in 3 shards" in out
@@ -102,8 +180,26 @@ def test_cli_build_and_shard(tmp_path, capsys):
     stage2 = [Conversation.from_dict(r) for r in iter_records(tmp_path / "s2.jsonl")]
     diagnosis = [c for c in stage2 if c.meta["answer_type"] == "closed" and c.meta["question"] == "diagnosis"]
     assert Counter(c.conversations[1]["value"] for c in diagnosis) == {"yes": 120, "no": 120}
-    assert cli_main(["data", "build", "--kind", "vqa", "--input", str(manifest), "--labels", "nct-crc-he",
-                     "--out", str(vqa)]) == 1
-    assert "labels ['lung_aca', 'lung_n', 'lung_scc'] are not in the label map 'nct-crc-he'" in capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                "data",
+                "build",
+                "--kind",
+                "vqa",
+                "--input",
+                str(manifest),
+                "--labels",
+                "nct-crc-he",
+                "--out",
+                str(vqa),
+            ]
+        )
+        == 1
+    )
+    assert (
+        "labels ['lung_aca', 'lung_n', 'lung_scc'] are not in the label map 'nct-crc-he'"
+        in capsys.readouterr().err
+    )
     assert cli_main(["data", "build", "--kind", "stage1", "--input", str(vqa), "--out", str(stage1)]) == 1
     assert "vqa.jsonl: record 0: caption pair" in capsys.readouterr().err

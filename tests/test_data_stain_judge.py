@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pallava.data.clean.stain_judge import StainJudge, he_fraction
 from pallava.processing.image import load_image
@@ -24,11 +26,36 @@ def test_he_tiles_are_kept(shared_data):
 
 
 def test_scores_separate_with_a_margin(shared_data):
-    lowest_tile = min(he_fraction(load_image(p)) for p in sorted((shared_data / "lc25000-lung" / "images").glob("*/*.jpeg"))[::100])
-    highest_photo = max(he_fraction(load_image(p)) for p in (shared_data / "samples" / "non-pathology").iterdir())
+    lowest_tile = min(
+        he_fraction(load_image(p))
+        for p in sorted((shared_data / "lc25000-lung" / "images").glob("*/*.jpeg"))[::100]
+    )
+    highest_photo = max(
+        he_fraction(load_image(p)) for p in (shared_data / "samples" / "non-pathology").iterdir()
+    )
     assert lowest_tile - highest_photo > 0.2
 
 
 def test_threshold_is_validated():
     with pytest.raises(ValueError, match="min_he_fraction"):
         StainJudge(min_he_fraction=0)
+
+
+def test_another_labs_tinted_glass_is_not_mistaken_for_another_stain(shared_data):
+    """Oral mucosa photomicrographs whose camera tints the empty glass green are H&E all the same."""
+    oral = sorted((shared_data / "oscc" / "images").glob("*/*.jpg"))
+    green = [p for p in oral if p.name in {f"Normal_100x_{i}.jpg" for i in (16, 18, 19, 20, 21)}]
+    assert len(green) == 5
+    verdicts = StainJudge().judge_images(oral)
+    assert all(v.ok for v in verdicts), [
+        (p.name, v.detail) for p, v in zip(oral, verdicts, strict=True) if not v.ok
+    ]
+
+    # the same tiles with a yellow cast added to everything: still kept; photographs with it: still rejected
+    def yellowed(path):
+        image = np.asarray(load_image(path), dtype=np.float32) * [1.0, 1.0, 0.9]
+        return Image.fromarray(image.astype(np.uint8))
+
+    assert min(he_fraction(yellowed(p)) for p in green) >= 0.25
+    photos = sorted((shared_data / "samples" / "non-pathology").iterdir())
+    assert max(he_fraction(yellowed(p)) for p in photos) < 0.25

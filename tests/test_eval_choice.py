@@ -73,7 +73,14 @@ def test_paper_rule_takes_the_text_before_the_first_colon() -> None:
     assert paper_option_letter(" C ") == "C"
     assert paper_option_letter("(B)") == "(B)"
     records = [
-        {"id": str(i), "question": "?", "prediction": p, "reference": "B", "answer_type": "choice", "options": OPTIONS}
+        {
+            "id": str(i),
+            "question": "?",
+            "prediction": p,
+            "reference": "B",
+            "answer_type": "choice",
+            "options": OPTIONS,
+        }
         for i, p in enumerate(["B:x", "(B)", "The answer is B", "Squamous cell carcinoma", "A"])
     ]
     assert [s.correct for s in item_scores(records, "paper")] == [True, False, False, False, False]
@@ -97,15 +104,29 @@ def _copies(pick: str) -> list[dict]:
     records = []
     for k, (order, letter) in enumerate(permute_options(OPTIONS, "B", 4, seed=1)):
         answer = "Squamous cell carcinoma" if pick == "text" else "A"
-        records.append({"id": f"q~p{k}" if k else "q", "base_id": "q", "question": "?", "prediction": answer,
-                        "reference": letter, "answer_type": "choice", "options": order})
+        records.append(
+            {
+                "id": f"q~p{k}" if k else "q",
+                "base_id": "q",
+                "question": "?",
+                "prediction": answer,
+                "reference": letter,
+                "answer_type": "choice",
+                "options": order,
+            }
+        )
     return records
 
 
 def test_option_consistency_separates_content_from_position() -> None:
     by_text = option_consistency(_copies("text"))
-    assert by_text == {"n_questions": 1, "n_orders_total": 4, "accuracy_all_orders": 1.0,
-                       "consistency": 1.0, "all_orders_correct": 1.0}
+    assert by_text == {
+        "n_questions": 1,
+        "n_orders_total": 4,
+        "accuracy_all_orders": 1.0,
+        "consistency": 1.0,
+        "all_orders_correct": 1.0,
+    }
     by_position = option_consistency(_copies("position"))
     assert by_position["consistency"] == 0.0 and by_position["all_orders_correct"] == 0.0
     assert 0.0 <= by_position["accuracy_all_orders"] < 1.0

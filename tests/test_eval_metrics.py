@@ -23,7 +23,9 @@ def test_token_recall_clips_counts_to_the_prediction() -> None:
 
 def test_confusion_matrix_rows_are_truth_and_columns_predictions() -> None:
     labels = ["aca", "n", "scc", "(unmapped)"]
-    matrix = confusion_matrix(["aca", "aca", "n", "scc", "scc"], ["aca", "scc", "n", "(unmapped)", "scc"], labels)
+    matrix = confusion_matrix(
+        ["aca", "aca", "n", "scc", "scc"], ["aca", "scc", "n", "(unmapped)", "scc"], labels
+    )
     expected = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]])
     np.testing.assert_array_equal(matrix, expected)
     assert matrix.sum() == 5
@@ -37,8 +39,12 @@ def test_precision_recall_f1_by_hand() -> None:
     y_true = ["a", "a", "a", "b", "b", "c"]
     y_pred = ["a", "a", "b", "b", "c", "c"]
     result = precision_recall_f1(y_true, y_pred, ["a", "b", "c"])
-    assert result["per_class"]["a"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8),
-                                        "support": 3}
+    assert result["per_class"]["a"] == {
+        "precision": 1.0,
+        "recall": pytest.approx(2 / 3),
+        "f1": pytest.approx(0.8),
+        "support": 3,
+    }
     assert result["per_class"]["b"]["precision"] == 0.5 and result["per_class"]["b"]["recall"] == 0.5
     assert result["per_class"]["c"]["f1"] == pytest.approx(2 / 3)
     assert result["macro"]["f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)

@@ -51,12 +51,18 @@ def test_manifest_questions_come_from_the_data_builders(items: list[VQAItem], sh
     assert "Options:\nA. " in prompt_of(items[3])
 
 
-def test_paper_prompt_style_asks_the_raw_question_and_pmc_vqa_choices(items: list[VQAItem], tmp_path: Path) -> None:
+def test_paper_prompt_style_asks_the_raw_question_and_pmc_vqa_choices(
+    items: list[VQAItem], tmp_path: Path
+) -> None:
     closed, open_, choice = items[0], items[2], items[3]
     assert prompt_of(closed, "paper") == closed.question.strip()  # no "Answer yes or no."
     assert prompt_of(open_, "paper") == open_.question.strip()
     lines = prompt_of(choice, "paper").split("\n")
-    assert lines[0] == choice.question.strip() and "Options:" not in lines and len(lines) == 1 + len(choice.options)
+    assert (
+        lines[0] == choice.question.strip()
+        and "Options:" not in lines
+        and len(lines) == 1 + len(choice.options)
+    )
     assert lines[1:] == [f"{letter}:{option}" for letter, option in zip("ABCD", choice.options, strict=False)]
     verbatim = VQAItem("v", "x.png", "Is it?", "yes", "closed", meta={"prompt": "<prompt as written>"})
     assert prompt_of(verbatim, "paper") == prompt_of(verbatim) == "<prompt as written>"
@@ -64,10 +70,14 @@ def test_paper_prompt_style_asks_the_raw_question_and_pmc_vqa_choices(items: lis
         prompt_of(closed, "llava")
 
     assistant = ScriptedAssistant()
-    records = run_vqa(assistant, items[:4], tmp_path / "p.jsonl", batch_size=4, progress=False, prompt_style="paper")
+    records = run_vqa(
+        assistant, items[:4], tmp_path / "p.jsonl", batch_size=4, progress=False, prompt_style="paper"
+    )
     assert assistant.calls == [[prompt_of(item, "paper") for item in items[:4]]]
     assert {r["prompt_style"] for r in records} == {"paper"}
-    assert run_vqa(assistant, items[:5], tmp_path / "p.jsonl", progress=False)[4]["prompt_style"] == "paper"  # resumed
+    assert (
+        run_vqa(assistant, items[:5], tmp_path / "p.jsonl", progress=False)[4]["prompt_style"] == "paper"
+    )  # resumed
     with pytest.raises(ValueError, match="holds answers to paper-style prompts"):
         run_vqa(assistant, items, tmp_path / "p.jsonl", progress=False, prompt_style="pallava")
 
@@ -85,7 +95,16 @@ def test_run_vqa_batches_in_order_and_writes_every_field(items: list[VQAItem], t
     assert [r["id"] for r in records] == [i.id for i in items]
     assert records == read_predictions(tmp_path / "p.jsonl")
     first = records[0]
-    assert set(first) >= {"id", "question", "prediction", "reference", "answer_type", "options", "image", "tiles"}
+    assert set(first) >= {
+        "id",
+        "question",
+        "prediction",
+        "reference",
+        "answer_type",
+        "options",
+        "image",
+        "tiles",
+    }
     assert first["image_size"] == [224, 224] and first["tiles"] == 1
 
 
@@ -136,8 +155,12 @@ def test_option_orders_follow_content_or_position(items: list[VQAItem], tmp_path
     assert vqa_report(positional, n_resamples=50)["choice_orders"]["consistency"] == 0.0
 
 
-def test_vqa_report_files_and_required_fields(items: list[VQAItem], tmp_path: Path, shared_data: Path) -> None:
-    odd = VQAItem("big", str(shared_data / "samples" / "pathology" / "stardist_histo.jpg"), "Is it?", "no", "closed")
+def test_vqa_report_files_and_required_fields(
+    items: list[VQAItem], tmp_path: Path, shared_data: Path
+) -> None:
+    odd = VQAItem(
+        "big", str(shared_data / "samples" / "pathology" / "stardist_histo.jpg"), "Is it?", "no", "closed"
+    )
     answers = {"closed": "Yes.", "open": "lung adenocarcinoma", "choice": "B"}
     by_prompt = {prompt_of(i): answers[i.answer_type] for i in items}
     assistant = ScriptedAssistant(lambda image, question: by_prompt.get(question, "no"))
@@ -157,38 +180,63 @@ def test_vqa_report_files_and_required_fields(items: list[VQAItem], tmp_path: Pa
     for name in saved["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = paths["markdown"].read_text()
-    assert "| strict | closed |" in markdown and "(legacy)" in markdown and "accuracy_by_tiles.png" in markdown
+    assert (
+        "| strict | closed |" in markdown and "(legacy)" in markdown and "accuracy_by_tiles.png" in markdown
+    )
 
 
 def test_zeroshot_maps_answers_exactly_and_counts_unmapped(shared_data: Path, tmp_path: Path) -> None:
     label_map = LabelMap.builtin("lc25000-lung")
-    rows = [line.split(",") for line in (shared_data / "lc25000-lung" / "manifest.csv").read_text().splitlines()[1:]]
-    images = [LabelledImage(str(shared_data / "lc25000-lung" / r[0]), r[1], r[2], r[3]) for r in rows if r[3] == "dev"][::8]
-    spoken = {"lung_aca": "Pulmonary adenocarcinoma.", "lung_n": "Benign lung tissue", "lung_scc": "I cannot tell"}
-    assistant = ScriptedAssistant(lambda image, question: spoken[next(i.label for i in images if i.path == image)])
+    rows = [
+        line.split(",")
+        for line in (shared_data / "lc25000-lung" / "manifest.csv").read_text().splitlines()[1:]
+    ]
+    images = [
+        LabelledImage(str(shared_data / "lc25000-lung" / r[0]), r[1], r[2], r[3])
+        for r in rows
+        if r[3] == "dev"
+    ][::8]
+    spoken = {
+        "lung_aca": "Pulmonary adenocarcinoma.",
+        "lung_n": "Benign lung tissue",
+        "lung_scc": "I cannot tell",
+    }
+    assistant = ScriptedAssistant(
+        lambda image, question: spoken[next(i.label for i in images if i.path == image)]
+    )
     records = run_zeroshot(assistant, images, label_map, tmp_path / "z.jsonl", batch_size=4, progress=False)
     assert assistant.calls[0][0] == zeroshot_question(label_map)
     assert all(name in zeroshot_question(label_map) for name in label_map.names())
     expected = {"lung_aca": "lung_aca", "lung_n": "lung_n", "lung_scc": UNMAPPED}
     assert [r["predicted_label"] for r in records] == [expected[i.label] for i in images]
-    report = zeroshot_report([r["reference"] for r in records], [r["predicted_label"] for r in records],
-                             label_map.labels(), n_resamples=200)
+    report = zeroshot_report(
+        [r["reference"] for r in records],
+        [r["predicted_label"] for r in records],
+        label_map.labels(),
+        n_resamples=200,
+    )
     scc = sum(i.label == "lung_scc" for i in images)
     assert report["n"] == len(images) and report["n_unmapped"] == scc
     assert report["accuracy"] == pytest.approx(1 - scc / len(images))
-    reference = precision_recall_f1([i.label for i in images], [expected[i.label] for i in images], label_map.labels())
+    reference = precision_recall_f1(
+        [i.label for i in images], [expected[i.label] for i in images], label_map.labels()
+    )
     assert report["macro"]["f1"] == pytest.approx(reference["macro"]["f1"])
     low, high = report["macro"]["f1_ci"]
     assert low <= report["macro"]["f1"] <= high
     matrix = np.asarray(report["confusion"]["matrix"])
     assert matrix.sum() == len(images) and matrix[2, 3] == scc
     paths = write_report(report, tmp_path / "report", "zero-shot")
-    assert (tmp_path / "report" / "confusion.png").is_file() and "| lung_scc |" in paths["markdown"].read_text()
+    assert (tmp_path / "report" / "confusion.png").is_file() and "| lung_scc |" in paths[
+        "markdown"
+    ].read_text()
 
 
 def test_prediction_writer_repairs_a_missing_final_newline(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
-    path.write_text('{"id": "a", "question": "q", "prediction": "p", "reference": "r", "answer_type": "open"}')
+    path.write_text(
+        '{"id": "a", "question": "q", "prediction": "p", "reference": "r", "answer_type": "open"}'
+    )
     with PredictionWriter(path) as writer:
         assert writer.done == {"a"}
         writer.write({"id": "b", "question": "q", "prediction": "p", "reference": "r", "answer_type": "open"})
@@ -202,24 +250,48 @@ def test_every_input_format_becomes_vqa_items(shared_data: Path, tmp_path: Path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tile = shared_data / "samples" / "crc" / sorted(p.name for p in (shared_data / "samples" / "crc").iterdir())[0]
-    table = pa.table({"image": [{"bytes": tile.read_bytes(), "path": "a.jpg"}] * 2,
-                      "question": ["Is this adipose tissue?", "What tissue is this?"], "answer": ["Yes", "fat"]})
+    tile = (
+        shared_data
+        / "samples"
+        / "crc"
+        / sorted(p.name for p in (shared_data / "samples" / "crc").iterdir())[0]
+    )
+    table = pa.table(
+        {
+            "image": [{"bytes": tile.read_bytes(), "path": "a.jpg"}] * 2,
+            "question": ["Is this adipose tissue?", "What tissue is this?"],
+            "answer": ["Yes", "fat"],
+        }
+    )
     pq.write_table(table, tmp_path / "pathvqa.parquet")
     items = load_vqa_items(tmp_path / "pathvqa.parquet", image_dir=tmp_path / "images")
     assert [(i.answer_type, i.answer) for i in items] == [("closed", "yes"), ("open", "fat")]
     assert Path(items[0].image).read_bytes() == tile.read_bytes()
 
-    csv_text = ("Figure_path,Question,Choice A,Choice B,Choice C,Choice D,Answer,split\n"
-                f"{tile.name},Which tissue?,A:Fat,B:Bone,C:Skin,D:Lung,B:Bone,test\n")
+    csv_text = (
+        "Figure_path,Question,Choice A,Choice B,Choice C,Choice D,Answer,split\n"
+        f"{tile.name},Which tissue?,A:Fat,B:Bone,C:Skin,D:Lung,B:Bone,test\n"
+    )
     (tmp_path / "pmc.csv").write_text(csv_text)
     [choice] = load_vqa_items(tmp_path / "pmc.csv", image_root=tile.parent, split="test")
-    assert (choice.answer_type, choice.answer, choice.options) == ("choice", "B", ["Fat", "Bone", "Skin", "Lung"])
+    assert (choice.answer_type, choice.answer, choice.options) == (
+        "choice",
+        "B",
+        ["Fat", "Bone", "Skin", "Lung"],
+    )
     assert choice.image == str(tile)
 
-    conversation = {"id": "c1", "image": tile.name, "conversations": [
-        {"from": "human", "value": "<image>\nIs this fat?\nAnswer yes or no."}, {"from": "gpt", "value": "Yes"}]}
-    (tmp_path / "conv.jsonl").write_text(json.dumps(conversation) + "\n" + json.dumps(choice.to_dict()) + "\n")
+    conversation = {
+        "id": "c1",
+        "image": tile.name,
+        "conversations": [
+            {"from": "human", "value": "<image>\nIs this fat?\nAnswer yes or no."},
+            {"from": "gpt", "value": "Yes"},
+        ],
+    }
+    (tmp_path / "conv.jsonl").write_text(
+        json.dumps(conversation) + "\n" + json.dumps(choice.to_dict()) + "\n"
+    )
     first, second = load_vqa_items(tmp_path / "conv.jsonl", image_root=tile.parent)
     assert (first.answer_type, prompt_of(first)) == ("closed", "Is this fat?\nAnswer yes or no.")
     assert second.options == choice.options and prompt_of(second).startswith("Which tissue?\nOptions:")

@@ -27,8 +27,14 @@ SCORER_NAMES = ("strict", "paper", "llava-med")
 
 
 def rec(prediction: str, reference: str, answer_type: str = "closed", **extra: object) -> dict:
-    return {"id": extra.pop("id", "q"), "question": "?", "prediction": prediction, "reference": reference,
-            "answer_type": answer_type, **extra}
+    return {
+        "id": extra.pop("id", "q"),
+        "question": "?",
+        "prediction": prediction,
+        "reference": reference,
+        "answer_type": answer_type,
+        **extra,
+    }
 
 
 def correct(scorer: str, prediction: str, reference: str, answer_type: str = "closed") -> bool | None:
@@ -46,12 +52,20 @@ def pathvqa_records() -> list[dict]:
         for index, (question, label) in enumerate(pairs):
             answer = next(iter(label))
             closed = answer.strip().lower() in ("yes", "no")
-            records.append(rec(answer, answer, "closed" if closed else "open",
-                               id=f"{image['img_id']}_{index}", question=question))
+            records.append(
+                rec(
+                    answer,
+                    answer,
+                    "closed" if closed else "open",
+                    id=f"{image['img_id']}_{index}",
+                    question=question,
+                )
+            )
     return records
 
 
 # --- normalisation -------------------------------------------------------------------------
+
 
 def test_paper_normalisation_follows_the_published_rules() -> None:
     assert normalize_paper("X-Ray of the (Chest)!") == "xray of the chest"
@@ -88,6 +102,7 @@ def test_first_yes_no_reads_whole_words_only() -> None:
 
 # --- closed-set traps ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("prediction", "reference", "strict", "paper", "llava_med"),
     [
@@ -109,7 +124,9 @@ def test_first_yes_no_reads_whole_words_only() -> None:
         ("maybe", "no", False, False, False),
     ],
 )
-def test_closed_set_traps(prediction: str, reference: str, strict: bool, paper: bool, llava_med: bool | None) -> None:
+def test_closed_set_traps(
+    prediction: str, reference: str, strict: bool, paper: bool, llava_med: bool | None
+) -> None:
     assert correct("strict", prediction, reference) is strict
     assert correct("paper", prediction, reference) is paper
     assert correct("llava-med", prediction, reference) is llava_med
@@ -128,12 +145,15 @@ def test_paper_decides_closed_by_the_reference_not_the_record_type() -> None:
 def test_paper_choice_rule_lower_cases_both_sides() -> None:
     # The authors lower-case the text before the first ":" and the reference letter before comparing.
     options = ["Liver", "Lung", "Skin", "Bone"]
-    records = [rec(p, r, "choice", options=options, id=str(i))
-               for i, (p, r) in enumerate([("b:lung", "B"), ("B:Lung", "b"), ("b", "B"), ("a:liver", "B")])]  # fmt: skip
+    records = [
+        rec(p, r, "choice", options=options, id=str(i))
+        for i, (p, r) in enumerate([("b:lung", "B"), ("B:Lung", "b"), ("b", "B"), ("a:liver", "B")])
+    ]
     assert [s.correct for s in item_scores(records, "paper")] == [True, True, True, False]
 
 
 # --- open-set traps ------------------------------------------------------------------------
+
 
 def test_open_exact_match_and_recall() -> None:
     records = [
@@ -158,8 +178,11 @@ def test_open_exact_match_and_recall() -> None:
 def test_paper_open_recall_counts_the_model_tokenizers_tokens(tmp_path: Path, capsys) -> None:
     tokenizer = build_tiny_tokenizer()
     tokenizer.save_pretrained(tmp_path)  # a model folder's tokenizer files
-    records = [rec("the liver", "liver", "open", id="a"), rec("Squamous cell carcinoma!", "squamous cell carcinoma",
-               "open", id="b"), rec("cell carcinoma", "squamous cell carcinoma", "open", id="c")]  # fmt: skip
+    records = [
+        rec("the liver", "liver", "open", id="a"),
+        rec("Squamous cell carcinoma!", "squamous cell carcinoma", "open", id="b"),
+        rec("cell carcinoma", "squamous cell carcinoma", "open", id="c"),
+    ]
 
     def authors(prediction: str, reference: str) -> float:  # their recall: BPE ids of the normalised answers
         predicted = Counter(tokenizer.encode(normalize_paper(prediction), add_special_tokens=False))
@@ -169,7 +192,9 @@ def test_paper_open_recall_counts_the_model_tokenizers_tokens(tmp_path: Path, ca
     wanted = [authors(r["prediction"], r["reference"]) for r in records]
     tokenize = model_tokenize(tmp_path)
     assert [s.recall for s in item_scores(records, "paper", tokenize)] == pytest.approx(wanted)
-    assert wanted[0] == 0.0 and item_scores(records, "paper")[0].recall == 1.0  # "liver" vs " liver": other ids
+    assert (
+        wanted[0] == 0.0 and item_scores(records, "paper")[0].recall == 1.0
+    )  # "liver" vs " liver": other ids
     tokens = score(records, "paper", ci=False, tokenize=tokenize)["open"]
     assert tokens["recall_unit"] == "llm tokens" and tokens["recall"] == pytest.approx(sum(wanted) / 3)
     assert "recall_note" not in tokens
@@ -178,8 +203,22 @@ def test_paper_open_recall_counts_the_model_tokenizers_tokens(tmp_path: Path, ca
     assert score(records, "strict", ci=False, tokenize=tokenize)["open"]["recall_unit"] == "words"
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["eval", "score", "--predictions", str(predictions), "--scorer", "paper", "--model", str(tmp_path),
-                 "--no-ci"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                "--predictions",
+                str(predictions),
+                "--scorer",
+                "paper",
+                "--model",
+                str(tmp_path),
+                "--no-ci",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["open"]["recall"] == pytest.approx(sum(wanted) / 3)
 
 
@@ -193,8 +232,13 @@ def test_llava_med_recall_counts_repeated_prediction_words() -> None:
 # --- summaries and denominators ------------------------------------------------------------
 
 TRAPS = [
-    rec("normal", "no", id="1"), rec("not", "no", id="2"), rec("yes", "no", id="3"), rec("No.", "no", id="4"),
-    rec("", "yes", id="5"), rec("liver", "liver", "open", id="6"), rec("", "lung", "open", id="7"),
+    rec("normal", "no", id="1"),
+    rec("not", "no", id="2"),
+    rec("yes", "no", id="3"),
+    rec("No.", "no", id="4"),
+    rec("", "yes", id="5"),
+    rec("liver", "liver", "open", id="6"),
+    rec("", "lung", "open", id="7"),
     rec("B", "A", "choice", options=["A:liver", "B:lung", "C:skin", "D:bone"], id="8"),
 ]
 
@@ -239,6 +283,7 @@ def test_bad_records_name_the_record_and_field() -> None:
 
 
 # --- real PathVQA answers ------------------------------------------------------------------
+
 
 def test_pathvqa_references_score_perfectly_against_themselves(pathvqa_records: list[dict]) -> None:
     closed = sum(r["answer_type"] == "closed" for r in pathvqa_records)

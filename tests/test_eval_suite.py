@@ -59,7 +59,9 @@ def large_images(lung: Path, svs: Path, tmp_path_factory: pytest.TempPathFactory
     return {"stitched": folder / "stitched.png", "slide": folder / "slide.png"}
 
 
-def test_images_larger_than_a_tile_are_tiled_and_answered(model_dir: Path, large_images: dict[str, Path]) -> None:
+def test_images_larger_than_a_tile_are_tiled_and_answered(
+    model_dir: Path, large_images: dict[str, Path]
+) -> None:
     assistant = PaLlava.from_pretrained(model_dir)
     processor = assistant.processor.image_processor
     stitched = processor.tile(large_images["stitched"])
@@ -67,8 +69,9 @@ def test_images_larger_than_a_tile_are_tiled_and_answered(model_dir: Path, large
     slide = processor.tile(large_images["slide"])
     assert slide.original_size == (600, 450) and slide.num_tiles > 1
     assert slide.pixel_values.shape == (1 + slide.num_tiles, 3, 224, 224)
-    answers = assistant.ask_batch([large_images["stitched"], large_images["slide"]],
-                                  ["What tissue is shown?"] * 2, max_new_tokens=4)
+    answers = assistant.ask_batch(
+        [large_images["stitched"], large_images["slide"]], ["What tissue is shown?"] * 2, max_new_tokens=4
+    )
     assert all(isinstance(answer, str) and answer.strip() for answer in answers)
 
 
@@ -81,7 +84,10 @@ def suite_file(tmp_path: Path, lung: Path, large_images: dict[str, Path]) -> Pat
     images.mkdir(parents=True)
     with (lung / "manifest.csv").open(newline="") as handle:
         dev = [row for row in csv.DictReader(handle) if row["split"] == "dev"]
-    rows = [{"path": str((lung / dev[i]["path"]).resolve()), "label": dev[i]["label"], "split": "dev"} for i in (0, 60)]
+    rows = [
+        {"path": str((lung / dev[i]["path"]).resolve()), "label": dev[i]["label"], "split": "dev"}
+        for i in (0, 60)
+    ]
     rows.append({"path": str(large_images["stitched"]), "label": "lung_aca", "split": "dev"})
     with (data / "lung.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "label", "split"])
@@ -90,13 +96,35 @@ def suite_file(tmp_path: Path, lung: Path, large_images: dict[str, Path]) -> Pat
     for name, path in large_images.items():
         (images / f"{name}.png").write_bytes(path.read_bytes())
     questions = [
-        {"id": "s-closed", "image": "stitched.png", "question": "Is this adenocarcinoma?", "answer": "yes",
-         "answer_type": "closed"},
-        {"id": "s-open", "image": "stitched.png", "question": "What is the diagnosis?",
-         "answer": "lung adenocarcinoma", "answer_type": "open"},
-        {"id": "w-choice", "image": "slide.png", "question": "Which stain is this?", "answer": "A",
-         "answer_type": "choice", "options": ["H&E", "IHC"]},
-        {"id": "w-closed", "image": "slide.png", "question": "Is this tissue?", "answer": "yes", "answer_type": "closed"},
+        {
+            "id": "s-closed",
+            "image": "stitched.png",
+            "question": "Is this adenocarcinoma?",
+            "answer": "yes",
+            "answer_type": "closed",
+        },
+        {
+            "id": "s-open",
+            "image": "stitched.png",
+            "question": "What is the diagnosis?",
+            "answer": "lung adenocarcinoma",
+            "answer_type": "open",
+        },
+        {
+            "id": "w-choice",
+            "image": "slide.png",
+            "question": "Which stain is this?",
+            "answer": "A",
+            "answer_type": "choice",
+            "options": ["H&E", "IHC"],
+        },
+        {
+            "id": "w-closed",
+            "image": "slide.png",
+            "question": "Is this tissue?",
+            "answer": "yes",
+            "answer_type": "closed",
+        },
     ]
     (data / "large.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     suite = tmp_path / "suite" / "suite.yaml"
@@ -118,15 +146,30 @@ def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_suite_writes_one_summary_row_per_dataset_and_skips_finished_benchmarks(
-    suite_file: Path, model_dir: Path, plip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    suite_file: Path,
+    model_dir: Path,
+    plip_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # relative paths in the suite resolve against its folder, not here
     out = tmp_path / "out"
-    args = ["eval", "suite", "--model", str(model_dir), "--plip", str(plip_dir), "--suite", str(suite_file),
-            "--out", str(out), "--no-progress"]
+    args = [
+        "eval",
+        "suite",
+        "--model",
+        str(model_dir),
+        "--plip",
+        str(plip_dir),
+        "--suite",
+        str(suite_file),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     lung, large = summary["benchmarks"]
@@ -142,8 +185,13 @@ def test_suite_writes_one_summary_row_per_dataset_and_skips_finished_benchmarks(
     assert "plip_zeroshot" not in large and "classification" not in large
 
     table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert table[0].split(" | ")[3:] == ["PLIP zero-shot acc. %", "closed acc. %", "open acc. %", "MC acc. %",
-                                         "class macro F1 % |"]
+    assert table[0].split(" | ")[3:] == [
+        "PLIP zero-shot acc. %",
+        "closed acc. %",
+        "open acc. %",
+        "MC acc. %",
+        "class macro F1 % |",
+    ]
     assert [line.split(" | ")[0] for line in table[1:]] == ["| lung", "| large"]
     lung_cells = table[1].split(" | ")[3:]
     assert len(lung_cells) == 5 and all("[" in cell for cell in lung_cells)
@@ -185,7 +233,8 @@ def test_suite_writes_one_summary_row_per_dataset_and_skips_finished_benchmarks(
     assert rescored["scorer"] == "paper"
     assert json.loads((out / "large" / "vqa" / "report.json").read_text())["scorer"] == "paper"
     assert {p: p.read_bytes() for p in out.rglob("predictions.jsonl") if "plip" not in str(p)} == {
-        p: b for p, b in before.items() if "plip" not in str(p)}
+        p: b for p, b in before.items() if "plip" not in str(p)
+    }
 
     # the same folder with another sample size is refused rather than mixed
     (out / ".suite" / "lung.json").unlink()
@@ -198,28 +247,53 @@ def test_suite_writes_one_summary_row_per_dataset_and_skips_finished_benchmarks(
     [
         ("benchmark: []\n", "unknown key(s) ['benchmark']; expected some of ['benchmarks', 'settings']"),
         ("benchmarks: []\n", "'benchmarks' must be a non-empty list"),
-        ("benchmarks:\n  - {name: lung, manifest: lung.csv, labelmap: oscc}\n",
-         "benchmarks[0] (lung): unknown key(s) ['labelmap']"),
-        ("benchmarks:\n  - {name: lung, manifest: lung.csv, format: jsonl}\n",
-         "benchmarks[0] (lung): unknown key(s) ['format']"),
-        ("benchmarks:\n  - {name: lung, manifest: lung.csv, vqa: lung.csv}\n",
-         "benchmarks[0] (lung): give exactly one of manifest, vqa, zeroshot"),
+        (
+            "benchmarks:\n  - {name: lung, manifest: lung.csv, labelmap: oscc}\n",
+            "benchmarks[0] (lung): unknown key(s) ['labelmap']",
+        ),
+        (
+            "benchmarks:\n  - {name: lung, manifest: lung.csv, format: jsonl}\n",
+            "benchmarks[0] (lung): unknown key(s) ['format']",
+        ),
+        (
+            "benchmarks:\n  - {name: lung, manifest: lung.csv, vqa: lung.csv}\n",
+            "benchmarks[0] (lung): give exactly one of manifest, vqa, zeroshot",
+        ),
         ("benchmarks:\n  - {manifest: lung.csv}\n", "benchmarks[0].name: expected non-empty text"),
-        ("benchmarks:\n  - {name: a/b, manifest: lung.csv}\n", "benchmarks[0].name: 'a/b' must be a folder name"),
-        ("benchmarks:\n  - {name: lung, manifest: gone.csv}\n",
-         "benchmarks[0] (lung).manifest: not found: {root}/gone.csv (relative paths resolve against the suite "
-         "file's folder {root})"),
-        ("benchmarks:\n  - {name: lung, manifest: lung.csv, limit: 0}\n",
-         "benchmarks[0] (lung).limit: expected a whole number of at least 1, got 0"),
-        ("benchmarks:\n  - {name: lung, manifest: lung.csv, label_map: lungs}\n",
-         "benchmarks[0] (lung).label_map: 'lungs' is neither a built-in label map"),
-        ("benchmarks:\n  - {name: lung, vqa: lung.csv, format: csv}\n", "benchmarks[0] (lung).format: expected one of"),
-        ("benchmarks:\n  - {name: a, manifest: lung.csv}\n  - {name: a, zeroshot: lung.csv}\n",
-         "benchmark names must be unique (they name the report folders); repeated: ['a']"),
-        ("settings: {scorer: exact}\nbenchmarks:\n  - {name: a, manifest: lung.csv}\n",
-         "settings.scorer: expected one of ['llava-med', 'paper', 'strict'], got 'exact'"),
-        ("settings: {batch_size: 2, beams: 4}\nbenchmarks:\n  - {name: a, manifest: lung.csv}\n",
-         "settings: unknown key(s) ['beams']"),
+        (
+            "benchmarks:\n  - {name: a/b, manifest: lung.csv}\n",
+            "benchmarks[0].name: 'a/b' must be a folder name",
+        ),
+        (
+            "benchmarks:\n  - {name: lung, manifest: gone.csv}\n",
+            "benchmarks[0] (lung).manifest: not found: {root}/gone.csv (relative paths resolve against the "
+            "suite "
+            "file's folder {root})",
+        ),
+        (
+            "benchmarks:\n  - {name: lung, manifest: lung.csv, limit: 0}\n",
+            "benchmarks[0] (lung).limit: expected a whole number of at least 1, got 0",
+        ),
+        (
+            "benchmarks:\n  - {name: lung, manifest: lung.csv, label_map: lungs}\n",
+            "benchmarks[0] (lung).label_map: 'lungs' is neither a built-in label map",
+        ),
+        (
+            "benchmarks:\n  - {name: lung, vqa: lung.csv, format: csv}\n",
+            "benchmarks[0] (lung).format: expected one of",
+        ),
+        (
+            "benchmarks:\n  - {name: a, manifest: lung.csv}\n  - {name: a, zeroshot: lung.csv}\n",
+            "benchmark names must be unique (they name the report folders); repeated: ['a']",
+        ),
+        (
+            "settings: {scorer: exact}\nbenchmarks:\n  - {name: a, manifest: lung.csv}\n",
+            "settings.scorer: expected one of ['llava-med', 'paper', 'strict'], got 'exact'",
+        ),
+        (
+            "settings: {batch_size: 2, beams: 4}\nbenchmarks:\n  - {name: a, manifest: lung.csv}\n",
+            "settings: unknown key(s) ['beams']",
+        ),
         ("benchmarks: [name: a\n", "not valid YAML"),
     ],
 )
@@ -229,25 +303,46 @@ def test_a_wrong_suite_file_gets_an_error_naming_the_field(tmp_path: Path, text:
     suite.write_text(text)
     with pytest.raises(ValueError) as error:
         load_suite(suite)
-    assert str(error.value).startswith(str(suite)) and message.format(root=tmp_path.resolve()) in str(error.value)
+    assert str(error.value).startswith(str(suite)) and message.format(root=tmp_path.resolve()) in str(
+        error.value
+    )
 
 
-def test_the_cli_reports_a_wrong_suite_before_loading_any_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_cli_reports_a_wrong_suite_before_loading_any_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     suite = tmp_path / "suite.yaml"
     suite.write_text("benchmarks:\n  - {name: lung, manifest: lung.csv, splt: dev}\n")
     (tmp_path / "lung.csv").write_text("path,label\n")
-    assert main(["eval", "suite", "--model", str(tmp_path / "none"), "--suite", str(suite), "--out",
-                 str(tmp_path / "out")]) == 1
+    assert (
+        main(
+            [
+                "eval",
+                "suite",
+                "--model",
+                str(tmp_path / "none"),
+                "--suite",
+                str(suite),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
     assert "pallava eval: error: " in (err := capsys.readouterr().err) and "unknown key(s) ['splt']" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_the_shipped_dev_suite_names_the_three_shared_dev_splits(shared_data: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_shipped_dev_suite_names_the_three_shared_dev_splits(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # resolution does not depend on the working directory
     suite = load_suite(PROJECT / "configs" / "suite-dev.yaml")
     assert [(b.name, b.kind, b.split, b.label_map) for b in suite.benchmarks] == [
-        ("lung", "manifest", "dev", "lc25000-lung"), ("colon", "manifest", "dev", "lc25000-colon"),
-        ("oral", "manifest", "dev", "oscc")]
+        ("lung", "manifest", "dev", "lc25000-lung"),
+        ("colon", "manifest", "dev", "lc25000-colon"),
+        ("oral", "manifest", "dev", "oscc"),
+    ]
     assert [b.data for b in suite.benchmarks] == [
-        (shared_data / name / "manifest.csv").resolve() for name in ("lc25000-lung", "lc25000-colon", "oscc")]
+        (shared_data / name / "manifest.csv").resolve() for name in ("lc25000-lung", "lc25000-colon", "oscc")
+    ]

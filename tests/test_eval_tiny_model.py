@@ -40,19 +40,48 @@ def test_batched_evaluation_equals_one_by_one(assistant: PaLlava, shared_data: P
     odd = load_vqa_items(shared_data / "lc25000-lung" / "manifest.csv", split="dev")[0]
     odd.id, odd.image = "stardist", str(shared_data / "samples" / "pathology" / "stardist_histo.jpg")
     items = [items[0], odd, *items[1:]]
-    batched = run_vqa(assistant, items, tmp_path / "batched.jsonl", batch_size=3, max_new_tokens=5, progress=False)
-    single = run_vqa(assistant, items, tmp_path / "single.jsonl", batch_size=1, max_new_tokens=5, progress=False)
+    batched = run_vqa(
+        assistant, items, tmp_path / "batched.jsonl", batch_size=3, max_new_tokens=5, progress=False
+    )
+    single = run_vqa(
+        assistant, items, tmp_path / "single.jsonl", batch_size=1, max_new_tokens=5, progress=False
+    )
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
     assert len({r["prediction"] for r in batched}) > 1  # the answers depend on the input
-    assert {r["tiles"] for r in batched} == {1, assistant.tile_grid(odd.image)[0] * assistant.tile_grid(odd.image)[1]}
+    assert {r["tiles"] for r in batched} == {
+        1,
+        assistant.tile_grid(odd.image)[0] * assistant.tile_grid(odd.image)[1],
+    }
     assert max(r["tiles"] for r in batched) > 1
 
 
-def test_eval_commands_end_to_end(model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.slow
+def test_eval_commands_end_to_end(
+    model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     manifest = shared_data / "lc25000-lung" / "manifest.csv"
     out = tmp_path / "vqa"
-    args = ["eval", "vqa", "--model", str(model_dir), "--data", str(manifest), "--split", "dev", "--limit", "4",
-            "--out", str(out), "--max-new-tokens", "3", "--n-resamples", "50", "--no-progress", "--option-orders", "2"]
+    args = [
+        "eval",
+        "vqa",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(manifest),
+        "--split",
+        "dev",
+        "--limit",
+        "4",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "3",
+        "--n-resamples",
+        "50",
+        "--no-progress",
+        "--option-orders",
+        "2",
+    ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     predictions = (out / "predictions.jsonl").read_text().splitlines()
@@ -66,25 +95,63 @@ def test_eval_commands_end_to_end(model_dir: Path, shared_data: Path, tmp_path: 
     assert json.loads((out / "report.json").read_text())["scorer"] == "paper"
     capsys.readouterr()
 
-    assert main(["eval", "score", "--predictions", str(out / "predictions.jsonl"), "--scorer", "llava-med",
-                 "--n-resamples", "50"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                "--predictions",
+                str(out / "predictions.jsonl"),
+                "--scorer",
+                "llava-med",
+                "--n-resamples",
+                "50",
+            ]
+        )
+        == 0
+    )
     scored = json.loads(capsys.readouterr().out)
     assert scored["scorer"] == "llava-med" and scored["legacy"] is True and scored["n"] == 4
 
     zero = tmp_path / "zeroshot"
-    assert main(["eval", "zeroshot", "--model", str(model_dir), "--data", str(manifest), "--split", "dev",
-                 "--limit", "3", "--out", str(zero), "--max-new-tokens", "3", "--n-resamples", "50",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "zeroshot",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(manifest),
+                "--split",
+                "dev",
+                "--limit",
+                "3",
+                "--out",
+                str(zero),
+                "--max-new-tokens",
+                "3",
+                "--n-resamples",
+                "50",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     zreport = json.loads((zero / "report.json").read_text())
     assert zreport["n"] == 3 and sum(map(sum, zreport["confusion"]["matrix"])) == 3
     assert (zero / "confusion.png").is_file()
     capsys.readouterr()
-    assert main(["eval", "score", "--predictions", str(zero / "predictions.jsonl"), "--n-resamples", "50"]) == 0
+    assert (
+        main(["eval", "score", "--predictions", str(zero / "predictions.jsonl"), "--n-resamples", "50"]) == 0
+    )
     rescored = json.loads(capsys.readouterr().out)
     assert rescored["task"] == "zeroshot" and rescored["accuracy"] == zreport["accuracy"]
 
 
-def test_eval_asks_in_the_model_folders_prompt_style(assistant: PaLlava, shared_data: Path, tmp_path: Path) -> None:
+def test_eval_asks_in_the_model_folders_prompt_style(
+    assistant: PaLlava, shared_data: Path, tmp_path: Path
+) -> None:
     model_dir = tmp_path / "converted-like"
     assistant.processor.prompt_style = "paper"  # as `pallava convert official` saves a release
     try:
@@ -92,19 +159,48 @@ def test_eval_asks_in_the_model_folders_prompt_style(assistant: PaLlava, shared_
     finally:
         assistant.processor.prompt_style = "pallava"
     manifest = shared_data / "lc25000-lung" / "manifest.csv"
-    base = ["eval", "vqa", "--model", str(model_dir), "--data", str(manifest), "--split", "dev", "--limit", "2",
-            "--max-new-tokens", "2", "--n-resamples", "20", "--no-progress"]  # fmt: skip
+    base = [
+        "eval",
+        "vqa",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(manifest),
+        "--split",
+        "dev",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--n-resamples",
+        "20",
+        "--no-progress",
+    ]
     assert main([*base, "--out", str(tmp_path / "default")]) == 0
     assert main([*base, "--out", str(tmp_path / "ours"), "--prompt-style", "pallava"]) == 0
     for out, style in (("default", "paper"), ("ours", "pallava")):
-        records = [json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()
+        ]
         assert {r["prompt_style"] for r in records} == {style}
         assert json.loads((tmp_path / out / "report.json").read_text())["prompt_style"] == style
 
 
-def test_eval_command_errors_name_the_problem(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["eval", "vqa", "--model", str(tmp_path), "--data", str(shared_data / "pathvqa-text" / "pvqa_test.json"),
-                 "--out", str(tmp_path / "out")])
+def test_eval_command_errors_name_the_problem(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(
+        [
+            "eval",
+            "vqa",
+            "--model",
+            str(tmp_path),
+            "--data",
+            str(shared_data / "pathvqa-text" / "pvqa_test.json"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 1 and "no images" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "1", "question": "q", "prediction": "p", "answer_type": "open"}\n')

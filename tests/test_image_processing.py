@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -50,7 +51,8 @@ def test_default_policy_keeps_small_images_small():
 def test_paper_policy_uses_their_fifteen_grids():
     processor = PaLlavaImageProcessor(tile_size=224, grid_policy="paper")
     assert processor.grids == PAPER_GRIDS
-    assert processor.select_grid((224, 224)) == (1, 4) or processor.select_grid((224, 224)) in PAPER_GRIDS
+    # Every grid has at least 4 tiles: the tie between the least-waste ones goes to the first listed.
+    assert processor.select_grid((224, 224)) == (1, 4)
     assert processor.select_grid((1000, 300)) == (4, 2)
     assert min(c * r for c, r in processor.grids) == 4
 
@@ -171,10 +173,15 @@ def test_float_images_in_zero_one_load_like_their_uint8_form(lung_tiles):
     assert np.array_equal(np.asarray(load_image(unit)), pixels)
     assert np.array_equal(np.asarray(load_image(unit.astype(np.float64))), pixels)
     assert np.array_equal(np.asarray(load_image(torch.from_numpy(unit))), pixels)  # (H, W, 3) tensor
-    assert np.array_equal(np.asarray(load_image(torch.from_numpy(unit).permute(2, 0, 1))), pixels)  # (3, H, W)
+    assert np.array_equal(
+        np.asarray(load_image(torch.from_numpy(unit).permute(2, 0, 1))), pixels
+    )  # (3, H, W)
     grey = np.full((8, 8), 0.5, np.float32)
     assert np.asarray(load_image(grey))[0, 0].tolist() == [128, 128, 128]
-    assert PaLlavaImageProcessor()([unit])["pixel_values"].shape == PaLlavaImageProcessor()([pixels])["pixel_values"].shape
+    assert (
+        PaLlavaImageProcessor()([unit])["pixel_values"].shape
+        == PaLlavaImageProcessor()([pixels])["pixel_values"].shape
+    )
 
 
 @pytest.mark.parametrize(
@@ -212,6 +219,53 @@ def test_resizing_matches_pil_bicubic_within_two_grey_levels(lung_tiles, size):
     grey_levels = (crops * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)) * 255
     ours = grey_levels.round().to(torch.int16).permute(0, 2, 3, 1).numpy()  # (1 + tiles, S, S, 3)
     canvas = _pil_letterbox(image, cols * 224, rows * 224)
-    reference_tiles = canvas.reshape(rows, 224, cols, 224, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 224, 224, 3)
+    reference_tiles = (
+        canvas.reshape(rows, 224, cols, 224, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 224, 224, 3)
+    )
     assert np.abs(ours[0] - _pil_letterbox(image, 224, 224)).max() <= 2
     assert np.abs(ours[1:] - reference_tiles).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_tiles": 100_000}, r"max_tiles must be an integer from 1 to 64, got 100000"),
+        ({"max_tiles": 0}, r"max_tiles must be an integer from 1 to 64, got 0"),
+        ({"max_tiles": True}, r"max_tiles must be an integer from 1 to 64, got True"),
+        ({"max_tiles": 8.5}, r"max_tiles must be an integer from 1 to 64, got 8\.5"),
+        ({"tile_size": 1_000_000}, r"tile_size must be an integer from 8 to 1,024, got 1000000"),
+        ({"tile_size": "224"}, r"tile_size must be an integer from 8 to 1,024, got '224'"),
+        (
+            {"max_pixels": -1},
+            r"max_pixels must be null \(no limit\) or an integer from 1 to 268,435,456, got -1",
+        ),
+        ({"max_pixels": 10**13}, r"max_pixels must be null .* got 10000000000000"),
+        ({"grid_policy": "huge"}, r"grid_policy must be one of 'default', 'paper', got 'huge'"),
+        (
+            {"global_view": ["stretch"]},
+            r"global_view must be one of 'letterbox', 'stretch', got \['stretch'\]",
+        ),
+    ],
+)
+def test_absurd_processor_settings_are_refused_on_load(tmp_path, settings, message):
+    PaLlavaImageProcessor().save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    with pytest.raises(ValueError, match=rf"preprocessor_config\.json: {message}"):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        PaLlavaImageProcessor(**{**PaLlavaImageProcessor().to_dict(), **settings})
+
+
+def test_unreadable_processor_file_names_the_file(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: not valid JSON"):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text("[8]")
+    with pytest.raises(
+        ValueError, match=r"preprocessor_config\.json: expected a JSON object at the top level, got list"
+    ):
+        PaLlavaImageProcessor.from_pretrained(tmp_path)
+    edge = PaLlavaImageProcessor(tile_size=1024, max_tiles=64, max_pixels=None, grid_policy="paper")
+    edge.save_pretrained(tmp_path)
+    assert PaLlavaImageProcessor.from_pretrained(tmp_path) == edge

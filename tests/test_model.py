@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,9 +16,9 @@ from pallava.inference import PaLlava
 from pallava.models.connector import ScaleInvariantConnector
 from pallava.models.presets import paper_config, tiny_config
 from pallava.processing.image import PaLlavaImageProcessor
-from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
+from pallava.processing.processor import IGNORE_INDEX, MODEL_INPUT_NAMES, PaLlavaProcessor
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "tile_mask", "labels")
+MODEL_KEYS = (*MODEL_INPUT_NAMES, "labels")
 
 
 def model_inputs(batch) -> dict:
@@ -35,7 +37,7 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 @pytest.mark.parametrize("size", [(224, 224), (1000, 300), (2000, 2000)])
 def test_language_model_gets_the_same_number_of_image_tokens_at_any_size(tiny, size):
     model, processor = tiny
-    batch = processor([processor.question("What is shown?")], [[noise_image(*size, seed=1)]])
+    batch = processor(text=[processor.question("What is shown?")], images=[[noise_image(*size, seed=1)]])
     image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     assert image_tokens == model.config.num_image_tokens == 49
     with torch.no_grad():
@@ -45,7 +47,7 @@ def test_language_model_gets_the_same_number_of_image_tokens_at_any_size(tiny, s
 
 def test_tiles_matter_only_with_tile_cross_attention(tiny):
     _, processor = tiny
-    batch = processor([processor.question("Describe.")], [[noise_image(448, 224, seed=2)]])
+    batch = processor(text=[processor.question("Describe.")], images=[[noise_image(448, 224, seed=2)]])
     changed = dict(batch)
     changed["pixel_values"] = batch["pixel_values"].clone()
     changed["pixel_values"][0, 2] = torch.randn_like(changed["pixel_values"][0, 2])  # second tile only
@@ -63,7 +65,9 @@ def test_tiles_matter_only_with_tile_cross_attention(tiny):
 def test_empty_padding_tiles_are_not_keys_of_the_cross_attention(tiny):
     # A 224 x 224 image under the paper's grids: tiles 0 and 3 of the 1x4 grid are pure padding.
     model, _ = tiny
-    paper = PaLlava(model, PaLlavaProcessor(tiny[1].tokenizer, PaLlavaImageProcessor(grid_policy="paper"), 49))
+    paper = PaLlava(
+        model, PaLlavaProcessor(tiny[1].tokenizer, PaLlavaImageProcessor(grid_policy="paper"), 49)
+    )
     batch = paper.processor.image_processor([noise_image(224, 224, seed=4)])
     assert batch["tile_mask"].tolist() == [[False, True, True, False]]
     changed = batch["pixel_values"].clone()
@@ -82,14 +86,20 @@ def test_paper_connector_has_bert_base_dropout_in_train_mode_only():
     assert tiny_config().connector_config.dropout == 0.0  # the tiny preset keeps the quickstart deterministic
     torch.manual_seed(0)
     connector = ScaleInvariantConnector(tiny_connector(dropout=0.1))
-    tokens, tiles, mask = torch.randn(1, 49, 128), torch.randn(1, 2, 49, 128), torch.ones(1, 2, dtype=torch.bool)
+    tokens, tiles, mask = (
+        torch.randn(1, 49, 128),
+        torch.randn(1, 2, 49, 128),
+        torch.ones(1, 2, dtype=torch.bool),
+    )
     connector.train()
     assert not torch.allclose(connector(tokens, tiles, mask), connector(tokens, tiles, mask))
     connector.eval()
     torch.testing.assert_close(connector(tokens, tiles, mask), connector(tokens, tiles, mask))
     # with query_layer_norm (the released layout) the normalised queries are dropped out too, as their
     # BERT embedding module does after its LayerNorm: visible even with no layer at all
-    bare = ScaleInvariantConnector(tiny_connector(dropout=0.1, num_hidden_layers=0, query_layer_norm=True)).train()
+    bare = ScaleInvariantConnector(
+        tiny_connector(dropout=0.1, num_hidden_layers=0, query_layer_norm=True)
+    ).train()
     assert not torch.allclose(bare(tokens, tiles, mask), bare(tokens, tiles, mask))
 
 
@@ -114,9 +124,9 @@ def test_padding_invariance_of_logits_and_generation(tiny, lung_tiles):
         "Look at the whole slide region carefully and tell me which tissue it shows, and why."
     )
     for side in ("left", "right"):
-        alone = processor([short_q], [[small]], add_generation_prompt=True, padding_side=side)
+        alone = processor(text=[short_q], images=[[small]], add_generation_prompt=True, padding_side=side)
         batch = processor(
-            [short_q, long_q], [[small], [large]], add_generation_prompt=True, padding_side=side
+            text=[short_q, long_q], images=[[small], [large]], add_generation_prompt=True, padding_side=side
         )
         assert batch["tile_mask"].shape[1] > alone["tile_mask"].shape[1]  # the neighbour forces tile padding
         with torch.no_grad():
@@ -125,8 +135,10 @@ def test_padding_invariance_of_logits_and_generation(tiny, lung_tiles):
         keep = batch["attention_mask"][0].bool()
         torch.testing.assert_close(logits_batch[keep], logits_alone, atol=1e-4, rtol=1e-4)
     assistant = PaLlava(model, processor)
-    one_by_one = [assistant.ask(small, "What is the diagnosis?", max_new_tokens=6),
-                  assistant.ask(large, "Which tissue is this, and why?", max_new_tokens=6)]  # fmt: skip
+    one_by_one = [
+        assistant.ask(small, "What is the diagnosis?", max_new_tokens=6),
+        assistant.ask(large, "Which tissue is this, and why?", max_new_tokens=6),
+    ]
     batched = assistant.ask_batch(
         [small, large], ["What is the diagnosis?", "Which tissue is this, and why?"], max_new_tokens=6
     )
@@ -138,7 +150,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path, lung_tiles)
     PaLlava(model, processor).save_pretrained(tmp_path)
     loaded = PaLlava.from_pretrained(tmp_path)
     assert isinstance(loaded.model.config, PaLlavaConfig) and loaded.model.has_lora
-    batch = processor([processor.question("What is shown?")], [[lung_tiles[1]]])
+    batch = processor(text=[processor.question("What is shown?")], images=[[lung_tiles[1]]])
     with torch.no_grad():
         torch.testing.assert_close(
             loaded.model(**model_inputs(batch)).logits, model(**model_inputs(batch)).logits
@@ -153,7 +165,7 @@ def test_lora_adapter_save_reload_and_merge(tmp_path, lung_tiles):
         for name, param in model.language_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    batch = processor([processor.question("What is shown?")], [[lung_tiles[2]]])
+    batch = processor(text=[processor.question("What is shown?")], images=[[lung_tiles[2]]])
     with torch.no_grad():
         reference = model(**model_inputs(batch)).logits
     model.language_model.save_pretrained(tmp_path / "adapter")
@@ -191,18 +203,18 @@ def test_only_answer_tokens_carry_loss_and_one_bos(tiny):
 def test_clear_errors(tiny):
     model, processor = tiny
     with pytest.raises(ValueError, match="1 <image> placeholder"):
-        processor([processor.question("What?")], [[]])
+        processor(text=[processor.question("What?")], images=[[]])
     with pytest.raises(ValueError, match="0 <image> placeholder"):
-        processor([processor.question("What?", with_image=False)], [[noise_image(32, 32, 0)]])
+        processor(text=[processor.question("What?", with_image=False)], images=[[noise_image(32, 32, 0)]])
     with pytest.raises(ValueError, match="cannot decode image"):
-        processor([processor.question("What?")], [[b"\x00garbage bytes"]])
+        processor(text=[processor.question("What?")], images=[[b"\x00garbage bytes"]])
     with pytest.raises(ValueError, match="over the limit"):
         processor.image_processor.max_pixels = 1000
         try:
-            processor([processor.question("What?")], [[noise_image(100, 100, 0)]])
+            processor(text=[processor.question("What?")], images=[[noise_image(100, 100, 0)]])
         finally:
             processor.image_processor.max_pixels = 16_777_216
-    batch = processor([processor.question("What?")], [[noise_image(64, 64, 0)]])
+    batch = processor(text=[processor.question("What?")], images=[[noise_image(64, 64, 0)]])
     two_images = torch.cat([batch["pixel_values"], batch["pixel_values"]])
     with pytest.raises(ValueError, match="Image features and image tokens do not match"):
         model(
@@ -235,9 +247,11 @@ def test_paper_preset_parameter_counts_on_meta_device():
         **{**model.config.connector_config.to_dict(), "tile_cross_attention": False}
     )
     no_cross, _ = load_preset("paper", device="meta", connector_config=no_cross_config)
-    print(f"\npaper preset: connector {connector / 1e6:.1f}M with cross-attention, "
-          f"{count(no_cross.connector) / 1e6:.1f}M without; LoRA {lora / 1e6:.1f}M; "
-          f"vision {count(model.vision_tower) / 1e6:.1f}M; total {count(model) / 1e9:.2f}B")  # fmt: skip
+    print(
+        f"\npaper preset: connector {connector / 1e6:.1f}M with cross-attention, "
+        f"{count(no_cross.connector) / 1e6:.1f}M without; LoRA {lora / 1e6:.1f}M; "
+        f"vision {count(model.vision_tower) / 1e6:.1f}M; total {count(model) / 1e9:.2f}B"
+    )
     assert 59e6 < connector < 61e6
     assert 45e6 < count(no_cross.connector) < 47e6
     assert 335e6 < lora < 336e6
@@ -251,3 +265,36 @@ def test_auto_classes_resolve(tmp_path):
     model.save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), PaLlavaConfig)
     assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), PaLlavaForConditionalGeneration)
+
+
+def test_model_folders_never_run_code_they_ship(tiny, tmp_path, plant_folder_code):
+    model, processor = tiny
+    folder = tmp_path / "assistant"
+    PaLlava(model, processor).save_pretrained(folder)
+    marker = plant_folder_code(folder)
+    refused = ""
+    try:
+        PaLlava.from_pretrained(folder)
+    except ValueError as error:
+        refused = str(error)
+    assert not marker.exists() and plant_folder_code.asked == []
+    assert "custom code" in refused
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_image_tokens": 10**9}, r"num_image_tokens must be an integer from 1 to 4,096, got 1000000000"),
+        ({"num_image_tokens": "196"}, r"num_image_tokens must be an integer from 1 to 4,096, got '196'"),
+        ({"max_length": 0}, r"max_length must be an integer from 1 to 1,048,576, got 0"),
+        ({"system_prompt": 3}, r"system_prompt must be a string or null, got 3"),
+        ({"temperature": 0.5}, r"unknown field\(s\) \['temperature'\]; expected .*num_image_tokens"),
+    ],
+)
+def test_absurd_processor_config_is_refused_on_load(tiny, tmp_path, settings, message):
+    _, processor = tiny
+    processor.save_pretrained(tmp_path)
+    path = tmp_path / "processor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    with pytest.raises(ValueError, match=rf"processor_config\.json: {message}"):
+        PaLlavaProcessor.from_pretrained(tmp_path)

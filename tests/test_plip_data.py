@@ -33,7 +33,11 @@ def test_caption_jsonl_keys_identical_captions_alike(tmp_path, lung):
         {"image": str(image), "caption": "Benign  lung tissue."},
         {"image": str(image), "caption": "benign lung tissue."},
         {"image": str(image), "caption": "Alveoli with thin septa.", "split": "dev"},
-        {"image": str(image), "caption": "Normal lung parenchyma.", "meta": {"label": "lung_n", "split": "train"}},
+        {
+            "image": str(image),
+            "caption": "Normal lung parenchyma.",
+            "meta": {"label": "lung_n", "split": "train"},
+        },
         {"image": str(image), "caption": "Benign pulmonary tissue.", "meta": {"label": "lung_n"}},
     ]
     path = tmp_path / "captions.jsonl"
@@ -52,10 +56,13 @@ def test_caption_jsonl_keys_identical_captions_alike(tmp_path, lung):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [('{"image": "x.png"}\n', "line 1: field 'caption'"), ("not json\n", "line 1: not valid JSON"),
-     ('{"image": "missing.png", "caption": "a"}\n', "line 1: field 'image': file not found"),
-     ("[1]\n", "line 1: expected a JSON object")],
-)  # fmt: skip
+    [
+        ('{"image": "x.png"}\n', "line 1: field 'caption'"),
+        ("not json\n", "line 1: not valid JSON"),
+        ('{"image": "missing.png", "caption": "a"}\n', "line 1: field 'image': file not found"),
+        ("[1]\n", "line 1: expected a JSON object"),
+    ],
+)
 def test_bad_caption_records_name_the_line_and_field(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
@@ -109,7 +116,10 @@ def test_prompts_cover_every_class_name():
     label_map = LabelMap.builtin("lc25000-lung")
     prompts = class_prompts(label_map)
     assert len(prompts) == 3
-    assert all(len(p) == len(ZEROSHOT_TEMPLATES) * len(info.all_names()) for p, info in zip(prompts, label_map.values(), strict=True))
+    assert all(
+        len(p) == len(ZEROSHOT_TEMPLATES) * len(info.all_names())
+        for p, info in zip(prompts, label_map.values(), strict=True)
+    )
     assert "an H&E image of lung adenocarcinoma." in prompts[0]
     rng = random.Random(0)
     captions = {caption_for(label_map["lung_n"], rng) for _ in range(200)}

@@ -10,15 +10,25 @@ import torch.multiprocessing as mp
 from pallava.models.plip import build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 BATCH = 8
 WORLD = 2
 MODES = (False, True)  # without / with momentum encoders and queues
 
 
-def _pretrainer(use_momentum: bool) -> tuple[PlipPretrainer, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pretrainer(
+    use_momentum: bool,
+) -> tuple[PlipPretrainer, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same model and global batch in every process (seeded); ITM off: its negatives are per process."""
     model, tokenizer = build_plip(
-        "tiny", text_init="scratch", text_layers=1, seed=0, itm_weight=0.0, use_momentum=use_momentum, queue_size=16
+        "tiny",
+        text_init="scratch",
+        text_layers=1,
+        seed=0,
+        itm_weight=0.0,
+        use_momentum=use_momentum,
+        queue_size=16,
     )
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randn(BATCH, 3, 224, 224, generator=gen)

@@ -28,7 +28,9 @@ def test_aligned_features_at_low_temperature_give_near_zero_loss():
 def test_unrelated_features_give_log_batch():
     batch = 16
     identical = F.normalize(torch.ones(batch, 4), dim=1)  # every logit equal -> uniform softmax
-    assert clip_loss(identical, identical, temperature=0.07).item() == pytest.approx(math.log(batch), abs=1e-5)
+    assert clip_loss(identical, identical, temperature=0.07).item() == pytest.approx(
+        math.log(batch), abs=1e-5
+    )
     # Independent random directions in a wide space are nearly orthogonal: close to log(batch).
     loss = clip_loss(_unit(batch, 4096, 1), _unit(batch, 4096, 2), temperature=1.0).item()
     assert loss == pytest.approx(math.log(batch), abs=0.1)
@@ -37,13 +39,17 @@ def test_unrelated_features_give_log_batch():
 def test_shuffled_pairs_cost_more_than_aligned():
     feats = _unit(12, 64)
     aligned = clip_loss(feats, feats, 0.07).item()
-    shuffled = clip_loss(feats, feats[torch.randperm(12, generator=torch.Generator().manual_seed(0))], 0.07).item()
+    shuffled = clip_loss(
+        feats, feats[torch.randperm(12, generator=torch.Generator().manual_seed(0))], 0.07
+    ).item()
     assert shuffled > math.log(12) > aligned
 
 
 def test_loss_is_symmetric_in_images_and_texts():
     images, texts = _unit(10, 32, 3), _unit(10, 32, 4)
-    assert clip_loss(images, texts, 0.1).item() == pytest.approx(clip_loss(texts, images, 0.1).item(), rel=1e-6)
+    assert clip_loss(images, texts, 0.1).item() == pytest.approx(
+        clip_loss(texts, images, 0.1).item(), rel=1e-6
+    )
 
 
 def test_contrastive_loss_matches_hand_computation():
@@ -52,7 +58,9 @@ def test_contrastive_loss_matches_hand_computation():
     logits = images @ texts.t() / temp
     by_hand = (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.t(), torch.arange(3))) / 2
     targets = torch.eye(3)
-    assert contrastive_loss(images, texts, images, texts, temp, targets, targets).item() == pytest.approx(by_hand.item())
+    assert contrastive_loss(images, texts, images, texts, temp, targets, targets).item() == pytest.approx(
+        by_hand.item()
+    )
 
 
 def test_match_keys_make_same_class_pairs_positive():

@@ -1,4 +1,5 @@
-"""PLIP model: text-tower init parity, ITM uses the image, save/load, vision export into the assistant, converter."""
+"""PLIP model: text-tower init parity, ITM uses the image, save/load, vision export into the assistant,
+converter."""
 
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import BertModel, CLIPVisionModel
 
+from pallava.convert.plip import convert_plip_checkpoint, load_vision_tower
 from pallava.models.plip import PlipConfig, PlipZeroShot, build_plip, export_vision_tower, plip_config
-from pallava.models.plip.convert import convert_plip_checkpoint, load_vision_tower
 from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.text_init import load_tokenizer, minilm_dir
 from pallava.models.presets import load_preset, tiny_vision_config
@@ -44,7 +45,9 @@ def _pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
 def test_text_tower_from_minilm_reproduces_bert_hidden_states():
     model, tokenizer = build_plip("tiny", text_layers=6, text_pooling="cls", seed=0)  # all of MiniLM-L6
     bert = BertModel.from_pretrained(str(minilm_dir())).eval()
-    tokens = tokenizer(["an H&E image of lung adenocarcinoma.", "benign lung tissue"], padding=True, return_tensors="pt")
+    tokens = tokenizer(
+        ["an H&E image of lung adenocarcinoma.", "benign lung tissue"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         expected = bert(**tokens).last_hidden_state
         got = model.eval().text_states(tokens["input_ids"], tokens["attention_mask"])
@@ -88,7 +91,9 @@ def test_save_load_round_trip_gives_identical_features(plip, saved, crc_images):
     torch.testing.assert_close(zs.encode_texts(texts), expected_texts, rtol=0, atol=0)
     expected = PlipZeroShot(model, tokenizer).encode_images(crc_images)
     torch.testing.assert_close(zs.encode_images(crc_images), expected, rtol=0, atol=0)
-    torch.testing.assert_close(zs.encode_images(crc_images, batch_size=2), expected)  # batching changes nothing
+    torch.testing.assert_close(
+        zs.encode_images(crc_images, batch_size=2), expected
+    )  # batching changes nothing
     proba = zs.predict_proba(crc_images, [["adipose tissue", "fat"], ["debris"], ["lymphocytes"]])
     assert proba.shape == (3, 3)
     assert proba.sum(axis=1) == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
@@ -125,11 +130,49 @@ def test_converter_maps_the_authors_key_layout(tmp_path):
     converted = CLIPVisionModel.from_pretrained(out).eval()
     pixels = _pixels(1, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(converted(pixels).pooler_output, source(pixels).pooler_output, rtol=0, atol=0)
+        torch.testing.assert_close(
+            converted(pixels).pooler_output, source(pixels).pooler_output, rtol=0, atol=0
+        )
     del released["vision_model.post_layrnorm.weight"]
     torch.save(released, folder / "plip_80w_196token.bin")
     with pytest.raises(ValueError, match="post_layernorm.weight"):
         load_vision_tower(folder / "plip_80w_196token.bin")
+
+
+def test_plip_convert_refuses_unreadable_and_invalid_weights_in_one_line(tmp_path, capsys):
+    import gzip
+
+    from pallava.cli import main
+
+    released = {
+        "vision_model." + k: v.clone() for k, v in CLIPVisionModel(tiny_vision_config()).state_dict().items()
+    }
+    folder = tmp_path / "plip"
+    folder.mkdir()
+    tiny_vision_config().save_pretrained(folder)
+    weights = folder / "plip_80w_196token.bin"
+    nan = released | {
+        "vision_model.post_layernorm.bias": torch.full_like(
+            released["vision_model.post_layernorm.bias"], float("nan")
+        )
+    }
+    integer = released | {
+        "vision_model.pre_layrnorm.weight": torch.ones_like(
+            released["vision_model.pre_layrnorm.weight"], dtype=torch.int32
+        )
+    }
+    cases = {
+        "hold NaN or infinite values: post_layernorm.bias": lambda: torch.save(nan, weights),
+        "not floating point: pre_layrnorm.weight (torch.int32)": lambda: torch.save(integer, weights),
+        "gzip-compressed; decompress": lambda: weights.write_bytes(gzip.compress(weights.read_bytes())),
+        "config.json: not valid JSON": lambda: (folder / "config.json").write_text("{"),
+    }
+    for message, damage in cases.items():
+        damage()
+        assert main(["plip", "convert", "--checkpoint", str(weights), "--out", str(tmp_path / "out")]) == 1
+        line = capsys.readouterr().err.rstrip().splitlines()[-1]
+        assert line.startswith("pallava plip: error: ") and message in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_vision_init_from_a_clip_folder(tmp_path):
@@ -146,7 +189,9 @@ def test_momentum_pretrainer_clamps_temperature_and_fills_the_queue():
     assert not any(p.requires_grad for p in pretrainer.momentum_model.parameters())
     with torch.no_grad():
         model.temp.fill_(3.0)
-    tokens = tokenizer(["benign lung tissue", "lung adenocarcinoma", "benign lung"], padding=True, return_tensors="pt")
+    tokens = tokenizer(
+        ["benign lung tissue", "lung adenocarcinoma", "benign lung"], padding=True, return_tensors="pt"
+    )
     keys = torch.tensor([[1, 10], [2, 20], [3, 10]])
     output = pretrainer(_pixels(3), tokens["input_ids"], tokens["attention_mask"], keys)
     output.loss.backward()

@@ -9,12 +9,23 @@ from PIL import Image
 
 from pallava.cli import main
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 DATASETS = {"lc25000-lung": 3, "lc25000-colon": 2, "oscc": 2}  # name -> classes
 
 
 def _command(shared_data, out):
     data = [arg for name in DATASETS for arg in ("--data", str(shared_data / name))]
-    return ["quickstart", "--smoke", "--no-progress", "--out", str(out), *data, "--samples", str(shared_data / "samples")]
+    return [
+        "quickstart",
+        "--smoke",
+        "--no-progress",
+        "--out",
+        str(out),
+        *data,
+        "--samples",
+        str(shared_data / "samples"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +60,34 @@ def test_models_load_and_answer(smoke_run, lung_tiles):
 
 def test_reports_and_summary_are_written(smoke_run):
     reports = smoke_run / "reports"
-    for name, classes in DATASETS.items():
-        vqa = json.loads((reports / name / "vqa" / "report.json").read_text())
-        assert {"closed", "open"} <= set(vqa) and vqa["closed"]["n"] > 0
-        plip = json.loads((reports / name / "plip-zeroshot" / "report.json").read_text())
-        assert plip["n"] == 2 * classes  # 2 dev images per class in the smoke subset
+    suite = json.loads((reports / "suite" / "summary.json").read_text())
+    assert [row["name"] for row in suite["benchmarks"]] == list(DATASETS)  # one row per dataset
+    for row in suite["benchmarks"]:
+        classes = DATASETS[row["name"]]
+        assert row["n"] == 2 * classes  # 2 dev images per class in the smoke subset
+        vqa = json.loads((reports / "suite" / row["name"] / "vqa" / "report.json").read_text())
+        assert {"closed", "open", "choice"} <= set(vqa) and vqa["closed"]["n"] > 0
+        organ = [
+            r
+            for r in map(
+                json.loads,
+                (reports / "suite" / row["name"] / "vqa" / "predictions.jsonl").read_text().splitlines(),
+            )
+            if "organ" in r["question"].lower()
+        ]
+        assert organ, "questions span organs"
+        plip = json.loads((reports / "suite" / row["name"] / "plip-zeroshot" / "report.json").read_text())
         assert len(plip["per_class"]) == classes  # zero-shot over the dataset's own classes
     table = (reports / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in DATASETS)
     summary = json.loads((reports / "summary.json").read_text())
-    assert [step["name"] for step in summary] == ["1-corpus", "2-plip", "3-assistant", "4-evaluation", "5-example"]
+    assert [step["name"] for step in summary] == [
+        "1-corpus",
+        "2-plip",
+        "3-assistant",
+        "4-evaluation",
+        "5-example",
+    ]
     assert list(reports.glob("**/*.png")), "reports come with plots"
 
 

@@ -33,9 +33,15 @@ def samples(shared_data) -> Path:
 @pytest.fixture(scope="module")
 def server(assistant, samples):
     settings = ServerSettings(
-        model_name="pallava-tiny", api_key=API_KEY, allow_local_dir=samples, default_max_tokens=MAX_TOKENS,
-        max_tokens_limit=32, batch_window_s=0.25, max_batch_size=8, timeout_s=120,
-    )  # fmt: skip
+        model_name="pallava-tiny",
+        api_key=API_KEY,
+        allow_local_dir=samples,
+        default_max_tokens=MAX_TOKENS,
+        max_tokens_limit=32,
+        batch_window_s=0.25,
+        max_batch_size=8,
+        timeout_s=120,
+    )
     with BackgroundServer(create_app(assistant, settings)) as running:
         yield running
 
@@ -46,9 +52,15 @@ def client(server) -> OpenAI:
 
 
 def image_message(question: str, url: str) -> list[dict]:
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question},
-    ]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
 
 
 def test_models_and_health(client, server):
@@ -83,9 +95,15 @@ def test_streaming_yields_the_same_answer_in_pieces(client, lung_tiles, question
     if question == "hello":  # text only: the tiny model's answer to it starts with a space the answer strips
         messages = [{"role": "user", "content": question}]
     plain = client.chat.completions.create(model="x", messages=messages, max_tokens=MAX_TOKENS)
-    chunks = list(client.chat.completions.create(
-        model="x", messages=messages, max_tokens=MAX_TOKENS, stream=True, stream_options={"include_usage": True},
-    ))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="x",
+            messages=messages,
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert deltas[0].role == "assistant"
     text = "".join(d.content or "" for d in deltas)
@@ -129,11 +147,16 @@ def test_multi_turn_with_system_prompt_and_an_allowed_local_path(client, assista
     relative = "pathology/skimage_ihc.png"
     messages = [
         {"role": "system", "content": "You are a careful pathologist."},
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": relative}},
-                                     {"type": "text", "text": "What stain is used?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": relative}},
+                {"type": "text", "text": "What stain is used?"},
+            ],
+        },
         {"role": "assistant", "content": "An immunohistochemical stain."},
         {"role": "user", "content": "Which structures are brown?"},
-    ]  # fmt: skip
+    ]
     reply = client.chat.completions.create(model="x", messages=messages, max_tokens=MAX_TOKENS)
     conversation = [
         {"role": "system", "content": "You are a careful pathologist."},

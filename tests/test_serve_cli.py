@@ -28,29 +28,60 @@ def assistant(model_dir) -> PaLlava:
 
 
 def test_chat_one_shot_prints_the_answer(model_dir, assistant, lung_tiles, capsys):
-    code = main(["chat", "--model", str(model_dir), str(lung_tiles[0]), "What", "is", "shown?",
-                 "--max-tokens", str(TOKENS)])  # fmt: skip
+    code = main(
+        [
+            "chat",
+            "--model",
+            str(model_dir),
+            str(lung_tiles[0]),
+            "What",
+            "is",
+            "shown?",
+            "--max-tokens",
+            str(TOKENS),
+        ]
+    )
     assert code == 0
     assert capsys.readouterr().out.strip() == assistant.ask(
         lung_tiles[0], "What is shown?", max_new_tokens=TOKENS
     )
 
 
+@pytest.mark.slow
 def test_interactive_chat_streams_keeps_history_and_resets(model_dir, assistant, lung_tiles):
     script = "What is shown?\nAnd the nuclei?\n\n/help\n/reset\nWhat is shown?\n/quit\nnever asked\n"
     result = subprocess.run(
-        [sys.executable, "-m", "pallava.cli", "chat", "--model", str(model_dir), str(lung_tiles[0]),
-         "--max-tokens", str(TOKENS)],
-        input=script, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pallava.cli",
+            "chat",
+            "--model",
+            str(model_dir),
+            str(lung_tiles[0]),
+            "--max-tokens",
+            str(TOKENS),
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     answers = [part.split("\n")[0].strip() for part in result.stdout.split("assistant> ")[1:]]
     assert len(answers) == 3  # nothing after /quit
     first = assistant.ask(lung_tiles[0], "What is shown?", max_new_tokens=TOKENS)
     follow_up = assistant.generate(
-        [[{"role": "user", "content": "<image>\nWhat is shown?"}, {"role": "assistant", "content": first},
-          {"role": "user", "content": "And the nuclei?"}]], [[lung_tiles[0]]], max_new_tokens=TOKENS,
-    )[0]  # fmt: skip
+        [
+            [
+                {"role": "user", "content": "<image>\nWhat is shown?"},
+                {"role": "assistant", "content": first},
+                {"role": "user", "content": "And the nuclei?"},
+            ]
+        ],
+        [[lung_tiles[0]]],
+        max_new_tokens=TOKENS,
+    )[0]
     assert answers == [first, follow_up, first]  # the second turn saw the first; /reset forgot it
     assert "(new conversation)" in result.stdout and "/reset starts" in result.stdout
 
@@ -63,18 +94,34 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_predict_is_batched_resumable_and_survives_a_torn_line(
     model_dir, assistant, lung_tiles, shared_data, tmp_path
 ):
     histo = shared_data / "samples" / "pathology" / "stardist_histo.jpg"
-    records = [{"id": f"lung-{i}", "image": str(p), "question": "Which tissue?", "label": i}
-               for i, p in enumerate(lung_tiles)]  # fmt: skip
-    records += [{"id": 7, "image": str(histo), "question": "Describe it."},
-                {"id": "text-only", "image": None, "question": "What is a granuloma?"}]  # fmt: skip
+    records = [
+        {"id": f"lung-{i}", "image": str(p), "question": "Which tissue?", "label": i}
+        for i, p in enumerate(lung_tiles)
+    ]
+    records += [
+        {"id": 7, "image": str(histo), "question": "Describe it."},
+        {"id": "text-only", "image": None, "question": "What is a granuloma?"},
+    ]
     source, target = tmp_path / "in.jsonl", tmp_path / "out" / "answers.jsonl"
     write_jsonl(source, records)
-    args = ["predict", "--model", str(model_dir), "--input", str(source), "--output", str(target),
-            "--batch-size", "2", "--max-tokens", str(TOKENS)]  # fmt: skip
+    args = [
+        "predict",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(source),
+        "--output",
+        str(target),
+        "--batch-size",
+        "2",
+        "--max-tokens",
+        str(TOKENS),
+    ]
     assert main(args) == 0
     full = read_jsonl(target)
     expected = assistant.ask_batch(
@@ -94,13 +141,19 @@ def test_predict_is_batched_resumable_and_survives_a_torn_line(
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        (['{"id": 1, "image": null, "question": "a"}', '{"id": 2, "image": null}'], "line 2 (id 2): field 'question'"),
-        (['{"id": 1, "image": null, "question": "a"}', '{"id": 1, "image": null, "question": "b"}'], "duplicate id"),
+        (
+            ['{"id": 1, "image": null, "question": "a"}', '{"id": 2, "image": null}'],
+            "line 2 (id 2): field 'question'",
+        ),
+        (
+            ['{"id": 1, "image": null, "question": "a"}', '{"id": 1, "image": null, "question": "b"}'],
+            "duplicate id",
+        ),
         (['{"id": "x", "image": "missing.png", "question": "a"}'], "image file not found"),
         (['{"image": null, "question": "a"}'], "line 1: field 'id'"),
         (["not json"], "line 1: not valid JSON"),
     ],
-)  # fmt: skip
+)
 def test_predict_names_the_bad_record(model_dir, tmp_path, capsys, lines, message):
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(lines) + "\n")
@@ -133,10 +186,36 @@ def test_serve_and_ui_commands_pass_their_settings(model_dir, tmp_path, monkeypa
         lambda assistant, host, port, examples, max_tokens: calls.update(ui=(examples, max_tokens)),
     )
     monkeypatch.setenv("PALLAVA_API_KEY", "from-env")
-    assert main(["serve", "--model", str(model_dir), "--port", "9123", "--allow-local-dir", str(tmp_path),
-                 "--max-images", "2", "--batch-window-ms", "5", "--max-tokens", "40", "--header-timeout", "3",
-                 "--body-timeout", "4", "--keep-alive", "2", "--max-queued-pixels", "1000",
-                 "--decode-workers", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                str(model_dir),
+                "--port",
+                "9123",
+                "--allow-local-dir",
+                str(tmp_path),
+                "--max-images",
+                "2",
+                "--batch-window-ms",
+                "5",
+                "--max-tokens",
+                "40",
+                "--header-timeout",
+                "3",
+                "--body-timeout",
+                "4",
+                "--keep-alive",
+                "2",
+                "--max-queued-pixels",
+                "1000",
+                "--decode-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     settings, host, port = calls["serve"]
     assert (host, port, settings.api_key, settings.allow_local_dir) == (
         "127.0.0.1",

@@ -42,7 +42,8 @@ def chat(*images: str, stream: bool = False, max_tokens: int = LONG) -> dict:
 
 
 def send(url: str, body: dict) -> socket.socket:
-    """POST a chat request on a raw socket and leave it open, unread: a client that may give up at any time."""
+    """POST a chat request on a raw socket and leave it open, unread: a client that may give up at any
+    time."""
     parts = urlsplit(url)
     sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
     data = json.dumps(body).encode()
@@ -159,8 +160,9 @@ def test_checks_and_image_decoding_count_against_the_timeout(assistant, monkeypa
     monkeypatch.setattr(app_module, "load_request_image", slow_load)
     settings = ServerSettings(timeout_s=0.5, max_tokens_limit=8, default_max_tokens=8, batch_window_s=0)
     with BackgroundServer(create_app(assistant, settings)) as running:
-        reply = httpx.post(f"{running.url}/v1/chat/completions", json=chat(png_data_url(64, 64), max_tokens=8),
-                           timeout=60)  # fmt: skip
+        reply = httpx.post(
+            f"{running.url}/v1/chat/completions", json=chat(png_data_url(64, 64), max_tokens=8), timeout=60
+        )
         stats = health(running)
     assert reply.status_code == 504, reply.text
     assert reply.json()["error"]["code"] == "timeout" and "0.5 s" in reply.json()["error"]["message"]
@@ -205,8 +207,10 @@ def test_a_connection_whose_headers_do_not_arrive_is_closed(strict_server, sent)
 
 def test_a_body_that_does_not_arrive_gets_a_408_and_the_connection_is_closed(strict_server):
     with connect(strict_server) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n" + b'{"messages": [')  # fmt: skip
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"messages": ['
+        )
         response = read_until_closed(sock)
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), response

@@ -35,6 +35,7 @@ def live_server(tiny):
         yield running
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_generated_requests_never_cause_a_server_error(live_server, mode):
     schema = schemathesis.openapi.from_url(f"{live_server.url}/openapi.json")
@@ -43,8 +44,13 @@ def test_generated_requests_never_cause_a_server_error(live_server, mode):
     statuses: Counter[tuple[str, int]] = Counter()
     for operation in operations:
 
-        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)  # fmt: skip
+        @settings(
+            max_examples=20,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
         @given(case=operation.as_strategy(mode))
         def call(case):
             for headers in ({"Authorization": f"Bearer {KEY}"}, {}):  # with and without the key
@@ -60,7 +66,8 @@ def test_generated_requests_never_cause_a_server_error(live_server, mode):
         except Unsatisfiable:  # no request can break the schema of these GETs (any string is a valid id)
             assert mode == GenerationMode.NEGATIVE and operation.method.upper() == "GET"
     print(
-        f"schemathesis {mode}: {sum(statuses.values())} requests, status counts {dict(sorted(statuses.items()))}"
+        f"schemathesis {mode}: {sum(statuses.values())} requests, status counts "
+        f"{dict(sorted(statuses.items()))}"
     )
     assert statuses and all(status < 500 for _, status in statuses)
     assert any(op == "POST /v1/chat/completions" for op, _ in statuses)

@@ -17,8 +17,15 @@ from test_serve_safety import png_header_only
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.mark.parametrize("size", [(500, 300), (300, 500), (224, 224), (1000, 37)])
@@ -81,14 +88,20 @@ def free_port() -> int:
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_web_page_answers_and_draws_a_heat_map_in_a_real_browser(tiny, shared_data):
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (make browser installs it); the web page test needs it")
     from playwright.sync_api import sync_playwright
 
     upload = shared_data / "samples" / "pathology" / "stardist_histo.jpg"  # 500x300: a 3x2 tile grid
-    demo = launch_ui(PaLlava(*tiny), port=free_port(), examples_dir=shared_data / "samples" / "crc", block=False,
-                     max_tokens=8)  # fmt: skip
+    demo = launch_ui(
+        PaLlava(*tiny),
+        port=free_port(),
+        examples_dir=shared_data / "samples" / "crc",
+        block=False,
+        max_tokens=8,
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with sync_playwright() as playwright:

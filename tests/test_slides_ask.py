@@ -40,9 +40,17 @@ def test_ask_about_a_region_answers_on_the_exact_crop(svs, assistant, tmp_path):
     record = json.loads((tmp_path / "answers.json").read_text())
     assert record["question"] == QUESTION
     assert record["regions"] == [
-        {"x": 900, "y": 1500, "w": 300, "h": 200, "score": None, "crop": str(answer.crop),
-         "crop_size": [300, 200], "answer": answer.answer},
-    ]  # fmt: skip
+        {
+            "x": 900,
+            "y": 1500,
+            "w": 300,
+            "h": 200,
+            "score": None,
+            "crop": str(answer.crop),
+            "crop_size": [300, 200],
+            "answer": answer.answer,
+        },
+    ]
 
 
 def test_large_regions_are_read_shrunk_and_bad_regions_rejected(svs, assistant, tmp_path):
@@ -87,12 +95,26 @@ def test_query_retrieves_the_most_similar_tissue_tiles(svs, tmp_path):
         retrieve_regions(grid, vectors, plip, "x", top_k=0)
 
 
+@pytest.mark.slow
 def test_ask_command_with_a_region(svs, assistant, tmp_path, capsys):
     model_dir = tmp_path / "assistant"
     assistant.save_pretrained(model_dir)
     out = tmp_path / "answers"
-    argv = ["slide", "ask", "--slide", str(svs), "--model", str(model_dir), "--region", "1000,1000,448,448",
-            "--out", str(out), "--max-new-tokens", "4", QUESTION]  # fmt: skip
+    argv = [
+        "slide",
+        "ask",
+        "--slide",
+        str(svs),
+        "--model",
+        str(model_dir),
+        "--region",
+        "1000,1000,448,448",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        QUESTION,
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     record = json.loads((out / "answers.json").read_text())

@@ -65,8 +65,11 @@ def test_map_outputs_and_probabilities_match_the_tiles(svs, plip, classes, tmp_p
 
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.png")) == [
-        "heatmap_background.png", "heatmap_dermal_collagen.png", "heatmap_squamous_epithelium.png", "tissue.png",
-    ]  # fmt: skip
+        "heatmap_background.png",
+        "heatmap_dermal_collagen.png",
+        "heatmap_squamous_epithelium.png",
+        "tissue.png",
+    ]
     for png in out.glob("*.png"):
         with Image.open(png) as image:
             assert image.width > 300 and image.height > 300
@@ -79,6 +82,7 @@ def test_map_outputs_and_probabilities_match_the_tiles(svs, plip, classes, tmp_p
     assert sum(c["tiles_predicted"] for c in summary["classes"].values()) == n
 
 
+@pytest.mark.slow
 def test_map_resumes_after_interruption_and_reuses_the_cache(svs, plip, classes, tmp_path):
     out = tmp_path / "out"
     with open_slide(svs) as slide:
@@ -121,6 +125,7 @@ def test_blank_tiling_and_class_files_give_clear_errors(svs, plip, tmp_path):
     assert len(load_classes(None)) == 9  # nct-crc-he tissue classes by default
 
 
+@pytest.mark.slow
 def test_map_command_end_to_end(svs, plip, tmp_path, capsys):
     plip_dir = tmp_path / "plip"
     plip.model.save_pretrained(plip_dir)
@@ -128,8 +133,24 @@ def test_map_command_end_to_end(svs, plip, tmp_path, capsys):
     classes = tmp_path / "classes.yaml"
     classes.write_text("EPI: {name: squamous epithelium}\nCOL: {name: collagen, synonyms: [dermis]}\n")
     out = tmp_path / "map"
-    argv = ["slide", "map", "--slide", str(svs), "--model", str(plip_dir), "--out", str(out), "--mpp", "2.0",
-            "--classes", str(classes), "--batch-size", "16", "--template", TEMPLATES[0]]  # fmt: skip
+    argv = [
+        "slide",
+        "map",
+        "--slide",
+        str(svs),
+        "--model",
+        str(plip_dir),
+        "--out",
+        str(out),
+        "--mpp",
+        "2.0",
+        "--classes",
+        str(classes),
+        "--batch-size",
+        "16",
+        "--template",
+        TEMPLATES[0],
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tissue tiles of 224 px at 2.0 um/px (898 level-0 px each); 2 classes" in printed
@@ -153,3 +174,59 @@ def test_map_command_reports_an_interruption(svs, tmp_path, capsys, monkeypatch)
     argv = ["slide", "map", "--slide", str(svs), "--model", "plip", "--out", str(tmp_path / "map")]
     assert main(argv) == 130
     assert "run the same command to resume" in capsys.readouterr().err
+
+
+def _saved(plip, folder):
+    plip.model.save_pretrained(folder)
+    plip.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_map_command_refuses_a_folder_that_is_not_a_trained_plip(svs, plip, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    from pallava.models.presets import tiny_config
+    from pallava.processing.tokenizer import build_tiny_tokenizer
+
+    llm = tmp_path / "llm"  # a language model folder: PLIP would get random weights from it
+    LlamaForCausalLM(tiny_config().text_config).save_pretrained(llm)
+    build_tiny_tokenizer().save_pretrained(llm)
+    no_text = _saved(plip, tmp_path / "no-text-tower")  # a PLIP whose text tower is missing from the weights
+    weights = load_file(no_text / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("text_")}, no_text / "model.safetensors")
+    no_weights = _saved(plip, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    expected = {
+        llm: "is not a PLIP model folder: its config.json has model_type 'llama', expected 'pallava_plip'",
+        no_text: "weights do not fill the PLIP model: missing text_",
+        no_weights: "cannot load the PLIP weights",
+    }
+    for folder, message in expected.items():
+        out = tmp_path / f"map-{folder.name}"
+        argv = [
+            "slide",
+            "map",
+            "--slide",
+            str(svs),
+            "--model",
+            str(folder),
+            "--out",
+            str(out),
+            "--mpp",
+            "2.0",
+        ]
+        assert main(argv) == 1, folder
+        last_line = capsys.readouterr().err.rstrip().splitlines()[-1]  # after any progress bars
+        assert last_line.startswith("pallava slide: error: ") and message in last_line, last_line
+        assert not (out / "summary.json").exists()
+
+
+def test_plip_folders_never_run_code_they_ship(plip, tmp_path, plant_folder_code):
+    from pallava.models.plip import PlipZeroShot
+
+    folder = _saved(plip, tmp_path / "plip")
+    marker = plant_folder_code(folder)
+    with pytest.raises(ValueError, match="custom code"):
+        PlipZeroShot.from_pretrained(folder)
+    assert not marker.exists() and plant_folder_code.asked == []

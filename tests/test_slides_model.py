@@ -1,4 +1,4 @@
-"""The slide model: chunked cross-attention equals the connector's, a fixed token count, masking, positions."""
+"""The slide model: chunked attention equals the connector's, fixed token count, masking, positions."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ def slide_model(tiny):
 
 def features(num_tiles: int, seed: int = 0, width: int = 128, tokens: int = 49):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, tokens, width, generator=generator),
-            torch.randn(1, num_tiles, tokens, width, generator=generator),
-            torch.rand(1, num_tiles, 2, generator=generator))  # fmt: skip
+    return (
+        torch.randn(1, tokens, width, generator=generator),
+        torch.randn(1, num_tiles, tokens, width, generator=generator),
+        torch.rand(1, num_tiles, 2, generator=generator),
+    )
 
 
 def test_chunked_attention_equals_the_connectors_full_attention_with_padded_tiles(tiny):

@@ -22,10 +22,14 @@ def write_pyramid(path: Path, mpp: float | None = 0.25) -> np.ndarray:
             step = 2**level
             resolution = 1e4 / (mpp * step) if mpp else 1.0  # pixels per centimetre
             writer.write(
-                np.ascontiguousarray(image[::step, ::step]), tile=(128, 128), photometric="rgb",
-                compression="zlib", resolution=(resolution, resolution),
-                resolutionunit="CENTIMETER" if mpp else "NONE", subfiletype=1 if level else 0,
-            )  # fmt: skip
+                np.ascontiguousarray(image[::step, ::step]),
+                tile=(128, 128),
+                photometric="rgb",
+                compression="zlib",
+                resolution=(resolution, resolution),
+                resolutionunit="CENTIMETER" if mpp else "NONE",
+                subfiletype=1 if level else 0,
+            )
     return image
 
 

@@ -30,17 +30,35 @@ def run(tmp_path_factory, lung, tiny):
 
     root = tmp_path_factory.mktemp("slide-stage")
     items = read_manifest(lung / "manifest.csv", "dev")
-    build_virtual_slides(items, LabelMap.builtin("lc25000-lung"), 4, root / "slides", seed=2, min_tiles=10,
-                         max_tiles=20, progress=False)  # fmt: skip
+    build_virtual_slides(
+        items,
+        LabelMap.builtin("lc25000-lung"),
+        4,
+        root / "slides",
+        seed=2,
+        min_tiles=10,
+        max_tiles=20,
+        progress=False,
+    )
     PaLlava(*tiny).save_pretrained(root / "assistant")
     plip, tokenizer = build_plip("tiny", text_init="scratch", text_layers=1, seed=0)
     plip.save_pretrained(root / "plip")
     tokenizer.save_pretrained(root / "plip")
-    recipe = load_recipe(REPO_CONFIG, "slide", [
-        f"data.path={root / 'slides'}", f"model.init={root / 'assistant'}", f"slide.plip={root / 'plip'}",
-        f"feature_cache.dir={root / 'cache'}", "train.max_steps=3", "train.batch_size=4", "slide.mil_epochs=2",
-        "slide.attention_loss=0.5", "slide.chunk_tiles=4",
-    ])  # fmt: skip
+    recipe = load_recipe(
+        REPO_CONFIG,
+        "slide",
+        [
+            f"data.path={root / 'slides'}",
+            f"model.init={root / 'assistant'}",
+            f"slide.plip={root / 'plip'}",
+            f"feature_cache.dir={root / 'cache'}",
+            "train.max_steps=3",
+            "train.batch_size=4",
+            "slide.mil_epochs=2",
+            "slide.attention_loss=0.5",
+            "slide.chunk_tiles=4",
+        ],
+    )
     out = train_slide(recipe, root / "slide-model", progress=False)
     return root, out
 
@@ -50,8 +68,14 @@ def test_stage_trains_the_position_embedding_and_saves_model_baseline_and_histor
     history = json.loads((out / "slide_training.json").read_text())
     assert history["steps"] == 3 and len(history["history"]) == 3
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["attention_loss"]) for r in history["history"])
-    for name in ("config.json", "slide_position.safetensors", "slide_config.json", "attention-mil.safetensors",
-                 "attention-mil.json", "recipe.yaml"):  # fmt: skip
+    for name in (
+        "config.json",
+        "slide_position.safetensors",
+        "slide_config.json",
+        "attention-mil.safetensors",
+        "attention-mil.json",
+        "recipe.yaml",
+    ):
         assert (out / name).is_file(), name
     from safetensors.torch import load_file
 
@@ -63,8 +87,9 @@ def test_stage_trains_the_position_embedding_and_saves_model_baseline_and_histor
 def test_ask_slide_answers_and_writes_one_heat_value_per_tissue_tile(run, tmp_path):
     root, out = run
     slide = list_slides(root / "slides")[0]
-    result = PaLlava.from_pretrained(out).ask_slide(slide, "Is there carcinoma on this slide?", tmp_path,
-                                                     max_new_tokens=4)  # fmt: skip
+    result = PaLlava.from_pretrained(out).ask_slide(
+        slide, "Is there carcinoma on this slide?", tmp_path, max_new_tokens=4
+    )
     assert len(result.answers) == 1 and isinstance(result.answers[0], str)
     assert result.attention.shape == (len(result.features.grid.tiles),)
     assert np.isclose(result.attention.sum(), 1.0, atol=1e-4)
@@ -76,23 +101,47 @@ def test_ask_slide_answers_and_writes_one_heat_value_per_tissue_tile(run, tmp_pa
 def test_cli_asks_the_whole_slide_without_a_region(run, tmp_path, capsys):
     root, out = run
     slide = list_slides(root / "slides")[1]
-    code = main(["slide", "ask", "--slide", str(slide), "--model", str(out), "--out", str(tmp_path),
-                 "--max-new-tokens", "4", "Where on the slide is the tumour?"])  # fmt: skip
+    code = main(
+        [
+            "slide",
+            "ask",
+            "--slide",
+            str(slide),
+            "--model",
+            str(out),
+            "--out",
+            str(tmp_path),
+            "--max-new-tokens",
+            "4",
+            "Where on the slide is the tumour?",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "tissue tiles)" in printed and "attention.png" in printed
-    assert json.loads((tmp_path / "answers.json").read_text())["questions"] == ["Where on the slide is the tumour?"]
+    assert json.loads((tmp_path / "answers.json").read_text())["questions"] == [
+        "Where on the slide is the tumour?"
+    ]
 
 
 def test_eval_report_has_every_metric_for_the_model_and_both_baselines(run, tmp_path):
     root, out = run
-    report = evaluate_slides(out, root / "slides", tmp_path, cache_dir=root / "cache", n_resamples=50,
-                             max_new_tokens=4, progress=False)  # fmt: skip
+    report = evaluate_slides(
+        out,
+        root / "slides",
+        tmp_path,
+        cache_dir=root / "cache",
+        n_resamples=50,
+        max_new_tokens=4,
+        progress=False,
+    )
     assert set(report["methods"]) == {"slide_model", "attention_mil", "retrieve_then_ask"}
     for metrics in report["methods"].values():
         assert set(metrics) == set(METRICS)
         assert metrics["tumour_present"]["n"] == 4 and metrics["tumour_present"]["ci95"] is not None
-    assert len(report["scaling"]) == 4 and all(r["seconds"] > 0 and r["peak_rss_mib"] > 0 for r in report["scaling"])
+    assert len(report["scaling"]) == 4 and all(
+        r["seconds"] > 0 and r["peak_rss_mib"] > 0 for r in report["scaling"]
+    )
     for name in ("report.md", "report.json", "scaling.png", "predictions.jsonl"):
         assert (tmp_path / name).is_file()
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 4
@@ -101,21 +150,35 @@ def test_eval_report_has_every_metric_for_the_model_and_both_baselines(run, tmp_
 def test_http_route_answers_a_local_slide_and_refuses_oversized_uploads(run):
     root, out = run
     slide = list_slides(root / "slides")[0]
-    settings = ServerSettings(allow_local_dir=root / "slides", default_max_tokens=4,
-                              max_slide_bytes=slide.stat().st_size + 1)  # fmt: skip
+    settings = ServerSettings(
+        allow_local_dir=root / "slides", default_max_tokens=4, max_slide_bytes=slide.stat().st_size + 1
+    )
     with BackgroundServer(create_app(PaLlava.from_pretrained(out), settings)) as server:
-        reply = httpx.post(f"{server.url}/v1/slides/ask", json={"slide": slide.name, "question": "Is there carcinoma?"},
-                           timeout=120)  # fmt: skip
+        reply = httpx.post(
+            f"{server.url}/v1/slides/ask",
+            json={"slide": slide.name, "question": "Is there carcinoma?"},
+            timeout=120,
+        )
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert isinstance(body["answer"], str) and len(body["attention"]["features"]) == body["tissue_tiles"]
-        escape = httpx.post(f"{server.url}/v1/slides/ask", json={"slide": "../x.tiff", "question": "?"}, timeout=60)
+        escape = httpx.post(
+            f"{server.url}/v1/slides/ask", json={"slide": "../x.tiff", "question": "?"}, timeout=60
+        )
         assert escape.status_code == 400
-        big = httpx.post(f"{server.url}/v1/slides/ask/upload", params={"question": "Is there carcinoma?"},
-                         content=b"\0" * (slide.stat().st_size + 2), timeout=60)  # fmt: skip
+        big = httpx.post(
+            f"{server.url}/v1/slides/ask/upload",
+            params={"question": "Is there carcinoma?"},
+            content=b"\0" * (slide.stat().st_size + 2),
+            timeout=60,
+        )
         assert big.status_code == 413
-        junk = httpx.post(f"{server.url}/v1/slides/ask/upload", params={"question": "Is there carcinoma?"},
-                          content=b"not a slide", timeout=60)  # fmt: skip
+        junk = httpx.post(
+            f"{server.url}/v1/slides/ask/upload",
+            params={"question": "Is there carcinoma?"},
+            content=b"not a slide",
+            timeout=60,
+        )
         assert junk.status_code == 400 and "slide" in junk.json()["error"]["message"]
 
 

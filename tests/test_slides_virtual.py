@@ -60,7 +60,7 @@ def test_openslide_reads_the_pyramid_and_the_slide_grid_lies_on_the_pasted_tiles
             assert [list(d) for d in slide.info.level_dimensions] == truth["levels"]
             grid = prepare_slide(slide, TilingOptions(mpp=0.5, tile_size=224)).grid
             pasted = {(t["x"], t["y"]): t for t in truth["tiles"]}
-            # Every tile the slide commands find is a pasted tile (none straddles two), most pasted tiles are found.
+            # Every tile the slide commands find is a pasted tile (none straddles two); most are found.
             assert {(t.x, t.y) for t in grid.tiles} <= set(pasted)
             assert len(grid.tiles) >= 0.8 * len(pasted)
             tile = truth["tiles"][len(truth["tiles"]) // 2]
@@ -110,11 +110,32 @@ def test_region_rings_split_corner_touching_cells_and_keep_holes():
 
 
 def test_cli_builds_slides_from_a_manifest_and_refuses_organless_labels(tmp_path, lung, capsys):
-    code = main(["data", "build", "--kind", "virtual-slides", "--data", str(lung / "manifest.csv"), "--split", "dev",
-                 "--n", "1", "--out", str(tmp_path / "cli"), "--min-tiles", "10", "--max-tiles", "12", "--no-progress"])
+    code = main(
+        [
+            "data",
+            "build",
+            "--kind",
+            "virtual-slides",
+            "--data",
+            str(lung / "manifest.csv"),
+            "--split",
+            "dev",
+            "--n",
+            "1",
+            "--out",
+            str(tmp_path / "cli"),
+            "--min-tiles",
+            "10",
+            "--max-tiles",
+            "12",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and "wrote 1 virtual slides" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "index.json").read_text())["slides"][0]["organ"] == "lung"
-    organless = LabelMap.from_dict({"lung_n": {"name": "benign lung tissue"}, "lung_aca": {"name": "adenocarcinoma"}})
+    organless = LabelMap.from_dict(
+        {"lung_n": {"name": "benign lung tissue"}, "lung_aca": {"name": "adenocarcinoma"}}
+    )
     items = read_manifest(lung / "manifest.csv", "dev")
     with pytest.raises(ValueError, match="has no organ"):
         organ_pools([i for i in items if i.label != "lung_scc"], organless)

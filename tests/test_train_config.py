@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pallava.train.config import load_recipe, parse_overrides, recipe_differences, with_defaults
+from pallava.train.plip_config import PlipTrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,11 +24,18 @@ def test_stage_sections_and_overrides_merge_in_order(tmp_path):
     instruct = load_recipe(path, "instruct", ["train.epochs=7", "optim.lr=3e-4", "trainable.llm=true"])
     assert instruct.stage == "instruct"
     assert instruct.train.epochs == 7 and instruct.train.batch_size == 4
-    assert instruct.optim.lr == pytest.approx(3e-4)  # YAML reads 3e-4 as text; the field type makes it a float
+    assert instruct.optim.lr == pytest.approx(
+        3e-4
+    )  # YAML reads 3e-4 as text; the field type makes it a float
     assert instruct.optim.lr_lora == pytest.approx(2e-4)
     assert instruct.trainable.llm is True
     assert set(recipe_differences(align.to_dict(), instruct.to_dict())) == {
-        "stage", "data.path", "optim.lr", "optim.lr_lora", "trainable.llm", "train.epochs"
+        "stage",
+        "data.path",
+        "optim.lr",
+        "optim.lr_lora",
+        "trainable.llm",
+        "train.epochs",
     }
 
 
@@ -58,9 +66,17 @@ def test_shipped_recipes_load_for_both_stages():
             recipe.validate()
     paper = {stage: load_recipe(CONFIGS / "assistant-paper.yaml", stage) for stage in ("align", "instruct")}
     # The paper's hyper-parameters (PA-LLAVA.md, Training).
-    assert (paper["align"].train.batch_size, paper["align"].train.grad_accum, paper["align"].train.epochs) == (6, 6, 9)
+    assert (
+        paper["align"].train.batch_size,
+        paper["align"].train.grad_accum,
+        paper["align"].train.epochs,
+    ) == (6, 6, 9)
     assert paper["align"].optim.lr == pytest.approx(1e-4)
-    assert (paper["instruct"].train.batch_size, paper["instruct"].train.grad_accum, paper["instruct"].train.epochs) == (6, 4, 12)
+    assert (
+        paper["instruct"].train.batch_size,
+        paper["instruct"].train.grad_accum,
+        paper["instruct"].train.epochs,
+    ) == (6, 4, 12)
     assert paper["instruct"].optim.lr_lora == pytest.approx(2e-4)
     assert paper["instruct"].optim.lr_connector == pytest.approx(1e-4)
     for recipe in paper.values():
@@ -89,3 +105,21 @@ def test_a_recipe_saved_before_a_setting_existed_still_resumes():
     assert recipe_differences(with_defaults(saved), current) == []
     dropping = load_recipe(None, "align", ["data.path=x.jsonl", "data.overlong=drop"]).to_dict()
     assert recipe_differences(with_defaults(saved), dropping) == ["data.overlong"]
+
+
+def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):
+    """A PLIP recipe sets what differs from configs/plip-<preset>.yaml; errors read like the assistant's."""
+    partial = tmp_path / "plip.yaml"
+    partial.write_text("preset: tiny\nlr: 2.0e-3\nsave_every: 4\n")
+    recipe = PlipTrainConfig.from_yaml(partial, batch_size=8)
+    shipped = PlipTrainConfig.for_preset("tiny")
+    assert (recipe.lr, recipe.save_every, recipe.batch_size) == (2e-3, 4, 8)
+    assert recipe.epochs == shipped.epochs and recipe.text_lr == shipped.text_lr
+    partial.write_text("preset: tiny\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match=r"plip\.yaml: unknown key\(s\) \['learning_rate'\]"):
+        PlipTrainConfig.from_yaml(partial)
+    partial.write_text("preset: tiny\nbatch_size: many\n")
+    with pytest.raises(ValueError, match=r"plip\.yaml: batch_size: expected int, got 'many'"):
+        PlipTrainConfig.from_yaml(partial)
+    with pytest.raises(ValueError, match=r"no shipped recipe 'plip-huge'"):
+        PlipTrainConfig.for_preset("huge")

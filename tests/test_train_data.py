@@ -54,10 +54,23 @@ def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_p
     records = []
     for index, tile in enumerate(lung_tiles):
         (tmp_path / tile.name).write_bytes(tile.read_bytes())
-        records.append({"id": f"r{index}", "image": tile.name, "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"answer {index}"}]})
-    records.append({"id": "text", "image": None, "conversations": [
-        {"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."}]})
+        records.append(
+            {
+                "id": f"r{index}",
+                "image": tile.name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is shown?"},
+                    {"from": "gpt", "value": f"answer {index}"},
+                ],
+            }
+        )
+    records.append(
+        {
+            "id": "text",
+            "image": None,
+            "conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."}],
+        }
+    )
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     write_shards(records, tmp_path / "shards", embed_images=True, image_root=tmp_path, progress=False)
@@ -73,9 +86,15 @@ def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_p
     assert pixels["pixel_values"].shape[0] == 2 and pixels["num_samples"] == 3
     keys = [image_key(s.read_image_bytes()) if s.image_source is not None else None for s in from_jsonl]
     assert keys[:3] == [image_key(s.image_bytes) for s in from_shards[:3]]
-    cache = FeatureCache(tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto"))
-    cache.build(model.encode_crops, processor.image_processor,
-                {k: s.image_source for k, s in zip(keys, from_jsonl, strict=True) if k}, progress=False)  # fmt: skip
+    cache = FeatureCache(
+        tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto")
+    )
+    cache.build(
+        model.encode_crops,
+        processor.image_processor,
+        {k: s.image_source for k, s in zip(keys, from_jsonl, strict=True) if k},
+        progress=False,
+    )
     cached = Collator(processor, from_jsonl, cache, keys)(indices)
     for name in ("input_ids", "attention_mask", "labels", "tile_mask"):
         assert torch.equal(cached[name], pixels[name]), name
@@ -87,8 +106,19 @@ def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_p
 
 def test_bad_records_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "x1", "image": "a.png", "conversations": [
-        {"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "y"}]}) + "\n")
+    bad.write_text(
+        json.dumps(
+            {
+                "id": "x1",
+                "image": "a.png",
+                "conversations": [
+                    {"from": "human", "value": "no placeholder"},
+                    {"from": "gpt", "value": "y"},
+                ],
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(ValueError, match="bad.jsonl: line 1"):
         load_samples(DataSection(path=str(bad)), "align")
     with pytest.raises(ValueError, match="not found"):
@@ -102,14 +132,22 @@ def _conversation(question: str, answer: str) -> list[dict[str, str]]:
 def test_an_overlong_sample_is_truncated_like_the_authors_not_an_error(tiny, tmp_path, lung_tiles):
     model, processor = tiny
     image_id = processor.image_token_id
-    samples = [Sample("short", _conversation("<image>\nWhat is shown?", "tissue"), image=str(lung_tiles[0])),
-               Sample("long", _conversation("<image>\nDescribe.", " ".join(["tissue"] * 3000)), image=str(lung_tiles[1]))]  # fmt: skip
+    samples = [
+        Sample("short", _conversation("<image>\nWhat is shown?", "tissue"), image=str(lung_tiles[0])),
+        Sample(
+            "long", _conversation("<image>\nDescribe.", " ".join(["tissue"] * 3000)), image=str(lung_tiles[1])
+        ),
+    ]
     full_ids, full_labels = processor.encode_conversation(samples[1].conversation)
     assert len(full_ids) > processor.max_length
     keys = [image_key(s.read_image_bytes()) for s in samples]
     cache = FeatureCache(tmp_path, namespace_for(model.vision_tower, -2, processor.image_processor, "auto"))
-    cache.build(model.encode_crops, processor.image_processor, {k: s.image for k, s in zip(keys, samples, strict=True)},
-                progress=False)  # fmt: skip
+    cache.build(
+        model.encode_crops,
+        processor.image_processor,
+        {k: s.image for k, s in zip(keys, samples, strict=True)},
+        progress=False,
+    )
     for batch in (Collator(processor, samples)([0, 1]), Collator(processor, samples, cache, keys)([0, 1])):
         assert batch["truncated"] == ["long"] and batch["num_samples"] == 2
         assert batch["input_ids"].shape[1] == processor.max_length
@@ -135,8 +173,11 @@ def test_truncation_keeps_an_image_that_follows_a_long_text_whole(tiny):
 
 def test_drop_policy_names_the_overlong_samples(tiny):
     _, processor = tiny
-    samples = [Sample("a", _conversation("Hello?", "Hello.")), Sample("b", _conversation("Hi?", "x " * 3000)),
-               Sample("c", _conversation("Why?", "Because."))]  # fmt: skip
+    samples = [
+        Sample("a", _conversation("Hello?", "Hello.")),
+        Sample("b", _conversation("Hi?", "x " * 3000)),
+        Sample("c", _conversation("Why?", "Because.")),
+    ]
     kept, dropped = drop_overlong(samples, processor)
     assert [s.id for s in kept] == ["a", "c"] and dropped == ["b"]
     with pytest.raises(ValueError, match="data.overlong must be one of truncate, drop"):
@@ -145,7 +186,9 @@ def test_drop_policy_names_the_overlong_samples(tiny):
 
 def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
     """Three datasets as one training set: every sample names its dataset, the small ones are repeated."""
-    manifests = [str(shared_data / name / "manifest.csv") for name in ("lc25000-lung", "lc25000-colon", "oscc")]
+    manifests = [
+        str(shared_data / name / "manifest.csv") for name in ("lc25000-lung", "lc25000-colon", "oscc")
+    ]
     section = DataSection(path=manifests, split="train", answer_types=["open"])
     samples = load_samples(section, "instruct")
     counts = Counter(s.dataset for s in samples)
@@ -155,13 +198,20 @@ def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
     assert counts["lc25000-colon"] == pytest.approx(3 * (3000 * 1285) ** 0.5, abs=3)
     assert counts["oscc"] == pytest.approx(3 * (3000 * 295) ** 0.5, abs=3)
     answers = {s.conversation[1]["value"] for s in samples if s.dataset == "oscc"}
-    assert answers == {"normal oral mucosa", "oral squamous cell carcinoma", "oral cavity", "benign", "malignant"}
+    assert answers == {
+        "normal oral mucosa",
+        "oral squamous cell carcinoma",
+        "oral cavity",
+        "benign",
+        "malignant",
+    }
     # over an epoch (one shuffled pass over the balanced list) the shares are as planned
     order = epoch_order(len(samples), seed=0, epoch=0)[: len(samples) // 2]
     half = Counter(samples[i].dataset for i in order)
     assert half["oscc"] / len(order) == pytest.approx(counts["oscc"] / len(samples), abs=0.02)
-    unbalanced = load_samples(DataSection(path=manifests, split="train", answer_types=["open"], balance="none"),
-                              "instruct")
+    unbalanced = load_samples(
+        DataSection(path=manifests, split="train", answer_types=["open"], balance="none"), "instruct"
+    )
     assert Counter(s.dataset for s in unbalanced)["oscc"] == 3 * 295
 
 
@@ -171,9 +221,14 @@ def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path
     from pallava.train.data import Sample, assign_views, augmented_view
 
     model, processor = tiny
-    samples = [Sample(f"q{i}", [{"from": "human", "value": "<image>\nWhat is shown?"},
-                                {"from": "gpt", "value": "tissue"}], image=str(lung_tiles[i % 2]))
-               for i in range(60)]  # fmt: skip
+    samples = [
+        Sample(
+            f"q{i}",
+            [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "tissue"}],
+            image=str(lung_tiles[i % 2]),
+        )
+        for i in range(60)
+    ]
     assign_views(samples, views=2, seed=0)
     assert Counter(s.view for s in samples).keys() == {0, 1, 2}
     assert min(Counter(s.view for s in samples).values()) >= 10
@@ -195,8 +250,16 @@ def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path
     assert batch["tile_mask"][0].sum() == 1 and batch["tile_mask"][1].sum() > 1
 
     # the feature cache encodes a view from a function, once
-    cache = FeatureCache(tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto"))
-    encoded = cache.build(model.encode_crops, processor.image_processor,
-                          {"v1": lambda: augmented_view(lung_tiles[0], 1, section, 0)}, progress=False)  # fmt: skip
+    cache = FeatureCache(
+        tmp_path / "cache", namespace_for(model.vision_tower, -2, processor.image_processor, "auto")
+    )
+    encoded = cache.build(
+        model.encode_crops,
+        processor.image_processor,
+        {"v1": lambda: augmented_view(lung_tiles[0], 1, section, 0)},
+        progress=False,
+    )
     assert encoded == 1 and cache.get("v1")[1] == tuple(int(v) for v in grid)
-    assert cache.build(model.encode_crops, processor.image_processor, {"v1": lambda: 1 / 0}, progress=False) == 0
+    assert (
+        cache.build(model.encode_crops, processor.image_processor, {"v1": lambda: 1 / 0}, progress=False) == 0
+    )

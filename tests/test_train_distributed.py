@@ -1,4 +1,5 @@
-"""Two processes under `accelerate launch` on CPU give the single process's losses on the same global batch."""
+"""Two processes under `accelerate launch` on CPU give the single process's losses on the same global
+batch."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pallava.train.config import load_recipe
 from pallava.train.feedback import read_jsonl
 from pallava.train.trainer import train
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
 ACCELERATE_CONFIG = CONFIG.parent / "accelerate" / "cpu-2proc.yaml"
 STEPS = 3
@@ -28,21 +31,50 @@ def _free_port() -> int:
 
 
 def _overrides(manifest: Path, cache: Path, batch_size: int) -> list[str]:
-    return [f"data.path={manifest}", "data.limit=12", f"train.batch_size={batch_size}", f"train.max_steps={STEPS}",
-            "train.cpu_threads=1", "optim.lr=3e-3", "optim.warmup_ratio=0", "checkpoint.every=2",
-            "logging.tensorboard=false", "logging.num_samples=0", f"feature_cache.dir={cache}"]  # fmt: skip
+    return [
+        f"data.path={manifest}",
+        "data.limit=12",
+        f"train.batch_size={batch_size}",
+        f"train.max_steps={STEPS}",
+        "train.cpu_threads=1",
+        "optim.lr=3e-3",
+        "optim.warmup_ratio=0",
+        "checkpoint.every=2",
+        "logging.tensorboard=false",
+        "logging.num_samples=0",
+        f"feature_cache.dir={cache}",
+    ]
 
 
 def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path):
     manifest = shared_data / "lc25000-lung" / "manifest.csv"
-    single = train(load_recipe(CONFIG, "align", _overrides(manifest, tmp_path / "cache-1", 4)), tmp_path / "single",
-                   progress=False)  # fmt: skip
+    single = train(
+        load_recipe(CONFIG, "align", _overrides(manifest, tmp_path / "cache-1", 4)),
+        tmp_path / "single",
+        progress=False,
+    )
 
     double = tmp_path / "double"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
-               "--main_process_port", str(_free_port()), "-m", "pallava.cli", "train", "--stage", "align",
-               "--config", str(CONFIG), "--out", str(double), "--no-progress",
-               *_overrides(manifest, tmp_path / "cache-2", 2)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE_CONFIG),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "pallava.cli",
+        "train",
+        "--stage",
+        "align",
+        "--config",
+        str(CONFIG),
+        "--out",
+        str(double),
+        "--no-progress",
+        *_overrides(manifest, tmp_path / "cache-2", 2),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,7 +90,10 @@ def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path
     assert len(list((tmp_path / "cache-2").rglob("features-r1-*.safetensors"))) == 1
     # The same trained weights, and a checkpoint holding one RNG state per process.
     ckpt = double / "checkpoints" / "ckpt-0000002"
-    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     a = load_file(single / "model.safetensors")
     b = load_file(double / "model.safetensors")
     for name in (n for n in a if n.startswith("connector.")):

@@ -9,9 +9,8 @@ import torch
 
 from pallava import PaLlavaForConditionalGeneration, load_preset
 from pallava.inference import PaLlava
+from pallava.processing.processor import MODEL_INPUT_NAMES
 from pallava.train.export import ADAPTER_DIR, export_model
-
-INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask")
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +27,13 @@ def saved_model(tmp_path_factory):
 
 
 def _logits(model, processor, images) -> torch.Tensor:
-    conversation = [{"from": "human", "value": "<image>\nWhat is the diagnosis?"}, {"from": "gpt", "value": "tissue"}]
-    batch = processor([conversation] * len(images), [[image] for image in images])
+    conversation = [
+        {"from": "human", "value": "<image>\nWhat is the diagnosis?"},
+        {"from": "gpt", "value": "tissue"},
+    ]
+    batch = processor(text=[conversation] * len(images), images=[[image] for image in images])
     with torch.no_grad():
-        return model(**{k: batch[k] for k in INPUTS}).logits
+        return model(**{k: batch[k] for k in MODEL_INPUT_NAMES}).logits
 
 
 def test_unmerged_export_reloads_with_identical_logits(saved_model, tmp_path, lung_tiles):
@@ -41,14 +43,18 @@ def test_unmerged_export_reloads_with_identical_logits(saved_model, tmp_path, lu
     assert reloaded.has_lora and reloaded.config.lora == model.config.lora
     assert torch.equal(_logits(reloaded, processor, lung_tiles), _logits(model, processor, lung_tiles))
     adapter = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
-    assert adapter["r"] == model.config.lora["r"] and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    assert (
+        adapter["r"] == model.config.lora["r"] and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    )
     card = (out / "README.md").read_text()
     assert f"LoRA: r={model.config.lora['r']}" in card and "No evaluation report" in card
 
 
 def test_merged_export_agrees_with_the_adapter_and_needs_no_peft(saved_model, tmp_path, lung_tiles):
     source, model, processor = saved_model
-    merged = PaLlavaForConditionalGeneration.from_pretrained(export_model(source, tmp_path / "merged", merge_lora=True))
+    merged = PaLlavaForConditionalGeneration.from_pretrained(
+        export_model(source, tmp_path / "merged", merge_lora=True)
+    )
     unmerged = PaLlavaForConditionalGeneration.from_pretrained(export_model(source, tmp_path / "unmerged"))
     assert not merged.has_lora and merged.config.lora is None
     assert not any("lora_" in name for name in merged.state_dict())
@@ -58,7 +64,10 @@ def test_merged_export_agrees_with_the_adapter_and_needs_no_peft(saved_model, tm
     with model.language_model.disable_adapter():
         base = _logits(model, processor, lung_tiles)
     assert not torch.allclose(base, expected, atol=1e-3)
-    assert PaLlava.from_pretrained(tmp_path / "merged").ask(lung_tiles[0], "What is shown?", max_new_tokens=2) is not None
+    assert (
+        PaLlava.from_pretrained(tmp_path / "merged").ask(lung_tiles[0], "What is shown?", max_new_tokens=2)
+        is not None
+    )
 
 
 def test_export_errors(saved_model, tmp_path):

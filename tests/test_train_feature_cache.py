@@ -14,16 +14,22 @@ from pallava.train.feature_cache import FeatureCache, image_key, namespace_for
 
 
 def _namespace(model, processor) -> str:
-    return namespace_for(model.vision_tower, model.config.vision_feature_layer, processor.image_processor, "auto")
+    return namespace_for(
+        model.vision_tower, model.config.vision_feature_layer, processor.image_processor, "auto"
+    )
 
 
 def test_cached_features_reproduce_the_pixel_path(tiny, tmp_path, lung_tiles, shared_data):
     model, processor = tiny
     # A 500x300 image gets several tiles, the 224 px lung tiles one: the batch mixes tile counts.
-    sources = [str(p) for p in lung_tiles] + [str(shared_data / "samples" / "pathology" / "stardist_histo.jpg")]
+    sources = [str(p) for p in lung_tiles] + [
+        str(shared_data / "samples" / "pathology" / "stardist_histo.jpg")
+    ]
     keys = [image_key(Path(s).read_bytes()) for s in sources]
     cache = FeatureCache(tmp_path, _namespace(model, processor), shard_size=3)
-    encoded = cache.build(model.encode_crops, processor.image_processor, dict(zip(keys, sources, strict=True)), progress=False)
+    encoded = cache.build(
+        model.encode_crops, processor.image_processor, dict(zip(keys, sources, strict=True)), progress=False
+    )
     assert encoded == 4 and len(cache) == 4
     shards = sorted(cache.directory.glob("features-*.safetensors"))
     assert len(shards) == 2  # shard_size 3: 3 + 1 entries
@@ -36,11 +42,17 @@ def test_cached_features_reproduce_the_pixel_path(tiny, tmp_path, lung_tiles, sh
     torch.testing.assert_close(cached["crop_features"], direct, rtol=1e-5, atol=1e-5)
 
     conversation = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "tissue"}]
-    batch = processor([conversation] * 4, [[s] for s in sources])
+    batch = processor(text=[conversation] * 4, images=[[s] for s in sources])
     with torch.no_grad():
-        from_pixels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"], tile_mask=batch["tile_mask"]).logits
-        from_cache = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **cached).logits
+        from_pixels = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            tile_mask=batch["tile_mask"],
+        ).logits
+        from_cache = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **cached
+        ).logits
     torch.testing.assert_close(from_cache, from_pixels, rtol=1e-4, atol=1e-4)
 
 
@@ -63,7 +75,11 @@ def test_cache_persists_and_is_reused_and_partial_shards_are_ignored(tiny, tmp_p
     assert calls == []
     features, grid = again.get(next(iter(sources)))
     assert again.tile_mask(next(iter(sources))).tolist() == [True]
-    assert grid == (1, 1) and features.shape == (2, model.config.num_image_tokens, model.config.vision_config.hidden_size)
+    assert grid == (1, 1) and features.shape == (
+        2,
+        model.config.num_image_tokens,
+        model.config.vision_config.hidden_size,
+    )
 
 
 def test_keys_change_with_content_weights_and_tiling(tiny, lung_tiles):
@@ -120,8 +136,12 @@ def test_the_cache_refuses_zero_features_for_a_real_crop(tiny, tmp_path, lung_ti
 
     cache = FeatureCache(tmp_path, _namespace(model, processor))
     with pytest.raises(ValueError, match="all-zero features for real crop"):
-        cache.build(zero_tiles, processor.image_processor, {image_key(lung_tiles[0].read_bytes()): source},
-                    progress=False)  # fmt: skip
+        cache.build(
+            zero_tiles,
+            processor.image_processor,
+            {image_key(lung_tiles[0].read_bytes()): source},
+            progress=False,
+        )
     assert len(cache) == 0
 
 

@@ -13,14 +13,35 @@ from pallava.cli import main
 from pallava.inference import PaLlava
 from pallava.train.feedback import read_jsonl
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
-SMALL = ["data.limit=24", "train.batch_size=4", "train.cpu_threads=1", "logging.num_samples=2",
-         "logging.max_new_tokens=4", "logging.tensorboard=true"]  # fmt: skip
+SMALL = [
+    "data.limit=24",
+    "train.batch_size=4",
+    "train.cpu_threads=1",
+    "logging.num_samples=2",
+    "logging.max_new_tokens=4",
+    "logging.tensorboard=true",
+]
 
 
 def _train(stage: str, manifest: Path, out: Path, cache: Path, *extra: str) -> None:
-    args = ["train", "--stage", stage, "--config", str(CONFIG), "--data", str(manifest), "--out", str(out),
-            "--no-progress", *SMALL, f"feature_cache.dir={cache}", *extra]  # fmt: skip
+    args = [
+        "train",
+        "--stage",
+        stage,
+        "--config",
+        str(CONFIG),
+        "--data",
+        str(manifest),
+        "--out",
+        str(out),
+        "--no-progress",
+        *SMALL,
+        f"feature_cache.dir={cache}",
+        *extra,
+    ]
     assert main(args) == 0
 
 
@@ -28,9 +49,19 @@ def _train(stage: str, manifest: Path, out: Path, cache: Path, *extra: str) -> N
 def align_run(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("train-loop")
     out = root / "align"
-    _train("align", shared_data / "lc25000-lung" / "manifest.csv", out, root / "cache", "train.max_steps=12",
-           "trainable.llm=false", "optim.lr=5e-3", "optim.lr_lora=1e-2", "optim.warmup_ratio=0.1",
-           "checkpoint.every=6", "logging.sample_every=6")  # fmt: skip
+    _train(
+        "align",
+        shared_data / "lc25000-lung" / "manifest.csv",
+        out,
+        root / "cache",
+        "train.max_steps=12",
+        "trainable.llm=false",
+        "optim.lr=5e-3",
+        "optim.lr_lora=1e-2",
+        "optim.warmup_ratio=0.1",
+        "checkpoint.every=6",
+        "logging.sample_every=6",
+    )
     return out
 
 
@@ -70,9 +101,18 @@ def test_only_connector_and_lora_weights_change_when_the_rest_is_frozen(align_ru
 
 def test_instruct_starts_from_align_and_exports_with_a_model_card(align_run, shared_data, tmp_path):
     out = tmp_path / "instruct"
-    _train("instruct", shared_data / "lc25000-lung" / "manifest.csv", out, align_run.parent / "cache",
-           f"model.init={align_run}", "train.max_steps=3", "trainable.llm_modules=[lm_head]",
-           "optim.lr_lora=2e-4", "optim.lr_connector=1e-4", "data.answer_types=[closed,open]")  # fmt: skip
+    _train(
+        "instruct",
+        shared_data / "lc25000-lung" / "manifest.csv",
+        out,
+        align_run.parent / "cache",
+        f"model.init={align_run}",
+        "train.max_steps=3",
+        "trainable.llm_modules=[lm_head]",
+        "optim.lr_lora=2e-4",
+        "optim.lr_connector=1e-4",
+        "data.answer_types=[closed,open]",
+    )
     history = json.loads((out / "training_history.json").read_text())
     assert [h["stage"] for h in history] == ["align", "instruct"]
     first = read_jsonl(out / "metrics.jsonl")[1]["lr"]
@@ -80,16 +120,51 @@ def test_instruct_starts_from_align_and_exports_with_a_model_card(align_run, sha
     assert first["lora"] == pytest.approx(2 * first["connector"])
 
     report = tmp_path / "report.json"
-    report.write_text(json.dumps({"task": "vqa", "scorer": "strict", "data": "dev.csv", "split": "dev",
-                                  "closed": {"n": 240, "accuracy": 0.9125}, "open": {"n": 120, "accuracy": 0.85}}))
+    report.write_text(
+        json.dumps(
+            {
+                "task": "vqa",
+                "scorer": "strict",
+                "data": "dev.csv",
+                "split": "dev",
+                "closed": {"n": 240, "accuracy": 0.9125},
+                "open": {"n": 120, "accuracy": 0.85},
+            }
+        )
+    )
     exported = tmp_path / "export"
-    assert main(["export", "--model", str(out), "--out", str(exported), "--merge-lora", "--eval-report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(out),
+                "--out",
+                str(exported),
+                "--merge-lora",
+                "--eval-report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     card = (exported / "README.md").read_text()
-    for text in ("Base models", "Stage `align`", "Stage `instruct`", "split `train`", "closed: accuracy 0.9125",
-                 "LoRA: merged", "learning rates", "precision fp32", "random initialisation"):  # fmt: skip
+    for text in (
+        "Base models",
+        "Stage `align`",
+        "Stage `instruct`",
+        "split `train`",
+        "closed: accuracy 0.9125",
+        "LoRA: merged",
+        "learning rates",
+        "precision fp32",
+        "random initialisation",
+    ):
         assert text in card, text
     answer = PaLlava.from_pretrained(exported).ask(
-        shared_data / "lc25000-lung" / "images" / "lung_n" / "lungn100.jpeg", "What is the diagnosis?", max_new_tokens=3
+        shared_data / "lc25000-lung" / "images" / "lung_n" / "lungn100.jpeg",
+        "What is the diagnosis?",
+        max_new_tokens=3,
     )
     assert isinstance(answer, str)
     assert main(["export", "--model", str(out), "--out", str(exported)]) == 1  # refuses a non-empty folder
@@ -99,9 +174,19 @@ def test_gradient_checkpointing_gives_the_same_losses(shared_data, tmp_path):
     manifest = shared_data / "lc25000-lung" / "manifest.csv"
     losses = {}
     for flag in ("false", "true"):
-        _train("align", manifest, tmp_path / flag, tmp_path / "cache", "data.limit=8", "train.max_steps=2",
-               "optim.warmup_ratio=0", "logging.num_samples=0", "logging.tensorboard=false", "checkpoint.every=0",
-               f"train.gradient_checkpointing={flag}")  # fmt: skip
+        _train(
+            "align",
+            manifest,
+            tmp_path / flag,
+            tmp_path / "cache",
+            "data.limit=8",
+            "train.max_steps=2",
+            "optim.warmup_ratio=0",
+            "logging.num_samples=0",
+            "logging.tensorboard=false",
+            "checkpoint.every=0",
+            f"train.gradient_checkpointing={flag}",
+        )
         losses[flag] = [r["loss"] for r in read_jsonl(tmp_path / flag / "metrics.jsonl")]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
 
@@ -111,21 +196,41 @@ def test_an_overlong_sample_never_stops_a_run(shared_data, tmp_path, capsys, pol
     # One sample far over max_length (2,048 tokens) among short ones, drawn in every epoch; the question of
     # another is over the limit by itself (it is also a candidate fixed sample, asked at the end of the run).
     tiles = sorted((shared_data / "lc25000-lung" / "images" / "lung_n").iterdir())[:8]
-    records = [{"id": f"s{i}", "image": str(tile), "conversations": [
-        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "benign lung tissue"}]}
-        for i, tile in enumerate(tiles)]  # fmt: skip
+    records = [
+        {
+            "id": f"s{i}",
+            "image": str(tile),
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": "benign lung tissue"},
+            ],
+        }
+        for i, tile in enumerate(tiles)
+    ]
     records[3]["conversations"][1]["value"] = " ".join(["tissue"] * 3000)
     records[5]["conversations"][0]["value"] = "<image>\n" + " ".join(["describe"] * 3000)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / policy
-    _train("align", data, out, tmp_path / "cache", "data.limit=null", "train.epochs=3", "logging.num_samples=8",
-           "checkpoint.every=0", "logging.tensorboard=false", f"data.overlong={policy}")  # fmt: skip
+    _train(
+        "align",
+        data,
+        out,
+        tmp_path / "cache",
+        "data.limit=null",
+        "train.epochs=3",
+        "logging.num_samples=8",
+        "checkpoint.every=0",
+        "logging.tensorboard=false",
+        f"data.overlong={policy}",
+    )
     summary = json.loads((out / "run_summary.json").read_text())
     metrics = read_jsonl(out / "metrics.jsonl")
     log = capsys.readouterr().out
     left_out = {5} if policy == "truncate" else {3, 5}  # a question over the limit cannot be asked
-    assert [h["id"] for h in read_jsonl(out / "samples.jsonl")] == [f"s{i}" for i in range(8) if i not in left_out]
+    assert [h["id"] for h in read_jsonl(out / "samples.jsonl")] == [
+        f"s{i}" for i in range(8) if i not in left_out
+    ]
     if policy == "truncate":
         assert summary["samples"] == 8 and len(metrics) == 6  # 3 epochs x 2 steps of batch 4
         assert summary["overlong"] == {"policy": "truncate", "truncated": 6}  # 2 samples in each of 3 epochs

@@ -17,15 +17,27 @@ from pallava.train.config import load_recipe
 from pallava.train.feedback import read_jsonl
 from pallava.train.trainer import train
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
 KILL_AT = 5
 
 
 def _overrides(manifest: Path, cache: Path) -> list[str]:
     # 10 samples at batch 2 = 5 steps per epoch: the run crosses an epoch boundary after the kill.
-    return [f"data.path={manifest}", "data.limit=10", "train.batch_size=2", "train.max_steps=8",
-            "train.cpu_threads=1", "optim.lr=3e-3", "checkpoint.every=2", "checkpoint.keep_last=2",
-            "logging.tensorboard=false", "logging.num_samples=0", f"feature_cache.dir={cache}"]  # fmt: skip
+    return [
+        f"data.path={manifest}",
+        "data.limit=10",
+        "train.batch_size=2",
+        "train.max_steps=8",
+        "train.cpu_threads=1",
+        "optim.lr=3e-3",
+        "checkpoint.every=2",
+        "checkpoint.keep_last=2",
+        "logging.tensorboard=false",
+        "logging.num_samples=0",
+        f"feature_cache.dir={cache}",
+    ]
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(shared_data, tmp_path):
@@ -43,10 +55,16 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(shared_data, tmp_
             if record["step"] == {KILL_AT}:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        train(load_recipe({str(CONFIG)!r}, "align", {overrides!r}), {str(killed)!r}, progress=False, callbacks=[kill])
+        train(load_recipe({str(CONFIG)!r}, "align", {overrides!r}), {str(killed)!r}, progress=False,
+        callbacks=[kill])
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert not (killed / "config.json").exists()
     assert [step for step, _ in checkpoints.list_complete(killed / "checkpoints")] == [2, 4]
@@ -73,10 +91,19 @@ def test_resume_refuses_a_changed_recipe_and_never_starts_over(shared_data, tmp_
     out = tmp_path / "run"
     (out / "checkpoints" / "ckpt-0000002").mkdir(parents=True)
     (out / "checkpoints" / "ckpt-0000002" / checkpoints.COMPLETE_MARKER).write_text("complete\n")
-    recipe = load_recipe(CONFIG, "align", [f"data.path={shared_data / 'lc25000-lung' / 'manifest.csv'}",
-                                           "data.limit=2", "train.batch_size=2", "train.max_steps=1",
-                                           "checkpoint.every=0", "logging.num_samples=0",
-                                           f"feature_cache.dir={tmp_path / 'cache'}"])  # fmt: skip
+    recipe = load_recipe(
+        CONFIG,
+        "align",
+        [
+            f"data.path={shared_data / 'lc25000-lung' / 'manifest.csv'}",
+            "data.limit=2",
+            "train.batch_size=2",
+            "train.max_steps=1",
+            "checkpoint.every=0",
+            "logging.num_samples=0",
+            f"feature_cache.dir={tmp_path / 'cache'}",
+        ],
+    )
     changed = recipe.to_dict()
     changed["optim"]["lr"] = 0.5
     import yaml

@@ -1,7 +1,9 @@
 """pallava: a pathology language-vision assistant (PLIP encoder, scale-invariant connector, LLM + LoRA).
 
-Public names are imported lazily so that `pallava --help` and light sub-commands start fast; importing
-the model classes registers them with transformers' Auto classes.
+Importing the package registers the assistant with transformers' Auto classes (`pallava.models.auto`), so
+a saved folder loads through `AutoProcessor`, `AutoModelForImageTextToText` and the `image-text-to-text`
+pipeline. That import brings in torch and transformers (a few seconds); the public names themselves load
+lazily.
 """
 
 from __future__ import annotations
@@ -27,3 +29,6 @@ def __getattr__(name: str):
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'pallava' has no attribute {name!r}")
+
+
+importlib.import_module("pallava.models.auto")  # last: the modules it loads may use the names above

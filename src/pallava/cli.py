@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pallava {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\npallava {args.command}: interrupted (resumable commands continue where they stopped)", file=sys.stderr)
+        print(
+            f"\npallava {args.command}: interrupted (resumable commands continue where they stopped)",
+            file=sys.stderr,
+        )
         return 130
     return int(result or 0)
 

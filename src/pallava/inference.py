@@ -15,16 +15,15 @@ from transformers.generation.streamers import BaseStreamer
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image
-from pallava.processing.processor import PaLlavaProcessor, Turn
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tile_mask")
+from pallava.processing.processor import MODEL_INPUT_NAMES, PaLlavaProcessor, Turn
 
 
 @dataclass(frozen=True)
 class Completion:
     """One generated answer with its token counts and why generation stopped.
 
-    `finish_reason` is `stop` (end of turn), `length` (`max_new_tokens` reached) or `time` (`max_time` ran out).
+    `finish_reason` is `stop` (end of turn), `length` (`max_new_tokens` reached) or `time` (`max_time` ran
+    out).
     """
 
     text: str
@@ -37,9 +36,12 @@ class PaLlava:
     """A model + processor pair with question answering helpers (greedy unless `temperature` > 0)."""
 
     def __init__(
-        self, model: PaLlavaForConditionalGeneration, processor: PaLlavaProcessor, device: str | None = None,
+        self,
+        model: PaLlavaForConditionalGeneration,
+        processor: PaLlavaProcessor,
+        device: str | None = None,
         stain_normalize: str | None = None,
-    ):  # fmt: skip
+    ):
         self.model = model.eval()
         self.processor = processor
         self.stain_normalize = stain_normalize  # e.g. "macenko": images are mapped onto reference H&E stains
@@ -55,7 +57,9 @@ class PaLlava:
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory} is not a pallava model directory (no config.json)")
-        model = PaLlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+        model = PaLlavaForConditionalGeneration.from_pretrained(
+            directory, dtype=dtype, trust_remote_code=False
+        )
         assistant = cls(model, PaLlavaProcessor.from_pretrained(directory), device)
         assistant.directory = directory  # where `ask_slide` finds the slide stage's position embedding
         return assistant
@@ -80,9 +84,13 @@ class PaLlava:
     ) -> dict:
         if self.stain_normalize:
             limit = self.processor.image_processor.max_pixels
-            images = [[stain_normalize(load_image(i, limit), self.stain_normalize) for i in row] for row in images]
-        batch = self.processor(conversations, images, add_generation_prompt=True, padding_side="left")
-        return {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
+            images = [
+                [stain_normalize(load_image(i, limit), self.stain_normalize) for i in row] for row in images
+            ]
+        batch = self.processor(
+            text=conversations, images=images, add_generation_prompt=True, padding_side="left"
+        )
+        return {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUT_NAMES}
 
     def _generation_options(
         self, max_new_tokens: int, temperature: float, top_p: float, max_time: float | None = None
@@ -153,7 +161,9 @@ class PaLlava:
     def ask(self, image: ImageSource | None, question: str, **options) -> str:
         return self.ask_batch([image], [question], **options)[0]
 
-    def ask_slide(self, slide: str | Path, question: str | Sequence[str], out: str | Path | None = None, **options):
+    def ask_slide(
+        self, slide: str | Path, question: str | Sequence[str], out: str | Path | None = None, **options
+    ):
         """Answer about a whole slide (a model trained by `pallava train --stage slide`).
 
         Returns a `WholeSlideAnswer` (answers, attention share per tissue tile, the tiles); with `out`, also
@@ -169,8 +179,14 @@ class PaLlava:
         max_new_tokens = options.pop("max_new_tokens", 64)
         questions = [question] if isinstance(question, str) else list(question)
         with open_slide(slide) as opened:
-            return ask_whole_slide(self._slide_model, opened, questions, out, options=tiling_of(self._slide_model, options),
-                                   max_new_tokens=max_new_tokens)  # fmt: skip
+            return ask_whole_slide(
+                self._slide_model,
+                opened,
+                questions,
+                out,
+                options=tiling_of(self._slide_model, options),
+                max_new_tokens=max_new_tokens,
+            )
 
     def ask_batch(
         self, images: Sequence[ImageSource | None], questions: Sequence[str], batch_size: int = 8, **options
@@ -187,9 +203,13 @@ class PaLlava:
         return answers
 
     def stream(
-        self, conversation: Sequence[Turn], images: Sequence[ImageSource], max_new_tokens: int = 64,
-        temperature: float = 0.0, top_p: float = 1.0,
-    ) -> Iterator[str]:  # fmt: skip
+        self,
+        conversation: Sequence[Turn],
+        images: Sequence[ImageSource],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
         inputs = self._inputs([conversation], [list(images)])
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -19,6 +19,7 @@ def _official(args: argparse.Namespace) -> int:
         args.out,
         allow_missing=args.allow_missing,
         connector_heads=args.connector_heads,
+        connector_layers=args.connector_layers,
         lora_alpha=args.lora_alpha,
         dtype=getattr(torch, args.dtype),
         progress=not args.no_progress,
@@ -38,18 +39,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "parameter must be filled, else the names are listed and nothing is written.",
     )
     official.add_argument("--plip", required=True, help="PLIP folder: config.json + plip_80w_196token.bin")
-    official.add_argument("--checkpoint", required=True,
-                          help="stage-1/stage-2 checkpoint: a .pth state dict or a DeepSpeed checkpoint folder")  # fmt: skip
+    official.add_argument(
+        "--checkpoint",
+        required=True,
+        help="stage-1/stage-2 checkpoint: a .pth state dict or a DeepSpeed checkpoint folder",
+    )
     official.add_argument(
         "--llm", required=True, help="base LLM folder (Meta-Llama-3-8B-Instruct for the release)"
     )
     official.add_argument("--out", required=True, help="new or empty output folder")
-    official.add_argument("--allow-missing", action="store_true",
-                          help="convert even when tensors are unmapped or parameters unfilled; lists them")  # fmt: skip
-    official.add_argument("--connector-heads", type=int, default=12,
-                          help="attention heads of the connector (not stored in the weights; 12 in the release)")  # fmt: skip
-    official.add_argument("--lora-alpha", type=float,
-                          help="LoRA alpha (not stored in the weights; default 2 x rank, as in the release)")  # fmt: skip
+    official.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="convert even when tensors are unmapped or parameters unfilled; lists them",
+    )
+    official.add_argument(
+        "--connector-heads",
+        type=int,
+        default=12,
+        help="attention heads of the connector (not stored in the weights; 12 in the release)",
+    )
+    official.add_argument(
+        "--connector-layers",
+        type=int,
+        default=6,
+        help="connector depth (not stored in the weights; 6 in the release): a checkpoint "
+        "missing a layer, or holding more, then fails the strict check",
+    )
+    official.add_argument(
+        "--lora-alpha",
+        type=float,
+        help="LoRA alpha (not stored in the weights; default 2 x rank, as in the release)",
+    )
     official.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights dtype of the output")
     official.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     official.set_defaults(func=_official)

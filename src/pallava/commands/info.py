@@ -14,13 +14,18 @@ def run(args: argparse.Namespace) -> int:
 
     import pallava
 
-    print(f"pallava {pallava.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
-    print(f"python {platform.python_version()}  threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
+    print(
+        f"pallava {pallava.__version__}  torch {torch.__version__}  transformers {transformers.__version__}"
+    )
+    print(
+        f"python {platform.python_version()}  threads {torch.get_num_threads()}  cuda "
+        f"{torch.cuda.is_available()}"
+    )
     if args.model:
         config_path = Path(args.model) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{args.model} has no config.json")
-        config = pallava.PaLlavaConfig.from_pretrained(args.model)
+        config = pallava.PaLlavaConfig.from_pretrained(args.model, trust_remote_code=False)
         summary = {
             "image_tokens": config.num_image_tokens,
             "tile_size": config.tile_size,

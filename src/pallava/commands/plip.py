@@ -1,4 +1,5 @@
-"""`pallava plip ...`: pre-train PLIP, zero-shot classification, retrieval, vision-tower export and conversion."""
+"""`pallava plip ...`: pre-train PLIP, zero-shot classification, retrieval, vision-tower export and
+conversion."""
 
 from __future__ import annotations
 
@@ -6,24 +7,43 @@ import argparse
 import json
 from pathlib import Path
 
+from pallava.commands.train import add_resume_argument
+
 
 def _train(args: argparse.Namespace) -> int:
-    from pallava.train.plip import PlipTrainConfig, train_plip
+    from pallava.train.plip import train_plip
+    from pallava.train.plip_config import PlipTrainConfig
 
     overrides = {
-        "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "text_init": args.text_init, "vision_init": args.vision_init, "seed": args.seed,
-        "max_steps": args.max_steps, "save_every": args.save_every, "eval_every": args.eval_every,
-        "num_workers": args.num_workers, "mixed_precision": args.mixed_precision, "balance": args.balance,
-    }  # fmt: skip
+        "preset": args.preset,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "text_init": args.text_init,
+        "vision_init": args.vision_init,
+        "seed": args.seed,
+        "max_steps": args.max_steps,
+        "save_every": args.save_every,
+        "eval_every": args.eval_every,
+        "num_workers": args.num_workers,
+        "mixed_precision": args.mixed_precision,
+        "balance": args.balance,
+    }
     if args.config:
         recipe = PlipTrainConfig.from_yaml(args.config, **overrides)
     else:
         recipe = PlipTrainConfig.for_preset(overrides.pop("preset") or "tiny", **overrides)
     summary = train_plip(
-        args.data, args.out, recipe, split=args.split, label_map=args.label_map,
-        eval_data=args.eval_data, eval_split=args.eval_split, resume=args.resume, show_progress=not args.no_progress,
-    )  # fmt: skip
+        args.data,
+        args.out,
+        recipe,
+        split=args.split,
+        label_map=args.label_map,
+        eval_data=args.eval_data,
+        eval_split=args.eval_split,
+        resume=args.resume == "auto",
+        show_progress=not args.no_progress,
+    )
     if summary:
         print(json.dumps(summary, indent=2))
     return 0
@@ -56,7 +76,9 @@ def _saved_label_map(model_dir: str) -> str | None:
 
 def _read_templates(path: str) -> tuple[str, ...]:
     """One template per line, each with a `{name}` slot (and optionally `{organ}`)."""
-    templates = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    templates = tuple(
+        line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
+    )
     bad = [t for t in templates if "{name}" not in t]
     if not templates or bad:
         raise ValueError(f"{path}: every template line needs a {{name}} slot (bad: {bad[:3]})")
@@ -69,7 +91,9 @@ def _retrieve(args: argparse.Namespace) -> int:
     from pallava.train.plip_eval import retrieval_report
 
     samples, label_map = read_plip_data(args.data, args.split, args.label_map or _saved_label_map(args.model))
-    report = retrieval_report(PlipZeroShot.from_pretrained(args.model), samples, label_map, batch_size=args.batch_size)
+    report = retrieval_report(
+        PlipZeroShot.from_pretrained(args.model), samples, label_map, batch_size=args.batch_size
+    )
     report.update(model=str(args.model), data=str(args.data), split=args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +110,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pallava.models.plip.convert import convert_plip_checkpoint
+    from pallava.convert.plip import convert_plip_checkpoint
 
     print(f"CLIP vision model written to {convert_plip_checkpoint(args.checkpoint, args.out)}")
     return 0
@@ -98,13 +122,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = plip.add_subparsers(dest="plip_command", metavar="SUBCOMMAND", required=True)
 
     train = commands.add_parser("train", help="pre-train PLIP (ITC + ITM) on captions or a labelled manifest")
-    train.add_argument("--data", required=True, action="append",
-                       help="caption JSONL ({image, caption}), manifest CSV (path,label,...) or a YAML dataset list; "
-                       "repeat for several datasets (balanced, see docs/data.md)")
+    train.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="caption JSONL ({image, caption}), manifest CSV (path,label,...) or a YAML dataset list; "
+        "repeat for several datasets (balanced, see docs/data.md)",
+    )
     train.add_argument("--split", default="train", help="split to train on (default: train)")
     train.add_argument("--out", required=True, help="output folder (model, checkpoints/, logs/, curve)")
-    train.add_argument("--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)")
-    train.add_argument("--config", help="recipe YAML, e.g. configs/plip-tiny.yaml (default: the preset's recipe)")
+    train.add_argument(
+        "--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)"
+    )
+    train.add_argument(
+        "--config",
+        help="recipe YAML, read over its preset's configs/plip-<preset>.yaml (default: that file itself)",
+    )
     train.add_argument("--label-map", help="built-in label map name or JSON/YAML file (default: auto)")
     train.add_argument("--epochs", type=float)
     train.add_argument("--batch-size", type=int, help="per-process batch size")
@@ -115,13 +148,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-steps", type=int)
     train.add_argument("--save-every", type=int, help="steps between checkpoints (default: each epoch)")
     train.add_argument("--eval-every", type=int, help="steps between zero-shot evaluations")
-    train.add_argument("--balance", choices=("sqrt", "equal", "proportional", "none"),
-                       help="how several datasets are balanced (default: sqrt; see docs/data.md)")
+    train.add_argument(
+        "--balance",
+        choices=("sqrt", "equal", "proportional", "none"),
+        help="how several datasets are balanced (default: sqrt; see docs/data.md)",
+    )
     train.add_argument("--eval-data", help="labelled manifest for zero-shot accuracy during training")
     train.add_argument("--eval-split", default="dev")
     train.add_argument("--num-workers", type=int)
     train.add_argument("--mixed-precision", choices=("no", "bf16"))
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_resume_argument(train)
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.set_defaults(func=_train)
 
@@ -130,11 +166,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--data", required=True, help="labelled manifest CSV")
     zeroshot.add_argument("--split", default="dev")
     zeroshot.add_argument("--out", required=True, help="report folder (report.json, confusion_matrix.png)")
-    zeroshot.add_argument("--label-map", help="built-in label map name or file (default: saved with the model, else auto)")
+    zeroshot.add_argument(
+        "--label-map", help="built-in label map name or file (default: saved with the model, else auto)"
+    )
     zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
     zeroshot.add_argument("--batch-size", type=int, default=64)
-    zeroshot.add_argument("--stain-normalize", choices=("macenko",),
-                          help="map each image onto reference H&E stain vectors first (default: off)")
+    zeroshot.add_argument(
+        "--stain-normalize",
+        choices=("macenko",),
+        help="map each image onto reference H&E stain vectors first (default: off)",
+    )
     zeroshot.set_defaults(func=_zeroshot)
 
     retrieve = commands.add_parser("retrieve", help="image<->text Recall@1/5/10")
@@ -151,7 +192,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
 
-    convert = commands.add_parser("convert", help="convert the authors' PLIP state dict to a CLIPVisionModel folder")
-    convert.add_argument("--checkpoint", required=True, help="plip_80w_196token.bin (config.json beside it) or a CLIP folder")
+    convert = commands.add_parser(
+        "convert", help="convert the authors' PLIP state dict to a CLIPVisionModel folder"
+    )
+    convert.add_argument(
+        "--checkpoint", required=True, help="plip_80w_196token.bin (config.json beside it) or a CLIP folder"
+    )
     convert.add_argument("--out", required=True)
     convert.set_defaults(func=_convert)

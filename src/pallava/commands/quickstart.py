@@ -31,17 +31,28 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "quickstart",
         help="end to end on real tiles: corpus, PLIP, assistant (2 stages), evaluation, an answer",
-        description="Build a corpus from labelled manifests, pre-train PLIP, train the assistant in two stages, "
-        "evaluate on each dataset's dev split and answer an example question. Completed steps are skipped on re-runs.",
+        description="Build a corpus from labelled manifests, pre-train PLIP, train the assistant in two "
+        "stages, "
+        "evaluate on each dataset's dev split and answer an example question. Completed steps are skipped "
+        "on re-runs.",
     )
-    parser.add_argument("--data", action="append",
-                        help="folder with manifest.csv (path,label,cluster,split), the CSV itself or a YAML dataset "
-                        "list; repeat for several datasets (default: ../shared/data/{lc25000-lung,lc25000-colon,oscc})")
+    parser.add_argument(
+        "--data",
+        action="append",
+        help="folder with manifest.csv (path,label,cluster,split), the CSV itself or a YAML dataset "
+        "list; repeat for several datasets (default: ../shared/data/{lc25000-lung,lc25000-colon,oscc})",
+    )
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    parser.add_argument("--samples", help="folder with non-pathology/ images mixed into the corpus for the cleaning demo")
-    parser.add_argument("--labels", help="built-in label map name or JSON/YAML label file (default: each dataset's "
-                        "built-in map, merged)")
+    parser.add_argument(
+        "--samples", help="folder with non-pathology/ images mixed into the corpus for the cleaning demo"
+    )
+    parser.add_argument(
+        "--labels",
+        help="built-in label map name or JSON/YAML label file (default: each dataset's built-in map, merged)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="a few images and steps per stage (tests, first look)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few images and steps per stage (tests, first look)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)

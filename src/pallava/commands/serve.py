@@ -51,7 +51,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pallava.serve.predict import answered_ids, predict_jsonl, read_requests
+    from pallava.predict import answered_ids, predict_jsonl, read_requests
 
     options = _options(args)
     if args.batch_size < 1:
@@ -112,8 +112,11 @@ def _model_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256, sam
     parser.add_argument("--model", required=True, help="model directory (from save_pretrained or training)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
-    parser.add_argument("--stain-normalize", choices=("macenko",),
-                        help="map each image onto reference H&E stain vectors first (default: off)")
+    parser.add_argument(
+        "--stain-normalize",
+        choices=("macenko",),
+        help="map each image onto reference H&E stain vectors first (default: off)",
+    )
     parser.add_argument(
         "--max-tokens", type=int, default=max_tokens, help=f"answer length cap (default {max_tokens})"
     )
@@ -156,8 +159,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--model-name", default=None, help="model id reported to clients (default: folder name)"
     )
-    serve.add_argument("--allow-local-dir", type=Path, default=None,
-                       help="also accept image paths relative to this folder (never outside it)")  # fmt: skip
+    serve.add_argument(
+        "--allow-local-dir",
+        type=Path,
+        default=None,
+        help="also accept image paths relative to this folder (never outside it)",
+    )
     serve.add_argument("--max-body-mb", type=int, default=32, help="request body limit in MiB (default 32)")
     serve.add_argument("--max-image-mb", type=int, default=16, help="per-image limit in MiB (default 16)")
     serve.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per-image pixel limit")
@@ -172,17 +179,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--batch-window-ms", type=float, default=20.0, help="wait for a batch to fill (default 20)"
     )
-    serve.add_argument("--max-slide-mb", type=int, default=4096,
-                       help="whole-slide routes: largest slide file, local or uploaded, in MiB (default 4096; uploads "
-                       "are also held to --max-body-mb)")
+    serve.add_argument(
+        "--max-slide-mb",
+        type=int,
+        default=4096,
+        help="whole-slide routes: largest slide file, local or uploaded, in MiB (default 4096; uploads "
+        "are also held to --max-body-mb)",
+    )
     serve.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 (default 256)")
-    serve.add_argument("--max-queued-pixels", type=int, default=2**25,
-                       help="image pixels (as model-ready crops) queued requests may hold before 503")  # fmt: skip
+    serve.add_argument(
+        "--max-queued-pixels",
+        type=int,
+        default=2**25,
+        help="image pixels (as model-ready crops) queued requests may hold before 503",
+    )
     serve.add_argument(
         "--decode-workers", type=int, default=2, help="requests decoding images at once (default 2)"
     )
-    serve.add_argument("--header-timeout", type=float, default=10.0,
-                       help="seconds for a request's headers to arrive before the connection is closed")  # fmt: skip
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for a request's headers to arrive before the connection is closed",
+    )
     serve.add_argument(
         "--body-timeout", type=float, default=60.0, help="seconds for a request's body to arrive (then 408)"
     )
@@ -193,6 +212,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _model_arguments(ui, max_tokens=64, sampling=False)
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    ui.add_argument("--examples", default=None,
-                    help=f"folder of example images (default {DEFAULT_EXAMPLES} when present)")  # fmt: skip
+    ui.add_argument(
+        "--examples", default=None, help=f"folder of example images (default {DEFAULT_EXAMPLES} when present)"
+    )
     ui.set_defaults(func=_ui)

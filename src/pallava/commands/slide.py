@@ -1,4 +1,5 @@
-"""`pallava slide`: inspect a whole-slide image, map it with PLIP zero-shot, ask the assistant about regions."""
+"""`pallava slide`: inspect a whole-slide image, map it with PLIP zero-shot, ask the assistant about
+regions."""
 
 from __future__ import annotations
 
@@ -37,11 +38,53 @@ def _load_plip(model_dir: str, device: str):
     return PlipZeroShot.from_pretrained(model_dir, device=device), model_fingerprint(model_dir)
 
 
+def _map_cohort(args: argparse.Namespace) -> int:
+    from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
+    from pallava.slides.cohort import REPORT, SUMMARY_CSV, CohortSettings, map_cohort
+    from pallava.slides.mapping import load_classes
+
+    settings = CohortSettings(
+        _options(args),
+        load_classes(args.classes),
+        tuple(args.template or ZEROSHOT_TEMPLATES),
+        args.batch_size,
+        args.device,
+    )
+
+    def show(row: dict) -> None:
+        detail = f"{row['tiles']} tiles" if row["status"] != "failed" else row["error"]
+        print(f"{row['id']}: {row['status']} ({detail})", flush=True)
+
+    rows = map_cohort(
+        args.cohort,
+        args.model,
+        args.out,
+        settings,
+        args.engine,
+        args.ray_address,
+        args.workers,
+        progress=show,
+    )
+    failed = sum(row["status"] == "failed" for row in rows)
+    out = Path(args.out)
+    print(
+        f"{len(rows) - failed} of {len(rows)} slides mapped; "
+        f"summary: {out / SUMMARY_CSV}, report: {out / REPORT}"
+    )
+    return 1 if failed else 0
+
+
 def _map(args: argparse.Namespace) -> int:
     from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
     from pallava.slides.mapping import load_classes, map_slide
     from pallava.slides.reader import open_slide
 
+    if args.cohort:
+        return _map_cohort(args)
+    if args.engine != "local" or args.ray_address or args.workers:
+        raise ValueError(
+            "--engine, --ray-address and --workers apply to --cohort; a single slide maps locally"
+        )
     label_map = load_classes(args.classes)
     with open_slide(args.slide) as slide:
         plip, model_id = _load_plip(args.model, args.device)
@@ -52,8 +95,11 @@ def _map(args: argparse.Namespace) -> int:
             )
         except KeyboardInterrupt:
             cache = Path(args.out) / "embeddings"
-            print(f"interrupted; the tiles embedded so far are cached in {cache}: run the same command to resume",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"interrupted; the tiles embedded so far are cached in {cache}: run the same command to "
+                "resume",
+                file=sys.stderr,
+            )
             return 130
     grid = result.prepared.grid
     print(
@@ -106,14 +152,26 @@ def _ask_whole(args: argparse.Namespace, out: Path) -> int:
 
     slide_model = SlideAssistant.from_pretrained(args.model, device=args.device)
     if not slide_model.settings:
-        print(f"warning: {args.model} was not trained with `pallava train --stage slide`; its tile positions are "
+        print(f"warning: {args.model} was not trained with `pallava train --stage slide`; "
+              "its tile positions are "
               "not learned", file=sys.stderr)  # fmt: skip
     # The model's trained tiling wins over the flags' defaults; flags given with other values override it.
-    given = {"mpp": args.mpp, "tile_size": args.tile, "min_tissue": args.min_tissue, "base_mpp": args.base_mpp}
+    given = {
+        "mpp": args.mpp,
+        "tile_size": args.tile,
+        "min_tissue": args.min_tissue,
+        "base_mpp": args.base_mpp,
+    }
     overrides = {k: v for k, v in given.items() if v != TILING_DEFAULTS.get(k)}
     with open_slide(args.slide) as slide:
-        result = ask_whole_slide(slide_model, slide, [args.question], out, options=tiling_of(slide_model, overrides),
-                                 max_new_tokens=args.max_new_tokens)  # fmt: skip
+        result = ask_whole_slide(
+            slide_model,
+            slide,
+            [args.question],
+            out,
+            options=tiling_of(slide_model, overrides),
+            max_new_tokens=args.max_new_tokens,
+        )
     print(f"slide ({len(result.features)} tissue tiles): {result.answers[0]}")
     for name, path in result.files.items():
         print(f"  {name}: {path}")
@@ -125,11 +183,22 @@ TILING_DEFAULTS = {"mpp": 0.5, "tile_size": 224, "min_tissue": 0.25, "base_mpp":
 
 def _tiling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--mpp", type=float, default=TILING_DEFAULTS["mpp"], help="microns per pixel of the tiles (default 0.5, ~20x)"
+        "--mpp",
+        type=float,
+        default=TILING_DEFAULTS["mpp"],
+        help="microns per pixel of the tiles (default 0.5, ~20x)",
     )
-    parser.add_argument("--tile", type=int, default=TILING_DEFAULTS["tile_size"], help="tile side in pixels at --mpp (default 224)")
     parser.add_argument(
-        "--min-tissue", type=float, default=TILING_DEFAULTS["min_tissue"], help="keep tiles with at least this tissue share"
+        "--tile",
+        type=int,
+        default=TILING_DEFAULTS["tile_size"],
+        help="tile side in pixels at --mpp (default 224)",
+    )
+    parser.add_argument(
+        "--min-tissue",
+        type=float,
+        default=TILING_DEFAULTS["min_tissue"],
+        help="keep tiles with at least this tissue share",
     )
     parser.add_argument(
         "--base-mpp", type=float, help="the scan's microns per pixel, for slides that do not record it"
@@ -139,6 +208,8 @@ def _tiling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `pallava slide {info,map,ask}`."""
+    from pallava.scale import add_engine_arguments
+
     parser = subparsers.add_parser(
         "slide", help="whole-slide images: info, tissue map, questions about regions"
     )
@@ -154,9 +225,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mapping = commands.add_parser(
         "map", help="tissue tiles -> PLIP zero-shot class probabilities: heat maps, GeoJSON, embeddings"
     )
-    mapping.add_argument("--slide", required=True, help="slide file")
+    which = mapping.add_mutually_exclusive_group(required=True)
+    which.add_argument("--slide", help="slide file")
+    which.add_argument(
+        "--cohort", help="CSV of slides (columns path, optional id and mpp): one map per slide"
+    )
     mapping.add_argument("--model", required=True, help="PLIP model folder (pallava plip train / convert)")
     mapping.add_argument("--out", required=True, help="output folder (re-using it resumes the embeddings)")
+    add_engine_arguments(mapping, "cohorts: map the slides one after another in this process")
+    mapping.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
     mapping.add_argument(
         "--classes",
         help="built-in label map (nct-crc-he, lc25000-lung), a JSON/YAML label map, or a text file with one "
@@ -172,13 +249,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mapping.set_defaults(func=_map)
 
     ask = commands.add_parser(
-        "ask", help="ask about the whole slide (a slide-stage model; writes the attention heat map), a region, "
+        "ask",
+        help="ask about the whole slide (a slide-stage model; writes the attention heat map), a region, "
         "or the regions PLIP finds for a text",
     )
     ask.add_argument("--slide", required=True, help="slide file")
     ask.add_argument("--model", required=True, help="assistant model folder")
     where = ask.add_mutually_exclusive_group()
-    where.add_argument("--region", help="x,y,w,h in level-0 pixels (neither --region nor --query: the whole slide)")
+    where.add_argument(
+        "--region", help="x,y,w,h in level-0 pixels (neither --region nor --query: the whole slide)"
+    )
     where.add_argument("--query", help="text describing the regions to find (needs --plip)")
     ask.add_argument("--top-k", type=int, default=3, help="regions to retrieve for --query (default 3)")
     ask.add_argument("--plip", help="PLIP model folder for --query")

@@ -6,6 +6,19 @@ import argparse
 from pathlib import Path
 
 
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    """`--resume auto|never`, the same for every training command (a bare `--resume` means auto)."""
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto (default): a re-run continues from the newest complete checkpoint in --out and never "
+        "deletes one; never: start over, removing the old checkpoints",
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from pallava.train.config import load_recipe, parse_overrides
     from pallava.train.trainer import train
@@ -20,8 +33,10 @@ def _train(args: argparse.Namespace) -> int:
         from pallava.train.slide import train_slide
 
         out = train_slide(recipe, args.out, progress=not args.no_progress)
-        print(f"slide model saved to {out} (`pallava slide ask --slide SLIDE --model {out} QUESTION`, "
-              f"`pallava eval slides --model {out} --slides DIR --out REPORT`)")
+        print(
+            f"slide model saved to {out} (`pallava slide ask --slide SLIDE --model {out} QUESTION`, "
+            f"`pallava eval slides --model {out} --slides DIR --out REPORT`)"
+        )
         return 0
     out = train(recipe, args.out, resume=args.resume == "auto", progress=not args.no_progress)
     print(f"model saved to {out} (load it with PaLlava.from_pretrained or `pallava eval vqa --model {out}`)")
@@ -32,7 +47,10 @@ def _export(args: argparse.Namespace) -> int:
     from pallava.train.export import export_model
 
     out = export_model(args.model, args.out, merge_lora=args.merge_lora, eval_reports=args.eval_report or [])
-    print(f"exported to {out} ({'LoRA merged' if args.merge_lora else 'LoRA kept as an adapter'}); model card {Path(out) / 'README.md'}")
+    print(
+        f"exported to {out} ({'LoRA merged' if args.merge_lora else 'LoRA kept as an adapter'}); model card "
+        f"{Path(out) / 'README.md'}"
+    )
     return 0
 
 
@@ -44,19 +62,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run one training stage. Values of the recipe can be overridden with section.key=value, "
         "e.g. optim.lr=2e-4 train.epochs=3. Runs under `accelerate launch` for several processes.",
     )
-    train.add_argument("--stage", required=True, choices=("align", "instruct", "slide"),
-                       help="which stage to run (slide: whole-slide questions on virtual slides, from an assistant)")
+    train.add_argument(
+        "--stage",
+        required=True,
+        choices=("align", "instruct", "slide"),
+        help="which stage to run (slide: whole-slide questions on virtual slides, from an assistant)",
+    )
     train.add_argument("--config", required=True, help="recipe YAML, e.g. configs/assistant-tiny.yaml")
     train.add_argument("--out", required=True, help="output folder: the trained model, checkpoints, logs")
-    train.add_argument("--data", action="append",
-                       help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards, a manifest CSV or a YAML "
-                       "dataset list; repeat for several datasets (balanced by data.balance); stage slide: a folder of virtual slides")
-    train.add_argument("--init", help="start from this model folder (sets model.init; stage instruct: the align output)")
-    train.add_argument("--resume", choices=("auto", "never"), default="auto",
-                       help="auto (default): continue from the newest complete checkpoint in --out; never: start over "
-                       "(deleting the old checkpoints)")
+    train.add_argument(
+        "--data",
+        action="append",
+        help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards, a manifest CSV or a YAML "
+        "dataset list; repeat for several datasets (balanced by data.balance); "
+        "stage slide: a folder of virtual slides",
+    )
+    train.add_argument(
+        "--init", help="start from this model folder (sets model.init; stage instruct: the align output)"
+    )
+    add_resume_argument(train)
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=2e-4")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=2e-4"
+    )
     train.set_defaults(func=_train)
 
     export = subparsers.add_parser(
@@ -64,7 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--model", required=True, help="a trained model folder (output of `pallava train`)")
     export.add_argument("--out", required=True, help="export folder (must not exist or be empty)")
-    export.add_argument("--merge-lora", action="store_true", help="fold LoRA into the language model's weights")
-    export.add_argument("--eval-report", action="append", metavar="REPORT_JSON",
-                        help="evaluation report(s) (report.json of `pallava eval`) to list on the model card")
+    export.add_argument(
+        "--merge-lora", action="store_true", help="fold LoRA into the language model's weights"
+    )
+    export.add_argument(
+        "--eval-report",
+        action="append",
+        metavar="REPORT_JSON",
+        help="evaluation report(s) (report.json of `pallava eval`) to list on the model card",
+    )
     export.set_defaults(func=_export)

@@ -3,7 +3,7 @@
 Their stage-1/stage-2 checkpoints hold the connector under `projector.model.` (a BERT encoder whose
 query branch is `intermediate_query` / `output_query`, then `norm` and a one-layer `mlp`) and the LoRA
 matrices under `llm.`; their PLIP file holds a CLIP vision tower (mapped by
-`pallava.models.plip.convert.clip_vision_state_dict`). Index buffers (`position_ids`) carry no weights
+`pallava.convert.plip.clip_vision_state_dict`). Index buffers (`position_ids`) carry no weights
 and are ignored. Everything else is unmapped and reported, never dropped silently.
 """
 
@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pallava.models.plip.convert import clip_vision_state_dict
+from pallava.convert.plip import clip_vision_state_dict
 
 CONNECTOR_LAYER = re.compile(r"^projector\.model\.bert\.encoder\.layer\.(\d+)\.(.+)$")
 # Their per-layer sub-modules -> ours. The query branch is the connector; a text branch
@@ -102,7 +102,8 @@ def _fold(head: str, tail: str, indices: set[int]) -> str:
 
 
 def summarize_keys(keys: Iterable[str], limit: int = 40) -> str:
-    """Key names folded over layer indices (`layers.{0,1,5}.mlp.fc1.weight`), one per line, for error messages."""
+    """Key names folded over layer indices (`layers.{0,1,5}.mlp.fc1.weight`), one per line, for error
+    messages."""
     groups: dict[tuple[str, str], set[int]] = defaultdict(set)
     for key in keys:
         match = re.search(r"\.(\d+)\.", key)

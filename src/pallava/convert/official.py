@@ -1,4 +1,5 @@
-"""The authors' released PA-LLaVA (PLIP folder + stage-1/stage-2 checkpoint + base LLM) -> a pallava model folder.
+"""The authors' released PA-LLaVA (PLIP folder + stage-1/stage-2 checkpoint + base LLM) -> a pallava model
+folder.
 
 Their tensors are checked against our model before the base LLM is loaded: every source tensor must have
 a place of the same shape, and every vision, connector and LoRA parameter must be filled, unless
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from pallava.convert.checkpoint import read_state_dict
+from pallava.convert.checkpoint import check_weights, first_line, read_state_dict
 from pallava.convert.keys import (
     CONNECTOR_LAYER,
     KeyPlan,
@@ -26,6 +29,7 @@ from pallava.convert.keys import (
     strip_wrappers,
     summarize_keys,
 )
+from pallava.data.io import read_json_object
 from pallava.inference import PaLlava
 from pallava.models.configuration_pa_llava import (
     PAPER_CONNECTOR_DROPOUT,
@@ -41,14 +45,27 @@ WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".safetensors")
 REPORT_FILE = "conversion.json"
 # Their connector is a bert-base-uncased encoder cut to a few layers: 12 heads, exact GELU, eps 1e-12.
 BERT_BASE = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
-CONNECTOR_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "output_size",
-                    "tile_cross_attention", "hidden_act", "layer_norm_eps")  # fmt: skip
+CONNECTOR_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "output_size",
+    "tile_cross_attention",
+    "hidden_act",
+    "layer_norm_eps",
+)
 LORA_DROPOUT = 0.05  # their training value; inactive at inference
+# The depth is not stored in the weights: a checkpoint missing its last layers would look like a shallower
+# one.
+RELEASE_CONNECTOR_LAYERS = 6
+T = TypeVar("T")
 
 
 @dataclass
 class ConversionReport:
-    """What a conversion did; written to `<out>/conversion.json`. Source keys are `plip:` / `checkpoint:` prefixed."""
+    """What a conversion did; written to `<out>/conversion.json`. Source keys are `plip:` / `checkpoint:`
+    prefixed."""
 
     out_dir: str
     plip_weights: str
@@ -76,7 +93,8 @@ class ConversionReport:
         )
         lines = [
             f"wrote {self.out_dir}: {len(self.mapped)} tensors copied ({counts})",
-            f"tile_cross_attention={self.tile_cross_attention}; connector {self.connector['num_hidden_layers']} layers, "
+            f"tile_cross_attention={self.tile_cross_attention}; connector "
+            f"{self.connector['num_hidden_layers']} layers, "
             f"width {self.connector['hidden_size']}; LoRA {lora}; dtype {self.dtype}",
         ]
         if self.ignored:
@@ -92,28 +110,44 @@ def plip_files(plip_dir: Path) -> tuple[CLIPVisionConfig, Path]:
     """The vision config and the weights file of a released PLIP folder (`config.json` + one weights file)."""
     if not plip_dir.is_dir() or not (plip_dir / "config.json").is_file():
         raise ValueError(f"{plip_dir}: expected the PLIP folder holding config.json and {PLIP_WEIGHTS}")
-    model_type = json.loads((plip_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type not in (None, "clip", "clip_vision_model"):
-        raise ValueError(f"{plip_dir / 'config.json'}: model_type {model_type!r} is not a CLIP vision config")
+    config_file = plip_dir / "config.json"
+    data = read_json_object(config_file)
+    if data.get("model_type") not in (None, "clip", "clip_vision_model"):
+        raise ValueError(f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP vision config")
     try:
-        config = CLIPVisionConfig.from_pretrained(plip_dir)
+        config = CLIPVisionConfig.from_pretrained(plip_dir, trust_remote_code=False)
     except Exception as error:  # transformers raises several types for bad configs
-        raise ValueError(f"{plip_dir / 'config.json'}: not a CLIP vision config ({error})") from error
+        raise ValueError(f"{config_file}: not a CLIP vision config ({first_line(error)})") from None
     if (plip_dir / PLIP_WEIGHTS).is_file():
         return config, plip_dir / PLIP_WEIGHTS
     weights = sorted(p.name for p in plip_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if len(weights) != 1:
-        raise ValueError(f"{plip_dir}: expected one weights file ({PLIP_WEIGHTS} or one *.bin/.pth/.safetensors), "
-                         f"found {weights or 'none'}")  # fmt: skip
+        raise ValueError(
+            f"{plip_dir}: expected one weights file ({PLIP_WEIGHTS} or one *.bin/.pth/.safetensors), "
+            f"found {weights or 'none'}"
+        )
     return config, plip_dir / weights[0]
 
 
+def connector_layers_in(state: dict[str, torch.Tensor]) -> list[int]:
+    """The connector layer indices a checkpoint holds tensors for."""
+    return sorted({int(m.group(1)) for key in state if (m := CONNECTOR_LAYER.match(key))})
+
+
 def connector_config_from(
-    state: dict[str, torch.Tensor], source: str, num_attention_heads: int
+    state: dict[str, torch.Tensor],
+    source: str,
+    num_attention_heads: int,
+    num_hidden_layers: int = RELEASE_CONNECTOR_LAYERS,
 ) -> ScaleInvariantConnectorConfig:
-    """Size our connector from their tensors; cross-attention exactly when their checkpoint has it."""
-    layers = sorted({int(m.group(1)) for key in state if (m := CONNECTOR_LAYER.match(key))})
-    if not layers:
+    """Size our connector from their tensors (depth given, as it is not stored); cross-attention exactly when
+    their checkpoint has it."""
+    if num_attention_heads < 1 or num_hidden_layers < 1:
+        raise ValueError(
+            "--connector-heads and --connector-layers must be at least 1, "
+            f"got {num_attention_heads} and {num_hidden_layers}"
+        )
+    if not connector_layers_in(state):
         raise ValueError(
             f"{source}: no connector tensors (projector.model.bert.encoder.layer.*): "
             "is this a PA-LLaVA stage-1/stage-2 checkpoint?"
@@ -132,7 +166,7 @@ def connector_config_from(
         )
     return ScaleInvariantConnectorConfig(
         hidden_size=width,
-        num_hidden_layers=layers[-1] + 1,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         intermediate_size=shape(layer0 + "intermediate_query.dense.weight")[0],
         tile_cross_attention=any(".crossattention." in key for key in state if CONNECTOR_LAYER.match(key)),
@@ -144,7 +178,8 @@ def connector_config_from(
 
 
 def lora_settings_from(plan: KeyPlan, state: dict[str, torch.Tensor], alpha: float | None) -> dict | None:
-    """LoRA rank and target modules read off the lora_A matrices; alpha defaults to 2 x rank (theirs: 128/256)."""
+    """LoRA rank and target modules read off the lora_A matrices; alpha defaults to 2 x rank (theirs:
+    128/256)."""
     a_keys = [key for key in plan.mapping if ".lora_A." in key]
     if not a_keys:
         return None
@@ -154,8 +189,12 @@ def lora_settings_from(plan: KeyPlan, state: dict[str, torch.Tensor], alpha: flo
             f"LoRA ranks differ between modules ({ranks}); one rank for all modules is supported"
         )
     modules = sorted({re.search(r"\.([^.]+)\.lora_A\.", key).group(1) for key in a_keys})
-    return {"r": ranks[0], "alpha": alpha if alpha is not None else 2 * ranks[0], "dropout": LORA_DROPOUT,
-            "target_modules": modules}  # fmt: skip
+    return {
+        "r": ranks[0],
+        "alpha": alpha if alpha is not None else 2 * ranks[0],
+        "dropout": LORA_DROPOUT,
+        "target_modules": modules,
+    }
 
 
 def _image_token_id(tokenizer) -> int:
@@ -168,14 +207,16 @@ def _check_plan(
     sources: dict[str, tuple[dict[str, torch.Tensor], KeyPlan, str]],
     targets: dict[str, torch.Size],
     allow_missing: bool,
+    notes: Sequence[str] = (),
 ) -> tuple[dict[str, str], dict[str, torch.Tensor], list[str], list[str]]:
-    """Validate every mapping against the model's names and shapes.
+    """Validate every mapping against the model's names, shapes and value types; `notes` explain a failure.
 
     Returns (source name -> target, target -> tensor, unmapped source names, unfilled targets); source
     names are `label:key`."""
     mapped, tensors, unmapped, by_target, mismatched = {}, {}, [], {}, []
     messages = []
     for label, (state, plan, path) in sources.items():
+        check_weights({key: state[key] for key in plan.mapping}, path)  # always: no NaN, no integer weights
         bad = list(plan.unmapped)
         for key, target in plan.mapping.items():
             if target not in targets:
@@ -208,19 +249,27 @@ def _check_plan(
         )
     if messages and not allow_missing:
         raise ValueError(
-            "\n".join(messages) + "\nPass --allow-missing (allow_missing=True) to convert anyway."
+            "\n".join([*messages, *notes]) + "\nPass --allow-missing (allow_missing=True) to convert anyway."
         )
     return mapped, tensors, unmapped, unfilled
 
 
 def _copy_exactly(model: PaLlavaForConditionalGeneration, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the model's parameters by name and check each copy bit for bit (after the dtype cast)."""
+    """Copy tensors into the model's parameters by name and check each copy bit for bit (after the dtype
+    cast)."""
     params = model.state_dict()  # detached views sharing the parameters' storage
     with torch.no_grad():
         for target, tensor in tensors.items():
             params[target].copy_(tensor)
             if not torch.equal(params[target], tensor.to(params[target].dtype)):
                 raise RuntimeError(f"the copy into {target} is not exact")
+
+
+def _from_llm_folder(llm_dir: Path, what: str, load: Callable[[], T]) -> T:
+    try:
+        return load()
+    except Exception as error:  # transformers raises OSError, ValueError, JSON and safetensors errors, ...
+        raise ValueError(f"{llm_dir}: cannot load the base LLM's {what} ({first_line(error)})") from None
 
 
 def convert_official(
@@ -231,6 +280,7 @@ def convert_official(
     *,
     allow_missing: bool = False,
     connector_heads: int = 12,
+    connector_layers: int = RELEASE_CONNECTOR_LAYERS,
     lora_alpha: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
@@ -238,7 +288,9 @@ def convert_official(
     """Convert the released PLIP + stage checkpoint onto the base LLM in `llm_dir`; write a model folder.
 
     Strict by default: an unmapped source tensor or an unfilled vision/connector/LoRA parameter is a
-    ValueError listing the names. Runs in `dtype` (the release was trained in bfloat16).
+    ValueError listing the names; so is a connector layer missing from (or extra in) the checkpoint, which
+    is built `connector_layers` deep. NaN, infinite or integer weights and unreadable files are always
+    errors. Runs in `dtype` (the release was trained in bfloat16).
     """
     plip_dir, checkpoint, llm_dir, out = Path(plip_dir), Path(checkpoint), Path(llm_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -255,11 +307,18 @@ def convert_official(
         bar.update()
 
         plip_plan, ckpt_plan = plan_plip(plip_state), plan_checkpoint(ckpt_state)
-        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        tokenizer = _from_llm_folder(
+            llm_dir, "tokenizer", lambda: AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
+        )
+        text_config = _from_llm_folder(
+            llm_dir, "config", lambda: AutoConfig.from_pretrained(llm_dir, trust_remote_code=False)
+        )
         config = PaLlavaConfig(
             vision_config=vision_config,
-            connector_config=connector_config_from(ckpt_state, str(checkpoint), connector_heads),
-            text_config=AutoConfig.from_pretrained(llm_dir),
+            connector_config=connector_config_from(
+                ckpt_state, str(checkpoint), connector_heads, connector_layers
+            ),
+            text_config=text_config,
             image_token_id=_image_token_id(tokenizer),
             grid_policy="paper",
             lora=lora_settings_from(ckpt_plan, ckpt_state, lora_alpha),
@@ -271,10 +330,23 @@ def convert_official(
             "plip": (plip_state, plip_plan, str(plip_file)),
             "checkpoint": (ckpt_state, ckpt_plan, str(checkpoint)),
         }
-        mapped, tensors, unmapped, unfilled = _check_plan(sources, targets, allow_missing)
+        found = connector_layers_in(ckpt_state)
+        notes = (
+            []
+            if found == list(range(connector_layers))
+            else [
+                f"{checkpoint} holds connector layers {found}; the model is built with {connector_layers} "
+                f"(--connector-layers; the release has {RELEASE_CONNECTOR_LAYERS})"
+            ]
+        )
+        mapped, tensors, unmapped, unfilled = _check_plan(sources, targets, allow_missing, notes)
 
         bar.set_postfix_str("loading the LLM")
-        language_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+        language_model = _from_llm_folder(
+            llm_dir,
+            "weights",
+            lambda: AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, trust_remote_code=False),
+        )
         config.text_config = language_model.config
         model = PaLlavaForConditionalGeneration(
             config, vision_tower=CLIPVisionModel(vision_config), language_model=language_model
@@ -289,13 +361,19 @@ def convert_official(
         processor.prompt_style = "paper"  # and raw questions: `pallava eval` asks them that way by default
         PaLlava(model, processor).save_pretrained(out)
         report = ConversionReport(
-            out_dir=str(out), plip_weights=str(plip_file), checkpoint=str(checkpoint), llm=str(llm_dir),
-            dtype=str(dtype).removeprefix("torch."), tile_cross_attention=config.connector_config.tile_cross_attention,
+            out_dir=str(out),
+            plip_weights=str(plip_file),
+            checkpoint=str(checkpoint),
+            llm=str(llm_dir),
+            dtype=str(dtype).removeprefix("torch."),
+            tile_cross_attention=config.connector_config.tile_cross_attention,
             connector={name: getattr(config.connector_config, name) for name in CONNECTOR_FIELDS},
-            lora=config.lora, mapped=mapped,
+            lora=config.lora,
+            mapped=mapped,
             ignored=[f"plip:{k}" for k in plip_plan.ignored] + [f"checkpoint:{k}" for k in ckpt_plan.ignored],
-            unmapped=unmapped, unfilled=unfilled,
-        )  # fmt: skip
+            unmapped=unmapped,
+            unfilled=unfilled,
+        )
         (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
         bar.update()
     return report

@@ -15,6 +15,9 @@ from pathlib import Path
 from pallava.data.labels import LabelMap
 from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, LabelledImage, VQAItem
 
+# Every caption template names the organ and the diagnosis within its first dozen words: PLIP reads only the
+# first 30 tokens of a caption.
+
 # Stage-1 instructions (our own phrasings; the caption is the answer).
 CAPTION_INSTRUCTIONS: tuple[str, ...] = (
     "Describe the image.",
@@ -43,16 +46,16 @@ CLOSED_INSTRUCTION = "Answer yes or no."
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices."
 
 _CAPTION_TEMPLATES: tuple[str, ...] = (
-    "Haematoxylin and eosin stained histopathology image of {organ} tissue showing {name}, "
+    "Histopathology image showing {name} in {organ} tissue, stained with haematoxylin and eosin and "
     "viewed at high magnification with the characteristic cellular architecture of this diagnosis.",
     "This microscopic section of human {organ} shows {name}; the morphology of the cells and the "
     "arrangement of the tissue in this field are typical of that diagnosis.",
-    "Photomicrograph of a {organ} specimen stained with H&E. The field shows {name}, and the "
-    "tissue pattern and nuclear features visible here support this interpretation.",
+    "Photomicrograph of {name} in a {organ} specimen stained with H&E; the tissue pattern and "
+    "nuclear features visible in this field support this interpretation.",
     "A histology tile from a human {organ} sample demonstrating {name}. The image captures a "
     "representative region of the tissue at high power under the microscope.",
-    "H&E stained section of {organ}: the features seen in this field, including the cell shapes, "
-    "nuclei and tissue organisation, are consistent with {name}.",
+    "H&E stained section of {organ} with {name}: the features seen in this field, including the cell "
+    "shapes, nuclei and tissue organisation, are consistent with this diagnosis.",
     "Light microscopy of human {organ} tissue in which {name} is seen; the stain highlights the "
     "nuclei in purple and the cytoplasm and stroma in shades of pink.",
     "A {organ} biopsy with {name}: this H&E field shows the growth pattern, the nuclear detail and the "
@@ -131,11 +134,19 @@ def _check_labels(items: list[LabelledImage], label_map: LabelMap) -> None:
 
 
 def _generated_meta(item: LabelledImage, generator: str) -> dict[str, object]:
-    return {"generated": True, "generator": generator, "label": item.label, "cluster": item.cluster,
-            "split": item.split, "dataset": item.dataset}
+    return {
+        "generated": True,
+        "generator": generator,
+        "label": item.label,
+        "cluster": item.cluster,
+        "split": item.split,
+        "dataset": item.dataset,
+    }
 
 
-def captions_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0) -> list[CaptionPair]:
+def captions_from_labels(
+    items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0
+) -> list[CaptionPair]:
     """One generated caption per image: a random template filled with the class name or a synonym."""
     items = list(items)
     _check_labels(items, label_map)
@@ -145,8 +156,13 @@ def captions_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, se
         rng = _rng(seed, key)
         caption = caption_for_class(label_map[item.label], rng)
         pairs.append(
-            CaptionPair(image=item.path, caption=caption, id=f"{key}-caption", source="generated",
-                        meta=_generated_meta(item, "captions_from_labels"))
+            CaptionPair(
+                image=item.path,
+                caption=caption,
+                id=f"{key}-caption",
+                source="generated",
+                meta=_generated_meta(item, "captions_from_labels"),
+            )
         )
     return pairs
 
@@ -217,7 +233,10 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
     if len(label_map) < 2:
         raise ValueError("vqa_from_labels needs a label map with at least 2 classes (for 'no' questions)")
     if len(label_map) > len(string.ascii_uppercase):
-        raise ValueError(f"vqa_from_labels: {len(label_map)} classes exceed the {len(string.ascii_uppercase)} option letters")
+        raise ValueError(
+            f"vqa_from_labels: {len(label_map)} classes exceed the {len(string.ascii_uppercase)} option "
+            "letters"
+        )
     _check_labels(items, label_map)
     organs = label_map.organs()
     vqa = []
@@ -229,39 +248,96 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
         meta = {**_generated_meta(item, "vqa_from_labels"), "question": "diagnosis"}
         for suffix, info, answer in (("yes", true_info, "yes"), ("no", false_info, "no")):
             question = rng.choice(_CLOSED_TEMPLATES).format(name=rng.choice(info.all_names()))
-            vqa.append(VQAItem(f"{key}-closed-{suffix}", item.path, question, answer, "closed", None, dict(meta)))
-        vqa.append(VQAItem(f"{key}-open", item.path, rng.choice(_OPEN_TEMPLATES), true_info.name, "open", None,
-                           dict(meta)))
+            vqa.append(
+                VQAItem(f"{key}-closed-{suffix}", item.path, question, answer, "closed", None, dict(meta))
+            )
+        vqa.append(
+            VQAItem(
+                f"{key}-open",
+                item.path,
+                rng.choice(_OPEN_TEMPLATES),
+                true_info.name,
+                "open",
+                None,
+                dict(meta),
+            )
+        )
         order = _choice_labels(true_info, label_map, rng)
         options = [label_map[label].name for label in order]
         letter = string.ascii_uppercase[order.index(item.label)]
-        vqa.append(VQAItem(f"{key}-choice", item.path, rng.choice(_CHOICE_TEMPLATES), letter, "choice", options,
-                           dict(meta)))
+        vqa.append(
+            VQAItem(
+                f"{key}-choice",
+                item.path,
+                rng.choice(_CHOICE_TEMPLATES),
+                letter,
+                "choice",
+                options,
+                dict(meta),
+            )
+        )
         vqa += _organ_and_malignancy(item, key, true_info, organs, _rng(seed, f"{key}:more"), meta)
     return vqa
 
 
-def _organ_and_malignancy(item: LabelledImage, key: str, info, organs: list[str], rng: random.Random,
-                          meta: dict) -> list[VQAItem]:
+def _organ_and_malignancy(
+    item: LabelledImage, key: str, info, organs: list[str], rng: random.Random, meta: dict
+) -> list[VQAItem]:
     """The organ and malignancy questions of one image (a separate random stream keeps the diagnosis
     questions identical to single-organ builds)."""
     extra = []
     if len(organs) > 1 and info.organ:
         organ_meta = {**meta, "question": "organ"}
-        extra.append(VQAItem(f"{key}-organ-open", item.path, rng.choice(_ORGAN_OPEN_TEMPLATES), info.organ, "open",
-                             None, organ_meta))
+        extra.append(
+            VQAItem(
+                f"{key}-organ-open",
+                item.path,
+                rng.choice(_ORGAN_OPEN_TEMPLATES),
+                info.organ,
+                "open",
+                None,
+                organ_meta,
+            )
+        )
         asked = info.organ if rng.random() < 0.5 else rng.choice([o for o in organs if o != info.organ])
-        extra.append(VQAItem(f"{key}-organ-closed", item.path, rng.choice(_ORGAN_CLOSED_TEMPLATES).format(organ=asked),
-                             "yes" if asked == info.organ else "no", "closed", None, dict(organ_meta)))
+        extra.append(
+            VQAItem(
+                f"{key}-organ-closed",
+                item.path,
+                rng.choice(_ORGAN_CLOSED_TEMPLATES).format(organ=asked),
+                "yes" if asked == info.organ else "no",
+                "closed",
+                None,
+                dict(organ_meta),
+            )
+        )
     if info.malignant is not None:
         malignancy_meta = {**meta, "question": "malignancy"}
         ask_malignant = rng.random() < 0.5
         templates = _MALIGNANT_CLOSED_TEMPLATES if ask_malignant else _BENIGN_CLOSED_TEMPLATES
         answer = "yes" if info.malignant == ask_malignant else "no"
-        extra.append(VQAItem(f"{key}-malignancy-closed", item.path, rng.choice(templates), answer, "closed", None,
-                             malignancy_meta))
-        extra.append(VQAItem(f"{key}-malignancy-open", item.path, rng.choice(_MALIGNANCY_OPEN_TEMPLATES),
-                             "malignant" if info.malignant else "benign", "open", None, dict(malignancy_meta)))
+        extra.append(
+            VQAItem(
+                f"{key}-malignancy-closed",
+                item.path,
+                rng.choice(templates),
+                answer,
+                "closed",
+                None,
+                malignancy_meta,
+            )
+        )
+        extra.append(
+            VQAItem(
+                f"{key}-malignancy-open",
+                item.path,
+                rng.choice(_MALIGNANCY_OPEN_TEMPLATES),
+                "malignant" if info.malignant else "benign",
+                "open",
+                None,
+                dict(malignancy_meta),
+            )
+        )
     return extra
 
 
@@ -289,7 +365,9 @@ def vqa_prompt(item: VQAItem) -> str:
     if item.answer_type == "closed":
         return f"{question}\n{CLOSED_INSTRUCTION}"
     if item.answer_type == "choice":
-        options = "\n".join(f"{string.ascii_uppercase[i]}. {option}" for i, option in enumerate(item.options or []))
+        options = "\n".join(
+            f"{string.ascii_uppercase[i]}. {option}" for i, option in enumerate(item.options or [])
+        )
         return f"{question}\nOptions:\n{options}\n{CHOICE_INSTRUCTION}"
     return question
 

@@ -59,7 +59,8 @@ class DatasetList:
 
 
 def dataset_name(path: str | Path) -> str:
-    """A folder holding `manifest.csv` (or the manifest itself) is named after the folder; else the file stem."""
+    """A folder holding `manifest.csv` (or the manifest itself) is named after the folder; else the file
+    stem."""
     path = Path(path)
     if path.is_dir() or path.name == "manifest.csv":
         return (path if path.is_dir() else path.parent).resolve().name
@@ -85,7 +86,9 @@ def read_dataset_list(path: str | Path) -> DatasetList:
         raise ValueError(f"{path}: unknown key(s) {unknown}; expected 'datasets' and optionally 'balance'")
     balance = data.get("balance", "sqrt")
     if balance not in BALANCE_MODES:
-        raise ValueError(f"{path}: field 'balance' must be one of {', '.join(BALANCE_MODES)}, got {balance!r}")
+        raise ValueError(
+            f"{path}: field 'balance' must be one of {', '.join(BALANCE_MODES)}, got {balance!r}"
+        )
     specs = []
     for index, entry in enumerate(data["datasets"]):
         where = f"{path}: datasets[{index}]"
@@ -95,14 +98,19 @@ def read_dataset_list(path: str | Path) -> DatasetList:
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(_SPEC_KEYS)}")
         weight = entry.get("weight")
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0):
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0
+        ):
             raise ValueError(f"{where}: field 'weight' must be a positive number, got {weight!r}")
         target = _data_file((path.parent / entry["path"]).resolve())
         if not target.exists():
             raise ValueError(f"{where}: field 'path': {target} not found")
         name = entry.get("name") or dataset_name(path.parent / entry["path"])
-        specs.append(DatasetSpec(str(target), str(name), None if weight is None else float(weight),
-                                 entry.get("label_map")))
+        specs.append(
+            DatasetSpec(
+                str(target), str(name), None if weight is None else float(weight), entry.get("label_map")
+            )
+        )
     return DatasetList(_unique(specs, str(path)), balance)
 
 
@@ -133,7 +141,9 @@ def _unique(specs: list[DatasetSpec], source: str) -> tuple[DatasetSpec, ...]:
     names = Counter(spec.name for spec in specs)
     clashes = sorted(name for name, count in names.items() if count > 1)
     if clashes:
-        raise ValueError(f"{source}: several datasets are named {clashes}: give each a distinct 'name' in a YAML list")
+        raise ValueError(
+            f"{source}: several datasets are named {clashes}: give each a distinct 'name' in a YAML list"
+        )
     return tuple(specs)
 
 
@@ -151,7 +161,9 @@ def read_labelled(datasets: DatasetList, split: str | None) -> list[LabelledImag
     return items
 
 
-def merged_label_map(datasets: DatasetList, items: Sequence[LabelledImage], spec: str | None = None) -> LabelMap:
+def merged_label_map(
+    datasets: DatasetList, items: Sequence[LabelledImage], spec: str | None = None
+) -> LabelMap:
     """One label map for labelled images of several datasets: `spec` if given, else each dataset's own map
     (its `label_map` or the built-in map covering its labels), merged."""
     if spec:
@@ -164,8 +176,9 @@ def merged_label_map(datasets: DatasetList, items: Sequence[LabelledImage], spec
     return LabelMap.merge(maps)
 
 
-def repeat_factors(sizes: Mapping[str, int], balance: str = "sqrt",
-                   weights: Mapping[str, float] | None = None) -> dict[str, float]:
+def repeat_factors(
+    sizes: Mapping[str, int], balance: str = "sqrt", weights: Mapping[str, float] | None = None
+) -> dict[str, float]:
     """How often each dataset is repeated per epoch (>= 1) so that shares follow the weights.
 
     A dataset's weight is `weights[name]` if given, else sqrt(size) (`sqrt`, the usual temperature-style
@@ -185,7 +198,9 @@ def repeat_factors(sizes: Mapping[str, int], balance: str = "sqrt",
     return {name: (scale * share[name] / sizes[name] if name in share else 1.0) for name in sizes}
 
 
-def balanced_indices(groups: Sequence[Hashable], factors: Mapping[Hashable, float], seed: int = 0) -> list[int]:
+def balanced_indices(
+    groups: Sequence[Hashable], factors: Mapping[Hashable, float], seed: int = 0
+) -> list[int]:
     """Indices of the samples with each group repeated by its factor: whole copies plus a seeded subset
     for the fraction. The result is in index order (training shuffles it per epoch)."""
     by_group: dict[Hashable, list[int]] = {}
@@ -204,8 +219,12 @@ def balanced_indices(groups: Sequence[Hashable], factors: Mapping[Hashable, floa
     return sorted(chosen)
 
 
-def balance(groups: Sequence[str | None], balance_mode: str = "sqrt", weights: Mapping[str, float] | None = None,
-            seed: int = 0) -> list[int]:
+def balance(
+    groups: Sequence[str | None],
+    balance_mode: str = "sqrt",
+    weights: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> list[int]:
     """Balanced sample indices for samples tagged with their dataset (None = an unnamed dataset)."""
     names = ["" if group is None else group for group in groups]
     sizes = Counter(names)

@@ -1,4 +1,4 @@
-"""Record files: JSONL/JSON reading with line-precise errors, JSONL writing, and one reader for all forms.
+"""Record files: one reader for every form records come in, and the JSON/JSONL helpers of `pallava.files`.
 
 `iter_records` accepts a `.jsonl`, a `.json` list, a `.parquet` shard or a folder of shards, so every
 command takes whichever the previous step produced.
@@ -6,39 +6,32 @@ command takes whichever the previous step produced.
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pallava.files import (
+    AppendOnlyJsonl,
+    JsonlLineError,
+    iter_appended,
+    iter_jsonl,
+    read_appended,
+    read_json_list,
+    read_json_object,
+    write_jsonl,
+)
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line_number, object)` for each non-blank line; a bad line raises naming file and line."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(value, dict):
-                raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(value).__name__}")
-            yield number, value
-
-
-def read_json_list(path: str | Path) -> list[Any]:
-    """Read a JSON file whose top level must be a list."""
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON (line {error.lineno}: {error.msg})") from None
-    if not isinstance(value, list):
-        raise ValueError(f"{path}: expected a JSON list at the top level, got {type(value).__name__}")
-    return value
+__all__ = [
+    "AppendOnlyJsonl",
+    "JsonlLineError",
+    "iter_appended",
+    "iter_jsonl",
+    "iter_records",
+    "read_appended",
+    "read_json_list",
+    "read_json_object",
+    "write_jsonl",
+]
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -58,20 +51,3 @@ def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
     else:
         for _, value in iter_jsonl(path):
             yield value
-
-
-def write_jsonl(records: Iterable[Any], path: str | Path) -> int:
-    """Write records (dicts or objects with `to_dict`) as JSONL atomically; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    count = 0
-    with partial.open("w", encoding="utf-8") as handle:
-        for record in records:
-            data = record.to_dict() if hasattr(record, "to_dict") else record
-            handle.write(json.dumps(data, ensure_ascii=False) + "\n")
-            count += 1
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(path)
-    return count

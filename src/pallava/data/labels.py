@@ -115,12 +115,25 @@ _BUILTIN: dict[str, dict[str, dict[str, object]]] = {
         },
     },
     "nct-crc-he": {
-        "ADI": {"name": "adipose tissue", "synonyms": ["fat", "adipocytes"], "organ": "colon", "malignant": False},
+        "ADI": {
+            "name": "adipose tissue",
+            "synonyms": ["fat", "adipocytes"],
+            "organ": "colon",
+            "malignant": False,
+        },
         "BACK": {"name": "background", "synonyms": ["slide background", "no tissue"], "organ": "colon"},
         "DEB": {"name": "debris", "synonyms": ["necrotic debris", "necrosis"], "organ": "colon"},
-        "LYM": {"name": "lymphocytes", "synonyms": ["lymphocytic infiltrate", "immune cells"], "organ": "colon"},
+        "LYM": {
+            "name": "lymphocytes",
+            "synonyms": ["lymphocytic infiltrate", "immune cells"],
+            "organ": "colon",
+        },
         "MUC": {"name": "mucus", "synonyms": ["mucin", "extracellular mucin"], "organ": "colon"},
-        "MUS": {"name": "smooth muscle", "synonyms": ["muscularis", "smooth muscle tissue"], "organ": "colon"},
+        "MUS": {
+            "name": "smooth muscle",
+            "synonyms": ["muscularis", "smooth muscle tissue"],
+            "organ": "colon",
+        },
         "NORM": {
             "name": "normal colon mucosa",
             "synonyms": ["benign colonic mucosa", "normal colonic mucosa"],
@@ -214,7 +227,9 @@ class LabelMap(Mapping[str, ClassInfo]):
                 raise ValueError(f"{source}: label '{label}': field 'organ' must be a string")
             malignant = entry.get("malignant")
             if malignant is not None and not isinstance(malignant, bool):
-                raise ValueError(f"{source}: label '{label}': field 'malignant' must be true, false or absent")
+                raise ValueError(
+                    f"{source}: label '{label}': field 'malignant' must be true, false or absent"
+                )
             classes.append(ClassInfo(str(label), name.strip(), tuple(synonyms), organ, malignant))
         return cls(classes)
 
@@ -226,7 +241,9 @@ class LabelMap(Mapping[str, ClassInfo]):
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise ValueError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}") from None
+            raise ValueError(
+                f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -236,7 +253,9 @@ class LabelMap(Mapping[str, ClassInfo]):
         if name in _COMBINED:
             return cls.merge([cls.builtin(part) for part in _COMBINED[name]])
         if name not in _BUILTIN:
-            raise ValueError(f"unknown built-in label map '{name}'; available: {', '.join(cls.builtin_names())}")
+            raise ValueError(
+                f"unknown built-in label map '{name}'; available: {', '.join(cls.builtin_names())}"
+            )
         return cls.from_dict(_BUILTIN[name], source=f"built-in label map '{name}'")
 
     @staticmethod
@@ -246,7 +265,8 @@ class LabelMap(Mapping[str, ClassInfo]):
 
     @classmethod
     def merge(cls, maps: list[LabelMap]) -> LabelMap:
-        """One map holding the classes of several (in order); a label defined differently twice is an error."""
+        """One map holding the classes of several (in order); a label defined differently twice is an
+        error."""
         classes: dict[str, ClassInfo] = {}
         for label_map in maps:
             for info in label_map.values():
@@ -266,12 +286,16 @@ class LabelMap(Mapping[str, ClassInfo]):
                 (cls.builtin(name) for name in cls.builtin_names() if labels <= set(cls.builtin(name))), None
             )
             if label_map is None:
-                raise ValueError(f"{source}: no built-in label map covers the labels {sorted(labels)}; "
-                                 "pass a label map (name or JSON/YAML file)")
+                raise ValueError(
+                    f"{source}: no built-in label map covers the labels {sorted(labels)}; "
+                    "pass a label map (name or JSON/YAML file)"
+                )
         missing = sorted(labels - set(label_map))
         if missing:
-            raise ValueError(f"{source}: labels {missing} are not in the label map '{spec}' "
-                             f"(known: {', '.join(label_map)})")
+            raise ValueError(
+                f"{source}: labels {missing} are not in the label map '{spec}' "
+                f"(known: {', '.join(label_map)})"
+            )
         return label_map
 
     def subset(self, labels: set[str]) -> LabelMap:

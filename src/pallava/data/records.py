@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from pallava.processing.prompts import PROMPT_STYLES  # noqa: F401  (re-exported: records name the styles)
+
 AnswerType = Literal["closed", "open", "choice"]
 ANSWER_TYPES: tuple[str, ...] = ("closed", "open", "choice")
-# How evaluation words a question: `pallava` (our training prompts: "Answer yes or no.", an options block) or
-# `paper` (the authors' evaluation: the raw question). A model folder saves its style with its processor.
-PROMPT_STYLES: tuple[str, ...] = ("pallava", "paper")
 ROLES: tuple[str, ...] = ("human", "gpt")
 IMAGE_TOKEN = "<image>"
 
@@ -121,7 +120,9 @@ class VQAItem:
     def __post_init__(self) -> None:
         what = f"VQA item {self.id}"
         if self.answer_type not in ANSWER_TYPES:
-            raise ValueError(f"{what}: field 'answer_type' must be one of {ANSWER_TYPES}, got {self.answer_type!r}")
+            raise ValueError(
+                f"{what}: field 'answer_type' must be one of {ANSWER_TYPES}, got {self.answer_type!r}"
+            )
         if self.answer_type == "choice" and not self.options:
             raise ValueError(f"{what}: field 'options' is required for a choice question")
 
@@ -132,7 +133,9 @@ class VQAItem:
     def from_dict(cls, data: dict[str, Any]) -> VQAItem:
         what = f"VQA item {data.get('id', '?') if isinstance(data, dict) else '?'}"
         options = data.get("options") if isinstance(data, dict) else None
-        if options is not None and not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
+        if options is not None and not (
+            isinstance(options, list) and all(isinstance(o, str) for o in options)
+        ):
             raise ValueError(f"{what}: field 'options' must be a list of strings or null")
         return cls(
             id=str(_require(data, "id", (str, int), what)),

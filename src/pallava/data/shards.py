@@ -37,7 +37,10 @@ class _ShardWriter:
 
     def add(self, record_id: str, record: str, image: bytes | None) -> None:
         self._rows.append((record_id, record, image))
-        if len(self._rows) >= self.row_group_size or self._in_shard + len(self._rows) >= self.records_per_shard:
+        if (
+            len(self._rows) >= self.row_group_size
+            or self._in_shard + len(self._rows) >= self.records_per_shard
+        ):
             self._flush()
 
     def _flush(self) -> None:
@@ -102,8 +105,12 @@ def write_shards(
             image = path.read_bytes()
         writer.add(str(data["id"]), json.dumps(data, ensure_ascii=False), image)
     writer.close()
-    index = {"schema": "pallava-shards/1", "shards": writer.shards,
-             "records": sum(s["records"] for s in writer.shards), "images_embedded": embed_images}
+    index = {
+        "schema": "pallava-shards/1",
+        "shards": writer.shards,
+        "records": sum(s["records"] for s in writer.shards),
+        "images_embedded": embed_images,
+    }
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return [out / shard["file"] for shard in writer.shards]
 
@@ -123,7 +130,9 @@ def _units(paths: list[Path]) -> list[tuple[Path, int, int]]:
     units = []
     for path in paths:
         metadata = pq.ParquetFile(path).metadata
-        units.extend((path, group, metadata.row_group(group).num_rows) for group in range(metadata.num_row_groups))
+        units.extend(
+            (path, group, metadata.row_group(group).num_rows) for group in range(metadata.num_row_groups)
+        )
     return units
 
 
@@ -172,8 +181,15 @@ def iter_shards(
 class ShardStream(torch.utils.data.IterableDataset):
     """An IterableDataset over shards that splits by distributed rank and DataLoader worker."""
 
-    def __init__(self, paths: Iterable[str | Path], rank: int = 0, world_size: int = 1, seed: int | None = None,
-                 equal: bool = False, with_images: bool = False) -> None:
+    def __init__(
+        self,
+        paths: Iterable[str | Path],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int | None = None,
+        equal: bool = False,
+        with_images: bool = False,
+    ) -> None:
         super().__init__()
         self.paths = [Path(p) for p in paths]
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -187,5 +203,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        yield from iter_shards(self.paths, self.rank * workers + worker, self.world_size * workers, self.seed,
-                               self.epoch, equal=self.equal, with_images=self.with_images)
+        yield from iter_shards(
+            self.paths,
+            self.rank * workers + worker,
+            self.world_size * workers,
+            self.seed,
+            self.epoch,
+            equal=self.equal,
+            with_images=self.with_images,
+        )

@@ -63,7 +63,8 @@ def _letter_from_text(prediction: str, options: Sequence[str], letters: str) -> 
     contained = {letters[i]: text for i, text in enumerate(texts) if text and f" {text} " in padded}
     # an option inside a longer matched option ("carcinoma" in "squamous cell carcinoma") is not a pick
     picked = [
-        letter for letter, text in contained.items()
+        letter
+        for letter, text in contained.items()
         if not any(other != text and f" {text} " in f" {other} " for other in contained.values())
     ]
     return picked[0] if len(picked) == 1 else None
@@ -110,7 +111,9 @@ def reference_letter(reference: str, options: Sequence[str] | None, where: str =
         for index, option in enumerate(options):
             if normalize_strict(option_text(option)) == wanted:
                 return letters[index]
-    raise ValueError(f"{where}: {reference!r} is neither an option letter ({', '.join(letters)}) nor an option's text")
+    raise ValueError(
+        f"{where}: {reference!r} is neither an option letter ({', '.join(letters)}) nor an option's text"
+    )
 
 
 def permute_options(

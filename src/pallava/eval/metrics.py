@@ -49,7 +49,9 @@ def confusion_matrix(y_true: Sequence[str], y_pred: Sequence[str], labels: Seque
     for position, (true, pred) in enumerate(zip(y_true, y_pred, strict=True)):
         for name, value in (("y_true", true), ("y_pred", pred)):
             if value not in index:
-                raise ValueError(f"confusion_matrix: {name}[{position}] = {value!r} is not one of {list(labels)}")
+                raise ValueError(
+                    f"confusion_matrix: {name}[{position}] = {value!r} is not one of {list(labels)}"
+                )
         matrix[index[true], index[pred]] += 1
     return matrix
 

@@ -15,11 +15,42 @@ _PAPER_TABLE = str.maketrans("", "", PAPER_REMOVED_CHARS)
 _XRAY = re.compile(r"x[ -]ray")
 
 # LLaVA-Med (VQA-v2 style) rules: punctuation, article removal, number words to digits.
-LLAVA_MED_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
-                   ">", "<", "@", "`", ",", "?", "!")
+LLAVA_MED_PUNCT = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 LLAVA_MED_NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 LLAVA_MED_ARTICLES = frozenset({"a", "an", "the"})
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")

@@ -54,8 +54,14 @@ def accuracy_by_type(summaries: Mapping[str, Mapping[str, Any]], path: str | Pat
         values = [summary[k]["accuracy"] if k in summary else 0.0 for k in kinds]
         intervals = [summary[k].get("accuracy_ci") if k in summary else None for k in kinds]
         positions = np.arange(len(kinds)) + (offset - (len(summaries) - 1) / 2) * width
-        axes.bar(positions, values, width, yerr=_error_bars(values, intervals), capsize=3,
-                 label=f"{name} (legacy)" if summary.get("legacy") else name)
+        axes.bar(
+            positions,
+            values,
+            width,
+            yerr=_error_bars(values, intervals),
+            capsize=3,
+            label=f"{name} (legacy)" if summary.get("legacy") else name,
+        )
     axes.set_xticks(range(len(kinds)), labels=kinds)
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("accuracy")
@@ -69,11 +75,18 @@ def accuracy_by_group(rows: Sequence[Mapping[str, Any]], path: str | Path, xlabe
     axes = figure.add_subplot()
     values = [row["accuracy"] for row in rows]
     positions = np.arange(len(rows))
-    axes.errorbar(positions, values, yerr=_error_bars(values, [row["accuracy_ci"] for row in rows]),
-                  fmt="o-", capsize=4)
+    axes.errorbar(
+        positions, values, yerr=_error_bars(values, [row["accuracy_ci"] for row in rows]), fmt="o-", capsize=4
+    )
     for x, row in zip(positions, rows, strict=True):
-        axes.annotate(f"n={row['n']}", (x, row["accuracy"]), textcoords="offset points", xytext=(0, 8),
-                      ha="center", fontsize="small")
+        axes.annotate(
+            f"n={row['n']}",
+            (x, row["accuracy"]),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize="small",
+        )
     axes.set_xticks(positions, labels=[str(row["group"]) for row in rows])
     axes.set_xlabel(xlabel)
     axes.set_ylim(0, 1.1)
@@ -82,8 +95,10 @@ def accuracy_by_group(rows: Sequence[Mapping[str, Any]], path: str | Path, xlabe
 
 
 def grouped_bars(
-    groups: Sequence[str], series: Mapping[str, Sequence[tuple[float | None, Sequence[float] | None]]],
-    path: str | Path, ylabel: str = "accuracy",
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[tuple[float | None, Sequence[float] | None]]],
+    path: str | Path,
+    ylabel: str = "accuracy",
 ) -> Path:
     """One cluster of bars per group (e.g. dataset), one bar per series (value, 95% interval) with
     whiskers; a missing value (None) leaves a gap and is written as "n/a" over the axis."""
@@ -97,8 +112,16 @@ def grouped_bars(
         bars = axes.bar(positions, values, width, yerr=_error_bars(values, intervals), capsize=3, label=name)
         for x, (value, _) in zip(positions, cells, strict=True):
             if value is None:
-                axes.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize="x-small",
-                          color=bars.patches[0].get_facecolor())
+                axes.text(
+                    x,
+                    0.02,
+                    "n/a",
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize="x-small",
+                    color=bars.patches[0].get_facecolor(),
+                )
     axes.set_xticks(range(len(groups)), labels=list(groups))
     axes.set_ylim(0, 1.05)
     axes.set_ylabel(ylabel)

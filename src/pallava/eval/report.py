@@ -46,14 +46,24 @@ def grouped_accuracy(
     rows = []
     for key in keys:
         bounds = bootstrap_ci(buckets[key], n_resamples=n_resamples, seed=seed)
-        rows.append({"group": key, "n": len(buckets[key]), "accuracy": accuracy(buckets[key]), "accuracy_ci": list(bounds)})
+        rows.append(
+            {
+                "group": key,
+                "n": len(buckets[key]),
+                "accuracy": accuracy(buckets[key]),
+                "accuracy_ci": list(bounds),
+            }
+        )
     return rows
 
 
 def _closed_confusion(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Yes/no truth against the answer's first yes/no word ("neither" when it has none)."""
     pairs = [
-        (first_yes_no(normalize_strict(str(r["reference"]))), first_yes_no(normalize_strict(str(r.get("prediction") or ""))))
+        (
+            first_yes_no(normalize_strict(str(r["reference"]))),
+            first_yes_no(normalize_strict(str(r.get("prediction") or ""))),
+        )
         for r in records
         if r.get("answer_type") == "closed"
     ]
@@ -66,9 +76,12 @@ def _closed_confusion(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
 
 
 def vqa_report(
-    records: Sequence[Mapping[str, Any]], scorer: str = "strict", n_resamples: int = 1000, seed: int = 0,
+    records: Sequence[Mapping[str, Any]],
+    scorer: str = "strict",
+    n_resamples: int = 1000,
+    seed: int = 0,
     tokenize: Tokenize | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The VQA report: headline scorer at the top level, the others under `scorers`, accuracy by
     tile count and by image size, and a yes/no confusion matrix for closed questions. `tokenize` (the
     model's tokenizer) gives the `paper` scorer the authors' open recall over language-model tokens."""
@@ -109,7 +122,11 @@ def _macro_f1_statistic(n_labels: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def zeroshot_report(
-    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str], n_resamples: int = 1000, seed: int = 0
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    labels: Sequence[str],
+    n_resamples: int = 1000,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Classification report: accuracy, micro/macro F1 (with 95% intervals), per-class scores and a
     confusion matrix whose last column counts unmapped answers. Reusable by any zero-shot path."""
@@ -119,7 +136,9 @@ def zeroshot_report(
     hits = [float(t == p) for t, p in zip(y_true, y_pred, strict=True)]
     scores = precision_recall_f1(y_true, y_pred, labels)
     codes = [labels.index(t) * len(columns) + columns.index(p) for t, p in zip(y_true, y_pred, strict=True)]
-    macro_ci = bootstrap_ci(codes, n_resamples=n_resamples, seed=seed, statistic=_macro_f1_statistic(len(labels)))
+    macro_ci = bootstrap_ci(
+        codes, n_resamples=n_resamples, seed=seed, statistic=_macro_f1_statistic(len(labels))
+    )
     matrix = confusion_matrix(y_true, y_pred, columns)[: len(labels)]
     return {
         "task": "zeroshot",
@@ -151,40 +170,73 @@ def _vqa_markdown(report: Mapping[str, Any], images: Mapping[str, str]) -> list[
             if not block:
                 continue
             n = f"{block['n_scored']} of {block['n']} (legacy)" if "n_dropped" in block else str(block["n"])
-            recall = (f"{_pct(block['recall'])}{_ci(block.get('recall_ci'))} ({block.get('recall_unit', '?')})"
-                      if "recall" in block else "")  # fmt: skip
-            lines.append(f"| {name} | {kind} | {n} | {_pct(block['accuracy'])}{_ci(block.get('accuracy_ci'))} | {recall} |")
+            recall = (
+                f"{_pct(block['recall'])}{_ci(block.get('recall_ci'))} ({block.get('recall_unit', '?')})"
+                if "recall" in block
+                else ""
+            )
+            lines.append(
+                f"| {name} | {kind} | {n} | {_pct(block['accuracy'])}{_ci(block.get('accuracy_ci'))} "
+                f"| {recall} |"
+            )
     if "llava-med" in everything:
-        lines += ["", f"`llava-med` closed numbers: {everything['llava-med'].get('closed', {}).get('flaw', 'n/a')}"]
+        lines += [
+            "",
+            f"`llava-med` closed numbers: {everything['llava-med'].get('closed', {}).get('flaw', 'n/a')}",
+        ]
     if report.get("choice_orders"):
         orders = report["choice_orders"]
-        lines += ["", "## Option order", "",
-                  f"{orders['n_questions']} choice questions, {orders['n_orders_total']} (question, order) pairs: "
-                  f"accuracy over all orders {_pct(orders['accuracy_all_orders'])}%, same option in every order "
-                  f"{_pct(orders['consistency'])}%, right in every order {_pct(orders['all_orders_correct'])}%."]
+        lines += [
+            "",
+            "## Option order",
+            "",
+            f"{orders['n_questions']} choice questions, {orders['n_orders_total']} (question, order) pairs: "
+            f"accuracy over all orders {_pct(orders['accuracy_all_orders'])}%, same option in every order "
+            f"{_pct(orders['consistency'])}%, right in every order {_pct(orders['all_orders_correct'])}%.",
+        ]
     for key, title in (("by_tiles", "tile count"), ("by_image_size", "image size (longest side)")):
         if report.get(key):
-            lines += ["", f"## Accuracy by {title} ({report['scorer']})", "", "| group | n | accuracy % [95% CI] |",
-                      "|---|---|---|"]
-            lines += [f"| {row['group']} | {row['n']} | {_pct(row['accuracy'])}{_ci(row['accuracy_ci'])} |"
-                      for row in report[key]]
+            lines += [
+                "",
+                f"## Accuracy by {title} ({report['scorer']})",
+                "",
+                "| group | n | accuracy % [95% CI] |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| {row['group']} | {row['n']} | {_pct(row['accuracy'])}{_ci(row['accuracy_ci'])} |"
+                for row in report[key]
+            ]
     return lines + [f"\n![{name}]({file})" for name, file in images.items()]
 
 
 def _zeroshot_markdown(report: Mapping[str, Any], images: Mapping[str, str]) -> list[str]:
     lines = [
-        f"Accuracy {_pct(report['accuracy'])}%{_ci(report['accuracy_ci'])}; micro F1 {_pct(report['micro']['f1'])}%; "
+        f"Accuracy {_pct(report['accuracy'])}%{_ci(report['accuracy_ci'])}; micro F1 "
+        f"{_pct(report['micro']['f1'])}%; "
         f"macro F1 {_pct(report['macro']['f1'])}%{_ci(report['macro']['f1_ci'])}; "
         f"unmapped answers {report['n_unmapped']} of {report['n']} (counted wrong).",
-        "", "| class | support | precision % | recall % | F1 % |", "|---|---|---|---|---|",
+        "",
+        "| class | support | precision % | recall % | F1 % |",
+        "|---|---|---|---|---|",
     ]
     for label, row in report["per_class"].items():
-        lines.append(f"| {label} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} | {_pct(row['f1'])} |")
+        lines.append(
+            f"| {label} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} "
+            f"| {_pct(row['f1'])} |"
+        )
     confusion = report["confusion"]
-    lines += ["", "## Confusion matrix (rows: truth, columns: answer)", "",
-              "| | " + " | ".join(confusion["columns"]) + " |", "|---" * (len(confusion["columns"]) + 1) + "|"]
-    lines += [f"| {label} | " + " | ".join(str(v) for v in row) + " |"
-              for label, row in zip(confusion["rows"], confusion["matrix"], strict=True)]
+    lines += [
+        "",
+        "## Confusion matrix (rows: truth, columns: answer)",
+        "",
+        "| | " + " | ".join(confusion["columns"]) + " |",
+        "|---" * (len(confusion["columns"]) + 1) + "|",
+    ]
+    lines += [
+        f"| {label} | " + " | ".join(str(v) for v in row) + " |"
+        for label, row in zip(confusion["rows"], confusion["matrix"], strict=True)
+    ]
     return lines + [f"\n![{name}]({file})" for name, file in images.items()]
 
 
@@ -195,7 +247,9 @@ def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "Eval
     images: dict[str, str] = {}
     if report["task"] == "vqa":
         everything = {report["scorer"]: report, **report.get("scorers", {})}
-        images["accuracy by answer type"] = plots.accuracy_by_type(everything, out / "accuracy_by_type.png").name
+        images["accuracy by answer type"] = plots.accuracy_by_type(
+            everything, out / "accuracy_by_type.png"
+        ).name
         for key, label in (("by_tiles", "tiles per image"), ("by_image_size", "longest image side")):
             if report.get(key):
                 path = plots.accuracy_by_group(report[key], out / f"accuracy_{key}.png", label)
@@ -203,7 +257,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "Eval
         if report.get("closed_confusion"):
             confusion = report["closed_confusion"]
             images["closed yes/no confusion"] = plots.confusion(
-                np.asarray(confusion["matrix"]), confusion["rows"], confusion["columns"], out / "closed_confusion.png"
+                np.asarray(confusion["matrix"]),
+                confusion["rows"],
+                confusion["columns"],
+                out / "closed_confusion.png",
             ).name
         body = _vqa_markdown(report, images)
     else:
@@ -214,6 +271,12 @@ def write_report(report: dict[str, Any], out_dir: str | Path, title: str = "Eval
         body = _zeroshot_markdown(report, images)
     report["plots"] = sorted(images.values())
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    header = [f"# {title}", ""] + [f"- {key}: `{report[key]}`" for key in ("model", "data", "split") if report.get(key)]
+    header = [f"# {title}", ""] + [
+        f"- {key}: `{report[key]}`" for key in ("model", "data", "split") if report.get(key)
+    ]
     (out / "report.md").write_text("\n".join(header + [""] + body) + "\n", encoding="utf-8")
-    return {"json": out / "report.json", "markdown": out / "report.md", **{name: out / f for name, f in images.items()}}
+    return {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        **{name: out / f for name, f in images.items()},
+    }

@@ -32,14 +32,18 @@ def model_tokenize(model_dir: str | Path) -> Callable[[str], list[int]]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{model_dir}: no tokenizer to count the paper's open recall with ({error})") from None
+        raise ValueError(
+            f"{model_dir}: no tokenizer to count the paper's open recall with ({error})"
+        ) from None
     return lambda text: tokenizer.encode(text, add_special_tokens=False)
 
 
 class Assistant(Protocol):
     """What the runner needs from a model (satisfied by `pallava.inference.PaLlava`)."""
 
-    def ask_batch(self, images: Sequence[Any], questions: Sequence[str], batch_size: int = 8, **options: Any) -> list[str]: ...
+    def ask_batch(
+        self, images: Sequence[Any], questions: Sequence[str], batch_size: int = 8, **options: Any
+    ) -> list[str]: ...
 
     def tile_grid(self, image: Any) -> tuple[int, int]: ...
 
@@ -90,7 +94,8 @@ def _ordered(writer: PredictionWriter, ids: list[str], path: Path) -> list[dict[
     if foreign:
         example = sorted(foreign)[0]
         raise ValueError(
-            f"{path} holds {len(foreign)} prediction(s) for questions not in this dataset (e.g. {example!r}); "
+            f"{path} holds {len(foreign)} prediction(s) for questions not in this dataset (e.g. "
+            f"{example!r}); "
             "it belongs to another run: choose a new output folder"
         )
     return [by_id[i] for i in ids]
@@ -102,8 +107,10 @@ def _answered_style(writer: PredictionWriter, style: str | None, path: Path) -> 
     used = {str(record.get("prompt_style", "pallava")) for record in writer.records}
     chosen = style or (used.pop() if len(used) == 1 else "pallava")
     if used - {chosen}:
-        raise ValueError(f"{path} holds answers to {'/'.join(sorted(used))}-style prompts; rerun with "
-                         f"--prompt-style {'/'.join(sorted(used))} or choose a new output folder")  # fmt: skip
+        raise ValueError(
+            f"{path} holds answers to {'/'.join(sorted(used))}-style prompts; rerun with "
+            f"--prompt-style {'/'.join(sorted(used))} or choose a new output folder"
+        )
     return chosen
 
 
@@ -131,15 +138,33 @@ def run_vqa(
     with PredictionWriter(path) as writer:
         style = _answered_style(writer, prompt_style, path)
         pending = [item for item in items if item.id not in writer.done]
-        bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="eval vqa", unit="q", disable=not progress)
+        bar = tqdm(
+            total=len(items),
+            initial=len(items) - len(pending),
+            desc="eval vqa",
+            unit="q",
+            disable=not progress,
+        )
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            answers = assistant.ask_batch([i.image for i in chunk], [prompt_of(i, style) for i in chunk],
-                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+            chunk = pending[start : start + batch_size]
+            answers = assistant.ask_batch(
+                [i.image for i in chunk],
+                [prompt_of(i, style) for i in chunk],
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+            )
             for item, answer in zip(chunk, answers, strict=True):
-                record = {"id": item.id, "question": item.question, "prediction": answer, "reference": item.answer,
-                          "answer_type": item.answer_type, "options": item.options, "image": item.image,
-                          **layouts(item.image), "prompt_style": style}
+                record = {
+                    "id": item.id,
+                    "question": item.question,
+                    "prediction": answer,
+                    "reference": item.answer,
+                    "answer_type": item.answer_type,
+                    "options": item.options,
+                    "image": item.image,
+                    **layouts(item.image),
+                    "prompt_style": style,
+                }
                 if "base_id" in item.meta:
                     record["base_id"] = item.meta["base_id"]
                 writer.write(record)
@@ -178,16 +203,34 @@ def run_zeroshot(
     question = zeroshot_question(label_map)
     with PredictionWriter(path) as writer:
         pending = [item for item in images if item.path not in writer.done]
-        bar = tqdm(total=len(images), initial=len(images) - len(pending), desc="eval zeroshot", unit="img",
-                   disable=not progress)
+        bar = tqdm(
+            total=len(images),
+            initial=len(images) - len(pending),
+            desc="eval zeroshot",
+            unit="img",
+            disable=not progress,
+        )
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            answers = assistant.ask_batch([i.path for i in chunk], [question] * len(chunk),
-                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+            chunk = pending[start : start + batch_size]
+            answers = assistant.ask_batch(
+                [i.path for i in chunk],
+                [question] * len(chunk),
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+            )
             for item, answer in zip(chunk, answers, strict=True):
-                writer.write({"id": item.path, "question": question, "prediction": answer, "reference": item.label,
-                              "answer_type": "class", "predicted_label": label_map.label_for(answer) or UNMAPPED,
-                              "image": item.path, "cluster": item.cluster})
+                writer.write(
+                    {
+                        "id": item.path,
+                        "question": question,
+                        "prediction": answer,
+                        "reference": item.label,
+                        "answer_type": "class",
+                        "predicted_label": label_map.label_for(answer) or UNMAPPED,
+                        "image": item.path,
+                        "cluster": item.cluster,
+                    }
+                )
             bar.update(len(chunk))
         bar.close()
         return _ordered(writer, [item.path for item in images], path)

@@ -178,9 +178,13 @@ def _interval(values: Sequence[float], ci: bool, n_resamples: int, seed: int) ->
 
 
 def summarize(
-    scores: Sequence[ItemScore], scorer: str, ci: bool = True, n_resamples: int = 1000, seed: int = 0,
+    scores: Sequence[ItemScore],
+    scorer: str,
+    ci: bool = True,
+    n_resamples: int = 1000,
+    seed: int = 0,
     unit: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Per-type and overall accuracy, open recall (in `unit`), `n` and 95% bootstrap intervals."""
     summary: dict[str, Any] = {"scorer": scorer, "n": len(scores)}
     if scorer == "llava-med":
@@ -234,8 +238,9 @@ def score(
     if scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)}")
     primary = [r for r in records if not is_permuted_copy(r)]
-    summary = summarize(item_scores(primary, scorer, tokenize), scorer, ci, n_resamples, seed,
-                        recall_unit(scorer, tokenize))  # fmt: skip
+    summary = summarize(
+        item_scores(primary, scorer, tokenize), scorer, ci, n_resamples, seed, recall_unit(scorer, tokenize)
+    )
     if len(primary) != len(records):
         summary["choice_orders"] = option_consistency(records)
     return summary

@@ -45,7 +45,9 @@ class LazyAssistant:
     """`PaLlava.from_pretrained(model_dir)` on first use, so a run with nothing left to answer (a
     finished benchmark, a report re-written with another scorer) loads no weights."""
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, stain_normalize: str | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path, device: str | None = None, stain_normalize: str | None = None
+    ) -> None:
         self.model_dir = model_dir
         self.device = device
         self.stain_normalize = stain_normalize  # e.g. "macenko": images mapped onto reference H&E stains
@@ -85,11 +87,17 @@ class _Models:
         return self._plip
 
 
-def _plip_zeroshot(models: _Models, images: list[LabelledImage], label_map: LabelMap, out: Path,
-                   settings: SuiteSettings, progress: bool) -> dict[str, Any]:
+def _plip_zeroshot(
+    models: _Models,
+    images: list[LabelledImage],
+    label_map: LabelMap,
+    out: Path,
+    settings: SuiteSettings,
+    progress: bool,
+) -> dict[str, Any]:
     """PLIP prompt-ensemble classification with the `eval zeroshot` report (95% intervals included)."""
     from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
-    from pallava.train.plip_eval import zeroshot_predictions
+    from pallava.models.plip.zeroshot import zeroshot_predictions
 
     plip = models.plip()
     embeds = plip.encode_images([i.path for i in images], settings.plip_batch_size, progress=progress)
@@ -97,35 +105,80 @@ def _plip_zeroshot(models: _Models, images: list[LabelledImage], label_map: Labe
     out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for item, label, row in zip(images, predicted, proba, strict=True):
-            handle.write(json.dumps({"image": item.path, "label": item.label, "predicted": label,
-                                     "proba": [round(float(x), 6) for x in row]}) + "\n")
-    report = zeroshot_report([i.label for i in images], predicted, label_map.labels(), settings.n_resamples,
-                             settings.seed)
-    report.update(model=str(models.plip_dir), class_names=label_map.names(),
-                  templates=list(ZEROSHOT_TEMPLATES))
+            handle.write(
+                json.dumps(
+                    {
+                        "image": item.path,
+                        "label": item.label,
+                        "predicted": label,
+                        "proba": [round(float(x), 6) for x in row],
+                    }
+                )
+                + "\n"
+            )
+    report = zeroshot_report(
+        [i.label for i in images], predicted, label_map.labels(), settings.n_resamples, settings.seed
+    )
+    report.update(
+        model=str(models.plip_dir), class_names=label_map.names(), templates=list(ZEROSHOT_TEMPLATES)
+    )
     return report
 
 
-def _assistant_vqa(models: _Models, items: Sequence[Any], out: Path, settings: SuiteSettings,
-                   progress: bool) -> dict[str, Any]:
-    records = run_vqa(models.assistant, items, out / "predictions.jsonl", settings.batch_size,
-                      settings.max_new_tokens, progress=progress, prompt_style=models.prompt_style)
+def _assistant_vqa(
+    models: _Models, items: Sequence[Any], out: Path, settings: SuiteSettings, progress: bool
+) -> dict[str, Any]:
+    records = run_vqa(
+        models.assistant,
+        items,
+        out / "predictions.jsonl",
+        settings.batch_size,
+        settings.max_new_tokens,
+        progress=progress,
+        prompt_style=models.prompt_style,
+    )
     tokenize = model_tokenize(models.assistant.model_dir) if settings.scorer == "paper" else None
     report = vqa_report(records, settings.scorer, settings.n_resamples, settings.seed, tokenize=tokenize)
-    report["generation"] = {"decoding": "greedy", "max_new_tokens": settings.max_new_tokens,
-                            "batch_size": settings.batch_size}
+    report["generation"] = {
+        "decoding": "greedy",
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+    }
     return report
 
 
-def _assistant_classification(models: _Models, images: list[LabelledImage], label_map: LabelMap, out: Path,
-                              settings: SuiteSettings, progress: bool) -> dict[str, Any]:
-    records = run_zeroshot(models.assistant, images, label_map, out / "predictions.jsonl",
-                           settings.batch_size, settings.class_max_new_tokens, progress=progress)
-    report = zeroshot_report([r["reference"] for r in records], [r["predicted_label"] for r in records],
-                             label_map.labels(), settings.n_resamples, settings.seed)
-    report.update(question=records[0]["question"],
-                  generation={"decoding": "greedy", "max_new_tokens": settings.class_max_new_tokens,
-                              "batch_size": settings.batch_size})
+def _assistant_classification(
+    models: _Models,
+    images: list[LabelledImage],
+    label_map: LabelMap,
+    out: Path,
+    settings: SuiteSettings,
+    progress: bool,
+) -> dict[str, Any]:
+    records = run_zeroshot(
+        models.assistant,
+        images,
+        label_map,
+        out / "predictions.jsonl",
+        settings.batch_size,
+        settings.class_max_new_tokens,
+        progress=progress,
+    )
+    report = zeroshot_report(
+        [r["reference"] for r in records],
+        [r["predicted_label"] for r in records],
+        label_map.labels(),
+        settings.n_resamples,
+        settings.seed,
+    )
+    report.update(
+        question=records[0]["question"],
+        generation={
+            "decoding": "greedy",
+            "max_new_tokens": settings.class_max_new_tokens,
+            "batch_size": settings.batch_size,
+        },
+    )
     return report
 
 
@@ -137,34 +190,63 @@ _PARTS = {
 }
 
 
-def _run_benchmark(benchmark: Benchmark, settings: SuiteSettings, limit: int | None, models: _Models,
-                   folder: Path, progress: bool) -> dict[str, Any]:
+def _run_benchmark(
+    benchmark: Benchmark,
+    settings: SuiteSettings,
+    limit: int | None,
+    models: _Models,
+    folder: Path,
+    progress: bool,
+) -> dict[str, Any]:
     """Run one benchmark's parts; returns its summary row."""
     reports: dict[str, dict[str, Any]] = {}
     source = f"benchmark '{benchmark.name}' ({benchmark.data})"
     if benchmark.kind == "vqa":
-        items = load_vqa_items(benchmark.data, benchmark.format, benchmark.split, benchmark.image_root,
-                               folder / "vqa" / "images", benchmark.label_map, settings.seed)
+        items = load_vqa_items(
+            benchmark.data,
+            benchmark.format,
+            benchmark.split,
+            benchmark.image_root,
+            folder / "vqa" / "images",
+            benchmark.label_map,
+            settings.seed,
+        )
         items = sample_items(items, limit, settings.seed)
         n = len(items)
         reports["vqa"] = _assistant_vqa(models, items, folder / "vqa", settings, progress)
     else:
         every = read_manifest(benchmark.data, benchmark.split)
         # The label map covers the whole manifest, not just the sample, so --limit never changes the classes.
-        label_map = LabelMap.resolve(benchmark.label_map, {i.label for i in every},
-                                     source=f"{source}: label_map")
+        label_map = LabelMap.resolve(
+            benchmark.label_map, {i.label for i in every}, source=f"{source}: label_map"
+        )
         images = sample_items(every, limit, settings.seed)
         n = len(images)
         if models.plip_dir is not None:
-            reports["plip_zeroshot"] = _plip_zeroshot(models, images, label_map, folder / "plip-zeroshot",
-                                                      settings, progress)
+            reports["plip_zeroshot"] = _plip_zeroshot(
+                models, images, label_map, folder / "plip-zeroshot", settings, progress
+            )
         if benchmark.kind == "manifest":
-            items = vqa_from_labels(images, label_map, settings.seed)
+            asked = label_map
+            if benchmark.question_label_map:
+                asked = LabelMap.resolve(
+                    benchmark.question_label_map,
+                    {i.label for i in every},
+                    source=f"{source}: question_label_map",
+                )
+            items = vqa_from_labels(images, asked, settings.seed)
             reports["vqa"] = _assistant_vqa(models, items, folder / "vqa", settings, progress)
-        reports["classification"] = _assistant_classification(models, images, label_map, folder / "zeroshot",
-                                                              settings, progress)
-    row: dict[str, Any] = {"name": benchmark.name, "kind": benchmark.kind, "data": str(benchmark.data),
-                           "split": benchmark.split, "n": n, "reports": {}}
+        reports["classification"] = _assistant_classification(
+            models, images, label_map, folder / "zeroshot", settings, progress
+        )
+    row: dict[str, Any] = {
+        "name": benchmark.name,
+        "kind": benchmark.kind,
+        "data": str(benchmark.data),
+        "split": benchmark.split,
+        "n": n,
+        "reports": {},
+    }
     for part, report in reports.items():
         directory, title = _PARTS[part]
         report.update(data=str(benchmark.data), split=benchmark.split, benchmark=benchmark.name)
@@ -175,12 +257,24 @@ def _run_benchmark(benchmark: Benchmark, settings: SuiteSettings, limit: int | N
     return row
 
 
-def _definition(benchmark: Benchmark, settings: SuiteSettings, limit: int | None, model_dir: Path,
-                plip_dir: Path | None, stain_normalize: str | None = None) -> dict[str, Any]:
+def _definition(
+    benchmark: Benchmark,
+    settings: SuiteSettings,
+    limit: int | None,
+    model_dir: Path,
+    plip_dir: Path | None,
+    stain_normalize: str | None = None,
+) -> dict[str, Any]:
     """Everything the predictions of a benchmark depend on (a changed value means other predictions)."""
-    definition = {"benchmark": benchmark.definition(), "limit": limit, "seed": settings.seed,
-                  "max_new_tokens": settings.max_new_tokens, "class_max_new_tokens": settings.class_max_new_tokens,
-                  "model": str(model_dir), "plip": str(plip_dir) if plip_dir else None}
+    definition = {
+        "benchmark": benchmark.definition(),
+        "limit": limit,
+        "seed": settings.seed,
+        "max_new_tokens": settings.max_new_tokens,
+        "class_max_new_tokens": settings.class_max_new_tokens,
+        "model": str(model_dir),
+        "plip": str(plip_dir) if plip_dir else None,
+    }
     if stain_normalize:
         definition["stain_normalize"] = stain_normalize
     return definition
@@ -194,8 +288,10 @@ def _check_same_run(folder: Path, definition: dict[str, Any]) -> None:
     before = json.loads(started.read_text(encoding="utf-8"))
     changed = sorted(key for key in set(before) | set(definition) if before.get(key) != definition.get(key))
     if changed:
-        raise ValueError(f"{folder} holds results of another run of benchmark '{folder.name}' (changed: "
-                         f"{', '.join(changed)}); choose another output folder or delete {folder}")
+        raise ValueError(
+            f"{folder} holds results of another run of benchmark '{folder.name}' (changed: "
+            f"{', '.join(changed)}); choose another output folder or delete {folder}"
+        )
 
 
 def _finished_row(marker: Path, record: dict[str, Any], out: Path) -> dict[str, Any] | None:
@@ -238,8 +334,10 @@ def run_suite(
     for benchmark in suite.benchmarks:
         effective = limit or benchmark.limit or settings.limit
         definition = _definition(benchmark, settings, effective, model, plip, stain_normalize)
-        record = {"definition": definition,
-                  "report": {"scorer": settings.scorer, "n_resamples": settings.n_resamples}}
+        record = {
+            "definition": definition,
+            "report": {"scorer": settings.scorer, "n_resamples": settings.n_resamples},
+        }
         marker = out / MARKERS / f"{benchmark.name}.json"
         row = _finished_row(marker, record, out)
         if row is not None:
@@ -259,8 +357,13 @@ def run_suite(
         temporary.write_text(json.dumps({**record, "row": row}, indent=2) + "\n", encoding="utf-8")
         temporary.replace(marker)  # written after the reports: a marker always means a finished benchmark
         rows.append(row)
-    summary = {"suite": suite.source, "model": str(model), "plip": str(plip) if plip else None,
-               "scorer": settings.scorer, "settings": {**asdict(settings), "limit": limit or settings.limit},
-               "benchmarks": rows}
+    summary = {
+        "suite": suite.source,
+        "model": str(model),
+        "plip": str(plip) if plip else None,
+        "scorer": settings.scorer,
+        "settings": {**asdict(settings), "limit": limit or settings.limit},
+        "benchmarks": rows,
+    }
     write_summary(summary, out)
     return summary

@@ -40,7 +40,7 @@ KINDS = ("manifest", "vqa", "zeroshot")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Fields each kind accepts besides `name` and its data key.
 _KIND_FIELDS = {
-    "manifest": ("split", "label_map", "limit"),
+    "manifest": ("split", "label_map", "question_label_map", "limit"),
     "zeroshot": ("split", "label_map", "limit"),
     "vqa": ("split", "label_map", "limit", "format", "image_root"),
 }
@@ -61,6 +61,9 @@ class Benchmark:
     data: Path
     split: str | None = None
     label_map: str | None = None
+    # manifests: the classes and organs generated questions draw from (default: label_map). A model trained
+    # on several organs is asked "Is this colon adenocarcinoma?" about lung tissue too.
+    question_label_map: str | None = None
     limit: int | None = None
     format: str | None = None
     image_root: Path | None = None
@@ -116,8 +119,9 @@ def _path(value: Any, base: Path, where: str) -> Path:
     path = Path(_text(value, where)).expanduser()
     resolved = path if path.is_absolute() else (base / path).resolve()
     if not resolved.exists():
-        raise ValueError(f"{where}: not found: {resolved} (relative paths resolve against the suite file's "
-                         f"folder {base})")
+        raise ValueError(
+            f"{where}: not found: {resolved} (relative paths resolve against the suite file's folder {base})"
+        )
     return resolved
 
 
@@ -126,8 +130,10 @@ def _label_map(value: Any, base: Path, where: str) -> str:
     if spec in LabelMap.builtin_names():
         return spec
     if Path(spec).suffix.lower() not in (".json", ".yaml", ".yml"):
-        raise ValueError(f"{where}: {spec!r} is neither a built-in label map "
-                         f"({', '.join(LabelMap.builtin_names())}) nor a .json/.yaml file")
+        raise ValueError(
+            f"{where}: {spec!r} is neither a built-in label map "
+            f"({', '.join(LabelMap.builtin_names())}) nor a .json/.yaml file"
+        )
     return str(_path(spec, base, where))
 
 
@@ -156,28 +162,33 @@ def _settings(data: Any, where: str) -> SuiteSettings:
 
 def _benchmark(data: Any, base: Path, where: str) -> Benchmark:
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping with 'name' and one of {', '.join(KINDS)}, "
-                         f"got {type(data).__name__}")
+        raise ValueError(
+            f"{where}: expected a mapping with 'name' and one of {', '.join(KINDS)}, "
+            f"got {type(data).__name__}"
+        )
     name = _text(data.get("name"), f"{where}.name")
     if not _NAME.match(name):
         raise ValueError(f"{where}.name: {name!r} must be a folder name: letters, digits, '.', '_' or '-'")
     where = f"{where} ({name})"
     kinds = [kind for kind in KINDS if kind in data]
     if len(kinds) != 1:
-        raise ValueError(f"{where}: give exactly one of {', '.join(KINDS)} (the data to evaluate), "
-                         f"got {kinds or 'none'}")
+        raise ValueError(
+            f"{where}: give exactly one of {', '.join(KINDS)} (the data to evaluate), got {kinds or 'none'}"
+        )
     kind = kinds[0]
     _check_keys(data, ("name", kind, *_KIND_FIELDS[kind]), where)
     values: dict[str, Any] = {"name": name, "kind": kind, "data": _path(data[kind], base, f"{where}.{kind}")}
     if data.get("split") is not None:
         values["split"] = _text(data["split"], f"{where}.split")
-    if data.get("label_map") is not None:
-        values["label_map"] = _label_map(data["label_map"], base, f"{where}.label_map")
+    for key in ("label_map", "question_label_map"):
+        if data.get(key) is not None:
+            values[key] = _label_map(data[key], base, f"{where}.{key}")
     values["limit"] = _positive_int(data.get("limit"), f"{where}.limit", optional=True)
     if data.get("format") is not None:
         if data["format"] not in VQA_FORMATS:
-            raise ValueError(f"{where}.format: expected one of {', '.join(VQA_FORMATS)}, "
-                             f"got {data['format']!r}")
+            raise ValueError(
+                f"{where}.format: expected one of {', '.join(VQA_FORMATS)}, got {data['format']!r}"
+            )
         values["format"] = data["format"]
     if data.get("image_root") is not None:
         values["image_root"] = _path(data["image_root"], base, f"{where}.image_root")
@@ -196,13 +207,15 @@ def suite_from_dict(data: Any, base_dir: str | Path, source: str = "suite") -> S
     if not isinstance(listed, list) or not listed:
         raise ValueError(f"{source}: 'benchmarks' must be a non-empty list")
     base = Path(base_dir).resolve()
-    benchmarks = tuple(_benchmark(entry, base, f"{source}: benchmarks[{i}]")
-                       for i, entry in enumerate(listed))
+    benchmarks = tuple(
+        _benchmark(entry, base, f"{source}: benchmarks[{i}]") for i, entry in enumerate(listed)
+    )
     names = [b.name for b in benchmarks]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"{source}: benchmark names must be unique (they name the report folders); "
-                         f"repeated: {repeated}")
+        raise ValueError(
+            f"{source}: benchmark names must be unique (they name the report folders); repeated: {repeated}"
+        )
     return Suite(benchmarks, _settings(data.get("settings"), f"{source}: settings"), source)
 
 

@@ -23,9 +23,15 @@ COLUMNS = (
 
 def class_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     """The summary cell of a zero-shot classification report (PLIP's or the assistant's)."""
-    return {"n": report["n"], "accuracy": report["accuracy"], "accuracy_ci": report["accuracy_ci"],
-            "micro_f1": report["micro"]["f1"], "macro_f1": report["macro"]["f1"],
-            "macro_f1_ci": report["macro"]["f1_ci"], "n_unmapped": report["n_unmapped"]}
+    return {
+        "n": report["n"],
+        "accuracy": report["accuracy"],
+        "accuracy_ci": report["accuracy_ci"],
+        "micro_f1": report["micro"]["f1"],
+        "macro_f1": report["macro"]["f1"],
+        "macro_f1_ci": report["macro"]["f1_ci"],
+        "n_unmapped": report["n_unmapped"],
+    }
 
 
 def vqa_summary(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,10 +56,16 @@ def cell(
 
 def _markdown(summary: Mapping[str, Any], plot: str) -> str:
     lines = ["# Evaluation suite", ""]
-    lines += [f"- {key}: `{summary[key]}`" for key in ("suite", "model", "plip", "scorer") if summary.get(key)]
-    lines += ["", "Each value is a percentage with its 95% bootstrap interval; `-` means the benchmark does not "
-              "measure it (no PLIP model given, a VQA file has no classes, a zero-shot task asks no VQA). n counts "
-              "images (manifest and zero-shot benchmarks) or questions (VQA files).", ""]
+    lines += [
+        f"- {key}: `{summary[key]}`" for key in ("suite", "model", "plip", "scorer") if summary.get(key)
+    ]
+    lines += [
+        "",
+        "Each value is a percentage with its 95% bootstrap interval; `-` means the benchmark does not "
+        "measure it (no PLIP model given, a VQA file has no classes, a zero-shot task asks no VQA). n counts "
+        "images (manifest and zero-shot benchmarks) or questions (VQA files).",
+        "",
+    ]
     lines.append("| dataset | kind | n | " + " | ".join(f"{title} %" for title, *_ in COLUMNS) + " |")
     lines.append("|---" * (3 + len(COLUMNS)) + "|")
     for row in summary["benchmarks"]:
@@ -65,8 +77,11 @@ def _markdown(summary: Mapping[str, Any], plot: str) -> str:
     lines += ["", "## Reports", ""]
     for row in summary["benchmarks"]:
         links = ", ".join(f"[{part}]({path})" for part, path in row["reports"].items())
-        lines.append(f"- {row['name']} ({row['data']}" + (f", split {row['split']}" if row.get("split") else "")
-                     + f"): {links}")
+        lines.append(
+            f"- {row['name']} ({row['data']}"
+            + (f", split {row['split']}" if row.get("split") else "")
+            + f"): {links}"
+        )
     lines += ["", f"![accuracy per dataset]({plot})"]
     return "\n".join(lines) + "\n"
 
@@ -76,9 +91,15 @@ def write_summary(summary: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = summary["benchmarks"]
-    series = {title: [cell(row, key, value, interval) for row in rows] for title, key, value, interval in COLUMNS}
-    plot = plots.grouped_bars([f"{row['name']}\nn={row['n']}" for row in rows], series, out / "summary.png",
-                              ylabel="accuracy / macro F1")
+    series = {
+        title: [cell(row, key, value, interval) for row in rows] for title, key, value, interval in COLUMNS
+    }
+    plot = plots.grouped_bars(
+        [f"{row['name']}\nn={row['n']}" for row in rows],
+        series,
+        out / "summary.png",
+        ylabel="accuracy / macro F1",
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(_markdown(summary, plot.name), encoding="utf-8")
     return {"json": out / "summary.json", "markdown": out / "summary.md", "plot": plot}

@@ -23,7 +23,9 @@ from pallava.data.labels import LabelMap
 from pallava.data.records import IMAGE_TOKEN, PROMPT_STYLES, VQAItem
 from pallava.eval.choice import option_text
 
-PROCESSOR_SETTINGS = "processor_config.json"  # PaLlavaProcessor.CONFIG_NAME, read without importing transformers
+PROCESSOR_SETTINGS = (
+    "processor_config.json"  # PaLlavaProcessor.CONFIG_NAME, read without importing transformers
+)
 
 VQA_FORMATS = ("pathvqa", "pathvqa-text", "pmcvqa", "jsonl", "manifest")
 T = TypeVar("T")
@@ -45,7 +47,9 @@ def detect_format(path: str | Path) -> str:
             return "pmcvqa"
         if "path" in header and "label" in header:
             return "manifest"
-        raise ValueError(f"{path}: CSV header {header} is neither PMC-VQA (Figure_path, ...) nor a manifest (path,label)")
+        raise ValueError(
+            f"{path}: CSV header {header} is neither PMC-VQA (Figure_path, ...) nor a manifest (path,label)"
+        )
     if suffix == ".json":
         with path.open(encoding="utf-8") as handle:
             head = handle.read(4096)
@@ -53,7 +57,9 @@ def detect_format(path: str | Path) -> str:
             return "pathvqa-text"
     if suffix in (".json", ".jsonl"):
         return "jsonl"
-    raise ValueError(f"{path}: cannot tell the format from the name; pass --format ({', '.join(VQA_FORMATS)})")
+    raise ValueError(
+        f"{path}: cannot tell the format from the name; pass --format ({', '.join(VQA_FORMATS)})"
+    )
 
 
 def _conversation_item(record: dict[str, Any], where: str, image_root: Path | None) -> VQAItem:
@@ -62,9 +68,15 @@ def _conversation_item(record: dict[str, Any], where: str, image_root: Path | No
     if not isinstance(turns, list) or len(turns) < 2:
         raise ValueError(f"{where}: field 'conversations' must hold a human turn and a gpt answer")
     human, gpt = turns[0], turns[1]
-    if not (isinstance(human, dict) and human.get("from") == "human" and isinstance(gpt, dict)
-            and gpt.get("from") == "gpt"):
-        raise ValueError(f"{where}: field 'conversations' must start with a human turn followed by a gpt turn")
+    if not (
+        isinstance(human, dict)
+        and human.get("from") == "human"
+        and isinstance(gpt, dict)
+        and gpt.get("from") == "gpt"
+    ):
+        raise ValueError(
+            f"{where}: field 'conversations' must start with a human turn followed by a gpt turn"
+        )
     image = record.get("image")
     if not isinstance(image, str) or not image:
         raise ValueError(f"{where}: field 'image' must name the image the question is about")
@@ -95,11 +107,6 @@ def _jsonl_items(path: Path, image_root: Path | None) -> list[VQAItem]:
     return items
 
 
-def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
-    """The label map for these labels (see `LabelMap.resolve`)."""
-    return LabelMap.resolve(spec, labels, source="--label-map")
-
-
 def load_vqa_items(
     path: str | Path,
     fmt: str | None = None,
@@ -126,26 +133,33 @@ def load_vqa_items(
     root = Path(image_root) if image_root is not None else None
     if fmt == "pathvqa-text":
         raise ValueError(
-            f"{path}: PathVQA text JSON holds questions and answers but no images, so the assistant cannot be "
+            f"{path}: PathVQA text JSON holds questions and answers but no images, so the assistant cannot "
+            "be "
             "evaluated on it; use the PathVQA Parquet (with images), or score existing predictions with "
             "`pallava eval score --predictions FILE`"
         )
     if fmt == "pathvqa":
         if image_dir is None:
-            raise ValueError("PathVQA Parquet embeds its images: an image folder to extract them into is required")
+            raise ValueError(
+                "PathVQA Parquet embeds its images: an image folder to extract them into is required"
+            )
         items = list(read_pathvqa_parquet(path, image_dir))
     elif fmt == "pmcvqa":
         items = list(read_pmc_vqa(path, root, split))
     elif fmt == "manifest":
         labelled = read_manifest(path, split)
-        items = vqa_from_labels(labelled, resolve_label_map(label_map, {i.label for i in labelled}), seed)
+        items = vqa_from_labels(
+            labelled, LabelMap.resolve(label_map, {i.label for i in labelled}, source="--label-map"), seed
+        )
     else:
         items = _jsonl_items(path, root)
     if not items:
         raise ValueError(f"{path}: no questions found" + (f" in split '{split}'" if split else ""))
     duplicates = len(items) - len({item.id for item in items})
     if duplicates:
-        raise ValueError(f"{path}: {duplicates} question id(s) repeat; ids must be unique to resume and score")
+        raise ValueError(
+            f"{path}: {duplicates} question id(s) repeat; ids must be unique to resume and score"
+        )
     return items
 
 
@@ -156,7 +170,9 @@ def paper_prompt(item: VQAItem) -> str:
     question = item.question.strip()
     if item.answer_type != "choice":
         return question
-    choices = [f"{string.ascii_uppercase[i]}:{option_text(option)}" for i, option in enumerate(item.options or [])]
+    choices = [
+        f"{string.ascii_uppercase[i]}:{option_text(option)}" for i, option in enumerate(item.options or [])
+    ]
     return "\n".join([question, *choices])
 
 
@@ -181,7 +197,9 @@ def model_prompt_style(model_dir: str | Path) -> str | None:
     except (ValueError, AttributeError):
         raise ValueError(f"{path}: not a JSON object of processor settings") from None
     if style not in PROMPT_STYLES:
-        raise ValueError(f"{path}: field 'prompt_style' must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
+        raise ValueError(
+            f"{path}: field 'prompt_style' must be one of {', '.join(PROMPT_STYLES)}, got {style!r}"
+        )
     return style
 
 

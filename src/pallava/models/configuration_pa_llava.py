@@ -67,7 +67,8 @@ class PaLlavaConfig(PretrainedConfig):
         connector_config: a `ScaleInvariantConnectorConfig` (or dict).
         text_config: the language model's config (or dict with `model_type`), Llama by default.
         vision_feature_layer: hidden-state index the connector reads (-2: second-to-last, as the paper).
-        image_token_id: id of the `<image>` token in the tokenizer; each one is replaced by one image embedding.
+        image_token_id: id of the `<image>` token in the tokenizer; each one is replaced by one image
+        embedding.
         grid_policy: anyres tiling policy, `default` (1..max_tiles tiles) or `paper` (their 15 grids).
         max_tiles: most tiles per image.
         lora: LoRA settings for the language model, e.g. `{"r": 128, "alpha": 256, "dropout": 0.05,
@@ -146,7 +147,3 @@ class PaLlavaConfig(PretrainedConfig):
     def num_image_tokens(self) -> int:
         """Image embeddings the language model receives per image, whatever its size."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
-
-
-AutoConfig.register(PaLlavaConfig.model_type, PaLlavaConfig, exist_ok=True)
-AutoConfig.register(ScaleInvariantConnectorConfig.model_type, ScaleInvariantConnectorConfig, exist_ok=True)

@@ -81,10 +81,12 @@ class ConnectorLayer(nn.Module):
         self.attention = Attention(config)
         self.crossattention = Attention(config) if config.tile_cross_attention else None
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.intermediate_size)})
-        self.output = nn.ModuleDict({
-            "dense": nn.Linear(config.intermediate_size, config.hidden_size),
-            "LayerNorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
-        })  # fmt: skip
+        self.output = nn.ModuleDict(
+            {
+                "dense": nn.Linear(config.intermediate_size, config.hidden_size),
+                "LayerNorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+            }
+        )
         self.act = ACT2FN[config.hidden_act]
         self.dropout = config.dropout
 

@@ -7,7 +7,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
-    AutoModelForImageTextToText,
     CLIPVisionModel,
     GenerationMixin,
     PreTrainedModel,
@@ -77,7 +76,9 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vision_tower = vision_tower or CLIPVisionModel(config.vision_config)
         self.connector = ScaleInvariantConnector(config.connector_config)
-        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(
+            config.text_config, trust_remote_code=False
+        )
         self.language_model.get_output_embeddings().register_forward_pre_hook(restride_head_input)
         self.post_init()
         # LoRA after post_init: the generic init must not overwrite LoRA's zero-initialised B matrices.
@@ -125,14 +126,17 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         tower, index = self.vision_tower, self.config.vision_feature_layer
         layers = tower.encoder.layers
         if not -(len(layers) + 1) <= index <= len(layers):
-            raise ValueError(f"vision_feature_layer {index} is outside the tower's {len(layers) + 1} hidden states")
+            raise ValueError(
+                f"vision_feature_layer {index} is outside the tower's {len(layers) + 1} hidden states"
+            )
         hidden = tower.pre_layrnorm(tower.embeddings(pixels))  # hidden state 0
         for layer in layers[: index % (len(layers) + 1)]:
             hidden = layer(hidden, None)
         return hidden
 
     def encode_crops(self, pixel_values: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
-        """Vision features of every crop: (N, 1+T, 3, S, S) -> (N, 1+T, P, D), zeros where `tile_mask` is False.
+        """Vision features of every crop: (N, 1+T, 3, S, S) -> (N, 1+T, P, D), zeros where `tile_mask` is
+        False.
 
         Masked tiles never go through the vision tower. The result depends on the vision tower only, never
         on the connector, so features cached by one run serve any connector built on the same tower.
@@ -247,6 +251,3 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
             return pixel_values.new_zeros(pixel_values.shape[0], tile_mask.shape[1], 0)
         stacked = torch.stack(attentions).mean(dim=(0, 2, 3))  # (N, T*P)
         return stacked.reshape(pixel_values.shape[0], tile_mask.shape[1], -1)
-
-
-AutoModelForImageTextToText.register(PaLlavaConfig, PaLlavaForConditionalGeneration, exist_ok=True)

@@ -30,25 +30,43 @@ PRESETS = ("tiny", "paper")
 def tiny_vision_config() -> CLIPVisionConfig:
     """The tiny CLIP ViT shared by PLIP and the assistant: 224 px, patch 32 (49 tokens), width 128."""
     return CLIPVisionConfig(
-        image_size=224, patch_size=32, hidden_size=128, intermediate_size=512,
-        num_hidden_layers=4, num_attention_heads=4,
-    )  # fmt: skip
+        image_size=224,
+        patch_size=32,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
 
 
 def paper_vision_config() -> CLIPVisionConfig:
     """PLIP's shape: CLIP ViT-B/16 at 224 px (196 tokens + CLS), width 768, 12 layers."""
     return CLIPVisionConfig(
-        image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
-        num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
-    )  # fmt: skip
+        image_size=224,
+        patch_size=16,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+    )
 
 
 def llama3_8b_config() -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=[128001, 128009], tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128009],
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_config(**overrides) -> PaLlavaConfig:
@@ -74,7 +92,7 @@ def tiny_config(**overrides) -> PaLlavaConfig:
             eos_token_id=4,
             pad_token_id=5,
             tie_word_embeddings=False,
-        ),  # fmt: skip
+        ),
         image_token_id=build_tiny_tokenizer().convert_tokens_to_ids(IMAGE),
         lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(PAPER_LORA_TARGETS)},
     )
@@ -147,18 +165,24 @@ def load_preset(
             raise ValueError(
                 "the paper preset needs llm_path (a local Llama-3-8B-Instruct directory) unless device='meta'"
             )
-        tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype or torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(llm_path, trust_remote_code=False)
+        language_model = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype or torch.bfloat16, trust_remote_code=False
+        )
         config.text_config = language_model.config
         config.text_model_path = str(llm_path)
     else:
         tokenizer = build_tiny_tokenizer()
     if vision_path is not None:
-        vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
+        vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype, trust_remote_code=False)
         config.vision_config = vision.config
         config.vision_model_path = str(vision_path)
     with torch.device(device) if device is not None else nullcontext():
         model = PaLlavaForConditionalGeneration(config, vision_tower=vision, language_model=language_model)
     if dtype is not None:
         model = model.to(dtype)
-    return model, make_processor(config, tokenizer)
+    processor = make_processor(config, tokenizer)
+    # `model.generate(**inputs)` and the pipeline stop at the end of the turn, as `PaLlava` does.
+    model.generation_config.eos_token_id = processor.stop_token_ids
+    model.generation_config.pad_token_id = processor.pad_id
+    return model, processor

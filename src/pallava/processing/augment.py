@@ -33,6 +33,8 @@ from PIL import Image
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
 _RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+# -log(intensity) of every uint8 value (0 read as 1e-6, as for any optical density of black)
+_OPTICAL_DENSITY = (-np.log(np.maximum(np.arange(256) / 255.0, 1e-6))).astype(np.float32)
 
 STAIN_NORMALIZERS = ("macenko",)
 
@@ -75,13 +77,17 @@ class Augmentation:
 
 
 def hed_jitter(pixels: np.ndarray, rng: random.Random, strength: float) -> np.ndarray:
-    """Scale and shift each stain's optical density (H, E, DAB) of a uint8 (H, W, 3) image; float32 out."""
-    rgb = np.maximum(pixels.astype(np.float64) / 255.0, 1e-6)
-    density = -np.log(rgb) @ _HED_FROM_RGB  # (H, W, 3) stain optical densities
+    """Scale and shift each stain's optical density (H, E, DAB) of a uint8 (H, W, 3) image; float32 out.
+
+    Unmixing, jitter and re-mixing are linear in optical density, so they fold into one 3x3 matrix and a
+    bias: density' = density @ (unmix * alpha) @ mix + beta @ mix.
+    """
     alpha = np.array([rng.uniform(1 - strength, 1 + strength) for _ in range(3)])
     beta = np.array([rng.uniform(-strength, strength) for _ in range(3)])
-    density = density * alpha + beta
-    rgb = np.exp(-(density @ _RGB_FROM_HED))
+    matrix = ((_HED_FROM_RGB * alpha) @ _RGB_FROM_HED).astype(np.float32)
+    bias = (beta @ _RGB_FROM_HED).astype(np.float32)
+    density = _OPTICAL_DENSITY[pixels]  # (H, W, 3) float32, a table lookup per uint8 value
+    rgb = np.exp(-(density @ matrix + bias))
     return np.clip(rgb * 255.0, 0, 255).astype(np.float32)
 
 
@@ -146,7 +152,9 @@ def stain_normalize(image: Image.Image, method: str | None) -> Image.Image:
     if method is None:
         return image
     if method not in STAIN_NORMALIZERS:
-        raise ValueError(f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_NORMALIZERS)}")
+        raise ValueError(
+            f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_NORMALIZERS)}"
+        )
     from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
     pixels = np.asarray(image.convert("RGB"))
@@ -154,8 +162,10 @@ def stain_normalize(image: Image.Image, method: str | None) -> Image.Image:
         with np.errstate(all="ignore"):
             normalized, _, _ = NumpyMacenkoNormalizer().normalize(pixels, stains=False)
     except (np.linalg.LinAlgError, ValueError, IndexError) as error:
-        warnings.warn(f"stain normalisation skipped: too little stained tissue to estimate stains ({error})",
-                      stacklevel=2)
+        warnings.warn(
+            f"stain normalisation skipped: too little stained tissue to estimate stains ({error})",
+            stacklevel=2,
+        )
         return image
     if not np.isfinite(normalized).all():
         return image

@@ -25,17 +25,39 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import select_best_resolution
 
+from pallava.files import read_json_object
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 16_777_216  # the paper's limit: 4096 x 4096
 
 # The reference grid list, as (columns, rows) in tiles: 4 to 8 tiles.
 PAPER_GRIDS: tuple[tuple[int, int], ...] = (
-    (1, 4), (2, 2), (4, 1), (1, 5), (5, 1), (1, 6), (2, 3), (3, 2),
-    (6, 1), (1, 7), (7, 1), (1, 8), (2, 4), (4, 2), (8, 1),
-)  # fmt: skip
+    (1, 4),
+    (2, 2),
+    (4, 1),
+    (1, 5),
+    (5, 1),
+    (1, 6),
+    (2, 3),
+    (3, 2),
+    (6, 1),
+    (1, 7),
+    (7, 1),
+    (1, 8),
+    (2, 4),
+    (4, 2),
+    (8, 1),
+)
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
+
+# Allowed image-processor settings (inclusive). The paper uses 224 px tiles and at most 8 of them.
+TILE_SIZE_RANGE = (8, 1024)
+MAX_TILES_RANGE = (1, 64)
+MAX_PIXELS_RANGE = (1, 1 << 28)  # 16384 x 16384; Pillow refuses 179M-pixel images on its own anyway
+GRID_POLICIES = ("default", "paper")
+GLOBAL_VIEWS = ("letterbox", "stretch")
 
 
 class CorruptImageError(ValueError):
@@ -57,7 +79,8 @@ def _describe(src: ImageSource) -> str:
 
 
 def _tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
-    """A torch image as a numpy (H, W[, C]) array; (C, H, W) tensors (torch's layout) are moved channels-last."""
+    """A torch image as a numpy (H, W[, C]) array; (C, H, W) tensors (torch's layout) are moved
+    channels-last."""
     tensor = tensor.detach().cpu()
     if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[2] not in (1, 3, 4):
         tensor = tensor.permute(1, 2, 0)
@@ -123,7 +146,8 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         stream = io.BytesIO(src)
     else:
         raise TypeError(
-            f"unsupported image source {type(src).__name__}; expected a path, bytes, PIL image, array or tensor"
+            f"unsupported image source {type(src).__name__}; expected a path, bytes, PIL image, array or "
+            "tensor"
         )
     with stream:
         try:
@@ -138,6 +162,11 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             raise ImageTooLargeError(f"image {name}: {error}") from error
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise CorruptImageError(f"cannot decode image {name}: {error}") from error
+
+
+def _check_int(name: str, value: object, low: int, high: int, prefix: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be {prefix}an integer from {low:,} to {high:,}, got {value!r}")
 
 
 def grid_candidates(policy: str, max_tiles: int) -> tuple[tuple[int, int], ...]:
@@ -178,7 +207,8 @@ def as_uint8_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
 
 
 def resize_uint8(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Antialiased bicubic resize of a (H, W, 3) uint8 image to (height, width, 3); `pixels` itself if same size.
+    """Antialiased bicubic resize of a (H, W, 3) uint8 image to (height, width, 3); `pixels` itself if same
+    size.
 
     torch's uint8 channels-last kernel uses PIL's filter (a = -0.5, support widened on downscaling): its
     output is within 1-2 grey levels of `Image.resize(..., BICUBIC)` and 4-7x faster, which makes it most
@@ -213,6 +243,23 @@ def letterbox_pixels(pixels: torch.Tensor, width: int, height: int) -> torch.Ten
     return canvas
 
 
+def heat_on_image(
+    heat: np.ndarray, grid: tuple[int, int], tile_size: int, image_size: tuple[int, int]
+) -> np.ndarray:
+    """A heat map over the letterboxed tile canvas, laid back onto the original (width, height) image.
+
+    `heat` (rows*side, cols*side) covers the canvas of `grid` (columns, rows) tiles; the letterbox is
+    undone so each value lands on the part of the image that tile patch saw. Returns (height, width) floats.
+    """
+    cols, rows = grid
+    canvas_w, canvas_h = cols * tile_size, rows * tile_size
+    field = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize(
+        (canvas_w, canvas_h), Image.BILINEAR
+    )
+    field = field.crop(letterbox_box(image_size, canvas_w, canvas_h)).resize(image_size, Image.BILINEAR)
+    return np.asarray(field)
+
+
 def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
     """`letterbox_pixels` for a PIL image, returning a PIL image."""
     return Image.fromarray(letterbox_pixels(as_uint8_tensor(image), width, height).numpy())
@@ -229,7 +276,9 @@ def normalize_into(pixels: np.ndarray | torch.Tensor, out: torch.Tensor) -> torc
     passes, most of the preprocessing time of small images).
     """
     if isinstance(pixels, np.ndarray):
-        pixels = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())  # PIL arrays are read-only
+        pixels = torch.from_numpy(
+            pixels if pixels.flags.writeable else pixels.copy()
+        )  # PIL arrays are read-only
     out.copy_(pixels.movedim(-1, -3))
     return out.sub_(_MEAN).mul_(_INV_STD)
 
@@ -287,19 +336,21 @@ class PaLlavaImageProcessor:
     grids: tuple[tuple[int, int], ...] = field(init=False)
 
     CONFIG_NAME = "preprocessor_config.json"
+    _auto_class = None  # read by transformers' ProcessorMixin.save_pretrained (no custom code to copy)
 
     def __post_init__(self) -> None:
-        if self.tile_size < 8:
-            raise ValueError(f"tile_size must be at least 8 pixels, got {self.tile_size}")
-        if self.max_tiles < 1:
-            raise ValueError(f"max_tiles must be at least 1, got {self.max_tiles}")
-        if self.global_view not in ("letterbox", "stretch"):
-            raise ValueError(f"global_view must be 'letterbox' or 'stretch', got {self.global_view!r}")
+        # Settings come from model folders too: refuse what would hang (a grid search over 100,000 tiles),
+        # blow up memory or silently switch the pixel guard off, naming the field and what is allowed.
+        _check_int("tile_size", self.tile_size, *TILE_SIZE_RANGE)
+        _check_int("max_tiles", self.max_tiles, *MAX_TILES_RANGE)
+        if self.max_pixels is not None:
+            _check_int("max_pixels", self.max_pixels, *MAX_PIXELS_RANGE, prefix="null (no limit) or ")
+        for name, allowed in (("grid_policy", GRID_POLICIES), ("global_view", GLOBAL_VIEWS)):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}"
+                )
         self.grids = grid_candidates(self.grid_policy, self.max_tiles)
-        if not self.grids:
-            raise ValueError(
-                f"grid policy {self.grid_policy!r} with max_tiles={self.max_tiles} allows no grid"
-            )
 
     @property
     def max_grid_tiles(self) -> int:
@@ -324,7 +375,9 @@ class PaLlavaImageProcessor:
         tiles = canvas.reshape(rows, size, cols, size, 3).permute(0, 2, 1, 3, 4)  # (rows, cols, S, S, 3) view
         normalize_into(tiles, pixel_values[1:].view(rows, cols, 3, size, size))  # written in place, row-major
         keep = tiles_with_pixels(image.size, (cols, rows), size)
-        return TiledImage(pixel_values=pixel_values, grid=(cols, rows), original_size=image.size, tile_mask=keep)
+        return TiledImage(
+            pixel_values=pixel_values, grid=(cols, rows), original_size=image.size, tile_mask=keep
+        )
 
     def __call__(self, images: Sequence[ImageSource]) -> dict[str, torch.Tensor]:
         """Batch of images -> `pixel_values` (N, 1+T, 3, S, S) zero-padded, `tile_mask` (N, T) bool (True for
@@ -365,6 +418,13 @@ class PaLlavaImageProcessor:
         path = Path(directory) / cls.CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}")
-        data = json.loads(path.read_text())
-        known = {k: data[k] for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels", "global_view") if k in data}
-        return cls(**known)
+        data = read_json_object(path)
+        known = {
+            k: data[k]
+            for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels", "global_view")
+            if k in data
+        }
+        try:
+            return cls(**known)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None

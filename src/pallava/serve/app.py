@@ -45,8 +45,14 @@ PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-red
 RESULT_GRACE_S = 1.0
 # Pydantic puts the tag of a tagged union (content part type, message role) into error locations.
 _UNION_TAGS = {"text", "image_url", "system", "developer", "user", "assistant"}
-HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
-              413: "request_too_large", 415: "unsupported_media_type"}  # fmt: skip
+HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
 
 
 @dataclass
@@ -71,12 +77,23 @@ class ServerSettings:
     header_timeout_s: float = 10.0  # a request's headers must arrive within this of its first byte
     body_timeout_s: float = 60.0  # and its whole body within this of its headers
     keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
-    max_slide_bytes: int = 4 * 2**30  # whole-slide routes: a slide file (local or uploaded) above this is refused
+    max_slide_bytes: int = (
+        4 * 2**30
+    )  # whole-slide routes: a slide file (local or uploaded) above this is refused
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images", "max_tokens_limit",
-                     "default_max_tokens", "max_batch_size", "max_queue", "max_queued_pixels",
-                     "decode_workers"):  # fmt: skip
+        for name in (
+            "max_body_bytes",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_images",
+            "max_tokens_limit",
+            "default_max_tokens",
+            "max_batch_size",
+            "max_queue",
+            "max_queued_pixels",
+            "decode_workers",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"server setting {name} must be at least 1, got {getattr(self, name)}")
         for name in ("timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
@@ -86,7 +103,8 @@ class ServerSettings:
             raise ValueError(f"server setting batch_window_s must be >= 0, got {self.batch_window_s}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) is over max_tokens_limit ({self.max_tokens_limit})"
+                f"default_max_tokens ({self.default_max_tokens}) is over max_tokens_limit "
+                f"({self.max_tokens_limit})"
             )
         if self.allow_local_dir is not None:
             self.allow_local_dir = Path(self.allow_local_dir)
@@ -101,8 +119,13 @@ class ClientGone(Exception):
 def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> FastAPI:
     """The API app; its lifespan starts and stops the batching worker."""
     settings = settings or ServerSettings()
-    engine = BatchingEngine(assistant, settings.max_batch_size, settings.batch_window_s, settings.max_queue,
-                            settings.max_queued_pixels)  # fmt: skip
+    engine = BatchingEngine(
+        assistant,
+        settings.max_batch_size,
+        settings.batch_window_s,
+        settings.max_queue,
+        settings.max_queued_pixels,
+    )
     processor = assistant.processor
     context = min(processor.max_length, assistant.model.config.text_config.max_position_embeddings)
     reserved = [t.content for t in processor.tokenizer.added_tokens_decoder.values() if t.special]
@@ -119,12 +142,19 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         engine.close()
 
     app = FastAPI(
-        title="pallava", version=__version__, lifespan=lifespan,
+        title="pallava",
+        version=__version__,
+        lifespan=lifespan,
         description="OpenAI-compatible Chat Completions for the pathology assistant.",
-    )  # fmt: skip
+    )
     app.state.engine, app.state.settings = engine, settings
-    app.add_middleware(RequestGuard, api_key=settings.api_key, public_paths=PUBLIC_PATHS,
-                       max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)  # fmt: skip
+    app.add_middleware(
+        RequestGuard,
+        api_key=settings.api_key,
+        public_paths=PUBLIC_PATHS,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     _add_error_handlers(app)
 
     model_card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "pallava"}
@@ -144,8 +174,12 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict:
         if model_id != settings.model_name:
-            raise APIError(404, f"model {model_id!r} not found; this server serves {settings.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"model {model_id!r} not found; this server serves {settings.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return model_card
 
     def prepare(
@@ -164,7 +198,7 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
             check()
             image = load_request_image(
                 url, param, settings.max_image_bytes, settings.max_image_pixels, settings.allow_local_dir
-            )  # fmt: skip
+            )
             try:
                 images.append(processor.image_processor.tile(image))
             except ValueError as error:
@@ -174,9 +208,12 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         prompt_tokens = len(processor.encode_conversation(conversation, add_generation_prompt=True)[0])
         if prompt_tokens + max_new_tokens > context:
             raise APIError(
-                400, f"the prompt is {prompt_tokens} tokens and max_tokens is {max_new_tokens}: together over "
-                f"the model's context of {context} tokens", param="messages", code="context_length_exceeded",
-            )  # fmt: skip
+                400,
+                f"the prompt is {prompt_tokens} tokens and max_tokens is {max_new_tokens}: together over "
+                f"the model's context of {context} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         return conversation, images
 
     async def admit(
@@ -213,8 +250,13 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         watch = ClientWatch(request.receive)
         try:
             conversation, images = await admit(body, max_new_tokens, started, watch)
-            work = {"conversation": conversation, "images": images, "options": options,
-                    "timeout_s": settings.timeout_s, "started": started}  # fmt: skip
+            work = {
+                "conversation": conversation,
+                "images": images,
+                "options": options,
+                "timeout_s": settings.timeout_s,
+                "started": started,
+            }
             if body.stream:
                 watch.stop()  # the streaming response listens for the disconnect itself
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -227,21 +269,26 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
             "object": "chat.completion",
             "created": int(time.time()),
             "model": settings.model_name,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": completion.text},
-                "finish_reason": completion.finish_reason,
-                "logprobs": None,
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason,
+                    "logprobs": None,
+                }
+            ],
             "usage": _usage(completion),
-        }  # fmt: skip
+        }
 
     return app
 
 
 def _usage(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
 
 
 def _as_api_error(error: BaseException) -> APIError:
@@ -309,9 +356,15 @@ def _stream(engine: BatchingEngine, work: dict, model: str, include_usage: bool)
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def event(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
-        chunk = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [] if delta is None else
-                 [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}  # fmt: skip
+        chunk = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": []
+            if delta is None
+            else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
         if usage is not None:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
@@ -394,9 +447,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def run_server(
-    assistant: PaLlava, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
+    assistant: PaLlava,
+    settings: ServerSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
     log_level: str = "info",
-) -> None:  # fmt: skip
+) -> None:
     """Serve the API with uvicorn until interrupted, with the settings' slow-client limits."""
     import uvicorn
 

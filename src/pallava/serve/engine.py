@@ -115,7 +115,8 @@ def pretiled(assistant: PaLlava) -> PaLlava:
 
 
 class _BatchWatch(BaseStreamer):
-    """Sees every generation step: aborts once all the batch's clients left, and streams a streaming job's text.
+    """Sees every generation step: aborts once all the batch's clients left, and streams a streaming job's
+    text.
 
     The streamed pieces join to exactly the plain answer (which is stripped): leading whitespace is dropped
     and trailing whitespace is held back until more text follows it.
@@ -160,9 +161,13 @@ class BatchingEngine:
     """
 
     def __init__(
-        self, assistant: PaLlava, max_batch_size: int = 8, window_s: float = 0.02, max_queue: int = 256,
+        self,
+        assistant: PaLlava,
+        max_batch_size: int = 8,
+        window_s: float = 0.02,
+        max_queue: int = 256,
         max_queued_pixels: int | None = None,
-    ):  # fmt: skip
+    ):
         if max_batch_size < 1 or max_queue < 1 or window_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and window_s >= 0")
         self.assistant = pretiled(assistant)
@@ -225,9 +230,15 @@ class BatchingEngine:
     @property
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"queued": len(self._pending), "running": len(self._running), "completed": self.completed,
-                    "cancelled": self.cancelled, "batches": self.batches, "largest_batch": self.largest_batch,
-                    "image_pixels_held": self._held_pixels}  # fmt: skip
+            return {
+                "queued": len(self._pending),
+                "running": len(self._running),
+                "completed": self.completed,
+                "cancelled": self.cancelled,
+                "batches": self.batches,
+                "largest_batch": self.largest_batch,
+                "image_pixels_held": self._held_pixels,
+            }
 
     # --- worker -------------------------------------------------------------------------------------
     def _loop(self) -> None:

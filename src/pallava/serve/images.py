@@ -49,9 +49,12 @@ def load_request_image(
         source: bytes | Path = data
     elif _REMOTE.match(url) and scheme != "file:":
         raise APIError(
-            400, f"{param}: remote image URLs are refused (the server does not fetch URLs); "
-            "send the image inline as a base64 data: URL", param=param, code="remote_url_refused",
-        )  # fmt: skip
+            400,
+            f"{param}: remote image URLs are refused (the server does not fetch URLs); "
+            "send the image inline as a base64 data: URL",
+            param=param,
+            code="remote_url_refused",
+        )
     else:
         source = _local_path(url, param, max_bytes, local_dir)
     try:
@@ -71,9 +74,12 @@ def _decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
     media_type = match["type"].strip().lower()
     if media_type not in IMAGE_TYPES:
         raise APIError(
-            400, f"{param}: unsupported media type {media_type or '(none)'!r}; expected one of "
-            f"{', '.join(sorted(IMAGE_TYPES))}", param=param, code="unsupported_media_type",
-        )  # fmt: skip
+            400,
+            f"{param}: unsupported media type {media_type or '(none)'!r}; expected one of "
+            f"{', '.join(sorted(IMAGE_TYPES))}",
+            param=param,
+            code="unsupported_media_type",
+        )
     if "base64" not in [p.strip().lower() for p in match["params"].split(";")]:
         raise APIError(
             400, f"{param}: data: URL must be base64-encoded", param=param, code="invalid_image_url"
@@ -81,9 +87,11 @@ def _decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
     payload = match["data"]
     if len(payload) * 3 // 4 > max_bytes:  # decoded size, known before decoding
         raise APIError(
-            400, f"{param}: image is about {len(payload) * 3 // 4:,} bytes, over the limit of {max_bytes:,}",
-            param=param, code="image_too_large",
-        )  # fmt: skip
+            400,
+            f"{param}: image is about {len(payload) * 3 // 4:,} bytes, over the limit of {max_bytes:,}",
+            param=param,
+            code="image_too_large",
+        )
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as error:
@@ -95,9 +103,11 @@ def _decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
 def _local_path(url: str, param: str, max_bytes: int, local_dir: Path | None) -> Path:
     if local_dir is None:
         raise APIError(
-            400, f"{param}: local image paths are disabled on this server; send a base64 data: URL",
-            param=param, code="local_path_refused",
-        )  # fmt: skip
+            400,
+            f"{param}: local image paths are disabled on this server; send a base64 data: URL",
+            param=param,
+            code="local_path_refused",
+        )
     text = url[5:] if url[:5].lower() == "file:" else url
     refuse = None
     if not text:
@@ -117,16 +127,22 @@ def _local_path(url: str, param: str, max_bytes: int, local_dir: Path | None) ->
     try:
         resolved = candidate.resolve(strict=True)
     except (RuntimeError, OSError, ValueError):  # missing, a loop, or a name the file system refuses
-        raise APIError(400, f"{param}: no such image in the allowed folder: {text}", param=param,
-                       code="image_not_found") from None  # fmt: skip
+        raise APIError(
+            400, f"{param}: no such image in the allowed folder: {text}", param=param, code="image_not_found"
+        ) from None
     if resolved != candidate or not resolved.is_relative_to(root):
-        raise APIError(400, f"{param}: symbolic links are not followed: {text}", param=param,
-                       code="local_path_refused")  # fmt: skip
+        raise APIError(
+            400, f"{param}: symbolic links are not followed: {text}", param=param, code="local_path_refused"
+        )
     if not resolved.is_file():
         raise APIError(400, f"{param}: not a file: {text}", param=param, code="image_not_found")
     if resolved.stat().st_size > max_bytes:
-        raise APIError(400, f"{param}: {text} is over the limit of {max_bytes:,} bytes", param=param,
-                       code="image_too_large")  # fmt: skip
+        raise APIError(
+            400,
+            f"{param}: {text} is over the limit of {max_bytes:,} bytes",
+            param=param,
+            code="image_too_large",
+        )
     return resolved
 
 

@@ -32,7 +32,8 @@ _OBJECT_REPR = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO obj
 
 
 class APIError(Exception):
-    """An error returned to the client as `{"error": {"message", "type", "param", "code"}}` (`code` never null)."""
+    """An error returned to the client as `{"error": {"message", "type", "param", "code"}}` (`code` never
+    null)."""
 
     def __init__(
         self,
@@ -73,7 +74,8 @@ def unicode_problem(text: str) -> str | None:
 
 # --- request ------------------------------------------------------------------------------------------
 def _json_integer(value: object) -> object:
-    """JSON integers only (2.0 included, as JSON Schema has it): pydantic would read `true` as 1 and "4" as 4."""
+    """JSON integers only (2.0 included, as JSON Schema has it): pydantic would read `true` as 1 and "4" as
+    4."""
     if isinstance(value, (bool, str)):
         raise ValueError(f"expected an integer, got {json.dumps(value)}")
     return value
@@ -201,9 +203,12 @@ def to_conversation(
     chars = sum(len(part.text) for _, _, part in parts if isinstance(part, TextPart))
     if max_chars is not None and chars > max_chars:
         raise APIError(
-            400, f"the messages hold {chars:,} characters of text; no prompt over {max_chars:,} characters "
-            "fits the model's context", param="messages", code="context_length_exceeded",
-        )  # fmt: skip
+            400,
+            f"the messages hold {chars:,} characters of text; no prompt over {max_chars:,} characters "
+            "fits the model's context",
+            param="messages",
+            code="context_length_exceeded",
+        )
     pieces: list[list[str]] = [[] for _ in messages]
     images: list[tuple[str, str]] = []
     for index, number, part in parts:
@@ -217,14 +222,20 @@ def to_conversation(
             raise APIError(400, f"{param}: {problem}", param=param, code="invalid_text")
         for token in reserved:
             if token in part.text:
-                raise APIError(400, f"{param}: text contains the reserved token {token!r}", param=param,
-                               code="reserved_token")  # fmt: skip
+                raise APIError(
+                    400,
+                    f"{param}: text contains the reserved token {token!r}",
+                    param=param,
+                    code="reserved_token",
+                )
         pieces[index].append(part.text)
     if len(images) > max_images:
         raise APIError(
-            400, f"{len(images)} images in the request; at most {max_images} are allowed",
-            param="messages", code="too_many_images",
-        )  # fmt: skip
+            400,
+            f"{len(images)} images in the request; at most {max_images} are allowed",
+            param="messages",
+            code="too_many_images",
+        )
     if messages[-1].role != "user":
         param = f"messages[{len(messages) - 1}].role"
         raise APIError(400, "the last message must come from the user", param=param, code="invalid_request")

@@ -43,12 +43,17 @@ class BodyTimeout(StarletteHTTPException):
 
 
 class RequestGuard:
-    """Checks every HTTP request before the app sees it: the API key, then the body's size and arrival time."""
+    """Checks every HTTP request before the app sees it: the API key, then the body's size and arrival
+    time."""
 
     def __init__(
-        self, app: ASGIApp, api_key: str | None, public_paths: Collection[str], max_body_bytes: int,
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        public_paths: Collection[str],
+        max_body_bytes: int,
         body_timeout_s: float,
-    ):  # fmt: skip
+    ):
         self.app, self.api_key, self.public_paths = app, api_key, public_paths
         self.max_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
 
@@ -57,8 +62,12 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         if self.api_key and scope["path"] not in self.public_paths and not self._authorised(headers):
-            body = error_body("missing or invalid API key; send 'Authorization: Bearer <key>'",
-                              "authentication_error", None, "invalid_api_key")  # fmt: skip
+            body = error_body(
+                "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                None,
+                "invalid_api_key",
+            )
             response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
         length = headers.get("content-length", "")
@@ -141,9 +150,13 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: st
     header_timeout_s = getattr(settings, "header_timeout_s", 10.0)
     keep_alive_s = getattr(settings, "keep_alive_s", 5.0)
     return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, http=header_timeout_protocol(header_timeout_s),
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=header_timeout_protocol(header_timeout_s),
         timeout_keep_alive=keep_alive_s,
-    )  # fmt: skip
+    )
 
 
 class ClientWatch:
@@ -164,7 +177,8 @@ class ClientWatch:
 
 
 class BackgroundServer:
-    """Serve an ASGI app with uvicorn in a background thread: `with BackgroundServer(app) as server: server.url`.
+    """Serve an ASGI app with uvicorn in a background thread: `with BackgroundServer(app) as server:
+    server.url`.
 
     `port=0` picks a free port. Used by the tests, the load benchmark and notebooks.
     """

@@ -39,14 +39,23 @@ def add_slide_routes(app: FastAPI, assistant: PaLlava, settings) -> None:
         try:
             result = assistant.ask_slide(path, question, max_new_tokens=limit)
         except ValueError as error:  # not a slide, unreadable, no tissue (SlideReadError is a ValueError)
-            raise APIError(400, f"slide: {error}".replace(str(path), Path(path).name), param="slide",
-                           code="invalid_slide") from None  # fmt: skip
+            raise APIError(
+                400,
+                f"slide: {error}".replace(str(path), Path(path).name),
+                param="slide",
+                code="invalid_slide",
+            ) from None
         from pallava.slides.whole import attention_geojson
 
-        return {"object": "slide.answer", "model": settings.model_name, "question": question,
-                "answer": result.answers[0], "tissue_tiles": len(result.features),
-                "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
-                "attention": attention_geojson(result.features, result.attention)}  # fmt: skip
+        return {
+            "object": "slide.answer",
+            "model": settings.model_name,
+            "question": question,
+            "answer": result.answers[0],
+            "tissue_tiles": len(result.features),
+            "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+            "attention": attention_geojson(result.features, result.attention),
+        }
 
     @app.post("/v1/slides/ask")
     async def ask_slide(request: SlideQuestion) -> dict:
@@ -57,7 +66,9 @@ def add_slide_routes(app: FastAPI, assistant: PaLlava, settings) -> None:
 
     @app.post("/v1/slides/ask/upload")
     async def ask_uploaded_slide(
-        request: Request, question: str = Query(min_length=1), max_tokens: int | None = Query(default=None, ge=1)
+        request: Request,
+        question: str = Query(min_length=1),
+        max_tokens: int | None = Query(default=None, ge=1),
     ) -> dict:
         if not question.strip():
             raise APIError(400, "question: must not be empty", param="question", code="invalid_value")
@@ -68,10 +79,18 @@ def add_slide_routes(app: FastAPI, assistant: PaLlava, settings) -> None:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > max_slide:
-                        raise APIError(413, f"slide: the upload is over the limit of {max_slide:,} bytes",
-                                       param="slide", code="slide_too_large")  # fmt: skip
+                        raise APIError(
+                            413,
+                            f"slide: the upload is over the limit of {max_slide:,} bytes",
+                            param="slide",
+                            code="slide_too_large",
+                        )
                     handle.write(chunk)
             if size == 0:
-                raise APIError(400, "slide: empty upload; send the slide file as the request body", param="slide",
-                               code="invalid_slide")  # fmt: skip
+                raise APIError(
+                    400,
+                    "slide: empty upload; send the slide file as the request body",
+                    param="slide",
+                    code="invalid_slide",
+                )
             return await run_in_threadpool(answer, path, question, max_tokens)

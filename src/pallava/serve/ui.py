@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pallava.inference import PaLlava
-from pallava.processing.image import ImageSource, letterbox_box, load_image
+from pallava.processing.image import ImageSource, heat_on_image, load_image
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -33,19 +33,10 @@ def heatmap_overlay(
     alpha: float = 0.5,
     colormap: str = "inferno",
 ) -> Image.Image:
-    """Draw a heat map over the letterboxed tile canvas back onto the original image.
-
-    `heat` (rows*side, cols*side) in [0, 1] covers the canvas of `grid` (columns, rows) tiles; the
-    letterbox is undone so each value lands on the part of the image that tile patch saw.
-    """
-    cols, rows = grid
-    canvas_w, canvas_h = cols * tile_size, rows * tile_size
+    """Draw a heat map over the letterboxed tile canvas (values in [0, 1]) onto the original image; the
+    geometry is `heat_on_image`'s."""
     image = image.convert("RGB")
-    field = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize(
-        (canvas_w, canvas_h), Image.BILINEAR
-    )
-    field = field.crop(letterbox_box(image.size, canvas_w, canvas_h)).resize(image.size, Image.BILINEAR)
-    values = np.clip(np.asarray(field), 0.0, 1.0)
+    values = np.clip(heat_on_image(heat, grid, tile_size, image.size), 0.0, 1.0)
     colours = (matplotlib.colormaps[colormap](values)[..., :3] * 255).astype(np.float32)
     weight = alpha * values[..., None]  # cold regions keep the image, hot ones take the colour
     blended = np.asarray(image, dtype=np.float32) * (1 - weight) + colours * weight
@@ -76,7 +67,8 @@ def answer_question(
     assistant: PaLlava, image: ImageSource | None, question: str, max_new_tokens: int, temperature: float
 ) -> tuple[str, Image.Image, str]:
     """The page's answer: (text, heat-map overlay, tile note). `image` is the uploaded file's path, so its
-    header is checked against the pixel limit before it is decoded; any refusal is a `gr.Error` for the page."""
+    header is checked against the pixel limit before it is decoded; any refusal is a `gr.Error` for the
+    page."""
     import gradio as gr
 
     if image is None:
@@ -110,8 +102,13 @@ def build_ui(assistant: PaLlava, examples: Sequence[Path] = (), max_tokens: int 
         with gr.Row():
             with gr.Column():
                 # A file path, not a decoded image: Gradio would decode it before the size check otherwise.
-                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
-                                 elem_id="image")  # fmt: skip
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    label="Image",
+                    sources=["upload", "clipboard"],
+                    elem_id="image",
+                )
                 question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, elem_id="question")
                 with gr.Accordion("Generation options", open=False):
                     tokens = gr.Slider(1, 512, value=max_tokens, step=1, label="Max new tokens")

@@ -1,4 +1,5 @@
-"""Questions about slide regions: a region given in level-0 pixels, or the top-K tiles PLIP retrieves for a text.
+"""Questions about slide regions: a region given in level-0 pixels, or the top-K tiles PLIP retrieves for a
+text.
 
 Regions are read at the pyramid level that gives at most `max_side` pixels on the longest side (the
 assistant's tiling cannot use more), so a region of any size costs bounded memory.

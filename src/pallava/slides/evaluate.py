@@ -68,7 +68,9 @@ def tile_quadrant(features, index: int, truth: dict) -> str:
     for t in truth["tiles"]:
         tissue[t["row"], t["col"]] = True
     tile, side = features.grid.tiles[index], truth["tile_size"]
-    return QUADRANTS[quadrant_of((tile.y + tile.h / 2) / side, (tile.x + tile.w / 2) / side, tissue_centre(tissue))]
+    return QUADRANTS[
+        quadrant_of((tile.y + tile.h / 2) / side, (tile.x + tile.w / 2) / side, tissue_centre(tissue))
+    ]
 
 
 def localisation(heat: np.ndarray, truth_tiles: np.ndarray) -> dict:
@@ -82,8 +84,10 @@ def localisation(heat: np.ndarray, truth_tiles: np.ndarray) -> dict:
 def _label_answers(label: str | None, label_map: LabelMap, truth: dict) -> dict:
     """Correctness of a predicted slide label (baselines): presence, type, organ."""
     present = label is not None and not is_benign(label_map[label])
-    record = {"tumour_present": present == truth["tumour_present"],
-              "organ": label is not None and label_map[label].organ == truth["organ"]}  # fmt: skip
+    record = {
+        "tumour_present": present == truth["tumour_present"],
+        "organ": label is not None and label_map[label].organ == truth["organ"],
+    }
     if truth["tumour_present"]:
         record["tumour_type"] = label == truth["tumour_label"]
     return record
@@ -94,12 +98,19 @@ def _slide_model_record(slide_model, slide, features, truth, tumour_tiles, max_n
         started = time.perf_counter()
         with torch.inference_mode():
             embeds, mass = slide_model.features_embeddings(features)
-            answers = {kind: slide_model.answer(embeds, q, max_new_tokens) for kind, q in EVAL_QUESTIONS.items()}
+            answers = {
+                kind: slide_model.answer(embeds, q, max_new_tokens) for kind, q in EVAL_QUESTIONS.items()
+            }
         seconds = time.perf_counter() - started
     heat = mass[0].float().cpu().numpy()
-    record = {"answers": answers, "references": {k: reference(k, truth) for k in EVAL_QUESTIONS},
-              "tumour_present": score("presence", answers["presence"], truth),
-              "organ": score("organ", answers["organ"], truth), "seconds": seconds, "peak_rss": memory.peak}  # fmt: skip
+    record = {
+        "answers": answers,
+        "references": {k: reference(k, truth) for k in EVAL_QUESTIONS},
+        "tumour_present": score("presence", answers["presence"], truth),
+        "organ": score("organ", answers["organ"], truth),
+        "seconds": seconds,
+        "peak_rss": memory.peak,
+    }
     if truth["tumour_present"]:
         record["tumour_type"] = score("diagnosis", answers["diagnosis"], truth)
         record["location"] = score("location", answers["location"], truth)
@@ -122,7 +133,10 @@ def _mil_record(mil, features, truth, tumour_tiles, label_map) -> dict:
 def _retrieval_record(assistant, plip_query, slide, features, truth, tumour_tiles, label_map, top_k) -> dict:
     similarity = (features.plip.float() @ plip_query).numpy()
     top = np.argsort(-similarity, kind="stable")[:top_k]
-    crops = [read_region_for_assistant(slide, Region(*features.grid.clipped_box(features.grid.tiles[i]))) for i in top]
+    crops = [
+        read_region_for_assistant(slide, Region(*features.grid.clipped_box(features.grid.tiles[i])))
+        for i in top
+    ]
     answers = assistant.ask_batch(crops, ["What is the diagnosis?"] * len(crops), max_new_tokens=24)
     labels = [label_map.label_for(a) for a in answers]
     tumours = [lab for lab in labels if lab is not None and not is_benign(label_map[lab])]
@@ -130,7 +144,9 @@ def _retrieval_record(assistant, plip_query, slide, features, truth, tumour_tile
     label = Counter(tumours).most_common(1)[0][0] if tumours else (mapped[0] if mapped else None)
     record = {"answers": answers, "label": label, **_label_answers(label, label_map, truth)}
     if truth["tumour_present"]:
-        record["location"] = bool(tumours) and [tile_quadrant(features, int(top[0]), truth)] == truth["location"]
+        record["location"] = (
+            bool(tumours) and [tile_quadrant(features, int(top[0]), truth)] == truth["location"]
+        )
     return record | localisation(similarity, tumour_tiles)
 
 
@@ -139,17 +155,29 @@ def summarise(records: list[dict], n_resamples: int, seed: int) -> dict:
     summary = {}
     for metric in METRICS:
         values = [float(r[metric]) for r in records if r.get(metric) is not None]
-        summary[metric] = {"value": float(np.mean(values)) if values else None, "n": len(values),
-                           "ci95": bootstrap_ci(values, n_resamples, seed)}  # fmt: skip
+        summary[metric] = {
+            "value": float(np.mean(values)) if values else None,
+            "n": len(values),
+            "ci95": bootstrap_ci(values, n_resamples, seed),
+        }
     return summary
 
 
 def evaluate_slides(
-    model_dir: str | Path, slides_dir: str | Path, out: str | Path, plip_dir: str | None = None,
-    cache_dir: str | Path | None = None, limit: int | None = None, n_resamples: int = 1000, seed: int = 0,
-    max_new_tokens: int = 32, top_k: int = 3, heatmaps: int = 4, progress: bool = True,
-) -> dict:  # fmt: skip
-    """Evaluate; writes report.json, report.md, predictions.jsonl, scaling.png and a few heat maps into `out`."""
+    model_dir: str | Path,
+    slides_dir: str | Path,
+    out: str | Path,
+    plip_dir: str | None = None,
+    cache_dir: str | Path | None = None,
+    limit: int | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    top_k: int = 3,
+    heatmaps: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Evaluate; writes report.json/.md, predictions.jsonl, scaling.png and a few heat maps into `out`."""
     from pallava.inference import PaLlava
     from pallava.train.feature_cache import default_cache_dir
     from pallava.train.slide import load_plip
@@ -158,7 +186,10 @@ def evaluate_slides(
     out.mkdir(parents=True, exist_ok=True)
     slide_model = SlideAssistant.from_pretrained(model_dir)
     if not slide_model.settings:
-        raise ValueError(f"{model_dir}: not a slide model (no slide_config.json); train one with `pallava train --stage slide`")
+        raise ValueError(
+            f"{model_dir}: not a slide model (no slide_config.json); "
+            "train one with `pallava train --stage slide`"
+        )
     paths = list_slides(slides_dir)
     truths = {p: load_truth(p) for p in paths}
     paths = sorted(paths, key=lambda p: (truths[p]["tissue_tiles"], p.name))[: limit or None]
@@ -169,7 +200,9 @@ def evaluate_slides(
     assistant = PaLlava.from_pretrained(init) if plip is not None and init and Path(init).is_dir() else None
     query = plip.encode_texts([RETRIEVAL_QUERY])[0] if plip is not None else None
     root = Path(cache_dir) if cache_dir else default_cache_dir().parent / "slide-features"
-    cache = SlideFeatureCache(root, encoder_namespace(slide_model.model, slide_model.assistant.processor, {"dtype": "float16"}))
+    cache = SlideFeatureCache(
+        root, encoder_namespace(slide_model.model, slide_model.assistant.processor, {"dtype": "float16"})
+    )
     options = tiling_of(slide_model)
     records = {"slide_model": [], "attention_mil": [], "retrieve_then_ask": []}
     rows, drawn = [], 0
@@ -178,31 +211,60 @@ def evaluate_slides(
         label_map = LabelMap.from_dict(truth["label_map"])
         with open_slide(path) as slide:
             started = time.perf_counter()
-            features = slide_features(slide, slide_model.model, slide_model.assistant.processor, cache, options,
-                                      plip, plip_id)  # fmt: skip
+            features = slide_features(
+                slide, slide_model.model, slide_model.assistant.processor, cache, options, plip, plip_id
+            )
             feature_seconds = time.perf_counter() - started
             tumour_tiles = tile_truth(features, truth)
-            record, heat = _slide_model_record(slide_model, slide, features, truth, tumour_tiles, max_new_tokens)
+            record, heat = _slide_model_record(
+                slide_model, slide, features, truth, tumour_tiles, max_new_tokens
+            )
             records["slide_model"].append(record)
             if truth["tumour_present"] and drawn < heatmaps:
-                write_attention(slide, features, heat, out / "heatmaps" / path.stem, f"{path.stem}: {truth['tumour_class']}")
+                write_attention(
+                    slide,
+                    features,
+                    heat,
+                    out / "heatmaps" / path.stem,
+                    f"{path.stem}: {truth['tumour_class']}",
+                )
                 drawn += 1
             if mil is not None:
                 records["attention_mil"].append(_mil_record(mil, features, truth, tumour_tiles, label_map))
             if assistant is not None:
-                records["retrieve_then_ask"].append(_retrieval_record(assistant, query, slide, features, truth,
-                                                                      tumour_tiles, label_map, top_k))  # fmt: skip
-        rows.append({"slide": path.name, "tissue_tiles": len(features), "feature_seconds": feature_seconds,
-                     **{name: recs[-1] for name, recs in records.items() if recs}})  # fmt: skip
+                records["retrieve_then_ask"].append(
+                    _retrieval_record(
+                        assistant, query, slide, features, truth, tumour_tiles, label_map, top_k
+                    )
+                )
+        rows.append(
+            {
+                "slide": path.name,
+                "tissue_tiles": len(features),
+                "feature_seconds": feature_seconds,
+                **{name: recs[-1] for name, recs in records.items() if recs},
+            }
+        )
     with (out / "predictions.jsonl").open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row, default=_jsonable) + "\n")
-    report = {"model": str(model_dir), "slides": str(slides_dir), "n_slides": len(paths),
-              "tumour_slides": sum(truths[p]["tumour_present"] for p in paths), "questions": EVAL_QUESTIONS,
-              "methods": {name: summarise(recs, n_resamples, seed) for name, recs in records.items() if recs},
-              "scaling": [{"tissue_tiles": r["tissue_tiles"], "seconds": r["slide_model"]["seconds"],
-                           "peak_rss_mib": r["slide_model"]["peak_rss"] / 2**20,
-                           "feature_seconds": r["feature_seconds"]} for r in rows]}  # fmt: skip
+    report = {
+        "model": str(model_dir),
+        "slides": str(slides_dir),
+        "n_slides": len(paths),
+        "tumour_slides": sum(truths[p]["tumour_present"] for p in paths),
+        "questions": EVAL_QUESTIONS,
+        "methods": {name: summarise(recs, n_resamples, seed) for name, recs in records.items() if recs},
+        "scaling": [
+            {
+                "tissue_tiles": r["tissue_tiles"],
+                "seconds": r["slide_model"]["seconds"],
+                "peak_rss_mib": r["slide_model"]["peak_rss"] / 2**20,
+                "feature_seconds": r["feature_seconds"],
+            }
+            for r in rows
+        ],
+    }
     from pallava.slides.report import write_slide_report
 
     write_slide_report(report, out)

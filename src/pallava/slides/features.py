@@ -48,28 +48,44 @@ class SlideFeatures:
 
 
 def tissue_view(prepared: PreparedSlide, downsample: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalised global view (3, size, size) of the tissue tiles' bounding box and each tile's centre in it."""
+    """The normalised global view (3, size, size) of the tissue tiles' bounding box; tile centres in it."""
     tiles = prepared.grid.tiles
     x0, y0 = min(t.x for t in tiles), min(t.y for t in tiles)
     x1, y1 = max(t.x + t.w for t in tiles), max(t.y + t.h for t in tiles)
     thumb = prepared.thumbnail
-    box = (max(0, int(x0 / downsample)), max(0, int(y0 / downsample)),
-           min(thumb.width, max(int(x0 / downsample) + 1, round(x1 / downsample))),
-           min(thumb.height, max(int(y0 / downsample) + 1, round(y1 / downsample))))  # fmt: skip
+    box = (
+        max(0, int(x0 / downsample)),
+        max(0, int(y0 / downsample)),
+        min(thumb.width, max(int(x0 / downsample) + 1, round(x1 / downsample))),
+        min(thumb.height, max(int(y0 / downsample) + 1, round(y1 / downsample))),
+    )
     crop = thumb.crop(box)
     left, top, right, bottom = letterbox_box(crop.size, size, size)
     scale_x, scale_y = (right - left) / crop.width, (bottom - top) / crop.height
     centres = torch.tensor([[t.x + t.w / 2, t.y + t.h / 2] for t in tiles], dtype=torch.float64) / downsample
-    positions = torch.stack([(left + (centres[:, 0] - box[0]) * scale_x) / size,
-                             (top + (centres[:, 1] - box[1]) * scale_y) / size], dim=1)  # fmt: skip
+    positions = torch.stack(
+        [
+            (left + (centres[:, 0] - box[0]) * scale_x) / size,
+            (top + (centres[:, 1] - box[1]) * scale_y) / size,
+        ],
+        dim=1,
+    )
     return normalize_to_tensor(crop, size), positions.clamp(0, 1).float()
 
 
 def encoder_namespace(model, processor, extra: dict) -> str:
     """Hash of the vision tower's weights, feature layer and the tiling settings."""
-    digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "layer": model.config.vision_feature_layer,
-                                        "tile": processor.image_processor.tile_size, **extra},
-                                       sort_keys=True).encode())  # fmt: skip
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "layer": model.config.vision_feature_layer,
+                "tile": processor.image_processor.tile_size,
+                **extra,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for name, tensor in sorted(model.vision_tower.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
@@ -78,11 +94,14 @@ def encoder_namespace(model, processor, extra: dict) -> str:
 
 
 def slide_key(slide: Slide) -> str:
-    return slide.info.quickhash or hashlib.sha256(f"{slide.path.resolve()}:{slide.path.stat().st_size}".encode()).hexdigest()
+    return (
+        slide.info.quickhash
+        or hashlib.sha256(f"{slide.path.resolve()}:{slide.path.stat().st_size}".encode()).hexdigest()
+    )
 
 
 class SlideFeatureCache:
-    """`<root>/<namespace>/<slide key>.safetensors` (assistant features) and `<slide key>.plip-<id>.safetensors`."""
+    """`<root>/<namespace>/<slide key>.safetensors` (assistant features), `<key>.plip-<id>.safetensors`."""
 
     def __init__(self, root: str | Path, namespace: str) -> None:
         self.directory = Path(root) / namespace
@@ -94,7 +113,9 @@ class SlideFeatureCache:
     @staticmethod
     def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.partial")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"meta": json.dumps(meta)})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"meta": json.dumps(meta)}
+        )
         os.replace(partial, path)
 
     @staticmethod
@@ -108,9 +129,13 @@ def _grid_from(meta: dict, tiles: torch.Tensor) -> TileGrid:
     rows = tiles.tolist()
     return TileGrid(
         tiles=[Tile(x=r[0], y=r[1], w=r[2], h=r[3], col=r[4], row=r[5], tissue=r[6] / 1e4) for r in rows],
-        tile_size=meta["tile_size"], mpp=meta["mpp"], level0_side=meta["level0_side"], cols=meta["cols"],
-        rows=meta["rows"], slide_size=tuple(meta["slide_size"]),
-    )  # fmt: skip
+        tile_size=meta["tile_size"],
+        mpp=meta["mpp"],
+        level0_side=meta["level0_side"],
+        cols=meta["cols"],
+        rows=meta["rows"],
+        slide_size=tuple(meta["slide_size"]),
+    )
 
 
 @torch.no_grad()
@@ -133,15 +158,25 @@ def slide_features(
     """
     options = options or TilingOptions()
     key = slide_key(slide)
-    settings = {"mpp": options.mpp, "tile": options.tile_size, "min_tissue": options.min_tissue,
-                "base_mpp": options.base_mpp}  # fmt: skip
+    settings = {
+        "mpp": options.mpp,
+        "tile": options.tile_size,
+        "min_tissue": options.min_tissue,
+        "base_mpp": options.base_mpp,
+    }
     main_path = cache.path(f"{key}-{_short(settings)}") if cache else None
     plip_path = cache.path(f"{key}-{_short(settings)}", plip_id) if cache and plip is not None else None
     if main_path is not None and main_path.is_file() and (plip is None or plip_path.is_file()):
         tensors, meta = cache.read(main_path)
         embeddings = cache.read(plip_path)[0]["plip"] if plip is not None else None
-        return SlideFeatures(tensors["global"], tensors["tiles"], tensors["positions"],
-                             _grid_from(meta, tensors["boxes"]), meta["thumb_downsample"], embeddings)  # fmt: skip
+        return SlideFeatures(
+            tensors["global"],
+            tensors["tiles"],
+            tensors["positions"],
+            _grid_from(meta, tensors["boxes"]),
+            meta["thumb_downsample"],
+            embeddings,
+        )
 
     prepared = prepare_slide(slide, options)
     grid = prepared.grid
@@ -151,23 +186,39 @@ def slide_features(
     device, vision_dtype = model.vision_tower.device, model.vision_tower.dtype
     global_tokens = model.vision_hidden_states(view[None].to(device, vision_dtype))[0, 1:].to("cpu", dtype)
     tokens, embeddings = [], []
-    for _, images in iter_tile_batches(slide, grid.tiles, grid.tile_size, batch_size,
-                                       progress="slide tiles" if progress else None):  # fmt: skip
+    for _, images in iter_tile_batches(
+        slide, grid.tiles, grid.tile_size, batch_size, progress="slide tiles" if progress else None
+    ):
         pixels = torch.stack([normalize_to_tensor(image, size) for image in images])
         tokens.append(model.vision_hidden_states(pixels.to(device, vision_dtype))[:, 1:].to("cpu", dtype))
         if plip is not None:
             plip_size = plip.model.image_size
-            plip_pixels = pixels if plip_size == size else torch.stack([normalize_to_tensor(i, plip_size) for i in images])
+            plip_pixels = (
+                pixels
+                if plip_size == size
+                else torch.stack([normalize_to_tensor(i, plip_size) for i in images])
+            )
             embeddings.append(plip.encode_pixels(plip_pixels))
     tile_tokens = torch.cat(tokens)
     plip_vectors = torch.cat(embeddings) if plip is not None else None
     if cache is not None:
         boxes = torch.tensor([[t.x, t.y, t.w, t.h, t.col, t.row, round(t.tissue * 1e4)] for t in grid.tiles])
-        meta = {"tile_size": grid.tile_size, "mpp": grid.mpp, "level0_side": grid.level0_side, "cols": grid.cols,
-                "rows": grid.rows, "slide_size": list(grid.slide_size), "thumb_downsample": downsample,
-                "slide": str(slide.path), **settings}  # fmt: skip
-        cache.write(main_path, {"global": global_tokens, "tiles": tile_tokens, "positions": positions,
-                                "boxes": boxes}, meta)  # fmt: skip
+        meta = {
+            "tile_size": grid.tile_size,
+            "mpp": grid.mpp,
+            "level0_side": grid.level0_side,
+            "cols": grid.cols,
+            "rows": grid.rows,
+            "slide_size": list(grid.slide_size),
+            "thumb_downsample": downsample,
+            "slide": str(slide.path),
+            **settings,
+        }
+        cache.write(
+            main_path,
+            {"global": global_tokens, "tiles": tile_tokens, "positions": positions, "boxes": boxes},
+            meta,
+        )
         if plip_vectors is not None:
             cache.write(plip_path, {"plip": plip_vectors}, {"plip": plip_id})
     return SlideFeatures(global_tokens, tile_tokens, positions, grid, downsample, plip_vectors)

@@ -30,7 +30,8 @@ def class_colors(count: int) -> list[tuple[int, int, int]]:
 def tile_feature(
     tile: Tile, probabilities: np.ndarray, class_names: Sequence[str], color: tuple[int, int, int]
 ) -> dict:
-    """One tile as a GeoJSON Feature: a closed ring with positive shoelace area (RFC 7946 counter-clockwise)."""
+    """One tile as a GeoJSON Feature: a closed ring with positive shoelace area (RFC 7946
+    counter-clockwise)."""
     x0, y0, x1, y1 = tile.x, tile.y, tile.x + tile.w, tile.y + tile.h
     best = int(np.argmax(probabilities))
     measurements = {

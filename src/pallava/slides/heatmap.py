@@ -65,7 +65,8 @@ def heatmap_overlay(
     values: np.ndarray,
     colormap: str = "viridis",
 ) -> Image.Image:
-    """The thumbnail with each tile's value (0..1) painted in `colormap`; cells without a tile stay as they are."""
+    """The thumbnail with each tile's value (0..1) painted in `colormap`; cells without a tile stay as they
+    are."""
     cells = probability_grid(grid, values)
     rgba = (colormaps[colormap](np.nan_to_num(cells, nan=0.0)) * 255).astype(np.uint8)
     rgba[..., 3] = np.where(np.isnan(cells), 0, round(OVERLAY_ALPHA * 255))
@@ -92,7 +93,8 @@ def render_heatmap(
 
 
 def render_tissue(thumbnail: Image.Image, mask: TissueMask, grid: TileGrid, path: str | Path) -> Path:
-    """Save the thumbnail with the background (not tissue) tinted blue and the kept tiles outlined in green."""
+    """Save the thumbnail with the background (not tissue) tinted blue and the kept tiles outlined in
+    green."""
     image = thumbnail.convert("RGBA")
     tint = np.zeros((*mask.mask.shape, 4), dtype=np.uint8)
     tint[~mask.mask] = (40, 90, 220, 70)  # tissue keeps its stain colours

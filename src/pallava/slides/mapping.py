@@ -68,7 +68,8 @@ def prepare_slide(slide: Slide, options: TilingOptions) -> PreparedSlide:
     grid = tile_grid(slide, mask, options.mpp, options.tile_size, options.min_tissue, options.base_mpp)
     if not grid.tiles:
         raise ValueError(
-            f"{slide.path}: no tile holds {options.min_tissue:.0%} tissue (tissue covers {mask.fraction:.1%} of the "
+            f"{slide.path}: no tile holds {options.min_tissue:.0%} tissue (tissue covers "
+            f"{mask.fraction:.1%} of the "
             "thumbnail); lower --min-tissue or check that the slide is not blank"
         )
     return PreparedSlide(thumbnail=thumbnail, mask=mask, grid=grid)
@@ -186,7 +187,8 @@ def map_slide(
 
 
 def load_classes(spec: str | Path | None, default: str = "nct-crc-he") -> LabelMap:
-    """Classes for zero-shot mapping: a built-in label map name, a JSON/YAML label map, or one name per line."""
+    """Classes for zero-shot mapping: a built-in label map name, a JSON/YAML label map, or one name per
+    line."""
     if spec is None:
         return LabelMap.builtin(default)
     if str(spec) in LabelMap.builtin_names():
@@ -194,7 +196,8 @@ def load_classes(spec: str | Path | None, default: str = "nct-crc-he") -> LabelM
     path = Path(spec)
     if not path.is_file():
         raise ValueError(
-            f"--classes {spec}: no such file and not a built-in label map ({', '.join(LabelMap.builtin_names())})"
+            f"--classes {spec}: no such file and not a built-in label map "
+            f"({', '.join(LabelMap.builtin_names())})"
         )
     if path.suffix.lower() in {".json", ".yaml", ".yml"}:
         return LabelMap.from_file(path)

@@ -69,10 +69,14 @@ def train_mil(
     return model.eval(), classes
 
 
-def save_mil(model: AttentionMIL, classes: list[str], directory: str | Path, extra: dict | None = None) -> None:
+def save_mil(
+    model: AttentionMIL, classes: list[str], directory: str | Path, extra: dict | None = None
+) -> None:
     directory = Path(directory)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / MIL_WEIGHTS))
-    (directory / MIL_CONFIG).write_text(json.dumps({**model.config, "classes": classes, **(extra or {})}, indent=2))
+    (directory / MIL_CONFIG).write_text(
+        json.dumps({**model.config, "classes": classes, **(extra or {})}, indent=2)
+    )
 
 
 def load_mil(directory: str | Path) -> tuple[AttentionMIL, list[str], dict] | None:

@@ -33,7 +33,7 @@ SLIDE_WEIGHTS = "slide_position.safetensors"
 
 
 class TilePositionEmbedding(nn.Module):
-    """(x, y) in [0, 1] -> sinusoids at 2^k * pi, k < num_frequencies -> Linear to `width` (zero-initialised)."""
+    """(x, y) in [0, 1] -> sinusoids at 2^k * pi, k < num_frequencies -> Linear to `width` (starts at 0)."""
 
     def __init__(self, width: int, num_frequencies: int = 8):
         super().__init__()
@@ -50,7 +50,12 @@ class TilePositionEmbedding(nn.Module):
 
 
 def chunked_cross_attention(
-    attn: Attention, x: torch.Tensor, tiles: torch.Tensor, keep: torch.Tensor, chunk: int, need_mass: bool = False
+    attn: Attention,
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    keep: torch.Tensor,
+    chunk: int,
+    need_mass: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attn` (a connector cross-attention block) over tiles (B, N, P, D) with keep (B, N), N in chunks.
 
@@ -93,12 +98,18 @@ def chunked_cross_attention(
 
 
 def slide_connector(
-    connector: ScaleInvariantConnector, global_tokens: torch.Tensor, tiles: torch.Tensor, keep: torch.Tensor,
-    chunk: int, need_mass: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-    """The connector's forward with chunked cross-attention: (B, P, D) queries, (B, N, P, D) tiles -> (B, P, out)."""
+    connector: ScaleInvariantConnector,
+    global_tokens: torch.Tensor,
+    tiles: torch.Tensor,
+    keep: torch.Tensor,
+    chunk: int,
+    need_mass: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The connector's forward, chunked: (B, P, D) queries, (B, N, P, D) tiles -> (B, P, out)."""
     if not connector.config.tile_cross_attention:
-        raise ValueError("the slide model needs a connector with tile cross-attention (tile_cross_attention: true)")
+        raise ValueError(
+            "the slide model needs a connector with tile cross-attention (tile_cross_attention: true)"
+        )
     if not bool(keep.any(dim=1).all()):
         raise ValueError("every slide needs at least one tissue tile")
     hidden, masses = global_tokens, []
@@ -152,16 +163,26 @@ class SlideAssistant(nn.Module):
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
         directory = Path(directory)
         self.assistant.save_pretrained(directory)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.position.state_dict().items()},
-                  str(directory / SLIDE_WEIGHTS))  # fmt: skip
-        settings = {"chunk_tiles": self.chunk_tiles, "num_frequencies": self.position.num_frequencies, **(extra or {})}
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.position.state_dict().items()},
+            str(directory / SLIDE_WEIGHTS),
+        )
+        settings = {
+            "chunk_tiles": self.chunk_tiles,
+            "num_frequencies": self.position.num_frequencies,
+            **(extra or {}),
+        }
         (directory / SLIDE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
     # --- images -----------------------------------------------------------------------------------
     def image_embeddings(
-        self, global_tokens: torch.Tensor, tile_tokens: torch.Tensor, positions: torch.Tensor,
-        tile_mask: torch.Tensor | None = None, need_mass: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        self,
+        global_tokens: torch.Tensor,
+        tile_tokens: torch.Tensor,
+        positions: torch.Tensor,
+        tile_mask: torch.Tensor | None = None,
+        need_mass: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, P, hidden) language-model embeddings of B slides, and the attention mass per tile (B, N).
 
         global_tokens (B, P, D), tile_tokens (B, N, P, D), positions (B, N, 2), tile_mask (B, N) bool
@@ -172,29 +193,47 @@ class SlideAssistant(nn.Module):
         if tile_mask is None:
             tile_mask = torch.ones(tile_tokens.shape[:2], dtype=torch.bool)
         tiles = tile_tokens.to(device, dtype) + self.position(positions.to(device))[:, :, None, :].to(dtype)
-        embeds, masses = slide_connector(self.model.connector, global_tokens.to(device, dtype), tiles,
-                                         tile_mask.to(device), self.chunk_tiles, need_mass)  # fmt: skip
+        embeds, masses = slide_connector(
+            self.model.connector,
+            global_tokens.to(device, dtype),
+            tiles,
+            tile_mask.to(device),
+            self.chunk_tiles,
+            need_mass,
+        )
         mass = torch.stack(masses).mean(0) if masses else None
         return embeds, mass
 
-    def features_embeddings(self, features, need_mass: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def features_embeddings(
+        self, features, need_mass: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings and heat map of one slide's `SlideFeatures`."""
-        return self.image_embeddings(features.global_tokens[None], features.tile_tokens[None],
-                                     features.positions[None], need_mass=need_mass)  # fmt: skip
+        return self.image_embeddings(
+            features.global_tokens[None],
+            features.tile_tokens[None],
+            features.positions[None],
+            need_mass=need_mass,
+        )
 
     # --- text -------------------------------------------------------------------------------------
     def loss(self, batch: dict, embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy over answer tokens of a batch whose `<image>` runs take `embeds`, and the count."""
+        """Summed cross-entropy over the answer tokens (`<image>` runs take `embeds`), and their count."""
         device = embeds.device
         input_ids = batch["input_ids"].to(device)
         inputs = self.model.merge_image_embeddings(input_ids, embeds)
         mask = batch["attention_mask"].to(device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.model.language_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-                                           use_cache=False).logits[:, :-1].float()  # fmt: skip
+        logits = (
+            self.model.language_model(
+                inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False
+            )
+            .logits[:, :-1]
+            .float()
+        )
         targets = batch["labels"][:, 1:].to(device)
-        summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                                 reduction="sum")  # fmt: skip
+        summed = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         return summed, int((targets != -100).sum())
 
     @torch.inference_mode()
@@ -205,9 +244,13 @@ class SlideAssistant(nn.Module):
         input_ids = torch.tensor([ids], device=embeds.device)
         inputs = self.model.merge_image_embeddings(input_ids, embeds)
         output = self.model.language_model.generate(
-            inputs_embeds=inputs, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=processor.stop_token_ids, pad_token_id=processor.pad_id,
-        )  # fmt: skip
+            inputs_embeds=inputs,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=processor.stop_token_ids,
+            pad_token_id=processor.pad_id,
+        )
         new = output[0].tolist()
         if len(new) > len(ids) and new[: len(ids)] == ids:  # some versions return the prompt ids too
             new = new[len(ids) :]

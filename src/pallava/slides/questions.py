@@ -16,13 +16,20 @@ from pallava.slides.virtual import QUADRANTS
 
 KINDS = ("presence", "diagnosis", "organ", "location", "choice")
 PHRASINGS = {
-    "presence": ("Is there carcinoma on this slide?", "Is there carcinoma anywhere on this slide?",
-                 "Does this slide show any tumour?", "Is cancer present anywhere in this whole slide?"),
-    "diagnosis": ("What is the diagnosis of this slide?", "What type of carcinoma is on this slide, if any?",
-                  "What does this whole slide show?"),
+    "presence": (
+        "Is there carcinoma on this slide?",
+        "Is there carcinoma anywhere on this slide?",
+        "Does this slide show any tumour?",
+        "Is cancer present anywhere in this whole slide?",
+    ),
+    "diagnosis": (
+        "What is the diagnosis of this slide?",
+        "What type of carcinoma is on this slide, if any?",
+        "What does this whole slide show?",
+    ),
     "organ": ("Which organ is this tissue from?", "From which organ was this slide taken?"),
     "location": ("Where on the slide is the tumour?", "In which quadrant of the tissue is the carcinoma?"),
-}  # fmt: skip
+}
 EVAL_QUESTIONS = {kind: PHRASINGS[kind][0] for kind in ("presence", "diagnosis", "organ", "location")}
 NO_TUMOUR = "no tumour is present"
 

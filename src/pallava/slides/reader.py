@@ -70,7 +70,8 @@ def _float_property(properties, name: str) -> float | None:
 
 
 def _on_white(region: Image.Image) -> Image.Image:
-    """OpenSlide returns premultiplied RGBA with transparent pixels outside the scanned area: show them white."""
+    """OpenSlide returns premultiplied RGBA with transparent pixels outside the scanned area: show them
+    white."""
     if region.mode != "RGBA":
         return region.convert("RGB")
     background = Image.new("RGB", region.size, (255, 255, 255))
@@ -98,7 +99,8 @@ class Slide:
                 else "not a whole-slide image"
             )
             raise SlideReadError(
-                f"{self.path}: {what}; OpenSlide reads Aperio SVS, Hamamatsu NDPI/VMS, MIRAX MRXS, Leica SCN, "
+                f"{self.path}: {what}; OpenSlide reads Aperio SVS, Hamamatsu NDPI/VMS, MIRAX MRXS, Leica "
+                "SCN, "
                 "Philips TIFF, Ventana BIF, Sakura SVSLIDE, DICOM WSI, Zeiss CZI and tiled TIFF"
             )
         try:
@@ -137,19 +139,22 @@ class Slide:
         return self.info.width, self.info.height
 
     def mpp(self, override: float | None = None) -> float:
-        """Microns per level-0 pixel (mean of x and y); `override` wins, and is required when the file lacks it."""
+        """Microns per level-0 pixel (mean of x and y); `override` wins, and is required when the file lacks
+        it."""
         if override is not None:
             if override <= 0:
                 raise ValueError(f"--base-mpp must be positive, got {override}")
             return float(override)
         if self.info.mpp_x is None or self.info.mpp_y is None:
             raise SlideReadError(
-                f"{self.path}: the slide does not record microns per pixel; pass the scanner's value with --base-mpp"
+                f"{self.path}: the slide does not record microns per pixel; pass the scanner's value with "
+                "--base-mpp"
             )
         return (self.info.mpp_x + self.info.mpp_y) / 2
 
     def best_level(self, downsample: float) -> int:
-        """The coarsest level that is still at least as fine as `downsample` (so reads are only ever shrunk)."""
+        """The coarsest level that is still at least as fine as `downsample` (so reads are only ever
+        shrunk)."""
         best = 0
         for index, level_down in enumerate(self.info.level_downsamples):
             if level_down <= downsample * (1 + 1e-6):

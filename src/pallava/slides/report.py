@@ -10,10 +10,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-NAMES = {"tumour_present": "tumour present", "tumour_type": "tumour type", "organ": "organ",
-         "location": "location (quadrant)", "pointing_game": "pointing game", "tile_auroc": "tile AUROC"}  # fmt: skip
-METHODS = {"slide_model": "slide model", "attention_mil": "attention-MIL (PLIP)",
-           "retrieve_then_ask": "retrieve-then-ask"}  # fmt: skip
+NAMES = {
+    "tumour_present": "tumour present",
+    "tumour_type": "tumour type",
+    "organ": "organ",
+    "location": "location (quadrant)",
+    "pointing_game": "pointing game",
+    "tile_auroc": "tile AUROC",
+}
+METHODS = {
+    "slide_model": "slide model",
+    "attention_mil": "attention-MIL (PLIP)",
+    "retrieve_then_ask": "retrieve-then-ask",
+}
 
 
 def _cell(block: dict) -> str:
@@ -45,18 +54,27 @@ def write_slide_report(report: dict, out: Path) -> dict[str, Path]:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot = scaling_plot(report["scaling"], out / "scaling.png")
     methods = report["methods"]
-    lines = [f"# Slide evaluation: {Path(report['slides']).name}", "",
-             f"Model `{report['model']}`; {report['n_slides']} slides ({report['tumour_slides']} with tumour). "
-             "Values with 95% bootstrap intervals over slides; n = slides where the metric is defined.", "",
-             "| metric | " + " | ".join(METHODS[m] for m in methods) + " |",
-             "|---|" + "---|" * len(methods)]  # fmt: skip
+    lines = [
+        f"# Slide evaluation: {Path(report['slides']).name}",
+        "",
+        f"Model `{report['model']}`; {report['n_slides']} slides ({report['tumour_slides']} with tumour). "
+        "Values with 95% bootstrap intervals over slides; n = slides where the metric is defined.",
+        "",
+        "| metric | " + " | ".join(METHODS[m] for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for metric, name in NAMES.items():
         lines.append(f"| {name} | " + " | ".join(_cell(methods[m][metric]) for m in methods) + " |")
     scaling = report["scaling"]
     largest = max(scaling, key=lambda row: row["tissue_tiles"])
-    lines += ["", f"Largest slide: {largest['tissue_tiles']} tissue tiles answered in {largest['seconds']:.1f} s "
-              f"(4 questions, cached features) with a peak of {largest['peak_rss_mib']:.0f} MiB resident; "
-              f"computing its features took {largest['feature_seconds']:.1f} s.", "",
-              "![seconds and peak memory against tissue tiles](scaling.png)", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Largest slide: {largest['tissue_tiles']} tissue tiles answered in {largest['seconds']:.1f} s "
+        f"(4 questions, cached features) with a peak of {largest['peak_rss_mib']:.0f} MiB resident; "
+        f"computing its features took {largest['feature_seconds']:.1f} s.",
+        "",
+        "![seconds and peak memory against tissue tiles](scaling.png)",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(lines))
     return {"json": out / "report.json", "markdown": out / "report.md", "plot": plot}

@@ -67,7 +67,8 @@ def tile_grid(
     min_tissue: float = 0.25,
     base_mpp: float | None = None,
 ) -> TileGrid:
-    """Lay a grid of `tile_size`-pixel tiles at `mpp` over the slide and keep those with >= `min_tissue` tissue.
+    """Lay a grid of `tile_size`-pixel tiles at `mpp` over the slide and keep those with >= `min_tissue`
+    tissue.
 
     Edge tiles that run past the slide are kept (the outside reads as white) so that tissue
     touching the border is covered. `base_mpp` overrides the slide's own microns per pixel.

@@ -31,7 +31,8 @@ class TissueMask:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
     def box_fraction(self, x: float, y: float, w: float, h: float) -> float:
-        """Share of the level-0 box (x, y, w, h) covered by tissue; parts outside the slide count as background."""
+        """Share of the level-0 box (x, y, w, h) covered by tissue; parts outside the slide count as
+        background."""
         rows, cols = self.mask.shape
         x0, y0 = x / self.downsample, y / self.downsample
         x1, y1 = (x + w) / self.downsample, (y + h) / self.downsample
@@ -99,7 +100,8 @@ def detect_tissue(
     mask = ndimage.binary_opening(mask, structure=structure, iterations=1)
     mask = mask[pad:-pad, pad:-pad]
     min_pixels = max(1, min_object_fraction * mask.size)
-    # Fill small holes (lumens, nuclei clearing) but keep large empty areas inside tissue outlines as background.
+    # Fill small holes (lumens, nuclei clearing) but keep large empty areas inside tissue outlines as
+    # background.
     mask = mask | _small_components(ndimage.binary_fill_holes(mask) & ~mask, min_pixels * 4)
     mask = mask & ~_small_components(mask, min_pixels)
     return TissueMask(mask=mask.astype(bool), downsample=float(downsample), threshold=threshold)

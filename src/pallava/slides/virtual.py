@@ -59,20 +59,27 @@ def organ_pools(items: Sequence[LabelledImage], label_map: LabelMap) -> list[Org
         info = label_map[item.label]
         organ = info.organ.strip()
         if not organ:
-            raise ValueError(f"label map: label '{item.label}' has no organ; virtual slides are built per organ")
+            raise ValueError(
+                f"label map: label '{item.label}' has no organ; virtual slides are built per organ"
+            )
         benign, tumour = by_organ.setdefault(organ, ({}, {}))
         (benign if is_benign(info) else tumour).setdefault(item.label, []).append(item.path)
-    pools = [OrganPools(organ, dict(sorted(b.items())), dict(sorted(t.items())))
-             for organ, (b, t) in sorted(by_organ.items()) if b and t]  # fmt: skip
+    pools = [
+        OrganPools(organ, dict(sorted(b.items())), dict(sorted(t.items())))
+        for organ, (b, t) in sorted(by_organ.items())
+        if b and t
+    ]
     if not pools:
-        raise ValueError("no organ has both benign and carcinoma tiles (benign: label ending in _n or a name with "
-                         f"{'/'.join(BENIGN_WORDS)}); labels seen: {sorted({i.label for i in items})}")  # fmt: skip
+        raise ValueError(
+            "no organ has both benign and carcinoma tiles (benign: label ending in _n or a name with "
+            f"{'/'.join(BENIGN_WORDS)}); labels seen: {sorted({i.label for i in items})}"
+        )
     return pools
 
 
 # --- layout -------------------------------------------------------------------------------------------
 def tissue_outline(rng: random.Random, n_tiles: int) -> np.ndarray:
-    """A boolean (rows, cols) grid holding an irregular blob of about `n_tiles` cells, plus one empty border."""
+    """A boolean (rows, cols) grid: an irregular blob of about `n_tiles` cells, plus one empty border."""
     aspect = rng.uniform(1.0, 1.6)
     harmonics = [(k, rng.uniform(0.04, 0.22 / k**0.5), rng.uniform(0, 2 * math.pi)) for k in range(2, 7)]
     rotation = rng.choice([False, True])
@@ -158,7 +165,7 @@ def grow_region(rng: random.Random, allowed: np.ndarray, size: int) -> np.ndarra
 
 
 def tumour_regions(rng: random.Random, tissue: np.ndarray, count: int) -> list[np.ndarray]:
-    """`count` blobs, each inside its own quadrant of the tissue, apart from each other and the centre lines."""
+    """`count` blobs, each inside its own quadrant of the tissue, off the centre lines."""
     centre = tissue_centre(tissue)
     rows, cols = np.mgrid[0 : tissue.shape[0], 0 : tissue.shape[1]]
     quadrant = (2 * (rows + 0.5 >= centre[0]) + (cols + 0.5 >= centre[1])).astype(int)
@@ -203,7 +210,9 @@ def region_rings(region: np.ndarray, cell: int, offset: tuple[int, int] = (0, 0)
             # At a pinch point take the sharpest turn, so rings touching at a corner stay separate.
             if len(options) > 1 and previous is not None:
                 direction = (point[0] - previous[0], point[1] - previous[1])
-                options.sort(key=lambda p: (direction[0] * (p[1] - point[1]) - direction[1] * (p[0] - point[0])))
+                options.sort(
+                    key=lambda p: direction[0] * (p[1] - point[1]) - direction[1] * (p[0] - point[0])
+                )
             nxt = options.pop(0)
             if not options:
                 del edges[point]
@@ -219,10 +228,11 @@ def _simplify(ring: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Drop collinear points of a closed ring (keeps it closed)."""
     points = ring[:-1]
     kept = [
-        p for i, p in enumerate(points)
+        p
+        for i, p in enumerate(points)
         if (points[i - 1][0] - p[0]) * (points[(i + 1) % len(points)][1] - p[1])
         != (points[i - 1][1] - p[1]) * (points[(i + 1) % len(points)][0] - p[0])
-    ]  # fmt: skip
+    ]
     return [*kept, kept[0]]
 
 
@@ -239,7 +249,9 @@ def _tile_pixels(path: str, size: int) -> np.ndarray:
         return np.asarray(image)
 
 
-def write_pyramid(path: Path, sources: np.ndarray, tile: int, mpp: float, min_side: int = 512) -> list[tuple[int, int]]:
+def write_pyramid(
+    path: Path, sources: np.ndarray, tile: int, mpp: float, min_side: int = 512
+) -> list[tuple[int, int]]:
     """Write the slide: `sources` is a (rows, cols) object array of image paths (None = glass).
 
     Level 0 is streamed tile by tile (never held whole); coarser levels are assembled from shrunk tiles.
@@ -269,9 +281,16 @@ def write_pyramid(path: Path, sources: np.ndarray, tile: int, mpp: float, min_si
     with tifffile.TiffWriter(path, bigtiff=rows * cols * tile * tile * 3 > 2**31) as writer:
         for index, down in enumerate(levels):
             resolution = 1e4 / (mpp * down)  # pixels per centimetre
-            options = dict(tile=(tile, tile) if down == 1 else (256, 256), photometric="rgb", compression="zlib",
-                           compressionargs={"level": 1}, resolution=(resolution, resolution),
-                           resolutionunit="CENTIMETER", subfiletype=1 if index else 0, metadata=None)  # fmt: skip
+            options = dict(
+                tile=(tile, tile) if down == 1 else (256, 256),
+                photometric="rgb",
+                compression="zlib",
+                compressionargs={"level": 1},
+                resolution=(resolution, resolution),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if index else 0,
+                metadata=None,
+            )
             if down == 1:
                 writer.write(level0(), shape=(rows * tile, cols * tile, 3), dtype=np.uint8, **options)
                 dims.append((cols * tile, rows * tile))
@@ -290,24 +309,34 @@ def regions_geojson(regions: Sequence[np.ndarray], cell: int, label: str, name: 
     """Tumour regions as a GeoJSON FeatureCollection in level-0 pixels (QuPath annotations)."""
     features = []
     for index, region in enumerate(regions, start=1):
-        rings = [ring[::-1] for ring in region_rings(region, cell)]  # counter-clockwise outer rings (RFC 7946)
+        rings = [
+            ring[::-1] for ring in region_rings(region, cell)
+        ]  # counter-clockwise outer rings (RFC 7946)
         outers = [ring for ring in rings if shoelace(ring) > 0]
         holes = [ring for ring in rings if shoelace(ring) < 0]
         if len(outers) == 1:
             geometry = {"type": "Polygon", "coordinates": [outers[0], *holes]}
         else:
             geometry = {"type": "MultiPolygon", "coordinates": [[ring] for ring in outers]}
-        features.append({
-            "type": "Feature", "id": f"tumour-{index}", "geometry": geometry,
-            "properties": {"objectType": "annotation", "name": f"tumour region {index}",
-                           "classification": {"name": name, "color": [220, 40, 40]},
-                           "label": label, "tiles": int(region.sum())},
-        })  # fmt: skip
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"tumour-{index}",
+                "geometry": geometry,
+                "properties": {
+                    "objectType": "annotation",
+                    "name": f"tumour region {index}",
+                    "classification": {"name": name, "color": [220, 40, 40]},
+                    "label": label,
+                    "tiles": int(region.sum()),
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
 def plan_slide(rng: random.Random, pools: OrganPools, min_tiles: int, max_tiles: int) -> dict:
-    """Choose the layout of one slide: tissue cells, tumour regions, the class and source image of every cell."""
+    """The layout of one slide: tissue cells, tumour regions, the class and source image of every cell."""
     n_tiles = round(math.exp(rng.uniform(math.log(min_tiles), math.log(max_tiles))))
     tissue = tissue_outline(rng, n_tiles)
     count = rng.choices((0, 1, 2), weights=(0.4, 0.4, 0.2))[0]
@@ -321,22 +350,40 @@ def plan_slide(rng: random.Random, pools: OrganPools, min_tiles: int, max_tiles:
         label = tumour_label if in_tumour else benign_label
         labels[r, c] = label
         sources[r, c] = rng.choice((pools.tumour if in_tumour else pools.benign)[label])
-    return {"tissue": tissue, "regions": regions, "labels": labels, "sources": sources,
-            "benign_label": benign_label, "tumour_label": tumour_label}  # fmt: skip
+    return {
+        "tissue": tissue,
+        "regions": regions,
+        "labels": labels,
+        "sources": sources,
+        "benign_label": benign_label,
+        "tumour_label": tumour_label,
+    }
 
 
-def write_slide(plan: dict, pools: OrganPools, label_map: LabelMap, path: Path, tile: int, mpp: float) -> dict:
+def write_slide(
+    plan: dict, pools: OrganPools, label_map: LabelMap, path: Path, tile: int, mpp: float
+) -> dict:
     """Write one planned slide (TIFF) and its truth (`<stem>.truth.json`); returns the truth."""
     levels = write_pyramid(path, plan["sources"], tile, mpp)
     centre = tissue_centre(plan["tissue"])
     tumour_label = plan["tumour_label"]
-    quadrants = sorted({quadrant_of(*np.argwhere(region).mean(0) + 0.5, centre) for region in plan["regions"]})
+    quadrants = sorted(
+        {quadrant_of(*np.argwhere(region).mean(0) + 0.5, centre) for region in plan["regions"]}
+    )
     tiles = [
-        {"col": int(c), "row": int(r), "x": int(c) * tile, "y": int(r) * tile, "w": tile, "h": tile,
-         "label": plan["labels"][r, c], "tumour": plan["labels"][r, c] == tumour_label,
-         "image": plan["sources"][r, c]}
+        {
+            "col": int(c),
+            "row": int(r),
+            "x": int(c) * tile,
+            "y": int(r) * tile,
+            "w": tile,
+            "h": tile,
+            "label": plan["labels"][r, c],
+            "tumour": plan["labels"][r, c] == tumour_label,
+            "image": plan["sources"][r, c],
+        }
         for r, c in zip(*np.nonzero(plan["tissue"]), strict=True)
-    ]  # fmt: skip
+    ]
     name = label_map[tumour_label].name if tumour_label else None
     truth = {
         "slide": path.name,
@@ -355,9 +402,11 @@ def write_slide(plan: dict, pools: OrganPools, label_map: LabelMap, path: Path, 
         "tumour_tiles": sum(t["tumour"] for t in tiles),
         "regions": regions_geojson(plan["regions"], tile, tumour_label or "", name or ""),
         "tiles": tiles,
-        "label_map": {label: label_map[label].__dict__ | {"synonyms": list(label_map[label].synonyms)}
-                      for label in [*pools.benign, *pools.tumour]},
-    }  # fmt: skip
+        "label_map": {
+            label: label_map[label].__dict__ | {"synonyms": list(label_map[label].synonyms)}
+            for label in [*pools.benign, *pools.tumour]
+        },
+    }
     truth_path(path).write_text(json.dumps(truth, indent=1))
     return truth
 
@@ -367,14 +416,24 @@ def truth_path(slide: Path) -> Path:
 
 
 def build_virtual_slides(
-    items: Sequence[LabelledImage], label_map: LabelMap, n: int, out: str | Path, seed: int = 0,
-    tile: int = 224, mpp: float = 0.5, min_tiles: int = 50, max_tiles: int = 1000, progress: bool = True,
-) -> list[dict]:  # fmt: skip
+    items: Sequence[LabelledImage],
+    label_map: LabelMap,
+    n: int,
+    out: str | Path,
+    seed: int = 0,
+    tile: int = 224,
+    mpp: float = 0.5,
+    min_tiles: int = 50,
+    max_tiles: int = 1000,
+    progress: bool = True,
+) -> list[dict]:
     """Write `n` slides (organs in turn) into `out` with `index.json`; the same seed gives the same files."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     if not 8 <= min_tiles <= max_tiles:
-        raise ValueError(f"tile counts must satisfy 8 <= min_tiles <= max_tiles, got {min_tiles} and {max_tiles}")
+        raise ValueError(
+            f"tile counts must satisfy 8 <= min_tiles <= max_tiles, got {min_tiles} and {max_tiles}"
+        )
     if tile % 16:
         raise ValueError(f"--tile must be a multiple of 16 (TIFF tiles), got {tile}")
     from tqdm import tqdm
@@ -389,10 +448,23 @@ def build_virtual_slides(
         plan = plan_slide(rng, organ, min_tiles, max_tiles)
         path = out / f"slide-{index:04d}-{organ.organ}.tiff"
         truth = write_slide(plan, organ, label_map, path, tile, mpp)
-        summaries.append({key: truth[key] for key in ("slide", "organ", "tumour_present", "tumour_label",
-                                                      "location", "tissue_tiles", "tumour_tiles")})  # fmt: skip
-    (out / "index.json").write_text(json.dumps({"seed": seed, "mpp": mpp, "tile_size": tile, "slides": summaries},
-                                               indent=1))  # fmt: skip
+        summaries.append(
+            {
+                key: truth[key]
+                for key in (
+                    "slide",
+                    "organ",
+                    "tumour_present",
+                    "tumour_label",
+                    "location",
+                    "tissue_tiles",
+                    "tumour_tiles",
+                )
+            }
+        )
+    (out / "index.json").write_text(
+        json.dumps({"seed": seed, "mpp": mpp, "tile_size": tile, "slides": summaries}, indent=1)
+    )
     return summaries
 
 
@@ -400,8 +472,10 @@ def load_truth(slide: str | Path) -> dict:
     """The ground truth written next to a virtual slide."""
     path = truth_path(Path(slide))
     if not path.is_file():
-        raise ValueError(f"{slide}: no ground truth {path.name} next to the slide (built by `pallava data build "
-                         "--kind virtual-slides`)")  # fmt: skip
+        raise ValueError(
+            f"{slide}: no ground truth {path.name} next to the slide (built by `pallava data build "
+            "--kind virtual-slides`)"
+        )
     return json.loads(path.read_text())
 
 
@@ -412,6 +486,8 @@ def list_slides(folder: str | Path) -> list[Path]:
         raise ValueError(f"{folder}: not a folder of virtual slides")
     slides = sorted(p for p in folder.glob("*.tiff") if truth_path(p).is_file())
     if not slides:
-        raise ValueError(f"{folder}: holds no slides with a .truth.json (build them with `pallava data build "
-                         "--kind virtual-slides`)")  # fmt: skip
+        raise ValueError(
+            f"{folder}: holds no slides with a .truth.json (build them with `pallava data build "
+            "--kind virtual-slides`)"
+        )
     return slides

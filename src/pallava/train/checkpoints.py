@@ -3,6 +3,8 @@
 A reader only ever sees complete checkpoints: `latest_complete` accepts a folder only when it has its
 final name *and* holds the marker, which is written last. A run killed while writing leaves a `.tmp`
 folder that is ignored and removed by `clean_partial` on the next start.
+
+`prepare_run` is the one resume rule of every training app (`pallava train`, `pallava plip train`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,19 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from pallava.train.config import recipe_differences
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+CHECKPOINT_DIR = "checkpoints"  # under a run's output folder
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe a run was started with, beside its checkpoints
 PREFIX = "ckpt-"
 TMP_SUFFIX = ".tmp"
 COMPLETE_MARKER = "COMPLETE"
@@ -125,10 +134,16 @@ def prune(directory: str | Path, keep_last: int) -> list[Path]:
 
 
 def save_training_state(
-    accelerator: Accelerator, directory: str | Path, step: int, state: dict, keep_last: int, **save_options,
-) -> Path:  # fmt: skip
+    accelerator: Accelerator,
+    directory: str | Path,
+    step: int,
+    state: dict,
+    keep_last: int,
+    **save_options,
+) -> Path:
     """Every process writes its part of accelerate's state into a temporary folder; the main process adds
-    `state` (JSON, in `STATE_FILE`), seals the folder and prunes old ones. Collective: call on every process."""
+    `state` (JSON, in `STATE_FILE`), seals the folder and prunes old ones. Collective: call on every
+    process."""
     directory = Path(directory)
     tmp = directory / (checkpoint_name(step) + TMP_SUFFIX)
     if accelerator.is_main_process:
@@ -143,3 +158,39 @@ def save_training_state(
         prune(directory, keep_last)
     accelerator.wait_for_everyone()
     return directory / checkpoint_name(step)
+
+
+def prepare_run(
+    accelerator: Accelerator,
+    out_dir: str | Path,
+    resume: bool,
+    recipe: dict[str, Any],
+    complete_saved: Callable[[dict[str, Any]], dict[str, Any]] = lambda saved: saved,
+) -> Path | None:
+    """Get a run's output folder ready; returns the checkpoint to continue from (None: from the start).
+
+    With `resume` (the default, `--resume auto`) a re-run continues from the newest complete checkpoint
+    and refuses a changed recipe (the saved one completed by `complete_saved`, e.g. with settings added since
+    it was written); nothing is deleted. Only an explicit start-over (`--resume never`)
+    removes the old checkpoints, so that they cannot be resumed by mistake later. Collective.
+    """
+    out_dir = Path(out_dir)
+    directory, recipe_path = out_dir / CHECKPOINT_DIR, out_dir / RECIPE_FILE
+    latest = latest_complete(directory) if resume else None
+    if latest is not None and recipe_path.is_file():
+        saved = complete_saved(yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {})
+        changed = recipe_differences(saved, recipe)
+        if changed:
+            raise ValueError(
+                f"{out_dir}: cannot resume, the recipe changed in {changed}; "
+                "use the same recipe or another --out"
+            )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        if not resume:
+            shutil.rmtree(directory, ignore_errors=True)
+        clean_partial(directory)
+    accelerator.wait_for_everyone()
+    return latest

@@ -43,12 +43,16 @@ class DataSection:
     path: str | list[str] | None = None  # several paths (or a YAML dataset list): one mixed training set
     format: str = "auto"  # auto | conversations | manifest
     split: str | None = None  # manifest split to use
-    label_map: str | None = None  # built-in name or file (manifests); default: the built-in covering the labels
+    label_map: str | None = (
+        None  # built-in name or file (manifests); default: the built-in covering the labels
+    )
     image_root: str | None = None  # relative image paths resolve here (default: the data file's folder)
     answer_types: list[str] | None = None  # keep only these VQA answer types (manifest, stage instruct)
     limit: int | None = None  # a seeded random subset of this many samples
     seed: int = 0  # seed of generated captions/questions and of the subset
-    balance: str | None = None  # several datasets: sqrt (default) | equal | proportional | none (data.datasets)
+    balance: str | None = (
+        None  # several datasets: sqrt (default) | equal | proportional | none (data.datasets)
+    )
     weights: dict | None = None  # dataset name -> sampling weight, replacing the balance mode's weight
     overlong: str = "truncate"  # samples over the processor's max_length: truncate (as the authors) | drop
 
@@ -88,7 +92,9 @@ class RunSection:
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     batch_size: int = 8  # per process
     grad_accum: int = 1
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | no | bf16 | fp16
+    mixed_precision: str = (
+        "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | no | bf16 | fp16
+    )
     gradient_checkpointing: bool = False
     seed: int = 0  # data order
     num_workers: int = 0
@@ -130,7 +136,9 @@ class SlideSection:
     min_tissue: float = 0.25
     chunk_tiles: int = 256  # tiles per cross-attention chunk (bounds memory)
     num_frequencies: int = 8  # octaves of the 2D tile-position sinusoids
-    questions: list[str] = field(default_factory=lambda: ["presence", "diagnosis", "organ", "location", "choice"])
+    questions: list[str] = field(
+        default_factory=lambda: ["presence", "diagnosis", "organ", "location", "choice"]
+    )
     attention_loss: float = 0.0  # weight of -log(attention mass on tumour tiles) on tumour slides (0: off)
     plip: str | None = None  # PLIP folder: also embed tiles with PLIP and train the attention-MIL baseline
     mil_epochs: int = 40
@@ -141,7 +149,8 @@ class AugmentSection:
     """Augmented views of the training images (stain, magnification, orientation: `processing.augment`).
 
     Each image gets `views` augmented versions besides the original; each training sample (one question about
-    an image) sees one of them, chosen by its id, so the questions about an image spread over its views. With the
+    an image) sees one of them, chosen by its id, so the questions about an image spread over its views.
+    With the
     feature cache, every view is encoded once like any image.
     """
 
@@ -175,21 +184,33 @@ class Recipe:
         if self.data.path is None:
             raise ValueError("no training data: set data.path in the recipe or pass --data PATH")
         if self.stage == "slide" and not self.model.init:
-            raise ValueError("stage slide starts from a trained assistant: set model.init (or --init) to its folder")
+            raise ValueError(
+                "stage slide starts from a trained assistant: set model.init (or --init) to its folder"
+            )
         if self.stage == "instruct" and not self.model.init:
-            raise ValueError("stage instruct starts from a trained model: set model.init (or --init) to the align output")
+            raise ValueError(
+                "stage instruct starts from a trained model: set model.init (or --init) to the align output"
+            )
         if self.data.overlong not in OVERLONG_POLICIES:
-            raise ValueError(f"data.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.data.overlong!r}")
+            raise ValueError(
+                f"data.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.data.overlong!r}"
+            )
         if self.augment.views < 0 or not 0 <= self.augment.large <= 1:
-            raise ValueError("augment.views must be at least 0 and augment.large in [0, 1], "
-                             f"got {self.augment.views} and {self.augment.large}")
+            raise ValueError(
+                "augment.views must be at least 0 and augment.large in [0, 1], "
+                f"got {self.augment.views} and {self.augment.large}"
+            )
         Augmentation.from_dict(self.augment.image, source="augment.image")
         if self.data.balance not in (None, "sqrt", "equal", "proportional", "none"):
-            raise ValueError(f"data.balance must be sqrt, equal, proportional or none, got {self.data.balance!r}")
+            raise ValueError(
+                f"data.balance must be sqrt, equal, proportional or none, got {self.data.balance!r}"
+            )
         if self.data.format not in ("auto", "conversations", "manifest"):
             raise ValueError(f"data.format must be auto, conversations or manifest, got {self.data.format!r}")
         if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.train.mixed_precision!r}")
+            raise ValueError(
+                f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.train.mixed_precision!r}"
+            )
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
@@ -198,7 +219,10 @@ class Recipe:
         if self.feature_cache.enabled and self.trainable.vision:
             raise ValueError("feature_cache.enabled needs a frozen vision tower (trainable.vision: false)")
         if self.feature_cache.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"feature_cache.dtype must be auto, float32, float16 or bfloat16, got {self.feature_cache.dtype!r}")
+            raise ValueError(
+                "feature_cache.dtype must be auto, float32, float16 or bfloat16, got "
+                f"{self.feature_cache.dtype!r}"
+            )
         if not 0 <= self.optim.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
         if len(self.optim.betas) != 2:
@@ -250,7 +274,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         try:
-            number = kind(value) if not isinstance(value, str) else kind(float(value) if kind is float else value)
+            number = (
+                kind(value) if not isinstance(value, str) else kind(float(value) if kind is float else value)
+            )
         except (TypeError, ValueError):
             raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
         if kind is int and isinstance(value, float) and value != number:
@@ -270,7 +296,8 @@ def _build(cls: type, data: dict, where: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+        prefix = f"{where}: " if where else ""  # top level: the caller names the file
+        raise ValueError(f"{prefix}unknown key(s) {unknown}; expected some of {sorted(fields)}")
     values = {}
     for name, value in data.items():
         kind = hints[name]
@@ -299,22 +326,56 @@ def parse_overrides(pairs: list[str]) -> dict:
     return result
 
 
+# The shipped recipes (`configs/` of a source checkout); the code holds their schema, never their values.
+CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+def shipped_recipe(name: str) -> Path:
+    """`configs/<name>.yaml`, or a ValueError saying where it was looked for."""
+    path = CONFIGS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no shipped recipe {name!r}: {path} not found (recipes live in configs/)")
+    return path
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def build_config(cls: type, data: dict, source: str) -> Any:
+    """A typed config dataclass from a mapping: unknown keys, missing keys and ill-typed values raise
+    ValueError naming `source` and the key (the one loader of the assistant's and PLIP's recipes)."""
+    try:
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise ValueError(f"missing key(s) {missing}")
+        return _build(cls, data, "")
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
 def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict | None = None) -> Recipe:
     """Read a recipe file for `stage` (shared sections, then `stages.<stage>`, then overrides)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     source = str(path) if path is not None else "recipe"
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path) if path is not None else {}
     stages = data.pop("stages", None) or {}
     if not isinstance(stages, dict) or set(stages) - set(STAGES):
         raise ValueError(f"{source}: 'stages' may only hold {', '.join(STAGES)}")
@@ -322,11 +383,7 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     data = _deep_merge(data, extra)
     data.pop("stage", None)
-    try:
-        recipe = _build(Recipe, {**data, "stage": stage}, "")
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
-    return recipe
+    return build_config(Recipe, {**data, "stage": stage}, source)
 
 
 def with_defaults(saved: dict) -> dict:

@@ -30,7 +30,6 @@ from pallava.data.builders import (
 from pallava.data.datasets import DatasetList, balance, parse_data_args, read_labelled
 from pallava.data.datasets import merged_label_map as dataset_label_map
 from pallava.data.importers.conversations import read_llava
-from pallava.data.labels import LabelMap
 from pallava.data.records import ANSWER_TYPES, Conversation
 from pallava.data.shards import iter_shards, list_shards
 from pallava.processing.augment import Augmentation, augment
@@ -64,12 +63,9 @@ class Sample:
         try:
             return Path(self.image).read_bytes()
         except OSError as error:
-            raise ValueError(f"sample {self.id}: field 'image': cannot read {self.image} ({error.strerror})") from None
-
-
-def resolve_label_map(spec: str | None, labels: set[str]) -> LabelMap:
-    """The label map for these labels (see `LabelMap.resolve`)."""
-    return LabelMap.resolve(spec, labels, source="data.label_map")
+            raise ValueError(
+                f"sample {self.id}: field 'image': cannot read {self.image} ({error.strerror})"
+            ) from None
 
 
 def _from_conversation(conversation: Conversation, image_bytes: bytes | None = None) -> Sample:
@@ -87,13 +83,17 @@ def _manifest_samples(section: DataSection, stage: str, datasets: DatasetList) -
     items = read_labelled(datasets, section.split)
     label_map = dataset_label_map(datasets, items, section.label_map)
     if stage == "align":
-        conversations = stage1_conversations(captions_from_labels(items, label_map, section.seed), section.seed)
+        conversations = stage1_conversations(
+            captions_from_labels(items, label_map, section.seed), section.seed
+        )
     else:
         vqa = vqa_from_labels(items, label_map, section.seed)
         if section.answer_types:
             unknown = set(section.answer_types) - set(ANSWER_TYPES)
             if unknown:
-                raise ValueError(f"data.answer_types: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}")
+                raise ValueError(
+                    f"data.answer_types: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}"
+                )
             vqa = [item for item in vqa if item.answer_type in section.answer_types]
         conversations = stage2_conversations(vqa)
     return [_from_conversation(c) for c in conversations]
@@ -109,7 +109,11 @@ def _conversation_samples(section: DataSection, path: Path) -> list[Sample]:
                 conversation = Conversation.from_dict(record)
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from None
-            if conversation.image is not None and image_bytes is None and not Path(conversation.image).is_absolute():
+            if (
+                conversation.image is not None
+                and image_bytes is None
+                and not Path(conversation.image).is_absolute()
+            ):
                 conversation.image = str(root / conversation.image)
             samples.append(_from_conversation(conversation, image_bytes))
         return samples
@@ -149,7 +153,9 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
     if not samples:
         raise ValueError(f"data.path: {', '.join(map(str, paths))} holds no training samples")
     weights = {**datasets.weights, **(section.weights or {})}
-    return [samples[i] for i in balance([s.dataset for s in samples], datasets.balance, weights, section.seed)]
+    return [
+        samples[i] for i in balance([s.dataset for s in samples], datasets.balance, weights, section.seed)
+    ]
 
 
 # --- augmented views ------------------------------------------------------------------------------
@@ -204,12 +210,14 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_acc
 def micro_batches(
     order: Sequence[int], step: int, batch_size: int, world_size: int, grad_accum: int, rank: int
 ) -> list[list[int]]:
-    """The `grad_accum` micro-batches (sample indices) of process `rank` for optimizer step `step` of an epoch."""
+    """The `grad_accum` micro-batches (sample indices) of process `rank` for optimizer step `step` of an
+    epoch."""
     size = global_batch_size(batch_size, world_size, grad_accum)
     chunk = list(order[step * size : (step + 1) * size])
     per_micro = batch_size * world_size
     return [
-        chunk[j * per_micro + rank * batch_size : j * per_micro + (rank + 1) * batch_size] for j in range(grad_accum)
+        chunk[j * per_micro + rank * batch_size : j * per_micro + (rank + 1) * batch_size]
+        for j in range(grad_accum)
     ]
 
 
@@ -265,16 +273,22 @@ class Collator:
         return batch
 
     def _encode(self, sample: Sample) -> tuple[list[int], list[int]]:
-        placeholders, images = self.processor.count_images(sample.conversation), int(sample.image_source is not None)
+        placeholders, images = (
+            self.processor.count_images(sample.conversation),
+            int(sample.image_source is not None),
+        )
         if placeholders != images:
-            raise ValueError(f"sample {sample.id}: {placeholders} <image> placeholder(s) in the text but {images} image(s)")
+            raise ValueError(
+                f"sample {sample.id}: {placeholders} <image> placeholder(s) in the text but {images} image(s)"
+            )
         return self.processor.encode_conversation(sample.conversation)
 
 
 def drop_overlong(samples: Sequence[Sample], processor: PaLlavaProcessor) -> tuple[list[Sample], list[str]]:
     """(samples that fit the processor's `max_length`, ids of those that do not), in order.
 
-    Encodes every conversation once, so `data.overlong: drop` costs one tokenisation pass at the start of a run
+    Encodes every conversation once, so `data.overlong: drop` costs one tokenisation pass at the start of a
+    run
     instead of an error in the middle of it.
     """
     kept, dropped = [], []
@@ -300,9 +314,18 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def epoch_loader(
-    samples_count: int, collator: Collator, seed: int, epoch: int, first_step: int, last_step: int,
-    batch_size: int, world_size: int, grad_accum: int, rank: int, num_workers: int = 0,
-) -> torch.utils.data.DataLoader:  # fmt: skip
+    samples_count: int,
+    collator: Collator,
+    seed: int,
+    epoch: int,
+    first_step: int,
+    last_step: int,
+    batch_size: int,
+    world_size: int,
+    grad_accum: int,
+    rank: int,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
     """A DataLoader over this process's micro-batches for steps [first_step, last_step) of `epoch`."""
     order = epoch_order(samples_count, seed, epoch)
     plan = [
@@ -311,9 +334,12 @@ def epoch_loader(
         for micro in micro_batches(order, step, batch_size, world_size, grad_accum, rank)
     ]
     return torch.utils.data.DataLoader(
-        StepBatches(plan, collator), batch_size=None, shuffle=False, num_workers=num_workers,
+        StepBatches(plan, collator),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
         collate_fn=_as_is,
-    )  # fmt: skip
+    )
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:

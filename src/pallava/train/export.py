@@ -41,10 +41,13 @@ def _base_models(config, history: list[dict[str, Any]]) -> list[str]:
     vision_source = config.vision_model_path or f"random initialisation (preset `{preset}`)"
     text_source = config.text_model_path or f"random initialisation (preset `{preset}`)"
     return [
-        f"- Vision tower: CLIP ViT, {vision.image_size} px, patch {vision.patch_size}, width {vision.hidden_size}, "
+        f"- Vision tower: CLIP ViT, {vision.image_size} px, patch {vision.patch_size}, width "
+        f"{vision.hidden_size}, "
         f"{vision.num_hidden_layers} layers; weights from {vision_source}.",
-        f"- Connector: scale-invariant, {connector.num_hidden_layers} layers, width {connector.hidden_size}, tile "
-        f"cross-attention {'on' if connector.tile_cross_attention else 'off'}, {config.num_image_tokens} image tokens.",
+        f"- Connector: scale-invariant, {connector.num_hidden_layers} layers, width "
+        f"{connector.hidden_size}, tile "
+        f"cross-attention {'on' if connector.tile_cross_attention else 'off'}, {config.num_image_tokens} "
+        "image tokens.",
         f"- Language model: {text.model_type}, width {text.hidden_size}, {text.num_hidden_layers} layers, "
         f"vocabulary {text.vocab_size}; weights from {text_source}.",
     ]
@@ -61,8 +64,8 @@ def _stage_lines(entry: dict[str, Any]) -> list[str]:
     return [
         f"### Stage `{entry['stage']}`",
         f"- Data: `{data['path']}`{split} ({entry['samples']} samples)",
-        f"- Trained: {', '.join(trained)}; learning rates " + ", ".join(f"{g} {rates[g]:g}" for g in trained
-                                                                     if g in rates),
+        f"- Trained: {', '.join(trained)}; learning rates "
+        + ", ".join(f"{g} {rates[g]:g}" for g in trained if g in rates),
         f"- {entry['steps']} optimizer steps, batch {run['batch_size']} x {entry['processes']} process(es) x "
         f"accumulation {run['grad_accum']}, AdamW betas {tuple(optim['betas'])}, weight decay "
         f"{optim['weight_decay']}, warm-up {optim['warmup_ratio']:.0%} then cosine, gradient clip "
@@ -89,19 +92,28 @@ def _report_lines(report: dict[str, Any], source: str) -> list[str]:
     return lines
 
 
-def model_card(assistant: PaLlava, history: list[dict[str, Any]], reports: Sequence[tuple[str, dict]],
-               merged: bool) -> str:  # fmt: skip
+def model_card(
+    assistant: PaLlava, history: list[dict[str, Any]], reports: Sequence[tuple[str, dict]], merged: bool
+) -> str:
     """The README.md of an exported model."""
     config = assistant.model.config
     lora = config.lora
-    lines = ["# PA-LLaVA assistant (pallava)", "",
-             "A pathology language-vision assistant: vision tower -> scale-invariant connector -> language model.", "",
-             "## Base models", *_base_models(config, history)]  # fmt: skip
+    lines = [
+        "# PA-LLaVA assistant (pallava)",
+        "",
+        "A pathology language-vision assistant: vision tower -> scale-invariant connector -> language model.",
+        "",
+        "## Base models",
+        *_base_models(config, history),
+    ]
     if merged:
         lines.append("- LoRA: merged into the language model's weights (no peft needed to run).")
     elif lora:
-        lines.append(f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, on {', '.join(lora.get('target_modules', []))}; "
-                     f"kept as modules, and also saved as a peft adapter in `{ADAPTER_DIR}/`.")  # fmt: skip
+        lines.append(
+            f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, "
+            f"on {', '.join(lora.get('target_modules', []))}; "
+            f"kept as modules, and also saved as a peft adapter in `{ADAPTER_DIR}/`."
+        )
     lines += ["", "## Training data and recipe"]
     if not history:
         lines.append("No training history was found in the model folder.")
@@ -113,14 +125,25 @@ def model_card(assistant: PaLlava, history: list[dict[str, Any]], reports: Seque
             lines += _report_lines(report, source)
     else:
         lines.append("No evaluation report was given (`pallava export --eval-report REPORT_JSON`).")
-    lines += ["", "## Use", "```python", "from pallava.inference import PaLlava", "",
-              'assistant = PaLlava.from_pretrained("THIS_FOLDER")',
-              'print(assistant.ask("tile.png", "What is the diagnosis?"))', "```", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Use",
+        "```python",
+        "from pallava.inference import PaLlava",
+        "",
+        'assistant = PaLlava.from_pretrained("THIS_FOLDER")',
+        'print(assistant.ask("tile.png", "What is the diagnosis?"))',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def export_model(
-    model_dir: str | Path, out_dir: str | Path, merge_lora: bool = False, eval_reports: Sequence[str | Path] = ()
+    model_dir: str | Path,
+    out_dir: str | Path,
+    merge_lora: bool = False,
+    eval_reports: Sequence[str | Path] = (),
 ) -> Path:
     """Write an exported copy of `model_dir` into `out_dir` (which must not exist or be empty)."""
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -138,5 +161,7 @@ def export_model(
         assistant.model.language_model.save_pretrained(out / ADAPTER_DIR)
     if history_path.is_file():
         shutil.copy2(history_path, out / HISTORY_FILE)
-    (out / "README.md").write_text(model_card(assistant, history, reports, merge_lora and had_lora), encoding="utf-8")
+    (out / "README.md").write_text(
+        model_card(assistant, history, reports, merge_lora and had_lora), encoding="utf-8"
+    )
     return out

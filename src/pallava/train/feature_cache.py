@@ -53,8 +53,14 @@ def namespace_for(
 ) -> str:
     """Hash of everything that determines an image's features: weights, layer, tiling, normalisation."""
     digest = hashlib.sha256()
-    settings = {"format": FORMAT_VERSION, "feature_layer": feature_layer, "dtype": dtype,
-                "tiling": image_processor.to_dict(), "mean": CLIP_MEAN, "std": CLIP_STD}  # fmt: skip
+    settings = {
+        "format": FORMAT_VERSION,
+        "feature_layer": feature_layer,
+        "dtype": dtype,
+        "tiling": image_processor.to_dict(),
+        "mean": CLIP_MEAN,
+        "std": CLIP_STD,
+    }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(vision_tower.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
@@ -171,7 +177,9 @@ class FeatureCache:
         """
         todo = self.missing(list(images))
         pending: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
-        bar = tqdm(total=len(todo), desc="caching vision features", unit="img", disable=not progress or not todo)
+        bar = tqdm(
+            total=len(todo), desc="caching vision features", unit="img", disable=not progress or not todo
+        )
         for start in range(0, len(todo), batch_size):
             keys = todo[start : start + batch_size]
             try:
@@ -184,12 +192,16 @@ class FeatureCache:
             for i, key in enumerate(keys):
                 cols, rows = (int(v) for v in batch["grids"][i])
                 mask = batch["tile_mask"][i, : cols * rows].clone()
-                real = torch.cat([mask.new_ones(1), mask])  # (1+T,): the global view and the tiles with pixels
+                real = torch.cat(
+                    [mask.new_ones(1), mask]
+                )  # (1+T,): the global view and the tiles with pixels
                 zero = features[i, : 1 + cols * rows].abs().amax(dim=(-1, -2)) == 0
                 if bool((zero & real).any()):
-                    raise ValueError(f"feature cache: the encoder returned all-zero features for real crop(s) "
-                                     f"{(zero & real).nonzero().flatten().tolist()} of image {key[:12]}...; "
-                                     "cached features must not depend on the connector")  # fmt: skip
+                    raise ValueError(
+                        f"feature cache: the encoder returned all-zero features for real crop(s) "
+                        f"{(zero & real).nonzero().flatten().tolist()} of image {key[:12]}...; "
+                        "cached features must not depend on the connector"
+                    )
                 pending[key] = (features[i, : 1 + cols * rows].clone(), mask, (cols, rows))
             while len(pending) >= self.shard_size:
                 ready = list(pending)[: self.shard_size]

@@ -6,7 +6,6 @@ always describe one consistent run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,40 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pallava.data.io import AppendOnlyJsonl, read_appended  # noqa: E402
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+read_jsonl = read_appended  # the run logs are append-only JSONL files
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Keep only records with `step` <= `step` (everything logged after the resumed checkpoint goes)."""
-    if path.is_file():
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+class StepLog:
+    """The run log of every training app: an append-only JSONL of rows with a `step`.
+
+    Reopened for a run resumed at `resume_step`, it keeps the rows up to that step and drops the rest (they
+    are logged again); `resume_step=None` starts an empty log. Only the process given `write=True` writes;
+    the others just read `rows`.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, write: bool = True) -> None:
+        def keep(row: dict[str, Any]) -> bool:
+            return resume_step is not None and row.get("step", 0) <= resume_step
+
+        self._file = AppendOnlyJsonl(path, keep) if write else None
+        self.rows: list[dict[str, Any]] = (
+            list(self._file.records) if self._file else [row for row in read_appended(path) if keep(row)]
+        )
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self._file is not None:
+            self._file.append(row)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 class RunLog:
@@ -39,8 +56,8 @@ class RunLog:
 
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool) -> None:
         self.metrics_path, self.samples_path = out_dir / METRICS_FILE, out_dir / SAMPLES_FILE
-        truncate_after(self.metrics_path, resume_step)
-        truncate_after(self.samples_path, resume_step)
+        self._metrics = StepLog(self.metrics_path, resume_step)
+        self._samples = StepLog(self.samples_path, resume_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -48,8 +65,7 @@ class RunLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def step(self, record: dict[str, Any], scalars: bool) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self._metrics.record(record)
         if self.writer is not None and scalars:
             step = record["step"]
             self.writer.add_scalar("train/loss", record["loss"], step)
@@ -60,9 +76,8 @@ class RunLog:
                 self.writer.add_scalar(f"lr/{group}", lr, step)
 
     def samples(self, step: int, answers: Sequence[dict[str, Any]]) -> None:
-        with self.samples_path.open("a", encoding="utf-8") as handle:
-            for answer in answers:
-                handle.write(json.dumps({"step": step, **answer}) + "\n")
+        for answer in answers:
+            self._samples.record({"step": step, **answer})
         if self.writer is not None:
             table = "| question | reference | answer |\n|---|---|---|\n" + "".join(
                 f"| {a['question']!r} | {a['reference']!r} | {a['answer']!r} |\n" for a in answers
@@ -70,6 +85,8 @@ class RunLog:
             self.writer.add_text("samples", table, step)
 
     def close(self) -> None:
+        self._metrics.close()
+        self._samples.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -89,8 +106,10 @@ def plot_loss_curves(runs: Sequence[tuple[str, str | Path]], out_path: str | Pat
         steps = [offset + r["step"] for r in records]
         losses = [r["loss"] for r in records]
         window = max(1, min(smooth, len(losses)))
-        averaged = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                    for i in range(len(losses))]  # fmt: skip
+        averaged = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         line = ax.plot(steps, losses, alpha=0.25, linewidth=0.8)[0]
         ax.plot(steps, averaged, color=line.get_color(), linewidth=1.6, label=f"{label} (mean of {window})")
         offset = steps[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -26,7 +27,9 @@ def apply_trainable(model: PaLlavaForConditionalGeneration, section: TrainableSe
     """Freeze everything except the chosen modules; returns trainable parameter counts per group."""
     if section.lora and not model.has_lora:
         raise ValueError("trainable.lora is true but the model has no LoRA (its config has lora: null)")
-    model.set_trainable(vision=section.vision, connector=section.connector, llm=section.llm, lora=section.lora)
+    model.set_trainable(
+        vision=section.vision, connector=section.connector, llm=section.llm, lora=section.lora
+    )
     if section.llm_modules:
         matched = set()
         for name, param in model.language_model.named_parameters():
@@ -50,25 +53,42 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
-def build_optimizer(model: torch.nn.Module, section: OptimSection) -> torch.optim.AdamW:
-    """AdamW with one parameter group per (module group, decay or not); each group has its own lr.
-
-    Weight decay applies to matrices only (not to biases and norms).
+def adamw(
+    model: torch.nn.Module,
+    group_of: Callable[[str], str],
+    lr_of: Callable[[str], float],
+    weight_decay: float,
+    decays: Callable[[str, torch.nn.Parameter], bool] = lambda name, param: param.ndim >= 2,
+    betas: Sequence[float] = (0.9, 0.999),
+) -> torch.optim.AdamW:
+    """The one optimiser builder of the training apps: AdamW over the trainable parameters, one group
+    per (group name, decayed or not), each group with its own lr (`lr_of(group)`); weight decay only
+    where `decays` (default: matrices, not biases and norms). Groups are named `group` / `group-no-decay`.
     """
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((module_group(name), param.ndim >= 2), []).append(param)
-    param_groups = []
-    for (group, decay), params in sorted(groups.items()):
-        lr = getattr(section, f"lr_{group}")
-        param_groups.append({
+            groups.setdefault((group_of(name), decays(name, param)), []).append(param)
+    param_groups = [
+        {
             "params": params,
-            "lr": section.lr if lr is None else lr,
-            "weight_decay": section.weight_decay if decay else 0.0,
+            "lr": lr_of(group),
+            "weight_decay": weight_decay if decay else 0.0,
             "name": f"{group}" + ("" if decay else "-no-decay"),
-        })  # fmt: skip
-    return torch.optim.AdamW(param_groups, betas=tuple(section.betas))
+        }
+        for (group, decay), params in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, betas=tuple(betas))
+
+
+def build_optimizer(model: torch.nn.Module, section: OptimSection) -> torch.optim.AdamW:
+    """The assistant's AdamW: one lr per module group (`optim.lr_<group>`, default `optim.lr`)."""
+
+    def lr_of(group: str) -> float:
+        lr = getattr(section, f"lr_{group}")
+        return section.lr if lr is None else lr
+
+    return adamw(model, module_group, lr_of, section.weight_decay, betas=section.betas)
 
 
 def build_scheduler(

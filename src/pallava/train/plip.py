@@ -2,7 +2,8 @@
 
 Works alone or under `accelerate launch` (features are gathered across processes for ITC). Output folder:
 a loadable PLIP model (config, weights, tokenizer), `vision_tower/` (a CLIPVisionModel folder for the
-assistant), `checkpoints/ckpt-N` (full state, sealed by a marker, last k kept), `logs/` (TensorBoard), `train_log.jsonl`,
+assistant), `checkpoints/ckpt-N` (full state, sealed by a marker, last k kept), `logs/` (TensorBoard),
+`train_log.jsonl`,
 `training_curve.png` and `training_summary.json`.
 """
 
@@ -11,137 +12,60 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from pallava.convert.plip import load_vision_tower
 from pallava.data.datasets import balance, counts_by_dataset
 from pallava.data.labels import LabelMap
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
-from pallava.models.plip.zeroshot import PlipZeroShot
+from pallava.models.plip.zeroshot import PlipZeroShot, zeroshot_predictions
 from pallava.processing.augment import Augmentation
 from pallava.train import checkpoints
+from pallava.train.feedback import StepLog
+from pallava.train.optim import adamw
+from pallava.train.plip_config import PlipTrainConfig
 from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
-from pallava.train.plip_eval import plot_training_curve, zeroshot_predictions
-
-
-@dataclass
-class PlipTrainConfig:
-    """A PLIP training recipe; the defaults are the tiny recipe (configs/plip-*.yaml hold the same fields)."""
-
-    preset: str = "tiny"
-    epochs: float = 2.0
-    batch_size: int = 32  # per process
-    lr: float = 5e-4
-    text_lr: float | None = 1e-4  # learning rate of a pre-trained text tower; None = lr
-    weight_decay: float = 0.02
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    text_init: str | None = None  # 'minilm', 'scratch' or a BERT folder; None = the preset's default
-    text_layers: int | None = None  # keep only the first layers of the text tower
-    vision_init: str | None = None  # CLIP folder or the authors' PLIP state dict
-    freeze_text_embeddings: bool = True  # the word-embedding table is most of the text tower's parameters
-    use_momentum: bool | None = None  # None = the preset's setting
-    momentum: float | None = None
-    queue_size: int | None = None
-    itm_weight: float | None = None
-    itm_max_pairs: int | None = None
-    image_pooling: str | None = None
-    text_pooling: str | None = None
-    mixed_precision: str = "no"  # 'no' or 'bf16'
-    num_workers: int = 0
-    cache_images: bool = True
-    augment: dict | None = None  # processing.augment.Augmentation fields (stain, zoom, ...); None = defaults
-    balance: str | None = None  # several datasets: sqrt (default) | equal | proportional | none
-    seed: int = 0
-    max_steps: int | None = None
-    save_every: int = 0  # steps between checkpoints; 0 = once per epoch
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # steps between zero-shot evaluations on the eval split; 0 = at the end only
-    log_every: int = 1
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> PlipTrainConfig:
-        """Read a recipe; unknown keys raise ValueError naming them and the file."""
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of recipe fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown recipe fields {unknown}; known: {sorted(known)}")
-        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
-
-    @classmethod
-    def for_preset(cls, preset: str, **overrides) -> PlipTrainConfig:
-        """The shipped recipe of a preset (configs/plip-<preset>.yaml mirrors it), with overrides applied."""
-        if preset not in RECIPES:
-            raise ValueError(f"unknown PLIP preset {preset!r}; choose one of {', '.join(RECIPES)}")
-        return dataclasses.replace(RECIPES[preset], **{k: v for k, v in overrides.items() if v is not None})
-
-    def model_overrides(self) -> dict[str, object]:
-        fields = ("use_momentum", "momentum", "queue_size", "itm_weight", "itm_max_pairs", "image_pooling", "text_pooling")
-        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
-
-
-RECIPES: dict[str, PlipTrainConfig] = {
-    "tiny": PlipTrainConfig(),
-    "paper": PlipTrainConfig(
-        preset="paper", epochs=20, batch_size=64, lr=1e-4, text_lr=None, freeze_text_embeddings=False,
-        mixed_precision="bf16", cache_images=False, num_workers=8, save_every=2000,
-        eval_every=2000, log_every=10,
-    ),
-}  # fmt: skip
+from pallava.train.plip_eval import plot_training_curve
 
 
 def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained text tower."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in pretrainer.model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = param.ndim < 2 or "embedding" in name or name == "temp"
-        groups.setdefault((name.startswith("text_model."), no_decay), []).append(param)
+    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained
+    text tower."""
     text_lr = recipe.text_lr if recipe.text_lr is not None else recipe.lr
-    return torch.optim.AdamW(
-        [
-            {"params": params, "lr": text_lr if is_text else recipe.lr, "weight_decay": 0.0 if no_decay else recipe.weight_decay}
-            for (is_text, no_decay), params in groups.items()
-        ]
+    return adamw(
+        pretrainer.model,
+        group_of=lambda name: "text" if name.startswith("text_model.") else "model",
+        lr_of=lambda group: text_lr if group == "text" else recipe.lr,
+        weight_decay=recipe.weight_decay,
+        decays=lambda name, param: not (param.ndim < 2 or "embedding" in name or name == "temp"),
     )
 
 
-class _TrainLog:
-    """train_log.jsonl: one JSON row per logged step or probe, appended as training goes."""
-
-    def __init__(self, path: Path, write: bool, resume_step: int | None):
-        self.path, self.write = path, write
-        self.rows: list[dict[str, object]] = []
-        if resume_step is not None and path.is_file():  # keep the rows of the steps being resumed from
-            rows = map(json.loads, path.read_text(encoding="utf-8").splitlines())
-            self.rows = [row for row in rows if row["step"] <= resume_step]
-        if write:
-            path.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
-
-    def record(self, row: dict[str, object]) -> None:
-        self.rows.append(row)
-        if self.write:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+def _hparams(config: dict, prefix: str = "") -> dict[str, object]:
+    """The recipe as TensorBoard hyper-parameters: nested settings flattened (`augment.stain`), None left
+    out."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_hparams(value, f"{prefix}{key}."))
+        elif value is not None:
+            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
 
 
-def _write_model(model: PlipModel, tokenizer: PreTrainedTokenizerBase, labels: LabelMap | None, out: Path) -> None:
+def _write_model(
+    model: PlipModel, tokenizer: PreTrainedTokenizerBase, labels: LabelMap | None, out: Path
+) -> None:
     """The loadable PLIP folder, plus `vision_tower/`: the vision tower alone, for the assistant."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -174,14 +98,17 @@ def train_plip(
     label_map: str | None = None,
     eval_data: str | Path | None = None,
     eval_split: str | None = None,
-    resume: bool = False,
+    resume: bool = True,
     show_progress: bool = True,
 ) -> dict[str, object]:
-    """Pre-train PLIP on caption pairs or a labelled manifest; returns the training summary."""
+    """Pre-train PLIP on caption pairs or a labelled manifest; returns the training summary.
+
+    `resume` (default): continue from the newest complete checkpoint in `out` (see
+    `checkpoints.prepare_run`); False starts over, removing the old checkpoints.
+    """
     if recipe.preset not in PLIP_PRESETS:
         raise ValueError(f"unknown PLIP preset {recipe.preset!r}; choose one of {', '.join(PLIP_PRESETS)}")
-    if recipe.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {recipe.mixed_precision!r}")
+    recipe.validate("PLIP recipe")
     out = Path(out)
     started = time.time()
     accelerator = Accelerator(
@@ -197,32 +124,49 @@ def train_plip(
     main = accelerator.is_main_process
     samples, labels = read_plip_data(data, split, label_map)
     model, tokenizer = build_plip(
-        recipe.preset, recipe.text_init, recipe.vision_init, recipe.text_layers, recipe.seed, **recipe.model_overrides()
+        recipe.preset,
+        recipe.text_init,
+        load_vision_tower(recipe.vision_init) if recipe.vision_init else None,
+        recipe.text_layers,
+        recipe.seed,
+        **recipe.model_overrides(),
     )
     if recipe.freeze_text_embeddings:
         model.text_model.embeddings.word_embeddings.requires_grad_(False)
-    samples = [samples[i] for i in balance([s.dataset for s in samples], recipe.balance or "sqrt", seed=recipe.seed)]
+    samples = [
+        samples[i] for i in balance([s.dataset for s in samples], recipe.balance or "sqrt", seed=recipe.seed)
+    ]
     by_dataset = counts_by_dataset([s.dataset for s in samples])
     if len(by_dataset) > 1:
         accelerator.print(f"PLIP samples per dataset (after balancing): {by_dataset}")
     augmentation = Augmentation.from_dict(recipe.augment, source="PLIP recipe 'augment'")
-    dataset = PlipDataset(samples, model.image_size, labels, train=True, seed=recipe.seed, augmentation=augmentation)
+    dataset = PlipDataset(
+        samples, model.image_size, labels, train=True, seed=recipe.seed, augmentation=augmentation
+    )
     if recipe.cache_images:
         dataset.cache_images(progress=main and show_progress)
     if len(dataset) < recipe.batch_size * accelerator.num_processes:
-        raise ValueError(f"{data}: {len(dataset)} samples, fewer than one global batch ({recipe.batch_size} x "
-                         f"{accelerator.num_processes} processes)")  # fmt: skip
+        raise ValueError(
+            f"{data}: {len(dataset)} samples, fewer than one global batch ({recipe.batch_size} x "
+            f"{accelerator.num_processes} processes)"
+        )
     loader = DataLoader(
-        dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=True, num_workers=recipe.num_workers,
+        dataset,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=recipe.num_workers,
         collate_fn=PlipCollator(tokenizer, model.config.max_text_length),
-    )  # fmt: skip
+    )
     pretrainer = PlipPretrainer(model)
     optimizer = _optimizer(pretrainer, recipe)
     steps_per_epoch = len(loader) // accelerator.num_processes
     total_steps = max(1, math.ceil(recipe.epochs * steps_per_epoch))
     if recipe.max_steps is not None:
         total_steps = min(total_steps, recipe.max_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(recipe.warmup_ratio * total_steps), total_steps)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, round(recipe.warmup_ratio * total_steps), total_steps
+    )
     pretrainer, optimizer, loader = accelerator.prepare(pretrainer, optimizer, loader)
     # Not prepared: accelerate would step it once per process; the schedule is already in per-process steps.
     accelerator.register_for_checkpointing(scheduler)
@@ -231,23 +175,14 @@ def train_plip(
         probe = _ZeroShotProbe(eval_data, eval_split, label_map, model.image_size)
 
     step = 0
-    checkpoint_dir = out / "checkpoints"
-    checkpoint = checkpoints.latest_complete(checkpoint_dir) if resume else None
-    if resume and checkpoint is None and main:
-        print(f"no checkpoint under {checkpoint_dir}; starting from scratch")
-    if main:
-        if not resume:  # starting over: an older run's checkpoints must never be resumed later
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        checkpoints.clean_partial(checkpoint_dir)
-    accelerator.wait_for_everyone()
+    checkpoint_dir = out / checkpoints.CHECKPOINT_DIR
+    checkpoint = checkpoints.prepare_run(accelerator, out, resume, dataclasses.asdict(recipe))
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         step = json.loads((checkpoint / checkpoints.STATE_FILE).read_text(encoding="utf-8"))["step"]
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2), encoding="utf-8")
-    accelerator.init_trackers("logs", config={k: v for k, v in dataclasses.asdict(recipe).items() if v is not None})
-    log = _TrainLog(out / "train_log.jsonl", write=main, resume_step=step if checkpoint is not None else None)
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    accelerator.init_trackers("logs", config=_hparams(dataclasses.asdict(recipe)))
+    log = StepLog(out / "train_log.jsonl", step if checkpoint is not None else None, write=main)
     save_every = recipe.save_every or steps_per_epoch
     generator = torch.Generator()  # ITM negatives; re-seeded every step so that a resumed run draws the same
     alpha = model.config.alpha
@@ -263,18 +198,29 @@ def train_plip(
 
     if step == 0 and main:
         evaluate(0)
-    progress = tqdm(total=total_steps, initial=step, desc="PLIP training", disable=not main or not show_progress)
+    progress = tqdm(
+        total=total_steps, initial=step, desc="PLIP training", disable=not main or not show_progress
+    )
     pretrainer.train()
     while step < total_steps:
         epoch = step // steps_per_epoch
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, step % steps_per_epoch) if step % steps_per_epoch else loader
+        batches = (
+            accelerator.skip_first_batches(loader, step % steps_per_epoch)
+            if step % steps_per_epoch
+            else loader
+        )
         for batch in batches:
-            # Soft-target weight ramps up over the first epoch (ALBEF), while the momentum model is still poor.
-            generator.manual_seed((recipe.seed * 1_000_003 + step) * accelerator.num_processes + accelerator.process_index)
+            # Soft-target weight ramps up over the first epoch (ALBEF), while the momentum model is still
+            # poor.
+            generator.manual_seed(
+                (recipe.seed * 1_000_003 + step) * accelerator.num_processes + accelerator.process_index
+            )
             with accelerator.autocast():
-                output = pretrainer(**batch, alpha=alpha * min(1.0, step / steps_per_epoch), generator=generator)
+                output = pretrainer(
+                    **batch, alpha=alpha * min(1.0, step / steps_per_epoch), generator=generator
+                )
             accelerator.backward(output.loss)
             if recipe.grad_clip:
                 accelerator.clip_grad_norm_(pretrainer.parameters(), recipe.grad_clip)
@@ -282,26 +228,42 @@ def train_plip(
             scheduler.step()
             optimizer.zero_grad()
             step += 1
-            values = torch.stack([output.loss, output.loss_itc, output.loss_itm, output.itm_accuracy]).detach().float()
+            values = (
+                torch.stack([output.loss, output.loss_itc, output.loss_itm, output.itm_accuracy])
+                .detach()
+                .float()
+            )
             loss, loss_itc, loss_itm, itm_acc = accelerator.reduce(values, reduction="mean").tolist()
             temperature = accelerator.unwrap_model(pretrainer).model.temperature().item()
-            row = {"step": step, "epoch": epoch, "loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm,
-                   "itm_accuracy": itm_acc, "temperature": temperature, "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "loss_itc": loss_itc,
+                "loss_itm": loss_itm,
+                "itm_accuracy": itm_acc,
+                "temperature": temperature,
+                "lr": scheduler.get_last_lr()[0],
+            }
             if step % recipe.log_every == 0 or step == total_steps:
                 log.record(row)
-                accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step)
+                accelerator.log(
+                    {f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step
+                )
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", itc=f"{loss_itc:.3f}", itm=f"{loss_itm:.3f}")
             if main and recipe.eval_every and step % recipe.eval_every == 0 and step < total_steps:
                 evaluate(step)
             if step % save_every == 0 or step == total_steps:
-                checkpoints.save_training_state(accelerator, checkpoint_dir, step, {"step": step, "epoch": epoch},
-                                                recipe.keep_checkpoints)  # fmt: skip
+                checkpoints.save_training_state(
+                    accelerator, checkpoint_dir, step, {"step": step, "epoch": epoch}, recipe.keep_checkpoints
+                )
             if step >= total_steps:
                 break
     progress.close()
     if main:
         evaluate(step)
+    log.close()
     summary: dict[str, object] = {}
     if main:
         _write_model(accelerator.unwrap_model(pretrainer).model, tokenizer, labels, out)
@@ -309,11 +271,14 @@ def train_plip(
         last = next((r for r in reversed(log.rows) if "loss" in r), {})
         accuracies = [r["zeroshot_accuracy"] for r in log.rows if "zeroshot_accuracy" in r]
         summary = {
-            "steps": step, "samples": len(dataset), "processes": accelerator.num_processes,
+            "steps": step,
+            "samples": len(dataset),
+            "processes": accelerator.num_processes,
             "global_batch": recipe.batch_size * accelerator.num_processes,
-            "wall_seconds": round(time.time() - started, 1), "final_loss": last.get("loss"),
+            "wall_seconds": round(time.time() - started, 1),
+            "final_loss": last.get("loss"),
             "zeroshot_accuracy": accuracies[-1] if accuracies else None,
-        }  # fmt: skip
+        }
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -53,11 +53,6 @@ def normalise_caption(caption: str) -> str:
     return " ".join(caption.lower().split())
 
 
-def label_map_for(labels: set[str], spec: str | None, source: str) -> LabelMap:
-    """`spec` is a built-in map name or a JSON/YAML file; None picks the built-in map covering `labels`."""
-    return LabelMap.resolve(spec, labels, source=source)
-
-
 def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
     """`{image, caption[, split, meta]}` per line (CaptionPair records); image paths are relative to the file.
 
@@ -79,9 +74,16 @@ def read_caption_jsonl(path: Path, split: str | None) -> list[PlipSample]:
         label = (record.get("meta") or {}).get("label")
         text = f"label:{label}" if isinstance(label, str) and label else f"text:{normalise_caption(caption)}"
         dataset = (record.get("meta") or {}).get("dataset")
-        samples.append(PlipSample(str(image), caption, label if isinstance(label, str) and label else None,
-                                  stable_key(f"image:{image}"), stable_key(text),
-                                  dataset if isinstance(dataset, str) else None))
+        samples.append(
+            PlipSample(
+                str(image),
+                caption,
+                label if isinstance(label, str) and label else None,
+                stable_key(f"image:{image}"),
+                stable_key(text),
+                dataset if isinstance(dataset, str) else None,
+            )
+        )
     if not samples:
         raise ValueError(f"{path}: no caption records" + (f" for split '{split}'" if split else ""))
     return samples
@@ -102,8 +104,10 @@ def read_plip_data(
     for spec in datasets.datasets:
         file = Path(spec.path)
         if file.suffix.lower() == ".jsonl":
-            samples += [s if s.dataset else dataclasses.replace(s, dataset=spec.name)
-                        for s in read_caption_jsonl(file, split)]  # fmt: skip
+            samples += [
+                s if s.dataset else dataclasses.replace(s, dataset=spec.name)
+                for s in read_caption_jsonl(file, split)
+            ]
         elif file.suffix.lower() == ".csv":
             for item in read_manifest(file, split):
                 item.dataset = spec.name
@@ -114,8 +118,14 @@ def read_plip_data(
         return samples, _caption_label_map(samples, label_map)
     labels = dataset_label_map(datasets, labelled, label_map)
     samples += [
-        PlipSample(item.path, None, item.label, stable_key(f"image:{item.path}"), stable_key(f"label:{item.label}"),
-                   item.dataset)
+        PlipSample(
+            item.path,
+            None,
+            item.label,
+            stable_key(f"image:{item.path}"),
+            stable_key(f"label:{item.label}"),
+            item.dataset,
+        )
         for item in labelled
     ]
     return samples, labels
@@ -136,7 +146,8 @@ def _caption_label_map(samples: list[PlipSample], spec: str | None) -> LabelMap 
 
 
 class PlipDataset(Dataset):
-    """Images (letterboxed to the model size, cached in memory on request) with their captions and match keys."""
+    """Images (letterboxed to the model size, cached in memory on request) with their captions and match
+    keys."""
 
     def __init__(
         self,
@@ -197,9 +208,12 @@ class PlipCollator:
 
     def __call__(self, batch: list[dict[str, object]]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
-            [item["caption"] for item in batch], padding=True, truncation=True,
-            max_length=self.max_length, return_tensors="pt",
-        )  # fmt: skip
+            [item["caption"] for item in batch],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {
             "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
             "input_ids": tokens["input_ids"],

@@ -14,12 +14,14 @@ from matplotlib.figure import Figure
 from pallava.data.labels import LabelMap
 from pallava.eval.metrics import accuracy, confusion_matrix, precision_recall_f1
 from pallava.models.plip.losses import positive_mask
-from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, caption_for, class_prompts
-from pallava.models.plip.zeroshot import PlipZeroShot, recall_at_k
+from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, caption_for
+from pallava.models.plip.zeroshot import PlipZeroShot, recall_at_k, zeroshot_predictions
 from pallava.train.plip_data import PlipSample
 
 
-def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict[str, object]:
+def classification_metrics(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]
+) -> dict[str, object]:
     """Accuracy, macro/micro F1, per-class precision/recall/F1 and the confusion matrix (rows = truth)."""
     scores = precision_recall_f1(y_true, y_pred, labels)
     return {
@@ -31,18 +33,6 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels:
         "labels": list(labels),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels).tolist(),
     }
-
-
-def zeroshot_predictions(
-    zs: PlipZeroShot,
-    image_embeds: torch.Tensor,
-    label_map: LabelMap,
-    templates: Sequence[str] = ZEROSHOT_TEMPLATES,
-) -> tuple[list[str], np.ndarray]:
-    """Predicted labels and (N, C) probabilities from precomputed image embeddings (prompt ensemble)."""
-    proba = zs.proba_from_embeddings(image_embeds, zs.class_embeddings(class_prompts(label_map, tuple(templates))))
-    labels = label_map.labels()
-    return [labels[i] for i in proba.argmax(axis=1)], proba
 
 
 def zeroshot_report(
@@ -77,7 +67,9 @@ def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], path: 
     ax.set_ylabel("true")
     ax.set_title(title)
     for (i, j), value in np.ndenumerate(data):
-        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > data.max() / 2 else "black")
+        ax.text(
+            j, i, str(value), ha="center", va="center", color="white" if value > data.max() / 2 else "black"
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -89,8 +81,12 @@ def write_zeroshot_report(report: dict[str, object], rows: list[dict[str, object
     with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
-    plot_confusion(report["confusion_matrix"], report["class_names"], out_dir / "confusion_matrix.png",
-                   f"PLIP zero-shot: accuracy {report['accuracy']:.3f} (n={report['n']})")  # fmt: skip
+    plot_confusion(
+        report["confusion_matrix"],
+        report["class_names"],
+        out_dir / "confusion_matrix.png",
+        f"PLIP zero-shot: accuracy {report['accuracy']:.3f} (n={report['n']})",
+    )
     return out_dir / "report.json"
 
 

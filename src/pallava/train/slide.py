@@ -39,11 +39,17 @@ HISTORY = "slide_training.json"
 
 
 def tiling(recipe: Recipe) -> TilingOptions:
-    return TilingOptions(mpp=recipe.slide.mpp, tile_size=recipe.slide.tile_size, min_tissue=recipe.slide.min_tissue)
+    return TilingOptions(
+        mpp=recipe.slide.mpp, tile_size=recipe.slide.tile_size, min_tissue=recipe.slide.min_tissue
+    )
 
 
 def cache_root(recipe: Recipe) -> Path:
-    return Path(recipe.feature_cache.dir) if recipe.feature_cache.dir else default_cache_dir().parent / "slide-features"
+    return (
+        Path(recipe.feature_cache.dir)
+        if recipe.feature_cache.dir
+        else default_cache_dir().parent / "slide-features"
+    )
 
 
 def load_plip(directory: str | None, device: str = "cpu"):
@@ -59,8 +65,12 @@ def load_plip(directory: str | None, device: str = "cpu"):
 
 def collate(items: list, processor) -> dict:
     """(features, question, answer) triples -> padded tokens and tiles with a tissue mask."""
-    encoded = [processor.encode_conversation([{"role": "user", "content": f"<image>\n{q}"},
-                                              {"role": "assistant", "content": a}]) for _, q, a in items]  # fmt: skip
+    encoded = [
+        processor.encode_conversation(
+            [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}]
+        )
+        for _, q, a in items
+    ]
     batch = processor.pad(encoded)
     longest = max(len(f) for f, _, _ in items)
     first = items[0][0]
@@ -70,8 +80,12 @@ def collate(items: list, processor) -> dict:
     for i, (features, _, _) in enumerate(items):
         n = len(features)
         tiles[i, :n], positions[i, :n], mask[i, :n] = features.tile_tokens, features.positions, True
-    batch.update(global_tokens=torch.stack([f.global_tokens for f, _, _ in items]), tile_tokens=tiles,
-                 positions=positions, tile_mask=mask)  # fmt: skip
+    batch.update(
+        global_tokens=torch.stack([f.global_tokens for f, _, _ in items]),
+        tile_tokens=tiles,
+        positions=positions,
+        tile_mask=mask,
+    )
     return batch
 
 
@@ -85,7 +99,7 @@ def _parameter_groups(model, slide: SlideAssistant) -> nn.Module:
 
 
 def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
-    """Run stage `slide` into `out_dir`; returns it (a model folder `SlideAssistant.from_pretrained` loads)."""
+    """Run stage `slide` into `out_dir`; returns it (a folder `SlideAssistant.from_pretrained` loads)."""
     recipe.validate()
     section, run = recipe.slide, recipe.train
     unknown = set(section.questions) - set(KINDS)
@@ -102,7 +116,9 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assistant = PaLlava.from_pretrained(recipe.model.init, device=device)
     model = assistant.model
-    if (Path(recipe.model.init) / SLIDE_CONFIG).is_file():  # continue a slide model (its position embedding too)
+    if (
+        Path(recipe.model.init) / SLIDE_CONFIG
+    ).is_file():  # continue a slide model (its position embedding too)
         slide_model = SlideAssistant.from_assistant(assistant, recipe.model.init)
         slide_model.chunk_tiles = section.chunk_tiles
     else:
@@ -113,7 +129,9 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
 
     # Features of every slide, once (cached across runs and shared with evaluation).
     if not isinstance(recipe.data.path, str):
-        raise ValueError(f"stage slide: data.path must be one folder of virtual slides, got {recipe.data.path!r}")
+        raise ValueError(
+            f"stage slide: data.path must be one folder of virtual slides, got {recipe.data.path!r}"
+        )
     slides = list_slides(recipe.data.path)
     options = tiling(recipe)
     plip, plip_id = load_plip(section.plip, device)
@@ -136,8 +154,10 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
     optimizer = build_optimizer(holder, recipe.optim)
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
     trainable = [p for p in holder.parameters() if p.requires_grad]
-    print(f"slide: {len(slides)} slides, {len(samples)} samples, {total_steps} steps of {run.batch_size}; "
-          f"trainable {counts} + position {sum(p.numel() for p in slide_model.position.parameters())}")  # fmt: skip
+    print(
+        f"slide: {len(slides)} slides, {len(samples)} samples, {total_steps} steps of {run.batch_size}; "
+        f"trainable {counts} + position {sum(p.numel() for p in slide_model.position.parameters())}"
+    )
 
     rng = random.Random(run.seed)
     history, order = [], []
@@ -151,8 +171,13 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
         items = [(features[i], *training_question(kind, truths[i], rng)) for i, kind in chosen]
         batch = collate(items, assistant.processor)
         need_mass = section.attention_loss > 0
-        embeds, mass = slide_model.image_embeddings(batch["global_tokens"], batch["tile_tokens"], batch["positions"],
-                                                    batch["tile_mask"], need_mass=need_mass)  # fmt: skip
+        embeds, mass = slide_model.image_embeddings(
+            batch["global_tokens"],
+            batch["tile_tokens"],
+            batch["positions"],
+            batch["tile_mask"],
+            need_mass=need_mass,
+        )
         summed, tokens = slide_model.loss(batch, embeds)
         loss = summed / max(tokens, 1)
         attention_term = torch.zeros(())
@@ -165,27 +190,46 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
             torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        history.append({"step": step + 1, "loss": float(summed.detach()) / max(tokens, 1),
-                        "attention_loss": float(attention_term.detach())})
+        history.append(
+            {
+                "step": step + 1,
+                "loss": float(summed.detach()) / max(tokens, 1),
+                "attention_loss": float(attention_term.detach()),
+            }
+        )
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     train_seconds = time.perf_counter() - train_started
     model.eval()
 
-    extra = {"init": origin, "tiling": {"mpp": options.mpp, "tile_size": options.tile_size,
-             "min_tissue": options.min_tissue}, "plip": str(Path(section.plip).resolve()) if section.plip else None}  # fmt: skip
+    extra = {
+        "init": origin,
+        "tiling": {"mpp": options.mpp, "tile_size": options.tile_size, "min_tissue": options.min_tissue},
+        "plip": str(Path(section.plip).resolve()) if section.plip else None,
+    }
     slide_model.save_pretrained(out, extra)
     mil_seconds = 0.0
     if plip is not None:
         mil_started = time.perf_counter()
-        mil, classes = train_mil([f.plip for f in features], [slide_label(t) for t in truths], section.mil_epochs,
-                                 seed=run.seed)  # fmt: skip
+        mil, classes = train_mil(
+            [f.plip for f in features], [slide_label(t) for t in truths], section.mil_epochs, seed=run.seed
+        )
         save_mil(mil, classes, out, {"plip": extra["plip"]})
         mil_seconds = time.perf_counter() - mil_started
     tail = history[-max(1, len(history) // 10) :]
-    summary = {"stage": "slide", "slides": len(slides), "samples": len(samples), "steps": total_steps,
-               "batch_size": run.batch_size, "final_loss": sum(r["loss"] for r in tail) / len(tail),
-               "seconds": {"features": round(feature_seconds, 2), "train": round(train_seconds, 2),
-                           "attention_mil": round(mil_seconds, 2)}, "history": history}  # fmt: skip
+    summary = {
+        "stage": "slide",
+        "slides": len(slides),
+        "samples": len(samples),
+        "steps": total_steps,
+        "batch_size": run.batch_size,
+        "final_loss": sum(r["loss"] for r in tail) / len(tail),
+        "seconds": {
+            "features": round(feature_seconds, 2),
+            "train": round(train_seconds, 2),
+            "attention_mil": round(mil_seconds, 2),
+        },
+        "history": history,
+    }
     (out / HISTORY).write_text(json.dumps(summary, indent=1) + "\n")
     return out
 
@@ -197,5 +241,7 @@ def attention_loss(mass: torch.Tensor, slides: list) -> torch.Tensor:
         if truth["tumour_present"]:
             tumour = torch.from_numpy(tile_truth(features, truth)).bool()
             if tumour.any():
-                terms.append(-torch.log(mass[row, : len(features)][tumour.to(mass.device)].sum().clamp(min=1e-6)))
+                terms.append(
+                    -torch.log(mass[row, : len(features)][tumour.to(mass.device)].sum().clamp(min=1e-6))
+                )
     return torch.stack(terms).mean() if terms else mass.new_zeros(())

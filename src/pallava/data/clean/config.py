@@ -14,7 +14,18 @@ JUDGE_STAGES = ("image", "text", "length")  # may be reordered between integrity
 DUPLICATE_MODES = ("pair", "image", "caption", "either")
 # Judge options that change how, not what, a judge decides: a resumed run may change them.
 OPERATIONAL_JUDGE_FIELDS = frozenset(
-    {"base_url", "api_key", "api_key_env", "concurrency", "timeout", "retries", "backoff", "cache", "batch_size"}
+    {
+        "base_url",
+        "api_key",
+        "api_key_env",
+        "concurrency",
+        "timeout",
+        "retries",
+        "backoff",
+        "cache",
+        "batch_size",
+        "device",
+    }
 )
 
 
@@ -52,15 +63,24 @@ class CleanConfig:
     def __post_init__(self) -> None:
         stages = list(self.stages)
         if not stages or stages[0] != "integrity" or stages[-1] != "duplicate":
-            raise ValueError(f"config field 'stages' must start with 'integrity' and end with 'duplicate', got {stages}")
+            raise ValueError(
+                f"config field 'stages' must start with 'integrity' and end with 'duplicate', got {stages}"
+            )
         middle = stages[1:-1]
         bad = [s for s in middle if s not in JUDGE_STAGES]
         if bad or len(set(middle)) != len(middle):
-            raise ValueError(f"config field 'stages': middle stages must be distinct names from {JUDGE_STAGES}, got {middle}")
+            raise ValueError(
+                f"config field 'stages': middle stages must be distinct names from {JUDGE_STAGES}, got "
+                f"{middle}"
+            )
         if self.duplicate_mode not in DUPLICATE_MODES:
-            raise ValueError(f"config field 'duplicate_mode' must be one of {DUPLICATE_MODES}, got {self.duplicate_mode!r}")
+            raise ValueError(
+                f"config field 'duplicate_mode' must be one of {DUPLICATE_MODES}, got {self.duplicate_mode!r}"
+            )
         if self.on_judge_error not in ("stop", "reject"):
-            raise ValueError(f"config field 'on_judge_error' must be 'stop' or 'reject', got {self.on_judge_error!r}")
+            raise ValueError(
+                f"config field 'on_judge_error' must be 'stop' or 'reject', got {self.on_judge_error!r}"
+            )
         for name in ("max_pixels", "workers", "chunk_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config field '{name}' must be at least 1")

@@ -41,7 +41,9 @@ class DuplicateIndex:
         bands = max_hamming + 1
         edges = [round(i * HASH_BITS / bands) for i in range(bands + 1)]
         self._bands = [(edges[i], edges[i + 1] - edges[i]) for i in range(bands)]
-        self._by_band: list[dict[tuple[str, int], list[tuple[int, str]]]] = [defaultdict(list) for _ in self._bands]
+        self._by_band: list[dict[tuple[str, int], list[tuple[int, str]]]] = [
+            defaultdict(list) for _ in self._bands
+        ]
         self._by_text: dict[str, str] = {}
         self._count = 0
 

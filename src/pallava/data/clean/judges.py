@@ -3,59 +3,135 @@
 An image judge answers "is this a pathology image?", a text judge "is this human pathology?". Each takes
 a batch and returns one `Verdict` per item, in order. A verdict with `error=True` means the judge could not
 decide (endpoint down, model failed); the pipeline then stops or rejects, as configured.
+
+The data layer imports no model: the PLIP image judge receives a `ZeroShotScorer`, and a `plip` judge in a
+config loads its folder through the loader the model's own package registers (`pallava.models.plip`
+registers `PlipZeroShot.from_pretrained`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+from PIL import Image
+
+from pallava.data.clean.verdict import ImageJudge, TextJudge, Verdict
 from pallava.processing.image import DEFAULT_MAX_PIXELS, load_image
 
-
-@dataclass(frozen=True)
-class Verdict:
-    """One judgement: `ok` keeps the record; `reason` is a short category, `detail` the specifics."""
-
-    ok: bool
-    reason: str = ""
-    detail: str = ""
-    error: bool = False
+__all__ = ["ImageJudge", "LexiconJudge", "PlipImageJudge", "TextJudge", "Verdict", "build_judge"]
 
 
-class ImageJudge(Protocol):
-    def judge_images(self, paths: Sequence[Path]) -> list[Verdict]: ...
+class ZeroShotScorer(Protocol):
+    """Zero-shot class probabilities: (N, C) for N images and one prompt list per class."""
+
+    def predict_proba(
+        self, images: Sequence[Image.Image], class_texts: Sequence[Sequence[str]]
+    ) -> np.ndarray: ...
 
 
-class TextJudge(Protocol):
-    def judge_texts(self, texts: Sequence[str]) -> list[Verdict]: ...
+# (model folder, device) -> scorer, by judge type; filled by the packages that own the models.
+SCORER_LOADERS: dict[str, Callable[[Path, str], ZeroShotScorer]] = {}
+
+
+def register_scorer_loader(kind: str, loader: Callable[[Path, str], ZeroShotScorer]) -> None:
+    """Let config entries of judge type `kind` load their `model_dir` with `loader(folder, device)`."""
+    SCORER_LOADERS[kind] = loader
 
 
 # Non-human species and experimental terms (whole words, case-insensitive).
 NON_HUMAN_TERMS: dict[str, tuple[str, ...]] = {
     "non-human species": (
-        "mouse", "mice", "murine", "rat", "rats", "rodent", "rodents", "rabbit", "rabbits", "hamster", "hamsters",
-        "guinea pig", "guinea pigs", "pig", "pigs", "porcine", "swine", "piglet", "piglets", "dog", "dogs",
-        "puppy", "cat", "cats", "feline", "kitten", "bovine", "cow", "cows", "cattle", "sheep", "ovine",
-        "lamb", "goat", "goats", "caprine", "horse", "horses", "equine", "monkey", "monkeys", "macaque",
-        "macaques", "non-human primate", "non-human primates", "zebrafish", "chicken", "chickens", "avian",
-        "poultry", "ferret", "ferrets", "drosophila", "xenopus", "c. elegans",
+        "mouse",
+        "mice",
+        "murine",
+        "rat",
+        "rats",
+        "rodent",
+        "rodents",
+        "rabbit",
+        "rabbits",
+        "hamster",
+        "hamsters",
+        "guinea pig",
+        "guinea pigs",
+        "pig",
+        "pigs",
+        "porcine",
+        "swine",
+        "piglet",
+        "piglets",
+        "dog",
+        "dogs",
+        "puppy",
+        "cat",
+        "cats",
+        "feline",
+        "kitten",
+        "bovine",
+        "cow",
+        "cows",
+        "cattle",
+        "sheep",
+        "ovine",
+        "lamb",
+        "goat",
+        "goats",
+        "caprine",
+        "horse",
+        "horses",
+        "equine",
+        "monkey",
+        "monkeys",
+        "macaque",
+        "macaques",
+        "non-human primate",
+        "non-human primates",
+        "zebrafish",
+        "chicken",
+        "chickens",
+        "avian",
+        "poultry",
+        "ferret",
+        "ferrets",
+        "drosophila",
+        "xenopus",
+        "c. elegans",
     ),
     "veterinary or experimental": (
-        "veterinary", "canine patient", "animal model", "animal models", "experimental animals",
-        "laboratory animals", "xenograft", "xenografts", "transgenic", "knockout mice", "wild-type mice",
-        "c57bl/6", "balb/c", "sprague-dawley", "wistar", "nude mice",
+        "veterinary",
+        "canine patient",
+        "animal model",
+        "animal models",
+        "experimental animals",
+        "laboratory animals",
+        "xenograft",
+        "xenografts",
+        "transgenic",
+        "knockout mice",
+        "wild-type mice",
+        "c57bl/6",
+        "balb/c",
+        "sprague-dawley",
+        "wistar",
+        "nude mice",
     ),
 }
 # Phrases that mention an animal without the tissue being animal (antibody reagents, eponyms).
 ALLOWED_PHRASES: tuple[str, ...] = (
-    r"\b(mouse|rabbit|goat|rat|donkey|sheep|horse|chicken|guinea pig)\s+(anti\b|anti-|monoclonal|polyclonal|igg|igm|antibod|serum)",
+    r"\b(mouse|rabbit|goat|rat|donkey|sheep|horse|chicken|guinea "
+    r"pig)\s+(anti\b|anti-|monoclonal|polyclonal|igg|igm|antibod|serum)",
     r"\banti-?\s?(mouse|rabbit|goat|rat|sheep|chicken|human)\b",
-    r"\bhorseradish\b", r"\bchicken[- ]wire\b", r"\brat[- ]bite\b", r"\bcat[- ]scratch\b",
-    r"\bcanine (tooth|teeth)\b", r"\brodent ulcer", r"\b(fetal |foetal )?bovine serum\b",
+    r"\bhorseradish\b",
+    r"\bchicken[- ]wire\b",
+    r"\brat[- ]bite\b",
+    r"\bcat[- ]scratch\b",
+    r"\bcanine (tooth|teeth)\b",
+    r"\brodent ulcer",
+    r"\b(fetal |foetal )?bovine serum\b",
 )
 
 
@@ -84,38 +160,52 @@ class LexiconJudge:
 
 
 DEFAULT_PATHOLOGY_PROMPTS: tuple[str, ...] = (
-    "a histopathology image", "an H&E stained tissue section", "a microscopy image of human tissue",
-    "an immunohistochemistry image of tissue", "a cytology smear under the microscope",
+    "a histopathology image",
+    "an H&E stained tissue section",
+    "a microscopy image of human tissue",
+    "an immunohistochemistry image of tissue",
+    "a cytology smear under the microscope",
 )
 DEFAULT_NON_PATHOLOGY_PROMPTS: tuple[str, ...] = (
-    "a photograph", "a photo of a person", "a photo of an animal", "a photo of an object",
-    "a fundus photograph of the retina", "a radiology image", "a chart or a diagram",
+    "a photograph",
+    "a photo of a person",
+    "a photo of an animal",
+    "a photo of an object",
+    "a fundus photograph of the retina",
+    "a radiology image",
+    "a chart or a diagram",
 )
 
 
 class PlipImageJudge:
-    """Zero-shot PLIP: keeps an image when p(pathology prompts) >= threshold against the non-pathology prompts.
+    """Zero-shot PLIP: keeps an image when p(pathology prompts) >= threshold against the non-pathology
+    prompts.
 
-    `model_dir` is a trained PLIP folder, or an object with `predict_proba(images, class_texts)`.
+    `model_dir` is a `ZeroShotScorer`, or a trained PLIP folder opened with the registered `plip` loader on
+    `device` (`cuda` for a GPU).
     """
 
     def __init__(
         self,
-        model_dir: str | Path | Any,
+        model_dir: str | Path | ZeroShotScorer,
         pathology_prompts: Sequence[str] = DEFAULT_PATHOLOGY_PROMPTS,
         non_pathology_prompts: Sequence[str] = DEFAULT_NON_PATHOLOGY_PROMPTS,
         threshold: float = 0.5,
         batch_size: int = 32,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        device: str = "cpu",
     ) -> None:
         if hasattr(model_dir, "predict_proba"):
             self.model = model_dir
         else:
-            from pallava.models.plip import PlipZeroShot
-
             if not Path(model_dir).is_dir():
                 raise ValueError(f"PLIP image judge: model folder not found: {model_dir}")
-            self.model = PlipZeroShot.from_pretrained(model_dir)
+            if "plip" not in SCORER_LOADERS:
+                raise ValueError(
+                    "PLIP image judge: no loader for PLIP folders is registered; import pallava.models.plip "
+                    "first (`pallava data clean` does)"
+                )
+            self.model = SCORER_LOADERS["plip"](Path(model_dir), device)
         if not pathology_prompts or not non_pathology_prompts:
             raise ValueError("PLIP image judge: both prompt lists must be non-empty")
         if not 0.0 < threshold < 1.0:
@@ -126,20 +216,22 @@ class PlipImageJudge:
     def pathology_probability(self, paths: Sequence[Path]) -> list[float]:
         probabilities: list[float] = []
         for start in range(0, len(paths), self.batch_size):
-            images = [load_image(p, self.max_pixels) for p in paths[start:start + self.batch_size]]
+            images = [load_image(p, self.max_pixels) for p in paths[start : start + self.batch_size]]
             probabilities.extend(float(p) for p in self.model.predict_proba(images, self.class_texts)[:, 0])
         return probabilities
 
     def judge_images(self, paths: Sequence[Path]) -> list[Verdict]:
         return [
-            Verdict(True, detail=f"p={p:.3f}") if p >= self.threshold
+            Verdict(True, detail=f"p={p:.3f}")
+            if p >= self.threshold
             else Verdict(False, "not pathology (PLIP)", f"p(pathology)={p:.3f} < {self.threshold}")
             for p in self.pathology_probability(paths)
         ]
 
 
 def build_judge(spec: dict[str, Any], stage: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Any:
-    """Make the judge a config entry describes (`type`: none, lexicon, stain, plip, openai); None for `none`."""
+    """Make the judge a config entry describes (`type`: none, lexicon, stain, plip, openai); None for
+    `none`."""
     options = {k: v for k, v in spec.items() if k != "type"}
     kind = spec.get("type")
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from pallava.data.clean.judges import Verdict
+from pallava.data.clean.verdict import Verdict
 from pallava.processing.image import DEFAULT_MAX_PIXELS, load_image
 
 DEFAULT_IMAGE_PROMPT = (
@@ -119,7 +119,11 @@ class OpenAIJudge:
         if kind == "text" and "{text}" not in self.prompt:
             raise ValueError("a text judge prompt must contain the placeholder {text}")
         self.system_prompt = system_prompt
-        self.retries, self.backoff, self.concurrency = max(0, int(retries)), float(backoff), max(1, int(concurrency))
+        self.retries, self.backoff, self.concurrency = (
+            max(0, int(retries)),
+            float(backoff),
+            max(1, int(concurrency)),
+        )
         self.max_side, self.max_tokens, self.max_pixels = max_side, max_tokens, max_pixels
         key = api_key or (os.environ.get(api_key_env) if api_key_env else None)
         headers = {"Authorization": f"Bearer {key}"} if key else {}

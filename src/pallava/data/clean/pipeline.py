@@ -2,9 +2,11 @@
 
 Stages (configurable order between the first and last): integrity (decodes, pixel limit) -> image judge ->
 text judge -> caption length -> duplicates. Outputs are append-only JSONL written in input order and
-flushed line by line (fsync per chunk). On restart the torn tail of a killed write is cut off, the set of
-finished ids and the duplicate index are rebuilt from both files, and work resumes with the next record, so
-a killed and resumed run ends with the same files as an uninterrupted one.
+flushed line by line (fsync per chunk), as `AppendOnlyJsonl` files: on restart a line cut by the kill is
+dropped (or kept when whole), the set of finished ids and the duplicate index are rebuilt by streaming both
+files (nothing else is held), and work resumes with the next record, so a killed and resumed run ends with
+the same files as an uninterrupted one. A line that is not UTF-8, not JSON, or holds text UTF-8 cannot write
+(a lone surrogate) is rejected at the input stage with its line number; it never stops the run.
 """
 
 from __future__ import annotations
@@ -13,21 +15,24 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from pallava.data.clean.config import CleanConfig
+from pallava.data.clean.config import STAGES, CleanConfig
 from pallava.data.clean.dedup import DuplicateIndex, image_hash, text_key
-from pallava.data.clean.judges import Verdict, build_judge
+from pallava.data.clean.judges import build_judge
 from pallava.data.clean.report import summarise, write_report
+from pallava.data.clean.verdict import Verdict
+from pallava.data.io import AppendOnlyJsonl, JsonlLineError, iter_appended
 from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, VQAItem
 from pallava.processing.image import load_image
 
@@ -51,12 +56,21 @@ class _Entry:
     stop: Verdict | None = None
 
 
+# Another place to decode and judge: (input, pending entries, finished ids, config, progress, custom judges)
+# -> the pending entries processed, in chunks, in input order.
+Engine = Callable[
+    [Path, Iterator[_Entry], set[str], CleanConfig, bool, "dict[str, Callable[[], Any]] | None"],
+    Iterator[list[_Entry]],
+]
+
+
 class JudgeStopped(ValueError):
     """A judge failed with `on_judge_error: stop`; outputs hold everything before the failing record."""
 
 
 def record_kind(data: dict[str, Any]) -> str:
-    """caption, vqa or conversation, from the fields a record carries; ValueError naming the field if none fit."""
+    """caption, vqa or conversation, from the fields a record carries; ValueError naming the field if none
+    fit."""
     if "caption" in data:
         CaptionPair.from_dict(data)
         return "caption"
@@ -74,32 +88,85 @@ def record_text(data: dict[str, Any], kind: str) -> str:
     if kind == "caption":
         return data["caption"]
     if kind == "vqa":
-        parts = [data["question"], *(data.get("options") or []), data["answer"], (data.get("meta") or {}).get("caption") or ""]
+        parts = [
+            data["question"],
+            *(data.get("options") or []),
+            data["answer"],
+            (data.get("meta") or {}).get("caption") or "",
+        ]
         return "\n".join(p for p in parts if p)
     return "\n".join(turn["value"].replace(IMAGE_TOKEN, "").strip() for turn in data["conversations"])
 
 
+# A JSON escape of a UTF-16 surrogate; only lines holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is lone
+
+
+def _lone_surrogate_field(value: Any, name: str = "") -> str | None:
+    """The field (dotted path) of the first key or string holding a lone surrogate, which UTF-8 cannot
+    write."""
+    if isinstance(value, str):
+        return (name or "<record>") if _LONE_SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        field_name = f"{name}.{key}" if name else str(key)
+        if isinstance(key, str) and _LONE_SURROGATE.search(key):
+            return field_name
+        if (found := _lone_surrogate_field(item, field_name)) is not None:
+            return found
+    return None
+
+
+def _record_id(data: Any) -> str | None:
+    record_id = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
+        return None
+    return str(record_id)
+
+
+def _rejected_entry(
+    line_number: int, record_id: str | None, data: Any, raw: str, reason: str, detail: str
+) -> _Entry:
+    entry = _Entry(
+        line_number, record_id or f"line-{line_number}", data if isinstance(data, dict) else None, raw
+    )
+    entry.rejection = ("input", Verdict(False, reason, detail))
+    return entry
+
+
+def _parse_line(line_number: int, line: bytes) -> _Entry:
+    """One input line as an entry; lines that cannot be read or written back become input-stage rejections."""
+    try:
+        raw = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        detail = f"byte 0x{line[error.start]:02x} at column {error.start + 1} is not UTF-8"
+        raw = line.decode("utf-8", "backslashreplace")  # shows the bad bytes as \xe9
+        return _rejected_entry(line_number, None, None, raw, "invalid UTF-8", detail)
+    try:
+        data = json.loads(raw)
+        field_name = _lone_surrogate_field(data) if _SURROGATE_ESCAPE.search(raw) else None
+    except json.JSONDecodeError as error:
+        return _rejected_entry(line_number, None, None, raw, "invalid JSON", error.msg)
+    except RecursionError:
+        return _rejected_entry(line_number, None, None, raw, "invalid JSON", "nested too deeply")
+    record_id = _record_id(data)
+    if field_name is not None:
+        # the parsed record cannot be written as UTF-8: keep the raw line, and the id only if it is clean
+        clean_id = record_id if record_id and not _LONE_SURROGATE.search(record_id) else None
+        detail = f"field '{field_name}' holds a lone UTF-16 surrogate"
+        return _rejected_entry(line_number, clean_id, None, raw, "invalid text", detail)
+    if record_id is None:
+        return _rejected_entry(line_number, None, data, raw, "malformed record", "missing field 'id'")
+    return _Entry(line_number, record_id, data, raw)
+
+
 def _scan_input(path: Path) -> Iterator[_Entry]:
     """Stream input lines as entries; unreadable lines become entries that the input stage rejects."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:  # bytes: one undecodable line must not stop the others
         for line_number, line in enumerate(handle, start=1):
-            raw = line.rstrip("\n")
-            if not raw.strip():
-                continue
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as error:
-                entry = _Entry(line_number, f"line-{line_number}", None, raw)
-                entry.rejection = ("input", Verdict(False, "invalid JSON", error.msg))
-                yield entry
-                continue
-            record_id = data.get("id") if isinstance(data, dict) else None
-            if not isinstance(record_id, (str, int)) or isinstance(record_id, bool) or str(record_id) == "":
-                entry = _Entry(line_number, f"line-{line_number}", data if isinstance(data, dict) else None, raw)
-                entry.rejection = ("input", Verdict(False, "malformed record", "missing field 'id'"))
-                yield entry
-                continue
-            yield _Entry(line_number, str(record_id), data, raw)
+            if line.strip():
+                yield _parse_line(line_number, line.rstrip(b"\r\n"))
 
 
 def _input_ids(path: Path) -> list[str]:
@@ -107,28 +174,25 @@ def _input_ids(path: Path) -> list[str]:
     seen: dict[str, int] = {}
     for entry in _scan_input(path):
         if entry.id in seen:
-            raise ValueError(f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; ids must be unique")
+            raise ValueError(
+                f"{path}: line {entry.line}: id '{entry.id}' already used on line {seen[entry.id]}; "
+                "ids must be unique"
+            )
         seen[entry.id] = entry.line
     return list(seen)
 
 
-def _recover(path: Path) -> list[dict[str, Any]]:
-    """Read an output file, first cutting off a torn last line left by a kill."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(end)
-        data = data[:end]
-    rows = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: line {number} is corrupt; remove the output folder to start over") from None
-    return rows
+def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Stream the rows of an output file, one at a time (a line cut by a kill: `AppendOnlyJsonl`'s rule)."""
+    try:
+        for row in iter_appended(path):
+            if "id" not in row:
+                raise ValueError(f"{path}: a row without 'id'; remove the output folder to start over")
+            yield row
+    except JsonlLineError as error:
+        raise ValueError(
+            f"{error.path}: line {error.line} is corrupt; remove the output folder to start over"
+        ) from None
 
 
 def _check_state(out: Path, input_path: Path, config: CleanConfig) -> None:
@@ -179,8 +243,12 @@ class _Cleaner:
         self.config = config
         self.image_root = Path(config.image_root) if config.image_root else input_path.parent
         stages = config.stages[1:-1]
-        self.image_judge = build_judge(config.image_judge, "image", config.max_pixels) if "image" in stages else None
-        self.text_judge = build_judge(config.text_judge, "text", config.max_pixels) if "text" in stages else None
+        self.image_judge = (
+            build_judge(config.image_judge, "image", config.max_pixels) if "image" in stages else None
+        )
+        self.text_judge = (
+            build_judge(config.text_judge, "text", config.max_pixels) if "text" in stages else None
+        )
         self.index = DuplicateIndex(config.duplicate_mode, config.max_hamming)
         self.pool = None
         if config.workers > 1:
@@ -218,7 +286,8 @@ class _Cleaner:
         elif stage == "length":
             verdicts = [
                 Verdict(False, "caption too short", f"{n} words < {self.config.min_words}")
-                if e.kind == "caption" and (n := len(e.text.split())) < self.config.min_words else Verdict(True)
+                if e.kind == "caption" and (n := len(e.text.split())) < self.config.min_words
+                else Verdict(True)
                 for e in alive
             ]
         else:
@@ -231,44 +300,68 @@ class _Cleaner:
 
     def process(self, chunk: list[_Entry]) -> None:
         """Run every stage but `duplicate` on a chunk, setting each entry's rejection (or stop)."""
+        self.decode(chunk)
+        self.judge(chunk)
+
+    def chunks(self, pending: Iterator[_Entry]) -> Iterator[list[_Entry]]:
+        """The local engine: `pending` in chunks of `chunk_size`, processed here (and in the pool)."""
+        while chunk := list(itertools.islice(pending, self.config.chunk_size)):
+            self.process(chunk)
+            yield chunk
+
+    def decode(self, chunk: list[_Entry]) -> None:
+        """The `input` and `integrity` stages: record type, image path, decoding, perceptual hash."""
         for entry in chunk:
             if entry.rejection is None:
                 self._prepare(entry)
         alive = [e for e in chunk if e.rejection is None]
         jobs = [(str(e.image), self.config.max_pixels) for e in alive]
-        results = self.pool.map(_integrity, jobs) if self.pool is not None and len(jobs) > 1 else map(_integrity, jobs)
+        results = (
+            self.pool.map(_integrity, jobs)
+            if self.pool is not None and len(jobs) > 1
+            else map(_integrity, jobs)
+        )
         for entry, (ok, reason, detail, phash, size) in zip(alive, results, strict=True):
             if ok:
                 entry.phash, entry.size = phash, size
             else:
                 entry.rejection = ("integrity", Verdict(False, reason, detail))
+
+    def judge(self, chunk: list[_Entry]) -> None:
+        """The middle stages (image, text, length), in the configured order, on the entries still alive."""
         for stage in self.config.stages[1:-1]:
             self._run_stage(stage, [e for e in chunk if e.rejection is None and e.stop is None])
 
     def kept_line(self, entry: _Entry) -> dict[str, Any]:
         data = dict(entry.data)
         data["image"] = str(entry.image)
-        data["meta"] = {**(data.get("meta") or {}), "clean": {"phash": entry.phash, "text_key": text_key(entry.text),
-                                                             "width": entry.size[0], "height": entry.size[1]}}
+        data["meta"] = {
+            **(data.get("meta") or {}),
+            "clean": {
+                "phash": entry.phash,
+                "text_key": text_key(entry.text),
+                "width": entry.size[0],
+                "height": entry.size[1],
+            },
+        }
         return data
 
 
-def _write(handle: Any, row: dict[str, Any]) -> None:
-    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    handle.flush()
-
-
-def _sync(*handles: Any) -> None:
-    for handle in handles:
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def clean(
+    input_path: str | Path,
+    out_dir: str | Path,
+    config: CleanConfig | None = None,
+    progress: bool = True,
+    judges: dict[str, Callable[[], Any]] | None = None,
+    engine: Engine | None = None,
+) -> dict[str, Any]:
     """Clean a JSONL of records into `out_dir` (kept.jsonl, rejected.jsonl, report.md); resumable.
 
     Returns the summary (counts per stage and reason). Raises `JudgeStopped` when a judge fails under
     `on_judge_error: stop` (re-run to resume) and ValueError for bad input or a foreign output folder.
+    `judges` maps `image`/`text` to a function building a custom judge, used instead of the config's.
+    `engine` decodes and judges elsewhere (`ray_engine.clean_on_ray` passes Ray's); this process still
+    finds duplicates and writes every output line, so the files are the same as the local engine's.
     """
     config = config or CleanConfig()
     input_path, out = Path(input_path), Path(out_dir)
@@ -277,27 +370,48 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
     input_ids = _input_ids(input_path)
     out.mkdir(parents=True, exist_ok=True)
     _check_state(out, input_path, config)
-    kept_rows, rejected_rows = _recover(out / KEPT), _recover(out / REJECTED)
-    done = {str(row["id"]) for row in (*kept_rows, *rejected_rows)}
+    # Earlier outputs are streamed: only their ids and the duplicate index stay in memory.
+    done: set[str] = set()
+    index = DuplicateIndex(config.duplicate_mode, config.max_hamming)
+    for row in _read_rows(out / KEPT):
+        done.add(str(row["id"]))
+        index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
+    done.update(str(row["id"]) for row in _read_rows(out / REJECTED))
     unknown = done - set(input_ids)
     if unknown:
-        raise ValueError(f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder")
-    cleaner = _Cleaner(input_path, config)
-    for row in kept_rows:
-        cleaner.index.add(str(row["id"]), row["meta"]["clean"]["phash"], row["meta"]["clean"]["text_key"])
-    del kept_rows, rejected_rows
+        raise ValueError(
+            f"{out}: holds ids not in {input_path} (e.g. {sorted(unknown)[0]}); use another output folder"
+        )
+    # With another engine the judges live there; here only the duplicate index and the writing are needed.
+    driver_config = replace(config, stages=[STAGES[0], STAGES[-1]], workers=1)
+    cleaner = _Cleaner(input_path, config if engine is None else driver_config)
+    cleaner.index = index
     started = time.perf_counter()
-    bar = tqdm(total=len(input_ids), initial=len(done), unit="rec", desc="cleaning", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(input_ids),
+        initial=len(done),
+        unit="rec",
+        desc="cleaning",
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
-        with (out / KEPT).open("a", encoding="utf-8") as kept, (out / REJECTED).open("a", encoding="utf-8") as rejected:
+        with AppendOnlyJsonl(out / KEPT) as kept, AppendOnlyJsonl(out / REJECTED) as rejected:
             pending = (entry for entry in _scan_input(input_path) if entry.id not in done)
-            while chunk := list(itertools.islice(pending, config.chunk_size)):
-                cleaner.process(chunk)
+            if engine is not None:
+                chunks = engine(input_path, pending, done, config, progress, judges)
+            else:
+                for stage, build in (judges or {}).items():
+                    setattr(cleaner, f"{stage}_judge", build())
+                chunks = cleaner.chunks(pending)
+            for chunk in chunks:
                 for entry in chunk:
                     if entry.stop is not None:
-                        _sync(kept, rejected)
+                        kept.sync()
+                        rejected.sync()
                         raise JudgeStopped(
-                            f"{input_path}: line {entry.line}: record {entry.id}: judge failed ({entry.stop.detail}); "
+                            f"{input_path}: line {entry.line}: record {entry.id}: judge failed "
+                            f"({entry.stop.detail}); "
                             f"finished records are saved in {out}; fix the judge and re-run to resume"
                         )
                     if entry.rejection is None:
@@ -306,13 +420,22 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
                             entry.rejection = ("duplicate", Verdict(False, "duplicate", f"of {duplicate_of}"))
                     if entry.rejection is None:
                         cleaner.index.add(entry.id, entry.phash, text_key(entry.text))
-                        _write(kept, cleaner.kept_line(entry))
+                        kept.append(cleaner.kept_line(entry))
                     else:
                         stage, verdict = entry.rejection
-                        _write(rejected, {"id": entry.id, "line": entry.line, "stage": stage, "reason": verdict.reason,
-                                          "detail": verdict.detail, "record": entry.data if entry.data is not None else entry.raw})
+                        rejected.append(
+                            {
+                                "id": entry.id,
+                                "line": entry.line,
+                                "stage": stage,
+                                "reason": verdict.reason,
+                                "detail": verdict.detail,
+                                "record": entry.data if entry.data is not None else entry.raw,
+                            },
+                        )
                 bar.update(len(chunk))
-                _sync(kept, rejected)
+                kept.sync()
+                rejected.sync()
     finally:
         bar.close()
         cleaner.close()
@@ -325,5 +448,7 @@ def clean(input_path: str | Path, out_dir: str | Path, config: CleanConfig | Non
         from pallava.data.shards import write_shards
 
         shutil.rmtree(out / "shards", ignore_errors=True)
-        write_shards(iter_records(out / KEPT), out / "shards", records_per_shard=config.shard_size, progress=progress)
+        write_shards(
+            iter_records(out / KEPT), out / "shards", records_per_shard=config.shard_size, progress=progress
+        )
     return summary

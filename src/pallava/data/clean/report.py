@@ -40,7 +40,9 @@ def summarise(kept: Path, rejected: Path, input_ids: list[str], stages: list[str
             by_stage[row["stage"]] += 1
             by_reason[key] += 1
             if len(examples[key]) < EXAMPLES_PER_REASON:
-                examples[key].append({"id": str(row["id"]), "detail": row.get("detail", ""), "text": _snippet(row["record"])})
+                examples[key].append(
+                    {"id": str(row["id"]), "detail": row.get("detail", ""), "text": _snippet(row["record"])}
+                )
     repeated = [i for i, n in seen.items() if n > 1]
     missing = [i for i in input_ids if i not in seen]
     if repeated or missing or len(seen) != len(input_ids):
@@ -56,7 +58,9 @@ def summarise(kept: Path, rejected: Path, input_ids: list[str], stages: list[str
         "by_stage": {stage: by_stage.get(stage, 0) for stage in order},
         "by_reason": [
             {"stage": stage, "reason": reason, "count": count, "examples": examples[(stage, reason)]}
-            for (stage, reason), count in sorted(by_reason.items(), key=lambda kv: (order.index(kv[0][0]), -kv[1], kv[0][1]))
+            for (stage, reason), count in sorted(
+                by_reason.items(), key=lambda kv: (order.index(kv[0][0]), -kv[1], kv[0][1])
+            )
         ],
     }
 
@@ -66,7 +70,8 @@ def write_report(path: Path, summary: dict[str, Any], input_path: Path) -> None:
     lines = [
         "# Cleaning report",
         "",
-        f"Input: `{input_path.name}`, {summary['input']} records. Kept {summary['kept']}, rejected {summary['rejected']}.",
+        f"Input: `{input_path.name}`, {summary['input']} records. Kept {summary['kept']}, rejected "
+        f"{summary['rejected']}.",
         "",
         "| stage | rejected | remaining |",
         "|---|---:|---:|",
@@ -79,7 +84,12 @@ def write_report(path: Path, summary: dict[str, Any], input_path: Path) -> None:
     if not summary["by_reason"]:
         lines.append("No record was rejected.")
     for entry in summary["by_reason"]:
-        lines += [f"### {entry['stage']}: {entry['reason']} ({entry['count']})", "", "| id | detail | text |", "|---|---|---|"]
+        lines += [
+            f"### {entry['stage']}: {entry['reason']} ({entry['count']})",
+            "",
+            "| id | detail | text |",
+            "|---|---|---|",
+        ]
         for example in entry["examples"]:
             detail = " ".join(str(example["detail"]).split()).replace("|", "\\|")[:80]
             lines.append(f"| `{example['id']}` | {detail} | {example['text']} |")

@@ -58,7 +58,11 @@ def read_quilt_csv(path: str | Path, image_root: str | Path | None = None) -> It
                 raise ValueError(f"{where}: more fields than header columns")
             image = _text(row.get("image_path"), where, "image_path")
             caption = _text(row.get("caption"), where, "caption")
-            meta = {k: v for k, v in row.items() if k and k not in ("image_path", "caption") and not k.startswith("Unnamed")}
+            meta = {
+                k: v
+                for k, v in row.items()
+                if k and k not in ("image_path", "caption") and not k.startswith("Unnamed")
+            }
             yield CaptionPair(_image(image, root), caption, f"quilt:{path.stem}:{row_number}", "quilt", meta)
 
 

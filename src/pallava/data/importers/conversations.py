@@ -20,10 +20,15 @@ def _check_conversation(entry: dict[str, Any], where: str) -> Conversation:
         raise ValueError(f"{where}: conversations[0].from must be 'human' (the user speaks first)")
     for index in range(1, len(turns)):
         if turns[index]["from"] == turns[index - 1]["from"]:
-            raise ValueError(f"{where}: conversations[{index}].from repeats '{turns[index]['from']}'; turns must alternate")
+            raise ValueError(
+                f"{where}: conversations[{index}].from repeats '{turns[index]['from']}'; turns must alternate"
+            )
     placeholders = sum(turn["value"].count(IMAGE_TOKEN) for turn in turns)
     if conversation.image is not None and placeholders != 1:
-        raise ValueError(f"{where}: field 'conversations' must hold exactly one {IMAGE_TOKEN} for field 'image', found {placeholders}")
+        raise ValueError(
+            f"{where}: field 'conversations' must hold exactly one {IMAGE_TOKEN} for field 'image', found "
+            f"{placeholders}"
+        )
     if conversation.image is None and placeholders:
         raise ValueError(f"{where}: field 'conversations' holds {IMAGE_TOKEN} but field 'image' is missing")
     if conversation.image is not None and IMAGE_TOKEN not in turns[0]["value"]:
@@ -32,7 +37,8 @@ def _check_conversation(entry: dict[str, Any], where: str) -> Conversation:
 
 
 def read_llava(path: str | Path, image_root: str | Path | None = None) -> Iterator[Conversation]:
-    """Read LLaVA conversations from `.json` (a list) or `.jsonl`, validating roles and `<image>` placement."""
+    """Read LLaVA conversations from `.json` (a list) or `.jsonl`, validating roles and `<image>`
+    placement."""
     path = Path(path)
     if path.suffix == ".json":
         entries = ((f"{path}: record {i}", e) for i, e in enumerate(read_json_list(path)))

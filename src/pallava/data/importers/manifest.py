@@ -27,7 +27,9 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[LabelledIm
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
-            raise ValueError(f"{path}: header must contain columns path,label[,cluster,split]; missing {missing}")
+            raise ValueError(
+                f"{path}: header must contain columns path,label[,cluster,split]; missing {missing}"
+            )
         if split is not None and "split" not in columns:
             raise ValueError(f"{path}: split '{split}' requested but the manifest has no 'split' column")
         reader.fieldnames = columns

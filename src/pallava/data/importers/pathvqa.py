@@ -20,8 +20,11 @@ from pallava.data.records import VQAItem
 
 CLOSED_ANSWERS = frozenset({"yes", "no"})
 _SAFE_GLOBALS = frozenset(
-    {(module, n) for module in ("builtins", "__builtin__")  # protocol <= 2 spells it __builtin__
-     for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool")}
+    {
+        (module, n)
+        for module in ("builtins", "__builtin__")  # protocol <= 2 spells it __builtin__
+        for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool")
+    }
     | {("collections", "OrderedDict")}
 )
 
@@ -37,7 +40,9 @@ def _vqa(record_id: str, image: str, question: Any, answer: Any, where: str, met
             raise ValueError(f"{where}: field '{field}' must be a non-empty string, got {value!r:.60}")
     answer = answer.strip()
     kind = answer_type_of(answer)
-    return VQAItem(record_id, image, question.strip(), answer.lower() if kind == "closed" else answer, kind, None, meta)
+    return VQAItem(
+        record_id, image, question.strip(), answer.lower() if kind == "closed" else answer, kind, None, meta
+    )
 
 
 def _image_suffix(data: bytes, name: str | None) -> str:
@@ -71,7 +76,9 @@ def read_pathvqa_parquet(path: str | Path, image_dir: str | Path | None = None) 
             image = entry["image"]
             if isinstance(image, dict) and image.get("bytes"):
                 if out is None:
-                    raise ValueError(f"{path}: rows embed image bytes; give an image folder to extract them into")
+                    raise ValueError(
+                        f"{path}: rows embed image bytes; give an image folder to extract them into"
+                    )
                 data = image["bytes"]
                 name = hashlib.sha1(data).hexdigest()[:20] + _image_suffix(data, image.get("path"))
                 if name not in written:
@@ -83,8 +90,14 @@ def read_pathvqa_parquet(path: str | Path, image_dir: str | Path | None = None) 
                 image_path = image["path"]
             else:
                 raise ValueError(f"{where}: field 'image' has neither bytes nor path")
-            yield _vqa(f"pathvqa:{path.stem}:{row}", image_path, entry["question"], entry["answer"], where,
-                       {"source": "pathvqa"})
+            yield _vqa(
+                f"pathvqa:{path.stem}:{row}",
+                image_path,
+                entry["question"],
+                entry["answer"],
+                where,
+                {"source": "pathvqa"},
+            )
             row += 1
 
 
@@ -94,11 +107,14 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}' (only plain containers and strings are allowed)")
+        raise pickle.UnpicklingError(
+            f"refusing to load '{module}.{name}' (only plain containers and strings are allowed)"
+        )
 
 
 def load_pickle_safely(path: str | Path) -> Any:
-    """Load a pickle through `RestrictedUnpickler`; a refused or broken pickle raises ValueError naming the file."""
+    """Load a pickle through `RestrictedUnpickler`; a refused or broken pickle raises ValueError naming the
+    file."""
     path = Path(path)
     try:
         return RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
@@ -111,7 +127,9 @@ def _best_label(label: Any, where: str) -> str:
         return label
     if isinstance(label, dict) and label:
         return max(label.items(), key=lambda item: item[1])[0]
-    raise ValueError(f"{where}: field 'label' must be a non-empty {{answer: score}} object, got {label!r:.60}")
+    raise ValueError(
+        f"{where}: field 'label' must be a non-empty {{answer: score}} object, got {label!r:.60}"
+    )
 
 
 def read_pathvqa_pickle(path: str | Path, image_root: str | Path | None = None) -> Iterator[VQAItem]:
@@ -126,7 +144,11 @@ def read_pathvqa_pickle(path: str | Path, image_root: str | Path | None = None) 
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
         if "sent" in entry or "img_id" in entry:
-            image, question, answer = entry.get("img_id"), entry.get("sent"), _best_label(entry.get("label"), where)
+            image, question, answer = (
+                entry.get("img_id"),
+                entry.get("sent"),
+                _best_label(entry.get("label"), where),
+            )
             image_field = "img_id"
         else:
             image, question, answer = entry.get("image"), entry.get("question"), entry.get("answer")
@@ -156,9 +178,18 @@ def read_pathvqa_json(path: str | Path, image_root: str | Path | None = None) ->
         if not isinstance(labels, list):
             raise ValueError(f"{where}: field 'labelf.pvqa' must be a list of {{answer: score}} objects")
         if len(questions) != len(labels):
-            raise ValueError(f"{where}: fields 'sentf.pvqa' ({len(questions)}) and 'labelf.pvqa' ({len(labels)}) differ in length")
+            raise ValueError(
+                f"{where}: fields 'sentf.pvqa' ({len(questions)}) and 'labelf.pvqa' ({len(labels)}) "
+                "differ in length"
+            )
         image_path = str(Path(image_root) / f"{image}.jpg") if image_root is not None else f"{image}.jpg"
         for i, (question, label) in enumerate(zip(questions, labels, strict=True)):
             item_where = f"{where} ({image}), question {i}"
-            yield _vqa(f"pathvqa:{path.stem}:{image}:{i}", image_path, question, _best_label(label, item_where),
-                       item_where, {"source": "pathvqa", "img_id": image})
+            yield _vqa(
+                f"pathvqa:{path.stem}:{image}:{i}",
+                image_path,
+                question,
+                _best_label(label, item_where),
+                item_where,
+                {"source": "pathvqa", "img_id": image},
+            )

@@ -26,7 +26,9 @@ def _answer_letter(row: dict[str, str], options: list[str], where: str) -> str:
     label = (row.get("Answer_label") or "").strip().upper()
     if label:
         if label not in LETTERS[: len(options)]:
-            raise ValueError(f"{where}: field 'Answer_label' must be one of {', '.join(LETTERS)}, got {label!r}")
+            raise ValueError(
+                f"{where}: field 'Answer_label' must be one of {', '.join(LETTERS)}, got {label!r}"
+            )
         return label
     answer = (row.get("Answer") or "").strip()
     if not answer:
@@ -34,7 +36,7 @@ def _answer_letter(row: dict[str, str], options: list[str], where: str) -> str:
     match = _PREFIX.match(answer)
     if answer.upper() in LETTERS:
         return answer.upper()
-    if match and _norm(answer[match.end():]) in {_norm(o) for o in options}:
+    if match and _norm(answer[match.end() :]) in {_norm(o) for o in options}:
         return match.group(1)
     for letter, option in zip(LETTERS, options, strict=False):
         if _norm(option) == _norm(answer):
@@ -42,7 +44,9 @@ def _answer_letter(row: dict[str, str], options: list[str], where: str) -> str:
     raise ValueError(f"{where}: field 'Answer' {answer!r:.60} matches no choice")
 
 
-def read_pmc_vqa(path: str | Path, image_root: str | Path | None = None, split: str | None = None) -> Iterator[VQAItem]:
+def read_pmc_vqa(
+    path: str | Path, image_root: str | Path | None = None, split: str | None = None
+) -> Iterator[VQAItem]:
     """Multiple-choice items (answer = option letter); the figure caption goes to `meta['caption']`."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as handle:
@@ -71,13 +75,23 @@ def read_pmc_vqa(path: str | Path, image_root: str | Path | None = None, split: 
                 match = _PREFIX.match(text)
                 if match and match.group(1) != letter:
                     raise ValueError(f"{where}: field '{column}' is labelled {match.group(1)!r}")
-                text = text[match.end():].strip() if match else text
+                text = text[match.end() :].strip() if match else text
                 if not text:
                     raise ValueError(f"{where}: field '{column}' is empty")
                 options.append(text)
             figure = row["Figure_path"].strip()
             image = str(Path(image_root) / figure) if image_root is not None else figure
-            meta = {"source": "pmc-vqa", "caption": (row.get("Caption") or "").strip(),
-                    "split": (row.get("split") or "").strip() or None}
-            yield VQAItem(f"pmc-vqa:{path.stem}:{row_number}", image, row["Question"].strip(),
-                          _answer_letter(row, options, where), "choice", options, meta)
+            meta = {
+                "source": "pmc-vqa",
+                "caption": (row.get("Caption") or "").strip(),
+                "split": (row.get("split") or "").strip() or None,
+            }
+            yield VQAItem(
+                f"pmc-vqa:{path.stem}:{row_number}",
+                image,
+                row["Question"].strip(),
+                _answer_letter(row, options, where),
+                "choice",
+                options,
+                meta,
+            )

@@ -1,4 +1,5 @@
-"""PLIP losses: image-text contrastive (ITC) with distributed gathering, hard-negative sampling for matching (ITM).
+"""PLIP losses: image-text contrastive (ITC) with distributed gathering, hard-negative sampling for matching
+(ITM).
 
 Pairs are identified by `match_keys` (N, 2): an image key and a text key. Two samples match when either key
 is equal, so the same image with another caption, or another image with the identical caption (or, for
@@ -59,7 +60,9 @@ def positive_targets(query_keys: torch.Tensor, key_keys: torch.Tensor) -> torch.
     mask = positive_mask(query_keys, key_keys).float()
     counts = mask.sum(dim=1, keepdim=True)
     if bool((counts == 0).any()):
-        raise ValueError("positive_targets: a query has no positive key; the keys must include the query's own pair")
+        raise ValueError(
+            "positive_targets: a query has no positive key; the keys must include the query's own pair"
+        )
     return mask / counts
 
 

@@ -1,4 +1,5 @@
-"""PLIP dual encoder: a CLIP ViT vision tower and a BERT text tower whose layers can cross-attend to image tokens.
+"""PLIP dual encoder: a CLIP ViT vision tower and a BERT text tower whose layers can cross-attend to image
+tokens.
 
 Contrastive (ITC) features come from the towers alone: the projected, L2-normalised [CLS] states. The
 matching (ITM) head reads the text [CLS] state after the text layers have cross-attended to the image tokens.

@@ -1,7 +1,8 @@
 """Named PLIP presets and the model factory (text/vision initialisation from local checkpoints).
 
 `tiny`: the shared tiny ViT (224 px, patch 32, width 128) + the first 2 layers of MiniLM-L6 (384-d) as text
-tower, mean-pooled, ITM on 8 positives per step: trainable on 2 CPU cores in minutes. `paper`: ViT-B/16 + a BERT-base-shaped text tower, 256-d embedding,
+tower, mean-pooled, ITM on 8 positives per step: trainable on 2 CPU cores in minutes. `paper`: ViT-B/16 + a
+BERT-base-shaped text tower, 256-d embedding,
 momentum 0.995 with a 57,600-entry queue.
 """
 
@@ -10,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import BlipTextConfig, PreTrainedTokenizerBase
+from transformers import BlipTextConfig, CLIPVisionModel, PreTrainedTokenizerBase
 
 from pallava.models.plip.configuration_plip import PlipConfig
-from pallava.models.plip.convert import load_vision_tower
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.text_init import (
     MINILM,
@@ -28,7 +28,13 @@ SCRATCH = "scratch"
 
 _PRESET_SETTINGS: dict[str, dict[str, object]] = {
     # MiniLM was trained with mean pooling; its early-layer [CLS] state hardly depends on the text.
-    "tiny": {"embed_dim": 256, "use_momentum": False, "queue_size": 4096, "text_pooling": "mean", "itm_max_pairs": 8},
+    "tiny": {
+        "embed_dim": 256,
+        "use_momentum": False,
+        "queue_size": 4096,
+        "text_pooling": "mean",
+        "itm_max_pairs": 8,
+    },
     "paper": {"embed_dim": 256, "use_momentum": True, "queue_size": 57600, "momentum": 0.995, "alpha": 0.4},
 }
 DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
@@ -37,10 +43,18 @@ _TEXT_LAYERS: dict[str, int | None] = {"tiny": 2, "paper": None}
 
 def _bert_base_text_config(encoder_hidden_size: int) -> BlipTextConfig:
     return BlipTextConfig(
-        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        max_position_embeddings=512, encoder_hidden_size=encoder_hidden_size, is_decoder=True,
-        bos_token_id=None, sep_token_id=None, eos_token_id=None,
-    )  # fmt: skip
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        encoder_hidden_size=encoder_hidden_size,
+        is_decoder=True,
+        bos_token_id=None,
+        sep_token_id=None,
+        eos_token_id=None,
+    )
 
 
 def plip_config(
@@ -66,24 +80,39 @@ def plip_config(
     return PlipConfig(vision_config=vision, text_config=text, **settings)
 
 
+def _vision_tower(vision_init: str | Path | CLIPVisionModel | None) -> CLIPVisionModel | None:
+    if vision_init is None or isinstance(vision_init, CLIPVisionModel):
+        return vision_init
+    folder = Path(vision_init)
+    config = folder / "config.json"
+    if not folder.is_dir() or not config.is_file() or '"clip_vision_model"' not in config.read_text():
+        raise ValueError(
+            f"vision_init {folder}: not a saved CLIPVisionModel folder; convert other checkpoints with "
+            "pallava.convert.plip.load_vision_tower (or `pallava plip convert`)"
+        )
+    return CLIPVisionModel.from_pretrained(folder)
+
+
 def build_plip(
     name: str,
     text_init: str | Path | None = None,
-    vision_init: str | Path | None = None,
+    vision_init: str | Path | CLIPVisionModel | None = None,
     text_layers: int | None = None,
     seed: int | None = 0,
     **overrides,
 ) -> tuple[PlipModel, PreTrainedTokenizerBase]:
     """A fresh PLIP model and its tokenizer.
 
-    text_init: 'minilm' (bundled MiniLM-L6), 'scratch', or a local BERT checkpoint folder (default per preset).
-    vision_init: a CLIP / CLIP-vision checkpoint folder or the authors' PLIP state-dict file (default: random).
+    text_init: 'minilm' (bundled MiniLM-L6), 'scratch', or a local BERT checkpoint folder (default per
+    preset).
+    vision_init: a `CLIPVisionModel` or its saved folder (default: random). Other formats (the authors'
+    PLIP state dict, full CLIP checkpoints) go through `pallava.convert.plip.load_vision_tower` first.
     """
     if seed is not None:
         torch.manual_seed(seed)
     text_init = DEFAULT_TEXT_INIT.get(name, SCRATCH) if text_init is None else text_init
     config = plip_config(name, text_init, text_layers, **overrides)
-    vision = load_vision_tower(vision_init) if vision_init is not None else None
+    vision = _vision_tower(vision_init)
     if vision is not None:
         config.vision_config = vision.config
         config.text_config.encoder_hidden_size = vision.config.hidden_size

@@ -62,7 +62,8 @@ class PlipPretrainer(nn.Module):
     def _enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, keys: torch.Tensor) -> None:
         size, n = self.image_queue.shape[0], image_feats.shape[0]
         index = (int(self.queue_ptr) + torch.arange(n, device=image_feats.device)) % size
-        # Under bf16 autocast the momentum features come out in bf16; the queues keep their own (fp32) precision.
+        # Under bf16 autocast the momentum features come out in bf16; the queues keep their own (fp32)
+        # precision.
         self.image_queue[index] = image_feats.to(self.image_queue.dtype)
         self.text_queue[index] = text_feats.to(self.text_queue.dtype)
         self.key_queue[index] = keys
@@ -110,7 +111,8 @@ class PlipPretrainer(nn.Module):
         match_keys: torch.Tensor,
         generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM over [positives, (hard-negative image, text), (image, hard-negative text)] within the local batch.
+        """ITM over [positives, (hard-negative image, text), (image, hard-negative text)] within the local
+        batch.
 
         Negatives come from the whole local batch; `itm_max_pairs` caps how many positives are scored.
         """
@@ -150,11 +152,15 @@ class PlipPretrainer(nn.Module):
         image_feat = self.model.image_embeds(image_tokens)
         text_feat = self.model.text_embeds(self.model.text_states(input_ids, attention_mask), attention_mask)
         alpha = config.alpha if alpha is None else alpha
-        loss_itc = self._itc(pixel_values, input_ids, attention_mask, image_feat, text_feat, match_keys, alpha)
+        loss_itc = self._itc(
+            pixel_values, input_ids, attention_mask, image_feat, text_feat, match_keys, alpha
+        )
         if config.itm_weight > 0:
             loss_itm, itm_accuracy = self._itm(
                 image_tokens, input_ids, attention_mask, image_feat, text_feat, match_keys, generator
             )
         else:
             loss_itm = itm_accuracy = torch.zeros((), device=pixel_values.device)
-        return PlipPretrainingOutput(loss_itc + config.itm_weight * loss_itm, loss_itc, loss_itm, itm_accuracy)
+        return PlipPretrainingOutput(
+            loss_itc + config.itm_weight * loss_itm, loss_itc, loss_itm, itm_accuracy
+        )

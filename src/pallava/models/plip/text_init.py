@@ -36,7 +36,8 @@ def resolve_text_init(source: str | Path) -> Path:
 def text_config_from_bert(
     bert_dir: str | Path, encoder_hidden_size: int, num_layers: int | None = None
 ) -> BlipTextConfig:
-    """A text-tower config shaped like the BERT checkpoint in `bert_dir`, with cross-attention to the vision width.
+    """A text-tower config shaped like the BERT checkpoint in `bert_dir`, with cross-attention to the vision
+    width.
 
     `num_layers` keeps only the checkpoint's first layers (a cheaper tower); None keeps them all.
     """
@@ -44,15 +45,26 @@ def text_config_from_bert(
     bert = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if bert.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path / 'config.json'}: only absolute position embeddings are supported")
-    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-              "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id")  # fmt: skip
+    fields = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+        "pad_token_id",
+    )
     missing = [name for name in fields if name not in bert]
     if missing:
         raise ValueError(f"{path / 'config.json'}: missing BERT fields {missing}")
     settings = {name: bert[name] for name in fields}
     if num_layers is not None:
         if not 1 <= num_layers <= settings["num_hidden_layers"]:
-            raise ValueError(f"{path}: num_layers must be in [1, {settings['num_hidden_layers']}], got {num_layers}")
+            raise ValueError(
+                f"{path}: num_layers must be in [1, {settings['num_hidden_layers']}], got {num_layers}"
+            )
         settings["num_hidden_layers"] = num_layers
     return BlipTextConfig(
         **settings,
@@ -116,6 +128,6 @@ def load_text_tower_weights(text_model: torch.nn.Module, source: str | Path) -> 
 def load_tokenizer(source: str | Path = MINILM, max_length: int = 30) -> PreTrainedTokenizerBase:
     """The WordPiece tokenizer of a local BERT checkpoint (default MiniLM), capped at `max_length` tokens."""
     path = resolve_text_init(source) if str(source) == MINILM else Path(source)
-    tokenizer = BertTokenizerFast.from_pretrained(str(path))
+    tokenizer = BertTokenizerFast.from_pretrained(str(path), trust_remote_code=False)
     tokenizer.model_max_length = max_length
     return tokenizer

@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pallava.data.labels import LabelMap
+from pallava.files import read_json_object
+from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
+from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, class_prompts
 from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image, normalize_to_tensor
 
@@ -22,7 +26,9 @@ from pallava.processing.image import ImageSource, load_image, normalize_to_tenso
 class PlipZeroShot:
     """A PLIP model and tokenizer in eval mode, with batched encoders and prompt-ensemble classification."""
 
-    def __init__(self, model: PlipModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"):
+    def __init__(
+        self, model: PlipModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "cpu"
+    ):
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -32,10 +38,29 @@ class PlipZeroShot:
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
         """Load a PLIP folder written by `save_pretrained` (config, weights and tokenizer)."""
         path = Path(model_dir)
-        if not (path / "config.json").is_file():
+        config_file = path / "config.json"
+        if not config_file.is_file():
             raise ValueError(f"{path}: not a PLIP model folder (no config.json)")
-        model = PlipModel.from_pretrained(str(path))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model_type = read_json_object(config_file).get("model_type")
+        if model_type != PlipConfig.model_type:  # any other model would load with random PLIP weights
+            raise ValueError(
+                f"{path} is not a PLIP model folder: its config.json has model_type {model_type!r}, "
+                f"expected {PlipConfig.model_type!r} (a folder written by `pallava plip train`)"
+            )
+        try:
+            model, info = PlipModel.from_pretrained(
+                str(path), trust_remote_code=False, output_loading_info=True
+            )
+        except (OSError, RuntimeError) as error:  # no weights file, a corrupt one, or other shapes
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path}: cannot load the PLIP weights ({reason})") from None
+        missing = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
+        if missing:
+            raise ValueError(
+                f"{path}: its weights do not fill the PLIP model: missing {', '.join(missing[:3])}"
+                f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         return cls(model, tokenizer, device)
 
     @torch.no_grad()
@@ -51,7 +76,10 @@ class PlipZeroShot:
         size = self.model.image_size
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-            loaded = [stain_normalize(load_image(img), self.stain_normalize) for img in images[start : start + batch_size]]
+            loaded = [
+                stain_normalize(load_image(img), self.stain_normalize)
+                for img in images[start : start + batch_size]
+            ]
             batch = torch.stack([normalize_to_tensor(img, size) for img in loaded])
             chunks.append(self.encode_pixels(batch))
         if not chunks:
@@ -64,19 +92,27 @@ class PlipZeroShot:
         chunks = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(
-                list(texts[start : start + batch_size]), padding=True, truncation=True,
-                max_length=self.model.config.max_text_length, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
-            chunks.append(self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).float().cpu())
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.model.config.max_text_length,
+                return_tensors="pt",
+            ).to(self.device)
+            chunks.append(
+                self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).float().cpu()
+            )
         if not chunks:
             return torch.empty(0, self.model.config.embed_dim)
         return torch.cat(chunks)
 
     def class_embeddings(self, class_texts: Sequence[Sequence[str]]) -> torch.Tensor:
-        """(C, D): per class, the re-normalised mean of its prompts' normalised embeddings (prompt ensemble)."""
+        """(C, D): per class, the re-normalised mean of its prompts' normalised embeddings (prompt
+        ensemble)."""
         if not class_texts or any(len(texts) == 0 for texts in class_texts):
             raise ValueError("class_texts: every class needs at least one prompt")
-        return torch.stack([F.normalize(self.encode_texts(list(texts)).mean(0), dim=0) for texts in class_texts])
+        return torch.stack(
+            [F.normalize(self.encode_texts(list(texts)).mean(0), dim=0) for texts in class_texts]
+        )
 
     def proba_from_embeddings(self, image_embeds: torch.Tensor, class_embeds: torch.Tensor) -> np.ndarray:
         """(N, C) class probabilities: softmax of cosine similarities over the model's temperature."""
@@ -87,10 +123,14 @@ class PlipZeroShot:
         self, images: Sequence[ImageSource], class_texts: Sequence[Sequence[str]], batch_size: int = 64
     ) -> np.ndarray:
         """(N, C) zero-shot class probabilities for images, one prompt list per class."""
-        return self.proba_from_embeddings(self.encode_images(images, batch_size), self.class_embeddings(class_texts))
+        return self.proba_from_embeddings(
+            self.encode_images(images, batch_size), self.class_embeddings(class_texts)
+        )
 
 
-def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(
+    similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Share of queries (rows) with a positive among their top-k columns, for each k."""
     if similarity.shape != positives.shape:
         raise ValueError(f"recall_at_k: similarity {similarity.shape} and positives {positives.shape} differ")
@@ -99,3 +139,17 @@ def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int]
     order = np.argsort(-similarity, axis=1, kind="stable")
     hits = np.take_along_axis(positives, order, axis=1)
     return {f"R@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def zeroshot_predictions(
+    zs: PlipZeroShot,
+    image_embeds: torch.Tensor,
+    label_map: LabelMap,
+    templates: Sequence[str] = ZEROSHOT_TEMPLATES,
+) -> tuple[list[str], np.ndarray]:
+    """Predicted labels and (N, C) probabilities from precomputed image embeddings (prompt ensemble)."""
+    proba = zs.proba_from_embeddings(
+        image_embeds, zs.class_embeddings(class_prompts(label_map, tuple(templates)))
+    )
+    labels = label_map.labels()
+    return [labels[i] for i in proba.argmax(axis=1)], proba

@@ -1,4 +1,5 @@
-"""Vision towers from outside: the authors' released PLIP state dict and local CLIP checkpoints.
+"""PLIP's converter: vision towers from outside (the authors' released PLIP state dict, local CLIP
+checkpoints) into a standard `CLIPVisionModel`, which `build_plip(vision_init=...)` and the assistant take.
 
 The released `plip_80w_196token.bin` is a CLIP vision state dict with keys `vision_model.*` and the
 misspelt `post_layrnorm`; the mapping onto `transformers.CLIPVisionModel` strips the prefix, restores
@@ -7,13 +8,12 @@ misspelt `post_layrnorm`; the mapping onto `transformers.CLIPVisionModel` strips
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from pallava.data.io import read_json_object
 from pallava.models.presets import paper_vision_config
 
 _PREFIXES = ("module.", "model.", "visual_encoder.", "vision_tower.")
@@ -21,7 +21,8 @@ _DROPPED = ("text_model.", "text_projection", "visual_projection", "logit_scale"
 
 
 def clip_vision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map CLIP / PLIP vision keys onto `CLIPVisionModel` keys; text-side and projection tensors are dropped."""
+    """Map CLIP / PLIP vision keys onto `CLIPVisionModel` keys; text-side and projection tensors are
+    dropped."""
     mapped = {}
     for key, value in state.items():
         name = key
@@ -35,25 +36,26 @@ def clip_vision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
-    return state
+    """The safe reader of `pallava convert` (weights_only, one-line errors for unreadable files)."""
+    from pallava.convert.checkpoint import read_state_dict  # here: pallava.convert imports this module
+
+    return read_state_dict(path)
 
 
 def _vision_config(config_file: Path) -> CLIPVisionConfig | None:
     if not config_file.is_file():
         return None
-    data = json.loads(config_file.read_text(encoding="utf-8"))
+    data = read_json_object(config_file)
     if data.get("model_type") == "clip":
         data = data.get("vision_config") or {}
     elif data.get("model_type") not in (None, "clip_vision_model"):
-        raise ValueError(f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP (vision) config")
-    return CLIPVisionConfig(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
+        raise ValueError(
+            f"{config_file}: model_type {data.get('model_type')!r} is not a CLIP (vision) config"
+        )
+    try:
+        return CLIPVisionConfig(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_file}: not a CLIP vision config ({error})") from None
 
 
 def load_vision_tower(path: str | Path) -> CLIPVisionModel:
@@ -67,7 +69,9 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
         config = _vision_config(path / "config.json")
         if config is None:
             raise ValueError(f"{path}: no config.json in the vision checkpoint folder")
-        files = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        files = [
+            path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()
+        ]
         if not files:
             raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
         weights = files[0]
@@ -76,9 +80,16 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
         weights = path
     else:
         raise ValueError(f"vision checkpoint not found: {path}")
+    from pallava.convert.checkpoint import check_weights
+
     state = clip_vision_state_dict(_read_weights(weights))
+    check_weights(state, str(weights))
     model = CLIPVisionModel(config)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes differ from the config
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"{weights}: does not fit a CLIP vision model of this config ({reason})") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{weights}: does not fit a CLIP vision model of this config "
@@ -88,7 +99,8 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
 
 
 def convert_plip_checkpoint(src: str | Path, out_dir: str | Path) -> Path:
-    """Write the released PLIP encoder (or any CLIP vision checkpoint) as a standalone CLIPVisionModel folder."""
+    """Write the released PLIP encoder (or any CLIP vision checkpoint) as a standalone CLIPVisionModel
+    folder."""
     out = Path(out_dir)
     load_vision_tower(src).save_pretrained(out)
     return out

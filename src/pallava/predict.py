@@ -2,19 +2,18 @@
 
 Each input line is `{"id", "image", "question", ...}` (`image` a path relative to the input file's folder,
 or to `image_root`; null for a text-only question). Each output line is the input record plus `answer`.
-Answers are appended and flushed batch by batch; a re-run skips ids already in the output and drops a
-torn last line left by an interrupted run.
+Answers are appended and flushed as they come (`AppendOnlyJsonl`); a re-run skips ids already in the
+output, and a last line cut by an interrupted run is answered again.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pallava.data.io import iter_jsonl
+from pallava.data.io import AppendOnlyJsonl, JsonlLineError, iter_jsonl, read_appended
 from pallava.inference import PaLlava
 
 
@@ -49,38 +48,25 @@ def read_requests(path: Path, image_root: Path | None = None) -> list[dict]:
     return records
 
 
-def answered_ids(path: Path) -> set[str]:
-    """Ids already answered in an output file. An unterminated last line is a torn write: it is kept if it
-    parses (and gets its newline), cut off otherwise. A bad complete line is an error, never skipped."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1  # end of the last complete line
-    ids = set()
-    for number, line in enumerate(data[:cut].splitlines(), start=1):
-        if line.strip():
-            record_id = _record_id(line)
-            if record_id is None:
-                raise ValueError(f"{path} line {number}: not a prediction record; fix or remove the file")
-            ids.add(record_id)
-    tail = data[cut:]
-    record_id = _record_id(tail) if tail.strip() else None
-    with path.open("r+b") as handle:
-        if record_id is not None:
-            ids.add(record_id)
-            handle.seek(0, 2)
-            handle.write(b"\n")
-        elif tail:
-            handle.truncate(cut)
-    return ids
-
-
-def _record_id(line: bytes) -> str | None:
+def _output_file(opener, path: Path):
+    """`opener(path)` with a bad output line reported as not being a prediction record."""
     try:
-        record = json.loads(line)
-        return str(record["id"]) if isinstance(record, dict) and "id" in record else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+        return opener(path)
+    except JsonlLineError as error:
+        raise ValueError(
+            f"{error.path} line {error.line}: not a prediction record; fix or remove the file"
+        ) from None
+
+
+def answered_ids(path: Path) -> set[str]:
+    """Ids already answered in an output file, read without changing it (a torn last line is not counted)."""
+    records = _output_file(read_appended, path)
+    for number, record in enumerate(records, start=1):
+        if "id" not in record:
+            raise ValueError(
+                f"{path} record {number}: not a prediction record (no 'id'); fix or remove the file"
+            )
+    return {str(record["id"]) for record in records}
 
 
 def predict_jsonl(
@@ -97,12 +83,12 @@ def predict_jsonl(
     root = Path(image_root) if image_root is not None else input_path.parent
     records = read_requests(input_path, root)
     done = answered_ids(output_path)
+    out = _output_file(AppendOnlyJsonl, output_path)
     todo = [r for r in records if str(r["id"]) not in done]
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(
         total=len(records), initial=len(records) - len(todo), desc="predict", unit="q", disable=not progress
     )
-    with output_path.open("a", encoding="utf-8") as out, bar:
+    with out, bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             images = [root / r["image"] if r.get("image") is not None else None for r in chunk]
@@ -112,7 +98,6 @@ def predict_jsonl(
                 ids = ", ".join(repr(r["id"]) for r in chunk)
                 raise ValueError(f"{input_path}: records {ids}: {error}") from error
             for record, answer in zip(chunk, answers, strict=True):
-                out.write(json.dumps({**record, "answer": answer}, ensure_ascii=False) + "\n")
-            out.flush()
+                out.append({**record, "answer": answer})
             bar.update(len(chunk))
     return PredictSummary(total=len(records), skipped=len(records) - len(todo), answered=len(todo))

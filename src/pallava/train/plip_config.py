@@ -1,0 +1,86 @@
+"""PLIP pre-training recipes: the typed schema of `configs/plip-*.yaml`, read by the same loader as the
+assistant's recipes (`train.config.build_config`: unknown, missing and ill-typed keys name the file).
+
+A recipe file may set only what differs from its preset's shipped recipe (`configs/plip-<preset>.yaml`):
+it is read over that file. The values live in `configs/` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pallava.train.config import build_config, read_yaml_mapping, shipped_recipe
+
+MODEL_FIELDS = (
+    "use_momentum",
+    "momentum",
+    "queue_size",
+    "itm_weight",
+    "itm_max_pairs",
+    "image_pooling",
+    "text_pooling",
+)
+
+
+@dataclass
+class PlipTrainConfig:
+    """A PLIP training recipe (see configs/plip-tiny.yaml for what each field does)."""
+
+    preset: str
+    epochs: float
+    batch_size: int  # per process
+    lr: float
+    text_lr: float | None  # learning rate of a pre-trained text tower; None = lr
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    text_init: str | None  # 'minilm', 'scratch' or a BERT folder; None = the preset's default
+    text_layers: int | None  # keep only the first layers of the text tower
+    vision_init: str | None  # CLIP folder or the authors' PLIP state dict
+    freeze_text_embeddings: bool
+    use_momentum: bool | None  # None = the preset's setting (so for the model fields below)
+    momentum: float | None
+    queue_size: int | None
+    itm_weight: float | None
+    itm_max_pairs: int | None
+    image_pooling: str | None
+    text_pooling: str | None
+    mixed_precision: str  # 'no' or 'bf16'
+    num_workers: int
+    cache_images: bool
+    augment: dict | None  # processing.augment.Augmentation fields (stain, zoom, ...); None = defaults
+    balance: str | None  # several datasets: sqrt (default) | equal | proportional | none
+    seed: int
+    max_steps: int | None
+    save_every: int  # steps between checkpoints; 0 = once per epoch
+    keep_checkpoints: int
+    eval_every: int  # steps between zero-shot evaluations on the eval split; 0 = at the end only
+    log_every: int
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> PlipTrainConfig:
+        """Read a recipe over its preset's shipped one; non-None `overrides` (the CLI flags) win."""
+        data = read_yaml_mapping(path)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        preset = given.get("preset", data.get("preset", "tiny"))
+        base = read_yaml_mapping(shipped_recipe(f"plip-{preset}")) if isinstance(preset, str) else {}
+        config = build_config(cls, {**base, **data, **given}, str(path))
+        config.validate(str(path))
+        return config
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides) -> PlipTrainConfig:
+        """The shipped recipe of a preset, `configs/plip-<preset>.yaml`, with overrides applied."""
+        return cls.from_yaml(shipped_recipe(f"plip-{preset}"), **overrides)
+
+    def validate(self, source: str) -> None:
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(
+                f"{source}: mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}"
+            )
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"{source}: keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+
+    def model_overrides(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in MODEL_FIELDS if getattr(self, name) is not None}
