@@ -41,8 +41,8 @@ def test_manifest_stages_and_answer_type_filter(shared_data):
     captions = load_samples(DataSection(path=manifest, split="dev"), "align")
     assert len(captions) == 120 and all(s.conversation[1]["from"] == "gpt" for s in captions)
     questions = load_samples(DataSection(path=manifest, split="dev", answer_types=["open"]), "instruct")
-    # one diagnosis and one benign-or-malignant open question per image
-    assert len(questions) == 240 and {s.answer_type for s in questions} == {"open"}
+    # per image: the diagnosis, the diagnosis among listed names, benign or malignant
+    assert len(questions) == 360 and {s.answer_type for s in questions} == {"open"}
     subset = load_samples(DataSection(path=manifest, split="dev", limit=7, seed=1), "instruct")
     assert len(subset) == 7
     with pytest.raises(ValueError, match="unknown \\['essay'\\]"):
@@ -192,11 +192,11 @@ def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
     section = DataSection(path=manifests, split="train", answer_types=["open"])
     samples = load_samples(section, "instruct")
     counts = Counter(s.dataset for s in samples)
-    # 3 open questions per image (diagnosis, organ, malignancy); sqrt balancing: lung (3,000 images) is kept
-    # once, colon (1,285) and oscc (295) are repeated so that shares follow sqrt(size): 3 * sqrt(3000 * n).
-    assert counts["lc25000-lung"] == 3 * 3000
-    assert counts["lc25000-colon"] == pytest.approx(3 * (3000 * 1285) ** 0.5, abs=3)
-    assert counts["oscc"] == pytest.approx(3 * (3000 * 295) ** 0.5, abs=3)
+    # 4 open questions per image (diagnosis, diagnosis among names, organ, malignancy); sqrt balancing: lung
+    # (3,000 images) is kept once, colon (1,285) and oscc (295) are repeated so that shares follow sqrt(size).
+    assert counts["lc25000-lung"] == 4 * 3000
+    assert counts["lc25000-colon"] == pytest.approx(4 * (3000 * 1285) ** 0.5, abs=4)
+    assert counts["oscc"] == pytest.approx(4 * (3000 * 295) ** 0.5, abs=4)
     answers = {s.conversation[1]["value"] for s in samples if s.dataset == "oscc"}
     assert answers == {
         "normal oral mucosa",
@@ -212,7 +212,7 @@ def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
     unbalanced = load_samples(
         DataSection(path=manifests, split="train", answer_types=["open"], balance="none"), "instruct"
     )
-    assert Counter(s.dataset for s in unbalanced)["oscc"] == 3 * 295
+    assert Counter(s.dataset for s in unbalanced)["oscc"] == 4 * 295
 
 
 def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path, lung_tiles):

@@ -25,10 +25,10 @@ DEFAULT_DATA = (SHARED_DATA / "lc25000-lung", SHARED_DATA / "lc25000-colon", SHA
 DEFAULT_SAMPLES = PACKAGE_ROOT.parent / "shared" / "data" / "samples"
 CONFIGS = PACKAGE_ROOT / "configs"
 
-# Stage 2 trains on a seeded sample of the generated questions (about 8 per image, 36,640 for the three train
+# Stage 2 trains on a seeded sample of the generated questions (9 per image, 41,220 for the three train
 # splits): one pass over a sample this size costs what the CPU budget of the demo allows, and the balancing of
 # datasets then repeats the small ones in it.
-STAGE2_QUESTIONS = 10_000
+STAGE2_QUESTIONS = 24_000
 
 # Captions that describe animal tissue: the text judge must reject them (paper: non-human pathology removed).
 NON_HUMAN_CAPTIONS = (

@@ -113,6 +113,13 @@ _CHOICE_TEMPLATES: tuple[str, ...] = (
     "Which tissue type is shown?",
 )
 
+# Class names listed in the question, answered with a name (the zero-shot classification protocol).
+_NAMED_TEMPLATES: tuple[str, ...] = (
+    "Which of the following best describes this image: {names}? Answer with one of these names only.",
+    "Which of these diagnoses fits this image: {names}? Answer with the name.",
+    "Choose the diagnosis among {names}. Reply with the name only.",
+)
+
 
 def _rng(seed: int, key: str) -> random.Random:
     return random.Random(f"{seed}:{key}")
@@ -224,7 +231,8 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
     """Questions about each image, answered from its label.
 
     Diagnosis (every image): a yes question (true class), a no question (another class), an open question
-    answered with the canonical name, and a choice question whose answer is the correct option's letter.
+    answered with the canonical name, a choice question whose answer is the correct option's letter, and an
+    open question listing class names (those of the image's organ) answered with one of them.
     Organ (when the map spans several organs): an open question and a yes/no question. Malignancy (when
     the class says whether it is malignant): a yes/no and a "benign or malignant?" open question.
     Yes/no answers are balanced; `meta.question` says which of diagnosis / organ / malignancy is asked.
@@ -277,7 +285,22 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
             )
         )
         vqa += _organ_and_malignancy(item, key, true_info, organs, _rng(seed, f"{key}:more"), meta)
+        vqa.append(_named_choice(item, key, true_info, label_map, _rng(seed, f"{key}:named"), meta))
     return vqa
+
+
+def _named_choice(
+    item: LabelledImage, key: str, info, label_map: LabelMap, rng: random.Random, meta: dict
+) -> VQAItem:
+    """An open question listing class names (the classes of the image's organ, sometimes one more from another
+    organ), answered with the canonical name."""
+    same_organ = [label for label in label_map.labels() if label_map[label].organ == info.organ]
+    others = [label for label in label_map.labels() if label not in same_organ]
+    listed = same_organ + ([rng.choice(others)] if others and rng.random() < 0.5 else [])
+    rng.shuffle(listed)
+    names = "; ".join(label_map[label].name for label in listed)
+    question = rng.choice(_NAMED_TEMPLATES).format(names=names)
+    return VQAItem(f"{key}-named", item.path, question, info.name, "open", None, dict(meta))
 
 
 def _organ_and_malignancy(
