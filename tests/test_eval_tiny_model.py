@@ -71,7 +71,7 @@ def test_eval_commands_end_to_end(
         "--split",
         "dev",
         "--limit",
-        "4",
+        "8",  # a seeded sample of the generated questions that holds closed and choice ones
         "--out",
         str(out),
         "--max-new-tokens",
@@ -85,7 +85,7 @@ def test_eval_commands_end_to_end(
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     predictions = (out / "predictions.jsonl").read_text().splitlines()
-    assert report["n"] == 4 and len(predictions) == 4 + report.get("choice", {}).get("n", 0)
+    assert report["n"] == 8 and len(predictions) == 8 + report.get("choice", {}).get("n", 0)
     assert all(0.0 <= report[k]["accuracy"] <= 1.0 for k in ("closed", "overall"))
     assert (out / "report.md").is_file() and (out / "accuracy_by_type.png").is_file()
     # resumed with nothing left to answer: the model is never loaded (its path may be gone)
@@ -111,7 +111,7 @@ def test_eval_commands_end_to_end(
         == 0
     )
     scored = json.loads(capsys.readouterr().out)
-    assert scored["scorer"] == "llava-med" and scored["legacy"] is True and scored["n"] == 4
+    assert scored["scorer"] == "llava-med" and scored["legacy"] is True and scored["n"] == 8
 
     zero = tmp_path / "zeroshot"
     assert (
