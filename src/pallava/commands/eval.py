@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pallava.commands import add_stain_normalize_argument
 from pallava.data.records import PROMPT_STYLES
 from pallava.eval.scorers import SCORERS
 from pallava.eval.tasks import VQA_FORMATS, sample_items
@@ -233,11 +234,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         "--n-resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"
     )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument(
-        "--stain-normalize",
-        choices=("macenko",),
-        help="map each image onto reference H&E stain vectors first (default: off)",
-    )
+    add_stain_normalize_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -330,11 +327,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "questions (VQA files); overrides the suite's limits",
     )
     suite.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    suite.add_argument(
-        "--stain-normalize",
-        choices=("macenko",),
-        help="map each image onto reference H&E stain vectors first (default: off)",
-    )
+    add_stain_normalize_argument(suite)
     suite.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     suite.set_defaults(func=_suite)
 

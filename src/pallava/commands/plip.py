@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from pallava.commands import add_stain_normalize_argument
 from pallava.commands.train import add_resume_argument
 
 
@@ -171,11 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
     zeroshot.add_argument("--batch-size", type=int, default=64)
-    zeroshot.add_argument(
-        "--stain-normalize",
-        choices=("macenko",),
-        help="map each image onto reference H&E stain vectors first (default: off)",
-    )
+    add_stain_normalize_argument(zeroshot)
     zeroshot.set_defaults(func=_zeroshot)
 
     retrieve = commands.add_parser("retrieve", help="image<->text Recall@1/5/10")

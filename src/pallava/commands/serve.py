@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from pallava.commands import add_stain_normalize_argument
+
 DEFAULT_EXAMPLES = Path("../shared/data/samples")  # relative to where the command runs (the repo root)
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -112,11 +114,7 @@ def _model_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256, sam
     parser.add_argument("--model", required=True, help="model directory (from save_pretrained or training)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
-    parser.add_argument(
-        "--stain-normalize",
-        choices=("macenko",),
-        help="map each image onto reference H&E stain vectors first (default: off)",
-    )
+    add_stain_normalize_argument(parser)
     parser.add_argument(
         "--max-tokens", type=int, default=max_tokens, help=f"answer length cap (default {max_tokens})"
     )
