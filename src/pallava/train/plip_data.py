@@ -179,10 +179,16 @@ class PlipDataset(Dataset):
         return np.asarray(letterbox(image, self.image_size, self.image_size))
 
     def cache_images(self, progress: bool = True) -> None:
-        """Decode every image once (uint8, S x S x 3); later epochs skip the JPEG decoding."""
-        self._cache = [
-            self._pixels(i) for i in tqdm(range(len(self)), desc="decoding images", disable=not progress)
-        ]
+        """Decode every image once (uint8, S x S x 3); later epochs skip the JPEG decoding. A sample repeated
+        by dataset balancing shares its image's array."""
+        decoded: dict[str, np.ndarray] = {}
+        cache = []
+        for index in tqdm(range(len(self)), desc="decoding images", disable=not progress):
+            path = self.samples[index].image
+            if path not in decoded:
+                decoded[path] = self._pixels(index)
+            cache.append(decoded[path])
+        self._cache = cache
 
     def __getitem__(self, index: int) -> dict[str, object]:
         sample = self.samples[index]
