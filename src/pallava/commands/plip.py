@@ -27,6 +27,7 @@ def _train(args: argparse.Namespace) -> int:
         "save_every": args.save_every,
         "eval_every": args.eval_every,
         "num_workers": args.num_workers,
+        "cpu_threads": args.cpu_threads,
         "mixed_precision": args.mixed_precision,
         "balance": args.balance,
     }
@@ -157,6 +158,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-data", help="labelled manifest for zero-shot accuracy during training")
     train.add_argument("--eval-split", default="dev")
     train.add_argument("--num-workers", type=int)
+    train.add_argument(
+        "--cpu-threads", type=int, help="torch threads on a CPU (default: the recipe's; tiny: 1)"
+    )
     train.add_argument("--mixed-precision", choices=("no", "bf16"))
     add_resume_argument(train)
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")

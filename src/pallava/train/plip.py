@@ -36,6 +36,7 @@ from pallava.train.optim import adamw
 from pallava.train.plip_config import PlipTrainConfig
 from pallava.train.plip_data import PlipCollator, PlipDataset, read_plip_data
 from pallava.train.plip_eval import plot_training_curve
+from pallava.train.threads import apply_cpu_threads
 
 
 def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:
@@ -120,6 +121,7 @@ def train_plip(
         # With ITM off, its head and the cross-attention get no gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.itm_weight == 0)],
     )
+    apply_cpu_threads(recipe.cpu_threads, accelerator.device)
     set_seed(recipe.seed)
     main = accelerator.is_main_process
     samples, labels = read_plip_data(data, split, label_map)

@@ -40,6 +40,7 @@ from pallava.slides.reader import open_slide
 from pallava.slides.virtual import list_slides, load_truth
 from pallava.train.config import Recipe
 from pallava.train.optim import apply_trainable, build_optimizer, build_scheduler
+from pallava.train.threads import apply_cpu_threads
 
 HISTORY = "slide_training.json"
 
@@ -102,9 +103,8 @@ def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> P
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
     torch.manual_seed(recipe.model.seed)
-    if run.cpu_threads:
-        torch.set_num_threads(run.cpu_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    apply_cpu_threads(run.cpu_threads, device)
     assistant = PaLlava.from_pretrained(recipe.model.init, device=device)
     model = assistant.model
     if (

@@ -46,6 +46,7 @@ from pallava.train.data import (
 from pallava.train.feature_cache import DTYPES, FeatureCache, default_cache_dir, image_key, namespace_for
 from pallava.train.feedback import METRICS_FILE, RunLog, plot_loss_curves, read_jsonl
 from pallava.train.optim import apply_trainable, build_optimizer, build_scheduler, group_learning_rates
+from pallava.train.threads import apply_cpu_threads
 
 RECIPE_FILE = checkpoints.RECIPE_FILE
 HISTORY_FILE = "training_history.json"
@@ -122,8 +123,7 @@ class Trainer:
             ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
             ds_config["train_micro_batch_size_per_gpu"] = run.batch_size
             ds_config["gradient_clipping"] = self.recipe.optim.max_grad_norm
-        if accelerator.device.type == "cpu" and run.cpu_threads:
-            torch.set_num_threads(run.cpu_threads)
+        apply_cpu_threads(run.cpu_threads, accelerator.device)
         return accelerator
 
     def _check_out_dir(self, accelerator: Accelerator) -> None:
