@@ -32,13 +32,13 @@ class CountingLoader:
         from pallava.models.plip import PlipZeroShot
 
         plip, counter = PlipZeroShot.from_pretrained(model_dir, device), self
-        encode = plip.encode_images
+        encode = plip.encode_pixels
 
-        def counted(images, batch_size=64):
-            counter.images += len(images)
-            return encode(images, batch_size)
+        def counted(pixel_values):
+            counter.images += len(pixel_values)
+            return encode(pixel_values)
 
-        plip.encode_images = counted
+        plip.encode_pixels = counted
         return plip
 
 

@@ -38,12 +38,12 @@ class CountingPlip:
     def __init__(self, plip, fail_after: int | None = None):
         self.plip, self.fail_after, self.calls, self.images = plip, fail_after, 0, 0
 
-    def encode_images(self, images, batch_size=64):
+    def encode_pixels(self, pixel_values):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt
         self.calls += 1
-        self.images += len(images)
-        return self.plip.encode_images(images, batch_size)
+        self.images += len(pixel_values)
+        return self.plip.encode_pixels(pixel_values)
 
     def __getattr__(self, name):
         return getattr(self.plip, name)

@@ -96,6 +96,30 @@ def test_streamed_tiles_equal_level0_crops(svs, tissue):
         assert np.array_equal(np.asarray(image), np.asarray(crop))
 
 
+def test_a_transform_runs_in_the_reader_threads_and_keeps_the_order(svs, tissue):
+    import threading
+
+    _, mask = tissue
+    seen_threads = set()
+
+    def mean_colour(image):
+        seen_threads.add(threading.get_ident())
+        return np.asarray(image).mean(axis=(0, 1))
+
+    with open_slide(svs) as slide:
+        tiles = tile_grid(slide, mask, mpp=0.5, tile_size=224).tiles[:5]
+        plain = [
+            im for _, ims in iter_tile_batches(slide, tiles, 224, batch_size=2, progress=None) for im in ims
+        ]
+        batches = list(
+            iter_tile_batches(slide, tiles, 224, batch_size=2, progress=None, transform=mean_colour)
+        )
+    assert [tile for batch, _ in batches for tile in batch] == tiles
+    means = [value for _, values in batches for value in values]
+    np.testing.assert_allclose(means, [np.asarray(im).mean(axis=(0, 1)) for im in plain])
+    assert threading.get_ident() not in seen_threads  # prepared off the consumer's (the model's) thread
+
+
 def test_coarser_mpp_reads_the_pyramid_level(tmp_path):
     image = write_pyramid(tmp_path / "pyramid.tiff", mpp=0.25)
     with open_slide(tmp_path / "pyramid.tiff") as slide:

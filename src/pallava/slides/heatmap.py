@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import numpy as np
@@ -121,13 +122,19 @@ def render_all(
     probabilities: np.ndarray,
     class_names: Sequence[str],
     out_dir: str | Path,
-) -> list[Path]:
-    """One `heatmap_<class>.png` per class in `out_dir` (class index appended if two names share a slug)."""
+    pool: Executor | None = None,
+) -> list[Path] | list[Future[Path]]:
+    """One `heatmap_<class>.png` per class in `out_dir` (class index appended if two names share a slug).
+
+    With `pool` the pictures are drawn there and their futures returned, in class order.
+    """
     out_dir = Path(out_dir)
     slugs = [slug(name) for name in class_names]
-    paths = []
+    jobs = []
     for index, name in enumerate(class_names):
         stem = slugs[index] if slugs.count(slugs[index]) == 1 else f"{slugs[index]}_{index}"
         path = out_dir / f"heatmap_{stem}.png"
-        paths.append(render_heatmap(thumbnail, thumb_downsample, grid, probabilities[:, index], name, path))
-    return paths
+        jobs.append((thumbnail, thumb_downsample, grid, probabilities[:, index], name, path))
+    if pool is None:
+        return [render_heatmap(*job) for job in jobs]
+    return [pool.submit(render_heatmap, *job) for job in jobs]

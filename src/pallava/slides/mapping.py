@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from pallava.slides.heatmap import render_all, render_tissue
 from pallava.slides.reader import Slide
 from pallava.slides.tiling import TileGrid, iter_tile_batches, tile_grid
 from pallava.slides.tissue import TissueMask, detect_tissue
+
+PICTURE_WORKERS = 2  # threads drawing and compressing the PNG pictures
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,11 @@ def embed_grid(
     missing = cache.missing(grid.tiles)
     progress = "embedding tiles" if missing else None  # all cached: no empty progress bar
     try:
-        for tiles, images in iter_tile_batches(slide, missing, grid.tile_size, batch_size, progress=progress):
-            cache.add(tiles, plip.encode_images(images, batch_size=batch_size).numpy())
+        # The reader threads also normalise the pixels: this thread only encodes.
+        for tiles, pixels in iter_tile_batches(
+            slide, missing, grid.tile_size, batch_size, progress=progress, transform=plip.pixels
+        ):
+            cache.add(tiles, plip.encode_pixels(torch.stack(pixels)).numpy())
     finally:
         cache.flush()
     return cache.vectors_for(grid.tiles)
@@ -154,19 +160,26 @@ def map_slide(
     prepared = prepare_slide(slide, options)
     grid = prepared.grid
     cache = EmbeddingCache(out_dir / "embeddings", cache_meta(slide, grid, model_id))
-    vectors = embed_grid(slide, grid, plip, cache, batch_size)
-    class_embeds = plip.class_embeddings(class_prompts(label_map, tuple(templates)))
-    probabilities = plip.proba_from_embeddings(torch.from_numpy(vectors), class_embeds)
     names = label_map.names()
-
-    files = {
-        "geojson": write_geojson(
-            out_dir / "tiles.geojson", tiles_to_geojson(grid.tiles, probabilities, names)
+    # Pictures are drawn in threads (Pillow releases the GIL to compress): the tissue picture while the
+    # tiles are encoded, the heat maps while the GeoJSON is written.
+    with ThreadPoolExecutor(max_workers=PICTURE_WORKERS) as pictures:
+        tissue = pictures.submit(
+            render_tissue, prepared.thumbnail, prepared.mask, grid, out_dir / "tissue.png"
         )
-    }
-    files["tissue"] = render_tissue(prepared.thumbnail, prepared.mask, grid, out_dir / "tissue.png")
-    heatmaps = render_all(prepared.thumbnail, prepared.mask.downsample, grid, probabilities, names, out_dir)
-    files.update({f"heatmap:{name}": path for name, path in zip(names, heatmaps, strict=True)})
+        vectors = embed_grid(slide, grid, plip, cache, batch_size)
+        class_embeds = plip.class_embeddings(class_prompts(label_map, tuple(templates)))
+        probabilities = plip.proba_from_embeddings(torch.from_numpy(vectors), class_embeds)
+        heatmaps = render_all(
+            prepared.thumbnail, prepared.mask.downsample, grid, probabilities, names, out_dir, pool=pictures
+        )
+        files = {
+            "geojson": write_geojson(
+                out_dir / "tiles.geojson", tiles_to_geojson(grid.tiles, probabilities, names)
+            )
+        }
+        files["tissue"] = tissue.result()
+        files.update({f"heatmap:{name}": path.result() for name, path in zip(names, heatmaps, strict=True)})
     winners = np.bincount(probabilities.argmax(axis=1), minlength=len(names))
     summary = {
         "slide": slide.info.to_dict(),

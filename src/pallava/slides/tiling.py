@@ -7,9 +7,10 @@ the best pyramid level and resized to `tile_size`, so memory depends on the batc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from PIL import Image
 from tqdm import tqdm
@@ -19,6 +20,7 @@ from pallava.slides.tissue import TissueMask
 
 # A requested resolution may be this much finer than the scan before we refuse to upsample.
 MPP_TOLERANCE = 0.1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -118,21 +120,27 @@ def iter_tile_batches(
     batch_size: int = 64,
     progress: str | None = "tiles",
     workers: int = 4,
-) -> Iterator[tuple[list[Tile], list[Image.Image]]]:
+    transform: Callable[[Image.Image], T] | None = None,
+) -> Iterator[tuple[list[Tile], list[T]]]:
     """Stream (tiles, images) batches in order, reading the next batch in `workers` threads meanwhile.
 
     At most two batches of tile images are in memory at once. OpenSlide releases the GIL while it
     decodes, so the reads overlap with each other and with the model working on the current batch.
+    `transform` (e.g. the encoder's normalisation) runs in the same threads, so the model's thread only
+    stacks and encodes.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     bar = tqdm(total=len(tiles), desc=progress, unit="tile", disable=progress is None)
+
+    def read(tile: Tile) -> Image.Image | T:
+        image = read_tile(slide, tile, tile_size)
+        return image if transform is None else transform(image)
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
-        def submit(start: int) -> list[Future[Image.Image]]:
-            return [
-                pool.submit(read_tile, slide, tile, tile_size) for tile in tiles[start : start + batch_size]
-            ]
+        def submit(start: int) -> list[Future]:
+            return [pool.submit(read, tile) for tile in tiles[start : start + batch_size]]
 
         pending = submit(0)
         try:

@@ -63,6 +63,14 @@ class PlipZeroShot:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         return cls(model, tokenizer, device)
 
+    def pixels(self, image: ImageSource) -> torch.Tensor:
+        """One image as the encoder takes it (3, S, S): loaded, stain-normalised if set, CLIP-normalised.
+
+        Thread-safe: `slide map`'s tile readers call it, preparing the next batch while this one is encoded.
+        """
+        image = stain_normalize(load_image(image), self.stain_normalize)
+        return normalize_to_tensor(image, self.model.image_size)
+
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings (N, D) for CLIP-normalised pixels (N, 3, S, S)."""
@@ -73,14 +81,9 @@ class PlipZeroShot:
         self, images: Sequence[ImageSource], batch_size: int = 64, progress: bool = False
     ) -> torch.Tensor:
         """Normalised image embeddings (N, D); images are PIL images, paths or arrays."""
-        size = self.model.image_size
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-            loaded = [
-                stain_normalize(load_image(img), self.stain_normalize)
-                for img in images[start : start + batch_size]
-            ]
-            batch = torch.stack([normalize_to_tensor(img, size) for img in loaded])
+            batch = torch.stack([self.pixels(img) for img in images[start : start + batch_size]])
             chunks.append(self.encode_pixels(batch))
         if not chunks:
             return torch.empty(0, self.model.config.embed_dim)

@@ -1,0 +1,160 @@
+"""Training on a busy machine: a fixed number of tiny PLIP and assistant steps, idle and next to one busy
+process, for each thread setting; slowdown = busy step time / idle step time.
+
+    python -m benchmarks.busy_machine --json-out busy.json [--quick]
+
+Each (setting, condition) runs in a fresh process, because OpenMP reads its wait policy when torch loads.
+The competing process is a pure-Python busy loop pinned to no core, started before the worker and killed
+after it. Step times are medians over the fixed steps, so one slow step does not move them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from benchmarks.common import load_average, run_worker, write_json
+
+BUSY_LOOP = "while True: pass"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Torch threads (None: all cores) and extra environment of a training process."""
+
+    name: str
+    threads: int | None
+    env: tuple[tuple[str, str], ...] = ()
+
+
+SETTINGS = (
+    Setting("1 thread (shipped tiny recipes)", 1),
+    Setting("all cores", None),
+    Setting("all cores, OMP_WAIT_POLICY=PASSIVE", None, (("OMP_WAIT_POLICY", "PASSIVE"),)),
+)
+SHIPPED = SETTINGS[0].name  # what configs/plip-tiny.yaml and configs/assistant-tiny.yaml set (cpu_threads: 1)
+
+
+@contextlib.contextmanager
+def busy_process() -> Iterator[int]:
+    """One competing process spinning in pure Python for as long as the block runs; yields its pid."""
+    process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def environment(extra: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def measure_steps(threads: int | None, steps: int, plip_batch: int, assistant_batch: int) -> dict:
+    """In this process: the trainers' thread helper, then median seconds of tiny PLIP and assistant steps."""
+    import torch
+
+    from benchmarks.systems import REGIMES
+    from benchmarks.training import assistant_steps, plip_step
+    from pallava.train.threads import apply_cpu_threads
+
+    applied = apply_cpu_threads(threads or os.cpu_count() or 1, "cpu")
+    torch.manual_seed(0)
+    tiny = REGIMES["tiny"]
+    plip = plip_step(tiny, batch=plip_batch, steps=steps, progress=False)
+    assistant = assistant_steps(tiny, batch=assistant_batch, steps=steps, progress=False)
+    return {
+        "applied": applied,
+        "plip_step_s": plip["step_s"],
+        "assistant_step_s": assistant["step_s"]["pixels"],
+    }
+
+
+def run(quick: bool = False, steps: int | None = None, settings: tuple[Setting, ...] = SETTINGS) -> dict:
+    """Every setting idle and busy, each in its own process; the slowdown per trainer."""
+    steps = steps or (3 if quick else 8)
+    plip_batch, assistant_batch = 16, 4
+    result: dict = {
+        "steps": steps,
+        "plip_batch": plip_batch,
+        "assistant_batch": assistant_batch,
+        "cores": os.cpu_count(),
+        "competing_process": f"python -c {BUSY_LOOP!r}",
+        "load_average_start": load_average(),
+        "settings": {},
+        "shipped": SHIPPED,
+    }
+    for setting in settings:
+        args = ["--worker", "--steps", str(steps), "--plip-batch", str(plip_batch)]
+        args += ["--assistant-batch", str(assistant_batch)]
+        args += ["--threads", str(setting.threads)] if setting.threads else []
+        entry: dict = {"threads": setting.threads or os.cpu_count(), "env": dict(setting.env)}
+        with environment(dict(setting.env)):
+            print(f"   {setting.name}: idle", file=sys.stderr, flush=True)
+            entry["idle"] = run_worker("busy_machine", args)
+            print(f"   {setting.name}: next to one busy process", file=sys.stderr, flush=True)
+            with busy_process():
+                entry["busy"] = run_worker("busy_machine", args)
+        entry["slowdown"] = {
+            trainer: round(entry["busy"][f"{trainer}_step_s"] / entry["idle"][f"{trainer}_step_s"], 3)
+            for trainer in ("plip", "assistant")
+        }
+        result["settings"][setting.name] = entry
+    result.update(summary(result))
+    result["load_average_end"] = load_average()
+    return result
+
+
+def summary(result: dict) -> dict:
+    """The shipped setting's worst slowdown, and its idle speed against the fastest setting's when idle."""
+    measured = result["settings"]
+    out: dict = {}
+    if result["shipped"] in measured:
+        shipped = measured[result["shipped"]]
+        out["busy_machine_slowdown"] = max(shipped["slowdown"].values())
+        out["idle_speed_vs_best"] = {
+            trainer: round(
+                min(entry["idle"][f"{trainer}_step_s"] for entry in measured.values())
+                / shipped["idle"][f"{trainer}_step_s"],
+                3,
+            )
+            for trainer in ("plip", "assistant")
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json-out", required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", action="store_true", help="(internal) time the steps in this process")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--plip-batch", type=int, default=16)
+    parser.add_argument("--assistant-batch", type=int, default=4)
+    args = parser.parse_args(argv)
+    if args.worker:
+        data = measure_steps(args.threads, args.steps or 8, args.plip_batch, args.assistant_batch)
+    else:
+        data = run(quick=args.quick, steps=args.steps)
+    write_json(args.json_out, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
