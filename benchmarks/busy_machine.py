@@ -85,10 +85,15 @@ def measure_steps(threads: int | None, steps: int, plip_batch: int, assistant_ba
     }
 
 
-def run(quick: bool = False, steps: int | None = None, settings: tuple[Setting, ...] = SETTINGS) -> dict:
+def run(
+    quick: bool = False,
+    steps: int | None = None,
+    settings: tuple[Setting, ...] = SETTINGS,
+    plip_batch: int = 16,
+    assistant_batch: int = 4,
+) -> dict:
     """Every setting idle and busy, each in its own process; the slowdown per trainer."""
     steps = steps or (3 if quick else 8)
-    plip_batch, assistant_batch = 16, 4
     result: dict = {
         "steps": steps,
         "plip_batch": plip_batch,

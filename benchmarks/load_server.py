@@ -1,4 +1,5 @@
-"""Load test for `pallava serve`: N concurrent clients x M chat requests; p50/p95 latency, throughput, errors.
+"""Load test for `pallava serve`: N concurrent clients x M chat requests; p50/p95/p99 latency, throughput,
+errors.
 
     python benchmarks/load_server.py --clients 8 --requests 4                 # starts a tiny server itself
     python benchmarks/load_server.py --model DIR --clients 8 --requests 4     # a model folder, own server
@@ -107,6 +108,7 @@ def run_load(
         "wall_s": round(wall, 3),
         "latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
         "latency_p95_s": round(percentile(latencies, 95), 3) if latencies else None,
+        "latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
         "throughput_rps": round(len(latencies) / wall, 3) if wall > 0 else None,
         "mean_batch_size": round(len(latencies) / batches, 2) if batches else None,
         "largest_batch": after.get("largest_batch"),

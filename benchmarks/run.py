@@ -3,6 +3,7 @@
     python benchmarks/run.py            # full: tiny + paper-proportioned (+ paper when a GPU is present)
     python benchmarks/run.py --quick    # a few minutes: fewer rounds, the headline image, peer (a) only
     python benchmarks/run.py --regimes paper --out benchmarks/results/paper-gpu.json   # on a GPU machine
+    python benchmarks/run.py --only busy-machine slide-map serve   # some sections, merged into latest.json
 
 A CPU run includes the stored GPU result (`benchmarks/results/paper-gpu.json`, with its own machine facts)
 as its `paper` regime, so one report shows all three regimes.
@@ -31,6 +32,8 @@ from benchmarks.report import render, summarise  # noqa: E402
 from benchmarks.systems import SYSTEMS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
+SECTIONS = ("preprocessing", "latency", "memory", "training", "busy-machine", "slide-map", "serve")
+SERVE_REGIMES = ("tiny", "paper-proportioned")  # the server section's shapes (CPU)
 GPU_RESULTS = ROOT / "benchmarks" / "results" / "paper-gpu.json"
 REGIME_NAMES = ("tiny", "paper-proportioned", "paper")
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -91,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         "--regimes", nargs="+", choices=REGIME_NAMES, help="only these regimes (default: all that can run)"
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        help="run only these sections and merge them into --out (the other sections keep their numbers)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})"
     )
     parser.add_argument(
@@ -104,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     regimes = plan(args.quick, gpu, args.regimes)
     thread_info = choose_threads(args.threads, torch.bfloat16)
     worker = ["--threads", str(thread_info["threads"])] + (["--quick"] if args.quick else [])
+    wanted = set(args.only or SECTIONS)
+    command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
     results: dict = {
-        "command": "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:])),
+        "command": command,
         "quick": args.quick,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "machine": machine_info(),
@@ -113,46 +124,68 @@ def main(argv: list[str] | None = None) -> int:
         "regimes": {},
         "preprocessing": {},
     }
+    if args.only and args.out.is_file():  # merge: what did not run keeps its numbers, and says so
+        previous = json.loads(args.out.read_text())
+        results = {**previous, "merged": [*previous.get("merged", []), {**results, "sections": args.only}]}
     errors: list[str] = []
-    cpu_tilings = [
-        r for r in (["paper-proportioned"] if args.quick else ["tiny", "paper-proportioned"]) if r in regimes
-    ]
-    for regime in cpu_tilings:  # the paper regime tiles exactly as paper-proportioned does
-        print(f"== preprocessing ({regime} tiling)", file=sys.stderr, flush=True)
-        results["preprocessing"][regime] = preprocess.run(
-            regime, quick=args.quick, threads=thread_info["threads"]
-        )
-    for regime, sections in regimes.items():
-        entry = results["regimes"][regime] = {}
-        entry["latency"] = run_section(
-            f"latency ({regime})", "latency", ["--regime", regime, *worker], errors
-        )
-        entry["memory"] = {
-            key: run_section(
-                f"memory ({regime}, {key})",
-                "memory",
-                ["--regime", regime, "--system", key, "--threads", str(thread_info["threads"])],
-                errors,
+    if "preprocessing" in wanted:
+        cpu_tilings = ["paper-proportioned"] if args.quick else ["tiny", "paper-proportioned"]
+        # the paper regime tiles exactly as paper-proportioned does
+        for regime in [r for r in cpu_tilings if r in regimes]:
+            print(f"== preprocessing ({regime} tiling)", file=sys.stderr, flush=True)
+            results["preprocessing"][regime] = preprocess.run(
+                regime, quick=args.quick, threads=thread_info["threads"]
             )
-            for key in sections["memory"]
-        }
-        if sections["training"]:
+    for regime, sections in regimes.items():
+        entry = results["regimes"].setdefault(regime, {})
+        entry.pop("not_run", None)
+        if "latency" in wanted:
+            entry["latency"] = run_section(
+                f"latency ({regime})", "latency", ["--regime", regime, *worker], errors
+            )
+        if "memory" in wanted:
+            entry["memory"] = {
+                key: run_section(
+                    f"memory ({regime}, {key})",
+                    "memory",
+                    ["--regime", regime, "--system", key, "--threads", str(thread_info["threads"])],
+                    errors,
+                )
+                for key in sections["memory"]
+            }
+        if sections["training"] and "training" in wanted:
             entry["training"] = run_section(
                 f"training ({regime})", "training", ["--regime", regime, *worker], errors
             )
-    if "paper" not in regimes and args.regimes is None:
+    quick = ["--quick"] if args.quick else []
+    if "busy-machine" in wanted:
+        results["busy_machine"] = run_section("training on a busy machine", "busy_machine", quick, errors)
+    if "slide-map" in wanted:
+        results["slide_map"] = run_section("slide map", "slide_map", [*worker], errors)
+    if "serve" in wanted:
+        results["serve"] = {
+            regime: run_section(
+                f"serve ({regime})", "serve_concurrency", ["--regime", regime, *worker], errors
+            )
+            for regime in SERVE_REGIMES
+            if args.regimes is None or regime in args.regimes
+        }
+    if {"latency", "memory", "training"} & wanted and "paper" not in regimes and args.regimes is None:
         results["regimes"]["paper"] = stored_gpu_result() or {
             "not_run": "no GPU on this machine: the paper shapes (Llama-3-8B, bf16) need one; run "
             "`python benchmarks/run.py --regimes paper --out benchmarks/results/paper-gpu.json` on a GPU"
         }
-    results["duration_s"] = round(time.time() - started, 1)
-    results["load_average_end"] = load_average()
-    results["errors"] = errors
+    if args.only and results.get("merged"):
+        results["merged"][-1].update(duration_s=round(time.time() - started, 1), errors=errors)
+    else:
+        results["duration_s"] = round(time.time() - started, 1)
+        results["load_average_end"] = load_average()
+        results["errors"] = errors
     results.update(summarise(results))
     write_json(args.out, results)
     args.docs.parent.mkdir(parents=True, exist_ok=True)
     args.docs.write_text(render(results))
-    print(f"wrote {args.out} and {args.docs} in {results['duration_s']:.0f} s", file=sys.stderr)
+    print(f"wrote {args.out} and {args.docs} in {time.time() - started:.0f} s", file=sys.stderr)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return 1 if errors else 0

@@ -189,6 +189,7 @@ class System:
     model: PreTrainedModel
     prepare: Callable[[Image.Image], dict[str, torch.Tensor]]
     image_token_id: int
+    processor: object | None = None  # ours: the `PaLlavaProcessor` (to serve the model)
 
     @property
     def label(self) -> str:
@@ -214,7 +215,7 @@ def build_pallava(regime: Regime, seed: int = 0) -> System:
         batch = processor(text=[processor.question(QUESTION)], images=[[image]], add_generation_prompt=True)
         return {k: v.to(regime.device) for k, v in batch.items() if k in MODEL_INPUT_NAMES}
 
-    return System("pallava", model, prepare, image_id)
+    return System("pallava", model, prepare, image_id, processor)
 
 
 def peer_config(key: str, ours: PaLlavaConfig) -> LlavaNextConfig | LlavaConfig:

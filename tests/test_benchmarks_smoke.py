@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # `benchmarks/` lives beside `src/`, not inside t
 
 from benchmarks import latency, memory, preprocess, training  # noqa: E402
 from benchmarks.images import SIZES, image_cases  # noqa: E402
-from benchmarks.report import render, summarise  # noqa: E402
+from benchmarks.report import TARGETS, render, summarise  # noqa: E402
 from benchmarks.systems import REGIMES, build_systems, random_init_  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
@@ -222,7 +222,13 @@ def test_report_holds_the_promised_keys_and_renders(shared_data):
     assert results["ttft_speedup_vs_llava_next"]["tiny"] == lat["ttft_speedup"]["llava_next_matched"]
     assert results["batch8_over_batch1_generation"]["tiny"] == lat["batch8_over_batch1"]["pallava"]
     assert results["matmul_utilisation"]["tiny"] == lat["utilisation"]["cpu"]["fraction_of_peak"]
-    assert [t["met"] for t in results["targets"]] == [None] * 4  # no paper-proportioned run here
+    assert [t["met"] for t in results["targets"]] == [None] * len(TARGETS)  # no paper-proportioned run here
+    efficiency = results["ttft_efficiency_vs_flop_ratio"]["tiny"]
+    ratios = (
+        results["ttft_speedup_vs_llava_next"]["tiny"]["1024x768"],
+        results["ttft_flop_ratio_vs_llava_next"],
+    )
+    assert efficiency == pytest.approx(ratios[0] / ratios[1]["tiny"], rel=1e-2)
     flops = lat["forward_gflop"]
     assert results["ttft_flop_ratio_vs_llava_next"]["tiny"] == pytest.approx(
         flops["llava_next_matched"]["1024x768"] / flops["pallava"]["1024x768"], rel=1e-2
@@ -327,3 +333,107 @@ def test_robustness_shifts_change_images_the_stated_way(shared_data):
     }
     table = robustness.render(results)
     assert "| none | 0.500 (0.50 / 0.50 / 0.50)" in table and "mean of the shifts" in table
+
+
+def test_busy_machine_section_times_each_setting_idle_and_next_to_a_busy_process():
+    import os
+
+    from benchmarks import busy_machine
+
+    with busy_machine.busy_process() as pid:
+        os.kill(pid, 0)  # running while the block runs
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # and gone after it
+    result = busy_machine.run(steps=1, settings=busy_machine.SETTINGS[:1], plip_batch=2, assistant_batch=2)
+    entry = result["settings"][busy_machine.SHIPPED]
+    assert entry["idle"]["applied"]["threads"] == entry["busy"]["applied"]["threads"] == 1
+    for trainer in ("plip", "assistant"):
+        ratio = entry["busy"][f"{trainer}_step_s"] / entry["idle"][f"{trainer}_step_s"]
+        assert entry["slowdown"][trainer] == pytest.approx(ratio, rel=1e-2)
+    assert result["busy_machine_slowdown"] == max(entry["slowdown"].values())
+    assert result["idle_speed_vs_best"] == {"plip": 1.0, "assistant": 1.0}  # the only setting is the best
+
+
+def test_slide_map_section_compares_the_command_with_the_encoder_on_the_same_tiles(tmp_path, shared_data):
+    from benchmarks import slide_map
+
+    slide = slide_map.virtual_slide(tmp_path, tiles=20)
+    result = slide_map.measure(slide, "tiny", rounds=1, batch_size=8)
+    assert result["tiles"] >= 20
+    assert result["map_tiles_per_s"] == pytest.approx(result["tiles"] / result["map_s"], rel=1e-2)
+    ratio = result["map_tiles_per_s"] / result["encoder_tiles_per_s"]
+    assert result["efficiency"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)
+
+
+def test_serve_section_runs_one_client_then_sixteen_without_errors(shared_data):
+    from benchmarks import serve_concurrency
+
+    result = serve_concurrency.run(
+        "tiny", threads=1, shape={"sequential": 2, "per_client": 1, "max_tokens": 2}
+    )
+    one, many = result["one_at_a_time"], result["concurrent"]
+    assert result["errors"] == 0 and (one["requests"], many["requests"]) == (2, 16)
+    assert many["largest_batch"] > 1  # concurrent requests were answered together
+    ratio = many["throughput_rps"] / one["throughput_rps"]
+    assert result["serve_concurrency_speedup"] == pytest.approx(ratio, rel=1e-2)
+    assert many["latency_p50_s"] <= many["latency_p99_s"]
+
+
+def test_system_sections_give_their_keys_and_targets_in_their_direction():
+    busy = {
+        "steps": 2,
+        "plip_batch": 2,
+        "assistant_batch": 2,
+        "cores": 2,
+        "competing_process": "x",
+        "shipped": "one",
+        "settings": {
+            "one": {
+                "threads": 1,
+                "idle": {"plip_step_s": 1.0, "assistant_step_s": 1.0},
+                "busy": {"plip_step_s": 1.5, "assistant_step_s": 1.2},
+                "slowdown": {"plip": 1.5, "assistant": 1.2},
+            }
+        },
+        "busy_machine_slowdown": 1.5,
+        "idle_speed_vs_best": {"plip": 1.0, "assistant": 1.0},
+    }
+    slides = {"rounds": 1, "batch_size": 8, "cases": {}, "slide_map_efficiency": {"a": 0.9, "b": 0.5}}
+    run = {"requests": 4, "throughput_rps": 2.0, "latency_p50_s": 0.1, "latency_p99_s": 0.2}
+    serve = {
+        "tiny": {
+            "clients": 16,
+            "max_batch_size": 8,
+            "batch_window_ms": 20.0,
+            "max_tokens": 4,
+            "one_at_a_time": {**run, "mean_batch_size": 1.0, "errors": 0},
+            "concurrent": {**run, "throughput_rps": 9.0, "mean_batch_size": 7.5, "errors": 0},
+            "serve_concurrency_speedup": 4.5,
+        }
+    }
+    results = {
+        "command": "python benchmarks/run.py --only busy-machine slide-map serve",
+        "quick": True,
+        "started": "now",
+        "duration_s": 1.0,
+        "machine": {"cpu": "t", "logical_cores": 2, "torch": "2", "transformers": "5", "cuda": None},
+        "threads": {"threads": 1, "chosen_by": "--threads"},
+        "load_average_end": None,
+        "errors": [],
+        "regimes": {},
+        "preprocessing": {},
+        "busy_machine": busy,
+        "slide_map": slides,
+        "serve": serve,
+    }
+    results.update(summarise(results))
+    assert results["busy_machine_slowdown"] == 1.5
+    assert results["slide_map_efficiency"] == {"a": 0.9, "b": 0.5}
+    assert results["serve_concurrency_speedup"] == {"tiny": 4.5}
+    met = {t["target"].split(":")[0]: (t["measured"], t["met"]) for t in results["targets"]}
+    assert met["tiny training next to one busy process"] == (1.5, True)  # lower is better
+    assert met["`slide map` tiles/s over PLIP encoding alone (worst slide and encoder)"] == (0.5, False)
+    assert met["`pallava serve`, 16 concurrent clients over one at a time"] == (4.5, True)
+    page = render(results)
+    assert "## Training on a busy machine" in page and "| one | 1 | 1.0 | 1.5 | 1.50x |" in page
+    assert "## Serving under concurrency" in page and "**4.5x**" in page

@@ -1,0 +1,147 @@
+"""The report's pages for the sections outside the model comparison: training on a busy machine, `slide map`
+at encoder speed, and `pallava serve` under concurrency (each rendered only when its section ran)."""
+
+from __future__ import annotations
+
+
+def _load(entry: dict) -> str:
+    start, end = entry.get("load_average_start"), entry.get("load_average_end")
+    return f"load average {start} at the start, {end} at the end"
+
+
+def busy_machine_section(busy: dict) -> list[str]:
+    from benchmarks.report import table
+
+    rows = [
+        [
+            name,
+            entry["threads"],
+            entry["idle"]["plip_step_s"],
+            entry["busy"]["plip_step_s"],
+            f"{entry['slowdown']['plip']:.2f}x",
+            entry["idle"]["assistant_step_s"],
+            entry["busy"]["assistant_step_s"],
+            f"{entry['slowdown']['assistant']:.2f}x",
+        ]
+        for name, entry in busy["settings"].items()
+    ]
+    speed = busy.get("idle_speed_vs_best", {})
+    return [
+        "## Training on a busy machine",
+        "",
+        f"{busy['steps']} optimiser steps of tiny PLIP (batch {busy['plip_batch']}) and of the tiny "
+        f"assistant (batch {busy['assistant_batch']}) on {busy['cores']} cores, each setting in a fresh "
+        f"process, idle and next to one competing process (`{busy['competing_process']}`); median "
+        f"seconds per step ({_load(busy)}):",
+        "",
+        table(
+            [
+                "setting",
+                "threads",
+                "PLIP idle s",
+                "PLIP busy s",
+                "PLIP slowdown",
+                "assistant idle s",
+                "assistant busy s",
+                "assistant slowdown",
+            ],
+            rows,
+        ),
+        "",
+        f"Shipped (`cpu_threads: 1` in `configs/plip-tiny.yaml` and `configs/assistant-tiny.yaml`): worst "
+        f"slowdown **{busy.get('busy_machine_slowdown')}x**; its idle speed is "
+        + ", ".join(f"{100 * v:.0f}% ({k})" for k, v in speed.items())
+        + " of the fastest setting's idle speed. Overrides: see docs/training.md (threads on a shared CPU).",
+        "",
+    ]
+
+
+def slide_map_section(slides: dict) -> list[str]:
+    from benchmarks.report import table
+
+    rows = [
+        [
+            case,
+            entry["tiles"],
+            entry["map_tiles_per_s"],
+            entry["encoder_tiles_per_s"],
+            f"**{entry['efficiency']:.2f}**",
+        ]
+        for case, entry in slides["cases"].items()
+    ]
+    return [
+        "## Slide mapping at encoder speed",
+        "",
+        "`slide map` (open, thumbnail, tissue detection, tiling, reading, encoding, zero-shot classes, "
+        "GeoJSON and PNG pictures, fresh output folder each time) against PLIP's encoder alone on the same "
+        f"tiles, read and normalised beforehand; tissue tiles per second, medians of {slides['rounds']} "
+        f"alternating rounds (the paper encoder on the large slide: one), batch {slides['batch_size']} "
+        f"({_load(slides)}):",
+        "",
+        table(["slide, encoder", "tiles", "map tiles/s", "encoder alone tiles/s", "map / encoder"], rows),
+        "",
+    ]
+
+
+def serve_section(serve: dict) -> list[str]:
+    from benchmarks.report import table
+
+    rows = []
+    for regime, entry in serve.items():
+        if "concurrent" not in entry:
+            continue
+        for label, key in (("1 client", "one_at_a_time"), (f"{entry['clients']} clients", "concurrent")):
+            run = entry[key]
+            rows.append(
+                [
+                    regime,
+                    label,
+                    run["requests"],
+                    run["throughput_rps"],
+                    run["latency_p50_s"],
+                    run["latency_p99_s"],
+                    run["mean_batch_size"],
+                    run["errors"],
+                    "",
+                ]
+            )
+        rows[-1][-1] = f"**{entry.get('serve_concurrency_speedup')}x**"
+    if not rows:
+        return []
+    first = next(iter(serve.values()))
+    return [
+        "## Serving under concurrency",
+        "",
+        f"`pallava serve`'s app with its shipped batching (up to {first['max_batch_size']} requests within "
+        f"{first['batch_window_ms']:g} ms) on random weights; the clients in their own process, each "
+        "request one real 500x300 image and a question, a fixed answer length (tiny "
+        f"{serve.get('tiny', {}).get('max_tokens')}, paper-proportioned "
+        f"{serve.get('paper-proportioned', {}).get('max_tokens')} tokens):",
+        "",
+        table(
+            [
+                "regime",
+                "clients",
+                "requests",
+                "requests/s",
+                "p50 s",
+                "p99 s",
+                "mean batch",
+                "errors",
+                "speed-up",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def render_systems_sections(results: dict) -> list[str]:
+    out: list[str] = []
+    if "settings" in results.get("busy_machine", {}):
+        out += busy_machine_section(results["busy_machine"])
+    if "cases" in results.get("slide_map", {}):
+        out += slide_map_section(results["slide_map"])
+    if results.get("serve"):
+        out += serve_section(results["serve"])
+    return out

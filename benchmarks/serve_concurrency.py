@@ -1,0 +1,102 @@
+"""`pallava serve` under concurrency: 16 concurrent clients against the same requests one at a time.
+
+    python -m benchmarks.serve_concurrency --regime tiny --json-out serve.json [--quick]
+
+The server (the shipped settings: batches of up to 8 within a 20 ms window) runs in this process on random
+weights of the regime's shapes; the clients run in their own process (`benchmarks/load_server.py --url`),
+so their HTTP and JSON work does not compete with the server for the interpreter. Each request is one real
+image (a data: URL) with a question and a fixed answer length. Throughput ratio = requests/s with 16
+clients / requests/s with one client; p50/p99 are per-request latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import ROOT, load_average, write_json
+
+CLIENTS = 16
+
+
+def assistant(regime_name: str):
+    """Our model at the regime's shapes (random weights), with its processor, ready to serve."""
+    from benchmarks.systems import REGIMES, build_pallava
+    from pallava.inference import PaLlava
+
+    system = build_pallava(REGIMES[regime_name])
+    return PaLlava(system.model, system.processor)
+
+
+def drive(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    """Run the load client in its own process against `url`; its JSON report."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="pallava-bench-serve-") as folder:
+        out = Path(folder) / "load.json"
+        command = [sys.executable, "-m", "benchmarks.load_server", "--url", url, "--clients", str(clients)]
+        command += ["--requests", str(requests), "--max-tokens", str(max_tokens), "--json", str(out)]
+        command += ["--timeout", "600", "--max-seconds", "600"]
+        subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+        if not out.is_file():
+            raise RuntimeError(f"the load client `{' '.join(command[1:])}` wrote no report")
+        return json.loads(out.read_text())
+
+
+def run(regime: str, quick: bool = False, threads: int | None = None, shape: dict | None = None) -> dict:
+    """One-at-a-time then 16 concurrent clients against one server; the ratio of their throughputs."""
+    from pallava.serve.app import ServerSettings, create_app
+    from pallava.serve.server import BackgroundServer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tiny = regime == "tiny"
+    # requests one at a time, requests per concurrent client, answer tokens
+    defaults = {
+        "sequential": 16 if tiny else 3,
+        "per_client": 4 if tiny else 1,
+        "max_tokens": 16 if tiny else 8,
+    }
+    if quick:
+        defaults = {"sequential": 4 if tiny else 2, "per_client": 1, "max_tokens": 8 if tiny else 4}
+    shape = {**defaults, **(shape or {})}
+    settings = ServerSettings(model_name="pallava", max_queue=max(256, CLIENTS))
+    result: dict = {
+        "regime": regime,
+        "clients": CLIENTS,
+        **shape,
+        "max_batch_size": settings.max_batch_size,
+        "batch_window_ms": settings.batch_window_s * 1000,
+        "threads": torch.get_num_threads(),
+        "load_average_start": load_average(),
+    }
+    with BackgroundServer(create_app(assistant(regime), settings)) as server:
+        drive(server.url, 1, 1, shape["max_tokens"])  # warm-up: first calls allocate and pick kernels
+        result["one_at_a_time"] = drive(server.url, 1, shape["sequential"], shape["max_tokens"])
+        result["concurrent"] = drive(server.url, CLIENTS, shape["per_client"], shape["max_tokens"])
+    one, many = result["one_at_a_time"], result["concurrent"]
+    result["errors"] = one["errors"] + many["errors"]
+    if one["throughput_rps"] and many["throughput_rps"]:
+        result["serve_concurrency_speedup"] = round(many["throughput_rps"] / one["throughput_rps"], 3)
+    result["load_average_end"] = load_average()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regime", choices=("tiny", "paper-proportioned"), required=True)
+    parser.add_argument("--json-out", required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    write_json(args.json_out, run(args.regime, quick=args.quick, threads=args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
