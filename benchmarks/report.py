@@ -122,6 +122,20 @@ def summarise(results: dict) -> dict:
     return summary
 
 
+def _rates(latency: dict, size: str) -> str:
+    """Wall-clock GFLOP/s of each system's first token and of our stages (a sentence)."""
+    ours, peer = (
+        latency["forward_gflop"][key][size] / latency["ttft_s"][key][size]
+        for key in ("pallava", "llava_next_matched")
+    )
+    parts, gflop = latency["ttft_breakdown_s"], latency.get("ttft_breakdown_gflop", {})
+    stages = ", ".join(f"{k} {gflop[k] / v:.0f}" for k, v in parts.items() if gflop.get(k) and v)
+    return (
+        f"ours ran at {ours:.0f} GFLOP/s and the peer's at {peer:.0f} GFLOP/s (whole first token, "
+        f"wall-clock); our stages alone: {stages} GFLOP/s."
+    )
+
+
 def _efficiency(speedup: float | None, flop_ratio: float | None) -> float | None:
     """The measured TTFT ratio over the FLOP ratio: 1.0 when our forward runs at the peer's FLOP/s."""
     return round(speedup / flop_ratio, 3) if speedup and flop_ratio else None
@@ -279,14 +293,21 @@ def _analysis(results: dict) -> list[str]:
         "forward pass "
         f"costs {flop_ratio:.2f}x our FLOPs; the measured TTFT ratio is "
         f"{_x(latency['ttft_speedup'][peer][size])} in "
-        f"wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} in CPU time. The two systems "
-        "share the "
-        "very same vision tower and LLM modules and prefill is compute-bound, so the TTFT ratio follows the "
-        "FLOP "
-        "ratio; it stays under it because the peer's long prefill (over 800 rows per matrix product) runs "
-        "at a "
-        "higher FLOP/s than our products of about 200 rows. Our vision tower takes "
-        f"{100 * vision_share:.0f}% of our first-token time next to a 1B LLM.",
+        f"wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} in CPU time, "
+        f"**{_efficiency(latency['ttft_speedup'][peer][size], flop_ratio):.2f}** of the FLOP ratio. The two "
+        "systems share the very same vision tower and LLM modules and prefill is compute-bound, so the TTFT "
+        "ratio follows the FLOP ratio as long as both run at the same FLOP/s: "
+        + _rates(latency, size)
+        + f" Our vision tower takes {100 * vision_share:.0f}% of our first-token time next to a 1B LLM.",
+        "",
+        "Where the rate was lost: on a shared CPU, OpenMP's threads spin while they wait for each other, and "
+        "a spinning thread burns the core its descheduled partner needs. Our first token is many short "
+        "parallel regions (196-row products, a 6-layer connector), the peer's fewer and longer ones, so "
+        "spinning cost us more. Measured apart from this run (2 threads, load average about 3 from other "
+        "jobs): ours took 8.7 s spinning vs 2.0 s sleeping, the peer's 11.5 s vs 5.7 s, a ratio of 1.33x vs "
+        "2.92x; with one thread, 2.97x. pallava now makes waiting threads sleep "
+        "(`OMP_WAIT_POLICY=PASSIVE`, set on import unless the environment says otherwise; the peer, in the "
+        "same process, gets it too).",
         "",
     ]
     if ceiling:

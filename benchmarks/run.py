@@ -24,9 +24,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import preprocess  # noqa: E402  (before torch: the package sets OpenMP's wait policy)
+
+# isort: split
 import torch  # noqa: E402
 
-from benchmarks import preprocess  # noqa: E402
 from benchmarks.common import ROOT, choose_threads, load_average, machine_info, run_worker, write_json  # noqa: E402
 from benchmarks.report import render, summarise  # noqa: E402
 from benchmarks.systems import SYSTEMS  # noqa: E402

@@ -58,3 +58,24 @@ def test_plip_training_applies_the_recipes_cpu_threads_before_reading_data(monke
             show_progress=False,
         )
     assert seen == [1]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, "PASSIVE"),  # pallava's default: waiting threads sleep instead of spinning
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # a user's choice is kept
+        ({"GOMP_SPINCOUNT": "300000"}, None),  # so is a spin count (OpenMP's own default then applies)
+    ],
+)
+def test_importing_pallava_sets_a_passive_openmp_wait_unless_the_user_chose(given, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, pallava, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == str(expected)

@@ -9,6 +9,14 @@ lazily.
 from __future__ import annotations
 
 import importlib
+import os
+
+# OpenMP threads spin while they wait for each other. On a shared CPU the spinning thread burns the core its
+# descheduled partner needs: next to other work, two threads ran a first token 4x and PLIP training 20x
+# slower than with passive waiting (docs/training.md). OpenMP reads this when torch loads, so it is set
+# here, before; a setting already in the environment (OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT) is kept.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 __version__ = "0.1.0"
 
