@@ -75,7 +75,7 @@ def slide_map_section(slides: dict) -> list[str]:
         "`slide map` (open, thumbnail, tissue detection, tiling, reading, encoding, zero-shot classes, "
         "GeoJSON and PNG pictures, fresh output folder each time) against PLIP's encoder alone on the same "
         f"tiles, read and normalised beforehand; tissue tiles per second, medians of {slides['rounds']} "
-        f"alternating rounds (the paper encoder on the large slide: one), batch {slides['batch_size']} "
+        f"alternating rounds, batch {slides['batch_size']} "
         f"({_load(slides)}):",
         "",
         table(["slide, encoder", "tiles", "map tiles/s", "encoder alone tiles/s", "map / encoder"], rows),
