@@ -49,6 +49,25 @@ def test_manifest_stages_and_answer_type_filter(shared_data):
         load_samples(DataSection(path=manifest, split="dev", answer_types=["essay"]), "instruct")
 
 
+def test_answer_type_filter_applies_to_conversation_files(shared_data, tmp_path):
+    """`data.answer_types` keeps the same questions whether they come from a manifest or from the
+    conversation file built from it (it was ignored for conversation files)."""
+    from pallava.data.builders import stage2_conversations, vqa_from_labels
+    from pallava.data.importers.manifest import read_manifest
+    from pallava.data.labels import LabelMap
+
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
+    items = read_manifest(manifest, "dev")[:6]
+    vqa = vqa_from_labels(items, LabelMap.builtin("lc25000-lung"))
+    path = tmp_path / "stage2.jsonl"
+    path.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in stage2_conversations(vqa)))
+    every = load_samples(DataSection(path=str(path)), "instruct")
+    assert {s.answer_type for s in every} == {"closed", "open", "choice"}
+    kept = load_samples(DataSection(path=str(path), answer_types=["closed", "choice"]), "instruct")
+    assert {s.answer_type for s in kept} == {"closed", "choice"}
+    assert len(kept) == sum(1 for item in vqa if item.answer_type in ("closed", "choice"))
+
+
 def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_path, lung_tiles):
     model, processor = tiny
     records = []

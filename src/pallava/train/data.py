@@ -87,15 +87,7 @@ def _manifest_samples(section: DataSection, stage: str, datasets: DatasetList) -
             captions_from_labels(items, label_map, section.seed), section.seed
         )
     else:
-        vqa = vqa_from_labels(items, label_map, section.seed)
-        if section.answer_types:
-            unknown = set(section.answer_types) - set(ANSWER_TYPES)
-            if unknown:
-                raise ValueError(
-                    f"data.answer_types: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}"
-                )
-            vqa = [item for item in vqa if item.answer_type in section.answer_types]
-        conversations = stage2_conversations(vqa)
+        conversations = stage2_conversations(vqa_from_labels(items, label_map, section.seed))
     return [_from_conversation(c) for c in conversations]
 
 
@@ -147,6 +139,13 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
             for sample in loaded:
                 sample.dataset = sample.dataset or spec.name
             samples += loaded
+    if section.answer_types:  # generated questions and conversation files alike carry their answer type
+        unknown = set(section.answer_types) - set(ANSWER_TYPES)
+        if unknown:
+            raise ValueError(
+                f"data.answer_types: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}"
+            )
+        samples = [sample for sample in samples if sample.answer_type in section.answer_types]
     if section.limit is not None and section.limit < len(samples):
         keep = sorted(random.Random(section.seed).sample(range(len(samples)), section.limit))
         samples = [samples[i] for i in keep]
