@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> int:
     if recipe.stage == "slide":
         from pallava.train.slide import train_slide
 
-        out = train_slide(recipe, args.out, progress=not args.no_progress)
+        out = train_slide(recipe, args.out, progress=not args.no_progress, resume=args.resume == "auto")
         print(
             f"slide model saved to {out} (`pallava slide ask --slide SLIDE --model {out} QUESTION`, "
             f"`pallava eval slides --model {out} --slides DIR --out REPORT`)"

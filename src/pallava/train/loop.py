@@ -268,25 +268,25 @@ class TrainingLoop:
         return self._reduce(parts, loss_sum, total, rates, grad_norm)
 
     def _reduce(self, parts, loss_sum, total, rates, grad_norm) -> dict[str, Any]:
-        """Sum the micro-batches' numbers over processes: a weighted mean for the loss and `sums`, totals
-        for `counts` and samples."""
-        accelerator, device = self.accelerator, self.accelerator.device
+        """Sum the micro-batches' numbers over processes (one collective): a weighted mean for the loss and
+        `sums`, totals for `counts` and samples. Float64 keeps the task's numbers as they were computed;
+        the loss is divided in float32, as the step's own arithmetic."""
         sum_keys, count_keys = list(parts[0].sums), list(parts[0].counts)
-        sums = torch.stack(
-            [loss_sum]
-            + [
-                torch.as_tensor(sum(p.sums[k] for p in parts), device=device).detach().float()
-                for k in sum_keys
-            ]
-        )
-        counts = torch.tensor(
-            [float(sum(p.samples for p in parts))]
-            + [float(sum(p.counts[k] for p in parts)) for k in count_keys],
-            device=device,
-        )
-        sums = (accelerator.reduce(sums, "sum") / total).tolist()
-        samples, *counted = accelerator.reduce(counts, "sum").tolist()
-        record: dict[str, Any] = {"loss": sums[0], **dict(zip(sum_keys, sums[1:], strict=True))}
+
+        def total_of(values) -> torch.Tensor:
+            return torch.as_tensor(sum(values), dtype=torch.float64).detach().cpu()
+
+        local = torch.stack(
+            [loss_sum.detach().double().cpu()]
+            + [total_of(p.sums[k] for p in parts) for k in sum_keys]
+            + [total_of(p.samples for p in parts)]
+            + [total_of(p.counts[k] for p in parts) for k in count_keys]
+        ).to(self.accelerator.device)
+        reduced = self.accelerator.reduce(local, "sum")
+        loss = float(reduced[0].float() / total)
+        means = (reduced[1 : 1 + len(sum_keys)] / total.double()).tolist()
+        samples, *counted = reduced[1 + len(sum_keys) :].tolist()
+        record: dict[str, Any] = {"loss": loss, **dict(zip(sum_keys, means, strict=True))}
         record.update({k: int(v) for k, v in zip(count_keys, counted, strict=True)})
         record.update(lr=rates, grad_norm=grad_norm, samples=int(samples))
         return record
