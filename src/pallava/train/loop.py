@@ -81,7 +81,7 @@ class MicroLoss:
     loss (summed, then divided by the total weight); `counts` are summed over micro-batches and processes."""
 
     loss: torch.Tensor
-    samples: int = 0
+    samples: int = 0  # counted: the step's row gets samples_per_s
     sums: dict[str, torch.Tensor | float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
 
@@ -337,7 +337,8 @@ class TrainingLoop:
                 self.global_step += 1
                 samples = result.pop("samples")
                 record = {"step": self.global_step, "epoch": epoch, **result}
-                record["samples_per_s"] = samples / max(time.perf_counter() - step_started, 1e-9)
+                if samples:  # a timing: only for tasks that count samples (PLIP's rows stay reproducible)
+                    record["samples_per_s"] = samples / max(time.perf_counter() - step_started, 1e-9)
                 task.after_step(model, record, micro)
                 self._log_step(record, bar)
                 if (

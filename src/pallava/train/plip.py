@@ -200,7 +200,6 @@ class PlipTask(Task):
         output = model(**batch, alpha=alpha, generator=self.generator)
         return MicroLoss(
             output.loss,
-            samples=len(batch["pixel_values"]),
             sums={
                 "loss_itc": output.loss_itc,
                 "loss_itm": output.loss_itm,

@@ -50,7 +50,6 @@ from pallava.train.loop import (
     StepCallback,
     Task,
     TrainingLoop,
-    resolve_mixed_precision,
 )
 from pallava.train.optim import apply_trainable, assistant_warmup_steps, build_optimizer
 
@@ -59,7 +58,7 @@ HISTORY_FILE = "training_history.json"
 SUMMARY_FILE = "run_summary.json"
 MODEL_INPUTS = (*MODEL_INPUT_NAMES, CROP_FEATURES)  # cached crop features stand in for pixel_values
 
-__all__ = ["AssistantTask", "build_model", "resolve_mixed_precision", "train"]
+__all__ = ["AssistantTask", "build_model", "train"]
 
 
 def build_model(recipe: Recipe) -> tuple[PaLlavaForConditionalGeneration, PaLlavaProcessor]:
