@@ -262,5 +262,7 @@ def test_a_plain_rerun_after_sigkill_resumes(small_manifest, recipe, tmp_path):
 def test_nested_recipe_settings_reach_tensorboard_flattened():
     from pallava.train.feedback import flat_hparams
 
-    flat = flat_hparams({"lr": 1e-3, "augment": {"stain": 0.1, "flips": True}, "text_init": None, "pair": (1, 2)})
+    flat = flat_hparams(
+        {"lr": 1e-3, "augment": {"stain": 0.1, "flips": True}, "text_init": None, "pair": (1, 2)}
+    )
     assert flat == {"lr": 1e-3, "augment.stain": 0.1, "augment.flips": True, "pair": "(1, 2)"}
