@@ -94,7 +94,7 @@ def trained(small_manifest, recipe, tmp_path_factory) -> Path:
 
 
 def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_training_improves_zero_shot_accuracy(trained):
@@ -110,16 +110,16 @@ def test_outputs_checkpoints_and_resume(trained, small_manifest, recipe):
         "config.json",
         "model.safetensors",
         "tokenizer.json",
-        "training_curve.png",
+        "loss_curve.png",
         "label_map.json",
         "vision_tower/config.json",
         "vision_tower/model.safetensors",
     ):
         assert (trained / name).is_file(), name
-    assert any((trained / "logs").rglob("events.out.tfevents*"))
+    assert any((trained / "tensorboard").rglob("events.out.tfevents*"))
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["ckpt-0000004", "ckpt-0000008"]
     assert (trained / "checkpoints" / "ckpt-0000008" / "COMPLETE").is_file()
-    summary = json.loads((trained / "training_summary.json").read_text())
+    summary = json.loads((trained / "run_summary.json").read_text())
     assert summary["steps"] == 8 and summary["global_batch"] == 12
     # The last checkpoint half-written (as if the run had died while saving step 8): it is never loaded, and
     # resuming from step 4 replays steps 5-8 exactly.
@@ -260,7 +260,9 @@ def test_a_plain_rerun_after_sigkill_resumes(small_manifest, recipe, tmp_path):
 
 
 def test_nested_recipe_settings_reach_tensorboard_flattened():
-    from pallava.train.plip import _hparams
+    from pallava.train.feedback import flat_hparams
 
-    flat = _hparams({"lr": 1e-3, "augment": {"stain": 0.1, "flips": True}, "text_init": None, "pair": (1, 2)})
+    flat = flat_hparams(
+        {"lr": 1e-3, "augment": {"stain": 0.1, "flips": True}, "text_init": None, "pair": (1, 2)}
+    )
     assert flat == {"lr": 1e-3, "augment.stain": 0.1, "augment.flips": True, "pair": "(1, 2)"}

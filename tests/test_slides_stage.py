@@ -194,3 +194,49 @@ def test_questions_are_scored_against_the_truth(run):
     letter = answer.split(":")[0]
     assert f"{letter}: {name}" in question and answer.endswith(name)
     torch.manual_seed(0)
+
+
+def test_a_stopped_slide_stage_resumes_and_logs_the_uninterrupted_losses(run, tmp_path, monkeypatch):
+    """Stage slide on the training loop: a run stopped after its step-2 checkpoint continues from it and
+    replays the seeded question stream, so steps 3-4 are the uninterrupted run's."""
+    from pallava.train import checkpoints
+    from pallava.train.feedback import read_jsonl
+
+    root, _ = run
+    recipe = load_recipe(
+        REPO_CONFIG,
+        "slide",
+        [
+            f"data.path={root / 'slides'}",
+            f"model.init={root / 'assistant'}",
+            f"feature_cache.dir={root / 'cache'}",
+            "train.max_steps=4",
+            "train.batch_size=4",
+            "checkpoint.every=2",
+            "logging.tensorboard=false",
+            "slide.chunk_tiles=4",
+        ],
+    )
+    reference = train_slide(recipe, tmp_path / "reference", progress=False)
+
+    class Stopped(Exception):
+        pass
+
+    save = checkpoints.save_training_state
+
+    def save_then_stop(accelerator, directory, step, *args, **kwargs):
+        path = save(accelerator, directory, step, *args, **kwargs)
+        if step == 2:
+            raise Stopped
+        return path
+
+    monkeypatch.setattr(checkpoints, "save_training_state", save_then_stop)
+    with pytest.raises(Stopped):
+        train_slide(recipe, tmp_path / "stopped", progress=False)
+    monkeypatch.setattr(checkpoints, "save_training_state", save)
+    resumed = train_slide(recipe, tmp_path / "stopped", progress=False)
+    want, got = read_jsonl(reference / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(want, got, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), b["step"]
+        assert b["lr"] == pytest.approx(a["lr"])

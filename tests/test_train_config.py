@@ -123,3 +123,56 @@ def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):
         PlipTrainConfig.from_yaml(partial)
     with pytest.raises(ValueError, match=r"no shipped recipe 'plip-huge'"):
         PlipTrainConfig.for_preset("huge")
+
+
+SHARED_RUN_FLAGS = ("--config", "--data", "--out", "--resume", "--seed", "--max-steps", "--no-progress")
+
+
+def _captured_recipe(monkeypatch, target: str, argv: list[str]):
+    """Run a training command with its training function replaced; returns the recipe it was given."""
+    from pallava.cli import main
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen["recipe"] = next(a for a in args if hasattr(a, "max_steps") or hasattr(a, "train"))
+        return {} if "plip" in target else Path(kwargs.get("out_dir", "out"))
+
+    monkeypatch.setattr(target, fake)
+    assert main(argv) == 0
+    return seen["recipe"]
+
+
+def test_both_training_commands_share_run_flags_and_key_value_overrides(monkeypatch, tmp_path):
+    from pallava.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    plip_train = commands["plip"]._subparsers._group_actions[0].choices["train"]
+    for parser in (commands["train"], plip_train):
+        flags = {flag for action in parser._actions for flag in action.option_strings}
+        assert set(SHARED_RUN_FLAGS) <= flags
+        assert any(action.dest == "overrides" for action in parser._actions)
+
+    common = ["--data", "x.csv", "--out", str(tmp_path / "o"), "--seed", "3", "--max-steps", "2"]
+    assistant = _captured_recipe(
+        monkeypatch,
+        "pallava.train.trainer.train",
+        [
+            "train",
+            "--stage",
+            "align",
+            "--config",
+            str(CONFIGS / "assistant-tiny.yaml"),
+            *common,
+            "optim.lr=2e-4",
+        ],
+    )
+    assert (assistant.model.seed, assistant.data.seed, assistant.train.seed) == (3, 3, 3)
+    assert assistant.train.max_steps == 2 and assistant.optim.lr == pytest.approx(2e-4)
+    plip = _captured_recipe(
+        monkeypatch,
+        "pallava.train.plip.train_plip",
+        ["plip", "train", "--config", str(CONFIGS / "plip-tiny.yaml"), *common, "lr=2e-4", "text_layers=1"],
+    )
+    assert (plip.seed, plip.max_steps, plip.text_layers) == (3, 2, 1)
+    assert plip.lr == pytest.approx(2e-4)

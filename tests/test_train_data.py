@@ -49,6 +49,25 @@ def test_manifest_stages_and_answer_type_filter(shared_data):
         load_samples(DataSection(path=manifest, split="dev", answer_types=["essay"]), "instruct")
 
 
+def test_answer_type_filter_applies_to_conversation_files(shared_data, tmp_path):
+    """`data.answer_types` keeps the same questions whether they come from a manifest or from the
+    conversation file built from it (it was ignored for conversation files)."""
+    from pallava.data.builders import stage2_conversations, vqa_from_labels
+    from pallava.data.importers.manifest import read_manifest
+    from pallava.data.labels import LabelMap
+
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
+    items = read_manifest(manifest, "dev")[:6]
+    vqa = vqa_from_labels(items, LabelMap.builtin("lc25000-lung"))
+    path = tmp_path / "stage2.jsonl"
+    path.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in stage2_conversations(vqa)))
+    every = load_samples(DataSection(path=str(path)), "instruct")
+    assert {s.answer_type for s in every} == {"closed", "open", "choice"}
+    kept = load_samples(DataSection(path=str(path), answer_types=["closed", "choice"]), "instruct")
+    assert {s.answer_type for s in kept} == {"closed", "choice"}
+    assert len(kept) == sum(1 for item in vqa if item.answer_type in ("closed", "choice"))
+
+
 def test_jsonl_and_shards_with_embedded_images_give_the_same_batches(tiny, tmp_path, lung_tiles):
     model, processor = tiny
     records = []
@@ -263,3 +282,22 @@ def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path
     assert (
         cache.build(model.encode_crops, processor.image_processor, {"v1": lambda: 1 / 0}, progress=False) == 0
     )
+
+
+def test_type_weights_shape_the_limited_subset():
+    from pallava.train.data import subset_indices
+
+    kinds = ["open"] * 600 + ["closed"] * 300 + ["choice"] * 100
+    uniform = subset_indices(kinds, 200, seed=3)
+    assert uniform == subset_indices(kinds, 200, seed=3) and len(set(uniform)) == 200
+    weighted = subset_indices(kinds, 200, seed=3, type_weights={"open": 0.25})
+    assert len(set(weighted)) == 200 and weighted == sorted(weighted)
+    share = {k: sum(kinds[i] == k for i in weighted) / 200 for k in ("open", "closed", "choice")}
+    # open questions weigh a quarter: far fewer of them than their 60% share of the pool
+    assert share["open"] < 0.45 and share["closed"] > 0.35 and share["choice"] > 0.1
+    with pytest.raises(ValueError, match="unknown \\['essay'\\]"):
+        subset_indices(kinds, 10, 0, {"essay": 2})
+    with pytest.raises(ValueError, match="positive"):
+        subset_indices(kinds, 10, 0, {"open": 0})
+    with pytest.raises(ValueError, match="set data.limit"):
+        load_samples(DataSection(path="x.jsonl", type_weights={"open": 1}), "instruct")

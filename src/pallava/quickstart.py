@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import shlex
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pallava.cli import main as pallava_main
+from pallava.train.launch import accelerate_command
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = PACKAGE_ROOT.parent / "shared" / "data"
@@ -29,6 +32,10 @@ CONFIGS = PACKAGE_ROOT / "configs"
 # splits): one pass over a sample this size costs what the CPU budget of the demo allows, and the balancing of
 # datasets then repeats the small ones in it.
 STAGE2_QUESTIONS = 24_000
+
+# Global batches of the training recipes (PLIP 32, the assistant 16): split evenly over the processes.
+PLIP_BATCH, ASSISTANT_BATCH = 32, 16
+
 
 # Captions that describe animal tissue: the text judge must reject them (paper: non-human pathology removed).
 NON_HUMAN_CAPTIONS = (
@@ -58,6 +65,7 @@ class QuickstartSettings:
     smoke: bool = False
     seed: int = 0
     progress: bool = True
+    processes: int = 1  # data-parallel training processes (gloo on CPU); 1, 2 or 4
     plip_args: list[str] = field(default_factory=list)
     train_overrides: list[str] = field(default_factory=list)
 
@@ -86,10 +94,22 @@ class Quickstart:
             and "--no-progress" not in args
         ):
             args.append("--no-progress")
+        if self.s.processes > 1 and (args[0] == "train" or args[:2] == ["plip", "train"]):
+            self.launch(args)
+            return
         print(f"\n$ pallava {shlex.join(args)}", flush=True)
         code = pallava_main(args)
         if code:
             raise RuntimeError(f"`pallava {shlex.join(args)}` failed with exit code {code}")
+
+    def launch(self, args: list[str]) -> None:
+        command = accelerate_command(args, self.s.processes)
+        print(f"\n$ {shlex.join(command[2:])}", flush=True)
+        # One thread per process: the processes already fill the cores, and idle threads would spin.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        code = subprocess.run(command, env=env).returncode
+        if code:
+            raise RuntimeError(f"`{shlex.join(command[2:])}` failed with exit code {code}")
 
     def step(self, name: str, outputs: list[Path], body: Callable[[], dict]) -> dict:
         marker = self.markers / f"{name}.json"
@@ -244,6 +264,8 @@ class Quickstart:
         ]
         if self.s.smoke:
             args += ["--max-steps", "2", "--batch-size", "4"]
+        elif self.s.processes > 1:
+            args += ["--batch-size", str(PLIP_BATCH // self.s.processes)]  # the same global batch
         self.run_command(*args, *self.s.plip_args)
         self.run_command("plip", "export-vision", "--model", plip, "--out", self.out / "plip-vision")
         return {}
@@ -287,6 +309,8 @@ class Quickstart:
             data / "stage2.jsonl",
         )
         smoke = ["train.max_steps=2", "train.batch_size=4"] if self.s.smoke else []
+        if not self.s.smoke and self.s.processes > 1:  # the same global batch over the processes
+            smoke = [f"train.batch_size={ASSISTANT_BATCH // self.s.processes}"]
         recipe = CONFIGS / "assistant-tiny.yaml"
         vision = f"model.vision_path={self.out / 'plip-vision'}"
         self.run_command(

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 from pallava.commands import add_stain_normalize_argument
-from pallava.commands.train import add_resume_argument
+from pallava.commands.train import add_run_arguments
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pallava.train.config import parse_overrides
     from pallava.train.plip import train_plip
     from pallava.train.plip_config import PlipTrainConfig
 
@@ -27,9 +28,9 @@ def _train(args: argparse.Namespace) -> int:
         "save_every": args.save_every,
         "eval_every": args.eval_every,
         "num_workers": args.num_workers,
-        "cpu_threads": args.cpu_threads,
         "mixed_precision": args.mixed_precision,
         "balance": args.balance,
+        **parse_overrides(list(args.overrides)),  # key=value, last: as `pallava train`
     }
     if args.config:
         recipe = PlipTrainConfig.from_yaml(args.config, **overrides)
@@ -124,21 +125,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = plip.add_subparsers(dest="plip_command", metavar="SUBCOMMAND", required=True)
 
     train = commands.add_parser("train", help="pre-train PLIP (ITC + ITM) on captions or a labelled manifest")
-    train.add_argument(
-        "--data",
-        required=True,
-        action="append",
-        help="caption JSONL ({image, caption}), manifest CSV (path,label,...) or a YAML dataset list; "
-        "repeat for several datasets (balanced, see docs/data.md)",
+    add_run_arguments(
+        train,
+        config_help="recipe YAML, read over its preset's configs/plip-<preset>.yaml (default: that file)",
+        data_help="caption JSONL ({image, caption}), manifest CSV (path,label,...) or a YAML dataset list "
+        "(several are balanced, see docs/data.md)",
+        out_help="output folder (model, checkpoints/, run log, tensorboard/)",
+        data_required=True,
     )
     train.add_argument("--split", default="train", help="split to train on (default: train)")
-    train.add_argument("--out", required=True, help="output folder (model, checkpoints/, logs/, curve)")
     train.add_argument(
         "--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)"
-    )
-    train.add_argument(
-        "--config",
-        help="recipe YAML, read over its preset's configs/plip-<preset>.yaml (default: that file itself)",
     )
     train.add_argument("--label-map", help="built-in label map name or JSON/YAML file (default: auto)")
     train.add_argument("--epochs", type=float)
@@ -146,8 +143,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float)
     train.add_argument("--text-init", help="'minilm', 'scratch' or a local BERT checkpoint folder")
     train.add_argument("--vision-init", help="local CLIP checkpoint folder or the authors' PLIP state dict")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--max-steps", type=int)
     train.add_argument("--save-every", type=int, help="steps between checkpoints (default: each epoch)")
     train.add_argument("--eval-every", type=int, help="steps between zero-shot evaluations")
     train.add_argument(
@@ -158,12 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-data", help="labelled manifest for zero-shot accuracy during training")
     train.add_argument("--eval-split", default="dev")
     train.add_argument("--num-workers", type=int)
-    train.add_argument(
-        "--cpu-threads", type=int, help="torch threads on a CPU (default: the recipe's; tiny: 1)"
-    )
     train.add_argument("--mixed-precision", choices=("no", "bf16"))
-    add_resume_argument(train)
-    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.set_defaults(func=_train)
 
     zeroshot = commands.add_parser("zeroshot", help="prompt-ensemble zero-shot classification report")

@@ -9,6 +9,9 @@ from pathlib import Path
 
 def run(args: argparse.Namespace) -> int:
     from pallava.quickstart import DEFAULT_DATA, DEFAULT_SAMPLES, Quickstart, QuickstartSettings
+    from pallava.train.launch import default_processes
+
+    processes = default_processes() if args.processes == "auto" else int(args.processes)
 
     settings = QuickstartSettings(
         data=[Path(path) for path in args.data] if args.data else list(DEFAULT_DATA),
@@ -18,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
         smoke=args.smoke,
         seed=args.seed,
         progress=not args.no_progress,
+        processes=1 if args.smoke else processes,
     )
     try:
         Quickstart(settings).run()
@@ -53,6 +57,13 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--smoke", action="store_true", help="a few images and steps per stage (tests, first look)"
+    )
+    parser.add_argument(
+        "--processes",
+        choices=["auto", "1", "2", "4"],
+        default="auto",
+        help="data-parallel training processes, one thread each (default auto: one per core, up to 4); "
+        "1 on a machine that is busy with other work",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)

@@ -19,6 +19,31 @@ def add_resume_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    config_help: str,
+    data_help: str,
+    out_help: str,
+    config_required: bool = False,
+    data_required: bool = False,
+) -> None:
+    """The arguments every training command shares (`pallava train`, `pallava plip train`): --config,
+    --data (repeatable), --out, --resume, --seed, --max-steps, --no-progress and recipe overrides
+    `key=value` (applied last)."""
+    parser.add_argument("--config", required=config_required, help=config_help)
+    parser.add_argument(
+        "--data", action="append", required=data_required, help=data_help + "; repeat for several datasets"
+    )
+    parser.add_argument("--out", required=True, help=out_help)
+    add_resume_argument(parser)
+    parser.add_argument("--seed", type=int, help="the run's seed (default: the recipe's)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. lr=2e-4 or optim.lr=2e-4"
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from pallava.train.config import load_recipe, parse_overrides
     from pallava.train.trainer import train
@@ -28,11 +53,16 @@ def _train(args: argparse.Namespace) -> int:
         overrides.setdefault("data", {})["path"] = args.data[0] if len(args.data) == 1 else args.data
     if args.init:
         overrides.setdefault("model", {})["init"] = args.init
+    if args.seed is not None:  # one seed for the run, as PLIP's: initialisation, generated data, data order
+        for section in ("model", "data", "train"):
+            overrides.setdefault(section, {})["seed"] = args.seed
+    if args.max_steps is not None:
+        overrides.setdefault("train", {})["max_steps"] = args.max_steps
     recipe = load_recipe(args.config, args.stage, overrides)
     if recipe.stage == "slide":
         from pallava.train.slide import train_slide
 
-        out = train_slide(recipe, args.out, progress=not args.no_progress)
+        out = train_slide(recipe, args.out, progress=not args.no_progress, resume=args.resume == "auto")
         print(
             f"slide model saved to {out} (`pallava slide ask --slide SLIDE --model {out} QUESTION`, "
             f"`pallava eval slides --model {out} --slides DIR --out REPORT`)"
@@ -68,22 +98,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("align", "instruct", "slide"),
         help="which stage to run (slide: whole-slide questions on virtual slides, from an assistant)",
     )
-    train.add_argument("--config", required=True, help="recipe YAML, e.g. configs/assistant-tiny.yaml")
-    train.add_argument("--out", required=True, help="output folder: the trained model, checkpoints, logs")
-    train.add_argument(
-        "--data",
-        action="append",
-        help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards, a manifest CSV or a YAML "
-        "dataset list; repeat for several datasets (balanced by data.balance); "
-        "stage slide: a folder of virtual slides",
+    add_run_arguments(
+        train,
+        config_help="recipe YAML, e.g. configs/assistant-tiny.yaml",
+        data_help="training data (sets data.path): LLaVA JSON/JSONL, Parquet shards, a manifest CSV or a "
+        "YAML dataset list (several are balanced by data.balance); stage slide: a folder of virtual slides",
+        out_help="output folder: the trained model, checkpoints, run log",
+        config_required=True,
     )
     train.add_argument(
         "--init", help="start from this model folder (sets model.init; stage instruct: the align output)"
-    )
-    add_resume_argument(train)
-    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    train.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=2e-4"
     )
     train.set_defaults(func=_train)
 

@@ -1,4 +1,4 @@
-"""Feedback while training: per-step metrics (JSONL + TensorBoard), sample answers, loss-curve plots.
+"""Feedback while training: the run log (metrics.jsonl, samples.jsonl, TensorBoard), loss-curve plots.
 
 Only the main process writes. On resume, records past the resumed step are dropped so the files
 always describe one consistent run.
@@ -51,31 +51,83 @@ class StepLog:
             self._file.close()
 
 
-class RunLog:
-    """metrics.jsonl, samples.jsonl and an optional TensorBoard writer for one run directory."""
+TENSORBOARD_DIR = "tensorboard"
 
-    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool) -> None:
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, object]:
+    """A recipe as TensorBoard hyper-parameters: nested settings flattened (`augment.stain`), None left
+    out."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        elif value is not None:
+            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+class RunLog:
+    """The run log of every training app, in its output folder:
+
+    - `metrics.jsonl`: a row per optimizer step (`step`, `epoch`, `loss`, `lr` per parameter group, ...) and a
+      row per evaluation (`step` and the evaluation's numbers, e.g. `zeroshot_accuracy`);
+    - `samples.jsonl` (with `samples=True`): sample answers written during training;
+    - `tensorboard/`: the same numbers as scalars `train/<name>`, `lr/<group>` and `eval/<name>`, the recipe
+      as hyper-parameters, sample answers as text.
+
+    Resumed at `resume_step` (None: a fresh run), the files keep the rows up to that step. Only the process
+    given `write=True` writes; every process can read `rows` (the metrics).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        resume_step: int | None,
+        tensorboard: bool,
+        hparams: dict[str, Any] | None = None,
+        samples: bool = False,
+        write: bool = True,
+    ) -> None:
         self.metrics_path, self.samples_path = out_dir / METRICS_FILE, out_dir / SAMPLES_FILE
-        self._metrics = StepLog(self.metrics_path, resume_step)
-        self._samples = StepLog(self.samples_path, resume_step)
+        self._metrics = StepLog(self.metrics_path, resume_step, write)
+        self._samples = StepLog(self.samples_path, resume_step, write) if samples else None
         self.writer = None
-        if tensorboard:
+        if tensorboard and write:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+            self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=(resume_step or 0) + 1)
+            if hparams and resume_step is None:
+                self.writer.add_hparams(flat_hparams(hparams), {}, run_name="hparams")
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self._metrics.rows
 
     def step(self, record: dict[str, Any], scalars: bool) -> None:
+        """One optimizer step's row; with `scalars`, also to TensorBoard (every `log_every` steps)."""
         self._metrics.record(record)
-        if self.writer is not None and scalars:
-            step = record["step"]
-            self.writer.add_scalar("train/loss", record["loss"], step)
-            self.writer.add_scalar("train/samples_per_s", record["samples_per_s"], step)
-            if record.get("grad_norm") is not None:
-                self.writer.add_scalar("train/grad_norm", record["grad_norm"], step)
-            for group, lr in record["lr"].items():
-                self.writer.add_scalar(f"lr/{group}", lr, step)
+        if self.writer is None or not scalars:
+            return
+        step = record["step"]
+        for key, value in record.items():
+            if key in ("step", "epoch") or value is None:
+                continue
+            if isinstance(value, dict):  # learning rate per parameter group
+                for group, number in value.items():
+                    self.writer.add_scalar(f"{key}/{group}", number, step)
+            elif isinstance(value, int | float):
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    def evaluation(self, step: int, values: dict[str, float]) -> None:
+        """An evaluation during training (e.g. zero-shot accuracy): a row and `eval/<name>` scalars."""
+        self._metrics.record({"step": step, **values})
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"eval/{key}", value, step)
 
     def samples(self, step: int, answers: Sequence[dict[str, Any]]) -> None:
+        if self._samples is None:
+            raise ValueError("this run log was opened without samples.jsonl (samples=False)")
         for answer in answers:
             self._samples.record({"step": step, **answer})
         if self.writer is not None:
@@ -86,7 +138,8 @@ class RunLog:
 
     def close(self) -> None:
         self._metrics.close()
-        self._samples.close()
+        if self._samples is not None:
+            self._samples.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -100,7 +153,8 @@ def plot_loss_curves(runs: Sequence[tuple[str, str | Path]], out_path: str | Pat
     offset = 0
     for label, source in runs:
         source = Path(source)
-        records = read_jsonl(source / METRICS_FILE if source.is_dir() else source)
+        # Step rows only: a run log also holds evaluation rows (no loss).
+        records = [r for r in read_jsonl(source / METRICS_FILE if source.is_dir() else source) if "loss" in r]
         if not records:
             raise ValueError(f"{source}: no training metrics to plot")
         steps = [offset + r["step"] for r in records]

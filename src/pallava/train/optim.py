@@ -1,4 +1,5 @@
-"""What trains and how: trainable modules, AdamW parameter groups per module, warm-up + cosine schedule."""
+"""What trains and how: trainable modules, the one AdamW builder (parameter groups), the warm-up + cosine
+schedule of the training loop."""
 
 from __future__ import annotations
 
@@ -92,13 +93,18 @@ def build_optimizer(model: torch.nn.Module, section: OptimSection) -> torch.opti
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, section: OptimSection
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio` x peak."""
-    warmup = math.ceil(section.warmup_ratio * total_steps)
+    """The one schedule of the training loop: linear warm-up over `warmup_steps`, then cosine decay to
+    `min_lr_ratio` x each group's peak (0: to zero, transformers' plain cosine schedule)."""
     return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, min_lr_rate=section.min_lr_ratio
+        optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, min_lr_rate=min_lr_ratio
     )
+
+
+def assistant_warmup_steps(section: OptimSection, total_steps: int) -> int:
+    """The assistant's warm-up: `warmup_ratio` of the steps, rounded up (PLIP's recipes round to nearest)."""
+    return math.ceil(section.warmup_ratio * total_steps)
 
 
 def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -7,8 +7,9 @@ follows `trainable` (connector and LoRA by default) plus the new tile position e
 recipe's AdamW groups and warm-up + cosine schedule. With `slide.plip` set, the tiles are also embedded by
 PLIP in the same pass and the attention-MIL baseline is trained on the same slides.
 
-The stage is short (minutes), so it has no mid-run checkpoints: a stopped run starts again, reading the
-cached features.
+The stage is a task of the one training loop (`train.loop`): checkpoints every `checkpoint.every` steps
+(trainable weights only), `--resume auto` continues a stopped run, and the run log is `metrics.jsonl` as for
+the other stages; `slide_training.json` sums the run up.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -38,9 +40,9 @@ from pallava.slides.model import SLIDE_CONFIG, SlideAssistant
 from pallava.slides.questions import KINDS, training_question
 from pallava.slides.reader import open_slide
 from pallava.slides.virtual import list_slides, load_truth
-from pallava.train.config import Recipe
-from pallava.train.optim import apply_trainable, build_optimizer, build_scheduler
-from pallava.train.threads import apply_cpu_threads
+from pallava.train.config import Recipe, with_defaults
+from pallava.train.loop import LoopSettings, MicroLoss, Plan, Task, TrainingLoop
+from pallava.train.optim import apply_trainable, assistant_warmup_steps, build_optimizer
 
 HISTORY = "slide_training.json"
 
@@ -90,139 +92,186 @@ def _parameter_groups(model, slide: SlideAssistant) -> nn.Module:
     return holder
 
 
-def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
-    """Run stage `slide` into `out_dir`; returns it (a folder `SlideAssistant.from_pretrained` loads)."""
-    recipe.validate()
-    section, run = recipe.slide, recipe.train
-    unknown = set(section.questions) - set(KINDS)
-    if unknown or not section.questions:
-        raise ValueError(f"slide.questions: unknown {sorted(unknown)}; expected some of {list(KINDS)}")
-    out = Path(out_dir)
-    if (out / "config.json").is_file():
-        raise ValueError(f"{out} already holds a trained model; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
-    torch.manual_seed(recipe.model.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    apply_cpu_threads(run.cpu_threads, device)
-    assistant = PaLlava.from_pretrained(recipe.model.init, device=device)
-    model = assistant.model
-    if (
-        Path(recipe.model.init) / SLIDE_CONFIG
-    ).is_file():  # continue a slide model (its position embedding too)
-        slide_model = SlideAssistant.from_assistant(assistant, recipe.model.init)
-        slide_model.chunk_tiles = section.chunk_tiles
-    else:
-        slide_model = SlideAssistant(assistant, section.chunk_tiles, section.num_frequencies)
-    # The tile-level assistant this line of models started from (retrieve-then-ask asks it).
-    origin = slide_model.settings.get("init") or str(Path(recipe.model.init).resolve())
-    started = time.perf_counter()
+class SlideTask(Task):
+    """Stage slide: the connector (with the tile position embedding) and LoRA over cached slide features."""
 
-    # Features of every slide, once (cached across runs and shared with evaluation).
-    if not isinstance(recipe.data.path, str):
-        raise ValueError(
-            f"stage slide: data.path must be one folder of virtual slides, got {recipe.data.path!r}"
+    def __init__(self, recipe: Recipe, progress: bool) -> None:
+        recipe.validate()
+        section, run = recipe.slide, recipe.train
+        unknown = set(section.questions) - set(KINDS)
+        if unknown or not section.questions:
+            raise ValueError(f"slide.questions: unknown {sorted(unknown)}; expected some of {list(KINDS)}")
+        if not isinstance(recipe.data.path, str):
+            raise ValueError(
+                f"stage slide: data.path must be one folder of virtual slides, got {recipe.data.path!r}"
+            )
+        self.recipe, self.progress = recipe, progress
+        self.settings = LoopSettings(
+            name="train slide",
+            recipe=recipe.to_dict(),
+            batch_size=run.batch_size,
+            max_grad_norm=recipe.optim.max_grad_norm,
+            min_lr_ratio=recipe.optim.min_lr_ratio,
+            mixed_precision="no",  # features are cached in float16 and the steps are short: fp32 steps
+            cpu_threads=run.cpu_threads,
+            save_every=recipe.checkpoint.every,
+            keep_last=recipe.checkpoint.keep_last,
+            log_every=recipe.logging.every,
+            tensorboard=recipe.logging.tensorboard,
+            trainable_only_checkpoints=True,
+            complete_saved=with_defaults,
+            postfix=("attention_loss",),
         )
-    slides = list_slides(recipe.data.path)
-    options = tiling(recipe)
-    plip, plip_id = load_plip(section.plip, device)
-    namespace = encoder_namespace(model, assistant.processor, {"dtype": "float16"})
-    cache = SlideFeatureCache(cache_root(recipe), namespace)
-    truths, features = [], []
-    model.eval()
-    for path in tqdm(slides, desc="slide features", unit="slide", disable=not progress):
-        with open_slide(path) as slide:
-            features.append(slide_features(slide, model, assistant.processor, cache, options, plip, plip_id))
-        truths.append(load_truth(path))
-    feature_seconds = time.perf_counter() - started
+        self.stream: Iterator[tuple[list, list]] | None = None
 
-    counts = apply_trainable(model, recipe.trainable)
-    slide_model.position.requires_grad_(True)
-    samples = [(i, kind) for i in range(len(slides)) for kind in section.questions]
-    per_epoch = max(1, len(samples) // run.batch_size)
-    total_steps = run.max_steps or run.epochs * per_epoch
-    holder = _parameter_groups(model, slide_model)
-    optimizer = build_optimizer(holder, recipe.optim)
-    scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
-    trainable = [p for p in holder.parameters() if p.requires_grad]
-    print(
-        f"slide: {len(slides)} slides, {len(samples)} samples, {total_steps} steps of {run.batch_size}; "
-        f"trainable {counts} + position {sum(p.numel() for p in slide_model.position.parameters())}"
-    )
+    def setup(self, loop: TrainingLoop) -> Plan:
+        recipe, section, run = self.recipe, self.recipe.slide, self.recipe.train
+        self.loop, device = loop, loop.accelerator.device
+        torch.manual_seed(recipe.model.seed)
+        assistant = PaLlava.from_pretrained(recipe.model.init, device=str(device))
+        model = assistant.model
+        if (Path(recipe.model.init) / SLIDE_CONFIG).is_file():  # continue a slide model (its position too)
+            slide_model = SlideAssistant.from_assistant(assistant, recipe.model.init)
+            slide_model.chunk_tiles = section.chunk_tiles
+        else:
+            slide_model = SlideAssistant(assistant, section.chunk_tiles, section.num_frequencies)
+        self.assistant, self.slide_model = assistant, slide_model
+        # The tile-level assistant this line of models started from (retrieve-then-ask asks it).
+        self.origin = slide_model.settings.get("init") or str(Path(recipe.model.init).resolve())
+        started = time.perf_counter()
 
-    rng = random.Random(run.seed)
-    history, order = [], []
-    model.train()
-    train_started = time.perf_counter()
-    bar = tqdm(range(total_steps), desc="train slide", unit="step", disable=not progress)
-    for step in bar:
-        if len(order) < run.batch_size:
-            order += rng.sample(samples, len(samples))
-        chosen, order = order[: run.batch_size], order[run.batch_size :]
-        items = [(features[i], *training_question(kind, truths[i], rng)) for i, kind in chosen]
-        batch = collate(items, assistant.processor)
-        need_mass = section.attention_loss > 0
-        embeds, mass = slide_model.image_embeddings(
-            batch["global_tokens"],
-            batch["tile_tokens"],
-            batch["positions"],
-            batch["tile_mask"],
+        # Features of every slide, once (cached across runs and shared with evaluation).
+        slides = list_slides(recipe.data.path)
+        self.options = tiling(recipe)
+        self.plip, plip_id = load_plip(section.plip, str(device))
+        namespace = encoder_namespace(model, assistant.processor, {"dtype": "float16"})
+        cache = SlideFeatureCache(cache_root(recipe), namespace)
+        self.truths, self.features = [], []
+        model.eval()
+        for path in tqdm(slides, desc="slide features", unit="slide", disable=not loop.show_progress):
+            with open_slide(path) as slide:
+                self.features.append(
+                    slide_features(slide, model, assistant.processor, cache, self.options, self.plip, plip_id)
+                )
+            self.truths.append(load_truth(path))
+        self.feature_seconds = time.perf_counter() - started
+
+        counts = apply_trainable(model, recipe.trainable)
+        slide_model.position.requires_grad_(True)
+        self.samples = [(i, kind) for i in range(len(slides)) for kind in section.questions]
+        per_epoch = max(1, len(self.samples) // run.batch_size)
+        total_steps = run.max_steps or run.epochs * per_epoch
+        self.per_epoch = per_epoch
+        holder = _parameter_groups(model, slide_model)
+        optimizer = build_optimizer(holder, recipe.optim)
+        loop.accelerator.print(
+            f"slide: {len(slides)} slides, {len(self.samples)} samples, {total_steps} steps of "
+            f"{run.batch_size}; trainable {counts} + position "
+            f"{sum(p.numel() for p in slide_model.position.parameters())}"
+        )
+        return Plan(
+            holder, optimizer, per_epoch, total_steps, assistant_warmup_steps(recipe.optim, total_steps)
+        )
+
+    def _questions(self) -> Iterator[tuple[list, list]]:
+        """Every step's (slide, kind) pairs and their questions: the samples in a new random order each pass,
+        a new phrasing each time (one seeded stream, so a resumed run replays it to its step)."""
+        run = self.recipe.train
+        rng = random.Random(run.seed)
+        order: list = []
+        while True:
+            if len(order) < run.batch_size:
+                order += rng.sample(self.samples, len(self.samples))
+            chosen, order = order[: run.batch_size], order[run.batch_size :]
+            yield chosen, [(i, *training_question(kind, self.truths[i], rng)) for i, kind in chosen]
+
+    def batches(self, epoch: int, start: int, stop: int):
+        if self.stream is None:
+            self.stream = self._questions()
+            for _ in range(epoch * self.per_epoch + start):  # a resumed run: skip what was trained
+                next(self.stream)
+        for _ in range(start, stop):
+            chosen, questions = next(self.stream)
+            items = [(self.features[i], question, answer) for i, question, answer in questions]
+            yield chosen, collate(items, self.assistant.processor)
+
+    def loss(self, model, batch: tuple[list, dict[str, Any]], step: int) -> MicroLoss:
+        chosen, tensors = batch
+        need_mass = self.recipe.slide.attention_loss > 0
+        embeds, mass = self.slide_model.image_embeddings(
+            tensors["global_tokens"],
+            tensors["tile_tokens"],
+            tensors["positions"],
+            tensors["tile_mask"],
             need_mass=need_mass,
         )
-        summed, tokens = slide_model.loss(batch, embeds)
+        summed, tokens = self.slide_model.loss(tensors, embeds)
         loss = summed / max(tokens, 1)
         attention_term = torch.zeros(())
         if need_mass:
-            attention_term = attention_loss(mass, [(features[i], truths[i]) for i, _ in chosen])
-            loss = loss + section.attention_loss * attention_term
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        history.append(
-            {
-                "step": step + 1,
-                "loss": float(summed.detach()) / max(tokens, 1),
-                "attention_loss": float(attention_term.detach()),
-            }
+            attention_term = attention_loss(mass, [(self.features[i], self.truths[i]) for i, _ in chosen])
+            loss = loss + self.recipe.slide.attention_loss * attention_term
+        answer_loss = float(summed.detach()) / max(tokens, 1)
+        return MicroLoss(
+            loss,
+            samples=len(chosen),
+            sums={"answer_loss": answer_loss, "attention_loss": attention_term.detach()},
         )
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-    train_seconds = time.perf_counter() - train_started
-    model.eval()
 
-    extra = {
-        "init": origin,
-        "tiling": {"mpp": options.mpp, "tile_size": options.tile_size, "min_tissue": options.min_tissue},
-        "plip": str(Path(section.plip).resolve()) if section.plip else None,
-    }
-    slide_model.save_pretrained(out, extra)
-    mil_seconds = 0.0
-    if plip is not None:
-        mil_started = time.perf_counter()
-        mil, classes = train_mil(
-            [f.plip for f in features], [slide_label(t) for t in truths], section.mil_epochs, seed=run.seed
-        )
-        save_mil(mil, classes, out, {"plip": extra["plip"]})
-        mil_seconds = time.perf_counter() - mil_started
-    tail = history[-max(1, len(history) // 10) :]
-    summary = {
-        "stage": "slide",
-        "slides": len(slides),
-        "samples": len(samples),
-        "steps": total_steps,
-        "batch_size": run.batch_size,
-        "final_loss": sum(r["loss"] for r in tail) / len(tail),
-        "seconds": {
-            "features": round(feature_seconds, 2),
-            "train": round(train_seconds, 2),
-            "attention_mil": round(mil_seconds, 2),
-        },
-        "history": history,
-    }
-    (out / HISTORY).write_text(json.dumps(summary, indent=1) + "\n")
-    return out
+    def finish(self, loop: TrainingLoop, model) -> Path:
+        """The slide model, the attention-MIL baseline (with `slide.plip`) and `slide_training.json`."""
+        out, run = loop.out_dir, self.recipe.train
+        if not loop.accelerator.is_main_process:
+            return out
+        model.eval()
+        extra = {
+            "init": self.origin,
+            "tiling": {
+                "mpp": self.options.mpp,
+                "tile_size": self.options.tile_size,
+                "min_tissue": self.options.min_tissue,
+            },
+            "plip": str(Path(self.recipe.slide.plip).resolve()) if self.recipe.slide.plip else None,
+        }
+        self.slide_model.save_pretrained(out, extra)
+        mil_seconds = 0.0
+        if self.plip is not None:
+            mil_started = time.perf_counter()
+            labels = [slide_label(t) for t in self.truths]
+            mil, classes = train_mil(
+                [f.plip for f in self.features], labels, self.recipe.slide.mil_epochs, seed=run.seed
+            )
+            save_mil(mil, classes, out, {"plip": extra["plip"]})
+            mil_seconds = time.perf_counter() - mil_started
+        history = [
+            {"step": r["step"], "loss": r["answer_loss"], "attention_loss": r["attention_loss"]}
+            for r in loop.log.rows
+        ]
+        tail = history[-max(1, len(history) // 10) :]
+        summary = {
+            "stage": "slide",
+            "slides": len(self.features),
+            "samples": len(self.samples),
+            "steps": loop.total_steps,
+            "batch_size": run.batch_size,
+            "final_loss": sum(r["loss"] for r in tail) / len(tail),
+            "seconds": {
+                "features": round(self.feature_seconds, 2),
+                "train": round(loop.timings["train_s"], 2),
+                "attention_mil": round(mil_seconds, 2),
+            },
+            "history": history,
+        }
+        (out / HISTORY).write_text(json.dumps(summary, indent=1) + "\n")
+        return out
+
+
+def train_slide(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bool = True) -> Path:
+    """Run stage `slide` into `out_dir`; returns it (a folder `SlideAssistant.from_pretrained` loads)."""
+    task = SlideTask(recipe, progress)
+    if (Path(out_dir) / "config.json").is_file():
+        raise ValueError(f"{out_dir} already holds a trained model; choose another --out")
+    return TrainingLoop(task, out_dir, resume, progress).run()
 
 
 def attention_loss(mass: torch.Tensor, slides: list) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Two-stage training of the assistant on `accelerate`: one loop for CPU, DDP and DeepSpeed ZeRO-2.
+"""The assistant's stages `align` and `instruct` as a task of the one training loop (`train.loop`).
 
 Stage `align` trains on captions, stage `instruct` on questions and answers, starting from the align
-output. The loss of an optimizer step is the mean over *all* answer tokens of the global batch (every
-process and accumulation step), so 1 process with batch 2B and 2 processes with batch B give the same
-numbers. Checkpoints hold only the trainable weights plus optimiser, scheduler, RNG and data position;
-a run resumes from the newest complete one and continues the uninterrupted run's loss curve.
+output. A micro-batch's loss is summed over its answer tokens, so the step's loss is the mean over *all*
+answer tokens of the global batch (every process and accumulation step): 1 process with batch 2B and 2
+processes with batch B give the same numbers. Checkpoints hold only the trainable weights plus optimiser,
+scheduler, RNG and data position; a run resumes from the newest complete one and continues the
+uninterrupted run's loss curve.
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ import functools
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pallava.data.datasets import counts_by_dataset
@@ -44,17 +42,23 @@ from pallava.train.data import (
     view_tag,
 )
 from pallava.train.feature_cache import DTYPES, FeatureCache, default_cache_dir, image_key, namespace_for
-from pallava.train.feedback import METRICS_FILE, RunLog, plot_loss_curves, read_jsonl
-from pallava.train.optim import apply_trainable, build_optimizer, build_scheduler, group_learning_rates
-from pallava.train.threads import apply_cpu_threads
+from pallava.train.feedback import plot_loss_curves
+from pallava.train.loop import (
+    LoopSettings,
+    MicroLoss,
+    Plan,
+    StepCallback,
+    Task,
+    TrainingLoop,
+)
+from pallava.train.optim import apply_trainable, assistant_warmup_steps, build_optimizer
 
 RECIPE_FILE = checkpoints.RECIPE_FILE
 HISTORY_FILE = "training_history.json"
 SUMMARY_FILE = "run_summary.json"
-TRAINABLE_FILE = "trainable.safetensors"
 MODEL_INPUTS = (*MODEL_INPUT_NAMES, CROP_FEATURES)  # cached crop features stand in for pixel_values
 
-StepCallback = Callable[["Trainer", dict[str, Any]], None]
+__all__ = ["AssistantTask", "build_model", "train"]
 
 
 def build_model(recipe: Recipe) -> tuple[PaLlavaForConditionalGeneration, PaLlavaProcessor]:
@@ -82,54 +86,34 @@ def build_model(recipe: Recipe) -> tuple[PaLlavaForConditionalGeneration, PaLlav
     )
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    """`auto`: bf16 on GPUs that support it, else fp16 on GPUs, and fp32 ("no") on CPU."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+class AssistantTask(Task):
+    """Stage align or instruct of a recipe: the model, its samples and the token-summed answer loss."""
 
-
-class Trainer:
-    """Runs one stage of a recipe into `out_dir`; `run()` returns the directory of the saved model."""
-
-    def __init__(
-        self,
-        recipe: Recipe,
-        out_dir: str | Path,
-        resume: bool = True,
-        progress: bool = True,
-        callbacks: Sequence[StepCallback] = (),
-    ) -> None:
+    def __init__(self, recipe: Recipe) -> None:
         recipe.validate()
-        self.recipe, self.out_dir, self.resume = recipe, Path(out_dir), resume
-        self.progress, self.callbacks = progress, list(callbacks)
-        self.ckpt_dir = self.out_dir / checkpoints.CHECKPOINT_DIR
-        self.global_step = 0
+        self.recipe = recipe
+        run, log = recipe.train, recipe.logging
+        self.settings = LoopSettings(
+            name=f"train {recipe.stage}",
+            recipe=recipe.to_dict(),
+            batch_size=run.batch_size,
+            grad_accum=run.grad_accum,
+            max_grad_norm=recipe.optim.max_grad_norm,
+            min_lr_ratio=recipe.optim.min_lr_ratio,
+            mixed_precision=run.mixed_precision,
+            cpu_threads=run.cpu_threads,
+            save_every=recipe.checkpoint.every,
+            keep_last=recipe.checkpoint.keep_last,
+            log_every=log.every,
+            eval_every=log.sample_every,
+            tensorboard=log.tensorboard,
+            samples_log=True,
+            trainable_only_checkpoints=True,  # the frozen model is rebuilt from the recipe on resume
+            complete_saved=with_defaults,
+            postfix=("samples_per_s",),
+        )
         self.timings: dict[str, float] = {}
         self.overlong: dict[str, Any] = {"policy": recipe.data.overlong}
-
-    # --- setup --------------------------------------------------------------------------------------
-    def _accelerator(self) -> Accelerator:
-        run = self.recipe.train
-        accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(run.mixed_precision),
-            gradient_accumulation_steps=run.grad_accum,
-            cpu=not torch.cuda.is_available(),
-        )
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # Batches come from our own loader, so DeepSpeed cannot infer the micro-batch size.
-            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-            ds_config["train_micro_batch_size_per_gpu"] = run.batch_size
-            ds_config["gradient_clipping"] = self.recipe.optim.max_grad_norm
-        apply_cpu_threads(run.cpu_threads, accelerator.device)
-        return accelerator
-
-    def _check_out_dir(self, accelerator: Accelerator) -> None:
-        if (self.out_dir / "config.json").is_file():
-            raise ValueError(f"{self.out_dir} already holds a trained model; choose another --out")
-        checkpoints.prepare_run(accelerator, self.out_dir, self.resume, self.recipe.to_dict(), with_defaults)
 
     def _image_keys(self, samples: Sequence[Sample]) -> list[str | None]:
         """Content keys of the samples' images (each file read once); an augmented view's key adds the view
@@ -198,80 +182,10 @@ class Trainer:
         )
         return cache, keys
 
-    def _register_state_hooks(self, accelerator: Accelerator) -> None:
-        """Checkpoints store the trainable weights only (by unwrapped name), not the frozen model."""
-
-        def save_hook(models, weights, output_dir):
-            if accelerator.distributed_type == DistributedType.DEEPSPEED:
-                return
-            if accelerator.is_main_process:
-                model = accelerator.unwrap_model(models[0])
-                state = {
-                    name: param.detach().cpu().contiguous()
-                    for name, param in model.named_parameters()
-                    if param.requires_grad
-                }
-                save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
-            weights.clear()
-
-        def load_hook(models, input_dir):
-            if not models:  # DeepSpeed restores its engine itself
-                return
-            model = accelerator.unwrap_model(models[0])
-            state = load_file(str(Path(input_dir) / TRAINABLE_FILE))
-            expected = {name for name, param in model.named_parameters() if param.requires_grad}
-            if set(state) != expected:
-                raise ValueError(
-                    f"{input_dir}: checkpoint weights do not match the trainable parameters "
-                    f"(missing {sorted(expected - set(state))[:5]}, extra "
-                    f"{sorted(set(state) - expected)[:5]})"
-                )
-            model.load_state_dict(state, strict=False)
-            models.clear()
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
-
     @property
     def _show_progress(self) -> bool:
-        return self.progress and self._is_main
+        return self.loop.show_progress
 
-    # --- checkpoints --------------------------------------------------------------------------------
-    def _save_checkpoint(self, accelerator: Accelerator, steps_per_epoch_: int) -> None:
-        extra = (
-            {"exclude_frozen_parameters": True}
-            if accelerator.distributed_type == DistributedType.DEEPSPEED
-            else {}
-        )
-        state = {
-            "global_step": self.global_step,
-            "epoch": self.global_step // steps_per_epoch_,
-            "step_in_epoch": self.global_step % steps_per_epoch_,
-            "data_seed": self.recipe.train.seed,
-            "num_processes": accelerator.num_processes,
-        }
-        checkpoints.save_training_state(
-            accelerator, self.ckpt_dir, self.global_step, state, self.recipe.checkpoint.keep_last, **extra
-        )
-
-    def _restore(self, accelerator: Accelerator) -> None:
-        latest = checkpoints.latest_complete(self.ckpt_dir) if self.resume else None
-        if latest is None:
-            return
-        state = json.loads((latest / checkpoints.STATE_FILE).read_text())
-        if state["num_processes"] != accelerator.num_processes:
-            raise ValueError(
-                f"{latest}: written by {state['num_processes']} process(es), resumed with "
-                f"{accelerator.num_processes}; resume with the same number of processes"
-            )
-        extra = (
-            {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-        )
-        accelerator.load_state(str(latest), **extra)  # DeepSpeed checkpoints exclude the frozen weights
-        self.global_step = state["global_step"]
-        accelerator.print(f"resumed from {latest} at step {self.global_step}")
-
-    # --- steps --------------------------------------------------------------------------------------
     @staticmethod
     def _token_loss_sum(model, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
@@ -283,48 +197,6 @@ class Trainer:
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
-
-    def _optimizer_step(
-        self, accelerator, model, optimizer, scheduler, micro: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        """Forward/backward over the accumulation micro-batches, then clip and step."""
-        device = accelerator.device
-        local_tokens = torch.tensor(float(sum(b["num_label_tokens"] for b in micro)), device=device)
-        total_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1.0)
-        # Each process's gradient is averaged over processes and (by accelerate) over accumulation steps;
-        # this scale turns the result into the gradient of the global token-mean loss.
-        scale = accelerator.num_processes * len(micro) / total_tokens
-        loss_sum = torch.zeros((), device=device)
-        for batch in micro:
-            with accelerator.accumulate(model):
-                summed = self._token_loss_sum(model, batch, device)
-                accelerator.backward(summed * scale)
-                loss_sum += summed.detach()
-        grad_norm = None
-        if self.recipe.optim.max_grad_norm > 0:
-            norm = accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.max_grad_norm)
-            grad_norm = float(norm) if norm is not None else None
-        rates = group_learning_rates(optimizer)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(accelerator.reduce(loss_sum, "sum") / total_tokens)
-        counts = torch.tensor(
-            [
-                float(sum(b["num_samples"] for b in micro)),
-                float(sum(len(b.get("truncated", ())) for b in micro)),
-            ],
-            device=device,
-        )
-        samples, truncated = accelerator.reduce(counts, "sum").tolist()
-        return {
-            "loss": loss,
-            "lr": rates,
-            "grad_norm": grad_norm,
-            "samples": int(samples),
-            "tokens": int(total_tokens),
-            "truncated": int(truncated),
-        }
 
     # --- over-long samples --------------------------------------------------------------------------
     def _fitting_samples(
@@ -353,7 +225,7 @@ class Trainer:
         if not self.overlong.get("warned"):
             ids = [i for batch in micro for i in batch.get("truncated", ())]
             accelerator.print(
-                f"warning: step {self.global_step}: over-long sample(s) cut to the processor's "
+                f"warning: step {self.loop.global_step}: over-long sample(s) cut to the processor's "
                 f"max_length (data.overlong=truncate){': ' + ', '.join(ids[:5]) if ids else ''}; "
                 "counted per step as 'truncated' in metrics.jsonl"
             )
@@ -396,12 +268,10 @@ class Trainer:
             if len(processor.encode_conversation(s.conversation[:1], True)[0]) <= processor.max_length
         ]
 
-    # --- run ----------------------------------------------------------------------------------------
-    def run(self) -> Path:
-        recipe, run = self.recipe, self.recipe.train
-        accelerator = self._accelerator()
-        self._is_main = accelerator.is_main_process
-        self._check_out_dir(accelerator)
+    # --- the task -----------------------------------------------------------------------------------
+    def setup(self, loop: TrainingLoop) -> Plan:
+        recipe, run, accelerator = self.recipe, self.recipe.train, loop.accelerator
+        self.loop = loop
         model, processor = build_model(recipe)
         counts = apply_trainable(model, recipe.trainable)
         if run.gradient_checkpointing:
@@ -423,137 +293,90 @@ class Trainer:
         cache, keys = None, None
         if recipe.feature_cache.enabled:
             cache, keys = self._feature_cache(accelerator, model, processor, samples)
-        collator = Collator(processor, samples, cache, keys, augment=(recipe.augment, recipe.data.seed))
-
+        self.collator = Collator(processor, samples, cache, keys, augment=(recipe.augment, recipe.data.seed))
+        self.processor, self.num_samples = processor, len(samples)
+        self.fixed = self._fixed_samples(samples, recipe.logging.num_samples, processor)
         model.train()
         optimizer = build_optimizer(model, recipe.optim)
-        scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(scheduler)
-        self._register_state_hooks(accelerator)
-        self._restore(accelerator)
-
-        log = RunLog(self.out_dir, self.global_step, recipe.logging.tensorboard) if self._is_main else None
-        fixed = self._fixed_samples(samples, recipe.logging.num_samples, processor)
-        bar = tqdm(
-            total=total_steps,
-            initial=self.global_step,
-            desc=f"train {recipe.stage}",
-            unit="step",
-            disable=not self._show_progress,
-            dynamic_ncols=True,
+        return Plan(
+            model, optimizer, per_epoch, total_steps, assistant_warmup_steps(recipe.optim, total_steps)
         )
-        started, cpu_started = time.perf_counter(), time.process_time()
-        first_step = self.global_step
-        while self.global_step < total_steps:
-            epoch, in_epoch = divmod(self.global_step, per_epoch)
-            last = min(per_epoch, in_epoch + total_steps - self.global_step)
-            loader = epoch_loader(
-                len(samples),
-                collator,
-                run.seed,
-                epoch,
-                in_epoch,
-                last,
-                run.batch_size,
-                accelerator.num_processes,
-                run.grad_accum,
-                accelerator.process_index,
-                run.num_workers,
+
+    def batches(self, epoch: int, start: int, stop: int):
+        run, accelerator = self.recipe.train, self.loop.accelerator
+        return epoch_loader(
+            self.num_samples,
+            self.collator,
+            run.seed,
+            epoch,
+            start,
+            stop,
+            run.batch_size,
+            accelerator.num_processes,
+            run.grad_accum,
+            accelerator.process_index,
+            run.num_workers,
+        )
+
+    def weight(self, batch: dict[str, Any]) -> float:
+        return float(batch["num_label_tokens"])
+
+    def loss(self, model, batch: dict[str, Any], step: int) -> MicroLoss:
+        return MicroLoss(
+            self._token_loss_sum(model, batch, self.loop.accelerator.device),
+            samples=batch["num_samples"],
+            counts={"tokens": batch["num_label_tokens"], "truncated": len(batch.get("truncated", ()))},
+        )
+
+    def after_step(self, model, record: dict[str, Any], micro: list[dict[str, Any]]) -> None:
+        if record["truncated"]:
+            self._warn_truncated(self.loop.accelerator, micro)
+        else:
+            del record["truncated"]  # counted only on the steps that cut something
+
+    def evaluate(self, loop: TrainingLoop, model, final: bool) -> None:
+        if not final or self.fixed:
+            loop.log.samples(
+                loop.global_step, self._sample_answers(loop.accelerator, model, self.processor, self.fixed)
             )
-            micro_iter = iter(loader)
-            for _ in range(in_epoch, last):
-                step_started = time.perf_counter()
-                micro = [next(micro_iter) for _ in range(run.grad_accum)]
-                result = self._optimizer_step(accelerator, model, optimizer, scheduler, micro)
-                self.global_step += 1
-                elapsed = time.perf_counter() - step_started
-                record = {
-                    "step": self.global_step,
-                    "epoch": epoch,
-                    "loss": result["loss"],
-                    "lr": result["lr"],
-                    "grad_norm": result["grad_norm"],
-                    "samples_per_s": result["samples"] / max(elapsed, 1e-9),
-                    "tokens": result["tokens"],
-                }
-                if result["truncated"]:
-                    record["truncated"] = result["truncated"]
-                    self._warn_truncated(accelerator, micro)
-                logging_step = self.global_step % recipe.logging.every == 0 or self.global_step == total_steps
-                if log is not None:
-                    log.step(record, scalars=logging_step)
-                if logging_step:
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}",
-                        lr=f"{max(record['lr'].values()):.2e}",
-                        samples_s=f"{record['samples_per_s']:.1f}",
-                    )
-                bar.update(1)
-                every = recipe.logging.sample_every
-                if (
-                    log is not None
-                    and every
-                    and self.global_step % every == 0
-                    and self.global_step < total_steps
-                ):
-                    log.samples(self.global_step, self._sample_answers(accelerator, model, processor, fixed))
-                if (
-                    recipe.checkpoint.every
-                    and self.global_step % recipe.checkpoint.every == 0
-                    and self.global_step < total_steps
-                ):
-                    self._save_checkpoint(accelerator, per_epoch)
-                for callback in self.callbacks:
-                    callback(self, record)
-        bar.close()
-        self.timings["train_s"] = time.perf_counter() - started
-        self.timings["train_cpu_s"] = (
-            time.process_time() - cpu_started
-        )  # meaningful on a shared, loaded machine
-        self.timings["steps_run"] = self.global_step - first_step
-        return self._finish(accelerator, model, processor, fixed, log, len(samples), total_steps)
 
-    def _finish(self, accelerator, model, processor, fixed, log, num_samples: int, total_steps: int) -> Path:
-        """Save the final model with its training history, last sample answers and a loss plot."""
-        accelerator.wait_for_everyone()
+    def finish(self, loop: TrainingLoop, model) -> Path:
+        """Save the final model with its training history and a loss plot."""
+        accelerator, out_dir = loop.accelerator, loop.out_dir
         if accelerator.is_main_process:
-            if fixed:
-                log.samples(self.global_step, self._sample_answers(accelerator, model, processor, fixed))
-            log.close()
             unwrapped = accelerator.unwrap_model(model)
-            PaLlava(unwrapped, processor).save_pretrained(self.out_dir)
+            PaLlava(unwrapped, self.processor).save_pretrained(out_dir)
             precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
-            self._write_history(num_samples, total_steps, accelerator.num_processes, precision)
-            plot_loss_curves([(self.recipe.stage, self.out_dir)], self.out_dir / "loss_curve.png")
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return self.out_dir
+            self._write_history(loop, precision)
+            plot_loss_curves([(self.recipe.stage, out_dir)], out_dir / "loss_curve.png")
+        return out_dir
 
-    def _write_history(self, num_samples: int, total_steps: int, num_processes: int, precision: str) -> None:
+    def _write_history(self, loop: TrainingLoop, precision: str) -> None:
         history = []
         if self.recipe.model.init:
             previous = Path(self.recipe.model.init) / HISTORY_FILE
             if previous.is_file():
                 history = json.loads(previous.read_text())
-        metrics = read_jsonl(self.out_dir / METRICS_FILE)
+        metrics = [r for r in loop.log.rows if "loss" in r]
         tail = metrics[-20:]
         overlong = {k: v for k, v in self.overlong.items() if k != "warned"}
         if overlong["policy"] == "truncate":  # summed over the whole run, resumed parts included
             overlong["truncated"] = sum(r.get("truncated", 0) for r in metrics)
+        timings = {**self.timings, **loop.timings}
+        num_processes = loop.accelerator.num_processes
         entry = {
             "stage": self.recipe.stage,
             "recipe": self.recipe.to_dict(),
-            "samples": num_samples,
-            "steps": total_steps,
+            "samples": self.num_samples,
+            "steps": loop.total_steps,
             "processes": num_processes,
             "precision": precision,
             "final_loss": sum(r["loss"] for r in tail) / len(tail),
-            "timings_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in self.timings.items()},
+            "timings_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()},
             "overlong": overlong,
         }
         history.append(entry)
-        (self.out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+        (loop.out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
         summary = {
             **entry,
             "world_batch": global_batch_size(
@@ -561,7 +384,7 @@ class Trainer:
             ),
         }
         summary.pop("recipe")
-        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        (loop.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def train(
@@ -571,5 +394,9 @@ def train(
     progress: bool = True,
     callbacks: Sequence[StepCallback] = (),
 ) -> Path:
-    """Run one stage; returns the output directory, which `PaLlava.from_pretrained` loads."""
-    return Trainer(recipe, out_dir, resume, progress, callbacks).run()
+    """Run stage align or instruct on the training loop; returns the output directory, which
+    `PaLlava.from_pretrained` loads. `callbacks(loop, record)` run after every step."""
+    task = AssistantTask(recipe)
+    if (Path(out_dir) / "config.json").is_file():
+        raise ValueError(f"{out_dir} already holds a trained model; choose another --out")
+    return TrainingLoop(task, out_dir, resume, progress, callbacks).run()
