@@ -31,7 +31,7 @@ from pallava.slides.reader import Slide
 from pallava.slides.tiling import TileGrid, iter_tile_batches, tile_grid
 from pallava.slides.tissue import TissueMask, detect_tissue
 
-PICTURE_WORKERS = 2  # threads drawing and compressing the PNG pictures
+SIDE_WORKERS = 2  # threads beside the encoder: text prompts, drawing and compressing the PNG pictures
 
 
 @dataclass(frozen=True)
@@ -161,17 +161,15 @@ def map_slide(
     grid = prepared.grid
     cache = EmbeddingCache(out_dir / "embeddings", cache_meta(slide, grid, model_id))
     names = label_map.names()
-    # Pictures are drawn in threads (Pillow releases the GIL to compress): the tissue picture while the
-    # tiles are encoded, the heat maps while the GeoJSON is written.
-    with ThreadPoolExecutor(max_workers=PICTURE_WORKERS) as pictures:
-        tissue = pictures.submit(
-            render_tissue, prepared.thumbnail, prepared.mask, grid, out_dir / "tissue.png"
-        )
+    # Beside the tile encoder, in threads: the class prompts' text embeddings and the tissue picture (torch
+    # and Pillow release the GIL), then the heat maps while the GeoJSON is written.
+    with ThreadPoolExecutor(max_workers=SIDE_WORKERS) as side:
+        tissue = side.submit(render_tissue, prepared.thumbnail, prepared.mask, grid, out_dir / "tissue.png")
+        classes = side.submit(plip.class_embeddings, class_prompts(label_map, tuple(templates)))
         vectors = embed_grid(slide, grid, plip, cache, batch_size)
-        class_embeds = plip.class_embeddings(class_prompts(label_map, tuple(templates)))
-        probabilities = plip.proba_from_embeddings(torch.from_numpy(vectors), class_embeds)
+        probabilities = plip.proba_from_embeddings(torch.from_numpy(vectors), classes.result())
         heatmaps = render_all(
-            prepared.thumbnail, prepared.mask.downsample, grid, probabilities, names, out_dir, pool=pictures
+            prepared.thumbnail, prepared.mask.downsample, grid, probabilities, names, out_dir, pool=side
         )
         files = {
             "geojson": write_geojson(
