@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from benchmarks.common import load_average, run_worker, write_json
+from benchmarks.common import load_average, median, run_worker, write_json
 
 BUSY_LOOP = "while True: pass"
 
@@ -99,11 +99,18 @@ def run(
     settings: tuple[Setting, ...] = SETTINGS,
     plip_batch: int = 16,
     assistant_batch: int = 4,
+    repeats: int | None = None,
 ) -> dict:
-    """Every setting idle and busy, each in its own process; the slowdown per trainer."""
+    """Every setting idle and busy, each run in its own process, `repeats` times; the slowdown per trainer.
+
+    The idle and busy runs of a setting follow each other, in alternating order over the repeats, so a
+    drift in the machine's other load lands on both; the medians over the repeats are compared.
+    """
     steps = steps or (3 if quick else 8)
+    repeats = repeats or (1 if quick else 2)
     result: dict = {
         "steps": steps,
+        "repeats": repeats,
         "plip_batch": plip_batch,
         "assistant_batch": assistant_batch,
         "cores": os.cpu_count(),
@@ -112,17 +119,31 @@ def run(
         "settings": {},
         "shipped": SHIPPED,
     }
+    runs = {setting.name: {"idle": [], "busy": []} for setting in settings}
+    for repeat in range(repeats):
+        for setting in settings:
+            args = ["--worker", "--steps", str(steps), "--plip-batch", str(plip_batch)]
+            args += ["--assistant-batch", str(assistant_batch)]
+            args += ["--threads", str(setting.threads)] if setting.threads else []
+            with environment(dict(setting.env)):
+                for condition in ("idle", "busy") if repeat % 2 == 0 else ("busy", "idle"):
+                    print(
+                        f"   {setting.name}: {condition} ({repeat + 1}/{repeats})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    with busy_process() if condition == "busy" else contextlib.nullcontext():
+                        runs[setting.name][condition].append(run_worker("busy_machine", args))
     for setting in settings:
-        args = ["--worker", "--steps", str(steps), "--plip-batch", str(plip_batch)]
-        args += ["--assistant-batch", str(assistant_batch)]
-        args += ["--threads", str(setting.threads)] if setting.threads else []
         entry: dict = {"threads": setting.threads or os.cpu_count(), "env": dict(setting.env)}
-        with environment(dict(setting.env)):
-            print(f"   {setting.name}: idle", file=sys.stderr, flush=True)
-            entry["idle"] = run_worker("busy_machine", args)
-            print(f"   {setting.name}: next to one busy process", file=sys.stderr, flush=True)
-            with busy_process():
-                entry["busy"] = run_worker("busy_machine", args)
+        for condition, measured in runs[setting.name].items():
+            entry[condition] = {
+                "applied": measured[0]["applied"],
+                **{
+                    key: round(median([m[key] for m in measured]), 4)
+                    for key in ("plip_step_s", "assistant_step_s")
+                },
+            }
         entry["slowdown"] = {
             trainer: round(entry["busy"][f"{trainer}_step_s"] / entry["idle"][f"{trainer}_step_s"], 3)
             for trainer in ("plip", "assistant")

@@ -403,7 +403,8 @@ def render(results: dict) -> str:
             "Sections measured by a later command and merged into this page: "
             + "; ".join(
                 f"{', '.join(m['sections'])} by `{m['command']}` ({m['started']}, load average "
-                f"{m['machine'].get('load_average_1m')} at its start)"
+                f"{m['machine'].get('load_average_1m')} at its start"
+                + (f"; {m['note']})" if m.get("note") else ")")
                 for m in results["merged"]
             )
             + ".",

@@ -32,7 +32,7 @@ def busy_machine_section(busy: dict) -> list[str]:
         f"{busy['steps']} optimiser steps of tiny PLIP (batch {busy['plip_batch']}) and of the tiny "
         f"assistant (batch {busy['assistant_batch']}) on {busy['cores']} cores, each setting in a fresh "
         f"process, idle and next to one competing process (`{busy['competing_process']}`); median "
-        f"seconds per step ({_load(busy)}):",
+        f"seconds per step, the median over {busy.get('repeats', 1)} such process(es) ({_load(busy)}):",
         "",
         table(
             [
