@@ -118,7 +118,8 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
     runner.run_command("plip", "train", "--data", "x.jsonl", "--batch-size", "16")
     runner.run_command("train", "--stage", "align", "--config", "recipe.yaml")
     runner.run_command("data", "build", "--kind", "vqa")
-    assert [args[:2] for args in in_process] == [["data", "build"]]
+    runner.run_command("train", "--stage", "slide", "--config", "slide.yaml")
+    assert [args[:2] for args in in_process] == [["data", "build"], ["train", "--stage"]]
     assert len(launched) == 2
     for (command, env), expected in zip(launched, (["plip", "train"], ["train", "--stage"]), strict=True):
         assert command[command.index("--num_processes") + 1] == "2"

@@ -301,3 +301,43 @@ def test_type_weights_shape_the_limited_subset():
         subset_indices(kinds, 10, 0, {"open": 0})
     with pytest.raises(ValueError, match="set data.limit"):
         load_samples(DataSection(path="x.jsonl", type_weights={"open": 1}), "instruct")
+
+
+def test_group_closed_keeps_an_images_yes_no_questions_adjacent():
+    from pallava.train.data import Sample, epoch_order, question_groups
+
+    def sample(image, kind, suffix):
+        return Sample(id=f"{image}-{suffix}", conversation=[], image=image, answer_type=kind)
+
+    samples = []
+    for image in ("a.png", "b.png", "c.png"):
+        samples += [sample(image, "closed", "yes"), sample(image, "closed", "no"), sample(image, "open", "o")]
+    samples += samples[:2]  # the first image's yes/no pair repeated by dataset balancing
+    groups = question_groups(samples)
+    order = epoch_order(len(samples), seed=0, epoch=1, groups=groups)
+    assert sorted(order) == list(range(len(samples)))  # a permutation: nothing lost or repeated
+    position = {index: place for place, index in enumerate(order)}
+    for first, second in ((0, 1), (3, 4), (6, 7), (9, 10)):  # each pair (and the repeated copy) adjacent
+        assert abs(position[first] - position[second]) == 1
+    assert groups[9] != groups[0]  # the copy forms its own pair instead of a group of four
+    assert len({groups[i] for i in (2, 5, 8)}) == 3  # open questions stay on their own
+    assert epoch_order(len(samples), 0, 1, groups) == order
+    assert epoch_order(len(samples), 0, 2, groups) != order
+    with pytest.raises(ValueError, match="2 group keys for 11 samples"):
+        epoch_order(len(samples), 0, 1, groups[:2])
+
+
+def test_a_grouped_subset_keeps_whole_yes_no_groups():
+    from pallava.train.data import Sample, question_groups, subset_indices
+
+    samples = [
+        Sample(id=f"{i}-{kind}{j}", conversation=[], image=f"{i}.png", answer_type=kind)
+        for i in range(50)
+        for kind, count in (("closed", 2), ("open", 1))
+        for j in range(count)
+    ]
+    groups = question_groups(samples)
+    keep = subset_indices([s.answer_type for s in samples], 60, 1, {"open": 0.5}, groups)
+    assert 60 <= len(keep) <= 61 and keep == sorted(keep)
+    kept_closed = [samples[i].image for i in keep if samples[i].answer_type == "closed"]
+    assert all(kept_closed.count(image) == 2 for image in kept_closed)  # no pair broken

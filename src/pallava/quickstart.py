@@ -94,7 +94,7 @@ class Quickstart:
             and "--no-progress" not in args
         ):
             args.append("--no-progress")
-        if self.s.processes > 1 and (args[0] == "train" or args[:2] == ["plip", "train"]):
+        if self.s.processes > 1 and _data_parallel(args):
             self.launch(args)
             return
         print(f"\n$ pallava {shlex.join(args)}", flush=True)
@@ -482,6 +482,16 @@ class Quickstart:
             json.dumps([r.__dict__ for r in self.results], indent=2, default=str)
         )
         print(f"\n{table}\n\n{where}\n\nNext:\n{commands}")
+
+
+def _data_parallel(args: list[str]) -> bool:
+    """Training commands that run data-parallel: PLIP and the assistant's two stages (the slide stage's
+    batches are whole slides of different sizes: it stays one process)."""
+    if args[:2] == ["plip", "train"]:
+        return True
+    return (
+        args[0] == "train" and "--stage" in args and args[args.index("--stage") + 1] in ("align", "instruct")
+    )
 
 
 def _shown(metrics: dict) -> str:
