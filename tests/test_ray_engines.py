@@ -88,15 +88,15 @@ class KillOnceLoader:
         from pallava.models.plip import PlipZeroShot
 
         plip, marker, calls = PlipZeroShot.from_pretrained(model_dir, device), self.marker, []
-        encode = plip.encode_images
+        encode = plip.encode_pixels  # what `slide map` calls per batch of tiles
 
-        def encode_images(images, batch_size=64):
-            calls.append(len(images))
+        def encode_pixels(pixel_values):
+            calls.append(len(pixel_values))
             if len(calls) == 2 and _claim(marker):
                 os.kill(os.getpid(), signal.SIGKILL)
-            return encode(images, batch_size)
+            return encode(pixel_values)
 
-        plip.encode_images = encode_images
+        plip.encode_pixels = encode_pixels
         return plip
 
 
@@ -252,16 +252,16 @@ def test_cohort_on_ray_resumes_after_the_driver_is_killed(
 
         def load(model_dir, device):
             plip, calls = PlipZeroShot.from_pretrained(model_dir, device), []
-            encode = plip.encode_images
+            encode = plip.encode_pixels
 
-            def hang_on_second_slide(images, batch_size=64):
+            def hang_on_second_slide(pixel_values):
                 calls.append(1)
                 if len(calls) > {batches}:
                     Path({str(flag)!r}).touch()
                     time.sleep(3600)
-                return encode(images, batch_size)
+                return encode(pixel_values)
 
-            plip.encode_images = hang_on_second_slide
+            plip.encode_pixels = hang_on_second_slide
             return plip
 
         options = TilingOptions{tuple(vars(OPTIONS).values())!r}
