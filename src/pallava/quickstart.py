@@ -1,4 +1,5 @@
-"""The main job in one command: corpus -> PLIP -> assistant (2 stages) -> evaluation -> an answer.
+"""The main job in one command: corpus -> PLIP -> assistant (2 stages) -> evaluation -> an answer -> whole
+slides (virtual slides from the train tiles, stage slide, evaluation on virtual slides from the dev tiles).
 
 Every step runs the project's own sub-commands (`pallava data ...`, `pallava plip ...`, `pallava train ...`,
 `pallava eval ...`), so the quickstart exercises exactly what users run by hand. A step is skipped when its
@@ -30,6 +31,11 @@ CONFIGS = PACKAGE_ROOT / "configs"
 # datasets then repeats the small ones in it.
 STAGE2_QUESTIONS = 24_000
 
+# The slide step: virtual slides from the train tiles (stage slide) and from the dev tiles (evaluation), small
+# so that building, features, the stage and the evaluation stay within about 2.5 minutes of the demo.
+SLIDES = {"train": 30, "dev": 15, "min_tiles": 50, "max_tiles": 150}
+SMOKE_SLIDES = {"train": 3, "dev": 3, "min_tiles": 8, "max_tiles": 12}
+
 # Captions that describe animal tissue: the text judge must reject them (paper: non-human pathology removed).
 NON_HUMAN_CAPTIONS = (
     "Haematoxylin and eosin section of mouse lung from a transgenic model, showing alveolar walls thickened "
@@ -60,6 +66,7 @@ class QuickstartSettings:
     progress: bool = True
     plip_args: list[str] = field(default_factory=list)
     train_overrides: list[str] = field(default_factory=list)
+    slides: bool = True  # the whole-slide step (virtual slides, stage slide, slide evaluation)
 
 
 @dataclass
@@ -390,6 +397,85 @@ class Quickstart:
             answers[name] = {"image": str(item.path), "label": item.label, "answer": answer}
         return {"question": question, "answers": answers}
 
+    # --- whole slides --------------------------------------------------------------------------------
+    def train_slides(self, manifests: dict[str, Path]) -> dict:
+        """Virtual slides from the train tiles -> stage slide (and attention-MIL) -> evaluation on virtual
+        slides from the dev tiles. Tile features are computed once into OUT/slides/features and shared by
+        the stage and the evaluation."""
+        sizes = SMOKE_SLIDES if self.s.smoke else SLIDES
+        slides, features = self.out / "slides", self.out / "slides" / "features"
+        for offset, split in enumerate(("train", "dev")):  # another seed for dev: other layouts, too
+            self.run_command(
+                "data",
+                "build",
+                "--kind",
+                "virtual-slides",
+                *self.data_args(manifests),
+                "--split",
+                split,
+                "--n",
+                sizes[split],
+                "--min-tiles",
+                sizes["min_tiles"],
+                "--max-tiles",
+                sizes["max_tiles"],
+                "--seed",
+                self.s.seed + offset,
+                "--out",
+                slides / split,
+            )
+        smoke = ["train.max_steps=2", "train.batch_size=2", "slide.mil_epochs=2"] if self.s.smoke else []
+        model = self.out / "slide-assistant"
+        self.run_command(
+            "train",
+            "--stage",
+            "slide",
+            "--config",
+            CONFIGS / "slide-tiny.yaml",
+            "--data",
+            slides / "train",
+            "--init",
+            self.out / "assistant",
+            "--out",
+            model,
+            "--seed",
+            self.s.seed,
+            f"slide.plip={self.out / 'plip'}",
+            f"feature_cache.dir={features}",
+            *smoke,
+        )
+        report = self.out / "reports" / "slides"
+        self.run_command(
+            "eval",
+            "slides",
+            "--model",
+            model,
+            "--slides",
+            slides / "dev",
+            "--out",
+            report,
+            "--cache-dir",
+            features,
+        )
+        methods = json.loads((report / "report.json").read_text())["methods"]
+        metrics = {"train_slides": sizes["train"], "dev_slides": sizes["dev"]}
+        for name in ("tumour_present", "tumour_type", "pointing_game"):
+            metrics[name] = methods["slide_model"][name]["value"]
+        metrics["mil_tumour_present"] = (
+            methods.get("attention_mil", {}).get("tumour_present", {}).get("value")
+        )
+        return metrics
+
+    def slide_summary(self) -> str:
+        """Where the slide step's model and report are, for the summary (empty when it did not run)."""
+        if not any(r.name == "6-slides" for r in self.results):
+            return ""
+        model, report = self.out / "slide-assistant", self.out / "reports" / "slides" / "report.md"
+        return (
+            f"\n- slide model: `{model}` (`pallava slide ask --slide SLIDE --model {model} QUESTION`)"
+            f"\n- slide report: `{report}` (the slide model and two baselines on the dev slides)"
+        )
+
     # --- the whole run -----------------------------------------------------------------------------
     def run(self) -> list[StepResult]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -409,6 +495,12 @@ class Quickstart:
         reports = self.out / "reports"
         self.step("4-evaluation", [reports / "suite" / "summary.md"], lambda: self.evaluate(manifests))
         self.step("5-example", [self.out / "assistant"], lambda: self.example_answer(manifests))
+        if self.s.slides:
+            self.step(
+                "6-slides",
+                [self.out / "slide-assistant" / "slide_config.json", reports / "slides" / "report.json"],
+                lambda: self.train_slides(manifests),
+            )
         self.write_summary()
         return self.results
 
@@ -443,7 +535,7 @@ class Quickstart:
             f"`{self.out / 'reports' / 'suite' / 'summary.md'}` "
             "(95% intervals, one folder per dataset)\n"
             f"- cleaning report: `{self.out / 'corpus' / 'clean' / 'report.md'}`"
-        )
+        ) + self.slide_summary()
         commands = (
             f"pallava chat  --model {model} IMAGE 'What is the diagnosis?'\n"
             f"pallava serve --model {model} --port 8000\n"
