@@ -140,6 +140,12 @@ class SlideSection:
         default_factory=lambda: ["presence", "diagnosis", "organ", "location", "choice"]
     )
     attention_loss: float = 0.0  # weight of -log(attention mass on tumour tiles) on tumour slides (0: off)
+    # A sample is a slide asked every kind of `questions` from one connector pass (the connector over all the
+    # tiles is nearly all of a step's cost), rather than one (slide, kind) pair per connector pass.
+    every_question: bool = False
+    # Weight of each kind's answer tokens in the loss (kinds not named: 1), e.g. {presence: 3}: a one-token
+    # "yes"/"no" otherwise counts for less than a five-token class name.
+    question_weights: dict[str, float] = field(default_factory=dict)
     plip: str | None = None  # PLIP folder: also embed tiles with PLIP and train the attention-MIL baseline
     mil_epochs: int = 40
 
