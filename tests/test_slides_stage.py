@@ -283,7 +283,10 @@ def test_every_question_asks_each_slide_every_kind_from_one_connector_pass(run):
     embeds, mass = task.slide_model.image_embeddings(
         separate["global_tokens"], separate["tile_tokens"], separate["positions"], separate["tile_mask"], True
     )
-    summed, tokens = task.slide_model.loss(separate, embeds)
+    weights = recipe.slide.question_weights  # the recipe's, applied per question in both
+    summed, tokens = task.slide_model.loss(
+        separate, embeds, torch.tensor([float(weights.get(kind, 1.0)) for _, kind in pairs])
+    )
     expected = summed / tokens + 0.5 * attention_loss(
         mass[:: len(kinds)], [(task.features[i], task.truths[i]) for i in slides]
     )
