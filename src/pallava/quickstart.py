@@ -104,12 +104,13 @@ class Quickstart:
 
     def launch(self, args: list[str]) -> None:
         command = accelerate_command(args, self.s.processes)
-        print(f"\n$ {shlex.join(command[2:])}", flush=True)
+        shown = shlex.join(["accelerate", "launch", *command[3:]])  # the same, as a user types it
+        print(f"\n$ {shown}", flush=True)
         # One thread per process: the processes already fill the cores, and idle threads would spin.
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         code = subprocess.run(command, env=env).returncode
         if code:
-            raise RuntimeError(f"`{shlex.join(command[2:])}` failed with exit code {code}")
+            raise RuntimeError(f"`{shown}` failed with exit code {code}")
 
     def step(self, name: str, outputs: list[Path], body: Callable[[], dict]) -> dict:
         marker = self.markers / f"{name}.json"
