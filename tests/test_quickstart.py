@@ -152,3 +152,40 @@ def test_no_slides_leaves_the_slide_step_out(smoke_run, shared_data, tmp_path, c
     summary = json.loads((out / "reports" / "summary.json").read_text())
     assert [step["name"] for step in summary][-1] == "5-example"
     assert not (out / "slide-assistant").exists()
+
+
+def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_path, monkeypatch):
+    """With processes > 1 the training commands (PLIP, both assistant stages) go through `accelerate launch`
+    with one thread per process; other commands run in this process."""
+    import subprocess
+
+    from pallava import quickstart
+    from pallava.train.launch import accelerate_command, default_processes
+
+    launched, in_process = [], []
+
+    def fake_run(command, env):
+        launched.append((command, env))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(quickstart.subprocess, "run", fake_run)
+    monkeypatch.setattr(quickstart, "pallava_main", lambda args: in_process.append(args) or 0)
+    runner = quickstart.Quickstart(quickstart.QuickstartSettings(out=tmp_path, processes=2, progress=False))
+    runner.run_command("plip", "train", "--data", "x.jsonl", "--batch-size", "16")
+    runner.run_command("train", "--stage", "align", "--config", "recipe.yaml")
+    runner.run_command("data", "build", "--kind", "vqa")
+    runner.run_command("train", "--stage", "slide", "--config", "slide.yaml")
+    assert [args[:2] for args in in_process] == [["data", "build"], ["train", "--stage"]]
+    assert len(launched) == 2
+    for (command, env), expected in zip(launched, (["plip", "train"], ["train", "--stage"]), strict=True):
+        assert command[command.index("--num_processes") + 1] == "2"
+        assert command[command.index("pallava.cli") + 1 :][:2] == expected
+        assert env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(
+        quickstart.subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, 3)
+    )
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        runner.run_command("train", "--stage", "instruct")
+    assert default_processes() in (1, 2, 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        accelerate_command(["train"], 0)

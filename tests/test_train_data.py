@@ -282,3 +282,22 @@ def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path
     assert (
         cache.build(model.encode_crops, processor.image_processor, {"v1": lambda: 1 / 0}, progress=False) == 0
     )
+
+
+def test_type_weights_shape_the_limited_subset():
+    from pallava.train.data import subset_indices
+
+    kinds = ["open"] * 600 + ["closed"] * 300 + ["choice"] * 100
+    uniform = subset_indices(kinds, 200, seed=3)
+    assert uniform == subset_indices(kinds, 200, seed=3) and len(set(uniform)) == 200
+    weighted = subset_indices(kinds, 200, seed=3, type_weights={"open": 0.25})
+    assert len(set(weighted)) == 200 and weighted == sorted(weighted)
+    share = {k: sum(kinds[i] == k for i in weighted) / 200 for k in ("open", "closed", "choice")}
+    # open questions weigh a quarter: far fewer of them than their 60% share of the pool
+    assert share["open"] < 0.45 and share["closed"] > 0.35 and share["choice"] > 0.1
+    with pytest.raises(ValueError, match="unknown \\['essay'\\]"):
+        subset_indices(kinds, 10, 0, {"essay": 2})
+    with pytest.raises(ValueError, match="positive"):
+        subset_indices(kinds, 10, 0, {"open": 0})
+    with pytest.raises(ValueError, match="set data.limit"):
+        load_samples(DataSection(path="x.jsonl", type_weights={"open": 1}), "instruct")

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import shlex
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pallava.cli import main as pallava_main
+from pallava.train.launch import accelerate_command
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = PACKAGE_ROOT.parent / "shared" / "data"
@@ -37,6 +40,10 @@ STAGE2_QUESTIONS = 24_000
 # memorise), balanced per organ between tumour and none (no "this organ: yes" shortcut).
 SLIDES = {"train": (60, 25, 75), "dev": (18, 50, 150)}  # split -> (slides, fewest tiles, most tiles)
 SMOKE_SLIDES = {"train": (3, 8, 12), "dev": (3, 8, 12)}
+
+# Global batches of the training recipes (PLIP 32, the assistant 16): split evenly over the processes.
+PLIP_BATCH, ASSISTANT_BATCH = 32, 16
+
 
 # Captions that describe animal tissue: the text judge must reject them (paper: non-human pathology removed).
 NON_HUMAN_CAPTIONS = (
@@ -66,6 +73,7 @@ class QuickstartSettings:
     smoke: bool = False
     seed: int = 0
     progress: bool = True
+    processes: int = 1  # data-parallel training processes (gloo on CPU); 1, 2 or 4
     plip_args: list[str] = field(default_factory=list)
     train_overrides: list[str] = field(default_factory=list)
     slides: bool = True  # the whole-slide step (virtual slides, stage slide, slide evaluation)
@@ -95,10 +103,23 @@ class Quickstart:
             and "--no-progress" not in args
         ):
             args.append("--no-progress")
+        if self.s.processes > 1 and _data_parallel(args):
+            self.launch(args)
+            return
         print(f"\n$ pallava {shlex.join(args)}", flush=True)
         code = pallava_main(args)
         if code:
             raise RuntimeError(f"`pallava {shlex.join(args)}` failed with exit code {code}")
+
+    def launch(self, args: list[str]) -> None:
+        command = accelerate_command(args, self.s.processes)
+        shown = shlex.join(["accelerate", "launch", *command[3:]])  # the same, as a user types it
+        print(f"\n$ {shown}", flush=True)
+        # One thread per process: the processes already fill the cores, and idle threads would spin.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        code = subprocess.run(command, env=env).returncode
+        if code:
+            raise RuntimeError(f"`{shown}` failed with exit code {code}")
 
     def step(self, name: str, outputs: list[Path], body: Callable[[], dict]) -> dict:
         marker = self.markers / f"{name}.json"
@@ -253,6 +274,8 @@ class Quickstart:
         ]
         if self.s.smoke:
             args += ["--max-steps", "2", "--batch-size", "4"]
+        elif self.s.processes > 1:
+            args += ["--batch-size", str(PLIP_BATCH // self.s.processes)]  # the same global batch
         self.run_command(*args, *self.s.plip_args)
         self.run_command("plip", "export-vision", "--model", plip, "--out", self.out / "plip-vision")
         return {}
@@ -296,6 +319,8 @@ class Quickstart:
             data / "stage2.jsonl",
         )
         smoke = ["train.max_steps=2", "train.batch_size=4"] if self.s.smoke else []
+        if not self.s.smoke and self.s.processes > 1:  # the same global batch over the processes
+            smoke = [f"train.batch_size={ASSISTANT_BATCH // self.s.processes}"]
         recipe = CONFIGS / "assistant-tiny.yaml"
         vision = f"model.vision_path={self.out / 'plip-vision'}"
         self.run_command(
@@ -554,6 +579,16 @@ class Quickstart:
             json.dumps([r.__dict__ for r in self.results], indent=2, default=str)
         )
         print(f"\n{table}\n\n{where}\n\nNext:\n{commands}")
+
+
+def _data_parallel(args: list[str]) -> bool:
+    """Training commands that run data-parallel: PLIP and the assistant's two stages (the slide stage's
+    batches are whole slides of different sizes: it stays one process)."""
+    if args[:2] == ["plip", "train"]:
+        return True
+    return (
+        args[0] == "train" and "--stage" in args and args[args.index("--stage") + 1] in ("align", "instruct")
+    )
 
 
 def _shown(metrics: dict) -> str:

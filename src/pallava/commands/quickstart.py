@@ -9,6 +9,9 @@ from pathlib import Path
 
 def run(args: argparse.Namespace) -> int:
     from pallava.quickstart import DEFAULT_DATA, DEFAULT_SAMPLES, Quickstart, QuickstartSettings
+    from pallava.train.launch import default_processes
+
+    processes = default_processes() if args.processes == "auto" else int(args.processes)
 
     settings = QuickstartSettings(
         data=[Path(path) for path in args.data] if args.data else list(DEFAULT_DATA),
@@ -19,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         slides=not args.no_slides,
+        processes=1 if args.smoke else processes,
     )
     try:
         Quickstart(settings).run()
@@ -60,6 +64,13 @@ def register(subparsers) -> None:
         "--no-slides",
         action="store_true",
         help="skip the whole-slide step (virtual slides, stage slide, slide evaluation)",
+    )
+    parser.add_argument(
+        "--processes",
+        choices=["auto", "1", "2", "4"],
+        default="auto",
+        help="data-parallel training processes, one thread each (default auto: one per core, up to 4); "
+        "1 on a machine that is busy with other work",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)

@@ -49,6 +49,7 @@ class DataSection:
     image_root: str | None = None  # relative image paths resolve here (default: the data file's folder)
     answer_types: list[str] | None = None  # keep only these VQA answer types (closed, open, choice)
     limit: int | None = None  # a seeded random subset of this many samples
+    type_weights: dict | None = None  # answer type -> weight in the `limit` subset (default 1 each)
     seed: int = 0  # seed of generated captions/questions and of the subset
     balance: str | None = (
         None  # several datasets: sqrt (default) | equal | proportional | none (data.datasets)

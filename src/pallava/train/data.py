@@ -119,6 +119,8 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
     With several datasets (a list of paths or a YAML dataset list) every sample keeps its dataset's name
     and the smaller datasets are repeated as `data.balance` / `data.weights` say.
     """
+    if section.type_weights is not None and section.limit is None:
+        raise ValueError("data.type_weights weighs the answer types in the data.limit subset: set data.limit")
     paths = section.path if isinstance(section.path, list) else [section.path]
     for path in paths:
         if not Path(path).exists():
@@ -147,7 +149,9 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
             )
         samples = [sample for sample in samples if sample.answer_type in section.answer_types]
     if section.limit is not None and section.limit < len(samples):
-        keep = sorted(random.Random(section.seed).sample(range(len(samples)), section.limit))
+        keep = subset_indices(
+            [s.answer_type for s in samples], section.limit, section.seed, section.type_weights
+        )
         samples = [samples[i] for i in keep]
     if not samples:
         raise ValueError(f"data.path: {', '.join(map(str, paths))} holds no training samples")
@@ -155,6 +159,27 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
     return [
         samples[i] for i in balance([s.dataset for s in samples], datasets.balance, weights, section.seed)
     ]
+
+
+def subset_indices(
+    answer_types: Sequence[str | None], limit: int, seed: int, type_weights: dict | None = None
+) -> list[int]:
+    """A seeded subset of `limit` sample indices, in order. Uniform, or with `type_weights` (answer type ->
+    weight, 1 for a type not named) drawn without replacement in proportion to the weights
+    (Efraimidis-Spirakis keys u^(1/w)): a mix can favour the question forms that are slow to learn."""
+    rng = random.Random(seed)
+    if not type_weights:
+        return sorted(rng.sample(range(len(answer_types)), limit))
+    unknown = set(type_weights) - set(ANSWER_TYPES)
+    if unknown:
+        raise ValueError(
+            f"data.type_weights: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}"
+        )
+    weights = [float(type_weights.get(kind, 1.0)) for kind in answer_types]
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"data.type_weights: weights must be positive, got {type_weights}")
+    keys = [rng.random() ** (1.0 / w) for w in weights]
+    return sorted(sorted(range(len(keys)), key=keys.__getitem__, reverse=True)[:limit])
 
 
 # --- augmented views ------------------------------------------------------------------------------
