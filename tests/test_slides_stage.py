@@ -196,6 +196,21 @@ def test_questions_are_scored_against_the_truth(run):
     torch.manual_seed(0)
 
 
+def _recipe(root, *overrides: str):
+    """The repository's slide recipe on the fixture's slides, assistant and feature cache."""
+    return load_recipe(
+        REPO_CONFIG,
+        "slide",
+        [
+            f"data.path={root / 'slides'}",
+            f"model.init={root / 'assistant'}",
+            f"feature_cache.dir={root / 'cache'}",
+            "slide.chunk_tiles=4",
+            *overrides,
+        ],
+    )
+
+
 def test_a_stopped_slide_stage_resumes_and_logs_the_uninterrupted_losses(run, tmp_path, monkeypatch):
     """Stage slide on the training loop: a run stopped after its step-2 checkpoint continues from it and
     replays the seeded question stream, so steps 3-4 are the uninterrupted run's."""
@@ -203,19 +218,8 @@ def test_a_stopped_slide_stage_resumes_and_logs_the_uninterrupted_losses(run, tm
     from pallava.train.feedback import read_jsonl
 
     root, _ = run
-    recipe = load_recipe(
-        REPO_CONFIG,
-        "slide",
-        [
-            f"data.path={root / 'slides'}",
-            f"model.init={root / 'assistant'}",
-            f"feature_cache.dir={root / 'cache'}",
-            "train.max_steps=4",
-            "train.batch_size=4",
-            "checkpoint.every=2",
-            "logging.tensorboard=false",
-            "slide.chunk_tiles=4",
-        ],
+    recipe = _recipe(
+        root, "train.max_steps=4", "train.batch_size=4", "checkpoint.every=2", "logging.tensorboard=false"
     )
     reference = train_slide(recipe, tmp_path / "reference", progress=False)
 
@@ -250,19 +254,7 @@ def test_every_question_asks_each_slide_every_kind_from_one_connector_pass(run):
     from pallava.train.slide import SlideTask, attention_loss, collate
 
     root, _ = run
-    recipe = load_recipe(
-        REPO_CONFIG,
-        "slide",
-        [
-            f"data.path={root / 'slides'}",
-            f"model.init={root / 'assistant'}",
-            f"feature_cache.dir={root / 'cache'}",
-            "train.batch_size=2",
-            "slide.every_question=true",
-            "slide.attention_loss=0.5",
-            "slide.chunk_tiles=4",
-        ],
-    )
+    recipe = _recipe(root, "train.batch_size=2", "slide.every_question=true", "slide.attention_loss=0.5")
     task = SlideTask(recipe, progress=False)
     loop = SimpleNamespace(
         accelerator=SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None), show_progress=False
