@@ -160,6 +160,7 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
     import subprocess
 
     from pallava import quickstart
+    from pallava.quickstart import runner as step_runner
     from pallava.train.launch import accelerate_command, default_processes
 
     launched, in_process = [], []
@@ -168,8 +169,8 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
         launched.append((command, env))
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(quickstart.subprocess, "run", fake_run)
-    monkeypatch.setattr(quickstart, "pallava_main", lambda args: in_process.append(args) or 0)
+    monkeypatch.setattr(step_runner.subprocess, "run", fake_run)
+    monkeypatch.setattr(step_runner, "pallava_main", lambda args: in_process.append(args) or 0)
     runner = quickstart.Quickstart(quickstart.QuickstartSettings(out=tmp_path, processes=2, progress=False))
     runner.run_command("plip", "train", "--data", "x.jsonl", "--batch-size", "16")
     runner.run_command("train", "--stage", "align", "--config", "recipe.yaml")
@@ -182,7 +183,7 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
         assert command[command.index("pallava.cli") + 1 :][:2] == expected
         assert env["OMP_NUM_THREADS"] == "1"
     monkeypatch.setattr(
-        quickstart.subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, 3)
+        step_runner.subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, 3)
     )
     with pytest.raises(RuntimeError, match="exit code 3"):
         runner.run_command("train", "--stage", "instruct")
