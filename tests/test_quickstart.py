@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -87,6 +90,7 @@ def test_reports_and_summary_are_written(smoke_run):
         "3-assistant",
         "4-evaluation",
         "5-example",
+        "6-slides",
     ]
     assert list(reports.glob("**/*.png")), "reports come with plots"
 
@@ -94,8 +98,60 @@ def test_reports_and_summary_are_written(smoke_run):
 def test_rerun_skips_completed_steps(smoke_run, shared_data, capsys):
     assert main(_command(shared_data, smoke_run)) == 0
     printed = capsys.readouterr().out
-    assert printed.count("already complete, skipped") == 5
+    assert printed.count("already complete, skipped") == 6
     assert "$ pallava" not in printed  # no step ran a command again
+
+
+def _split_images(smoke_run) -> dict[str, set[Path]]:
+    """The smoke subsets' images by split, over the three datasets."""
+    images: dict[str, set[Path]] = {"train": set(), "dev": set()}
+    for name in DATASETS:
+        with (smoke_run / "data" / name / "manifest.csv").open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                images[row["split"]].add(Path(row["path"]).resolve())
+    return images
+
+
+def test_slide_step_trains_on_train_tiles_and_evaluates_on_dev_tiles(smoke_run):
+    images = _split_images(smoke_run)
+    for split in ("train", "dev"):
+        index = json.loads((smoke_run / "slides" / split / "index.json").read_text())
+        assert {s["organ"] for s in index["slides"]} == {"lung", "colon", "oral cavity"}  # every organ
+        for slide in (smoke_run / "slides" / split).glob("*.truth.json"):
+            sources = {Path(t["image"]).resolve() for t in json.loads(slide.read_text())["tiles"]}
+            assert sources <= images[split], f"{slide.name} holds tiles of another split"
+    model = smoke_run / "slide-assistant"
+    config = json.loads((model / "slide_config.json").read_text())
+    assert Path(config["init"]) == (smoke_run / "assistant").resolve()
+    assert (model / "attention-mil.safetensors").is_file()  # the baseline is trained in the same step
+    assert list((smoke_run / "slides" / "features").glob("*/*.safetensors")), "features cached under OUT"
+    report = json.loads((smoke_run / "reports" / "slides" / "report.json").read_text())
+    assert report["n_slides"] == len(index["slides"])
+    assert {"slide_model", "attention_mil", "retrieve_then_ask"} <= set(report["methods"])
+    step = next(
+        s for s in json.loads((smoke_run / "reports" / "summary.json").read_text()) if s["name"] == "6-slides"
+    )
+    expected = report["methods"]["slide_model"]["tumour_present"]["value"]
+    assert step["metrics"]["tumour_present"] == expected
+    assert (
+        step["metrics"]["mil_tumour_present"] == report["methods"]["attention_mil"]["tumour_present"]["value"]
+    )
+    row = next(
+        line for line in (smoke_run / "reports" / "summary.md").read_text().splitlines() if "6-slides" in line
+    )
+    assert f"tumour_present {expected:.3f}" in row and "pointing_game" in row
+
+
+def test_no_slides_leaves_the_slide_step_out(smoke_run, shared_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(
+        smoke_run, out, ignore=shutil.ignore_patterns("slides", "slide-assistant", "6-slides.json")
+    )
+    assert main([*_command(shared_data, out), "--no-slides"]) == 0
+    assert "virtual-slides" not in capsys.readouterr().out
+    summary = json.loads((out / "reports" / "summary.json").read_text())
+    assert [step["name"] for step in summary][-1] == "5-example"
+    assert not (out / "slide-assistant").exists()
 
 
 def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_path, monkeypatch):
@@ -104,6 +160,7 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
     import subprocess
 
     from pallava import quickstart
+    from pallava.quickstart import runner as step_runner
     from pallava.train.launch import accelerate_command, default_processes
 
     launched, in_process = [], []
@@ -112,8 +169,8 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
         launched.append((command, env))
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(quickstart.subprocess, "run", fake_run)
-    monkeypatch.setattr(quickstart, "pallava_main", lambda args: in_process.append(args) or 0)
+    monkeypatch.setattr(step_runner.subprocess, "run", fake_run)
+    monkeypatch.setattr(step_runner, "pallava_main", lambda args: in_process.append(args) or 0)
     runner = quickstart.Quickstart(quickstart.QuickstartSettings(out=tmp_path, processes=2, progress=False))
     runner.run_command("plip", "train", "--data", "x.jsonl", "--batch-size", "16")
     runner.run_command("train", "--stage", "align", "--config", "recipe.yaml")
@@ -126,7 +183,7 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
         assert command[command.index("pallava.cli") + 1 :][:2] == expected
         assert env["OMP_NUM_THREADS"] == "1"
     monkeypatch.setattr(
-        quickstart.subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, 3)
+        step_runner.subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, 3)
     )
     with pytest.raises(RuntimeError, match="exit code 3"):
         runner.run_command("train", "--stage", "instruct")

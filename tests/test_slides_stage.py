@@ -196,6 +196,21 @@ def test_questions_are_scored_against_the_truth(run):
     torch.manual_seed(0)
 
 
+def _recipe(root, *overrides: str):
+    """The repository's slide recipe on the fixture's slides, assistant and feature cache."""
+    return load_recipe(
+        REPO_CONFIG,
+        "slide",
+        [
+            f"data.path={root / 'slides'}",
+            f"model.init={root / 'assistant'}",
+            f"feature_cache.dir={root / 'cache'}",
+            "slide.chunk_tiles=4",
+            *overrides,
+        ],
+    )
+
+
 def test_a_stopped_slide_stage_resumes_and_logs_the_uninterrupted_losses(run, tmp_path, monkeypatch):
     """Stage slide on the training loop: a run stopped after its step-2 checkpoint continues from it and
     replays the seeded question stream, so steps 3-4 are the uninterrupted run's."""
@@ -203,19 +218,8 @@ def test_a_stopped_slide_stage_resumes_and_logs_the_uninterrupted_losses(run, tm
     from pallava.train.feedback import read_jsonl
 
     root, _ = run
-    recipe = load_recipe(
-        REPO_CONFIG,
-        "slide",
-        [
-            f"data.path={root / 'slides'}",
-            f"model.init={root / 'assistant'}",
-            f"feature_cache.dir={root / 'cache'}",
-            "train.max_steps=4",
-            "train.batch_size=4",
-            "checkpoint.every=2",
-            "logging.tensorboard=false",
-            "slide.chunk_tiles=4",
-        ],
+    recipe = _recipe(
+        root, "train.max_steps=4", "train.batch_size=4", "checkpoint.every=2", "logging.tensorboard=false"
     )
     reference = train_slide(recipe, tmp_path / "reference", progress=False)
 
@@ -240,3 +244,79 @@ def test_a_stopped_slide_stage_resumes_and_logs_the_uninterrupted_losses(run, tm
     for a, b in zip(want, got, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), b["step"]
         assert b["lr"] == pytest.approx(a["lr"])
+
+
+def test_every_question_asks_each_slide_every_kind_from_one_connector_pass(run):
+    """With slide.every_question a step's samples are slides: each is asked every kind, its tiles enter the
+    batch once, and the loss equals the one with a separate connector pass per question."""
+    from types import SimpleNamespace
+
+    from pallava.train.slide import SlideTask, attention_loss, collate
+
+    root, _ = run
+    recipe = _recipe(root, "train.batch_size=2", "slide.every_question=true", "slide.attention_loss=0.5")
+    task = SlideTask(recipe, progress=False)
+    loop = SimpleNamespace(
+        accelerator=SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None), show_progress=False
+    )
+    plan = task.setup(loop)
+    assert plan.steps_per_epoch == len(list_slides(root / "slides")) // 2
+    (slides, pairs), tensors = next(task.batches(0, 0, 1))
+    kinds = recipe.slide.questions
+    assert len(slides) == 2 and pairs == [(i, kind) for i in slides for kind in kinds]
+    assert tensors["tile_tokens"].shape[0] == 2 and tensors["input_ids"].shape[0] == 2 * len(kinds)
+    assert tensors["owner"].tolist() == [row for row in range(2) for _ in kinds]
+
+    task.assistant.model.eval()  # no dropout: both ways must give the same number
+    grouped = task.loss(None, ((slides, pairs), tensors), 0).loss
+    _, questions = next(task._questions())  # the same seeded stream: the step's questions
+    texts = [(row, question, answer) for row, (_, question, answer) in enumerate(questions)]
+    separate = collate([task.features[i] for i, _ in pairs], texts, task.assistant.processor)
+    embeds, mass = task.slide_model.image_embeddings(
+        separate["global_tokens"], separate["tile_tokens"], separate["positions"], separate["tile_mask"], True
+    )
+    weights = recipe.slide.question_weights  # the recipe's, applied per question in both
+    summed, tokens = task.slide_model.loss(
+        separate, embeds, torch.tensor([float(weights.get(kind, 1.0)) for _, kind in pairs])
+    )
+    expected = summed / tokens + 0.5 * attention_loss(
+        mass[:: len(kinds)], [(task.features[i], task.truths[i]) for i in slides]
+    )
+    assert torch.allclose(grouped, expected, atol=1e-5)
+
+
+def test_question_weights_count_each_answers_tokens_that_many_times(run):
+    """Weights 1 give the plain token sum; a weight of 0 drops a sequence; a weight of 2 counts it twice."""
+    from pallava.slides.model import SlideAssistant
+    from pallava.train.slide import collate
+
+    root, out = run
+    slide_model = SlideAssistant.from_pretrained(out)
+    slide_model.model.eval()
+    from pallava.slides.features import SlideFeatureCache, encoder_namespace, slide_features
+    from pallava.slides.mapping import TilingOptions
+    from pallava.slides.reader import open_slide
+
+    cache = SlideFeatureCache(
+        root / "cache",
+        encoder_namespace(slide_model.model, slide_model.assistant.processor, {"dtype": "float16"}),
+    )
+    with open_slide(list_slides(root / "slides")[0]) as slide:
+        features = slide_features(
+            slide, slide_model.model, slide_model.assistant.processor, cache, TilingOptions()
+        )
+    texts = [(0, "Is there carcinoma on this slide?", "yes"), (0, "Which organ is this tissue from?", "lung")]
+    batch = collate([features], texts, slide_model.assistant.processor)
+    with torch.no_grad():
+        embeds, _ = slide_model.image_embeddings(
+            batch["global_tokens"], batch["tile_tokens"], batch["positions"], batch["tile_mask"]
+        )
+        embeds = embeds[batch["owner"]]
+        plain = slide_model.loss(batch, embeds)
+        ones = slide_model.loss(batch, embeds, torch.tensor([1.0, 1.0]))
+        first = slide_model.loss(batch, embeds, torch.tensor([1.0, 0.0]))
+        doubled = slide_model.loss(batch, embeds, torch.tensor([2.0, 0.0]))
+        alone = slide_model.loss(collate([features], texts[:1], slide_model.assistant.processor), embeds[:1])
+    assert torch.allclose(ones[0], plain[0], atol=1e-4) and ones[1] == plain[1]
+    assert torch.allclose(first[0], alone[0], atol=1e-4) and first[1] == alone[1]
+    assert torch.allclose(doubled[0], 2 * alone[0], atol=1e-4) and doubled[1] == 2 * alone[1]

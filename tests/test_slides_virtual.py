@@ -139,3 +139,24 @@ def test_cli_builds_slides_from_a_manifest_and_refuses_organless_labels(tmp_path
     items = read_manifest(lung / "manifest.csv", "dev")
     with pytest.raises(ValueError, match="has no organ"):
         organ_pools([i for i in items if i.label != "lung_scc"], organless)
+
+
+def test_balanced_slides_alternate_tumour_and_none_on_every_organ(shared_data, tmp_path):
+    from pallava.data.datasets import merged_label_map, parse_data_args, read_labelled
+
+    datasets = parse_data_args([str(shared_data / name) for name in ("lc25000-lung", "oscc")])
+    items = read_labelled(datasets, "dev")
+    slides = build_virtual_slides(
+        items,
+        merged_label_map(datasets, items, None),
+        8,
+        tmp_path,
+        seed=0,
+        progress=False,
+        balanced=True,
+        min_tiles=40,
+        max_tiles=50,
+    )
+    for organ in ("lung", "oral cavity"):
+        assert [s["tumour_present"] for s in slides if s["organ"] == organ] == [True, False, True, False]
+    assert json.loads((tmp_path / "index.json").read_text())["balanced"] is True

@@ -151,6 +151,7 @@ def _build_slides(args: argparse.Namespace) -> int:
         min_tiles=args.min_tiles,
         max_tiles=args.max_tiles,
         progress=not args.no_progress,
+        balanced=args.balanced,
     )
     tumour = sum(s["tumour_present"] for s in slides)
     tiles = [s["tissue_tiles"] for s in slides]
@@ -262,6 +263,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     slides.add_argument(
         "--max-tiles", type=int, default=1000, help="most tissue tiles per slide (default 1000)"
+    )
+    slides.add_argument(
+        "--balanced",
+        action="store_true",
+        help="each organ's slides alternate between tumour and no tumour (default: 40%% without)",
     )
     bld.set_defaults(func=_build)
 

@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
         smoke=args.smoke,
         seed=args.seed,
         progress=not args.no_progress,
+        slides=not args.no_slides,
         processes=1 if args.smoke else processes,
     )
     try:
@@ -34,11 +35,12 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "quickstart",
-        help="end to end on real tiles: corpus, PLIP, assistant (2 stages), evaluation, an answer",
+        help="end to end on real tiles: corpus, PLIP, assistant (2 stages), evaluation, an answer, "
+        "whole slides",
         description="Build a corpus from labelled manifests, pre-train PLIP, train the assistant in two "
-        "stages, "
-        "evaluate on each dataset's dev split and answer an example question. Completed steps are skipped "
-        "on re-runs.",
+        "stages, evaluate on each dataset's dev split, answer an example question, then train and evaluate "
+        "the slide stage on virtual slides (train tiles for training, dev tiles for evaluation). Completed "
+        "steps are skipped on re-runs.",
     )
     parser.add_argument(
         "--data",
@@ -57,6 +59,11 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--smoke", action="store_true", help="a few images and steps per stage (tests, first look)"
+    )
+    parser.add_argument(
+        "--no-slides",
+        action="store_true",
+        help="skip the whole-slide step (virtual slides, stage slide, slide evaluation)",
     )
     parser.add_argument(
         "--processes",

@@ -216,8 +216,11 @@ class SlideAssistant(nn.Module):
         )
 
     # --- text -------------------------------------------------------------------------------------
-    def loss(self, batch: dict, embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy over the answer tokens (`<image>` runs take `embeds`), and their count."""
+    def loss(
+        self, batch: dict, embeds: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Summed cross-entropy over the answer tokens (`<image>` runs take `embeds`), and their count; with
+        `weights` (one per sequence) each sequence's tokens count that many times in both."""
         device = embeds.device
         input_ids = batch["input_ids"].to(device)
         inputs = self.model.merge_image_embeddings(input_ids, embeds)
@@ -231,10 +234,14 @@ class SlideAssistant(nn.Module):
             .float()
         )
         targets = batch["labels"][:, 1:].to(device)
-        summed = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        return summed, int((targets != -100).sum())
+        if weights is None:
+            summed = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            return summed, int((targets != -100).sum())
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        counted = (targets != -100).float() * weights.to(device)[:, None]
+        return (per_token * counted).sum(), float(counted.sum())
 
     @torch.inference_mode()
     def answer(self, embeds: torch.Tensor, question: str, max_new_tokens: int = 32) -> str:

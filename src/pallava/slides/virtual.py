@@ -335,11 +335,17 @@ def regions_geojson(regions: Sequence[np.ndarray], cell: int, label: str, name: 
     return {"type": "FeatureCollection", "features": features}
 
 
-def plan_slide(rng: random.Random, pools: OrganPools, min_tiles: int, max_tiles: int) -> dict:
-    """The layout of one slide: tissue cells, tumour regions, the class and source image of every cell."""
+def plan_slide(
+    rng: random.Random, pools: OrganPools, min_tiles: int, max_tiles: int, tumour: bool | None = None
+) -> dict:
+    """The layout of one slide: tissue cells, tumour regions, the class and source image of every cell.
+    `tumour` fixes whether it has tumour (None: 0, 1 or 2 regions with odds 0.4, 0.4, 0.2)."""
     n_tiles = round(math.exp(rng.uniform(math.log(min_tiles), math.log(max_tiles))))
     tissue = tissue_outline(rng, n_tiles)
-    count = rng.choices((0, 1, 2), weights=(0.4, 0.4, 0.2))[0]
+    if tumour is None:
+        count = rng.choices((0, 1, 2), weights=(0.4, 0.4, 0.2))[0]
+    else:  # one or two regions in the same 2:1 ratio as above
+        count = rng.choices((1, 2), weights=(2, 1))[0] if tumour else 0
     regions = tumour_regions(rng, tissue, count) if count else []
     benign_label = rng.choice(list(pools.benign))
     tumour_label = rng.choice(list(pools.tumour)) if regions else None
@@ -426,8 +432,12 @@ def build_virtual_slides(
     min_tiles: int = 50,
     max_tiles: int = 1000,
     progress: bool = True,
+    balanced: bool = False,
 ) -> list[dict]:
-    """Write `n` slides (organs in turn) into `out` with `index.json`; the same seed gives the same files."""
+    """Write `n` slides (organs in turn) into `out` with `index.json`; the same seed gives the same files.
+
+    `balanced`: each organ's slides alternate between tumour and no tumour, so that tumour presence is as
+    common on every organ (with random draws a small set can teach "this organ: yes" instead of looking)."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     if not 8 <= min_tiles <= max_tiles:
@@ -445,7 +455,8 @@ def build_virtual_slides(
     for index in tqdm(range(n), desc="virtual slides", unit="slide", disable=not progress):
         organ = pools[index % len(pools)]
         rng = random.Random(f"{seed}:{index}")  # each slide depends only on (seed, index)
-        plan = plan_slide(rng, organ, min_tiles, max_tiles)
+        turn = index // len(pools)  # this organ's turn-th slide
+        plan = plan_slide(rng, organ, min_tiles, max_tiles, tumour=turn % 2 == 0 if balanced else None)
         path = out / f"slide-{index:04d}-{organ.organ}.tiff"
         truth = write_slide(plan, organ, label_map, path, tile, mpp)
         summaries.append(
@@ -463,7 +474,9 @@ def build_virtual_slides(
             }
         )
     (out / "index.json").write_text(
-        json.dumps({"seed": seed, "mpp": mpp, "tile_size": tile, "slides": summaries}, indent=1)
+        json.dumps(
+            {"seed": seed, "mpp": mpp, "tile_size": tile, "balanced": balanced, "slides": summaries}, indent=1
+        )
     )
     return summaries
 

@@ -49,7 +49,6 @@ class DataSection:
     image_root: str | None = None  # relative image paths resolve here (default: the data file's folder)
     answer_types: list[str] | None = None  # keep only these VQA answer types (closed, open, choice)
     limit: int | None = None  # a seeded random subset of this many samples
-    group_closed: bool = False  # an image's yes/no questions next to each other in the epoch order
     type_weights: dict | None = None  # answer type -> weight in the `limit` subset (default 1 each)
     seed: int = 0  # seed of generated captions/questions and of the subset
     balance: str | None = (
@@ -142,6 +141,12 @@ class SlideSection:
         default_factory=lambda: ["presence", "diagnosis", "organ", "location", "choice"]
     )
     attention_loss: float = 0.0  # weight of -log(attention mass on tumour tiles) on tumour slides (0: off)
+    # A sample is a slide asked every kind of `questions` from one connector pass (the connector over all the
+    # tiles is nearly all of a step's cost), rather than one (slide, kind) pair per connector pass.
+    every_question: bool = False
+    # Weight of each kind's answer tokens in the loss (kinds not named: 1), e.g. {presence: 3}: a one-token
+    # "yes"/"no" otherwise counts for less than a five-token class name.
+    question_weights: dict[str, float] = field(default_factory=dict)
     plip: str | None = None  # PLIP folder: also embed tiles with PLIP and train the attention-MIL baseline
     mil_epochs: int = 40
 

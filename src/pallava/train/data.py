@@ -150,11 +150,7 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
         samples = [sample for sample in samples if sample.answer_type in section.answer_types]
     if section.limit is not None and section.limit < len(samples):
         keep = subset_indices(
-            [s.answer_type for s in samples],
-            section.limit,
-            section.seed,
-            section.type_weights,
-            question_groups(samples) if section.group_closed else None,
+            [s.answer_type for s in samples], section.limit, section.seed, section.type_weights
         )
         samples = [samples[i] for i in keep]
     if not samples:
@@ -166,39 +162,24 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
 
 
 def subset_indices(
-    answer_types: Sequence[str | None],
-    limit: int,
-    seed: int,
-    type_weights: dict | None = None,
-    groups: Sequence[Any] | None = None,
+    answer_types: Sequence[str | None], limit: int, seed: int, type_weights: dict | None = None
 ) -> list[int]:
     """A seeded subset of `limit` sample indices, in order. Uniform, or with `type_weights` (answer type ->
     weight, 1 for a type not named) drawn without replacement in proportion to the weights
-    (Efraimidis-Spirakis keys u^(1/w)): a mix can favour the question forms that are slow to learn.
-    With `groups` (`question_groups`), whole groups are drawn, so an image's yes/no questions stay
-    together; the subset then ends with the group that reaches `limit`."""
+    (Efraimidis-Spirakis keys u^(1/w)): a mix can favour the question forms that are slow to learn."""
     rng = random.Random(seed)
-    if not type_weights and groups is None:
+    if not type_weights:
         return sorted(rng.sample(range(len(answer_types)), limit))
-    unknown = set(type_weights or {}) - set(ANSWER_TYPES)
+    unknown = set(type_weights) - set(ANSWER_TYPES)
     if unknown:
         raise ValueError(
             f"data.type_weights: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}"
         )
-    if any(float(w) <= 0 for w in (type_weights or {}).values()):
+    weights = [float(type_weights.get(kind, 1.0)) for kind in answer_types]
+    if any(w <= 0 for w in weights):
         raise ValueError(f"data.type_weights: weights must be positive, got {type_weights}")
-    units: dict[Any, list[int]] = {}
-    for index, key in enumerate(groups if groups is not None else range(len(answer_types))):
-        units.setdefault(key, []).append(index)
-    members = list(units.values())
-    weights = [float((type_weights or {}).get(answer_types[unit[0]], 1.0)) for unit in members]
     keys = [rng.random() ** (1.0 / w) for w in weights]
-    chosen: list[int] = []
-    for unit in sorted(range(len(members)), key=keys.__getitem__, reverse=True):
-        if len(chosen) >= limit:
-            break
-        chosen += members[unit] if groups is not None else members[unit][: limit - len(chosen)]
-    return sorted(chosen)
+    return sorted(sorted(range(len(keys)), key=keys.__getitem__, reverse=True)[:limit])
 
 
 # --- augmented views ------------------------------------------------------------------------------
@@ -229,36 +210,10 @@ def view_tag(section: AugmentSection, seed: int) -> str:
 
 
 # --- order ------------------------------------------------------------------------------------------
-def epoch_order(num_samples: int, seed: int, epoch: int, groups: Sequence[Any] | None = None) -> list[int]:
-    """The sample order of one epoch (the same on every process). With `groups` (a key per sample), the
-    groups are shuffled and each group's samples stay next to each other, in their order."""
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch (the same on every process)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    if groups is None:
-        return torch.randperm(num_samples, generator=generator).tolist()
-    if len(groups) != num_samples:
-        raise ValueError(f"epoch_order: {len(groups)} group keys for {num_samples} samples")
-    members: dict[Any, list[int]] = {}
-    for index, key in enumerate(groups):
-        members.setdefault(key, []).append(index)
-    units = list(members.values())
-    return [
-        index for unit in torch.randperm(len(units), generator=generator).tolist() for index in units[unit]
-    ]
-
-
-def question_groups(samples: Sequence[Sample]) -> list[Any]:
-    """Group keys that keep each image's yes/no questions together (`data.group_closed`): one optimizer step
-    then sees the same image asked about a true and a false class, whose answers differ only through the
-    name asked, so the gradient rewards reading the question rather than the image alone."""
-    keys: list[Any] = []
-    repeats: dict[str, int] = {}  # a sample repeated by dataset balancing: its k-th copy joins group k
-    for index, sample in enumerate(samples):
-        if sample.answer_type != "closed" or not isinstance(sample.image_source, str):
-            keys.append(("one", index))
-            continue
-        copy = repeats[sample.id] = repeats.get(sample.id, -1) + 1
-        keys.append(("closed", sample.image_source, copy))
-    return keys
+    return torch.randperm(num_samples, generator=generator).tolist()
 
 
 def global_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
@@ -394,10 +349,9 @@ def epoch_loader(
     grad_accum: int,
     rank: int,
     num_workers: int = 0,
-    groups: Sequence[Any] | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over this process's micro-batches for steps [first_step, last_step) of `epoch`."""
-    order = epoch_order(samples_count, seed, epoch, groups)
+    order = epoch_order(samples_count, seed, epoch)
     plan = [
         micro
         for step in range(first_step, last_step)

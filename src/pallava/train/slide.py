@@ -57,28 +57,30 @@ def cache_root(recipe: Recipe) -> Path:
     return Path(recipe.feature_cache.dir) if recipe.feature_cache.dir else default_slide_cache_root()
 
 
-def collate(items: list, processor) -> dict:
-    """(features, question, answer) triples -> padded tokens and tiles with a tissue mask."""
+def collate(slides: list, texts: list[tuple[int, str, str]], processor) -> dict:
+    """Each distinct slide's tiles once (padded, with a tissue mask) and the (owner, question, answer) texts
+    as padded tokens; `owner` maps every text to its slide's row, so the connector runs once per slide."""
     encoded = [
         processor.encode_conversation(
             [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}]
         )
-        for _, q, a in items
+        for _, q, a in texts
     ]
     batch = processor.pad(encoded)
-    longest = max(len(f) for f, _, _ in items)
-    first = items[0][0]
-    tiles = first.tile_tokens.new_zeros(len(items), longest, *first.tile_tokens.shape[1:])
-    positions = torch.zeros(len(items), longest, 2)
-    mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for i, (features, _, _) in enumerate(items):
+    longest = max(len(f) for f in slides)
+    first = slides[0]
+    tiles = first.tile_tokens.new_zeros(len(slides), longest, *first.tile_tokens.shape[1:])
+    positions = torch.zeros(len(slides), longest, 2)
+    mask = torch.zeros(len(slides), longest, dtype=torch.bool)
+    for i, features in enumerate(slides):
         n = len(features)
         tiles[i, :n], positions[i, :n], mask[i, :n] = features.tile_tokens, features.positions, True
     batch.update(
-        global_tokens=torch.stack([f.global_tokens for f, _, _ in items]),
+        global_tokens=torch.stack([f.global_tokens for f in slides]),
         tile_tokens=tiles,
         positions=positions,
         tile_mask=mask,
+        owner=torch.tensor([owner for owner, _, _ in texts]),
     )
     return batch
 
@@ -98,9 +100,12 @@ class SlideTask(Task):
     def __init__(self, recipe: Recipe, progress: bool) -> None:
         recipe.validate()
         section, run = recipe.slide, recipe.train
-        unknown = set(section.questions) - set(KINDS)
+        unknown = (set(section.questions) | set(section.question_weights)) - set(KINDS)
         if unknown or not section.questions:
-            raise ValueError(f"slide.questions: unknown {sorted(unknown)}; expected some of {list(KINDS)}")
+            raise ValueError(
+                f"slide.questions / slide.question_weights: unknown {sorted(unknown)}; "
+                f"expected some of {list(KINDS)}"
+            )
         if not isinstance(recipe.data.path, str):
             raise ValueError(
                 f"stage slide: data.path must be one folder of virtual slides, got {recipe.data.path!r}"
@@ -158,7 +163,11 @@ class SlideTask(Task):
 
         counts = apply_trainable(model, recipe.trainable)
         slide_model.position.requires_grad_(True)
-        self.samples = [(i, kind) for i in range(len(slides)) for kind in section.questions]
+        self.samples = (
+            list(range(len(slides)))
+            if section.every_question
+            else [(i, kind) for i in range(len(slides)) for kind in section.questions]
+        )
         per_epoch = max(1, len(self.samples) // run.batch_size)
         total_steps = run.max_steps or run.epochs * per_epoch
         self.per_epoch = per_epoch
@@ -175,15 +184,19 @@ class SlideTask(Task):
 
     def _questions(self) -> Iterator[tuple[list, list]]:
         """Every step's (slide, kind) pairs and their questions: the samples in a new random order each pass,
-        a new phrasing each time (one seeded stream, so a resumed run replays it to its step)."""
-        run = self.recipe.train
+        a new phrasing each time (one seeded stream, so a resumed run replays it to its step). With
+        `slide.every_question` a sample is a slide and each of its slides is asked every kind."""
+        run, kinds = self.recipe.train, self.recipe.slide.questions
         rng = random.Random(run.seed)
         order: list = []
         while True:
             if len(order) < run.batch_size:
                 order += rng.sample(self.samples, len(self.samples))
             chosen, order = order[: run.batch_size], order[run.batch_size :]
-            yield chosen, [(i, *training_question(kind, self.truths[i], rng)) for i, kind in chosen]
+            pairs = (
+                [(i, kind) for i in chosen for kind in kinds] if self.recipe.slide.every_question else chosen
+            )
+            yield pairs, [(i, *training_question(kind, self.truths[i], rng)) for i, kind in pairs]
 
     def batches(self, epoch: int, start: int, stop: int):
         if self.stream is None:
@@ -191,12 +204,14 @@ class SlideTask(Task):
             for _ in range(epoch * self.per_epoch + start):  # a resumed run: skip what was trained
                 next(self.stream)
         for _ in range(start, stop):
-            chosen, questions = next(self.stream)
-            items = [(self.features[i], question, answer) for i, question, answer in questions]
-            yield chosen, collate(items, self.assistant.processor)
+            pairs, questions = next(self.stream)
+            slides = list(dict.fromkeys(i for i, _, _ in questions))  # each slide's connector pass once
+            texts = [(slides.index(i), question, answer) for i, question, answer in questions]
+            tensors = collate([self.features[i] for i in slides], texts, self.assistant.processor)
+            yield (slides, pairs), tensors
 
-    def loss(self, model, batch: tuple[list, dict[str, Any]], step: int) -> MicroLoss:
-        chosen, tensors = batch
+    def loss(self, model, batch: tuple[tuple[list, list], dict[str, Any]], step: int) -> MicroLoss:
+        (slides, pairs), tensors = batch
         need_mass = self.recipe.slide.attention_loss > 0
         embeds, mass = self.slide_model.image_embeddings(
             tensors["global_tokens"],
@@ -205,16 +220,21 @@ class SlideTask(Task):
             tensors["tile_mask"],
             need_mass=need_mass,
         )
-        summed, tokens = self.slide_model.loss(tensors, embeds)
+        weights = self.recipe.slide.question_weights
+        summed, tokens = self.slide_model.loss(
+            tensors,
+            embeds[tensors["owner"].to(embeds.device)],
+            torch.tensor([float(weights.get(kind, 1.0)) for _, kind in pairs]) if weights else None,
+        )
         loss = summed / max(tokens, 1)
         attention_term = torch.zeros(())
         if need_mass:
-            attention_term = attention_loss(mass, [(self.features[i], self.truths[i]) for i, _ in chosen])
+            attention_term = attention_loss(mass, [(self.features[i], self.truths[i]) for i in slides])
             loss = loss + self.recipe.slide.attention_loss * attention_term
         answer_loss = float(summed.detach()) / max(tokens, 1)
         return MicroLoss(
             loss,
-            samples=len(chosen),
+            samples=len(pairs),
             sums={"answer_loss": answer_loss, "attention_loss": attention_term.detach()},
         )
 

@@ -38,7 +38,6 @@ from pallava.train.data import (
     epoch_loader,
     global_batch_size,
     load_samples,
-    question_groups,
     steps_per_epoch,
     view_tag,
 )
@@ -296,7 +295,6 @@ class AssistantTask(Task):
             cache, keys = self._feature_cache(accelerator, model, processor, samples)
         self.collator = Collator(processor, samples, cache, keys, augment=(recipe.augment, recipe.data.seed))
         self.processor, self.num_samples = processor, len(samples)
-        self.groups = question_groups(samples) if recipe.data.group_closed else None
         self.fixed = self._fixed_samples(samples, recipe.logging.num_samples, processor)
         model.train()
         optimizer = build_optimizer(model, recipe.optim)
@@ -318,7 +316,6 @@ class AssistantTask(Task):
             run.grad_accum,
             accelerator.process_index,
             run.num_workers,
-            self.groups,
         )
 
     def weight(self, batch: dict[str, Any]) -> float:

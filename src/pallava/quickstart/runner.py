@@ -1,0 +1,82 @@
+"""Running the quickstart's steps: the project's own commands (in this process, or data-parallel under
+`accelerate launch`), each step skipped on a re-run once its marker and outputs exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pallava.cli import main as pallava_main
+from pallava.quickstart.settings import QuickstartSettings, StepResult
+from pallava.train.launch import accelerate_command
+
+
+class StepRunner:
+    def __init__(self, settings: QuickstartSettings):
+        self.s = settings
+        self.out = settings.out.resolve()
+        self.markers = self.out / ".quickstart"
+        self.results: list[StepResult] = []
+
+    # --- plumbing ----------------------------------------------------------------------------------
+    def run_command(self, *argv: str) -> None:
+        args = [str(a) for a in argv]
+        if (
+            not self.s.progress
+            and (args[0] in ("data", "train", "eval") or args[:2] == ["plip", "train"])
+            and "--no-progress" not in args
+        ):
+            args.append("--no-progress")
+        if self.s.processes > 1 and _data_parallel(args):
+            self.launch(args)
+            return
+        print(f"\n$ pallava {shlex.join(args)}", flush=True)
+        code = pallava_main(args)
+        if code:
+            raise RuntimeError(f"`pallava {shlex.join(args)}` failed with exit code {code}")
+
+    def launch(self, args: list[str]) -> None:
+        command = accelerate_command(args, self.s.processes)
+        shown = shlex.join(["accelerate", "launch", *command[3:]])  # the same, as a user types it
+        print(f"\n$ {shown}", flush=True)
+        # One thread per process: the processes already fill the cores, and idle threads would spin.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        code = subprocess.run(command, env=env).returncode
+        if code:
+            raise RuntimeError(f"`{shown}` failed with exit code {code}")
+
+    def step(self, name: str, outputs: list[Path], body: Callable[[], dict]) -> dict:
+        marker = self.markers / f"{name}.json"
+        if marker.is_file() and all(p.exists() for p in outputs):
+            recorded = json.loads(marker.read_text())
+            print(f"\n== {name}: already complete, skipped ({marker})")
+            self.results.append(StepResult(name, recorded["seconds"], recorded["metrics"], skipped=True))
+            return recorded["metrics"]
+        print(f"\n== {name}", flush=True)
+        start = time.perf_counter()
+        metrics = body()
+        seconds = time.perf_counter() - start
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise RuntimeError(f"step {name} finished without its outputs: {missing}")
+        self.markers.mkdir(parents=True, exist_ok=True)
+        temporary = marker.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"seconds": seconds, "metrics": metrics}, indent=2))
+        temporary.replace(marker)
+        self.results.append(StepResult(name, seconds, metrics, skipped=False))
+        return metrics
+
+
+def _data_parallel(args: list[str]) -> bool:
+    """Training commands that run data-parallel: PLIP and the assistant's two stages (the slide stage's
+    batches are whole slides of different sizes: it stays one process)."""
+    if args[:2] == ["plip", "train"]:
+        return True
+    return (
+        args[0] == "train" and "--stage" in args and args[args.index("--stage") + 1] in ("align", "instruct")
+    )

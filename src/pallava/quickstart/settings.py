@@ -1,0 +1,53 @@
+"""What the quickstart runs: its data, sizes and settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]
+SHARED_DATA = PACKAGE_ROOT.parent / "shared" / "data"
+# Three organs: lung and colon (LC25000) and oral mucosa (OSCC, 100x), each with its own train/dev split.
+DEFAULT_DATA = (SHARED_DATA / "lc25000-lung", SHARED_DATA / "lc25000-colon", SHARED_DATA / "oscc")
+DEFAULT_SAMPLES = PACKAGE_ROOT.parent / "shared" / "data" / "samples"
+CONFIGS = PACKAGE_ROOT / "configs"
+
+# Stage 2 trains on a seeded sample of the generated questions (9 per image, 41,220 for the three train
+# splits): one pass over a sample this size costs what the CPU budget of the demo allows, and the balancing of
+# datasets then repeats the small ones in it.
+STAGE2_QUESTIONS = 24_000
+
+# The slide step: virtual slides from the train tiles (stage slide) and from the dev tiles (evaluation), small
+# so that building, features, the stage and the evaluation stay within about 2.5 minutes of the demo. Many
+# small training slides rather than few large ones (the cost follows the tiles; more slides, less to
+# memorise), balanced per organ between tumour and none (no "this organ: yes" shortcut).
+SLIDES = {"train": (60, 25, 75), "dev": (18, 50, 150)}  # split -> (slides, fewest tiles, most tiles)
+SMOKE_SLIDES = {"train": (3, 8, 12), "dev": (3, 8, 12)}
+
+# Global batches of the training recipes (PLIP 32, the assistant 16): split evenly over the processes.
+PLIP_BATCH, ASSISTANT_BATCH = 32, 16
+
+
+@dataclass
+class QuickstartSettings:
+    """What to run. `smoke` shrinks every step (a handful of images, a few steps) on the same code path."""
+
+    data: list[Path] = field(default_factory=lambda: list(DEFAULT_DATA))
+    out: Path = Path("runs/quickstart")
+    samples: Path = DEFAULT_SAMPLES
+    labels: str | None = None  # default: each dataset's built-in map, merged
+    smoke: bool = False
+    seed: int = 0
+    progress: bool = True
+    processes: int = 1  # data-parallel training processes (gloo on CPU); 1, 2 or 4
+    plip_args: list[str] = field(default_factory=list)
+    train_overrides: list[str] = field(default_factory=list)
+    slides: bool = True  # the whole-slide step (virtual slides, stage slide, slide evaluation)
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: float
+    metrics: dict
+    skipped: bool
