@@ -155,8 +155,8 @@ def test_no_slides_leaves_the_slide_step_out(smoke_run, shared_data, tmp_path, c
 
 
 def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_path, monkeypatch):
-    """With processes > 1 the training commands (PLIP, both assistant stages) go through `accelerate launch`
-    with one thread per process; other commands run in this process."""
+    """With processes > 1 the assistant's two stages go through `accelerate launch` with one thread per
+    process; other commands (PLIP, which uses threads, and the slide stage) run in this process."""
     import subprocess
 
     from pallava import quickstart
@@ -172,15 +172,16 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
     monkeypatch.setattr(step_runner.subprocess, "run", fake_run)
     monkeypatch.setattr(step_runner, "pallava_main", lambda args: in_process.append(args) or 0)
     runner = quickstart.Quickstart(quickstart.QuickstartSettings(out=tmp_path, processes=2, progress=False))
-    runner.run_command("plip", "train", "--data", "x.jsonl", "--batch-size", "16")
+    runner.run_command("plip", "train", "--data", "x.jsonl", "cpu_threads=2")
     runner.run_command("train", "--stage", "align", "--config", "recipe.yaml")
+    runner.run_command("train", "--stage", "instruct", "--config", "recipe.yaml")
     runner.run_command("data", "build", "--kind", "vqa")
     runner.run_command("train", "--stage", "slide", "--config", "slide.yaml")
-    assert [args[:2] for args in in_process] == [["data", "build"], ["train", "--stage"]]
+    assert [args[:2] for args in in_process] == [["plip", "train"], ["data", "build"], ["train", "--stage"]]
     assert len(launched) == 2
-    for (command, env), expected in zip(launched, (["plip", "train"], ["train", "--stage"]), strict=True):
+    for (command, env), stage in zip(launched, ("align", "instruct"), strict=True):
         assert command[command.index("--num_processes") + 1] == "2"
-        assert command[command.index("pallava.cli") + 1 :][:2] == expected
+        assert command[command.index("pallava.cli") + 1 :][:3] == ["train", "--stage", stage]
         assert env["OMP_NUM_THREADS"] == "1"
     monkeypatch.setattr(
         step_runner.subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, 3)

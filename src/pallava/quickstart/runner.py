@@ -73,10 +73,9 @@ class StepRunner:
 
 
 def _data_parallel(args: list[str]) -> bool:
-    """Training commands that run data-parallel: PLIP and the assistant's two stages (the slide stage's
-    batches are whole slides of different sizes: it stays one process)."""
-    if args[:2] == ["plip", "train"]:
-        return True
+    """Training commands that run data-parallel: the assistant's two stages, whose small matrices do not pay
+    for several threads (PLIP uses threads instead; the slide stage's batches are whole slides of different
+    sizes: one process)."""
     return (
         args[0] == "train" and "--stage" in args and args[args.index("--stage") + 1] in ("align", "instruct")
     )

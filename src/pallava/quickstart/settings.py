@@ -24,8 +24,8 @@ STAGE2_QUESTIONS = 24_000
 SLIDES = {"train": (60, 25, 75), "dev": (18, 50, 150)}  # split -> (slides, fewest tiles, most tiles)
 SMOKE_SLIDES = {"train": (3, 8, 12), "dev": (3, 8, 12)}
 
-# Global batches of the training recipes (PLIP 32, the assistant 16): split evenly over the processes.
-PLIP_BATCH, ASSISTANT_BATCH = 32, 16
+# The assistant recipe's global batch: split evenly over the data-parallel processes.
+ASSISTANT_BATCH = 16
 
 
 @dataclass

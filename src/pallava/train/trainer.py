@@ -188,14 +188,16 @@ class AssistantTask(Task):
 
     @staticmethod
     def _token_loss_sum(model, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """Summed cross-entropy of the answer tokens. Logits are computed only where a label follows
+        (`logits_to_keep` as a boolean mask): the prompt and image positions, most of a sequence, never
+        reach the vocabulary projection."""
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:].to(device)
+        labels = batch["labels"].to(device)
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
+        logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits.float()
         return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:][predicts[:, :-1]], reduction="sum"
         )
 
     # --- over-long samples --------------------------------------------------------------------------
