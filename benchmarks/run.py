@@ -86,6 +86,17 @@ def run_section(name: str, module: str, args: list[str], errors: list[str]) -> d
         return {"error": str(error)}
 
 
+def _still_current(previous: dict, measured: list[str]) -> list[dict]:
+    """Earlier merged commands, each listing only the sections this command does not measure again (a
+    command whose sections are all re-measured no longer describes any number on the page)."""
+    kept = []
+    for entry in previous.get("merged", []):
+        sections = [name for name in entry["sections"] if name not in measured]
+        if sections:
+            kept.append({**entry, "sections": sections})
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="pallava benchmarks against LLaVA-NeXT and LLaVA-1.5, as ratios"
@@ -128,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.only and args.out.is_file():  # merge: what did not run keeps its numbers, and says so
         previous = json.loads(args.out.read_text())
-        results = {**previous, "merged": [*previous.get("merged", []), {**results, "sections": args.only}]}
+        results = {
+            **previous,
+            "merged": [*_still_current(previous, args.only), {**results, "sections": args.only}],
+        }
     errors: list[str] = []
     if "preprocessing" in wanted:
         cpu_tilings = ["paper-proportioned"] if args.quick else ["tiny", "paper-proportioned"]

@@ -437,3 +437,17 @@ def test_system_sections_give_their_keys_and_targets_in_their_direction():
     page = render(results)
     assert "## Training on a busy machine" in page and "| one | 1 | 1.0 | 1.5 | 1.50x |" in page
     assert "## Serving under concurrency" in page and "**4.5x**" in page
+
+
+def test_a_re_measured_section_leaves_the_older_commands_provenance():
+    from benchmarks.run import _still_current
+
+    previous = {
+        "merged": [
+            {"command": "a", "sections": ["busy-machine", "serve"]},
+            {"command": "b", "sections": ["slide-map"]},
+        ]
+    }
+    kept = _still_current(previous, ["serve", "slide-map"])
+    assert kept == [{"command": "a", "sections": ["busy-machine"]}]
+    assert _still_current({}, ["serve"]) == []
