@@ -1,7 +1,5 @@
 """Two gloo processes on halves of a batch match one process on the whole batch: ITC loss and gradients."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,6 +7,7 @@ import torch.multiprocessing as mp
 
 from pallava.models.plip import build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
+from pallava.train.launch import free_port
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
 
@@ -68,16 +67,10 @@ def _worker(rank: int, port: int, results: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     results = tmp_path_factory.mktemp("gloo") / "rank0.pt"
-    mp.spawn(_worker, args=(_free_port(), str(results)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(results)), nprocs=WORLD, join=True)
     return torch.load(results)
 
 

@@ -191,3 +191,13 @@ def test_training_commands_run_data_parallel_over_the_requested_processes(tmp_pa
     assert default_processes() in (1, 2, 4)
     with pytest.raises(ValueError, match="at least 1"):
         accelerate_command(["train"], 0)
+
+
+def test_a_visible_gpu_keeps_training_in_one_process(monkeypatch):
+    """CPU data parallelism is for machines without a GPU: with one, the single process trains on it."""
+    import torch
+
+    from pallava.train.launch import default_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_processes() == 1

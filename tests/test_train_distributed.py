@@ -4,7 +4,6 @@ batch."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from pallava.train.config import load_recipe
 from pallava.train.feedback import read_jsonl
+from pallava.train.launch import free_port
 from pallava.train.trainer import train
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make test` runs it
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it, `make te
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "assistant-tiny.yaml"
 ACCELERATE_CONFIG = CONFIG.parent / "accelerate" / "cpu-2proc.yaml"
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _overrides(manifest: Path, cache: Path, batch_size: int) -> list[str]:
@@ -62,7 +56,7 @@ def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path
         "--config_file",
         str(ACCELERATE_CONFIG),
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "pallava.cli",
         "train",

@@ -73,9 +73,12 @@ class ModelSteps(StepRunner):
             "--out",
             data / "stage2.jsonl",
         )
-        smoke = ["train.max_steps=2", "train.batch_size=4"] if self.s.smoke else []
-        if not self.s.smoke and self.s.processes > 1:  # the same global batch over the processes
-            smoke = [f"train.batch_size={ASSISTANT_BATCH // self.s.processes}"]
+        if self.s.smoke:
+            sizing = ["train.max_steps=2", "train.batch_size=4"]
+        elif self.s.processes > 1:  # the same global batch over the processes
+            sizing = [f"train.batch_size={ASSISTANT_BATCH // self.s.processes}"]
+        else:
+            sizing = []
         recipe = CONFIGS / "assistant-tiny.yaml"
         vision = f"model.vision_path={self.out / 'plip-vision'}"
         self.run_command(
@@ -89,7 +92,7 @@ class ModelSteps(StepRunner):
             "--out",
             self.out / "assistant-align",
             vision,
-            *smoke,
+            *sizing,
             *self.s.train_overrides,
         )
         self.run_command(
@@ -104,7 +107,7 @@ class ModelSteps(StepRunner):
             self.out / "assistant-align",
             "--out",
             self.out / "assistant",
-            *smoke,
+            *sizing,
             *([] if self.s.smoke else [f"data.limit={STAGE2_QUESTIONS}"]),
             *self.s.train_overrides,
         )

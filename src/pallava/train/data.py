@@ -142,11 +142,7 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
                 sample.dataset = sample.dataset or spec.name
             samples += loaded
     if section.answer_types:  # generated questions and conversation files alike carry their answer type
-        unknown = set(section.answer_types) - set(ANSWER_TYPES)
-        if unknown:
-            raise ValueError(
-                f"data.answer_types: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}"
-            )
+        _check_answer_types("data.answer_types", section.answer_types)
         samples = [sample for sample in samples if sample.answer_type in section.answer_types]
     if section.limit is not None and section.limit < len(samples):
         keep = subset_indices(
@@ -161,6 +157,12 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
     ]
 
 
+def _check_answer_types(field: str, names) -> None:
+    unknown = set(names) - set(ANSWER_TYPES)
+    if unknown:
+        raise ValueError(f"{field}: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}")
+
+
 def subset_indices(
     answer_types: Sequence[str | None], limit: int, seed: int, type_weights: dict | None = None
 ) -> list[int]:
@@ -170,11 +172,7 @@ def subset_indices(
     rng = random.Random(seed)
     if not type_weights:
         return sorted(rng.sample(range(len(answer_types)), limit))
-    unknown = set(type_weights) - set(ANSWER_TYPES)
-    if unknown:
-        raise ValueError(
-            f"data.type_weights: unknown {sorted(unknown)}; expected some of {list(ANSWER_TYPES)}"
-        )
+    _check_answer_types("data.type_weights", type_weights)
     weights = [float(type_weights.get(kind, 1.0)) for kind in answer_types]
     if any(w <= 0 for w in weights):
         raise ValueError(f"data.type_weights: weights must be positive, got {type_weights}")

@@ -17,7 +17,11 @@ ACCELERATE_CPU = Path(__file__).resolve().parents[3] / "configs" / "accelerate" 
 
 def default_processes() -> int:
     """Training processes for this machine: one per usable core, 1, 2 or 4 (divisors of the recipes' global
-    batches)."""
+    batches); 1 where a GPU is visible, which the single process then trains on."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(n for n in (1, 2, 4) if n <= cores)
 
