@@ -232,3 +232,19 @@ def test_momentum_pretrainer_trains_under_bf16_autocast_with_fp32_queues():
     assert torch.isfinite(output.loss)
     assert pretrainer.image_queue.dtype == torch.float32 and int(pretrainer.queue_ptr) == 2
     torch.testing.assert_close(pretrainer.image_queue[:2].norm(dim=1), torch.ones(2), atol=1e-2, rtol=0)
+
+
+def test_vision_shape_of_a_from_scratch_tower(tmp_path):
+    model, _ = build_plip("tiny", text_init="scratch", text_layers=1, vision={"patch_size": 16})
+    assert model.config.vision_config.patch_size == 16
+    states = model.vision_model(pixel_values=_pixels(1)).last_hidden_state
+    assert states.shape == (1, 197, 128)  # 14 x 14 patches + CLS
+    model.save_pretrained(tmp_path)
+    assert PlipConfig.from_pretrained(tmp_path).vision_config.patch_size == 16
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['patch'\]"):
+        plip_config("tiny", vision={"patch": 16})
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        plip_config("tiny", vision={"patch_size": 48})
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="from-scratch tower"):
+        build_plip("tiny", text_init="scratch", vision_init=tmp_path / "clip", vision={"patch_size": 16})

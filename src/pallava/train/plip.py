@@ -133,6 +133,7 @@ class PlipTask(Task):
             load_vision_tower(recipe.vision_init) if recipe.vision_init else None,
             recipe.text_layers,
             recipe.seed,
+            recipe.vision,
             **recipe.model_overrides(),
         )
         if recipe.freeze_text_embeddings:

@@ -38,6 +38,7 @@ class PlipTrainConfig:
     text_init: str | None  # 'minilm', 'scratch' or a BERT folder; None = the preset's default
     text_layers: int | None  # keep only the first layers of the text tower
     vision_init: str | None  # CLIP folder or the authors' PLIP state dict
+    vision: dict | None  # a from-scratch tower's shape: CLIPVisionConfig fields over the preset's
     freeze_text_embeddings: bool
     use_momentum: bool | None  # None = the preset's setting (so for the model fields below)
     momentum: float | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import BlipTextConfig, CLIPVisionModel, PreTrainedTokenizerBase
+from transformers import BlipTextConfig, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerBase
 
 from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
@@ -37,6 +37,16 @@ _PRESET_SETTINGS: dict[str, dict[str, object]] = {
     },
     "paper": {"embed_dim": 256, "use_momentum": True, "queue_size": 57600, "momentum": 0.995, "alpha": 0.4},
 }
+# What a recipe's `vision` mapping may change in a from-scratch vision tower.
+VISION_FIELDS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+)
 DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
 _TEXT_LAYERS: dict[str, int | None] = {"tiny": 2, "paper": None}
 
@@ -57,16 +67,37 @@ def _bert_base_text_config(encoder_hidden_size: int) -> BlipTextConfig:
     )
 
 
+def _vision_config(name: str, vision: dict | None) -> CLIPVisionConfig:
+    """The preset's vision tower shape with `vision` (CLIPVisionConfig fields) over it."""
+    config = tiny_vision_config() if name == "tiny" else paper_vision_config()
+    unknown = sorted(set(vision or {}) - set(VISION_FIELDS))
+    if unknown:
+        raise ValueError(f"vision: unknown field(s) {unknown}; expected some of {list(VISION_FIELDS)}")
+    for key, value in (vision or {}).items():
+        setattr(config, key, value)
+    if config.image_size % config.patch_size or config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"vision: image_size ({config.image_size}) must be a multiple of patch_size ({config.patch_size}) "
+            f"and hidden_size ({config.hidden_size}) of num_attention_heads ({config.num_attention_heads})"
+        )
+    return config
+
+
 def plip_config(
-    name: str, text_init: str | Path | None = None, text_layers: int | None = None, **overrides
+    name: str,
+    text_init: str | Path | None = None,
+    text_layers: int | None = None,
+    vision: dict | None = None,
+    **overrides,
 ) -> PlipConfig:
     """The config of preset `name`; the text tower takes the shape of `text_init` unless it is 'scratch'.
 
-    `text_layers` keeps only the first layers of the text tower (default: the preset's depth).
+    `text_layers` keeps only the first layers of the text tower (default: the preset's depth); `vision`
+    changes the shape of a from-scratch vision tower (e.g. `{"patch_size": 16}`).
     """
     if name not in PLIP_PRESETS:
         raise ValueError(f"unknown PLIP preset {name!r}; choose one of {', '.join(PLIP_PRESETS)}")
-    vision = tiny_vision_config() if name == "tiny" else paper_vision_config()
+    vision = _vision_config(name, vision)
     text_init = DEFAULT_TEXT_INIT[name] if text_init is None else text_init
     text_layers = text_layers if text_layers is not None else _TEXT_LAYERS[name]
     if str(text_init) != SCRATCH:
@@ -99,6 +130,7 @@ def build_plip(
     vision_init: str | Path | CLIPVisionModel | None = None,
     text_layers: int | None = None,
     seed: int | None = 0,
+    vision: dict | None = None,
     **overrides,
 ) -> tuple[PlipModel, PreTrainedTokenizerBase]:
     """A fresh PLIP model and its tokenizer.
@@ -107,11 +139,15 @@ def build_plip(
     preset).
     vision_init: a `CLIPVisionModel` or its saved folder (default: random). Other formats (the authors'
     PLIP state dict, full CLIP checkpoints) go through `pallava.convert.plip.load_vision_tower` first.
+    vision: the shape of a from-scratch vision tower (CLIPVisionConfig fields over the preset's); not
+    with `vision_init`, whose shape is fixed.
     """
+    if vision and vision_init is not None:
+        raise ValueError("vision: a tower shape applies to a from-scratch tower, not to vision_init")
     if seed is not None:
         torch.manual_seed(seed)
     text_init = DEFAULT_TEXT_INIT.get(name, SCRATCH) if text_init is None else text_init
-    config = plip_config(name, text_init, text_layers, **overrides)
+    config = plip_config(name, text_init, text_layers, vision, **overrides)
     vision = _vision_tower(vision_init)
     if vision is not None:
         config.vision_config = vision.config
