@@ -30,7 +30,7 @@ def test_every_augmentation_keeps_shape_dtype_and_range(tile):
     rng = random.Random(0)
     for config in (
         Augmentation(),
-        Augmentation(stain=0.3, zoom=1.0, max_zoom=4, resolution=1.0),
+        Augmentation(stain=0.3, stain_vectors=0.3, zoom=1.0, max_zoom=4, resolution=1.0),
         Augmentation.off(),
     ):
         for _ in range(5):
@@ -54,6 +54,28 @@ def test_hed_jitter_changes_colour_within_its_strength(tile):
     # colour only: the layout of dark (nuclei) and light pixels stays
     out = hed_jitter(tile, random.Random(1), 0.3).mean(axis=2)
     assert np.corrcoef(out.ravel(), tile.mean(axis=2).ravel())[0, 1] > 0.9
+
+
+def test_stain_vectors_change_the_hue_more_the_stronger_they_are(tile):
+    def chroma(a):  # each channel's share of the pixel's sum: the hue and saturation, not the brightness
+        a = a.astype(np.float32) + 1
+        return a / a.sum(axis=2, keepdims=True)
+
+    def hue_change(vectors):
+        return np.mean(
+            [
+                np.abs(chroma(hed_jitter(tile, random.Random(s), 0.0, vectors)) - chroma(tile)).mean()
+                for s in range(6)
+            ]
+        )
+
+    assert hue_change(0.0) < 0.001 < hue_change(0.05) < 0.5 * hue_change(0.3)
+    out = hed_jitter(tile, random.Random(3), 0.1, 0.2)
+    assert out.shape == tile.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 255
+    assert np.corrcoef(out.mean(axis=2).ravel(), tile.mean(axis=2).ravel())[0, 1] > 0.9
+    assert np.array_equal(out, hed_jitter(tile, random.Random(3), 0.1, 0.2))  # seeded
+    with pytest.raises(ValueError, match="'stain_vectors' must be in"):
+        Augmentation(stain_vectors=1.5)
 
 
 def test_rescale_zooms_in_and_out(tile):

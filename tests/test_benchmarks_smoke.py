@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks/` lives beside `src/`, not inside the package
@@ -333,6 +334,37 @@ def test_robustness_shifts_change_images_the_stated_way(shared_data):
     }
     table = robustness.render(results)
     assert "| none | 0.500 (0.50 / 0.50 / 0.50)" in table and "mean of the shifts" in table
+
+
+def test_magnification_views_zoom_in_and_out_keeping_labels(shared_data):
+    from benchmarks import magnification
+
+    from pallava.data.importers.manifest import read_manifest
+
+    items = read_manifest(shared_data / "oscc" / "manifest.csv", "dev")[:24]
+    original, labels = magnification.magnified_views(items, 1.0)
+
+    zoomed_in, truth_in = magnification.magnified_views(items, 4.0)
+    zoomed_out, truth_out = magnification.magnified_views(items, 1 / 2)
+    assert truth_in == truth_out == labels
+    assert {i.size for i in zoomed_in + zoomed_out} == {(224, 224)}
+    # x4: the centre quarter of the side enlarged; x1/2: the image itself is the mosaic's top-left quarter
+    centre = original[0].crop((84, 84, 140, 140)).resize((224, 224), Image.BICUBIC)
+    assert np.array_equal(np.asarray(zoomed_in[0]), np.asarray(centre))
+    corner = np.asarray(zoomed_out[0].crop((0, 0, 112, 112)), float)
+    assert np.abs(corner - np.asarray(original[0].resize((112, 112)), float)).mean() < 8
+    assert np.abs(corner - np.asarray(original[1].resize((112, 112)), float)).mean() > 8
+    assert np.array_equal(  # a fixed view: the same mosaics every time
+        np.asarray(zoomed_out[0]), np.asarray(magnification.magnified_views(items, 1 / 2)[0][0])
+    )
+    with pytest.raises(ValueError, match="too few dev images"):
+        magnification.magnified_views(items[:3], 1 / 3)
+    scores = {
+        d: {magnification.zoom_label(z): 0.5 for z in magnification.ZOOMS} for d in magnification.DATASETS
+    }
+    results = {"command": "x", "machine": "m", "load_average": 1.0, "seconds": 1.0}
+    table = magnification.render({**results, "models": {"m": {"about": "a run", "scores": scores}}})
+    assert "| m | 0.500 (0.50 / 0.50 / 0.50)" in table and "mean off x1" in table
 
 
 def test_busy_machine_section_times_each_setting_idle_and_next_to_a_busy_process():

@@ -77,8 +77,9 @@ def _vision_config(name: str, vision: dict | None) -> CLIPVisionConfig:
         setattr(config, key, value)
     if config.image_size % config.patch_size or config.hidden_size % config.num_attention_heads:
         raise ValueError(
-            f"vision: image_size ({config.image_size}) must be a multiple of patch_size ({config.patch_size}) "
-            f"and hidden_size ({config.hidden_size}) of num_attention_heads ({config.num_attention_heads})"
+            f"vision: image_size ({config.image_size}) must be a multiple of patch_size "
+            f"({config.patch_size}) and hidden_size ({config.hidden_size}) of num_attention_heads "
+            f"({config.num_attention_heads})"
         )
     return config
 

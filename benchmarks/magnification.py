@@ -1,0 +1,158 @@
+"""Magnification sensitivity: a trained PLIP's zero-shot accuracy on dev images seen at other magnifications.
+
+    python benchmarks/magnification.py --model "label=runs/quickstart/plip" [--model "other=DIR" ...]
+    python benchmarks/magnification.py --report-only      # re-render docs from the stored results
+
+Another lab scans at another power, and a dataset resized to 224 px keeps whatever field of view its
+originals had, so the same tissue reaches the model larger or smaller than in training. Each zoom z is a
+fixed view built from the shared dev splits only:
+
+- z > 1 (a higher power): the centre 1/z of each image enlarged back to its size;
+- z < 1 (a lower power): 1/z x 1/z dev images of the same class side by side (the image itself first, the
+  others drawn with a fixed seed) shrunk to one image's size.
+
+Cells: zero-shot accuracy over each dataset's own classes (lung / colon / oral) and their mean; the last
+column is the mean over the zooms other than 1. Results: `benchmarks/results/magnification.json`, rendered
+into `docs/magnification.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/magnification.py`: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.common import ROOT, load_average, machine_info, write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "magnification.json"
+DOCS = ROOT / "docs" / "magnification.md"
+DATASETS = ("lc25000-lung", "lc25000-colon", "oscc")
+ZOOMS = (1 / 3, 1 / 2, 1.0, 2.0, 3.0, 4.0)
+SIZE = 224
+
+
+def zoom_label(zoom: float) -> str:
+    return f"x{zoom:.2g}"
+
+
+def magnified_views(items: list, zoom: float, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """(views, labels) of a dev split at `zoom` x its magnification; one view per image, same order."""
+    from pallava.processing.image import load_image
+
+    images = [load_image(item.path).resize((SIZE, SIZE)) for item in items]
+    labels = [item.label for item in items]
+    if zoom >= 1:
+        side = round(SIZE / zoom)
+        start = (SIZE - side) // 2
+        box = (start, start, start + side, start + side)
+        return [image.crop(box).resize((SIZE, SIZE), Image.BICUBIC) for image in images], labels
+    n = round(1 / zoom)
+    rng = random.Random(seed)
+    views = []
+    for index, label in enumerate(labels):
+        others = [j for j, other in enumerate(labels) if other == label and j != index]
+        if len(others) < n * n - 1:
+            raise ValueError(f"zoom {zoom}: class {label!r} has too few dev images for a {n}x{n} mosaic")
+        canvas = Image.new("RGB", (SIZE * n, SIZE * n))
+        for k, j in enumerate([index, *rng.sample(others, n * n - 1)]):
+            canvas.paste(images[j], ((k % n) * SIZE, (k // n) * SIZE))
+        views.append(canvas.resize((SIZE, SIZE), Image.BICUBIC))
+    return views, labels
+
+
+def evaluate(model: Path) -> dict[str, dict[str, float]]:
+    from pallava.data.importers.manifest import read_manifest
+    from pallava.data.labels import LabelMap
+    from pallava.models.plip import PlipZeroShot
+    from pallava.train.plip_eval import zeroshot_predictions
+
+    zs = PlipZeroShot.from_pretrained(model)
+    scores: dict[str, dict[str, float]] = {}
+    for dataset in DATASETS:
+        items = read_manifest(ROOT.parent / "shared" / "data" / dataset / "manifest.csv", "dev")
+        label_map = LabelMap.resolve(None, {item.label for item in items})
+        for zoom in ZOOMS:
+            views, truth = magnified_views(items, zoom)
+            predicted, _ = zeroshot_predictions(zs, zs.encode_images(views), label_map)
+            accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+            scores.setdefault(dataset, {})[zoom_label(zoom)] = round(accuracy, 4)
+    return scores
+
+
+def render(results: dict) -> str:
+    columns = [zoom_label(z) for z in ZOOMS]
+    lines = [
+        "# Magnification: how far from its training scale PLIP still reads the tissue",
+        "",
+        "Zero-shot accuracy of a trained PLIP on the dev splits seen at other magnifications, built from the "
+        "shared data only (`benchmarks/magnification.py` says how). Cells: mean over the three datasets "
+        "(lung / colon / oral); the last column is the mean over every zoom but x1.",
+        "",
+        f"Command: `{results['command']}`; {results['machine']}; load average {results['load_average']} at "
+        f"the start; {results['seconds']:.0f} s.",
+        "",
+        "| model | " + " | ".join(columns) + " | mean off x1 |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for name, entry in results["models"].items():
+        scores = entry["scores"]
+        cells = []
+        for column in columns:
+            values = [scores[d][column] for d in DATASETS]
+            cells.append(f"{np.mean(values):.3f} ({' / '.join(f'{v:.2f}' for v in values)})")
+        off = np.mean([scores[d][c] for d in DATASETS for c in columns if c != "x1"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {off:.3f} |")
+    lines += ["", "Models:", ""]
+    lines += [f"- `{name}`: {entry['about']}" for name, entry in results["models"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a trained PLIP folder and the name of its row (repeat)",
+    )
+    parser.add_argument("--about", action="append", default=[], help="how each model was trained (in order)")
+    parser.add_argument("--report-only", action="store_true", help="re-render docs from the stored results")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        DOCS.write_text(render(json.loads(RESULTS.read_text())))
+        return 0
+    if not args.model:
+        parser.error("give at least one --model NAME=DIR")
+    started, load = time.time(), load_average()
+    results = {
+        "command": "python benchmarks/magnification.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info().get("cpu", "this machine"),
+        "load_average": load,
+        "models": {},
+    }
+    for position, pair in enumerate(args.model):
+        name, sep, folder = pair.partition("=")
+        if not sep or not Path(folder).is_dir():
+            parser.error(f"--model {pair!r}: expected NAME=DIR with an existing PLIP folder")
+        about = args.about[position] if position < len(args.about) else folder
+        results["models"][name] = {"about": about, "scores": evaluate(Path(folder))}
+        print(name, json.dumps(results["models"][name]["scores"]), flush=True)
+    results["seconds"] = time.time() - started
+    write_json(RESULTS, results)
+    DOCS.write_text(render(results))
+    print(f"wrote {RESULTS} and {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
