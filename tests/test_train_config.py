@@ -57,6 +57,8 @@ def test_unknown_keys_and_bad_values_name_the_file_and_key(tmp_path):
     bad = load_recipe(None, "align", ["data.path=x", "feature_cache.enabled=true", "trainable.vision=true"])
     with pytest.raises(ValueError, match="frozen vision tower"):
         bad.validate()
+    with pytest.raises(ValueError, match="train.loss_average must be token or sample, got 'word'"):
+        load_recipe(None, "align", ["data.path=x", "train.loss_average=word"]).validate()
 
 
 def test_shipped_recipes_load_for_both_stages():

@@ -44,3 +44,31 @@ def test_answer_position_logits_give_the_full_logits_loss_and_gradients():
     assert sliced
     for name, grad in sliced.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sample_average_weighs_each_answer_once_whatever_its_length():
+    torch.manual_seed(0)
+    model = PaLlavaForConditionalGeneration(tiny_config())
+    ids = torch.randint(10, 4000, (3, 70))
+    ids[:, 2 : 2 + model.config.num_image_tokens] = model.config.image_token_id
+    labels = torch.full((3, 70), IGNORE_INDEX)
+    spans = ((60, 70), (55, 57), (66, 68))  # a 10-token answer and two 2-token ones
+    for row, (start, stop) in enumerate(spans):
+        labels[row, start:stop] = ids[row, start:stop]
+    images = {"pixel_values": torch.randn(3, 2, 3, 224, 224), "tile_mask": torch.ones(3, 1).bool()}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones(3, 70, dtype=torch.long),
+        "labels": labels,
+        **images,
+    }
+    with torch.no_grad():
+        per_sample = AssistantTask._token_loss_sum(model, batch, torch.device("cpu"), per_sample=True)
+        token_sum = AssistantTask._token_loss_sum(model, batch, torch.device("cpu"))
+        logits = model(input_ids=ids, **images).logits[:, :-1].float()
+    token_losses = F.cross_entropy(
+        logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (3, 69), 0 where no answer token follows
+    means = [token_losses[row, start - 1 : stop - 1].mean() for row, (start, stop) in enumerate(spans)]
+    torch.testing.assert_close(per_sample, torch.stack(means).sum())
+    torch.testing.assert_close(token_sum, token_losses.sum())

@@ -100,6 +100,10 @@ class RunSection:
     seed: int = 0  # data order
     num_workers: int = 0
     cpu_threads: int | None = None  # torch threads per process on CPU (None: torch's default)
+    # How answer tokens are averaged: `token` (every answer token of the global batch counts the same: long
+    # answers weigh more) or `sample` (each sample's mean over its own tokens, then the mean over samples:
+    # a one-word yes/no counts as much as a sentence).
+    loss_average: str = "token"
 
 
 @dataclass
@@ -218,6 +222,8 @@ class Recipe:
             raise ValueError(
                 f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.train.mixed_precision!r}"
             )
+        if self.train.loss_average not in ("token", "sample"):
+            raise ValueError(f"train.loss_average must be token or sample, got {self.train.loss_average!r}")
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")

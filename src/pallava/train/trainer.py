@@ -187,8 +187,11 @@ class AssistantTask(Task):
         return self.loop.show_progress
 
     @staticmethod
-    def _token_loss_sum(model, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-        """Summed cross-entropy of the answer tokens. Logits are computed only where a label follows
+    def _token_loss_sum(
+        model, batch: dict[str, Any], device: torch.device, per_sample: bool = False
+    ) -> torch.Tensor:
+        """Summed cross-entropy of the answer tokens; with `per_sample`, the sum over samples of each
+        sample's mean over its own answer tokens. Logits are computed only where a label follows
         (`logits_to_keep` as a boolean mask): the prompt and image positions, most of a sequence, never
         reach the vocabulary projection."""
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
@@ -196,9 +199,14 @@ class AssistantTask(Task):
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
         logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits.float()
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, 1:][predicts[:, :-1]], reduction="sum"
-        )
+        targets = labels[:, 1:][predicts[:, :-1]]
+        if not per_sample:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
+        rows = predicts.nonzero()[:, 0]  # the sample of each kept position, in the same (row-major) order
+        per_row = torch.zeros(labels.shape[0], device=device).index_add(0, rows, losses)
+        counts = predicts.sum(dim=1)
+        return (per_row[counts > 0] / counts[counts > 0]).sum()
 
     # --- over-long samples --------------------------------------------------------------------------
     def _fitting_samples(
@@ -321,11 +329,14 @@ class AssistantTask(Task):
         )
 
     def weight(self, batch: dict[str, Any]) -> float:
+        if self.recipe.train.loss_average == "sample":
+            return float(batch["num_samples"])
         return float(batch["num_label_tokens"])
 
     def loss(self, model, batch: dict[str, Any], step: int) -> MicroLoss:
+        per_sample = self.recipe.train.loss_average == "sample"
         return MicroLoss(
-            self._token_loss_sum(model, batch, self.loop.accelerator.device),
+            self._token_loss_sum(model, batch, self.loop.accelerator.device, per_sample),
             samples=batch["num_samples"],
             counts={"tokens": batch["num_label_tokens"], "truncated": len(batch.get("truncated", ()))},
         )
