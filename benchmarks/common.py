@@ -213,3 +213,29 @@ def section_main(argv: list[str] | None, description: str, run: Callable[..., di
     args = parser.parse_args(argv)
     write_json(args.json_out, run(args.regime, quick=args.quick, threads=args.threads))
     return 0
+
+
+SHIFT_DATASETS = ("lc25000-lung", "lc25000-colon", "oscc")
+
+
+def zeroshot_under_shifts(model: Path, shifts: Mapping[str, Callable[[list], tuple[list, list]]]) -> dict:
+    """A trained PLIP's zero-shot accuracy on each shared dataset's dev split under each shift: a function
+    from the dev items to (images, their labels). {dataset: {shift: accuracy}}."""
+    import numpy as np
+
+    from pallava.data.importers.manifest import read_manifest
+    from pallava.data.labels import LabelMap
+    from pallava.models.plip import PlipZeroShot
+    from pallava.train.plip_eval import zeroshot_predictions
+
+    zs = PlipZeroShot.from_pretrained(model)
+    scores: dict[str, dict[str, float]] = {}
+    for dataset in SHIFT_DATASETS:
+        items = read_manifest(ROOT.parent / "shared" / "data" / dataset / "manifest.csv", "dev")
+        label_map = LabelMap.resolve(None, {item.label for item in items})
+        for name, shifted in shifts.items():
+            images, truth = shifted(items)
+            predicted, _ = zeroshot_predictions(zs, zs.encode_images(images), label_map)
+            accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+            scores.setdefault(dataset, {})[name] = round(accuracy, 4)
+    return scores

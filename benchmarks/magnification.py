@@ -19,6 +19,7 @@ into `docs/magnification.md`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -31,11 +32,18 @@ if __package__ in (None, ""):  # `python benchmarks/magnification.py`: make `ben
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import ROOT, load_average, machine_info, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ROOT,
+    SHIFT_DATASETS,
+    load_average,
+    machine_info,
+    write_json,
+    zeroshot_under_shifts,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "magnification.json"
 DOCS = ROOT / "docs" / "magnification.md"
-DATASETS = ("lc25000-lung", "lc25000-colon", "oscc")
+DATASETS = SHIFT_DATASETS
 ZOOMS = (1 / 3, 1 / 2, 1.0, 2.0, 3.0, 4.0)
 SIZE = 224
 
@@ -70,22 +78,8 @@ def magnified_views(items: list, zoom: float, seed: int = 0) -> tuple[list[Image
 
 
 def evaluate(model: Path) -> dict[str, dict[str, float]]:
-    from pallava.data.importers.manifest import read_manifest
-    from pallava.data.labels import LabelMap
-    from pallava.models.plip import PlipZeroShot
-    from pallava.train.plip_eval import zeroshot_predictions
-
-    zs = PlipZeroShot.from_pretrained(model)
-    scores: dict[str, dict[str, float]] = {}
-    for dataset in DATASETS:
-        items = read_manifest(ROOT.parent / "shared" / "data" / dataset / "manifest.csv", "dev")
-        label_map = LabelMap.resolve(None, {item.label for item in items})
-        for zoom in ZOOMS:
-            views, truth = magnified_views(items, zoom)
-            predicted, _ = zeroshot_predictions(zs, zs.encode_images(views), label_map)
-            accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
-            scores.setdefault(dataset, {})[zoom_label(zoom)] = round(accuracy, 4)
-    return scores
+    views = {zoom_label(zoom): functools.partial(magnified_views, zoom=zoom) for zoom in ZOOMS}
+    return zeroshot_under_shifts(model, views)
 
 
 def render(results: dict) -> str:

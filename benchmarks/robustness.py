@@ -21,6 +21,7 @@ Results: `benchmarks/results/robustness.json`, rendered into `docs/robustness.md
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import sys
@@ -33,11 +34,18 @@ if __package__ in (None, ""):  # `python benchmarks/robustness.py`: make `benchm
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import ROOT, load_average, machine_info, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ROOT,
+    SHIFT_DATASETS,
+    load_average,
+    machine_info,
+    write_json,
+    zeroshot_under_shifts,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "robustness.json"
 DOCS = ROOT / "docs" / "robustness.md"
-DATASETS = ("lc25000-lung", "lc25000-colon", "oscc")
+DATASETS = SHIFT_DATASETS
 OFF = {"flips": False, "stain": 0.0, "colour": 0.0, "zoom": 0.0, "max_zoom": 1.0, "resolution": 0.0}
 VARIANTS = {  # name -> Augmentation fields
     "none": OFF,
@@ -142,22 +150,9 @@ def train_variant(name: str, out: Path, epochs: float, seed: int) -> Path:
 
 
 def evaluate(model: Path) -> dict[str, dict[str, float]]:
-    from pallava.data.importers.manifest import read_manifest
-    from pallava.data.labels import LabelMap
-    from pallava.models.plip import PlipZeroShot
-    from pallava.train.plip_eval import zeroshot_predictions
-
-    zs = PlipZeroShot.from_pretrained(model)
-    scores: dict[str, dict[str, float]] = {}
-    for dataset in DATASETS:
-        items = read_manifest(ROOT.parent / "shared" / "data" / dataset / "manifest.csv", "dev")
-        label_map = LabelMap.resolve(None, {item.label for item in items})
-        for shift in SHIFTS:
-            images, truth = shifted_sets(items, shift)
-            predicted, _ = zeroshot_predictions(zs, zs.encode_images(images), label_map)
-            accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
-            scores.setdefault(dataset, {})[shift] = round(accuracy, 4)
-    return scores
+    return zeroshot_under_shifts(
+        model, {shift: functools.partial(shifted_sets, shift=shift) for shift in SHIFTS}
+    )
 
 
 def render(results: dict) -> str:
