@@ -48,7 +48,13 @@ def drive(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         return json.loads(out.read_text())
 
 
-def run(regime: str, quick: bool = False, threads: int | None = None, shape: dict | None = None) -> dict:
+def run(
+    regime: str,
+    quick: bool = False,
+    threads: int | None = None,
+    shape: dict | None = None,
+    max_batch_size: int | None = None,
+) -> dict:
     """One-at-a-time then 16 concurrent clients against one server; the ratio of their throughputs."""
     from pallava.serve.app import ServerSettings, create_app
     from pallava.serve.server import BackgroundServer
@@ -69,6 +75,10 @@ def run(regime: str, quick: bool = False, threads: int | None = None, shape: dic
     shape = {**defaults, **(shape or {})}
     # Shipped settings, but a time limit that a slow shared CPU cannot hit (the clients wait as long).
     settings = ServerSettings(model_name="pallava", max_queue=max(256, CLIENTS), timeout_s=600.0)
+    if (
+        max_batch_size is not None
+    ):  # another batch limit than the shipped one (`pallava serve --max-batch-size`)
+        settings.max_batch_size = max_batch_size
     result: dict = {
         "regime": regime,
         "clients": CLIENTS,
@@ -96,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--max-batch-size", type=int, help="default: the server's shipped setting")
     args = parser.parse_args(argv)
-    write_json(args.json_out, run(args.regime, quick=args.quick, threads=args.threads))
+    result = run(args.regime, quick=args.quick, threads=args.threads, max_batch_size=args.max_batch_size)
+    write_json(args.json_out, result)
     return 0
 
 

@@ -320,3 +320,39 @@ def test_question_weights_count_each_answers_tokens_that_many_times(run):
     assert torch.allclose(ones[0], plain[0], atol=1e-4) and ones[1] == plain[1]
     assert torch.allclose(first[0], alone[0], atol=1e-4) and first[1] == alone[1]
     assert torch.allclose(doubled[0], 2 * alone[0], atol=1e-4) and doubled[1] == 2 * alone[1]
+
+
+def test_sample_average_weighs_each_answer_by_its_kind_not_by_its_length(run):
+    """With train.loss_average=sample each answer's weight is its kind's weight over its token count, so the
+    loss is the kind-weighted mean of the answers' own mean losses."""
+    from types import SimpleNamespace
+
+    from pallava.train.slide import SlideTask
+
+    root, _ = run
+    recipe = _recipe(root, "train.batch_size=2", "slide.every_question=true", "train.loss_average=sample")
+    task = SlideTask(recipe, progress=False)
+    loop = SimpleNamespace(
+        accelerator=SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None), show_progress=False
+    )
+    task.setup(loop)
+    (slides, pairs), tensors = next(task.batches(0, 0, 1))
+    tokens = (tensors["labels"][:, 1:] != -100).sum(dim=1)
+    assert len(set(tokens.tolist())) > 1  # answers of different lengths
+    kinds = torch.tensor([float(recipe.slide.question_weights.get(kind, 1.0)) for _, kind in pairs])
+    weights = task._answer_weights(pairs, tensors)
+    torch.testing.assert_close(weights * tokens, kinds)
+    task.assistant.model.eval()
+    with torch.no_grad():
+        embeds, _ = task.slide_model.image_embeddings(
+            tensors["global_tokens"], tensors["tile_tokens"], tensors["positions"], tensors["tile_mask"]
+        )
+        embeds = embeds[tensors["owner"]]
+        summed, counted = task.slide_model.loss(tensors, embeds, weights)
+        means = torch.stack(
+            [
+                task.slide_model.loss(tensors, embeds, (torch.arange(len(pairs)) == i).float())[0] / tokens[i]
+                for i in range(len(pairs))
+            ]
+        )
+    torch.testing.assert_close(summed / counted, (kinds * means).sum() / kinds.sum())

@@ -210,6 +210,18 @@ class SlideTask(Task):
             tensors = collate([self.features[i] for i in slides], texts, self.assistant.processor)
             yield (slides, pairs), tensors
 
+    def _answer_weights(self, pairs: list, tensors: dict[str, Any]) -> torch.Tensor | None:
+        """Per answer: its kind's `slide.question_weights`, and with `train.loss_average: sample` divided by
+        its token count, so that each answer's mean (not each token) is weighted."""
+        weights = self.recipe.slide.question_weights
+        per_sample = self.recipe.train.loss_average == "sample"
+        if not weights and not per_sample:
+            return None
+        kinds = torch.tensor([float(weights.get(kind, 1.0)) for _, kind in pairs])
+        if per_sample:
+            kinds = kinds / (tensors["labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
+        return kinds
+
     def loss(self, model, batch: tuple[tuple[list, list], dict[str, Any]], step: int) -> MicroLoss:
         (slides, pairs), tensors = batch
         need_mass = self.recipe.slide.attention_loss > 0
@@ -220,11 +232,8 @@ class SlideTask(Task):
             tensors["tile_mask"],
             need_mass=need_mass,
         )
-        weights = self.recipe.slide.question_weights
         summed, tokens = self.slide_model.loss(
-            tensors,
-            embeds[tensors["owner"].to(embeds.device)],
-            torch.tensor([float(weights.get(kind, 1.0)) for _, kind in pairs]) if weights else None,
+            tensors, embeds[tensors["owner"].to(embeds.device)], self._answer_weights(pairs, tensors)
         )
         loss = summed / max(tokens, 1)
         attention_term = torch.zeros(())
