@@ -241,3 +241,34 @@ def test_serve_and_ui_commands_pass_their_settings(model_dir, tmp_path, monkeypa
     assert calls["ui"] == (str(tmp_path), 9)
     assert main(["ui", "--model", str(model_dir), "--examples", str(tmp_path / "nope")]) == 1
     assert "--examples" in capsys.readouterr().err
+
+
+def test_static_cache_and_compiled_generation_give_the_same_answers(model_dir, lung_tiles, capsys):
+    """The GPU latency path (`--static-cache`: a static KV cache, and the language model compiled) on a
+    CPU: the same answers as the default dynamic cache; the compiled path is checked with torch's eager
+    backend (the same graph capture without generating kernels)."""
+    images = [[lung_tiles[0]], [lung_tiles[1]]]
+    conversations = [[{"role": "user", "content": "<image>\nWhat is shown?"}]] * 2
+    plain = PaLlava.from_pretrained(model_dir).generate(conversations, images, max_new_tokens=8)
+    static = PaLlava.from_pretrained(model_dir).speed_up_generation(compile=False)
+    assert (
+        static.device.type == "cpu"
+        and static._generation_options(8, 0.0, 1.0)["cache_implementation"] == "static"
+    )
+    assert static.generate(conversations, images, max_new_tokens=8) == plain
+    compiled = PaLlava.from_pretrained(model_dir).speed_up_generation(compile=True, backend="eager")
+    assert hasattr(compiled.model.language_model.forward, "_torchdynamo_orig_callable")
+    assert compiled.generate(conversations, images, max_new_tokens=8) == plain
+    code = main(
+        [
+            "chat",
+            "--model",
+            str(model_dir),
+            str(lung_tiles[0]),
+            "What is shown?",
+            "--max-tokens",
+            "8",
+            "--static-cache",
+        ]
+    )
+    assert code == 0 and capsys.readouterr().out.strip() == plain[0]
