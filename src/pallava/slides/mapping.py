@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -64,9 +65,23 @@ class SlideMap:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def prepare_slide(slide: Slide, options: TilingOptions) -> PreparedSlide:
-    """Thumbnail, tissue mask and tile grid; raises a clear error when no tile holds enough tissue."""
-    thumbnail, downsample = slide.thumbnail(options.thumbnail_side)
+def thumbnail_side(slide: Slide, options: TilingOptions, px_per_tile: int | None) -> int:
+    """The thumbnail's longest side: `options.thumbnail_side`, or less when that already gives each tile
+    `px_per_tile` pixels (None: always `options.thumbnail_side`)."""
+    if px_per_tile is None or options.mpp <= 0 or options.tile_size < 8:  # tile_grid names bad options
+        return options.thumbnail_side
+    tile_side = options.tile_size * options.mpp / slide.mpp(options.base_mpp)  # level-0 pixels per tile
+    enough = math.ceil(max(slide.dimensions) / tile_side * px_per_tile)
+    return max(1, min(options.thumbnail_side, enough))
+
+
+def prepare_slide(slide: Slide, options: TilingOptions, px_per_tile: int | None = None) -> PreparedSlide:
+    """Thumbnail, tissue mask and tile grid; raises a clear error when no tile holds enough tissue.
+
+    `px_per_tile` caps the thumbnail at that many pixels per tile, for callers that draw no pictures from
+    it (see `slides.features`); `slide map` keeps the full `thumbnail_side` for its pictures.
+    """
+    thumbnail, downsample = slide.thumbnail(thumbnail_side(slide, options, px_per_tile))
     mask = detect_tissue(thumbnail, downsample)
     grid = tile_grid(slide, mask, options.mpp, options.tile_size, options.min_tissue, options.base_mpp)
     if not grid.tiles:
