@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -216,6 +216,11 @@ def section_main(argv: list[str] | None, description: str, run: Callable[..., di
 
 
 SHIFT_DATASETS = ("lc25000-lung", "lc25000-colon", "oscc")
+
+
+def datasets_cell(values: Sequence[float]) -> str:
+    """A table cell: the mean over the datasets, then each dataset's value (lung / colon / oral)."""
+    return f"{sum(values) / len(values):.3f} ({' / '.join(f'{v:.2f}' for v in values)})"
 
 
 def zeroshot_under_shifts(model: Path, shifts: Mapping[str, Callable[[list], tuple[list, list]]]) -> dict:

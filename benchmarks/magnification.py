@@ -35,6 +35,7 @@ from PIL import Image  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     ROOT,
     SHIFT_DATASETS,
+    datasets_cell,
     load_average,
     machine_info,
     write_json,
@@ -102,7 +103,7 @@ def render(results: dict) -> str:
         cells = []
         for column in columns:
             values = [scores[d][column] for d in DATASETS]
-            cells.append(f"{np.mean(values):.3f} ({' / '.join(f'{v:.2f}' for v in values)})")
+            cells.append(datasets_cell(values))
         off = np.mean([scores[d][c] for d in DATASETS for c in columns if c != "x1"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {off:.3f} |")
     lines += ["", "Models:", ""]

@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     ROOT,
     SHIFT_DATASETS,
+    datasets_cell,
     load_average,
     machine_info,
     write_json,
@@ -176,7 +177,7 @@ def render(results: dict) -> str:
         cells = []
         for shift in SHIFTS:
             values = [scores[d][shift] for d in DATASETS]
-            cells.append(f"{np.mean(values):.3f} ({' / '.join(f'{v:.2f}' for v in values)})")
+            cells.append(datasets_cell(values))
         shifted = np.mean([scores[d][s] for d in DATASETS for s in SHIFTS if s != "original"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {shifted:.3f} |")
     lines += ["", "Augmentation settings per row:", ""]

@@ -74,11 +74,9 @@ def run(
         defaults = {"sequential": 4 if tiny else 1, "per_client": 1, "max_tokens": 16 if tiny else 4}
     shape = {**defaults, **(shape or {})}
     # Shipped settings, but a time limit that a slow shared CPU cannot hit (the clients wait as long).
-    settings = ServerSettings(model_name="pallava", max_queue=max(256, CLIENTS), timeout_s=600.0)
-    if (
-        max_batch_size is not None
-    ):  # another batch limit than the shipped one (`pallava serve --max-batch-size`)
-        settings.max_batch_size = max_batch_size
+    # `max_batch_size`: another limit than the shipped one, as `pallava serve --max-batch-size` (checked).
+    limit = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+    settings = ServerSettings(model_name="pallava", max_queue=max(256, CLIENTS), timeout_s=600.0, **limit)
     result: dict = {
         "regime": regime,
         "clients": CLIENTS,

@@ -72,3 +72,16 @@ def test_sample_average_weighs_each_answer_once_whatever_its_length():
     means = [token_losses[row, start - 1 : stop - 1].mean() for row, (start, stop) in enumerate(spans)]
     torch.testing.assert_close(per_sample, torch.stack(means).sum())
     torch.testing.assert_close(token_sum, token_losses.sum())
+
+
+def test_sample_average_divides_by_the_samples_whose_answer_survived():
+    """A sample cut before its answer adds nothing to the per-answer loss sum, so it is not counted either."""
+    from types import SimpleNamespace
+
+    labels = torch.full((3, 10), IGNORE_INDEX)
+    labels[0, 6:9] = 5  # an answer
+    labels[2, 8:10] = 7  # another; row 1 lost its answer to truncation
+    batch = {"labels": labels, "num_samples": 3, "num_label_tokens": 5}
+    for average, expected in (("sample", 2.0), ("token", 5.0)):
+        task = SimpleNamespace(recipe=SimpleNamespace(train=SimpleNamespace(loss_average=average)))
+        assert AssistantTask.weight(task, batch) == expected

@@ -48,13 +48,13 @@ class Augmentation:
 
     flips: bool = True  # random 90-degree rotation and horizontal flip
     stain: float = 0.1  # HED jitter strength s in optical density (0 = off)
-    # Off by default: at 0.2 it cost 0.06 of unshifted accuracy and did not raise the mean over the shifts
-    # (docs/robustness.md); colour is part of what tells these classes apart at this model size.
+    # Off by default: at 0.2 it cost 0.06 of unshifted accuracy and did not raise the mean over the shifts of
+    # benchmarks/robustness.py (docs/plip.md); colour is part of what tells these classes apart here.
     stain_vectors: float = 0.0  # hue change of the H and E stain vectors, per component (0 = off)
     colour: float = 0.1  # brightness / contrast / saturation jitter, each a factor in U(1 - c, 1 + c)
     # A magnification change on 60% of views, up to 4x either way: against 50% up to 2x, PLIP's zero-shot
     # accuracy over dev views zoomed 1/3x-4x rose from 0.753 to 0.811 (oral at 1/3x: 0.28 -> 0.69) with the
-    # unshifted accuracy unchanged (docs/robustness.md, "Magnification range").
+    # unshifted accuracy unchanged (docs/magnification.md).
     zoom: float = 0.6  # probability of a random scale (magnification) change
     max_zoom: float = 4.0  # the scale is log-uniform in [1 / max_zoom, max_zoom]
     resolution: float = 0.1  # probability of a 2-4x down- and up-sampling (resolution jitter)

@@ -200,9 +200,9 @@ class AssistantTask(Task):
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
         logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits.float()
         targets = labels[:, 1:][predicts[:, :-1]]
-        if not per_sample:
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
+        if not per_sample:
+            return losses.sum()
         rows = predicts.nonzero()[:, 0]  # the sample of each kept position, in the same (row-major) order
         per_row = torch.zeros(labels.shape[0], device=device).index_add(0, rows, losses)
         counts = predicts.sum(dim=1)
@@ -329,8 +329,8 @@ class AssistantTask(Task):
         )
 
     def weight(self, batch: dict[str, Any]) -> float:
-        if self.recipe.train.loss_average == "sample":
-            return float(batch["num_samples"])
+        if self.recipe.train.loss_average == "sample":  # the samples whose answer survived truncation
+            return float((batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1).sum())
         return float(batch["num_label_tokens"])
 
     def loss(self, model, batch: dict[str, Any], step: int) -> MicroLoss:
