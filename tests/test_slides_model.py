@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from pallava.inference import PaLlava
+from pallava.slides.evidence import SlideEvidence
+from pallava.slides.mil import AttentionMIL
 from pallava.slides.model import SlideAssistant, slide_connector
 
 
@@ -85,3 +87,58 @@ def test_saved_slide_model_loads_with_its_position_embedding(tmp_path, tiny):
     torch.testing.assert_close(loaded.position.proj.weight, slide_model.position.proj.weight)
     assistant = PaLlava.from_pretrained(tmp_path)
     assert assistant.directory == tmp_path
+
+
+def test_vision_summary_continues_the_feature_layer_to_the_towers_pooled_embedding(tiny):
+    model, _ = tiny
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        summary = model.vision_summary(model.vision_hidden_states(pixels))
+        expected = model.vision_tower(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(summary, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_bags_pool_like_their_unpadded_tiles():
+    torch.manual_seed(0)
+    mil = AttentionMIL(16, 3).eval()
+    bags = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(4))
+    keep = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    with torch.no_grad():
+        logits, attention, _ = mil.pool(bags, keep)
+        alone_logits, alone_attention = mil(bags[1, :4])
+    torch.testing.assert_close(logits[1], alone_logits)
+    torch.testing.assert_close(attention[1, :4], alone_attention)
+    assert torch.all(attention[1, 4:] == 0)
+
+
+def test_slide_evidence_starts_neutral_keeps_the_token_count_and_saves(tmp_path, tiny):
+    slide_model = SlideAssistant(PaLlava(*tiny), chunk_tiles=4)
+    queries, tiles, positions = features(5)
+    summaries = [torch.randn(n, 128, generator=torch.Generator().manual_seed(n)) for n in (5, 7, 9)]
+    labels = ["lung_n", "lung_aca", "lung_n"]
+    width = slide_model.model.config.text_config.hidden_size
+    slide_model.evidence = SlideEvidence.fit(summaries, labels, width, epochs=2)
+    assert slide_model.evidence.classes == ["lung_aca", "lung_n"]
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="tile_summaries"):
+            slide_model.image_embeddings(queries, tiles, positions)
+        plain = SlideAssistant(slide_model.assistant, chunk_tiles=4)
+        plain.position.load_state_dict(slide_model.position.state_dict())
+        without, _ = plain.image_embeddings(queries, tiles, positions)
+        with_evidence, _ = slide_model.image_embeddings(
+            queries, tiles, positions, tile_summaries=summaries[0][None]
+        )
+        torch.testing.assert_close(
+            with_evidence, without
+        )  # zero-initialised map: the assistant starts unchanged
+        torch.nn.init.normal_(slide_model.evidence.to_tokens.weight, std=0.5)
+        shifted, _ = slide_model.image_embeddings(
+            queries, tiles, positions, tile_summaries=summaries[0][None]
+        )
+    assert shifted.shape == without.shape and not torch.allclose(shifted, without)
+    slide_model.save_pretrained(tmp_path)
+    loaded = SlideAssistant.from_pretrained(tmp_path)
+    with torch.no_grad():
+        again, _ = loaded.image_embeddings(queries, tiles, positions, tile_summaries=summaries[0][None])
+    torch.testing.assert_close(again, shifted)
+    assert loaded.evidence.classes == ["lung_aca", "lung_n"]

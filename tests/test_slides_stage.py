@@ -15,6 +15,7 @@ from pallava.data.labels import LabelMap
 from pallava.inference import PaLlava
 from pallava.serve.app import BackgroundServer, ServerSettings, create_app
 from pallava.slides.evaluate import METRICS, evaluate_slides
+from pallava.slides.mil import slide_label
 from pallava.slides.questions import score, training_question
 from pallava.slides.virtual import build_virtual_slides, list_slides, load_truth
 from pallava.train.config import load_recipe
@@ -55,6 +56,7 @@ def run(tmp_path_factory, lung, tiny):
             "train.max_steps=3",
             "train.batch_size=4",
             "slide.mil_epochs=2",
+            "slide.evidence_epochs=2",
             "slide.attention_loss=0.5",
             "slide.chunk_tiles=4",
         ],
@@ -72,6 +74,7 @@ def test_stage_trains_the_position_embedding_and_saves_model_baseline_and_histor
         "config.json",
         "slide_position.safetensors",
         "slide_config.json",
+        "slide_evidence.safetensors",
         "attention-mil.safetensors",
         "attention-mil.json",
         "recipe.yaml",
@@ -80,6 +83,11 @@ def test_stage_trains_the_position_embedding_and_saves_model_baseline_and_histor
     from safetensors.torch import load_file
 
     assert load_file(str(out / "slide_position.safetensors"))["proj.weight"].abs().sum() > 0  # it learned
+    evidence = load_file(str(out / "slide_evidence.safetensors"))
+    assert evidence["to_tokens.weight"].abs().sum() > 0  # the language model learned to read the evidence
+    classes = json.loads((out / "slide_config.json").read_text())["evidence"]["classes"]
+    truths = [load_truth(p) for p in list_slides(root / "slides")]
+    assert classes == sorted({slide_label(t) for t in truths})
     cached = list((root / "cache").rglob("*.safetensors"))
     assert len(cached) == 2 * len(list_slides(root / "slides"))  # assistant features + PLIP per slide
 
@@ -272,9 +280,7 @@ def test_every_question_asks_each_slide_every_kind_from_one_connector_pass(run):
     _, questions = next(task._questions())  # the same seeded stream: the step's questions
     texts = [(row, question, answer) for row, (_, question, answer) in enumerate(questions)]
     separate = collate([task.features[i] for i, _ in pairs], texts, task.assistant.processor)
-    embeds, mass = task.slide_model.image_embeddings(
-        separate["global_tokens"], separate["tile_tokens"], separate["positions"], separate["tile_mask"], True
-    )
+    embeds, mass = task.slide_model.batch_embeddings(separate, need_mass=True)
     weights = recipe.slide.question_weights  # the recipe's, applied per question in both
     summed, tokens = task.slide_model.loss(
         separate, embeds, torch.tensor([float(weights.get(kind, 1.0)) for _, kind in pairs])
@@ -308,9 +314,7 @@ def test_question_weights_count_each_answers_tokens_that_many_times(run):
     texts = [(0, "Is there carcinoma on this slide?", "yes"), (0, "Which organ is this tissue from?", "lung")]
     batch = collate([features], texts, slide_model.assistant.processor)
     with torch.no_grad():
-        embeds, _ = slide_model.image_embeddings(
-            batch["global_tokens"], batch["tile_tokens"], batch["positions"], batch["tile_mask"]
-        )
+        embeds, _ = slide_model.batch_embeddings(batch)
         embeds = embeds[batch["owner"]]
         plain = slide_model.loss(batch, embeds)
         ones = slide_model.loss(batch, embeds, torch.tensor([1.0, 1.0]))
@@ -344,9 +348,7 @@ def test_sample_average_weighs_each_answer_by_its_kind_not_by_its_length(run):
     torch.testing.assert_close(weights * tokens, kinds)
     task.assistant.model.eval()
     with torch.no_grad():
-        embeds, _ = task.slide_model.image_embeddings(
-            tensors["global_tokens"], tensors["tile_tokens"], tensors["positions"], tensors["tile_mask"]
-        )
+        embeds, _ = task.slide_model.batch_embeddings(tensors)
         embeds = embeds[tensors["owner"]]
         summed, counted = task.slide_model.loss(tensors, embeds, weights)
         means = torch.stack(

@@ -39,7 +39,11 @@ class SlideSteps(StepRunner):
                 "--out",
                 slides / split,
             )
-        smoke = ["train.max_steps=2", "train.batch_size=2", "slide.mil_epochs=2"] if self.s.smoke else []
+        smoke = (
+            ["train.max_steps=2", "train.batch_size=2", "slide.mil_epochs=2", "slide.evidence_epochs=2"]
+            if self.s.smoke
+            else []
+        )
         model = self.out / "slide-assistant"
         self.run_command(
             "train",

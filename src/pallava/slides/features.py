@@ -34,7 +34,7 @@ from pallava.slides.tiling import Tile, TileGrid, iter_tile_batches
 # with its tissue mask, 78% of preparing a 100-tile virtual slide (py-spy over `pallava eval slides`).
 THUMBNAIL_PX_PER_TILE = 48
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each tile's image embedding (`tile_summaries`) too
 
 
 @dataclass
@@ -43,6 +43,7 @@ class SlideFeatures:
 
     global_tokens: torch.Tensor  # (P, D) tissue thumbnail
     tile_tokens: torch.Tensor  # (N, P, D)
+    tile_summaries: torch.Tensor  # (N, D) each tile's image embedding (the tower's post-normed class token)
     positions: torch.Tensor  # (N, 2) tile centres (x, y) in the global view, 0..1
     grid: TileGrid
     thumb_downsample: float
@@ -178,6 +179,7 @@ def slide_features(
         return SlideFeatures(
             tensors["global"],
             tensors["tiles"],
+            tensors["summaries"],
             tensors["positions"],
             _grid_from(meta, tensors["boxes"]),
             meta["thumb_downsample"],
@@ -191,12 +193,14 @@ def slide_features(
     view, positions = tissue_view(prepared, downsample, size)
     device, vision_dtype = model.vision_tower.device, model.vision_tower.dtype
     global_tokens = model.vision_hidden_states(view[None].to(device, vision_dtype))[0, 1:].to("cpu", dtype)
-    tokens, embeddings = [], []
+    tokens, summaries, embeddings = [], [], []
     for _, images in iter_tile_batches(
         slide, grid.tiles, grid.tile_size, batch_size, progress="slide tiles" if progress else None
     ):
         pixels = torch.stack([normalize_to_tensor(image, size) for image in images])
-        tokens.append(model.vision_hidden_states(pixels.to(device, vision_dtype))[:, 1:].to("cpu", dtype))
+        hidden = model.vision_hidden_states(pixels.to(device, vision_dtype))
+        tokens.append(hidden[:, 1:].to("cpu", dtype))
+        summaries.append(model.vision_summary(hidden).to("cpu", dtype))
         if plip is not None:
             plip_size = plip.model.image_size
             plip_pixels = (
@@ -205,7 +209,7 @@ def slide_features(
                 else torch.stack([normalize_to_tensor(i, plip_size) for i in images])
             )
             embeddings.append(plip.encode_pixels(plip_pixels))
-    tile_tokens = torch.cat(tokens)
+    tile_tokens, tile_summaries = torch.cat(tokens), torch.cat(summaries)
     plip_vectors = torch.cat(embeddings) if plip is not None else None
     if cache is not None:
         boxes = torch.tensor([[t.x, t.y, t.w, t.h, t.col, t.row, round(t.tissue * 1e4)] for t in grid.tiles])
@@ -222,12 +226,20 @@ def slide_features(
         }
         cache.write(
             main_path,
-            {"global": global_tokens, "tiles": tile_tokens, "positions": positions, "boxes": boxes},
+            {
+                "global": global_tokens,
+                "tiles": tile_tokens,
+                "summaries": tile_summaries,
+                "positions": positions,
+                "boxes": boxes,
+            },
             meta,
         )
         if plip_vectors is not None:
             cache.write(plip_path, {"plip": plip_vectors}, {"plip": plip_id})
-    return SlideFeatures(global_tokens, tile_tokens, positions, grid, downsample, plip_vectors)
+    return SlideFeatures(
+        global_tokens, tile_tokens, tile_summaries, positions, grid, downsample, plip_vectors
+    )
 
 
 def _short(settings: dict) -> str:

@@ -36,10 +36,17 @@ class AttentionMIL(nn.Module):
 
     def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bag (N, dim) -> (class logits (C,), attention (N,) summing to 1)."""
-        hidden = self.embed(bag)
+        logits, attention, _ = self.pool(bag[None], torch.ones(bag.shape[:1], dtype=torch.bool)[None])
+        return logits[0], attention[0]
+
+    def pool(self, bags: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded bags (B, N, dim) with keep (B, N) -> logits (B, C), attention (B, N), pooled (B, hidden)."""
+        hidden = self.embed(bags)
         gate = torch.tanh(self.attention_v(hidden)) * torch.sigmoid(self.attention_u(hidden))
-        attention = self.attention_w(gate).squeeze(-1).softmax(0)
-        return self.head(attention @ hidden), attention
+        scores = self.attention_w(gate).squeeze(-1).masked_fill(~keep, float("-inf"))
+        attention = scores.softmax(-1)
+        pooled = (attention[..., None] * hidden).sum(1)
+        return self.head(pooled), attention, pooled
 
 
 def slide_label(truth: dict) -> str:

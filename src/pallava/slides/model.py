@@ -11,8 +11,10 @@ Memory stays bounded: the cross-attention runs over chunks of `chunk_tiles` tile
 at once; tiles that are not tissue (padding in a batch) are masked. The same pass gives the attention mass
 each tile receives (mean over layers, heads and queries): the heat map of where the answer came from.
 
-The connector's own weights are used as they are (`model.connector`); only the position embedding is new.
-It is saved beside the assistant as `slide_position.safetensors` + `slide_config.json`.
+The connector's own weights are used as they are (`model.connector`); the position embedding is new, and so
+is the optional slide evidence (`slides/evidence.py`: an attention-MIL summary of the tiles added to every
+image token). They are saved beside the assistant as `slide_position.safetensors`,
+`slide_evidence.safetensors` and `slide_config.json`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pallava.models.connector import Attention, ScaleInvariantConnector
+from pallava.slides.evidence import EVIDENCE_WEIGHTS, SlideEvidence
 
 SLIDE_CONFIG = "slide_config.json"
 SLIDE_WEIGHTS = "slide_position.safetensors"
@@ -136,6 +139,7 @@ class SlideAssistant(nn.Module):
         self.chunk_tiles = chunk_tiles
         width = self.model.config.connector_config.hidden_size
         self.position = TilePositionEmbedding(width, num_frequencies).to(self.model.device)
+        self.evidence: SlideEvidence | None = None  # set by the slide stage (`slide.evidence`) or loaded
         self.settings: dict = {}
         self.tiling: dict | None = None
 
@@ -156,6 +160,17 @@ class SlideAssistant(nn.Module):
         if directory is not None and (Path(directory) / SLIDE_WEIGHTS).is_file():
             slide.position.load_state_dict(load_file(str(Path(directory) / SLIDE_WEIGHTS)))
         slide.position.to(assistant.model.device)
+        if settings.get("evidence"):
+            evidence = settings["evidence"]
+            slide.evidence = SlideEvidence(
+                evidence["dim"],
+                evidence["classes"],
+                slide.model.config.text_config.hidden_size,
+                evidence["hidden"],
+                evidence["dropout"],
+            )
+            slide.evidence.load_state_dict(load_file(str(Path(directory) / EVIDENCE_WEIGHTS)))
+            slide.evidence.to(assistant.model.device).eval()
         slide.settings = settings  # what the slide stage recorded: init assistant, tiling, PLIP
         slide.tiling = settings.get("tiling")
         return slide
@@ -170,8 +185,14 @@ class SlideAssistant(nn.Module):
         settings = {
             "chunk_tiles": self.chunk_tiles,
             "num_frequencies": self.position.num_frequencies,
+            "evidence": self.evidence.settings if self.evidence is not None else None,
             **(extra or {}),
         }
+        if self.evidence is not None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.evidence.state_dict().items()},
+                str(directory / EVIDENCE_WEIGHTS),
+            )
         (directory / SLIDE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
     # --- images -----------------------------------------------------------------------------------
@@ -182,11 +203,13 @@ class SlideAssistant(nn.Module):
         positions: torch.Tensor,
         tile_mask: torch.Tensor | None = None,
         need_mass: bool = False,
+        tile_summaries: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, P, hidden) language-model embeddings of B slides, and the attention mass per tile (B, N).
 
         global_tokens (B, P, D), tile_tokens (B, N, P, D), positions (B, N, 2), tile_mask (B, N) bool
-        (True = tissue tile; default all).
+        (True = tissue tile; default all); tile_summaries (B, N, D), the tiles' image embeddings, which a
+        model with slide evidence needs.
         """
         dtype = self.model.connector.projection.weight.dtype
         device = self.model.connector.projection.weight.device
@@ -202,7 +225,25 @@ class SlideAssistant(nn.Module):
             need_mass,
         )
         mass = torch.stack(masses).mean(0) if masses else None
+        if self.evidence is not None:
+            if tile_summaries is None:
+                raise ValueError("this slide model reads slide evidence: pass the tiles' tile_summaries")
+            shift, _ = self.evidence(tile_summaries.to(device), tile_mask.to(device))
+            embeds = embeds + shift.to(embeds.dtype)
         return embeds, mass
+
+    def batch_embeddings(
+        self, batch: dict, need_mass: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings and heat maps of a batch of slides as `train.slide.collate` pads them."""
+        return self.image_embeddings(
+            batch["global_tokens"],
+            batch["tile_tokens"],
+            batch["positions"],
+            batch["tile_mask"],
+            need_mass,
+            batch["tile_summaries"],
+        )
 
     def features_embeddings(
         self, features, need_mass: bool = True
@@ -213,6 +254,7 @@ class SlideAssistant(nn.Module):
             features.tile_tokens[None],
             features.positions[None],
             need_mass=need_mass,
+            tile_summaries=features.tile_summaries[None],
         )
 
     # --- text -------------------------------------------------------------------------------------

@@ -153,6 +153,10 @@ class SlideSection:
     question_weights: dict[str, float] = field(default_factory=dict)
     plip: str | None = None  # PLIP folder: also embed tiles with PLIP and train the attention-MIL baseline
     mil_epochs: int = 40
+    # Slide evidence (`slides/evidence.py`): an attention-MIL over the tiles' own image embeddings, fitted on
+    # the slide labels for `evidence_epochs` and frozen; its summary is added to every image token.
+    evidence: bool = True
+    evidence_epochs: int = 40
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pallava.inference import PaLlava
+from pallava.slides.evidence import SlideEvidence
 from pallava.slides.features import (
     SlideFeatureCache,
     default_slide_cache_root,
@@ -70,14 +71,17 @@ def collate(slides: list, texts: list[tuple[int, str, str]], processor) -> dict:
     longest = max(len(f) for f in slides)
     first = slides[0]
     tiles = first.tile_tokens.new_zeros(len(slides), longest, *first.tile_tokens.shape[1:])
+    summaries = first.tile_summaries.new_zeros(len(slides), longest, first.tile_summaries.shape[1])
     positions = torch.zeros(len(slides), longest, 2)
     mask = torch.zeros(len(slides), longest, dtype=torch.bool)
     for i, features in enumerate(slides):
         n = len(features)
         tiles[i, :n], positions[i, :n], mask[i, :n] = features.tile_tokens, features.positions, True
+        summaries[i, :n] = features.tile_summaries
     batch.update(
         global_tokens=torch.stack([f.global_tokens for f in slides]),
         tile_tokens=tiles,
+        tile_summaries=summaries,
         positions=positions,
         tile_mask=mask,
         owner=torch.tensor([owner for owner, _, _ in texts]),
@@ -89,7 +93,9 @@ def _parameter_groups(model, slide: SlideAssistant) -> nn.Module:
     """A module whose parameter names put the position embedding in the connector's optimiser group."""
     holder = nn.Module()
     holder.vision_tower = model.vision_tower
-    holder.connector = nn.ModuleList([model.connector, slide.position])
+    holder.connector = nn.ModuleList(
+        [model.connector, slide.position, *([slide.evidence] if slide.evidence is not None else [])]
+    )
     holder.language_model = model.language_model
     return holder
 
@@ -161,8 +167,18 @@ class SlideTask(Task):
             self.truths.append(load_truth(path))
         self.feature_seconds = time.perf_counter() - started
 
+        if section.evidence and slide_model.evidence is None:  # fit the slide evidence's MIL, then freeze it
+            slide_model.evidence = SlideEvidence.fit(
+                [f.tile_summaries for f in self.features],
+                [slide_label(t) for t in self.truths],
+                model.config.text_config.hidden_size,
+                section.evidence_epochs,
+                seed=run.seed,
+            ).to(device)
         counts = apply_trainable(model, recipe.trainable)
         slide_model.position.requires_grad_(True)
+        if slide_model.evidence is not None:
+            slide_model.evidence.to_tokens.requires_grad_(True)
         self.samples = (
             list(range(len(slides)))
             if section.every_question
@@ -225,13 +241,7 @@ class SlideTask(Task):
     def loss(self, model, batch: tuple[tuple[list, list], dict[str, Any]], step: int) -> MicroLoss:
         (slides, pairs), tensors = batch
         need_mass = self.recipe.slide.attention_loss > 0
-        embeds, mass = self.slide_model.image_embeddings(
-            tensors["global_tokens"],
-            tensors["tile_tokens"],
-            tensors["positions"],
-            tensors["tile_mask"],
-            need_mass=need_mass,
-        )
+        embeds, mass = self.slide_model.batch_embeddings(tensors, need_mass)
         summed, tokens = self.slide_model.loss(
             tensors, embeds[tensors["owner"].to(embeds.device)], self._answer_weights(pairs, tensors)
         )
