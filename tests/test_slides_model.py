@@ -142,3 +142,14 @@ def test_slide_evidence_starts_neutral_keeps_the_token_count_and_saves(tmp_path,
         again, _ = loaded.image_embeddings(queries, tiles, positions, tile_summaries=summaries[0][None])
     torch.testing.assert_close(again, shifted)
     assert loaded.evidence.classes == ["lung_aca", "lung_n"]
+
+
+def test_quadrant_mass_sums_the_attention_of_each_quadrants_tiles_in_the_truths_order():
+    from pallava.slides.evidence import quadrant_mass
+    from pallava.slides.virtual import QUADRANTS
+
+    positions = torch.tensor([[[0.2, 0.1], [0.8, 0.3], [0.3, 0.9], [0.7, 0.6], [0.9, 0.2]]])  # (x, y)
+    attention = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25]])
+    mass = quadrant_mass(attention, positions)[0]
+    expected = {"upper left": 0.1, "upper right": 0.45, "lower left": 0.3, "lower right": 0.15}
+    torch.testing.assert_close(mass, torch.tensor([expected[q] for q in QUADRANTS]))

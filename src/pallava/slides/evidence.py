@@ -10,7 +10,11 @@ P such tokens answered "is there carcinoma?" worse than attention-MIL over the s
 - fitted first, on the training slides' labels (the carcinoma class, or the organ's benign class), then
   frozen;
 - its pooled summary is mapped by a linear layer that starts at zero and added to every image token, so a
-  trained assistant starts out unchanged and the slide stage teaches the language model to read it.
+  trained assistant starts out unchanged and the slide stage teaches the language model to read it;
+- so is where its attention lies: the attention mass in each quadrant of the tissue (tile centres in the
+  global view's frame, whose centre is the tissue's), through a second zero-initialised linear layer. The
+  MIL's attention finds the tumour tiles (tile AUROC 0.96 on the quickstart's dev slides), so this is the
+  tumour's quadrant(s) on a tumour slide; without it the slide model named the quadrant on none of 15.
 
 The language model still gets P image tokens; the heat map is still the connector's cross-attention.
 Saved beside the slide model as `slide_evidence.safetensors` (its settings in `slide_config.json`).
@@ -36,7 +40,9 @@ class SlideEvidence(nn.Module):
         self.classes = list(classes)
         self.mil = AttentionMIL(dim, len(self.classes), hidden, dropout).requires_grad_(False).eval()
         self.to_tokens = nn.Linear(hidden, width)
-        nn.init.zeros_(self.to_tokens.weight)
+        self.quadrants_to_tokens = nn.Linear(4, width, bias=False)
+        for layer in (self.to_tokens, self.quadrants_to_tokens):
+            nn.init.zeros_(layer.weight)
         nn.init.zeros_(self.to_tokens.bias)
 
     @property
@@ -69,9 +75,20 @@ class SlideEvidence(nn.Module):
         self.mil.eval()  # fitted and frozen: no dropout while the answers train
         return self
 
-    def forward(self, summaries: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, D) tile embeddings, keep (B, N) -> the shift of every image token (B, 1, width) and the
-        MIL's class logits (B, C)."""
+    def forward(
+        self, summaries: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D) tile embeddings, keep (B, N), tile centres (B, N, 2) as (x, y) in 0..1 -> the shift of
+        every image token (B, 1, width) and the MIL's class logits (B, C)."""
         dtype = self.to_tokens.weight.dtype
-        logits, _, pooled = self.mil.pool(summaries.to(dtype), keep)
-        return self.to_tokens(pooled)[:, None, :], logits
+        logits, attention, pooled = self.mil.pool(summaries.to(dtype), keep)
+        shift = self.to_tokens(pooled) + self.quadrants_to_tokens(quadrant_mass(attention, positions))
+        return shift[:, None, :], logits
+
+
+def quadrant_mass(attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, N) attention, (B, N, 2) tile centres (x, y) -> (B, 4) mass per quadrant, in the order of
+    `slides.virtual.QUADRANTS` (upper left, upper right, lower left, lower right)."""
+    index = (positions[..., 1] >= 0.5).long() * 2 + (positions[..., 0] >= 0.5).long()
+    mass = attention.new_zeros(attention.shape[0], 4)
+    return mass.scatter_add(1, index.to(attention.device), attention)

@@ -228,7 +228,7 @@ class SlideAssistant(nn.Module):
         if self.evidence is not None:
             if tile_summaries is None:
                 raise ValueError("this slide model reads slide evidence: pass the tiles' tile_summaries")
-            shift, _ = self.evidence(tile_summaries.to(device), tile_mask.to(device))
+            shift, _ = self.evidence(tile_summaries.to(device), tile_mask.to(device), positions.to(device))
             embeds = embeds + shift.to(embeds.dtype)
         return embeds, mass
 
