@@ -30,6 +30,10 @@ from torch import nn
 from pallava.slides.mil import AttentionMIL, train_mil
 
 EVIDENCE_WEIGHTS = "slide_evidence.safetensors"
+# The quadrant masses (summing to 1) enter scaled to the pooled summary's size (norm 12-25 on the quickstart's
+# slides), so that their map learns at the summary's pace: unscaled, the LLM named the quadrant on 1 of 15
+# dev slides although the masses alone gave it on 12.
+QUADRANT_SCALE = 16.0
 
 
 class SlideEvidence(nn.Module):
@@ -82,7 +86,9 @@ class SlideEvidence(nn.Module):
         every image token (B, 1, width) and the MIL's class logits (B, C)."""
         dtype = self.to_tokens.weight.dtype
         logits, attention, pooled = self.mil.pool(summaries.to(dtype), keep)
-        shift = self.to_tokens(pooled) + self.quadrants_to_tokens(quadrant_mass(attention, positions))
+        shift = self.to_tokens(pooled) + self.quadrants_to_tokens(
+            QUADRANT_SCALE * quadrant_mass(attention, positions)
+        )
         return shift[:, None, :], logits
 
 
