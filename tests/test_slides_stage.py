@@ -85,6 +85,7 @@ def test_stage_trains_the_position_embedding_and_saves_model_baseline_and_histor
     assert load_file(str(out / "slide_position.safetensors"))["proj.weight"].abs().sum() > 0  # it learned
     evidence = load_file(str(out / "slide_evidence.safetensors"))
     assert evidence["to_tokens.weight"].abs().sum() > 0  # the language model learned to read the evidence
+    assert evidence["classes_to_tokens.weight"].abs().sum() > 0  # its class probabilities
     assert evidence["quadrants_to_tokens.weight"].abs().sum() > 0  # and where its attention lies
     classes = json.loads((out / "slide_config.json").read_text())["evidence"]["classes"]
     truths = [load_truth(p) for p in list_slides(root / "slides")]
