@@ -128,9 +128,8 @@ def test_slide_evidence_starts_neutral_keeps_the_token_count_and_saves(tmp_path,
         with_evidence, _ = slide_model.image_embeddings(
             queries, tiles, positions, tile_summaries=summaries[0][None]
         )
-        torch.testing.assert_close(
-            with_evidence, without
-        )  # zero-initialised map: the assistant starts unchanged
+        # zero-initialised maps: the assistant starts unchanged
+        torch.testing.assert_close(with_evidence, without)
         torch.nn.init.normal_(slide_model.evidence.to_tokens.weight, std=0.5)
         shifted, _ = slide_model.image_embeddings(
             queries, tiles, positions, tile_summaries=summaries[0][None]

@@ -14,7 +14,7 @@ P such tokens answered "is there carcinoma?" worse than attention-MIL over the s
 - so are its class probabilities (a third map: with the summary alone, the LLM named a colon carcinoma
   "lung squamous cell carcinoma" on 2 of 15 dev slides where the MIL itself was right);
 - and where its attention lies: the attention mass in each quadrant of the tissue (tile centres in the
-  global view's frame, whose centre is the tissue's), through a second zero-initialised linear layer. The
+  global view's frame, whose centre is the tissue's), through its own zero-initialised linear layer. The
   MIL's attention finds the tumour tiles (tile AUROC 0.96 on the quickstart's dev slides), so this is the
   tumour's quadrant(s) on a tumour slide; without it the slide model named the quadrant on none of 15.
 
@@ -39,7 +39,8 @@ SIGNAL_SCALE = 16.0
 
 
 class SlideEvidence(nn.Module):
-    """A frozen attention-MIL over tile embeddings and a zero-initialised map of its summary to the LLM."""
+    """A frozen attention-MIL over tile embeddings and zero-initialised maps of its summary, class
+    probabilities and quadrant masses to the LLM."""
 
     def __init__(self, dim: int, classes: Sequence[str], width: int, hidden: int = 128, dropout: float = 0.1):
         super().__init__()
@@ -71,7 +72,7 @@ class SlideEvidence(nn.Module):
         epochs: int = 40,
         seed: int = 0,
     ) -> SlideEvidence:
-        """Fit the MIL on (tile embeddings (N, D), slide label) pairs; the map to the LLM stays at zero."""
+        """Fit the MIL on (tile embeddings (N, D), slide label) pairs; the maps to the LLM stay at zero."""
         mil, classes = train_mil([s.float() for s in summaries], labels, epochs, seed=seed)
         evidence = cls(summaries[0].shape[1], classes, width, mil.config["hidden"], mil.config["dropout"])
         evidence.mil.load_state_dict(mil.state_dict())

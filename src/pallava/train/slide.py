@@ -176,9 +176,7 @@ class SlideTask(Task):
                 seed=run.seed,
             ).to(device)
         counts = apply_trainable(model, recipe.trainable)
-        slide_model.position.requires_grad_(True)
-        if slide_model.evidence is not None:
-            slide_model.evidence.to_tokens.requires_grad_(True)
+        slide_model.position.requires_grad_(True)  # the evidence's maps train too; its MIL is frozen
         self.samples = (
             list(range(len(slides)))
             if section.every_question
