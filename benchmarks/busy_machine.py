@@ -1,11 +1,12 @@
 """Training on a busy machine: a fixed number of tiny PLIP and assistant steps, idle and next to one busy
-process, for each thread setting; slowdown = busy step time / idle step time.
+process, for each thread setting; slowdown = busy time / idle time of the same steps.
 
     python -m benchmarks.busy_machine --json-out busy.json [--quick]
 
 Each (setting, condition) runs in a fresh process, because OpenMP reads its wait policy when torch loads.
 The competing process is a pure-Python busy loop pinned to no core, started before the worker and killed
-after it. Step times are medians over the fixed steps, so one slow step does not move them.
+after it. Step times are means over the fixed steps (the time those steps take), so the `auto` setting
+pays for its governor's probes at the slower thread count.
 """
 
 from __future__ import annotations
@@ -23,24 +24,27 @@ from benchmarks.common import load_average, median, run_worker, write_json
 BUSY_LOOP = "while True: pass"
 
 
+SPINNING = (("OMP_WAIT_POLICY", None), ("GOMP_SPINCOUNT", "300000"))  # what training commands get
+
+
 @dataclass(frozen=True)
 class Setting:
-    """Torch threads (None: all cores) and extra environment of a training process."""
+    """Torch threads (None: all cores; "auto": the ThreadGovernor) and extra environment of a process."""
 
     name: str
-    threads: int | None
+    threads: int | str | None
     env: tuple[tuple[str, str | None], ...] = ()  # None: removed from the environment
 
 
 SETTINGS = (
-    Setting("1 thread (shipped tiny recipes)", 1),
-    Setting("all cores, passive wait (pallava's default)", None),
-    # OpenMP's own default (GNU libgomp: spin 300,000 times, then sleep); pallava keeps a GOMP_SPINCOUNT.
-    Setting(
-        "all cores, OpenMP's default wait", None, (("OMP_WAIT_POLICY", None), ("GOMP_SPINCOUNT", "300000"))
-    ),
+    # The shipped training setting: `cpu_threads: auto` in the tiny recipes, and OpenMP's spinning wait
+    # that `pallava train` / `pallava plip train` get (GNU libgomp's default: spin 300,000 times, then sleep).
+    Setting("auto: governor, spinning wait (shipped)", "auto", SPINNING),
+    Setting("1 thread", 1),
+    Setting("all cores, passive wait", None),
+    Setting("all cores, spinning wait", None, SPINNING),
 )
-SHIPPED = SETTINGS[0].name  # what configs/plip-tiny.yaml and configs/assistant-tiny.yaml set (cpu_threads: 1)
+SHIPPED = SETTINGS[0].name
 
 
 @contextlib.contextmanager
@@ -73,23 +77,41 @@ def environment(extra: dict[str, str | None]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def measure_steps(threads: int | None, steps: int, plip_batch: int, assistant_batch: int) -> dict:
-    """In this process: the trainers' thread helper, then median seconds of tiny PLIP and assistant steps."""
+def measure_steps(threads: int | str | None, steps: int, plip_batch: int, assistant_batch: int) -> dict:
+    """In this process: the trainers' thread helpers, then mean seconds of tiny PLIP and assistant steps
+    (with `auto`, each trainer has its own governor, fed every step's time as the training loop does)."""
     import torch
 
     from benchmarks.systems import REGIMES
     from benchmarks.training import assistant_steps, plip_step
-    from pallava.train.threads import apply_cpu_threads
+    from pallava.train.threads import apply_cpu_threads, thread_governor
 
-    applied = apply_cpu_threads(threads or os.cpu_count() or 1, "cpu")
+    threads = threads or os.cpu_count() or 1
+    applied = apply_cpu_threads(threads, "cpu")
+    governors = {}
+
+    def hook(trainer: str):  # a fresh governor for each trainer, created (and probing) as it starts
+        governor = governors[trainer] = thread_governor(threads, "cpu")
+        return governor.step_done if governor is not None else None
+
     torch.manual_seed(0)
     tiny = REGIMES["tiny"]
-    plip = plip_step(tiny, batch=plip_batch, steps=steps, progress=False)
-    assistant = assistant_steps(tiny, batch=assistant_batch, steps=steps, progress=False)
+    plip = plip_step(tiny, batch=plip_batch, steps=steps, progress=False, after_step=hook("plip"))
+    assistant = assistant_steps(
+        tiny,
+        batch=assistant_batch,
+        steps=steps,
+        progress=False,
+        variants=("pixels",),
+        after_step=hook("assistant"),
+    )
     return {
         "applied": applied,
-        "plip_step_s": plip["step_s"],
-        "assistant_step_s": assistant["step_s"]["pixels"],
+        "plip_step_s": plip["mean_step_s"],
+        "assistant_step_s": assistant["mean_step_s"]["pixels"],
+        "governor_choices": {
+            trainer: governor.choices for trainer, governor in governors.items() if governor is not None
+        },
     }
 
 
@@ -106,7 +128,7 @@ def run(
     The idle and busy runs of a setting follow each other, in alternating order over the repeats, so a
     drift in the machine's other load lands on both; the medians over the repeats are compared.
     """
-    steps = steps or (3 if quick else 8)
+    steps = steps or (12 if quick else 40)
     repeats = repeats or (1 if quick else 2)
     result: dict = {
         "steps": steps,
@@ -139,6 +161,7 @@ def run(
         for condition, measured in runs[setting.name].items():
             entry[condition] = {
                 "applied": measured[0]["applied"],
+                "governor_choices": [m["governor_choices"] for m in measured],
                 **{
                     key: round(median([m[key] for m in measured]), 4)
                     for key in ("plip_step_s", "assistant_step_s")
@@ -177,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", action="store_true", help="(internal) time the steps in this process")
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=lambda text: text if text == "auto" else int(text))
     parser.add_argument("--steps", type=int)
     parser.add_argument("--plip-batch", type=int, default=16)
     parser.add_argument("--assistant-batch", type=int, default=4)

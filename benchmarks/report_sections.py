@@ -31,8 +31,9 @@ def busy_machine_section(busy: dict) -> list[str]:
         "",
         f"{busy['steps']} optimiser steps of tiny PLIP (batch {busy['plip_batch']}) and of the tiny "
         f"assistant (batch {busy['assistant_batch']}) on {busy['cores']} cores, each setting in a fresh "
-        f"process, idle and next to one competing process (`{busy['competing_process']}`); median "
-        f"seconds per step, the median over {busy.get('repeats', 1)} such process(es) ({_load(busy)}):",
+        f"process, idle and next to one competing process (`{busy['competing_process']}`); mean "
+        f"seconds per step (the `auto` setting's governor probes included), the median over "
+        f"{busy.get('repeats', 1)} such process(es) ({_load(busy)}):",
         "",
         table(
             [
@@ -48,12 +49,31 @@ def busy_machine_section(busy: dict) -> list[str]:
             rows,
         ),
         "",
-        f"Shipped (`cpu_threads: 1` in `configs/plip-tiny.yaml` and `configs/assistant-tiny.yaml`): worst "
-        f"slowdown **{busy.get('busy_machine_slowdown')}x**; its idle speed is "
+        f"Shipped (`cpu_threads: auto` in `configs/plip-tiny.yaml` and `configs/assistant-tiny.yaml`, "
+        f"spinning OpenMP threads in training commands): worst slowdown "
+        f"**{busy.get('busy_machine_slowdown')}x**; its idle speed is "
         + ", ".join(f"{100 * v:.0f}% ({k})" for k, v in speed.items())
-        + " of the fastest setting's idle speed. Overrides: see docs/training.md (threads on a shared CPU).",
+        + " of the fastest setting's idle speed. The governor's choices after its first probe: "
+        + _choices(busy)
+        + ". Overrides: see docs/training.md (threads on a shared CPU).",
         "",
     ]
+
+
+def _choices(busy: dict) -> str:
+    """What the shipped setting's governor kept, idle and busy (e.g. "idle 2 threads, busy 1 thread")."""
+    shipped = busy["settings"].get(busy.get("shipped"), {})
+    parts = []
+    for condition in ("idle", "busy"):
+        kept = {
+            count
+            for repeat in shipped.get(condition, {}).get("governor_choices", [])
+            for made in repeat.values()
+            for _, count in made[:1]
+        }
+        if kept:
+            parts.append(f"{condition} {' or '.join(map(str, sorted(kept)))} thread(s)")
+    return ", ".join(parts) or "none recorded"
 
 
 def slide_map_section(slides: dict) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from pallava.processing.processor import CROP_FEATURES, IGNORE_INDEX, MODEL_INPU
 from pallava.processing.tokenizer import IMAGE, build_tiny_tokenizer
 from pallava.train.data import Collator, Sample
 from pallava.train.feature_cache import FeatureCache, image_key, namespace_for
+
+StepHook = Callable[[float], None]  # gets one training step's seconds
 
 CAPTIONS = {
     "lung_aca": "Lung adenocarcinoma.",
@@ -75,8 +78,13 @@ def training_samples(count: int) -> list[Sample]:
     ]
 
 
-def plip_step(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
-    """samples/s of PLIP pre-training steps on real tiles (decoded once, as the recipe's image cache does)."""
+def plip_step(
+    regime: Regime, batch: int, steps: int, progress: bool, after_step: StepHook | None = None
+) -> dict:
+    """samples/s of PLIP pre-training steps on real tiles (decoded once, as the recipe's image cache does).
+
+    `after_step` gets each step's seconds (a `ThreadGovernor`'s `step_done`, as the training loop calls it).
+    """
     from pallava.models.plip import build_plip
     from pallava.models.plip.pretraining import PlipPretrainer
 
@@ -111,16 +119,18 @@ def plip_step(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step(0)  # warm-up
-    times = [
-        timed(lambda i=i: step(i), regime.device)
-        for i in tqdm(range(1, steps + 1), desc=f"PLIP {preset}", disable=not progress)
-    ]
+    times = []
+    for i in tqdm(range(1, steps + 1), desc=f"PLIP {preset}", disable=not progress):
+        times.append(timed(lambda i=i: step(i), regime.device))
+        if after_step is not None:
+            after_step(times[-1])
     return {
         "preset": preset,
         "batch": batch,
         "steps": steps,
         "dtype": str(regime.dtype).replace("torch.", ""),
         "step_s": round(median(times), 4),
+        "mean_step_s": round(sum(times) / len(times), 4),
         "samples_per_s": round(batch / median(times), 3),
     }
 
@@ -139,8 +149,16 @@ def assistant_model(regime: Regime) -> tuple[PaLlavaForConditionalGeneration, ob
     return model.train(), make_processor(config, tokenizer)
 
 
-def assistant_steps(regime: Regime, batch: int, steps: int, progress: bool) -> dict:
-    """samples/s of the assistant's step from pixels and from cached crop features, alternating."""
+def assistant_steps(
+    regime: Regime,
+    batch: int,
+    steps: int,
+    progress: bool,
+    variants: tuple[str, ...] = ("pixels", "cached"),
+    after_step: StepHook | None = None,
+) -> dict:
+    """samples/s of the assistant's step from pixels and from cached crop features, alternating (or only
+    the `variants` named); `after_step` gets each step's seconds, as in `plip_step`."""
     model, processor = assistant_model(regime)
     samples = training_samples(batch * (steps + 1))
     keys = [image_key(s.image_bytes) for s in samples]
@@ -181,24 +199,29 @@ def assistant_steps(regime: Regime, batch: int, steps: int, progress: bool) -> d
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        for variant in collators:  # warm-up
+        for variant in variants:  # warm-up
             step(variant, 0)
-        times: dict[str, list[float]] = {variant: [] for variant in collators}
+        times: dict[str, list[float]] = {variant: [] for variant in variants}
         for index in tqdm(range(1, steps + 1), desc=f"assistant {regime.name}", disable=not progress):
-            for variant in collators if index % 2 else reversed(collators):
+            for variant in variants if index % 2 else reversed(variants):
                 times[variant].append(timed(lambda v=variant, i=index: step(v, i), regime.device))
+                if after_step is not None:
+                    after_step(times[variant][-1])
     rates = {variant: batch / median(t) for variant, t in times.items()}
     crops = processor.image_processor.tile(samples[0].image_bytes).pixel_values.shape[0]
-    return {
+    result = {
         "batch": batch,
         "steps": steps,
         "lora": LORA[regime.name],
         "crops_per_image": int(crops),
         "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
         "step_s": {variant: round(median(t), 4) for variant, t in times.items()},
+        "mean_step_s": {variant: round(sum(t) / len(t), 4) for variant, t in times.items()},
         "samples_per_s": {variant: round(rate, 3) for variant, rate in rates.items()},
-        "cache_speedup": round(rates["cached"] / rates["pixels"], 3),
     }
+    if {"pixels", "cached"} <= set(rates):
+        result["cache_speedup"] = round(rates["cached"] / rates["pixels"], 3)
+    return result
 
 
 def run(regime_name: str, quick: bool = False, threads: int | None = None, progress: bool = True) -> dict:

@@ -376,9 +376,19 @@ def test_busy_machine_section_times_each_setting_idle_and_next_to_a_busy_process
         os.kill(pid, 0)  # running while the block runs
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # and gone after it
-    result = busy_machine.run(steps=1, settings=busy_machine.SETTINGS[:1], plip_batch=2, assistant_batch=2)
+    # The shipped setting (the ThreadGovernor): 7 steps = its probe (3 at each count), then the kept count.
+    result = busy_machine.run(
+        steps=7, settings=busy_machine.SETTINGS[:1], plip_batch=2, assistant_batch=2, repeats=1
+    )
     entry = result["settings"][busy_machine.SHIPPED]
-    assert entry["idle"]["applied"]["threads"] == entry["busy"]["applied"]["threads"] == 1
+    assert entry["idle"]["applied"]["threads"] == entry["busy"]["applied"]["threads"] == "auto"
+    if (os.cpu_count() or 1) > 1:
+        for condition in ("idle", "busy"):
+            (choices,) = entry[condition]["governor_choices"]  # one repeat
+            assert {trainer: [step for step, _ in made] for trainer, made in choices.items()} == {
+                "plip": [6],
+                "assistant": [6],
+            }
     for trainer in ("plip", "assistant"):
         ratio = entry["busy"][f"{trainer}_step_s"] / entry["idle"][f"{trainer}_step_s"]
         assert entry["slowdown"][trainer] == pytest.approx(ratio, rel=1e-2)

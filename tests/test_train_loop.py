@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,7 @@ def align_run(shared_data, tmp_path_factory):
         "optim.warmup_ratio=0.1",
         "checkpoint.every=6",
         "logging.sample_every=6",
+        "train.cpu_threads=auto",  # the ThreadGovernor (train/threads.py) in a real run
     )
     return out
 
@@ -87,6 +89,9 @@ def test_loss_falls_on_real_captions_and_the_run_leaves_its_records(align_run):
     assert [p.name for p in (align_run / "checkpoints").iterdir()] == ["ckpt-0000006"]
     history = json.loads((align_run / "training_history.json").read_text())
     assert [h["stage"] for h in history] == ["align"] and history[0]["samples"] == 24
+    if (os.cpu_count() or 1) > 1:  # cpu_threads: auto probes all cores, then one thread, then keeps one
+        threads = [r["threads"] for r in metrics]
+        assert threads[:6] == [os.cpu_count()] * 3 + [1] * 3 and set(threads) <= {os.cpu_count(), 1}, threads
 
 
 def test_only_connector_and_lora_weights_change_when_the_rest_is_frozen(align_run):

@@ -27,10 +27,9 @@ class ModelSteps(StepRunner):
         ]
         if self.s.smoke:
             args += ["--max-steps", "2", "--batch-size", "4"]
-        elif self.s.processes > 1:
-            # One process with a thread per core: PLIP's matrices are large enough to share (measured: as
-            # fast as data-parallel processes, for less CPU), unlike the assistant's.
-            args += [f"cpu_threads={self.s.processes}"]
+        # PLIP runs in this one process, its recipe's `cpu_threads: auto` giving it a thread per core when the
+        # machine is idle: its matrices are large enough to share (measured: as fast as data-parallel
+        # processes, for less CPU), unlike the assistant's.
         self.run_command(*args, *self.s.plip_args)
         self.run_command("plip", "export-vision", "--model", plip, "--out", self.out / "plip-vision")
         return {}

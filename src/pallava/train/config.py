@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from pallava.processing.augment import Augmentation
+from pallava.train.threads import check_cpu_threads
 
 STAGES = ("align", "instruct", "slide")
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -99,7 +100,9 @@ class RunSection:
     gradient_checkpointing: bool = False
     seed: int = 0  # data order
     num_workers: int = 0
-    cpu_threads: int | None = None  # torch threads per process on CPU (None: torch's default)
+    cpu_threads: int | str | None = (
+        None  # torch threads per process on CPU: N, auto or None (train/threads.py)
+    )
     # How answer tokens are averaged: `token` (every answer token of the global batch counts the same: long
     # answers weigh more) or `sample` (each sample's mean over its own tokens, then the mean over samples:
     # a one-word yes/no counts as much as a sentence).
@@ -233,6 +236,7 @@ class Recipe:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
         if self.train.max_steps is not None and self.train.max_steps < 1:
             raise ValueError(f"train.max_steps must be at least 1, got {self.train.max_steps}")
+        check_cpu_threads(self.train.cpu_threads, "train")
         if self.feature_cache.enabled and self.trainable.vision:
             raise ValueError("feature_cache.enabled needs a frozen vision tower (trainable.vision: false)")
         if self.feature_cache.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pallava.train import checkpoints
 from pallava.train.feedback import RunLog
 from pallava.train.optim import build_scheduler, group_learning_rates
-from pallava.train.threads import apply_cpu_threads
+from pallava.train.threads import apply_cpu_threads, thread_governor
 
 TRAINABLE_FILE = (
     "trainable.safetensors"  # checkpoints of tasks with a large frozen part: trained weights only
@@ -50,7 +50,7 @@ class LoopSettings:
     max_grad_norm: float = 1.0  # 0: no clipping
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's peak
     mixed_precision: str = "no"  # auto | no | bf16 | fp16
-    cpu_threads: int | None = None  # torch threads on a CPU (train/threads.py); None: torch's default
+    cpu_threads: int | str | None = None  # torch threads on a CPU: N, auto or None (train/threads.py)
     save_every: int = 0  # optimizer steps between checkpoints (0: none)
     save_at_end: bool = False  # also a checkpoint of the last step
     keep_last: int = 2
@@ -170,6 +170,7 @@ class TrainingLoop:
             ds_config["train_micro_batch_size_per_gpu"] = s.batch_size
             ds_config["gradient_clipping"] = s.max_grad_norm
         apply_cpu_threads(s.cpu_threads, accelerator.device)
+        self.governor = thread_governor(s.cpu_threads, accelerator.device, accelerator.num_processes)
         return accelerator
 
     def _register_trainable_only_hooks(self, accelerator: Accelerator) -> None:
@@ -337,8 +338,12 @@ class TrainingLoop:
                 self.global_step += 1
                 samples = result.pop("samples")
                 record = {"step": self.global_step, "epoch": epoch, **result}
+                seconds = time.perf_counter() - step_started
                 if samples:  # a timing: only for tasks that count samples (PLIP's rows stay reproducible)
-                    record["samples_per_s"] = samples / max(time.perf_counter() - step_started, 1e-9)
+                    record["samples_per_s"] = samples / max(seconds, 1e-9)
+                if self.governor is not None:  # cpu_threads: auto
+                    record["threads"] = self.governor.threads
+                    self.governor.step_done(seconds)
                 task.after_step(model, record, micro)
                 self._log_step(record, bar)
                 if (

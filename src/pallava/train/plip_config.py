@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pallava.train.config import build_config, read_yaml_mapping, shipped_recipe
+from pallava.train.threads import check_cpu_threads
 
 MODEL_FIELDS = (
     "use_momentum",
@@ -49,7 +50,7 @@ class PlipTrainConfig:
     text_pooling: str | None
     mixed_precision: str  # 'no' or 'bf16'
     num_workers: int
-    cpu_threads: int | None  # torch threads per process on a CPU; None = torch's default (train/threads.py)
+    cpu_threads: int | str | None  # torch threads per process on a CPU: N, auto or None (train/threads.py)
     cache_images: bool
     augment: dict | None  # processing.augment.Augmentation fields (stain, zoom, ...); None = defaults
     balance: str | None  # several datasets: sqrt (default) | equal | proportional | none
@@ -81,8 +82,7 @@ class PlipTrainConfig:
             raise ValueError(
                 f"{source}: mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}"
             )
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"{source}: cpu_threads must be at least 1 or null, got {self.cpu_threads}")
+        check_cpu_threads(self.cpu_threads, source)
         if self.keep_checkpoints < 1:
             raise ValueError(f"{source}: keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
 
