@@ -1,6 +1,7 @@
 """`slide map` on the real Aperio sample with a random tiny PLIP: outputs, consistency, resuming."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -230,3 +231,37 @@ def test_plip_folders_never_run_code_they_ship(plip, tmp_path, plant_folder_code
     with pytest.raises(ValueError, match="custom code"):
         PlipZeroShot.from_pretrained(folder)
     assert not marker.exists() and plant_folder_code.asked == []
+
+
+def test_class_prompts_are_encoded_once_per_model_and_returned_as_copies(plip):
+    from pallava.models.plip import PlipZeroShot
+
+    fresh = PlipZeroShot(plip.model, plip.tokenizer)
+    encoded = []
+    encode_texts = fresh.encode_texts
+    fresh.encode_texts = lambda texts: encoded.append(list(texts)) or encode_texts(texts)
+    prompts = [["an H&E image of tumour."], ["an H&E image of stroma.", "stroma."]]
+    first = fresh.class_embeddings(prompts)
+    first.zero_()  # a caller's change to its copy does not reach the remembered embeddings
+    again = fresh.class_embeddings([tuple(texts) for texts in prompts])  # the same prompts, as tuples
+    assert len(encoded) == 2  # one encoding per class, the first time only
+    np.testing.assert_allclose(again.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    fresh.class_embeddings([["an H&E image of tumour."], ["an H&E image of fat."]])
+    assert len(encoded) == 4  # other prompts are encoded
+
+
+def test_map_pictures_have_64_pixels_per_tile_and_at_least_1024_a_side(svs):
+    from pallava.slides.mapping import PICTURE_MIN_SIDE, PICTURE_PX_PER_TILE, thumbnail_side
+
+    with open_slide(svs) as slide:
+        tile_side = 224 * 2.0 / slide.mpp()  # level-0 pixels per tile at OPTIONS' 2 um/px
+        tiles_across = max(slide.dimensions) / tile_side
+        coarse = TilingOptions(mpp=2.0, thumbnail_side=4096)
+        fine = TilingOptions(mpp=0.25, thumbnail_side=4096)  # 8x more tiles across: 64 px each needs more
+        small = thumbnail_side(slide, coarse, PICTURE_PX_PER_TILE, PICTURE_MIN_SIDE)
+        large = thumbnail_side(slide, fine, PICTURE_PX_PER_TILE, PICTURE_MIN_SIDE)
+        enough = math.ceil(max(slide.dimensions) / (224 * 0.25 / slide.mpp()) * PICTURE_PX_PER_TILE)
+        capped = thumbnail_side(slide, OPTIONS, PICTURE_PX_PER_TILE, PICTURE_MIN_SIDE)
+    assert tiles_across * PICTURE_PX_PER_TILE < PICTURE_MIN_SIDE and small == PICTURE_MIN_SIDE
+    assert large == min(4096, enough)
+    assert large > PICTURE_MIN_SIDE and capped == OPTIONS.thumbnail_side  # never above thumbnail_side

@@ -33,6 +33,12 @@ from pallava.slides.tiling import TileGrid, iter_tile_batches, tile_grid
 from pallava.slides.tissue import TissueMask, detect_tissue
 
 SIDE_WORKERS = 2  # threads beside the encoder: text prompts, drawing and compressing the PNG pictures
+# `slide map`'s pictures: 64 thumbnail pixels per tile, at least 1,024 a side (up to `thumbnail_side`). A
+# tile's colour and the tissue under it stay visible, while a small slide or region is no longer drawn,
+# tissue-detected and compressed at 2,048 pixels a side, once per class (most of mapping a 56-tile region
+# with the tiny PLIP).
+PICTURE_PX_PER_TILE = 64
+PICTURE_MIN_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -65,23 +71,25 @@ class SlideMap:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def thumbnail_side(slide: Slide, options: TilingOptions, px_per_tile: int | None) -> int:
+def thumbnail_side(slide: Slide, options: TilingOptions, px_per_tile: int | None, min_side: int = 1) -> int:
     """The thumbnail's longest side: `options.thumbnail_side`, or less when that already gives each tile
-    `px_per_tile` pixels (None: always `options.thumbnail_side`)."""
+    `px_per_tile` pixels, but not under `min_side` (None: always `options.thumbnail_side`)."""
     if px_per_tile is None or options.mpp <= 0 or options.tile_size < 8:  # tile_grid names bad options
         return options.thumbnail_side
     tile_side = options.tile_size * options.mpp / slide.mpp(options.base_mpp)  # level-0 pixels per tile
     enough = math.ceil(max(slide.dimensions) / tile_side * px_per_tile)
-    return max(1, min(options.thumbnail_side, enough))
+    return max(1, min(options.thumbnail_side, max(min_side, enough)))
 
 
-def prepare_slide(slide: Slide, options: TilingOptions, px_per_tile: int | None = None) -> PreparedSlide:
+def prepare_slide(
+    slide: Slide, options: TilingOptions, px_per_tile: int | None = None, min_side: int = 1
+) -> PreparedSlide:
     """Thumbnail, tissue mask and tile grid; raises a clear error when no tile holds enough tissue.
 
-    `px_per_tile` caps the thumbnail at that many pixels per tile, for callers that draw no pictures from
-    it (see `slides.features`); `slide map` keeps the full `thumbnail_side` for its pictures.
+    `px_per_tile` caps the thumbnail at that many pixels per tile, but not under `min_side` (see
+    `thumbnail_side`); None keeps the full `options.thumbnail_side`.
     """
-    thumbnail, downsample = slide.thumbnail(thumbnail_side(slide, options, px_per_tile))
+    thumbnail, downsample = slide.thumbnail(thumbnail_side(slide, options, px_per_tile, min_side))
     mask = detect_tissue(thumbnail, downsample)
     grid = tile_grid(slide, mask, options.mpp, options.tile_size, options.min_tissue, options.base_mpp)
     if not grid.tiles:
@@ -172,7 +180,7 @@ def map_slide(
     check_templates(templates)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_slide(slide, options)
+    prepared = prepare_slide(slide, options, PICTURE_PX_PER_TILE, PICTURE_MIN_SIDE)
     grid = prepared.grid
     cache = EmbeddingCache(out_dir / "embeddings", cache_meta(slide, grid, model_id))
     names = label_map.names()

@@ -33,6 +33,9 @@ class PlipZeroShot:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.stain_normalize: str | None = None  # e.g. "macenko": images mapped onto reference H&E stains
+        # Class prompt ensembles already encoded: a cohort of slides, or a server, asks for the same classes
+        # again and again, and the paper's text tower takes seconds for them on a CPU.
+        self._class_embeddings: dict[tuple[tuple[str, ...], ...], torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
@@ -110,12 +113,15 @@ class PlipZeroShot:
 
     def class_embeddings(self, class_texts: Sequence[Sequence[str]]) -> torch.Tensor:
         """(C, D): per class, the re-normalised mean of its prompts' normalised embeddings (prompt
-        ensemble)."""
+        ensemble); remembered for the same prompts (the model is in eval mode and not trained here)."""
         if not class_texts or any(len(texts) == 0 for texts in class_texts):
             raise ValueError("class_texts: every class needs at least one prompt")
-        return torch.stack(
-            [F.normalize(self.encode_texts(list(texts)).mean(0), dim=0) for texts in class_texts]
-        )
+        key = tuple(tuple(texts) for texts in class_texts)
+        if key not in self._class_embeddings:
+            self._class_embeddings[key] = torch.stack(
+                [F.normalize(self.encode_texts(list(texts)).mean(0), dim=0) for texts in class_texts]
+            )
+        return self._class_embeddings[key].clone()
 
     def proba_from_embeddings(self, image_embeds: torch.Tensor, class_embeds: torch.Tensor) -> np.ndarray:
         """(N, C) class probabilities: softmax of cosine similarities over the model's temperature."""
