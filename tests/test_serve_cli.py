@@ -212,6 +212,8 @@ def test_serve_and_ui_commands_pass_their_settings(model_dir, tmp_path, monkeypa
                 "1000",
                 "--decode-workers",
                 "1",
+                "--generation-threads",
+                "all",
             ]
         )
         == 0
@@ -227,6 +229,7 @@ def test_serve_and_ui_commands_pass_their_settings(model_dir, tmp_path, monkeypa
     assert settings.model_name == model_dir.name
     assert (settings.header_timeout_s, settings.body_timeout_s, settings.keep_alive_s) == (3, 4, 2)
     assert (settings.max_queued_pixels, settings.decode_workers) == (1000, 1)
+    assert settings.generation_threads is None  # all: torch's threads for every step, nothing measured
 
     assert main(["serve", "--model", str(model_dir), "--allow-local-dir", str(tmp_path / "nope")]) == 1
     assert "is not a directory" in capsys.readouterr().err

@@ -88,6 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
+        generation_threads=None if args.generation_threads == "all" else args.generation_threads,
         max_queue=args.max_queue,
         max_queued_pixels=args.max_queued_pixels,
         decode_workers=args.decode_workers,
@@ -184,6 +185,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--batch-window-ms", type=float, default=20.0, help="wait for a batch to fill (default 20)"
+    )
+    serve.add_argument(
+        "--generation-threads",
+        choices=("auto", "all"),
+        default="auto",
+        help="CPU threads for the token-by-token generation steps: auto measures all against one per "
+        "batch size and keeps the faster (default); all: every step uses all of torch's threads",
     )
     serve.add_argument(
         "--max-slide-mb",

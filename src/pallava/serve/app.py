@@ -71,6 +71,7 @@ class ServerSettings:
     timeout_s: float = 120.0  # per request once read: checks, decoding, tokenising, queueing, generation
     max_batch_size: int = 8
     batch_window_s: float = 0.02
+    generation_threads: str | None = "auto"  # "auto": DecodeThreads picks the token steps' CPU threads
     max_queue: int = 256
     max_queued_pixels: int = 2**25  # image pixels (as model-ready crops) held by queued and running requests
     decode_workers: int = 2  # requests decoding their images at once (a decoded image is held only meanwhile)
@@ -99,6 +100,10 @@ class ServerSettings:
         for name in ("timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"server setting {name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.generation_threads not in ("auto", None):
+            raise ValueError(
+                f"server setting generation_threads must be 'auto' or None, got {self.generation_threads!r}"
+            )
         if self.batch_window_s < 0:
             raise ValueError(f"server setting batch_window_s must be >= 0, got {self.batch_window_s}")
         if self.default_max_tokens > self.max_tokens_limit:
@@ -125,6 +130,7 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         settings.batch_window_s,
         settings.max_queue,
         settings.max_queued_pixels,
+        settings.generation_threads,
     )
     processor = assistant.processor
     context = min(processor.max_length, assistant.model.config.text_config.max_position_embeddings)
