@@ -306,6 +306,18 @@ def _analysis(results: dict) -> list[str]:
         "(`OMP_WAIT_POLICY=PASSIVE`, set on import unless the environment says otherwise; the peer, in the "
         "same process, gets it too).",
         "",
+        "The C heap was a second, intermittent loss: glibc handed freed activations back to the kernel "
+        "and faulted fresh pages in for the next ones. In a separate process (`PALLAVA_MALLOC=system`, "
+        "2026-12-01, idle machine) our first token at 1024x768 took 45,000-49,000 page faults and "
+        "1.25-1.46 s in some runs, and none and 0.98 s in others, depending on the heap's history. "
+        "pallava now keeps freed blocks for reuse (`pallava/allocator.py`, set on import; the peer, in "
+        "the same process, gets it too): no faults, 1.08-1.14 s in the same script. This run's processes "
+        "had not been in the faulting state, so it moves neither system here. What is left is the matrix "
+        "sizes: at the same modules the peer multiplies 855-row matrices in its prefill and ours 217, and"
+        " larger products run at a higher FLOP/s on this CPU, so equal FLOP/s needs fused projections "
+        "(one QKV and one gate-and-up product per layer) that the peer, sharing our modules, would not "
+        "get.",
+        "",
     ]
     if ceiling:
         out += [

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import ctypes
-import functools
 import logging
 import threading
 import time
@@ -33,6 +31,7 @@ import torch
 from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from pallava.allocator import release_memory
 from pallava.inference import Completion, PaLlava
 from pallava.processing.image import TiledImage
 from pallava.processing.processor import Turn
@@ -393,19 +392,3 @@ class BatchingEngine:
             job.on_done(result)
         except Exception:  # a closed event loop must not take the worker down
             log.exception("could not deliver a result")
-
-
-@functools.cache
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to trim
-        return None
-
-
-def release_memory() -> None:
-    """Return freed heap memory to the operating system. glibc keeps what a burst of large images freed
-    (in every thread's arena) unless asked with `malloc_trim`; elsewhere this does nothing."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
