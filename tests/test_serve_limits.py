@@ -225,3 +225,34 @@ def test_a_kept_alive_connection_must_finish_its_next_headers_too(strict_server)
             first += sock.recv(65536)
         sock.sendall(b"GET /heal")  # the next request starts, and stalls
         assert first.startswith(b"HTTP/1.1 200") and read_until_closed(sock) == b""
+
+
+def test_a_lone_request_does_not_wait_out_the_batch_window_but_one_being_admitted_is_waited_for(assistant):
+    engine = engine_module.BatchingEngine(assistant, max_batch_size=8, window_s=20.0)
+    image = assistant.processor.image_processor.tile(Image.new("RGB", (224, 224)))
+    answered = {}
+
+    def job(name: str) -> engine_module.Job:
+        conversation = assistant.processor.question("What is shown?", True)
+        options = engine_module.GenerationOptions(4)
+        return engine_module.Job(
+            conversation, [image], options, 60.0, lambda _, n=name: answered.update({n: 1})
+        )
+
+    engine.start()
+    try:
+        started = time.monotonic()
+        engine.submit(job("alone"))
+        wait_until(lambda: "alone" in answered, "the lone request's answer")
+        assert time.monotonic() - started < 10.0  # answered well inside the 20 s window
+        assert engine.stats["largest_batch"] == 1
+        engine.expect()  # a second request is still being admitted: the first waits for it
+        engine.submit(job("first"))
+        time.sleep(0.3)
+        assert "first" not in answered
+        engine.unexpect()
+        engine.submit(job("second"))
+        wait_until(lambda: {"first", "second"} <= set(answered), "both answers")
+        assert engine.stats["largest_batch"] == 2 and engine.stats["batches"] == 2
+    finally:
+        engine.close()

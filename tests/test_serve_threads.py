@@ -99,10 +99,13 @@ def answer_batch(engine: BatchingEngine, assistant: PaLlava, questions: list[str
         if len(answers) == len(questions):
             done.set()
 
-    engine.window_s = 1.0  # all jobs are queued before the window closes: one batch
+    engine.window_s = 5.0
+    engine.expect()  # more are on their way until the last is queued: one batch
     for index, question in enumerate(questions):
         conversation = assistant.processor.question(question, True)
         job = Job(conversation, [image], GenerationOptions(12), 120.0, lambda r, i=index: finish(i, r))
+        if index == len(questions) - 1:
+            engine.unexpect()
         engine.submit(job)
     assert done.wait(120)
     return [answers[i] for i in range(len(questions))], worker_threads

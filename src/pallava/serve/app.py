@@ -255,7 +255,11 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         started = time.monotonic()  # the time limit covers everything from here
         watch = ClientWatch(request.receive)
         try:
-            conversation, images = await admit(body, max_new_tokens, started, watch)
+            engine.expect()  # a batch forming meanwhile waits for this request (up to its window)
+            try:
+                conversation, images = await admit(body, max_new_tokens, started, watch)
+            finally:
+                engine.unexpect()  # no await until it is submitted below: the batch sees it queued
             work = {
                 "conversation": conversation,
                 "images": images,

@@ -2,7 +2,9 @@
 
 Requests wait in a queue; the worker takes the oldest, waits a short window (default 20 ms) for others
 with the same generation options, and answers them together with one batched `generate` (left padding
-keeps every answer identical to answering it alone). Streaming requests run one at a time through the
+keeps every answer identical to answering it alone). The window is only waited while other requests are
+being admitted (`expect` / `unexpect`, around their checks and image decoding): a lone request starts at
+once. Streaming requests run one at a time through the
 same worker, so the model is never used by two threads at once. Each request carries a deadline that
 bounds its wait in the queue and its generation time.
 
@@ -240,6 +242,7 @@ class BatchingEngine:
         self._pending: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
         self._held_pixels = 0
+        self._admitting = 0  # requests between `expect` and `unexpect`: a forming batch waits for them
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -278,6 +281,18 @@ class BatchingEngine:
             self._held_pixels += job.pixels
             self._pending.append(job)
             self._cond.notify_all()
+
+    def expect(self) -> None:
+        """A request is on its way (being checked, its images decoded): a batch being formed waits for it,
+        up to the window."""
+        with self._cond:
+            self._admitting += 1
+
+    def unexpect(self) -> None:
+        """That request was submitted or failed. Nobody is woken: a forming batch sees the submitted job
+        (`submit` wakes it) or, after a failure, waits out its window."""
+        with self._cond:
+            self._admitting -= 1
 
     def cancel(self, job: Job) -> None:
         """The client left: drop the job if it waits; a running batch stops once all its clients left."""
@@ -324,7 +339,8 @@ class BatchingEngine:
                     self._running = []
 
     def _take_batch(self) -> list[Job]:
-        """Under the lock: the oldest job plus compatible ones that arrive within the window."""
+        """Under the lock: the oldest job plus compatible ones that arrive within the window, which closes
+        early once no other request is being admitted."""
         first = self._pending[0]
         if first.streaming:
             return [self._pending.popleft()]
@@ -332,7 +348,7 @@ class BatchingEngine:
         while True:
             batch = [j for j in self._pending if not j.streaming and j.options == first.options]
             remaining = end - time.monotonic()
-            if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed:
+            if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed or not self._admitting:
                 break
             self._cond.wait(remaining)
             if first not in self._pending:  # cancelled while the window was open
