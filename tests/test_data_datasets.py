@@ -76,6 +76,17 @@ def test_repeat_factors_never_subsample_and_follow_weights():
         repeat_factors(sizes, "sqrt", {"liver": 1.0})
 
 
+@pytest.mark.parametrize("largest", [4346, 4605, 4703, 15455])
+def test_the_largest_share_is_repeated_exactly_once_despite_rounding(largest):
+    # sizes whose sqrt shares used to give the largest dataset 0.9999999999999998, which balancing refused
+    # (a stage-2 run with data.limit=36000 stopped on it)
+    sizes = {"colon": largest, "lung": 3000, "oral": 295}
+    factors = repeat_factors(sizes, "sqrt")
+    assert factors["colon"] == 1.0 and min(factors.values()) >= 1.0
+    groups = [name for name, size in sizes.items() for _ in range(size)]
+    assert len(balance(groups, "sqrt")) >= len(groups)
+
+
 def test_balanced_indices_are_whole_copies_plus_a_seeded_fraction():
     groups = ["a"] * 10 + ["b"] * 4
     indices = balanced_indices(groups, {"a": 1.0, "b": 2.5}, seed=3)

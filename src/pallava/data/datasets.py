@@ -195,7 +195,9 @@ def repeat_factors(
     if balance == "none" and not weights:
         return {name: 1.0 for name in sizes}
     scale = max(sizes[name] / w for name, w in share.items())
-    return {name: (scale * share[name] / sizes[name] if name in share else 1.0) for name in sizes}
+    # scale * w / size >= 1 for every dataset, = 1 for the one that sets the scale; max() keeps rounding
+    # (0.9999999999999998) from bringing that one under 1
+    return {name: (max(1.0, scale * share[name] / sizes[name]) if name in share else 1.0) for name in sizes}
 
 
 def balanced_indices(
