@@ -17,11 +17,10 @@ class FakeClock:
     """Step times by thread count: each step "takes" the time of the count set for it."""
 
     def __init__(self, step_s: dict[int, float]):
-        self.now, self.step_s, self.threads, self.calls = 0.0, step_s, None, []
+        self.now, self.step_s, self.threads = 0.0, step_s, None
 
     def set_threads(self, count: int) -> None:
         self.threads = count
-        self.calls.append(count)
 
     def __call__(self) -> float:
         return self.now

@@ -2,12 +2,12 @@
 
 torch allocates CPU tensors with `malloc`. glibc serves blocks over its mmap threshold (128 KiB at first,
 raised as blocks are freed, at most 32 MiB) with fresh pages from the kernel, and hands the heap's free top
-back once it exceeds the trim threshold. A forward pass allocates and frees the same large activations
-again and again, so each new tensor's pages fault in and are zeroed by the kernel: the paper-proportioned
-first token (1024x768 image) took 45,000-47,000 page faults and 1.25 s, and with the thresholds below none
-and 0.95 s (benchmarks/latency.py; docs/benchmarks.md). This is what jemalloc or tcmalloc, preloaded as
-PyTorch's CPU performance guide suggests, also give; set on import here because a Python package cannot
-preload an allocator.
+back once it exceeds the trim threshold. A forward pass allocates and frees the same large activations again
+and again, so each new tensor's pages fault in and are zeroed by the kernel: the paper-proportioned first
+token (1024x768 image, `benchmarks.latency.first_token` in a script) took 45,000-49,000 page faults and
+1.25-1.46 s in some processes, and with the thresholds below none and 0.95-1.14 s (docs/benchmarks.md). This
+is what jemalloc or tcmalloc, preloaded as PyTorch's CPU performance guide suggests, also give; set on import
+here because a Python package cannot preload an allocator.
 
 The freed memory then stays in the process until it ends or `release_memory` trims it (the server does
 after each burst of requests). A setting already in the environment (`MALLOC_MMAP_THRESHOLD_`,

@@ -4,19 +4,20 @@ Requests wait in a queue; the worker takes the oldest, waits a short window (def
 with the same generation options, and answers them together with one batched `generate` (left padding
 keeps every answer identical to answering it alone). The window is only waited while other requests are
 being admitted (`expect` / `unexpect`, around their checks and image decoding): a lone request starts at
-once. Streaming requests run one at a time through the
-same worker, so the model is never used by two threads at once. Each request carries a deadline that
-bounds its wait in the queue and its generation time.
+once. Streaming requests run one at a time through the same worker, so the model is never used by two
+threads at once. Each request carries a deadline that bounds its wait in the queue and its generation
+time.
 
 Memory is bounded: a job's images arrive already tiled (at most `1 + max_tiles` crops each, never the
 decoded image), their pixels count against `max_queued_pixels` until the job is answered, and a job whose
 client left is dropped from the queue, or stops its batch's generation once every client of the batch
 has left.
 
-On a CPU the decoding steps of small models are bound by overhead, not arithmetic: each step's small
-matrix products pay for waking torch's other threads, and one thread can be faster than all cores (the tiny
-model: batches of 8 decoded 1.4x faster). `DecodeThreads` measures it per batch size and keeps the faster
-count for decoding; the prompt's prefill and the vision tower always get all threads.
+On a CPU the decoding steps of small models are bound by overhead, not arithmetic: each step's small matrix
+products pay for waking torch's other threads, and one thread can be faster than all cores (the tiny model,
+batches of 8 in the worker thread: 64 tokens in 0.19 s with one thread, 0.23-0.25 s with two). `DecodeThreads`
+measures it per batch size and keeps the faster count for decoding; the prompt's prefill and the vision tower
+always get all threads.
 """
 
 from __future__ import annotations
