@@ -267,3 +267,13 @@ def test_nested_recipe_settings_reach_tensorboard_flattened():
         {"lr": 1e-3, "augment": {"stain": 0.1, "flips": True}, "text_init": None, "pair": (1, 2)}
     )
     assert flat == {"lr": 1e-3, "augment.stain": 0.1, "augment.flips": True, "pair": "(1, 2)"}
+
+
+def test_runs_in_other_precisions_follow_each_other_in_one_process(small_manifest, recipe, tmp_path):
+    # accelerate keeps one process-wide state: a bf16 PLIP run followed by an fp32 stage (the quickstart
+    # runs them in one process) must not fail on it.
+    for precision in ("bf16", "no", "bf16"):
+        out = tmp_path / precision
+        args = ["plip", "train", "--data", str(small_manifest), "--out", str(out), "--config", str(recipe)]
+        assert main([*args, "--max-steps", "1", f"mixed_precision={precision}"]) == 0
+        assert json.loads((out / "run_summary.json").read_text())["steps"] == 1

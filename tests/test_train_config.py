@@ -178,3 +178,42 @@ def test_both_training_commands_share_run_flags_and_key_value_overrides(monkeypa
     )
     assert (plip.seed, plip.max_steps, plip.text_layers) == (3, 2, 1)
     assert plip.lr == pytest.approx(2e-4)
+
+
+def test_yes_no_on_off_overrides_stay_words_and_booleans_take_them(tmp_path):
+    # YAML 1.1 reads `no` as false: `train.mixed_precision=no` must still mean the text "no".
+    recipe = load_recipe(
+        None, "align", ["train.mixed_precision=no", "trainable.llm=yes", "trainable.lora=off"]
+    )
+    assert recipe.train.mixed_precision == "no"
+    assert recipe.trainable.llm is True and recipe.trainable.lora is False
+    assert parse_overrides(["a=true", "b=False", "c=no"]) == {"a": True, "b": False, "c": "no"}
+    plip = PlipTrainConfig.for_preset("tiny", mixed_precision="no")
+    assert plip.mixed_precision == "no"
+    # In a recipe file an unquoted `no` is already a boolean: the error says how to write it.
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {mixed_precision: no}\n")
+    with pytest.raises(ValueError, match=r"train\.mixed_precision: expected text, got False .*quotes"):
+        load_recipe(path, "align")
+
+
+def test_bf16_if_native_follows_the_cpu_flags(monkeypatch, tmp_path):
+    from pallava.train import loop
+
+    with_bf16, without = tmp_path / "bf16", tmp_path / "avx2"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert loop.cpu_computes_bf16(with_bf16) and not loop.cpu_computes_bf16(without)
+    assert not loop.cpu_computes_bf16(tmp_path / "missing")  # not Linux: assume no
+    monkeypatch.setattr(loop.torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(loop, "cpu_computes_bf16", lambda native=native: native)
+        assert loop.resolve_mixed_precision("bf16-if-native") == expected
+        assert loop.resolve_mixed_precision("auto") == "no"  # the assistant's CPU default stays fp32
+    assert loop.resolve_mixed_precision("bf16") == "bf16"
+    assert (
+        load_recipe(None, "align", ["train.mixed_precision=bf16-if-native"]).train.mixed_precision
+        == "bf16-if-native"
+    )
+    with pytest.raises(ValueError, match="mixed_precision must be 'no', 'bf16' or 'bf16-if-native'"):
+        PlipTrainConfig.for_preset("tiny", mixed_precision="fp8")

@@ -15,9 +15,9 @@ CONFIGS = PACKAGE_ROOT / "configs"
 # Stage 2 trains on a seeded sample of the generated questions (9 per image, 41,220 for the three train
 # splits), and the balancing of datasets then repeats the small ones in it. More questions answer better
 # (36,000 against 24,000, the same PLIP: closed 0.935 / 0.911 / 0.792 against 0.906 / 0.852 / 0.756 on
-# average; docs/training.md) but cost time: the demo with 36,000 took 15 min 5 s, over its 15 minutes, so it
-# takes the 30,000 that fit (docs/quickstart.md, runs L to N).
-STAGE2_QUESTIONS = 30_000
+# average; docs/training.md) but cost time: with PLIP in fp32 the demo with 36,000 took 15 min 5 s (run M).
+# PLIP in bf16 where the CPU computes it (configs/plip-tiny.yaml) gave that time back (docs/quickstart.md).
+STAGE2_QUESTIONS = 36_000
 
 # The slide step: virtual slides from the train tiles (stage slide) and from the dev tiles (evaluation), small
 # so that building, features, the stage and the evaluation stay within about 3 minutes of the demo. Many

@@ -95,7 +95,7 @@ class RunSection:
     batch_size: int = 8  # per process
     grad_accum: int = 1
     mixed_precision: str = (
-        "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | no | bf16 | fp16
+        "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | bf16-if-native | no | bf16 | fp16
     )
     gradient_checkpointing: bool = False
     seed: int = 0  # data order
@@ -225,9 +225,10 @@ class Recipe:
             )
         if self.data.format not in ("auto", "conversations", "manifest"):
             raise ValueError(f"data.format must be auto, conversations or manifest, got {self.data.format!r}")
-        if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        if self.train.mixed_precision not in ("auto", "bf16-if-native", "no", "bf16", "fp16"):
             raise ValueError(
-                f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.train.mixed_precision!r}"
+                "train.mixed_precision must be auto, bf16-if-native, no, bf16 or fp16, "
+                f"got {self.train.mixed_precision!r}"
             )
         if self.train.loss_average not in ("token", "sample"):
             raise ValueError(f"train.loss_average must be token or sample, got {self.train.loss_average!r}")
@@ -262,6 +263,9 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+BOOLEAN_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """Check `value` against a field's type; accept strings for numbers (YAML reads `2e-4` as text)."""
     origin = typing.get_origin(kind)
@@ -288,8 +292,8 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
+        if isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
+            return BOOLEAN_WORDS[value.lower()]
         raise ValueError(f"{where}: expected true or false, got {value!r}")
     if kind in (int, float):
         if isinstance(value, bool):
@@ -304,6 +308,11 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return number
     if kind is str:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / yes / off / on as a boolean
+            raise ValueError(
+                f"{where}: expected text, got {value!r} (put words such as 'no' in quotes: YAML reads "
+                "an unquoted no, yes, off or on as a boolean)"
+            )
         if not isinstance(value, str):
             raise ValueError(f"{where}: expected text, got {value!r}")
         return value
@@ -331,7 +340,11 @@ def _build(cls: type, data: dict, where: str) -> Any:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`["optim.lr=2e-4", "train.epochs=3"]` -> nested dict; values are read as YAML scalars."""
+    """`["optim.lr=2e-4", "train.epochs=3"]` -> nested dict; values are read as YAML scalars.
+
+    Only true and false become booleans (YAML 1.2): `train.mixed_precision=no` means the word "no", and a
+    boolean field takes yes / no / on / off as words (`BOOLEAN_WORDS`).
+    """
     result: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -343,7 +356,10 @@ def parse_overrides(pairs: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {pair!r} conflicts with an earlier override of {part}")
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        value = yaml.safe_load(text) if text.strip() else None
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text.strip()
+        node[parts[-1]] = value
     return result
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -49,7 +50,7 @@ class LoopSettings:
     grad_accum: int = 1
     max_grad_norm: float = 1.0  # 0: no clipping
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's peak
-    mixed_precision: str = "no"  # auto | no | bf16 | fp16
+    mixed_precision: str = "no"  # auto | bf16-if-native | no | bf16 | fp16 (resolve_mixed_precision)
     cpu_threads: int | str | None = None  # torch threads on a CPU: N, auto or None (train/threads.py)
     save_every: int = 0  # optimizer steps between checkpoints (0: none)
     save_at_end: bool = False  # also a checkpoint of the last step
@@ -123,12 +124,33 @@ class Task:
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """`auto`: bf16 on GPUs that support it, else fp16 on GPUs, and fp32 ("no") on CPU."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    """The precision accelerate runs: the setting itself, or for
+
+    - `auto`: bf16 on GPUs that support it, else fp16 on GPUs, and fp32 ("no") on CPU;
+    - `bf16-if-native`: bf16 where the hardware computes it (a GPU with bf16, a CPU with AVX512-BF16 or
+      AMX), else fp32. On a CPU without those instructions bf16 is emulated and slower than fp32.
+    """
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if setting == "bf16-if-native":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if cpu_computes_bf16() else "no"
+    return setting
+
+
+def cpu_computes_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 matrix instructions (Linux: the `avx512_bf16` or `amx_bf16` flag)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no way to tell, so no
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[-1].split()))
+    return False
 
 
 class TrainingLoop:
@@ -157,8 +179,14 @@ class TrainingLoop:
     # --- setup --------------------------------------------------------------------------------------
     def _accelerator(self) -> Accelerator:
         s = self.settings
+        precision = resolve_mixed_precision(s.mixed_precision)
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+            # accelerate keeps one state per process and refuses another precision; one Python process may
+            # run several loops (the quickstart: a bf16 PLIP, then fp32 stages). The distributed state
+            # (PartialState: process group, ranks) is kept, only the precision is set afresh.
+            AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(s.mixed_precision),
+            mixed_precision=precision,
             gradient_accumulation_steps=s.grad_accum,
             cpu=not torch.cuda.is_available(),  # several processes without GPUs: gloo on the CPU
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

@@ -48,7 +48,7 @@ class PlipTrainConfig:
     itm_max_pairs: int | None
     image_pooling: str | None
     text_pooling: str | None
-    mixed_precision: str  # 'no' or 'bf16'
+    mixed_precision: str  # 'no', 'bf16' or 'bf16-if-native' (train.loop.resolve_mixed_precision)
     num_workers: int
     cpu_threads: int | str | None  # torch threads per process on a CPU: N, auto or None (train/threads.py)
     cache_images: bool
@@ -78,9 +78,10 @@ class PlipTrainConfig:
         return cls.from_yaml(shipped_recipe(f"plip-{preset}"), **overrides)
 
     def validate(self, source: str) -> None:
-        if self.mixed_precision not in ("no", "bf16"):
+        if self.mixed_precision not in ("no", "bf16", "bf16-if-native"):
             raise ValueError(
-                f"{source}: mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}"
+                f"{source}: mixed_precision must be 'no', 'bf16' or 'bf16-if-native', "
+                f"got {self.mixed_precision!r}"
             )
         check_cpu_threads(self.cpu_threads, source)
         if self.keep_checkpoints < 1:
