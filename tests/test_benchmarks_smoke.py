@@ -419,6 +419,10 @@ def test_serve_section_runs_one_client_then_sixteen_without_errors(shared_data):
     ratio = many["throughput_rps"] / one["throughput_rps"]
     assert result["serve_concurrency_speedup"] == pytest.approx(ratio, rel=1e-2)
     assert many["latency_p50_s"] <= many["latency_p99_s"]
+    resent = result["resent_image"]  # the shipped image feature cache, the same requests
+    assert resent["image_cache"] > 0
+    assert (resent["one_at_a_time"]["requests"], resent["concurrent"]["requests"]) == (2, 16)
+    assert resent["one_at_a_time"]["errors"] == resent["concurrent"]["errors"] == 0
 
 
 def test_system_sections_give_their_keys_and_targets_in_their_direction():
@@ -451,6 +455,11 @@ def test_system_sections_give_their_keys_and_targets_in_their_direction():
             "one_at_a_time": {**run, "mean_batch_size": 1.0, "errors": 0},
             "concurrent": {**run, "throughput_rps": 9.0, "mean_batch_size": 7.5, "errors": 0},
             "serve_concurrency_speedup": 4.5,
+            "resent_image": {
+                "image_cache": 32,
+                "one_at_a_time": {**run, "throughput_rps": 3.0, "mean_batch_size": 1.0, "errors": 0},
+                "concurrent": {**run, "throughput_rps": 12.0, "mean_batch_size": 7.9, "errors": 0},
+            },
         }
     }
     results = {
@@ -479,6 +488,7 @@ def test_system_sections_give_their_keys_and_targets_in_their_direction():
     page = render(results)
     assert "## Training on a busy machine" in page and "| one | 1 | 1.0 | 1.5 | 1.50x |" in page
     assert "## Serving under concurrency" in page and "**4.5x**" in page
+    assert "| tiny | 16 clients, image resent | 4 | 12.0 |" in page
 
 
 def test_a_re_measured_section_leaves_the_older_commands_provenance():

@@ -179,3 +179,16 @@ def test_load_script_reports_latency_throughput_and_errors(server):
     assert report["requests"] == 6 and report["errors"] == 0
     assert 0 < report["latency_p50_s"] <= report["latency_p95_s"]
     assert report["throughput_rps"] > 0
+
+
+def test_an_image_sent_again_is_answered_from_the_feature_cache(client, server, samples):
+    # A chat client sends the image with every turn; the server encodes it once.
+    messages = image_message("What stain is used?", "pathology/stardist_histo.jpg")
+    first = client.chat.completions.create(model="x", messages=messages, max_tokens=MAX_TOKENS)
+    before = httpx.get(f"{server.url}/health").json()
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}]
+    messages += [{"role": "user", "content": "Is it malignant?"}]
+    client.chat.completions.create(model="x", messages=messages, max_tokens=MAX_TOKENS)
+    after = httpx.get(f"{server.url}/health").json()
+    assert after["image_cache_hits"] == before["image_cache_hits"] + 1
+    assert after["image_cache_misses"] == before["image_cache_misses"]

@@ -16,7 +16,7 @@ from transformers.generation.streamers import BaseStreamer
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image
-from pallava.processing.processor import MODEL_INPUT_NAMES, PaLlavaProcessor, Turn
+from pallava.processing.processor import CROP_FEATURES, MODEL_INPUT_NAMES, PaLlavaProcessor, Turn
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class PaLlava:
         batch = self.processor(
             text=conversations, images=images, add_generation_prompt=True, padding_side="left"
         )
-        return {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUT_NAMES}
+        return {k: v.to(self.device) for k, v in batch.items() if k in (*MODEL_INPUT_NAMES, CROP_FEATURES)}
 
     def _generation_options(
         self, max_new_tokens: int, temperature: float, top_p: float, max_time: float | None = None

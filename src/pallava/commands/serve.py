@@ -89,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
         generation_threads=None if args.generation_threads == "all" else args.generation_threads,
+        image_cache=args.image_cache,
         max_queue=args.max_queue,
         max_queued_pixels=args.max_queued_pixels,
         decode_workers=args.decode_workers,
@@ -192,6 +193,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="CPU threads for the token-by-token generation steps: auto measures all against one per "
         "batch size and keeps the faster (default); all: every step uses all of torch's threads",
+    )
+    serve.add_argument(
+        "--image-cache",
+        type=int,
+        default=32,
+        help="images whose vision features are kept for requests that send them again, as a chat does on "
+        "every turn (default 32; 0: none)",
     )
     serve.add_argument(
         "--max-slide-mb",

@@ -317,6 +317,7 @@ class TiledImage:
     grid: tuple[int, int]  # (columns, rows)
     original_size: tuple[int, int]  # (width, height)
     tile_mask: torch.Tensor
+    key: str | None = None  # a digest of the image's content, for caches of its features (the server's)
 
     @property
     def num_tiles(self) -> int:

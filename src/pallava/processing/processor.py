@@ -382,7 +382,9 @@ class PaLlavaProcessor(ProcessorMixin):
             del batch["labels"]
         if flat_images:
             pixels = self.image_processor(flat_images)
-            batch.update(pixel_values=pixels["pixel_values"], tile_mask=pixels["tile_mask"])
+            # An image processor that knows the images' features (the server's cache) gives those instead.
+            batch.update({k: pixels[k] for k in ("pixel_values", CROP_FEATURES) if k in pixels})
+            batch.update(tile_mask=pixels["tile_mask"])
         return BatchFeature(batch)
 
     @staticmethod

@@ -32,6 +32,7 @@ from pallava.serve.engine import (
     JobCancelled,
     time_limit_error,
 )
+from pallava.serve.image_features import image_key
 from pallava.serve.images import load_request_image
 from pallava.serve.protocol import APIError, ChatCompletionRequest, error_body, request_model, to_conversation
 from pallava.serve.server import BackgroundServer, ClientWatch, RequestGuard, uvicorn_config
@@ -72,6 +73,7 @@ class ServerSettings:
     max_batch_size: int = 8
     batch_window_s: float = 0.02
     generation_threads: str | None = "auto"  # "auto": DecodeThreads picks the token steps' CPU threads
+    image_cache: int = 32  # images whose vision features are kept for later turns that resend them; 0: none
     max_queue: int = 256
     max_queued_pixels: int = 2**25  # image pixels (as model-ready crops) held by queued and running requests
     decode_workers: int = 2  # requests decoding their images at once (a decoded image is held only meanwhile)
@@ -104,6 +106,8 @@ class ServerSettings:
             raise ValueError(
                 f"server setting generation_threads must be 'auto' or None, got {self.generation_threads!r}"
             )
+        if self.image_cache < 0:
+            raise ValueError(f"server setting image_cache must be >= 0, got {self.image_cache}")
         if self.batch_window_s < 0:
             raise ValueError(f"server setting batch_window_s must be >= 0, got {self.batch_window_s}")
         if self.default_max_tokens > self.max_tokens_limit:
@@ -131,6 +135,7 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         settings.max_queue,
         settings.max_queued_pixels,
         settings.generation_threads,
+        settings.image_cache,
     )
     processor = assistant.processor
     context = min(processor.max_length, assistant.model.config.text_config.max_position_embeddings)
@@ -206,10 +211,13 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
                 url, param, settings.max_image_bytes, settings.max_image_pixels, settings.allow_local_dir
             )
             try:
-                images.append(processor.image_processor.tile(image))
+                tiled = processor.image_processor.tile(image)
             except ValueError as error:
                 code = "image_too_large" if isinstance(error, ImageTooLargeError) else "invalid_image"
                 raise APIError(400, f"{param}: {error}", param=param, code=code) from error
+            if settings.image_cache:
+                tiled.key = image_key(image)  # a later turn that sends it again reuses its features
+            images.append(tiled)
         check()
         prompt_tokens = len(processor.encode_conversation(conversation, add_generation_prompt=True)[0])
         if prompt_tokens + max_new_tokens > context:

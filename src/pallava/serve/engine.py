@@ -37,7 +37,8 @@ from transformers.generation.streamers import BaseStreamer
 from pallava.allocator import release_memory
 from pallava.inference import Completion, PaLlava
 from pallava.processing.image import TiledImage
-from pallava.processing.processor import Turn
+from pallava.processing.processor import CROP_FEATURES, Turn
+from pallava.serve.image_features import ImageFeatureCache
 from pallava.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
@@ -104,22 +105,26 @@ def time_limit_error(timeout_s: float) -> GenerationTimeout:
 
 
 class _PretiledImages:
-    """The worker's image processor: images were tiled at admission, so a batch only stacks them."""
+    """The worker's image processor: images were tiled at admission, so a batch only stacks them; with a
+    `cache`, it gives their crop features instead of their pixels, from the cache where it can."""
 
-    def __init__(self, image_processor):
-        self._inner = image_processor
+    def __init__(self, image_processor, cache: ImageFeatureCache | None = None):
+        self._inner, self.cache = image_processor, cache
 
     def __call__(self, images: Sequence[TiledImage]) -> dict:
-        return self._inner.stack(images)
+        stacked = self._inner.stack(images)
+        if self.cache is None:
+            return stacked
+        return {CROP_FEATURES: self.cache.crop_features(images, stacked), "tile_mask": stacked["tile_mask"]}
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
 
-def pretiled(assistant: PaLlava) -> PaLlava:
+def pretiled(assistant: PaLlava, cache: ImageFeatureCache | None = None) -> PaLlava:
     """The same model and processor, taking images already cut by `processor.image_processor.tile`."""
     processor = copy.copy(assistant.processor)
-    processor.image_processor = _PretiledImages(assistant.processor.image_processor)
+    processor.image_processor = _PretiledImages(assistant.processor.image_processor, cache)
     return PaLlava(assistant.model, processor)
 
 
@@ -217,7 +222,8 @@ class BatchingEngine:
     A job is refused (`EngineUnavailable`) when `max_queue` jobs wait, or when its image pixels would take the
     pixels held by waiting and running jobs over `max_queued_pixels` (a job alone is always taken).
     `generation_threads`: "auto" lets `DecodeThreads` choose the decoding steps' thread count on a CPU; None
-    leaves torch's setting for everything.
+    leaves torch's setting for everything. `image_cache`: how many images' vision features to keep for
+    requests that send them again (a chat's later turns; `ImageFeatureCache`), 0 for none.
     """
 
     def __init__(
@@ -228,16 +234,18 @@ class BatchingEngine:
         max_queue: int = 256,
         max_queued_pixels: int | None = None,
         generation_threads: str | None = "auto",
+        image_cache: int = 0,
     ):
-        if max_batch_size < 1 or max_queue < 1 or window_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and window_s >= 0")
+        if max_batch_size < 1 or max_queue < 1 or window_s < 0 or image_cache < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, window_s and image_cache >= 0")
         if generation_threads not in ("auto", None):
             raise ValueError(f"generation_threads must be 'auto' or None, got {generation_threads!r}")
         on_cpu = assistant.model.device.type == "cpu"
         self.decode_threads = (
             DecodeThreads(torch.get_num_threads()) if generation_threads and on_cpu else None
         )
-        self.assistant = pretiled(assistant)
+        self.image_cache = ImageFeatureCache(assistant.model, image_cache) if image_cache else None
+        self.assistant = pretiled(assistant, self.image_cache)
         self.max_batch_size, self.window_s, self.max_queue = max_batch_size, window_s, max_queue
         self.max_queued_pixels = max_queued_pixels
         self._pending: collections.deque[Job] = collections.deque()
@@ -318,6 +326,8 @@ class BatchingEngine:
                 "batches": self.batches,
                 "largest_batch": self.largest_batch,
                 "image_pixels_held": self._held_pixels,
+                "image_cache_hits": self.image_cache.hits if self.image_cache else 0,
+                "image_cache_misses": self.image_cache.misses if self.image_cache else 0,
             }
 
     # --- worker -------------------------------------------------------------------------------------
