@@ -91,11 +91,12 @@ def run(
         "threads": torch.get_num_threads(),
         "load_average_start": load_average(),
     }
-    with BackgroundServer(create_app(assistant(regime), settings)) as server:
+    model = assistant(regime)  # both servers answer with the same model
+    with BackgroundServer(create_app(model, settings)) as server:
         drive(server.url, 1, 1, shape["max_tokens"])  # warm-up: first calls allocate and pick kernels
         result["one_at_a_time"] = drive(server.url, 1, shape["sequential"], shape["max_tokens"])
         result["concurrent"] = drive(server.url, CLIENTS, shape["per_client"], shape["max_tokens"])
-    with BackgroundServer(create_app(assistant(regime), shipped)) as server:
+    with BackgroundServer(create_app(model, shipped)) as server:
         drive(server.url, 1, 1, shape["max_tokens"])  # warm-up, and the image's features enter the cache
         result["resent_image"] = {
             "image_cache": shipped.image_cache,

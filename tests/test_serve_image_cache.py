@@ -12,7 +12,7 @@ from PIL import Image
 from pallava.inference import PaLlava
 from pallava.serve.app import ServerSettings
 from pallava.serve.engine import BatchingEngine, GenerationOptions, Job
-from pallava.serve.image_features import ImageFeatureCache, image_key
+from pallava.serve.image_features import ImageFeatureCache, pixel_key
 
 SMALL = Image.new("RGB", (224, 224), (200, 120, 180))
 OTHER = Image.new("RGB", (224, 224), (90, 40, 160))
@@ -21,7 +21,7 @@ LARGE = Image.effect_noise((600, 400), 40).convert("RGB")  # several tiles
 
 def tiled(processor, image: Image.Image):
     result = processor.image_processor.tile(image)
-    result.key = image_key(image)
+    result.key = pixel_key(image)
     return result
 
 
@@ -38,12 +38,12 @@ def counting_encoder(model, monkeypatch) -> list[int]:
     return calls
 
 
-def test_image_key_follows_the_pixels_not_the_encoding():
+def test_pixel_key_follows_the_pixels_not_the_encoding():
     png = io.BytesIO()
     SMALL.save(png, format="PNG")
-    assert image_key(Image.open(io.BytesIO(png.getvalue())).convert("RGB")) == image_key(SMALL)
-    assert image_key(OTHER) != image_key(SMALL)
-    assert image_key(SMALL.resize((112, 112))) != image_key(SMALL)
+    assert pixel_key(Image.open(io.BytesIO(png.getvalue())).convert("RGB")) == pixel_key(SMALL)
+    assert pixel_key(OTHER) != pixel_key(SMALL)
+    assert pixel_key(SMALL.resize((112, 112))) != pixel_key(SMALL)
 
 
 def test_cached_features_equal_the_towers_and_only_unseen_images_are_encoded(tiny, monkeypatch):

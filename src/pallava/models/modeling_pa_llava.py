@@ -157,6 +157,13 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         features[crop_mask] = patches
         return features
 
+    def tiles_to_encode(self, tile_mask: torch.Tensor) -> torch.Tensor:
+        """The tiles `encode_crops` must encode for the connector: the real ones, or none when the connector
+        reads the global view only (tile cross-attention off)."""
+        if self.config.connector_config.tile_cross_attention:
+            return tile_mask
+        return torch.zeros_like(tile_mask)
+
     def get_image_embeddings(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -168,10 +175,7 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         if tile_mask is None:
             raise ValueError("tile_mask is required with images (True for each real tile)")
         if crop_features is None:
-            encoded = tile_mask
-            if not self.config.connector_config.tile_cross_attention:
-                encoded = torch.zeros_like(tile_mask)  # the connector ignores tiles: do not encode them
-            crop_features = self.encode_crops(pixel_values, encoded)
+            crop_features = self.encode_crops(pixel_values, self.tiles_to_encode(tile_mask))
         crop_features = crop_features.to(self.connector.projection.weight.dtype)
         return self.connector(
             crop_features[:, 0],

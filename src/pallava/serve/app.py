@@ -32,7 +32,7 @@ from pallava.serve.engine import (
     JobCancelled,
     time_limit_error,
 )
-from pallava.serve.image_features import image_key
+from pallava.serve.image_features import pixel_key
 from pallava.serve.images import load_request_image
 from pallava.serve.protocol import APIError, ChatCompletionRequest, error_body, request_model, to_conversation
 from pallava.serve.server import BackgroundServer, ClientWatch, RequestGuard, uvicorn_config
@@ -216,7 +216,7 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
                 code = "image_too_large" if isinstance(error, ImageTooLargeError) else "invalid_image"
                 raise APIError(400, f"{param}: {error}", param=param, code=code) from error
             if settings.image_cache:
-                tiled.key = image_key(image)  # a later turn that sends it again reuses its features
+                tiled.key = pixel_key(image)  # a later turn that sends it again reuses its features
             images.append(tiled)
         check()
         prompt_tokens = len(processor.encode_conversation(conversation, add_generation_prompt=True)[0])

@@ -4,7 +4,7 @@ The API is stateless, so a chat client sends the conversation's image again with
 would run the vision tower on the same crops again (at the paper's shapes on a CPU, a 1024x768 image's 7
 crops of ViT-B/16 take 0.35 s of a 1.04 s first token; docs/benchmarks.md). `ImageFeatureCache` keeps the
 crop features of the last `max_images` distinct images, keyed by a digest of their decoded pixels
-(`image_key`, set on each `TiledImage` at admission), and fills a batch's `crop_features` from it; only the
+(`pixel_key`, set on each `TiledImage` at admission), and fills a batch's `crop_features` from it; only the
 images it has not seen go through the tower. The features are the tower's output for the crops as tiled,
 before the connector, so the answers are the same as without the cache (tests check that).
 """
@@ -21,7 +21,7 @@ from PIL import Image
 from pallava.processing.image import TiledImage
 
 
-def image_key(image: Image.Image) -> str:
+def pixel_key(image: Image.Image) -> str:
     """A digest of an image's pixels, size and mode: equal for the same image however it was encoded."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
@@ -47,17 +47,13 @@ class ImageFeatureCache:
     def crop_features(self, tiled: Sequence[TiledImage], stacked: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, 1+T, P, D) features of the stacked images (`PaLlavaImageProcessor.stack`'s output), zeros
         where a tile is padding or is not encoded, as `encode_crops` gives them."""
-        pixel_values, tile_mask = stacked["pixel_values"], stacked["tile_mask"]
-        encoded = tile_mask
-        if not self.model.config.connector_config.tile_cross_attention:
-            encoded = torch.zeros_like(tile_mask)  # the connector reads the global view only
+        pixel_values, encoded = stacked["pixel_values"], self.model.tiles_to_encode(stacked["tile_mask"])
         known = [image.key is not None and image.key in self._features for image in tiled]
         unseen = [i for i, hit in enumerate(known) if not hit]
-        fresh = None
+        fresh = iter(())  # the unseen images' features, in their order
         if unseen:
-            rows = torch.tensor(unseen)
-            device = self.model.device
-            fresh = self.model.encode_crops(pixel_values[rows].to(device), encoded[rows].to(device))
+            rows, device = torch.tensor(unseen), self.model.device
+            fresh = iter(self.model.encode_crops(pixel_values[rows].to(device), encoded[rows].to(device)))
         features = None
         for i, image in enumerate(tiled):
             if known[i]:
@@ -65,7 +61,7 @@ class ImageFeatureCache:
                 row = self._features[image.key]
                 self.hits += 1
             else:
-                row = fresh[unseen.index(i), : 1 + image.num_tiles]
+                row = next(fresh)[: 1 + image.num_tiles]
                 self.misses += 1
                 if image.key is not None:
                     self._remember(image.key, row.clone())
