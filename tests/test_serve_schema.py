@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import schemathesis
+import schemathesis.specs.openapi.schemas  # noqa: F401  (see below)
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -18,6 +19,10 @@ from pallava.inference import PaLlava
 from pallava.serve.app import BackgroundServer, ServerSettings, create_app
 
 KEY = "schema-key"
+# `schemathesis.openapi.from_url` imports its OpenAPI module lazily, and pytest rewrites that module's
+# assertions as it does. Parsed in the test while the live server's threads run, it met CPython 3.11's race in
+# the AST validator ("AST constructor recursion depth mismatch") about one run in four; imported above, it is
+# parsed at collection, before any thread starts.
 
 
 def error_bodies_are_complete(ctx, response, case) -> None:
