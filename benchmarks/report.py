@@ -318,6 +318,16 @@ def _analysis(results: dict) -> list[str]:
         "(one QKV and one gate-and-up product per layer) that the peer, sharing our modules, would not "
         "get.",
         "",
+        "The third loss was attention in bf16. torch's fused CPU kernel for `scaled_dot_product_attention` "
+        "ran our vision tower's attention (197 x 197, 12 heads of 64) at 140-160 GFLOP/s and the "
+        "connector's cross-attention (196 queries, 1,372 tile keys) at 145-175 on this CPU, against "
+        "290-415 for the same attention as two batched bf16 products with a bf16 softmax "
+        "(`pallava/models/attention.py`, 2026-12-01, idle machine). pallava now uses the two products for "
+        "inference in bf16 on a CPU in both (the fused kernel everywhere else: training, fp32, GPUs). The "
+        "peer reads our very vision tower, so it gets the change too; its causal LLM keeps the fused "
+        "kernel, as ours does. In the run before the change (2026-12-01 03:18 UTC) our vision tower ran at "
+        "642 GFLOP/s, the connector at 477 and the whole first token at 0.94 of the FLOP ratio.",
+        "",
     ]
     if ceiling:
         out += [

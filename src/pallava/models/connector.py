@@ -13,13 +13,12 @@ BERT's (`attention.self.query`, `crossattention.output.LayerNorm`, `intermediate
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from pallava.models.attention import matmul_attention, prefers_matmul
 from pallava.models.configuration_pa_llava import ScaleInvariantConnectorConfig
 
 
@@ -58,12 +57,9 @@ class Attention(nn.Module):
             self._heads(self.self["value"](kv)),
         )
         weights = None
-        if need_weights:  # explicit softmax so the weights can be returned (for attention maps)
-            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-            if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            weights = scores.softmax(-1)  # (B, h, Lq, Lk)
-            context = weights @ v
+        if need_weights or prefers_matmul(q):  # the weights for attention maps; faster in bf16 on a CPU
+            context, attention = matmul_attention(q, k, v, mask)
+            weights = attention if need_weights else None  # (B, h, Lq, Lk)
         else:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0

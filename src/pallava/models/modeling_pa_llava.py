@@ -12,6 +12,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from pallava.models.attention import use_cpu_bf16_attention
 from pallava.models.configuration_pa_llava import PaLlavaConfig
 from pallava.models.connector import ScaleInvariantConnector
 
@@ -81,6 +82,7 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         )
         self.language_model.get_output_embeddings().register_forward_pre_hook(restride_head_input)
         self.post_init()
+        use_cpu_bf16_attention(self.vision_tower)  # the fused kernel is slower there (models/attention.py)
         # LoRA after post_init: the generic init must not overwrite LoRA's zero-initialised B matrices.
         if config.lora:
             self.language_model = get_peft_model(self.language_model, lora_config_from(config.lora))
