@@ -298,3 +298,24 @@ def test_absurd_processor_config_is_refused_on_load(tiny, tmp_path, settings, me
     path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
     with pytest.raises(ValueError, match=rf"processor_config\.json: {message}"):
         PaLlavaProcessor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_a_trainable_vision_tower_trains_only_what_reaches_the_language_model(feature_layer):
+    # Distributed training refuses a trainable parameter that gets no gradient: the post-LayerNorm, and the
+    # layers above the feature layer, never reach the connector.
+    model, processor = load_preset("tiny", seed=0, vision_feature_layer=feature_layer)
+    model.set_trainable(vision=True)
+    batch = processor(text=[processor.question("What is shown?")], images=[[noise_image(500, 224, seed=2)]])
+    model(**model_inputs(batch)).logits.float().sum().backward()
+    trained = [name for name, param in model.named_parameters() if param.requires_grad]
+    without_gradient = [
+        name for name, param in model.named_parameters() if param.requires_grad and param.grad is None
+    ]
+    assert without_gradient == []
+    layers = len(model.vision_tower.encoder.layers)
+    used = layers + 1 + feature_layer  # the layers below the feature layer's hidden state
+    assert any(name.startswith("vision_tower.embeddings.") for name in trained)
+    assert any(name.startswith(f"vision_tower.encoder.layers.{used - 1}.") for name in trained)
+    assert not any(name.startswith(f"vision_tower.encoder.layers.{used}.") for name in trained)
+    assert not any(name.startswith("vision_tower.post_layernorm") for name in trained)

@@ -106,8 +106,18 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
     def set_trainable(
         self, vision: bool = False, connector: bool = True, llm: bool = False, lora: bool = True
     ) -> None:
-        """Choose what trains: by default the connector and LoRA (the paper's recipe)."""
-        self.vision_tower.requires_grad_(vision)
+        """Choose what trains: by default the connector and LoRA (the paper's recipe).
+
+        A trainable vision tower trains only what its features come from: the layers above
+        `vision_feature_layer` and the post-LayerNorm never reach the connector, and distributed training
+        refuses parameters that get no gradient.
+        """
+        tower = self.vision_tower
+        tower.requires_grad_(False)
+        if vision:
+            used = self.config.vision_feature_layer % (len(tower.encoder.layers) + 1)
+            for module in (tower.embeddings, tower.pre_layrnorm, *tower.encoder.layers[:used]):
+                module.requires_grad_(True)
         self.connector.requires_grad_(connector)
         for name, param in self.language_model.named_parameters():
             param.requires_grad_(lora if "lora_" in name else llm)
