@@ -133,7 +133,9 @@ class ScaleInvariantConnector(nn.Module):
             keep = tile_mask.repeat_interleave(tile_len, dim=1)  # (B, T*P)
             if not bool(keep.any(dim=1).all()):  # a row with every key masked has no softmax
                 raise ValueError("every image needs at least one unmasked tile for cross-attention")
-            keep = keep[:, None, None, :]  # (B, 1, 1, T*P), broadcast over heads and queries
+            # (B, 1, 1, T*P), broadcast over heads and queries; none when every tile is real (one image, or
+            # a batch of one grid), which spares masking the (queries x keys) scores of every layer
+            keep = None if bool(keep.all()) else keep[:, None, None, :]
         hidden, attentions = global_tokens, []
         if self.config.query_layer_norm:  # their BERT embedding module: LayerNorm (no affine), then dropout
             hidden = F.layer_norm(global_tokens, global_tokens.shape[-1:], eps=self.config.layer_norm_eps)
