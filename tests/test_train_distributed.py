@@ -40,15 +40,8 @@ def _overrides(manifest: Path, cache: Path, batch_size: int) -> list[str]:
     ]
 
 
-def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path):
-    manifest = shared_data / "lc25000-lung" / "manifest.csv"
-    single = train(
-        load_recipe(CONFIG, "align", _overrides(manifest, tmp_path / "cache-1", 4)),
-        tmp_path / "single",
-        progress=False,
-    )
-
-    double = tmp_path / "double"
+def _launch(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`pallava train --stage align` in two processes under `accelerate launch`, one thread each."""
     command = [
         sys.executable,
         "-m",
@@ -65,12 +58,24 @@ def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path
         "--config",
         str(CONFIG),
         "--out",
-        str(double),
+        str(out),
         "--no-progress",
-        *_overrides(manifest, tmp_path / "cache-2", 2),
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path):
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
+    single = train(
+        load_recipe(CONFIG, "align", _overrides(manifest, tmp_path / "cache-1", 4)),
+        tmp_path / "single",
+        progress=False,
+    )
+
+    double = tmp_path / "double"
+    result = _launch(double, _overrides(manifest, tmp_path / "cache-2", 2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 4" in result.stdout
 
@@ -98,3 +103,24 @@ def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path
         close = torch.isclose(b[name], a[name], rtol=1e-3, atol=1e-5)
         assert close.float().mean() > 0.999, name
         assert (b[name] - a[name]).abs().max() <= 2 * STEPS * step_size, name
+
+
+def test_two_processes_train_the_vision_tower(shared_data, tmp_path):
+    # Distributed training stops at its first step if a trainable parameter gets no gradient; a trainable
+    # tower's post-LayerNorm and the layers above the feature layer never reach the loss.
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
+    out = tmp_path / "vision"
+    settings = [o for o in _overrides(manifest, tmp_path / "cache", 2) if not o.startswith("feature_cache.")]
+    result = _launch(
+        out,
+        [
+            *settings,
+            "train.max_steps=2",
+            "trainable.vision=true",
+            "optim.lr_vision=1e-4",
+            "feature_cache.enabled=false",
+        ],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable {'vision': " in result.stdout and "'vision': 0," not in result.stdout
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
