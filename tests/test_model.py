@@ -319,3 +319,21 @@ def test_a_trainable_vision_tower_trains_only_what_reaches_the_language_model(fe
     assert any(name.startswith(f"vision_tower.encoder.layers.{used - 1}.") for name in trained)
     assert not any(name.startswith(f"vision_tower.encoder.layers.{used}.") for name in trained)
     assert not any(name.startswith("vision_tower.post_layernorm") for name in trained)
+
+
+def test_a_nested_override_changes_only_the_fields_it_names():
+    # Recipes write `model.overrides: {connector_config: {tile_cross_attention: false}}` or `{lora: {r: 8}}`:
+    # the other fields stay the preset's, not the class defaults (the paper's connector width).
+    tiny, paper = tiny_config(), paper_config()
+    changed = tiny_config(
+        connector_config={"tile_cross_attention": False}, vision_config={"patch_size": 16}, lora={"r": 8}
+    )
+    assert changed.connector_config.tile_cross_attention is False
+    assert changed.connector_config.hidden_size == tiny.connector_config.hidden_size == 128
+    assert (changed.vision_config.patch_size, changed.vision_config.hidden_size) == (16, 128)
+    assert changed.lora == {**tiny.lora, "r": 8}
+    shallow = paper_config(connector_config={"num_hidden_layers": 2}, text_config={"num_hidden_layers": 2})
+    assert shallow.connector_config.dropout == paper.connector_config.dropout == 0.1
+    assert shallow.connector_config.hidden_size == 768
+    assert (shallow.text_config.num_hidden_layers, shallow.text_config.hidden_size) == (2, 4096)
+    assert tiny_config(lora=None).lora is None  # a value that is not a dict replaces

@@ -11,7 +11,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    PretrainedConfig,
+)
 
 from pallava.models.configuration_pa_llava import (
     PAPER_CONNECTOR_DROPOUT,
@@ -69,6 +76,20 @@ def llama3_8b_config() -> LlamaConfig:
     )
 
 
+def _with_overrides(settings: dict, overrides: dict) -> PaLlavaConfig:
+    """A preset's settings with `overrides` on top. A dict given for a sub-config (`vision_config`,
+    `connector_config`, `text_config`) or for `lora` changes only the fields it names, so a recipe's
+    `{connector_config: {tile_cross_attention: false}}` keeps the preset's widths; anything else replaces."""
+    for key, value in overrides.items():
+        base = settings.get(key)
+        if isinstance(value, dict) and isinstance(base, PretrainedConfig):
+            value = type(base).from_dict({**base.to_dict(), **value})
+        elif isinstance(value, dict) and isinstance(base, dict):
+            value = {**base, **value}
+        settings[key] = value
+    return PaLlavaConfig(**settings)
+
+
 def tiny_config(**overrides) -> PaLlavaConfig:
     tokenizer_size = len(build_tiny_tokenizer())
     settings = dict(
@@ -96,8 +117,7 @@ def tiny_config(**overrides) -> PaLlavaConfig:
         image_token_id=build_tiny_tokenizer().convert_tokens_to_ids(IMAGE),
         lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(PAPER_LORA_TARGETS)},
     )
-    settings.update(overrides)
-    return PaLlavaConfig(**settings)
+    return _with_overrides(settings, overrides)
 
 
 def paper_config(**overrides) -> PaLlavaConfig:
@@ -116,8 +136,7 @@ def paper_config(**overrides) -> PaLlavaConfig:
         grid_policy="paper",
         lora={"r": 128, "alpha": 256, "dropout": 0.05, "target_modules": list(PAPER_LORA_TARGETS)},
     )
-    settings.update(overrides)
-    return PaLlavaConfig(**settings)
+    return _with_overrides(settings, overrides)
 
 
 def make_processor(config: PaLlavaConfig, tokenizer) -> PaLlavaProcessor:
