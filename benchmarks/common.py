@@ -223,24 +223,53 @@ def datasets_cell(values: Sequence[float]) -> str:
     return f"{sum(values) / len(values):.3f} ({' / '.join(f'{v:.2f}' for v in values)})"
 
 
-def zeroshot_under_shifts(model: Path, shifts: Mapping[str, Callable[[list], tuple[list, list]]]) -> dict:
-    """A trained PLIP's zero-shot accuracy on each shared dataset's dev split under each shift: a function
-    from the dev items to (images, their labels). {dataset: {shift: accuracy}}."""
+Shifts = Mapping[str, Callable[[list], tuple[list, list]]]  # name -> dev items -> (images, their labels)
+
+
+def _accuracy_under_shifts(classify: Callable[[list, object], list[str]], shifts: Shifts) -> dict:
+    """{dataset: {shift: accuracy}} of `classify(images, label_map) -> labels` on each shared dataset's dev
+    split under each shift, over the dataset's own classes."""
     import numpy as np
 
     from pallava.data.importers.manifest import read_manifest
     from pallava.data.labels import LabelMap
-    from pallava.models.plip import PlipZeroShot
-    from pallava.train.plip_eval import zeroshot_predictions
 
-    zs = PlipZeroShot.from_pretrained(model)
     scores: dict[str, dict[str, float]] = {}
     for dataset in SHIFT_DATASETS:
         items = read_manifest(ROOT.parent / "shared" / "data" / dataset / "manifest.csv", "dev")
         label_map = LabelMap.resolve(None, {item.label for item in items})
         for name, shifted in shifts.items():
             images, truth = shifted(items)
-            predicted, _ = zeroshot_predictions(zs, zs.encode_images(images), label_map)
+            predicted = classify(images, label_map)
             accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
             scores.setdefault(dataset, {})[name] = round(accuracy, 4)
     return scores
+
+
+def zeroshot_under_shifts(model: Path, shifts: Shifts) -> dict:
+    """A trained PLIP's zero-shot accuracy under each shift (prompt ensembles of each class's names)."""
+    from pallava.models.plip import PlipZeroShot
+    from pallava.train.plip_eval import zeroshot_predictions
+
+    zs = PlipZeroShot.from_pretrained(model)
+    return _accuracy_under_shifts(
+        lambda images, label_map: zeroshot_predictions(zs, zs.encode_images(images), label_map)[0], shifts
+    )
+
+
+def assistant_under_shifts(model: Path, shifts: Shifts, batch_size: int = 16) -> dict:
+    """A trained assistant's class answers under each shift: the evaluation suite's class-choice question,
+    the answer mapped to a label by the label map's names and synonyms (anything else counts as wrong)."""
+    from pallava.eval.runner import zeroshot_question
+    from pallava.inference import PaLlava
+
+    assistant = PaLlava.from_pretrained(model)
+
+    def classify(images: list, label_map) -> list[str]:
+        question = zeroshot_question(label_map)
+        answers = assistant.ask_batch(
+            images, [question] * len(images), batch_size=batch_size, max_new_tokens=24
+        )
+        return [label_map.label_for(answer) or "(unmapped)" for answer in answers]
+
+    return _accuracy_under_shifts(classify, shifts)

@@ -35,6 +35,7 @@ from PIL import Image  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     ROOT,
     SHIFT_DATASETS,
+    assistant_under_shifts,
     datasets_cell,
     load_average,
     machine_info,
@@ -78,15 +79,32 @@ def magnified_views(items: list, zoom: float, seed: int = 0) -> tuple[list[Image
     return views, labels
 
 
+def views_by_zoom() -> dict:
+    return {zoom_label(zoom): functools.partial(magnified_views, zoom=zoom) for zoom in ZOOMS}
+
+
 def evaluate(model: Path) -> dict[str, dict[str, float]]:
-    views = {zoom_label(zoom): functools.partial(magnified_views, zoom=zoom) for zoom in ZOOMS}
-    return zeroshot_under_shifts(model, views)
+    return zeroshot_under_shifts(model, views_by_zoom())
+
+
+def evaluate_assistant(model: Path) -> dict[str, dict[str, float]]:
+    return assistant_under_shifts(model, views_by_zoom())
+
+
+def _table(entries: dict) -> list[str]:
+    columns = [zoom_label(z) for z in ZOOMS]
+    lines = ["| model | " + " | ".join(columns) + " | mean off x1 |", "|---|" + "---|" * (len(columns) + 1)]
+    for name, entry in entries.items():
+        scores = entry["scores"]
+        cells = [datasets_cell([scores[d][column] for d in DATASETS]) for column in columns]
+        off = np.mean([scores[d][c] for d in DATASETS for c in columns if c != "x1"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {off:.3f} |")
+    return lines
 
 
 def render(results: dict) -> str:
-    columns = [zoom_label(z) for z in ZOOMS]
     lines = [
-        "# Magnification: how far from its training scale PLIP still reads the tissue",
+        "# Magnification: how far from its training scale PLIP and the assistant still read the tissue",
         "",
         "Zero-shot accuracy of a trained PLIP on the dev splits seen at other magnifications, built from the "
         "shared data only (`benchmarks/magnification.py` says how). Cells: mean over the three datasets "
@@ -95,20 +113,44 @@ def render(results: dict) -> str:
         f"Command: `{results['command']}`; {results['machine']}; load average {results['load_average']} at "
         f"the start; {results['seconds']:.0f} s.",
         "",
-        "| model | " + " | ".join(columns) + " | mean off x1 |",
-        "|---|" + "---|" * (len(columns) + 1),
+        *_table(results["models"]),
+        "",
+        "Models:",
+        "",
     ]
-    for name, entry in results["models"].items():
-        scores = entry["scores"]
-        cells = []
-        for column in columns:
-            values = [scores[d][column] for d in DATASETS]
-            cells.append(datasets_cell(values))
-        off = np.mean([scores[d][c] for d in DATASETS for c in columns if c != "x1"])
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {off:.3f} |")
-    lines += ["", "Models:", ""]
     lines += [f"- `{name}`: {entry['about']}" for name, entry in results["models"].items()]
+    assistants = results.get("assistants") or {}
+    if assistants:
+        lines += [
+            "",
+            "## The assistant",
+            "",
+            "The same views, answered by a trained assistant: the evaluation suite's class-choice question "
+            "(`Which of the following best describes this image: ...?`, the dataset's own classes), the "
+            "answer mapped to a class by its names and synonyms; an answer that names no class counts as "
+            "wrong. The lower powers (x0.33, x0.5) are mosaics of 9 or 4 dev images of one class, so such a "
+            "view holds more tissue of its class than one image: a wider field, as a lower power gives, "
+            "and more evidence for the class than the x1 view.",
+            "",
+            *_table(assistants),
+            "",
+        ]
+        lines += [
+            f"- `{name}`: {entry['about']} (`{entry['command']}`; load average {entry['load_average']} at "
+            f"the start; {entry['seconds']:.0f} s)"
+            for name, entry in assistants.items()
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _named_folders(parser, pairs: list[str], option: str) -> list[tuple[str, Path]]:
+    named = []
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not Path(folder).is_dir():
+            parser.error(f"{option} {pair!r}: expected NAME=DIR with an existing model folder")
+        named.append((name, Path(folder)))
+    return named
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,31 +160,53 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="a trained PLIP folder and the name of its row (repeat)",
+        help="a trained PLIP folder and the name of its row (repeat); replaces the stored PLIP rows",
     )
     parser.add_argument("--about", action="append", default=[], help="how each model was trained (in order)")
+    parser.add_argument(
+        "--assistant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a trained assistant folder and the name of its row (repeat); stored rows of other names stay",
+    )
+    parser.add_argument("--assistant-about", action="append", default=[], help="each assistant's origin")
     parser.add_argument("--report-only", action="store_true", help="re-render docs from the stored results")
     args = parser.parse_args(argv)
     if args.report_only:
         DOCS.write_text(render(json.loads(RESULTS.read_text())))
         return 0
-    if not args.model:
-        parser.error("give at least one --model NAME=DIR")
+    if not args.model and not args.assistant:
+        parser.error("give at least one --model NAME=DIR or --assistant NAME=DIR")
+    models = _named_folders(parser, args.model, "--model")
+    assistants = _named_folders(parser, args.assistant, "--assistant")
+    command = "python benchmarks/magnification.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     started, load = time.time(), load_average()
-    results = {
-        "command": "python benchmarks/magnification.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_info().get("cpu", "this machine"),
-        "load_average": load,
-        "models": {},
-    }
-    for position, pair in enumerate(args.model):
-        name, sep, folder = pair.partition("=")
-        if not sep or not Path(folder).is_dir():
-            parser.error(f"--model {pair!r}: expected NAME=DIR with an existing PLIP folder")
-        about = args.about[position] if position < len(args.about) else folder
-        results["models"][name] = {"about": about, "scores": evaluate(Path(folder))}
+    if models:
+        results.update(
+            command=command, machine=machine_info().get("cpu", "this machine"), load_average=load, models={}
+        )
+    for position, (name, folder) in enumerate(models):
+        about = args.about[position] if position < len(args.about) else str(folder)
+        results["models"][name] = {"about": about, "scores": evaluate(folder)}
         print(name, json.dumps(results["models"][name]["scores"]), flush=True)
-    results["seconds"] = time.time() - started
+    if models:
+        results["seconds"] = time.time() - started
+    if "models" not in results:
+        parser.error(f"{RESULTS} holds no PLIP rows yet: measure at least one --model first")
+    for position, (name, folder) in enumerate(assistants):
+        about = args.assistant_about[position] if position < len(args.assistant_about) else str(folder)
+        begun, begun_load = time.time(), load_average()
+        scores = evaluate_assistant(folder)
+        results.setdefault("assistants", {})[name] = {
+            "about": about,
+            "scores": scores,
+            "command": f"python benchmarks/magnification.py --assistant '{name}={folder}'",
+            "load_average": begun_load,
+            "seconds": time.time() - begun,
+        }
+        print(name, json.dumps(scores), flush=True)
     write_json(RESULTS, results)
     DOCS.write_text(render(results))
     print(f"wrote {RESULTS} and {DOCS}")

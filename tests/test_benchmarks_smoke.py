@@ -365,6 +365,33 @@ def test_magnification_views_zoom_in_and_out_keeping_labels(shared_data):
     results = {"command": "x", "machine": "m", "load_average": 1.0, "seconds": 1.0}
     table = magnification.render({**results, "models": {"m": {"about": "a run", "scores": scores}}})
     assert "| m | 0.500 (0.50 / 0.50 / 0.50)" in table and "mean off x1" in table
+    assert "## The assistant" not in table
+    asked = {"about": "a demo", "scores": scores, "command": "y", "load_average": 1.0, "seconds": 2.0}
+    table = magnification.render({**results, "models": {}, "assistants": {"a": asked}})
+    assert "## The assistant" in table and "| a | 0.500 (0.50 / 0.50 / 0.50)" in table
+
+
+def test_the_assistant_is_asked_each_datasets_own_classes_under_each_shift(tiny, tmp_path, monkeypatch):
+    from benchmarks import common
+
+    from pallava.inference import PaLlava
+    from pallava.processing.image import load_image
+
+    model, processor = tiny
+    PaLlava(model, processor).save_pretrained(tmp_path / "assistant")
+    questions = []
+    real_ask = PaLlava.ask_batch
+
+    def ask_batch(self, images, asked, **options):
+        questions.extend(asked)
+        return real_ask(self, images, asked, **options)
+
+    monkeypatch.setattr(PaLlava, "ask_batch", ask_batch)
+    first_two = {"two": lambda items: ([load_image(i.path) for i in items[:2]], [i.label for i in items[:2]])}
+    scores = common.assistant_under_shifts(tmp_path / "assistant", first_two, batch_size=2)
+    assert set(scores) == set(common.SHIFT_DATASETS) and all(0 <= s["two"] <= 1 for s in scores.values())
+    assert len(questions) == 6 and "oral squamous cell carcinoma" in questions[-1]
+    assert "lung" not in questions[-1]  # each dataset's own classes only
 
 
 def test_busy_machine_section_times_each_setting_idle_and_next_to_a_busy_process():
