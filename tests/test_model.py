@@ -337,3 +337,11 @@ def test_a_nested_override_changes_only_the_fields_it_names():
     assert shallow.connector_config.hidden_size == 768
     assert (shallow.text_config.num_hidden_layers, shallow.text_config.hidden_size) == (2, 4096)
     assert tiny_config(lora=None).lora is None  # a value that is not a dict replaces
+
+
+def test_a_misspelt_model_override_is_an_error_naming_it():
+    # transformers configs keep any attribute they are given, so a typo would otherwise change nothing
+    with pytest.raises(ValueError, match="connector_config.tile_cross_atention"):
+        tiny_config(connector_config={"tile_cross_atention": False})
+    with pytest.raises(ValueError, match="vision_feature_layers"):
+        tiny_config(vision_feature_layers=-1)

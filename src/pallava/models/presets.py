@@ -7,6 +7,7 @@ without memory (for counting parameters).
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -80,10 +81,18 @@ def _with_overrides(settings: dict, overrides: dict) -> PaLlavaConfig:
     """A preset's settings with `overrides` on top. A dict given for a sub-config (`vision_config`,
     `connector_config`, `text_config`) or for `lora` changes only the fields it names, so a recipe's
     `{connector_config: {tile_cross_attention: false}}` keeps the preset's widths; anything else replaces."""
+    # transformers configs keep any attribute they are given: a misspelt key would silently change nothing
+    known = set(inspect.signature(PaLlavaConfig.__init__).parameters) - {"self", "kwargs"}
     for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"unknown model setting {key!r}; expected one of {', '.join(sorted(known))}")
         base = settings.get(key)
         if isinstance(value, dict) and isinstance(base, PretrainedConfig):
-            value = type(base).from_dict({**base.to_dict(), **value})
+            fields = base.to_dict()
+            unknown = sorted(set(value) - set(fields))
+            if unknown:
+                raise ValueError(f"unknown model setting {key}.{unknown[0]}; {key} has no such field")
+            value = type(base).from_dict({**fields, **value})
         elif isinstance(value, dict) and isinstance(base, dict):
             value = {**base, **value}
         settings[key] = value
