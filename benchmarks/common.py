@@ -246,24 +246,29 @@ def _accuracy_under_shifts(classify: Callable[[list, object], list[str]], shifts
     return scores
 
 
-def zeroshot_under_shifts(model: Path, shifts: Shifts) -> dict:
-    """A trained PLIP's zero-shot accuracy under each shift (prompt ensembles of each class's names)."""
+def zeroshot_under_shifts(model: Path, shifts: Shifts, stain_normalize: str | None = None) -> dict:
+    """A trained PLIP's zero-shot accuracy under each shift (prompt ensembles of each class's names), the
+    images stain-normalised first if asked (`--stain-normalize`)."""
     from pallava.models.plip import PlipZeroShot
     from pallava.train.plip_eval import zeroshot_predictions
 
     zs = PlipZeroShot.from_pretrained(model)
+    zs.stain_normalize = stain_normalize
     return _accuracy_under_shifts(
         lambda images, label_map: zeroshot_predictions(zs, zs.encode_images(images), label_map)[0], shifts
     )
 
 
-def assistant_under_shifts(model: Path, shifts: Shifts, batch_size: int = 16) -> dict:
+def assistant_under_shifts(
+    model: Path, shifts: Shifts, batch_size: int = 16, stain_normalize: str | None = None
+) -> dict:
     """A trained assistant's class answers under each shift: the evaluation suite's class-choice question,
     the answer mapped to a label by the label map's names and synonyms (anything else counts as wrong)."""
     from pallava.eval.runner import zeroshot_question
     from pallava.inference import PaLlava
 
     assistant = PaLlava.from_pretrained(model)
+    assistant.stain_normalize = stain_normalize
 
     def classify(images: list, label_map) -> list[str]:
         question = zeroshot_question(label_map)

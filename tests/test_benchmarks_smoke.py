@@ -334,6 +334,13 @@ def test_robustness_shifts_change_images_the_stated_way(shared_data):
     }
     table = robustness.render(results)
     assert "| none | 0.500 (0.50 / 0.50 / 0.50)" in table and "mean of the shifts" in table
+    assert "## The trained models" not in table and "## Reading" not in table
+    half = results["variants"]["none"]
+    demo = {"about": "run", "command": "y", "load_average": 1.0, "seconds": 2.0, "rows": {"assistant": half}}
+    table = robustness.render({**results, "reading": ["- a note"], "demo": {**demo, "reading": ["- seen"]}})
+    assert "## Reading (from the run above)\n- a note" in table
+    assert "## The trained models under the same shifts" in table and "| assistant | 0.500" in table
+    assert table.rstrip().endswith("- seen")
 
 
 def test_magnification_views_zoom_in_and_out_keeping_labels(shared_data):

@@ -12,5 +12,7 @@ def add_stain_normalize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stain-normalize",
         choices=STAIN_NORMALIZERS,
-        help="map each image onto reference H&E stain vectors first (default: off)",
+        help="map each image onto reference H&E stain vectors first (default: off). Only for models trained "
+        "on images normalised the same way: the demo's models, trained on unnormalised tiles, fall to near "
+        "chance with it (docs/robustness.md)",
     )
