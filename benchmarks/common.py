@@ -226,6 +226,24 @@ def datasets_cell(values: Sequence[float]) -> str:
 Shifts = Mapping[str, Callable[[list], tuple[list, list]]]  # name -> dev items -> (images, their labels)
 
 
+def shifts_table(
+    first: str, columns: Sequence[str], reference: str, mean_label: str, entries: Mapping[str, dict]
+) -> list[str]:
+    """Markdown lines of a table of {name: {dataset: {column: accuracy}}}: a `datasets_cell` per column,
+    then the mean over every dataset and column but `reference` (the unshifted view)."""
+    import numpy as np
+
+    lines = [
+        f"| {first} | " + " | ".join(columns) + f" | {mean_label} |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for name, scores in entries.items():
+        cells = [datasets_cell([scores[d][column] for d in SHIFT_DATASETS]) for column in columns]
+        shifted = np.mean([scores[d][c] for d in SHIFT_DATASETS for c in columns if c != reference])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {shifted:.3f} |")
+    return lines
+
+
 def _accuracy_under_shifts(classify: Callable[[list, object], list[str]], shifts: Shifts) -> dict:
     """{dataset: {shift: accuracy}} of `classify(images, label_map) -> labels` on each shared dataset's dev
     split under each shift, over the dataset's own classes."""
@@ -264,7 +282,7 @@ def assistant_under_shifts(
 ) -> dict:
     """A trained assistant's class answers under each shift: the evaluation suite's class-choice question,
     the answer mapped to a label by the label map's names and synonyms (anything else counts as wrong)."""
-    from pallava.eval.runner import zeroshot_question
+    from pallava.eval.runner import UNMAPPED, zeroshot_question
     from pallava.inference import PaLlava
 
     assistant = PaLlava.from_pretrained(model)
@@ -275,6 +293,6 @@ def assistant_under_shifts(
         answers = assistant.ask_batch(
             images, [question] * len(images), batch_size=batch_size, max_new_tokens=24
         )
-        return [label_map.label_for(answer) or "(unmapped)" for answer in answers]
+        return [label_map.label_for(answer) or UNMAPPED for answer in answers]
 
     return _accuracy_under_shifts(classify, shifts)

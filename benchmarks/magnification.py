@@ -29,16 +29,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/magnification.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     ROOT,
     SHIFT_DATASETS,
     assistant_under_shifts,
-    datasets_cell,
     load_average,
     machine_info,
+    shifts_table,
     write_json,
     zeroshot_under_shifts,
 )
@@ -93,13 +92,8 @@ def evaluate_assistant(model: Path) -> dict[str, dict[str, float]]:
 
 def _table(entries: dict) -> list[str]:
     columns = [zoom_label(z) for z in ZOOMS]
-    lines = ["| model | " + " | ".join(columns) + " | mean off x1 |", "|---|" + "---|" * (len(columns) + 1)]
-    for name, entry in entries.items():
-        scores = entry["scores"]
-        cells = [datasets_cell([scores[d][column] for d in DATASETS]) for column in columns]
-        off = np.mean([scores[d][c] for d in DATASETS for c in columns if c != "x1"])
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {off:.3f} |")
-    return lines
+    scores = {name: entry["scores"] for name, entry in entries.items()}
+    return shifts_table("model", columns, "x1", "mean off x1", scores)
 
 
 def render(results: dict) -> str:
@@ -182,16 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     assistants = _named_folders(parser, args.assistant, "--assistant")
     command = "python benchmarks/magnification.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    started, load = time.time(), load_average()
-    if models:
+    if models:  # the PLIP rows are measured together and replace the stored ones
+        started, load = time.time(), load_average()
         results.update(
             command=command, machine=machine_info().get("cpu", "this machine"), load_average=load, models={}
         )
-    for position, (name, folder) in enumerate(models):
-        about = args.about[position] if position < len(args.about) else str(folder)
-        results["models"][name] = {"about": about, "scores": evaluate(folder)}
-        print(name, json.dumps(results["models"][name]["scores"]), flush=True)
-    if models:
+        for position, (name, folder) in enumerate(models):
+            about = args.about[position] if position < len(args.about) else str(folder)
+            results["models"][name] = {"about": about, "scores": evaluate(folder)}
+            print(name, json.dumps(results["models"][name]["scores"]), flush=True)
         results["seconds"] = time.time() - started
     if "models" not in results:
         parser.error(f"{RESULTS} holds no PLIP rows yet: measure at least one --model first")

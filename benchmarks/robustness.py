@@ -38,9 +38,9 @@ from benchmarks.common import (  # noqa: E402
     ROOT,
     SHIFT_DATASETS,
     assistant_under_shifts,
-    datasets_cell,
     load_average,
     machine_info,
+    shifts_table,
     write_json,
     zeroshot_under_shifts,
 )
@@ -172,15 +172,6 @@ def evaluate_demo(out: Path) -> dict[str, dict[str, dict[str, float]]]:
     return rows
 
 
-def _rows(entries: dict) -> list[str]:
-    lines = []
-    for name, scores in entries.items():
-        cells = [datasets_cell([scores[d][shift] for d in DATASETS]) for shift in SHIFTS]
-        shifted = np.mean([scores[d][s] for d in DATASETS for s in SHIFTS if s != "original"])
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {shifted:.3f} |")
-    return lines
-
-
 def render(results: dict) -> str:
     lines = [
         "# Robustness: which augmentation buys what",
@@ -195,10 +186,8 @@ def render(results: dict) -> str:
         f"{results['machine']}; load average {results['load_average']} at the start; "
         f"{results['seconds']:.0f} s in all.",
         "",
-        "| augmentation | " + " | ".join(SHIFTS) + " | mean of the shifts |",
-        "|---|" + "---|" * (len(SHIFTS) + 1),
+        *shifts_table("augmentation", SHIFTS, "original", "mean of the shifts", results["variants"]),
     ]
-    lines += _rows(results["variants"])
     lines += ["", "Augmentation settings per row:", ""]
     lines += [f"- `{name}`: `{json.dumps(VARIANTS[name])}`" for name in results["variants"]]
     if results.get("reading"):
@@ -219,16 +208,14 @@ def render(results: dict) -> str:
             f"Command: `{demo['command']}`; load average {demo['load_average']} at the start; "
             f"{demo['seconds']:.0f} s.",
             "",
-            "| model | " + " | ".join(SHIFTS) + " | mean of the shifts |",
-            "|---|" + "---|" * (len(SHIFTS) + 1),
-            *_rows(demo["rows"]),
+            *shifts_table("model", SHIFTS, "original", "mean of the shifts", demo["rows"]),
         ]
         if demo.get("reading"):
             lines += ["", *demo["reading"]]
     return "\n".join(lines) + "\n"
 
 
-def _score_demo(out: Path, about: str, argv: list[str] | None) -> int:
+def _score_demo(out: Path, about: str, command: str) -> int:
     if not (out / "plip").is_dir() or not (out / "assistant").is_dir():
         raise SystemExit(f"--demo {out}: expected a quickstart output folder with plip/ and assistant/")
     results = json.loads(RESULTS.read_text())  # the variants' table stays
@@ -236,7 +223,7 @@ def _score_demo(out: Path, about: str, argv: list[str] | None) -> int:
     rows = evaluate_demo(out)
     results["demo"] = {
         "about": about,
-        "command": "python benchmarks/robustness.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "load_average": load,
         "seconds": time.time() - started,
         "rows": rows,
@@ -265,11 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         DOCS.write_text(render(json.loads(RESULTS.read_text())))
         return 0
+    command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.demo is not None:
-        return _score_demo(args.demo, args.demo_about or str(args.demo), argv)
+        return _score_demo(args.demo, args.demo_about or str(args.demo), command)
     started, load = time.time(), load_average()
     results = {
-        "command": "python benchmarks/robustness.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "epochs": args.epochs,
         "seed": args.seed,
         "machine": machine_info().get("cpu", "this machine"),
