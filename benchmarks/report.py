@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.report_sections import render_systems_sections
+from benchmarks.markdown import table, times
+from benchmarks.report_sections import preprocessing_section, render_systems_sections, training_section
 from benchmarks.systems import SYSTEM_LABELS
 
 HEADLINE_REGIME = "paper-proportioned"
@@ -138,16 +139,6 @@ def _efficiency(speedup: float | None, flop_ratio: float | None) -> float | None
     return round(speedup / flop_ratio, 3) if speedup and flop_ratio else None
 
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join("" if cell is None else str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _x(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
-
-
 def _latency_section(name: str, entry: dict) -> list[str]:
     latency, memory = entry["latency"], entry.get("memory", {})
     systems = list(latency["systems"])
@@ -195,8 +186,8 @@ def _latency_section(name: str, entry: dict) -> list[str]:
             rows.append(
                 [SYSTEM_LABELS[key], size, f"{latency['ttft_s'][key][size]:.3f}"]
                 + ([f"{latency['ttft_cpu_s'][key][size]:.3f}"] if cpu else [])
-                + ["" if mine else _x(latency["ttft_speedup"][key][size])]
-                + (["" if mine else _x(latency["ttft_speedup_cpu"][key][size])] if cpu else [])
+                + ["" if mine else times(latency["ttft_speedup"][key][size])]
+                + (["" if mine else times(latency["ttft_speedup_cpu"][key][size])] if cpu else [])
                 + [
                     latency["image_tokens"][key][size],
                     latency["crops"][key][size],
@@ -220,7 +211,7 @@ def _latency_section(name: str, entry: dict) -> list[str]:
         table(
             ["system", "batch 1", "batch 8", "batch 8 / batch 1"],
             [
-                [SYSTEM_LABELS[k], gen[k]["1"], gen[k]["8"], _x(latency["batch8_over_batch1"][k])]
+                [SYSTEM_LABELS[k], gen[k]["1"], gen[k]["8"], times(latency["batch8_over_batch1"][k])]
                 for k in systems
             ],
         ),
@@ -289,8 +280,8 @@ def _analysis(results: dict) -> list[str]:
         f"{latency['crops'][ours][size]} crops: the paper's grid list always cuts 4 to 8 tiles). Its "
         "forward pass "
         f"costs {flop_ratio:.2f}x our FLOPs; the measured TTFT ratio is "
-        f"{_x(latency['ttft_speedup'][peer][size])} in "
-        f"wall-clock time and {_x(latency['ttft_speedup_cpu'][peer][size])} in CPU time, "
+        f"{times(latency['ttft_speedup'][peer][size])} in "
+        f"wall-clock time and {times(latency['ttft_speedup_cpu'][peer][size])} in CPU time, "
         f"**{_efficiency(latency['ttft_speedup'][peer][size], flop_ratio):.2f}** of the FLOP ratio. The two "
         "systems share the very same vision tower and LLM modules and prefill is compute-bound, so the TTFT "
         "ratio follows the FLOP ratio as long as both run at the same FLOP/s: "
@@ -359,7 +350,7 @@ def _analysis(results: dict) -> list[str]:
         out[-2] += (
             f" Against that native peer (b) at {size}: {latency['image_tokens'][native][size]} image tokens, "
             f"{latency['forward_gflop'][native][size]:.0f} GFLOP, and our first token comes "
-            f"{_x(latency['ttft_speedup'][native][size])} sooner."
+            f"{times(latency['ttft_speedup'][native][size])} sooner."
         )
     return out
 
@@ -448,80 +439,7 @@ def render(results: dict) -> str:
             out += [f"## Regime `{name}`", "", f"Not run: {entry['not_run']}.", ""]
         elif _latency(results, name):
             out += _latency_section(name, entry)
-    out += [
-        "## Preprocessing throughput",
-        "",
-        "images/s, one image per call, decoded images in memory; ours vs transformers' "
-        "`LlavaNextImageProcessorPil` (the torchvision one needs torchvision) at our tile size (a) and "
-        "at 336 px (b):",
-        "",
-    ]
-    for regime, prep in results["preprocessing"].items():
-        rows = [
-            [
-                case,
-                info["images"],
-                ", ".join(info["sizes"]),
-                prep["images_per_s"][case]["pallava"],
-                prep["images_per_s"][case]["llava_next_matched"],
-                prep["images_per_s"][case]["llava_next_native"],
-                _x(prep["speedup_vs_llava_next_matched"][case]),
-                _x(prep["speedup_vs_llava_next_native"][case]),
-            ]
-            for case, info in prep["cases"].items()
-        ]
-        out += [
-            f"Tiling of the `{regime}` regime:",
-            "",
-            table(
-                ["images", "count", "sizes", "ours", "LLaVA-NeXT (a)", "LLaVA-NeXT (b)", "vs (a)", "vs (b)"],
-                rows,
-            ),
-            "",
-        ]
-    training = {
-        name: entry["training"]
-        for name, entry in results["regimes"].items()
-        if "plip" in entry.get("training", {})
-    }
-    if training:
-        rows = [
-            [
-                name
-                + (
-                    f" ({results['regimes'][name]['machine']['cuda']})"
-                    if "machine" in results["regimes"][name]
-                    else ""
-                ),
-                t["dtype"],
-                f"{t['plip']['samples_per_s']} (batch {t['plip']['batch']}, {t['plip']['preset']})",
-                f"{t['assistant']['samples_per_s']['pixels']} (batch {t['assistant']['batch']})",
-                t["assistant"]["samples_per_s"]["cached"],
-                _x(t["assistant"]["cache_speedup"]),
-            ]
-            for name, t in training.items()
-        ]
-        out += [
-            "## Training throughput",
-            "",
-            "samples/s of one optimiser step (medians); the assistant step alternates pixel inputs and "
-            "cached "
-            "frozen-vision features (`pallava.train.feature_cache`), batches built by the trainer's "
-            "collator:",
-            "",
-            table(
-                [
-                    "regime",
-                    "dtype",
-                    "PLIP step",
-                    "assistant, pixels",
-                    "assistant, cached features",
-                    "cache speed-up",
-                ],
-                rows,
-            ),
-            "",
-        ]
+    out += preprocessing_section(results) + training_section(results)
     out += render_systems_sections(results)
     out += [
         "## Method",

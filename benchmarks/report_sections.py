@@ -1,7 +1,10 @@
-"""The report's pages for the sections outside the model comparison: training on a busy machine, `slide map`
-at encoder speed, and `pallava serve` under concurrency (each rendered only when its section ran)."""
+"""The report's pages beside the first-token comparison: preprocessing and training throughput, training on a
+busy machine, `slide map` at encoder speed, and `pallava serve` under concurrency (each rendered only when
+its section ran)."""
 
 from __future__ import annotations
+
+from benchmarks.markdown import table, times
 
 
 def _load(entry: dict) -> str:
@@ -10,7 +13,6 @@ def _load(entry: dict) -> str:
 
 
 def busy_machine_section(busy: dict) -> list[str]:
-    from benchmarks.report import table
 
     rows = [
         [
@@ -77,7 +79,6 @@ def _choices(busy: dict) -> str:
 
 
 def slide_map_section(slides: dict) -> list[str]:
-    from benchmarks.report import table
 
     rows = [
         [
@@ -111,7 +112,6 @@ def slide_map_section(slides: dict) -> list[str]:
 
 
 def serve_section(serve: dict) -> list[str]:
-    from benchmarks.report import table
 
     rows = []
     for regime, entry in serve.items():
@@ -162,6 +162,88 @@ def serve_section(serve: dict) -> list[str]:
                 "mean batch",
                 "errors",
                 "speed-up",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def preprocessing_section(results: dict) -> list[str]:
+    out = [
+        "## Preprocessing throughput",
+        "",
+        "images/s, one image per call, decoded images in memory; ours vs transformers' "
+        "`LlavaNextImageProcessorPil` (the torchvision one needs torchvision) at our tile size (a) and "
+        "at 336 px (b):",
+        "",
+    ]
+    for regime, prep in results["preprocessing"].items():
+        rows = [
+            [
+                case,
+                info["images"],
+                ", ".join(info["sizes"]),
+                prep["images_per_s"][case]["pallava"],
+                prep["images_per_s"][case]["llava_next_matched"],
+                prep["images_per_s"][case]["llava_next_native"],
+                times(prep["speedup_vs_llava_next_matched"][case]),
+                times(prep["speedup_vs_llava_next_native"][case]),
+            ]
+            for case, info in prep["cases"].items()
+        ]
+        out += [
+            f"Tiling of the `{regime}` regime:",
+            "",
+            table(
+                ["images", "count", "sizes", "ours", "LLaVA-NeXT (a)", "LLaVA-NeXT (b)", "vs (a)", "vs (b)"],
+                rows,
+            ),
+            "",
+        ]
+    return out
+
+
+def training_section(results: dict) -> list[str]:
+    training = {
+        name: entry["training"]
+        for name, entry in results["regimes"].items()
+        if "plip" in entry.get("training", {})
+    }
+    if not training:
+        return []
+    rows = [
+        [
+            name
+            + (
+                f" ({results['regimes'][name]['machine']['cuda']})"
+                if "machine" in results["regimes"][name]
+                else ""
+            ),
+            t["dtype"],
+            f"{t['plip']['samples_per_s']} (batch {t['plip']['batch']}, {t['plip']['preset']})",
+            f"{t['assistant']['samples_per_s']['pixels']} (batch {t['assistant']['batch']})",
+            t["assistant"]["samples_per_s"]["cached"],
+            times(t["assistant"]["cache_speedup"]),
+        ]
+        for name, t in training.items()
+    ]
+    return [
+        "## Training throughput",
+        "",
+        "samples/s of one optimiser step (medians); the assistant step alternates pixel inputs and "
+        "cached "
+        "frozen-vision features (`pallava.train.feature_cache`), batches built by the trainer's "
+        "collator:",
+        "",
+        table(
+            [
+                "regime",
+                "dtype",
+                "PLIP step",
+                "assistant, pixels",
+                "assistant, cached features",
+                "cache speed-up",
             ],
             rows,
         ),

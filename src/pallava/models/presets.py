@@ -16,7 +16,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     CLIPVisionConfig,
-    CLIPVisionModel,
     LlamaConfig,
     PretrainedConfig,
 )
@@ -28,6 +27,7 @@ from pallava.models.configuration_pa_llava import (
     ScaleInvariantConnectorConfig,
 )
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
+from pallava.models.vision_tower import PallavaVisionModel
 from pallava.processing.image import PaLlavaImageProcessor
 from pallava.processing.processor import PaLlavaProcessor
 from pallava.processing.tokenizer import IMAGE, build_tiny_tokenizer
@@ -202,7 +202,7 @@ def load_preset(
     else:
         tokenizer = build_tiny_tokenizer()
     if vision_path is not None:
-        vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype, trust_remote_code=False)
+        vision = PallavaVisionModel.from_pretrained(vision_path, dtype=dtype, trust_remote_code=False)
         config.vision_config = vision.config
         config.vision_model_path = str(vision_path)
     with torch.device(device) if device is not None else nullcontext():

@@ -253,11 +253,12 @@ class Recipe:
             raise ValueError(f"checkpoint.keep_last must be at least 1, got {self.checkpoint.keep_last}")
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, nested mappings merged key by key (a model's `overrides` replaced whole)."""
     merged = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "overrides":
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -416,9 +417,9 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict
     stages = data.pop("stages", None) or {}
     if not isinstance(stages, dict) or set(stages) - set(STAGES):
         raise ValueError(f"{source}: 'stages' may only hold {', '.join(STAGES)}")
-    data = _deep_merge(data, stages.get(stage) or {})
+    data = deep_merge(data, stages.get(stage) or {})
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
-    data = _deep_merge(data, extra)
+    data = deep_merge(data, extra)
     data.pop("stage", None)
     return build_config(Recipe, {**data, "stage": stage}, source)
 
@@ -426,7 +427,7 @@ def load_recipe(path: str | Path | None, stage: str, overrides: list[str] | dict
 def with_defaults(saved: dict) -> dict:
     """A saved recipe dict with every key added since it was written set to its default, so that a new
     setting left at its default does not stop an older run from resuming."""
-    return _deep_merge(Recipe().to_dict(), saved)
+    return deep_merge(Recipe().to_dict(), saved)
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pallava.train.config import build_config, read_yaml_mapping, shipped_recipe
+from pallava.train.config import build_config, deep_merge, read_yaml_mapping, shipped_recipe
 from pallava.train.threads import check_cpu_threads
 
 MODEL_FIELDS = (
@@ -68,7 +68,8 @@ class PlipTrainConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         preset = given.get("preset", data.get("preset", "tiny"))
         base = read_yaml_mapping(shipped_recipe(f"plip-{preset}")) if isinstance(preset, str) else {}
-        config = build_config(cls, {**base, **data, **given}, str(path))
+        # Mappings merge key by key: `vision.patch_size=16` keeps the shipped recipe's other vision fields.
+        config = build_config(cls, deep_merge(deep_merge(base, data), given), str(path))
         config.validate(str(path))
         return config
 

@@ -8,10 +8,11 @@ matching (ITM) head reads the text [CLS] state after the text layers have cross-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BlipTextModel, CLIPVisionModel, PreTrainedModel
+from transformers import BlipTextModel, PreTrainedModel
 from transformers import initialization as init
 
 from pallava.models.plip.configuration_plip import PlipConfig
+from pallava.models.vision_tower import PallavaVisionModel
 
 
 class PlipPreTrainedModel(PreTrainedModel):
@@ -33,7 +34,7 @@ class PlipModel(PlipPreTrainedModel):
 
     def __init__(self, config: PlipConfig):
         super().__init__(config)
-        self.vision_model = CLIPVisionModel(config.vision_config)
+        self.vision_model = PallavaVisionModel(config.vision_config)
         self.text_model = BlipTextModel(config.text_config, add_pooling_layer=False)
         self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
         self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)

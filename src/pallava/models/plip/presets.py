@@ -22,6 +22,7 @@ from pallava.models.plip.text_init import (
     text_config_from_bert,
 )
 from pallava.models.presets import paper_vision_config, tiny_vision_config
+from pallava.models.vision_tower import PallavaVisionModel
 
 PLIP_PRESETS = ("tiny", "paper")
 SCRATCH = "scratch"
@@ -46,6 +47,7 @@ VISION_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
     "hidden_act",
+    "conv_stem",  # a convolutional stem instead of the patch projection (models/vision_tower.py)
 )
 DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
 _TEXT_LAYERS: dict[str, int | None] = {"tiny": 2, "paper": None}
@@ -122,7 +124,7 @@ def _vision_tower(vision_init: str | Path | CLIPVisionModel | None) -> CLIPVisio
             f"vision_init {folder}: not a saved CLIPVisionModel folder; convert other checkpoints with "
             "pallava.convert.plip.load_vision_tower (or `pallava plip convert`)"
         )
-    return CLIPVisionModel.from_pretrained(folder)
+    return PallavaVisionModel.from_pretrained(folder)
 
 
 def build_plip(

@@ -1,0 +1,98 @@
+"""The CLIP vision tower that PLIP and the assistant share: transformers' `CLIPVisionModel`, optionally with a
+convolutional stem in place of its patch projection (`conv_stem: true` in the vision config).
+
+Why a stem: a ViT trained from scratch on a few thousand images learns slowly what a patch projection
+cannot see inside its patch, the texture of nuclei and their spacing. A stack of small stride-2
+convolutions (each 3x3, batch-normalised, ReLU) that ends on the same token grid gives the transformer local
+features from the first step; it is the standard remedy for small-data ViTs. The tiny preset uses it;
+the paper's ViT-B/16 keeps PLIP's released patch projection. Measured in `docs/plip.md`.
+
+The stem's batch statistics are frozen whenever its weights are: a frozen tower (the assistant's stage
+1 and 2) computes the same features in `train()` and `eval()` mode, so cached features stay valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+# The vision config's field that asks for the stem (kept in config.json like any other field).
+CONV_STEM = "conv_stem"
+STEM_BASE_CHANNELS = 16  # the first convolution's channels; each later one doubles, up to the width
+
+
+class StemBatchNorm(nn.Module):
+    """Batch normalisation over channels that uses its running statistics unless its weights train.
+
+    Not `nn.BatchNorm2d`: that one keeps an integer `num_batches_tracked` counter, and every weight file
+    pallava reads must be floating point (`convert.checkpoint.check_weights`); the momentum here is fixed.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.momentum, self.eps = momentum, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_statistics = self.training and self.weight.requires_grad
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            batch_statistics,
+            self.momentum,
+            self.eps,
+        )
+
+
+class ConvStem(nn.Module):
+    """3x3 stride-2 convolutions (batch norm, ReLU) from pixels down to the patch grid, then a 1x1 projection
+    to the tower's width: for patch 32, five of them (16, 32, 64, 128, 128 channels at width 128)."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        super().__init__()
+        stride_2_convs = round(math.log2(patch_size))
+        if 2**stride_2_convs != patch_size:
+            raise ValueError(f"conv_stem needs a power-of-two patch_size, got {patch_size}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for index in range(stride_2_convs):
+            out = min(width, STEM_BASE_CHANNELS * 2**index)
+            conv = nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1, bias=False)
+            layers += [conv, StemBatchNorm(out), nn.ReLU(inplace=True)]
+            channels = out
+        layers.append(nn.Conv2d(channels, width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first convolution's weight: `CLIPVisionEmbeddings` reads the input dtype from it."""
+        return self.layers[0].weight
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixels)
+
+
+class PallavaVisionModel(CLIPVisionModel):
+    """`CLIPVisionModel` that builds the convolutional stem when its config asks for it; otherwise the same
+    model, weights and file layout. Load saved towers with `PallavaVisionModel.from_pretrained`."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__(config)
+        if uses_conv_stem(config):
+            stem = ConvStem(config.num_channels, config.hidden_size, config.patch_size)
+            stem.apply(self._init_weights)
+            self.embeddings.patch_embedding = stem
+
+
+def uses_conv_stem(config: CLIPVisionConfig) -> bool:
+    return bool(getattr(config, CONV_STEM, False))
