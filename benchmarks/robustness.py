@@ -24,6 +24,7 @@ import argparse
 import functools
 import io
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         DOCS.write_text(render(json.loads(RESULTS.read_text())))
         return 0
-    command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/robustness.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.demo is not None:
         return _score_demo(args.demo, args.demo_about or str(args.demo), command)
     started, load = time.time(), load_average()
