@@ -60,6 +60,10 @@ def tiny_plip(tmp_path_factory):
         text_init="scratch",
         text_layers=1,
         itm_weight=0.0,
+        # The patch projection, which separates photographs from tiles within these 12 steps; the
+        # recipe's convolutional stem starts slower (tests/test_vision_tower.py covers it).
+        vision={"conv_stem": False},
+        augment={"resolution": 0.1},
     )
     train_plip.train_plip(root / "captions.jsonl", root / "model", recipe, split=None)
     return root / "model"

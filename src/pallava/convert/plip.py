@@ -15,7 +15,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from pallava.data.io import read_json_object
 from pallava.models.presets import paper_vision_config
-from pallava.models.vision_tower import PallavaVisionModel
+from pallava.models.vision_tower import build_vision_tower
 
 _PREFIXES = ("module.", "model.", "visual_encoder.", "vision_tower.")
 _DROPPED = ("text_model.", "text_projection", "visual_projection", "logit_scale")
@@ -85,7 +85,7 @@ def load_vision_tower(path: str | Path) -> CLIPVisionModel:
 
     state = clip_vision_state_dict(_read_weights(weights))
     check_weights(state, str(weights))
-    model = PallavaVisionModel(config)
+    model = build_vision_tower(config)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes differ from the config

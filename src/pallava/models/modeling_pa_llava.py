@@ -15,7 +15,7 @@ from transformers import (
 from pallava.models.attention import use_cpu_bf16_attention
 from pallava.models.configuration_pa_llava import PaLlavaConfig
 from pallava.models.connector import ScaleInvariantConnector
-from pallava.models.vision_tower import PallavaVisionModel
+from pallava.models.vision_tower import build_vision_tower
 
 
 class PaLlavaPreTrainedModel(PreTrainedModel):
@@ -76,7 +76,7 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         language_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        self.vision_tower = vision_tower or PallavaVisionModel(config.vision_config)
+        self.vision_tower = vision_tower or build_vision_tower(config.vision_config)
         self.connector = ScaleInvariantConnector(config.connector_config)
         self.language_model = language_model or AutoModelForCausalLM.from_config(
             config.text_config, trust_remote_code=False

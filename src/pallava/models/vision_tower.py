@@ -96,3 +96,10 @@ class PallavaVisionModel(CLIPVisionModel):
 
 def uses_conv_stem(config: CLIPVisionConfig) -> bool:
     return bool(getattr(config, CONV_STEM, False))
+
+
+def build_vision_tower(config: CLIPVisionConfig) -> CLIPVisionModel:
+    """A randomly initialised tower: `PallavaVisionModel` when the config asks for the stem, transformers'
+    `CLIPVisionModel` otherwise (the subclass draws its random weights in another order, and a plain tower
+    should start exactly where transformers' own does)."""
+    return PallavaVisionModel(config) if uses_conv_stem(config) else CLIPVisionModel(config)

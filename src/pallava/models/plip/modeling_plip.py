@@ -12,7 +12,7 @@ from transformers import BlipTextModel, PreTrainedModel
 from transformers import initialization as init
 
 from pallava.models.plip.configuration_plip import PlipConfig
-from pallava.models.vision_tower import PallavaVisionModel
+from pallava.models.vision_tower import build_vision_tower
 
 
 class PlipPreTrainedModel(PreTrainedModel):
@@ -34,7 +34,7 @@ class PlipModel(PlipPreTrainedModel):
 
     def __init__(self, config: PlipConfig):
         super().__init__(config)
-        self.vision_model = PallavaVisionModel(config.vision_config)
+        self.vision_model = build_vision_tower(config.vision_config)
         self.text_model = BlipTextModel(config.text_config, add_pooling_layer=False)
         self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
         self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)
