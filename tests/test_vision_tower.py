@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import CLIPVisionModel
 
 from pallava import load_preset
 from pallava.convert.plip import load_vision_tower
 from pallava.inference import PaLlava
 from pallava.models.plip import build_plip
 from pallava.models.presets import tiny_vision_config
-from pallava.models.vision_tower import ConvStem, PallavaVisionModel, StemBatchNorm
+from pallava.models.vision_tower import ConvStem, PallavaVisionModel, StemBatchNorm, build_vision_tower
 
 
 def stem_config(**fields):
@@ -100,3 +101,15 @@ def test_plip_recipes_and_the_assistant_carry_the_stem(tmp_path):
     assert isinstance(reloaded.vision_tower.embeddings.patch_embedding, ConvStem)
     for key, value in reloaded.vision_tower.state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_tower_without_the_stem_starts_where_transformers_own_does():
+    """Random init included: every tiny model without the stem keeps the weights it always drew."""
+    torch.manual_seed(0)
+    ours = build_vision_tower(tiny_vision_config())
+    torch.manual_seed(0)
+    theirs = CLIPVisionModel(tiny_vision_config())
+    assert type(ours) is CLIPVisionModel
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert isinstance(build_vision_tower(stem_config()), PallavaVisionModel)
