@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -168,6 +169,11 @@ def machine_info() -> dict:
     if hasattr(os, "getloadavg"):
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
     return info
+
+
+def command_line(script: str, args: Sequence[str]) -> str:
+    """How a benchmark was invoked, quoted so that it can be pasted back into a shell."""
+    return " ".join(["python", f"benchmarks/{script}", *map(shlex.quote, args)])
 
 
 def load_average() -> float | None:

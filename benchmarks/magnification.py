@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     ROOT,
     SHIFT_DATASETS,
     assistant_under_shifts,
+    command_line,
     load_average,
     machine_info,
     shifts_table,
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one --model NAME=DIR or --assistant NAME=DIR")
     models = _named_folders(parser, args.model, "--model")
     assistants = _named_folders(parser, args.assistant, "--assistant")
-    command = "python benchmarks/magnification.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("magnification.py", sys.argv[1:] if argv is None else argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if models:  # the PLIP rows are measured together and replace the stored ones
         started, load = time.time(), load_average()
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault("assistants", {})[name] = {
             "about": about,
             "scores": scores,
-            "command": f"python benchmarks/magnification.py --assistant '{name}={folder}'",
+            "command": command_line("magnification.py", ["--assistant", f"{name}={folder}"]),
             "load_average": begun_load,
             "seconds": time.time() - begun,
         }

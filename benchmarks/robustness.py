@@ -24,7 +24,6 @@ import argparse
 import functools
 import io
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     ROOT,
     SHIFT_DATASETS,
     assistant_under_shifts,
+    command_line,
     load_average,
     machine_info,
     shifts_table,
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         DOCS.write_text(render(json.loads(RESULTS.read_text())))
         return 0
-    command = "python benchmarks/robustness.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("robustness.py", sys.argv[1:] if argv is None else argv)
     if args.demo is not None:
         return _score_demo(args.demo, args.demo_about or str(args.demo), command)
     started, load = time.time(), load_average()

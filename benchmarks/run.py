@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,15 @@ from benchmarks import preprocess  # noqa: E402  (before torch: the package sets
 # isort: split
 import torch  # noqa: E402
 
-from benchmarks.common import ROOT, choose_threads, load_average, machine_info, run_worker, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ROOT,
+    choose_threads,
+    command_line,
+    load_average,
+    machine_info,
+    run_worker,
+    write_json,
+)
 from benchmarks.report import render, summarise  # noqa: E402
 from benchmarks.systems import SYSTEMS  # noqa: E402
 
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     thread_info = choose_threads(args.threads, torch.bfloat16)
     worker = ["--threads", str(thread_info["threads"])] + (["--quick"] if args.quick else [])
     wanted = set(args.only or SECTIONS)
-    command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    command = command_line("run.py", argv or sys.argv[1:])
     results: dict = {
         "command": command,
         "quick": args.quick,
