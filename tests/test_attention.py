@@ -11,8 +11,9 @@ from transformers import CLIPVisionModel
 import pallava.models.attention as attention
 import pallava.models.connector as connector_module
 from pallava import PaLlavaForConditionalGeneration
-from pallava.models.attention import MATMUL_ON_CPU_BF16, matmul_attention, prefers_matmul
+from pallava.models.attention import MATMUL_ON_CPU_BF16, MAX_TRAINING_KEYS, matmul_attention, prefers_matmul
 from pallava.models.connector import ScaleInvariantConnector
+from pallava.models.plip.presets import build_plip
 from pallava.models.presets import tiny_config, tiny_vision_config
 
 
@@ -58,15 +59,16 @@ def test_bf16_result_stays_within_bf16_rounding_of_fp32():
     torch.testing.assert_close(output.float(), reference, atol=2e-2, rtol=2e-2)
 
 
-def test_two_products_only_for_bf16_on_cpu_without_gradient():
+def test_two_products_for_bf16_on_cpu_and_with_gradients_only_up_to_the_key_bound():
     q = torch.zeros(1, 1, 2, 4)
     with torch.no_grad():
-        assert prefers_matmul(q.bfloat16())
-        assert not prefers_matmul(q)  # fp32: the fused kernel is as fast
-    assert not prefers_matmul(q.bfloat16())  # training records gradients: the fused kernel saves memory
+        assert prefers_matmul(q.bfloat16(), keys=4096)
+        assert not prefers_matmul(q, keys=2)  # fp32: the fused kernel is as fast
+    assert prefers_matmul(q.bfloat16(), keys=MAX_TRAINING_KEYS)  # training: faster on short sequences
+    assert not prefers_matmul(q.bfloat16(), keys=MAX_TRAINING_KEYS + 1)  # the weights would cost memory
 
 
-def test_vision_tower_in_bf16_matches_sdpa_and_takes_two_products_at_inference(matmul_calls):
+def test_vision_tower_in_bf16_matches_sdpa_and_takes_two_products_in_inference_and_training(matmul_calls):
     torch.manual_seed(0)
     tower = CLIPVisionModel(tiny_vision_config()).eval()
     pixels = torch.randn(3, 3, 224, 224)
@@ -78,9 +80,21 @@ def test_vision_tower_in_bf16_matches_sdpa_and_takes_two_products_at_inference(m
         output = tower.bfloat16()(pixels.bfloat16()).last_hidden_state
     assert len(matmul_calls) == tower.config.num_hidden_layers
     torch.testing.assert_close(output.float(), reference, atol=0.1, rtol=0.05)
+
+    def gradients(attention: str) -> list[torch.Tensor]:
+        tower.zero_grad()
+        tower.set_attn_implementation(attention)
+        tower(pixels.bfloat16()).last_hidden_state.float().square().mean().backward()
+        return [p.grad.float().clone() for p in tower.parameters() if p.grad is not None]
+
     tower.train()
-    tower(pixels.bfloat16()).last_hidden_state.float().sum().backward()  # training: the fused kernel again
+    fused = gradients("sdpa")
     assert len(matmul_calls) == tower.config.num_hidden_layers
+    products = gradients(MATMUL_ON_CPU_BF16)  # training on 50 tokens: two products as well
+    assert len(matmul_calls) == 2 * tower.config.num_hidden_layers
+    assert len(products) == len(fused)
+    for ours, theirs in zip(products, fused, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0.1)
 
 
 def test_connector_in_bf16_keeps_padded_tiles_out(matmul_calls):
@@ -108,3 +122,8 @@ def test_the_assistant_chooses_it_for_the_vision_tower_unless_told_otherwise(tmp
     assert "pallava_matmul" not in (tmp_path / "config.json").read_text()  # a runtime choice, never saved
     eager = PaLlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
     assert eager.vision_tower.config._attn_implementation == "eager"
+
+
+def test_plip_chooses_it_for_its_vision_tower():
+    model, _ = build_plip("tiny", text_init="scratch")
+    assert model.vision_model.config._attn_implementation == MATMUL_ON_CPU_BF16

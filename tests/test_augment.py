@@ -88,7 +88,19 @@ def test_rescale_zooms_in_and_out(tile):
         return np.abs(np.diff(a.astype(np.float32), axis=1)).mean()
 
     assert roughness(zoom_in) < roughness(tile) < roughness(zoom_out)
-    # zooming out by 2 keeps the whole tile, shrunk, somewhere in the view
+    # zooming out by 2 keeps the whole tile, shrunk, somewhere in the view, mirrored around it
+    shrunk = np.asarray(Image.fromarray(tile).resize((tile.shape[1] // 2, tile.shape[0] // 2), Image.BICUBIC))
+    h, w = shrunk.shape[:2]
+    found = [
+        (top, left)
+        for top in range(tile.shape[0] - h + 1)
+        for left in range(tile.shape[1] - w + 1)
+        if np.array_equal(zoom_out[top : top + h, left : left + w], shrunk)
+    ]
+    assert len(found) == 1
+    top, left = found[0]
+    if left > 0:  # the column left of the tile mirrors its first column
+        assert np.array_equal(zoom_out[top : top + h, left - 1], shrunk[:, 0])
     assert rescale(tile, random.Random(0), 1.0).shape == tile.shape
 
 

@@ -57,7 +57,9 @@ class Attention(nn.Module):
             self._heads(self.self["value"](kv)),
         )
         weights = None
-        if need_weights or prefers_matmul(q):  # the weights for attention maps; faster in bf16 on a CPU
+        dropping = self.training and self.dropout > 0  # attention dropout: the fused kernel's
+        # The weights for attention maps; faster in bf16 on a CPU.
+        if need_weights or (prefers_matmul(q, k.shape[-2]) and not dropping):
             context, attention = matmul_attention(q, k, v, mask)
             weights = attention if need_weights else None  # (B, h, Lq, Lk)
         else:

@@ -65,6 +65,7 @@ def adamw(
     """The one optimiser builder of the training apps: AdamW over the trainable parameters, one group
     per (group name, decayed or not), each group with its own lr (`lr_of(group)`); weight decay only
     where `decays` (default: matrices, not biases and norms). Groups are named `group` / `group-no-decay`.
+    Fused: the parameters must be floating point on a device with torch's fused AdamW (CPU, CUDA, ...).
     """
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -79,7 +80,9 @@ def adamw(
         }
         for (group, decay), params in sorted(groups.items())
     ]
-    return torch.optim.AdamW(param_groups, betas=tuple(betas))
+    # One fused kernel over all parameters instead of a dozen tensor ops per parameter: on the 2-core CPU the
+    # tiny PLIP step drops from 234 to 205 ms (the for-loop form spent 59 ms of it in the optimizer).
+    return torch.optim.AdamW(param_groups, betas=tuple(betas), fused=True)
 
 
 def build_optimizer(model: torch.nn.Module, section: OptimSection) -> torch.optim.AdamW:

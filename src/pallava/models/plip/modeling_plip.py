@@ -11,6 +11,7 @@ from torch import nn
 from transformers import BlipTextModel, PreTrainedModel
 from transformers import initialization as init
 
+from pallava.models.attention import use_cpu_bf16_attention
 from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.vision_tower import build_vision_tower
 
@@ -41,6 +42,9 @@ class PlipModel(PlipPreTrainedModel):
         self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(config.temp_init))
         self.post_init()
+        use_cpu_bf16_attention(
+            self.vision_model
+        )  # 3-5x faster in bf16 training on a CPU (models/attention.py)
 
     @property
     def image_size(self) -> int:
