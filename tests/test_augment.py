@@ -13,6 +13,7 @@ from pallava.processing.augment import (
     degrade_resolution,
     hed_jitter,
     rescale,
+    rotate_hue,
     stain_normalize,
 )
 
@@ -31,6 +32,7 @@ def test_every_augmentation_keeps_shape_dtype_and_range(tile):
     for config in (
         Augmentation(),
         Augmentation(stain=0.3, stain_vectors=0.3, zoom=1.0, max_zoom=4, resolution=1.0),
+        Augmentation(hue=0.5, grayscale=0.5),
         Augmentation.off(),
     ):
         for _ in range(5):
@@ -117,8 +119,8 @@ def test_resolution_jitter_removes_detail_but_keeps_colour(tile):
 def test_bad_settings_and_inputs_are_refused(tile):
     with pytest.raises(ValueError, match="'stain' must be in"):
         Augmentation(stain=2.0)
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['hue'\]"):
-        Augmentation.from_dict({"hue": 0.1})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tint'\]"):
+        Augmentation.from_dict({"tint": 0.1})
     with pytest.raises(ValueError, match="uint8 \\(H, W, 3\\)"):
         augment(tile.astype(np.float32), random.Random(0), Augmentation())
 
@@ -153,3 +155,31 @@ def test_stain_normalisation_at_inference_is_off_by_default_and_changes_inputs(t
     assert normalised["pixel_values"].shape == plain["pixel_values"].shape
     assert not torch.equal(normalised["pixel_values"], plain["pixel_values"])
     assert isinstance(assistant.ask(lung_tiles[0], "What is shown?", max_new_tokens=2), str)
+
+
+def test_hue_turns_colours_about_the_grey_axis(tile):
+    pixels = tile.astype(np.float32)
+    turned = rotate_hue(pixels, 0.1)
+    assert _mean_abs(turned, pixels) > 5  # the colours moved
+    np.testing.assert_allclose(turned.mean(axis=2), pixels.mean(axis=2), atol=1e-3)  # brightness kept
+    grey = np.full((4, 4, 3), 120.0, dtype=np.float32)
+    np.testing.assert_allclose(rotate_hue(grey, 0.3), grey, atol=1e-3)  # greys stay grey
+    np.testing.assert_allclose(rotate_hue(turned, -0.1), pixels, atol=1e-2)  # and it turns back
+    np.testing.assert_allclose(rotate_hue(pixels, 1 / 3), pixels[..., [2, 0, 1]], atol=1e-2)  # a third: R->G
+
+
+def test_grey_views_and_hue_turns_come_only_when_asked(tile):
+    views = [augment(tile, random.Random(i), Augmentation(grayscale=0.5)) for i in range(20)]
+    grey = [bool(np.allclose(v[..., 0], v[..., 1]) and np.allclose(v[..., 1], v[..., 2])) for v in views]
+    assert 3 <= sum(grey) <= 17  # about half
+    plain = Augmentation()
+    for seed in range(5):  # off (the default): the same views as before the fields existed
+        assert not np.allclose(augment(tile, random.Random(seed), plain)[..., 0], 0)
+        assert np.array_equal(
+            augment(tile, random.Random(seed), plain),
+            augment(tile, random.Random(seed), Augmentation(hue=0.0, grayscale=0.0)),
+        )
+    with pytest.raises(ValueError, match="'hue' must be in"):
+        Augmentation(hue=0.6)
+    with pytest.raises(ValueError, match="'grayscale' must be in"):
+        Augmentation(grayscale=2)
