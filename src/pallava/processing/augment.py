@@ -14,7 +14,8 @@ What a model must survive on another lab's slides, and the augmentation that tea
 - **colour as a shortcut**: in LC25000 the two colon classes differ in hue as much as in form, and a model
   trained on them reads colour (grey dev images: lung 0.54, colon 0.58 zero-shot against 0.90; a hue turned
   by 18 degrees: colon 0.61). `hue` turns the colour circle by up to +/- that fraction (a rotation of RGB
-  about the grey axis) and `grayscale` makes that share of views grey, so form has to carry the class;
+  about the grey axis) and `grayscale` makes that share of views grey, so form has to carry the class
+  (off in the shipped recipes: the tiny tower lost more than it gained, docs/plip.md);
 - **orientation**: flips and 90-degree rotations (tissue has no up or down).
 
 Everything is a function of the `random.Random` passed in, so training stays reproducible and resumable.
