@@ -13,7 +13,6 @@ def _load(entry: dict) -> str:
 
 
 def busy_machine_section(busy: dict) -> list[str]:
-
     rows = [
         [
             name,
@@ -79,7 +78,6 @@ def _choices(busy: dict) -> str:
 
 
 def slide_map_section(slides: dict) -> list[str]:
-
     rows = [
         [
             case,
@@ -112,7 +110,6 @@ def slide_map_section(slides: dict) -> list[str]:
 
 
 def serve_section(serve: dict) -> list[str]:
-
     rows = []
     for regime, entry in serve.items():
         if "concurrent" not in entry:

@@ -64,6 +64,7 @@ def test_two_products_for_bf16_on_cpu_and_with_gradients_only_up_to_the_key_boun
     with torch.no_grad():
         assert prefers_matmul(q.bfloat16(), keys=4096)
         assert not prefers_matmul(q, keys=2)  # fp32: the fused kernel is as fast
+        assert not prefers_matmul(q.bfloat16(), keys=2, dropout=0.1)  # dropout: the fused kernel's
     assert prefers_matmul(q.bfloat16(), keys=MAX_TRAINING_KEYS)  # training: faster on short sequences
     assert not prefers_matmul(q.bfloat16(), keys=MAX_TRAINING_KEYS + 1)  # the weights would cost memory
 

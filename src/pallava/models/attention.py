@@ -28,10 +28,11 @@ MATMUL_ON_CPU_BF16 = "pallava_matmul_on_cpu_bf16"
 MAX_TRAINING_KEYS = 577
 
 
-def prefers_matmul(query: torch.Tensor, keys: int) -> bool:
+def prefers_matmul(query: torch.Tensor, keys: int, dropout: float = 0.0) -> bool:
     """True where two products beat the fused kernel: bf16 on a CPU; with gradients, up to
-    `MAX_TRAINING_KEYS` keys."""
-    if query.device.type != "cpu" or query.dtype != torch.bfloat16:
+    `MAX_TRAINING_KEYS` keys. `dropout` is the attention dropout in effect (0 outside training): the
+    products leave it to the fused kernel."""
+    if query.device.type != "cpu" or query.dtype != torch.bfloat16 or dropout > 0:
         return False
     return not torch.is_grad_enabled() or keys <= MAX_TRAINING_KEYS
 
@@ -68,9 +69,9 @@ def cpu_bf16_attention(
     """A transformers attention function: `matmul_attention` for unmasked, non-causal self-attention
     without dropout where `prefers_matmul`, transformers' SDPA path for everything else (masks, causal
     models, dropout, GPUs)."""
-    dropping = module.training and dropout > 0
-    plain = attention_mask is None and not getattr(module, "is_causal", False) and not dropping
-    if not (plain and prefers_matmul(query, key.shape[2]) and key.shape[1] == query.shape[1]):
+    plain = attention_mask is None and not getattr(module, "is_causal", False)
+    faster = prefers_matmul(query, key.shape[2], dropout if module.training else 0.0)
+    if not (plain and faster and key.shape[1] == query.shape[1]):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

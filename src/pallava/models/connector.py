@@ -57,15 +57,13 @@ class Attention(nn.Module):
             self._heads(self.self["value"](kv)),
         )
         weights = None
-        dropping = self.training and self.dropout > 0  # attention dropout: the fused kernel's
+        dropout = self.dropout if self.training else 0.0
         # The weights for attention maps; faster in bf16 on a CPU.
-        if need_weights or (prefers_matmul(q, k.shape[-2]) and not dropping):
+        if need_weights or prefers_matmul(q, k.shape[-2], dropout):
             context, attention = matmul_attention(q, k, v, mask)
             weights = attention if need_weights else None  # (B, h, Lq, Lk)
         else:
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-            )
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         context = context.transpose(1, 2).flatten(2)  # (B, Lq, width)
         out = F.dropout(self.output["dense"](context), self.dropout, self.training)
         return self.output["LayerNorm"](out + x), weights
