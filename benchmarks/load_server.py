@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def run_load(
     image: Path | None = None,
     max_seconds: float = 300.0,
     timeout: float = 120.0,
+    lengths: Sequence[int] = (),
 ) -> dict:
-    """Drive the server at `url` and return the measured numbers."""
+    """Drive the server at `url` and return the measured numbers. `lengths`: answer lengths that requests
+    take in turn (each client starting at its own place) instead of `max_tokens` for all."""
     from pallava.serve.images import to_data_url
 
     image = image or DEFAULT_IMAGE
@@ -63,7 +66,7 @@ def run_load(
                     return
                 body = {
                     "model": "pallava",
-                    "max_tokens": max_tokens,
+                    "max_tokens": lengths[(index + number) % len(lengths)] if lengths else max_tokens,
                     "messages": [
                         {
                             "role": "user",
@@ -104,7 +107,7 @@ def run_load(
         "requests": len(latencies) + len(errors),
         "errors": len(errors),
         "first_errors": errors[:3],
-        "max_tokens": max_tokens,
+        "max_tokens": list(lengths) if lengths else max_tokens,
         "wall_s": round(wall, 3),
         "latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
         "latency_p95_s": round(percentile(latencies, 95), 3) if latencies else None,
@@ -125,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--lengths",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[],
+        help="answer lengths the requests take in turn, e.g. 8,16,32,64 (instead of --max-tokens for all)",
+    )
     parser.add_argument(
         "--image", type=Path, default=None, help=f"image sent with each request (default {DEFAULT_IMAGE})"
     )
@@ -148,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             args.image,
             args.max_seconds,
             args.timeout,
+            args.lengths,
         )
     report["server"] = (
         args.url or f"local ({args.model or 'tiny preset, random weights'}, device {args.device or 'cpu'})"

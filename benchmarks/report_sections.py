@@ -139,7 +139,8 @@ def serve_section(serve: dict) -> list[str]:
     return [
         "## Serving under concurrency",
         "",
-        f"`pallava serve`'s app with its shipped batching (up to {first['max_batch_size']} requests within "
+        f"`pallava serve`'s app with its shipped batching ({first.get('batching', 'static')}, up to "
+        f"{first['max_batch_size']} requests within "
         f"{first['batch_window_ms']:g} ms) on random weights; the clients in their own process, each "
         "request one real 500x300 image and a question, a fixed answer length (tiny "
         f"{serve.get('tiny', {}).get('max_tokens')}, paper-proportioned "
@@ -161,6 +162,35 @@ def serve_section(serve: dict) -> list[str]:
                 "speed-up",
             ],
             rows,
+        ),
+        "",
+        *_varied_lengths_lines(serve.get("tiny", {}).get("varied_lengths")),
+    ]
+
+
+def _varied_lengths_lines(varied: dict | None) -> list[str]:
+    """Static against continuous batching when answers differ in length (tiny regime)."""
+    if not varied:
+        return []
+    rows = [
+        [
+            mode,
+            varied[mode]["one_at_a_time_rps"],
+            varied[mode]["concurrent_rps"],
+            varied[mode]["latency_p50_s"],
+            varied[mode]["latency_p99_s"],
+            varied[mode]["errors"],
+            f"{varied[mode]['speedup']}x",
+        ]
+        for mode in ("static", "continuous")
+        if mode in varied
+    ]
+    lengths = ", ".join(map(str, varied["lengths"]))
+    return [
+        f"Answers of {lengths} tokens in turn (tiny), with each `--batching` mode:",
+        "",
+        table(
+            ["batching", "1 client req/s", "16 clients req/s", "p50 s", "p99 s", "errors", "speed-up"], rows
         ),
         "",
     ]

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from benchmarks.common import ROOT, load_average, write_json
 
 CLIENTS = 16
+VARIED_LENGTHS = (8, 16, 32, 64)  # answer lengths in turn for `varied_lengths`
 
 
 def assistant(regime_name: str):
@@ -34,7 +36,7 @@ def assistant(regime_name: str):
     return PaLlava(system.model, system.processor)
 
 
-def drive(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+def drive(url: str, clients: int, requests: int, max_tokens: int, lengths: Sequence[int] = ()) -> dict:
     """Run the load client in its own process against `url`; its JSON report."""
     import subprocess
 
@@ -43,6 +45,8 @@ def drive(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         command = [sys.executable, "-m", "benchmarks.load_server", "--url", url, "--clients", str(clients)]
         command += ["--requests", str(requests), "--max-tokens", str(max_tokens), "--json", str(out)]
         command += ["--timeout", "600", "--max-seconds", "600"]
+        if lengths:
+            command += ["--lengths", ",".join(map(str, lengths))]
         subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
         if not out.is_file():
             raise RuntimeError(f"the load client `{' '.join(command[1:])}` wrote no report")
@@ -86,6 +90,7 @@ def run(
         "regime": regime,
         "clients": CLIENTS,
         **shape,
+        "batching": settings.batching,
         "max_batch_size": settings.max_batch_size,
         "batch_window_ms": settings.batch_window_s * 1000,
         "threads": torch.get_num_threads(),
@@ -103,12 +108,40 @@ def run(
             "one_at_a_time": drive(server.url, 1, shape["sequential"], shape["max_tokens"]),
             "concurrent": drive(server.url, CLIENTS, shape["per_client"], shape["max_tokens"]),
         }
+    if tiny:
+        result["varied_lengths"] = varied_lengths(model, settings, shape)
     one, many = result["one_at_a_time"], result["concurrent"]
     result["errors"] = one["errors"] + many["errors"]
+    result["errors"] += sum(
+        entry["errors"] for entry in result.get("varied_lengths", {}).values() if isinstance(entry, dict)
+    )
     if one["throughput_rps"] and many["throughput_rps"]:
         result["serve_concurrency_speedup"] = round(many["throughput_rps"] / one["throughput_rps"], 3)
     result["load_average_end"] = load_average()
     return result
+
+
+def varied_lengths(model, settings, shape: dict) -> dict:
+    """Answers of 8, 16, 32 and 64 tokens in turn, with each batching mode: a static batch waits for its
+    longest answer, a continuous one lets a finished answer's row go to the next request."""
+    from pallava.serve.app import create_app
+    from pallava.serve.server import BackgroundServer
+
+    out = {"lengths": list(VARIED_LENGTHS)}
+    for batching in ("static", "continuous"):
+        with BackgroundServer(create_app(model, dataclasses.replace(settings, batching=batching))) as server:
+            drive(server.url, 1, 1, shape["max_tokens"])
+            one = drive(server.url, 1, shape["sequential"], 0, VARIED_LENGTHS)
+            many = drive(server.url, CLIENTS, shape["per_client"], 0, VARIED_LENGTHS)
+        out[batching] = {
+            "one_at_a_time_rps": one["throughput_rps"],
+            "concurrent_rps": many["throughput_rps"],
+            "latency_p50_s": many["latency_p50_s"],
+            "latency_p99_s": many["latency_p99_s"],
+            "errors": one["errors"] + many["errors"],
+            "speedup": round(many["throughput_rps"] / one["throughput_rps"], 3),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

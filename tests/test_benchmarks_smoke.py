@@ -353,6 +353,13 @@ def test_serve_section_runs_one_client_then_sixteen_without_errors(shared_data):
     assert resent["image_cache"] > 0
     assert (resent["one_at_a_time"]["requests"], resent["concurrent"]["requests"]) == (2, 16)
     assert resent["one_at_a_time"]["errors"] == resent["concurrent"]["errors"] == 0
+    varied = result["varied_lengths"]  # answers of different lengths, static against continuous batching
+    for mode in ("static", "continuous"):
+        entry = varied[mode]
+        assert entry["errors"] == 0
+        assert entry["speedup"] == pytest.approx(
+            entry["concurrent_rps"] / entry["one_at_a_time_rps"], rel=1e-2
+        )
 
 
 def test_system_sections_give_their_keys_and_targets_in_their_direction():
@@ -390,6 +397,20 @@ def test_system_sections_give_their_keys_and_targets_in_their_direction():
                 "one_at_a_time": {**run, "throughput_rps": 3.0, "mean_batch_size": 1.0, "errors": 0},
                 "concurrent": {**run, "throughput_rps": 12.0, "mean_batch_size": 7.9, "errors": 0},
             },
+            "varied_lengths": {
+                "lengths": [8, 64],
+                **{
+                    mode: {
+                        "one_at_a_time_rps": 2.0,
+                        "concurrent_rps": rps,
+                        "latency_p50_s": 0.1,
+                        "latency_p99_s": 0.3,
+                        "errors": 0,
+                        "speedup": rps / 2.0,
+                    }
+                    for mode, rps in (("static", 5.0), ("continuous", 7.0))
+                },
+            },
         }
     }
     results = {
@@ -419,6 +440,10 @@ def test_system_sections_give_their_keys_and_targets_in_their_direction():
     assert "## Training on a busy machine" in page and "| one | 1 | 1.0 | 1.5 | 1.50x |" in page
     assert "## Serving under concurrency" in page and "**4.5x**" in page
     assert "| tiny | 16 clients, image resent | 4 | 12.0 |" in page
+    assert (
+        "Answers of 8, 64 tokens in turn" in page
+        and "| continuous | 2.0 | 7.0 | 0.1 | 0.3 | 0 | 3.5x |" in page
+    )
 
 
 def test_a_re_measured_section_leaves_the_older_commands_provenance():

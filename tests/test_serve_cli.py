@@ -230,6 +230,13 @@ def test_serve_and_ui_commands_pass_their_settings(model_dir, tmp_path, monkeypa
     assert (settings.header_timeout_s, settings.body_timeout_s, settings.keep_alive_s) == (3, 4, 2)
     assert (settings.max_queued_pixels, settings.decode_workers) == (1000, 1)
     assert settings.generation_threads is None  # all: torch's threads for every step, nothing measured
+    assert settings.batching == "continuous"
+    assert main(["serve", "--model", str(model_dir), "--batching", "static"]) == 0
+    assert calls["serve"][0].batching == "static"
+    assert main(["serve", "--model", str(model_dir), "--static-cache"]) == 0
+    assert calls["serve"][0].batching == "static"  # a static cache's fixed shapes need static batches
+    assert main(["serve", "--model", str(model_dir), "--static-cache", "--batching", "continuous"]) == 1
+    assert "--static-cache needs --batching static" in capsys.readouterr().err
 
     assert main(["serve", "--model", str(model_dir), "--allow-local-dir", str(tmp_path / "nope")]) == 1
     assert "is not a directory" in capsys.readouterr().err

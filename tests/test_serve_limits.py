@@ -67,7 +67,11 @@ def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 90) ->
 
 @pytest.fixture(scope="module")
 def server(assistant):
-    settings = ServerSettings(max_tokens_limit=LONG, default_max_tokens=LONG, batch_window_s=0)
+    # One request generated at a time: a second one waits in the queue (with room, it would join the
+    # running batch at once).
+    settings = ServerSettings(
+        max_tokens_limit=LONG, default_max_tokens=LONG, batch_window_s=0, max_batch_size=1
+    )
     with BackgroundServer(create_app(assistant, settings)) as running:
         yield running
 
@@ -119,7 +123,9 @@ def test_a_queued_request_holds_model_ready_crops_not_its_decoded_image(server, 
 def test_queued_image_pixels_have_a_budget(assistant):
     crops = assistant.processor.image_processor.tile(Image.new("RGB", (224, 224))).pixel_values.shape[0]
     one_image = crops * 224 * 224
-    settings = ServerSettings(max_tokens_limit=LONG, batch_window_s=0, max_queued_pixels=one_image + 1)
+    settings = ServerSettings(
+        max_tokens_limit=LONG, batch_window_s=0, max_queued_pixels=one_image + 1, max_batch_size=1
+    )
     with BackgroundServer(create_app(assistant, settings)) as running:
         busy = send(running.url, chat(stream=True))
         wait_until(lambda: health(running)["running"] == 1, "the first generation to start")

@@ -110,13 +110,14 @@ def answer_batch(engine: BatchingEngine, assistant: PaLlava, questions: list[str
     return [answers[i] for i in range(len(questions))], worker_threads
 
 
+@pytest.mark.parametrize("batching", ["continuous", "static"])
 @pytest.mark.parametrize("setting", ["auto", None])
-def test_the_engine_answers_the_same_and_gives_threads_back(tiny, two_threads, setting):
+def test_the_engine_answers_the_same_and_gives_threads_back(tiny, two_threads, setting, batching):
     assistant = PaLlava(*tiny)
     questions = ["What is shown?", "Is this malignant?", "Which organ?"]
     ask = assistant.processor.question
     alone = [assistant.generate([ask(q, True)], [[IMAGE]], max_new_tokens=12)[0] for q in questions]
-    engine = BatchingEngine(assistant, max_batch_size=8, generation_threads=setting)
+    engine = BatchingEngine(assistant, max_batch_size=8, generation_threads=setting, batching=batching)
     engine.start()
     try:
         answers, worker_threads = answer_batch(engine, assistant, questions)
@@ -127,7 +128,7 @@ def test_the_engine_answers_the_same_and_gives_threads_back(tiny, two_threads, s
     if setting is None:
         assert engine.decode_threads is None
     else:
-        assert list(engine.decode_threads.governors) == [len(questions)]
+        assert list(engine.decode_threads.governors) == [len(questions)]  # the rows finish together
     with pytest.raises(ValueError, match="generation_threads"):
         BatchingEngine(assistant, generation_threads="fast")
     with pytest.raises(ValueError, match="server setting generation_threads"):

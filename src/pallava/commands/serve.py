@@ -75,6 +75,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pallava.serve.app import ServerSettings, run_server
 
+    batching = args.batching or ("static" if args.static_cache else "continuous")
+    if args.static_cache and batching != "static":
+        # A static cache is allocated for one batch's shapes; continuous batching changes them every step.
+        raise ValueError("--static-cache needs --batching static")
     settings = ServerSettings(
         model_name=args.model_name or Path(args.model).resolve().name,
         api_key=args.api_key or os.environ.get("PALLAVA_API_KEY") or None,
@@ -88,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
+        batching=batching,
         generation_threads=None if args.generation_threads == "all" else args.generation_threads,
         image_cache=args.image_cache,
         max_queue=args.max_queue,
@@ -185,7 +190,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch-size", type=int, default=8, help="requests generated together (default 8)"
     )
     serve.add_argument(
-        "--batch-window-ms", type=float, default=20.0, help="wait for a batch to fill (default 20)"
+        "--batch-window-ms",
+        type=float,
+        default=20.0,
+        help="an idle server waits this long for requests being admitted to start together (default 20)",
+    )
+    serve.add_argument(
+        "--batching",
+        choices=("continuous", "static"),
+        default=None,
+        help="continuous: requests join and leave the running batch at every token (default); static: "
+        "one generate per batch of requests with equal options, each waiting for the longest (the default "
+        "with --static-cache)",
     )
     serve.add_argument(
         "--generation-threads",

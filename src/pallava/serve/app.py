@@ -24,6 +24,7 @@ from pallava import __version__
 from pallava.inference import Completion, PaLlava
 from pallava.processing.image import DEFAULT_MAX_PIXELS, ImageTooLargeError, TiledImage
 from pallava.serve.engine import (
+    BATCHING,
     BatchingEngine,
     EngineUnavailable,
     GenerationOptions,
@@ -72,6 +73,7 @@ class ServerSettings:
     timeout_s: float = 120.0  # per request once read: checks, decoding, tokenising, queueing, generation
     max_batch_size: int = 8
     batch_window_s: float = 0.02
+    batching: str = "continuous"  # requests join and leave the running batch; "static": one generate a batch
     generation_threads: str | None = "auto"  # "auto": DecodeThreads picks the token steps' CPU threads
     image_cache: int = 32  # images whose vision features are kept for later turns that resend them; 0: none
     max_queue: int = 256
@@ -106,6 +108,10 @@ class ServerSettings:
             raise ValueError(
                 f"server setting generation_threads must be 'auto' or None, got {self.generation_threads!r}"
             )
+        if self.batching not in BATCHING:
+            raise ValueError(
+                f"server setting batching must be one of {', '.join(BATCHING)}, got {self.batching!r}"
+            )
         if self.image_cache < 0:
             raise ValueError(f"server setting image_cache must be >= 0, got {self.image_cache}")
         if self.batch_window_s < 0:
@@ -136,6 +142,7 @@ def create_app(assistant: PaLlava, settings: ServerSettings | None = None) -> Fa
         settings.max_queued_pixels,
         settings.generation_threads,
         settings.image_cache,
+        settings.batching,
     )
     processor = assistant.processor
     context = min(processor.max_length, assistant.model.config.text_config.max_position_embeddings)

@@ -1,23 +1,21 @@
 """Batched generation for concurrent requests: one worker thread owns the model.
 
-Requests wait in a queue; the worker takes the oldest, waits a short window (default 20 ms) for others
-with the same generation options, and answers them together with one batched `generate` (left padding
-keeps every answer identical to answering it alone). The window is only waited while other requests are
-being admitted (`expect` / `unexpect`, around their checks and image decoding): a lone request starts at
-once. Streaming requests run one at a time through the same worker, so the model is never used by two
-threads at once. Each request carries a deadline that bounds its wait in the queue and its generation
-time.
+Requests wait in a queue. With `batching="continuous"` (the default) the worker runs one batch whose rows
+join and leave between decoding steps (`ContinuousBatch`): a request joins at the next step, a finished,
+cancelled or timed-out one leaves at once, and rows with different generation options and streaming rows
+share the batch. With `batching="static"` the worker takes the oldest request plus those with the same
+options, answers them with one batched `generate`, and every one waits for the longest; streaming requests
+run alone. Either way answers are identical to answering each request alone (greedy; left padding).
+
+When the worker is idle, the oldest request waits a short window (default 20 ms) for others to start with
+it, but only while other requests are being admitted (`expect` / `unexpect`, around their checks and image
+decoding): a lone request starts at once. Each request carries a deadline that bounds its wait in the queue
+and its generation time.
 
 Memory is bounded: a job's images arrive already tiled (at most `1 + max_tiles` crops each, never the
 decoded image), their pixels count against `max_queued_pixels` until the job is answered, and a job whose
-client left is dropped from the queue, or stops its batch's generation once every client of the batch
-has left.
-
-On a CPU the decoding steps of small models are bound by overhead, not arithmetic: each step's small matrix
-products pay for waking torch's other threads, and one thread can be faster than all cores (the tiny model,
-batches of 8 in the worker thread: 64 tokens in 0.19 s with one thread, 0.23-0.25 s with two). `DecodeThreads`
-measures it per batch size and keeps the faster count for decoding; the prompt's prefill and the vision tower
-always get all threads.
+client left is dropped from the queue or from the running batch (a static batch stops once every client of
+the batch has left). On a CPU the decoding steps' thread count is measured per batch size (`DecodeThreads`).
 """
 
 from __future__ import annotations
@@ -27,81 +25,44 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
-from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from pallava.allocator import release_memory
 from pallava.inference import Completion, PaLlava
 from pallava.processing.image import TiledImage
-from pallava.processing.processor import CROP_FEATURES, Turn
+from pallava.processing.processor import CROP_FEATURES
+from pallava.serve.continuous import ContinuousBatch
+from pallava.serve.decode_threads import DecodeThreads
 from pallava.serve.image_features import ImageFeatureCache
-from pallava.threads import ThreadGovernor
+from pallava.serve.jobs import (
+    EngineUnavailable,
+    GenerationOptions,
+    GenerationTimeout,
+    Job,
+    JobCancelled,
+    TextPieces,
+    time_limit_error,
+)
+
+__all__ = [
+    "BATCHING",
+    "BatchingEngine",
+    "DecodeThreads",
+    "EngineUnavailable",
+    "GenerationOptions",
+    "GenerationTimeout",
+    "Job",
+    "JobCancelled",
+    "pretiled",
+    "time_limit_error",
+]
+
+BATCHING = ("continuous", "static")
 
 log = logging.getLogger(__name__)
-
-
-class GenerationTimeout(Exception):
-    """A request did not finish within its time limit."""
-
-
-class EngineUnavailable(Exception):
-    """The queue is full or the engine is shutting down."""
-
-
-class JobCancelled(Exception):
-    """The client went away; generation for it stops."""
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Options that must be equal for requests to share a batch."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-
-
-@dataclass(eq=False)
-class Job:
-    """One request. `on_done` receives a `Completion` or an exception; `on_text` (streaming) each new piece.
-
-    The time limit counts from `started` (when the request arrived), so it covers the checks, image
-    decoding and tokenising before the job was queued.
-    """
-
-    conversation: list[Turn]
-    images: list[TiledImage]
-    options: GenerationOptions
-    timeout_s: float
-    on_done: Callable[[Completion | BaseException], None]
-    on_text: Callable[[str], None] | None = None
-    started: float = field(default_factory=time.monotonic)  # when the request was read
-    cancelled: bool = False
-    settled: bool = False
-
-    @property
-    def deadline(self) -> float:
-        return self.started + self.timeout_s
-
-    @property
-    def streaming(self) -> bool:
-        return self.on_text is not None
-
-    @property
-    def pixels(self) -> int:
-        """Pixels its images hold while it waits (crops x channels' worth, counted once per pixel)."""
-        return sum(image.pixel_values[:, 0].numel() for image in self.images)
-
-    def timed_out(self) -> GenerationTimeout:
-        return time_limit_error(self.timeout_s)
-
-
-def time_limit_error(timeout_s: float) -> GenerationTimeout:
-    return GenerationTimeout(f"the request did not finish within the time limit of {timeout_s:g} s")
 
 
 class _PretiledImages:
@@ -128,60 +89,13 @@ def pretiled(assistant: PaLlava, cache: ImageFeatureCache | None = None) -> PaLl
     return PaLlava(assistant.model, processor)
 
 
-class DecodeThreads:
-    """Torch's intra-op threads for the decoding steps, chosen per batch size by a `ThreadGovernor` from the
-    steps' own times (all threads against one); prefill runs with all threads.
-
-    Call `prefill(batch_size)` before the prompt is encoded, `step()` after each generated token and
-    `done()` at the end. `set_threads` and `clock` are torch's setter and the wall clock (tests replace them).
-    """
-
-    def __init__(
-        self,
-        threads: int,
-        set_threads: Callable[[int], None] = torch.set_num_threads,
-        clock: Callable[[], float] = time.perf_counter,
-    ):
-        if threads < 1:
-            raise ValueError(f"DecodeThreads: threads must be at least 1, got {threads}")
-        self.threads, self._set_threads, self._clock = threads, set_threads, clock
-        self.governors: dict[int, ThreadGovernor] = {}
-        self._governor: ThreadGovernor | None = None
-        self._last: float | None = None
-
-    def prefill(self, batch_size: int) -> None:
-        self._set_threads(self.threads)
-        if self.threads > 1 and batch_size not in self.governors:
-            # Built with a no-op setter: the governor's choice applies from the first decoding step on.
-            self.governors[batch_size] = ThreadGovernor([self.threads, 1], set_threads=lambda _: None)
-        self._governor, self._last = self.governors.get(batch_size), None
-
-    def step(self) -> None:
-        """A token was generated: time the step just finished and set the count for the next one."""
-        if self._governor is None:
-            return
-        now = self._clock()
-        if self._last is not None:
-            self._governor.step_done(now - self._last)
-        self._last = now  # the first token ends the prefill, which is not timed
-        self._set_threads(self._governor.threads)
-
-    def done(self) -> None:
-        self._governor = None
-        self._set_threads(self.threads)
-
-
 class _BatchWatch(BaseStreamer):
-    """Sees every generation step: aborts once all the batch's clients left, streams a streaming job's
-    text, and lets `DecodeThreads` time the decoding steps.
-
-    The streamed pieces join to exactly the plain answer (which is stripped): leading whitespace is dropped
-    and trailing whitespace is held back until more text follows it.
-    """
+    """Sees every generation step of a static batch: aborts once all the batch's clients left, streams a
+    streaming job's text (`TextPieces`), and lets `DecodeThreads` time the decoding steps."""
 
     def __init__(self, jobs: list[Job], tokenizer, threads: DecodeThreads | None = None):
         self.jobs, self.threads, self.prompt_seen = jobs, threads, False
-        self.text = _TextPieces(jobs[0].on_text, tokenizer) if jobs[0].streaming else None
+        self.text = TextPieces(jobs[0].on_text, tokenizer) if jobs[0].streaming else None
 
     def put(self, value) -> None:
         if all(job.cancelled for job in self.jobs):
@@ -200,24 +114,11 @@ class _BatchWatch(BaseStreamer):
             self.text.end()
 
 
-class _TextPieces(TextStreamer):
-    def __init__(self, emit: Callable[[str], None], tokenizer):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.emit, self.begun, self.held = emit, False, ""
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        text = self.held + text
-        if not self.begun:
-            text = text.lstrip()
-        body = text.rstrip()
-        self.held = "" if stream_end else text[len(body) :]
-        if body:
-            self.begun = True
-            self.emit(body)
-
-
 class BatchingEngine:
     """A worker thread that answers queued `Job`s in batches of up to `max_batch_size`.
+
+    `batching`: "continuous" (jobs join and leave the running batch between decoding steps) or "static"
+    (one `generate` per batch of jobs with equal options; streaming jobs alone).
 
     A job is refused (`EngineUnavailable`) when `max_queue` jobs wait, or when its image pixels would take the
     pixels held by waiting and running jobs over `max_queued_pixels` (a job alone is always taken).
@@ -235,7 +136,10 @@ class BatchingEngine:
         max_queued_pixels: int | None = None,
         generation_threads: str | None = "auto",
         image_cache: int = 0,
+        batching: str = "continuous",
     ):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         if max_batch_size < 1 or max_queue < 1 or window_s < 0 or image_cache < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, window_s and image_cache >= 0")
         if generation_threads not in ("auto", None):
@@ -246,6 +150,9 @@ class BatchingEngine:
         )
         self.image_cache = ImageFeatureCache(assistant.model, image_cache) if image_cache else None
         self.assistant = pretiled(assistant, self.image_cache)
+        self.batching = batching
+        continuous = batching == "continuous"
+        self._batch = ContinuousBatch(self.assistant, self.decode_threads) if continuous else None
         self.max_batch_size, self.window_s, self.max_queue = max_batch_size, window_s, max_queue
         self.max_queued_pixels = max_queued_pixels
         self._pending: collections.deque[Job] = collections.deque()
@@ -261,11 +168,12 @@ class BatchingEngine:
     def start(self) -> None:
         with self._cond:
             self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="pallava-generation", daemon=True)
+        loop = self._loop_static if self._batch is None else self._loop_continuous
+        self._thread = threading.Thread(target=loop, name="pallava-generation", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop taking work, fail what is still queued, and wait for the running batch."""
+        """Stop taking work, fail what is still queued, and wait for the running batch to finish."""
         with self._cond:
             self._closed = True
             left, self._pending = list(self._pending), collections.deque()
@@ -304,7 +212,8 @@ class BatchingEngine:
             self._admitting -= 1
 
     def cancel(self, job: Job) -> None:
-        """The client left: drop the job if it waits; a running batch stops once all its clients left."""
+        """The client left: drop the job if it waits. A running job leaves the continuous batch at the next
+        step; a static batch stops once all its clients left."""
         with self._cond:
             if job.settled or job.cancelled:
                 return
@@ -317,6 +226,8 @@ class BatchingEngine:
 
     @property
     def stats(self) -> dict[str, int]:
+        """Counts so far. `batches`: groups of jobs started together (one `generate`, or one prefill joining
+        the continuous batch); `largest_batch`: the most jobs generated together."""
         with self._cond:
             return {
                 "queued": len(self._pending),
@@ -330,8 +241,8 @@ class BatchingEngine:
                 "image_cache_misses": self.image_cache.misses if self.image_cache else 0,
             }
 
-    # --- worker -------------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    # --- worker: static batches ----------------------------------------------------------------------
+    def _loop_static(self) -> None:
         while True:
             with self._cond:
                 burst_over = not self._pending
@@ -404,6 +315,85 @@ class BatchingEngine:
         self.largest_batch = max(self.largest_batch, len(live))
         for job, completion in zip(live, completions, strict=True):
             self._settle(job, job.timed_out() if completion.finish_reason == "time" else completion)
+
+    # --- worker: continuous batching -----------------------------------------------------------------
+    def _loop_continuous(self) -> None:
+        batch = self._batch
+        while True:
+            with self._cond:
+                idle = not self._pending and not batch.rows
+            if idle:
+                release_memory()  # hand what the last burst freed back to the system
+            with self._cond:
+                while not self._pending and not batch.rows and not self._closed:
+                    self._cond.wait()
+                if self._closed and not batch.rows:
+                    return
+                joining = self._take_joining(len(batch))
+                self._running = [*batch.jobs, *joining]
+            try:
+                self._join(batch, joining)
+                self._settle_finished(batch)  # a first token may end an answer, and joining takes time
+                if batch.rows:
+                    batch.step()
+                    self._settle_finished(batch)
+            except Exception as error:  # reported to each running client; the worker keeps serving
+                log.exception("generation failed")
+                self._settle_all([*batch.clear(), *joining], error)  # those already settled are skipped
+                self._settle_finished(batch)
+
+    def _take_joining(self, running: int) -> list[Job]:
+        """Under the lock: queued jobs for the batch's free rows. An idle worker first waits up to the window
+        for requests being admitted, so that they start together; a running batch takes what is queued."""
+        if self._closed:
+            return []
+        room = self.max_batch_size - running
+        end = time.monotonic() + self.window_s
+        while not running and len(self._pending) < room and self._admitting and not self._closed:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+
+    def _join(self, batch: ContinuousBatch, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in jobs:
+            if job.cancelled:  # its client left after it was taken from the queue
+                self._settle(job, JobCancelled("the client disconnected"))
+            elif now >= job.deadline:
+                self._settle(job, job.timed_out())
+            else:
+                live.append(job)
+        if not live:
+            return
+        try:
+            batch.join(live)
+        except Exception as error:
+            if len(live) > 1:  # one request's bad input must not fail the others: each joins on its own
+                for job in live:
+                    self._join(batch, [job])
+                return
+            if not isinstance(error, ValueError):
+                log.exception("generation failed")
+            self._settle_all(live, error)
+            return
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+
+    def _settle_finished(self, batch: ContinuousBatch) -> None:
+        finished = batch.finish(time.monotonic())
+        if not batch.rows and self.decode_threads is not None:
+            self.decode_threads.done()  # every thread back for the next prefill
+        with self._cond:
+            self._running = batch.jobs
+        for job, result in finished:
+            self._settle(job, result)
+
+    def _settle_all(self, jobs: list[Job], error: BaseException) -> None:
+        for job in jobs:
+            self._settle(job, error)
 
     def _settle(self, job: Job, result: Completion | BaseException) -> None:
         with self._cond:
