@@ -100,6 +100,21 @@ def start_together(engine: BatchingEngine, jobs: list[Job]) -> None:
     engine.submit(jobs[-1])
 
 
+def answer_together(assistant, specs: dict, **engine_options):
+    """`specs` ({name: (question, image, max_new_tokens)}) started together on a fresh engine, answered;
+    the answers and the closed engine."""
+    engine = BatchingEngine(assistant, **engine_options)
+    engine.start()
+    try:
+        answers = Answers()
+        jobs = [answers.job(assistant, n, q, i, GenerationOptions(t)) for n, (q, i, t) in specs.items()]
+        start_together(engine, jobs)
+        answers.wait(*specs)
+    finally:
+        engine.close()
+    return answers, engine
+
+
 @pytest.fixture()
 def engine(assistant):
     engine = BatchingEngine(assistant, max_batch_size=8)
@@ -159,15 +174,7 @@ def test_a_stop_token_ends_its_row_and_the_others_go_on(assistant, monkeypatch):
     expected = {name: alone(assistant, *spec) for name, spec in specs.items()}
     assert expected["stops"].finish_reason == "stop"
     assert expected["stops"].completion_tokens == new.index(stop) + 1
-    engine = BatchingEngine(assistant)
-    engine.start()
-    try:
-        answers = Answers()
-        jobs = [answers.job(assistant, n, q, i, GenerationOptions(t)) for n, (q, i, t) in specs.items()]
-        start_together(engine, jobs)
-        answers.wait(*specs)
-    finally:
-        engine.close()
+    answers, _ = answer_together(assistant, specs)
     assert answers.results == expected
 
 
@@ -365,15 +372,7 @@ def test_close_finishes_the_running_rows_and_fails_the_queued_ones(assistant):
 def test_static_batching_stays_available(assistant):
     specs = {"a": ("What is shown?", SMALL, 10), "b": ("Which organ?", LARGE, 10)}
     expected = {name: alone(assistant, *spec) for name, spec in specs.items()}
-    engine = BatchingEngine(assistant, batching="static")
-    engine.start()
-    try:
-        answers = Answers()
-        jobs = [answers.job(assistant, n, q, i, GenerationOptions(t)) for n, (q, i, t) in specs.items()]
-        start_together(engine, jobs)
-        answers.wait(*specs)
-    finally:
-        engine.close()
+    answers, engine = answer_together(assistant, specs, batching="static")
     assert answers.results == expected
     assert (engine.batching, engine.stats["batches"], engine.stats["largest_batch"]) == ("static", 1, 2)
     with pytest.raises(ValueError, match="batching must be one of continuous, static"):

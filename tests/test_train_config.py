@@ -129,12 +129,13 @@ def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):
 
 def test_a_plip_recipes_vision_fields_merge_over_the_shipped_ones(tmp_path):
     """`vision.patch_size=16` (a file or a flag) changes that field and keeps the shipped stem."""
-    assert PlipTrainConfig.for_preset("tiny").vision == {"conv_stem": True}
+    shipped = {"conv_stem": True, "num_hidden_layers": 6}
+    assert PlipTrainConfig.for_preset("tiny").vision == shipped
     partial = tmp_path / "plip.yaml"
     partial.write_text("preset: tiny\nvision:\n  patch_size: 16\n")
-    assert PlipTrainConfig.from_yaml(partial).vision == {"conv_stem": True, "patch_size": 16}
+    assert PlipTrainConfig.from_yaml(partial).vision == {**shipped, "patch_size": 16}
     flags = PlipTrainConfig.for_preset("tiny", vision={"conv_stem": False})
-    assert flags.vision == {"conv_stem": False}
+    assert flags.vision == {**shipped, "conv_stem": False}
 
 
 SHARED_RUN_FLAGS = ("--config", "--data", "--out", "--resume", "--seed", "--max-steps", "--no-progress")
