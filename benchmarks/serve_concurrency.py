@@ -25,6 +25,7 @@ from benchmarks.common import ROOT, load_average, write_json
 
 CLIENTS = 16
 VARIED_LENGTHS = (8, 16, 32, 64)  # answer lengths in turn for `varied_lengths`
+BATCHING_MODES = ("static", "continuous")  # `pallava serve --batching`, compared by `varied_lengths`
 
 
 def assistant(regime_name: str):
@@ -108,13 +109,11 @@ def run(
             "one_at_a_time": drive(server.url, 1, shape["sequential"], shape["max_tokens"]),
             "concurrent": drive(server.url, CLIENTS, shape["per_client"], shape["max_tokens"]),
         }
-    if tiny:
-        result["varied_lengths"] = varied_lengths(model, settings, shape)
     one, many = result["one_at_a_time"], result["concurrent"]
     result["errors"] = one["errors"] + many["errors"]
-    result["errors"] += sum(
-        entry["errors"] for entry in result.get("varied_lengths", {}).values() if isinstance(entry, dict)
-    )
+    if tiny:
+        varied = result["varied_lengths"] = varied_lengths(model, settings, shape)
+        result["errors"] += sum(varied[mode]["errors"] for mode in BATCHING_MODES)
     if one["throughput_rps"] and many["throughput_rps"]:
         result["serve_concurrency_speedup"] = round(many["throughput_rps"] / one["throughput_rps"], 3)
     result["load_average_end"] = load_average()
@@ -128,7 +127,7 @@ def varied_lengths(model, settings, shape: dict) -> dict:
     from pallava.serve.server import BackgroundServer
 
     out = {"lengths": list(VARIED_LENGTHS)}
-    for batching in ("static", "continuous"):
+    for batching in BATCHING_MODES:
         with BackgroundServer(create_app(model, dataclasses.replace(settings, batching=batching))) as server:
             drive(server.url, 1, 1, shape["max_tokens"])
             one = drive(server.url, 1, shape["sequential"], 0, VARIED_LENGTHS)

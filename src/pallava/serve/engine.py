@@ -280,14 +280,19 @@ class BatchingEngine:
         self._pending = collections.deque(j for j in self._pending if id(j) not in taken)
         return batch
 
-    def _run(self, batch: list[Job]) -> None:
-        now = time.monotonic()
+    def _in_time(self, jobs: list[Job], now: float) -> list[Job]:
+        """`jobs` whose time limit has not passed; the others are answered with the timeout."""
         live = []
-        for job in batch:
+        for job in jobs:
             if now >= job.deadline:
                 self._settle(job, job.timed_out())
             else:
                 live.append(job)
+        return live
+
+    def _run(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        live = self._in_time(batch, now)
         if not live:
             return
         options = live[0].options
@@ -357,15 +362,10 @@ class BatchingEngine:
         return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
 
     def _join(self, batch: ContinuousBatch, jobs: list[Job]) -> None:
-        now = time.monotonic()
-        live = []
         for job in jobs:
             if job.cancelled:  # its client left after it was taken from the queue
                 self._settle(job, JobCancelled("the client disconnected"))
-            elif now >= job.deadline:
-                self._settle(job, job.timed_out())
-            else:
-                live.append(job)
+        live = self._in_time([job for job in jobs if not job.cancelled], time.monotonic())
         if not live:
             return
         try:
