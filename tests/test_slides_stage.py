@@ -360,3 +360,41 @@ def test_sample_average_weighs_each_answer_by_its_kind_not_by_its_length(run):
             ]
         )
     torch.testing.assert_close(summed / counted, (kinds * means).sum() / kinds.sum())
+
+
+def test_plip_embeddings_reuse_the_assistants_tower_when_it_holds_plips_weights(run, monkeypatch):
+    """With PLIP's own tower in the assistant (the quickstart's setup) the tiles go through it once: the PLIP
+    embeddings from its class tokens equal PLIP's own encoding. Another tower, or another size, is not
+    used."""
+    from pallava.models.plip.zeroshot import PlipZeroShot
+    from pallava.slides.features import slide_features
+    from pallava.slides.mapping import TilingOptions
+    from pallava.slides.reader import open_slide
+
+    root, _ = run
+    assistant = PaLlava.from_pretrained(root / "assistant")
+    model, processor = assistant.model.eval(), assistant.processor
+    size = processor.image_processor.tile_size
+    with torch.no_grad():  # the fixture's random towers share a seed: make this one another tower
+        next(model.vision_tower.parameters()).add_(0.01)
+    plip = PlipZeroShot.from_pretrained(root / "plip")
+    assert not plip.shares_tower(model.vision_tower, size)
+
+    model.vision_tower.load_state_dict(plip.model.vision_model.state_dict())
+    plip = PlipZeroShot.from_pretrained(root / "plip")
+    assert plip.shares_tower(model.vision_tower, size)
+    assert not plip.shares_tower(model.vision_tower, size + 32)
+
+    def features(zero_shot):
+        with open_slide(list_slides(root / "slides")[0]) as slide:
+            return slide_features(slide, model, processor, None, TilingOptions(), zero_shot, "plip")
+
+    encoded = []
+    monkeypatch.setattr(plip, "encode_pixels", lambda pixels: encoded.append(pixels) or None)
+    shared = features(plip)
+    assert not encoded  # one pass through the tower
+    monkeypatch.undo()
+    monkeypatch.setattr(plip, "shares_tower", lambda tower, image_size: False)
+    separate = features(plip)
+    assert shared.plip.shape == separate.plip.shape == (len(shared), plip.model.config.embed_dim)
+    assert torch.allclose(shared.plip, separate.plip, atol=1e-5)

@@ -36,6 +36,7 @@ class PlipZeroShot:
         # Class prompt ensembles already encoded: a cohort of slides, or a server, asks for the same classes
         # again and again, and the paper's text tower takes seconds for them on a CPU.
         self._class_embeddings: dict[tuple[tuple[str, ...], ...], torch.Tensor] = {}
+        self._shared_towers: dict[tuple[int, int], bool] = {}  # shares_tower's answers
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
@@ -78,6 +79,33 @@ class PlipZeroShot:
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings (N, D) for CLIP-normalised pixels (N, 3, S, S)."""
         return self.model.get_image_features(pixel_values.to(self.device)).float().cpu()
+
+    def shares_tower(self, tower: torch.nn.Module, image_size: int) -> bool:
+        """Whether `tower` (e.g. an assistant's vision tower, exported from this PLIP) holds this PLIP's
+        vision weights and reads images of the same size: then `embed_summaries` of its post-normed class
+        token gives `encode_pixels`' embedding without a second pass through the tower. Checked once per
+        tower."""
+        key = (id(tower), image_size)
+        if key not in self._shared_towers:
+            mine, theirs = self.model.vision_model.state_dict(), tower.state_dict()
+            self._shared_towers[key] = (
+                self.model.config.image_pooling == "cls"
+                and self.model.image_size == image_size
+                and mine.keys() == theirs.keys()
+                and all(
+                    mine[name].shape == theirs[name].shape
+                    and torch.equal(mine[name].to(theirs[name].device, theirs[name].dtype), theirs[name])
+                    for name in mine
+                )
+            )
+        return self._shared_towers[key]
+
+    @torch.no_grad()
+    def embed_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings (N, D) from the tower's post-normed class tokens (N, vision width)."""
+        projection = self.model.vision_proj
+        embeddings = projection(summaries.to(self.device, projection.weight.dtype))
+        return F.normalize(embeddings, dim=-1).float().cpu()
 
     @torch.no_grad()
     def encode_images(
