@@ -66,6 +66,9 @@ def test_shipped_recipes_load_for_both_stages():
         for stage in ("align", "instruct"):
             recipe = load_recipe(CONFIGS / name, stage, ["data.path=x.jsonl", "model.init=runs/align"])
             recipe.validate()
+    tiny = {stage: load_recipe(CONFIGS / "assistant-tiny.yaml", stage) for stage in ("align", "instruct")}
+    # The tiny stage 2 learns at a quarter of stage 1's rate (docs/training.md, "Stage 2's learning rate").
+    assert tiny["instruct"].optim.lr == pytest.approx(tiny["align"].optim.lr / 4)
     paper = {stage: load_recipe(CONFIGS / "assistant-paper.yaml", stage) for stage in ("align", "instruct")}
     # The paper's hyper-parameters (PA-LLAVA.md, Training).
     assert (
