@@ -132,7 +132,7 @@ def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):
 
 def test_a_plip_recipes_vision_fields_merge_over_the_shipped_ones(tmp_path):
     """`vision.patch_size=16` (a file or a flag) changes that field and keeps the shipped stem."""
-    shipped = {"conv_stem": True}
+    shipped = {"conv_stem": True, "num_hidden_layers": 6}
     assert PlipTrainConfig.for_preset("tiny").vision == shipped
     partial = tmp_path / "plip.yaml"
     partial.write_text("preset: tiny\nvision:\n  patch_size: 16\n")
