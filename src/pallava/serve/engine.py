@@ -362,10 +362,15 @@ class BatchingEngine:
         return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
 
     def _join(self, batch: ContinuousBatch, jobs: list[Job]) -> None:
+        # `cancelled` is set from the clients' threads: read once per job, so that one cancelled between
+        # two reads is neither left unsettled nor joined.
+        wanted = []
         for job in jobs:
             if job.cancelled:  # its client left after it was taken from the queue
                 self._settle(job, JobCancelled("the client disconnected"))
-        live = self._in_time([job for job in jobs if not job.cancelled], time.monotonic())
+            else:
+                wanted.append(job)
+        live = self._in_time(wanted, time.monotonic())
         if not live:
             return
         try:

@@ -5,6 +5,7 @@ Slide heat maps and the data-cleaning image judge build on `PlipZeroShot`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class PlipZeroShot:
         # Class prompt ensembles already encoded: a cohort of slides, or a server, asks for the same classes
         # again and again, and the paper's text tower takes seconds for them on a CPU.
         self._class_embeddings: dict[tuple[tuple[str, ...], ...], torch.Tensor] = {}
-        self._shared_towers: dict[tuple[int, int], bool] = {}  # shares_tower's answers
+        # shares_tower's weight comparisons, per tower object (weak: a freed tower's id may be reused)
+        self._same_weights: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PlipZeroShot:
@@ -82,23 +84,20 @@ class PlipZeroShot:
 
     def shares_tower(self, tower: torch.nn.Module, image_size: int) -> bool:
         """Whether `tower` (e.g. an assistant's vision tower, exported from this PLIP) holds this PLIP's
-        vision weights and reads images of the same size: then `embed_summaries` of its post-normed class
-        token gives `encode_pixels`' embedding without a second pass through the tower. Checked once per
-        tower."""
-        key = (id(tower), image_size)
-        if key not in self._shared_towers:
+        vision weights (same dtype) and reads images of the same size: then `embed_summaries` of its
+        post-normed class token gives `encode_pixels`' embedding without a second pass through the tower.
+        The weights are compared once per tower object (a frozen tower: later changes to it go unseen)."""
+        if self.model.config.image_pooling != "cls" or self.model.image_size != image_size:
+            return False
+        if tower not in self._same_weights:
             mine, theirs = self.model.vision_model.state_dict(), tower.state_dict()
-            self._shared_towers[key] = (
-                self.model.config.image_pooling == "cls"
-                and self.model.image_size == image_size
-                and mine.keys() == theirs.keys()
-                and all(
-                    mine[name].shape == theirs[name].shape
-                    and torch.equal(mine[name].to(theirs[name].device, theirs[name].dtype), theirs[name])
-                    for name in mine
-                )
+            self._same_weights[tower] = mine.keys() == theirs.keys() and all(
+                mine[name].shape == theirs[name].shape
+                and mine[name].dtype == theirs[name].dtype
+                and torch.equal(mine[name].to(theirs[name].device), theirs[name])
+                for name in mine
             )
-        return self._shared_towers[key]
+        return self._same_weights[tower]
 
     @torch.no_grad()
     def embed_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
