@@ -15,6 +15,7 @@ from pallava.data.builders import (
 from pallava.data.importers.manifest import read_manifest
 from pallava.data.labels import LabelMap
 from pallava.data.records import CaptionPair, LabelledImage, VQAItem
+from pallava.eval.choice import extract_option_letter
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_captions_use_class_names_and_are_marked_generated(dev_items, labels):
 def test_vqa_is_balanced_and_answers_are_correct(dev_items, labels):
     vqa = [v for v in vqa_from_labels(dev_items, labels, seed=0) if v.meta["question"] == "diagnosis"]
     vqa = [v for v in vqa if not v.id.endswith("-named")]  # the class-name list question: tested below
-    assert len(vqa) == 4 * len(dev_items)
+    assert len(vqa) == 5 * len(dev_items)
     closed = [v for v in vqa if v.answer_type == "closed"]
     assert Counter(v.answer for v in closed) == {"yes": len(dev_items), "no": len(dev_items)}
     by_path = {item.path: item.label for item in dev_items}
@@ -62,6 +63,12 @@ def test_vqa_is_balanced_and_answers_are_correct(dev_items, labels):
         else:
             assert not any(n in item.question for n in labels[label].all_names())
     assert set(positions) == {"A", "B", "C"}  # correct option moves around
+    by_id = {v.id: v for v in vqa}
+    for first in (v for v in vqa if v.id.endswith("-choice")):
+        again = by_id[first.id + "-reordered"]  # the same question, the correct option under another letter
+        assert again.question == first.question and sorted(again.options) == sorted(first.options)
+        assert again.answer != first.answer
+        assert again.options[string.ascii_uppercase.index(again.answer)] == labels[by_path[first.image]].name
 
 
 def test_vqa_per_record_seeding_ignores_batch_composition(dev_items, labels):
@@ -108,7 +115,10 @@ def test_stage2_prompts_per_answer_type():
     assert closed[1]["value"] == "yes"
     assert open_ == [{"from": "human", "value": "<image>\nWhat organ?"}, {"from": "gpt", "value": "lung"}]
     assert "Options:\nA. alpha\nB. beta\nC. gamma\n" in choice[0]["value"]
-    assert choice[1]["value"] == "B"
+    assert choice[1]["value"] == "beta, option B"  # named first, then the letter copied from the list
+    assert extract_option_letter(choice[1]["value"], items[2].options) == "B"
+    with pytest.raises(ValueError, match=r"question m: choice answer 'D' is not the letter of one of its 3"):
+        stage2_conversations([VQAItem("m", "a.jpg", "Which one?", "D", "choice", ["alpha", "beta", "gamma"])])
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +138,7 @@ def test_questions_span_organs_and_malignancy(three_organs):
     assert kinds == {
         ("diagnosis", "closed"): 2 * n,
         ("diagnosis", "open"): 2 * n,
-        ("diagnosis", "choice"): n,
+        ("diagnosis", "choice"): 2 * n,
         ("organ", "open"): n,
         ("organ", "closed"): n,
         ("malignancy", "closed"): n,
@@ -152,7 +162,10 @@ def test_questions_span_organs_and_malignancy(three_organs):
             assert len(v.options) == 4 and v.options[string.ascii_uppercase.index(v.answer)] == info.name
             organs = {label_map[label_map.label_for(o)].organ for o in v.options}
             other_organ_options += len(organs) > 1
-    assert other_organ_options == n  # 7 classes: every choice question mixes organs
+            trained = stage2_conversations([v])[0].conversations[1]["value"]
+            assert trained == f"{info.name}, option {v.answer}"
+            assert extract_option_letter(trained, v.options) == v.answer  # the scorer reads what is trained
+    assert other_organ_options == 2 * n  # 7 classes: every choice question mixes organs
 
 
 def test_captions_vary_wording_and_name_the_organ(three_organs):

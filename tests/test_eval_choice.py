@@ -35,6 +35,8 @@ OPTIONS = ["A:Liver", "B:Squamous cell carcinoma", "C:Carcinoma", "D:Bone marrow
         ("I would choose option D because of the marrow.", "D"),
         ("The correct choice is A", "A"),
         ("Squamous cell carcinoma", "B"),  # the option's text; the longer text beats "Carcinoma"
+        ("Squamous cell carcinoma, option B", "B"),  # the trained form: the name, then the letter
+        ("Carcinoma, option B", "B"),  # name and letter disagree: the letter is the answer
         ("It is a carcinoma.", "C"),
         ("bone marrow", "D"),
         ("A tumour of the liver", "A"),  # not the article "A": found through the option text "liver"

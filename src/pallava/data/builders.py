@@ -227,11 +227,21 @@ def _choice_labels(info, label_map: LabelMap, rng: random.Random) -> list[str]:
     return order
 
 
+def _reordered(order: list[str], true_label: str, rng: random.Random) -> list[str]:
+    """The same options in another order, the true one under another letter: asked twice, an image's
+    choice question can only be answered by reading the letter off the list, never by remembering it."""
+    others = [label for label in order if label != true_label]
+    rng.shuffle(others)
+    position = rng.choice([i for i in range(len(order)) if i != order.index(true_label)])
+    return others[:position] + [true_label] + others[position:]
+
+
 def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: int = 0) -> list[VQAItem]:
     """Questions about each image, answered from its label.
 
     Diagnosis (every image): a yes question (true class), a no question (another class), an open question
-    answered with the canonical name, a choice question whose answer is the correct option's letter, and an
+    answered with the canonical name, a choice question whose answer is the correct option's letter (asked
+    again with the options reordered, the correct one under another letter), and an
     open question listing class names (those of the image's organ) answered with one of them.
     Organ (when the map spans several organs): an open question and a yes/no question. Malignancy (when
     the class says whether it is malignant): a yes/no and a "benign or malignant?" open question.
@@ -271,19 +281,13 @@ def vqa_from_labels(items: Iterable[LabelledImage], label_map: LabelMap, seed: i
             )
         )
         order = _choice_labels(true_info, label_map, rng)
-        options = [label_map[label].name for label in order]
-        letter = string.ascii_uppercase[order.index(item.label)]
-        vqa.append(
-            VQAItem(
-                f"{key}-choice",
-                item.path,
-                rng.choice(_CHOICE_TEMPLATES),
-                letter,
-                "choice",
-                options,
-                dict(meta),
+        question = rng.choice(_CHOICE_TEMPLATES)
+        for suffix, labels in (("", order), ("-reordered", _reordered(order, item.label, rng))):
+            options = [label_map[label].name for label in labels]
+            letter = string.ascii_uppercase[labels.index(item.label)]
+            vqa.append(
+                VQAItem(f"{key}-choice{suffix}", item.path, question, letter, "choice", options, dict(meta))
             )
-        )
         vqa += _organ_and_malignancy(item, key, true_info, organs, _rng(seed, f"{key}:more"), meta)
         vqa.append(_named_choice(item, key, true_info, label_map, _rng(seed, f"{key}:named"), meta))
     return vqa
@@ -395,9 +399,32 @@ def vqa_prompt(item: VQAItem) -> str:
     return question
 
 
+def choice_answer(item: VQAItem) -> str:
+    """The trained answer to a choice question: the option's text, then its letter ("lung adenocarcinoma,
+    option C"), which `eval.choice.extract_option_letter` reads by the letter.
+
+    A bare letter first asks the model to bind what it sees to a letter before it has said what it sees; the
+    tiny assistant learnt a favourite letter per dataset instead (multiple choice 0.32-0.42). Naming first,
+    the letter is a copy from the option list (0.82-0.91, docs/training.md).
+    """
+    letter = item.answer.strip().upper()
+    letters = string.ascii_uppercase[: len(item.options or [])]
+    if len(letter) != 1 or letter not in letters:
+        raise ValueError(
+            f"question {item.id}: choice answer {item.answer!r} is not the letter of one of its "
+            f"{len(item.options or [])} options"
+        )
+    return f"{item.options[letters.index(letter)].strip()}, option {letter}"
+
+
 def stage2_conversation(item: VQAItem) -> Conversation:
     """A VQA item as a single-turn LLaVA conversation with `<image>` leading the question."""
-    answer = item.answer.strip().lower() if item.answer_type == "closed" else item.answer.strip()
+    if item.answer_type == "closed":
+        answer = item.answer.strip().lower()
+    elif item.answer_type == "choice":
+        answer = choice_answer(item)
+    else:
+        answer = item.answer.strip()
     return Conversation(
         id=item.id,
         image=item.image,
