@@ -395,6 +395,7 @@ def test_converted_folder_reproduces_their_preprocessing_and_connector_input(con
             assistant.model.config.connector_config.dropout == 0.1
         )  # their BERT-base config's, train mode only
         assert assistant.processor.image_processor.global_view == "stretch"
+        assert assistant.processor.image_processor.padding == "black"
         assert assistant.processor.prompt_style == "paper"  # their evaluation asked raw questions
     assert model_prompt_style(release / "out-cross0") == "paper"  # what `pallava eval vqa` reads by default
 

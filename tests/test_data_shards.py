@@ -173,8 +173,8 @@ def test_cli_build_and_shard(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    # per image 5 diagnosis questions and 2 on malignancy (one organ: no organ questions)
-    assert "wrote 120 captions" in out and "wrote 840 vqa" in out and "in 3 shards" in out
+    # per image 6 diagnosis questions (choice twice) and 2 on malignancy (one organ: no organ questions)
+    assert "wrote 120 captions" in out and "wrote 960 vqa" in out and "in 3 shards" in out
     conversations = [Conversation.from_dict(r) for r in iter_records(stage1)]
     assert len(conversations) == 120 and all("<image>" in c.conversations[0]["value"] for c in conversations)
     stage2 = [Conversation.from_dict(r) for r in iter_records(tmp_path / "s2.jsonl")]

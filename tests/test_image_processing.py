@@ -19,6 +19,7 @@ from pallava.processing.image import (
     CorruptImageError,
     ImageTooLargeError,
     PaLlavaImageProcessor,
+    letterbox_pixels,
     load_image,
     normalize_to_tensor,
 )
@@ -67,13 +68,36 @@ def test_tiles_are_row_major_and_global_view_first():
 
 
 def test_global_view_is_letterboxed_not_stretched():
-    processor = PaLlavaImageProcessor(tile_size=64)
+    processor = PaLlavaImageProcessor(tile_size=64, padding="black")
     wide = Image.new("RGB", (256, 64), (255, 255, 255))
     global_view = processor.tile(wide).pixel_values[0]
     assert colour_of(global_view) == (255, 255, 255)
     top_row = global_view[:, 0, global_view.shape[2] // 2]
     black = (torch.zeros(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(top_row, black)  # padding band above the image
+
+
+def test_letterbox_bands_mirror_the_image_by_default():
+    # a wide image with a red top half and a blue bottom half: the band above mirrors the red rows, the band
+    # below the blue ones, and no pixel is black (a band no tile in training had)
+    pixels = np.zeros((40, 160, 3), np.uint8)
+    pixels[:20, :, 0], pixels[20:, :, 2] = 255, 255
+    pixels[:, :, 1] = np.arange(160, dtype=np.uint8)[None, :]  # a horizontal ramp, kept by vertical mirroring
+    square = letterbox_pixels(torch.from_numpy(pixels), 160, 160).numpy()
+    top = (160 - 40) // 2
+    np.testing.assert_array_equal(square[top : top + 40], pixels)  # the image itself, unscaled, centred
+    np.testing.assert_array_equal(square[top - 1], pixels[0])  # reflected at the edge
+    np.testing.assert_array_equal(square[top + 40], pixels[-1])
+    assert (square.sum(axis=-1) > 0).all()
+    tall = letterbox_pixels(torch.from_numpy(pixels[:, :4]), 160, 160).numpy()  # bands 39x wider than it
+    assert tall.shape == (160, 160, 3) and (tall.sum(axis=-1) > 0).all()
+    processor = PaLlavaImageProcessor(tile_size=64)
+    assert processor.padding == "mirror"
+    global_view = processor.tile(Image.fromarray(pixels)).pixel_values[0]
+    black = (torch.zeros(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert not torch.isclose(global_view, black.view(3, 1, 1)).all(dim=0).any()
+    with pytest.raises(ValueError, match=r"padding must be one of 'mirror', 'black', got 'grey'"):
+        letterbox_pixels(torch.from_numpy(pixels), 160, 160, "grey")
 
 
 def test_stretched_global_view_is_available_for_reference_weights():
@@ -103,11 +127,13 @@ def test_batch_pads_tiles_and_masks_them():
 @pytest.mark.parametrize("size", [(224, 224), (1, 1), (150, 160)])
 def test_paper_grid_tiles_that_hold_no_pixels_are_masked(size):
     # The paper's grid list has no 1x1: a small image lands on 1x4 with empty tiles above and below.
-    processor = PaLlavaImageProcessor(tile_size=224, grid_policy="paper")
+    processor = PaLlavaImageProcessor(tile_size=224, grid_policy="paper", padding="black")
     image = Image.new("RGB", size, (255, 255, 255))
     tiled = processor.tile(image)
     assert tiled.grid == (1, 4)
     assert tiled.tile_mask.tolist() == [False, True, True, False]
+    mirrored = PaLlavaImageProcessor(tile_size=224, grid_policy="paper").tile(image)
+    assert torch.equal(mirrored.tile_mask, tiled.tile_mask)  # where the image is, not what fills the rest
     black = (torch.zeros(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     for tile, keep in zip(tiled.pixel_values[1:], tiled.tile_mask, strict=True):
         assert keep == (not torch.allclose(tile, black[:, None, None].expand_as(tile)))
@@ -213,7 +239,7 @@ def _pil_letterbox(image: Image.Image, width: int, height: int) -> np.ndarray:
 def test_resizing_matches_pil_bicubic_within_two_grey_levels(lung_tiles, size):
     # the tiles are resized in torch (uint8 antialiased bicubic) for speed; they must stay PIL's bicubic
     image = Image.open(lung_tiles[0]).convert("RGB").resize(size, Image.LANCZOS)
-    processor = PaLlavaImageProcessor(grid_policy="paper")
+    processor = PaLlavaImageProcessor(grid_policy="paper", padding="black")
     cols, rows = processor.select_grid(image.size)
     crops = processor([image])["pixel_values"][0]
     grey_levels = (crops * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)) * 255
@@ -245,6 +271,7 @@ def test_resizing_matches_pil_bicubic_within_two_grey_levels(lung_tiles, size):
             {"global_view": ["stretch"]},
             r"global_view must be one of 'letterbox', 'stretch', got \['stretch'\]",
         ),
+        ({"padding": "white"}, r"padding must be one of 'mirror', 'black', got 'white'"),
     ],
 )
 def test_absurd_processor_settings_are_refused_on_load(tmp_path, settings, message):

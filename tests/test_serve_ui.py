@@ -30,7 +30,7 @@ CHROMIUM_ARGS = [
 
 @pytest.mark.parametrize("size", [(500, 300), (300, 500), (224, 224), (1000, 37)])
 def test_letterbox_box_is_where_letterbox_puts_the_image(size):
-    canvas = np.asarray(letterbox(Image.new("RGB", size, "white"), 448, 224)).max(axis=2)
+    canvas = np.asarray(letterbox(Image.new("RGB", size, "white"), 448, 224, "black")).max(axis=2)
     rows, cols = np.nonzero(canvas > 127)
     assert letterbox_box(size, 448, 224) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
 

@@ -358,6 +358,7 @@ def convert_official(
         bar.set_postfix_str("saving")
         processor = make_processor(config, tokenizer)
         processor.image_processor.global_view = "stretch"  # their weights saw stretched global views
+        processor.image_processor.padding = "black"  # and tile canvases padded with black
         processor.prompt_style = "paper"  # and raw questions: `pallava eval` asks them that way by default
         PaLlava(model, processor).save_pretrained(out)
         report = ConversionReport(
