@@ -62,6 +62,30 @@ def test_tiles_matter_only_with_tile_cross_attention(tiny):
         assert (not torch.allclose(before, after, atol=1e-5)) == should_change
 
 
+def test_a_tile_that_repeats_the_global_view_is_encoded_once(tiny, lung_tiles):
+    model, processor = tiny
+    small = Image.open(lung_tiles[0]).convert("RGB")  # 224 px: one tile, letterboxed as the global view is
+    wide = small.resize((448, 224))  # two tiles
+    crops: list[int] = []
+    embeddings = model.vision_tower.embeddings
+    hook = embeddings.register_forward_hook(lambda module, args, out: crops.append(len(args[0])))
+    try:
+        batch = processor.image_processor([small, wide])
+        with torch.no_grad():
+            features = model.encode_crops(batch["pixel_values"], batch["tile_mask"])
+            alone = model.vision_hidden_states(batch["pixel_values"][0, 1:2])[0, 1:]  # the tile by itself
+        assert crops[0] == 1 + 3  # the small image's global view; the wide one's global view and 2 tiles
+        assert torch.equal(features[0, 1], features[0, 0])
+        torch.testing.assert_close(features[0, 1], alone)
+        # A stretched global view is not its letterboxed tile: both go through the tower.
+        stretched = PaLlavaImageProcessor(global_view="stretch")([small.resize((224, 150))])
+        with torch.no_grad():
+            model.encode_crops(stretched["pixel_values"], stretched["tile_mask"])
+        assert crops[-1] == 2
+    finally:
+        hook.remove()
+
+
 def test_empty_padding_tiles_are_not_keys_of_the_cross_attention(tiny):
     # A 224 x 224 image under the paper's grids: tiles 0 and 3 of the 1x4 grid are pure padding.
     model, _ = tiny

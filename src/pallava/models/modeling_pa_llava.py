@@ -159,16 +159,35 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
         """Vision features of every crop: (N, 1+T, 3, S, S) -> (N, 1+T, P, D), zeros where `tile_mask` is
         False.
 
-        Masked tiles never go through the vision tower. The result depends on the vision tower only, never
-        on the connector, so features cached by one run serve any connector built on the same tower.
+        Masked tiles never go through the vision tower, and neither does a single tile that equals the global
+        view (an image that fits one tile, letterboxed the same way twice: most 224 px inputs), whose
+        features are the global view's. The result depends on the vision tower only, never on the
+        connector, so features cached by one run serve any connector built on the same tower.
         """
         num_images, num_crops = pixel_values.shape[:2]
         crop_mask = torch.cat([tile_mask.new_ones(num_images, 1), tile_mask], dim=1)  # (N, 1+T)
-        real = pixel_values[crop_mask].to(self.vision_tower.dtype)  # (K, 3, S, S)
+        repeated = self._tile_repeats_global_view(pixel_values, tile_mask)  # (N,)
+        encode = crop_mask.clone()
+        if bool(repeated.any()):
+            encode[repeated, 1] = False
+        real = pixel_values[encode].to(self.vision_tower.dtype)  # (K, 3, S, S)
         patches = self.vision_hidden_states(real)[:, 1:]  # drop CLS: (K, P, D)
         features = patches.new_zeros(num_images, num_crops, *patches.shape[1:])
-        features[crop_mask] = patches
+        features[encode] = patches
+        if bool(repeated.any()):
+            features[repeated, 1] = features[repeated, 0]
         return features
+
+    @staticmethod
+    def _tile_repeats_global_view(pixel_values: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the image's only real tile is its first and holds exactly the global view's pixels."""
+        repeats = torch.zeros(tile_mask.shape[0], dtype=torch.bool, device=tile_mask.device)
+        if tile_mask.shape[1] == 0:
+            return repeats
+        single = (tile_mask.sum(dim=1) == 1) & tile_mask[:, 0]
+        for i in single.nonzero().flatten().tolist():
+            repeats[i] = torch.equal(pixel_values[i, 0], pixel_values[i, 1])
+        return repeats
 
     def tiles_to_encode(self, tile_mask: torch.Tensor) -> torch.Tensor:
         """The tiles `encode_crops` must encode for the connector: the real ones, or none when the connector
