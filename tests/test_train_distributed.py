@@ -63,7 +63,16 @@ def _launch(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
         *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    except subprocess.TimeoutExpired as error:  # a hung worker: show what the two processes said
+        stdout, stderr = (
+            out.decode(errors="replace") if isinstance(out, bytes) else out or ""  # partial output is bytes
+            for out in (error.output, error.stderr)
+        )
+        pytest.fail(
+            f"accelerate launch did not finish in {error.timeout:.0f} s\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        )
 
 
 def test_two_process_accelerate_launch_matches_one_process(shared_data, tmp_path):
