@@ -232,7 +232,8 @@ def _reordered(order: list[str], true_label: str, rng: random.Random) -> list[st
     choice question can only be answered by reading the letter off the list, never by remembering it."""
     others = [label for label in order if label != true_label]
     rng.shuffle(others)
-    position = rng.choice([i for i in range(len(order)) if i != order.index(true_label)])
+    before = order.index(true_label)
+    position = rng.choice([i for i in range(len(order)) if i != before])
     return others[:position] + [true_label] + others[position:]
 
 

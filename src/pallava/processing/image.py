@@ -16,7 +16,7 @@ import io
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -438,11 +438,8 @@ class PaLlavaImageProcessor:
         if not path.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {directory}")
         data = read_json_object(path)
-        known = {
-            k: data[k]
-            for k in ("tile_size", "grid_policy", "max_tiles", "max_pixels", "global_view", "padding")
-            if k in data
-        }
+        # the settings are the constructor's fields: one added to the class is read back without a list here
+        known = {f.name: data[f.name] for f in fields(cls) if f.init and f.name in data}
         try:
             return cls(**known)
         except ValueError as error:
