@@ -6,6 +6,7 @@ import pytest
 
 from pallava.data.datasets import (
     balance,
+    balance_labels,
     balanced_indices,
     parse_data_args,
     read_dataset_list,
@@ -95,6 +96,21 @@ def test_balanced_indices_are_whole_copies_plus_a_seeded_fraction():
     assert all(Counter(indices)[i] in (2, 3) for i in range(10, 14))  # every b at least twice
     assert indices == balanced_indices(groups, {"a": 1.0, "b": 2.5}, seed=3)
     assert balance(["x"] * 5) == list(range(5))  # one dataset: untouched
+
+
+def test_balance_labels_repeats_each_datasets_smaller_classes_up_to_its_largest(shared_data):
+    # The oral training split: 73 normal images against 222 carcinomas; lung's three classes are even.
+    items = read_labelled(parse_data_args([shared_data / "oscc", shared_data / "lc25000-lung"]), "train")
+    groups = [(item.dataset, item.label) for item in items] + [("oscc", None)] * 5  # 5 without a class
+    indices = balance_labels(groups, seed=1)
+    before, after = Counter(groups), Counter(groups[i] for i in indices)
+    assert before[("oscc", "oral_n")] < before[("oscc", "oral_scc")]
+    assert after[("oscc", "oral_n")] == after[("oscc", "oral_scc")] == before[("oscc", "oral_scc")]
+    lung = [g for g in before if g[0] == "lc25000-lung"]
+    assert {after[g] for g in lung} == {max(before[g] for g in lung)}  # nearly even: topped up to the largest
+    assert after[("oscc", None)] == 5
+    assert set(indices) == set(range(len(groups)))  # no sample lost
+    assert indices == balance_labels(groups, seed=1)
 
 
 def test_merged_label_map_covers_all_three_organs(shared_data):

@@ -234,6 +234,18 @@ def test_several_manifests_keep_provenance_and_balance_an_epoch(shared_data):
     assert Counter(s.dataset for s in unbalanced)["oscc"] == 4 * 295
 
 
+def test_balance_labels_evens_the_classes_of_each_dataset(shared_data):
+    manifests = [str(shared_data / name / "manifest.csv") for name in ("lc25000-lung", "oscc")]
+    section = DataSection(path=manifests, split="train", answer_types=["open"], balance="none")
+    plain = Counter((s.dataset, s.label) for s in load_samples(section, "instruct"))
+    assert plain[("oscc", "oral_n")] == 4 * 73 and plain[("oscc", "oral_scc")] == 4 * 222
+    section.balance_labels = True
+    even = Counter((s.dataset, s.label) for s in load_samples(section, "instruct"))
+    assert even[("oscc", "oral_n")] == even[("oscc", "oral_scc")] == 4 * 222
+    lung = {k for k in plain if k[0] == "lc25000-lung"}
+    assert len(lung) == 3 and {even[k] for k in lung} == {max(plain[k] for k in lung)}
+
+
 def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path, lung_tiles):
     """Each question sees one version of its image; enlarged views go through the tiling path."""
     from pallava.train.config import AugmentSection

@@ -236,6 +236,24 @@ def balance(
     return balanced_indices(names, repeat_factors(sizes, balance_mode, weights), seed)
 
 
+def balance_labels(groups: Sequence[tuple[str | None, str | None]], seed: int = 0) -> list[int]:
+    """Sample indices with every class of a dataset repeated up to its dataset's largest class.
+
+    `groups` holds each sample's (dataset, label). A small class (oral mucosa: 73 normal images against 222
+    carcinomas) otherwise teaches a language model its prior, not the tissue. Samples without a label keep
+    their count.
+    """
+    largest: Counter = Counter()
+    sizes = Counter(groups)
+    for (dataset, label), size in sizes.items():
+        if label is not None:
+            largest[dataset] = max(largest[dataset], size)
+    factors = {
+        group: (largest[group[0]] / size if group[1] is not None else 1.0) for group, size in sizes.items()
+    }
+    return balanced_indices(groups, factors, seed)
+
+
 def counts_by_dataset(groups: Sequence[str | None]) -> dict[str, int]:
     """How many samples come from each dataset (for run logs and tests)."""
     return dict(sorted(Counter("" if g is None else g for g in groups).items()))

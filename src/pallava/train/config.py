@@ -56,6 +56,7 @@ class DataSection:
         None  # several datasets: sqrt (default) | equal | proportional | none (data.datasets)
     )
     weights: dict | None = None  # dataset name -> sampling weight, replacing the balance mode's weight
+    balance_labels: bool = False  # repeat each dataset's smaller classes up to its largest (meta.label)
     overlong: str = "truncate"  # samples over the processor's max_length: truncate (as the authors) | drop
 
 

@@ -27,7 +27,7 @@ from pallava.data.builders import (
     stage2_conversations,
     vqa_from_labels,
 )
-from pallava.data.datasets import DatasetList, balance, parse_data_args, read_labelled
+from pallava.data.datasets import DatasetList, balance, balance_labels, parse_data_args, read_labelled
 from pallava.data.datasets import merged_label_map as dataset_label_map
 from pallava.data.importers.conversations import read_llava
 from pallava.data.records import ANSWER_TYPES, Conversation
@@ -49,6 +49,7 @@ class Sample:
     image_bytes: bytes | None = None
     answer_type: str | None = None
     dataset: str | None = None  # provenance: the dataset it came from
+    label: str | None = None  # its image's class, where the record names one (`meta.label`)
     view: int = 0  # which view of its image it sees: 0 the original, k > 0 augmented view k
 
     @property
@@ -76,6 +77,7 @@ def _from_conversation(conversation: Conversation, image_bytes: bytes | None = N
         image_bytes=image_bytes,
         answer_type=conversation.meta.get("answer_type"),
         dataset=conversation.meta.get("dataset"),
+        label=conversation.meta.get("label"),
     )
 
 
@@ -151,6 +153,8 @@ def load_samples(section: DataSection, stage: str) -> list[Sample]:
         samples = [samples[i] for i in keep]
     if not samples:
         raise ValueError(f"data.path: {', '.join(map(str, paths))} holds no training samples")
+    if section.balance_labels:
+        samples = [samples[i] for i in balance_labels([(s.dataset, s.label) for s in samples], section.seed)]
     weights = {**datasets.weights, **(section.weights or {})}
     return [
         samples[i] for i in balance([s.dataset for s in samples], datasets.balance, weights, section.seed)

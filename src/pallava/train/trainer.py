@@ -299,6 +299,9 @@ class AssistantTask(Task):
         by_dataset = counts_by_dataset([sample.dataset for sample in samples])
         if len(by_dataset) > 1:
             accelerator.print(f"samples per dataset (after balancing): {by_dataset}")
+        if recipe.data.balance_labels:
+            by_class = counts_by_dataset([f"{s.dataset or ''}:{s.label}" for s in samples if s.label])
+            accelerator.print(f"samples per dataset:class (classes balanced): {by_class}")
 
         cache, keys = None, None
         if recipe.feature_cache.enabled:
