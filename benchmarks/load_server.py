@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-seconds", type=float, default=300.0, help="stop issuing requests after this")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="for the server started here")
+    parser.add_argument("--max-batch-size", type=int, help="for the server started here (default: shipped)")
     parser.add_argument("--batch-window-ms", type=float, default=20.0, help="for the server started here")
     parser.add_argument("--device", default=None, help="for the server started here, e.g. cuda")
     parser.add_argument("--json", type=Path, help="also write the report here")
@@ -181,10 +181,11 @@ def _local_server(args: argparse.Namespace):
         with tempfile.TemporaryDirectory() as folder:
             PaLlava(model, processor).save_pretrained(folder)
             assistant = PaLlava.from_pretrained(folder, device=args.device)
+    limit = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
     settings = ServerSettings(
         model_name="pallava",
         api_key=args.api_key,
-        max_batch_size=args.max_batch_size,
+        **limit,
         batch_window_s=args.batch_window_ms / 1000,
         max_tokens_limit=max(1024, args.max_tokens),
         timeout_s=args.timeout,

@@ -2,7 +2,7 @@
 
     python -m benchmarks.serve_concurrency --regime tiny --json-out serve.json [--quick]
 
-The server (the shipped settings: batches of up to 8 within a 20 ms window) runs in this process on random
+The server (the shipped settings: batches of up to 16 within a 20 ms window) runs in this process on random
 weights of the regime's shapes; the clients run in their own process (`benchmarks/load_server.py --url`),
 so their HTTP and JSON work does not compete with the server for the interpreter. Each request is one real
 image (a data: URL) with a question and a fixed answer length. Throughput ratio = requests/s with 16

@@ -187,7 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--timeout", type=float, default=120.0, help="seconds per request, checks to answer")
     serve.add_argument(
-        "--max-batch-size", type=int, default=8, help="requests generated together (default 8)"
+        "--max-batch-size", type=int, default=16, help="requests generated together (default 16)"
     )
     serve.add_argument(
         "--batch-window-ms",

@@ -71,7 +71,7 @@ class ServerSettings:
     max_tokens_limit: int = 1024  # upper bound a client may ask for
     default_max_tokens: int = 256
     timeout_s: float = 120.0  # per request once read: checks, decoding, tokenising, queueing, generation
-    max_batch_size: int = 8
+    max_batch_size: int = 16
     batch_window_s: float = 0.02
     batching: str = "continuous"  # requests join and leave the running batch; "static": one generate a batch
     generation_threads: str | None = "auto"  # "auto": DecodeThreads picks the token steps' CPU threads
