@@ -101,10 +101,11 @@ def slide_map_section(slides: dict) -> list[str]:
         "",
         table(["slide, encoder", "tiles", "map tiles/s", "encoder alone tiles/s", "map / encoder"], rows),
         "",
-        "The tiny encoder reads a whole slide in a fraction of a second, so opening the slide, finding "
-        "its tissue and drawing the pictures set its pace; with the paper's ViT-B/16 the encoding is the "
-        "work, and the ratio shows how much of the rest hides behind it (tile reading runs in threads "
-        "beside the encoder).",
+        "With the tiny encoder, reading and normalising a tile costs about as much CPU as encoding it, "
+        "and both run on the same two cores, so no overlap brings the command near the encoder alone "
+        '(measured breakdown: docs/slides.md, "Mapping speed with the tiny encoder"); with the paper\'s '
+        "ViT-B/16 the encoding is the work, and the ratio shows how much of the rest hides behind it (tile "
+        "reading runs in threads beside the encoder).",
         "",
     ]
 
@@ -139,8 +140,8 @@ def serve_section(serve: dict) -> list[str]:
     return [
         "## Serving under concurrency",
         "",
-        f"`pallava serve`'s app with its shipped batching ({first.get('batching', 'static')}, up to "
-        f"{first['max_batch_size']} requests within "
+        "`pallava serve`'s app with the batching shipped when it ran "
+        f"({first.get('batching', 'static')}, up to {first['max_batch_size']} requests within "
         f"{first['batch_window_ms']:g} ms) on random weights; the clients in their own process, each "
         "request one real 500x300 image and a question, a fixed answer length (tiny "
         f"{serve.get('tiny', {}).get('max_tokens')}, paper-proportioned "
