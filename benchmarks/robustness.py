@@ -230,9 +230,20 @@ def _score_demo(out: Path, about: str, command: str) -> int:
         "rows": rows,
     }
     write_json(RESULTS, results)
-    DOCS.write_text(render(results))
+    write_docs(results)
     print(f"wrote {RESULTS} and {DOCS}")
     return 0
+
+
+# The page is rendered from the results down to this line; what follows it is written by hand and kept.
+HAND_WRITTEN = "<!-- Sections below are written by hand: re-rendering keeps them. -->"
+
+
+def write_docs(results: dict, docs: Path = DOCS) -> None:
+    """Render the results into `docs`, keeping its hand-written sections (after `HAND_WRITTEN`)."""
+    old = docs.read_text() if docs.is_file() else ""
+    kept = old.split(HAND_WRITTEN, 1)[1] if HAND_WRITTEN in old else ""
+    docs.write_text(render(results) + (f"\n{HAND_WRITTEN}{kept}" if kept else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-about", default="", help="where the quickstart run came from")
     args = parser.parse_args(argv)
     if args.report_only:
-        DOCS.write_text(render(json.loads(RESULTS.read_text())))
+        write_docs(json.loads(RESULTS.read_text()))
         return 0
     command = command_line("robustness.py", sys.argv[1:] if argv is None else argv)
     if args.demo is not None:
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(name, json.dumps(results["variants"][name]), flush=True)
     results["seconds"] = time.time() - started
     write_json(RESULTS, results)
-    DOCS.write_text(render(results))
+    write_docs(results)
     print(f"wrote {RESULTS} and {DOCS}")
     return 0
 

@@ -120,3 +120,20 @@ def test_the_assistant_is_asked_each_datasets_own_classes_under_each_shift(tiny,
     assert set(scores) == set(common.SHIFT_DATASETS) and all(0 <= s["two"] <= 1 for s in scores.values())
     assert len(questions) == 6 and "oral squamous cell carcinoma" in questions[-1]
     assert "lung" not in questions[-1]  # each dataset's own classes only
+
+
+def test_re_rendering_the_robustness_page_keeps_its_hand_written_sections(tmp_path):
+    import json
+
+    from benchmarks import robustness
+
+    results = json.loads((robustness.RESULTS).read_text())
+    docs = tmp_path / "robustness.md"
+    robustness.write_docs(results, docs)
+    assert robustness.HAND_WRITTEN not in docs.read_text()  # nothing hand-written yet: nothing added
+    docs.write_text(docs.read_text() + f"\n{robustness.HAND_WRITTEN}\n\n## Measured by hand\n\n0.5\n")
+    robustness.write_docs(results, docs)
+    robustness.write_docs(results, docs)
+    text = docs.read_text()
+    assert text.startswith(robustness.render(results)) and text.count("## Measured by hand") == 1
+    assert text.endswith("## Measured by hand\n\n0.5\n")

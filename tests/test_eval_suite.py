@@ -291,6 +291,10 @@ def test_suite_writes_one_summary_row_per_dataset_and_skips_finished_benchmarks(
             "settings.scorer: expected one of ['llava-med', 'paper', 'strict'], got 'exact'",
         ),
         (
+            "settings: {class_answers: best}\nbenchmarks:\n  - {name: a, manifest: lung.csv}\n",
+            "settings.class_answers: expected one of ['generated', 'likelihood'], got 'best'",
+        ),
+        (
             "settings: {batch_size: 2, beams: 4}\nbenchmarks:\n  - {name: a, manifest: lung.csv}\n",
             "settings: unknown key(s) ['beams']",
         ),

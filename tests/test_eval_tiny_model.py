@@ -206,3 +206,50 @@ def test_eval_command_errors_name_the_problem(
     bad.write_text('{"id": "1", "question": "q", "prediction": "p", "answer_type": "open"}\n')
     assert main(["eval", "score", "--predictions", str(bad)]) == 1
     assert "missing field(s) ['reference']" in capsys.readouterr().err
+
+
+def test_answer_log_likelihoods_equal_a_forward_pass_per_answer(assistant: PaLlava, lung_tiles) -> None:
+    """Each answer's score is the summed log-probability of its tokens and the end of turn, as one
+    full forward pass over (image, question, answer) gives it; the image is encoded once for all."""
+    answers = ["lung adenocarcinoma", "benign lung tissue", "no"]
+    question = "Which of the following best describes this image?"
+    scores = assistant.answer_log_likelihoods(lung_tiles[0], question, answers)
+    processor, model = assistant.processor, assistant.model
+    for answer, score in zip(answers, scores, strict=True):
+        turns = [*processor.question(question), {"role": "assistant", "content": answer}]
+        batch = processor(text=[turns], images=[[lung_tiles[0]]])
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+        targets = labels[0, 1:]
+        kept = targets != -100
+        assert int(kept.sum()) == len(processor.tokenizer(answer, add_special_tokens=False).input_ids) + 1
+        expected = logprobs[kept].gather(-1, targets[kept].unsqueeze(-1)).sum()
+        assert score == pytest.approx(float(expected), abs=1e-4) and score < 0
+    # the order of the candidates does not change any score; a question without an image is scored too
+    assert assistant.answer_log_likelihoods(lung_tiles[0], question, answers[::-1]) == pytest.approx(
+        scores[::-1]
+    )
+    assert len(assistant.answer_log_likelihoods(None, "Is the sky blue?", ["yes", "no"])) == 2
+    with pytest.raises(ValueError, match="at least one candidate"):
+        assistant.answer_log_likelihoods(lung_tiles[0], question, [])
+
+
+def test_zeroshot_by_likelihood_always_names_a_class(
+    model_dir: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    manifest = shared_data / "lc25000-lung" / "manifest.csv"
+    out = tmp_path / "zs"
+    args = ["eval", "zeroshot", "--model", str(model_dir), "--data", str(manifest), "--split", "dev"]
+    args += ["--limit", "6", "--out", str(out), "--class-answers", "likelihood", "--n-resamples", "50"]
+    assert main([*args, "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    names = ["lung adenocarcinoma", "benign lung tissue", "lung squamous cell carcinoma"]
+    assert len(records) == 6
+    for record in records:
+        assert record["predicted_label"] in ("lung_aca", "lung_n", "lung_scc")  # never unmapped
+        assert sorted(record["log_likelihoods"]) == sorted(names)
+        assert record["prediction"] == max(record["log_likelihoods"], key=record["log_likelihoods"].get)
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_unmapped"] == 0 and "likeliest" in report["generation"]["decoding"]

@@ -16,7 +16,13 @@ from transformers.generation.streamers import BaseStreamer
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image
-from pallava.processing.processor import CROP_FEATURES, MODEL_INPUT_NAMES, PaLlavaProcessor, Turn
+from pallava.processing.processor import (
+    CROP_FEATURES,
+    IGNORE_INDEX,
+    MODEL_INPUT_NAMES,
+    PaLlavaProcessor,
+    Turn,
+)
 
 
 @dataclass(frozen=True)
@@ -102,15 +108,18 @@ class PaLlava:
     def _inputs(
         self, conversations: Sequence[Sequence[Turn]], images: Sequence[Sequence[ImageSource]]
     ) -> dict:
-        if self.stain_normalize:
-            limit = self.processor.image_processor.max_pixels
-            images = [
-                [stain_normalize(load_image(i, limit), self.stain_normalize) for i in row] for row in images
-            ]
+        images = [self._images(row) for row in images]
         batch = self.processor(
             text=conversations, images=images, add_generation_prompt=True, padding_side="left"
         )
         return {k: v.to(self.device) for k, v in batch.items() if k in (*MODEL_INPUT_NAMES, CROP_FEATURES)}
+
+    def _images(self, images: Sequence[ImageSource]) -> list:
+        """The images as the model reads them: stain-normalised first when that is set."""
+        if not self.stain_normalize:
+            return list(images)
+        limit = self.processor.image_processor.max_pixels
+        return [stain_normalize(load_image(i, limit), self.stain_normalize) for i in images]
 
     def _generation_options(
         self, max_new_tokens: int, temperature: float, top_p: float, max_time: float | None = None
@@ -177,6 +186,38 @@ class PaLlava:
             text = self.processor.decode(new)
             completions.append(Completion(text, int(mask.sum()), used, reason))
         return completions
+
+    @torch.inference_mode()
+    def answer_log_likelihoods(
+        self, image: ImageSource | None, question: str, answers: Sequence[str]
+    ) -> list[float]:
+        """The model's log-probability of giving each of `answers` (exactly, then ending its turn) to one
+        question about one image: rank classification, which can only ever pick one of the candidates.
+
+        The image goes through the vision tower once for all candidates.
+        """
+        if not answers:
+            raise ValueError("answers: give at least one candidate answer")
+        asked = self.processor.question(question, image is not None)
+        conversations = [[*asked, {"role": "assistant", "content": answer}] for answer in answers]
+        images = self._images([image]) if image is not None else []
+        batch = self.processor(text=conversations, images=[images] * len(answers))  # right-padded
+        inputs = {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")}
+        if images:
+            pixels, tile_mask = batch["pixel_values"][:1], batch["tile_mask"].to(self.device)
+            features = self.model.encode_crops(
+                pixels.to(self.device), self.model.tiles_to_encode(tile_mask[:1])
+            )
+            inputs.update(
+                {CROP_FEATURES: features.expand(len(answers), *features.shape[1:]), "tile_mask": tile_mask}
+            )
+        labels = inputs.pop("labels")
+        logits = self.model(**inputs).logits.float()
+        targets = labels[:, 1:]
+        scored = targets != IGNORE_INDEX
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * scored).sum(dim=1).tolist()
 
     def ask(self, image: ImageSource | None, question: str, **options) -> str:
         return self.ask_batch([image], [question], **options)[0]

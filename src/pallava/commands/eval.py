@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pallava.commands import add_stain_normalize_argument
 from pallava.data.records import PROMPT_STYLES
+from pallava.eval.runner import CLASS_ANSWERS
 from pallava.eval.scorers import SCORERS
 from pallava.eval.tasks import VQA_FORMATS, sample_items
 
@@ -111,7 +112,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from pallava.data.importers.manifest import read_manifest
     from pallava.data.labels import LabelMap
     from pallava.eval.report import write_report, zeroshot_report
-    from pallava.eval.runner import run_zeroshot
+    from pallava.eval.runner import class_answering, run_zeroshot
 
     out = Path(args.out)
     images = sample_items(read_manifest(args.data, args.split), args.limit, args.seed)
@@ -124,6 +125,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         args.batch_size,
         args.max_new_tokens,
         progress=not args.no_progress,
+        class_answers=args.class_answers,
     )
     report = zeroshot_report(
         [r["reference"] for r in records],
@@ -137,11 +139,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         data=str(args.data),
         split=args.split,
         question=records[0]["question"],
-        generation={
-            "decoding": "greedy",
-            "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size,
-        },
+        generation=class_answering(args.class_answers, args.max_new_tokens, args.batch_size),
     )
     paths = write_report(report, out, title=f"Zero-shot classification: {Path(args.data).name}")
     print(
@@ -299,6 +297,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--data", required=True, help="manifest CSV: path,label[,cluster,split]")
     zeroshot.add_argument(
         "--max-new-tokens", type=int, default=24, help="answer length limit (greedy decoding)"
+    )
+    zeroshot.add_argument(
+        "--class-answers",
+        choices=CLASS_ANSWERS,
+        default="likelihood",
+        help="likelihood: the class name the model is likeliest to answer, always one of the classes "
+        "(default); generated: the greedy answer mapped to a class by its names, anything else wrong",
     )
     _run_options(zeroshot)
     zeroshot.set_defaults(func=_zeroshot)

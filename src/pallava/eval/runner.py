@@ -47,6 +47,13 @@ class Assistant(Protocol):
 
     def tile_grid(self, image: Any) -> tuple[int, int]: ...
 
+    def answer_log_likelihoods(self, image: Any, question: str, answers: Sequence[str]) -> list[float]: ...
+
+
+# How the class-choice question is answered: `generated` (greedy text, mapped to a class by its names; an
+# answer outside them counts as wrong) or `likelihood` (the class name the model is likeliest to give).
+CLASS_ANSWERS = ("generated", "likelihood")
+
 
 def with_option_orders(items: Sequence[VQAItem], n_orders: int, seed: int = 0) -> list[VQAItem]:
     """Items followed, for each choice item, by re-ordered copies (`<id>~p<k>`, `meta.base_id`),
@@ -173,6 +180,13 @@ def run_vqa(
         return _ordered(writer, [item.id for item in items], path)
 
 
+def class_answering(class_answers: str, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """How the class-choice answers were obtained, for reports."""
+    if class_answers == "likelihood":
+        return {"decoding": "likeliest class name (log-probability of each)", "batch_size": 1}
+    return {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+
+
 def zeroshot_question(label_map: LabelMap) -> str:
     """The class-choice question: every class name, answer with one of them."""
     names = "; ".join(label_map.names())
@@ -187,14 +201,18 @@ def run_zeroshot(
     batch_size: int = 8,
     max_new_tokens: int = 24,
     progress: bool = True,
+    class_answers: str = "generated",
 ) -> list[dict[str, Any]]:
     """Ask the class-choice question about each image and map the answer to a label.
 
-    The answer maps only when it equals a class name, synonym or label after normalisation;
-    anything else is recorded as `(unmapped)` (wrong, and counted). Resumable like `run_vqa`.
+    `generated`: the answer maps only when it equals a class name, synonym or label after normalisation;
+    anything else is recorded as `(unmapped)` (wrong, and counted). `likelihood`: the class whose name the
+    model is likeliest to answer (each name's log-probability is recorded). Resumable like `run_vqa`.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if class_answers not in CLASS_ANSWERS:
+        raise ValueError(f"class answers must be one of {', '.join(CLASS_ANSWERS)}, got {class_answers!r}")
     unknown = sorted({item.label for item in images} - set(label_map))
     if unknown:
         raise ValueError(f"labels {unknown} are not in the label map (known: {', '.join(label_map)})")
@@ -212,13 +230,17 @@ def run_zeroshot(
         )
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
-            answers = assistant.ask_batch(
-                [i.path for i in chunk],
-                [question] * len(chunk),
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-            )
-            for item, answer in zip(chunk, answers, strict=True):
+            if class_answers == "likelihood":
+                answers, scores = _likeliest_names(assistant, [i.path for i in chunk], question, label_map)
+            else:
+                answers = assistant.ask_batch(
+                    [i.path for i in chunk],
+                    [question] * len(chunk),
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                )
+                scores = [None] * len(chunk)
+            for item, answer, score in zip(chunk, answers, scores, strict=True):
                 writer.write(
                     {
                         "id": item.path,
@@ -229,8 +251,22 @@ def run_zeroshot(
                         "predicted_label": label_map.label_for(answer) or UNMAPPED,
                         "image": item.path,
                         "cluster": item.cluster,
+                        **({"log_likelihoods": score} if score is not None else {}),
                     }
                 )
             bar.update(len(chunk))
         bar.close()
         return _ordered(writer, [item.path for item in images], path)
+
+
+def _likeliest_names(
+    assistant: Assistant, images: Sequence[str], question: str, label_map: LabelMap
+) -> tuple[list[str], list[dict[str, float]]]:
+    """For each image, the class name the model is likeliest to answer, and every name's log-probability."""
+    names = label_map.names()
+    answers, scores = [], []
+    for image in images:
+        values = assistant.answer_log_likelihoods(image, question, names)
+        scores.append({name: round(value, 4) for name, value in zip(names, values, strict=True)})
+        answers.append(names[max(range(len(names)), key=values.__getitem__)])
+    return answers, scores

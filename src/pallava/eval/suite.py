@@ -27,7 +27,7 @@ from pallava.data.importers.manifest import read_manifest
 from pallava.data.labels import LabelMap
 from pallava.data.records import LabelledImage
 from pallava.eval.report import vqa_report, write_report, zeroshot_report
-from pallava.eval.runner import model_tokenize, run_vqa, run_zeroshot
+from pallava.eval.runner import class_answering, model_tokenize, run_vqa, run_zeroshot
 from pallava.eval.suite_config import Benchmark, Suite, SuiteSettings, load_suite
 from pallava.eval.suite_report import class_summary, vqa_summary, write_summary
 from pallava.eval.tasks import load_vqa_items, model_prompt_style, sample_items
@@ -66,6 +66,9 @@ class LazyAssistant:
 
     def tile_grid(self, image: Any) -> tuple[int, int]:
         return self._loaded().tile_grid(image)
+
+    def answer_log_likelihoods(self, image: Any, question: str, answers: Sequence[str]) -> list[float]:
+        return self._loaded().answer_log_likelihoods(image, question, answers)
 
 
 @dataclass
@@ -163,6 +166,7 @@ def _assistant_classification(
         settings.batch_size,
         settings.class_max_new_tokens,
         progress=progress,
+        class_answers=settings.class_answers,
     )
     report = zeroshot_report(
         [r["reference"] for r in records],
@@ -173,11 +177,9 @@ def _assistant_classification(
     )
     report.update(
         question=records[0]["question"],
-        generation={
-            "decoding": "greedy",
-            "max_new_tokens": settings.class_max_new_tokens,
-            "batch_size": settings.batch_size,
-        },
+        generation=class_answering(
+            settings.class_answers, settings.class_max_new_tokens, settings.batch_size
+        ),
     )
     return report
 
@@ -277,6 +279,8 @@ def _definition(
     }
     if stain_normalize:
         definition["stain_normalize"] = stain_normalize
+    if settings.class_answers != "generated":  # folders written before the setting keep their meaning
+        definition["class_answers"] = settings.class_answers
     return definition
 
 

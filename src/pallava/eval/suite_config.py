@@ -6,6 +6,7 @@ settings:                      # optional; these are the defaults
   batch_size: 8
   max_new_tokens: 32           # VQA answers
   class_max_new_tokens: 24     # class-name answers (zero-shot classification)
+  class_answers: likelihood    # the class name the assistant is likeliest to answer; or generated
   plip_batch_size: 64
   limit: null                  # per benchmark: images (manifest, zeroshot) or questions (vqa)
   seed: 0
@@ -33,6 +34,7 @@ from typing import Any
 import yaml
 
 from pallava.data.labels import LabelMap
+from pallava.eval.runner import CLASS_ANSWERS
 from pallava.eval.scorers import SCORERS
 from pallava.eval.tasks import VQA_FORMATS
 
@@ -82,6 +84,7 @@ class SuiteSettings:
     batch_size: int = 8
     max_new_tokens: int = 32
     class_max_new_tokens: int = 24
+    class_answers: str = "likelihood"  # runner.CLASS_ANSWERS
     plip_batch_size: int = 64
     limit: int | None = None
     seed: int = 0
@@ -150,6 +153,10 @@ def _settings(data: Any, where: str) -> SuiteSettings:
         if key == "scorer":
             if value not in SCORERS:
                 raise ValueError(f"{here}: expected one of {sorted(SCORERS)}, got {value!r}")
+            values[key] = value
+        elif key == "class_answers":
+            if value not in CLASS_ANSWERS:
+                raise ValueError(f"{here}: expected one of {list(CLASS_ANSWERS)}, got {value!r}")
             values[key] = value
         elif key == "seed":
             if isinstance(value, bool) or not isinstance(value, int):
