@@ -212,7 +212,7 @@ class PaLlava:
                 {CROP_FEATURES: features.expand(len(answers), *features.shape[1:]), "tile_mask": tile_mask}
             )
         labels = inputs.pop("labels")
-        logits = self.model(**inputs).logits.float()
+        logits = self.model(**inputs, use_cache=False).logits.float()
         targets = labels[:, 1:]
         scored = targets != IGNORE_INDEX
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
