@@ -237,7 +237,7 @@ def test_answer_log_likelihoods_equal_a_forward_pass_per_answer(assistant: PaLla
 
 
 def test_zeroshot_by_likelihood_always_names_a_class(
-    model_dir: Path, shared_data: Path, tmp_path: Path
+    model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     manifest = shared_data / "lc25000-lung" / "manifest.csv"
     out = tmp_path / "zs"
@@ -253,3 +253,8 @@ def test_zeroshot_by_likelihood_always_names_a_class(
         assert record["prediction"] == max(record["log_likelihoods"], key=record["log_likelihoods"].get)
     report = json.loads((out / "report.json").read_text())
     assert report["n_unmapped"] == 0 and "likeliest" in report["generation"]["decoding"]
+    # resuming into the same folder with the other way of answering would mix the two: refused
+    capsys.readouterr()
+    other = [*args[: args.index("--class-answers")], "--class-answers", "generated", "--no-progress"]
+    assert main(other) == 1
+    assert "taken as likelihood; rerun with that --class-answers" in capsys.readouterr().err

@@ -220,6 +220,12 @@ def run_zeroshot(
     _check_images([item.path for item in images])
     question = zeroshot_question(label_map)
     with PredictionWriter(path) as writer:
+        answered = {"likelihood" if "log_likelihoods" in r else "generated" for r in writer.records}
+        if answered - {class_answers}:  # one file never mixes the two ways of answering
+            raise ValueError(
+                f"{path} holds class answers taken as {'/'.join(sorted(answered))}; rerun with that "
+                "--class-answers or choose a new output folder"
+            )
         pending = [item for item in images if item.path not in writer.done]
         bar = tqdm(
             total=len(images),
