@@ -211,13 +211,14 @@ class PaLlava:
             inputs.update(
                 {CROP_FEATURES: features.expand(len(answers), *features.shape[1:]), "tile_mask": tile_mask}
             )
-        labels = inputs.pop("labels")
-        logits = self.model(**inputs, use_cache=False).logits.float()
-        targets = labels[:, 1:]
-        scored = targets != IGNORE_INDEX
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (picked * scored).sum(dim=1).tolist()
+        targets = inputs.pop("labels")[:, 1:]  # the token each position predicts
+        scored = targets != IGNORE_INDEX  # the answers' tokens and their end of turn
+        logits = self.model(**inputs, use_cache=False).logits[:, :-1]
+        # the softmax over the vocabulary only where an answer token is predicted, not over the prompt
+        logprobs = torch.log_softmax(logits[scored].float(), dim=-1)
+        picked = logprobs.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+        rows = scored.nonzero()[:, 0]
+        return torch.zeros(len(answers), device=picked.device).index_add_(0, rows, picked).tolist()
 
     def ask(self, image: ImageSource | None, question: str, **options) -> str:
         return self.ask_batch([image], [question], **options)[0]

@@ -147,16 +147,13 @@ def _settings(data: Any, where: str) -> SuiteSettings:
         raise ValueError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
     names = tuple(f.name for f in dataclasses.fields(SuiteSettings))
     _check_keys(data, names, where)
+    choices = {"scorer": sorted(SCORERS), "class_answers": list(CLASS_ANSWERS)}
     values: dict[str, Any] = {}
     for key, value in data.items():
         here = f"{where}.{key}"
-        if key == "scorer":
-            if value not in SCORERS:
-                raise ValueError(f"{here}: expected one of {sorted(SCORERS)}, got {value!r}")
-            values[key] = value
-        elif key == "class_answers":
-            if value not in CLASS_ANSWERS:
-                raise ValueError(f"{here}: expected one of {list(CLASS_ANSWERS)}, got {value!r}")
+        if key in choices:
+            if value not in choices[key]:
+                raise ValueError(f"{here}: expected one of {choices[key]}, got {value!r}")
             values[key] = value
         elif key == "seed":
             if isinstance(value, bool) or not isinstance(value, int):
