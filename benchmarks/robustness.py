@@ -57,6 +57,16 @@ VARIANTS = {  # name -> Augmentation fields
     "flips+zoom": {**OFF, "flips": True, "zoom": 0.5, "max_zoom": 3.0},
     "flips+resolution": {**OFF, "flips": True, "resolution": 0.3},
     "all": {"flips": True, "stain": 0.1, "colour": 0.1, "zoom": 0.5, "max_zoom": 3.0, "resolution": 0.1},
+    # the same, half the views in a stain between their dataset's and another's (processing/stain_mix.py)
+    "all+stain-mix": {
+        "flips": True,
+        "stain": 0.1,
+        "colour": 0.1,
+        "zoom": 0.5,
+        "max_zoom": 3.0,
+        "resolution": 0.1,
+        "stain_mix": 0.5,
+    },
 }
 SHIFTS = ("original", "stain-a", "stain-b", "zoom-in-2x", "zoom-out-2x", "low-res")
 

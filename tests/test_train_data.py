@@ -249,7 +249,7 @@ def test_balance_labels_evens_the_classes_of_each_dataset(shared_data):
 def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path, lung_tiles):
     """Each question sees one version of its image; enlarged views go through the tiling path."""
     from pallava.train.config import AugmentSection
-    from pallava.train.data import Sample, assign_views, augmented_view
+    from pallava.train.data import Sample, ViewMaker, assign_views
 
     model, processor = tiny
     samples = [
@@ -267,17 +267,17 @@ def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path
     assign_views(again, views=2, seed=0)
     assert [s.view for s in again] == [s.view for s in samples]  # a function of the sample's id
 
-    section = AugmentSection(views=2, large=1.0, image={"zoom": 0.0})
-    view = augmented_view(lung_tiles[0], 1, section, seed=0)
+    views = ViewMaker(AugmentSection(views=2, large=1.0, image={"zoom": 0.0}), seed=0)
+    view = views.view(lung_tiles[0], 1)
     assert view.size[0] >= 448 and view.size == view.size[::-1]  # enlarged 2-3x
-    assert augmented_view(lung_tiles[0], 1, section, seed=0).tobytes() == view.tobytes()  # reproducible
-    assert augmented_view(lung_tiles[0], 2, section, seed=0).tobytes() != view.tobytes()
+    assert views.view(lung_tiles[0], 1).tobytes() == view.tobytes()  # reproducible
+    assert views.view(lung_tiles[0], 2).tobytes() != view.tobytes()
     grid = processor.image_processor([view])["grids"][0]
     assert int(grid[0]) * int(grid[1]) > 1  # a larger image is cut into several tiles
 
     viewed = next(i for i, s in enumerate(samples) if s.view)
     original = next(i for i, s in enumerate(samples) if not s.view and s.image == samples[viewed].image)
-    batch = Collator(processor, samples, augment=(section, 0))([original, viewed])
+    batch = Collator(processor, samples, views=views)([original, viewed])
     assert batch["tile_mask"][0].sum() == 1 and batch["tile_mask"][1].sum() > 1
 
     # the feature cache encodes a view from a function, once
@@ -287,7 +287,7 @@ def test_augmented_views_spread_over_samples_and_are_encoded_once(tiny, tmp_path
     encoded = cache.build(
         model.encode_crops,
         processor.image_processor,
-        {"v1": lambda: augmented_view(lung_tiles[0], 1, section, 0)},
+        {"v1": lambda: views.view(lung_tiles[0], 1)},
         progress=False,
     )
     assert encoded == 1 and cache.get("v1")[1] == tuple(int(v) for v in grid)

@@ -16,6 +16,9 @@ What a model must survive on another lab's slides, and the augmentation that tea
   by 18 degrees: colon 0.61). `hue` turns the colour circle by up to +/- that fraction (a rotation of RGB
   about the grey axis) and `grayscale` makes that share of views grey, so form has to carry the class
   (off in the shipped recipes: the tiny tower lost more than it gained, docs/plip.md);
+- **the lab behind a dataset**: with several training datasets, `stain_mix` re-stains that share of views with
+  a stain drawn between its own dataset's and another's (`processing.stain_mix`), so no organ keeps a colour
+  of its own;
 - **orientation**: flips and 90-degree rotations (tissue has no up or down).
 
 Everything is a function of the `random.Random` passed in, so training stays reproducible and resumable.
@@ -35,6 +38,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
+
+from pallava.processing.stain_mix import StainBank
 
 # Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical-density space, as
 # used by scikit-image's rgb2hed; the third row completes the basis.
@@ -65,9 +70,12 @@ class Augmentation:
     resolution: float = 0.1  # probability of a 2-4x down- and up-sampling (resolution jitter)
     hue: float = 0.0  # hue turned by U(-h, h) of the colour circle (0 = off; 0.5 = any hue)
     grayscale: float = 0.0  # probability of a grey view
+    # Probability of a view in a stain between its dataset's and another training dataset's (needs a
+    # StainBank of two or more datasets; processing/stain_mix.py).
+    stain_mix: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("stain", "stain_vectors", "colour", "zoom", "resolution", "grayscale"):
+        for name in ("stain", "stain_vectors", "colour", "zoom", "resolution", "grayscale", "stain_mix"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"augmentation '{name}' must be in [0, 1], got {value}")
@@ -88,6 +96,7 @@ class Augmentation:
             resolution=0.0,
             hue=0.0,
             grayscale=0.0,
+            stain_mix=0.0,
         )
 
     @classmethod
@@ -104,12 +113,19 @@ class Augmentation:
         return asdict(self)
 
 
-def hed_jitter(pixels: np.ndarray, rng: random.Random, strength: float, vectors: float = 0.0) -> np.ndarray:
+def hed_jitter(
+    pixels: np.ndarray,
+    rng: random.Random,
+    strength: float,
+    vectors: float = 0.0,
+    restain: np.ndarray | None = None,
+) -> np.ndarray:
     """Scale and shift each stain's optical density (H, E, DAB) of a uint8 (H, W, 3) image, and with
-    `vectors` > 0 mix them back with moved H and E stain vectors; float32 out.
+    `vectors` > 0 mix them back with moved H and E stain vectors; float32 out. `restain`, a 3x3 optical-
+    density map (`StainBank.mixing_matrix`), is applied first.
 
     Unmixing, jitter and re-mixing are linear in optical density, so they fold into one 3x3 matrix and a
-    bias: density' = density @ (unmix * alpha) @ mix' + beta @ mix'.
+    bias: density' = density @ restain @ (unmix * alpha) @ mix' + beta @ mix'.
     """
     alpha = np.array([rng.uniform(1 - strength, 1 + strength) for _ in range(3)])
     beta = np.array([rng.uniform(-strength, strength) for _ in range(3)])
@@ -118,7 +134,10 @@ def hed_jitter(pixels: np.ndarray, rng: random.Random, strength: float, vectors:
         moved = mix[:2] + np.array([[rng.uniform(-vectors, vectors) for _ in range(3)] for _ in range(2)])
         moved = np.maximum(moved, 0.01)  # a dye absorbs, never emits: densities stay positive
         mix = np.vstack([moved / np.linalg.norm(moved, axis=1, keepdims=True), mix[2:]])
-    matrix = ((_HED_FROM_RGB * alpha) @ mix).astype(np.float32)
+    matrix = (_HED_FROM_RGB * alpha) @ mix
+    if restain is not None:
+        matrix = restain @ matrix
+    matrix = matrix.astype(np.float32)
     bias = (beta @ mix).astype(np.float32)
     density = _OPTICAL_DENSITY[pixels]  # (H, W, 3) float32, a table lookup per uint8 value
     rgb = np.exp(-(density @ matrix + bias))
@@ -166,8 +185,15 @@ def degrade_resolution(pixels: np.ndarray, factor: float) -> np.ndarray:
     return _resize(small, width, height)
 
 
-def augment(pixels: np.ndarray, rng: random.Random, config: Augmentation) -> np.ndarray:
-    """One random view of a uint8 (H, W, 3) tile; returns float32 (H, W, 3) in [0, 255], same size."""
+def augment(
+    pixels: np.ndarray,
+    rng: random.Random,
+    config: Augmentation,
+    stains: StainBank | None = None,
+    dataset: str | None = None,
+) -> np.ndarray:
+    """One random view of a uint8 (H, W, 3) tile of `dataset`; returns float32 (H, W, 3) in [0, 255], same
+    size. `stains` (the training datasets' stains) is needed for `config.stain_mix`."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"augment expects a uint8 (H, W, 3) image, got {pixels.dtype} {pixels.shape}")
     array = pixels
@@ -180,8 +206,11 @@ def augment(pixels: np.ndarray, rng: random.Random, config: Augmentation) -> np.
         array = np.rot90(array, k=rng.randrange(4))
         if rng.random() < 0.5:
             array = array[:, ::-1]
-    if config.stain or config.stain_vectors:
-        x = hed_jitter(array, rng, config.stain, config.stain_vectors)
+    restain = None
+    if config.stain_mix and stains is not None and rng.random() < config.stain_mix:
+        restain = stains.mixing_matrix(dataset, rng)
+    if config.stain or config.stain_vectors or restain is not None:
+        x = hed_jitter(array, rng, config.stain, config.stain_vectors, restain)
     else:
         x = array.astype(np.float32)
     if config.colour:

@@ -35,6 +35,7 @@ from pallava.data.shards import iter_shards, list_shards
 from pallava.processing.augment import Augmentation, augment
 from pallava.processing.image import ImageSource, load_image
 from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
+from pallava.processing.stain_mix import StainBank
 from pallava.train.config import AugmentSection, DataSection
 from pallava.train.feature_cache import FeatureCache
 
@@ -193,22 +194,45 @@ def assign_views(samples: Sequence[Sample], views: int, seed: int) -> None:
             sample.view = int.from_bytes(digest, "big") % (views + 1)
 
 
-def augmented_view(source: ImageSource, view: int, section: AugmentSection, seed: int) -> Image.Image:
-    """Augmented view `view` (>= 1) of an image: a function of (image, view, seed, settings) only."""
-    image = load_image(source)
-    rng = random.Random(f"{seed}:{view}:{hashlib.sha256(image.tobytes()).hexdigest()[:16]}")
-    pixels = augment(np.asarray(image), rng, Augmentation.from_dict(section.image, source="augment.image"))
-    out = Image.fromarray(pixels.round().astype(np.uint8))
-    if section.large and rng.random() < section.large:  # a larger image: tiled, so the tiles are higher power
-        factor = rng.uniform(2.0, 3.0)
-        out = out.resize((round(out.width * factor), round(out.height * factor)), Image.BICUBIC)
-    return out
+@dataclass(frozen=True)
+class ViewMaker:
+    """How a training run makes its augmented views: the settings, the seed and, for stain mixing, the
+    training datasets' stains (`processing.stain_mix`)."""
 
+    section: AugmentSection
+    seed: int
+    stains: StainBank | None = None
 
-def view_tag(section: AugmentSection, seed: int) -> str:
-    """Part of a view's cache key: every setting that changes the pixels of a view."""
-    settings = json.dumps({"seed": seed, "large": section.large, "image": section.image}, sort_keys=True)
-    return hashlib.sha256(settings.encode()).hexdigest()[:12]
+    @classmethod
+    def for_samples(cls, section: AugmentSection, seed: int, samples: Sequence[Sample]) -> ViewMaker:
+        """With `stain_mix` on, each dataset's stain is estimated from its training images."""
+        config = Augmentation.from_dict(section.image, source="augment.image")
+        stains = None
+        if section.views and config.stain_mix:
+            pairs = [(s.dataset, s.image_source) for s in samples if s.image_source is not None]
+            stains = StainBank.estimate(pairs, seed=seed)
+        return cls(section, seed, stains)
+
+    @property
+    def tag(self) -> str:
+        """Part of a view's cache key: every setting that changes the pixels of a view."""
+        settings = {"seed": self.seed, "large": self.section.large, "image": self.section.image}
+        if self.stains is not None:
+            settings["stains"] = self.stains.fingerprint()
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+    def view(self, source: ImageSource, view: int, dataset: str | None = None) -> Image.Image:
+        """Augmented view `view` (>= 1) of an image of `dataset`: a function of (image, view, seed,
+        settings, stains) only."""
+        image = load_image(source)
+        rng = random.Random(f"{self.seed}:{view}:{hashlib.sha256(image.tobytes()).hexdigest()[:16]}")
+        config = Augmentation.from_dict(self.section.image, source="augment.image")
+        pixels = augment(np.asarray(image), rng, config, self.stains, dataset)
+        out = Image.fromarray(pixels.round().astype(np.uint8))
+        if self.section.large and rng.random() < self.section.large:  # larger: tiled, so higher-power tiles
+            factor = rng.uniform(2.0, 3.0)
+            out = out.resize((round(out.width * factor), round(out.height * factor)), Image.BICUBIC)
+        return out
 
 
 # --- order ------------------------------------------------------------------------------------------
@@ -257,16 +281,16 @@ class Collator:
         samples: Sequence[Sample],
         cache: FeatureCache | None = None,
         image_keys: Sequence[str | None] | None = None,
-        augment: tuple[AugmentSection, int] | None = None,
+        views: ViewMaker | None = None,
     ) -> None:
         if cache is not None and image_keys is None:
             raise ValueError("a feature cache needs the samples' image keys")
         self.processor, self.samples, self.cache, self.image_keys = processor, samples, cache, image_keys
-        self.augment = augment  # (settings, seed) of the augmented views, when samples use them
+        self.views = views  # how the augmented views are made, when samples use them
 
     def _image(self, sample: Sample) -> ImageSource:
-        if sample.view and self.augment is not None:
-            return augmented_view(sample.image_source, sample.view, *self.augment)
+        if sample.view and self.views is not None:
+            return self.views.view(sample.image_source, sample.view, sample.dataset)
         return sample.image_source
 
     def __call__(self, indices: Sequence[int]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from pallava.models.plip.presets import PLIP_PRESETS, build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.zeroshot import PlipZeroShot, zeroshot_predictions
 from pallava.processing.augment import Augmentation
+from pallava.processing.stain_mix import StainBank
 from pallava.train.loop import LoopSettings, MicroLoss, Plan, Task, TrainingLoop
 from pallava.train.optim import adamw
 from pallava.train.plip_config import PlipTrainConfig
@@ -146,8 +147,18 @@ class PlipTask(Task):
         if len(by_dataset) > 1:
             accelerator.print(f"PLIP samples per dataset (after balancing): {by_dataset}")
         augmentation = Augmentation.from_dict(recipe.augment, source="PLIP recipe 'augment'")
+        stains = None
+        if augmentation.stain_mix:
+            stains = StainBank.estimate([(s.dataset, s.image) for s in samples], seed=recipe.seed)
+            accelerator.print(stains.summary())
         self.dataset = PlipDataset(
-            samples, model.image_size, self.labels, train=True, seed=recipe.seed, augmentation=augmentation
+            samples,
+            model.image_size,
+            self.labels,
+            train=True,
+            seed=recipe.seed,
+            augmentation=augmentation,
+            stains=stains,
         )
         if recipe.cache_images:
             self.dataset.cache_images(progress=main and self.show_progress)

@@ -29,6 +29,7 @@ from pallava.data.records import LabelledImage
 from pallava.models.plip.prompts import caption_for
 from pallava.processing.augment import Augmentation, augment
 from pallava.processing.image import letterbox, load_image, normalize
+from pallava.processing.stain_mix import StainBank
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,14 @@ class PlipDataset(Dataset):
         train: bool = True,
         seed: int = 0,
         augmentation: Augmentation | None = None,
+        stains: StainBank | None = None,
     ):
         if any(s.caption is None for s in samples) and label_map is None:
             raise ValueError("PlipDataset: labelled samples need a label map to caption them")
         self.samples, self.image_size, self.label_map = samples, image_size, label_map
         self.train, self.seed, self.epoch = train, seed, 0
         self.augmentation = augmentation or Augmentation()
+        self.stains = stains  # the datasets' stains, for augmentation.stain_mix
         self._cache: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -195,7 +198,7 @@ class PlipDataset(Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         pixels = self._pixels(index)
         if self.train:
-            pixels = augment(pixels, rng, self.augmentation)
+            pixels = augment(pixels, rng, self.augmentation, self.stains, sample.dataset)
         caption = sample.caption
         if caption is None:
             caption = caption_for(self.label_map[sample.label], rng)

@@ -32,14 +32,13 @@ from pallava.train.config import Recipe, with_defaults
 from pallava.train.data import (
     Collator,
     Sample,
+    ViewMaker,
     assign_views,
-    augmented_view,
     drop_overlong,
     epoch_loader,
     global_batch_size,
     load_samples,
     steps_per_epoch,
-    view_tag,
 )
 from pallava.train.feature_cache import DTYPES, FeatureCache, default_cache_dir, image_key, namespace_for
 from pallava.train.feedback import plot_loss_curves
@@ -120,7 +119,7 @@ class AssistantTask(Task):
         and a hash of the augmentation settings."""
         memo: dict[str, str] = {}
         keys: list[str | None] = []
-        tag = view_tag(self.recipe.augment, self.recipe.data.seed)
+        tag = self.views.tag
         for sample in tqdm(samples, desc="hashing images", unit="sample", disable=not self._show_progress):
             if sample.image_source is None:
                 keys.append(None)
@@ -138,9 +137,7 @@ class AssistantTask(Task):
         """The image (or, for an augmented view, a function making it when the cache encodes it)."""
         if not sample.view:
             return sample.image_source
-        return functools.partial(
-            augmented_view, sample.image_source, sample.view, self.recipe.augment, self.recipe.data.seed
-        )
+        return functools.partial(self.views.view, sample.image_source, sample.view, sample.dataset)
 
     def _feature_cache(self, accelerator, model, processor, samples) -> tuple[FeatureCache, list[str | None]]:
         """Encode every image not yet cached (each process a share), then share the index."""
@@ -289,6 +286,9 @@ class AssistantTask(Task):
         model.to(accelerator.device)
         samples = self._fitting_samples(accelerator, load_samples(recipe.data, recipe.stage), processor)
         assign_views(samples, recipe.augment.views, recipe.data.seed)
+        self.views = ViewMaker.for_samples(recipe.augment, recipe.data.seed, samples)
+        if self.views.stains is not None:
+            accelerator.print(self.views.stains.summary())
         per_epoch = steps_per_epoch(len(samples), run.batch_size, accelerator.num_processes, run.grad_accum)
         total_steps = run.max_steps or run.epochs * per_epoch
         accelerator.print(
@@ -306,7 +306,7 @@ class AssistantTask(Task):
         cache, keys = None, None
         if recipe.feature_cache.enabled:
             cache, keys = self._feature_cache(accelerator, model, processor, samples)
-        self.collator = Collator(processor, samples, cache, keys, augment=(recipe.augment, recipe.data.seed))
+        self.collator = Collator(processor, samples, cache, keys, views=self.views)
         self.processor, self.num_samples = processor, len(samples)
         self.fixed = self._fixed_samples(samples, recipe.logging.num_samples, processor)
         model.train()
