@@ -87,10 +87,10 @@ class StainBank:
             by_dataset.setdefault(dataset or "unnamed", {})[source] = None
         stains = {}
         for dataset, group in sorted(by_dataset.items()):
-            # sorted, so the draw depends on which images a dataset holds, not on their order: both assistant
-            # stages (and their cached views) get the same stains
-            sources = sorted(group, key=_order_key)
-            chosen = random.Random(f"{seed}:{dataset}").sample(sources, min(per_dataset, len(sources)))
+            # the images with the smallest seeded hashes: the choice depends on which images a dataset holds,
+            # not on their order, and an image more or less changes at most one of them, so both assistant
+            # stages (whose records differ slightly) estimate the same stains and share their cached views
+            chosen = sorted(group, key=lambda source: _draw_key(source, seed))[:per_dataset]
             try:
                 stains[dataset] = estimate_stain(load(source) for source in chosen)
             except ValueError as error:
@@ -144,10 +144,9 @@ def transfer_matrix(source: Stain, target: Stain) -> np.ndarray:
     return np.eye(3) + unmix @ ((target.scale / source.scale)[:, None] * target.vectors - source.vectors)
 
 
-def _order_key(source) -> str:
-    if isinstance(source, bytes):
-        return hashlib.sha256(source).hexdigest()
-    return str(source)
+def _draw_key(source, seed: int) -> str:
+    data = source if isinstance(source, bytes) else str(source).encode()
+    return hashlib.sha256(f"{seed}:".encode() + data).hexdigest()
 
 
 def _thumbnail(source) -> np.ndarray:
