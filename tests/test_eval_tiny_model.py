@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from pallava import load_preset
 from pallava.cli import main
@@ -210,23 +211,33 @@ def test_eval_command_errors_name_the_problem(
 
 def test_answer_log_likelihoods_equal_a_forward_pass_per_answer(assistant: PaLlava, lung_tiles) -> None:
     """Each answer's score is the summed log-probability of its tokens and the end of turn, as one
-    full forward pass over (image, question, answer) gives it; the image is encoded once for all."""
+    full forward pass over (image, question, answer) gives it; the image is tiled and encoded once for all,
+    a larger image (several tiles) too."""
     answers = ["lung adenocarcinoma", "benign lung tissue", "no"]
     question = "Which of the following best describes this image?"
-    scores = assistant.answer_log_likelihoods(lung_tiles[0], question, answers)
+    tiles = [Image.open(path).convert("RGB") for path in lung_tiles[:2]]
+    larger = Image.new("RGB", (448, 448))
+    for index, offset in enumerate([(0, 0), (224, 0), (0, 224), (224, 224)]):
+        larger.paste(tiles[index % 2], offset)
     processor, model = assistant.processor, assistant.model
-    for answer, score in zip(answers, scores, strict=True):
-        turns = [*processor.question(question), {"role": "assistant", "content": answer}]
-        batch = processor(text=[turns], images=[[lung_tiles[0]]])
-        labels = batch.pop("labels")
-        with torch.no_grad():
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-        targets = labels[0, 1:]
-        kept = targets != -100
-        assert int(kept.sum()) == len(processor.tokenizer(answer, add_special_tokens=False).input_ids) + 1
-        expected = logprobs[kept].gather(-1, targets[kept].unsqueeze(-1)).sum()
-        assert score == pytest.approx(float(expected), abs=1e-4) and score < 0
+    assert int(processor.image_processor([larger])["tile_mask"].sum()) > 1
+    for image in (lung_tiles[0], larger):
+        scores = assistant.answer_log_likelihoods(image, question, answers)
+        for answer, score in zip(answers, scores, strict=True):
+            turns = [*processor.question(question), {"role": "assistant", "content": answer}]
+            batch = processor(text=[turns], images=[[image]])
+            labels = batch.pop("labels")
+            with torch.no_grad():
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+            targets = labels[0, 1:]
+            kept = targets != -100
+            assert int(kept.sum()) == len(processor.tokenizer(answer, add_special_tokens=False).input_ids) + 1
+            expected = logprobs[kept].gather(-1, targets[kept].unsqueeze(-1)).sum()
+            assert score == pytest.approx(float(expected), abs=1e-4) and score < 0
+    scores = assistant.answer_log_likelihoods(lung_tiles[0], question, answers)
+    with pytest.raises(ValueError, match="over the limit"):
+        assistant.answer_log_likelihoods(lung_tiles[0], question, ["carcinoma " * processor.max_length])
     # the order of the candidates does not change any score; a question without an image is scored too
     assert assistant.answer_log_likelihoods(lung_tiles[0], question, answers[::-1]) == pytest.approx(
         scores[::-1]

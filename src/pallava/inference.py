@@ -194,22 +194,33 @@ class PaLlava:
         """The model's log-probability of giving each of `answers` (exactly, then ending its turn) to one
         question about one image: rank classification, which can only ever pick one of the candidates.
 
-        The image goes through the vision tower once for all candidates.
+        The image is tiled and goes through the vision tower once for all candidates.
         """
         if not answers:
             raise ValueError("answers: give at least one candidate answer")
         asked = self.processor.question(question, image is not None)
         conversations = [[*asked, {"role": "assistant", "content": answer}] for answer in answers]
-        images = self._images([image]) if image is not None else []
-        batch = self.processor(text=conversations, images=[images] * len(answers))  # right-padded
+        encoded = [self.processor.encode_conversation(conversation) for conversation in conversations]
+        for answer, (ids, _) in zip(answers, encoded, strict=True):
+            if len(ids) > self.processor.max_length:
+                raise ValueError(
+                    f"answer {answer[:40]!r}: the question and answer take {len(ids)} tokens, over the "
+                    f"limit of {self.processor.max_length}"
+                )
+        batch = self.processor.pad(encoded, "right")
         inputs = {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")}
-        if images:
-            pixels, tile_mask = batch["pixel_values"][:1], batch["tile_mask"].to(self.device)
+        if image is not None:
+            # the image is tiled and encoded once; every candidate reads the same features
+            pixels = self.processor.image_processor(self._images([image]))
+            tile_mask = pixels["tile_mask"].to(self.device)
             features = self.model.encode_crops(
-                pixels.to(self.device), self.model.tiles_to_encode(tile_mask[:1])
+                pixels["pixel_values"].to(self.device), self.model.tiles_to_encode(tile_mask)
             )
             inputs.update(
-                {CROP_FEATURES: features.expand(len(answers), *features.shape[1:]), "tile_mask": tile_mask}
+                {
+                    CROP_FEATURES: features.expand(len(answers), *features.shape[1:]),
+                    "tile_mask": tile_mask.expand(len(answers), -1),
+                }
             )
         targets = inputs.pop("labels")[:, 1:]  # the token each position predicts
         scored = targets != IGNORE_INDEX  # the answers' tokens and their end of turn
