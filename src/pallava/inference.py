@@ -202,11 +202,7 @@ class PaLlava:
         conversations = [[*asked, {"role": "assistant", "content": answer}] for answer in answers]
         encoded = [self.processor.encode_conversation(conversation) for conversation in conversations]
         for answer, (ids, _) in zip(answers, encoded, strict=True):
-            if len(ids) > self.processor.max_length:
-                raise ValueError(
-                    f"answer {answer[:40]!r}: the question and answer take {len(ids)} tokens, over the "
-                    f"limit of {self.processor.max_length}"
-                )
+            self.processor.check_length(ids, f"answer {answer[:40]!r} with its question")
         batch = self.processor.pad(encoded, "right")
         inputs = {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")}
         if image is not None:

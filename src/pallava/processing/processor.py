@@ -270,6 +270,11 @@ class PaLlavaProcessor(ProcessorMixin):
             labels += [IGNORE_INDEX] * len(header)
         return ids, labels
 
+    def check_length(self, ids: Sequence[int], what: str) -> None:
+        """A ValueError naming `what` when `ids` is longer than `max_length`."""
+        if len(ids) > self.max_length:
+            raise ValueError(f"{what}: {len(ids)} tokens, over the limit of {self.max_length}")
+
     def truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Cut an encoded conversation to `max_length` tokens as the authors do: the end of the text goes,
         the labels go with their tokens, and every image token stays (an image is never cut in part).
@@ -373,8 +378,7 @@ class PaLlavaProcessor(ProcessorMixin):
                     f"sample {index}: {expected} {IMAGE} placeholder(s) in the text but "
                     f"{len(sample_images)} image(s) given"
                 )
-            if len(ids) > self.max_length:
-                raise ValueError(f"sample {index}: {len(ids)} tokens, over the limit of {self.max_length}")
+            self.check_length(ids, f"sample {index}")
             encoded.append((ids, labels))
             flat_images.extend(sample_images)
         batch = self.pad(encoded, padding_side)

@@ -111,10 +111,10 @@ class StainBank:
         """One line for a training log: the stains, or why nothing is mixed."""
         if not self.mixes:
             return f"stain mixing does nothing: one dataset ({', '.join(self.stains)}), no other stain to mix"
+        rounded = {name: stain.to_dict() for name, stain in self.stains.items()}
         parts = [
-            f"{name} H {stain.to_dict()['vectors'][0]} E {stain.to_dict()['vectors'][1]} "
-            f"scale {stain.to_dict()['scale']}"
-            for name, stain in self.stains.items()
+            f"{name} H {values['vectors'][0]} E {values['vectors'][1]} scale {values['scale']}"
+            for name, values in rounded.items()
         ]
         return "stain mixing between: " + "; ".join(parts)
 
