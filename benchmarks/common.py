@@ -236,7 +236,8 @@ def shifts_table(
     first: str, columns: Sequence[str], reference: str, mean_label: str, entries: Mapping[str, dict]
 ) -> list[str]:
     """Markdown lines of a table of {name: {dataset: {column: accuracy}}}: a `datasets_cell` per column,
-    then the mean over every dataset and column but `reference` (the unshifted view)."""
+    then the mean over every dataset and column but `reference` (the unshifted view). A column that a row's
+    results predate shows `-` and is left out of that row's mean."""
     import numpy as np
 
     lines = [
@@ -244,8 +245,12 @@ def shifts_table(
         "|---|" + "---|" * (len(columns) + 1),
     ]
     for name, scores in entries.items():
-        cells = [datasets_cell([scores[d][column] for d in SHIFT_DATASETS]) for column in columns]
-        shifted = np.mean([scores[d][c] for d in SHIFT_DATASETS for c in columns if c != reference])
+        measured = [c for c in columns if all(c in scores[d] for d in SHIFT_DATASETS)]
+        cells = [
+            datasets_cell([scores[d][column] for d in SHIFT_DATASETS]) if column in measured else "-"
+            for column in columns
+        ]
+        shifted = np.mean([scores[d][c] for d in SHIFT_DATASETS for c in measured if c != reference])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {shifted:.3f} |")
     return lines
 
@@ -284,11 +289,16 @@ def zeroshot_under_shifts(model: Path, shifts: Shifts, stain_normalize: str | No
 
 
 def assistant_under_shifts(
-    model: Path, shifts: Shifts, batch_size: int = 16, stain_normalize: str | None = None
+    model: Path,
+    shifts: Shifts,
+    batch_size: int = 16,
+    stain_normalize: str | None = None,
+    class_answers: str = "likelihood",
 ) -> dict:
-    """A trained assistant's class answers under each shift: the evaluation suite's class-choice question,
-    the answer mapped to a label by the label map's names and synonyms (anything else counts as wrong)."""
-    from pallava.eval.runner import UNMAPPED, zeroshot_question
+    """A trained assistant's class answers under each shift to the evaluation suite's class-choice question:
+    the class name it is likeliest to answer (`likelihood`, the suite's default), or its generated answer
+    mapped to a label by the label map's names and synonyms (`generated`; anything else counts as wrong)."""
+    from pallava.eval.runner import UNMAPPED, likeliest_names, zeroshot_question
     from pallava.inference import PaLlava
 
     assistant = PaLlava.from_pretrained(model)
@@ -296,9 +306,12 @@ def assistant_under_shifts(
 
     def classify(images: list, label_map) -> list[str]:
         question = zeroshot_question(label_map)
-        answers = assistant.ask_batch(
-            images, [question] * len(images), batch_size=batch_size, max_new_tokens=24
-        )
+        if class_answers == "likelihood":
+            answers, _ = likeliest_names(assistant, images, question, label_map)
+        else:
+            answers = assistant.ask_batch(
+                images, [question] * len(images), batch_size=batch_size, max_new_tokens=24
+            )
         return [label_map.label_for(answer) or UNMAPPED for answer in answers]
 
     return _accuracy_under_shifts(classify, shifts)

@@ -31,7 +31,7 @@ def test_every_augmentation_keeps_shape_dtype_and_range(tile):
     rng = random.Random(0)
     for config in (
         Augmentation(),
-        Augmentation(stain=0.3, stain_vectors=0.3, zoom=1.0, max_zoom=4, resolution=1.0),
+        Augmentation(stain=0.3, stain_vectors=0.3, stain_amount=3.0, zoom=1.0, max_zoom=4, resolution=1.0),
         Augmentation(hue=0.5, grayscale=0.5),
         Augmentation.off(),
     ):
@@ -56,6 +56,36 @@ def test_hed_jitter_changes_colour_within_its_strength(tile):
     # colour only: the layout of dark (nuclei) and light pixels stays
     out = hed_jitter(tile, random.Random(1), 0.3).mean(axis=2)
     assert np.corrcoef(out.ravel(), tile.mean(axis=2).ravel())[0, 1] > 0.9
+
+
+def _hed_density(pixels: np.ndarray) -> np.ndarray:
+    """Per-pixel haematoxylin, eosin and DAB densities (Ruifrok-Johnston unmixing), (N, 3)."""
+    rgb_from_hed = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    rgb_from_hed /= np.linalg.norm(rgb_from_hed, axis=1, keepdims=True)
+    density = -np.log(np.maximum(pixels.reshape(-1, 3).astype(np.float64), 1.0) / 255.0)
+    return density @ np.linalg.inv(rgb_from_hed)
+
+
+def test_stain_amount_multiplies_each_dye_by_a_factor_within_its_range(tile):
+    # Pixels far from saturation (no clipping at 0 or 255), where the densities can be read back exactly.
+    keep = ((tile > 20) & (tile < 200)).all(axis=2).ravel()
+    before = _hed_density(tile)[keep]
+    factors = []
+    for seed in range(24):
+        after = _hed_density(hed_jitter(tile, random.Random(seed), 0.0, amount=2.0).round().astype(np.uint8))
+        after = after[keep]
+        strong = np.abs(before) > 0.2  # read a ratio only where the dye is present
+        ratio = [np.median(after[strong[:, i], i] / before[strong[:, i], i]) for i in range(3)]
+        assert 0.45 < ratio[0] < 2.1 and 0.45 < ratio[1] < 2.1  # in [1/2, 2], up to uint8 rounding
+        assert abs(ratio[2] - 1) < 0.05  # DAB is left alone
+        factors.append(ratio[:2])
+    factors = np.log(np.array(factors))
+    # log-uniform: darker and paler views alike, and the two dyes drawn apart
+    assert factors.min() < -0.3 and factors.max() > 0.3
+    assert np.abs(factors[:, 0] - factors[:, 1]).max() > 0.3
+    assert np.array_equal(  # seeded, and off at 1: the same view as without the argument
+        hed_jitter(tile, random.Random(5), 0.1, amount=1.0), hed_jitter(tile, random.Random(5), 0.1)
+    )
 
 
 def test_stain_vectors_change_the_hue_more_the_stronger_they_are(tile):
@@ -119,6 +149,8 @@ def test_resolution_jitter_removes_detail_but_keeps_colour(tile):
 def test_bad_settings_and_inputs_are_refused(tile):
     with pytest.raises(ValueError, match="'stain' must be in"):
         Augmentation(stain=2.0)
+    with pytest.raises(ValueError, match="'stain_amount' must be in \\[1, 4\\]"):
+        Augmentation(stain_amount=0.5)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['tint'\]"):
         Augmentation.from_dict({"tint": 0.1})
     with pytest.raises(ValueError, match="uint8 \\(H, W, 3\\)"):

@@ -27,7 +27,7 @@ def test_robustness_shifts_change_images_the_stated_way(shared_data):
 
     items = read_manifest(shared_data / "oscc" / "manifest.csv", "dev")[:10]
     original, labels = robustness.shifted_sets(items, "original")
-    for shift in ("stain-a", "stain-b", "zoom-in-2x", "low-res"):
+    for shift in ("stain-a", "stain-b", "zoom-in-2x", "low-res", "nct-stain"):
         images, truth = robustness.shifted_sets(items, shift)
         assert truth == labels and [i.size for i in images] == [i.size for i in original]
         change = np.mean(
@@ -41,6 +41,11 @@ def test_robustness_shifts_change_images_the_stated_way(shared_data):
     a = np.asarray(original[0], float).mean(2)
     b = np.asarray(robustness.restain(np.asarray(original[0]), "stain-a"), float).mean(2)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+    # the other lab's real tiles carry about twice the haematoxylin of the oral set: darker, same layout
+    other_lab, _ = robustness.shifted_sets(items, "nct-stain")
+    grey = [np.asarray(image, float).mean(2) for image in (original[0], other_lab[0])]
+    assert grey[1].mean() < grey[0].mean() - 10
+    assert np.corrcoef(grey[0].ravel(), grey[1].ravel())[0, 1] > 0.9
     mosaics, truth = robustness.shifted_sets(items, "zoom-out-2x")
     per_class = {label: labels.count(label) for label in set(labels)}
     assert len(mosaics) == sum(max(0, n - 3) for n in per_class.values()) and set(truth) <= set(labels)
@@ -62,6 +67,10 @@ def test_robustness_shifts_change_images_the_stated_way(shared_data):
     assert "## Reading (from the run above)\n- a note" in table
     assert "## The trained models under the same shifts" in table and "| assistant | 0.500" in table
     assert table.rstrip().endswith("- seen")
+    # a row measured before the nct-stain shift existed: a dash there, its mean over the shifts it has
+    older = {d: {s: (1.0 if s == "original" else 0.25) for s in robustness.SHIFTS[:-1]} for d in half}
+    table = robustness.render({**results, "variants": {"none": older}})
+    assert "| none | 1.000 (1.00 / 1.00 / 1.00) |" in table and "| - | 0.250 |" in table
 
 
 def test_magnification_views_zoom_in_and_out_keeping_labels(shared_data):
@@ -116,10 +125,27 @@ def test_the_assistant_is_asked_each_datasets_own_classes_under_each_shift(tiny,
 
     monkeypatch.setattr(PaLlava, "ask_batch", ask_batch)
     first_two = {"two": lambda items: ([load_image(i.path) for i in items[:2]], [i.label for i in items[:2]])}
-    scores = common.assistant_under_shifts(tmp_path / "assistant", first_two, batch_size=2)
+    scores = common.assistant_under_shifts(
+        tmp_path / "assistant", first_two, batch_size=2, class_answers="generated"
+    )
     assert set(scores) == set(common.SHIFT_DATASETS) and all(0 <= s["two"] <= 1 for s in scores.values())
     assert len(questions) == 6 and "oral squamous cell carcinoma" in questions[-1]
     assert "lung" not in questions[-1]  # each dataset's own classes only
+
+    # The default, as the suite: the likeliest of the dataset's own class names, so every answer maps.
+    candidates = []
+    real_scores = PaLlava.answer_log_likelihoods
+
+    def answer_log_likelihoods(self, image, question, answers):
+        candidates.append(tuple(answers))
+        return real_scores(self, image, question, answers)
+
+    monkeypatch.setattr(PaLlava, "answer_log_likelihoods", answer_log_likelihoods)
+    scores = common.assistant_under_shifts(tmp_path / "assistant", first_two)
+    assert len(questions) == 6 and len(candidates) == 6  # no generation; one scoring per image
+    assert candidates[-1] == ("normal oral mucosa", "oral squamous cell carcinoma")  # the oral set's own
+    for dataset, score in scores.items():
+        assert score["two"] in (0.0, 0.5, 1.0), dataset  # two images, each answered with a class
 
 
 def test_re_rendering_the_robustness_page_keeps_its_hand_written_sections(tmp_path):

@@ -237,7 +237,7 @@ def run_zeroshot(
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
             if class_answers == "likelihood":
-                answers, scores = _likeliest_names(assistant, [i.path for i in chunk], question, label_map)
+                answers, scores = likeliest_names(assistant, [i.path for i in chunk], question, label_map)
             else:
                 answers = assistant.ask_batch(
                     [i.path for i in chunk],
@@ -265,7 +265,7 @@ def run_zeroshot(
         return _ordered(writer, [item.path for item in images], path)
 
 
-def _likeliest_names(
+def likeliest_names(
     assistant: Assistant, images: Sequence[str], question: str, label_map: LabelMap
 ) -> tuple[list[str], list[dict[str, float]]]:
     """For each image, the class name the model is likeliest to answer, and every name's log-probability."""

@@ -7,7 +7,10 @@ What a model must survive on another lab's slides, and the augmentation that tea
   U(1 - s, 1 + s) and shifted by U(-s, s), and mixed back; plus a mild brightness/contrast/saturation jitter.
   Another lab's dyes differ in hue, not only in amount: with `stain_vectors` v the densities are mixed back
   with haematoxylin and eosin vectors whose components are moved by U(-v, v) (then made unit length again),
-  so the model also sees bluer-black or purpler haematoxylin and pinker or more orange eosin;
+  so the model also sees bluer-black or purpler haematoxylin and pinker or more orange eosin; and with
+  `stain_amount` a each dye's density is multiplied by its own log-uniform factor in [1 / a, a]: another
+  lab's sections carry more or less of each dye (the other lab's tiles in `samples/crc` hold about three
+  times LC25000 colon's haematoxylin, far outside the jitter's +/- s);
 - **magnification**: a random scale, log-uniform in [1 / max_zoom, max_zoom]: above 1 a random crop of 1/scale
   of the side resized up (a higher-power view), below 1 the tile continued by mirroring and shrunk (a lower-
   power view); and resolution jitter: down-sampled by 2-4x and back up (a blurrier, lower-resolution scan);
@@ -61,6 +64,9 @@ class Augmentation:
     # Off by default: at 0.2 it cost 0.06 of unshifted accuracy and did not raise the mean over the shifts of
     # benchmarks/robustness.py (docs/plip.md); colour is part of what tells these classes apart here.
     stain_vectors: float = 0.0  # hue change of the H and E stain vectors, per component (0 = off)
+    # Another lab's slides carry more or less of each dye (a tissue section's thickness, staining time): the
+    # haematoxylin and eosin densities are each multiplied by a log-uniform factor in [1 / a, a] (1 = off).
+    stain_amount: float = 1.0
     colour: float = 0.1  # brightness / contrast / saturation jitter, each a factor in U(1 - c, 1 + c)
     # A magnification change on 60% of views, up to 4x either way: against 50% up to 2x, PLIP's zero-shot
     # accuracy over dev views zoomed 1/3x-4x rose from 0.753 to 0.811 (oral at 1/3x: 0.28 -> 0.69) with the
@@ -81,6 +87,8 @@ class Augmentation:
                 raise ValueError(f"augmentation '{name}' must be in [0, 1], got {value}")
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"augmentation 'hue' must be in [0, 0.5], got {self.hue}")
+        if not 1 <= self.stain_amount <= 4:
+            raise ValueError(f"augmentation 'stain_amount' must be in [1, 4], got {self.stain_amount}")
         if not 1 <= self.max_zoom <= 8:
             raise ValueError(f"augmentation 'max_zoom' must be in [1, 8], got {self.max_zoom}")
 
@@ -90,6 +98,7 @@ class Augmentation:
             flips=False,
             stain=0.0,
             stain_vectors=0.0,
+            stain_amount=1.0,
             colour=0.0,
             zoom=0.0,
             max_zoom=1.0,
@@ -119,16 +128,21 @@ def hed_jitter(
     strength: float,
     vectors: float = 0.0,
     restain: np.ndarray | None = None,
+    amount: float = 1.0,
 ) -> np.ndarray:
     """Scale and shift each stain's optical density (H, E, DAB) of a uint8 (H, W, 3) image, and with
     `vectors` > 0 mix them back with moved H and E stain vectors; float32 out. `restain`, a 3x3 optical-
-    density map (`StainBank.mixing_matrix`), is applied first.
+    density map (`StainBank.mixing_matrix`), is applied first. `amount` > 1 also multiplies the H and E
+    densities by log-uniform factors in [1 / amount, amount].
 
     Unmixing, jitter and re-mixing are linear in optical density, so they fold into one 3x3 matrix and a
     bias: density' = density @ restain @ (unmix * alpha) @ mix' + beta @ mix'.
     """
     alpha = np.array([rng.uniform(1 - strength, 1 + strength) for _ in range(3)])
     beta = np.array([rng.uniform(-strength, strength) for _ in range(3)])
+    if amount > 1:  # drawn only when asked: the recipes without it keep their random stream
+        spread = math.log(amount)
+        alpha[:2] *= np.exp([rng.uniform(-spread, spread) for _ in range(2)])
     mix = _RGB_FROM_HED
     if vectors:
         moved = mix[:2] + np.array([[rng.uniform(-vectors, vectors) for _ in range(3)] for _ in range(2)])
@@ -209,8 +223,8 @@ def augment(
     restain = None
     if config.stain_mix and stains is not None and rng.random() < config.stain_mix:
         restain = stains.mixing_matrix(dataset, rng)
-    if config.stain or config.stain_vectors or restain is not None:
-        x = hed_jitter(array, rng, config.stain, config.stain_vectors, restain)
+    if config.stain or config.stain_vectors or config.stain_amount > 1 or restain is not None:
+        x = hed_jitter(array, rng, config.stain, config.stain_vectors, restain, config.stain_amount)
     else:
         x = array.astype(np.float32)
     if config.colour:
