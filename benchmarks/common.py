@@ -298,9 +298,11 @@ def assistant_under_shifts(
     """A trained assistant's class answers under each shift to the evaluation suite's class-choice question:
     the class name it is likeliest to answer (`likelihood`, the suite's default), or its generated answer
     mapped to a label by the label map's names and synonyms (`generated`; anything else counts as wrong)."""
-    from pallava.eval.runner import UNMAPPED, likeliest_names, zeroshot_question
+    from pallava.eval.runner import CLASS_ANSWERS, UNMAPPED, likeliest_names, zeroshot_question
     from pallava.inference import PaLlava
 
+    if class_answers not in CLASS_ANSWERS:
+        raise ValueError(f"class_answers must be one of {', '.join(CLASS_ANSWERS)}, got {class_answers!r}")
     assistant = PaLlava.from_pretrained(model)
     assistant.stain_normalize = stain_normalize
 

@@ -146,6 +146,8 @@ def test_the_assistant_is_asked_each_datasets_own_classes_under_each_shift(tiny,
     assert candidates[-1] == ("normal oral mucosa", "oral squamous cell carcinoma")  # the oral set's own
     for dataset, score in scores.items():
         assert score["two"] in (0.0, 0.5, 1.0), dataset  # two images, each answered with a class
+    with pytest.raises(ValueError, match="class_answers must be one of"):
+        common.assistant_under_shifts(tmp_path / "assistant", first_two, class_answers="sampled")
 
 
 def test_re_rendering_the_robustness_page_keeps_its_hand_written_sections(tmp_path):
