@@ -105,11 +105,11 @@ def other_lab_stain():
 
 def restain_like_other_lab(pixels: list[np.ndarray]) -> list[np.ndarray]:
     """A set of tiles of one stain (a dataset's dev split) as the other lab's stain would colour them."""
+    from pallava.processing.augment import map_densities
     from pallava.processing.stain_mix import estimate_stain, transfer_matrix
 
     matrix = transfer_matrix(estimate_stain(pixels), other_lab_stain()).astype(np.float32)
-    densities = [-np.log(np.maximum(p.astype(np.float32) / 255.0, 1e-6)) for p in pixels]
-    return [np.clip(np.exp(-(d @ matrix)) * 255.0, 0, 255).astype(np.uint8) for d in densities]
+    return [map_densities(p, matrix).astype(np.uint8) for p in pixels]
 
 
 def zoom_in(pixels: np.ndarray) -> np.ndarray:

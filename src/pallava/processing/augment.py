@@ -153,6 +153,12 @@ def hed_jitter(
         matrix = restain @ matrix
     matrix = matrix.astype(np.float32)
     bias = (beta @ mix).astype(np.float32)
+    return map_densities(pixels, matrix, bias)
+
+
+def map_densities(pixels: np.ndarray, matrix: np.ndarray, bias: np.ndarray | float = 0.0) -> np.ndarray:
+    """A uint8 (H, W, 3) image with its optical densities mapped, density' = density @ matrix + bias (a 3x3
+    float32 matrix, e.g. `stain_mix.transfer_matrix`); float32 out, in [0, 255]."""
     density = _OPTICAL_DENSITY[pixels]  # (H, W, 3) float32, a table lookup per uint8 value
     rgb = np.exp(-(density @ matrix + bias))
     return np.clip(rgb * 255.0, 0, 255).astype(np.float32)
