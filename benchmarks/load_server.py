@@ -26,6 +26,7 @@ import httpx
 DEFAULT_IMAGE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "samples" / "pathology" / "stardist_histo.jpg"
 )
+WORKER_KEYS = ("model_s", "prefill_s", "decode_s", "decode_steps", "decode_rows")
 QUESTIONS = ("What tissue is shown?", "Is this malignant?", "Describe the nuclei.", "Which stain is used?")
 
 
@@ -102,6 +103,8 @@ def run_load(
     wall = time.perf_counter() - start
     after = httpx.get(f"{url}/health", timeout=timeout).json()
     batches = after.get("batches", 0) - before.get("batches", 0)
+    # The generation worker's time at the model during this run (servers that report it): the rest it waited.
+    worker = {key: after[key] - before[key] for key in WORKER_KEYS if key in after and key in before}
     return {
         "clients": clients,
         "requests": len(latencies) + len(errors),
@@ -115,6 +118,22 @@ def run_load(
         "throughput_rps": round(len(latencies) / wall, 3) if wall > 0 else None,
         "mean_batch_size": round(len(latencies) / batches, 2) if batches else None,
         "largest_batch": after.get("largest_batch"),
+        **({"worker": worker_summary(worker, wall)} if "model_s" in worker else {}),
+    }
+
+
+def worker_summary(worker: dict, wall: float) -> dict:
+    """The worker's seconds at the model, its share of the run's wall time, and (continuous batching) its
+    prefill and decoding seconds and rows per decoding step."""
+    steps = worker.get("decode_steps", 0)
+    return {
+        "model_s": round(worker["model_s"], 4),
+        "busy_share": round(worker["model_s"] / wall, 4) if wall > 0 else None,
+        "prefill_s": round(worker.get("prefill_s", 0.0), 3),
+        "decode_s": round(worker.get("decode_s", 0.0), 3),
+        "decode_steps": steps,
+        "decode_rows": worker.get("decode_rows", 0),
+        "rows_per_step": round(worker.get("decode_rows", 0) / steps, 2) if steps else None,
     }
 
 

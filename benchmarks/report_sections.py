@@ -145,7 +145,8 @@ def serve_section(serve: dict) -> list[str]:
         f"{first['batch_window_ms']:g} ms) on random weights; the clients in their own process, each "
         "request one real 500x300 image and a question, a fixed answer length (tiny "
         f"{serve.get('tiny', {}).get('max_tokens')}, paper-proportioned "
-        f"{serve.get('paper-proportioned', {}).get('max_tokens')} tokens). The speed-up (16 clients over "
+        f"{serve.get('paper-proportioned', {}).get('max_tokens')} tokens); one client and 16 in turn, "
+        f"{_rounds(serve)} rounds of each pooled. The speed-up (16 clients over "
         "1) is measured with the image feature cache off, so every request pays for its image as one "
         "with a new image does; the `image resent` rows use the shipped cache, as a chat's later turns "
         "(which send the image again) meet it:",
@@ -165,8 +166,73 @@ def serve_section(serve: dict) -> list[str]:
             rows,
         ),
         "",
+        *_worker_lines(serve),
         *_varied_lengths_lines(serve.get("tiny", {}).get("varied_lengths")),
     ]
+
+
+def _rounds(serve: dict) -> str:
+    return ", ".join(f"{regime} {entry.get('rounds', 1)}" for regime, entry in serve.items())
+
+
+def _worker_lines(serve: dict) -> list[str]:
+    """Where the speed-up goes: the generation worker's model time and its busy share of the wall time."""
+    rows, notes = [], []
+    for regime, entry in serve.items():
+        split = entry.get("worker")
+        if not split:
+            continue
+        for label, run in (("1 client", entry["one_at_a_time"]), ("16 clients", entry["concurrent"])):
+            worker = run["worker"]
+            rows.append(
+                [regime, label, round(worker["model_s"], 2), round(worker["busy_share"], 2)]
+                + [worker["prefill_s"], worker["decode_s"], worker["rows_per_step"], ""]
+            )
+        rows.append(
+            [regime, "16 over 1", "", f"{split['busy_share_ratio']}x", "", "", ""]
+            + [f"**{split['model_work_speedup']}x** model work"]
+        )
+        if "answer_tokens_for_goal" in split:
+            notes.append(_answer_length_note(regime, entry, split))
+    if not rows:
+        return []
+    return [
+        "Where it goes (headline runs): the generation worker's seconds at the model (prefill of joining "
+        "requests, and decoding steps with their mean rows), and its share of the run's wall time; the rest "
+        "it waited for requests, whose HTTP, JSON and image work, and the clients' own, share the same "
+        "cores. "
+        "The speed-up is the product of the two ratios in the last row: requests per second of model time, "
+        "and busy share:",
+        "",
+        table(
+            ["regime", "clients", "model s", "busy share", "prefill s", "decode s", "rows per step"]
+            + ["16 over 1"],
+            rows,
+        ),
+        "",
+        *[line for note in notes for line in (note, "")],
+    ]
+
+
+def _answer_length_note(regime: str, entry: dict, split: dict) -> str:
+    """What the measured prefill and step times allow: the answer length a never-waiting worker needs for
+    the 4x goal."""
+    (prefill_one, prefill_many), (step_one, step_many) = (
+        split["prefill_per_request_s"],
+        split["decode_step_s"],
+    )
+    tokens = split["answer_tokens_for_goal"]
+    reach = (
+        f"answers of about {tokens} tokens or more would reach 4x"
+        if tokens is not None
+        else "no answer length reaches 4x"
+    )
+    return (
+        f"{regime}: a request's prefill (image and prompt) took {prefill_one} s alone and {prefill_many} s "
+        f"each when joining together; a decoding step {step_one} s for one row and {step_many} s for "
+        f"{entry['concurrent']['worker']['rows_per_step']} rows. With these times {reach} even if the worker "
+        f"never waited (this run: {entry['max_tokens']})."
+    )
 
 
 def _varied_lengths_lines(varied: dict | None) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import torch
 from benchmarks.common import ROOT, load_average, write_json
 
 CLIENTS = 16
+SPEEDUP_GOAL = 4.0  # 16 clients over one at a time (benchmarks/run.py's target)
 VARIED_LENGTHS = (8, 16, 32, 64)  # answer lengths in turn for `varied_lengths`
 BATCHING_MODES = ("static", "continuous")  # `pallava serve --batching`, compared by `varied_lengths`
 
@@ -71,13 +73,22 @@ def run(
     # Requests one at a time, requests per concurrent client, answer tokens. Answers of a chat's length (64
     # tokens; 32 at paper-proportioned shapes, where a CPU decodes a few per second): the prompt's prefill is
     # compute-bound and gains nothing from batching, decoding does.
+    # Tiny: 32 requests alone and 8 per client, in 3 alternating rounds: with 16 and 4 in one round the
+    # concurrent run lasted under 2 s, and the ratio varied from 2.6x to 4.1x between runs on the same idle
+    # machine; with one round of 32 and 8, from 3.7x to 4.6x (the host's speed drifts between the two runs).
     defaults = {
-        "sequential": 16 if tiny else 2,
-        "per_client": 4 if tiny else 1,
+        "sequential": 32 if tiny else 2,
+        "per_client": 8 if tiny else 1,
         "max_tokens": 64 if tiny else 32,
+        "rounds": 3 if tiny else 1,
     }
     if quick:
-        defaults = {"sequential": 4 if tiny else 1, "per_client": 1, "max_tokens": 16 if tiny else 4}
+        defaults = {
+            "sequential": 4 if tiny else 1,
+            "per_client": 1,
+            "max_tokens": 16 if tiny else 4,
+            "rounds": 1,
+        }
     shape = {**defaults, **(shape or {})}
     # Shipped settings, but a time limit that a slow shared CPU cannot hit (the clients wait as long).
     # `max_batch_size`: another limit than the shipped one, as `pallava serve --max-batch-size` (checked).
@@ -100,14 +111,14 @@ def run(
     model = assistant(regime)  # both servers answer with the same model
     with BackgroundServer(create_app(model, settings)) as server:
         drive(server.url, 1, 1, shape["max_tokens"])  # warm-up: first calls allocate and pick kernels
-        result["one_at_a_time"] = drive(server.url, 1, shape["sequential"], shape["max_tokens"])
-        result["concurrent"] = drive(server.url, CLIENTS, shape["per_client"], shape["max_tokens"])
+        result["one_at_a_time"], result["concurrent"] = alternate(server.url, shape)
     with BackgroundServer(create_app(model, shipped)) as server:
         drive(server.url, 1, 1, shape["max_tokens"])  # warm-up, and the image's features enter the cache
+        one, many = alternate(server.url, shape)
         result["resent_image"] = {
             "image_cache": shipped.image_cache,
-            "one_at_a_time": drive(server.url, 1, shape["sequential"], shape["max_tokens"]),
-            "concurrent": drive(server.url, CLIENTS, shape["per_client"], shape["max_tokens"]),
+            "one_at_a_time": one,
+            "concurrent": many,
         }
     one, many = result["one_at_a_time"], result["concurrent"]
     result["errors"] = one["errors"] + many["errors"]
@@ -116,8 +127,83 @@ def run(
         result["errors"] += sum(varied[mode]["errors"] for mode in BATCHING_MODES)
     if one["throughput_rps"] and many["throughput_rps"]:
         result["serve_concurrency_speedup"] = round(many["throughput_rps"] / one["throughput_rps"], 3)
+        result["worker"] = where_time_goes(one, many)
     result["load_average_end"] = load_average()
     return result
+
+
+def alternate(url: str, shape: dict) -> tuple[dict, dict]:
+    """One client, then CLIENTS clients, `shape["rounds"]` times in turn, each mode's rounds pooled."""
+    rounds: dict[str, list[dict]] = {"one": [], "many": []}
+    for _ in range(shape["rounds"]):
+        rounds["one"].append(drive(url, 1, shape["sequential"], shape["max_tokens"]))
+        rounds["many"].append(drive(url, CLIENTS, shape["per_client"], shape["max_tokens"]))
+    return pooled(rounds["one"]), pooled(rounds["many"])
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Rounds of the load client as one run: requests, errors, wall time and the worker's time summed,
+    throughput over the total; latency percentiles (not additive) from the round of median throughput."""
+    if len(runs) == 1:
+        return {**runs[0], "rounds": 1}
+    from benchmarks.load_server import worker_summary
+
+    requests, wall = sum(run["requests"] for run in runs), sum(run["wall_s"] for run in runs)
+    middle = sorted(runs, key=lambda run: run["throughput_rps"] or 0)[len(runs) // 2]
+    batches = sum(run["requests"] / run["mean_batch_size"] for run in runs if run["mean_batch_size"])
+    out = {
+        **middle,
+        "rounds": len(runs),
+        "requests": requests,
+        "errors": sum(run["errors"] for run in runs),
+        "first_errors": [error for run in runs for error in run["first_errors"]][:3],
+        "wall_s": round(wall, 3),
+        "throughput_rps": round(requests / wall, 3) if wall > 0 else None,
+        "mean_batch_size": round(requests / batches, 2) if batches else None,
+        "largest_batch": max(run["largest_batch"] or 0 for run in runs),
+    }
+    if all("worker" in run for run in runs):
+        keys = ("model_s", "prefill_s", "decode_s", "decode_steps", "decode_rows")
+        out["worker"] = worker_summary({key: sum(run["worker"][key] for run in runs) for key in keys}, wall)
+    return out
+
+
+def where_time_goes(one: dict, many: dict) -> dict | None:
+    """The speed-up split in two factors that multiply to it: requests per second of the generation worker's
+    model time (what batching saves in model work) and the worker's busy share of the wall time (what it
+    lost waiting for requests: their HTTP, JSON and image work, and the clients', on the same cores)."""
+    if "worker" not in one or "worker" not in many:
+        return None
+    worker_one, worker_many = one["worker"], many["worker"]
+    if not (worker_one["model_s"] and worker_many["model_s"] and worker_one["busy_share"]):
+        return None
+    model_rps = {
+        name: run["requests"] / run["worker"]["model_s"] for name, run in (("one", one), ("many", many))
+    }
+    split = {
+        "model_work_speedup": round(model_rps["many"] / model_rps["one"], 3),
+        "busy_share_ratio": round(worker_many["busy_share"] / worker_one["busy_share"], 3),
+    }
+    if worker_one["decode_steps"] and worker_many["decode_steps"]:  # continuous batching
+        prefill = [worker_one["prefill_s"] / one["requests"], worker_many["prefill_s"] / many["requests"]]
+        step = [worker["decode_s"] / worker["decode_steps"] for worker in (worker_one, worker_many)]
+        split.update(
+            prefill_per_request_s=[round(value, 4) for value in prefill],
+            decode_step_s=[round(value, 4) for value in step],
+            answer_tokens_for_goal=answer_tokens_for(SPEEDUP_GOAL, prefill, step),
+        )
+    return split
+
+
+def answer_tokens_for(goal: float, prefill: Sequence[float], step: Sequence[float]) -> int | None:
+    """The answer length at which a worker that never waits reaches `goal`x with CLIENTS clients, from the
+    measured per-request prefill and per-step decoding times (alone, and with CLIENTS rows): CLIENTS answers
+    of n tokens alone cost CLIENTS * (p1 + n * d1), together CLIENTS * pN + n * dN. None: no length does."""
+    (prefill_one, prefill_many), (step_one, step_many) = prefill, step
+    gain_per_token = CLIENTS * step_one - goal * step_many
+    if gain_per_token <= 0:
+        return None
+    return max(1, math.ceil(CLIENTS * (goal * prefill_many - prefill_one) / gain_per_token))
 
 
 def varied_lengths(model, settings, shape: dict) -> dict:

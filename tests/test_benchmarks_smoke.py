@@ -341,17 +341,24 @@ def test_serve_section_runs_one_client_then_sixteen_without_errors(shared_data):
     from benchmarks import serve_concurrency
 
     result = serve_concurrency.run(
-        "tiny", threads=1, shape={"sequential": 2, "per_client": 1, "max_tokens": 2}
+        "tiny", threads=1, shape={"sequential": 2, "per_client": 1, "max_tokens": 2, "rounds": 2}
     )
     one, many = result["one_at_a_time"], result["concurrent"]
-    assert result["errors"] == 0 and (one["requests"], many["requests"]) == (2, 16)
+    assert result["errors"] == 0 and (one["requests"], many["requests"]) == (4, 32)  # two rounds pooled
+    assert one["rounds"] == many["rounds"] == 2
     assert many["largest_batch"] > 1  # concurrent requests were answered together
     ratio = many["throughput_rps"] / one["throughput_rps"]
     assert result["serve_concurrency_speedup"] == pytest.approx(ratio, rel=1e-2)
+    for run in (one, many):  # the worker was at the model for part of each run (the server's clock brackets
+        # the client's by a health request's time, hence the margin)
+        assert 0 < run["worker"]["model_s"] and 0 < run["worker"]["busy_share"] <= 1.05
+    split = result["worker"]  # its two factors multiply to the speed-up
+    product = split["model_work_speedup"] * split["busy_share_ratio"]
+    assert product == pytest.approx(result["serve_concurrency_speedup"], rel=0.02)
     assert many["latency_p50_s"] <= many["latency_p99_s"]
     resent = result["resent_image"]  # the shipped image feature cache, the same requests
     assert resent["image_cache"] > 0
-    assert (resent["one_at_a_time"]["requests"], resent["concurrent"]["requests"]) == (2, 16)
+    assert (resent["one_at_a_time"]["requests"], resent["concurrent"]["requests"]) == (4, 32)
     assert resent["one_at_a_time"]["errors"] == resent["concurrent"]["errors"] == 0
     varied = result["varied_lengths"]  # answers of different lengths, static against continuous batching
     for mode in ("static", "continuous"):
@@ -413,6 +420,16 @@ def test_system_sections_give_their_keys_and_targets_in_their_direction():
             },
         }
     }
+    worker = {"model_s": 1.0, "prefill_s": 0.4, "decode_s": 0.5, "rows_per_step": 1.0}
+    serve["tiny"]["one_at_a_time"]["worker"] = {**worker, "busy_share": 0.8}
+    serve["tiny"]["concurrent"]["worker"] = {**worker, "busy_share": 0.6, "rows_per_step": 7.5}
+    serve["tiny"]["worker"] = {
+        "model_work_speedup": 6.0,
+        "busy_share_ratio": 0.75,
+        "prefill_per_request_s": [0.04, 0.02],
+        "decode_step_s": [0.002, 0.003],
+        "answer_tokens_for_goal": 12,
+    }
     results = {
         "command": "python benchmarks/run.py --only busy-machine slide-map serve",
         "quick": True,
@@ -440,6 +457,10 @@ def test_system_sections_give_their_keys_and_targets_in_their_direction():
     assert "## Training on a busy machine" in page and "| one | 1 | 1.0 | 1.5 | 1.50x |" in page
     assert "## Serving under concurrency" in page and "**4.5x**" in page
     assert "| tiny | 16 clients, image resent | 4 | 12.0 |" in page
+    assert "| tiny | 16 clients | 1.0 | 0.6 | 0.4 | 0.5 | 7.5 |  |" in page
+    assert "| tiny | 16 over 1 |  | 0.75x |  |  |  | **6.0x** model work |" in page
+    assert "tiny: a request's prefill (image and prompt) took 0.04 s alone and 0.02 s each" in page
+    assert "answers of about 12 tokens or more would reach 4x" in page
     assert (
         "Answers of 8, 64 tokens in turn" in page
         and "| continuous | 2.0 | 7.0 | 0.1 | 0.3 | 0 | 3.5x |" in page
@@ -458,3 +479,16 @@ def test_a_re_measured_section_leaves_the_older_commands_provenance():
     kept = _still_current(previous, ["serve", "slide-map"])
     assert kept == [{"command": "a", "sections": ["busy-machine"]}]
     assert _still_current({}, ["serve"]) == []
+
+
+def test_the_answer_length_for_the_serving_goal_is_the_shortest_that_reaches_it():
+    from benchmarks.serve_concurrency import CLIENTS, answer_tokens_for
+
+    prefill, step = (2.53, 2.64), (0.192, 0.307)  # seconds, as measured at paper-proportioned shapes
+
+    def speedup(tokens: int) -> float:  # CLIENTS answers alone against together, the worker never waiting
+        return CLIENTS * (prefill[0] + tokens * step[0]) / (CLIENTS * prefill[1] + tokens * step[1])
+
+    tokens = answer_tokens_for(4.0, prefill, step)
+    assert speedup(tokens) >= 4.0 > speedup(tokens - 1)
+    assert answer_tokens_for(4.0, prefill, (0.1, 0.5)) is None  # steps of 16 rows cost too much: never

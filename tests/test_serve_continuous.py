@@ -200,6 +200,13 @@ def test_a_short_answer_is_settled_while_a_long_one_goes_on(assistant, engine):
     assert answers.order == ["short", "long"]
     assert seen_at_short == {"long_settled": False, "running": 1}  # the long one was still being generated
     assert (engine.stats["batches"], engine.stats["largest_batch"]) == (1, 2)
+    # The worker's accounting: each answer's first token comes from the prefill, every other from a step
+    # that served it; the model time holds the prefill and the steps.
+    tokens = [answers.results[name].completion_tokens for name in ("long", "short")]
+    stats = engine.stats
+    assert (stats["decode_steps"], stats["decode_rows"]) == (max(tokens) - 1, sum(tokens) - 2)
+    assert 0 < stats["prefill_s"] and 0 < stats["decode_s"]
+    assert stats["prefill_s"] + stats["decode_s"] <= stats["model_s"] + 1e-3
 
 
 def test_a_request_joins_the_running_batch_at_the_next_step(assistant, engine):

@@ -163,6 +163,10 @@ class BatchingEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.batches = self.completed = self.cancelled = self.largest_batch = 0
+        # The worker's time at the model (seconds): whatever else it spends is waiting for requests. In
+        # continuous batching split into prefill (joining) and decoding steps, with the rows each step served.
+        self.model_s = self.prefill_s = self.decode_s = 0.0
+        self.decode_steps = self.decode_rows = 0
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -227,7 +231,9 @@ class BatchingEngine:
     @property
     def stats(self) -> dict[str, int]:
         """Counts so far. `batches`: groups of jobs started together (one `generate`, or one prefill joining
-        the continuous batch); `largest_batch`: the most jobs generated together."""
+        the continuous batch); `largest_batch`: the most jobs generated together; `model_s`: the worker's
+        seconds at the model (the rest of its time it waited for requests), in continuous batching also
+        split into `prefill_s` and `decode_s` over `decode_steps` steps that served `decode_rows` rows."""
         with self._cond:
             return {
                 "queued": len(self._pending),
@@ -236,6 +242,11 @@ class BatchingEngine:
                 "cancelled": self.cancelled,
                 "batches": self.batches,
                 "largest_batch": self.largest_batch,
+                "model_s": round(self.model_s, 4),
+                "prefill_s": round(self.prefill_s, 4),
+                "decode_s": round(self.decode_s, 4),
+                "decode_steps": self.decode_steps,
+                "decode_rows": self.decode_rows,
                 "image_pixels_held": self._held_pixels,
                 "image_cache_hits": self.image_cache.hits if self.image_cache else 0,
                 "image_cache_misses": self.image_cache.misses if self.image_cache else 0,
@@ -254,11 +265,13 @@ class BatchingEngine:
                 if self._closed:
                     return
                 batch = self._running = self._take_batch()
+            started = time.perf_counter()
             try:
                 self._run(batch)
             finally:
                 with self._cond:
                     self._running = []
+                    self.model_s += time.perf_counter() - started
 
     def _take_batch(self) -> list[Job]:
         """Under the lock: the oldest job plus compatible ones that arrive within the window, which closes
@@ -337,15 +350,28 @@ class BatchingEngine:
                 joining = self._take_joining(len(batch))
                 self._running = [*batch.jobs, *joining]
             try:
+                started = time.perf_counter()
                 self._join(batch, joining)
+                joined = time.perf_counter()
                 self._settle_finished(batch)  # a first token may end an answer, and joining takes time
                 if batch.rows:
+                    stepped, rows = time.perf_counter(), len(batch)
                     batch.step()
+                    self._count_step(rows, time.perf_counter() - stepped)
                     self._settle_finished(batch)
+                with self._cond:
+                    self.prefill_s += joined - started
+                    self.model_s += time.perf_counter() - started
             except Exception as error:  # reported to each running client; the worker keeps serving
                 log.exception("generation failed")
                 self._settle_all([*batch.clear(), *joining], error)  # those already settled are skipped
                 self._settle_finished(batch)
+
+    def _count_step(self, rows: int, seconds: float) -> None:
+        with self._cond:
+            self.decode_s += seconds
+            self.decode_steps += 1
+            self.decode_rows += rows
 
     def _take_joining(self, running: int) -> list[Job]:
         """Under the lock: queued jobs for the batch's free rows. An idle worker first waits up to the window
