@@ -71,8 +71,9 @@ def run(
         torch.set_num_threads(threads)
     tiny = regime == "tiny"
     # Requests one at a time, requests per concurrent client, answer tokens. Answers of a chat's length (64
-    # tokens; 32 at paper-proportioned shapes, where a CPU decodes a few per second): the prompt's prefill is
-    # compute-bound and gains nothing from batching, decoding does.
+    # tokens; 32 at paper-proportioned shapes, where a CPU decodes a few per second). Batching saves decoding
+    # steps; a prefill (the image and the prompt) is compute-bound at paper-proportioned shapes and costs as
+    # much per request together as alone (measured 2.45 s alone, 2.58 s each together, 2026-12-02).
     # Tiny: 32 requests alone and 8 per client, in 3 alternating rounds: with 16 and 4 in one round the
     # concurrent run lasted under 2 s, and the ratio varied from 2.6x to 4.1x between runs on the same idle
     # machine; with one round of 32 and 8, from 3.7x to 4.6x (the host's speed drifts between the two runs).
@@ -146,7 +147,7 @@ def pooled(runs: list[dict]) -> dict:
     throughput over the total; latency percentiles (not additive) from the round of median throughput."""
     if len(runs) == 1:
         return {**runs[0], "rounds": 1}
-    from benchmarks.load_server import worker_summary
+    from benchmarks.load_server import WORKER_KEYS, worker_summary
 
     requests, wall = sum(run["requests"] for run in runs), sum(run["wall_s"] for run in runs)
     middle = sorted(runs, key=lambda run: run["throughput_rps"] or 0)[len(runs) // 2]
@@ -163,8 +164,8 @@ def pooled(runs: list[dict]) -> dict:
         "largest_batch": max(run["largest_batch"] or 0 for run in runs),
     }
     if all("worker" in run for run in runs):
-        keys = ("model_s", "prefill_s", "decode_s", "decode_steps", "decode_rows")
-        out["worker"] = worker_summary({key: sum(run["worker"][key] for run in runs) for key in keys}, wall)
+        totals = {key: sum(run["worker"][key] for run in runs) for key in WORKER_KEYS}
+        out["worker"] = worker_summary(totals, wall)
     return out
 
 

@@ -229,7 +229,7 @@ class BatchingEngine:
                 self.cancelled += 1
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Counts so far. `batches`: groups of jobs started together (one `generate`, or one prefill joining
         the continuous batch); `largest_batch`: the most jobs generated together; `model_s`: the worker's
         seconds at the model (the rest of its time it waited for requests), in continuous batching also
