@@ -84,12 +84,12 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
 
 def restain(pixels: np.ndarray, lab: str) -> np.ndarray:
     """The image as another lab's stains would colour the same tissue (fixed transform)."""
+    from pallava.processing.augment import map_densities
+
     vectors, scales = _LABS[lab]
-    density = -np.log(np.maximum(pixels.astype(np.float64) / 255.0, 1e-6)) @ np.linalg.inv(
-        _unit_rows(_RUIFROK)
-    )
-    rgb = np.exp(-((density * np.array(scales)) @ _unit_rows(vectors)))
-    return np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
+    # Unmixed with the reference stains, each concentration scaled, mixed with the lab's: one density map.
+    matrix = (np.linalg.inv(_unit_rows(_RUIFROK)) * np.array(scales)) @ _unit_rows(vectors)
+    return map_densities(pixels, matrix.astype(np.float32)).astype(np.uint8)
 
 
 @functools.cache

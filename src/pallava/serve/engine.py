@@ -349,29 +349,28 @@ class BatchingEngine:
                     return
                 joining = self._take_joining(len(batch))
                 self._running = [*batch.jobs, *joining]
+            started = time.perf_counter()
             try:
-                started = time.perf_counter()
                 self._join(batch, joining)
                 joined = time.perf_counter()
                 self._settle_finished(batch)  # a first token may end an answer, and joining takes time
-                if batch.rows:
-                    stepped, rows = time.perf_counter(), len(batch)
+                rows = len(batch)
+                if rows:
+                    stepped = time.perf_counter()
                     batch.step()
-                    self._count_step(rows, time.perf_counter() - stepped)
+                    decoded = time.perf_counter()
                     self._settle_finished(batch)
                 with self._cond:
-                    self.prefill_s += joined - started
                     self.model_s += time.perf_counter() - started
+                    self.prefill_s += joined - started
+                    if rows:
+                        self.decode_s += decoded - stepped
+                        self.decode_steps += 1
+                        self.decode_rows += rows
             except Exception as error:  # reported to each running client; the worker keeps serving
                 log.exception("generation failed")
                 self._settle_all([*batch.clear(), *joining], error)  # those already settled are skipped
                 self._settle_finished(batch)
-
-    def _count_step(self, rows: int, seconds: float) -> None:
-        with self._cond:
-            self.decode_s += seconds
-            self.decode_steps += 1
-            self.decode_rows += rows
 
     def _take_joining(self, running: int) -> list[Job]:
         """Under the lock: queued jobs for the batch's free rows. An idle worker first waits up to the window
