@@ -279,10 +279,11 @@ def zeroshot_under_shifts(model: Path, shifts: Shifts, stain_normalize: str | No
     """A trained PLIP's zero-shot accuracy under each shift (prompt ensembles of each class's names), the
     images stain-normalised first if asked (`--stain-normalize`)."""
     from pallava.models.plip import PlipZeroShot
+    from pallava.processing.stain_norm import resolve_stain_normalize
     from pallava.train.plip_eval import zeroshot_predictions
 
     zs = PlipZeroShot.from_pretrained(model)
-    zs.stain_normalize = stain_normalize
+    zs.stain_normalize = resolve_stain_normalize(stain_normalize, zs.stain_normalize)
     return _accuracy_under_shifts(
         lambda images, label_map: zeroshot_predictions(zs, zs.encode_images(images), label_map)[0], shifts
     )
@@ -303,8 +304,7 @@ def assistant_under_shifts(
 
     if class_answers not in CLASS_ANSWERS:
         raise ValueError(f"class_answers must be one of {', '.join(CLASS_ANSWERS)}, got {class_answers!r}")
-    assistant = PaLlava.from_pretrained(model)
-    assistant.stain_normalize = stain_normalize
+    assistant = PaLlava.from_pretrained(model, stain_normalize=stain_normalize)
 
     def classify(images: list, label_map) -> list[str]:
         question = zeroshot_question(label_map)

@@ -14,8 +14,8 @@ from pallava.processing.augment import (
     hed_jitter,
     rescale,
     rotate_hue,
-    stain_normalize,
 )
+from pallava.processing.stain_norm import stain_normalize
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
-from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image
 from pallava.processing.processor import (
     CROP_FEATURES,
@@ -23,6 +22,7 @@ from pallava.processing.processor import (
     PaLlavaProcessor,
     Turn,
 )
+from pallava.processing.stain_norm import check_stain_normalize, resolve_stain_normalize
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,10 @@ class PaLlava:
     ):
         self.model = model.eval()
         self.processor = processor
-        self.stain_normalize = stain_normalize  # e.g. "macenko": images are mapped onto reference H&E stains
+        # None keeps what the vision tower was trained with (recorded in its config, applied by the image
+        # processor); "macenko" or "none" overrides it
+        recorded = processor.image_processor.stain_normalize
+        self.stain_normalize = resolve_stain_normalize(stain_normalize, recorded)
         self.directory: Path | None = None  # the folder it was loaded from, if any
         self._slide_model = None
         self._cache_options: dict = {}  # set by `speed_up_generation`
@@ -60,15 +63,20 @@ class PaLlava:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+        cls,
+        directory: str | Path,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        stain_normalize: str | None = None,
     ) -> PaLlava:
+        """Load a model folder; `stain_normalize` overrides the normalisation its tower records."""
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory} is not a pallava model directory (no config.json)")
         model = PaLlavaForConditionalGeneration.from_pretrained(
             directory, dtype=dtype, trust_remote_code=False
         )
-        assistant = cls(model, PaLlavaProcessor.from_pretrained(directory), device)
+        assistant = cls(model, PaLlavaProcessor.from_pretrained(directory), device, stain_normalize)
         assistant.directory = directory  # where `ask_slide` finds the slide stage's position embedding
         return assistant
 
@@ -79,6 +87,15 @@ class PaLlava:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def stain_normalize(self) -> str | None:
+        """The stain normalisation every image gets before the model reads it (None: off)."""
+        return self.processor.image_processor.stain_normalize
+
+    @stain_normalize.setter
+    def stain_normalize(self, method: str | None) -> None:
+        self.processor.image_processor.stain_normalize = check_stain_normalize(method)
 
     def speed_up_generation(self, compile: bool | None = None, backend: str = "inductor") -> PaLlava:
         """Generate with a static KV cache and, with `compile` (default: on a CUDA device), the language
@@ -108,18 +125,10 @@ class PaLlava:
     def _inputs(
         self, conversations: Sequence[Sequence[Turn]], images: Sequence[Sequence[ImageSource]]
     ) -> dict:
-        images = [self._images(row) for row in images]
         batch = self.processor(
             text=conversations, images=images, add_generation_prompt=True, padding_side="left"
         )
         return {k: v.to(self.device) for k, v in batch.items() if k in (*MODEL_INPUT_NAMES, CROP_FEATURES)}
-
-    def _images(self, images: Sequence[ImageSource]) -> list:
-        """The images as the model reads them: stain-normalised first when that is set."""
-        if not self.stain_normalize:
-            return list(images)
-        limit = self.processor.image_processor.max_pixels
-        return [stain_normalize(load_image(i, limit), self.stain_normalize) for i in images]
 
     def _generation_options(
         self, max_new_tokens: int, temperature: float, top_p: float, max_time: float | None = None
@@ -207,7 +216,7 @@ class PaLlava:
         inputs = {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask", "labels")}
         if image is not None:
             # the image is tiled and encoded once; every candidate reads the same features
-            pixels = self.processor.image_processor(self._images([image]))
+            pixels = self.processor.image_processor([image])
             tile_mask = pixels["tile_mask"].to(self.device)
             features = self.model.encode_crops(
                 pixels["pixel_values"].to(self.device), self.model.tiles_to_encode(tile_mask)

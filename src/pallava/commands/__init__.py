@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from pallava.processing.augment import STAIN_NORMALIZERS
+from pallava.processing.stain_norm import NO_NORMALIZATION, STAIN_NORMALIZERS
 
 
 def add_stain_normalize_argument(parser: argparse.ArgumentParser) -> None:
     """`--stain-normalize METHOD`: the same option wherever images are read for a model."""
     parser.add_argument(
         "--stain-normalize",
-        choices=STAIN_NORMALIZERS,
-        help="map each image onto reference H&E stain vectors first (default: off). Only for models trained "
-        "on images normalised the same way: the demo's models, trained on unnormalised tiles, fall to near "
-        "chance with it (docs/robustness.md)",
+        choices=(*STAIN_NORMALIZERS, NO_NORMALIZATION),
+        help="map each image onto reference H&E stain vectors first (default: what the model was trained "
+        "with, recorded in its config: a PLIP or assistant trained with `stain_normalize: macenko` applies "
+        "it by itself; none: off). Only for models trained on images normalised the same way: the demo's "
+        "models, trained on unnormalised tiles, fall to near chance with it (docs/robustness.md)",
     )

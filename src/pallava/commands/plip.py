@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pallava.commands import add_stain_normalize_argument
 from pallava.commands.train import add_run_arguments
+from pallava.processing.stain_norm import resolve_stain_normalize
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -63,7 +64,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: zero-shot classification needs a labelled manifest (.csv)")
     templates = _read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
     zs = PlipZeroShot.from_pretrained(args.model)
-    zs.stain_normalize = args.stain_normalize
+    zs.stain_normalize = resolve_stain_normalize(args.stain_normalize, zs.stain_normalize)
     report, rows = zeroshot_report(zs, samples, label_map, templates, batch_size=args.batch_size)
     report.update(model=str(args.model), data=str(args.data), split=args.split)
     path = write_zeroshot_report(report, rows, Path(args.out))

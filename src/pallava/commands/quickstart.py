@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pallava.processing.stain_norm import STAIN_NORMALIZERS
+
 
 def run(args: argparse.Namespace) -> int:
     from pallava.quickstart import DEFAULT_DATA, DEFAULT_SAMPLES, Quickstart, QuickstartSettings
@@ -23,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         slides=not args.no_slides,
         processes=1 if args.smoke else processes,
+        # recorded in PLIP's tower, so the assistant trained on it and every evaluation normalise too
+        plip_args=[f"stain_normalize={args.stain_normalize}"] if args.stain_normalize else [],
     )
     try:
         Quickstart(settings).run()
@@ -71,6 +75,13 @@ def register(subparsers) -> None:
         default="auto",
         help="data-parallel training processes, one thread each (default auto: one per core, up to 4); "
         "1 on a machine that is busy with other work",
+    )
+    parser.add_argument(
+        "--stain-normalize",
+        choices=STAIN_NORMALIZERS,
+        help="train PLIP on stain-normalised images (recorded in the model: the assistant trained on its "
+        "tower and every evaluation normalise too). Off by default: it reads another lab's stain better and "
+        "the training labs' own images worse (docs/robustness.md). Use a new --out: done steps are skipped",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)

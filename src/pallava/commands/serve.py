@@ -18,8 +18,12 @@ def _load(args: argparse.Namespace):
 
     from pallava.inference import PaLlava
 
-    assistant = PaLlava.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    assistant.stain_normalize = getattr(args, "stain_normalize", None)
+    assistant = PaLlava.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        stain_normalize=getattr(args, "stain_normalize", None),
+    )
     if args.static_cache:
         assistant.speed_up_generation()
     return assistant

@@ -31,6 +31,7 @@ from pallava.eval.runner import class_answering, model_tokenize, run_vqa, run_ze
 from pallava.eval.suite_config import Benchmark, Suite, SuiteSettings, load_suite
 from pallava.eval.suite_report import class_summary, vqa_summary, write_summary
 from pallava.eval.tasks import load_vqa_items, model_prompt_style, sample_items
+from pallava.processing.stain_norm import resolve_stain_normalize
 
 MARKERS = ".suite"
 
@@ -50,15 +51,17 @@ class LazyAssistant:
     ) -> None:
         self.model_dir = model_dir
         self.device = device
-        self.stain_normalize = stain_normalize  # e.g. "macenko": images mapped onto reference H&E stains
+        # None: what the model records (`processing.stain_norm`); "macenko" or "none" overrides it
+        self.stain_normalize = stain_normalize
         self.assistant: Any = None
 
     def _loaded(self) -> Any:
         if self.assistant is None:
             from pallava.inference import PaLlava
 
-            self.assistant = PaLlava.from_pretrained(self.model_dir, device=_device(self.device))
-            self.assistant.stain_normalize = self.stain_normalize
+            self.assistant = PaLlava.from_pretrained(
+                self.model_dir, device=_device(self.device), stain_normalize=self.stain_normalize
+            )
         return self.assistant
 
     def ask_batch(self, images: Sequence[Any], questions: Sequence[str], **options: Any) -> list[str]:
@@ -86,7 +89,8 @@ class _Models:
             from pallava.models.plip import PlipZeroShot
 
             self._plip = PlipZeroShot.from_pretrained(self.plip_dir, device=_device(self.device) or "cpu")
-            self._plip.stain_normalize = self.assistant.stain_normalize
+            requested, recorded = self.assistant.stain_normalize, self._plip.stain_normalize
+            self._plip.stain_normalize = resolve_stain_normalize(requested, recorded)
         return self._plip
 
 

@@ -30,6 +30,7 @@ from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.vision_tower import PallavaVisionModel
 from pallava.processing.image import PaLlavaImageProcessor
 from pallava.processing.processor import PaLlavaProcessor
+from pallava.processing.stain_norm import recorded_stain_normalize
 from pallava.processing.tokenizer import IMAGE, build_tiny_tokenizer
 
 PRESETS = ("tiny", "paper")
@@ -157,7 +158,10 @@ def make_processor(config: PaLlavaConfig, tokenizer) -> PaLlavaProcessor:
             f"tokenizer maps {IMAGE} to {image_token_id} but the config says {config.image_token_id}"
         )
     image_processor = PaLlavaImageProcessor(
-        tile_size=config.tile_size, grid_policy=config.grid_policy, max_tiles=config.max_tiles
+        tile_size=config.tile_size,
+        grid_policy=config.grid_policy,
+        max_tiles=config.max_tiles,
+        stain_normalize=recorded_stain_normalize(config.vision_config),  # as the tower was trained
     )
     return PaLlavaProcessor(tokenizer, image_processor, num_image_tokens=config.num_image_tokens)
 

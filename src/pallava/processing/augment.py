@@ -1,4 +1,4 @@
-"""Training-time augmentation for H&E tiles, and optional stain normalisation at inference.
+"""Training-time augmentation for H&E tiles.
 
 What a model must survive on another lab's slides, and the augmentation that teaches it:
 
@@ -26,17 +26,15 @@ What a model must survive on another lab's slides, and the augmentation that tea
 
 Everything is a function of the `random.Random` passed in, so training stays reproducible and resumable.
 
-Stain normalisation (`stain_normalize(image, "macenko")`) maps an image onto the reference H&E stain vectors
-of Macenko et al. (2009) with torchstain: numpy only (no OpenCV), the published reference, no target image
-needed. torchstain's own augmentor draws from numpy's global random state and always re-maps to the
-reference stain, so the jitter above (a few lines of linear algebra) is done here with a seeded generator.
+Stain normalisation lives in `processing.stain_norm`. torchstain's own augmentor draws from numpy's global
+random state and always re-maps to the reference stain, so the jitter above (a few lines of linear algebra)
+is done here with a seeded generator.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -51,8 +49,6 @@ _RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 # -log(intensity) of every uint8 value (0 read as 1e-6, as for any optical density of black)
 _OPTICAL_DENSITY = (-np.log(np.maximum(np.arange(256) / 255.0, 1e-6))).astype(np.float32)
-
-STAIN_NORMALIZERS = ("macenko",)
 
 
 @dataclass(frozen=True)
@@ -245,32 +241,3 @@ def augment(
     if config.grayscale and rng.random() < config.grayscale:
         x = np.repeat(x.mean(axis=2, keepdims=True), 3, axis=2)
     return np.clip(x, 0, 255).astype(np.float32)
-
-
-def stain_normalize(image: Image.Image, method: str | None) -> Image.Image:
-    """Map an RGB image onto reference H&E stain vectors (`macenko`); None returns it unchanged.
-
-    An image with too little stained tissue to estimate stain vectors (e.g. blank glass) is returned
-    unchanged with a warning, never dropped.
-    """
-    if method is None:
-        return image
-    if method not in STAIN_NORMALIZERS:
-        raise ValueError(
-            f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_NORMALIZERS)}"
-        )
-    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
-
-    pixels = np.asarray(image.convert("RGB"))
-    try:
-        with np.errstate(all="ignore"):
-            normalized, _, _ = NumpyMacenkoNormalizer().normalize(pixels, stains=False)
-    except (np.linalg.LinAlgError, ValueError, IndexError) as error:
-        warnings.warn(
-            f"stain normalisation skipped: too little stained tissue to estimate stains ({error})",
-            stacklevel=2,
-        )
-        return image
-    if not np.isfinite(normalized).all():
-        return image
-    return Image.fromarray(normalized)

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import select_best_resolution
 
 from pallava.files import read_json_object
+from pallava.processing.stain_norm import check_stain_normalize, stain_normalize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -340,7 +341,8 @@ class TiledImage:
 class PaLlavaImageProcessor:
     """Anyres tiling + CLIP normalisation. `grid_policy` is `default` (1..max_tiles tiles) or `paper`;
     `global_view` is `letterbox` (aspect kept) or `stretch` (the reference code's); `padding` fills the
-    letterbox of the global view and the tile canvas (`PADDINGS`)."""
+    letterbox of the global view and the tile canvas (`PADDINGS`); `stain_normalize` (e.g. `macenko`) maps
+    every image onto reference H&E stains first, as the vision tower was trained (`processing.stain_norm`)."""
 
     tile_size: int = 224
     grid_policy: str = "default"
@@ -348,6 +350,7 @@ class PaLlavaImageProcessor:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     global_view: str = "letterbox"
     padding: str = "mirror"
+    stain_normalize: str | None = None
     grids: tuple[tuple[int, int], ...] = field(init=False)
 
     CONFIG_NAME = "preprocessor_config.json"
@@ -369,6 +372,7 @@ class PaLlavaImageProcessor:
                 raise ValueError(
                     f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}"
                 )
+        check_stain_normalize(self.stain_normalize)
         self.grids = grid_candidates(self.grid_policy, self.max_tiles)
 
     @property
@@ -379,8 +383,8 @@ class PaLlavaImageProcessor:
         return select_grid(image_size, self.grids, self.tile_size)
 
     def tile(self, src: ImageSource) -> TiledImage:
-        """Load (with limits) and cut one image into [global, tiles...]."""
-        image = load_image(src, self.max_pixels)
+        """Load (with limits), stain-normalise if set, and cut one image into [global, tiles...]."""
+        image = stain_normalize(load_image(src, self.max_pixels), self.stain_normalize)
         pixels = as_uint8_tensor(image)  # (H, W, 3); both views are resized from it, in torch
         size = self.tile_size
         cols, rows = self.select_grid(image.size)

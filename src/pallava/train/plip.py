@@ -69,11 +69,18 @@ def _write_model(
 class _ZeroShotProbe:
     """Zero-shot accuracy on a fixed labelled split during training (images decoded once)."""
 
-    def __init__(self, data: str | Path, split: str, label_map: str | None, image_size: int):
+    def __init__(
+        self,
+        data: str | Path,
+        split: str,
+        label_map: str | None,
+        image_size: int,
+        stain_normalize: str | None = None,
+    ):
         samples, self.label_map = read_plip_data(data, split, label_map)
         if self.label_map is None:
             raise ValueError(f"{data}: zero-shot evaluation needs a labelled manifest (.csv)")
-        dataset = PlipDataset(samples, image_size, self.label_map, train=False)
+        dataset = PlipDataset(samples, image_size, self.label_map, False, stain_normalize=stain_normalize)
         self.pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
         self.truth = [s.label for s in samples]
 
@@ -137,6 +144,8 @@ class PlipTask(Task):
             recipe.vision,
             **recipe.model_overrides(),
         )
+        # recorded with the tower, so zero-shot, `slide map` and the assistant built on it normalise too
+        model.config.vision_config.stain_normalize = recipe.stain_normalize
         if recipe.freeze_text_embeddings:
             model.text_model.embeddings.word_embeddings.requires_grad_(False)
         samples = [
@@ -159,6 +168,7 @@ class PlipTask(Task):
             seed=recipe.seed,
             augmentation=augmentation,
             stains=stains,
+            stain_normalize=recipe.stain_normalize,
         )
         if recipe.cache_images:
             self.dataset.cache_images(progress=main and self.show_progress)
@@ -184,7 +194,9 @@ class PlipTask(Task):
         self.settings.save_every = recipe.save_every or self.steps_per_epoch
         self.probe = None
         if self.eval_data is not None and main:
-            self.probe = _ZeroShotProbe(self.eval_data, self.eval_split, self.label_map, model.image_size)
+            self.probe = _ZeroShotProbe(
+                self.eval_data, self.eval_split, self.label_map, model.image_size, recipe.stain_normalize
+            )
         self.generator = (
             torch.Generator()
         )  # ITM negatives: re-seeded every step, so a resumed run draws the same

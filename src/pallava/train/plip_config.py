@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pallava.processing.stain_norm import check_stain_normalize
 from pallava.train.config import build_config, deep_merge, read_yaml_mapping, shipped_recipe
 from pallava.train.threads import check_cpu_threads
 
@@ -53,6 +54,7 @@ class PlipTrainConfig:
     cpu_threads: int | str | None  # torch threads per process on a CPU: N, auto or None (train/threads.py)
     cache_images: bool
     augment: dict | None  # processing.augment.Augmentation fields (stain, zoom, ...); None = defaults
+    stain_normalize: str | None  # e.g. macenko: train on normalised images, recorded so inference does too
     balance: str | None  # several datasets: sqrt (default) | equal | proportional | none
     seed: int
     max_steps: int | None
@@ -85,6 +87,15 @@ class PlipTrainConfig:
                 f"got {self.mixed_precision!r}"
             )
         check_cpu_threads(self.cpu_threads, source)
+        try:
+            check_stain_normalize(self.stain_normalize)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+        if self.stain_normalize and (self.augment or {}).get("stain_mix"):
+            raise ValueError(
+                f"{source}: augment.stain_mix re-stains views with each dataset's own stain, but with "
+                f"stain_normalize every image has the reference stain: turn one of them off"
+            )
         if self.keep_checkpoints < 1:
             raise ValueError(f"{source}: keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
 

@@ -30,6 +30,7 @@ from pallava.models.plip.prompts import caption_for
 from pallava.processing.augment import Augmentation, augment
 from pallava.processing.image import letterbox, load_image, normalize
 from pallava.processing.stain_mix import StainBank
+from pallava.processing.stain_norm import stain_normalize
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class PlipDataset(Dataset):
         seed: int = 0,
         augmentation: Augmentation | None = None,
         stains: StainBank | None = None,
+        stain_normalize: str | None = None,
     ):
         if any(s.caption is None for s in samples) and label_map is None:
             raise ValueError("PlipDataset: labelled samples need a label map to caption them")
@@ -166,6 +168,9 @@ class PlipDataset(Dataset):
         self.train, self.seed, self.epoch = train, seed, 0
         self.augmentation = augmentation or Augmentation()
         self.stains = stains  # the datasets' stains, for augmentation.stain_mix
+        # e.g. "macenko": each image normalised once, before it is cached and augmented (normalising every
+        # augmented view instead would cost a stain estimate per view and undo the stain jitter)
+        self.stain_normalize = stain_normalize
         self._cache: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -178,7 +183,7 @@ class PlipDataset(Dataset):
     def _pixels(self, index: int) -> np.ndarray:
         if self._cache is not None:
             return self._cache[index]
-        image = load_image(self.samples[index].image)
+        image = stain_normalize(load_image(self.samples[index].image), self.stain_normalize)
         return np.asarray(letterbox(image, self.image_size, self.image_size))
 
     def cache_images(self, progress: bool = True) -> None:

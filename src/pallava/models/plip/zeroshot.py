@@ -20,8 +20,8 @@ from pallava.files import read_json_object
 from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, class_prompts
-from pallava.processing.augment import stain_normalize
 from pallava.processing.image import ImageSource, load_image, normalize_to_tensor
+from pallava.processing.stain_norm import recorded_stain_normalize, stain_normalize
 
 
 class PlipZeroShot:
@@ -33,7 +33,8 @@ class PlipZeroShot:
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.stain_normalize: str | None = None  # e.g. "macenko": images mapped onto reference H&E stains
+        # e.g. "macenko": images mapped onto reference H&E stains, as the tower was trained (its config says)
+        self.stain_normalize: str | None = recorded_stain_normalize(model.config.vision_config)
         # Class prompt ensembles already encoded: a cohort of slides, or a server, asks for the same classes
         # again and again, and the paper's text tower takes seconds for them on a CPU.
         self._class_embeddings: dict[tuple[tuple[str, ...], ...], torch.Tensor] = {}
