@@ -191,17 +191,32 @@ def evaluate(model: Path) -> dict[str, dict[str, float]]:
     return zeroshot_under_shifts(model, shifted_views())
 
 
+def recorded_normalisation(out: Path) -> str | None:
+    """The stain normalisation a quickstart's PLIP was trained with (recorded in its tower's config)."""
+    from pallava.processing.stain_norm import check_stain_normalize
+
+    config = json.loads((out / "plip" / "config.json").read_text())
+    return check_stain_normalize(config["vision_config"].get("stain_normalize"))
+
+
 def evaluate_demo(out: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """A quickstart's PLIP (zero-shot) and assistant (class answers) under each shift, as they are and with
-    Macenko stain normalisation at inference (`--stain-normalize macenko`)."""
+    """A quickstart's PLIP (zero-shot) and assistant (class answers) under each shift, as they read images
+    by default and with the other stain normalisation setting at inference (`--stain-normalize macenko`
+    for models trained on plain images, `none` for models trained on normalised ones)."""
     rows = {}
-    for method in (None, "macenko"):
-        suffix = f", {method}" if method else ""
+    other = "none" if recorded_normalisation(out) else "macenko"
+    for method in (None, other):
+        suffix = f", {'without normalisation' if method == 'none' else method}" if method else ""
         rows[f"PLIP zero-shot{suffix}"] = zeroshot_under_shifts(out / "plip", shifted_views(), method)
         rows[f"assistant{suffix}"] = assistant_under_shifts(
             out / "assistant", shifted_views(), stain_normalize=method
         )
     return rows
+
+
+def demo_sections(results: dict) -> list[dict]:
+    """The scored quickstart runs (results stored before there could be several hold one, `demo`)."""
+    return results.get("demos") or ([results["demo"]] if results.get("demo") else [])
 
 
 ANSWERS = {  # how the demo's assistant answered, by `assistant_under_shifts`' class_answers
@@ -230,19 +245,21 @@ def render(results: dict) -> str:
     lines += [f"- `{name}`: `{json.dumps(VARIANTS[name])}`" for name in results["variants"]]
     if results.get("reading"):
         lines += ["", "## Reading (from the run above)", *results["reading"]]
-    demo = results.get("demo")
-    if demo:
+    for number, demo in enumerate(demo_sections(results)):
+        trained = demo.get("trained_normalisation")
+        lines += ["", "## The trained models under the same shifts"] if number == 0 else []
         lines += [
             "",
-            "## The trained models under the same shifts",
-            "",
             f"The PLIP and the assistant of a quickstart run ({demo['about']}): PLIP's zero-shot accuracy "
-            "and "
-            "the assistant's answer to the evaluation suite's class-choice question "
-            f"({ANSWERS[demo.get('class_answers', 'generated')]}), each as it is and with Macenko stain "
-            "normalisation "
-            "at inference (`--stain-normalize macenko`: every image mapped onto reference H&E stain vectors "
-            "before it is read).",
+            "and the assistant's answer to the evaluation suite's class-choice question "
+            f"({ANSWERS[demo.get('class_answers', 'generated')]}), "
+            + (
+                f"trained on {trained}-normalised images and so reading them normalised (the setting is "
+                "recorded in the model), and with normalisation switched off (`--stain-normalize none`)."
+                if trained
+                else "each as it is and with Macenko stain normalisation at inference (`--stain-normalize "
+                "macenko`: every image mapped onto reference H&E stain vectors before it is read)."
+            ),
             "",
             f"Command: `{demo['command']}`; load average {demo['load_average']} at the start; "
             f"{demo['seconds']:.0f} s.",
@@ -260,14 +277,18 @@ def _score_demo(out: Path, about: str, command: str) -> int:
     results = json.loads(RESULTS.read_text())  # the variants' table stays
     started, load = time.time(), load_average()
     rows = evaluate_demo(out)
-    results["demo"] = {
+    section = {
         "about": about,
         "command": command,
         "load_average": load,
         "seconds": time.time() - started,
         "rows": rows,
         "class_answers": "likelihood",
+        "trained_normalisation": recorded_normalisation(out),
     }
+    sections = [demo for demo in demo_sections(results) if demo["about"] != about] + [section]
+    results.pop("demo", None)
+    results["demos"] = sections  # one section per quickstart run scored, a run scored again replaced
     write_json(RESULTS, results)
     write_docs(results)
     print(f"wrote {RESULTS} and {DOCS}")
@@ -320,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         results["variants"][name] = evaluate(model)
         print(name, json.dumps(results["variants"][name]), flush=True)
     results["seconds"] = time.time() - started
-    if RESULTS.is_file() and "demo" in (stored := json.loads(RESULTS.read_text())):
-        results["demo"] = stored["demo"]  # the trained models' section is measured apart (--demo)
+    if RESULTS.is_file() and (stored := demo_sections(json.loads(RESULTS.read_text()))):
+        results["demos"] = stored  # the trained models' sections are measured apart (--demo)
     write_json(RESULTS, results)
     write_docs(results)
     print(f"wrote {RESULTS} and {DOCS}")

@@ -67,6 +67,13 @@ def test_robustness_shifts_change_images_the_stated_way(shared_data):
     assert "## Reading (from the run above)\n- a note" in table
     assert "## The trained models under the same shifts" in table and "| assistant | 0.500" in table
     assert table.rstrip().endswith("- seen")
+    # several scored runs: one heading, a section each; a run trained on normalised images says so
+    normalised = {**demo, "about": "run 2", "trained_normalisation": "macenko", "rows": {"PLIP": half}}
+    table = robustness.render({**results, "demos": [demo, normalised]})
+    assert table.count("## The trained models under the same shifts") == 1
+    assert "quickstart run (run)" in table and "quickstart run (run 2)" in table
+    assert "trained on macenko-normalised images" in table and "| PLIP | 0.500" in table
+    assert robustness.demo_sections({"demo": demo}) == [demo]  # results stored before several could be
     # a row measured before the nct-stain shift existed: a dash there, its mean over the shifts it has
     older = {d: {s: (1.0 if s == "original" else 0.25) for s in robustness.SHIFTS[:-1]} for d in half}
     table = robustness.render({**results, "variants": {"none": older}})

@@ -398,3 +398,35 @@ def test_plip_embeddings_reuse_the_assistants_tower_when_it_holds_plips_weights(
     separate = features(plip)
     assert shared.plip.shape == separate.plip.shape == (len(shared), plip.model.config.embed_dim)
     assert torch.allclose(shared.plip, separate.plip, atol=1e-5)
+
+
+def test_a_tower_trained_on_normalised_images_reads_slide_tiles_normalised(run, monkeypatch):
+    """The tiles and the global view go through the tower's recorded stain normalisation (here set on the
+    processor), and the features are cached under another name than the plain ones."""
+    import pallava.slides.features as features_module
+    from pallava.processing.stain_norm import stain_normalize
+    from pallava.slides.features import SlideFeatureCache, slide_features
+    from pallava.slides.mapping import TilingOptions
+    from pallava.slides.reader import open_slide
+
+    root, _ = run
+    assistant = PaLlava.from_pretrained(root / "assistant")
+    model, processor = assistant.model.eval(), assistant.processor
+    cache = SlideFeatureCache(root / "stain-cache", "namespace")
+    normalised = []
+
+    def counting(image, method):
+        normalised.append(method)
+        return stain_normalize(image, method)
+
+    monkeypatch.setattr(features_module, "stain_normalize", counting)
+    with open_slide(list_slides(root / "slides")[0]) as slide:
+        plain = slide_features(slide, model, processor, cache, TilingOptions())
+        assert set(normalised) == {None}
+        normalised.clear()
+        processor.image_processor.stain_normalize = "macenko"
+        stained = slide_features(slide, model, processor, cache, TilingOptions())
+    assert normalised.count("macenko") == len(stained) + 1  # every tile and the global view
+    assert len(list((root / "stain-cache").rglob("*.safetensors"))) == 2  # two cache entries
+    assert not torch.equal(plain.tile_tokens, stained.tile_tokens)
+    assert not torch.equal(plain.global_tokens, stained.global_tokens)

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pallava.processing.image import letterbox_box, normalize_to_tensor
+from pallava.processing.stain_norm import stain_normalize
 from pallava.slides.mapping import PreparedSlide, TilingOptions, prepare_slide
 from pallava.slides.reader import Slide
 from pallava.slides.tiling import Tile, TileGrid, iter_tile_batches
@@ -53,8 +54,11 @@ class SlideFeatures:
         return len(self.grid.tiles)
 
 
-def tissue_view(prepared: PreparedSlide, downsample: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalised global view (3, size, size) of the tissue tiles' bounding box; tile centres in it."""
+def tissue_view(
+    prepared: PreparedSlide, downsample: float, size: int, stain: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised global view (3, size, size) of the tissue tiles' bounding box, stain-normalised first
+    with `stain` (the tower's recorded normalisation); tile centres in it."""
     tiles = prepared.grid.tiles
     x0, y0 = min(t.x for t in tiles), min(t.y for t in tiles)
     x1, y1 = max(t.x + t.w for t in tiles), max(t.y + t.h for t in tiles)
@@ -65,7 +69,7 @@ def tissue_view(prepared: PreparedSlide, downsample: float, size: int) -> tuple[
         min(thumb.width, max(int(x0 / downsample) + 1, round(x1 / downsample))),
         min(thumb.height, max(int(y0 / downsample) + 1, round(y1 / downsample))),
     )
-    crop = thumb.crop(box)
+    crop = stain_normalize(thumb.crop(box), stain)
     left, top, right, bottom = letterbox_box(crop.size, size, size)
     scale_x, scale_y = (right - left) / crop.width, (bottom - top) / crop.height
     centres = torch.tensor([[t.x + t.w / 2, t.y + t.h / 2] for t in tiles], dtype=torch.float64) / downsample
@@ -164,6 +168,7 @@ def slide_features(
     """
     options = options or TilingOptions()
     key = slide_key(slide)
+    stain = processor.image_processor.stain_normalize  # what the tower was trained with, or an override
     settings = {
         "mpp": options.mpp,
         "tile": options.tile_size,
@@ -171,6 +176,8 @@ def slide_features(
         "base_mpp": options.base_mpp,
         "thumbnail_px_per_tile": THUMBNAIL_PX_PER_TILE,
     }
+    if stain:  # only then: caches written before the setting keep their names
+        settings["stain_normalize"] = stain
     main_path = cache.path(f"{key}-{_short(settings)}") if cache else None
     plip_path = cache.path(f"{key}-{_short(settings)}", plip_id) if cache and plip is not None else None
     if main_path is not None and main_path.is_file() and (plip is None or plip_path.is_file()):
@@ -190,7 +197,7 @@ def slide_features(
     grid = prepared.grid
     downsample = slide.dimensions[0] / prepared.thumbnail.width
     size = processor.image_processor.tile_size
-    view, positions = tissue_view(prepared, downsample, size)
+    view, positions = tissue_view(prepared, downsample, size, stain)
     device, vision_dtype = model.vision_tower.device, model.vision_tower.dtype
     global_tokens = model.vision_hidden_states(view[None].to(device, vision_dtype))[0, 1:].to("cpu", dtype)
     # The quickstart's assistant reads through PLIP's own tower: its class token is PLIP's embedding too.
@@ -199,6 +206,7 @@ def slide_features(
     for _, images in iter_tile_batches(
         slide, grid.tiles, grid.tile_size, batch_size, progress="slide tiles" if progress else None
     ):
+        images = [stain_normalize(image, stain) for image in images]
         pixels = torch.stack([normalize_to_tensor(image, size) for image in images])
         hidden = model.vision_hidden_states(pixels.to(device, vision_dtype))
         tokens.append(hidden[:, 1:].to("cpu", dtype))
