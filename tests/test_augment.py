@@ -182,11 +182,14 @@ def test_stain_normalisation_at_inference_is_off_by_default_and_changes_inputs(t
     assert assistant.stain_normalize is None
     conversation = [processor.question("What is shown?", True)]
     plain = assistant._inputs(conversation, [[lung_tiles[0]]])
-    assistant.stain_normalize = "macenko"
-    normalised = assistant._inputs(conversation, [[lung_tiles[0]]])
-    assert normalised["pixel_values"].shape == plain["pixel_values"].shape
-    assert not torch.equal(normalised["pixel_values"], plain["pixel_values"])
-    assert isinstance(assistant.ask(lung_tiles[0], "What is shown?", max_new_tokens=2), str)
+    assistant.stain_normalize = "macenko"  # set on the processor it wraps (the session's shared fixture)
+    try:
+        normalised = assistant._inputs(conversation, [[lung_tiles[0]]])
+        assert normalised["pixel_values"].shape == plain["pixel_values"].shape
+        assert not torch.equal(normalised["pixel_values"], plain["pixel_values"])
+        assert isinstance(assistant.ask(lung_tiles[0], "What is shown?", max_new_tokens=2), str)
+    finally:
+        assistant.stain_normalize = None
 
 
 def test_hue_turns_colours_about_the_grey_axis(tile):

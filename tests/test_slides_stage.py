@@ -412,6 +412,7 @@ def test_a_tower_trained_on_normalised_images_reads_slide_tiles_normalised(run, 
     root, _ = run
     assistant = PaLlava.from_pretrained(root / "assistant")
     model, processor = assistant.model.eval(), assistant.processor
+    processor.image_processor.stain_normalize = None
     cache = SlideFeatureCache(root / "stain-cache", "namespace")
     normalised = []
 

@@ -84,7 +84,7 @@ def test_a_normalised_plip_records_it_and_zero_shot_applies_it(normalised_plip, 
 
 
 def test_the_assistant_built_on_the_exported_tower_normalises_and_keeps_it(
-    normalised_plip, lung_tiles, tmp_path
+    normalised_plip, lung_tiles, tmp_path, capsys
 ):
     vision = tmp_path / "vision"
     assert main(["plip", "export-vision", "--model", str(normalised_plip), "--out", str(vision)]) == 0
@@ -93,6 +93,8 @@ def test_the_assistant_built_on_the_exported_tower_normalises_and_keeps_it(
     assert processor.image_processor.stain_normalize == "macenko"
     assistant = PaLlava(model, processor)
     assistant.save_pretrained(tmp_path / "assistant")
+    assert main(["info", "--model", str(tmp_path / "assistant")]) == 0
+    assert '"stain_normalize": "macenko"' in capsys.readouterr().out
     loaded = PaLlava.from_pretrained(tmp_path / "assistant")
     assert loaded.stain_normalize == "macenko"
     assert loaded.model.config.vision_config.stain_normalize == "macenko"

@@ -90,7 +90,8 @@ class PaLlava:
 
     @property
     def stain_normalize(self) -> str | None:
-        """The stain normalisation every image gets before the model reads it (None: off)."""
+        """The stain normalisation every image gets before the model reads it (None: off). It is the
+        image processor's setting: setting it here changes the processor this assistant wraps."""
         return self.processor.image_processor.stain_normalize
 
     @stain_normalize.setter

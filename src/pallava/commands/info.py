@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
             "tile_cross_attention": config.connector_config.tile_cross_attention,
             "lora": config.lora,
             "llm_hidden_size": config.text_config.hidden_size,
+            # what the vision tower was trained on: every image is normalised so before it is read
+            "stain_normalize": getattr(config.vision_config, "stain_normalize", None),
         }
         print(json.dumps(summary, indent=2))
     return 0
