@@ -102,6 +102,22 @@ def test_rerun_skips_completed_steps(smoke_run, shared_data, capsys):
     assert "$ pallava" not in printed  # no step ran a command again
 
 
+def test_a_folder_made_with_other_settings_is_refused_not_continued(smoke_run, shared_data, tmp_path, capsys):
+    """Continuing a finished run with another seed or stain normalisation would skip every step and hand back
+    the old models: the run stops first, naming what changed, and leaves the folder as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    recorded = json.loads((out / ".quickstart" / "settings.json").read_text())
+    assert recorded["seed"] == 0 and recorded["plip_args"] == [] and recorded["smoke"] is True
+    assert main([*_command(shared_data, out), "--seed", "1", "--stain-normalize", "macenko"]) == 1
+    error = capsys.readouterr().err
+    assert "made with other settings (changed: plip_args, seed)" in error and "choose another --out" in error
+    assert json.loads((out / ".quickstart" / "settings.json").read_text()) == recorded
+    (out / ".quickstart" / "settings.json").unlink()  # a folder from before the record: taken as it is
+    assert main(_command(shared_data, out)) == 0
+    assert "already complete, skipped" in capsys.readouterr().out
+
+
 def _split_images(smoke_run) -> dict[str, set[Path]]:
     """The smoke subsets' images by split, over the three datasets."""
     images: dict[str, set[Path]] = {"train": set(), "dev": set()}

@@ -202,3 +202,8 @@ class AppendOnlyJsonl:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two records of settings (missing on one side counts), sorted."""
+    return sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))

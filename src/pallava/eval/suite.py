@@ -31,6 +31,7 @@ from pallava.eval.runner import class_answering, model_tokenize, run_vqa, run_ze
 from pallava.eval.suite_config import Benchmark, Suite, SuiteSettings, load_suite
 from pallava.eval.suite_report import class_summary, vqa_summary, write_summary
 from pallava.eval.tasks import load_vqa_items, model_prompt_style, sample_items
+from pallava.files import changed_keys
 from pallava.processing.stain_norm import resolve_stain_normalize
 
 MARKERS = ".suite"
@@ -294,7 +295,7 @@ def _check_same_run(folder: Path, definition: dict[str, Any]) -> None:
     if not started.is_file():
         return
     before = json.loads(started.read_text(encoding="utf-8"))
-    changed = sorted(key for key in set(before) | set(definition) if before.get(key) != definition.get(key))
+    changed = changed_keys(before, definition)
     if changed:
         raise ValueError(
             f"{folder} holds results of another run of benchmark '{folder.name}' (changed: "

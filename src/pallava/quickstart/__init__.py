@@ -3,7 +3,9 @@ slides (virtual slides from the train tiles, stage slide, evaluation on virtual 
 
 Every step runs the project's own sub-commands (`pallava data ...`, `pallava plip ...`, `pallava train ...`,
 `pallava eval ...`), so the quickstart exercises exactly what users run by hand. A step is skipped when its
-completion marker (`OUT/.quickstart/<step>.json`, written after its outputs) and its outputs exist.
+completion marker (`OUT/.quickstart/<step>.json`, written after its outputs) and its outputs exist; a folder
+made with other settings (seed, data, labels, stain normalisation, ...: `OUT/.quickstart/settings.json`) is
+refused rather than continued.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Quickstart(CorpusSteps, ModelSteps, SlideSteps):
     # --- the whole run -----------------------------------------------------------------------------
     def run(self) -> list[StepResult]:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.check_same_settings()
         manifests = self.manifests()
         clean = self.out / "corpus" / "clean"
         self.step(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pallava.cli import main as pallava_main
+from pallava.files import changed_keys
 from pallava.quickstart.settings import QuickstartSettings, StepResult
 from pallava.train.launch import accelerate_command
 
@@ -24,6 +25,24 @@ class StepRunner:
         self.results: list[StepResult] = []
 
     # --- plumbing ----------------------------------------------------------------------------------
+    def check_same_settings(self) -> None:
+        """Refuse to continue a folder whose finished steps were made with other settings: skipping them
+        would hand back models of another seed, data or recipe (say, a PLIP trained without the stain
+        normalisation asked for now). Folders written before the record existed are taken as they are."""
+        record = self.markers / "settings.json"
+        settings = self.s.model_settings()
+        if record.is_file():
+            before = json.loads(record.read_text())
+            changed = changed_keys(before, settings)
+            if changed:
+                raise RuntimeError(
+                    f"{self.out} holds a quickstart run made with other settings (changed: "
+                    f"{', '.join(changed)}); choose another --out or delete {self.out}"
+                )
+            return
+        self.markers.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(settings, indent=2))
+
     def run_command(self, *argv: str) -> None:
         args = [str(a) for a in argv]
         if (

@@ -46,6 +46,18 @@ class QuickstartSettings:
     train_overrides: list[str] = field(default_factory=list)
     slides: bool = True  # the whole-slide step (virtual slides, stage slide, slide evaluation)
 
+    def model_settings(self) -> dict:
+        """What the run's data and models depend on (not how fast or how visibly they are made)."""
+        return {
+            "data": [str(path.resolve()) for path in self.data],
+            "samples": str(self.samples.resolve()),
+            "labels": self.labels,
+            "smoke": self.smoke,
+            "seed": self.seed,
+            "plip_args": list(self.plip_args),
+            "train_overrides": list(self.train_overrides),
+        }
+
 
 @dataclass
 class StepResult:
