@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,28 @@ def shared_data() -> Path:
 def lung(shared_data) -> Path:
     """The LC25000 lung folder: tiles by class and `manifest.csv` with the train/dev split."""
     return shared_data / "lc25000-lung"
+
+
+@pytest.fixture(scope="session")
+def lung_subset(lung, tmp_path_factory):
+    """`lung_subset(train, dev)`: a manifest of the first `train` train and `dev` dev images of each class of
+    the real lung manifest, with absolute paths (a small, class-balanced training set on real tiles)."""
+
+    def make(train: int, dev: int = 0) -> Path:
+        keep, counts = [], {}
+        for row in csv.DictReader((lung / "manifest.csv").open()):
+            key = (row["split"], row["label"])
+            if counts.get(key, 0) < {"train": train, "dev": dev}.get(row["split"], 0):
+                counts[key] = counts.get(key, 0) + 1
+                keep.append({**row, "path": str(lung / row["path"])})
+        path = tmp_path_factory.mktemp("data") / "manifest.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "label", "cluster", "split"])
+            writer.writeheader()
+            writer.writerows(keep)
+        return path
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """PLIP training end to end through the CLI on real data: learning, checkpoints, resume, reports, export."""
 
-import csv
 import dataclasses
 import json
 import os
@@ -25,22 +24,9 @@ PER_CLASS_TRAIN, PER_CLASS_DEV = 16, 10
 
 
 @pytest.fixture(scope="module")
-def small_manifest(lung, tmp_path_factory) -> Path:
+def small_manifest(lung_subset) -> Path:
     """A class-balanced subset of the real manifest: a few train images and dev images per class."""
-    rows = list(csv.DictReader((lung / "manifest.csv").open()))
-    keep, counts = [], {}
-    for row in rows:
-        limit = PER_CLASS_TRAIN if row["split"] == "train" else PER_CLASS_DEV
-        key = (row["split"], row["label"])
-        if counts.get(key, 0) < limit:
-            counts[key] = counts.get(key, 0) + 1
-            keep.append({**row, "path": str(lung / row["path"])})
-    path = tmp_path_factory.mktemp("data") / "manifest.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "cluster", "split"])
-        writer.writeheader()
-        writer.writerows(keep)
-    return path
+    return lung_subset(PER_CLASS_TRAIN, PER_CLASS_DEV)
 
 
 @pytest.fixture(scope="module")

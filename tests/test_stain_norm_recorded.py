@@ -1,7 +1,6 @@
 """Stain normalisation recorded with the vision tower: a PLIP trained on normalised images records it, and
 zero-shot, the exported tower, the assistant built on it and its saved folder all apply it by themselves."""
 
-import csv
 import json
 from pathlib import Path
 
@@ -24,19 +23,9 @@ pytestmark = pytest.mark.slow  # trains a PLIP for two steps: `make test-fast` s
 
 
 @pytest.fixture(scope="module")
-def manifest(lung, tmp_path_factory) -> Path:
+def manifest(lung_subset) -> Path:
     """Six train images per class of the real lung manifest."""
-    rows, counts = [], {}
-    for row in csv.DictReader((lung / "manifest.csv").open()):
-        if row["split"] == "train" and counts.get(row["label"], 0) < 6:
-            counts[row["label"]] = counts.get(row["label"], 0) + 1
-            rows.append({**row, "path": str(lung / row["path"])})
-    path = tmp_path_factory.mktemp("data") / "manifest.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "cluster", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return lung_subset(6)
 
 
 @pytest.fixture(scope="module")
