@@ -81,7 +81,7 @@ def register(subparsers) -> None:
         choices=STAIN_NORMALIZERS,
         help="train PLIP on stain-normalised images (recorded in the model: the assistant trained on its "
         "tower and every evaluation normalise too). Off by default: it reads another lab's stain better and "
-        "the training labs' own images worse (docs/robustness.md). Use a new --out: done steps are skipped",
+        "the training labs' own images worse (docs/robustness.md). A folder made without it is refused",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
