@@ -204,9 +204,13 @@ def slide_features(
     shared = plip is not None and plip.shares_tower(model.vision_tower, size)
     tokens, summaries, embeddings = [], [], []
     for _, images in iter_tile_batches(
-        slide, grid.tiles, grid.tile_size, batch_size, progress="slide tiles" if progress else None
+        slide,
+        grid.tiles,
+        grid.tile_size,
+        batch_size,
+        progress="slide tiles" if progress else None,
+        transform=lambda image: stain_normalize(image, stain),  # in the reader threads, beside the encoder
     ):
-        images = [stain_normalize(image, stain) for image in images]
         pixels = torch.stack([normalize_to_tensor(image, size) for image in images])
         hidden = model.vision_hidden_states(pixels.to(device, vision_dtype))
         tokens.append(hidden[:, 1:].to("cpu", dtype))

@@ -80,7 +80,9 @@ class _ZeroShotProbe:
         samples, self.label_map = read_plip_data(data, split, label_map)
         if self.label_map is None:
             raise ValueError(f"{data}: zero-shot evaluation needs a labelled manifest (.csv)")
-        dataset = PlipDataset(samples, image_size, self.label_map, False, stain_normalize=stain_normalize)
+        dataset = PlipDataset(
+            samples, image_size, self.label_map, train=False, stain_normalize=stain_normalize
+        )
         self.pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
         self.truth = [s.label for s in samples]
 

@@ -87,10 +87,7 @@ class PlipTrainConfig:
                 f"got {self.mixed_precision!r}"
             )
         check_cpu_threads(self.cpu_threads, source)
-        try:
-            check_stain_normalize(self.stain_normalize)
-        except ValueError as error:
-            raise ValueError(f"{source}: {error}") from None
+        check_stain_normalize(self.stain_normalize, f"{source}: stain_normalize")
         if self.stain_normalize and (self.augment or {}).get("stain_mix"):
             raise ValueError(
                 f"{source}: augment.stain_mix re-stains views with each dataset's own stain, but with "
