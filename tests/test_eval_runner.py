@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pallava.data.labels import LabelMap
 from pallava.data.records import LabelledImage, VQAItem
@@ -131,10 +132,35 @@ def test_run_vqa_refuses_a_predictions_file_of_another_dataset(items: list[VQAIt
         run_vqa(ScriptedAssistant(), items[3:6], path, progress=False)
 
 
-def test_missing_images_fail_before_any_answer(tmp_path: Path) -> None:
-    item = VQAItem("x", str(tmp_path / "gone.png"), "Is it?", "yes", "closed")
-    with pytest.raises(ValueError, match="1 image file\\(s\\) not found: .*gone.png"):
-        run_vqa(ScriptedAssistant(), [item], tmp_path / "p.jsonl", progress=False)
+def test_unreadable_images_fail_before_any_answer_all_named_in_one_error(
+    items: list[VQAItem], tmp_path: Path
+) -> None:
+    """Missing, undecodable and oversized images are all found from their headers before the first
+    question is asked, so a bad image late in a dataset costs no answers."""
+    real = Path(items[0].image)
+    (tmp_path / "broken.png").write_bytes(real.read_bytes()[:40])  # a cut-off file: no header to read
+    Image.new("RGB", (300, 200)).save(tmp_path / "large.png")
+    bad = [tmp_path / "gone.png", tmp_path / "broken.png", tmp_path / "large.png"]
+    asked = [VQAItem(f"q{i}", str(path), "Is it?", "yes", "closed") for i, path in enumerate(bad)]
+    assistant = ScriptedAssistant()
+    with pytest.raises(ValueError) as error:
+        run_vqa(assistant, [items[0], *asked], tmp_path / "p.jsonl", progress=False, max_pixels=55_000)
+    message = str(error.value)
+    assert message.startswith("3 of 4 image(s) cannot be read: ")
+    assert f"{bad[0]}: file not found" in message and f"{bad[1]}: cannot decode" in message
+    assert f"{bad[2]}: 300x200 = 60,000 pixels, over the limit of 55,000" in message
+    assert "--max-pixels" in message and "pallava data clean" in message
+    assert assistant.calls == [] and not (tmp_path / "p.jsonl").exists()
+    # within the limit, the same large image is answered like any other
+    records = run_vqa(
+        assistant, [items[0], asked[2]], tmp_path / "p.jsonl", progress=False, max_pixels=60_000
+    )
+    assert [r["image"] for r in records] == [items[0].image, str(bad[2])]
+    labelled = [LabelledImage(str(bad[1]), "lung_n")]
+    with pytest.raises(ValueError, match="1 of 1 image\\(s\\) cannot be read: .*broken.png: cannot decode"):
+        run_zeroshot(
+            assistant, labelled, LabelMap.builtin("lc25000-lung"), tmp_path / "z.jsonl", progress=False
+        )
 
 
 def test_option_orders_follow_content_or_position(items: list[VQAItem], tmp_path: Path) -> None:

@@ -350,3 +350,53 @@ def test_the_shipped_dev_suite_names_the_three_shared_dev_splits(
     assert [b.data for b in suite.benchmarks] == [
         (shared_data / name / "manifest.csv").resolve() for name in ("lc25000-lung", "lc25000-colon", "oscc")
     ]
+
+
+def test_every_image_is_checked_before_a_model_loads_and_max_pixels_raises_the_limit(
+    tmp_path: Path,
+    lung: Path,
+    model_dir: Path,
+    plip_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A dataset with an image over the pixel limit fails at once, naming it, with no model loaded and no
+    answer written; `--max-pixels` lets the same suite run, PLIP included."""
+    with (lung / "manifest.csv").open(newline="") as handle:
+        dev = [row for row in csv.DictReader(handle) if row["split"] == "dev"][:2]
+    large = tmp_path / "large.png"
+    with Image.open(lung / dev[0]["path"]) as tile:
+        tile.convert("RGB").resize((300, 300)).save(large)
+    rows = [f"{(lung / row['path']).resolve()},{row['label']}" for row in dev] + [f"{large},lung_aca"]
+    (tmp_path / "data.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "settings: {max_new_tokens: 2, class_max_new_tokens: 2, n_resamples: 20}\n"
+        "benchmarks:\n  - {name: lung, manifest: data.csv, label_map: lc25000-lung}\n"
+    )
+    command = ["eval", "suite", "--model", str(model_dir), "--plip", str(plip_dir), "--suite", str(suite)]
+    command += ["--out", str(tmp_path / "out"), "--no-progress"]
+    with monkeypatch.context() as patched:
+        _no_loading(patched)
+        assert main([*command, "--max-pixels", "60000"]) == 1
+    error = capsys.readouterr().err
+    assert f"1 of 3 image(s) cannot be read: {large}: 300x300 = 90,000 pixels, over the limit of 60,000" in error
+    assert not list((tmp_path / "out").rglob("predictions.jsonl"))
+    assert main([*command, "--max-pixels", "0"]) == 1
+    assert "--max-pixels must be an integer from 1" in capsys.readouterr().err
+    assert main([*command, "--max-pixels", "90000"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["benchmarks"][0]["n"] == 3 and summary["benchmarks"][0]["plip_zeroshot"]["n"] == 3
+
+
+def test_a_pixel_limit_override_reaches_the_loaded_assistant(model_dir: Path) -> None:
+    from pallava.eval.suite import LazyAssistant
+
+    assert LazyAssistant(model_dir).max_pixels == 16_777_216  # the folder's, read without the weights
+    lazy = LazyAssistant(model_dir, max_pixels=5_000)
+    assert lazy.max_pixels == 5_000 and lazy.assistant is None
+    assert lazy._loaded().processor.image_processor.max_pixels == 5_000
+    with pytest.raises(ValueError, match="over the limit of 5,000"):
+        lazy.tile_grid(Image.new("RGB", (100, 100)))
+    with pytest.raises(ValueError, match="max_pixels must be null \\(no limit\\) or an integer"):
+        lazy.assistant.max_pixels = -1

@@ -14,7 +14,7 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
-from pallava.processing.image import ImageSource, load_image
+from pallava.processing.image import ImageSource, check_max_pixels, load_image
 from pallava.processing.processor import (
     CROP_FEATURES,
     IGNORE_INDEX,
@@ -97,6 +97,16 @@ class PaLlava:
     @stain_normalize.setter
     def stain_normalize(self, method: str | None) -> None:
         self.processor.image_processor.stain_normalize = check_stain_normalize(method)
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The largest image (width x height) this assistant reads: a larger one is refused before it is
+        decoded (None: no limit). The image processor's setting, as `stain_normalize` is."""
+        return self.processor.image_processor.max_pixels
+
+    @max_pixels.setter
+    def max_pixels(self, value: int | None) -> None:
+        self.processor.image_processor.max_pixels = check_max_pixels(value)
 
     def speed_up_generation(self, compile: bool | None = None, backend: str = "inductor") -> PaLlava:
         """Generate with a static KV cache and, with `compile` (default: on a CUDA device), the language

@@ -17,3 +17,14 @@ def add_stain_normalize_argument(parser: argparse.ArgumentParser) -> None:
         "it by itself; none: off). Only for models trained on images normalised the same way: the demo's "
         "models, trained on unnormalised tiles, fall to near chance with it (docs/robustness.md)",
     )
+
+
+def add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """`--max-pixels N`: the same option wherever a dataset's images are read for evaluation."""
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        help="largest image (width x height) to read (default: the model's limit, 16,777,216 = 4096 x 4096 "
+        "unless it records another); every image is checked before the first answer, and one error names "
+        "all that are missing, undecodable or larger",
+    )

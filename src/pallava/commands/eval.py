@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pallava.commands import add_stain_normalize_argument
+from pallava.commands import add_max_pixels_argument, add_stain_normalize_argument
 from pallava.data.records import PROMPT_STYLES
 from pallava.eval.runner import CLASS_ANSWERS
 from pallava.eval.scorers import SCORERS
@@ -56,7 +56,7 @@ def _score(args: argparse.Namespace) -> int:
 def _assistant(args: argparse.Namespace) -> LazyAssistant:
     from pallava.eval.suite import LazyAssistant
 
-    return LazyAssistant(args.model, args.device, getattr(args, "stain_normalize", None))
+    return LazyAssistant(args.model, args.device, args.stain_normalize, args.max_pixels)
 
 
 def _print_paths(paths: dict[str, Path]) -> None:
@@ -75,14 +75,16 @@ def _vqa(args: argparse.Namespace) -> int:
     items = with_option_orders(sample_items(items, args.limit, args.seed), args.option_orders, args.seed)
     # --prompt-style, else the model folder's (`paper` for a converted release), else the predictions file's
     style = args.prompt_style or model_prompt_style(args.model)
+    assistant = _assistant(args)
     records = run_vqa(
-        _assistant(args),
+        assistant,
         items,
         out / "predictions.jsonl",
         args.batch_size,
         args.max_new_tokens,
         progress=not args.no_progress,
         prompt_style=style,
+        max_pixels=assistant.max_pixels,
     )
     # the folder's tokenizer counts the paper scorer's open recall (a finished run may no longer have it)
     tokenize = model_tokenize(args.model) if Path(args.model).is_dir() else None
@@ -117,8 +119,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
     out = Path(args.out)
     images = sample_items(read_manifest(args.data, args.split), args.limit, args.seed)
     label_map = LabelMap.resolve(args.label_map, {item.label for item in images}, source="--label-map")
+    assistant = _assistant(args)
     records = run_zeroshot(
-        _assistant(args),
+        assistant,
         images,
         label_map,
         out / "predictions.jsonl",
@@ -126,6 +129,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         progress=not args.no_progress,
         class_answers=args.class_answers,
+        max_pixels=assistant.max_pixels,
     )
     report = zeroshot_report(
         [r["reference"] for r in records],
@@ -162,6 +166,7 @@ def _suite(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         stain_normalize=args.stain_normalize,
+        max_pixels=args.max_pixels,
     )
     for row in summary["benchmarks"]:
         cells = [
@@ -233,6 +238,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     add_stain_normalize_argument(parser)
+    add_max_pixels_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -333,6 +339,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     suite.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     add_stain_normalize_argument(suite)
+    add_max_pixels_argument(suite)
     suite.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     suite.set_defaults(func=_suite)
 

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pallava.commands import add_stain_normalize_argument
+from pallava.commands import add_max_pixels_argument, add_stain_normalize_argument
 from pallava.commands.train import add_run_arguments
 from pallava.processing.stain_norm import resolve_stain_normalize
 
@@ -54,8 +54,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
+    from pallava.eval.runner import check_images
     from pallava.models.plip import PlipZeroShot
     from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
+    from pallava.processing.image import check_max_pixels
     from pallava.train.plip_data import read_plip_data
     from pallava.train.plip_eval import write_zeroshot_report, zeroshot_report
 
@@ -65,6 +67,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
     templates = _read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
     zs = PlipZeroShot.from_pretrained(args.model)
     zs.stain_normalize = resolve_stain_normalize(args.stain_normalize, zs.stain_normalize)
+    if args.max_pixels is not None:
+        zs.max_pixels = check_max_pixels(args.max_pixels, "--max-pixels")
+    check_images([sample.image for sample in samples], zs.max_pixels)
     report, rows = zeroshot_report(zs, samples, label_map, templates, batch_size=args.batch_size)
     report.update(model=str(args.model), data=str(args.data), split=args.split)
     path = write_zeroshot_report(report, rows, Path(args.out))
@@ -168,6 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
     zeroshot.add_argument("--batch-size", type=int, default=64)
     add_stain_normalize_argument(zeroshot)
+    add_max_pixels_argument(zeroshot)
     zeroshot.set_defaults(func=_zeroshot)
 
     retrieve = commands.add_parser("retrieve", help="image<->text Recall@1/5/10")

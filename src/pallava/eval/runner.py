@@ -20,6 +20,7 @@ from pallava.data.records import LabelledImage, VQAItem
 from pallava.eval.choice import permute_options
 from pallava.eval.predictions import PredictionWriter
 from pallava.eval.tasks import prompt_of
+from pallava.processing.image import DEFAULT_MAX_PIXELS, image_problem
 
 UNMAPPED = "(unmapped)"
 
@@ -72,11 +73,22 @@ def with_option_orders(items: Sequence[VQAItem], n_orders: int, seed: int = 0) -
     return expanded
 
 
-def _check_images(images: Sequence[str]) -> None:
-    missing = sorted({image for image in images if not Path(image).is_file()})
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ValueError(f"{len(missing)} image file(s) not found: {shown}")
+def check_images(images: Sequence[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse a dataset before any answer is computed when some of its images cannot be read (missing,
+    undecodable, over the pixel limit): one error names them all, where a bad image met half-way through
+    would stop the run after the work before it. Reads headers only."""
+    distinct = list(dict.fromkeys(images))
+    problems = {image: why for image in distinct if (why := image_problem(image, max_pixels))}
+    if not problems:
+        return
+    shown = "; ".join(f"{image}: {why}" for image, why in list(problems.items())[:3])
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    hints = ["Fix or remove them (`pallava data clean` lists every unreadable image of a dataset)"]
+    if any("over the limit" in why for why in problems.values()):
+        hints.append("raise the pixel limit with --max-pixels")
+    raise ValueError(
+        f"{len(problems)} of {len(distinct)} image(s) cannot be read: {shown}{more}. {'; '.join(hints)}"
+    )
 
 
 class _Layouts:
@@ -129,18 +141,20 @@ def run_vqa(
     max_new_tokens: int = 32,
     progress: bool = True,
     prompt_style: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[dict[str, Any]]:
     """Answer every item not yet in `predictions_path`, appending one JSONL record per answer.
 
     `prompt_style` words the questions (`pallava` or `paper`, see `prompt_of`; default: the style the
     file was answered with, else `pallava`). Returns all records (old and new) in item order: id, question,
     prediction, reference, answer_type, options, image, image_size, grid, tiles, prompt_style (+ base_id
-    for re-ordered copies).
+    for re-ordered copies). Every image is checked first (`check_images`, with the assistant's pixel limit
+    `max_pixels`).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     path = Path(predictions_path)
-    _check_images([item.image for item in items])
+    check_images([item.image for item in items], max_pixels)
     layouts = _Layouts(assistant)
     with PredictionWriter(path) as writer:
         style = _answered_style(writer, prompt_style, path)
@@ -202,12 +216,14 @@ def run_zeroshot(
     max_new_tokens: int = 24,
     progress: bool = True,
     class_answers: str = "generated",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[dict[str, Any]]:
     """Ask the class-choice question about each image and map the answer to a label.
 
     `generated`: the answer maps only when it equals a class name, synonym or label after normalisation;
     anything else is recorded as `(unmapped)` (wrong, and counted). `likelihood`: the class whose name the
-    model is likeliest to answer (each name's log-probability is recorded). Resumable like `run_vqa`.
+    model is likeliest to answer (each name's log-probability is recorded). Resumable and checked like
+    `run_vqa`.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -217,7 +233,7 @@ def run_zeroshot(
     if unknown:
         raise ValueError(f"labels {unknown} are not in the label map (known: {', '.join(label_map)})")
     path = Path(predictions_path)
-    _check_images([item.path for item in images])
+    check_images([item.path for item in images], max_pixels)
     question = zeroshot_question(label_map)
     with PredictionWriter(path) as writer:
         answered = {"likelihood" if "log_likelihoods" in r else "generated" for r in writer.records}

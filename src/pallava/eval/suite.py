@@ -27,11 +27,12 @@ from pallava.data.importers.manifest import read_manifest
 from pallava.data.labels import LabelMap
 from pallava.data.records import LabelledImage
 from pallava.eval.report import vqa_report, write_report, zeroshot_report
-from pallava.eval.runner import class_answering, model_tokenize, run_vqa, run_zeroshot
+from pallava.eval.runner import check_images, class_answering, model_tokenize, run_vqa, run_zeroshot
 from pallava.eval.suite_config import Benchmark, Suite, SuiteSettings, load_suite
 from pallava.eval.suite_report import class_summary, vqa_summary, write_summary
 from pallava.eval.tasks import load_vqa_items, model_prompt_style, sample_items
 from pallava.files import changed_keys
+from pallava.processing.image import DEFAULT_MAX_PIXELS, PaLlavaImageProcessor, check_max_pixels
 from pallava.processing.stain_norm import resolve_stain_normalize
 
 MARKERS = ".suite"
@@ -48,13 +49,30 @@ class LazyAssistant:
     finished benchmark, a report re-written with another scorer) loads no weights."""
 
     def __init__(
-        self, model_dir: str | Path, device: str | None = None, stain_normalize: str | None = None
+        self,
+        model_dir: str | Path,
+        device: str | None = None,
+        stain_normalize: str | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.device = device
         # None: what the model records (`processing.stain_norm`); "macenko" or "none" overrides it
         self.stain_normalize = stain_normalize
+        # None: the model folder's image processor's limit; a number overrides it
+        self.max_pixels_override = check_max_pixels(max_pixels, "--max-pixels")
         self.assistant: Any = None
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The pixel limit of the images this assistant reads, known without loading its weights."""
+        if self.max_pixels_override is not None:
+            return self.max_pixels_override
+        if self.assistant is not None:
+            return self.assistant.max_pixels
+        if not (Path(self.model_dir) / PaLlavaImageProcessor.CONFIG_NAME).is_file():
+            return DEFAULT_MAX_PIXELS
+        return PaLlavaImageProcessor.from_pretrained(self.model_dir).max_pixels
 
     def _loaded(self) -> Any:
         if self.assistant is None:
@@ -63,6 +81,8 @@ class LazyAssistant:
             self.assistant = PaLlava.from_pretrained(
                 self.model_dir, device=_device(self.device), stain_normalize=self.stain_normalize
             )
+            if self.max_pixels_override is not None:
+                self.assistant.max_pixels = self.max_pixels_override
         return self.assistant
 
     def ask_batch(self, images: Sequence[Any], questions: Sequence[str], **options: Any) -> list[str]:
@@ -92,6 +112,7 @@ class _Models:
             self._plip = PlipZeroShot.from_pretrained(self.plip_dir, device=_device(self.device) or "cpu")
             requested, recorded = self.assistant.stain_normalize, self._plip.stain_normalize
             self._plip.stain_normalize = resolve_stain_normalize(requested, recorded)
+            self._plip.max_pixels = self.assistant.max_pixels  # one limit for every image of the suite
         return self._plip
 
 
@@ -144,6 +165,7 @@ def _assistant_vqa(
         settings.max_new_tokens,
         progress=progress,
         prompt_style=models.prompt_style,
+        max_pixels=models.assistant.max_pixels,
     )
     tokenize = model_tokenize(models.assistant.model_dir) if settings.scorer == "paper" else None
     report = vqa_report(records, settings.scorer, settings.n_resamples, settings.seed, tokenize=tokenize)
@@ -172,6 +194,7 @@ def _assistant_classification(
         settings.class_max_new_tokens,
         progress=progress,
         class_answers=settings.class_answers,
+        max_pixels=models.assistant.max_pixels,
     )
     report = zeroshot_report(
         [r["reference"] for r in records],
@@ -229,6 +252,7 @@ def _run_benchmark(
         )
         images = sample_items(every, limit, settings.seed)
         n = len(images)
+        check_images([i.path for i in images], models.assistant.max_pixels)  # before PLIP reads any
         if models.plip_dir is not None:
             reports["plip_zeroshot"] = _plip_zeroshot(
                 models, images, label_map, folder / "plip-zeroshot", settings, progress
@@ -322,11 +346,13 @@ def run_suite(
     limit: int | None = None,
     device: str | None = None,
     stain_normalize: str | None = None,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Run every benchmark of `suite` (a suite file or a `Suite`) and write `out_dir/summary.{md,json,png}`.
 
     `limit` overrides every benchmark's `limit` (images for manifests, questions for VQA files). The
-    assistant (and PLIP, when `plip_dir` is given) is loaded once, on first need. Returns the summary.
+    assistant (and PLIP, when `plip_dir` is given) is loaded once, on first need. `max_pixels` overrides
+    the model's pixel limit (every image is checked before a benchmark starts). Returns the summary.
     """
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     if limit is not None and limit < 1:
@@ -338,7 +364,8 @@ def run_suite(
         if path is not None and not (path / "config.json").is_file():
             raise ValueError(f"{what} {path}: not a model folder (no config.json)")
     settings = suite.settings
-    models = _Models(LazyAssistant(model, device, stain_normalize), plip, device, model_prompt_style(model))
+    assistant = LazyAssistant(model, device, stain_normalize, max_pixels)
+    models = _Models(assistant, plip, device, model_prompt_style(model))
     rows = []
     for benchmark in suite.benchmarks:
         effective = limit or benchmark.limit or settings.limit

@@ -170,9 +170,33 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             raise CorruptImageError(f"cannot decode image {name}: {error}") from error
 
 
+def image_problem(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why an image file cannot be read, from its header alone (no pixels decoded): missing, not an image
+    Pillow can decode, or over `max_pixels`; None when the header is sound."""
+    path = Path(path)
+    if not path.is_file():
+        return "file not found"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return f"cannot decode ({type(error).__name__})"
+    if max_pixels is not None and width * height > max_pixels:
+        return f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+    return None
+
+
 def _check_int(name: str, value: object, low: int, high: int, prefix: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{name} must be {prefix}an integer from {low:,} to {high:,}, got {value!r}")
+
+
+def check_max_pixels(value: object, field: str = "max_pixels") -> int | None:
+    """`value` if it is a valid pixel limit (None: no limit); otherwise a ValueError naming `field`."""
+    if value is not None:  # a command-line option has no null to offer
+        prefix = "" if field.startswith("--") else "null (no limit) or "
+        _check_int(field, value, *MAX_PIXELS_RANGE, prefix=prefix)
+    return value
 
 
 def grid_candidates(policy: str, max_tiles: int) -> tuple[tuple[int, int], ...]:
@@ -361,8 +385,7 @@ class PaLlavaImageProcessor:
         # blow up memory or silently switch the pixel guard off, naming the field and what is allowed.
         _check_int("tile_size", self.tile_size, *TILE_SIZE_RANGE)
         _check_int("max_tiles", self.max_tiles, *MAX_TILES_RANGE)
-        if self.max_pixels is not None:
-            _check_int("max_pixels", self.max_pixels, *MAX_PIXELS_RANGE, prefix="null (no limit) or ")
+        check_max_pixels(self.max_pixels)
         for name, allowed in (
             ("grid_policy", GRID_POLICIES),
             ("global_view", GLOBAL_VIEWS),

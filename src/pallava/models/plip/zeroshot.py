@@ -20,7 +20,7 @@ from pallava.files import read_json_object
 from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, class_prompts
-from pallava.processing.image import ImageSource, load_image, normalize_to_tensor
+from pallava.processing.image import DEFAULT_MAX_PIXELS, ImageSource, load_image, normalize_to_tensor
 from pallava.processing.stain_norm import recorded_stain_normalize, stain_normalize
 
 
@@ -35,6 +35,7 @@ class PlipZeroShot:
         self.device = torch.device(device)
         # e.g. "macenko": images mapped onto reference H&E stains, as the tower was trained (its config says)
         self.stain_normalize: str | None = recorded_stain_normalize(model.config.vision_config)
+        self.max_pixels: int | None = DEFAULT_MAX_PIXELS  # a larger image is refused before it is decoded
         # Class prompt ensembles already encoded: a cohort of slides, or a server, asks for the same classes
         # again and again, and the paper's text tower takes seconds for them on a CPU.
         self._class_embeddings: dict[tuple[tuple[str, ...], ...], torch.Tensor] = {}
@@ -75,7 +76,7 @@ class PlipZeroShot:
 
         Thread-safe: `slide map`'s tile readers call it, preparing the next batch while this one is encoded.
         """
-        image = stain_normalize(load_image(image), self.stain_normalize)
+        image = stain_normalize(load_image(image, self.max_pixels), self.stain_normalize)
         return normalize_to_tensor(image, self.model.image_size)
 
     @torch.no_grad()
