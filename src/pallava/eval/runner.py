@@ -76,7 +76,7 @@ def with_option_orders(items: Sequence[VQAItem], n_orders: int, seed: int = 0) -
 def check_images(images: Sequence[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
     """Refuse a dataset before any answer is computed when some of its images cannot be read (missing,
     undecodable, over the pixel limit): one error names them all, where a bad image met half-way through
-    would stop the run after the work before it. Reads headers only."""
+    would stop the run part-way, one bad file at a time. Reads headers only."""
     distinct = list(dict.fromkeys(images))
     problems = {image: why for image in distinct if (why := image_problem(image, max_pixels))}
     if not problems:
