@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import ROOT
-from pallava.processing.image import load_image
+from pallava.processing.loading import load_image
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SIZES = ("224x224", "1024x768", "2048x1536")  # the sizes every latency number is reported at

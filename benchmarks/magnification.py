@@ -56,7 +56,7 @@ def zoom_label(zoom: float) -> str:
 
 def magnified_views(items: list, zoom: float, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
     """(views, labels) of a dev split at `zoom` x its magnification; one view per image, same order."""
-    from pallava.processing.image import load_image
+    from pallava.processing.loading import load_image
 
     images = [load_image(item.path).resize((SIZE, SIZE)) for item in items]
     labels = [item.label for item in items]

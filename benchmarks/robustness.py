@@ -137,7 +137,7 @@ def low_resolution(pixels: np.ndarray) -> np.ndarray:
 
 def shifted_sets(items: list, shift: str) -> tuple[list[Image.Image], list[str]]:
     """(images, labels) of a dev split under one shift."""
-    from pallava.processing.image import load_image
+    from pallava.processing.loading import load_image
 
     pixels = [np.asarray(load_image(item.path).resize((224, 224))) for item in items]
     labels = [item.label for item in items]

@@ -26,7 +26,8 @@ from benchmarks.images import SHARED_DATA
 from benchmarks.systems import REGIMES, Regime, build_fast, random_init_
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import make_processor
-from pallava.processing.image import load_image, normalize_to_tensor
+from pallava.processing.image import normalize_to_tensor
+from pallava.processing.loading import load_image
 from pallava.processing.processor import CROP_FEATURES, IGNORE_INDEX, MODEL_INPUT_NAMES
 from pallava.processing.tokenizer import IMAGE, build_tiny_tokenizer
 from pallava.train.data import Collator, Sample

@@ -119,7 +119,7 @@ def test_the_assistant_is_asked_each_datasets_own_classes_under_each_shift(tiny,
     from benchmarks import common
 
     from pallava.inference import PaLlava
-    from pallava.processing.image import load_image
+    from pallava.processing.loading import load_image
 
     model, processor = tiny
     PaLlava(model, processor).save_pretrained(tmp_path / "assistant")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pallava.data.clean.stain_judge import StainJudge, he_fraction
-from pallava.processing.image import load_image
+from pallava.processing.loading import load_image
 
 
 def test_non_pathology_samples_are_rejected(shared_data):

@@ -380,7 +380,9 @@ def test_every_image_is_checked_before_a_model_loads_and_max_pixels_raises_the_l
         _no_loading(patched)
         assert main([*command, "--max-pixels", "60000"]) == 1
     error = capsys.readouterr().err
-    assert f"1 of 3 image(s) cannot be read: {large}: 300x300 = 90,000 pixels, over the limit of 60,000" in error
+    assert (
+        f"1 of 3 image(s) cannot be read: {large}: 300x300 = 90,000 pixels, over the limit of 60,000" in error
+    )
     assert not list((tmp_path / "out").rglob("predictions.jsonl"))
     assert main([*command, "--max-pixels", "0"]) == 1
     assert "--max-pixels must be an integer from 1" in capsys.readouterr().err

@@ -16,13 +16,11 @@ from pallava.processing.image import (
     CLIP_MEAN,
     CLIP_STD,
     PAPER_GRIDS,
-    CorruptImageError,
-    ImageTooLargeError,
     PaLlavaImageProcessor,
     letterbox_pixels,
-    load_image,
     normalize_to_tensor,
 )
+from pallava.processing.loading import CorruptImageError, ImageTooLargeError, load_image
 
 
 def quadrants(size: int) -> Image.Image:

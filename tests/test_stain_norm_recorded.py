@@ -13,7 +13,8 @@ from pallava import load_preset
 from pallava.cli import main
 from pallava.inference import PaLlava
 from pallava.models.plip import PlipZeroShot
-from pallava.processing.image import PaLlavaImageProcessor, letterbox, load_image, normalize_to_tensor
+from pallava.processing.image import PaLlavaImageProcessor, letterbox, normalize_to_tensor
+from pallava.processing.loading import load_image
 from pallava.processing.stain_norm import resolve_stain_normalize, stain_normalize
 from pallava.train.feature_cache import namespace_for
 from pallava.train.plip_config import PlipTrainConfig

@@ -14,7 +14,8 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
-from pallava.processing.image import ImageSource, check_max_pixels, load_image
+from pallava.processing.image import check_max_pixels
+from pallava.processing.loading import ImageSource, load_image
 from pallava.processing.processor import (
     CROP_FEATURES,
     IGNORE_INDEX,

@@ -46,7 +46,7 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from pallava.processing.image import load_image
+    from pallava.processing.loading import load_image
     from pallava.serve.chat import interactive_chat
 
     options = _options(args)

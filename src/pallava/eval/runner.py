@@ -20,7 +20,7 @@ from pallava.data.records import LabelledImage, VQAItem
 from pallava.eval.choice import permute_options
 from pallava.eval.predictions import PredictionWriter
 from pallava.eval.tasks import prompt_of
-from pallava.processing.image import DEFAULT_MAX_PIXELS, image_problem
+from pallava.processing.loading import DEFAULT_MAX_PIXELS, image_problem
 
 UNMAPPED = "(unmapped)"
 

@@ -32,7 +32,8 @@ from pallava.eval.suite_config import Benchmark, Suite, SuiteSettings, load_suit
 from pallava.eval.suite_report import class_summary, vqa_summary, write_summary
 from pallava.eval.tasks import load_vqa_items, model_prompt_style, sample_items
 from pallava.files import changed_keys
-from pallava.processing.image import DEFAULT_MAX_PIXELS, PaLlavaImageProcessor, check_max_pixels
+from pallava.processing.image import PaLlavaImageProcessor, check_max_pixels
+from pallava.processing.loading import DEFAULT_MAX_PIXELS
 from pallava.processing.stain_norm import resolve_stain_normalize
 
 MARKERS = ".suite"

@@ -1,4 +1,4 @@
-"""Image loading with safety limits, and the paper's dynamic high-resolution tiling.
+"""The paper's dynamic high-resolution tiling (loading with safety limits: `processing.loading`).
 
 An image becomes a stack of square crops `[global, tile_1, ..., tile_n]`:
 
@@ -12,7 +12,6 @@ An image becomes a stack of square crops `[global, tile_1, ..., tile_n]`:
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from collections.abc import Sequence
@@ -22,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from transformers.image_processing_utils import select_best_resolution
 
 from pallava.files import read_json_object
-from pallava.processing.stain_norm import check_stain_normalize, stain_normalize
+from pallava.processing.loading import DEFAULT_MAX_PIXELS, ImageSource, load_normalized
+from pallava.processing.stain_norm import check_stain_normalize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_MAX_PIXELS = 16_777_216  # the paper's limit: 4096 x 4096
 
 # The reference grid list, as (columns, rows) in tiles: 4 to 8 tiles.
 PAPER_GRIDS: tuple[tuple[int, int], ...] = (
@@ -51,8 +50,6 @@ PAPER_GRIDS: tuple[tuple[int, int], ...] = (
     (8, 1),
 )
 
-ImageSource = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
-
 # Allowed image-processor settings (inclusive). The paper uses 224 px tiles and at most 8 of them.
 TILE_SIZE_RANGE = (8, 1024)
 MAX_TILES_RANGE = (1, 64)
@@ -64,126 +61,6 @@ GLOBAL_VIEWS = ("letterbox", "stretch")
 # never meets a band it has not seen (PLIP's zero-shot accuracy on dev tiles cropped to 3:2 fell to 0.48 /
 # 0.50 / 0.77 with black bands, 0.91 / 0.88 / 0.87 mirrored; docs/model.md). `black`: the reference code's.
 PADDINGS = ("mirror", "black")
-
-
-class CorruptImageError(ValueError):
-    """The input could not be decoded as an image."""
-
-
-class ImageTooLargeError(ValueError):
-    """The image has more pixels than allowed (decompression-bomb guard)."""
-
-
-def _describe(src: ImageSource) -> str:
-    if isinstance(src, (str, Path)):
-        return str(src)
-    if isinstance(src, bytes):
-        return f"<{len(src)} bytes>"
-    if isinstance(src, (np.ndarray, torch.Tensor)):
-        return f"<{type(src).__name__} {tuple(src.shape)} {src.dtype}>"
-    return f"<{type(src).__name__}>"
-
-
-def _tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
-    """A torch image as a numpy (H, W[, C]) array; (C, H, W) tensors (torch's layout) are moved
-    channels-last."""
-    tensor = tensor.detach().cpu()
-    if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[2] not in (1, 3, 4):
-        tensor = tensor.permute(1, 2, 0)
-    if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.float()  # numpy has no bfloat16
-    return tensor.numpy()
-
-
-def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
-    """uint8 pixels as they are; floats must be finite and in [0, 1] (scaled by 255, rounded); other
-    integers are clipped to 0-255. A float image in 0-255 would otherwise turn almost black or white."""
-    if array.dtype == np.uint8:
-        return array
-    if array.size == 0:
-        raise CorruptImageError(f"image array {name} is empty")
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise CorruptImageError(f"image array {name} holds NaN or infinite values")
-        low, high = float(array.min()), float(array.max())
-        if low < 0 or high > 1:
-            raise CorruptImageError(
-                f"image array {name} has values from {low:g} to {high:g}; expected floats in [0, 1] "
-                "(or uint8 in 0-255)"
-            )
-        return np.rint(array.astype(np.float32) * 255.0).astype(np.uint8)
-    return np.clip(array, 0, 255).astype(np.uint8)
-
-
-def _check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"image {name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
-        )
-
-
-def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image from a path, bytes, PIL image, HxW[xC] array or tensor (also CxHxW) as RGB.
-
-    The pixel limit is checked on the header, before the pixels are decoded, so an oversized
-    (or decompression-bomb) file costs nothing. Undecodable input raises `CorruptImageError`.
-    Arrays and tensors are uint8 in 0-255 or floats in [0, 1]; other float ranges are refused.
-    """
-    name = _describe(src)
-    if isinstance(src, torch.Tensor):
-        src = _tensor_to_array(src)
-    if isinstance(src, Image.Image):
-        _check_pixels(*src.size, max_pixels, name)
-        return src if src.mode == "RGB" else src.convert("RGB")
-    if isinstance(src, np.ndarray):
-        if src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (1, 3, 4)):
-            raise CorruptImageError(f"image array {name} has shape {src.shape}; expected HxW, HxWx3 or HxWx4")
-        _check_pixels(src.shape[1], src.shape[0], max_pixels, name)
-        array = _to_uint8(src, name)
-        return Image.fromarray(
-            array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array
-        ).convert("RGB")
-    if isinstance(src, (str, Path)):
-        path = Path(src)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
-        stream: io.IOBase = path.open("rb")
-    elif isinstance(src, (bytes, bytearray)):
-        stream = io.BytesIO(src)
-    else:
-        raise TypeError(
-            f"unsupported image source {type(src).__name__}; expected a path, bytes, PIL image, array or "
-            "tensor"
-        )
-    with stream:
-        try:
-            with Image.open(stream) as image:  # reads the header only
-                _check_pixels(*image.size, max_pixels, name)
-                image.seek(0)  # first page of multi-page files
-                image = ImageOps.exif_transpose(image)
-                return image.convert("RGB")  # decodes
-        except ImageTooLargeError:
-            raise
-        except Image.DecompressionBombError as error:  # Pillow's own guard, when ours is switched off
-            raise ImageTooLargeError(f"image {name}: {error}") from error
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise CorruptImageError(f"cannot decode image {name}: {error}") from error
-
-
-def image_problem(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
-    """Why an image file cannot be read, from its header alone (no pixels decoded): missing, not an image
-    Pillow can decode, or over `max_pixels`; None when the header is sound."""
-    path = Path(path)
-    if not path.is_file():
-        return "file not found"
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return f"cannot decode ({type(error).__name__})"
-    if max_pixels is not None and width * height > max_pixels:
-        return f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
-    return None
 
 
 def _check_int(name: str, value: object, low: int, high: int, prefix: str = "") -> None:
@@ -407,7 +284,7 @@ class PaLlavaImageProcessor:
 
     def tile(self, src: ImageSource) -> TiledImage:
         """Load (with limits), stain-normalise if set, and cut one image into [global, tiles...]."""
-        image = stain_normalize(load_image(src, self.max_pixels), self.stain_normalize)
+        image = load_normalized(src, self.stain_normalize, self.max_pixels)
         pixels = as_uint8_tensor(image)  # (H, W, 3); both views are resized from it, in torch
         size = self.tile_size
         cols, rows = self.select_grid(image.size)

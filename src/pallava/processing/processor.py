@@ -27,7 +27,8 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, P
 from transformers.utils import PROCESSOR_NAME
 
 from pallava.files import read_json_object
-from pallava.processing.image import ImageSource, PaLlavaImageProcessor
+from pallava.processing.image import PaLlavaImageProcessor
+from pallava.processing.loading import ImageSource
 from pallava.processing.prompts import PROMPT_STYLES
 from pallava.processing.tokenizer import BOS, END_HEADER, EOS, EOT, IMAGE, START_HEADER
 

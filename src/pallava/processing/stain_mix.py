@@ -150,7 +150,7 @@ def _draw_key(source, seed: int) -> str:
 
 
 def _thumbnail(source) -> np.ndarray:
-    from pallava.processing.image import load_image
+    from pallava.processing.loading import load_image
 
     image = load_image(source)
     image.thumbnail((256, 256))

@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pallava import __version__
 from pallava.inference import Completion, PaLlava
-from pallava.processing.image import DEFAULT_MAX_PIXELS, ImageTooLargeError, TiledImage
+from pallava.processing.image import TiledImage
+from pallava.processing.loading import DEFAULT_MAX_PIXELS, ImageTooLargeError
 from pallava.serve.engine import (
     BATCHING,
     BatchingEngine,

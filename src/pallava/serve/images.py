@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from PIL import Image
 
-from pallava.processing.image import CorruptImageError, ImageTooLargeError, load_image
+from pallava.processing.loading import CorruptImageError, ImageTooLargeError, load_image
 from pallava.serve.protocol import APIError, unicode_problem
 
 IMAGE_TYPES = frozenset(

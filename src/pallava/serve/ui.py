@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from pallava.inference import PaLlava
-from pallava.processing.image import ImageSource, heat_on_image, load_image
+from pallava.processing.image import heat_on_image
+from pallava.processing.loading import ImageSource, load_image
 
 if TYPE_CHECKING:
     import gradio as gr

@@ -33,7 +33,7 @@ from pallava.data.importers.conversations import read_llava
 from pallava.data.records import ANSWER_TYPES, Conversation
 from pallava.data.shards import iter_shards, list_shards
 from pallava.processing.augment import Augmentation, augment
-from pallava.processing.image import ImageSource, load_image
+from pallava.processing.loading import ImageSource, load_image
 from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
 from pallava.processing.stain_mix import StainBank
 from pallava.train.config import AugmentSection, DataSection

@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pallava.processing.image import CLIP_MEAN, CLIP_STD, ImageSource, PaLlavaImageProcessor
+from pallava.processing.image import CLIP_MEAN, CLIP_STD, PaLlavaImageProcessor
+from pallava.processing.loading import ImageSource
 
 FORMAT_VERSION = 2  # 2: tile masks stored; tiles always encoded (1 could hold zero tiles)
 SHARD_GLOB = "features-*.safetensors"

@@ -28,7 +28,8 @@ from pallava.data.labels import LabelMap
 from pallava.data.records import LabelledImage
 from pallava.models.plip.prompts import caption_for
 from pallava.processing.augment import Augmentation, augment
-from pallava.processing.image import letterbox, load_image, normalize
+from pallava.processing.image import letterbox, normalize
+from pallava.processing.loading import load_image
 from pallava.processing.stain_mix import StainBank
 from pallava.processing.stain_norm import stain_normalize
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pallava.data.clean.verdict import ImageJudge, TextJudge, Verdict
-from pallava.processing.image import DEFAULT_MAX_PIXELS, load_image
+from pallava.processing.loading import DEFAULT_MAX_PIXELS, load_image
 
 __all__ = ["ImageJudge", "LexiconJudge", "PlipImageJudge", "TextJudge", "Verdict", "build_judge"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from pallava.data.clean.verdict import Verdict
-from pallava.processing.image import DEFAULT_MAX_PIXELS, load_image
+from pallava.processing.loading import DEFAULT_MAX_PIXELS, load_image
 
 DEFAULT_IMAGE_PROMPT = (
     "Is this a pathology image, that is, a microscopy image of a tissue or cell sample (for example H&E, "

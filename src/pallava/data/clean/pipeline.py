@@ -34,7 +34,7 @@ from pallava.data.clean.report import summarise, write_report
 from pallava.data.clean.verdict import Verdict
 from pallava.data.io import AppendOnlyJsonl, JsonlLineError, iter_appended
 from pallava.data.records import IMAGE_TOKEN, CaptionPair, Conversation, VQAItem
-from pallava.processing.image import load_image
+from pallava.processing.loading import load_image
 
 KEPT, REJECTED, STATE, REPORT = "kept.jsonl", "rejected.jsonl", "state.json", "report.md"
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pallava.data.clean.verdict import Verdict
-from pallava.processing.image import DEFAULT_MAX_PIXELS, load_image
+from pallava.processing.loading import DEFAULT_MAX_PIXELS, load_image
 
 HE_HUE_DEGREES = (225.0, 345.0)
 

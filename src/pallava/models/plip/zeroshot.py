@@ -20,8 +20,9 @@ from pallava.files import read_json_object
 from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, class_prompts
-from pallava.processing.image import DEFAULT_MAX_PIXELS, ImageSource, load_image, normalize_to_tensor
-from pallava.processing.stain_norm import recorded_stain_normalize, stain_normalize
+from pallava.processing.image import normalize_to_tensor
+from pallava.processing.loading import DEFAULT_MAX_PIXELS, ImageSource, load_normalized
+from pallava.processing.stain_norm import recorded_stain_normalize
 
 
 class PlipZeroShot:
@@ -76,7 +77,7 @@ class PlipZeroShot:
 
         Thread-safe: `slide map`'s tile readers call it, preparing the next batch while this one is encoded.
         """
-        image = stain_normalize(load_image(image, self.max_pixels), self.stain_normalize)
+        image = load_normalized(image, self.stain_normalize, self.max_pixels)
         return normalize_to_tensor(image, self.model.image_size)
 
     @torch.no_grad()
