@@ -62,3 +62,22 @@ def test_image_folder_uses_subfolder_as_class(tmp_path):
     assert [(Path(i.path).name, i.label) for i in items] == [("3.tif", "a"), ("1.PNG", "b"), ("2.jpg", "b")]
     with pytest.raises(ValueError, match="no images"):
         read_image_folder(tmp_path / "a")
+
+
+def test_labelled_images_from_a_manifest_its_folder_or_class_folders(lung_manifest, tmp_path):
+    """Every labelled-image reader (evaluation, PLIP, data build) takes the three layouts alike."""
+    from pallava.data.importers.manifest import read_labelled_images
+
+    dev = read_manifest(lung_manifest, split="dev")
+    assert read_labelled_images(lung_manifest.parent, "dev") == dev  # a folder holding manifest.csv
+    assert read_labelled_images(lung_manifest, "dev") == dev
+    for item in dev[:2] + dev[-2:]:  # root/<class>/<image>, as many public datasets ship
+        target = tmp_path / item.label / Path(item.path).name
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(Path(item.path).read_bytes())
+    folder = read_labelled_images(tmp_path)
+    assert [(Path(i.path).name, i.label) for i in folder] == sorted(
+        (Path(i.path).name, i.label) for i in dev[:2] + dev[-2:]
+    )
+    with pytest.raises(ValueError, match="an image folder .* has no splits, but split 'dev' was asked for"):
+        read_labelled_images(tmp_path, "dev")

@@ -402,3 +402,26 @@ def test_a_pixel_limit_override_reaches_the_loaded_assistant(model_dir: Path) ->
         lazy.tile_grid(Image.new("RGB", (100, 100)))
     with pytest.raises(ValueError, match="max_pixels must be null \\(no limit\\) or an integer"):
         lazy.assistant.max_pixels = -1
+
+
+def test_a_benchmark_may_be_an_image_folder_of_class_subfolders(
+    tmp_path: Path, lung: Path, model_dir: Path, plip_dir: Path
+) -> None:
+    """Datasets shipped as root/<class>/<image> run without a manifest; the class is the folder's name."""
+    with (lung / "manifest.csv").open(newline="") as handle:
+        dev = [row for row in csv.DictReader(handle) if row["split"] == "dev"]
+    for row in (dev[0], dev[1], dev[-1]):
+        folder = tmp_path / "data" / row["label"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / Path(row["path"]).name).write_bytes((lung / row["path"]).read_bytes())
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "settings: {max_new_tokens: 2, class_max_new_tokens: 2, n_resamples: 20}\n"
+        "benchmarks:\n  - {name: folder, manifest: data, label_map: lc25000-lung}\n"
+    )
+    row = run_suite(model_dir, suite, tmp_path / "out", plip_dir=plip_dir, progress=False)["benchmarks"][0]
+    assert row["n"] == 3 and row["plip_zeroshot"]["n"] == 3 and row["classification"]["n"] == 3
+    labels = {
+        json.loads(line)["label"] for line in (tmp_path / "out/folder/plip-zeroshot/predictions.jsonl").open()
+    }
+    assert labels == {dev[0]["label"], dev[-1]["label"]}

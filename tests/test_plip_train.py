@@ -1,5 +1,6 @@
 """PLIP training end to end through the CLI on real data: learning, checkpoints, resume, reports, export."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -159,6 +160,20 @@ def test_zeroshot_and_retrieval_reports(trained, small_manifest, tmp_path):
     assert sum(map(sum, report["confusion_matrix"])) == report["n"]
     assert set(report["per_class"]) == {"lung_aca", "lung_n", "lung_scc"}
     assert (tmp_path / "zs" / "confusion_matrix.png").stat().st_size > 0
+    # an image folder (root/<class>/<image>) has no splits: every image of it, by default
+    folder = tmp_path / "folder"
+    for row in list(csv.DictReader(small_manifest.open()))[:4]:
+        (folder / row["label"]).mkdir(parents=True, exist_ok=True)
+        (folder / row["label"] / Path(row["path"]).name).write_bytes(
+            (small_manifest.parent / row["path"]).read_bytes()
+        )
+    assert (
+        main(
+            ["plip", "zeroshot", "--model", str(trained), "--data", str(folder), "--out", str(tmp_path / "f")]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "f" / "report.json").read_text())["n"] == 4
     assert (
         main(
             [

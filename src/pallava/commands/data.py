@@ -61,16 +61,12 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _labelled(path: str, split: str | None) -> list[LabelledImage]:
-    from pallava.data.importers.manifest import read_image_folder, read_manifest
+    from pallava.data.importers.manifest import read_labelled_images
     from pallava.data.io import iter_records
 
     source = Path(path)
-    if source.suffix == ".csv":
-        return read_manifest(source, split)
-    if source.is_dir() and not any(source.glob("*.parquet")):
-        if split is not None:
-            raise ValueError(f"{source}: an image folder has no splits; drop --split")
-        return read_image_folder(source)
+    if source.suffix == ".csv" or (source.is_dir() and not any(source.glob("*.parquet"))):
+        return read_labelled_images(source, split)
     items = [LabelledImage.from_dict(r) for r in iter_records(source)]
     return [i for i in items if split is None or i.split == split]
 

@@ -111,13 +111,13 @@ def _vqa(args: argparse.Namespace) -> int:
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
-    from pallava.data.importers.manifest import read_manifest
+    from pallava.data.importers.manifest import read_labelled_images
     from pallava.data.labels import LabelMap
     from pallava.eval.report import write_report, zeroshot_report
     from pallava.eval.runner import class_answering, run_zeroshot
 
     out = Path(args.out)
-    images = sample_items(read_manifest(args.data, args.split), args.limit, args.seed)
+    images = sample_items(read_labelled_images(args.data, args.split), args.limit, args.seed)
     label_map = LabelMap.resolve(args.label_map, {item.label for item in images}, source="--label-map")
     assistant = _assistant(args)
     records = run_zeroshot(

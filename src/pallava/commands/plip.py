@@ -61,7 +61,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from pallava.train.plip_data import read_plip_data
     from pallava.train.plip_eval import write_zeroshot_report, zeroshot_report
 
-    samples, label_map = read_plip_data(args.data, args.split, args.label_map or _saved_label_map(args.model))
+    split = args.split if args.split is not None else _default_split(args.data)
+    samples, label_map = read_plip_data(args.data, split, args.label_map or _saved_label_map(args.model))
     if label_map is None:
         raise ValueError(f"{args.data}: zero-shot classification needs a labelled manifest (.csv)")
     templates = _read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
@@ -71,10 +72,16 @@ def _zeroshot(args: argparse.Namespace) -> int:
         zs.max_pixels = check_max_pixels(args.max_pixels, "--max-pixels")
     check_images([sample.image for sample in samples], zs.max_pixels)
     report, rows = zeroshot_report(zs, samples, label_map, templates, batch_size=args.batch_size)
-    report.update(model=str(args.model), data=str(args.data), split=args.split)
+    report.update(model=str(args.model), data=str(args.data), split=split)
     path = write_zeroshot_report(report, rows, Path(args.out))
     print(f"accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  n={report['n']}  -> {path}")
     return 0
+
+
+def _default_split(data: str) -> str | None:
+    """`dev`, except for an image folder (root/<class>/<image>), which has no splits: all of it."""
+    path = Path(data)
+    return None if path.is_dir() and not (path / "manifest.csv").is_file() else "dev"
 
 
 def _saved_label_map(model_dir: str) -> str | None:
@@ -164,8 +171,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     zeroshot = commands.add_parser("zeroshot", help="prompt-ensemble zero-shot classification report")
     zeroshot.add_argument("--model", required=True, help="PLIP model folder")
-    zeroshot.add_argument("--data", required=True, help="labelled manifest CSV")
-    zeroshot.add_argument("--split", default="dev")
+    zeroshot.add_argument(
+        "--data",
+        required=True,
+        help="labelled manifest CSV (or a folder holding manifest.csv), or an image folder "
+        "root/<class>/<image>",
+    )
+    zeroshot.add_argument(
+        "--split", help="default: dev (every image of an image folder, which has no splits)"
+    )
     zeroshot.add_argument("--out", required=True, help="report folder (report.json, confusion_matrix.png)")
     zeroshot.add_argument(
         "--label-map", help="built-in label map name or file (default: saved with the model, else auto)"

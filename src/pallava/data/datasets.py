@@ -149,13 +149,15 @@ def _unique(specs: list[DatasetSpec], source: str) -> tuple[DatasetSpec, ...]:
 
 def read_labelled(datasets: DatasetList, split: str | None) -> list[LabelledImage]:
     """Every dataset's labelled images (of `split`), each tagged with its dataset's name."""
-    from pallava.data.importers.manifest import read_manifest
+    from pallava.data.importers.manifest import read_labelled_images
 
     items: list[LabelledImage] = []
     for spec in datasets.datasets:
-        if not spec.path.endswith(".csv"):
-            raise ValueError(f"dataset '{spec.name}': {spec.path} is not a labelled manifest (.csv)")
-        for item in read_manifest(spec.path, split):
+        if not (spec.path.endswith(".csv") or Path(spec.path).is_dir()):
+            raise ValueError(
+                f"dataset '{spec.name}': {spec.path} is not a labelled manifest (.csv) or image folder"
+            )
+        for item in read_labelled_images(spec.path, split):
             item.dataset = spec.name
             items.append(item)
     return items

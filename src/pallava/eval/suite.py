@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pallava.data.builders import vqa_from_labels
-from pallava.data.importers.manifest import read_manifest
+from pallava.data.importers.manifest import read_labelled_images
 from pallava.data.labels import LabelMap
 from pallava.data.records import LabelledImage
 from pallava.eval.report import vqa_report, write_report, zeroshot_report
@@ -246,7 +246,7 @@ def _run_benchmark(
         n = len(items)
         reports["vqa"] = _assistant_vqa(models, items, folder / "vqa", settings, progress)
     else:
-        every = read_manifest(benchmark.data, benchmark.split)
+        every = read_labelled_images(benchmark.data, benchmark.split)
         # The label map covers the whole manifest, not just the sample, so --limit never changes the classes.
         label_map = LabelMap.resolve(
             benchmark.label_map, {i.label for i in every}, source=f"{source}: label_map"

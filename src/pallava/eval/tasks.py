@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pallava.data.builders import vqa_from_labels, vqa_prompt
-from pallava.data.importers.manifest import read_manifest
+from pallava.data.importers.manifest import read_labelled_images
 from pallava.data.importers.pathvqa import answer_type_of, read_pathvqa_parquet
 from pallava.data.importers.pmcvqa import read_pmc_vqa
 from pallava.data.io import iter_records
@@ -37,6 +37,8 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: evaluation data not found")
+    if path.is_dir():  # a folder holding manifest.csv, or images in root/<class>/ folders
+        return "manifest"
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "pathvqa"
@@ -147,7 +149,7 @@ def load_vqa_items(
     elif fmt == "pmcvqa":
         items = list(read_pmc_vqa(path, root, split))
     elif fmt == "manifest":
-        labelled = read_manifest(path, split)
+        labelled = read_labelled_images(path, split)
         items = vqa_from_labels(
             labelled, LabelMap.resolve(label_map, {i.label for i in labelled}, source="--label-map"), seed
         )

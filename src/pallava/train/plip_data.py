@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pallava.data.datasets import merged_label_map as dataset_label_map
 from pallava.data.datasets import parse_data_args
-from pallava.data.importers.manifest import read_manifest
+from pallava.data.importers.manifest import read_labelled_images
 from pallava.data.io import iter_jsonl
 from pallava.data.labels import LabelMap
 from pallava.data.records import LabelledImage
@@ -111,12 +111,15 @@ def read_plip_data(
                 s if s.dataset else dataclasses.replace(s, dataset=spec.name)
                 for s in read_caption_jsonl(file, split)
             ]
-        elif file.suffix.lower() == ".csv":
-            for item in read_manifest(file, split):
+        elif file.suffix.lower() == ".csv" or file.is_dir():
+            for item in read_labelled_images(file, split):
                 item.dataset = spec.name
                 labelled.append(item)
         else:
-            raise ValueError(f"{file}: expected a caption .jsonl or a manifest .csv")
+            raise ValueError(
+                f"{file}: expected a caption .jsonl, a manifest .csv or an image folder "
+                "(root/<class>/<image>)"
+            )
     if not labelled:
         return samples, _caption_label_map(samples, label_map)
     labels = dataset_label_map(datasets, labelled, label_map)

@@ -58,6 +58,23 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[LabelledIm
     return items
 
 
+def read_labelled_images(source: str | Path, split: str | None = None) -> list[LabelledImage]:
+    """Labelled images from a manifest CSV, a folder holding `manifest.csv`, or an image folder laid out as
+    `root/<class>/<image>` (how many public datasets ship). An image folder has no splits: asking for one
+    is an error, not an empty result."""
+    path = Path(source)
+    if not path.is_dir():
+        return read_manifest(path, split)
+    if (path / "manifest.csv").is_file():
+        return read_manifest(path / "manifest.csv", split)
+    if split is not None:
+        raise ValueError(
+            f"{path}: an image folder (root/<class>/<image>) has no splits, but split '{split}' was asked "
+            "for; drop the split, or write a manifest (path,label,split)"
+        )
+    return read_image_folder(path)
+
+
 def read_image_folder(root: str | Path) -> list[LabelledImage]:
     """Read `root/<class>/<image>`: the class is the sub-folder name; files sorted for determinism."""
     root = Path(root)
