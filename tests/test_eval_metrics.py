@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pallava.eval.metrics import accuracy, bootstrap_ci, confusion_matrix, precision_recall_f1, token_recall
+from pallava.eval.report import zeroshot_report
 
 
 def test_accuracy_is_the_mean_and_zero_when_empty() -> None:
@@ -86,3 +87,20 @@ def test_bootstrap_accepts_a_custom_statistic() -> None:
     values = np.arange(100, dtype=float)
     low, high = bootstrap_ci(values, statistic=lambda resamples: np.median(resamples, axis=1), seed=0)
     assert low <= np.median(values) <= high
+
+
+def test_macro_averages_over_classes_in_the_data_or_the_predictions() -> None:
+    """A label map wider than the data (a three-organ model scored on one organ's images) must not pull the
+    macro average towards 0 with classes that nobody has and nothing predicted; a class predicted
+    without support still counts, with F1 0."""
+    wide = ["a", "b", "c", "d"]
+    result = precision_recall_f1(["a", "a", "b", "b"], ["a", "b", "b", "b"], wide)
+    f1_a, f1_b = 2 / 3, 0.8
+    assert result["macro"]["f1"] == pytest.approx((f1_a + f1_b) / 2)
+    assert result["per_class"]["c"]["support"] == 0  # still listed
+    false_positive = precision_recall_f1(["a", "a", "b", "b"], ["a", "c", "b", "b"], wide)
+    assert false_positive["macro"]["f1"] == pytest.approx((f1_a + 1.0 + 0.0) / 3)
+    report = zeroshot_report(["a", "a", "b", "b"] * 5, ["a", "b", "b", "b"] * 5, wide, n_resamples=200)
+    assert report["macro"]["f1"] == pytest.approx((f1_a + f1_b) / 2)
+    low, high = report["macro"]["f1_ci"]
+    assert low <= report["macro"]["f1"] <= high

@@ -70,23 +70,28 @@ def precision_recall_f1(
 
     A prediction outside `labels` (an unmapped answer) is a miss for its true class and a
     false positive for no class, so it lowers recall and micro F1 but is never dropped.
-    Macro averages weight every class in `labels` equally; undefined ratios count as 0.
+    Macro averages weight equally every class of `labels` that is in the data or among the predictions (a
+    class predicted without support counts, with F1 0; one nobody has and nothing predicted is left out,
+    so a label map wider than the data does not pull the average towards 0); undefined ratios count as 0.
     """
     if len(y_true) != len(y_pred):
         raise ValueError(f"precision_recall_f1: {len(y_true)} true labels but {len(y_pred)} predictions")
     pairs = list(zip(y_true, y_pred, strict=True))
     per_class: dict[str, dict[str, float]] = {}
+    seen: list[str] = []  # the classes in the data or among the predictions: the macro average's
     totals = {"tp": 0, "fp": 0, "fn": 0}
     for label in labels:
         tp = sum(1 for t, p in pairs if t == label and p == label)
         fp = sum(1 for t, p in pairs if t != label and p == label)
         fn = sum(1 for t, p in pairs if t == label and p != label)
         per_class[label] = {**_prf(tp, fp, fn), "support": tp + fn}
+        if tp + fp + fn:
+            seen.append(label)
         totals["tp"] += tp
         totals["fp"] += fp
         totals["fn"] += fn
     macro = {
-        name: float(np.mean([scores[name] for scores in per_class.values()])) if per_class else 0.0
+        name: float(np.mean([per_class[label][name] for label in seen])) if seen else 0.0
         for name in ("precision", "recall", "f1")
     }
     return {"per_class": per_class, "micro": _prf(totals["tp"], totals["fp"], totals["fn"]), "macro": macro}

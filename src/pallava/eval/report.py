@@ -116,7 +116,8 @@ def _macro_f1_statistic(n_labels: int) -> Callable[[np.ndarray], np.ndarray]:
             precision = np.where(predicted > 0, tp / predicted, 0.0)
             recall = np.where(actual > 0, tp / actual, 0.0)
             f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-        return f1.mean(axis=1)
+            seen = (actual > 0) | (predicted > 0)  # as precision_recall_f1: in the data or predicted
+            return np.where(seen.any(axis=1), (f1 * seen).sum(axis=1) / seen.sum(axis=1), 0.0)
 
     return statistic
 
