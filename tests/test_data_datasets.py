@@ -121,3 +121,19 @@ def test_merged_label_map_covers_all_three_organs(shared_data):
     label_map = merged_label_map(datasets, items)
     assert label_map.labels() == LabelMap.builtin("lung-colon-oral").labels()
     assert label_map.organs() == ["lung", "colon", "oral cavity"]
+
+
+def test_a_map_of_several_organs_narrows_to_the_organs_of_the_data() -> None:
+    """Zero-shot on one organ's images with a model's three-organ map: that organ's classes, all of them,
+    even when the data holds only one."""
+    wide = LabelMap.builtin("lung-colon-oral")
+    assert wide.of_organs({"colon_aca"}).labels() == ["colon_aca", "colon_n"]
+    assert wide.of_organs({"oral_n", "lung_scc"}).labels() == [
+        "lung_aca",
+        "lung_n",
+        "lung_scc",
+        "oral_n",
+        "oral_scc",
+    ]
+    organless = LabelMap.from_dict({"x": {"name": "x tissue"}, "y": {"name": "y tissue", "organ": "lung"}})
+    assert organless.of_organs({"x"}) is organless  # a class without an organ: nothing to narrow by

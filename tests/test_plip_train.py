@@ -197,6 +197,53 @@ def test_zeroshot_and_retrieval_reports(trained, small_manifest, tmp_path):
         assert recalls == sorted(recalls) and 0 <= recalls[0] <= recalls[-1] <= 1
 
 
+def test_zeroshot_with_a_model_of_three_organs_asks_the_organ_of_the_data(trained, small_manifest, tmp_path):
+    """A PLIP trained on three organs saves their seven classes; scored on lung tiles, the task is lung's
+    three classes (the paper's protocol, as in the evaluation suite), not a seven-way choice."""
+    import shutil
+
+    from pallava.data.labels import LabelMap
+
+    model = tmp_path / "three-organs"
+    shutil.copytree(trained, model)
+    (model / "label_map.json").write_text(json.dumps(LabelMap.builtin("lung-colon-oral").to_dict()))
+    assert (
+        main(
+            [
+                "plip",
+                "zeroshot",
+                "--model",
+                str(model),
+                "--data",
+                str(small_manifest),
+                "--out",
+                str(tmp_path / "z"),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "z" / "report.json").read_text())
+    assert report["labels"] == ["lung_aca", "lung_n", "lung_scc"] and len(report["confusion_matrix"]) == 3
+    wide = ["--label-map", "lung-colon-oral"]  # asked for, the seven-way choice is still there
+    assert (
+        main(
+            [
+                "plip",
+                "zeroshot",
+                "--model",
+                str(model),
+                "--data",
+                str(small_manifest),
+                "--out",
+                str(tmp_path / "w"),
+                *wide,
+            ]
+        )
+        == 0
+    )
+    assert len(json.loads((tmp_path / "w" / "report.json").read_text())["labels"]) == 7
+
+
 def test_export_vision_cli(trained, tmp_path):
     assert main(["plip", "export-vision", "--model", str(trained), "--out", str(tmp_path / "vision")]) == 0
     tower, info = PallavaVisionModel.from_pretrained(tmp_path / "vision", output_loading_info=True)

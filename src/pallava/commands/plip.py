@@ -65,6 +65,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
     samples, label_map = read_plip_data(args.data, split, args.label_map or _saved_label_map(args.model))
     if label_map is None:
         raise ValueError(f"{args.data}: zero-shot classification needs a labelled manifest (.csv)")
+    if not args.label_map:  # the model's map may span several organs: the task is the data's organs'
+        label_map = label_map.of_organs({sample.label for sample in samples})
     templates = _read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
     zs = PlipZeroShot.from_pretrained(args.model)
     zs.stain_normalize = resolve_stain_normalize(args.stain_normalize, zs.stain_normalize)
@@ -182,7 +184,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     zeroshot.add_argument("--out", required=True, help="report folder (report.json, confusion_matrix.png)")
     zeroshot.add_argument(
-        "--label-map", help="built-in label map name or file (default: saved with the model, else auto)"
+        "--label-map",
+        help="built-in label map name or file (default: the model's own, restricted to the organs of the "
+        "data's classes, as in the paper's protocol; else the built-in map covering the labels)",
     )
     zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
     zeroshot.add_argument("--batch-size", type=int, default=64)

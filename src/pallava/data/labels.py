@@ -302,6 +302,14 @@ class LabelMap(Mapping[str, ClassInfo]):
         """The classes whose label is in `labels`, in this map's order."""
         return LabelMap([info for info in self.values() if info.label in labels])
 
+    def of_organs(self, labels: set[str]) -> LabelMap:
+        """The classes of the organs that `labels` belong to, in this map's order: the task of a dataset of
+        one organ, out of a map that spans several. The whole map when a label names no organ."""
+        organs = {self[label].organ for label in labels if label in self}
+        if not organs or "" in organs:
+            return self
+        return LabelMap([info for info in self.values() if info.organ in organs])
+
     def organs(self) -> list[str]:
         """The organs named by the classes, in first-seen order (empty ones left out)."""
         return list(dict.fromkeys(info.organ for info in self.values() if info.organ))
