@@ -167,13 +167,7 @@ def test_zeroshot_and_retrieval_reports(trained, small_manifest, tmp_path):
         (folder / row["label"] / Path(row["path"]).name).write_bytes(
             (small_manifest.parent / row["path"]).read_bytes()
         )
-    assert (
-        main(
-            ["plip", "zeroshot", "--model", str(trained), "--data", str(folder), "--out", str(tmp_path / "f")]
-        )
-        == 0
-    )
-    assert json.loads((tmp_path / "f" / "report.json").read_text())["n"] == 4
+    assert _zeroshot_report(trained, folder, tmp_path / "f")["n"] == 4
     assert (
         main(
             [
@@ -197,6 +191,15 @@ def test_zeroshot_and_retrieval_reports(trained, small_manifest, tmp_path):
         assert recalls == sorted(recalls) and 0 <= recalls[0] <= recalls[-1] <= 1
 
 
+def _zeroshot_report(model: Path, data: Path, out: Path, *options: str) -> dict:
+    """`pallava plip zeroshot` through the CLI; its report.json."""
+    assert (
+        main(["plip", "zeroshot", "--model", str(model), "--data", str(data), "--out", str(out), *options])
+        == 0
+    )
+    return json.loads((out / "report.json").read_text())
+
+
 def test_zeroshot_with_a_model_of_three_organs_asks_the_organ_of_the_data(trained, small_manifest, tmp_path):
     """A PLIP trained on three organs saves their seven classes; scored on lung tiles, the task is lung's
     three classes (the paper's protocol, as in the evaluation suite), not a seven-way choice."""
@@ -207,41 +210,11 @@ def test_zeroshot_with_a_model_of_three_organs_asks_the_organ_of_the_data(traine
     model = tmp_path / "three-organs"
     shutil.copytree(trained, model)
     (model / "label_map.json").write_text(json.dumps(LabelMap.builtin("lung-colon-oral").to_dict()))
-    assert (
-        main(
-            [
-                "plip",
-                "zeroshot",
-                "--model",
-                str(model),
-                "--data",
-                str(small_manifest),
-                "--out",
-                str(tmp_path / "z"),
-            ]
-        )
-        == 0
-    )
-    report = json.loads((tmp_path / "z" / "report.json").read_text())
+    report = _zeroshot_report(model, small_manifest, tmp_path / "z")
     assert report["labels"] == ["lung_aca", "lung_n", "lung_scc"] and len(report["confusion_matrix"]) == 3
-    wide = ["--label-map", "lung-colon-oral"]  # asked for, the seven-way choice is still there
-    assert (
-        main(
-            [
-                "plip",
-                "zeroshot",
-                "--model",
-                str(model),
-                "--data",
-                str(small_manifest),
-                "--out",
-                str(tmp_path / "w"),
-                *wide,
-            ]
-        )
-        == 0
-    )
-    assert len(json.loads((tmp_path / "w" / "report.json").read_text())["labels"]) == 7
+    # asked for, the seven-way choice is still there
+    wide = _zeroshot_report(model, small_manifest, tmp_path / "w", "--label-map", "lung-colon-oral")
+    assert len(wide["labels"]) == 7
 
 
 def test_export_vision_cli(trained, tmp_path):
