@@ -168,6 +168,9 @@ def test_zeroshot_and_retrieval_reports(trained, small_manifest, tmp_path):
             (small_manifest.parent / row["path"]).read_bytes()
         )
     assert _zeroshot_report(trained, folder, tmp_path / "f")["n"] == 4
+    command = ["plip", "train", "--data", str(folder), "--out", str(tmp_path / "t"), "--max-steps", "1"]
+    assert main([*command, "batch_size=4", "text_layers=1", "--no-progress"]) == 0  # trains on all of it
+    assert json.loads((tmp_path / "t" / "run_summary.json").read_text())["steps"] == 1
     assert (
         main(
             [

@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
         args.data,
         args.out,
         recipe,
-        split=args.split,
+        split=args.split if args.split is not None else _default_split(args.data, "train"),
         label_map=args.label_map,
         eval_data=args.eval_data,
         eval_split=args.eval_split,
@@ -61,7 +61,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from pallava.train.plip_data import read_plip_data
     from pallava.train.plip_eval import write_zeroshot_report, zeroshot_report
 
-    split = args.split if args.split is not None else _default_split(args.data)
+    split = args.split if args.split is not None else _default_split(args.data, "dev")
     samples, label_map = read_plip_data(args.data, split, args.label_map or _saved_label_map(args.model))
     if label_map is None:
         raise ValueError(f"{args.data}: zero-shot classification needs a labelled manifest (.csv)")
@@ -80,10 +80,12 @@ def _zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_split(data: str) -> str | None:
-    """`dev`, except for an image folder (root/<class>/<image>), which has no splits: all of it."""
-    path = Path(data)
-    return None if path.is_dir() and not (path / "manifest.csv").is_file() else "dev"
+def _default_split(data: str | list[str], split: str) -> str | None:
+    """`split`, except when every dataset is an image folder (root/<class>/<image>), which has no splits:
+    all of it."""
+    paths = [Path(p) for p in (data if isinstance(data, list) else [data])]
+    folders = all(p.is_dir() and not (p / "manifest.csv").is_file() for p in paths)
+    return None if folders else split
 
 
 def _saved_label_map(model_dir: str) -> str | None:
@@ -148,7 +150,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         out_help="output folder (model, checkpoints/, run log, tensorboard/)",
         data_required=True,
     )
-    train.add_argument("--split", default="train", help="split to train on (default: train)")
+    train.add_argument(
+        "--split", help="split to train on (default: train; every image when the data are image folders)"
+    )
     train.add_argument(
         "--preset", choices=("tiny", "paper"), help="model preset (default: the recipe's, tiny)"
     )
