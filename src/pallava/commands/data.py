@@ -61,11 +61,11 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _labelled(path: str, split: str | None) -> list[LabelledImage]:
-    from pallava.data.importers.manifest import read_labelled_images
+    from pallava.data.importers.manifest import holds_labelled_images, read_labelled_images
     from pallava.data.io import iter_records
 
     source = Path(path)
-    if source.suffix == ".csv" or (source.is_dir() and not any(source.glob("*.parquet"))):
+    if holds_labelled_images(source) and not any(source.glob("*.parquet")):  # a folder of shards: records
         return read_labelled_images(source, split)
     items = [LabelledImage.from_dict(r) for r in iter_records(source)]
     return [i for i in items if split is None or i.split == split]

@@ -83,9 +83,10 @@ def _zeroshot(args: argparse.Namespace) -> int:
 def _default_split(data: str | list[str], split: str) -> str | None:
     """`split`, except when every dataset is an image folder (root/<class>/<image>), which has no splits:
     all of it."""
-    paths = [Path(p) for p in (data if isinstance(data, list) else [data])]
-    folders = all(p.is_dir() and not (p / "manifest.csv").is_file() for p in paths)
-    return None if folders else split
+    from pallava.data.importers.manifest import is_image_folder
+
+    paths = data if isinstance(data, list) else [data]
+    return None if all(is_image_folder(path) for path in paths) else split
 
 
 def _saved_label_map(model_dir: str) -> str | None:

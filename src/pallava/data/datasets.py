@@ -149,11 +149,11 @@ def _unique(specs: list[DatasetSpec], source: str) -> tuple[DatasetSpec, ...]:
 
 def read_labelled(datasets: DatasetList, split: str | None) -> list[LabelledImage]:
     """Every dataset's labelled images (of `split`), each tagged with its dataset's name."""
-    from pallava.data.importers.manifest import read_labelled_images
+    from pallava.data.importers.manifest import holds_labelled_images, read_labelled_images
 
     items: list[LabelledImage] = []
     for spec in datasets.datasets:
-        if not (spec.path.endswith(".csv") or Path(spec.path).is_dir()):
+        if not holds_labelled_images(spec.path):
             raise ValueError(
                 f"dataset '{spec.name}': {spec.path} is not a labelled manifest (.csv) or image folder"
             )

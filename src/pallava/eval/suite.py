@@ -15,6 +15,7 @@ resumes from its predictions files.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -64,13 +65,12 @@ class LazyAssistant:
         self.max_pixels_override = check_max_pixels(max_pixels, "--max-pixels")
         self.assistant: Any = None
 
-    @property
+    @functools.cached_property
     def max_pixels(self) -> int | None:
-        """The pixel limit of the images this assistant reads, known without loading its weights."""
+        """The pixel limit of the images this assistant reads (the override, else the model folder's), known
+        without loading its weights; the loaded assistant gets the same."""
         if self.max_pixels_override is not None:
             return self.max_pixels_override
-        if self.assistant is not None:
-            return self.assistant.max_pixels
         if not (Path(self.model_dir) / PaLlavaImageProcessor.CONFIG_NAME).is_file():
             return DEFAULT_MAX_PIXELS
         return PaLlavaImageProcessor.from_pretrained(self.model_dir).max_pixels

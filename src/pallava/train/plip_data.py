@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pallava.data.datasets import merged_label_map as dataset_label_map
 from pallava.data.datasets import parse_data_args
-from pallava.data.importers.manifest import read_labelled_images
+from pallava.data.importers.manifest import holds_labelled_images, read_labelled_images
 from pallava.data.io import iter_jsonl
 from pallava.data.labels import LabelMap
 from pallava.data.records import LabelledImage
@@ -111,7 +111,7 @@ def read_plip_data(
                 s if s.dataset else dataclasses.replace(s, dataset=spec.name)
                 for s in read_caption_jsonl(file, split)
             ]
-        elif file.suffix.lower() == ".csv" or file.is_dir():
+        elif holds_labelled_images(file):
             for item in read_labelled_images(file, split):
                 item.dataset = spec.name
                 labelled.append(item)

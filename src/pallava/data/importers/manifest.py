@@ -58,15 +58,27 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[LabelledIm
     return items
 
 
+def is_image_folder(path: str | Path) -> bool:
+    """Whether `path` is an image folder laid out as `root/<class>/<image>`: a folder without `manifest.csv`
+    (a folder with one stands for its manifest)."""
+    path = Path(path)
+    return path.is_dir() and not (path / "manifest.csv").is_file()
+
+
+def holds_labelled_images(path: str | Path) -> bool:
+    """Whether `read_labelled_images` reads `path`: a manifest CSV or a folder (its manifest.csv, or an image
+    folder)."""
+    path = Path(path)
+    return path.suffix.lower() == ".csv" or path.is_dir()
+
+
 def read_labelled_images(source: str | Path, split: str | None = None) -> list[LabelledImage]:
     """Labelled images from a manifest CSV, a folder holding `manifest.csv`, or an image folder laid out as
     `root/<class>/<image>` (how many public datasets ship). An image folder has no splits: asking for one
     is an error, not an empty result."""
     path = Path(source)
-    if not path.is_dir():
-        return read_manifest(path, split)
-    if (path / "manifest.csv").is_file():
-        return read_manifest(path / "manifest.csv", split)
+    if not is_image_folder(path):
+        return read_manifest(path / "manifest.csv" if path.is_dir() else path, split)
     if split is not None:
         raise ValueError(
             f"{path}: an image folder (root/<class>/<image>) has no splits, but split '{split}' was asked "
