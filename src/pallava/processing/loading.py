@@ -73,11 +73,16 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     return np.clip(array, 0, 255).astype(np.uint8)
 
 
-def _check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
+def _over_limit(width: int, height: int, max_pixels: int | None) -> str | None:
+    """How a size breaks the pixel limit, or None."""
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"image {name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
-        )
+        return f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+    return None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
+    if reason := _over_limit(width, height, max_pixels):
+        raise ImageTooLargeError(f"image {name} is {reason}")
 
 
 def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -209,6 +214,4 @@ def image_problem(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS)
             width, height = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         return f"cannot decode ({type(error).__name__})"
-    if max_pixels is not None and width * height > max_pixels:
-        return f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
-    return None
+    return _over_limit(width, height, max_pixels)
