@@ -12,7 +12,13 @@ from pallava.convert.plip import load_vision_tower
 from pallava.inference import PaLlava
 from pallava.models.plip import build_plip
 from pallava.models.presets import tiny_vision_config
-from pallava.models.vision_tower import ConvStem, PallavaVisionModel, StemBatchNorm, build_vision_tower
+from pallava.models.vision_tower import (
+    ConvStem,
+    PallavaVisionModel,
+    ResidualBlock,
+    StemBatchNorm,
+    build_vision_tower,
+)
 
 
 def stem_config(**fields):
@@ -45,8 +51,25 @@ def test_the_stem_replaces_the_patch_projection_and_keeps_the_token_grid():
         PallavaVisionModel(stem_config(patch_size=28))
 
 
-def test_a_saved_stem_tower_loads_identically_by_every_loader(tmp_path):
-    tower = PallavaVisionModel(stem_config()).eval()
+def test_residual_blocks_deepen_the_stem_and_start_as_the_identity():
+    tower = PallavaVisionModel(stem_config(conv_stem_blocks=2)).eval()
+    stem = tower.embeddings.patch_embedding
+    blocks = [m for m in stem.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 8  # two after each stride-2 convolution but the 112 x 112 one
+    with torch.no_grad():
+        assert tower(pixels(2)).last_hidden_state.shape == (2, 50, 128)
+        for block in blocks:  # a block's input has passed a ReLU: non-negative
+            features = torch.rand(2, block.first.in_channels, 14, 14)
+            torch.testing.assert_close(block(features), features, rtol=0, atol=0)
+    blocks[0].second_norm.weight.data.fill_(1.0)  # once trained, a block changes what it is given
+    with torch.no_grad():
+        features = torch.rand(2, blocks[0].first.in_channels, 14, 14)
+        assert not torch.equal(blocks[0](features), features)
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_a_saved_stem_tower_loads_identically_by_every_loader(tmp_path, blocks):
+    tower = PallavaVisionModel(stem_config(conv_stem_blocks=blocks)).eval()
     with torch.no_grad():  # give the running statistics values a fresh model would not have
         for module in tower.modules():
             if isinstance(module, StemBatchNorm):
@@ -60,6 +83,7 @@ def test_a_saved_stem_tower_loads_identically_by_every_loader(tmp_path):
         load_vision_tower(tmp_path / "tower"),
     ):
         assert loaded.config.conv_stem is True
+        assert loaded.config.conv_stem_blocks == blocks
         for key, value in loaded.state_dict().items():
             torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
         with torch.no_grad():

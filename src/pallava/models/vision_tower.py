@@ -22,6 +22,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 # The vision config's field that asks for the stem (kept in config.json like any other field).
 CONV_STEM = "conv_stem"
+# How many residual 3x3 blocks follow each stride-2 convolution after the first (0: the plain stem).
+CONV_STEM_BLOCKS = "conv_stem_blocks"
 STEM_BASE_CHANNELS = 16  # the first convolution's channels; each later one doubles, up to the width
 
 
@@ -54,11 +56,29 @@ class StemBatchNorm(nn.Module):
         )
 
 
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions (batch norm, ReLU) added to their input. The tower starts the second norm's scale
+    at zero, so a new block passes its (non-negative) input through unchanged until training moves it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.first = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.first_norm = StemBatchNorm(channels)
+        self.second = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.second_norm = StemBatchNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = F.relu(self.first_norm(self.first(x)))
+        return F.relu(x + self.second_norm(self.second(residual)))
+
+
 class ConvStem(nn.Module):
     """3x3 stride-2 convolutions (batch norm, ReLU) from pixels down to the patch grid, then a 1x1 projection
-    to the tower's width: for patch 32, five of them (16, 32, 64, 128, 128 channels at width 128)."""
+    to the tower's width: for patch 32, five of them (16, 32, 64, 128, 128 channels at width 128). With
+    `blocks` > 0, that many residual blocks follow every stride-2 convolution but the first (whose 112 x 112
+    map would cost as much as all the others): a small ResNet in front of the transformer."""
 
-    def __init__(self, in_channels: int, width: int, patch_size: int):
+    def __init__(self, in_channels: int, width: int, patch_size: int, blocks: int = 0):
         super().__init__()
         stride_2_convs = round(math.log2(patch_size))
         if 2**stride_2_convs != patch_size:
@@ -69,6 +89,8 @@ class ConvStem(nn.Module):
             out = min(width, STEM_BASE_CHANNELS * 2**index)
             conv = nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1, bias=False)
             layers += [conv, StemBatchNorm(out), nn.ReLU(inplace=True)]
+            if index > 0:
+                layers += [ResidualBlock(out) for _ in range(blocks)]
             channels = out
         layers.append(nn.Conv2d(channels, width, 1))
         self.layers = nn.Sequential(*layers)
@@ -89,8 +111,12 @@ class PallavaVisionModel(CLIPVisionModel):
     def __init__(self, config: CLIPVisionConfig):
         super().__init__(config)
         if uses_conv_stem(config):
-            stem = ConvStem(config.num_channels, config.hidden_size, config.patch_size)
+            blocks = int(getattr(config, CONV_STEM_BLOCKS, 0) or 0)
+            stem = ConvStem(config.num_channels, config.hidden_size, config.patch_size, blocks)
             stem.apply(self._init_weights)
+            for block in stem.modules():
+                if isinstance(block, ResidualBlock):  # a new block starts as the identity
+                    nn.init.zeros_(block.second_norm.weight)
             self.embeddings.patch_embedding = stem
 
 

@@ -48,6 +48,7 @@ VISION_FIELDS = (
     "num_attention_heads",
     "hidden_act",
     "conv_stem",  # a convolutional stem instead of the patch projection (models/vision_tower.py)
+    "conv_stem_blocks",  # residual blocks after each of the stem's stride-2 convolutions but the first
 )
 DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
 _TEXT_LAYERS: dict[str, int | None] = {"tiny": 2, "paper": None}
