@@ -2,12 +2,9 @@
 
 import json
 import random
-import threading
 
 import numpy as np
 import pytest
-import torch
-from torch.utils.data import DataLoader
 
 from pallava.data.labels import LabelMap
 from pallava.models.plip.prompts import CAPTION_TEMPLATES, ZEROSHOT_TEMPLATES, caption_for, class_prompts
@@ -95,33 +92,6 @@ def test_captions_vary_with_epoch_and_name_the_class(lung):
     item = dataset[0]
     assert item["pixel_values"].shape == (3, 224, 224)
     assert item["match_keys"].tolist() == [samples[0].image_key, samples[0].text_key]
-
-
-def test_a_batch_made_on_several_threads_is_the_batch_made_on_one(lung, monkeypatch):
-    samples, label_map = read_plip_data(lung / "manifest.csv", "dev")
-    dataset = PlipDataset(samples[:12], 224, label_map, seed=3, augmentation=Augmentation())
-    one_by_one = [dataset[i] for i in range(12)]
-    threads_used: set[str] = set()
-    make_view = PlipDataset.__getitem__
-
-    def recording(self, index):
-        threads_used.add(threading.current_thread().name)
-        return make_view(self, index)
-
-    monkeypatch.setattr(PlipDataset, "__getitem__", recording)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    # the DataLoader asks for a whole batch through __getitems__
-    loader = DataLoader(dataset, batch_size=12, collate_fn=list)
-    batch = next(iter(loader))
-    assert any(name.startswith("plip-views") for name in threads_used)  # made by the pool's threads
-    for made, expected in zip(batch, one_by_one, strict=True):
-        torch.testing.assert_close(made["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
-        assert made["caption"] == expected["caption"]
-        assert made["match_keys"].tolist() == expected["match_keys"].tolist()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    threads_used.clear()
-    dataset.__getitems__([0, 1])
-    assert threads_used == {threading.current_thread().name}  # one thread: no pool
 
 
 def test_collator_pads_and_truncates(lung):

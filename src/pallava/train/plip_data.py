@@ -9,10 +9,8 @@ losses treat them as positives and never as negatives.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,22 +216,6 @@ class PlipDataset(Dataset):
             "caption": caption,
             "match_keys": torch.tensor([sample.image_key, sample.text_key], dtype=torch.long),
         }
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, object]]:
-        """A batch's samples (the DataLoader asks for a batch at once), made on as many threads as torch
-        computes with. NumPy and PIL release the GIL, so a batch's views are made in parallel rather than on
-        one core while the other waits; each view depends on its index alone, so the batch is the same on
-        any number of threads."""
-        threads = min(torch.get_num_threads(), len(indices))
-        if threads <= 1:
-            return [self[index] for index in indices]
-        return list(_view_pool(threads).map(self.__getitem__, indices))
-
-
-@functools.cache
-def _view_pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per thread count, kept for the process: a batch is made every step."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="plip-views")
 
 
 class PlipCollator:
