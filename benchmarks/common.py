@@ -275,17 +275,19 @@ def _accuracy_under_shifts(classify: Callable[[list, object], list[str]], shifts
     return scores
 
 
-def zeroshot_under_shifts(model: Path, shifts: Shifts, stain_normalize: str | None = None) -> dict:
-    """A trained PLIP's zero-shot accuracy under each shift (prompt ensembles of each class's names), the
-    images stain-normalised first if asked (`--stain-normalize`)."""
+def zeroshot_under_shifts(
+    model: Path, shifts: Shifts, stain_normalize: str | None = None, head: str = "contrastive"
+) -> dict:
+    """A trained PLIP's zero-shot accuracy under each shift (prompt ensembles of each class's names, by its
+    contrastive or matching head), the images stain-normalised first if asked (`--stain-normalize`)."""
     from pallava.models.plip import PlipZeroShot
+    from pallava.models.plip.zeroshot import classify_images
     from pallava.processing.stain_norm import resolve_stain_normalize
-    from pallava.train.plip_eval import zeroshot_predictions
 
     zs = PlipZeroShot.from_pretrained(model)
     zs.stain_normalize = resolve_stain_normalize(stain_normalize, zs.stain_normalize)
     return _accuracy_under_shifts(
-        lambda images, label_map: zeroshot_predictions(zs, zs.encode_images(images), label_map)[0], shifts
+        lambda images, label_map: classify_images(zs, images, label_map, head=head)[0], shifts
     )
 
 

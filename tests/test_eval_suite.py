@@ -19,7 +19,7 @@ from pallava.inference import PaLlava
 from pallava.models.plip import PlipZeroShot, build_plip
 
 PROJECT = Path(__file__).resolve().parents[1]
-COLUMNS = ("plip_zeroshot", "closed", "open", "choice", "classification")
+COLUMNS = ("plip_zeroshot", "plip_matching", "closed", "open", "choice", "classification")
 
 
 @pytest.fixture(scope="module")
@@ -178,15 +178,16 @@ def test_suite_writes_one_summary_row_per_dataset_and_skips_finished_benchmarks(
         value = lung[key]["macro_f1" if key == "classification" else "accuracy"]
         low, high = lung[key]["macro_f1_ci" if key == "classification" else "accuracy_ci"]
         assert 0.0 <= low <= value <= high <= 1.0
-    assert lung["plip_zeroshot"]["n"] == lung["classification"]["n"] == 3
+    assert lung["plip_zeroshot"]["n"] == lung["plip_matching"]["n"] == lung["classification"]["n"] == 3
     # the manifest's questions are the ones the data builders generate for the three images
     assert lung["n_questions"] == sum(lung[k]["n"] for k in ("closed", "open", "choice")) >= 3 * 4
     assert {k: large[k]["n"] for k in ("closed", "open", "choice")} == {"closed": 2, "open": 1, "choice": 1}
-    assert "plip_zeroshot" not in large and "classification" not in large
+    assert not {"plip_zeroshot", "plip_matching", "classification"} & set(large)
 
     table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0].split(" | ")[3:] == [
         "PLIP zero-shot acc. %",
+        "PLIP ITM zero-shot acc. %",
         "closed acc. %",
         "open acc. %",
         "MC acc. %",
@@ -194,10 +195,10 @@ def test_suite_writes_one_summary_row_per_dataset_and_skips_finished_benchmarks(
     ]
     assert [line.split(" | ")[0] for line in table[1:]] == ["| lung", "| large"]
     lung_cells = table[1].split(" | ")[3:]
-    assert len(lung_cells) == 5 and all("[" in cell for cell in lung_cells)
+    assert len(lung_cells) == 6 and all("[" in cell for cell in lung_cells)
     assert table[2].split(" | ")[3] == "-" and table[2].rstrip(" |").endswith("-")
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
-    for report in ("lung/plip-zeroshot", "lung/vqa", "lung/zeroshot", "large/vqa"):
+    for report in ("lung/plip-zeroshot", "lung/plip-matching", "lung/vqa", "lung/zeroshot", "large/vqa"):
         assert (out / report / "report.md").is_file() and (out / report / "report.json").is_file()
 
     # larger-than-224 images went through tiling and got answers

@@ -3,6 +3,7 @@ converter."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -77,6 +78,47 @@ def test_itm_cross_attends_to_the_image(plip):
     assert not torch.allclose(logits[0], logits[1])  # same text, different images
     with pytest.raises(ValueError, match="pairs must align"):
         model.itm_logits(image_tokens[:1], tokens["input_ids"], tokens["attention_mask"])
+
+
+def test_matching_scores_are_each_classs_mean_match_log_odds_in_any_batching(plip):
+    """`match_scores` pairs every image with every prompt of a class (however the pairs are batched) and
+    averages the ITM head's match-minus-no-match logits; `classify_images` by the matching head labels each
+    image with the class of the highest score."""
+    from pallava.data.labels import LabelMap
+    from pallava.models.plip.prompts import class_prompts
+    from pallava.models.plip.zeroshot import classify_images
+
+    model, tokenizer = plip
+    zs = PlipZeroShot(model, tokenizer)
+    pixels = _pixels(3, seed=2)
+    classes = [["benign lung tissue", "normal lung"], ["lung adenocarcinoma", "an H&E image of a gland", "x"]]
+    with torch.no_grad():
+        tokens = model.image_tokens(pixels)
+        expected = torch.empty(3, 2)
+        for image in range(3):
+            for column, texts in enumerate(classes):
+                for_text = tokenizer(texts, padding=True, return_tensors="pt")
+                logits = model.itm_logits(
+                    tokens[image : image + 1].expand(len(texts), -1, -1),
+                    for_text["input_ids"],
+                    for_text["attention_mask"],
+                )
+                expected[image, column] = (logits[:, 1] - logits[:, 0]).mean()
+    for max_pairs in (1, 4, 1000):  # one image per batch, two, all
+        torch.testing.assert_close(
+            zs.match_scores(tokens, classes, max_pairs), expected, atol=1e-4, rtol=1e-4
+        )
+    with pytest.raises(ValueError, match="at least one prompt"):
+        zs.match_scores(tokens, [["a"], []])
+
+    label_map = LabelMap.builtin("lc25000-lung")
+    images = [Image.fromarray((p.permute(1, 2, 0).clamp(-1, 1) * 100 + 128).byte().numpy()) for p in pixels]
+    labels, proba = classify_images(zs, images, label_map, head="matching")
+    scores = zs.match_scores(zs.encode_image_tokens(images), class_prompts(label_map))
+    assert labels == [label_map.labels()[i] for i in scores.argmax(dim=1)]
+    assert proba.shape == (3, 3) and np.allclose(proba.sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="unknown zero-shot head 'itc'"):
+        classify_images(zs, images, label_map, head="itc")
 
 
 def test_save_load_round_trip_gives_identical_features(plip, saved, crc_images):

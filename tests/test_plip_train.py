@@ -160,6 +160,9 @@ def test_zeroshot_and_retrieval_reports(trained, small_manifest, tmp_path):
     assert sum(map(sum, report["confusion_matrix"])) == report["n"]
     assert set(report["per_class"]) == {"lung_aca", "lung_n", "lung_scc"}
     assert (tmp_path / "zs" / "confusion_matrix.png").stat().st_size > 0
+    matching = _zeroshot_report(trained, small_manifest, tmp_path / "itm", "--head", "matching")
+    assert matching["head"] == "matching" and report["head"] == "contrastive"
+    assert matching["n"] == report["n"] and sum(map(sum, matching["confusion_matrix"])) == matching["n"]
     # an image folder (root/<class>/<image>) has no splits: every image of it, by default
     folder = tmp_path / "folder"
     for row in list(csv.DictReader(small_manifest.open()))[:4]:

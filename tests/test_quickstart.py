@@ -79,8 +79,10 @@ def test_reports_and_summary_are_written(smoke_run):
             if "organ" in r["question"].lower()
         ]
         assert organ, "questions span organs"
-        plip = json.loads((reports / "suite" / row["name"] / "plip-zeroshot" / "report.json").read_text())
-        assert len(plip["per_class"]) == classes  # zero-shot over the dataset's own classes
+        for part, head in (("plip-zeroshot", "contrastive"), ("plip-matching", "matching")):
+            plip = json.loads((reports / "suite" / row["name"] / part / "report.json").read_text())
+            assert len(plip["per_class"]) == classes  # zero-shot over the dataset's own classes
+            assert plip["head"] == head and plip["n"] == row["n"]
     table = (reports / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in DATASETS)
     summary = json.loads((reports / "summary.json").read_text())

@@ -89,13 +89,15 @@ def test_saved_slide_model_loads_with_its_position_embedding(tmp_path, tiny):
     assert assistant.directory == tmp_path
 
 
-def test_vision_summary_continues_the_feature_layer_to_the_towers_pooled_embedding(tiny):
+def test_vision_output_tokens_continue_the_feature_layer_to_the_towers_last_layer(tiny):
     model, _ = tiny
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        summary = model.vision_summary(model.vision_hidden_states(pixels))
-        expected = model.vision_tower(pixel_values=pixels).pooler_output
-    torch.testing.assert_close(summary, expected, atol=1e-5, rtol=1e-5)
+        tokens = model.vision_output_tokens(model.vision_hidden_states(pixels))
+        expected = model.vision_tower(pixel_values=pixels)
+    torch.testing.assert_close(tokens[:, 0], expected.pooler_output, atol=1e-5, rtol=1e-5)
+    last = model.vision_tower.post_layernorm(expected.last_hidden_state)
+    torch.testing.assert_close(tokens, last, atol=1e-5, rtol=1e-5)
 
 
 def test_padded_bags_pool_like_their_unpadded_tiles():

@@ -364,8 +364,8 @@ def test_sample_average_weighs_each_answer_by_its_kind_not_by_its_length(run):
 
 def test_plip_embeddings_reuse_the_assistants_tower_when_it_holds_plips_weights(run, monkeypatch):
     """With PLIP's own tower in the assistant (the quickstart's setup) the tiles go through it once: the PLIP
-    embeddings from its class tokens equal PLIP's own encoding. Another tower, or another size, is not
-    used."""
+    embeddings from its last layer, pooled as PLIP pools ([CLS] or the patch mean), equal PLIP's own
+    encoding. Another tower, or another size, is not used."""
     from pallava.models.plip.zeroshot import PlipZeroShot
     from pallava.slides.features import slide_features
     from pallava.slides.mapping import TilingOptions
@@ -389,15 +389,20 @@ def test_plip_embeddings_reuse_the_assistants_tower_when_it_holds_plips_weights(
         with open_slide(list_slides(root / "slides")[0]) as slide:
             return slide_features(slide, model, processor, None, TilingOptions(), zero_shot, "plip")
 
-    encoded = []
-    monkeypatch.setattr(plip, "encode_pixels", lambda pixels: encoded.append(pixels) or None)
-    shared = features(plip)
-    assert not encoded  # one pass through the tower
-    monkeypatch.undo()
-    monkeypatch.setattr(plip, "shares_tower", lambda tower, image_size: False)
-    separate = features(plip)
-    assert shared.plip.shape == separate.plip.shape == (len(shared), plip.model.config.embed_dim)
-    assert torch.allclose(shared.plip, separate.plip, atol=1e-5)
+    by_pooling, encoded = {}, []
+    for pooling in ("cls", "mean"):
+        plip.model.config.image_pooling = pooling
+        monkeypatch.setattr(plip, "encode_pixels", lambda pixels: encoded.append(pixels) or None)
+        shared = features(plip)
+        assert not encoded  # one pass through the tower
+        monkeypatch.undo()
+        monkeypatch.setattr(plip, "shares_tower", lambda tower, image_size: False)
+        separate = features(plip)
+        monkeypatch.undo()
+        assert shared.plip.shape == separate.plip.shape == (len(shared), plip.model.config.embed_dim)
+        assert torch.allclose(shared.plip, separate.plip, atol=1e-5)
+        by_pooling[pooling] = shared.plip
+    assert not torch.allclose(by_pooling["cls"], by_pooling["mean"], atol=1e-3)
 
 
 def test_a_tower_trained_on_normalised_images_reads_slide_tiles_normalised(run, monkeypatch):

@@ -173,6 +173,7 @@ def _suite(args: argparse.Namespace) -> int:
             f"{key} {row[key][field]:.4f}"
             for key, field in (
                 ("plip_zeroshot", "accuracy"),
+                ("plip_matching", "accuracy"),
                 ("closed", "accuracy"),
                 ("open", "accuracy"),
                 ("choice", "accuracy"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pallava.commands import add_max_pixels_argument, add_stain_normalize_argument
 from pallava.commands.train import add_run_arguments
+from pallava.models.plip.prompts import ZEROSHOT_HEADS
 from pallava.processing.stain_norm import resolve_stain_normalize
 
 
@@ -73,7 +74,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     if args.max_pixels is not None:
         zs.max_pixels = check_max_pixels(args.max_pixels, "--max-pixels")
     check_images([sample.image for sample in samples], zs.max_pixels)
-    report, rows = zeroshot_report(zs, samples, label_map, templates, batch_size=args.batch_size)
+    report, rows = zeroshot_report(zs, samples, label_map, templates, args.batch_size, args.head)
     report.update(model=str(args.model), data=str(args.data), split=split)
     path = write_zeroshot_report(report, rows, Path(args.out))
     print(f"accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  n={report['n']}  -> {path}")
@@ -195,6 +196,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     zeroshot.add_argument("--templates", help="text file, one prompt template per line with {name}")
     zeroshot.add_argument("--batch-size", type=int, default=64)
+    zeroshot.add_argument(
+        "--head",
+        choices=ZEROSHOT_HEADS,
+        default="contrastive",
+        help="contrastive: image embedding against the prompts' embeddings (default); matching: the "
+        "image-text matching head's verdict on each prompt (slower, often more accurate: docs/plip.md)",
+    )
     add_stain_normalize_argument(zeroshot)
     add_max_pixels_argument(zeroshot)
     zeroshot.set_defaults(func=_zeroshot)

@@ -4,6 +4,8 @@ For each benchmark of a suite file (`pallava.eval.suite_config`) this runs the s
 single commands, into `OUT/<name>/`:
 
 - `plip-zeroshot/`: PLIP prompt-ensemble zero-shot classification (as `pallava plip zeroshot`),
+- `plip-matching/`: the same by PLIP's image-text matching head (`pallava plip zeroshot --head matching`;
+  settings `plip_matching: false` leaves it out),
 - `vqa/`: the assistant's closed / open / multiple-choice answers (as `pallava eval vqa`),
 - `zeroshot/`: the assistant's zero-shot classification, its answer (a class name) mapped to a label
   (as `pallava eval zeroshot`),
@@ -124,14 +126,16 @@ def _plip_zeroshot(
     out: Path,
     settings: SuiteSettings,
     progress: bool,
+    head: str = "contrastive",
 ) -> dict[str, Any]:
-    """PLIP prompt-ensemble classification with the `eval zeroshot` report (95% intervals included)."""
+    """PLIP prompt-ensemble classification by one head with the `eval zeroshot` report (95% intervals)."""
     from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
-    from pallava.models.plip.zeroshot import zeroshot_predictions
+    from pallava.models.plip.zeroshot import classify_images
 
-    plip = models.plip()
-    embeds = plip.encode_images([i.path for i in images], settings.plip_batch_size, progress=progress)
-    predicted, proba = zeroshot_predictions(plip, embeds, label_map, ZEROSHOT_TEMPLATES)
+    paths = [i.path for i in images]
+    predicted, proba = classify_images(
+        models.plip(), paths, label_map, ZEROSHOT_TEMPLATES, head, settings.plip_batch_size, progress
+    )
     out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for item, label, row in zip(images, predicted, proba, strict=True):
@@ -150,7 +154,10 @@ def _plip_zeroshot(
         [i.label for i in images], predicted, label_map.labels(), settings.n_resamples, settings.seed
     )
     report.update(
-        model=str(models.plip_dir), class_names=label_map.names(), templates=list(ZEROSHOT_TEMPLATES)
+        model=str(models.plip_dir),
+        class_names=label_map.names(),
+        templates=list(ZEROSHOT_TEMPLATES),
+        head=head,
     )
     return report
 
@@ -216,6 +223,7 @@ def _assistant_classification(
 # Each part of a benchmark (also its key in the summary row): (folder, report title).
 _PARTS = {
     "plip_zeroshot": ("plip-zeroshot", "PLIP zero-shot classification"),
+    "plip_matching": ("plip-matching", "PLIP zero-shot classification by the matching head"),
     "vqa": ("vqa", "VQA evaluation"),
     "classification": ("zeroshot", "Zero-shot classification (assistant)"),
 }
@@ -258,6 +266,10 @@ def _run_benchmark(
             reports["plip_zeroshot"] = _plip_zeroshot(
                 models, images, label_map, folder / "plip-zeroshot", settings, progress
             )
+            if settings.plip_matching:
+                reports["plip_matching"] = _plip_zeroshot(
+                    models, images, label_map, folder / "plip-matching", settings, progress, "matching"
+                )
         if benchmark.kind == "manifest":
             asked = label_map
             if benchmark.question_label_map:

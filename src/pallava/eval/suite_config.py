@@ -8,6 +8,7 @@ settings:                      # optional; these are the defaults
   class_max_new_tokens: 24     # class-name answers (zero-shot classification)
   class_answers: likelihood    # the class name the assistant is likeliest to answer; or generated
   plip_batch_size: 64
+  plip_matching: true          # PLIP zero-shot by its matching (ITM) head too, beside the contrastive one
   limit: null                  # per benchmark: images (manifest, zeroshot) or questions (vqa)
   seed: 0
   n_resamples: 1000
@@ -86,6 +87,7 @@ class SuiteSettings:
     class_max_new_tokens: int = 24
     class_answers: str = "likelihood"  # runner.CLASS_ANSWERS
     plip_batch_size: int = 64
+    plip_matching: bool = True  # also classify by PLIP's image-text matching head (a column of its own)
     limit: int | None = None
     seed: int = 0
     n_resamples: int = 1000
@@ -154,6 +156,10 @@ def _settings(data: Any, where: str) -> SuiteSettings:
         if key in choices:
             if value not in choices[key]:
                 raise ValueError(f"{here}: expected one of {choices[key]}, got {value!r}")
+            values[key] = value
+        elif key == "plip_matching":
+            if not isinstance(value, bool):
+                raise ValueError(f"{here}: expected true or false, got {value!r}")
             values[key] = value
         elif key == "seed":
             if isinstance(value, bool) or not isinstance(value, int):

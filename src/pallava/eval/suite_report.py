@@ -14,6 +14,7 @@ VQA_KINDS = ("closed", "open", "choice")
 # Summary columns: (title, row key, value key, interval key), each a share in [0, 1].
 COLUMNS = (
     ("PLIP zero-shot acc.", "plip_zeroshot", "accuracy", "accuracy_ci"),
+    ("PLIP ITM zero-shot acc.", "plip_matching", "accuracy", "accuracy_ci"),
     ("closed acc.", "closed", "accuracy", "accuracy_ci"),
     ("open acc.", "open", "accuracy", "accuracy_ci"),
     ("MC acc.", "choice", "accuracy", "accuracy_ci"),

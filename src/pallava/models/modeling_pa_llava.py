@@ -147,13 +147,14 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
             hidden = layer(hidden, None)
         return hidden
 
-    def vision_summary(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tower's image embedding (its last layer's class token, post-normed: (K, D)) continued from
-        `vision_hidden_states`' output, so the layers below the feature layer run once for both."""
+    def vision_output_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tower's last layer, post-normed ((K, 1+P, D): its class token is the tower's image embedding),
+        continued from `vision_hidden_states`' output, so the layers below the feature layer run once for
+        both."""
         tower, layers = self.vision_tower, self.vision_tower.encoder.layers
         for layer in layers[self.config.vision_feature_layer % (len(layers) + 1) :]:
             hidden = layer(hidden, None)
-        return tower.post_layernorm(hidden[:, 0])
+        return tower.post_layernorm(hidden)
 
     def encode_crops(self, pixel_values: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
         """Vision features of every crop: (N, 1+T, 3, S, S) -> (N, 1+T, P, D), zeros where `tile_mask` is

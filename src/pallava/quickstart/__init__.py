@@ -76,6 +76,7 @@ class Quickstart(CorpusSteps, ModelSteps, SlideSteps):
         columns = (
             "n",
             "plip_zeroshot_accuracy",
+            "plip_matching_accuracy",
             "vqa_closed_accuracy",
             "vqa_open_accuracy",
             "vqa_choice_accuracy",
@@ -83,9 +84,9 @@ class Quickstart(CorpusSteps, ModelSteps, SlideSteps):
         )
         lines += [
             "",
-            "| dataset (dev split) | images | PLIP zero-shot | closed | open | multiple choice | "
-            "class macro F1 |",
-            "|---|---|---|---|---|---|---|",
+            "| dataset (dev split) | images | PLIP zero-shot | PLIP ITM zero-shot | closed | open | "
+            "multiple choice | class macro F1 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, row in evaluation.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")

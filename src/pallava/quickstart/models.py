@@ -159,6 +159,7 @@ class ModelSteps(StepRunner):
             row["name"]: {
                 "n": row["n"],
                 "plip_zeroshot_accuracy": (row.get("plip_zeroshot") or {}).get("accuracy"),
+                "plip_matching_accuracy": (row.get("plip_matching") or {}).get("accuracy"),
                 "vqa_closed_accuracy": (row.get("closed") or {}).get("accuracy"),
                 "vqa_open_accuracy": (row.get("open") or {}).get("accuracy"),
                 "vqa_choice_accuracy": (row.get("choice") or {}).get("accuracy"),

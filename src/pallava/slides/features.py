@@ -200,7 +200,7 @@ def slide_features(
     view, positions = tissue_view(prepared, downsample, size, stain)
     device, vision_dtype = model.vision_tower.device, model.vision_tower.dtype
     global_tokens = model.vision_hidden_states(view[None].to(device, vision_dtype))[0, 1:].to("cpu", dtype)
-    # The quickstart's assistant reads through PLIP's own tower: its class token is PLIP's embedding too.
+    # The quickstart's assistant reads through PLIP's own tower: its last layer gives PLIP's embedding too.
     shared = plip is not None and plip.shares_tower(model.vision_tower, size)
     tokens, summaries, embeddings = [], [], []
     for _, images in iter_tile_batches(
@@ -214,10 +214,10 @@ def slide_features(
         pixels = torch.stack([normalize_to_tensor(image, size) for image in images])
         hidden = model.vision_hidden_states(pixels.to(device, vision_dtype))
         tokens.append(hidden[:, 1:].to("cpu", dtype))
-        summary = model.vision_summary(hidden)
-        summaries.append(summary.to("cpu", dtype))
+        output = model.vision_output_tokens(hidden)
+        summaries.append(output[:, 0].to("cpu", dtype))
         if shared:
-            embeddings.append(plip.embed_summaries(summary))
+            embeddings.append(plip.embed_tokens(output))
         elif plip is not None:
             plip_size = plip.model.image_size
             plip_pixels = (

@@ -15,7 +15,7 @@ from pallava.data.labels import LabelMap
 from pallava.eval.metrics import accuracy, confusion_matrix, precision_recall_f1
 from pallava.models.plip.losses import positive_mask
 from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, caption_for
-from pallava.models.plip.zeroshot import PlipZeroShot, recall_at_k, zeroshot_predictions
+from pallava.models.plip.zeroshot import PlipZeroShot, classify_images, recall_at_k
 from pallava.train.plip_data import PlipSample
 
 
@@ -41,13 +41,15 @@ def zeroshot_report(
     label_map: LabelMap,
     templates: Sequence[str] = ZEROSHOT_TEMPLATES,
     batch_size: int = 64,
+    head: str = "contrastive",
 ) -> tuple[dict[str, object], list[dict[str, object]]]:
-    """Zero-shot classification of labelled samples: (report, per-image predictions)."""
-    embeds = zs.encode_images([s.image for s in samples], batch_size=batch_size, progress=True)
-    predicted, proba = zeroshot_predictions(zs, embeds, label_map, templates)
+    """Zero-shot classification of labelled samples by PLIP's contrastive or matching head: (report,
+    per-image predictions)."""
+    images = [s.image for s in samples]
+    predicted, proba = classify_images(zs, images, label_map, templates, head, batch_size, progress=True)
     truth = [s.label for s in samples]
     report = classification_metrics(truth, predicted, label_map.labels())
-    report.update(class_names=label_map.names(), templates=list(templates))
+    report.update(class_names=label_map.names(), templates=list(templates), head=head)
     rows = [
         {"image": s.image, "label": s.label, "predicted": p, "proba": [round(float(x), 6) for x in row]}
         for s, p, row in zip(samples, predicted, proba, strict=True)

@@ -25,6 +25,12 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "the image shows {name} at high magnification.",
 )
 
+# How zero-shot gives an image a class: `contrastive` compares its embedding with each class's prompt
+# embeddings (the CLIP protocol, one vector per image: cheap enough for every tile of a slide); `matching`
+# asks the ITM head whether each prompt describes the image (BLIP's re-ranking; a text pass per image and
+# prompt).
+ZEROSHOT_HEADS: tuple[str, ...] = ("contrastive", "matching")
+
 ZEROSHOT_TEMPLATES: tuple[str, ...] = (
     "an H&E image of {name}.",
     "a histopathology image of {name}.",

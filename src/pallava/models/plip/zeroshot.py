@@ -19,7 +19,7 @@ from pallava.data.labels import LabelMap
 from pallava.files import read_json_object
 from pallava.models.plip.configuration_plip import PlipConfig
 from pallava.models.plip.modeling_plip import PlipModel
-from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES, class_prompts
+from pallava.models.plip.prompts import ZEROSHOT_HEADS, ZEROSHOT_TEMPLATES, class_prompts
 from pallava.processing.image import normalize_to_tensor
 from pallava.processing.loading import DEFAULT_MAX_PIXELS, ImageSource, load_normalized
 from pallava.processing.stain_norm import recorded_stain_normalize
@@ -87,10 +87,10 @@ class PlipZeroShot:
 
     def shares_tower(self, tower: torch.nn.Module, image_size: int) -> bool:
         """Whether `tower` (e.g. an assistant's vision tower, exported from this PLIP) holds this PLIP's
-        vision weights (same dtype) and reads images of the same size: then `embed_summaries` of its
-        post-normed class token gives `encode_pixels`' embedding without a second pass through the tower.
+        vision weights (same dtype) and reads images of the same size: then `embed_tokens` of its post-normed
+        last-layer tokens gives `encode_pixels`' embedding without a second pass through the tower.
         The weights are compared once per tower object (a frozen tower: later changes to it go unseen)."""
-        if self.model.config.image_pooling != "cls" or self.model.image_size != image_size:
+        if self.model.image_size != image_size:
             return False
         if tower not in self._same_weights:
             mine, theirs = self.model.vision_model.state_dict(), tower.state_dict()
@@ -103,11 +103,11 @@ class PlipZeroShot:
         return self._same_weights[tower]
 
     @torch.no_grad()
-    def embed_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
-        """Normalised image embeddings (N, D) from the tower's post-normed class tokens (N, vision width)."""
-        projection = self.model.vision_proj
-        embeddings = projection(summaries.to(self.device, projection.weight.dtype))
-        return F.normalize(embeddings, dim=-1).float().cpu()
+    def embed_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings (N, D) from a tower's post-normed last-layer tokens (N, 1+P, width),
+        pooled as this PLIP pools ([CLS] or the patch mean)."""
+        dtype = self.model.vision_proj.weight.dtype
+        return self.model.image_embeds(image_tokens.to(self.device, dtype)).float().cpu()
 
     @torch.no_grad()
     def encode_images(
@@ -123,17 +123,57 @@ class PlipZeroShot:
         return torch.cat(chunks)
 
     @torch.no_grad()
+    def encode_image_tokens(
+        self, images: Sequence[ImageSource], batch_size: int = 64, progress: bool = False
+    ) -> torch.Tensor:
+        """The vision tower's post-normed last-layer tokens (N, 1+P, width), what the ITM head reads."""
+        chunks = []
+        for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
+            batch = torch.stack([self.pixels(img) for img in images[start : start + batch_size]])
+            chunks.append(self.model.image_tokens(batch.to(self.device)).float().cpu())
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
+    def _tokenize(self, texts: Sequence[str]):
+        return self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.model.config.max_text_length,
+            return_tensors="pt",
+        ).to(self.device)
+
+    @torch.no_grad()
+    def match_scores(
+        self, image_tokens: torch.Tensor, class_texts: Sequence[Sequence[str]], max_pairs: int = 2048
+    ) -> torch.Tensor:
+        """(N, C) the ITM head's verdict on each image and class: the mean over the class's prompts of the
+        match log-odds (logit "match" minus logit "no match"). The head cross-attends to every image token,
+        where the contrastive embedding is one pooled vector; it costs a text pass per image and prompt."""
+        if not class_texts or any(len(texts) == 0 for texts in class_texts):
+            raise ValueError("class_texts: every class needs at least one prompt")
+        dtype = self.model.vision_proj.weight.dtype
+        scores = torch.empty(len(image_tokens), len(class_texts))
+        for column, texts in enumerate(class_texts):
+            tokens = self._tokenize(texts)
+            per_batch = max(1, max_pairs // len(texts))
+            for start in range(0, len(image_tokens), per_batch):
+                images = image_tokens[start : start + per_batch].to(self.device, dtype)
+                pairs = images.repeat_interleave(len(texts), dim=0)  # image-major: (B * prompts, 1+P, width)
+                logits = self.model.itm_logits(
+                    pairs,
+                    tokens["input_ids"].repeat(len(images), 1),
+                    tokens["attention_mask"].repeat(len(images), 1),
+                ).float()
+                log_odds = (logits[:, 1] - logits[:, 0]).view(len(images), len(texts))
+                scores[start : start + len(images), column] = log_odds.mean(dim=1).cpu()
+        return scores
+
+    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Normalised text embeddings (N, D); texts are truncated to the model's `max_text_length` tokens."""
         chunks = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.model.config.max_text_length,
-                return_tensors="pt",
-            ).to(self.device)
+            tokens = self._tokenize(texts[start : start + batch_size])
             chunks.append(
                 self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).float().cpu()
             )
@@ -190,5 +230,28 @@ def zeroshot_predictions(
     proba = zs.proba_from_embeddings(
         image_embeds, zs.class_embeddings(class_prompts(label_map, tuple(templates)))
     )
+    labels = label_map.labels()
+    return [labels[i] for i in proba.argmax(axis=1)], proba
+
+
+def classify_images(
+    zs: PlipZeroShot,
+    images: Sequence[ImageSource],
+    label_map: LabelMap,
+    templates: Sequence[str] = ZEROSHOT_TEMPLATES,
+    head: str = "contrastive",
+    batch_size: int = 64,
+    progress: bool = False,
+) -> tuple[list[str], np.ndarray]:
+    """Zero-shot labels and (N, C) class scores of images by one of `ZEROSHOT_HEADS` (prompt ensembles).
+    The matching head's scores are a softmax over its mean match log-odds: a ranking, not calibrated."""
+    if head == "contrastive":
+        embeds = zs.encode_images(images, batch_size, progress=progress)
+        return zeroshot_predictions(zs, embeds, label_map, templates)
+    if head != "matching":
+        raise ValueError(f"unknown zero-shot head {head!r}; expected one of {', '.join(ZEROSHOT_HEADS)}")
+    tokens = zs.encode_image_tokens(images, batch_size, progress=progress)
+    scores = zs.match_scores(tokens, class_prompts(label_map, tuple(templates)))
+    proba = F.softmax(scores, dim=1).numpy()
     labels = label_map.labels()
     return [labels[i] for i in proba.argmax(axis=1)], proba
