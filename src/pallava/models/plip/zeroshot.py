@@ -114,24 +114,31 @@ class PlipZeroShot:
         self, images: Sequence[ImageSource], batch_size: int = 64, progress: bool = False
     ) -> torch.Tensor:
         """Normalised image embeddings (N, D); images are PIL images, paths or arrays."""
-        chunks = []
-        for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-            batch = torch.stack([self.pixels(img) for img in images[start : start + batch_size]])
-            chunks.append(self.encode_pixels(batch))
-        if not chunks:
-            return torch.empty(0, self.model.config.embed_dim)
-        return torch.cat(chunks)
+        embeddings = self._in_batches(images, batch_size, progress, self.encode_pixels)
+        return embeddings if embeddings is not None else torch.empty(0, self.model.config.embed_dim)
 
     @torch.no_grad()
     def encode_image_tokens(
         self, images: Sequence[ImageSource], batch_size: int = 64, progress: bool = False
     ) -> torch.Tensor:
         """The vision tower's post-normed last-layer tokens (N, 1+P, width), what the ITM head reads."""
+        tokens = self._in_batches(
+            images,
+            batch_size,
+            progress,
+            lambda pixels: self.model.image_tokens(pixels.to(self.device)).float().cpu(),
+        )
+        return tokens if tokens is not None else torch.empty(0)
+
+    def _in_batches(
+        self, images: Sequence[ImageSource], batch_size: int, progress: bool, encode
+    ) -> torch.Tensor | None:
+        """`encode` of the images' pixels, batch by batch, concatenated; None for no images."""
         chunks = []
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-            batch = torch.stack([self.pixels(img) for img in images[start : start + batch_size]])
-            chunks.append(self.model.image_tokens(batch.to(self.device)).float().cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0)
+            batch = images[start : start + batch_size]
+            chunks.append(encode(torch.stack([self.pixels(image) for image in batch])))
+        return torch.cat(chunks) if chunks else None
 
     def _tokenize(self, texts: Sequence[str]):
         return self.tokenizer(
@@ -144,11 +151,13 @@ class PlipZeroShot:
 
     @torch.no_grad()
     def match_scores(
-        self, image_tokens: torch.Tensor, class_texts: Sequence[Sequence[str]], max_pairs: int = 2048
+        self, image_tokens: torch.Tensor, class_texts: Sequence[Sequence[str]], max_pairs: int = 256
     ) -> torch.Tensor:
         """(N, C) the ITM head's verdict on each image and class: the mean over the class's prompts of the
         match log-odds (logit "match" minus logit "no match"). The head cross-attends to every image token,
-        where the contrastive embedding is one pooled vector; it costs a text pass per image and prompt."""
+        where the contrastive embedding is one pooled vector; it costs a text pass per image and prompt.
+        `max_pairs` image-prompt pairs go through at once: on two CPU cores 256 ran 10,800 pairs in 14.5 s
+        with 180 MB more memory, 2048 in 22.3 s with 1.3 GB more."""
         if not class_texts or any(len(texts) == 0 for texts in class_texts):
             raise ValueError("class_texts: every class needs at least one prompt")
         dtype = self.model.vision_proj.weight.dtype
