@@ -86,7 +86,7 @@ def test_matching_scores_are_each_classs_mean_match_log_odds_in_any_batching(pli
     image with the class of the highest score."""
     from pallava.data.labels import LabelMap
     from pallava.models.plip.prompts import class_prompts
-    from pallava.models.plip.zeroshot import classify_images
+    from pallava.models.plip.zeroshot import classify_images, classify_tokens
 
     model, tokenizer = plip
     zs = PlipZeroShot(model, tokenizer)
@@ -119,6 +119,12 @@ def test_matching_scores_are_each_classs_mean_match_log_odds_in_any_batching(pli
     assert proba.shape == (3, 3) and np.allclose(proba.sum(axis=1), 1.0)
     with pytest.raises(ValueError, match="unknown zero-shot head 'itc'"):
         classify_images(zs, images, label_map, head="itc")
+    # both heads from one pass through the tower give what each gets from the images
+    tokens = zs.encode_image_tokens(images)
+    for head in ("contrastive", "matching"):
+        direct_labels, direct = classify_images(zs, images, label_map, head=head)
+        shared_labels, shared = classify_tokens(zs, tokens, label_map, head=head)
+        assert shared_labels == direct_labels and np.allclose(shared, direct, atol=1e-5)
 
 
 def test_save_load_round_trip_gives_identical_features(plip, saved, crc_images):

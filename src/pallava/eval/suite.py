@@ -123,19 +123,48 @@ def _plip_zeroshot(
     models: _Models,
     images: list[LabelledImage],
     label_map: LabelMap,
-    out: Path,
+    folder: Path,
     settings: SuiteSettings,
     progress: bool,
-    head: str = "contrastive",
-) -> dict[str, Any]:
-    """PLIP prompt-ensemble classification by one head with the `eval zeroshot` report (95% intervals)."""
+) -> dict[str, dict[str, Any]]:
+    """PLIP prompt-ensemble classification by its contrastive head and, unless `plip_matching` is off, its
+    matching head, each with the `eval zeroshot` report (95% intervals): {part: report}. Both heads read
+    one pass through the vision tower."""
     from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
-    from pallava.models.plip.zeroshot import classify_images
+    from pallava.models.plip.zeroshot import classify_images, classify_tokens
 
-    paths = [i.path for i in images]
-    predicted, proba = classify_images(
-        models.plip(), paths, label_map, ZEROSHOT_TEMPLATES, head, settings.plip_batch_size, progress
-    )
+    plip, paths = models.plip(), [i.path for i in images]
+    heads = {"plip_zeroshot": "contrastive"}
+    if settings.plip_matching:
+        heads["plip_matching"] = "matching"
+        tokens = plip.encode_image_tokens(paths, settings.plip_batch_size, progress)
+    reports = {}
+    for part, head in heads.items():
+        if settings.plip_matching:
+            predicted, proba = classify_tokens(plip, tokens, label_map, ZEROSHOT_TEMPLATES, head)
+        else:
+            predicted, proba = classify_images(
+                plip, paths, label_map, ZEROSHOT_TEMPLATES, head, settings.plip_batch_size, progress
+            )
+        reports[part] = _plip_report(
+            models, images, label_map, folder / _PARTS[part][0], settings, head, predicted, proba
+        )
+    return reports
+
+
+def _plip_report(
+    models: _Models,
+    images: list[LabelledImage],
+    label_map: LabelMap,
+    out: Path,
+    settings: SuiteSettings,
+    head: str,
+    predicted: list[str],
+    proba: Any,
+) -> dict[str, Any]:
+    """One PLIP head's predictions.jsonl in `out` and its report."""
+    from pallava.models.plip.prompts import ZEROSHOT_TEMPLATES
+
     out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for item, label, row in zip(images, predicted, proba, strict=True):
@@ -263,13 +292,7 @@ def _run_benchmark(
         n = len(images)
         check_images([i.path for i in images], models.assistant.max_pixels)  # before PLIP reads any
         if models.plip_dir is not None:
-            reports["plip_zeroshot"] = _plip_zeroshot(
-                models, images, label_map, folder / "plip-zeroshot", settings, progress
-            )
-            if settings.plip_matching:
-                reports["plip_matching"] = _plip_zeroshot(
-                    models, images, label_map, folder / "plip-matching", settings, progress, "matching"
-                )
+            reports.update(_plip_zeroshot(models, images, label_map, folder, settings, progress))
         if benchmark.kind == "manifest":
             asked = label_map
             if benchmark.question_label_map:

@@ -254,13 +254,32 @@ def classify_images(
 ) -> tuple[list[str], np.ndarray]:
     """Zero-shot labels and (N, C) class scores of images by one of `ZEROSHOT_HEADS` (prompt ensembles).
     The matching head's scores are a softmax over its mean match log-odds: a ranking, not calibrated."""
-    if head == "contrastive":
+    _check_head(head)
+    if head == "contrastive":  # one vector per image kept, not its tokens
         embeds = zs.encode_images(images, batch_size, progress=progress)
         return zeroshot_predictions(zs, embeds, label_map, templates)
-    if head != "matching":
-        raise ValueError(f"unknown zero-shot head {head!r}; expected one of {', '.join(ZEROSHOT_HEADS)}")
     tokens = zs.encode_image_tokens(images, batch_size, progress=progress)
-    scores = zs.match_scores(tokens, class_prompts(label_map, tuple(templates)))
+    return classify_tokens(zs, tokens, label_map, templates, head)
+
+
+def classify_tokens(
+    zs: PlipZeroShot,
+    image_tokens: torch.Tensor,
+    label_map: LabelMap,
+    templates: Sequence[str] = ZEROSHOT_TEMPLATES,
+    head: str = "contrastive",
+) -> tuple[list[str], np.ndarray]:
+    """`classify_images` from the tower's tokens (`encode_image_tokens`), so that both heads can read one
+    pass through the vision tower."""
+    _check_head(head)
+    if head == "contrastive":
+        return zeroshot_predictions(zs, zs.embed_tokens(image_tokens), label_map, templates)
+    scores = zs.match_scores(image_tokens, class_prompts(label_map, tuple(templates)))
     proba = F.softmax(scores, dim=1).numpy()
     labels = label_map.labels()
     return [labels[i] for i in proba.argmax(axis=1)], proba
+
+
+def _check_head(head: str) -> None:
+    if head not in ZEROSHOT_HEADS:
+        raise ValueError(f"unknown zero-shot head {head!r}; expected one of {', '.join(ZEROSHOT_HEADS)}")
