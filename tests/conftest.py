@@ -27,18 +27,20 @@ def lung(shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lung_subset(lung, tmp_path_factory):
-    """`lung_subset(train, dev)`: a manifest of the first `train` train and `dev` dev images of each class of
-    the real lung manifest, with absolute paths (a small, class-balanced training set on real tiles)."""
+def manifest_subset(shared_data, tmp_path_factory):
+    """`manifest_subset(dataset, train, dev)`: a manifest of the first `train` train and `dev` dev images of
+    each class of a real shared dataset's manifest, with absolute paths (a small, class-balanced set of real
+    tiles)."""
 
-    def make(train: int, dev: int = 0) -> Path:
+    def make(dataset: str, train: int, dev: int = 0) -> Path:
+        root = shared_data / dataset
         keep, counts = [], {}
-        for row in csv.DictReader((lung / "manifest.csv").open()):
+        for row in csv.DictReader((root / "manifest.csv").open()):
             key = (row["split"], row["label"])
             if counts.get(key, 0) < {"train": train, "dev": dev}.get(row["split"], 0):
                 counts[key] = counts.get(key, 0) + 1
-                keep.append({**row, "path": str(lung / row["path"])})
-        path = tmp_path_factory.mktemp("data") / "manifest.csv"
+                keep.append({**row, "path": str(root / row["path"])})
+        path = tmp_path_factory.mktemp(dataset) / "manifest.csv"
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["path", "label", "cluster", "split"])
             writer.writeheader()
@@ -46,6 +48,12 @@ def lung_subset(lung, tmp_path_factory):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lung_subset(manifest_subset):
+    """`lung_subset(train, dev)`: `manifest_subset` of the lung dataset."""
+    return lambda train, dev=0: manifest_subset("lc25000-lung", train, dev)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pallava.commands import add_max_pixels_argument, add_stain_normalize_argume
 from pallava.commands.train import add_run_arguments
 from pallava.models.plip.prompts import ZEROSHOT_HEADS
 from pallava.processing.stain_norm import resolve_stain_normalize
+from pallava.train.plip_probe import PROBE_FEATURES
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -81,6 +82,52 @@ def _zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from pallava.data.datasets import parse_data_args
+    from pallava.data.importers.manifest import is_image_folder, read_labelled_images
+    from pallava.eval.runner import check_images
+    from pallava.models.plip import PlipZeroShot
+    from pallava.processing.image import check_max_pixels
+    from pallava.train.plip_eval import write_classification_report
+    from pallava.train.plip_probe import few_shots, probe_report, probe_summary
+
+    zs = PlipZeroShot.from_pretrained(args.model)
+    zs.stain_normalize = resolve_stain_normalize(args.stain_normalize, zs.stain_normalize)
+    if args.max_pixels is not None:
+        zs.max_pixels = check_max_pixels(args.max_pixels, "--max-pixels")
+    out = Path(args.out)
+    reports = {}
+    for spec in parse_data_args(args.data).datasets:
+        if is_image_folder(Path(spec.path)):
+            raise ValueError(
+                f"{spec.path}: a linear probe needs a manifest with a {args.fit_split!r} split "
+                f"to fit on and a {args.split!r} split to score (an image folder has no splits)"
+            )
+        fit_items = few_shots(read_labelled_images(spec.path, args.fit_split), args.shots, args.seed)
+        eval_items = read_labelled_images(spec.path, args.split)
+        check_images([item.path for item in [*fit_items, *eval_items]], zs.max_pixels)
+        report, rows = probe_report(zs, fit_items, eval_items, args.features, args.seed, args.batch_size)
+        report.update(
+            model=str(args.model),
+            data=str(spec.path),
+            fit_split=args.fit_split,
+            split=args.split,
+            shots=args.shots,
+        )
+        write_classification_report(report, rows, out / spec.name, f"PLIP linear probe ({args.features})")
+        reports[spec.name] = report
+        print(
+            f"{spec.name}: accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  "
+            f"n={report['n']}  fitted on {report['fit_images']}  C={report['search']['C']:g}"
+        )
+    (out / "summary.json").write_text(json.dumps(reports, indent=2), encoding="utf-8")
+    (out / "summary.md").write_text(
+        f"# PLIP linear probe\n\n- model: `{args.model}`\n\n{probe_summary(reports)}", encoding="utf-8"
+    )
+    print(f"summary: {out / 'summary.md'}")
+    return 0
+
+
 def _default_split(data: str | list[str], split: str) -> str | None:
     """`split`, except when every dataset is an image folder (root/<class>/<image>), which has no splits:
     all of it."""
@@ -140,7 +187,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `pallava plip` and its sub-commands."""
-    plip = subparsers.add_parser("plip", help="PLIP image-text encoder: train, zero-shot, retrieval, export")
+    plip = subparsers.add_parser(
+        "plip", help="PLIP image-text encoder: train, zero-shot, linear probe, retrieval, export"
+    )
     commands = plip.add_subparsers(dest="plip_command", metavar="SUBCOMMAND", required=True)
 
     train = commands.add_parser("train", help="pre-train PLIP (ITC + ITM) on captions or a labelled manifest")
@@ -206,6 +255,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_stain_normalize_argument(zeroshot)
     add_max_pixels_argument(zeroshot)
     zeroshot.set_defaults(func=_zeroshot)
+
+    probe = commands.add_parser(
+        "probe", help="linear probe of the frozen image features: fit on one split, score another"
+    )
+    probe.add_argument("--model", required=True, help="PLIP model folder")
+    probe.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="labelled manifest CSV (or a folder holding manifest.csv); repeat for several datasets, each "
+        "probed on its own (or a YAML dataset list)",
+    )
+    probe.add_argument("--out", required=True, help="report folder: one folder per dataset, summary.md")
+    probe.add_argument(
+        "--fit-split", default="train", help="the split the probe is fitted on (default: train)"
+    )
+    probe.add_argument("--split", default="dev", help="the split it is scored on (default: dev)")
+    probe.add_argument(
+        "--shots",
+        type=int,
+        help="fit on this many images of each class (seeded), a few-shot probe; default: all",
+    )
+    probe.add_argument(
+        "--features",
+        choices=PROBE_FEATURES,
+        default="embedding",
+        help="embedding: PLIP's image embedding (default); tower: the mean of the vision tower's last-layer "
+        "patch tokens, what the assistant reads",
+    )
+    probe.add_argument("--seed", type=int, default=0, help="shots, cross-validation folds, bootstrap")
+    probe.add_argument("--batch-size", type=int, default=64)
+    add_stain_normalize_argument(probe)
+    add_max_pixels_argument(probe)
+    probe.set_defaults(func=_probe)
 
     retrieve = commands.add_parser("retrieve", help="image<->text Recall@1/5/10")
     retrieve.add_argument("--model", required=True)

@@ -78,6 +78,14 @@ def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], path: 
 
 def write_zeroshot_report(report: dict[str, object], rows: list[dict[str, object]], out_dir: Path) -> Path:
     """report.json, predictions.jsonl and confusion_matrix.png under `out_dir`."""
+    return write_classification_report(report, rows, out_dir, "PLIP zero-shot")
+
+
+def write_classification_report(
+    report: dict[str, object], rows: list[dict[str, object]], out_dir: Path, title: str
+) -> Path:
+    """A classification report (`classification_metrics` plus `class_names`) and its per-image rows:
+    report.json, predictions.jsonl and confusion_matrix.png under `out_dir`, the plot titled `title`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
@@ -87,7 +95,7 @@ def write_zeroshot_report(report: dict[str, object], rows: list[dict[str, object
         report["confusion_matrix"],
         report["class_names"],
         out_dir / "confusion_matrix.png",
-        f"PLIP zero-shot: accuracy {report['accuracy']:.3f} (n={report['n']})",
+        f"{title}: accuracy {report['accuracy']:.3f} (n={report['n']})",
     )
     return out_dir / "report.json"
 
