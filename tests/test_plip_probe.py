@@ -43,7 +43,7 @@ def test_cross_validation_keeps_clusters_together_when_it_can():
     assert not fit_probe(features, labels, labels)[1]["grouped"]
     # one image of a class: nothing to validate on, C is the default
     _, search = fit_probe(features[:21], labels[:21])
-    assert search == {"C": 1.0, "folds": 0, "cv_accuracy": None}
+    assert search == {"C": 1.0, "folds": 0, "grouped": False, "cv_accuracy": None}
     with pytest.raises(ValueError, match="at least two classes"):
         fit_probe(features[:20], labels[:20])
 

@@ -76,7 +76,7 @@ def fit_probe(
     folds = min(PROBE_FOLDS, fewest)
     if folds < 2:
         pipeline.set_params(logisticregression__C=1.0).fit(features, list(labels))
-        return pipeline, {"C": 1.0, "folds": 0, "cv_accuracy": None}
+        return pipeline, {"C": 1.0, "folds": 0, "grouped": False, "cv_accuracy": None}
     splitter = (
         StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
         if groups is not None
