@@ -94,3 +94,29 @@ def test_probe_cli_refuses_an_image_folder(tiny_plip_dir, shared_data, tmp_path,
     args = ["plip", "probe", "--model", str(tiny_plip_dir), "--data", str(folder), "--out", str(tmp_path)]
     code = main(args)
     assert code == 1 and "image folder has no splits" in capsys.readouterr().err
+
+
+def test_a_probe_fitted_on_one_dataset_scores_another_lab_s_image_folder(
+    tiny_plip_dir, manifest_subset, lung_tiles, tmp_path
+):
+    """`--score-data`: fitted on a manifest's train split, scored on an image folder root/<class>/<image>
+    (another lab's images, no splits), every image of it."""
+    import shutil
+
+    folder = tmp_path / "other-lab"
+    for tile in lung_tiles:  # one real tile of each lung class, laid out as many public datasets ship
+        (folder / tile.parent.name).mkdir(parents=True)
+        shutil.copy(tile, folder / tile.parent.name / tile.name)
+    fit, out = manifest_subset("lc25000-lung", 6, 0), tmp_path / "probe"
+    args = ["plip", "probe", "--model", str(tiny_plip_dir), "--data", str(fit), "--out", str(out)]
+    assert main([*args, "--score-data", str(folder)]) == 0
+    report = json.loads((out / "other-lab" / "report.json").read_text())
+    assert report["n"] == 3 and report["split"] is None and report["scored_data"] == str(folder)
+    assert report["data"] == str(fit) and report["fit_images"] == 18
+
+
+def test_score_data_takes_one_dataset_to_fit_on(tiny_plip_dir, manifest_subset, tmp_path, capsys):
+    lung, oral = manifest_subset("lc25000-lung", 2, 1), manifest_subset("oscc", 2, 1)
+    args = ["plip", "probe", "--model", str(tiny_plip_dir), "--data", str(lung), "--data", str(oral)]
+    assert main([*args, "--score-data", str(oral), "--out", str(tmp_path)]) == 1
+    assert "give one --data to fit on, not 2" in capsys.readouterr().err

@@ -97,27 +97,35 @@ def _probe(args: argparse.Namespace) -> int:
         zs.max_pixels = check_max_pixels(args.max_pixels, "--max-pixels")
     out = Path(args.out)
     reports = {}
-    for spec in parse_data_args(args.data).datasets:
+    specs = parse_data_args(args.data).datasets
+    if args.score_data and len(specs) != 1:
+        raise ValueError(f"--score-data scores one fitted probe: give one --data to fit on, not {len(specs)}")
+    for spec in specs:
         if is_image_folder(Path(spec.path)):
             raise ValueError(
                 f"{spec.path}: a linear probe needs a manifest with a {args.fit_split!r} split "
                 f"to fit on and a {args.split!r} split to score (an image folder has no splits)"
             )
         fit_items = few_shots(read_labelled_images(spec.path, args.fit_split), args.shots, args.seed)
-        eval_items = read_labelled_images(spec.path, args.split)
+        scored = spec
+        if args.score_data:  # another dataset (another lab, scanner, magnification) with the same classes
+            scored = parse_data_args([args.score_data]).datasets[0]
+        scored_split = None if is_image_folder(Path(scored.path)) else args.split
+        eval_items = read_labelled_images(scored.path, scored_split)
         check_images([item.path for item in [*fit_items, *eval_items]], zs.max_pixels)
         report, rows = probe_report(zs, fit_items, eval_items, args.features, args.seed, args.batch_size)
         report.update(
             model=str(args.model),
             data=str(spec.path),
             fit_split=args.fit_split,
-            split=args.split,
+            scored_data=str(scored.path),
+            split=scored_split,
             shots=args.shots,
         )
-        write_classification_report(report, rows, out / spec.name, f"PLIP linear probe ({args.features})")
-        reports[spec.name] = report
+        write_classification_report(report, rows, out / scored.name, f"PLIP linear probe ({args.features})")
+        reports[scored.name] = report
         print(
-            f"{spec.name}: accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  "
+            f"{scored.name}: accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  "
             f"n={report['n']}  fitted on {report['fit_images']}  C={report['search']['C']:g}"
         )
     (out / "summary.json").write_text(json.dumps(reports, indent=2), encoding="utf-8")
@@ -272,6 +280,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--fit-split", default="train", help="the split the probe is fitted on (default: train)"
     )
     probe.add_argument("--split", default="dev", help="the split it is scored on (default: dev)")
+    probe.add_argument(
+        "--score-data",
+        help="score the probe fitted on the one --data on another dataset of the same classes instead (a "
+        "manifest, scored on --split, or an image folder root/<class>/<image>, scored whole): another lab, "
+        "scanner or magnification",
+    )
     probe.add_argument(
         "--shots",
         type=int,
