@@ -114,9 +114,9 @@ def run(plip_dir: Path, corpus: Path) -> dict:
     from pallava.data.importers.manifest import read_manifest
     from pallava.data.labels import LabelMap
     from pallava.models.plip import PlipZeroShot
-    from pallava.models.plip.prompts import class_prompts
+    from pallava.models.plip.zeroshot import zeroshot_predictions
     from pallava.processing.loading import load_image
-    from pallava.train.plip_probe import fit_probe
+    from pallava.train.plip_probe import cluster_groups, fit_probe
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     backbone, zs = load_backbone(), PlipZeroShot.from_pretrained(plip_dir)
@@ -137,31 +137,19 @@ def run(plip_dir: Path, corpus: Path) -> dict:
         fit, scored = read_manifest(manifest, "train"), read_manifest(manifest, "dev")
         label_map = LabelMap.resolve(None, {item.label for item in scored})
         fit_images = [load_image(item.path) for item in fit]
-        fit_labels = [item.label for item in fit]
-        clusters = [item.cluster for item in fit]  # cross-validation folds by cluster, as `plip probe` does
-        groups = clusters if all(clusters) else None
-        probes = {
-            "PLIP probe": (
-                fit_probe(zs.encode_images(fit_images).numpy(), fit_labels, groups)[0],
-                zs.encode_images,
-            ),
-            "backbone probe": (
-                fit_probe(backbone_features(backbone, fit_images).numpy(), fit_labels, groups)[0],
-                lambda images: backbone_features(backbone, images),
-            ),
-        }
-        prototypes = zs.class_embeddings(class_prompts(label_map))
+        fit_labels, groups = [item.label for item in fit], cluster_groups(fit)  # folds as `plip probe`'s
+        plip_probe = fit_probe(zs.encode_images(fit_images).numpy(), fit_labels, groups)[0]
+        backbone_probe = fit_probe(backbone_features(backbone, fit_images).numpy(), fit_labels, groups)[0]
         for zoom in ZOOMS:
             views, truth = magnified_views(scored, zoom)
-            cell = f"x{zoom:g}"
-            for name, (probe, encode) in probes.items():
-                predicted = probe.predict(encode(views).numpy())
-                rows.setdefault(name, {}).setdefault(dataset, {})[cell] = _accuracy(predicted, truth)
-            scores = project(backbone_features(backbone, views)) @ prototypes.t()
-            predicted = [label_map.labels()[i] for i in scores.argmax(1).tolist()]
-            rows.setdefault("backbone zero-shot", {}).setdefault(dataset, {})[cell] = _accuracy(
-                predicted, truth
-            )
+            backbone_views = backbone_features(backbone, views)  # read by its probe and its zero-shot
+            predictions = {
+                "PLIP probe": plip_probe.predict(zs.encode_images(views).numpy()),
+                "backbone probe": backbone_probe.predict(backbone_views.numpy()),
+                "backbone zero-shot": zeroshot_predictions(zs, project(backbone_views), label_map)[0],
+            }
+            for name, predicted in predictions.items():
+                rows.setdefault(name, {}).setdefault(dataset, {})[f"x{zoom:g}"] = _accuracy(predicted, truth)
     return {"rows": rows, "corpus_images": len(records), "backbone_encode_s": round(encode_s, 1)}
 
 

@@ -98,8 +98,13 @@ def _probe(args: argparse.Namespace) -> int:
     out = Path(args.out)
     reports = {}
     specs = parse_data_args(args.data).datasets
-    if args.score_data and len(specs) != 1:
-        raise ValueError(f"--score-data scores one fitted probe: give one --data to fit on, not {len(specs)}")
+    other = None  # another dataset (another lab, scanner, magnification) with the same classes
+    if args.score_data:
+        if len(specs) != 1:
+            raise ValueError(
+                f"--score-data scores one fitted probe: give one --data to fit on, not {len(specs)}"
+            )
+        other = parse_data_args([args.score_data]).datasets[0]
     for spec in specs:
         if is_image_folder(Path(spec.path)):
             raise ValueError(
@@ -107,9 +112,7 @@ def _probe(args: argparse.Namespace) -> int:
                 f"to fit on and a {args.split!r} split to score (an image folder has no splits)"
             )
         fit_items = few_shots(read_labelled_images(spec.path, args.fit_split), args.shots, args.seed)
-        scored = spec
-        if args.score_data:  # another dataset (another lab, scanner, magnification) with the same classes
-            scored = parse_data_args([args.score_data]).datasets[0]
+        scored = other or spec
         scored_split = None if is_image_folder(Path(scored.path)) else args.split
         eval_items = read_labelled_images(scored.path, scored_split)
         check_images([item.path for item in [*fit_items, *eval_items]], zs.max_pixels)

@@ -53,6 +53,13 @@ def few_shots(items: Sequence[LabelledImage], shots: int | None, seed: int = 0) 
     ]
 
 
+def cluster_groups(items: Sequence[LabelledImage]) -> list[str] | None:
+    """The items' near-duplicate clusters, to keep each in one cross-validation fold; None unless every item
+    names one."""
+    clusters = [item.cluster for item in items]
+    return clusters if all(clusters) else None
+
+
 def fit_probe(
     features: np.ndarray, labels: Sequence[str], groups: Sequence[str] | None = None, seed: int = 0
 ):
@@ -108,12 +115,10 @@ def probe_report(
     unseen = sorted({item.label for item in eval_items} - {item.label for item in fit_items})
     if unseen:
         raise ValueError(f"classes {unseen} are scored but have no image to fit the probe on")
-    clusters = [item.cluster for item in fit_items]
-    groups = clusters if all(clusters) else None
     fitted, search = fit_probe(
         probe_features(zs, [item.path for item in fit_items], features, batch_size),
         [item.label for item in fit_items],
-        groups,
+        cluster_groups(fit_items),
         seed,
     )
     eval_x = probe_features(zs, [item.path for item in eval_items], features, batch_size)
