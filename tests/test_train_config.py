@@ -132,13 +132,13 @@ def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):
 
 def test_a_plip_recipes_vision_fields_merge_over_the_shipped_ones(tmp_path):
     """`vision.patch_size=16` (a file or a flag) changes that field and keeps the shipped stem."""
-    shipped = {"conv_stem": True, "num_hidden_layers": 6}
+    shipped = {"conv_stem": False, "pretrained_stem": "efficientnet-lite0", "num_hidden_layers": 6}
     assert PlipTrainConfig.for_preset("tiny").vision == shipped
     partial = tmp_path / "plip.yaml"
     partial.write_text("preset: tiny\nvision:\n  patch_size: 16\n")
     assert PlipTrainConfig.from_yaml(partial).vision == {**shipped, "patch_size": 16}
-    flags = PlipTrainConfig.for_preset("tiny", vision={"conv_stem": False})
-    assert flags.vision == {**shipped, "conv_stem": False}
+    flags = PlipTrainConfig.for_preset("tiny", vision={"pretrained_stem": None, "conv_stem": True})
+    assert flags.vision == {**shipped, "pretrained_stem": None, "conv_stem": True}
 
 
 SHARED_RUN_FLAGS = ("--config", "--data", "--out", "--resume", "--seed", "--max-steps", "--no-progress")

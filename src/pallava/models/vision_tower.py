@@ -20,40 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from pallava.models.pretrained_stem import PretrainedStem
+from pallava.models.stem_norm import StemBatchNorm
+
 # The vision config's field that asks for the stem (kept in config.json like any other field).
 CONV_STEM = "conv_stem"
 # How many residual 3x3 blocks follow each stride-2 convolution after the first (0: the plain stem).
 CONV_STEM_BLOCKS = "conv_stem_blocks"
+# The field that asks for a frozen ImageNet backbone as the stem (its name; see `PretrainedStem`).
+PRETRAINED_STEM = "pretrained_stem"
 STEM_BASE_CHANNELS = 16  # the first convolution's channels; each later one doubles, up to the width
-
-
-class StemBatchNorm(nn.Module):
-    """Batch normalisation over channels that uses its running statistics unless its weights train.
-
-    Not `nn.BatchNorm2d`: that one keeps an integer `num_batches_tracked` counter, and every weight file
-    pallava reads must be floating point (`convert.checkpoint.check_weights`); the momentum here is fixed.
-    """
-
-    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_var", torch.ones(channels))
-        self.momentum, self.eps = momentum, eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_statistics = self.training and self.weight.requires_grad
-        return F.batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            batch_statistics,
-            self.momentum,
-            self.eps,
-        )
 
 
 class ResidualBlock(nn.Module):
@@ -110,7 +86,9 @@ class PallavaVisionModel(CLIPVisionModel):
 
     def __init__(self, config: CLIPVisionConfig):
         super().__init__(config)
-        if uses_conv_stem(config):
+        if pretrained_stem_name(config):
+            self.embeddings.patch_embedding = PretrainedStem(pretrained_stem_name(config), config)
+        elif uses_conv_stem(config):
             blocks = int(getattr(config, CONV_STEM_BLOCKS, 0) or 0)
             stem = ConvStem(config.num_channels, config.hidden_size, config.patch_size, blocks)
             stem.apply(self._init_weights)
@@ -124,8 +102,14 @@ def uses_conv_stem(config: CLIPVisionConfig) -> bool:
     return bool(getattr(config, CONV_STEM, False))
 
 
+def pretrained_stem_name(config: CLIPVisionConfig) -> str | None:
+    return getattr(config, PRETRAINED_STEM, None) or None
+
+
 def build_vision_tower(config: CLIPVisionConfig) -> CLIPVisionModel:
     """A randomly initialised tower: `PallavaVisionModel` when the config asks for the stem, transformers'
     `CLIPVisionModel` otherwise (the subclass draws its random weights in another order, and a plain tower
     should start exactly where transformers' own does)."""
-    return PallavaVisionModel(config) if uses_conv_stem(config) else CLIPVisionModel(config)
+    if uses_conv_stem(config) or pretrained_stem_name(config):
+        return PallavaVisionModel(config)
+    return CLIPVisionModel(config)

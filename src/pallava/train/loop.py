@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pallava.cpu import cpu_computes_bf16
 from pallava.train import checkpoints
 from pallava.train.feedback import RunLog
 from pallava.train.optim import build_scheduler, group_learning_rates
@@ -139,18 +140,6 @@ def resolve_mixed_precision(setting: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "no"
         return "bf16" if cpu_computes_bf16() else "no"
     return setting
-
-
-def cpu_computes_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has bf16 matrix instructions (Linux: the `avx512_bf16` or `amx_bf16` flag)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:  # not Linux: no way to tell, so no
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[-1].split()))
-    return False
 
 
 class TrainingLoop:

