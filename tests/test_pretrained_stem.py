@@ -69,6 +69,22 @@ def test_a_fresh_tower_computes_the_imagenet_backbones_features(fresh_tower, mon
     assert (similarity > 0.99).all(), similarity
 
 
+def test_the_backbone_keeps_a_callers_bf16_autocast(fresh_tower, monkeypatch):
+    """PLIP trains under bf16 autocast: the backbone must run in it too, not switch it off (3x slower)."""
+    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: True)
+    stem = fresh_tower.embeddings.patch_embedding
+    seen = []
+    hook = stem.trunk["conv_head"].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            stem.features(clip_normalised(images(1)))
+        with torch.no_grad():  # an fp32 caller on a bf16 CPU: bf16 inside, fp32 out
+            assert stem.features(clip_normalised(images(1))).dtype == torch.float32
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16, torch.bfloat16]
+
+
 def test_the_backbone_stays_frozen_while_the_tower_trains():
     torch.manual_seed(0)
     tower = PallavaVisionModel(lite0_config())
