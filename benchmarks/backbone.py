@@ -63,8 +63,7 @@ def backbone_features(backbone, images, batch_size: int = 64) -> torch.Tensor:
             ]
         )
         pixels = torch.from_numpy((batch / 255.0 - mean) / std).permute(0, 3, 1, 2).float()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            chunks.append(backbone.features(pixels).float().mean(dim=(2, 3)))
+        chunks.append(backbone.features(pixels).mean(dim=(2, 3)))  # in bf16 where the CPU computes it
     return torch.cat(chunks)
 
 

