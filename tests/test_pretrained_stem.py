@@ -73,16 +73,21 @@ def test_the_backbone_keeps_a_callers_bf16_autocast(fresh_tower, monkeypatch):
     """PLIP trains under bf16 autocast: the backbone must run in it too, not switch it off (3x slower)."""
     monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: True)
     stem = fresh_tower.embeddings.patch_embedding
-    seen = []
-    hook = stem.trunk["conv_head"].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    try:
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-            stem.features(clip_normalised(images(1)))
-        with torch.no_grad():  # an fp32 caller on a bf16 CPU: bf16 inside, fp32 out
-            assert stem.features(clip_normalised(images(1))).dtype == torch.float32
-    finally:
-        hook.remove()
-    assert seen == [torch.bfloat16, torch.bfloat16]
+    convolve, seen = torch.nn.functional.conv2d, []
+
+    def recorded(*args, **kwargs):
+        out = convolve(*args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recorded)  # every backbone layer is one conv2d
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        stem.features(clip_normalised(images(1)))
+    under_autocast, seen[:] = list(seen), []
+    with torch.no_grad():  # an fp32 caller on a bf16 CPU: bf16 inside, fp32 out
+        assert stem.features(clip_normalised(images(1))).dtype == torch.float32
+    assert len(under_autocast) == len(seen) > 40  # Lite0: 49 convolutions
+    assert set(under_autocast) == set(seen) == {torch.bfloat16}
 
 
 def test_the_backbone_stays_frozen_while_the_tower_trains():

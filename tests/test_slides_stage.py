@@ -267,7 +267,8 @@ def test_every_question_asks_each_slide_every_kind_from_one_connector_pass(run):
     recipe = _recipe(root, "train.batch_size=2", "slide.every_question=true", "slide.attention_loss=0.5")
     task = SlideTask(recipe, progress=False)
     loop = SimpleNamespace(
-        accelerator=SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None), show_progress=False
+        accelerator=SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None, num_processes=1),
+        show_progress=False,
     )
     plan = task.setup(loop)
     assert plan.steps_per_epoch == len(list_slides(root / "slides")) // 2
@@ -339,7 +340,8 @@ def test_sample_average_weighs_each_answer_by_its_kind_not_by_its_length(run):
     recipe = _recipe(root, "train.batch_size=2", "slide.every_question=true", "train.loss_average=sample")
     task = SlideTask(recipe, progress=False)
     loop = SimpleNamespace(
-        accelerator=SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None), show_progress=False
+        accelerator=SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None, num_processes=1),
+        show_progress=False,
     )
     task.setup(loop)
     (slides, pairs), tensors = next(task.batches(0, 0, 1))
@@ -436,3 +438,42 @@ def test_a_tower_trained_on_normalised_images_reads_slide_tiles_normalised(run, 
     assert len(list((root / "stain-cache").rglob("*.safetensors"))) == 2  # two cache entries
     assert not torch.equal(plain.tile_tokens, stained.tile_tokens)
     assert not torch.equal(plain.global_tokens, stained.global_tokens)
+
+
+def test_a_tile_memo_encodes_each_distinct_tile_once_and_changes_no_feature(run, monkeypatch):
+    """Virtual slides repeat their source tiles: with a memo the tower sees each distinct tile once, across
+    slides, and every slide's features equal those computed without it."""
+    from pallava.models.plip.zeroshot import PlipZeroShot
+    from pallava.slides.features import TileMemo, slide_features
+    from pallava.slides.mapping import TilingOptions
+    from pallava.slides.reader import open_slide
+
+    root, _ = run
+    assistant = PaLlava.from_pretrained(root / "assistant")
+    model, processor = assistant.model.eval(), assistant.processor
+    plip = PlipZeroShot.from_pretrained(root / "plip")
+    encode = model.vision_hidden_states
+    rows = []
+    monkeypatch.setattr(model, "vision_hidden_states", lambda x: rows.append(len(x)) or encode(x))
+
+    def every_slide(memo):
+        found = []
+        for path in list_slides(root / "slides"):
+            with open_slide(path) as slide:
+                options = TilingOptions()
+                found.append(slide_features(slide, model, processor, None, options, plip, "p", memo=memo))
+        return found
+
+    plain = every_slide(None)
+    tiles, slides = sum(len(f) for f in plain), len(plain)
+    assert sum(rows) == tiles + slides  # every tile and each slide's global view
+    rows.clear()
+    memo = TileMemo()
+    remembered = every_slide(memo)
+    assert len(memo) + memo.hits == tiles and memo.hits > 0  # the fixture's slides share dev tiles
+    assert sum(rows) == len(memo) + slides
+    for a, b in zip(plain, remembered, strict=True):
+        assert torch.allclose(a.tile_tokens.float(), b.tile_tokens.float(), atol=2e-3)
+        assert torch.allclose(a.tile_summaries.float(), b.tile_summaries.float(), atol=2e-3)
+        assert torch.allclose(a.plip, b.plip, atol=1e-4)
+        assert torch.equal(a.global_tokens, b.global_tokens)

@@ -7,7 +7,7 @@ import torch
 
 from pallava.train import plip as plip_training
 from pallava.train.plip_config import PlipTrainConfig
-from pallava.train.threads import ThreadGovernor, apply_cpu_threads, thread_governor
+from pallava.train.threads import ThreadGovernor, apply_cpu_threads, encoding_threads, thread_governor
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +26,20 @@ def test_cpu_threads_are_set_on_a_cpu_and_left_alone_otherwise(monkeypatch):
     assert apply_cpu_threads(1)["OMP_WAIT_POLICY"] == "PASSIVE"  # reported with the run's settings
     with pytest.raises(ValueError, match="cpu_threads must be at least 1"):
         apply_cpu_threads(0)
+
+
+def test_encoding_takes_this_processs_share_of_the_cores_then_gives_it_back(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    torch.set_num_threads(1)
+    with encoding_threads("cpu", processes=2) as threads:
+        assert threads == 2 == torch.get_num_threads()
+    assert torch.get_num_threads() == 1
+    with pytest.raises(RuntimeError), encoding_threads("cpu", processes=1):
+        assert torch.get_num_threads() == 4
+        raise RuntimeError("encoding failed")
+    assert torch.get_num_threads() == 1  # restored after an error too
+    with encoding_threads("cuda", processes=1) as threads:
+        assert threads == 1 == torch.get_num_threads()  # a GPU encodes: the CPU count stays
 
 
 def test_plip_recipes_carry_cpu_threads_and_validate_them(tmp_path):

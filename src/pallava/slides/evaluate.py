@@ -32,6 +32,7 @@ from pallava.eval.metrics import bootstrap_ci
 from pallava.slides.ask import Region, read_region_for_assistant
 from pallava.slides.features import (
     SlideFeatureCache,
+    TileMemo,
     default_slide_cache_root,
     encoder_namespace,
     load_plip,
@@ -210,14 +211,21 @@ def evaluate_slides(
     )
     options = tiling_of(slide_model)
     records = {"slide_model": [], "attention_mil": [], "retrieve_then_ask": []}
-    rows, drawn = [], 0
+    rows, drawn, memo = [], 0, TileMemo()
     for path in tqdm(paths, desc="slides", unit="slide", disable=not progress):
         truth = truths[path]
         label_map = LabelMap.from_dict(truth["label_map"])
         with open_slide(path) as slide:
             started = time.perf_counter()
             features = slide_features(
-                slide, slide_model.model, slide_model.assistant.processor, cache, options, plip, plip_id
+                slide,
+                slide_model.model,
+                slide_model.assistant.processor,
+                cache,
+                options,
+                plip,
+                plip_id,
+                memo=memo,
             )
             feature_seconds = time.perf_counter() - started
             tumour_tiles = tile_truth(features, truth)

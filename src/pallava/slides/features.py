@@ -38,6 +38,39 @@ THUMBNAIL_PX_PER_TILE = 48
 FORMAT_VERSION = 2  # 2: each tile's image embedding (`tile_summaries`) too
 
 
+class TileMemo:
+    """Features of the tiles one encoder has already seen in this process, keyed by their pixels.
+
+    Virtual slides are laid out from a pool of dataset images, so the same tile recurs across slides (the
+    quickstart's 150 training slides hold about 7,500 tiles of some 3,000 distinct images; its dev slides
+    3,000 tiles of 264); a repeated tile then costs a hash instead of a pass through the tower. Valid for one
+    (vision tower, PLIP, stain setting): the caller makes one per encoder and passes it to every
+    `slide_features` call of that encoder.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self.hits = 0  # tiles served without encoding
+
+    @staticmethod
+    def key(image) -> bytes:
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+        digest.update(f"{image.mode}:{image.size}".encode())
+        return digest.digest()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._rows
+
+    def get(self, key: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self._rows[key]
+
+    def put(self, key: bytes, tokens: torch.Tensor, summary: torch.Tensor, embedding: torch.Tensor | None):
+        self._rows[key] = (tokens, summary, embedding)
+
+
 @dataclass
 class SlideFeatures:
     """Everything the slide model (and the baselines) need about one slide."""
@@ -160,11 +193,13 @@ def slide_features(
     batch_size: int = 64,
     dtype: torch.dtype = torch.float16,
     progress: bool = False,
+    memo: TileMemo | None = None,
 ) -> SlideFeatures:
     """Features of every tissue tile of `slide` (read from `cache` when there; else computed and stored).
 
     `model` is a `PaLlavaForConditionalGeneration` (its vision tower), `plip` a `PlipZeroShot` or None.
-    Stored in `dtype` (float16 halves the cache; the connector computes in its own dtype).
+    Stored in `dtype` (float16 halves the cache; the connector computes in its own dtype). `memo` (one per
+    encoder) skips the tower for tiles whose pixels it has seen, in this slide or an earlier one.
     """
     options = options or TilingOptions()
     key = slide_key(slide)
@@ -202,30 +237,49 @@ def slide_features(
     global_tokens = model.vision_hidden_states(view[None].to(device, vision_dtype))[0, 1:].to("cpu", dtype)
     # The quickstart's assistant reads through PLIP's own tower: its last layer gives PLIP's embedding too.
     shared = plip is not None and plip.shares_tower(model.vision_tower, size)
-    tokens, summaries, embeddings = [], [], []
-    for _, images in iter_tile_batches(
-        slide,
-        grid.tiles,
-        grid.tile_size,
-        batch_size,
-        progress="slide tiles" if progress else None,
-        transform=lambda image: stain_normalize(image, stain),  # in the reader threads, beside the encoder
-    ):
+
+    def encode(images: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         pixels = torch.stack([normalize_to_tensor(image, size) for image in images])
         hidden = model.vision_hidden_states(pixels.to(device, vision_dtype))
-        tokens.append(hidden[:, 1:].to("cpu", dtype))
         output = model.vision_output_tokens(hidden)
-        summaries.append(output[:, 0].to("cpu", dtype))
+        embedded = None
         if shared:
-            embeddings.append(plip.embed_tokens(output))
+            embedded = plip.embed_tokens(output)
         elif plip is not None:
             plip_size = plip.model.image_size
-            plip_pixels = (
-                pixels
-                if plip_size == size
-                else torch.stack([normalize_to_tensor(i, plip_size) for i in images])
-            )
-            embeddings.append(plip.encode_pixels(plip_pixels))
+            if plip_size != size:
+                pixels = torch.stack([normalize_to_tensor(image, plip_size) for image in images])
+            embedded = plip.encode_pixels(pixels)
+        return hidden[:, 1:].to("cpu", dtype), output[:, 0].to("cpu", dtype), embedded
+
+    def read(image):  # in the reader threads, beside the encoder
+        image = stain_normalize(image, stain)
+        return image, (TileMemo.key(image) if memo is not None else None)
+
+    tokens, summaries, embeddings = [], [], []
+    bar = "slide tiles" if progress else None
+    for _, batch in iter_tile_batches(slide, grid.tiles, grid.tile_size, batch_size, bar, transform=read):
+        images, keys = [image for image, _ in batch], [key for _, key in batch]
+        if memo is None:
+            batch_tokens, batch_summaries, batch_embeddings = encode(images)
+        else:
+            fresh = {}  # key -> the batch index of its first tile, for tiles the memo has not seen
+            for index, key in enumerate(keys):
+                if key not in memo and key not in fresh:
+                    fresh[key] = index
+            if fresh:
+                new = encode([images[i] for i in fresh.values()])
+                for row, key in enumerate(fresh):
+                    memo.put(key, new[0][row], new[1][row], None if new[2] is None else new[2][row])
+            memo.hits += len(keys) - len(fresh)
+            rows = [memo.get(key) for key in keys]
+            batch_tokens = torch.stack([r[0] for r in rows])
+            batch_summaries = torch.stack([r[1] for r in rows])
+            batch_embeddings = torch.stack([r[2] for r in rows]) if plip is not None else None
+        tokens.append(batch_tokens)
+        summaries.append(batch_summaries)
+        if batch_embeddings is not None:
+            embeddings.append(batch_embeddings)
     tile_tokens, tile_summaries = torch.cat(tokens), torch.cat(summaries)
     plip_vectors = torch.cat(embeddings) if plip is not None else None
     if cache is not None:

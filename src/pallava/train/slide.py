@@ -29,6 +29,7 @@ from pallava.inference import PaLlava
 from pallava.slides.evidence import SlideEvidence
 from pallava.slides.features import (
     SlideFeatureCache,
+    TileMemo,
     default_slide_cache_root,
     encoder_namespace,
     load_plip,
@@ -44,6 +45,7 @@ from pallava.slides.virtual import list_slides, load_truth
 from pallava.train.config import Recipe, with_defaults
 from pallava.train.loop import LoopSettings, MicroLoss, Plan, Task, TrainingLoop
 from pallava.train.optim import apply_trainable, assistant_warmup_steps, build_optimizer
+from pallava.train.threads import encoding_threads
 
 HISTORY = "slide_training.json"
 
@@ -159,13 +161,17 @@ class SlideTask(Task):
         cache = SlideFeatureCache(cache_root(recipe), namespace)
         self.truths, self.features = [], []
         model.eval()
-        for path in tqdm(slides, desc="slide features", unit="slide", disable=not loop.show_progress):
-            with open_slide(path) as slide:
-                self.features.append(
-                    slide_features(slide, model, assistant.processor, cache, self.options, self.plip, plip_id)
-                )
-            self.truths.append(load_truth(path))
+        memo = TileMemo()  # virtual slides repeat their source tiles: each distinct tile is encoded once
+        with encoding_threads(device, loop.accelerator.num_processes):  # large matrices: every core
+            for path in tqdm(slides, desc="slide features", unit="slide", disable=not loop.show_progress):
+                with open_slide(path) as slide:
+                    found = slide_features(
+                        slide, model, assistant.processor, cache, self.options, self.plip, plip_id, memo=memo
+                    )
+                self.features.append(found)
+                self.truths.append(load_truth(path))
         self.feature_seconds = time.perf_counter() - started
+        self.tiles = {"encoded": len(memo), "repeated": memo.hits}  # both 0 when every slide was cached
 
         if section.evidence and slide_model.evidence is None:  # fit the slide evidence's MIL, then freeze it
             slide_model.evidence = SlideEvidence.fit(
@@ -297,6 +303,7 @@ class SlideTask(Task):
                 "train": round(loop.timings["train_s"], 2),
                 "attention_mil": round(mil_seconds, 2),
             },
+            "tiles": self.tiles,
             "history": history,
         }
         (out / HISTORY).write_text(json.dumps(summary, indent=1) + "\n")

@@ -13,13 +13,22 @@ recipes), `null` keeps torch's default (all cores, or `OMP_NUM_THREADS`). OpenMP
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from pallava.threads import ThreadGovernor
 
 WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-__all__ = ["AUTO", "ThreadGovernor", "apply_cpu_threads", "check_cpu_threads", "thread_governor"]
+__all__ = [
+    "AUTO",
+    "ThreadGovernor",
+    "apply_cpu_threads",
+    "check_cpu_threads",
+    "encoding_threads",
+    "thread_governor",
+]
 AUTO = "auto"  # cpu_threads: the ThreadGovernor chooses
 
 
@@ -58,3 +67,20 @@ def thread_governor(
         return None
     share = max(1, (os.cpu_count() or 1) // max(1, processes))
     return ThreadGovernor([share, 1]) if share > 1 else None
+
+
+@contextmanager
+def encoding_threads(device: torch.device | str = "cpu", processes: int = 1) -> Iterator[int]:
+    """This process's share of the cores for a stretch of large-matrix work (encoding images before the
+    steps), then the thread count in force before: a recipe's `cpu_threads: 1` is chosen for small steps
+    and would leave a core idle while the tower encodes. On a GPU nothing changes."""
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu":
+        yield before
+        return
+    share = max(1, (os.cpu_count() or 1) // max(1, processes))
+    torch.set_num_threads(share)
+    try:
+        yield share
+    finally:
+        torch.set_num_threads(before)
