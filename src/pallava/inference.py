@@ -13,6 +13,7 @@ import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from pallava.models.image_features import ImageFeatureCache
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.processing.image import check_max_pixels
 from pallava.processing.loading import ImageSource, load_image
@@ -59,6 +60,7 @@ class PaLlava:
         self.directory: Path | None = None  # the folder it was loaded from, if any
         self._slide_model = None
         self._cache_options: dict = {}  # set by `speed_up_generation`
+        self.image_memory: ImageFeatureCache | None = None  # set by `remember_images`
         if device is not None:
             self.model.to(device)
 
@@ -109,6 +111,13 @@ class PaLlava:
     def max_pixels(self, value: int | None) -> None:
         self.processor.image_processor.max_pixels = check_max_pixels(value)
 
+    def remember_images(self, max_images: int = 1024) -> PaLlava:
+        """Keep the vision features of the last `max_images` distinct images (by their tiled pixels), so that
+        further questions about an image skip the vision tower; answers are unchanged. For asking many
+        questions about the same images, as an evaluation does. Returns self."""
+        self.image_memory = ImageFeatureCache(self.model, max_images)
+        return self
+
     def speed_up_generation(self, compile: bool | None = None, backend: str = "inductor") -> PaLlava:
         """Generate with a static KV cache and, with `compile` (default: on a CUDA device), the language
         model's forward under `torch.compile`; answers are unchanged. Returns self.
@@ -140,6 +149,9 @@ class PaLlava:
         batch = self.processor(
             text=conversations, images=images, add_generation_prompt=True, padding_side="left"
         )
+        if self.image_memory is not None and "pixel_values" in batch:
+            pixel_values = batch.pop("pixel_values")
+            batch[CROP_FEATURES] = self.image_memory.batch_features(pixel_values, batch["tile_mask"])
         return {k: v.to(self.device) for k, v in batch.items() if k in (*MODEL_INPUT_NAMES, CROP_FEATURES)}
 
     def _generation_options(
@@ -230,9 +242,12 @@ class PaLlava:
             # the image is tiled and encoded once; every candidate reads the same features
             pixels = self.processor.image_processor([image])
             tile_mask = pixels["tile_mask"].to(self.device)
-            features = self.model.encode_crops(
-                pixels["pixel_values"].to(self.device), self.model.tiles_to_encode(tile_mask)
-            )
+            if self.image_memory is not None:
+                features = self.image_memory.batch_features(pixels["pixel_values"], pixels["tile_mask"])
+            else:
+                features = self.model.encode_crops(
+                    pixels["pixel_values"].to(self.device), self.model.tiles_to_encode(tile_mask)
+                )
             inputs.update(
                 {
                     CROP_FEATURES: features.expand(len(answers), *features.shape[1:]),

@@ -41,6 +41,7 @@ class Backbone:
 
 
 BACKBONES = {"efficientnet-lite0": Backbone(channels=1280, stride=32, mean=0.498, std=0.502)}
+SCALES = "pretrained_stem_scales"  # the vision config's field: which of the backbone's maps the stem reads
 
 
 def _efficientnet(name: str) -> nn.Module:
@@ -94,7 +95,7 @@ class _FoldedConv:
 
 def _folded_trunk(trunk: nn.ModuleDict) -> list:
     """The trunk as a list of steps: `_FoldedConv`s, and ("block", convs, residual) for each MBConv block."""
-    steps = [_FoldedConv(trunk["conv_stem"], trunk["bn0"], relu6=True)]
+    steps: list = [_FoldedConv(trunk["conv_stem"], trunk["bn0"], relu6=True)]
     for block in trunk["blocks"]:
         if block.has_se:  # pragma: no cover - the Lite models have no squeeze-and-excitation
             raise ValueError("pretrained_stem: squeeze-and-excitation blocks are not supported")
@@ -108,6 +109,27 @@ def _folded_trunk(trunk: nn.ModuleDict) -> list:
         steps.append(("block", convs, residual))
     steps.append(_FoldedConv(trunk["conv_head"], trunk["bn1"], relu6=True))
     return steps
+
+
+def _scale_taps(trunk: nn.ModuleDict, strides: tuple[int, ...]) -> dict[int, tuple[int, int]]:
+    """For each stride asked for below the last: (index of the trunk step that ends that stride's maps, its
+    channels). The last map (the head's) is always read."""
+
+    def block_stride(block) -> int:  # the package gives a stage's first stride as a one-item list
+        value = block._block_args.stride
+        return int(value[0] if isinstance(value, list | tuple) else value)
+
+    taps, stride = {}, 2  # the stem convolution halves the image
+    blocks = list(trunk["blocks"])
+    for index, block in enumerate(blocks):
+        stride *= block_stride(block)
+        following = block_stride(blocks[index + 1]) if index + 1 < len(blocks) else 2
+        if stride in strides and following != 1:  # the last block at this stride
+            taps[stride] = (index + 1, block._block_args.output_filters)  # step 0 is the stem convolution
+    missing = sorted(set(strides) - set(taps))
+    if missing:
+        raise ValueError(f"{SCALES}: the backbone has no map at stride(s) {missing}")
+    return taps
 
 
 class PretrainedStem(nn.Module):
@@ -139,7 +161,18 @@ class PretrainedStem(nn.Module):
         _freeze_batch_norms(self.trunk)
         self._steps = _folded_trunk(self.trunk)
         self.trunk.requires_grad_(False)
-        self.projection = nn.Conv2d(backbone.channels, config.hidden_size, kernel_size=1)
+        # Finer maps of the backbone beside its last one (`pretrained_stem_scales` in the vision config, e.g.
+        # [16, 32]): each average-pooled to the last map's grid and stacked on its channels.
+        scales = tuple(sorted(set(getattr(config, SCALES, None) or [backbone.stride])))
+        if scales[-1] != backbone.stride:
+            raise ValueError(
+                f"{SCALES} {list(scales)}: must end on the backbone's last stride {backbone.stride} "
+                "(its last map is always read)"
+            )
+        self.stride = backbone.stride
+        self._taps = _scale_taps(self.trunk, scales[:-1])
+        channels = backbone.channels + sum(tap_channels for _, tap_channels in self._taps.values())
+        self.projection = nn.Conv2d(channels, config.hidden_size, kernel_size=1)
         # CLIP-normalised pixels p = (x - m) / s back to the backbone's own scaling, as one affine map
         # (saved with the weights: a tower loaded from disk is built on the meta device, buffers and all).
         clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
@@ -159,7 +192,8 @@ class PretrainedStem(nn.Module):
         return self
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's last feature map (N, channels, H/s, W/s)."""
+        """The frozen backbone's last feature map (N, channels, H/s, W/s), after the pooled finer maps asked
+        for (`pretrained_stem_scales`) on the channel axis."""
         x = pixels.float() * self.input_scale + self.input_shift
         # On a CPU that computes bf16 natively the backbone runs in bf16 even where the caller runs in fp32
         # (the assistant's training, the slide tools): 3x faster there (11-15 against 36 ms an image at 224 px
@@ -169,16 +203,21 @@ class PretrainedStem(nn.Module):
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext():
             # channels-last runs the depthwise convolutions about 1.4x faster on a CPU
             x = x.contiguous(memory_format=torch.channels_last)
-            for step in self._steps:  # no drop-connect: the frozen backbone computes the same every time
+            finer = {index: stride for stride, (index, _) in self._taps.items()}
+            maps = []
+            for index, step in enumerate(self._steps):  # no drop-connect: the frozen backbone is fixed
                 if isinstance(step, _FoldedConv):
                     x = step(x)
-                    continue
-                _, convs, residual = step
-                block_input = x
-                for conv in convs:
-                    x = conv(x)
-                if residual:
-                    x = x + block_input
+                else:
+                    _, convs, residual = step
+                    block_input = x
+                    for conv in convs:
+                        x = conv(x)
+                    if residual:
+                        x = x + block_input
+                if index in finer:
+                    maps.append(F.avg_pool2d(x, self.stride // finer[index]))
+            x = torch.cat([*maps, x], dim=1) if maps else x
         return x.float().contiguous()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pallava import __version__
 from pallava.inference import Completion, PaLlava
+from pallava.models.image_features import pixel_key
 from pallava.processing.image import TiledImage
 from pallava.processing.loading import DEFAULT_MAX_PIXELS, ImageTooLargeError
 from pallava.serve.engine import (
@@ -34,7 +35,6 @@ from pallava.serve.engine import (
     JobCancelled,
     time_limit_error,
 )
-from pallava.serve.image_features import pixel_key
 from pallava.serve.images import load_request_image
 from pallava.serve.protocol import APIError, ChatCompletionRequest, error_body, request_model, to_conversation
 from pallava.serve.server import BackgroundServer, ClientWatch, RequestGuard, uvicorn_config

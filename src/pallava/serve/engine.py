@@ -32,11 +32,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from pallava.allocator import release_memory
 from pallava.inference import Completion, PaLlava
+from pallava.models.image_features import ImageFeatureCache
 from pallava.processing.image import TiledImage
 from pallava.processing.processor import CROP_FEATURES
 from pallava.serve.continuous import ContinuousBatch
 from pallava.serve.decode_threads import DecodeThreads
-from pallava.serve.image_features import ImageFeatureCache
 from pallava.serve.jobs import (
     EngineUnavailable,
     GenerationOptions,

@@ -51,6 +51,7 @@ VISION_FIELDS = (
     "conv_stem",  # a convolutional stem instead of the patch projection (models/vision_tower.py)
     "conv_stem_blocks",  # residual blocks after each of the stem's stride-2 convolutions but the first
     "pretrained_stem",  # a frozen ImageNet backbone as the stem (models/pretrained_stem.py)
+    "pretrained_stem_scales",  # its maps the stem reads, by stride: [32] (default) or e.g. [16, 32]
 )
 DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
 _TEXT_LAYERS: dict[str, int | None] = {"tiny": 2, "paper": None}
