@@ -25,7 +25,7 @@ from pallava.processing.image import TiledImage
 
 def crops_key(pixel_values: torch.Tensor) -> str:
     """A digest of one image's crops as tiled and normalised ((1+T, 3, S, S), shape included)."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha1(usedforsecurity=False)  # a content key, not a security one: twice blake2b's speed
     digest.update(f"{tuple(pixel_values.shape)}:{pixel_values.dtype}:".encode())
     digest.update(pixel_values.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -75,24 +75,37 @@ class ImageFeatureCache:
         pixel_values: torch.Tensor,
         tile_mask: torch.Tensor,
     ) -> torch.Tensor:
-        encoded = self.model.tiles_to_encode(tile_mask)
-        known = [key is not None and key in self._features for key in keys]
-        unseen = [i for i, hit in enumerate(known) if not hit]
-        fresh = iter(())  # the unseen images' features, in their order
+        """Rows of remembered keys from memory; each other key once through the tower, however often it
+        recurs in the batch (an evaluation batches several questions about one image); unkeyed rows always."""
+        rows: dict[str, torch.Tensor] = {}  # this batch's features by key, read before any eviction
+        for key in keys:
+            if key is not None and key in self._features and key not in rows:
+                self._features.move_to_end(key)
+                rows[key] = self._features[key]
+        first: dict[str, int] = {}
+        unseen = []
+        for i, key in enumerate(keys):
+            if key is None or (key not in rows and key not in first):
+                unseen.append(i)
+                if key is not None:
+                    first[key] = i
+        fresh: dict[int, torch.Tensor] = {}
         if unseen:
-            rows, device = torch.tensor(unseen), self.model.device
-            fresh = iter(self.model.encode_crops(pixel_values[rows].to(device), encoded[rows].to(device)))
+            index, device = torch.tensor(unseen), self.model.device
+            encoded = self.model.tiles_to_encode(tile_mask)[index].to(device)
+            features = self.model.encode_crops(pixel_values[index].to(device), encoded)
+            fresh = dict(zip(unseen, features, strict=True))
         features = None
         for i, key in enumerate(keys):
-            if known[i]:
-                self._features.move_to_end(key)
-                row = self._features[key]
-                self.hits += 1
-            else:
-                row = next(fresh)[: sizes[i]]
+            if i in fresh:
+                row = fresh[i][: sizes[i]]
                 self.misses += 1
                 if key is not None:
+                    rows[key] = row
                     self._remember(key, row.clone())
+            else:
+                row = rows[key]
+                self.hits += 1
             if features is None:
                 features = row.new_zeros(len(keys), pixel_values.shape[1], *row.shape[1:])
             features[i, : row.shape[0]] = row
