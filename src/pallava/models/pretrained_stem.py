@@ -93,9 +93,23 @@ class _FoldedConv:
         return F.relu6(x, inplace=True) if self.relu6 else x
 
 
-def _folded_trunk(trunk: nn.ModuleDict) -> list:
-    """The trunk as a list of steps: `_FoldedConv`s, and ("block", convs, residual) for each MBConv block."""
-    steps: list = [_FoldedConv(trunk["conv_stem"], trunk["bn0"], relu6=True)]
+class _FoldedBlock:
+    """One MBConv block of folded convolutions (expand, depthwise, project), added to its input where the
+    package's block adds it (stride 1, as many channels out as in)."""
+
+    def __init__(self, convs: list[_FoldedConv], residual: bool) -> None:
+        self.convs, self.residual = convs, residual
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for conv in self.convs:
+            out = conv(out)
+        return out + x if self.residual else out
+
+
+def _folded_trunk(trunk: nn.ModuleDict) -> list[_FoldedConv | _FoldedBlock]:
+    """The trunk as steps, each a callable: the stem convolution, every block, the head convolution."""
+    steps: list[_FoldedConv | _FoldedBlock] = [_FoldedConv(trunk["conv_stem"], trunk["bn0"], relu6=True)]
     for block in trunk["blocks"]:
         if block.has_se:  # pragma: no cover - the Lite models have no squeeze-and-excitation
             raise ValueError("pretrained_stem: squeeze-and-excitation blocks are not supported")
@@ -104,9 +118,9 @@ def _folded_trunk(trunk: nn.ModuleDict) -> list:
             convs.append(_FoldedConv(block._expand_conv, block._bn0, relu6=True))
         convs.append(_FoldedConv(block._depthwise_conv, block._bn1, relu6=True))
         convs.append(_FoldedConv(block._project_conv, block._bn2, relu6=False))
-        args = block._block_args
+        args = block._block_args  # the package's own test, word for word
         residual = args.id_skip and args.stride == 1 and args.input_filters == args.output_filters
-        steps.append(("block", convs, residual))
+        steps.append(_FoldedBlock(convs, residual))
     steps.append(_FoldedConv(trunk["conv_head"], trunk["bn1"], relu6=True))
     return steps
 
@@ -206,15 +220,7 @@ class PretrainedStem(nn.Module):
             finer = {index: stride for stride, (index, _) in self._taps.items()}
             maps = []
             for index, step in enumerate(self._steps):  # no drop-connect: the frozen backbone is fixed
-                if isinstance(step, _FoldedConv):
-                    x = step(x)
-                else:
-                    _, convs, residual = step
-                    block_input = x
-                    for conv in convs:
-                        x = conv(x)
-                    if residual:
-                        x = x + block_input
+                x = step(x)
                 if index in finer:
                     maps.append(F.avg_pool2d(x, self.stride // finer[index]))
             x = torch.cat([*maps, x], dim=1) if maps else x
