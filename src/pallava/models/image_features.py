@@ -82,13 +82,13 @@ class ImageFeatureCache:
             if key is not None and key in self._features and key not in rows:
                 self._features.move_to_end(key)
                 rows[key] = self._features[key]
-        first: dict[str, int] = {}
+        pending: set[str] = set()  # keys this batch encodes, at their first row
         unseen = []
         for i, key in enumerate(keys):
-            if key is None or (key not in rows and key not in first):
+            if key is None or (key not in rows and key not in pending):
                 unseen.append(i)
                 if key is not None:
-                    first[key] = i
+                    pending.add(key)
         fresh: dict[int, torch.Tensor] = {}
         if unseen:
             index, device = torch.tensor(unseen), self.model.device

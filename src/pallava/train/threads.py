@@ -58,6 +58,11 @@ def apply_cpu_threads(threads: int | str | None, device: torch.device | str = "c
     }
 
 
+def _core_share(processes: int) -> int:
+    """One process's share of the machine's cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
 def thread_governor(
     threads: int | str | None, device: torch.device | str = "cpu", processes: int = 1
 ) -> ThreadGovernor | None:
@@ -65,7 +70,7 @@ def thread_governor(
     and one thread); None for any other setting or device, or when the share is one thread anyway."""
     if threads != AUTO or torch.device(device).type != "cpu":
         return None
-    share = max(1, (os.cpu_count() or 1) // max(1, processes))
+    share = _core_share(processes)
     return ThreadGovernor([share, 1]) if share > 1 else None
 
 
@@ -78,7 +83,7 @@ def encoding_threads(device: torch.device | str = "cpu", processes: int = 1) -> 
     if torch.device(device).type != "cpu":
         yield before
         return
-    share = max(1, (os.cpu_count() or 1) // max(1, processes))
+    share = _core_share(processes)
     torch.set_num_threads(share)
     try:
         yield share
