@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import tiny_config
 from pallava.processing.processor import IGNORE_INDEX
+from pallava.train.packing import answers_in
 from pallava.train.trainer import AssistantTask
 
 
@@ -81,7 +82,12 @@ def test_sample_average_divides_by_the_samples_whose_answer_survived():
     labels = torch.full((3, 10), IGNORE_INDEX)
     labels[0, 6:9] = 5  # an answer
     labels[2, 8:10] = 7  # another; row 1 lost its answer to truncation
-    batch = {"labels": labels, "num_samples": 3, "num_label_tokens": 5}
+    batch = {
+        "labels": labels,
+        "num_samples": 3,
+        "num_label_tokens": 5,
+        "num_answers": answers_in(labels, None),
+    }
     for average, expected in (("sample", 2.0), ("token", 5.0)):
         task = SimpleNamespace(recipe=SimpleNamespace(train=SimpleNamespace(loss_average=average)))
         assert AssistantTask.weight(task, batch) == expected

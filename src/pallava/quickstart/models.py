@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pallava.quickstart.runner import StepRunner
-from pallava.quickstart.settings import ASSISTANT_BATCH, CONFIGS, STAGE2_QUESTIONS
+from pallava.quickstart.settings import ASSISTANT_BATCH, CONFIGS, INSTRUCT_ROWS, STAGE2_QUESTIONS, per_process
 
 
 class ModelSteps(StepRunner):
@@ -73,11 +73,12 @@ class ModelSteps(StepRunner):
             data / "stage2.jsonl",
         )
         if self.s.smoke:
-            sizing = ["train.max_steps=2", "train.batch_size=4"]
+            sizing = instruct_sizing = ["train.max_steps=2", "train.batch_size=4"]
         elif self.s.processes > 1:  # the same global batch over the processes
-            sizing = [f"train.batch_size={ASSISTANT_BATCH // self.s.processes}"]
+            sizing = [f"train.batch_size={per_process(ASSISTANT_BATCH, self.s.processes)}"]
+            instruct_sizing = [f"train.batch_size={per_process(INSTRUCT_ROWS, self.s.processes)}"]
         else:
-            sizing = []
+            sizing = instruct_sizing = []
         recipe = CONFIGS / "assistant-tiny.yaml"
         vision = f"model.vision_path={self.out / 'plip-vision'}"
         self.run_command(
@@ -106,7 +107,7 @@ class ModelSteps(StepRunner):
             self.out / "assistant-align",
             "--out",
             self.out / "assistant",
-            *sizing,
+            *instruct_sizing,
             *([] if self.s.smoke else [f"data.limit={STAGE2_QUESTIONS}"]),
             *self.s.train_overrides,
         )

@@ -26,8 +26,16 @@ STAGE2_QUESTIONS = 36_000
 SLIDES = {"train": (150, 25, 75), "dev": (30, 50, 150)}  # split -> (slides, fewest tiles, most tiles)
 SMOKE_SLIDES = {"train": (3, 8, 12), "dev": (3, 8, 12)}
 
-# The assistant recipe's global batch: split evenly over the data-parallel processes.
+# The assistant recipe's global batches, split over the data-parallel processes: stage align's samples, and
+# stage instruct's rows of up to 4 questions about one image (configs/assistant-tiny.yaml; 4 processes take 2
+# rows each).
 ASSISTANT_BATCH = 16
+INSTRUCT_ROWS = 6
+
+
+def per_process(global_batch: int, processes: int) -> int:
+    """A global batch's share of one process: the nearest whole number, at least 1."""
+    return max(1, round(global_batch / processes))
 
 
 @dataclass

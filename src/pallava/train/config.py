@@ -58,6 +58,7 @@ class DataSection:
     weights: dict | None = None  # dataset name -> sampling weight, replacing the balance mode's weight
     balance_labels: bool = False  # repeat each dataset's smaller classes up to its largest (meta.label)
     overlong: str = "truncate"  # samples over the processor's max_length: truncate (as the authors) | drop
+    pack_questions: int = 1  # up to this many questions about one image in one row (train/packing.py)
 
 
 @dataclass
@@ -233,6 +234,8 @@ class Recipe:
             )
         if self.train.loss_average not in ("token", "sample"):
             raise ValueError(f"train.loss_average must be token or sample, got {self.train.loss_average!r}")
+        if self.data.pack_questions < 1:
+            raise ValueError(f"data.pack_questions must be at least 1, got {self.data.pack_questions}")
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")

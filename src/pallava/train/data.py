@@ -38,6 +38,7 @@ from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
 from pallava.processing.stain_mix import StainBank
 from pallava.train.config import AugmentSection, DataSection
 from pallava.train.feature_cache import FeatureCache
+from pallava.train.packing import Pack, answers_in, encode_rows, sample_row
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Sample:
     dataset: str | None = None  # provenance: the dataset it came from
     label: str | None = None  # its image's class, where the record names one (`meta.label`)
     view: int = 0  # which view of its image it sees: 0 the original, k > 0 augmented view k
+    pack: Pack | None = None  # several questions about this image in one row (`train.packing`)
 
     @property
     def image_source(self) -> str | bytes | None:
@@ -282,11 +284,14 @@ class Collator:
         cache: FeatureCache | None = None,
         image_keys: Sequence[str | None] | None = None,
         views: ViewMaker | None = None,
+        packed: bool = False,
     ) -> None:
         if cache is not None and image_keys is None:
             raise ValueError("a feature cache needs the samples' image keys")
         self.processor, self.samples, self.cache, self.image_keys = processor, samples, cache, image_keys
         self.views = views  # how the augmented views are made, when samples use them
+        # Samples packed by image (`train.packing`): rows carry positions, segments and a 4-D mask.
+        self.packed = packed
 
     def _image(self, sample: Sample) -> ImageSource:
         if sample.view and self.views is not None:
@@ -294,18 +299,26 @@ class Collator:
         return sample.image_source
 
     def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
-        """Model inputs of the samples at `indices`, plus `num_label_tokens`, `num_samples` and `truncated`
+        """Model inputs of the samples at `indices`, plus `num_label_tokens`, `num_samples` (questions: a
+        pack counts its members), `num_answers` (those whose answer survived truncation) and `truncated`
         (the ids of samples cut to the processor's `max_length`, as the authors do)."""
         chosen = [self.samples[i] for i in indices]
         encoded, truncated = [], []
         try:
             for sample in chosen:
+                if sample.pack is not None:  # encoded when packed, within max_length
+                    encoded.append(([], []))
+                    continue
                 ids, labels = self._encode(sample)
                 if len(ids) > self.processor.max_length:
                     ids, labels = self.processor.truncate(ids, labels)
                     truncated.append(sample.id)
                 encoded.append((ids, labels))
-            batch = self.processor.pad(encoded)
+            if self.packed:
+                rows = [sample_row(s, ids, labels) for s, (ids, labels) in zip(chosen, encoded, strict=True)]
+                batch = encode_rows(rows, self.processor.pad_id)
+            else:
+                batch = self.processor.pad(encoded)
             if self.cache is not None:
                 keys = [self.image_keys[i] for i in indices if self.image_keys[i] is not None]
                 if keys:
@@ -318,7 +331,8 @@ class Collator:
         except ValueError as error:
             raise ValueError(f"batch of samples {[s.id for s in chosen]}: {error}") from None
         batch["num_label_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        batch["num_samples"] = len(chosen)
+        batch["num_samples"] = sum(len(s.pack.members) if s.pack else 1 for s in chosen)
+        batch["num_answers"] = answers_in(batch["labels"], batch.get("segment_ids"))
         batch["truncated"] = truncated
         return batch
 

@@ -51,11 +51,13 @@ from pallava.train.loop import (
     TrainingLoop,
 )
 from pallava.train.optim import apply_trainable, assistant_warmup_steps, build_optimizer
+from pallava.train.packing import answer_groups, pack_questions
 
 RECIPE_FILE = checkpoints.RECIPE_FILE
 HISTORY_FILE = "training_history.json"
 SUMMARY_FILE = "run_summary.json"
-MODEL_INPUTS = (*MODEL_INPUT_NAMES, CROP_FEATURES)  # cached crop features stand in for pixel_values
+# cached crop features stand in for pixel_values; packed rows (train/packing.py) bring their positions
+MODEL_INPUTS = (*MODEL_INPUT_NAMES, CROP_FEATURES, "position_ids")
 
 __all__ = ["AssistantTask", "build_model", "train"]
 
@@ -200,10 +202,14 @@ class AssistantTask(Task):
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
         if not per_sample:
             return losses.sum()
-        rows = predicts.nonzero()[:, 0]  # the sample of each kept position, in the same (row-major) order
-        per_row = torch.zeros(labels.shape[0], device=device).index_add(0, rows, losses)
-        counts = predicts.sum(dim=1)
-        return (per_row[counts > 0] / counts[counts > 0]).sum()
+        if not losses.numel():
+            return losses.sum()
+        # the answer of each kept position (its row, or its row and segment in a pack), row-major as `losses`
+        segments = batch.get("segment_ids")
+        answers = answer_groups(predicts[:, :-1], None if segments is None else segments.to(device))
+        _, answers = answers.unique(return_inverse=True)
+        per_answer = torch.zeros(int(answers.max()) + 1, device=device).index_add(0, answers, losses)
+        return (per_answer / torch.bincount(answers)).sum()
 
     # --- over-long samples --------------------------------------------------------------------------
     def _fitting_samples(
@@ -289,6 +295,13 @@ class AssistantTask(Task):
         self.views = ViewMaker.for_samples(recipe.augment, recipe.data.seed, samples)
         if self.views.stains is not None:
             accelerator.print(self.views.stains.summary())
+        self.fixed = self._fixed_samples(samples, recipe.logging.num_samples, processor)
+        questions, per_pack = len(samples), recipe.data.pack_questions
+        samples = pack_questions(samples, per_pack, processor, recipe.data.seed)
+        if per_pack > 1:
+            accelerator.print(
+                f"{questions} questions in {len(samples)} rows (up to {per_pack} about one image a row)"
+            )
         per_epoch = steps_per_epoch(len(samples), run.batch_size, accelerator.num_processes, run.grad_accum)
         total_steps = run.max_steps or run.epochs * per_epoch
         accelerator.print(
@@ -306,9 +319,8 @@ class AssistantTask(Task):
         cache, keys = None, None
         if recipe.feature_cache.enabled:
             cache, keys = self._feature_cache(accelerator, model, processor, samples)
-        self.collator = Collator(processor, samples, cache, keys, views=self.views)
+        self.collator = Collator(processor, samples, cache, keys, views=self.views, packed=per_pack > 1)
         self.processor, self.num_samples = processor, len(samples)
-        self.fixed = self._fixed_samples(samples, recipe.logging.num_samples, processor)
         model.train()
         optimizer = build_optimizer(model, recipe.optim)
         return Plan(
@@ -332,8 +344,8 @@ class AssistantTask(Task):
         )
 
     def weight(self, batch: dict[str, Any]) -> float:
-        if self.recipe.train.loss_average == "sample":  # the samples whose answer survived truncation
-            return float((batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1).sum())
+        if self.recipe.train.loss_average == "sample":  # the answers that survived truncation
+            return float(batch["num_answers"])
         return float(batch["num_label_tokens"])
 
     def loss(self, model, batch: dict[str, Any], step: int) -> MicroLoss:
