@@ -19,14 +19,15 @@ import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pallava.processing.processor import IGNORE_INDEX, PaLlavaProcessor
 
-if TYPE_CHECKING:
-    from pallava.train.data import Sample
+# The samples here are `train.data.Sample`s (which hold a `Pack`): typed loosely so that the data module can
+# import this one without a cycle.
+Sample = Any
 
 PAD_SEGMENT = -1  # padding: attends to itself only
 PREFIX_SEGMENT = 0  # the shared prefix, and the whole of an unpacked row
