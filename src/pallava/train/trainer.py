@@ -189,10 +189,10 @@ class AssistantTask(Task):
     def _token_loss_sum(
         model, batch: dict[str, Any], device: torch.device, per_sample: bool = False
     ) -> torch.Tensor:
-        """Summed cross-entropy of the answer tokens; with `per_sample`, the sum over samples of each
-        sample's mean over its own answer tokens. Logits are computed only where a label follows
-        (`logits_to_keep` as a boolean mask): the prompt and image positions, most of a sequence, never
-        reach the vocabulary projection."""
+        """Summed cross-entropy of the answer tokens; with `per_sample`, the sum over answers (a sample's, or
+        one segment of a packed row) of each answer's mean over its own tokens. Logits are computed only
+        where a label follows (`logits_to_keep` as a boolean mask): the prompt and image positions, most of a
+        sequence, never reach the vocabulary projection."""
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
         labels = batch["labels"].to(device)
         predicts = torch.zeros_like(labels, dtype=torch.bool)
