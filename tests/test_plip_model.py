@@ -80,14 +80,16 @@ def test_itm_cross_attends_to_the_image(plip):
         model.itm_logits(image_tokens[:1], tokens["input_ids"], tokens["attention_mask"])
 
 
-def test_matching_scores_are_each_classs_mean_match_log_odds_in_any_batching(plip):
+def test_matching_scores_are_each_classs_mean_match_log_odds_in_any_batching(plip, monkeypatch):
     """`match_scores` pairs every image with every prompt of a class (however the pairs are batched) and
     averages the ITM head's match-minus-no-match logits; `classify_images` by the matching head labels each
-    image with the class of the highest score."""
+    image with the class of the highest score. In fp32 here (a CPU without native bf16)."""
     from pallava.data.labels import LabelMap
+    from pallava.models.plip import zeroshot
     from pallava.models.plip.prompts import class_prompts
     from pallava.models.plip.zeroshot import classify_images, classify_tokens
 
+    monkeypatch.setattr(zeroshot, "this_cpu_computes_bf16", lambda: False)
     model, tokenizer = plip
     zs = PlipZeroShot(model, tokenizer)
     pixels = _pixels(3, seed=2)
@@ -125,6 +127,39 @@ def test_matching_scores_are_each_classs_mean_match_log_odds_in_any_batching(pli
         direct_labels, direct = classify_images(zs, images, label_map, head=head)
         shared_labels, shared = classify_tokens(zs, tokens, label_map, head=head)
         assert shared_labels == direct_labels and np.allclose(shared, direct, atol=1e-5)
+
+
+def test_matching_scores_run_in_bf16_where_the_cpu_computes_it_close_to_fp32(plip, monkeypatch):
+    """On a CPU with native bf16 the matching head runs under bf16 autocast (as PLIP trains there); its
+    scores stay within bf16's rounding of fp32's. A caller's own autocast is left as it is."""
+    from pallava.models.plip import zeroshot
+
+    model, tokenizer = plip
+    zs = PlipZeroShot(model, tokenizer)
+    classes = [["benign lung tissue", "normal lung"], ["lung adenocarcinoma", "an H&E image of a gland"]]
+    with torch.no_grad():
+        tokens = model.image_tokens(_pixels(4, seed=3))
+    seen = []
+    itm_logits = model.itm_logits
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return itm_logits(*args, **kwargs)
+
+    monkeypatch.setattr(model, "itm_logits", recording)
+    monkeypatch.setattr(zeroshot, "this_cpu_computes_bf16", lambda: False)
+    fp32 = zs.match_scores(tokens, classes)
+    assert seen and set(seen) == {None}
+    seen.clear()
+    monkeypatch.setattr(zeroshot, "this_cpu_computes_bf16", lambda: True)
+    bf16 = zs.match_scores(tokens, classes)
+    assert seen and set(seen) == {torch.bfloat16}
+    spread = float(fp32.abs().max())
+    torch.testing.assert_close(bf16, fp32, atol=0.03 * spread + 1e-3, rtol=0)
+    seen.clear()
+    with torch.autocast("cpu", torch.float16):  # the caller's choice stands
+        zs.match_scores(tokens, classes)
+    assert set(seen) == {torch.float16}
 
 
 def test_save_load_round_trip_gives_identical_features(plip, saved, crc_images):

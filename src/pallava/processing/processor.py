@@ -185,6 +185,7 @@ class PaLlavaProcessor(ProcessorMixin):
             EOT: self.eot_id,
         }
         self._special_split = re.compile("(" + "|".join(map(re.escape, [*self._special_ids, IMAGE])) + ")")
+        self._headers: dict[str, list[int]] = {}  # role -> header ids: three tokenizer calls saved a turn
 
     # --- transformers plumbing ----------------------------------------------------------------------
     @property
@@ -244,12 +245,14 @@ class PaLlavaProcessor(ProcessorMixin):
         return ids
 
     def _header(self, role: str) -> list[int]:
-        return [
-            self.start_header_id,
-            *self.tokenizer.encode(role, add_special_tokens=False),
-            self.end_header_id,
-            *self.tokenizer.encode("\n\n", add_special_tokens=False),
-        ]
+        if role not in self._headers:
+            self._headers[role] = [
+                self.start_header_id,
+                *self.tokenizer.encode(role, add_special_tokens=False),
+                self.end_header_id,
+                *self.tokenizer.encode("\n\n", add_special_tokens=False),
+            ]
+        return list(self._headers[role])
 
     def encode_conversation(
         self, conversation: Sequence[Turn], add_generation_prompt: bool = False

@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 
 from pallava.quickstart.runner import StepRunner
-from pallava.quickstart.settings import ASSISTANT_BATCH, CONFIGS, INSTRUCT_ROWS, STAGE2_QUESTIONS, per_process
+from pallava.quickstart.settings import (
+    ASSISTANT_BATCH,
+    CONFIGS,
+    INSTRUCT_ROWS,
+    STAGE2_QUESTIONS,
+    SUITE_BATCH,
+    per_process,
+)
 
 
 class ModelSteps(StepRunner):
@@ -142,7 +149,9 @@ class ModelSteps(StepRunner):
                 }
             )
         suite = suite_from_dict(
-            {"settings": {"seed": self.s.seed}, "benchmarks": benchmarks}, self.out, source="quickstart suite"
+            {"settings": {"seed": self.s.seed, "batch_size": SUITE_BATCH}, "benchmarks": benchmarks},
+            self.out,
+            source="quickstart suite",
         )
         print(
             f"\n$ pallava eval suite --model {self.out / 'assistant'} --plip {self.out / 'plip'} "

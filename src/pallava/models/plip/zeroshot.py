@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pallava.cpu import this_cpu_computes_bf16
 from pallava.data.labels import LabelMap
 from pallava.files import read_json_object
 from pallava.models.plip.configuration_plip import PlipConfig
@@ -157,25 +159,44 @@ class PlipZeroShot:
         match log-odds (logit "match" minus logit "no match"). The head cross-attends to every image token,
         where the contrastive embedding is one pooled vector; it costs a text pass per image and prompt.
         `max_pairs` image-prompt pairs go through at once: on two CPU cores 256 ran 10,800 pairs in 14.5 s
-        with 180 MB more memory, 2048 in 22.3 s with 1.3 GB more."""
+        with 180 MB more memory, 2048 in 22.3 s with 1.3 GB more.
+
+        On a CPU that computes bf16 natively the pairs run in bf16, as PLIP trains there: 4.0 s against 8.5 s
+        for oral mucosa's 68 dev images (4,080 pairs), the same verdicts, log-odds within 0.01 (a test
+        checks them against fp32)."""
         if not class_texts or any(len(texts) == 0 for texts in class_texts):
             raise ValueError("class_texts: every class needs at least one prompt")
         dtype = self.model.vision_proj.weight.dtype
         scores = torch.empty(len(image_tokens), len(class_texts))
-        for column, texts in enumerate(class_texts):
-            tokens = self._tokenize(texts)
-            per_batch = max(1, max_pairs // len(texts))
-            for start in range(0, len(image_tokens), per_batch):
-                images = image_tokens[start : start + per_batch].to(self.device, dtype)
-                pairs = images.repeat_interleave(len(texts), dim=0)  # image-major: (B * prompts, 1+P, width)
-                logits = self.model.itm_logits(
-                    pairs,
-                    tokens["input_ids"].repeat(len(images), 1),
-                    tokens["attention_mask"].repeat(len(images), 1),
-                ).float()
-                log_odds = (logits[:, 1] - logits[:, 0]).view(len(images), len(texts))
-                scores[start : start + len(images), column] = log_odds.mean(dim=1).cpu()
+        bf16 = (
+            self.device.type == "cpu"
+            and dtype == torch.float32
+            and this_cpu_computes_bf16()
+            and not torch.is_autocast_enabled("cpu")
+        )
+        with torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext():
+            for column, texts in enumerate(class_texts):
+                scores[:, column] = self._match_column(image_tokens, texts, max_pairs, dtype)
         return scores
+
+    def _match_column(
+        self, image_tokens: torch.Tensor, texts: Sequence[str], max_pairs: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(N,) one class's mean match log-odds over its prompts."""
+        column = torch.empty(len(image_tokens))
+        tokens = self._tokenize(texts)
+        per_batch = max(1, max_pairs // len(texts))
+        for start in range(0, len(image_tokens), per_batch):
+            images = image_tokens[start : start + per_batch].to(self.device, dtype)
+            pairs = images.repeat_interleave(len(texts), dim=0)  # image-major: (B * prompts, 1+P, width)
+            logits = self.model.itm_logits(
+                pairs,
+                tokens["input_ids"].repeat(len(images), 1),
+                tokens["attention_mask"].repeat(len(images), 1),
+            ).float()
+            log_odds = (logits[:, 1] - logits[:, 0]).view(len(images), len(texts))
+            column[start : start + len(images)] = log_odds.mean(dim=1).cpu()
+        return column
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
