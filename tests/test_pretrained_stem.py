@@ -90,6 +90,33 @@ def test_the_backbone_keeps_a_callers_bf16_autocast(fresh_tower, monkeypatch):
     assert set(under_autocast) == set(seen) == {torch.bfloat16}
 
 
+def test_a_large_batch_goes_through_the_backbone_in_small_passes_with_each_images_features(
+    fresh_tower, monkeypatch
+):
+    """Batches over `CHUNK` images are split (their early maps then stay in the CPU's caches); every image
+    gets the features it gets alone, whichever pass it falls in."""
+    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: False)
+    stem = fresh_tower.embeddings.patch_embedding
+    first_convolution = stem._steps[0]
+    batch_sizes = []
+    original = type(first_convolution).__call__
+
+    def recorded(self, x):
+        if self is first_convolution:
+            batch_sizes.append(len(x))
+        return original(self, x)
+
+    monkeypatch.setattr(type(first_convolution), "__call__", recorded)
+    count = 2 * pretrained_stem.CHUNK + 3
+    x = clip_normalised(images(count, seed=4))
+    with torch.no_grad():
+        together = stem.features(x)
+        assert batch_sizes == [pretrained_stem.CHUNK, pretrained_stem.CHUNK, 3]
+        alone = torch.cat([stem.features(x[i : i + 1]) for i in (0, pretrained_stem.CHUNK, count - 1)])
+    torch.testing.assert_close(together[[0, pretrained_stem.CHUNK, count - 1]], alone, rtol=1e-4, atol=1e-4)
+    assert together.shape == (count, 1280, 7, 7)
+
+
 def test_the_backbone_stays_frozen_while_the_tower_trains():
     torch.manual_seed(0)
     tower = PallavaVisionModel(lite0_config())
