@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from transformers import BertModel, CLIPVisionModel
 
+from pallava import cpu
 from pallava.convert.plip import convert_plip_checkpoint, load_vision_tower
 from pallava.models.plip import PlipConfig, PlipZeroShot, build_plip, export_vision_tower, plip_config
 from pallava.models.plip.pretraining import PlipPretrainer
@@ -85,11 +86,10 @@ def test_matching_scores_are_each_classs_mean_match_log_odds_in_any_batching(pli
     averages the ITM head's match-minus-no-match logits; `classify_images` by the matching head labels each
     image with the class of the highest score. In fp32 here (a CPU without native bf16)."""
     from pallava.data.labels import LabelMap
-    from pallava.models.plip import zeroshot
     from pallava.models.plip.prompts import class_prompts
     from pallava.models.plip.zeroshot import classify_images, classify_tokens
 
-    monkeypatch.setattr(zeroshot, "this_cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: False)
     model, tokenizer = plip
     zs = PlipZeroShot(model, tokenizer)
     pixels = _pixels(3, seed=2)
@@ -132,7 +132,6 @@ def test_matching_scores_are_each_classs_mean_match_log_odds_in_any_batching(pli
 def test_matching_scores_run_in_bf16_where_the_cpu_computes_it_close_to_fp32(plip, monkeypatch):
     """On a CPU with native bf16 the matching head runs under bf16 autocast (as PLIP trains there); its
     scores stay within bf16's rounding of fp32's. A caller's own autocast is left as it is."""
-    from pallava.models.plip import zeroshot
 
     model, tokenizer = plip
     zs = PlipZeroShot(model, tokenizer)
@@ -147,11 +146,11 @@ def test_matching_scores_run_in_bf16_where_the_cpu_computes_it_close_to_fp32(pli
         return itm_logits(*args, **kwargs)
 
     monkeypatch.setattr(model, "itm_logits", recording)
-    monkeypatch.setattr(zeroshot, "this_cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: False)
     fp32 = zs.match_scores(tokens, classes)
     assert seen and set(seen) == {None}
     seen.clear()
-    monkeypatch.setattr(zeroshot, "this_cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: True)
     bf16 = zs.match_scores(tokens, classes)
     assert seen and set(seen) == {torch.bfloat16}
     spread = float(fp32.abs().max())

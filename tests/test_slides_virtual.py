@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from PIL import Image
 from pallava.cli import main
 from pallava.data.importers.manifest import read_manifest
 from pallava.data.labels import LabelMap
+from pallava.slides import pyramid
 from pallava.slides.mapping import TilingOptions, prepare_slide
+from pallava.slides.pyramid import TileCodec, write_pyramid
 from pallava.slides.reader import open_slide
 from pallava.slides.virtual import (
     QUADRANTS,
@@ -21,6 +24,7 @@ from pallava.slides.virtual import (
     list_slides,
     load_truth,
     organ_pools,
+    plan_slide,
     region_rings,
     shoelace,
 )
@@ -67,6 +71,29 @@ def test_openslide_reads_the_pyramid_and_the_slide_grid_lies_on_the_pasted_tiles
             region = np.asarray(slide.read_region_scaled(tile["x"], tile["y"], 224, 224, (224, 224)))
             source = np.asarray(Image.open(tile["image"]).convert("RGB"))
             assert np.array_equal(region, source)  # lossless: the slide holds the real tile's pixels
+
+
+def test_a_build_decodes_each_source_image_once_and_a_bounded_codec_writes_the_same_files(
+    tmp_path, dev_tiles, built, monkeypatch
+):
+    """The slides repeat their pool's images: each is decoded and compressed once per build, however often
+    it recurs; a codec holding a single image (re-encoding nearly every tile) writes the same bytes."""
+    decoded = []
+    read = pyramid._tile_pixels
+    monkeypatch.setattr(pyramid, "_tile_pixels", lambda path, size: decoded.append(path) or read(path, size))
+    label_map = LabelMap.builtin("lc25000-lung")
+    build_virtual_slides(dev_tiles, label_map, 4, tmp_path / "again", seed=3, progress=False, **SMALL)
+    shown = [t["image"] for path in list_slides(built) for t in load_truth(path)["tiles"]]
+    assert len(decoded) == len(set(decoded)) == len(set(shown)) < len(shown)
+
+    plan = plan_slide(random.Random("3:0"), organ_pools(dev_tiles, label_map)[0], 12, 24)
+    levels = write_pyramid(
+        tmp_path / "bounded.tiff", plan["sources"], 224, 0.5, codec=TileCodec(224, capacity=1)
+    )
+    fresh = write_pyramid(tmp_path / "fresh.tiff", plan["sources"], 224, 0.5)
+    assert levels == fresh
+    assert (tmp_path / "bounded.tiff").read_bytes() == (tmp_path / "fresh.tiff").read_bytes()
+    assert (tmp_path / "fresh.tiff").read_bytes() == (built / "slide-0000-lung.tiff").read_bytes()
 
 
 def test_truth_polygons_cover_exactly_the_tumour_tiles_and_labels_come_from_the_manifest(built, dev_tiles):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+
+import torch
 
 
 def cpu_computes_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
@@ -22,3 +25,13 @@ def cpu_computes_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 def this_cpu_computes_bf16() -> bool:
     """`cpu_computes_bf16()` of this machine, read once."""
     return cpu_computes_bf16()
+
+
+def native_bf16_autocast(device: torch.device | str) -> AbstractContextManager:
+    """bf16 autocast for inference-only work on `device` where it pays: a CPU that computes bf16 natively.
+    Elsewhere, and where the caller already runs under CPU autocast (PLIP's bf16 training), nothing changes:
+    the caller's own choice is kept, which `autocast(enabled=False)` would switch off."""
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu and this_cpu_computes_bf16() and not torch.is_autocast_enabled("cpu"):
+        return torch.autocast("cpu", torch.bfloat16)
+    return nullcontext()

@@ -18,14 +18,13 @@ with pallava: nothing is downloaded at run time.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pallava.cpu import this_cpu_computes_bf16
+from pallava.cpu import native_bf16_autocast
 from pallava.models.stem_norm import StemBatchNorm
 from pallava.processing.image import CLIP_MEAN, CLIP_STD
 
@@ -220,8 +219,7 @@ class PretrainedStem(nn.Module):
         # (the assistant's training, the slide tools): 3x faster there (11-15 against 36 ms an image at 224 px
         # on two cores), its features within cosine 0.99 of fp32's (a test checks). A caller's own autocast
         # (PLIP's bf16 training) is kept as it is: `autocast(enabled=False)` would switch it off.
-        bf16 = x.device.type == "cpu" and this_cpu_computes_bf16() and not torch.is_autocast_enabled("cpu")
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext():
+        with torch.no_grad(), native_bf16_autocast(x.device):
             # channels-last runs the depthwise convolutions about 1.4x faster on a CPU
             x = x.contiguous(memory_format=torch.channels_last)
             finer = {index: stride for stride, (index, _) in self._taps.items()}

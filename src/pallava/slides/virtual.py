@@ -5,7 +5,7 @@ organ, with zero, one or two tumour regions (contiguous blobs of one carcinoma c
 inside one quadrant of the tissue so that "where" has one answer). Tiles sit on a grid of `tile` pixels
 at `mpp` microns per pixel with one empty cell of glass around the tissue, so `slide map` / `slide ask`
 tile the slide exactly along the pasted tiles. Written as a pyramidal tiled TIFF (levels at downsamples
-1, 4, 16, ...) that OpenSlide reads as a generic tiled TIFF, plus `<name>.truth.json`.
+1, 4, 16, ...; `slides/pyramid.py`) that OpenSlide reads as a generic tiled TIFF, plus `<name>.truth.json`.
 
 Which classes are benign is read from the label map: `malignant: false`, or, where a map does not say, a
 class whose label ends in `_n` or whose name or synonyms say benign/normal/non-neoplastic. Every other class
@@ -22,17 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
-from PIL import Image
 
 from pallava.data.labels import ClassInfo, LabelMap
 from pallava.data.records import LabelledImage
+from pallava.slides.pyramid import TileCodec, write_pyramid
 
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
-GLASS = 243  # grey level of empty glass (OpenSlide's outside-the-scan white is 255)
 BENIGN_WORDS = ("benign", "normal", "non-neoplastic")
-PYRAMID_STEP = 4
-WRITE_THREADS = 2  # tiles compressed in threads (zlib releases the GIL): 40 slides in 9.5 s against 15.0 s
 
 
 def is_benign(info: ClassInfo) -> bool:
@@ -242,70 +238,6 @@ def shoelace(ring: Sequence[Sequence[float]]) -> float:
 
 
 # --- pixels -------------------------------------------------------------------------------------------
-def _tile_pixels(path: str, size: int) -> np.ndarray:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(image)
-
-
-def write_pyramid(
-    path: Path, sources: np.ndarray, tile: int, mpp: float, min_side: int = 512
-) -> list[tuple[int, int]]:
-    """Write the slide: `sources` is a (rows, cols) object array of image paths (None = glass).
-
-    Level 0 is streamed tile by tile (never held whole); coarser levels are assembled from shrunk tiles.
-    Returns the (width, height) of every level.
-    """
-    rows, cols = sources.shape
-    glass = np.full((tile, tile, 3), GLASS, np.uint8)
-    shrunk: dict[int, list[tuple[int, int, np.ndarray]]] = {}
-    levels, down = [], 1
-    while True:
-        levels.append(down)
-        down *= PYRAMID_STEP
-        if tile // down < 1 or max(rows, cols) * tile // down < min_side:
-            break
-
-    def level0() -> Iterator[np.ndarray]:
-        for r in range(rows):
-            for c in range(cols):
-                pixels = glass if sources[r, c] is None else _tile_pixels(sources[r, c], tile)
-                for down in levels[1:]:
-                    if sources[r, c] is not None:
-                        small = Image.fromarray(pixels).resize((tile // down,) * 2, Image.Resampling.BOX)
-                        shrunk.setdefault(down, []).append((r, c, np.asarray(small)))
-                yield pixels
-
-    dims = []
-    with tifffile.TiffWriter(path, bigtiff=rows * cols * tile * tile * 3 > 2**31) as writer:
-        for index, down in enumerate(levels):
-            resolution = 1e4 / (mpp * down)  # pixels per centimetre
-            options = dict(
-                tile=(tile, tile) if down == 1 else (256, 256),
-                photometric="rgb",
-                compression="zlib",
-                compressionargs={"level": 1},
-                resolution=(resolution, resolution),
-                resolutionunit="CENTIMETER",
-                subfiletype=1 if index else 0,
-                metadata=None,
-                maxworkers=WRITE_THREADS,
-            )
-            if down == 1:
-                writer.write(level0(), shape=(rows * tile, cols * tile, 3), dtype=np.uint8, **options)
-                dims.append((cols * tile, rows * tile))
-                continue
-            side = tile // down
-            image = np.full((rows * side, cols * side, 3), GLASS, np.uint8)
-            for r, c, small in shrunk.get(down, []):
-                image[r * side : (r + 1) * side, c * side : (c + 1) * side] = small
-            writer.write(image, **options)
-            dims.append((cols * side, rows * side))
-    return dims
-
-
 # --- slides -------------------------------------------------------------------------------------------
 def regions_geojson(regions: Sequence[np.ndarray], cell: int, label: str, name: str) -> dict:
     """Tumour regions as a GeoJSON FeatureCollection in level-0 pixels (QuPath annotations)."""
@@ -369,10 +301,17 @@ def plan_slide(
 
 
 def write_slide(
-    plan: dict, pools: OrganPools, label_map: LabelMap, path: Path, tile: int, mpp: float
+    plan: dict,
+    pools: OrganPools,
+    label_map: LabelMap,
+    path: Path,
+    tile: int,
+    mpp: float,
+    codec: TileCodec | None = None,
 ) -> dict:
-    """Write one planned slide (TIFF) and its truth (`<stem>.truth.json`); returns the truth."""
-    levels = write_pyramid(path, plan["sources"], tile, mpp)
+    """Write one planned slide (TIFF) and its truth (`<stem>.truth.json`); returns the truth. `codec`
+    carries encoded tiles over from the earlier slides of a build (`slides/pyramid.py`)."""
+    levels = write_pyramid(path, plan["sources"], tile, mpp, codec=codec)
     centre = tissue_centre(plan["tissue"])
     tumour_label = plan["tumour_label"]
     quadrants = sorted(
@@ -453,14 +392,14 @@ def build_virtual_slides(
     pools = organ_pools(items, label_map)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = []
+    summaries, codec = [], TileCodec(tile)
     for index in tqdm(range(n), desc="virtual slides", unit="slide", disable=not progress):
         organ = pools[index % len(pools)]
         rng = random.Random(f"{seed}:{index}")  # each slide depends only on (seed, index)
         turn = index // len(pools)  # this organ's turn-th slide
         plan = plan_slide(rng, organ, min_tiles, max_tiles, tumour=turn % 2 == 0 if balanced else None)
         path = out / f"slide-{index:04d}-{organ.organ}.tiff"
-        truth = write_slide(plan, organ, label_map, path, tile, mpp)
+        truth = write_slide(plan, organ, label_map, path, tile, mpp, codec)
         summaries.append(
             {
                 key: truth[key]

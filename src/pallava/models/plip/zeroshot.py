@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pallava.cpu import this_cpu_computes_bf16
+from pallava.cpu import native_bf16_autocast
 from pallava.data.labels import LabelMap
 from pallava.files import read_json_object
 from pallava.models.plip.configuration_plip import PlipConfig
@@ -168,13 +168,8 @@ class PlipZeroShot:
             raise ValueError("class_texts: every class needs at least one prompt")
         dtype = self.model.vision_proj.weight.dtype
         scores = torch.empty(len(image_tokens), len(class_texts))
-        bf16 = (
-            self.device.type == "cpu"
-            and dtype == torch.float32
-            and this_cpu_computes_bf16()
-            and not torch.is_autocast_enabled("cpu")
-        )
-        with torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext():
+        # A model already in a lower precision (loaded in bf16) runs as it is.
+        with native_bf16_autocast(self.device) if dtype == torch.float32 else nullcontext():
             for column, texts in enumerate(class_texts):
                 scores[:, column] = self._match_column(image_tokens, texts, max_pairs, dtype)
         return scores
