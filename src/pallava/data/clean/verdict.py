@@ -19,6 +19,9 @@ class Verdict:
 
 
 class ImageJudge(Protocol):
+    """A judge whose verdict is a pure function of one image (no model, no connection) may also offer
+    `judge_image(path)` and set `in_workers = True`: the pipeline then spreads it over its processes."""
+
     def judge_images(self, paths: Sequence[Path]) -> list[Verdict]: ...
 
 
