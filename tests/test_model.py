@@ -224,6 +224,42 @@ def test_only_answer_tokens_carry_loss_and_one_bos(tiny):
     )
 
 
+def test_repeated_text_pieces_are_tokenised_once_with_the_same_ids(tiny, monkeypatch):
+    """The processor keeps the ids of each text piece it has tokenised (bounded): a conversation encodes
+    to the same ids as through the tokenizer alone, and a repeated piece costs no tokenizer call."""
+    import copy
+
+    from pallava.processing import processor as processor_module
+
+    def fresh():  # the session's processor with nothing remembered
+        processor = copy.deepcopy(tiny[1])
+        processor._pieces.clear()
+        processor._headers.clear()
+        return processor
+
+    processor = fresh()
+    conversations = [
+        [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+        for question in ("What is the diagnosis?", "Is this tissue malignant?")
+        for answer in ("lung adenocarcinoma", "no", "benign lung tissue")
+    ]
+    calls = []
+    encode = processor.tokenizer.encode
+    monkeypatch.setattr(processor.tokenizer, "encode", lambda *a, **k: calls.append(a[0]) or encode(*a, **k))
+    first = [processor.encode_conversation(c) for c in conversations]
+    assert sorted(calls) == sorted(set(calls))  # each piece (header words too) tokenised once
+    calls.clear()
+    assert [processor.encode_conversation(c) for c in conversations] == first and not calls
+    for (ids, _), conversation in zip(first, conversations, strict=True):
+        answer = encode(conversation[1]["value"], add_special_tokens=False)
+        assert ids[-len(answer) - 1 : -1] == answer
+
+    monkeypatch.setattr(processor_module, "PIECE_MEMO_SIZE", 2)
+    bounded = fresh()
+    assert [bounded.encode_conversation(c) for c in conversations] == first
+    assert len(bounded._pieces) == 2
+
+
 def test_clear_errors(tiny):
     model, processor = tiny
     with pytest.raises(ValueError, match="1 <image> placeholder"):

@@ -33,6 +33,7 @@ from pallava.processing.prompts import PROMPT_STYLES
 from pallava.processing.tokenizer import BOS, END_HEADER, EOS, EOT, IMAGE, START_HEADER
 
 IGNORE_INDEX = -100
+PIECE_MEMO_SIZE = 65_536  # text pieces whose token ids a processor keeps
 
 # The inputs of `PaLlavaForConditionalGeneration.forward` that the processor makes, in one place for
 # inference, training and tests. Training may pass cached `CROP_FEATURES` instead of `pixel_values`.
@@ -186,6 +187,9 @@ class PaLlavaProcessor(ProcessorMixin):
         }
         self._special_split = re.compile("(" + "|".join(map(re.escape, [*self._special_ids, IMAGE])) + ")")
         self._headers: dict[str, list[int]] = {}  # role -> header ids: three tokenizer calls saved a turn
+        # text piece -> its ids: generated questions and answers repeat (60,000 pieces of 20,000 stage-2
+        # conversations are 1,891 distinct texts), and a tokenizer call was most of encoding one.
+        self._pieces: dict[str, tuple[int, ...]] = {}
 
     # --- transformers plumbing ----------------------------------------------------------------------
     @property
@@ -241,16 +245,24 @@ class PaLlavaProcessor(ProcessorMixin):
             if index:
                 ids.extend([self.image_token_id] * self.num_image_tokens)
             if piece:
-                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+                ids.extend(self._piece_ids(piece))
+        return ids
+
+    def _piece_ids(self, piece: str) -> tuple[int, ...]:
+        ids = self._pieces.get(piece)
+        if ids is None:
+            ids = tuple(self.tokenizer.encode(piece, add_special_tokens=False))
+            if len(self._pieces) < PIECE_MEMO_SIZE:  # bounded: free text (a chat, a corpus) rarely repeats
+                self._pieces[piece] = ids
         return ids
 
     def _header(self, role: str) -> list[int]:
         if role not in self._headers:
             self._headers[role] = [
                 self.start_header_id,
-                *self.tokenizer.encode(role, add_special_tokens=False),
+                *self._piece_ids(role),
                 self.end_header_id,
-                *self.tokenizer.encode("\n\n", add_special_tokens=False),
+                *self._piece_ids("\n\n"),
             ]
         return list(self._headers[role])
 
