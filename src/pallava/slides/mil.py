@@ -60,8 +60,10 @@ def train_mil(
     classes = sorted(set(labels))
     torch.manual_seed(seed)
     model = AttentionMIL(bags[0].shape[1], len(classes))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    targets = [classes.index(label) for label in labels]
+    # One slide a step makes thousands of small steps, whose cost is the optimizer's per-tensor loop: the
+    # fused update took 40 epochs of 150 bags of 25-75 tiles from 11.2 s to 8.1 s (4 alternated runs each).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=True)
+    targets = [torch.tensor([classes.index(label)]) for label in labels]
     order = list(range(len(bags)))
     rng = random.Random(seed)
     model.train()
@@ -69,7 +71,7 @@ def train_mil(
         rng.shuffle(order)
         for i in order:
             logits, _ = model(bags[i].float())
-            loss = F.cross_entropy(logits[None], torch.tensor([targets[i]]))
+            loss = F.cross_entropy(logits[None], targets[i])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
