@@ -10,6 +10,7 @@ from PIL import Image
 from pallava.processing.augment import (
     Augmentation,
     augment,
+    colour_jitter,
     degrade_resolution,
     hed_jitter,
     rescale,
@@ -56,6 +57,20 @@ def test_hed_jitter_changes_colour_within_its_strength(tile):
     # colour only: the layout of dark (nuclei) and light pixels stays
     out = hed_jitter(tile, random.Random(1), 0.3).mean(axis=2)
     assert np.corrcoef(out.ravel(), tile.mean(axis=2).ravel())[0, 1] > 0.9
+
+
+def test_colour_jitter_is_brightness_then_contrast_then_saturation_in_one_pass(tile):
+    """The folded jitter equals the three maps applied in turn: brightness, contrast about the image's
+    mean, saturation about each pixel's grey."""
+    x = tile.astype(np.float64)
+    for brightness, contrast, saturation in ((1.1, 0.9, 1.05), (0.9, 1.1, 0.92), (1.0, 1.0, 1.0)):
+        step = x * brightness
+        step = (step - step.mean()) * contrast + step.mean()
+        grey = step.mean(axis=2, keepdims=True)
+        expected = (step - grey) * saturation + grey
+        got = colour_jitter(tile.astype(np.float32), brightness, contrast, saturation)
+        assert got.dtype == np.float32 and got.shape == tile.shape
+        np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
 def _hed_density(pixels: np.ndarray) -> np.ndarray:
