@@ -50,7 +50,6 @@ class TileCodec:
         self.capacity = capacity
         self._entries: OrderedDict[str, tuple[bytes, dict[int, np.ndarray]]] = OrderedDict()
         self.glass = zlib.compress(np.full((tile, tile, 3), GLASS, np.uint8).tobytes(), ZLIB_LEVEL)
-        self.encoded = 0  # source images decoded and compressed so far
 
     def _encode(self, source: str) -> tuple[bytes, dict[int, np.ndarray]]:
         pixels = _tile_pixels(source, self.tile)
@@ -67,7 +66,6 @@ class TileCodec:
         with ThreadPoolExecutor(WRITE_THREADS) as pool:
             for source, entry in zip(missing, pool.map(self._encode, missing), strict=True):
                 self._entries[source] = entry
-        self.encoded += len(missing)
         for source in sources:  # this slide's sources are the most recently used
             self._entries.move_to_end(source)
         while len(self._entries) > max(self.capacity, len(set(sources))):
@@ -98,12 +96,8 @@ def write_pyramid(
     rows, cols = sources.shape
     placed = [(r, c, sources[r, c]) for r in range(rows) for c in range(cols) if sources[r, c] is not None]
     codec.prepare([source for _, _, source in placed])
-    levels, down = [], 1
-    while True:
-        levels.append(down)
-        down *= PYRAMID_STEP
-        if tile // down < 1 or max(rows, cols) * tile // down < min_side:
-            break
+    # level 0, then each coarser level whose longer side keeps at least `min_side` pixels
+    levels = [1, *(down for down in _downsamples(tile) if max(rows, cols) * tile // down >= min_side)]
 
     def level0() -> Iterator[bytes]:
         for r in range(rows):
