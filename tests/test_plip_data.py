@@ -5,8 +5,10 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from pallava.data.labels import LabelMap
+from pallava.models.plip import build_plip
 from pallava.models.plip.prompts import CAPTION_TEMPLATES, ZEROSHOT_TEMPLATES, caption_for, class_prompts
 from pallava.models.plip.text_init import load_tokenizer
 from pallava.models.plip.zeroshot import recall_at_k
@@ -101,6 +103,20 @@ def test_collator_pads_and_truncates(lung):
     assert batch["pixel_values"].shape == (3, 3, 224, 224)
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[1] <= 30
     assert batch["match_keys"].shape == (3, 2)
+
+
+def test_collator_with_a_backbone_hands_over_its_maps_of_the_images(lung):
+    """`backbone_in_loader`: the loader worker's batch carries the frozen backbone's maps of the images."""
+    samples, label_map = read_plip_data(lung / "manifest.csv", "dev")
+    dataset = PlipDataset(samples[:3], 224, label_map, train=False)
+    items = [dataset[i] for i in range(3)]
+    model, _ = build_plip("tiny", vision={"conv_stem": False, "pretrained_stem": "efficientnet-lite0"})
+    stem = model.vision_model.embeddings.patch_embedding
+    batch = PlipCollator(load_tokenizer(), 30, backbone=stem)(items)
+    plain = PlipCollator(load_tokenizer(), 30)(items)
+    assert batch["pixel_values"].shape == (3, 1280, 7, 7)
+    torch.testing.assert_close(batch["pixel_values"], stem.features(plain["pixel_values"]), rtol=0, atol=0)
+    assert torch.equal(batch["input_ids"], plain["input_ids"])
 
 
 def test_augment_keeps_shape_range_and_content():

@@ -309,3 +309,15 @@ def test_runs_in_other_precisions_follow_each_other_in_one_process(small_manifes
         args = ["plip", "train", "--data", str(small_manifest), "--out", str(out), "--config", str(recipe)]
         assert main([*args, "--max-steps", "1", f"mixed_precision={precision}"]) == 0
         assert json.loads((out / "run_summary.json").read_text())["steps"] == 1
+
+
+def test_the_backbone_in_the_loader_worker_trains_as_in_the_steps(small_manifest, recipe, tmp_path):
+    # `backbone_in_loader` only moves where the frozen backbone runs: the same losses, step by step.
+    losses = {}
+    for moved in (True, False):
+        out = tmp_path / str(moved)
+        args = ["plip", "train", "--data", str(small_manifest), "--out", str(out), "--config", str(recipe)]
+        assert main([*args, "--max-steps", "3", "num_workers=1", f"backbone_in_loader={moved}"]) == 0
+        losses[moved] = [row["loss"] for row in _log(out) if "loss" in row]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

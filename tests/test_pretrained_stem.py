@@ -197,3 +197,21 @@ def test_backbone_scales_that_do_not_exist_are_refused():
         PallavaVisionModel(lite0_config(pretrained_stem_scales=[16]))
     with pytest.raises(ValueError, match=r"no map at stride\(s\) \[12\]"):
         PallavaVisionModel(lite0_config(pretrained_stem_scales=[12, 32]))
+
+
+def test_the_tower_takes_the_backbones_maps_in_place_of_the_pixels(fresh_tower):
+    """PLIP's loader worker computes the frozen backbone's maps (`backbone_in_loader`): the tower given them
+    gives the tokens it gives for the pixels, and gradients still reach the trainable projection."""
+    stem = fresh_tower.embeddings.patch_embedding
+    x = clip_normalised(images(3, seed=3))
+    with torch.no_grad():
+        maps = stem.features(x)
+        from_pixels = fresh_tower.eval()(pixel_values=x).last_hidden_state
+    assert stem.takes_maps(maps) and not stem.takes_maps(x)
+    from_maps = fresh_tower(pixel_values=maps).last_hidden_state
+    torch.testing.assert_close(from_maps, from_pixels, rtol=0, atol=0)
+    from_maps.pow(2).mean().backward()
+    assert stem.projection.weight.grad is not None and stem.projection.weight.grad.abs().sum() > 0
+    fresh_tower.zero_grad()
+    with pytest.raises(ValueError, match=r"backbone maps of \(14, 14\) cells; the tower reads 7 x 7"):
+        fresh_tower(pixel_values=torch.zeros(1, 1280, 14, 14))

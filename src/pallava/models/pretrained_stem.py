@@ -231,8 +231,16 @@ class PretrainedStem(nn.Module):
             x = torch.cat([*maps, x], dim=1) if maps else x
         return x.float().contiguous()
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.features(pixels).to(self.projection.weight.dtype))
+    def takes_maps(self, inputs: torch.Tensor) -> bool:
+        """Whether `inputs` are the backbone's maps already computed (`features`: as many channels as the
+        projection reads) rather than pixels (3 channels)."""
+        return inputs.ndim == 4 and inputs.shape[1] == self.projection.in_channels
+
+    def forward(self, pixels_or_maps: torch.Tensor) -> torch.Tensor:
+        """Pixels, or the maps `features` made of them elsewhere (PLIP's loader worker computes them beside
+        the steps, `backbone_in_loader`): the backbone never trains, so both give the same tokens."""
+        maps = pixels_or_maps if self.takes_maps(pixels_or_maps) else self.features(pixels_or_maps)
+        return self.projection(maps.to(self.projection.weight.dtype))
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 from pallava.models.pretrained_stem import PretrainedStem
 from pallava.models.stem_norm import StemBatchNorm
@@ -80,6 +81,24 @@ class ConvStem(nn.Module):
         return self.layers(pixels)
 
 
+class BackboneEmbeddings(CLIPVisionEmbeddings):
+    """CLIP's embeddings over a `PretrainedStem` that also take the frozen backbone's maps (N, C, H/s, W/s)
+    in place of the pixels: transformers' own check of the image size would refuse them. Same fields, so
+    saved towers keep their layout."""
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if not self.patch_embedding.takes_maps(pixel_values):
+            return super().forward(pixel_values, interpolate_pos_encoding)
+        if pixel_values.shape[-2:] != (self.image_size // self.patch_size,) * 2:
+            raise ValueError(
+                f"backbone maps of {tuple(pixel_values.shape[-2:])} cells; the tower reads "
+                f"{self.image_size // self.patch_size} x {self.image_size // self.patch_size}"
+            )
+        patch_embeds = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        class_embeds = self.class_embedding.expand(len(pixel_values), 1, -1)
+        return torch.cat([class_embeds, patch_embeds], dim=1) + self.position_embedding(self.position_ids)
+
+
 class PallavaVisionModel(CLIPVisionModel):
     """`CLIPVisionModel` that builds the convolutional stem when its config asks for it; otherwise the same
     model, weights and file layout. Load saved towers with `PallavaVisionModel.from_pretrained`."""
@@ -87,6 +106,9 @@ class PallavaVisionModel(CLIPVisionModel):
     def __init__(self, config: CLIPVisionConfig):
         super().__init__(config)
         if backbone := pretrained_stem_name(config):
+            # the embeddings transformers built and initialised, with a forward that also takes maps (a new
+            # module would draw its random weights again and move every later draw)
+            self.embeddings.__class__ = BackboneEmbeddings
             self.embeddings.patch_embedding = PretrainedStem(backbone, config)
         elif uses_conv_stem(config):
             blocks = int(getattr(config, CONV_STEM_BLOCKS, 0) or 0)

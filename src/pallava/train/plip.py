@@ -28,6 +28,7 @@ from pallava.models.plip.modeling_plip import PlipModel
 from pallava.models.plip.presets import PLIP_PRESETS, build_plip
 from pallava.models.plip.pretraining import PlipPretrainer
 from pallava.models.plip.zeroshot import PlipZeroShot, zeroshot_predictions
+from pallava.models.pretrained_stem import PretrainedStem
 from pallava.processing.augment import Augmentation
 from pallava.processing.stain_mix import StainBank
 from pallava.train.loop import LoopSettings, MicroLoss, Plan, Task, TrainingLoop
@@ -64,6 +65,21 @@ def _write_model(
     model.vision_model.save_pretrained(out / "vision_tower")
     if labels is not None:
         (out / "label_map.json").write_text(json.dumps(labels.to_dict(), indent=2), encoding="utf-8")
+
+
+def _loader_backbone(model: PlipModel, recipe: PlipTrainConfig, accelerator) -> PretrainedStem | None:
+    """The vision tower's frozen backbone, for the loader workers to run (`backbone_in_loader`), or None.
+
+    Only where it pays: a CPU run with loader workers. There the backbone (half of a step's time in the tiny
+    recipe) runs on the worker's core while the steps train the layers above it on the other; a GPU computes
+    it faster than a worker could.
+    """
+    stem = getattr(model.vision_model.embeddings, "patch_embedding", None)
+    if not recipe.backbone_in_loader or not isinstance(stem, PretrainedStem):
+        return None
+    if recipe.num_workers < 1 or accelerator.device.type != "cpu":
+        return None
+    return stem
 
 
 class _ZeroShotProbe:
@@ -185,7 +201,9 @@ class PlipTask(Task):
             shuffle=True,
             drop_last=True,
             num_workers=recipe.num_workers,
-            collate_fn=PlipCollator(self.tokenizer, model.config.max_text_length),
+            collate_fn=PlipCollator(
+                self.tokenizer, model.config.max_text_length, _loader_backbone(model, recipe, accelerator)
+            ),
         )
         pretrainer = PlipPretrainer(model)
         optimizer = _optimizer(pretrainer, recipe)

@@ -51,6 +51,7 @@ class PlipTrainConfig:
     text_pooling: str | None
     mixed_precision: str  # 'no', 'bf16' or 'bf16-if-native' (train.loop.resolve_mixed_precision)
     num_workers: int
+    backbone_in_loader: bool  # a frozen backbone stem runs in the loader workers (CPU training only)
     cpu_threads: int | str | None  # torch threads per process on a CPU: N, auto or None (train/threads.py)
     cache_images: bool
     augment: dict | None  # processing.augment.Augmentation fields (stain, zoom, ...); None = defaults

@@ -219,10 +219,15 @@ class PlipDataset(Dataset):
 
 
 class PlipCollator:
-    """Stacks images and keys; tokenizes captions (padded to the longest, truncated to `max_length`)."""
+    """Stacks images and keys; tokenizes captions (padded to the longest, truncated to `max_length`).
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    With `backbone` (a tower's frozen `PretrainedStem`), the images leave as that backbone's maps: run in the
+    loader worker, the frozen half of the vision tower then works on one core while the steps train the rest
+    on the other (`backbone_in_loader` in the PLIP recipe). The tower takes the maps in place of pixels.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, backbone=None):
+        self.tokenizer, self.max_length, self.backbone = tokenizer, max_length, backbone
 
     def __call__(self, batch: list[dict[str, object]]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
@@ -232,8 +237,9 @@ class PlipCollator:
             max_length=self.max_length,
             return_tensors="pt",
         )
+        pixels = torch.stack([item["pixel_values"] for item in batch])
         return {
-            "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+            "pixel_values": pixels if self.backbone is None else self.backbone.features(pixels),
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
             "match_keys": torch.stack([item["match_keys"] for item in batch]),
