@@ -73,8 +73,8 @@ def register(subparsers) -> None:
         "--processes",
         choices=["auto", "1", "2", "4"],
         default="auto",
-        help="data-parallel training processes, one thread each (default auto: one per core, up to 4); "
-        "1 on a machine that is busy with other work",
+        help="data-parallel processes of stage align, one thread each (default auto: one per core, up to "
+        "4; PLIP and stage instruct use threads); 1 on a machine that is busy with other work",
     )
     parser.add_argument(
         "--stain-normalize",

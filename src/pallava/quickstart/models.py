@@ -9,7 +9,6 @@ from pallava.quickstart.runner import StepRunner
 from pallava.quickstart.settings import (
     ASSISTANT_BATCH,
     CONFIGS,
-    INSTRUCT_ROWS,
     STAGE2_QUESTIONS,
     SUITE_BATCH,
     per_process,
@@ -81,11 +80,9 @@ class ModelSteps(StepRunner):
         )
         if self.s.smoke:
             sizing = instruct_sizing = ["train.max_steps=2", "train.batch_size=4"]
-        elif self.s.processes > 1:  # the same global batch over the processes
+        else:  # stage align's global batch over its processes; stage instruct runs in one (the recipe's)
             sizing = [f"train.batch_size={per_process(ASSISTANT_BATCH, self.s.processes)}"]
-            instruct_sizing = [f"train.batch_size={per_process(INSTRUCT_ROWS, self.s.processes)}"]
-        else:
-            sizing = instruct_sizing = []
+            instruct_sizing = []
         recipe = CONFIGS / "assistant-tiny.yaml"
         vision = f"model.vision_path={self.out / 'plip-vision'}"
         self.run_command(

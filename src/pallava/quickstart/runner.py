@@ -91,10 +91,15 @@ class StepRunner:
         return metrics
 
 
+# Training commands that run data-parallel: stage align, whose small matrices do not pay for several threads.
+# PLIP uses threads instead, and so does stage instruct: its steps read cached features only, and the
+# two processes' gradient exchange and lockstep waits cost more than the second thread does (300 steps in
+# 28.8 s in one process against 32.5 s in two, alternated, docs/quickstart.md), more than its feature cache,
+# half of it already made by stage align, loses in one process. The slide stage's batches are whole slides of
+# different sizes: one process.
+DATA_PARALLEL_STAGES = ("align",)
+
+
 def _data_parallel(args: list[str]) -> bool:
-    """Training commands that run data-parallel: the assistant's two stages, whose small matrices do not pay
-    for several threads (PLIP uses threads instead; the slide stage's batches are whole slides of different
-    sizes: one process)."""
-    return (
-        args[0] == "train" and "--stage" in args and args[args.index("--stage") + 1] in ("align", "instruct")
-    )
+    stage = args[args.index("--stage") + 1] if args[0] == "train" and "--stage" in args else None
+    return stage in DATA_PARALLEL_STAGES

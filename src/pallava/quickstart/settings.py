@@ -26,11 +26,9 @@ STAGE2_QUESTIONS = 36_000
 SLIDES = {"train": (150, 25, 75), "dev": (30, 50, 150)}  # split -> (slides, fewest tiles, most tiles)
 SMOKE_SLIDES = {"train": (3, 8, 12), "dev": (3, 8, 12)}
 
-# The assistant recipe's global batches, split over the data-parallel processes: stage align's samples, and
-# stage instruct's rows of up to 4 questions about one image (configs/assistant-tiny.yaml; 4 processes take 2
-# rows each).
+# Stage align's global batch (configs/assistant-tiny.yaml), split over its data-parallel processes. Stage
+# instruct trains in this one process at its recipe's 6 rows a step (runner.DATA_PARALLEL_STAGES says why).
 ASSISTANT_BATCH = 16
-INSTRUCT_ROWS = 6
 
 # The evaluation suite's batch of questions: the tiny assistant's generation costs per decoding step more
 # than per question, so 32 a batch answered the demo's suite in 57 s against 99 s at the default 8, every
