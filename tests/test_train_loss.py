@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import tiny_config
 from pallava.processing.processor import IGNORE_INDEX
+from pallava.processing.tokenizer import build_tiny_tokenizer
+from pallava.train.answer_weights import LetterWeight
 from pallava.train.packing import answers_in
 from pallava.train.trainer import AssistantTask
 
@@ -91,3 +94,51 @@ def test_sample_average_divides_by_the_samples_whose_answer_survived():
     for average, expected in (("sample", 2.0), ("token", 5.0)):
         task = SimpleNamespace(recipe=SimpleNamespace(train=SimpleNamespace(loss_average=average)))
         assert AssistantTask.weight(task, batch) == expected
+
+
+def test_a_choice_answers_letter_can_count_as_several_tokens_of_its_answer():
+    """`train.choice_letter_weight`: the letter after " option" weighs w tokens in its answer's mean; the
+    other answers, and a letter not after " option", are averaged as before."""
+    tokenizer = build_tiny_tokenizer()
+    letters = LetterWeight.for_tokenizer(tokenizer, 5.0)
+    torch.manual_seed(0)
+    model = PaLlavaForConditionalGeneration(tiny_config())
+    ids = torch.randint(10, 4000, (2, 70))
+    ids[:, 2 : 2 + model.config.num_image_tokens] = model.config.image_token_id
+    choice = tokenizer("lung adenocarcinoma, option C", add_special_tokens=False)["input_ids"]
+    other = tokenizer("benign lung tissue C", add_special_tokens=False)["input_ids"]  # a "C", not a letter
+    labels = torch.full((2, 70), IGNORE_INDEX)
+    for row, answer in enumerate((choice, other)):
+        ids[row, 70 - len(answer) :] = torch.tensor(answer)
+        labels[row, 70 - len(answer) :] = torch.tensor(answer)
+    images = {"pixel_values": torch.randn(2, 2, 3, 224, 224), "tile_mask": torch.ones(2, 1).bool()}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones(2, 70, dtype=torch.long),
+        "labels": labels,
+        **images,
+    }
+    with torch.no_grad():
+        weighted = AssistantTask._token_loss_sum(model, batch, torch.device("cpu"), True, letters)
+        plain = AssistantTask._token_loss_sum(model, batch, torch.device("cpu"), True)
+        logits = model(input_ids=ids, **images).logits[:, :-1].float()
+    token_losses = F.cross_entropy(
+        logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    # the label at position p is predicted at p - 1: each answer's L tokens are the last L losses of its row
+    first, second = token_losses[0, 69 - len(choice) :], token_losses[1, 69 - len(other) :]
+    weights = torch.ones(len(choice))
+    weights[-1] = 5.0  # " C" after " option"
+    expected = (first * weights).sum() / weights.sum() + second.mean()
+    torch.testing.assert_close(weighted, expected)
+    torch.testing.assert_close(plain, first.mean() + second.mean())
+    assert not torch.isclose(weighted, plain)
+
+
+def test_a_letter_weight_needs_a_tokenizer_that_keeps_option_and_letter_whole():
+    class Characters:  # every character its own token: " option" is no single token
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    with pytest.raises(ValueError, match="choice_letter_weight: this tokenizer does not encode"):
+        LetterWeight.for_tokenizer(Characters(), 4.0)

@@ -109,6 +109,9 @@ class RunSection:
     # answers weigh more) or `sample` (each sample's mean over its own tokens, then the mean over samples:
     # a one-word yes/no counts as much as a sentence).
     loss_average: str = "token"
+    # With `loss_average: sample`: a multiple-choice answer's option letter ("..., option C") counts as this
+    # many tokens of its answer's mean (1: as any token; train/answer_weights.py says why).
+    choice_letter_weight: float = 1.0
 
 
 @dataclass
@@ -234,6 +237,12 @@ class Recipe:
             )
         if self.train.loss_average not in ("token", "sample"):
             raise ValueError(f"train.loss_average must be token or sample, got {self.train.loss_average!r}")
+        if self.train.choice_letter_weight <= 0:
+            raise ValueError(f"train.choice_letter_weight must be > 0, got {self.train.choice_letter_weight}")
+        if self.train.choice_letter_weight != 1 and self.train.loss_average != "sample":
+            raise ValueError(
+                "train.choice_letter_weight weighs tokens within one answer: set train.loss_average: sample"
+            )
         if self.data.pack_questions < 1:
             raise ValueError(f"data.pack_questions must be at least 1, got {self.data.pack_questions}")
         for name in ("batch_size", "grad_accum", "epochs"):

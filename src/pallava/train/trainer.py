@@ -28,6 +28,7 @@ from pallava.models.modeling_pa_llava import PaLlavaForConditionalGeneration
 from pallava.models.presets import load_preset
 from pallava.processing.processor import CROP_FEATURES, IGNORE_INDEX, MODEL_INPUT_NAMES, PaLlavaProcessor
 from pallava.train import checkpoints
+from pallava.train.answer_weights import LetterWeight, per_answer_mean_sum
 from pallava.train.config import Recipe, with_defaults
 from pallava.train.data import (
     Collator,
@@ -187,12 +188,17 @@ class AssistantTask(Task):
 
     @staticmethod
     def _token_loss_sum(
-        model, batch: dict[str, Any], device: torch.device, per_sample: bool = False
+        model,
+        batch: dict[str, Any],
+        device: torch.device,
+        per_sample: bool = False,
+        letters: LetterWeight | None = None,
     ) -> torch.Tensor:
         """Summed cross-entropy of the answer tokens; with `per_sample`, the sum over answers (a sample's, or
-        one segment of a packed row) of each answer's mean over its own tokens. Logits are computed only
-        where a label follows (`logits_to_keep` as a boolean mask): the prompt and image positions, most of a
-        sequence, never reach the vocabulary projection."""
+        one segment of a packed row) of each answer's mean over its own tokens, a choice answer's letter
+        counting as `letters.weight` tokens where given. Logits are computed only where a label follows
+        (`logits_to_keep` as a boolean mask): the prompt and image positions, most of a sequence, never reach
+        the vocabulary projection."""
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
         labels = batch["labels"].to(device)
         predicts = torch.zeros_like(labels, dtype=torch.bool)
@@ -208,8 +214,8 @@ class AssistantTask(Task):
         segments = batch.get("segment_ids")
         answers = answer_groups(predicts[:, :-1], None if segments is None else segments.to(device))
         _, answers = answers.unique(return_inverse=True)
-        per_answer = torch.zeros(int(answers.max()) + 1, device=device).index_add(0, answers, losses)
-        return (per_answer / torch.bincount(answers)).sum()
+        weights = None if letters is None else letters.weights(targets, answers)
+        return per_answer_mean_sum(losses, answers, weights)
 
     # --- over-long samples --------------------------------------------------------------------------
     def _fitting_samples(
@@ -321,6 +327,9 @@ class AssistantTask(Task):
             cache, keys = self._feature_cache(accelerator, model, processor, samples)
         self.collator = Collator(processor, samples, cache, keys, views=self.views, packed=per_pack > 1)
         self.processor, self.num_samples = processor, len(samples)
+        self.letters = None
+        if run.choice_letter_weight != 1:
+            self.letters = LetterWeight.for_tokenizer(processor.tokenizer, run.choice_letter_weight)
         model.train()
         optimizer = build_optimizer(model, recipe.optim)
         return Plan(
@@ -351,7 +360,7 @@ class AssistantTask(Task):
     def loss(self, model, batch: dict[str, Any], step: int) -> MicroLoss:
         per_sample = self.recipe.train.loss_average == "sample"
         return MicroLoss(
-            self._token_loss_sum(model, batch, self.loop.accelerator.device, per_sample),
+            self._token_loss_sum(model, batch, self.loop.accelerator.device, per_sample, self.letters),
             samples=batch["num_samples"],
             counts={"tokens": batch["num_label_tokens"], "truncated": len(batch.get("truncated", ()))},
         )
