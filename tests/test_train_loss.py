@@ -50,6 +50,16 @@ def test_answer_position_logits_give_the_full_logits_loss_and_gradients():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _answer_batch(ids: torch.Tensor, labels: torch.Tensor) -> tuple[dict, dict]:
+    """The model's batch for these rows, each with one random 224 px image (its global view and one tile),
+    and the image inputs alone."""
+    images = {
+        "pixel_values": torch.randn(len(ids), 2, 3, 224, 224),
+        "tile_mask": torch.ones(len(ids), 1).bool(),
+    }
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, **images}, images
+
+
 def test_sample_average_weighs_each_answer_once_whatever_its_length():
     torch.manual_seed(0)
     model = PaLlavaForConditionalGeneration(tiny_config())
@@ -59,13 +69,7 @@ def test_sample_average_weighs_each_answer_once_whatever_its_length():
     spans = ((60, 70), (55, 57), (66, 68))  # a 10-token answer and two 2-token ones
     for row, (start, stop) in enumerate(spans):
         labels[row, start:stop] = ids[row, start:stop]
-    images = {"pixel_values": torch.randn(3, 2, 3, 224, 224), "tile_mask": torch.ones(3, 1).bool()}
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones(3, 70, dtype=torch.long),
-        "labels": labels,
-        **images,
-    }
+    batch, images = _answer_batch(ids, labels)
     with torch.no_grad():
         per_sample = AssistantTask._token_loss_sum(model, batch, torch.device("cpu"), per_sample=True)
         token_sum = AssistantTask._token_loss_sum(model, batch, torch.device("cpu"))
@@ -111,13 +115,7 @@ def test_a_choice_answers_letter_can_count_as_several_tokens_of_its_answer():
     for row, answer in enumerate((choice, other)):
         ids[row, 70 - len(answer) :] = torch.tensor(answer)
         labels[row, 70 - len(answer) :] = torch.tensor(answer)
-    images = {"pixel_values": torch.randn(2, 2, 3, 224, 224), "tile_mask": torch.ones(2, 1).bool()}
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones(2, 70, dtype=torch.long),
-        "labels": labels,
-        **images,
-    }
+    batch, images = _answer_batch(ids, labels)
     with torch.no_grad():
         weighted = AssistantTask._token_loss_sum(model, batch, torch.device("cpu"), True, letters)
         plain = AssistantTask._token_loss_sum(model, batch, torch.device("cpu"), True)
