@@ -92,11 +92,11 @@ class StepRunner:
 
 
 # Training commands that run data-parallel: stage align, whose small matrices do not pay for several threads.
-# PLIP uses threads instead, and so does stage instruct: its steps read cached features only, and the
-# two processes' gradient exchange and lockstep waits cost more than the second thread does (300 steps in
-# 28.8 s in one process against 32.5 s in two, alternated, docs/quickstart.md), more than its feature cache,
-# half of it already made by stage align, loses in one process. The slide stage's batches are whole slides of
-# different sizes: one process.
+# PLIP uses threads instead, and so does stage instruct: its steps read cached features only, and two
+# processes exchange gradients and wait for each other at every step (300 steps: 28.8 s in one process
+# against 32.5 s in two once, level once; the demo's stage 2 185-248 s against 259-324 s, docs/quickstart.md).
+# Its feature cache, half of it made by stage align already, is slower in one process. The slide stage's
+# batches are whole slides of different sizes: one process.
 DATA_PARALLEL_STAGES = ("align",)
 
 
