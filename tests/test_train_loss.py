@@ -138,5 +138,8 @@ def test_a_letter_weight_needs_a_tokenizer_that_keeps_option_and_letter_whole():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [ord(c) for c in text]}
 
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
     with pytest.raises(ValueError, match="choice_letter_weight: this tokenizer does not encode"):
         LetterWeight.for_tokenizer(Characters(), 4.0)

@@ -400,6 +400,11 @@ def vqa_prompt(item: VQAItem) -> str:
     return question
 
 
+# A choice question's trained answer: the option's text, then its letter (`choice_answer`). Stage 2's letter
+# weight (`train.answer_weights`) finds the letter by the word before it.
+CHOICE_ANSWER = "{option}, option {letter}"
+
+
 def choice_answer(item: VQAItem) -> str:
     """The trained answer to a choice question: the option's text, then its letter ("lung adenocarcinoma,
     option C"), which `eval.choice.extract_option_letter` reads by the letter.
@@ -415,7 +420,7 @@ def choice_answer(item: VQAItem) -> str:
             f"question {item.id}: choice answer {item.answer!r} is not the letter of one of its "
             f"{len(item.options or [])} options"
         )
-    return f"{item.options[letters.index(letter)].strip()}, option {letter}"
+    return CHOICE_ANSWER.format(option=item.options[letters.index(letter)].strip(), letter=letter)
 
 
 def stage2_conversation(item: VQAItem) -> Conversation:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pallava.data.builders import CHOICE_ANSWER
+
 LETTERS = string.ascii_uppercase[:8]  # the most options a generated question has is 4; 8 leaves room
 
 
@@ -28,22 +30,30 @@ class LetterWeight:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, weight: float) -> LetterWeight:
-        """The ids of " option" and of each letter after it, as the tokenizer encodes a choice answer."""
-
-        def encode(text: str) -> list[int]:
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        name = encode("lung adenocarcinoma,")
-        encoded = [encode(f"lung adenocarcinoma, option {letter}") for letter in LETTERS]
-        whole = all(len(ids) == len(name) + 2 and ids[: len(name)] == name for ids in encoded)
-        options = {ids[-2] for ids in encoded}
-        letters = [ids[-1] for ids in encoded]
-        if not whole or len(options) != 1 or len(set(letters)) != len(LETTERS):
-            raise ValueError(
-                "train.choice_letter_weight: this tokenizer does not encode a choice answer's ', option X' "
-                "as one token for 'option' and one for each letter; leave the weight at 1"
+        """The ids of the word before the letter (" option") and of each letter, as the tokenizer encodes a
+        choice answer (`data.builders.CHOICE_ANSWER`)."""
+        word = CHOICE_ANSWER.partition("{letter}")[0].split()[-1]
+        encoded = [
+            list(
+                tokenizer(
+                    CHOICE_ANSWER.format(option="lung adenocarcinoma", letter=letter),
+                    add_special_tokens=False,
+                )["input_ids"]
             )
-        return cls(options.pop(), torch.tensor(letters), float(weight))
+            for letter in LETTERS
+        ]
+
+        def says(token: int, text: str) -> bool:
+            return tokenizer.decode([token]).strip() == text
+
+        words = {ids[-2] for ids in encoded if len(ids) >= 2}
+        whole = len(words) == 1 and says(next(iter(words)), word)
+        if not whole or not all(says(ids[-1], letter) for ids, letter in zip(encoded, LETTERS, strict=True)):
+            raise ValueError(
+                f"train.choice_letter_weight: this tokenizer does not encode a choice answer's '{word} X' "
+                f"as one token for '{word}' and one for each letter; leave the weight at 1"
+            )
+        return cls(words.pop(), torch.tensor([ids[-1] for ids in encoded]), float(weight))
 
     def weights(self, targets: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
         """(K,) float weights of K label tokens (`targets`, row-major) whose answers are `answers` (K,): the
