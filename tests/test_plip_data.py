@@ -105,17 +105,28 @@ def test_collator_pads_and_truncates(lung):
     assert batch["match_keys"].shape == (3, 2)
 
 
-def test_collator_with_a_backbone_hands_over_its_maps_of_the_images(lung):
-    """`backbone_in_loader`: the loader worker's batch carries the frozen backbone's maps of the images."""
+@pytest.mark.parametrize(("trainable", "channels"), [(0, 1280), (2, 192)])
+def test_collator_with_a_backbone_hands_over_its_maps_of_the_images(lung, trainable, channels):
+    """`backbone_in_loader`: the loader worker's batch carries the maps of the backbone's frozen steps (all of
+    them, or those below `pretrained_stem_trainable`)."""
     samples, label_map = read_plip_data(lung / "manifest.csv", "dev")
     dataset = PlipDataset(samples[:3], 224, label_map, train=False)
     items = [dataset[i] for i in range(3)]
-    model, _ = build_plip("tiny", vision={"conv_stem": False, "pretrained_stem": "efficientnet-lite0"})
+    vision = {
+        "conv_stem": False,
+        "pretrained_stem": "efficientnet-lite0",
+        "pretrained_stem_trainable": trainable,
+    }
+    model, _ = build_plip("tiny", vision=vision)
     stem = model.vision_model.embeddings.patch_embedding
     batch = PlipCollator(load_tokenizer(), 30, backbone=stem)(items)
     plain = PlipCollator(load_tokenizer(), 30)(items)
-    assert batch["pixel_values"].shape == (3, 1280, 7, 7)
-    torch.testing.assert_close(batch["pixel_values"], stem.features(plain["pixel_values"]), rtol=0, atol=0)
+    assert batch["pixel_values"].shape == (3, channels, 7, 7)
+    torch.testing.assert_close(batch["pixel_values"], stem.frozen_maps(plain["pixel_values"]), rtol=0, atol=0)
+    if not trainable:
+        torch.testing.assert_close(
+            batch["pixel_values"], stem.features(plain["pixel_values"]), rtol=0, atol=0
+        )
     assert torch.equal(batch["input_ids"], plain["input_ids"])
 
 

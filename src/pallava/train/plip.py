@@ -44,13 +44,22 @@ CURVE_FILE = "loss_curve.png"
 
 
 def _optimizer(pretrainer: PlipPretrainer, recipe: PlipTrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own lr for a pre-trained
-    text tower."""
-    text_lr = recipe.text_lr if recipe.text_lr is not None else recipe.lr
+    """AdamW; no weight decay on biases, norms, embeddings and the temperature; own rates for a pre-trained
+    text tower and for the trainable steps of a pre-trained backbone stem."""
+    rates = {
+        "text": recipe.text_lr if recipe.text_lr is not None else recipe.lr,
+        "backbone": recipe.backbone_lr if recipe.backbone_lr is not None else recipe.lr,
+    }
+
+    def group_of(name: str) -> str:
+        if name.startswith("text_model."):
+            return "text"
+        return "backbone" if ".patch_embedding.trunk." in name else "model"
+
     return adamw(
         pretrainer.model,
-        group_of=lambda name: "text" if name.startswith("text_model.") else "model",
-        lr_of=lambda group: text_lr if group == "text" else recipe.lr,
+        group_of=group_of,
+        lr_of=lambda group: rates.get(group, recipe.lr),
         weight_decay=recipe.weight_decay,
         decays=lambda name, param: not (param.ndim < 2 or "embedding" in name or name == "temp"),
     )
@@ -68,11 +77,13 @@ def _write_model(
 
 
 def _loader_backbone(model: PlipModel, recipe: PlipTrainConfig, accelerator) -> PretrainedStem | None:
-    """The vision tower's frozen backbone, for the loader workers to run (`backbone_in_loader`), or None.
+    """The vision tower's backbone stem, whose frozen steps the loader workers run (`backbone_in_loader`),
+    or None.
 
-    Only where it pays: a CPU run with loader workers. There the backbone (half of a step's time in the tiny
-    recipe) runs on the worker's core while the steps train the layers above it on the other; a GPU computes
-    it faster than a worker could.
+    Only where it pays: a CPU run with loader workers. There the frozen steps (half of a step's time in the
+    tiny recipe) run on the worker's core while the steps train the layers above them (the backbone's own
+    trainable last steps too, `pretrained_stem_trainable`) on the other; a GPU computes them faster than a
+    worker could.
     """
     stem = getattr(model.vision_model.embeddings, "patch_embedding", None)
     if not recipe.backbone_in_loader or not isinstance(stem, PretrainedStem):

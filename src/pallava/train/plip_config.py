@@ -34,6 +34,7 @@ class PlipTrainConfig:
     batch_size: int  # per process
     lr: float
     text_lr: float | None  # learning rate of a pre-trained text tower; None = lr
+    backbone_lr: float | None  # of a pre-trained stem's trainable steps (vision.pretrained_stem_trainable)
     weight_decay: float
     warmup_ratio: float
     grad_clip: float

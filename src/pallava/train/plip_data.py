@@ -221,7 +221,7 @@ class PlipDataset(Dataset):
 class PlipCollator:
     """Stacks images and keys; tokenizes captions (padded to the longest, truncated to `max_length`).
 
-    With `backbone` (a tower's frozen `PretrainedStem`), the images leave as that backbone's maps: run in the
+    With `backbone` (a tower's `PretrainedStem`), the images leave as the maps of its frozen steps: run in the
     loader worker, the frozen half of the vision tower then works on one core while the steps train the rest
     on the other (`backbone_in_loader` in the PLIP recipe). The tower takes the maps in place of pixels.
     """
@@ -239,7 +239,7 @@ class PlipCollator:
         )
         pixels = torch.stack([item["pixel_values"] for item in batch])
         return {
-            "pixel_values": pixels if self.backbone is None else self.backbone.features(pixels),
+            "pixel_values": pixels if self.backbone is None else self.backbone.frozen_maps(pixels),
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
             "match_keys": torch.stack([item["match_keys"] for item in batch]),

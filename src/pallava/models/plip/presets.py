@@ -52,6 +52,7 @@ VISION_FIELDS = (
     "conv_stem_blocks",  # residual blocks after each of the stem's stride-2 convolutions but the first
     "pretrained_stem",  # a frozen ImageNet backbone as the stem (models/pretrained_stem.py)
     "pretrained_stem_scales",  # its maps the stem reads, by stride: [32] (default) or e.g. [16, 32]
+    "pretrained_stem_trainable",  # how many of the backbone's last steps train (0: all frozen)
 )
 DEFAULT_TEXT_INIT = {"tiny": MINILM, "paper": SCRATCH}
 _TEXT_LAYERS: dict[str, int | None] = {"tiny": 2, "paper": None}
