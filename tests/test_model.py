@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM
 from pallava import PaLlavaConfig, PaLlavaForConditionalGeneration, ScaleInvariantConnectorConfig, load_preset
 from pallava.inference import PaLlava
 from pallava.models.connector import ScaleInvariantConnector
-from pallava.models.presets import paper_config, tiny_config
+from pallava.models.presets import paper_config, tiny_config, tiny_vision_config
+from pallava.models.vision_tower import PallavaVisionModel
 from pallava.processing.image import PaLlavaImageProcessor
 from pallava.processing.processor import IGNORE_INDEX, MODEL_INPUT_NAMES, PaLlavaProcessor
 
@@ -379,6 +380,23 @@ def test_a_trainable_vision_tower_trains_only_what_reaches_the_language_model(fe
     assert any(name.startswith(f"vision_tower.encoder.layers.{used - 1}.") for name in trained)
     assert not any(name.startswith(f"vision_tower.encoder.layers.{used}.") for name in trained)
     assert not any(name.startswith("vision_tower.post_layernorm") for name in trained)
+
+
+def test_a_trainable_vision_tower_on_a_pretrained_stem_trains_only_its_trainable_backbone_steps(tmp_path):
+    # The stem's frozen backbone steps run outside autograd: switched on with the rest of the embeddings they
+    # would be trainable parameters without a gradient.
+    tower_config = tiny_vision_config()
+    tower_config.update({"pretrained_stem": "efficientnet-lite0", "pretrained_stem_trainable": 2})
+    PallavaVisionModel(tower_config).save_pretrained(tmp_path / "tower")
+    model, processor = load_preset("tiny", seed=0, vision_feature_layer=-1, vision_path=tmp_path / "tower")
+    model.set_trainable(vision=True)
+    batch = processor(text=[processor.question("What is shown?")], images=[[noise_image(300, 224, seed=3)]])
+    model(**model_inputs(batch)).logits.float().sum().backward()
+    trunk = "vision_tower.embeddings.patch_embedding.trunk."
+    trained = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert f"{trunk}conv_head.weight" in trained and f"{trunk}blocks.15._expand_conv.weight" in trained
+    assert not any(name.startswith((f"{trunk}blocks.14.", f"{trunk}conv_stem.")) for name in trained)
 
 
 def test_a_nested_override_changes_only_the_fields_it_names():

@@ -15,6 +15,7 @@ from transformers import (
 from pallava.models.attention import use_cpu_bf16_attention
 from pallava.models.configuration_pa_llava import PaLlavaConfig
 from pallava.models.connector import ScaleInvariantConnector
+from pallava.models.pretrained_stem import PretrainedStem
 from pallava.models.vision_tower import build_vision_tower
 
 
@@ -119,6 +120,9 @@ class PaLlavaForConditionalGeneration(PaLlavaPreTrainedModel, GenerationMixin):
             used = self.config.vision_feature_layer % (len(tower.encoder.layers) + 1)
             for module in (tower.embeddings, tower.pre_layrnorm, *tower.encoder.layers[:used]):
                 module.requires_grad_(True)
+            for stem in tower.modules():  # a pretrained backbone stem trains only its trainable steps
+                if isinstance(stem, PretrainedStem):
+                    stem.freeze_backbone()
         self.connector.requires_grad_(connector)
         for name, param in self.language_model.named_parameters():
             param.requires_grad_(lora if "lora_" in name else llm)

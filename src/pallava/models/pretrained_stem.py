@@ -198,7 +198,6 @@ class PretrainedStem(nn.Module):
             raise ValueError(f"pretrained_stem {name!r}: only ReLU6 backbones are supported")
         _freeze_batch_norms(self.trunk)
         self._steps = _folded_trunk(self.trunk)
-        self.trunk.requires_grad_(False)
         # Finer maps of the backbone beside its last one (`pretrained_stem_scales` in the vision config, e.g.
         # [16, 32]): each average-pooled to the last map's grid and stacked on its channels.
         scales = tuple(sorted(set(getattr(config, SCALES, None) or [backbone.stride])))
@@ -219,9 +218,7 @@ class PretrainedStem(nn.Module):
                 f"{TRAINABLE} and finer {SCALES}: the finer maps are read from frozen steps only"
             )
         self.frozen_steps = len(self._steps) - trainable
-        for step in self._steps[self.frozen_steps :]:
-            for param in step.parameters():
-                param.requires_grad_(True)
+        self.freeze_backbone()
         channels = backbone.channels + sum(tap_channels for _, tap_channels in self._taps.values())
         self.projection = nn.Conv2d(channels, config.hidden_size, kernel_size=1)
         # CLIP-normalised pixels p = (x - m) / s back to the backbone's own scaling, as one affine map
@@ -231,6 +228,15 @@ class PretrainedStem(nn.Module):
         shift = (clip_mean - backbone.mean) / backbone.std
         self.register_buffer("input_scale", scale.view(1, 3, 1, 1))
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1))
+
+    def freeze_backbone(self) -> None:
+        """Freeze every backbone step but those `pretrained_stem_trainable` lets train: at construction, and
+        again after a caller switched on the gradients of a whole module around the stem (a trainable
+        vision tower), since the frozen steps never get a gradient and distributed training refuses that."""
+        self.trunk.requires_grad_(False)
+        for step in self._steps[self.frozen_steps :]:
+            for param in step.parameters():
+                param.requires_grad_(True)
 
     @property
     def weight(self) -> torch.Tensor:
