@@ -266,8 +266,9 @@ def test_the_last_backbone_steps_train_when_asked_and_the_rest_stays_frozen(monk
 
 
 def test_trainable_backbone_steps_that_cannot_be_are_refused():
-    with pytest.raises(ValueError, match="the backbone has 18 steps; got 19 to train"):
-        PallavaVisionModel(lite0_config(pretrained_stem_trainable=19))
+    for steps in (18, -1):
+        with pytest.raises(ValueError, match=rf"0 to 17 of the backbone's 18 steps can train .*got {steps}"):
+            PallavaVisionModel(lite0_config(pretrained_stem_trainable=steps))
     with pytest.raises(ValueError, match="finer pretrained_stem_scales"):
         PallavaVisionModel(lite0_config(pretrained_stem_trainable=1, pretrained_stem_scales=[16, 32]))
 

