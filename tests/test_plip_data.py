@@ -96,6 +96,20 @@ def test_captions_vary_with_epoch_and_name_the_class(lung):
     assert item["match_keys"].tolist() == [samples[0].image_key, samples[0].text_key]
 
 
+def test_cached_images_are_the_decoded_ones_in_sample_order_and_shared_by_repeats(lung):
+    """`cache_images` decodes each image once: every sample, a repeat of an image by dataset
+    balancing too, gets that image's pixels, in the samples' order."""
+    samples, label_map = read_plip_data(lung / "manifest.csv", "dev")
+    repeated = [samples[0], *samples[:12], samples[5]]  # repeats at both ends
+    dataset = PlipDataset(repeated, 224, label_map, train=False)
+    expected = [dataset[i]["pixel_values"] for i in range(len(repeated))]
+    dataset.cache_images(progress=False)
+    for i, pixels in enumerate(expected):
+        assert torch.equal(dataset[i]["pixel_values"], pixels), i
+    assert dataset._cache[0] is dataset._cache[1] and dataset._cache[6] is dataset._cache[-1]
+    assert len({id(array) for array in dataset._cache}) == 12
+
+
 def test_collator_pads_and_truncates(lung):
     samples, label_map = read_plip_data(lung / "manifest.csv", "dev")
     dataset = PlipDataset(samples[:3], 224, label_map, train=False)
