@@ -114,6 +114,8 @@ def test_a_folder_made_with_other_settings_is_refused_not_continued(smoke_run, s
     assert main([*_command(shared_data, out), "--seed", "1", "--stain-normalize", "macenko"]) == 1
     error = capsys.readouterr().err
     assert "made with other settings (changed: plip_args, seed)" in error and "choose another --out" in error
+    assert main([*_command(shared_data, out), "--train-set", "optim.lr=1e-3"]) == 1
+    assert "made with other settings (changed: train_overrides)" in capsys.readouterr().err
     assert json.loads((out / ".quickstart" / "settings.json").read_text()) == recorded
     (out / ".quickstart" / "settings.json").unlink()  # a folder from before the record: taken as it is
     assert main(_command(shared_data, out)) == 0

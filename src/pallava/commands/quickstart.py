@@ -14,6 +14,14 @@ def run(args: argparse.Namespace) -> int:
     from pallava.train.launch import default_processes
 
     processes = default_processes() if args.processes == "auto" else int(args.processes)
+    try:
+        check_recipe_overrides(args.plip_set, args.train_set)
+    except ValueError as error:
+        print(f"pallava quickstart: {error}", file=sys.stderr)
+        return 2
+    plip_args = list(args.plip_set)
+    if args.stain_normalize:  # recorded in PLIP's tower: the assistant trained on it and every evaluation too
+        plip_args.append(f"stain_normalize={args.stain_normalize}")
 
     settings = QuickstartSettings(
         data=[Path(path) for path in args.data] if args.data else list(DEFAULT_DATA),
@@ -25,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         slides=not args.no_slides,
         processes=1 if args.smoke else processes,
-        # recorded in PLIP's tower, so the assistant trained on it and every evaluation normalise too
-        plip_args=[f"stain_normalize={args.stain_normalize}"] if args.stain_normalize else [],
+        plip_args=plip_args,
+        train_overrides=list(args.train_set),
     )
     try:
         Quickstart(settings).run()
@@ -34,6 +42,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"pallava quickstart: stopped: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_recipe_overrides(plip_set: list[str], train_set: list[str]) -> None:
+    """Reads the demo's recipes with the overrides before any step runs, so that a misspelt key or an
+    ill-typed value stops the run at once (`ValueError` naming the recipe and the key), not minutes in."""
+    from pallava.processing.augment import Augmentation
+    from pallava.quickstart.settings import CONFIGS
+    from pallava.train.config import deep_merge, load_recipe, parse_overrides
+    from pallava.train.plip_config import PlipTrainConfig
+
+    if plip_set:
+        recipe = PlipTrainConfig.from_yaml(CONFIGS / "plip-tiny.yaml", **parse_overrides(plip_set))
+        Augmentation.from_dict(recipe.augment, source="PLIP recipe 'augment'")  # read only when training
+    if train_set:
+        for stage in ("align", "instruct"):
+            given: dict = {"data": {"path": "the run's data"}}  # the run sets these; validate() asks for them
+            if stage == "instruct":
+                given["model"] = {"init": "stage align's model"}
+            load_recipe(
+                CONFIGS / "assistant-tiny.yaml", stage, deep_merge(given, parse_overrides(train_set))
+            ).validate()
 
 
 def register(subparsers) -> None:
@@ -82,6 +111,22 @@ def register(subparsers) -> None:
         help="train PLIP on stain-normalised images (recorded in the model: the assistant trained on its "
         "tower and every evaluation normalise too). Off by default: it reads another lab's stain better and "
         "the training labs' own images worse (docs/robustness.md). A folder made without it is refused",
+    )
+    parser.add_argument(
+        "--plip-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a field of PLIP's recipe (configs/plip-tiny.yaml), e.g. augment.grayscale=0.2 for a "
+        "target lab whose colours differ (docs/plip.md); repeat for several",
+    )
+    parser.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a field of the assistant's recipe (configs/assistant-tiny.yaml) for both stages, e.g. "
+        "optim.lr=1e-3; repeat for several. Both are recorded: a folder made with others is refused",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
