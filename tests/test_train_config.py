@@ -126,6 +126,9 @@ def test_plip_recipes_read_over_their_preset_with_the_same_loader(tmp_path):
     partial.write_text("preset: tiny\nbatch_size: many\n")
     with pytest.raises(ValueError, match=r"plip\.yaml: batch_size: expected int, got 'many'"):
         PlipTrainConfig.from_yaml(partial)
+    partial.write_text("preset: tiny\naugment:\n  graysale: 0.2\n")  # checked on reading, not in training
+    with pytest.raises(ValueError, match=r"plip\.yaml 'augment': unknown key\(s\) \['graysale'\]"):
+        PlipTrainConfig.from_yaml(partial)
     with pytest.raises(ValueError, match=r"no shipped recipe 'plip-huge'"):
         PlipTrainConfig.for_preset("huge")
 

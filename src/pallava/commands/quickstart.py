@@ -47,14 +47,12 @@ def run(args: argparse.Namespace) -> int:
 def check_recipe_overrides(plip_set: list[str], train_set: list[str]) -> None:
     """Reads the demo's recipes with the overrides before any step runs, so that a misspelt key or an
     ill-typed value stops the run at once (`ValueError` naming the recipe and the key), not minutes in."""
-    from pallava.processing.augment import Augmentation
     from pallava.quickstart.settings import CONFIGS
     from pallava.train.config import deep_merge, load_recipe, parse_overrides
     from pallava.train.plip_config import PlipTrainConfig
 
     if plip_set:
-        recipe = PlipTrainConfig.from_yaml(CONFIGS / "plip-tiny.yaml", **parse_overrides(plip_set))
-        Augmentation.from_dict(recipe.augment, source="PLIP recipe 'augment'")  # read only when training
+        PlipTrainConfig.from_yaml(CONFIGS / "plip-tiny.yaml", **parse_overrides(plip_set))
     if train_set:
         for stage in ("align", "instruct"):
             given: dict = {"data": {"path": "the run's data"}}  # the run sets these; validate() asks for them

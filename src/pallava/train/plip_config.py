@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pallava.processing.augment import Augmentation
 from pallava.processing.stain_norm import check_stain_normalize
 from pallava.train.config import build_config, deep_merge, read_yaml_mapping, shipped_recipe
 from pallava.train.threads import check_cpu_threads
@@ -90,6 +91,7 @@ class PlipTrainConfig:
             )
         check_cpu_threads(self.cpu_threads, source)
         check_stain_normalize(self.stain_normalize, f"{source}: stain_normalize")
+        Augmentation.from_dict(self.augment, source=f"{source} 'augment'")  # as the assistant's augment.image
         if self.stain_normalize and (self.augment or {}).get("stain_mix"):
             raise ValueError(
                 f"{source}: augment.stain_mix re-stains views with each dataset's own stain, but with "
